@@ -1,0 +1,985 @@
+//! # shoal-core: the scheduler state machine
+//!
+//! This crate owns the task graph and the cluster state and decides placement.
+//! It never does I/O, never reads a clock, and knows nothing of sockets, tokio or
+//! Python (`cargo tree -p shoal-core` shows its only dependency is a hasher).
+//! The services feed it events through the `handle_*` methods and drain the
+//! resulting [`Action`]s with [`Core::take_actions`]; tests do the same, which is
+//! how the whole scheduling policy is tested deterministically.
+//!
+//! ## Task lifecycle
+//!
+//! ```text
+//!              deps done               placed              finished
+//!  Waiting ──────────────> Ready ─────────────> Processing ──────────> Memory
+//!     ^                      ^                    │  │                   │
+//!     │ a dep was lost       └── worker lost ─────┘  │ failed            │ not needed
+//!     │                          (kills < max)       v                   v
+//!     └──────────────── recompute ────────────── Erred            Released
+//! ```
+//!
+//! A task's record lives while a client wants it or while any dependent record
+//! lives (lineage: a lost result is recomputed from its dependencies, which may
+//! have to be recomputed in turn). Its *data* lives while a client wants it or a
+//! dependent still has to run.
+//!
+//! Payloads (pickled functions, arguments, results, errors) never enter the core:
+//! the service keeps them keyed by [`TaskId`].
+
+#![warn(missing_docs, unreachable_pub)]
+
+use rustc_hash::{FxHashMap, FxHashSet};
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, VecDeque};
+use std::fmt;
+
+/// Identifies a task. Clients allocate them (`client id << 40 | sequence`) so
+/// that submitting needs no round trip; ids grow in submission order.
+#[derive(Copy, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TaskId(pub u64);
+
+/// Identifies a worker for the lifetime of its connection.
+#[derive(Copy, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub struct WorkerId(pub u32);
+
+/// Identifies a connected client.
+#[derive(Copy, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub struct ClientId(pub u32);
+
+impl fmt::Debug for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "t{:x}", self.0)
+    }
+}
+
+/// Why a task ended in error.
+#[derive(Copy, Clone, PartialEq, Eq, Debug)]
+pub enum ErrorKind {
+    /// The task's function raised; the service holds the pickled exception.
+    Exception,
+    /// The task was running on this many workers when they died.
+    KilledWorker(u8),
+    /// A client cancelled it (or a dependency of it).
+    Cancelled,
+    /// It depends on a task the scheduler does not know (released or never submitted).
+    MissingDependency(TaskId),
+}
+
+/// A task as submitted by a client.
+#[derive(Clone, Debug)]
+pub struct NewTask {
+    /// Client-allocated id.
+    pub id: TaskId,
+    /// Tasks whose results this one takes as inputs.
+    pub deps: Vec<TaskId>,
+    /// Higher runs first.
+    pub priority: i32,
+    /// How many times a raising task is re-run before it errs.
+    pub retries: u32,
+    /// Task group (usually one per function); duration estimates are per group.
+    pub group: u32,
+}
+
+/// What the core asks the services to do.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum Action {
+    /// Send the task to the worker. Its inputs are where [`Core::location`] says.
+    Compute {
+        /// Target worker.
+        worker: WorkerId,
+        /// Task to run.
+        task: TaskId,
+    },
+    /// The worker should drop the task if it has not started it; a result that
+    /// still arrives is ignored.
+    CancelCompute {
+        /// Worker that was sent the task.
+        worker: WorkerId,
+        /// Task to drop.
+        task: TaskId,
+    },
+    /// The task's result is no longer needed: drop it from the worker (if any)
+    /// and from the scheduler's inline store.
+    ReleaseData {
+        /// Worker holding it, if one does.
+        worker: Option<WorkerId>,
+        /// Task whose data to drop.
+        task: TaskId,
+    },
+    /// The record is gone: the service drops everything it keeps for the task.
+    Forget {
+        /// Forgotten task.
+        task: TaskId,
+    },
+    /// Tell the client the result is available.
+    TaskMemory {
+        /// Client to notify.
+        client: ClientId,
+        /// Finished task.
+        task: TaskId,
+    },
+    /// Tell the client the task failed.
+    TaskErred {
+        /// Client to notify.
+        client: ClientId,
+        /// Failed task.
+        task: TaskId,
+        /// The task whose failure this is (itself, or a dependency).
+        cause: TaskId,
+        /// Why.
+        kind: ErrorKind,
+    },
+}
+
+/// Where a task's result lives.
+#[derive(Copy, Clone, PartialEq, Eq, Debug)]
+pub enum Location {
+    /// Small result kept by the scheduler itself.
+    Inline,
+    /// On this worker.
+    Worker(WorkerId),
+}
+
+/// A task's state; data per variant.
+#[derive(Copy, Clone, PartialEq, Eq, Debug)]
+pub enum TaskState {
+    /// Some inputs are not in memory yet.
+    Waiting,
+    /// All inputs are in memory; queued for placement.
+    Ready,
+    /// Sent to a worker.
+    Processing(WorkerId),
+    /// Finished; the result is at `location`, `size` bytes pickled.
+    Memory {
+        /// Where the result is.
+        location: Location,
+        /// Pickled size in bytes.
+        size: u64,
+    },
+    /// Failed; `cause` is the task whose failure this is.
+    Erred {
+        /// Root failing task.
+        cause: TaskId,
+        /// Why.
+        kind: ErrorKind,
+    },
+    /// Finished once, result dropped; recomputable from lineage.
+    Released,
+}
+
+impl TaskState {
+    fn is_pending(self) -> bool {
+        matches!(
+            self,
+            TaskState::Waiting | TaskState::Ready | TaskState::Processing(_)
+        )
+    }
+}
+
+/// Tunables. Defaults suit microsecond tasks and second-long tasks alike.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// A task running on this many workers that died fails with [`ErrorKind::KilledWorker`].
+    pub max_kills: u8,
+    /// Microseconds of estimated work queued per worker thread beyond the one
+    /// running task. Hides the round trip for tiny tasks; tasks of unknown
+    /// duration are never queued beyond one per thread, so long tasks stay balanced.
+    pub pipeline_budget_us: u64,
+    /// Upper bound on tasks queued per worker thread.
+    pub max_queue_per_thread: u32,
+    /// Transitions kept for [`Core::story`] (0 disables the log).
+    pub log_capacity: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            max_kills: 3,
+            pipeline_budget_us: 2_000,
+            max_queue_per_thread: 512,
+            log_capacity: 0,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Task {
+    state: TaskState,
+    deps: Box<[TaskId]>,
+    dependents: Vec<TaskId>,
+    wanted_by: Vec<ClientId>,
+    /// Deps not in memory (meaningful while Waiting).
+    waiting_on: u32,
+    /// Dependents in a pending state: while > 0 the result must be kept.
+    pending_dependents: u32,
+    priority: i32,
+    depth: u32,
+    group: u32,
+    retries_left: u32,
+    /// Duration estimate charged to the worker while processing.
+    est_us: u32,
+    kills: u8,
+}
+
+#[derive(Debug)]
+struct Worker {
+    nthreads: u32,
+    assigned: FxHashSet<TaskId>,
+    has: FxHashSet<TaskId>,
+    queued_est_us: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct GroupStats {
+    /// Exponential moving average of durations, None until one finished.
+    mean_us: Option<f64>,
+}
+
+#[derive(PartialEq, Eq)]
+struct ReadyEntry {
+    priority: i32,
+    depth: u32,
+    id: TaskId,
+}
+
+impl Ord for ReadyEntry {
+    fn cmp(&self, other: &Self) -> Ordering {
+        // Max-heap: higher priority, then deeper (finish what was started, so
+        // memory stays low), then older.
+        self.priority
+            .cmp(&other.priority)
+            .then(self.depth.cmp(&other.depth))
+            .then(other.id.cmp(&self.id))
+    }
+}
+impl PartialOrd for ReadyEntry {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// One entry of the transition log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    /// Task.
+    pub task: TaskId,
+    /// State before.
+    pub from: Option<TaskState>,
+    /// State after (None: forgotten).
+    pub to: Option<TaskState>,
+}
+
+/// The scheduler state machine.
+pub struct Core {
+    config: Config,
+    tasks: FxHashMap<TaskId, Task>,
+    workers: FxHashMap<WorkerId, Worker>,
+    /// Workers in id order, for deterministic placement.
+    worker_order: Vec<WorkerId>,
+    ready: BinaryHeap<ReadyEntry>,
+    groups: Vec<GroupStats>,
+    actions: Vec<Action>,
+    log: VecDeque<Transition>,
+    transitions: u64,
+}
+
+impl Default for Core {
+    fn default() -> Self {
+        Core::new(Config::default())
+    }
+}
+
+impl Core {
+    /// A core with no workers and no tasks.
+    pub fn new(config: Config) -> Self {
+        Core {
+            config,
+            tasks: FxHashMap::default(),
+            workers: FxHashMap::default(),
+            worker_order: Vec::new(),
+            ready: BinaryHeap::new(),
+            groups: Vec::new(),
+            actions: Vec::new(),
+            log: VecDeque::new(),
+            transitions: 0,
+        }
+    }
+
+    // ---------------------------------------------------------------- getters
+
+    /// Drains the actions produced since the last call, in order.
+    pub fn take_actions(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.actions)
+    }
+
+    /// Moves the pending actions into `out` (reuses its allocation).
+    pub fn drain_actions_into(&mut self, out: &mut Vec<Action>) {
+        out.append(&mut self.actions);
+    }
+
+    /// State of a task, None if the core does not know it.
+    pub fn state(&self, task: TaskId) -> Option<TaskState> {
+        self.tasks.get(&task).map(|t| t.state)
+    }
+
+    /// Inputs of a task.
+    pub fn deps(&self, task: TaskId) -> &[TaskId] {
+        self.tasks.get(&task).map(|t| &*t.deps).unwrap_or(&[])
+    }
+
+    /// Where a task's result lives, if it is in memory.
+    pub fn location(&self, task: TaskId) -> Option<Location> {
+        match self.tasks.get(&task)?.state {
+            TaskState::Memory { location, .. } => Some(location),
+            _ => None,
+        }
+    }
+
+    /// Number of task records.
+    pub fn n_tasks(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// Number of workers.
+    pub fn n_workers(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Tasks currently assigned to a worker.
+    pub fn n_assigned(&self, worker: WorkerId) -> usize {
+        self.workers.get(&worker).map_or(0, |w| w.assigned.len())
+    }
+
+    /// Total state transitions so far.
+    pub fn transitions(&self) -> u64 {
+        self.transitions
+    }
+
+    /// Logged transitions of one task, oldest first (needs `log_capacity > 0`).
+    pub fn story(&self, task: TaskId) -> Vec<Transition> {
+        self.log.iter().filter(|t| t.task == task).cloned().collect()
+    }
+
+    // ----------------------------------------------------------------- inputs
+
+    /// A worker joined with `nthreads` execution slots.
+    pub fn handle_worker_added(&mut self, worker: WorkerId, nthreads: u32) {
+        let w = Worker {
+            nthreads: nthreads.max(1),
+            assigned: FxHashSet::default(),
+            has: FxHashSet::default(),
+            queued_est_us: 0,
+        };
+        if self.workers.insert(worker, w).is_none() {
+            self.worker_order.push(worker);
+        }
+        self.schedule();
+    }
+
+    /// A worker is gone (connection lost, process died). Its running tasks run
+    /// again elsewhere; results only it held and still needed are recomputed.
+    pub fn handle_worker_lost(&mut self, worker: WorkerId) {
+        let Some(w) = self.workers.remove(&worker) else {
+            return;
+        };
+        self.worker_order.retain(|&x| x != worker);
+        let mut assigned: Vec<TaskId> = w.assigned.into_iter().collect();
+        assigned.sort();
+        let mut held: Vec<TaskId> = w.has.into_iter().collect();
+        held.sort();
+        for id in assigned {
+            let Some(t) = self.tasks.get_mut(&id) else {
+                continue;
+            };
+            t.kills = t.kills.saturating_add(1);
+            if t.kills >= self.config.max_kills {
+                let kills = t.kills;
+                self.set_erred(id, id, ErrorKind::KilledWorker(kills));
+            } else {
+                self.set_state(id, TaskState::Ready);
+            }
+        }
+        for id in held {
+            let Some(t) = self.tasks.get(&id) else {
+                continue;
+            };
+            if !matches!(t.state, TaskState::Memory { location: Location::Worker(h), .. } if h == worker)
+            {
+                continue;
+            }
+            let needed = !t.wanted_by.is_empty() || t.pending_dependents > 0;
+            self.set_state(id, TaskState::Released);
+            if needed {
+                self.recompute(id);
+            } else {
+                self.maybe_forget(id);
+            }
+        }
+        self.schedule();
+    }
+
+    /// A client submitted tasks (in dependency order or not: a batch is taken
+    /// whole). Every task of the batch is wanted by the client. A task whose id
+    /// is already known just gains the client's interest.
+    pub fn handle_submit(&mut self, client: ClientId, tasks: Vec<NewTask>) {
+        let mut fresh = Vec::with_capacity(tasks.len());
+        // First pass: records, so deps inside the batch resolve in any order.
+        for nt in tasks {
+            if let Some(t) = self.tasks.get_mut(&nt.id) {
+                if !t.wanted_by.contains(&client) {
+                    t.wanted_by.push(client);
+                }
+                self.notify_one(client, nt.id);
+                continue;
+            }
+            self.tasks.insert(
+                nt.id,
+                Task {
+                    state: TaskState::Released,
+                    deps: nt.deps.into_boxed_slice(),
+                    dependents: Vec::new(),
+                    wanted_by: vec![client],
+                    waiting_on: 0,
+                    pending_dependents: 0,
+                    priority: nt.priority,
+                    depth: 0,
+                    group: nt.group,
+                    retries_left: nt.retries,
+                    est_us: 0,
+                    kills: 0,
+                },
+            );
+            fresh.push(nt.id);
+        }
+        // Second pass: link to dependencies, then start.
+        for &id in &fresh {
+            let deps = self.tasks[&id].deps.clone();
+            let mut depth = 0;
+            let mut missing = None;
+            for &d in deps.iter() {
+                match self.tasks.get_mut(&d) {
+                    Some(dt) => {
+                        dt.dependents.push(id);
+                        depth = depth.max(dt.depth + 1);
+                    }
+                    None => missing = Some(d),
+                }
+            }
+            self.tasks.get_mut(&id).expect("just inserted").depth = depth;
+            if let Some(d) = missing {
+                self.set_erred(id, id, ErrorKind::MissingDependency(d));
+            }
+        }
+        for id in fresh {
+            if self.tasks[&id].state == TaskState::Released {
+                self.recompute(id);
+            }
+        }
+        self.schedule();
+    }
+
+    /// The client no longer holds these tasks' futures.
+    pub fn handle_release(&mut self, client: ClientId, tasks: &[TaskId]) {
+        for &id in tasks {
+            let Some(t) = self.tasks.get_mut(&id) else {
+                continue;
+            };
+            t.wanted_by.retain(|&c| c != client);
+            if t.wanted_by.is_empty() {
+                self.maybe_release(id);
+                self.maybe_forget(id);
+            }
+        }
+        self.schedule();
+    }
+
+    /// The client cancels these tasks: unfinished ones (and their unfinished
+    /// dependents) end as cancelled. Finished ones are unaffected.
+    pub fn handle_cancel(&mut self, client: ClientId, tasks: &[TaskId]) {
+        let _ = client;
+        for &id in tasks {
+            match self.tasks.get(&id).map(|t| t.state) {
+                Some(s) if s.is_pending() || s == TaskState::Released => {
+                    self.set_erred(id, id, ErrorKind::Cancelled)
+                }
+                _ => {}
+            }
+        }
+        self.schedule();
+    }
+
+    /// A client disconnected: everything it wanted is released.
+    pub fn handle_client_gone(&mut self, client: ClientId) {
+        let mut ids: Vec<TaskId> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| t.wanted_by.contains(&client))
+            .map(|(&id, _)| id)
+            .collect();
+        ids.sort();
+        self.handle_release(client, &ids);
+    }
+
+    /// A worker finished a task. `inline`: the result travelled with the
+    /// message and the scheduler keeps it. Stale reports (the task was
+    /// cancelled or moved meanwhile) are ignored.
+    pub fn handle_task_finished(
+        &mut self,
+        worker: WorkerId,
+        task: TaskId,
+        size: u64,
+        inline: bool,
+        duration_us: u64,
+    ) -> bool {
+        if !self.is_processing_on(task, worker) {
+            return false;
+        }
+        let group = self.tasks[&task].group as usize;
+        if let Some(g) = self.groups.get_mut(group) {
+            let d = duration_us as f64;
+            g.mean_us = Some(g.mean_us.map_or(d, |m| 0.8 * m + 0.2 * d));
+        } else {
+            self.groups.resize(group + 1, GroupStats::default());
+            self.groups[group].mean_us = Some(duration_us as f64);
+        }
+        let location = if inline {
+            Location::Inline
+        } else {
+            Location::Worker(worker)
+        };
+        self.set_state(task, TaskState::Memory { location, size });
+        self.maybe_release(task);
+        self.schedule();
+        true
+    }
+
+    /// A worker reports that a task raised. Returns whether the report was
+    /// taken (false: stale) and the task is now erred (true) or will retry.
+    pub fn handle_task_failed(&mut self, worker: WorkerId, task: TaskId) -> Option<bool> {
+        if !self.is_processing_on(task, worker) {
+            return None;
+        }
+        let t = self.tasks.get_mut(&task).expect("processing");
+        let erred = if t.retries_left > 0 {
+            t.retries_left -= 1;
+            self.set_state(task, TaskState::Ready);
+            false
+        } else {
+            self.set_erred(task, task, ErrorKind::Exception);
+            true
+        };
+        self.schedule();
+        Some(erred)
+    }
+
+    // -------------------------------------------------------------- internals
+
+    fn is_processing_on(&self, task: TaskId, worker: WorkerId) -> bool {
+        matches!(self.tasks.get(&task), Some(t) if t.state == TaskState::Processing(worker))
+    }
+
+    fn notify_one(&mut self, client: ClientId, id: TaskId) {
+        match self.tasks[&id].state {
+            TaskState::Memory { .. } => self.actions.push(Action::TaskMemory { client, task: id }),
+            TaskState::Erred { cause, kind } => self.actions.push(Action::TaskErred {
+                client,
+                task: id,
+                cause,
+                kind,
+            }),
+            _ => {}
+        }
+    }
+
+    /// Bring a Released task (and any Released inputs) back to Waiting/Ready.
+    /// Iterative: lineage chains can be arbitrarily long.
+    fn recompute(&mut self, root: TaskId) {
+        let mut stack = vec![root];
+        while let Some(id) = stack.pop() {
+            let t = &self.tasks[&id];
+            if t.state != TaskState::Released {
+                continue;
+            }
+            let mut erred = None;
+            let mut waiting = 0;
+            for d in t.deps.iter() {
+                match self.tasks[d].state {
+                    TaskState::Memory { .. } => {}
+                    TaskState::Erred { cause, kind } => erred = Some((cause, kind)),
+                    TaskState::Released => {
+                        waiting += 1;
+                        stack.push(*d);
+                    }
+                    _ => waiting += 1,
+                }
+            }
+            if let Some((cause, kind)) = erred {
+                self.set_erred(id, cause, kind);
+                continue;
+            }
+            self.tasks.get_mut(&id).expect("known").waiting_on = waiting;
+            let to = if waiting == 0 {
+                TaskState::Ready
+            } else {
+                TaskState::Waiting
+            };
+            self.set_state(id, to);
+        }
+    }
+
+    /// The single place where a task changes state: keeps worker bookkeeping,
+    /// dependency counters, the ready queue and client notifications in step.
+    fn set_state(&mut self, id: TaskId, to: TaskState) {
+        let t = self.tasks.get_mut(&id).expect("known task");
+        let from = t.state;
+        if from == to {
+            return;
+        }
+        t.state = to;
+        self.transitions += 1;
+        if self.config.log_capacity > 0 {
+            if self.log.len() == self.config.log_capacity {
+                self.log.pop_front();
+            }
+            self.log.push_back(Transition {
+                task: id,
+                from: Some(from),
+                to: Some(to),
+            });
+        }
+        // Leave `from`.
+        match from {
+            TaskState::Processing(w) => {
+                let est = t.est_us as u64;
+                if let Some(w) = self.workers.get_mut(&w) {
+                    w.assigned.remove(&id);
+                    w.queued_est_us = w.queued_est_us.saturating_sub(est);
+                }
+            }
+            TaskState::Memory {
+                location: Location::Worker(w),
+                ..
+            } => {
+                if let Some(w) = self.workers.get_mut(&w) {
+                    w.has.remove(&id);
+                }
+            }
+            _ => {}
+        }
+        // Enter `to`.
+        match to {
+            TaskState::Ready => self.ready.push(ReadyEntry {
+                priority: t.priority,
+                depth: t.depth,
+                id,
+            }),
+            TaskState::Memory {
+                location: Location::Worker(w),
+                ..
+            } => {
+                if let Some(w) = self.workers.get_mut(&w) {
+                    w.has.insert(id);
+                }
+            }
+            _ => {}
+        }
+        let t = &self.tasks[&id];
+        let deps_changed = from.is_pending() != to.is_pending();
+        let in_memory = matches!(to, TaskState::Memory { .. });
+        let left_memory = matches!(from, TaskState::Memory { .. });
+        if in_memory || matches!(to, TaskState::Erred { .. }) {
+            for i in 0..t.wanted_by.len() {
+                let client = self.tasks[&id].wanted_by[i];
+                self.notify_one(client, id);
+            }
+        }
+        if deps_changed {
+            let deps = self.tasks[&id].deps.clone();
+            for d in deps.iter() {
+                let dt = self.tasks.get_mut(d).expect("deps outlive dependents");
+                if to.is_pending() {
+                    dt.pending_dependents += 1;
+                } else {
+                    dt.pending_dependents -= 1;
+                    self.maybe_release(*d);
+                }
+            }
+        }
+        if in_memory || left_memory {
+            let dependents = self.tasks[&id].dependents.clone();
+            for dep in dependents {
+                let dt = self.tasks.get_mut(&dep).expect("linked");
+                match dt.state {
+                    TaskState::Waiting if in_memory => {
+                        dt.waiting_on -= 1;
+                        if dt.waiting_on == 0 {
+                            self.set_state(dep, TaskState::Ready);
+                        }
+                    }
+                    TaskState::Waiting => dt.waiting_on += 1,
+                    TaskState::Ready if left_memory => {
+                        dt.waiting_on = 1;
+                        self.set_state(dep, TaskState::Waiting);
+                    }
+                    TaskState::Processing(w) if left_memory => {
+                        // Its input vanished before or while it was fetched.
+                        self.actions
+                            .push(Action::CancelCompute { worker: w, task: dep });
+                        dt.waiting_on = 1;
+                        self.set_state(dep, TaskState::Waiting);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Fail `id` and every unfinished task downstream of it.
+    fn set_erred(&mut self, id: TaskId, cause: TaskId, kind: ErrorKind) {
+        let mut stack = vec![id];
+        while let Some(x) = stack.pop() {
+            let t = &self.tasks[&x];
+            match t.state {
+                TaskState::Memory { .. } | TaskState::Erred { .. } => continue,
+                TaskState::Processing(w) if x != id || kind == ErrorKind::Cancelled => {
+                    self.actions.push(Action::CancelCompute { worker: w, task: x })
+                }
+                _ => {}
+            }
+            stack.extend(self.tasks[&x].dependents.iter().copied());
+            self.set_state(x, TaskState::Erred { cause, kind });
+        }
+    }
+
+    fn maybe_release(&mut self, id: TaskId) {
+        let t = &self.tasks[&id];
+        if let TaskState::Memory { location, .. } = t.state {
+            if t.wanted_by.is_empty() && t.pending_dependents == 0 {
+                let worker = match location {
+                    Location::Worker(w) => Some(w),
+                    Location::Inline => None,
+                };
+                self.set_state(id, TaskState::Released);
+                self.actions.push(Action::ReleaseData { worker, task: id });
+                self.maybe_forget(id);
+            }
+        }
+    }
+
+    /// Drop records nobody can reach any more: not wanted, no dependents.
+    /// Unfinished tasks dropped this way are cancelled.
+    fn maybe_forget(&mut self, root: TaskId) {
+        let mut stack = vec![root];
+        while let Some(id) = stack.pop() {
+            let Some(t) = self.tasks.get(&id) else {
+                continue;
+            };
+            if !t.wanted_by.is_empty() || !t.dependents.is_empty() {
+                continue;
+            }
+            match t.state {
+                TaskState::Processing(w) => self.actions.push(Action::CancelCompute {
+                    worker: w,
+                    task: id,
+                }),
+                TaskState::Memory { location, .. } => {
+                    let worker = match location {
+                        Location::Worker(w) => Some(w),
+                        Location::Inline => None,
+                    };
+                    self.actions.push(Action::ReleaseData { worker, task: id });
+                }
+                _ => {}
+            }
+            // Leaving the pending set adjusts the inputs' counters.
+            self.set_state(id, TaskState::Released);
+            let t = self.tasks.remove(&id).expect("present");
+            self.transitions += 1;
+            if self.config.log_capacity > 0 {
+                if self.log.len() == self.config.log_capacity {
+                    self.log.pop_front();
+                }
+                self.log.push_back(Transition {
+                    task: id,
+                    from: Some(TaskState::Released),
+                    to: None,
+                });
+            }
+            self.actions.push(Action::Forget { task: id });
+            for d in t.deps.iter() {
+                if let Some(dt) = self.tasks.get_mut(d) {
+                    if let Some(pos) = dt.dependents.iter().position(|&x| x == id) {
+                        dt.dependents.swap_remove(pos);
+                    }
+                    stack.push(*d);
+                }
+            }
+        }
+    }
+
+    fn est_us(&self, group: u32) -> Option<u64> {
+        self.groups
+            .get(group as usize)
+            .and_then(|g| g.mean_us)
+            .map(|m| m.ceil() as u64)
+    }
+
+    fn can_take(&self, w: &Worker, est: Option<u64>) -> bool {
+        let n = w.assigned.len() as u64;
+        let threads = w.nthreads as u64;
+        if n < threads {
+            return true;
+        }
+        match est {
+            Some(e) => {
+                n < threads * self.config.max_queue_per_thread as u64
+                    && w.queued_est_us + e <= threads * self.config.pipeline_budget_us
+            }
+            None => false,
+        }
+    }
+
+    /// Place ready tasks, highest priority first, while some worker can take
+    /// the next one. Prefers the worker holding most bytes of the inputs, then
+    /// the least loaded.
+    fn schedule(&mut self) {
+        while let Some(top) = self.ready.peek() {
+            let id = top.id;
+            let Some(t) = self.tasks.get(&id) else {
+                self.ready.pop();
+                continue;
+            };
+            if t.state != TaskState::Ready {
+                self.ready.pop();
+                continue;
+            }
+            let est = self.est_us(t.group);
+            let mut best: Option<(u64, u64, WorkerId)> = None;
+            for &wid in &self.worker_order {
+                let w = &self.workers[&wid];
+                if !self.can_take(w, est) {
+                    continue;
+                }
+                let mut local = 0u64;
+                for d in t.deps.iter() {
+                    if let TaskState::Memory {
+                        location: Location::Worker(h),
+                        size,
+                    } = self.tasks[d].state
+                    {
+                        if h == wid {
+                            local += size;
+                        }
+                    }
+                }
+                // Load as a fraction of threads, scaled to compare integers.
+                let load = (w.assigned.len() as u64 * 1024) / w.nthreads as u64;
+                let better = match best {
+                    None => true,
+                    Some((bl, bload, _)) => local > bl || (local == bl && load < bload),
+                };
+                if better {
+                    best = Some((local, load, wid));
+                }
+            }
+            let Some((_, _, wid)) = best else {
+                break;
+            };
+            self.ready.pop();
+            let est = est.unwrap_or(0);
+            let t = self.tasks.get_mut(&id).expect("ready");
+            t.est_us = est.min(u32::MAX as u64) as u32;
+            let w = self.workers.get_mut(&wid).expect("chosen");
+            w.assigned.insert(id);
+            w.queued_est_us += est;
+            self.set_state(id, TaskState::Processing(wid));
+            self.actions.push(Action::Compute {
+                worker: wid,
+                task: id,
+            });
+        }
+    }
+
+    /// Checks every invariant of the state; panics with a description of the
+    /// first violation. Run after every event in tests.
+    pub fn check_invariants(&self) {
+        for (&id, t) in &self.tasks {
+            let mut not_in_memory = 0;
+            let mut pending_count = 0;
+            for d in t.deps.iter() {
+                let dt = self
+                    .tasks
+                    .get(d)
+                    .unwrap_or_else(|| panic!("{id:?}: dep {d:?} missing"));
+                assert!(
+                    dt.dependents.contains(&id),
+                    "{id:?} not in dependents of {d:?}"
+                );
+                if !matches!(dt.state, TaskState::Memory { .. }) {
+                    not_in_memory += 1;
+                }
+            }
+            for dep in &t.dependents {
+                let dt = self
+                    .tasks
+                    .get(dep)
+                    .unwrap_or_else(|| panic!("{id:?}: dependent {dep:?} missing"));
+                assert!(dt.deps.contains(&id), "{dep:?} lacks dep {id:?}");
+                if dt.state.is_pending() {
+                    pending_count += 1;
+                }
+            }
+            assert_eq!(
+                t.pending_dependents, pending_count,
+                "{id:?}: pending_dependents"
+            );
+            assert!(
+                !t.wanted_by.is_empty() || !t.dependents.is_empty(),
+                "{id:?} should have been forgotten"
+            );
+            match t.state {
+                TaskState::Waiting => {
+                    assert!(not_in_memory > 0, "{id:?} waiting with all deps in memory");
+                    assert_eq!(t.waiting_on, not_in_memory, "{id:?}: waiting_on");
+                }
+                TaskState::Ready => assert_eq!(not_in_memory, 0, "{id:?} ready too early"),
+                TaskState::Processing(w) => {
+                    assert_eq!(not_in_memory, 0, "{id:?} processing without inputs");
+                    let w = self.workers.get(&w).expect("processing on unknown worker");
+                    assert!(w.assigned.contains(&id), "{id:?} not assigned");
+                }
+                TaskState::Memory { location, .. } => {
+                    if let Location::Worker(w) = location {
+                        let w = self.workers.get(&w).expect("memory on unknown worker");
+                        assert!(w.has.contains(&id), "{id:?} not in has");
+                    }
+                    assert!(
+                        !t.wanted_by.is_empty() || t.pending_dependents > 0,
+                        "{id:?} in memory but unneeded"
+                    );
+                }
+                TaskState::Erred { .. } | TaskState::Released => {}
+            }
+        }
+        for (wid, w) in &self.workers {
+            for id in &w.assigned {
+                assert_eq!(self.tasks[id].state, TaskState::Processing(*wid));
+            }
+            for id in &w.has {
+                assert!(matches!(
+                    self.tasks[id].state,
+                    TaskState::Memory { location: Location::Worker(h), .. } if h == *wid
+                ));
+            }
+        }
+        let queued: FxHashSet<TaskId> = self.ready.iter().map(|e| e.id).collect();
+        for (&id, t) in &self.tasks {
+            if t.state == TaskState::Ready {
+                assert!(queued.contains(&id), "{id:?} ready but not queued");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,405 @@
+//! Tests drive the core with events and assert the actions it returns, then
+//! check every invariant. `sim` runs seeded random clusters with failures.
+
+use super::*;
+
+const C: ClientId = ClientId(1);
+
+fn t(i: u64) -> TaskId {
+    TaskId(i)
+}
+
+fn nt(id: u64, deps: &[u64]) -> NewTask {
+    NewTask {
+        id: t(id),
+        deps: deps.iter().map(|&d| t(d)).collect(),
+        priority: 0,
+        retries: 0,
+        group: 0,
+    }
+}
+
+fn computes(actions: &[Action]) -> Vec<(u32, u64)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Compute { worker, task } => Some((worker.0, task.0)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn core() -> Core {
+    Core::new(Config {
+        log_capacity: 1000,
+        ..Config::default()
+    })
+}
+
+#[test]
+fn independent_tasks_fill_one_slot_per_thread_until_durations_are_known() {
+    let mut c = core();
+    c.handle_worker_added(WorkerId(0), 1);
+    c.handle_worker_added(WorkerId(1), 2);
+    c.handle_submit(C, (1..=10).map(|i| nt(i, &[])).collect());
+    c.check_invariants();
+    let a = c.take_actions();
+    // Unknown duration: exactly one task per thread, oldest first.
+    assert_eq!(computes(&a), vec![(0, 1), (1, 2), (1, 3)]);
+    // Once a duration is known, tiny tasks are pipelined.
+    assert!(c.handle_task_finished(WorkerId(0), t(1), 8, true, 5));
+    c.check_invariants();
+    let a = c.take_actions();
+    assert!(a.contains(&Action::TaskMemory {
+        client: C,
+        task: t(1)
+    }));
+    assert_eq!(computes(&a).len(), 7, "{a:?}");
+}
+
+#[test]
+fn long_tasks_are_not_queued_behind_each_other() {
+    let mut c = core();
+    c.handle_worker_added(WorkerId(0), 1);
+    c.handle_worker_added(WorkerId(1), 1);
+    c.handle_submit(C, (1..=4).map(|i| nt(i, &[])).collect());
+    assert_eq!(computes(&c.take_actions()), vec![(0, 1), (1, 2)]);
+    c.handle_task_finished(WorkerId(0), t(1), 8, true, 1_000_000);
+    // A one-second task does not fit a 2 ms pipeline budget: one at a time.
+    assert_eq!(computes(&c.take_actions()), vec![(0, 3)]);
+    c.handle_task_finished(WorkerId(1), t(2), 8, true, 1_000_000);
+    assert_eq!(computes(&c.take_actions()), vec![(1, 4)]);
+    c.check_invariants();
+}
+
+#[test]
+fn dependents_run_where_their_data_is() {
+    let mut c = core();
+    c.handle_worker_added(WorkerId(0), 1);
+    c.handle_worker_added(WorkerId(1), 1);
+    c.handle_submit(C, vec![nt(1, &[]), nt(2, &[]), nt(3, &[2])]);
+    assert_eq!(computes(&c.take_actions()), vec![(0, 1), (1, 2)]);
+    c.handle_task_finished(WorkerId(1), t(2), 1 << 20, false, 10);
+    // Worker 0 is busy with task 1 and has no duration estimate... task 3 has
+    // its input on worker 1, which is free.
+    assert_eq!(computes(&c.take_actions()), vec![(1, 3)]);
+    assert_eq!(c.location(t(2)), Some(Location::Worker(WorkerId(1))));
+    c.check_invariants();
+}
+
+#[test]
+fn intermediate_results_are_released_when_no_longer_needed() {
+    let mut c = core();
+    c.handle_worker_added(WorkerId(0), 1);
+    c.handle_submit(C, vec![nt(1, &[]), nt(2, &[1])]);
+    c.take_actions();
+    // The client drops its future for 1; 2 still needs it.
+    c.handle_release(C, &[t(1)]);
+    assert_eq!(c.take_actions(), vec![]);
+    c.handle_task_finished(WorkerId(0), t(1), 100, false, 10);
+    c.take_actions();
+    c.handle_task_finished(WorkerId(0), t(2), 100, false, 10);
+    let a = c.take_actions();
+    assert!(a.contains(&Action::ReleaseData {
+        worker: Some(WorkerId(0)),
+        task: t(1)
+    }));
+    // 1 is released but kept for lineage while 2 lives.
+    assert_eq!(c.state(t(1)), Some(TaskState::Released));
+    c.check_invariants();
+    c.handle_release(C, &[t(2)]);
+    let a = c.take_actions();
+    assert!(a.contains(&Action::Forget { task: t(1) }));
+    assert!(a.contains(&Action::Forget { task: t(2) }));
+    assert_eq!(c.n_tasks(), 0);
+}
+
+#[test]
+fn lost_worker_reruns_running_tasks_and_recomputes_lost_results() {
+    let mut c = core();
+    c.handle_worker_added(WorkerId(0), 1);
+    c.handle_worker_added(WorkerId(1), 1);
+    c.handle_submit(C, vec![nt(1, &[]), nt(2, &[1]), nt(3, &[2])]);
+    c.handle_release(C, &[t(1)]);
+    c.take_actions();
+    c.handle_task_finished(WorkerId(0), t(1), 100, false, 10);
+    c.take_actions();
+    c.handle_task_finished(WorkerId(0), t(2), 100, false, 10);
+    assert_eq!(computes(&c.take_actions()), vec![(0, 3)]);
+    assert_eq!(c.state(t(1)), Some(TaskState::Released));
+    // Worker 0 dies holding 2 and running 3: 2 must be recomputed, which
+    // needs 1 again.
+    c.handle_worker_lost(WorkerId(0));
+    c.check_invariants();
+    assert_eq!(computes(&c.take_actions()), vec![(1, 1)]);
+    c.handle_task_finished(WorkerId(1), t(1), 100, false, 10);
+    assert_eq!(computes(&c.take_actions()), vec![(1, 2)]);
+    c.handle_task_finished(WorkerId(1), t(2), 100, false, 10);
+    assert_eq!(computes(&c.take_actions()), vec![(1, 3)]);
+    c.handle_task_finished(WorkerId(1), t(3), 100, true, 10);
+    assert_eq!(c.location(t(3)), Some(Location::Inline));
+    c.check_invariants();
+    let story = c.story(t(3));
+    assert!(story.len() >= 4, "{story:?}");
+}
+
+#[test]
+fn inline_results_survive_their_worker() {
+    let mut c = core();
+    c.handle_worker_added(WorkerId(0), 1);
+    c.handle_submit(C, vec![nt(1, &[])]);
+    c.take_actions();
+    c.handle_task_finished(WorkerId(0), t(1), 8, true, 10);
+    c.take_actions();
+    c.handle_worker_lost(WorkerId(0));
+    assert_eq!(c.take_actions(), vec![]);
+    assert_eq!(c.location(t(1)), Some(Location::Inline));
+}
+
+#[test]
+fn a_task_that_kills_three_workers_fails_naming_itself() {
+    let mut c = core();
+    c.handle_submit(C, vec![nt(1, &[]), nt(2, &[1])]);
+    for w in 0..3 {
+        c.handle_worker_added(WorkerId(w), 1);
+        assert_eq!(computes(&c.take_actions()), vec![(w, 1)]);
+        c.handle_worker_lost(WorkerId(w));
+        c.check_invariants();
+    }
+    let a = c.take_actions();
+    assert!(a.contains(&Action::TaskErred {
+        client: C,
+        task: t(1),
+        cause: t(1),
+        kind: ErrorKind::KilledWorker(3)
+    }));
+    assert!(a.contains(&Action::TaskErred {
+        client: C,
+        task: t(2),
+        cause: t(1),
+        kind: ErrorKind::KilledWorker(3)
+    }));
+}
+
+#[test]
+fn retries_then_error_propagates_to_dependents() {
+    let mut c = core();
+    c.handle_worker_added(WorkerId(0), 1);
+    let mut first = nt(1, &[]);
+    first.retries = 1;
+    c.handle_submit(C, vec![first, nt(2, &[1])]);
+    c.take_actions();
+    assert_eq!(c.handle_task_failed(WorkerId(0), t(1)), Some(false));
+    assert_eq!(computes(&c.take_actions()), vec![(0, 1)]);
+    assert_eq!(c.handle_task_failed(WorkerId(0), t(1)), Some(true));
+    let a = c.take_actions();
+    assert!(a.contains(&Action::TaskErred {
+        client: C,
+        task: t(2),
+        cause: t(1),
+        kind: ErrorKind::Exception
+    }));
+    // A stale report from a worker that no longer runs it is ignored.
+    assert_eq!(c.handle_task_failed(WorkerId(0), t(1)), None);
+    c.check_invariants();
+}
+
+#[test]
+fn unknown_dependency_is_an_error_not_a_hang() {
+    let mut c = core();
+    c.handle_worker_added(WorkerId(0), 1);
+    c.handle_submit(C, vec![nt(2, &[99])]);
+    let a = c.take_actions();
+    assert_eq!(
+        a,
+        vec![Action::TaskErred {
+            client: C,
+            task: t(2),
+            cause: t(2),
+            kind: ErrorKind::MissingDependency(t(99))
+        }]
+    );
+}
+
+#[test]
+fn cancel_stops_pending_work_and_releasing_drops_unwanted_tasks() {
+    let mut c = core();
+    c.handle_worker_added(WorkerId(0), 1);
+    c.handle_submit(C, vec![nt(1, &[]), nt(2, &[1]), nt(3, &[])]);
+    c.take_actions();
+    c.handle_cancel(C, &[t(1)]);
+    let a = c.take_actions();
+    assert!(a.contains(&Action::CancelCompute {
+        worker: WorkerId(0),
+        task: t(1)
+    }));
+    assert!(a.contains(&Action::TaskErred {
+        client: C,
+        task: t(2),
+        cause: t(1),
+        kind: ErrorKind::Cancelled
+    }));
+    assert_eq!(computes(&a), vec![(0, 3)]);
+    // Releasing an unfinished task nobody else wants cancels it.
+    c.handle_release(C, &[t(3)]);
+    let a = c.take_actions();
+    assert!(a.contains(&Action::CancelCompute {
+        worker: WorkerId(0),
+        task: t(3)
+    }));
+    c.handle_client_gone(C);
+    assert_eq!(c.n_tasks(), 0);
+    assert_eq!(c.n_assigned(WorkerId(0)), 0);
+}
+
+#[test]
+fn priority_then_depth_then_age() {
+    let mut c = core();
+    let mut hi = nt(5, &[]);
+    hi.priority = 10;
+    c.handle_submit(C, vec![nt(1, &[]), nt(2, &[]), nt(3, &[]), hi]);
+    c.handle_worker_added(WorkerId(0), 1);
+    assert_eq!(computes(&c.take_actions()), vec![(0, 5)]);
+    c.handle_task_finished(WorkerId(0), t(5), 8, true, 1_000_000);
+    assert_eq!(computes(&c.take_actions()), vec![(0, 1)]);
+    c.handle_submit(C, vec![nt(6, &[5])]);
+    c.handle_task_finished(WorkerId(0), t(1), 8, true, 1_000_000);
+    // 6 is deeper than 2 and 3: depth-first keeps memory low.
+    assert_eq!(computes(&c.take_actions()), vec![(0, 6)]);
+}
+
+#[test]
+fn a_ten_thousand_deep_chain_does_not_recurse() {
+    let mut c = core();
+    let n = 10_000u64;
+    c.handle_submit(
+        C,
+        (0..n)
+            .map(|i| if i == 0 { nt(0, &[]) } else { nt(i, &[i - 1]) })
+            .collect(),
+    );
+    c.handle_release(C, &(0..n - 1).map(t).collect::<Vec<_>>());
+    c.handle_worker_added(WorkerId(0), 1);
+    for i in 0..n {
+        assert_eq!(computes(&c.take_actions()), vec![(0, i)]);
+        c.handle_task_finished(WorkerId(0), t(i), 8, false, 1_000_000);
+    }
+    // Losing the only copy of the end result recomputes the whole chain.
+    c.handle_worker_added(WorkerId(1), 1);
+    c.handle_worker_lost(WorkerId(0));
+    assert_eq!(computes(&c.take_actions()), vec![(1, 0)]);
+    c.check_invariants();
+    c.handle_release(C, &[t(n - 1)]);
+    assert_eq!(c.n_tasks(), 0);
+}
+
+/// A seeded random cluster: random DAGs, workers that finish, fail, die and
+/// join, clients that release and cancel. After every event the invariants
+/// hold; at the end every wanted task is in memory or erred, and nothing hangs.
+#[test]
+fn sim_random_clusters_always_converge() {
+    for seed in 0..300 {
+        sim(seed);
+    }
+}
+
+fn sim(seed: u64) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut c = Core::new(Config {
+        max_kills: 3,
+        ..Config::default()
+    });
+    let mut next_worker = 0u32;
+    let mut running: Vec<(WorkerId, TaskId)> = Vec::new();
+    let mut wanted: Vec<TaskId> = Vec::new();
+    let mut settled: FxHashMap<TaskId, bool> = FxHashMap::default();
+    let n = rng.u64(1..60);
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let mut deps: Vec<u64> = (0..rng.usize(0..3))
+            .filter(|_| i > 0)
+            .map(|_| rng.u64(0..i))
+            .collect();
+        deps.sort();
+        deps.dedup();
+        tasks.push(NewTask {
+            id: t(i),
+            deps: deps.into_iter().map(t).collect(),
+            priority: rng.i32(0..3),
+            retries: rng.u32(0..2),
+            group: rng.u32(0..3),
+        });
+    }
+    c.handle_submit(C, tasks);
+    wanted.extend((0..n).map(t));
+    for _ in 0..rng.usize(1..4) {
+        c.handle_worker_added(WorkerId(next_worker), rng.u32(1..3));
+        next_worker += 1;
+    }
+    let mut steps = 0;
+    loop {
+        steps += 1;
+        assert!(steps < 100_000, "seed {seed}: no convergence");
+        for a in c.take_actions() {
+            match a {
+                Action::Compute { worker, task } => running.push((worker, task)),
+                Action::CancelCompute { worker, task } => {
+                    running.retain(|&(w, x)| !(w == worker && x == task))
+                }
+                Action::TaskMemory { task, .. } => {
+                    settled.insert(task, true);
+                }
+                Action::TaskErred { task, .. } => {
+                    settled.insert(task, false);
+                }
+                _ => {}
+            }
+        }
+        c.check_invariants();
+        let all_settled = wanted.iter().all(|id| {
+            matches!(
+                c.state(*id),
+                Some(TaskState::Memory { .. } | TaskState::Erred { .. }) | None
+            )
+        });
+        if all_settled && running.is_empty() {
+            break;
+        }
+        let roll = rng.u32(0..100);
+        if roll < 3 && c.n_workers() > 0 {
+            // A worker dies.
+            let ids: Vec<WorkerId> = c.worker_order.clone();
+            let w = ids[rng.usize(0..ids.len())];
+            running.retain(|&(x, _)| x != w);
+            c.handle_worker_lost(w);
+        } else if roll < 6 || c.n_workers() == 0 {
+            c.handle_worker_added(WorkerId(next_worker), rng.u32(1..3));
+            next_worker += 1;
+        } else if roll < 8 && !wanted.is_empty() {
+            let i = rng.usize(0..wanted.len());
+            let id = wanted.swap_remove(i);
+            c.handle_release(C, &[id]);
+        } else if roll < 9 && !wanted.is_empty() {
+            let id = wanted[rng.usize(0..wanted.len())];
+            c.handle_cancel(C, &[id]);
+        } else if !running.is_empty() {
+            let (w, id) = running.swap_remove(rng.usize(0..running.len()));
+            if rng.u32(0..10) == 0 {
+                c.handle_task_failed(w, id);
+            } else {
+                c.handle_task_finished(w, id, rng.u64(1..1000), rng.bool(), rng.u64(1..5000));
+            }
+        }
+    }
+    for id in &wanted {
+        if let Some(s) = c.state(*id) {
+            assert!(
+                matches!(s, TaskState::Memory { .. } | TaskState::Erred { .. }),
+                "seed {seed}: {id:?} ended {s:?}"
+            );
+        }
+    }
+    c.handle_client_gone(C);
+    c.check_invariants();
+    assert_eq!(c.n_tasks(), 0, "seed {seed}: records leaked");
+}
