@@ -1,0 +1,368 @@
+//! # shoal-proto: what travels between clients, the scheduler and workers
+//!
+//! Every connection starts with a [`Hello`] frame naming the protocol version
+//! and the peer's role, answered by a [`Welcome`]; after that each frame holds
+//! a *batch* of messages (`Vec<ToScheduler>`, `Vec<FromScheduler>`, ...), so a
+//! burst of ten thousand task submissions costs one write, not ten thousand.
+//!
+//! Frames are `u32` length-prefixed (the services use tokio-util's codec with
+//! [`MAX_FRAME`]); bodies are postcard-encoded serde values. Payloads (pickled
+//! functions, arguments, results) are opaque bytes here: this crate knows
+//! nothing of Python, sockets or async runtimes.
+
+#![warn(missing_docs, unreachable_pub)]
+
+use bytes::Bytes;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+/// Bumped on every incompatible change; peers with another version are refused.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// First field of every handshake, so a stray peer is recognised at once.
+pub const MAGIC: u32 = 0x5348_4f4c; // "SHOL"
+/// Largest frame accepted (a frame larger than this closes the connection).
+pub const MAX_FRAME: usize = 1 << 30;
+/// Results whose pickle is at most this many bytes travel inline with the
+/// control message and are kept by the scheduler; larger ones stay on the
+/// worker that made them and are fetched from it.
+pub const INLINE_LIMIT: usize = 64 * 1024;
+
+/// First frame on every connection.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Hello {
+    /// Must be [`MAGIC`].
+    pub magic: u32,
+    /// Must be [`PROTOCOL_VERSION`].
+    pub version: u32,
+    /// Who is connecting.
+    pub role: Role,
+}
+
+/// The connecting peer's role.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum Role {
+    /// A client that submits tasks and reads results.
+    Client,
+    /// A worker process.
+    Worker {
+        /// Execution threads.
+        nthreads: u32,
+        /// Address of its data server, for peers and clients to fetch results.
+        data_addr: String,
+        /// Human-readable name.
+        name: String,
+        /// OS process id.
+        pid: u32,
+    },
+    /// A peer fetching results from a worker's data server.
+    Data,
+}
+
+/// Answer to a [`Hello`].
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum Welcome {
+    /// Accepted; `id` is the client or worker id assigned by the scheduler.
+    Accepted {
+        /// Assigned id.
+        id: u32,
+    },
+    /// Refused, with the reason (then the connection closes).
+    Rejected {
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+/// How a task's function is applied.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskKind {
+    /// `func(*args, **kwargs)`.
+    Call,
+    /// `args` is a list of argument tuples; the result is the list of
+    /// `func(*a)` (one task for many map elements).
+    Batch,
+}
+
+/// A task as a client submits it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct TaskSpec {
+    /// Client-allocated id (`client id << 40 | sequence`).
+    pub id: u64,
+    /// Group name, usually the function's name; also names the task.
+    pub group: String,
+    /// User-given key, if any (otherwise the name is `group-<id hex>`).
+    pub key: Option<String>,
+    /// Call or batch.
+    pub kind: TaskKind,
+    /// Pickled function.
+    pub func: Bytes,
+    /// Pickled `(args, kwargs)` (or list of args for a batch).
+    pub args: Bytes,
+    /// Tasks whose results are inputs.
+    pub deps: Vec<u64>,
+    /// Higher first.
+    pub priority: i32,
+    /// Re-runs allowed after an exception.
+    pub retries: u32,
+}
+
+impl TaskSpec {
+    /// The name users see in errors and logs.
+    pub fn name(&self) -> String {
+        task_name(self.key.as_deref(), &self.group, self.id)
+    }
+}
+
+/// `key` if given, else `group-<id in hex>`; the Python client derives the
+/// same string for `Future.key`.
+pub fn task_name(key: Option<&str>, group: &str, id: u64) -> String {
+    match key {
+        Some(k) => k.to_string(),
+        None => format!("{group}-{id:x}"),
+    }
+}
+
+/// Messages to the scheduler (from clients and workers).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum ToScheduler {
+    /// Client: new tasks.
+    Submit(Vec<TaskSpec>),
+    /// Client: futures dropped.
+    Release(Vec<u64>),
+    /// Client: cancel unfinished tasks.
+    Cancel(Vec<u64>),
+    /// Worker: a task finished. `value` is the pickled result if small enough
+    /// to travel inline; otherwise the worker keeps it.
+    Finished {
+        /// Task.
+        id: u64,
+        /// Pickled size in bytes.
+        size: u64,
+        /// Inline result.
+        value: Option<Bytes>,
+        /// Execution time.
+        duration_us: u64,
+    },
+    /// Worker: a task raised (or its inputs or result could not be moved).
+    Failed {
+        /// Task.
+        id: u64,
+        /// Pickled `(exception, traceback text)`.
+        error: Bytes,
+    },
+}
+
+/// Where a task input is to be found.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum DepSource {
+    /// The pickled value itself.
+    Inline(Bytes),
+    /// On a worker (possibly the receiving one).
+    Worker {
+        /// Holder's id.
+        id: u32,
+        /// Holder's data address.
+        addr: String,
+    },
+}
+
+/// An input of a task sent to a worker.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Dep {
+    /// Input task.
+    pub id: u64,
+    /// Where its value is.
+    pub source: DepSource,
+}
+
+/// Why a task failed, as a client is told.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum TaskError {
+    /// The task (or the named cause) raised; pickled `(exception, traceback)`.
+    Exception {
+        /// Name of the task that raised.
+        cause: String,
+        /// Pickled exception and traceback text.
+        error: Bytes,
+    },
+    /// The named task was running on `kills` workers that died.
+    KilledWorker {
+        /// Task name.
+        cause: String,
+        /// Workers lost while running it.
+        kills: u8,
+    },
+    /// Cancelled (itself or the named input).
+    Cancelled {
+        /// Cancelled task name.
+        cause: String,
+    },
+    /// An input is not known to the scheduler.
+    MissingDependency {
+        /// Input's id.
+        dep: u64,
+    },
+}
+
+/// Messages from the scheduler.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum FromScheduler {
+    /// To a client: result available (inline, or at a worker's data address).
+    Memory {
+        /// Task.
+        id: u64,
+        /// Inline pickled value.
+        value: Option<Bytes>,
+        /// Data address of the holder when not inline.
+        location: Option<String>,
+    },
+    /// To a client: task failed.
+    Erred {
+        /// Task.
+        id: u64,
+        /// Why.
+        error: TaskError,
+    },
+    /// To a worker: run a task.
+    Compute {
+        /// Task.
+        id: u64,
+        /// Name, for errors and logs.
+        name: String,
+        /// Call or batch.
+        kind: TaskKind,
+        /// Pickled function.
+        func: Bytes,
+        /// Pickled arguments.
+        args: Bytes,
+        /// Inputs.
+        deps: Vec<Dep>,
+    },
+    /// To a worker: drop the task if not started.
+    Cancel(u64),
+    /// To a worker: drop these results.
+    Release(Vec<u64>),
+    /// To a worker: finish and exit.
+    Shutdown,
+}
+
+/// A data request to a worker's data server.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct DataRequest {
+    /// Results wanted.
+    pub ids: Vec<u64>,
+}
+
+/// Answer to a [`DataRequest`]; `None` where the worker does not hold it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct DataReply {
+    /// In request order.
+    pub items: Vec<(u64, Option<Bytes>)>,
+}
+
+/// A frame body could not be decoded.
+#[derive(Debug)]
+pub struct DecodeError(pub String);
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "malformed frame: {}", self.0)
+    }
+}
+impl std::error::Error for DecodeError {}
+
+/// Encodes one frame body.
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_stdvec(value).expect("serializing protocol types cannot fail")
+}
+
+/// Decodes one frame body; trailing bytes are an error.
+pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, DecodeError> {
+    let (v, rest) =
+        postcard::take_from_bytes(body).map_err(|e| DecodeError(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(DecodeError(format!("{} trailing bytes", rest.len())));
+    }
+    Ok(v)
+}
+
+impl Hello {
+    /// A hello for this build's protocol.
+    pub fn new(role: Role) -> Self {
+        Hello {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+            role,
+        }
+    }
+
+    /// Checks magic and version; the error says what to do.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.magic != MAGIC {
+            return Err("not a Shoal peer (bad magic)".into());
+        }
+        if self.version != PROTOCOL_VERSION {
+            return Err(format!(
+                "protocol version {} but this scheduler speaks {}: install the same Shoal version everywhere",
+                self.version, PROTOCOL_VERSION
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_round_trip() {
+        let msgs = vec![
+            ToScheduler::Submit(vec![TaskSpec {
+                id: 1 << 40 | 7,
+                group: "inc".into(),
+                key: None,
+                kind: TaskKind::Call,
+                func: Bytes::from_static(b"f"),
+                args: Bytes::from_static(b"a"),
+                deps: vec![3],
+                priority: -1,
+                retries: 2,
+            }]),
+            ToScheduler::Finished {
+                id: 9,
+                size: 3,
+                value: Some(Bytes::from_static(b"xyz")),
+                duration_us: 12,
+            },
+        ];
+        let back: Vec<ToScheduler> = decode(&encode(&msgs)).unwrap();
+        assert_eq!(back, msgs);
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for body in [&b""[..], b"\xff\xff\xff\xff\xff", b"\x00\x01\x02"] {
+            assert!(decode::<Hello>(body).is_err());
+            let _ = decode::<Vec<FromScheduler>>(body); // must not panic
+        }
+        let mut ok = encode(&Hello::new(Role::Client));
+        ok.push(0);
+        assert!(decode::<Hello>(&ok).is_err(), "trailing bytes are refused");
+    }
+
+    #[test]
+    fn version_mismatch_says_what_to_do() {
+        let mut h = Hello::new(Role::Data);
+        assert!(h.validate().is_ok());
+        h.version += 1;
+        assert!(h.validate().unwrap_err().contains("same Shoal version"));
+        h.magic = 0;
+        assert!(h.validate().is_err());
+    }
+
+    #[test]
+    fn names_match_the_python_client() {
+        assert_eq!(task_name(None, "inc", 0x1_0000_0000_2a), "inc-1000000002a");
+        assert_eq!(task_name(Some("mine"), "inc", 1), "mine");
+    }
+}
