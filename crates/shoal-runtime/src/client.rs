@@ -1,0 +1,317 @@
+//! A client's connection to a scheduler.
+//!
+//! Submissions go out through the batching writer (a burst of `submit` calls
+//! becomes one frame). Task states come back on the I/O thread and land in a
+//! table guarded by a mutex; Python threads block on its condition variable
+//! with the GIL released. [`Watcher`]s collect completions for `as_completed`,
+//! `wait` and done callbacks without scanning every future.
+
+use crate::net::{self, Address};
+use bytes::Bytes;
+use futures::StreamExt;
+use parking_lot::{Condvar, Mutex};
+use rustc_hash::{FxHashMap, FxHashSet};
+use shoal_proto::{FromScheduler, Role, TaskError, TaskSpec, ToScheduler};
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Instant;
+use tokio::sync::mpsc;
+
+/// What the client knows of a task.
+#[derive(Clone, Debug)]
+pub enum Status {
+    /// Not finished.
+    Pending,
+    /// Finished: inline value, or the data address of the worker holding it.
+    Memory {
+        /// Inline pickled value.
+        value: Option<Bytes>,
+        /// Holder's data address.
+        location: Option<String>,
+    },
+    /// Failed.
+    Erred(TaskError),
+}
+
+impl Status {
+    /// Finished, successfully or not.
+    pub fn is_done(&self) -> bool {
+        !matches!(self, Status::Pending)
+    }
+}
+
+/// Collects ids as they complete.
+#[derive(Default)]
+pub struct Watcher {
+    inner: Mutex<WatchInner>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct WatchInner {
+    pending: FxHashSet<u64>,
+    done: Vec<u64>,
+}
+
+impl Watcher {
+    /// Completed ids since the last call, waiting until at least one is there
+    /// or `deadline` passes. Empty when nothing is pending any more.
+    pub fn next(&self, deadline: Option<Instant>) -> Vec<u64> {
+        let mut w = self.inner.lock();
+        loop {
+            if !w.done.is_empty() {
+                return std::mem::take(&mut w.done);
+            }
+            if w.pending.is_empty() {
+                return Vec::new();
+            }
+            match deadline {
+                Some(d) => {
+                    if self.cv.wait_until(&mut w, d).timed_out() {
+                        return std::mem::take(&mut w.done);
+                    }
+                }
+                None => self.cv.wait(&mut w),
+            }
+        }
+    }
+
+    /// Ids added and not completed yet.
+    pub fn pending(&self) -> usize {
+        self.inner.lock().pending.len()
+    }
+
+    fn complete(&self, id: u64) -> bool {
+        let mut w = self.inner.lock();
+        if w.pending.remove(&id) {
+            w.done.push(id);
+            true
+        } else {
+            false
+        }
+    }
+}
+
+struct State {
+    status: FxHashMap<u64, Status>,
+    watchers: Vec<Weak<Watcher>>,
+    closed: Option<String>,
+}
+
+/// A connected client.
+pub struct ClientShared {
+    /// Id assigned by the scheduler (top bits of every task id).
+    pub id: u32,
+    next: AtomicU64,
+    out: mpsc::UnboundedSender<ToScheduler>,
+    state: Mutex<State>,
+    cv: Condvar,
+}
+
+/// Connects to the scheduler. Call from outside the runtime.
+pub fn connect(rt: &tokio::runtime::Runtime, addr: &Address) -> io::Result<Arc<ClientShared>> {
+    rt.block_on(async {
+        let (conn, id) = net::handshake(addr, Role::Client).await?;
+        let (out, mut stream) = net::split_batched::<ToScheduler>(conn);
+        let shared = Arc::new(ClientShared {
+            id,
+            next: AtomicU64::new(((id as u64) << 40) + 1),
+            out,
+            state: Mutex::new(State {
+                status: FxHashMap::default(),
+                watchers: Vec::new(),
+                closed: None,
+            }),
+            cv: Condvar::new(),
+        });
+        let weak = Arc::downgrade(&shared);
+        tokio::spawn(async move {
+            let reason = loop {
+                match stream.next().await {
+                    None => break "the scheduler closed the connection".to_string(),
+                    Some(frame) => match net::decode_batch::<FromScheduler>(frame) {
+                        Ok(msgs) => match weak.upgrade() {
+                            Some(sh) => sh.apply(msgs),
+                            None => return,
+                        },
+                        Err(e) => break format!("bad frame from the scheduler: {e}"),
+                    },
+                }
+            };
+            if let Some(sh) = weak.upgrade() {
+                sh.state.lock().closed = Some(reason);
+                sh.cv.notify_all();
+                for w in sh.state.lock().watchers.iter().filter_map(Weak::upgrade) {
+                    w.cv.notify_all();
+                }
+            }
+        });
+        Ok(shared)
+    })
+}
+
+impl ClientShared {
+    fn apply(&self, msgs: Vec<FromScheduler>) {
+        let mut st = self.state.lock();
+        let mut completed = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            let (id, status) = match m {
+                FromScheduler::Memory {
+                    id,
+                    value,
+                    location,
+                } => (id, Status::Memory { value, location }),
+                FromScheduler::Erred { id, error } => (id, Status::Erred(error)),
+                other => {
+                    tracing::warn!("unexpected message for a client: {other:?}");
+                    continue;
+                }
+            };
+            // Ignore news of tasks already released by this client.
+            if let Some(s) = st.status.get_mut(&id) {
+                *s = status;
+                completed.push(id);
+            }
+        }
+        if !st.watchers.is_empty() && !completed.is_empty() {
+            st.watchers.retain(|w| w.strong_count() > 0);
+            for w in st.watchers.iter().filter_map(Weak::upgrade) {
+                let mut any = false;
+                for &id in &completed {
+                    any |= w.complete(id);
+                }
+                if any {
+                    w.cv.notify_all();
+                }
+            }
+        }
+        drop(st);
+        self.cv.notify_all();
+    }
+
+    /// A fresh task id.
+    pub fn new_id(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Error if the connection is gone.
+    pub fn check_open(&self) -> Result<(), String> {
+        match &self.state.lock().closed {
+            Some(r) => Err(r.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// Submits tasks; each starts pending. Ids already known keep their state.
+    pub fn submit(&self, specs: Vec<TaskSpec>) -> Result<(), String> {
+        {
+            let mut st = self.state.lock();
+            if let Some(r) = &st.closed {
+                return Err(r.clone());
+            }
+            for s in &specs {
+                st.status.entry(s.id).or_insert(Status::Pending);
+            }
+        }
+        self.out
+            .send(ToScheduler::Submit(specs))
+            .map_err(|_| "the connection to the scheduler is closed".to_string())
+    }
+
+    /// The client drops these tasks.
+    pub fn release(&self, ids: Vec<u64>) {
+        {
+            let mut st = self.state.lock();
+            for id in &ids {
+                st.status.remove(id);
+            }
+        }
+        let _ = self.out.send(ToScheduler::Release(ids));
+    }
+
+    /// Cancels unfinished tasks.
+    pub fn cancel(&self, ids: Vec<u64>) {
+        let _ = self.out.send(ToScheduler::Cancel(ids));
+    }
+
+    /// Current status (None: unknown or released).
+    pub fn status(&self, id: u64) -> Option<Status> {
+        self.state.lock().status.get(&id).cloned()
+    }
+
+    /// Marks a finished task pending again (its holder vanished before we
+    /// fetched it: the scheduler is recomputing it).
+    pub fn mark_pending(&self, id: u64) {
+        if let Some(s) = self.state.lock().status.get_mut(&id) {
+            *s = Status::Pending;
+        }
+    }
+
+    /// Waits until `count` of `ids` are done or `deadline` passes; returns how
+    /// many are done. `Err` when the scheduler connection is lost.
+    pub fn wait(&self, ids: &[u64], count: usize, deadline: Option<Instant>) -> Result<usize, String> {
+        let mut st = self.state.lock();
+        loop {
+            let done = ids
+                .iter()
+                .filter(|id| st.status.get(id).is_none_or(Status::is_done))
+                .count();
+            if done >= count.min(ids.len()) {
+                return Ok(done);
+            }
+            if let Some(r) = &st.closed {
+                return Err(r.clone());
+            }
+            match deadline {
+                Some(d) => {
+                    if self.cv.wait_until(&mut st, d).timed_out() {
+                        let done = ids
+                            .iter()
+                            .filter(|id| st.status.get(id).is_none_or(Status::is_done))
+                            .count();
+                        return Ok(done);
+                    }
+                }
+                None => self.cv.wait(&mut st),
+            }
+        }
+    }
+
+    /// A watcher over `ids`; those already done are reported at once.
+    pub fn watcher(&self) -> Arc<Watcher> {
+        let w = Arc::new(Watcher::default());
+        self.state.lock().watchers.push(Arc::downgrade(&w));
+        w
+    }
+
+    /// Adds ids to a watcher (done ones complete at once).
+    pub fn watch(&self, w: &Watcher, ids: &[u64]) {
+        let st = self.state.lock();
+        let mut inner = w.inner.lock();
+        for &id in ids {
+            if st.status.get(&id).is_none_or(Status::is_done) {
+                inner.done.push(id);
+            } else {
+                inner.pending.insert(id);
+            }
+        }
+        drop(inner);
+        w.cv.notify_all();
+    }
+
+    /// Wakes threads blocked in a watcher (e.g. on close).
+    pub fn closed_reason(&self) -> Option<String> {
+        self.state.lock().closed.clone()
+    }
+}
+
+/// Fetches one result from the worker holding it. Call from outside the runtime.
+pub fn fetch(rt: &tokio::runtime::Runtime, addr: &str, id: u64) -> io::Result<Bytes> {
+    let items = rt.block_on(crate::worker::fetch(addr, vec![id]))?;
+    items
+        .into_iter()
+        .next()
+        .map(|(_, v)| v)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "empty reply"))
+}

@@ -1,0 +1,177 @@
+//! Worker processes of an embedded cluster: started, watched, replaced when
+//! they die, and stopped with the cluster.
+//!
+//! No orphans: each child gets `PR_SET_PDEATHSIG` (SIGKILL when the thread
+//! that started it, the supervisor thread, goes away, which includes the
+//! client process dying), and a worker also exits by itself as soon as its
+//! scheduler connection closes.
+
+use parking_lot::Mutex;
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How to start one worker process.
+#[derive(Clone, Debug)]
+pub struct WorkerCommand {
+    /// Executable (the Python interpreter).
+    pub program: String,
+    /// Arguments (the worker module and its options).
+    pub args: Vec<String>,
+    /// Extra environment.
+    pub env: Vec<(String, String)>,
+}
+
+/// Replacements allowed within [`RESPAWN_WINDOW`] before giving up: a worker
+/// that cannot even start must not be restarted forever.
+const MAX_RESPAWNS: usize = 20;
+const RESPAWN_WINDOW: Duration = Duration::from_secs(30);
+
+/// Supervises `n` worker processes.
+pub struct LocalCluster {
+    stop: Arc<AtomicBool>,
+    pids: Arc<Mutex<Vec<u32>>>,
+    supervisor: Option<JoinHandle<()>>,
+}
+
+fn spawn(cmd: &WorkerCommand) -> std::io::Result<Child> {
+    let mut c = Command::new(&cmd.program);
+    c.args(&cmd.args).envs(cmd.env.iter().cloned());
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: runs in the forked child before exec; prctl, getppid and
+        // _exit are async-signal-safe and touch no memory of the parent.
+        unsafe {
+            c.pre_exec(move || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                if libc::getppid() != parent {
+                    libc::_exit(0);
+                }
+                Ok(())
+            });
+        }
+    }
+    c.spawn()
+}
+
+impl LocalCluster {
+    /// Starts `n` workers and a supervisor thread that replaces dead ones.
+    pub fn start(cmd: WorkerCommand, n: usize) -> std::io::Result<LocalCluster> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let pids = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop2, pids2) = (stop.clone(), pids.clone());
+        let supervisor = std::thread::Builder::new()
+            .name("shoal-supervisor".into())
+            .spawn(move || {
+                let mut children = Vec::new();
+                for _ in 0..n {
+                    match spawn(&cmd) {
+                        Ok(c) => children.push(c),
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    }
+                }
+                *pids2.lock() = children.iter().map(Child::id).collect();
+                let _ = ready_tx.send(Ok(()));
+                supervise(cmd, children, stop2, pids2);
+            })?;
+        ready_rx
+            .recv()
+            .map_err(|_| std::io::Error::other("worker supervisor died"))??;
+        Ok(LocalCluster {
+            stop,
+            pids,
+            supervisor: Some(supervisor),
+        })
+    }
+
+    /// Current worker process ids.
+    pub fn pids(&self) -> Vec<u32> {
+        self.pids.lock().clone()
+    }
+
+    /// Stops supervising; the supervisor waits briefly for the workers to
+    /// exit (the caller asked them to), then kills the rest.
+    pub fn close(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.supervisor.take() {
+            let _ = h.join();
+        }
+        self.pids.lock().clear();
+    }
+}
+
+fn supervise(
+    cmd: WorkerCommand,
+    mut children: Vec<Child>,
+    stop: Arc<AtomicBool>,
+    pids: Arc<Mutex<Vec<u32>>>,
+) {
+    let mut respawns: Vec<Instant> = Vec::new();
+    let mut gave_up = false;
+    while !stop.load(Ordering::SeqCst) {
+        let mut changed = false;
+        let mut i = 0;
+        while i < children.len() {
+            match children[i].try_wait() {
+                Ok(Some(status)) => {
+                    let pid = children[i].id();
+                    children.swap_remove(i);
+                    changed = true;
+                    if stop.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    respawns.retain(|t| t.elapsed() < RESPAWN_WINDOW);
+                    if respawns.len() >= MAX_RESPAWNS {
+                        if !gave_up {
+                            eprintln!(
+                                "shoal: {MAX_RESPAWNS} worker processes died within {}s; not starting more. \
+                                 Check that workers can start (run `python -m shoal._worker --help`).",
+                                RESPAWN_WINDOW.as_secs()
+                            );
+                            gave_up = true;
+                        }
+                        continue;
+                    }
+                    eprintln!("shoal: worker process {pid} died ({status}); starting a replacement");
+                    respawns.push(Instant::now());
+                    match spawn(&cmd) {
+                        Ok(c) => children.push(c),
+                        Err(e) => eprintln!("shoal: cannot start a worker process: {e}"),
+                    }
+                }
+                _ => i += 1,
+            }
+        }
+        if changed {
+            *pids.lock() = children.iter().map(Child::id).collect();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Closing: workers were asked to shut down; give them a moment, then kill.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        children.retain_mut(|c| !matches!(c.try_wait(), Ok(Some(_))));
+        if children.is_empty() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for c in &mut children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        self.close();
+    }
+}

@@ -1,0 +1,456 @@
+//! The scheduler service: one task owns the [`Core`] and all payloads; each
+//! connection has a reader task that forwards decoded batches to it and a
+//! writer task that batches what it sends back. The owner drains every event
+//! available before writing, so bursts become a few large frames.
+
+use crate::net::{self, Address, Conn, Listener};
+use bytes::Bytes;
+use futures::StreamExt;
+use rustc_hash::FxHashMap;
+use shoal_core::{Action, ClientId, Core, ErrorKind, Location, NewTask, TaskId, WorkerId};
+use shoal_proto::{
+    task_name, Dep, DepSource, FromScheduler, Hello, Role, TaskError, TaskSpec, ToScheduler,
+    Welcome,
+};
+use std::io;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use tokio::sync::{mpsc, watch};
+
+type Tx = mpsc::UnboundedSender<FromScheduler>;
+
+enum Event {
+    ClientJoined(u32, Tx),
+    WorkerJoined {
+        id: u32,
+        nthreads: u32,
+        data_addr: String,
+        name: String,
+        tx: Tx,
+    },
+    FromClient(u32, Vec<ToScheduler>),
+    FromWorker(u32, Vec<ToScheduler>),
+    ClientLeft(u32),
+    WorkerLeft(u32, String),
+    ShutdownWorkers,
+}
+
+/// A running scheduler.
+pub struct SchedulerHandle {
+    /// Where clients and workers connect.
+    pub address: Address,
+    events: mpsc::UnboundedSender<Event>,
+    stop: watch::Sender<bool>,
+}
+
+impl SchedulerHandle {
+    /// Asks every worker to finish and exit.
+    pub fn shutdown_workers(&self) {
+        let _ = self.events.send(Event::ShutdownWorkers);
+    }
+
+    /// Stops accepting and drops every connection.
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+impl Drop for SchedulerHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Binds `address` and serves on the current tokio runtime.
+pub async fn start(address: &Address) -> io::Result<SchedulerHandle> {
+    let listener = Listener::bind(address).await?;
+    let address = listener.local_addr()?;
+    let (events, rx) = mpsc::unbounded_channel();
+    let (stop, stop_rx) = watch::channel(false);
+    tokio::spawn(owner(rx, stop_rx.clone()));
+    tokio::spawn(accept_loop(listener, events.clone(), stop_rx));
+    Ok(SchedulerHandle {
+        address,
+        events,
+        stop,
+    })
+}
+
+async fn accept_loop(
+    listener: Listener,
+    events: mpsc::UnboundedSender<Event>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let ids = Arc::new(AtomicU32::new(1));
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            conn = listener.accept() => match conn {
+                Ok(conn) => {
+                    tokio::spawn(serve_conn(conn, events.clone(), ids.clone(), stop.clone()));
+                }
+                Err(e) => tracing::warn!("accept failed: {e}"),
+            }
+        }
+    }
+}
+
+async fn serve_conn(
+    mut conn: Conn,
+    events: mpsc::UnboundedSender<Event>,
+    ids: Arc<AtomicU32>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let hello = tokio::time::timeout(net::HANDSHAKE_TIMEOUT, net::recv::<Hello>(&mut conn)).await;
+    let hello = match hello {
+        Ok(Ok(Some(h))) => h,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            tracing::warn!("dropping a peer that sent a malformed handshake: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!("dropping a peer that sent no handshake");
+            return;
+        }
+    };
+    if let Err(reason) = hello.validate() {
+        tracing::warn!("refusing a peer: {reason}");
+        let _ = net::send(&mut conn, &Welcome::Rejected { reason }).await;
+        return;
+    }
+    let id = ids.fetch_add(1, Ordering::Relaxed);
+    if net::send(&mut conn, &Welcome::Accepted { id }).await.is_err() {
+        return;
+    }
+    let (tx, mut stream) = net::split_batched::<FromScheduler>(conn);
+    let is_worker = match hello.role {
+        Role::Client => {
+            let _ = events.send(Event::ClientJoined(id, tx));
+            false
+        }
+        Role::Worker {
+            nthreads,
+            data_addr,
+            name,
+            pid,
+        } => {
+            tracing::info!("worker {name} (pid {pid}) joined with {nthreads} threads");
+            let _ = events.send(Event::WorkerJoined {
+                id,
+                nthreads,
+                data_addr,
+                name,
+                tx,
+            });
+            true
+        }
+        Role::Data => return,
+    };
+    let reason = loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            frame = stream.next() => match frame {
+                None => break "connection closed".to_string(),
+                Some(frame) => match net::decode_batch::<ToScheduler>(frame) {
+                    Ok(msgs) => {
+                        let ev = if is_worker { Event::FromWorker(id, msgs) } else { Event::FromClient(id, msgs) };
+                        if events.send(ev).is_err() { return; }
+                    }
+                    Err(e) => break format!("bad frame: {e}"),
+                },
+            }
+        }
+    };
+    let _ = events.send(if is_worker {
+        Event::WorkerLeft(id, reason)
+    } else {
+        Event::ClientLeft(id)
+    });
+}
+
+struct WorkerConn {
+    tx: Tx,
+    data_addr: String,
+    name: String,
+}
+
+struct State {
+    core: Core,
+    specs: FxHashMap<u64, TaskSpec>,
+    inline: FxHashMap<u64, Bytes>,
+    errors: FxHashMap<u64, Bytes>,
+    groups: FxHashMap<String, u32>,
+    clients: FxHashMap<u32, Tx>,
+    workers: FxHashMap<u32, WorkerConn>,
+    actions: Vec<Action>,
+}
+
+async fn owner(mut rx: mpsc::UnboundedReceiver<Event>, mut stop: watch::Receiver<bool>) {
+    let mut st = State {
+        core: Core::default(),
+        specs: FxHashMap::default(),
+        inline: FxHashMap::default(),
+        errors: FxHashMap::default(),
+        groups: FxHashMap::default(),
+        clients: FxHashMap::default(),
+        workers: FxHashMap::default(),
+        actions: Vec::new(),
+    };
+    let mut batch = Vec::with_capacity(64);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            n = rx.recv_many(&mut batch, 1024) => {
+                if n == 0 { break; }
+                for ev in batch.drain(..) {
+                    st.handle(ev);
+                }
+            }
+        }
+    }
+}
+
+impl State {
+    fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::ClientJoined(id, tx) => {
+                self.clients.insert(id, tx);
+            }
+            Event::WorkerJoined {
+                id,
+                nthreads,
+                data_addr,
+                name,
+                tx,
+            } => {
+                self.workers.insert(
+                    id,
+                    WorkerConn {
+                        tx,
+                        data_addr,
+                        name,
+                    },
+                );
+                self.core.handle_worker_added(WorkerId(id), nthreads);
+                self.process();
+            }
+            Event::ClientLeft(id) => {
+                self.clients.remove(&id);
+                self.core.handle_client_gone(ClientId(id));
+                self.process();
+            }
+            Event::WorkerLeft(id, reason) => {
+                if let Some(w) = self.workers.remove(&id) {
+                    tracing::warn!("worker {} left: {reason}", w.name);
+                }
+                self.core.handle_worker_lost(WorkerId(id));
+                self.process();
+            }
+            Event::ShutdownWorkers => {
+                for w in self.workers.values() {
+                    let _ = w.tx.send(FromScheduler::Shutdown);
+                }
+            }
+            Event::FromClient(c, msgs) => {
+                for m in msgs {
+                    self.client_msg(c, m);
+                    self.process();
+                }
+            }
+            Event::FromWorker(w, msgs) => {
+                for m in msgs {
+                    self.worker_msg(w, m);
+                    self.process();
+                }
+            }
+        }
+    }
+
+    fn client_msg(&mut self, client: u32, msg: ToScheduler) {
+        let cid = ClientId(client);
+        match msg {
+            ToScheduler::Submit(specs) => {
+                let mut tasks = Vec::with_capacity(specs.len());
+                for spec in specs {
+                    let next = self.groups.len() as u32;
+                    let group = *self.groups.entry_ref_or_insert(&spec.group, next);
+                    let mut deps: Vec<TaskId> = spec.deps.iter().map(|&d| TaskId(d)).collect();
+                    deps.sort_unstable();
+                    deps.dedup();
+                    tasks.push(NewTask {
+                        id: TaskId(spec.id),
+                        deps,
+                        priority: spec.priority,
+                        retries: spec.retries,
+                        group,
+                    });
+                    self.specs.entry(spec.id).or_insert(spec);
+                }
+                self.core.handle_submit(cid, tasks);
+            }
+            ToScheduler::Release(ids) => {
+                let ids: Vec<TaskId> = ids.into_iter().map(TaskId).collect();
+                self.core.handle_release(cid, &ids);
+            }
+            ToScheduler::Cancel(ids) => {
+                let ids: Vec<TaskId> = ids.into_iter().map(TaskId).collect();
+                self.core.handle_cancel(cid, &ids);
+            }
+            other => tracing::warn!("client {client} sent a worker message: {other:?}"),
+        }
+    }
+
+    fn worker_msg(&mut self, worker: u32, msg: ToScheduler) {
+        let wid = WorkerId(worker);
+        match msg {
+            ToScheduler::Finished {
+                id,
+                size,
+                value,
+                duration_us,
+            } => {
+                let inline = value.is_some();
+                if self
+                    .core
+                    .handle_task_finished(wid, TaskId(id), size, inline, duration_us)
+                {
+                    if let Some(v) = value {
+                        self.inline.insert(id, v);
+                    }
+                }
+            }
+            ToScheduler::Failed { id, error } => {
+                if let Some(true) = self.core.handle_task_failed(wid, TaskId(id)) {
+                    self.errors.insert(id, error);
+                }
+            }
+            other => tracing::warn!("worker {worker} sent a client message: {other:?}"),
+        }
+    }
+
+    fn name(&self, id: u64) -> String {
+        match self.specs.get(&id) {
+            Some(s) => s.name(),
+            None => task_name(None, "task", id),
+        }
+    }
+
+    /// Turns the core's actions into messages. Payload maps are updated in
+    /// action order, so a Forget never overtakes the Compute before it.
+    fn process(&mut self) {
+        self.core.drain_actions_into(&mut self.actions);
+        let mut actions = std::mem::take(&mut self.actions);
+        for a in actions.drain(..) {
+            match a {
+                Action::Compute { worker, task } => self.send_compute(worker, task),
+                Action::CancelCompute { worker, task } => {
+                    if let Some(w) = self.workers.get(&worker.0) {
+                        let _ = w.tx.send(FromScheduler::Cancel(task.0));
+                    }
+                }
+                Action::ReleaseData { worker, task } => {
+                    self.inline.remove(&task.0);
+                    // Sent in order with Computes (a recomputed task may go to
+                    // the same worker); the writer batches them anyway.
+                    if let Some(w) = worker.and_then(|w| self.workers.get(&w.0)) {
+                        let _ = w.tx.send(FromScheduler::Release(vec![task.0]));
+                    }
+                }
+                Action::Forget { task } => {
+                    self.specs.remove(&task.0);
+                    self.inline.remove(&task.0);
+                    self.errors.remove(&task.0);
+                }
+                Action::TaskMemory { client, task } => {
+                    let Some(tx) = self.clients.get(&client.0) else {
+                        continue;
+                    };
+                    let (value, location) = match self.core.location(task) {
+                        Some(Location::Inline) => (self.inline.get(&task.0).cloned(), None),
+                        Some(Location::Worker(w)) => {
+                            (None, self.workers.get(&w.0).map(|w| w.data_addr.clone()))
+                        }
+                        None => continue,
+                    };
+                    let _ = tx.send(FromScheduler::Memory {
+                        id: task.0,
+                        value,
+                        location,
+                    });
+                }
+                Action::TaskErred {
+                    client,
+                    task,
+                    cause,
+                    kind,
+                } => {
+                    let Some(tx) = self.clients.get(&client.0) else {
+                        continue;
+                    };
+                    let cause_name = self.name(cause.0);
+                    let error = match kind {
+                        ErrorKind::Exception => TaskError::Exception {
+                            cause: cause_name,
+                            error: self.errors.get(&cause.0).cloned().unwrap_or_default(),
+                        },
+                        ErrorKind::KilledWorker(kills) => TaskError::KilledWorker {
+                            cause: cause_name,
+                            kills,
+                        },
+                        ErrorKind::Cancelled => TaskError::Cancelled { cause: cause_name },
+                        ErrorKind::MissingDependency(d) => {
+                            TaskError::MissingDependency { dep: d.0 }
+                        }
+                    };
+                    let _ = tx.send(FromScheduler::Erred { id: task.0, error });
+                }
+            }
+        }
+        self.actions = actions;
+    }
+
+    fn send_compute(&mut self, worker: WorkerId, task: TaskId) {
+        let (Some(w), Some(spec)) = (self.workers.get(&worker.0), self.specs.get(&task.0)) else {
+            return;
+        };
+        let deps = self
+            .core
+            .deps(task)
+            .iter()
+            .filter_map(|d| {
+                let source = match self.core.location(*d)? {
+                    Location::Inline => DepSource::Inline(self.inline.get(&d.0)?.clone()),
+                    Location::Worker(h) => DepSource::Worker {
+                        id: h.0,
+                        addr: self.workers.get(&h.0)?.data_addr.clone(),
+                    },
+                };
+                Some(Dep { id: d.0, source })
+            })
+            .collect();
+        let _ = w.tx.send(FromScheduler::Compute {
+            id: task.0,
+            name: spec.name(),
+            kind: spec.kind,
+            func: spec.func.clone(),
+            args: spec.args.clone(),
+            deps,
+        });
+    }
+
+}
+
+/// `HashMap::entry` without allocating a `String` when the key exists.
+trait EntryRef {
+    fn entry_ref_or_insert(&mut self, k: &str, v: u32) -> &mut u32;
+}
+
+impl EntryRef for FxHashMap<String, u32> {
+    fn entry_ref_or_insert(&mut self, k: &str, v: u32) -> &mut u32 {
+        if !self.contains_key(k) {
+            self.insert(k.to_string(), v);
+        }
+        self.get_mut(k).expect("just ensured")
+    }
+}

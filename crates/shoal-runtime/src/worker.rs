@@ -1,0 +1,392 @@
+//! The Rust half of a worker process.
+//!
+//! The I/O thread receives tasks, fetches inputs held by other workers,
+//! serves this worker's results to peers and clients, and reports results.
+//! Python execution threads call [`WorkerShared::next_batch`] (with the GIL
+//! released): it hands over the results of the previous batch and blocks for
+//! the next one, so a thread crosses into Rust once per batch, not per task.
+
+use crate::net::{self, Address, Listener};
+use bytes::Bytes;
+use futures::StreamExt;
+use parking_lot::{Condvar, Mutex};
+use rustc_hash::{FxHashMap, FxHashSet};
+use shoal_proto::{
+    DataReply, DataRequest, Dep, DepSource, FromScheduler, Hello, Role, TaskKind, ToScheduler,
+    Welcome, INLINE_LIMIT,
+};
+use std::collections::VecDeque;
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// A task ready to execute: every input is either inline bytes or (None)
+/// a result this worker made and its Python side still holds.
+pub struct ExecTask {
+    /// Task id.
+    pub id: u64,
+    /// Task name.
+    pub name: String,
+    /// Call or batch.
+    pub kind: TaskKind,
+    /// Pickled function.
+    pub func: Bytes,
+    /// Pickled arguments.
+    pub args: Bytes,
+    /// Inputs.
+    pub deps: Vec<(u64, Option<Bytes>)>,
+    /// Set when an input could not be fetched: the task must fail with it.
+    pub error: Option<String>,
+}
+
+/// Outcome of one task, handed back by an execution thread.
+pub enum Done {
+    /// Pickled result; the Python side keeps the object if it is not inline.
+    Ok {
+        /// Task.
+        id: u64,
+        /// Pickled result.
+        value: Bytes,
+        /// Execution time.
+        duration_us: u64,
+    },
+    /// Pickled `(exception, traceback)`.
+    Err {
+        /// Task.
+        id: u64,
+        /// Pickled error.
+        error: Bytes,
+    },
+}
+
+#[derive(Default)]
+struct Queue {
+    ready: VecDeque<ExecTask>,
+    fetching: FxHashSet<u64>,
+    cancelled: FxHashSet<u64>,
+    released: Vec<u64>,
+    closed: bool,
+}
+
+/// State shared between the I/O thread and the execution threads.
+pub struct WorkerShared {
+    /// Id assigned by the scheduler.
+    pub id: u32,
+    /// Execution threads.
+    pub nthreads: u32,
+    /// This worker's data server.
+    pub data_addr: Address,
+    queue: Mutex<Queue>,
+    cv: Condvar,
+    store: Mutex<FxHashMap<u64, Bytes>>,
+    out: mpsc::UnboundedSender<ToScheduler>,
+}
+
+/// What a batch call returns.
+pub enum Batch {
+    /// Tasks to run and results to drop.
+    Work(Vec<ExecTask>, Vec<u64>),
+    /// The scheduler asked us to stop.
+    Shutdown,
+}
+
+impl WorkerShared {
+    /// Reports `done`, then waits up to `timeout` for tasks (at most `max`).
+    /// Returns an empty batch on timeout, so the caller can check for signals.
+    pub fn next_batch(&self, done: Vec<Done>, max: usize, timeout: Duration) -> Batch {
+        for d in done {
+            let msg = match d {
+                Done::Ok {
+                    id,
+                    value,
+                    duration_us,
+                } => {
+                    let size = value.len() as u64;
+                    if value.len() <= INLINE_LIMIT {
+                        ToScheduler::Finished {
+                            id,
+                            size,
+                            value: Some(value),
+                            duration_us,
+                        }
+                    } else {
+                        self.store.lock().insert(id, value);
+                        ToScheduler::Finished {
+                            id,
+                            size,
+                            value: None,
+                            duration_us,
+                        }
+                    }
+                }
+                Done::Err { id, error } => ToScheduler::Failed { id, error },
+            };
+            let _ = self.out.send(msg);
+        }
+        let deadline = Instant::now() + timeout;
+        let mut q = self.queue.lock();
+        loop {
+            if q.closed {
+                return Batch::Shutdown;
+            }
+            if !q.ready.is_empty() || !q.released.is_empty() {
+                let n = q.ready.len().min(max.max(1));
+                let tasks: Vec<ExecTask> = q.ready.drain(..n).collect();
+                let released = std::mem::take(&mut q.released);
+                return Batch::Work(tasks, released);
+            }
+            if self.cv.wait_until(&mut q, deadline).timed_out() {
+                return Batch::Work(Vec::new(), Vec::new());
+            }
+        }
+    }
+
+    fn push_ready(&self, t: ExecTask) {
+        let mut q = self.queue.lock();
+        q.fetching.remove(&t.id);
+        if q.cancelled.remove(&t.id) {
+            return;
+        }
+        q.ready.push_back(t);
+        drop(q);
+        self.cv.notify_one();
+    }
+}
+
+/// Connects to the scheduler at `scheduler`, starts the data server and the
+/// I/O tasks. Call from outside the runtime (it blocks until registered).
+pub fn start(
+    rt: &tokio::runtime::Runtime,
+    scheduler: &Address,
+    nthreads: u32,
+    name: &str,
+) -> io::Result<Arc<WorkerShared>> {
+    rt.block_on(async {
+        // Data server on the same kind of transport as the scheduler.
+        let data_addr = match scheduler {
+            Address::Unix(p) => {
+                let dir = p.parent().unwrap_or_else(|| std::path::Path::new("/tmp"));
+                Address::Unix(dir.join(format!("w-{}-{}.sock", std::process::id(), nthreads)))
+            }
+            Address::Tcp(_) => {
+                let (conn, ip) = net::connect(scheduler).await?;
+                drop(conn);
+                let ip = ip.expect("tcp has an ip");
+                Address::Tcp(std::net::SocketAddr::new(ip, 0).to_string())
+            }
+        };
+        let listener = Listener::bind(&data_addr).await?;
+        let data_addr = listener.local_addr()?;
+        let role = Role::Worker {
+            nthreads,
+            data_addr: data_addr.to_string(),
+            name: name.to_string(),
+            pid: std::process::id(),
+        };
+        let (conn, id) = net::handshake(scheduler, role).await?;
+        let (out, mut stream) = net::split_batched::<ToScheduler>(conn);
+        let shared = Arc::new(WorkerShared {
+            id,
+            nthreads,
+            data_addr,
+            queue: Mutex::new(Queue::default()),
+            cv: Condvar::new(),
+            store: Mutex::new(FxHashMap::default()),
+            out,
+        });
+        tokio::spawn(data_server(listener, shared.clone()));
+        let sh = shared.clone();
+        tokio::spawn(async move {
+            while let Some(frame) = stream.next().await {
+                match net::decode_batch::<FromScheduler>(frame) {
+                    Ok(msgs) => {
+                        for m in msgs {
+                            if handle(&sh, m) {
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!("bad frame from the scheduler: {e}");
+                        break;
+                    }
+                }
+            }
+            // The scheduler is gone without asking us to stop: for an embedded
+            // cluster this means the client process died. Leave no orphan.
+            eprintln!("shoal worker: lost the scheduler connection; exiting");
+            // SAFETY: _exit ends the process at once without running handlers;
+            // nothing here needs flushing (results are useless without a scheduler).
+            unsafe { libc::_exit(1) };
+        });
+        Ok(shared)
+    })
+}
+
+/// Applies one scheduler message; true on shutdown.
+fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
+    match msg {
+        FromScheduler::Compute {
+            id,
+            name,
+            kind,
+            func,
+            args,
+            deps,
+        } => {
+            let remote: Vec<&Dep> = deps
+                .iter()
+                .filter(|d| matches!(&d.source, DepSource::Worker { id, .. } if *id != sh.id))
+                .collect();
+            let mut t = ExecTask {
+                id,
+                name,
+                kind,
+                func,
+                args,
+                deps: Vec::with_capacity(deps.len()),
+                error: None,
+            };
+            if remote.is_empty() {
+                t.deps = deps
+                    .into_iter()
+                    .map(|d| match d.source {
+                        DepSource::Inline(b) => (d.id, Some(b)),
+                        DepSource::Worker { .. } => (d.id, None),
+                    })
+                    .collect();
+                sh.push_ready(t);
+            } else {
+                sh.queue.lock().fetching.insert(id);
+                let sh = sh.clone();
+                tokio::spawn(async move {
+                    t.deps = fetch_inputs(&sh, deps).await.unwrap_or_else(|e| {
+                        t.error = Some(e);
+                        Vec::new()
+                    });
+                    sh.push_ready(t);
+                });
+            }
+        }
+        FromScheduler::Cancel(id) => {
+            let mut q = sh.queue.lock();
+            let before = q.ready.len();
+            q.ready.retain(|t| t.id != id);
+            if q.ready.len() == before && q.fetching.contains(&id) {
+                q.cancelled.insert(id);
+            }
+        }
+        FromScheduler::Release(ids) => {
+            {
+                let mut store = sh.store.lock();
+                for id in &ids {
+                    store.remove(id);
+                }
+            }
+            sh.queue.lock().released.extend(ids);
+            sh.cv.notify_one();
+        }
+        FromScheduler::Shutdown => {
+            sh.queue.lock().closed = true;
+            sh.cv.notify_all();
+            return true;
+        }
+        other => tracing::warn!("unexpected message for a worker: {other:?}"),
+    }
+    false
+}
+
+/// Fetches the inputs held by other workers (retrying briefly: if the holder
+/// died, the scheduler cancels this task and recomputes the input).
+async fn fetch_inputs(
+    sh: &WorkerShared,
+    deps: Vec<Dep>,
+) -> Result<Vec<(u64, Option<Bytes>)>, String> {
+    let mut by_addr: FxHashMap<String, Vec<u64>> = FxHashMap::default();
+    for d in &deps {
+        if let DepSource::Worker { id, addr } = &d.source {
+            if *id != sh.id {
+                by_addr.entry(addr.clone()).or_default().push(d.id);
+            }
+        }
+    }
+    let mut fetched: FxHashMap<u64, Bytes> = FxHashMap::default();
+    for (addr, ids) in by_addr {
+        let mut last_err = String::new();
+        let mut ok = false;
+        for attempt in 0..5u64 {
+            match fetch(&addr, ids.clone()).await {
+                Ok(items) => {
+                    fetched.extend(items);
+                    ok = true;
+                    break;
+                }
+                Err(e) => last_err = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(100 * (attempt + 1))).await;
+        }
+        if !ok {
+            return Err(format!(
+                "could not fetch inputs {ids:x?} from worker at {addr}: {last_err}"
+            ));
+        }
+    }
+    Ok(deps
+        .into_iter()
+        .map(|d| match d.source {
+            DepSource::Inline(b) => (d.id, Some(b)),
+            DepSource::Worker { id, .. } if id == sh.id => (d.id, None),
+            DepSource::Worker { .. } => {
+                let v = fetched.remove(&d.id);
+                (d.id, v)
+            }
+        })
+        .collect())
+}
+
+/// Fetches results from a worker's data server. Missing results are an error.
+pub async fn fetch(addr: &str, ids: Vec<u64>) -> io::Result<Vec<(u64, Bytes)>> {
+    let address = Address::parse(addr).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let (mut conn, _) = net::handshake(&address, Role::Data).await?;
+    net::send(&mut conn, &DataRequest { ids }).await?;
+    let reply: DataReply = net::recv(&mut conn).await?.ok_or_else(|| {
+        io::Error::new(io::ErrorKind::UnexpectedEof, "data server closed the connection")
+    })?;
+    reply
+        .items
+        .into_iter()
+        .map(|(id, v)| {
+            v.map(|v| (id, v)).ok_or_else(|| {
+                io::Error::new(io::ErrorKind::NotFound, format!("worker at {addr} does not hold {id:x}"))
+            })
+        })
+        .collect()
+}
+
+async fn data_server(listener: Listener, sh: Arc<WorkerShared>) {
+    loop {
+        let Ok(mut conn) = listener.accept().await else {
+            continue;
+        };
+        let sh = sh.clone();
+        tokio::spawn(async move {
+            match net::recv::<Hello>(&mut conn).await {
+                Ok(Some(h)) if h.validate().is_ok() && h.role == Role::Data => {}
+                _ => return,
+            }
+            if net::send(&mut conn, &Welcome::Accepted { id: sh.id }).await.is_err() {
+                return;
+            }
+            while let Ok(Some(req)) = net::recv::<DataRequest>(&mut conn).await {
+                let items = {
+                    let store = sh.store.lock();
+                    req.ids.iter().map(|id| (*id, store.get(id).cloned())).collect()
+                };
+                if net::send(&mut conn, &DataReply { items }).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
