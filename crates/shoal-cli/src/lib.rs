@@ -1,1 +1,96 @@
+//! # shoal-cli: the `shoal` command
+//!
+//! The parser and subcommands live here; the Python wheel exposes them as the
+//! `shoal` console script through `shoal._core.cli_main`, and `cargo run -p
+//! shoal-cli` runs the same code. Later subcommands (`scheduler`, `worker`,
+//! `status`) are added here.
 
+#![warn(missing_docs, unreachable_pub)]
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "shoal", version, about = "Shoal: a parallel and distributed task runtime for Python")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print versions and what this machine offers.
+    Info,
+}
+
+/// Facts only the embedding interpreter knows.
+#[derive(Default, Debug, Clone)]
+pub struct HostInfo {
+    /// `sys.version` of the interpreter, when run from Python.
+    pub python: Option<String>,
+    /// Where the `shoal` package was imported from.
+    pub package_path: Option<String>,
+}
+
+/// Runs the command line; returns the exit code.
+pub fn run(argv: Vec<String>, host: HostInfo) -> i32 {
+    let cli = match Cli::try_parse_from(argv) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return e.exit_code();
+        }
+    };
+    match cli.command {
+        Command::Info => {
+            print!("{}", info(&host));
+            0
+        }
+    }
+}
+
+/// The text of `shoal info`.
+pub fn info(host: &HostInfo) -> String {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut s = String::new();
+    s.push_str(&format!("shoal {}\n", env!("CARGO_PKG_VERSION")));
+    s.push_str(&format!("protocol version: {}\n", shoal_proto::PROTOCOL_VERSION));
+    s.push_str(&format!("cpus available: {cpus}\n"));
+    s.push_str(&format!(
+        "inline result limit: {} bytes\n",
+        shoal_proto::INLINE_LIMIT
+    ));
+    s.push_str(&format!(
+        "platform: {}-{}\n",
+        std::env::consts::OS,
+        std::env::consts::ARCH
+    ));
+    if let Some(p) = &host.python {
+        s.push_str(&format!("python: {}\n", p.replace('\n', " ")));
+    }
+    if let Some(p) = &host.package_path {
+        s.push_str(&format!("package: {p}\n"));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn info_names_version_and_cpus() {
+        let s = info(&HostInfo {
+            python: Some("3.11.7".into()),
+            package_path: None,
+        });
+        assert!(s.starts_with(&format!("shoal {}", env!("CARGO_PKG_VERSION"))));
+        assert!(s.contains("cpus available: "));
+        assert!(s.contains("python: 3.11.7"));
+    }
+
+    #[test]
+    fn bad_arguments_exit_nonzero() {
+        assert_eq!(run(vec!["shoal".into(), "nonsense".into()], HostInfo::default()), 2);
+        assert_eq!(run(vec!["shoal".into(), "info".into()], HostInfo::default()), 0);
+    }
+}

@@ -1,1 +1,482 @@
+//! # shoal._core: the PyO3 bindings
+//!
+//! The only crate that knows Python. It wraps the runtime's scheduler, client
+//! and worker in small classes used by the pure-Python API in
+//! `python/shoal/`. Every call that may block releases the GIL and wakes up
+//! every 100 ms to let Python handle signals, so Ctrl-C always works.
 
+use bytes::Bytes;
+use pyo3::exceptions::{PyConnectionError, PyOSError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList, PyTuple};
+use shoal_proto::{TaskError, TaskKind, TaskSpec};
+use shoal_runtime::client::{self, ClientShared, Status, Watcher};
+use shoal_runtime::local::{LocalCluster, WorkerCommand};
+use shoal_runtime::net::Address;
+use shoal_runtime::scheduler::{self, SchedulerHandle};
+use shoal_runtime::worker::{self, Batch, Done, WorkerShared};
+use shoal_runtime::runtime;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pyo3::create_exception!(_core, ShoalError, pyo3::exceptions::PyException, "Base class of Shoal's own errors.");
+pyo3::create_exception!(_core, SchedulerLostError, ShoalError, "The connection to the scheduler is gone.");
+
+const SLICE: Duration = Duration::from_millis(100);
+
+fn deadline(timeout: Option<f64>) -> PyResult<Option<Instant>> {
+    match timeout {
+        None => Ok(None),
+        Some(t) if t.is_finite() && t >= 0.0 => Ok(Some(Instant::now() + Duration::from_secs_f64(t))),
+        Some(t) => Err(PyValueError::new_err(format!("timeout must be a non-negative number of seconds, not {t}"))),
+    }
+}
+
+/// Runs `f` without the GIL in slices of at most 100 ms until it reports a
+/// result, checking for signals (Ctrl-C) between slices.
+fn blocking<T: Send>(
+    py: Python<'_>,
+    end: Option<Instant>,
+    mut f: impl FnMut(Instant) -> Option<T> + Send,
+) -> PyResult<Option<T>> {
+    loop {
+        let now = Instant::now();
+        let slice_end = match end {
+            Some(e) if e <= now + SLICE => e,
+            _ => now + SLICE,
+        };
+        if let Some(v) = py.detach(|| f(slice_end)) {
+            return Ok(Some(v));
+        }
+        py.check_signals()?;
+        if end.is_some_and(|e| Instant::now() >= e) {
+            return Ok(None);
+        }
+    }
+}
+
+/// An embedded cluster: a scheduler on this process's I/O thread, listening
+/// on a Unix socket in a private directory, and supervised worker processes.
+#[pyclass(module = "shoal._core")]
+struct Cluster {
+    scheduler: Option<SchedulerHandle>,
+    workers: Option<LocalCluster>,
+    dir: Option<PathBuf>,
+    #[pyo3(get)]
+    address: String,
+}
+
+fn private_dir() -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let base = std::env::temp_dir();
+    for i in 0..100u32 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let p = base.join(format!("shoal-{}-{nanos:x}-{i}", std::process::id()));
+        // 0700: only this user can reach the sockets (pickles are code).
+        match std::fs::DirBuilder::new().mode(0o700).create(&p) {
+            Ok(()) => return Ok(p),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::other("cannot create a private socket directory"))
+}
+
+#[pymethods]
+impl Cluster {
+    /// Starts the scheduler and `n_workers` processes running
+    /// `program args... ADDRESS`.
+    #[new]
+    #[pyo3(signature = (n_workers, program, args, env))]
+    fn new(
+        py: Python<'_>,
+        n_workers: usize,
+        program: String,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+    ) -> PyResult<Self> {
+        py.detach(|| {
+            let dir = private_dir()?;
+            let addr = Address::Unix(dir.join("scheduler.sock"));
+            let sched = runtime().block_on(scheduler::start(&addr))?;
+            let address = sched.address.to_string();
+            let mut args = args;
+            args.push(address.clone());
+            let workers = LocalCluster::start(WorkerCommand { program, args, env }, n_workers)?;
+            Ok::<_, std::io::Error>(Cluster {
+                scheduler: Some(sched),
+                workers: Some(workers),
+                dir: Some(dir),
+                address,
+            })
+        })
+        .map_err(|e| PyOSError::new_err(format!("cannot start the local cluster: {e}")))
+    }
+
+    /// Process ids of the live workers.
+    fn worker_pids(&self) -> Vec<u32> {
+        self.workers.as_ref().map_or_else(Vec::new, LocalCluster::pids)
+    }
+
+    /// Asks the workers to exit, waits briefly, kills stragglers, stops the
+    /// scheduler and removes the socket directory. Idempotent.
+    fn close(&mut self, py: Python<'_>) {
+        if let Some(s) = &self.scheduler {
+            s.shutdown_workers();
+        }
+        if let Some(mut w) = self.workers.take() {
+            py.detach(|| w.close());
+        }
+        if let Some(s) = self.scheduler.take() {
+            s.stop();
+        }
+        if let Some(d) = self.dir.take() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(s) = &self.scheduler {
+            s.shutdown_workers();
+        }
+        self.workers.take();
+        if let Some(d) = self.dir.take() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+/// A client connection (see `shoal.Client`, which wraps it).
+#[pyclass(module = "shoal._core", frozen)]
+struct ClientCore {
+    inner: Arc<ClientShared>,
+}
+
+fn lost(reason: String) -> PyErr {
+    SchedulerLostError::new_err(format!("lost the connection to the scheduler: {reason}"))
+}
+
+#[pymethods]
+impl ClientCore {
+    /// Connects to the scheduler at `address`.
+    #[new]
+    fn new(py: Python<'_>, address: &str) -> PyResult<Self> {
+        let addr = Address::parse(address).map_err(PyValueError::new_err)?;
+        let inner = py
+            .detach(|| client::connect(runtime(), &addr))
+            .map_err(|e| PyConnectionError::new_err(format!("cannot connect to the scheduler at {address}: {e}")))?;
+        Ok(ClientCore { inner })
+    }
+
+    /// Id assigned by the scheduler.
+    #[getter]
+    fn id(&self) -> u32 {
+        self.inner.id
+    }
+
+    /// Submits one task; returns its id.
+    #[pyo3(signature = (group, key, batch, func, args, deps, priority, retries))]
+    #[allow(clippy::too_many_arguments)]
+    fn submit(
+        &self,
+        group: String,
+        key: Option<String>,
+        batch: bool,
+        func: &[u8],
+        args: &[u8],
+        deps: Vec<u64>,
+        priority: i32,
+        retries: u32,
+    ) -> PyResult<u64> {
+        let id = self.inner.new_id();
+        let spec = TaskSpec {
+            id,
+            group,
+            key,
+            kind: if batch { TaskKind::Batch } else { TaskKind::Call },
+            func: Bytes::copy_from_slice(func),
+            args: Bytes::copy_from_slice(args),
+            deps,
+            priority,
+            retries,
+        };
+        self.inner.submit(vec![spec]).map_err(lost)?;
+        Ok(id)
+    }
+
+    /// Submits many tasks of one function in one message; `items` are
+    /// `(args, deps)`. Returns their ids.
+    #[pyo3(signature = (group, batch, func, items, priority, retries))]
+    fn submit_many(
+        &self,
+        group: String,
+        batch: bool,
+        func: &[u8],
+        items: Vec<(Vec<u8>, Vec<u64>)>,
+        priority: i32,
+        retries: u32,
+    ) -> PyResult<Vec<u64>> {
+        let func = Bytes::copy_from_slice(func);
+        let mut ids = Vec::with_capacity(items.len());
+        let specs = items
+            .into_iter()
+            .map(|(args, deps)| {
+                let id = self.inner.new_id();
+                ids.push(id);
+                TaskSpec {
+                    id,
+                    group: group.clone(),
+                    key: None,
+                    kind: if batch { TaskKind::Batch } else { TaskKind::Call },
+                    func: func.clone(),
+                    args: Bytes::from(args),
+                    deps,
+                    priority,
+                    retries,
+                }
+            })
+            .collect();
+        self.inner.submit(specs).map_err(lost)?;
+        Ok(ids)
+    }
+
+    /// Drops the client's interest in these tasks.
+    fn release(&self, ids: Vec<u64>) {
+        self.inner.release(ids);
+    }
+
+    /// Cancels unfinished tasks.
+    fn cancel(&self, ids: Vec<u64>) {
+        self.inner.cancel(ids);
+    }
+
+    /// 0 pending, 1 finished, 2 erred, -1 unknown (released).
+    fn status(&self, id: u64) -> i32 {
+        match self.inner.status(id) {
+            None => -1,
+            Some(Status::Pending) => 0,
+            Some(Status::Memory { .. }) => 1,
+            Some(Status::Erred(_)) => 2,
+        }
+    }
+
+    /// Waits until `count` of `ids` are done; returns how many are. Raises
+    /// if the scheduler is lost.
+    #[pyo3(signature = (ids, count, timeout=None))]
+    fn wait(&self, py: Python<'_>, ids: Vec<u64>, count: usize, timeout: Option<f64>) -> PyResult<usize> {
+        let end = deadline(timeout)?;
+        let inner = &self.inner;
+        let want = count.min(ids.len());
+        let mut done = 0;
+        let r = blocking(py, end, |until| match inner.wait(&ids, want, Some(until)) {
+            Ok(n) if n >= want => Some(Ok(n)),
+            Ok(n) => {
+                done = n;
+                None
+            }
+            Err(e) => Some(Err(e)),
+        })?;
+        match r {
+            Some(Ok(n)) => Ok(n),
+            Some(Err(e)) => Err(lost(e)),
+            None => Ok(done),
+        }
+    }
+
+    /// The outcome of a finished task as `(code, a, b)`:
+    /// `(0, value_bytes, None)`, `(1, cause, error_bytes)` raised,
+    /// `(2, cause, kills)` killed workers, `(3, cause, None)` cancelled,
+    /// `(4, dep_id, None)` unknown input, `(-1, None, None)` pending or
+    /// released. A large result is fetched from its worker (GIL released).
+    fn outcome<'py>(&self, py: Python<'py>, id: u64) -> PyResult<Bound<'py, PyTuple>> {
+        let none = py.None();
+        let t = match self.inner.status(id) {
+            None | Some(Status::Pending) => (-1, none.clone_ref(py), none),
+            Some(Status::Memory { value: Some(v), .. }) => (0, PyBytes::new(py, &v).into_any().unbind(), none),
+            Some(Status::Memory { value: None, location }) => {
+                let addr = location.unwrap_or_default();
+                match py.detach(|| client::fetch(runtime(), &addr, id)) {
+                    Ok(v) => (0, PyBytes::new(py, &v).into_any().unbind(), none),
+                    Err(_) => {
+                        // The holder died: the scheduler recomputes it.
+                        self.inner.mark_pending(id);
+                        (-1, none.clone_ref(py), none)
+                    }
+                }
+            }
+            Some(Status::Erred(e)) => match e {
+                TaskError::Exception { cause, error } => (
+                    1,
+                    cause.into_pyobject(py)?.into_any().unbind(),
+                    PyBytes::new(py, &error).into_any().unbind(),
+                ),
+                TaskError::KilledWorker { cause, kills } => (
+                    2,
+                    cause.into_pyobject(py)?.into_any().unbind(),
+                    kills.into_pyobject(py)?.into_any().unbind(),
+                ),
+                TaskError::Cancelled { cause } => (3, cause.into_pyobject(py)?.into_any().unbind(), none),
+                TaskError::MissingDependency { dep } => (4, dep.into_pyobject(py)?.into_any().unbind(), none),
+            },
+        };
+        let code: i32 = t.0;
+        PyTuple::new(py, [code.into_pyobject(py)?.into_any().unbind(), t.1, t.2])
+    }
+
+    /// A new completion watcher.
+    fn watcher(&self) -> WatcherPy {
+        WatcherPy {
+            client: self.inner.clone(),
+            inner: self.inner.watcher(),
+        }
+    }
+
+    /// Why the connection closed, or None while it is open.
+    fn closed_reason(&self) -> Option<String> {
+        self.inner.closed_reason()
+    }
+}
+
+/// Collects task ids as they finish (for `as_completed`, `wait`, callbacks).
+#[pyclass(module = "shoal._core", frozen, name = "Watcher")]
+struct WatcherPy {
+    client: Arc<ClientShared>,
+    inner: Arc<Watcher>,
+}
+
+#[pymethods]
+impl WatcherPy {
+    /// Starts watching `ids`; finished ones are reported by the next `next`.
+    fn add(&self, ids: Vec<u64>) {
+        self.client.watch(&self.inner, &ids);
+    }
+
+    /// Ids finished since the last call; waits for at least one up to
+    /// `timeout` (None: forever). Empty when nothing is pending or on timeout.
+    #[pyo3(signature = (timeout=None))]
+    fn next(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Vec<u64>> {
+        let end = deadline(timeout)?;
+        let (w, c) = (&self.inner, &self.client);
+        let r = blocking(py, end, |until| {
+            let got = w.next(Some(until));
+            if !got.is_empty() || w.pending() == 0 {
+                return Some(Ok(got));
+            }
+            c.closed_reason().map(Err)
+        })?;
+        match r {
+            Some(Ok(v)) => Ok(v),
+            Some(Err(e)) => Err(lost(e)),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Number of watched ids not finished yet.
+    fn pending(&self) -> usize {
+        self.inner.pending()
+    }
+}
+
+/// The Rust half of a worker process (see `shoal._worker`).
+#[pyclass(module = "shoal._core", frozen)]
+struct WorkerCore {
+    inner: Arc<WorkerShared>,
+}
+
+#[pymethods]
+impl WorkerCore {
+    /// Connects to the scheduler and starts the data server.
+    #[new]
+    fn new(py: Python<'_>, address: &str, nthreads: u32, name: &str) -> PyResult<Self> {
+        let addr = Address::parse(address).map_err(PyValueError::new_err)?;
+        let inner = py
+            .detach(|| worker::start(runtime(), &addr, nthreads, name))
+            .map_err(|e| PyConnectionError::new_err(format!("worker cannot join the scheduler at {address}: {e}")))?;
+        Ok(WorkerCore { inner })
+    }
+
+    /// Id assigned by the scheduler.
+    #[getter]
+    fn id(&self) -> u32 {
+        self.inner.id
+    }
+
+    /// Reports `done` (tuples `(id, ok, payload, duration_us)`) and returns
+    /// the next `(tasks, released_ids)`, or None when asked to shut down.
+    /// Tasks are `(id, name, is_batch, func, args, deps, error)` with deps
+    /// `[(id, bytes or None)]`. Returns empty lists after `timeout` seconds.
+    fn next_batch<'py>(
+        &self,
+        py: Python<'py>,
+        done: Vec<(u64, bool, Bound<'py, PyBytes>, u64)>,
+        max: usize,
+        timeout: f64,
+    ) -> PyResult<Option<(Bound<'py, PyList>, Vec<u64>)>> {
+        let done: Vec<Done> = done
+            .into_iter()
+            .map(|(id, ok, payload, duration_us)| {
+                let value = Bytes::copy_from_slice(payload.as_bytes());
+                if ok {
+                    Done::Ok { id, value, duration_us }
+                } else {
+                    Done::Err { id, error: value }
+                }
+            })
+            .collect();
+        let inner = &self.inner;
+        let timeout = Duration::from_secs_f64(timeout.max(0.0));
+        let batch = py.detach(move || inner.next_batch(done, max, timeout));
+        let (tasks, released) = match batch {
+            Batch::Shutdown => return Ok(None),
+            Batch::Work(t, r) => (t, r),
+        };
+        let list = PyList::empty(py);
+        for t in tasks {
+            let deps = PyList::empty(py);
+            for (id, v) in t.deps {
+                let v: Py<PyAny> = match v {
+                    Some(b) => PyBytes::new(py, &b).into_any().unbind(),
+                    None => py.None(),
+                };
+                deps.append((id, v))?;
+            }
+            list.append((
+                t.id,
+                t.name,
+                t.kind == TaskKind::Batch,
+                PyBytes::new(py, &t.func),
+                PyBytes::new(py, &t.args),
+                deps,
+                t.error,
+            ))?;
+        }
+        Ok(Some((list, released)))
+    }
+}
+
+/// Runs the `shoal` command line; returns the exit code.
+#[pyfunction]
+#[pyo3(signature = (argv, python=None, package_path=None))]
+fn cli_main(py: Python<'_>, argv: Vec<String>, python: Option<String>, package_path: Option<String>) -> i32 {
+    py.detach(|| shoal_cli::run(argv, shoal_cli::HostInfo { python, package_path }))
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("PROTOCOL_VERSION", shoal_proto::PROTOCOL_VERSION)?;
+    m.add("INLINE_LIMIT", shoal_proto::INLINE_LIMIT)?;
+    m.add("ShoalError", m.py().get_type::<ShoalError>())?;
+    m.add("SchedulerLostError", m.py().get_type::<SchedulerLostError>())?;
+    m.add_class::<Cluster>()?;
+    m.add_class::<ClientCore>()?;
+    m.add_class::<WatcherPy>()?;
+    m.add_class::<WorkerCore>()?;
+    m.add_function(wrap_pyfunction!(cli_main, m)?)?;
+    Ok(())
+}

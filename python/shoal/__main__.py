@@ -1,0 +1,17 @@
+"""The ``shoal`` command: the Rust CLI (clap) inside the extension module."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from ._core import cli_main
+
+
+def main() -> None:
+    argv = ["shoal", *sys.argv[1:]]
+    sys.exit(cli_main(argv, sys.version, os.path.dirname(os.path.abspath(__file__))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Pickling for tasks: cloudpickle where it must, the C pickler where it can.
+
+Functions are pickled with cloudpickle once per function object and cached
+(pickling a function by value costs tens of microseconds). Arguments and
+results go through the C pickler (protocol 5) and fall back to cloudpickle
+only when that fails or refers to ``__main__`` (which a worker cannot import).
+
+Futures inside arguments reduce to references: while arguments are pickled,
+every future met is recorded as a dependency; on the worker the reference
+resolves to the input's value.
+"""
+
+from __future__ import annotations
+
+import pickle
+import threading
+import weakref
+from typing import Any
+
+import cloudpickle
+
+PROTOCOL = 5
+_local = threading.local()
+_func_cache: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
+_func_cache_strong: dict[Any, bytes] = {}
+
+
+def dumps(obj: Any) -> bytes:
+    """Pickles ``obj``; raises ``TypeError`` naming the failure."""
+    try:
+        data = pickle.dumps(obj, protocol=PROTOCOL)
+        if b"__main__" not in data:
+            return data
+    except Exception:
+        pass
+    return cloudpickle.dumps(obj, protocol=PROTOCOL)
+
+
+def dumps_function(fn: Any) -> bytes:
+    """cloudpickle of a function, cached per function object."""
+    try:
+        return _func_cache[fn]
+    except KeyError:
+        pass
+    except TypeError:  # not weak-referenceable (a builtin, a bound method)
+        try:
+            return _func_cache_strong[fn]
+        except (KeyError, TypeError):
+            pass
+    data = cloudpickle.dumps(fn, protocol=PROTOCOL)
+    try:
+        _func_cache[fn] = data
+    except TypeError:
+        try:
+            if len(_func_cache_strong) < 4096:
+                _func_cache_strong[fn] = data
+        except TypeError:
+            pass
+    return data
+
+
+def dumps_args(args: Any, what: str) -> tuple[bytes, list[int]]:
+    """Pickles task arguments, collecting the ids of futures among them."""
+    deps: list[int] = []
+    _local.deps = deps
+    try:
+        return dumps(args), deps
+    except Exception as e:
+        raise TypeError(f"could not pickle {what}: {describe_unpicklable(args, e)}") from e
+    finally:
+        _local.deps = None
+
+
+def describe_unpicklable(args: Any, error: Exception) -> str:
+    """Names the first argument that cannot be pickled (error path only)."""
+    if isinstance(args, tuple) and len(args) == 2 and isinstance(args[1], dict | None):
+        positional, kwargs = args
+        items = [(f"argument {i}", a) for i, a in enumerate(positional)]
+        items += [(f"keyword argument {k!r}", v) for k, v in (kwargs or {}).items()]
+        for label, value in items:
+            try:
+                cloudpickle.dumps(value, protocol=PROTOCOL)
+            except Exception as e:
+                return f"{label} ({type(value).__name__}): {e}"
+    return str(error)
+
+
+def record_dependency(task_id: int) -> bool:
+    """Called by ``Future.__reduce__``: notes a dependency if pickling task arguments."""
+    deps = getattr(_local, "deps", None)
+    if deps is None:
+        return False
+    deps.append(task_id)
+    return True
+
+
+def set_inputs(inputs: dict[int, Any] | None) -> None:
+    """Worker side: the values that future references resolve to."""
+    _local.inputs = inputs
+
+
+def resolve(task_id: int, index: int | None = None) -> Any:
+    """Worker side: the value of an input (an element of a batch if ``index``)."""
+    inputs = getattr(_local, "inputs", None)
+    if inputs is None or task_id not in inputs:
+        raise RuntimeError(
+            "a shoal Future was unpickled outside of a task; pass futures as task "
+            "arguments, or call .result() to get their values"
+        )
+    value = inputs[task_id]
+    if index is None:
+        return value
+    if isinstance(value, list):  # a map batch without errors
+        return value[index]
+    return value.get(index)
+
+
+class BatchResult:
+    """Result of a ``map`` batch: values, and the errors of failed elements."""
+
+    __slots__ = ("values", "errors")
+
+    def __init__(self, values: list[Any], errors: dict[int, tuple[BaseException, str]]):
+        self.values = values
+        self.errors = errors
+
+    def get(self, index: int) -> Any:
+        err = self.errors.get(index)
+        if err is not None:
+            raise err[0]
+        return self.values[index]
+
+    def __reduce__(self):
+        return (BatchResult, (self.values, self.errors))

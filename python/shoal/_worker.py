@@ -1,0 +1,154 @@
+"""Worker process main loop: ``python -m shoal._worker [--nthreads N] ADDRESS``.
+
+The Rust runtime (network, result store, data server) runs on its own
+thread; this loop pulls batches of tasks from it with the GIL released,
+runs them, and hands back the pickled results with the next pull.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import signal
+import sys
+import threading
+import traceback
+from collections import deque
+from time import perf_counter
+from typing import Any
+
+from . import _serialize
+from ._core import INLINE_LIMIT, WorkerCore
+from .errors import TaskAbortedError
+
+FLUSH_AFTER_S = 0.002
+
+
+def _dumps_error(exc: BaseException, name: str) -> bytes:
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    if not isinstance(exc, Exception):
+        exc = TaskAbortedError(
+            f"task {name!r} raised {type(exc).__name__}{exc.args!r}; the worker kept running"
+        )
+    try:
+        data = _serialize.dumps((exc, tb))
+        pickle.loads(data)  # some exceptions pickle but cannot be unpickled
+        return data
+    except Exception:
+        fallback = RuntimeError(f"{type(exc).__qualname__}: {exc}")
+        return _serialize.dumps((fallback, tb))
+
+
+def _run_batch(fn: Any, payload: Any) -> Any:
+    arglist, kwargs = payload
+    kwargs = kwargs or {}
+    values: list[Any] = []
+    errors: dict[int, tuple[BaseException, str]] = {}
+    for i, a in enumerate(arglist):
+        try:
+            values.append(fn(*a, **kwargs))
+        except Exception as e:
+            values.append(None)
+            errors[i] = (e, traceback.format_exc())
+    if errors:
+        return _serialize.BatchResult(values, errors)
+    return values
+
+
+class _Executor:
+    def __init__(self, core: WorkerCore, max_batch: int):
+        self.core = core
+        self.max_batch = max_batch
+        self.funcs: dict[bytes, Any] = {}
+        self.objects: dict[int, Any] = {}  # results too large to travel inline
+
+    def run(self) -> None:
+        core, objects = self.core, self.objects
+        done: list[tuple[int, bool, bytes, int]] = []
+        work: deque = deque()
+        while True:
+            timeout = 0.0 if work else 1.0
+            r = core.next_batch(done, self.max_batch, timeout)
+            done = []
+            if r is None:
+                return
+            tasks, released = r
+            for i in released:
+                objects.pop(i, None)
+            work.extend(tasks)
+            flushed = perf_counter()
+            while work:
+                done.append(self.execute(*work.popleft()))
+                if perf_counter() - flushed > FLUSH_AFTER_S:
+                    break  # report what is done before running more
+
+    def execute(self, tid, name, is_batch, func, args, deps, error):
+        t0 = perf_counter()
+        try:
+            if error is not None:
+                raise RuntimeError(error)
+            fn = self.funcs.get(func)
+            if fn is None:
+                fn = pickle.loads(func)
+                if len(self.funcs) > 1024:
+                    self.funcs.clear()
+                self.funcs[func] = fn
+            if deps:
+                inputs = {}
+                for d, b in deps:
+                    inputs[d] = pickle.loads(b) if b is not None else self.objects[d]
+                _serialize.set_inputs(inputs)
+                try:
+                    payload = pickle.loads(args)
+                finally:
+                    _serialize.set_inputs(None)
+            else:
+                payload = pickle.loads(args)
+            if is_batch:
+                result = _run_batch(fn, payload)
+            else:
+                pos, kw = payload
+                result = fn(*pos, **kw) if kw else fn(*pos)
+        except BaseException as e:  # noqa: BLE001 - a task must never kill its worker
+            return (tid, False, _dumps_error(e, name), 0)
+        duration = int((perf_counter() - t0) * 1e6)
+        try:
+            data = _serialize.dumps(result)
+        except BaseException as e:  # noqa: BLE001
+            err = TypeError(
+                f"the result of task {name!r} ({type(result).__name__}) could not be pickled: {e}"
+            )
+            return (tid, False, _dumps_error(err, name), duration)
+        if len(data) > INLINE_LIMIT:
+            self.objects[tid] = result
+        return (tid, True, data, duration)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m shoal._worker", description=__doc__)
+    parser.add_argument("address", help="scheduler address (unix:///path or tcp://host:port)")
+    parser.add_argument("--nthreads", type=int, default=1)
+    parser.add_argument("--name", default=f"worker-{os.getpid()}")
+    ns = parser.parse_args(argv)
+    # Ctrl-C in the terminal reaches the whole process group: the client
+    # handles it; a worker must not die of it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    core = WorkerCore(ns.address, ns.nthreads, ns.name)
+    if ns.nthreads <= 1:
+        _Executor(core, max_batch=1 << 16).run()
+    else:
+        shared = _Executor(core, max_batch=1)
+        threads = [
+            threading.Thread(target=shared.run, name=f"shoal-exec-{i}", daemon=True)
+            for i in range(ns.nthreads)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

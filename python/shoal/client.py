@@ -1,0 +1,615 @@
+"""The client API: ``Client``, ``Future``, ``wait`` and ``as_completed``.
+
+Names and behaviour follow ``distributed.Client`` where there is an
+equivalent. Deviations, each for a reason:
+
+* ``submit`` is not pure by default (``pure=False``): hashing every task's
+  arguments costs more than running a tiny task. Pass ``pure=True`` (or a
+  ``key``) to get distributed's deduplication of identical calls.
+* ``map(..., batch_size=n)`` runs ``n`` elements per task (default: about
+  four tasks per worker thread, like ``multiprocessing.Pool.map``), and still
+  returns one future per element. In distributed, ``batch_size`` only batches
+  submission; per-element tasks cost too much for large maps. ``batch_size=1``
+  gives one task per element.
+* A task raising ``KeyboardInterrupt``/``SystemExit`` fails with
+  ``TaskAbortedError`` instead of re-raising those in the client.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import os
+import pickle
+import sys
+import threading
+import weakref
+from collections import namedtuple
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from . import _serialize
+from ._core import ClientCore, Cluster
+from .errors import (
+    FutureCancelledError,
+    KilledWorker,
+    MissingDependencyError,
+    SchedulerLostError,
+)
+
+__all__ = ["Client", "Future", "wait", "as_completed", "FIRST_COMPLETED", "ALL_COMPLETED"]
+
+FIRST_COMPLETED = "FIRST_COMPLETED"
+ALL_COMPLETED = "ALL_COMPLETED"
+DoneAndNotDoneFutures = namedtuple("DoneAndNotDoneFutures", ["done", "not_done"])
+
+_clients: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+def _group_name(fn: Any) -> str:
+    name = getattr(fn, "__name__", None)
+    if name is None:
+        inner = getattr(fn, "func", None)  # functools.partial
+        name = getattr(inner, "__name__", None) or type(fn).__name__
+    return "lambda" if name == "<lambda>" else name
+
+
+class Future:
+    """A task's eventual result. Holding it keeps the result on the cluster;
+    dropping every future of a task releases it."""
+
+    __slots__ = ("_client", "_id", "_group", "_user_key", "_index", "__weakref__")
+
+    def __init__(
+        self,
+        client: Client,
+        task_id: int,
+        group: str = "task",
+        key: str | None = None,
+        index: int | None = None,
+    ):
+        self._client = client
+        self._id = task_id
+        self._group = group
+        self._user_key = key
+        self._index = index
+        client._incref(task_id, 1)
+
+    @property
+    def key(self) -> str:
+        """The task's key (given, or ``<function name>-<id in hex>``)."""
+        base = self._user_key or f"{self._group}-{self._id:x}"
+        return base if self._index is None else f"{base}[{self._index}]"
+
+    @property
+    def client(self) -> Client:
+        return self._client
+
+    @property
+    def status(self) -> str:
+        """``pending``, ``finished``, ``error``, ``cancelled`` or ``lost``."""
+        c = self._client
+        if self._id in c._cancelled:
+            return "cancelled"
+        s = c._core.status(self._id) if c._core is not None else -1
+        return {0: "pending", 1: "finished", 2: "error"}.get(s, "lost")
+
+    def done(self) -> bool:
+        """True when the task finished, failed or was cancelled."""
+        return self.status != "pending"
+
+    def cancelled(self) -> bool:
+        return self._id in self._client._cancelled
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The task's value. Raises the task's exception (same type, remote
+        traceback attached as a note), ``TimeoutError`` after ``timeout``
+        seconds, ``FutureCancelledError`` if cancelled."""
+        return self._client._result(self, timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The exception the task raised, or None if it succeeded."""
+        try:
+            self._client._result(self, timeout)
+        except TimeoutError:
+            raise
+        except BaseException as e:  # noqa: BLE001
+            return e
+        return None
+
+    def cancel(self) -> bool:
+        """Cancels the task if it has not finished; the future then raises
+        ``FutureCancelledError``."""
+        self._client.cancel([self])
+        return True
+
+    def release(self) -> None:
+        """Drops this future's hold on the result now (instead of at garbage collection)."""
+        client, self._client = self._client, None
+        if client is not None:
+            client._decref(self._id)
+
+    def add_done_callback(self, fn: Callable[[Future], Any]) -> None:
+        """Calls ``fn(self)`` when the task is done (in a client thread; at
+        once if it is already done). Exceptions in ``fn`` are printed."""
+        self._client._add_callback(self, fn)
+
+    def __reduce__(self):
+        if _serialize.record_dependency(self._id):
+            return (_serialize.resolve, (self._id, self._index))
+        raise TypeError(
+            f"a shoal Future ({self.key}) can only be pickled as an argument of a task "
+            "of the same client; call .result() to get its value"
+        )
+
+    def __del__(self):
+        client = self._client
+        if client is not None:
+            try:
+                client._decref(self._id)
+            except Exception:  # noqa: BLE001 - interpreter shutdown
+                pass
+
+    def __repr__(self) -> str:
+        return f"<Future: {self.status}, key: {self.key}>"
+
+    def __await__(self):
+        raise TypeError("shoal futures are not awaitable yet; call .result()")
+
+
+def _element(client: Client, task_id: int, group: str, index: int) -> Future:
+    """A map element's future, without the per-object refcount call."""
+    f = object.__new__(Future)
+    f._client = client
+    f._id = task_id
+    f._group = group
+    f._user_key = None
+    f._index = index
+    return f
+
+
+class Client:
+    """Connects to a Shoal cluster; with no address, starts one embedded.
+
+    ``Client()`` starts a scheduler inside this process and ``n_workers``
+    worker processes (default: one per core) with ``threads_per_worker``
+    execution threads each. ``Client("unix:///...")`` or
+    ``Client("tcp://host:port")`` connects to a running scheduler.
+    Use it as a context manager, or call ``close()``; closing the embedded
+    cluster (or this process exiting, or dying) leaves no worker behind.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        n_workers: int | None = None,
+        threads_per_worker: int = 1,
+        timeout: float = 30.0,
+    ):
+        if n_workers is not None and n_workers < 1:
+            raise ValueError(f"n_workers must be at least 1, not {n_workers}")
+        if threads_per_worker < 1:
+            raise ValueError(f"threads_per_worker must be at least 1, not {threads_per_worker}")
+        self._cluster: Cluster | None = None
+        self._refs: dict[int, int] = {}
+        self._keys: dict[str, int] = {}
+        self._batch_cache: dict[int, Any] = {}
+        self._cancelled: set[int] = set()
+        self._lock = threading.Lock()
+        self._callbacks: dict[int, list[tuple[Future, Callable]]] = {}
+        self._cb_watcher = None
+        self._cb_thread: threading.Thread | None = None
+        self._closed = False
+        if address is None:
+            n = n_workers or os.cpu_count() or 1
+            env = [("PYTHONPATH", os.pathsep.join(p for p in sys.path if p))]
+            args = ["-m", "shoal._worker", "--nthreads", str(threads_per_worker)]
+            self._cluster = Cluster(n, sys.executable, args, env)
+            address = self._cluster.address
+            self._nthreads = n * threads_per_worker
+        else:
+            self._nthreads = (n_workers or os.cpu_count() or 1) * threads_per_worker
+        self.scheduler_address: str = address
+        self._core: ClientCore | None = ClientCore(address)
+        _clients.add(self)
+
+    # ----------------------------------------------------------- refcounts
+
+    def _incref(self, task_id: int, n: int) -> None:
+        refs = self._refs
+        refs[task_id] = refs.get(task_id, 0) + n
+
+    def _decref(self, task_id: int) -> None:
+        refs = self._refs
+        n = refs.get(task_id, 0) - 1
+        if n > 0:
+            refs[task_id] = n
+            return
+        refs.pop(task_id, None)
+        self._batch_cache.pop(task_id, None)
+        self._cancelled.discard(task_id)
+        core = self._core
+        if core is not None:
+            core.release([task_id])
+
+    # ----------------------------------------------------------- submitting
+
+    def _check(self) -> ClientCore:
+        core = self._core
+        if core is None:
+            raise RuntimeError("this Client is closed; create a new one")
+        return core
+
+    def submit(
+        self,
+        fn: Callable,
+        *args: Any,
+        key: str | None = None,
+        priority: int = 0,
+        retries: int = 0,
+        pure: bool = False,
+        **kwargs: Any,
+    ) -> Future:
+        """Runs ``fn(*args, **kwargs)`` on the cluster; returns its Future.
+
+        Futures among the arguments (at any depth) are replaced by their
+        values on the worker, after their tasks finish. ``priority``: higher
+        runs first. ``retries``: re-runs after an exception. ``key``: a name
+        for the task; submitting an existing key returns its future.
+        """
+        core = self._check()
+        if not callable(fn):
+            raise TypeError(f"submit needs a callable as first argument, not {type(fn).__name__}")
+        group = _group_name(fn)
+        try:
+            func = _serialize.dumps_function(fn)
+        except Exception as e:
+            raise TypeError(f"could not pickle the function {group!r}: {e}") from e
+        payload, deps = _serialize.dumps_args((args, kwargs or None), f"the arguments of {group}")
+        if pure and key is None:
+            key = f"{group}-{hashlib.sha1(func + payload).hexdigest()}"
+        if key is not None:
+            existing = self._keys.get(key)
+            if existing is not None and existing in self._refs:
+                return Future(self, existing, group, key)
+        tid = core.submit(group, key, False, func, payload, deps, priority, retries)
+        if key is not None:
+            self._keys[key] = tid
+        return Future(self, tid, group, key)
+
+    def map(
+        self,
+        fn: Callable,
+        *iterables: Iterable,
+        batch_size: int | None = None,
+        priority: int = 0,
+        retries: int = 0,
+        **kwargs: Any,
+    ) -> list[Future]:
+        """``[submit(fn, *args, **kwargs) for args in zip(*iterables)]``, with
+        ``batch_size`` elements per task (see the module notes)."""
+        core = self._check()
+        if not callable(fn):
+            raise TypeError(f"map needs a callable as first argument, not {type(fn).__name__}")
+        if not iterables:
+            raise TypeError("map needs at least one iterable")
+        items = list(zip(*iterables, strict=False))
+        n = len(items)
+        if n == 0:
+            return []
+        if batch_size is None:
+            batch_size = max(1, min(-(-n // (4 * self._nthreads)), 10_000))
+        elif batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        group = _group_name(fn)
+        try:
+            func = _serialize.dumps_function(fn)
+        except Exception as e:
+            raise TypeError(f"could not pickle the function {group!r}: {e}") from e
+        kw = kwargs or None
+        if batch_size == 1:
+            payloads = [
+                _serialize.dumps_args((a, kw), f"the arguments of {group} (element {i})")
+                for i, a in enumerate(items)
+            ]
+            ids = core.submit_many(group, False, func, payloads, priority, retries)
+            return [Future(self, tid, group) for tid in ids]
+        chunks = [items[i : i + batch_size] for i in range(0, n, batch_size)]
+        payloads = [
+            _serialize.dumps_args((c, kw), f"the arguments of {group} (batch {j})")
+            for j, c in enumerate(chunks)
+        ]
+        ids = core.submit_many(group, True, func, payloads, priority, retries)
+        futures: list[Future] = []
+        for tid, c in zip(ids, chunks, strict=True):
+            self._incref(tid, len(c))
+            futures.extend([_element(self, tid, group, i) for i in range(len(c))])
+        return futures
+
+    # ----------------------------------------------------------- results
+
+    def _wait_one(self, f: Future, timeout: float | None) -> tuple[int, Any, Any]:
+        core = self._check()
+        while True:
+            if f._id in self._cancelled:
+                raise FutureCancelledError(f"{f.key} was cancelled")
+            if core.wait([f._id], 1, timeout) < 1:
+                raise TimeoutError(f"{f.key} did not finish within {timeout} seconds")
+            code, a, b = core.outcome(f._id)
+            if code != -1:
+                return code, a, b
+            if core.status(f._id) == -1:
+                raise RuntimeError(f"{f.key} was released; its result is gone")
+            # Its holder died before we fetched it: recomputing; wait again.
+
+    def _value(self, f: Future, code: int, a: Any, b: Any) -> Any:
+        if code == 0:
+            if f._index is None:
+                return pickle.loads(a)
+            batch = self._batch_cache.get(f._id)
+            if batch is None:
+                batch = pickle.loads(a)
+                self._batch_cache[f._id] = batch
+            if isinstance(batch, list):
+                return batch[f._index]
+            err = batch.errors.get(f._index)
+            if err is not None:
+                raise _with_traceback(err[0], err[1], f.key)
+            return batch.values[f._index]
+        if code == 1:
+            exc, tb = pickle.loads(b)
+            raise _with_traceback(exc, tb, a)
+        if code == 2:
+            raise KilledWorker(
+                f"task {a!r} was running on {b} workers that died, so it failed; "
+                "it probably crashes its worker (segfault, os._exit, memory exhaustion)"
+            )
+        if code == 3:
+            why = "" if a == f.key else f" (its input {a!r} was cancelled)"
+            raise FutureCancelledError(f"{f.key} was cancelled{why}")
+        if code == 4:
+            raise MissingDependencyError(
+                f"{f.key} takes a future the scheduler does not know (task id {a:x}): "
+                "it was released or belongs to another cluster; keep input futures alive"
+            )
+        raise AssertionError(f"unknown outcome code {code}")
+
+    def _result(self, f: Future, timeout: float | None) -> Any:
+        code, a, b = self._wait_one(f, timeout)
+        return self._value(f, code, a, b)
+
+    def gather(self, futures: Any, errors: str = "raise") -> Any:
+        """Values of (nested lists, tuples, dicts of) futures, same shape.
+        ``errors="skip"`` leaves out failed ones (lists only)."""
+        if errors not in ("raise", "skip"):
+            raise ValueError(f"errors must be 'raise' or 'skip', not {errors!r}")
+        flat: list[Future] = []
+        _collect(futures, flat)
+        core = self._check()
+        ids = list({f._id for f in flat})
+        core.wait(ids, len(ids), None)
+        values: dict[int, Any] = {}
+        for f in flat:
+            k = id(f)
+            if k in values:
+                continue
+            try:
+                values[k] = self._result(f, None)
+            except Exception:
+                if errors == "raise":
+                    raise
+                values[k] = _SKIP
+        return _rebuild(futures, values)
+
+    def cancel(self, futures: Iterable[Future]) -> None:
+        """Cancels unfinished tasks; their futures raise ``FutureCancelledError``."""
+        futures = [futures] if isinstance(futures, Future) else list(futures)
+        ids = [f._id for f in futures]
+        self._cancelled.update(ids)
+        self._check().cancel(ids)
+
+    # ----------------------------------------------------------- callbacks
+
+    def _add_callback(self, f: Future, fn: Callable[[Future], Any]) -> None:
+        core = self._check()
+        with self._lock:
+            if self._cb_watcher is None:
+                self._cb_watcher = core.watcher()
+                self._cb_thread = threading.Thread(
+                    target=self._run_callbacks, name="shoal-callbacks", daemon=True
+                )
+                self._cb_thread.start()
+            self._callbacks.setdefault(f._id, []).append((f, fn))
+            self._cb_watcher.add([f._id])
+
+    def _run_callbacks(self) -> None:
+        watcher = self._cb_watcher
+        while not self._closed:
+            try:
+                ids = watcher.next(0.2)
+            except SchedulerLostError:
+                return
+            for tid in ids:
+                with self._lock:
+                    cbs = self._callbacks.pop(tid, [])
+                for f, fn in cbs:
+                    try:
+                        fn(f)
+                    except Exception:  # noqa: BLE001
+                        import traceback
+
+                        traceback.print_exc()
+
+    # ----------------------------------------------------------- lifecycle
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of the embedded cluster's workers (empty when remote)."""
+        return list(self._cluster.worker_pids()) if self._cluster is not None else []
+
+    def close(self) -> None:
+        """Disconnects; an embedded cluster's workers exit. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._core = None
+        if self._cluster is not None:
+            self._cluster.close()
+            self._cluster = None
+        _clients.discard(self)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def __repr__(self) -> str:
+        kind = "embedded" if self._cluster is not None else "remote"
+        state = "closed" if self._closed else self.scheduler_address
+        return f"<shoal.Client {kind}: {state}>"
+
+
+_SKIP = object()
+
+
+def _with_traceback(exc: BaseException, tb: str, name: str) -> BaseException:
+    if not getattr(exc, "_shoal_noted", False):
+        try:
+            exc.add_note(f"\nTraceback of task {name!r} on its worker:\n{tb.rstrip()}")
+            exc._shoal_noted = True  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - exceptions with __slots__
+            pass
+    return exc
+
+
+def _collect(obj: Any, out: list[Future]) -> None:
+    if isinstance(obj, Future):
+        out.append(obj)
+    elif isinstance(obj, list | tuple | set | frozenset):
+        for x in obj:
+            _collect(x, out)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            _collect(x, out)
+
+
+def _rebuild(obj: Any, values: dict[int, Any]) -> Any:
+    if isinstance(obj, Future):
+        return values[id(obj)]
+    if isinstance(obj, list):
+        return [v for v in (_rebuild(x, values) for x in obj) if v is not _SKIP]
+    if isinstance(obj, tuple | set | frozenset):
+        return type(obj)(_rebuild(x, values) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _rebuild(v, values) for k, v in obj.items()}
+    return obj
+
+
+def _by_client(futures: Iterable[Future]) -> dict[Client, list[Future]]:
+    out: dict[Client, list[Future]] = {}
+    for f in futures:
+        if not isinstance(f, Future):
+            raise TypeError(f"expected shoal Futures, got {type(f).__name__}")
+        out.setdefault(f._client, []).append(f)
+    return out
+
+
+def wait(
+    fs: Iterable[Future] | Future,
+    timeout: float | None = None,
+    return_when: str = ALL_COMPLETED,
+) -> DoneAndNotDoneFutures:
+    """Waits for futures; returns ``(done, not_done)`` sets. ``TimeoutError``
+    if ``ALL_COMPLETED`` is not reached within ``timeout`` seconds."""
+    futures = [fs] if isinstance(fs, Future) else list(fs)
+    if return_when not in (ALL_COMPLETED, FIRST_COMPLETED):
+        raise ValueError(f"return_when must be ALL_COMPLETED or FIRST_COMPLETED, not {return_when}")
+    for client, group in _by_client(futures).items():
+        ids = list({f._id for f in group})
+        need = len(ids) if return_when == ALL_COMPLETED else 1
+        got = client._check().wait(ids, need, timeout)
+        if got < need and return_when == ALL_COMPLETED:
+            raise TimeoutError(f"{len(ids) - got} of {len(ids)} tasks unfinished after {timeout}s")
+        if return_when == FIRST_COMPLETED and got >= 1:
+            break
+    done = {f for f in futures if f.done()}
+    return DoneAndNotDoneFutures(done, set(futures) - done)
+
+
+class as_completed:  # noqa: N801 - named like distributed.as_completed
+    """Iterates over futures as they finish (``with_results=True`` yields
+    ``(future, result)`` pairs). More futures can be ``add``-ed while iterating."""
+
+    def __init__(
+        self,
+        futures: Iterable[Future] = (),
+        with_results: bool = False,
+        raise_errors: bool = True,
+        timeout: float | None = None,
+    ):
+        self._with_results = with_results
+        self._raise_errors = raise_errors
+        self._timeout = timeout
+        self._pending: dict[int, list[Future]] = {}
+        self._ready: list[Future] = []
+        self._watchers: dict[Client, Any] = {}
+        for f in futures:
+            self.add(f)
+
+    def add(self, future: Future) -> None:
+        client = future._client
+        w = self._watchers.get(client)
+        if w is None:
+            w = self._watchers[client] = client._check().watcher()
+        first = future._id not in self._pending
+        self._pending.setdefault(future._id, []).append(future)
+        if first:
+            w.add([future._id])
+
+    def count(self) -> int:
+        return sum(len(v) for v in self._pending.values()) + len(self._ready)
+
+    def is_empty(self) -> bool:
+        return self.count() == 0
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __next__(self) -> Any:
+        while not self._ready:
+            if not self._pending:
+                raise StopIteration
+            progressed = False
+            for w in list(self._watchers.values()):
+                per = 0.05 if len(self._watchers) > 1 else self._timeout
+                for tid in w.next(per):
+                    self._ready.extend(self._pending.pop(tid, []))
+                    progressed = True
+            if not progressed and self._timeout is not None and len(self._watchers) == 1:
+                raise TimeoutError(f"no future finished within {self._timeout} seconds")
+        f = self._ready.pop(0)
+        if not self._with_results:
+            return f
+        try:
+            return f, f.result()
+        except Exception as e:
+            if self._raise_errors:
+                raise
+            return f, e
+
+
+@atexit.register
+def _close_all() -> None:
+    for c in list(_clients):
+        try:
+            c.close()
+        except Exception:  # noqa: BLE001
+            pass

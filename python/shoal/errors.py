@@ -1,0 +1,42 @@
+"""Shoal's exception classes."""
+
+from __future__ import annotations
+
+from concurrent.futures import CancelledError
+
+from ._core import SchedulerLostError, ShoalError
+
+__all__ = [
+    "ShoalError",
+    "SchedulerLostError",
+    "KilledWorker",
+    "FutureCancelledError",
+    "TaskAbortedError",
+    "MissingDependencyError",
+]
+
+
+class KilledWorker(ShoalError):
+    """A task was running on several workers that died (default: 3).
+
+    The task probably crashes its worker process: a segfault in an extension,
+    ``os._exit``, or memory exhaustion. The message names the task.
+    """
+
+
+class FutureCancelledError(CancelledError):
+    """The future (or one of its inputs) was cancelled."""
+
+
+class TaskAbortedError(ShoalError):
+    """A task raised ``KeyboardInterrupt``, ``SystemExit`` or ``GeneratorExit``.
+
+    These are not re-raised in the client as they are: doing so would stop the
+    client program because of what one task did. The original type and
+    message are in this error's message; the worker kept running.
+    """
+
+
+class MissingDependencyError(ShoalError):
+    """A task was given a future the scheduler no longer knows (released, or
+    from another cluster)."""
