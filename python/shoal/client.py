@@ -329,18 +329,18 @@ class Client:
 
     # ----------------------------------------------------------- results
 
-    def _wait_one(self, f: Future, timeout: float | None) -> tuple[int, Any, Any]:
+    def _outcome(self, task_id: int, key: str, timeout: float | None) -> tuple[int, Any, Any]:
         core = self._check()
         while True:
-            if f._id in self._cancelled:
-                raise FutureCancelledError(f"{f.key} was cancelled")
-            if core.wait([f._id], 1, timeout) < 1:
-                raise TimeoutError(f"{f.key} did not finish within {timeout} seconds")
-            code, a, b = core.outcome(f._id)
+            if task_id in self._cancelled:
+                raise FutureCancelledError(f"{key} was cancelled")
+            if core.wait([task_id], 1, timeout) < 1:
+                raise TimeoutError(f"{key} did not finish within {timeout} seconds")
+            code, a, b = core.outcome(task_id)
             if code != -1:
                 return code, a, b
-            if core.status(f._id) == -1:
-                raise RuntimeError(f"{f.key} was released; its result is gone")
+            if core.status(task_id) == -1:
+                raise RuntimeError(f"{key} was released; its result is gone")
             # Its holder died before we fetched it: recomputing; wait again.
 
     def _value(self, f: Future, code: int, a: Any, b: Any) -> Any:
@@ -376,7 +376,9 @@ class Client:
         raise AssertionError(f"unknown outcome code {code}")
 
     def _result(self, f: Future, timeout: float | None) -> Any:
-        code, a, b = self._wait_one(f, timeout)
+        if f._index is not None and f._id in self._batch_cache:
+            return self._value(f, 0, None, None)
+        code, a, b = self._outcome(f._id, f.key, timeout)
         return self._value(f, code, a, b)
 
     def gather(self, futures: Any, errors: str = "raise") -> Any:
@@ -384,23 +386,37 @@ class Client:
         ``errors="skip"`` leaves out failed ones (lists only)."""
         if errors not in ("raise", "skip"):
             raise ValueError(f"errors must be 'raise' or 'skip', not {errors!r}")
+        if isinstance(futures, Future):
+            return self._result(futures, None)
         flat: list[Future] = []
         _collect(futures, flat)
         core = self._check()
-        ids = list({f._id for f in flat})
+        ids = list(dict.fromkeys(f._id for f in flat))
         core.wait(ids, len(ids), None)
-        values: dict[int, Any] = {}
+        outcomes: dict[int, tuple[int, Any, Any]] = {}
+        values: list[Any] = []
+        cache = self._batch_cache
         for f in flat:
-            k = id(f)
-            if k in values:
-                continue
+            tid = f._id
             try:
-                values[k] = self._result(f, None)
+                if f._index is not None and tid in cache:
+                    batch = cache[tid]
+                    if type(batch) is list:
+                        values.append(batch[f._index])
+                        continue
+                o = outcomes.get(tid)
+                if o is None:
+                    o = outcomes[tid] = self._outcome(tid, f.key, None)
+                values.append(self._value(f, *o))
             except Exception:
                 if errors == "raise":
                     raise
-                values[k] = _SKIP
-        return _rebuild(futures, values)
+                values.append(_SKIP)
+        if type(futures) is list and len(values) == len(futures):
+            if errors == "skip":
+                return [v for v in values if v is not _SKIP]
+            return values
+        return _rebuild(futures, iter(values))
 
     def cancel(self, futures: Iterable[Future]) -> None:
         """Cancels unfinished tasks; their futures raise ``FutureCancelledError``."""
@@ -413,6 +429,9 @@ class Client:
 
     def _add_callback(self, f: Future, fn: Callable[[Future], Any]) -> None:
         core = self._check()
+        if f.done():
+            fn(f)
+            return
         with self._lock:
             if self._cb_watcher is None:
                 self._cb_watcher = core.watcher()
@@ -501,9 +520,10 @@ def _collect(obj: Any, out: list[Future]) -> None:
             _collect(x, out)
 
 
-def _rebuild(obj: Any, values: dict[int, Any]) -> Any:
+def _rebuild(obj: Any, values: Iterator[Any]) -> Any:
+    """Rebuilds ``obj`` with its futures replaced by ``values`` (in ``_collect`` order)."""
     if isinstance(obj, Future):
-        return values[id(obj)]
+        return next(values)
     if isinstance(obj, list):
         return [v for v in (_rebuild(x, values) for x in obj) if v is not _SKIP]
     if isinstance(obj, tuple | set | frozenset):

@@ -1,0 +1,203 @@
+"""The client API on a real embedded cluster (processes, sockets)."""
+
+import operator
+import time
+
+import pytest
+
+import shoal
+
+
+def inc(x):
+    return x + 1
+
+
+def add(a, b):
+    return a + b
+
+
+def slow_inc(x, delay=0.2):
+    time.sleep(delay)
+    return x + 1
+
+
+def test_submit_result(client):
+    assert client.submit(pow, 2, 10).result(timeout=30) == 1024
+    assert client.submit(add, 1, b=2).result() == 3
+
+
+def test_map_gather_and_futures_as_arguments(client):
+    fs = client.map(lambda x: x + 1, range(10_000))
+    assert len(fs) == 10_000
+    assert client.gather(fs) == list(range(1, 10_001))
+    total = client.submit(sum, fs)
+    assert total.result() == sum(range(1, 10_001))
+    one = client.map(inc, range(5), batch_size=1)
+    assert client.gather(one) == [1, 2, 3, 4, 5]
+    assert fs[7].result() == 8
+    assert client.submit(add, fs[3], one[4]).result() == 4 + 5
+
+
+def test_map_several_iterables_and_kwargs(client):
+    fs = client.map(slow_inc, range(4), [0.0] * 4)
+    assert client.gather(fs) == [1, 2, 3, 4]
+    fs = client.map(add, range(3), b=10)
+    assert client.gather(fs) == [10, 11, 12]
+
+
+def test_nested_futures_and_gather_shapes(client):
+    a = client.submit(inc, 1)
+    b = client.submit(inc, 2)
+    nested = client.submit(lambda d: d["x"][0] + d["y"], {"x": [a], "y": b})
+    assert nested.result() == 5
+    assert client.gather({"a": a, "l": [a, (b,)]}) == {"a": 2, "l": [2, (3,)]}
+
+
+def test_tree_reduction(client):
+    level = [client.submit(inc, i) for i in range(256)]
+    while len(level) > 1:
+        level = [client.submit(add, level[i], level[i + 1]) for i in range(0, len(level), 2)]
+    assert level[0].result() == sum(range(1, 257))
+
+
+def test_large_results_stay_on_workers_and_are_fetched(client):
+    big = client.submit(lambda n: bytes(range(256)) * n, 4096)  # 1 MiB: not inline
+    length = client.submit(len, big)
+    assert length.result() == 1 << 20
+    assert big.result() == bytes(range(256)) * 4096
+
+
+def test_wait_and_as_completed(client):
+    fs = [client.submit(slow_inc, i, 0.05 * (3 - i)) for i in range(3)]
+    done, not_done = shoal.wait(fs)
+    assert done == set(fs) and not not_done
+    fs = [client.submit(slow_inc, i, 0.3 * i) for i in range(3)]
+    done, _ = shoal.wait(fs, return_when=shoal.FIRST_COMPLETED)
+    assert fs[0] in done
+    seen = [f.result() for f in shoal.as_completed(fs)]
+    assert sorted(seen) == [1, 2, 3]
+    pairs = list(shoal.as_completed(client.map(inc, range(20)), with_results=True))
+    assert sorted(r for _, r in pairs) == list(range(1, 21))
+
+
+def test_done_callbacks(client):
+    got = []
+    f = client.submit(slow_inc, 1, 0.1)
+    f.add_done_callback(lambda fut: got.append(fut.result()))
+    f.result()
+    deadline = time.time() + 10
+    while not got and time.time() < deadline:
+        time.sleep(0.01)
+    assert got == [2]
+    f.add_done_callback(lambda fut: got.append("again"))  # already done: runs now
+    assert got[-1] == "again"
+
+
+def test_exception_keeps_type_and_remote_traceback(client):
+    f = client.submit(operator.truediv, 1, 0)
+    with pytest.raises(ZeroDivisionError) as info:
+        f.result()
+    notes = "".join(getattr(info.value, "__notes__", []))
+    assert "truediv" in notes and "Traceback" in notes
+    assert isinstance(f.exception(), ZeroDivisionError)
+    assert f.status == "error"
+    # Dependents fail with the same error.
+    g = client.submit(inc, f)
+    with pytest.raises(ZeroDivisionError):
+        g.result()
+    # One failing element of a map batch fails that element only.
+    fs = client.map(lambda x: 1 / x, [1, 0, 2], batch_size=3)
+    assert fs[0].result() == 1.0 and fs[2].result() == 0.5
+    with pytest.raises(ZeroDivisionError):
+        fs[1].result()
+
+
+def test_retries(client, tmp_path):
+    marker = tmp_path / "attempts"
+
+    def flaky():
+        n = int(marker.read_text()) if marker.exists() else 0
+        marker.write_text(str(n + 1))
+        if n < 2:
+            raise OSError("transient")
+        return n
+
+    assert client.submit(flaky, retries=2).result() == 2
+
+
+def test_timeout_raises_on_time(client):
+    f = client.submit(slow_inc, 1, 2.0)
+    t = time.perf_counter()
+    with pytest.raises(TimeoutError):
+        f.result(timeout=0.2)
+    assert time.perf_counter() - t < 1.5
+    assert f.result() == 2
+
+
+def test_cancel(client):
+    blocker = [client.submit(slow_inc, i, 1.0) for i in range(2)]
+    f = client.submit(inc, 1)
+    g = client.submit(inc, f)
+    f.cancel()
+    with pytest.raises(shoal.FutureCancelledError):
+        f.result(timeout=10)
+    with pytest.raises(shoal.FutureCancelledError):
+        g.result(timeout=10)
+    assert f.cancelled()
+    assert client.gather(blocker) == [1, 2]
+
+
+def test_keys_and_pure(client):
+    a = client.submit(inc, 1, key="one")
+    assert a.key == "one"
+    assert client.submit(inc, 100, key="one").result() == 2  # same key, same task
+    p1 = client.submit(inc, 5, pure=True)
+    p2 = client.submit(inc, 5, pure=True)
+    assert p1.key == p2.key
+    assert client.submit(inc, 5).key != client.submit(inc, 5).key
+
+
+def test_released_futures_free_results(client):
+    fs = client.map(inc, range(100), batch_size=1)
+    ids = {f._id for f in fs}
+    del fs
+    assert not ids & set(client._refs)
+
+
+def test_priority_runs_first():
+    with shoal.Client(n_workers=1) as c:
+        block = c.submit(slow_inc, 0, 0.5)
+        order = []
+        low = [c.submit(slow_inc, i, 0.01, priority=0) for i in range(3)]
+        high = c.submit(slow_inc, 99, 0.01, priority=10)
+        for f in shoal.as_completed([*low, high]):
+            order.append(f.result())
+        assert order[0] == 100
+        assert block.result() == 1
+
+
+def test_threads_per_worker():
+    with shoal.Client(n_workers=1, threads_per_worker=3) as c:
+        t = time.perf_counter()
+        assert c.gather([c.submit(slow_inc, i, 0.5) for i in range(3)]) == [1, 2, 3]
+        assert time.perf_counter() - t < 1.4  # sleeps overlap on 3 threads
+
+
+def test_second_client_connects_to_the_same_scheduler(client):
+    with shoal.Client(client.scheduler_address) as other:
+        assert other.submit(inc, 41).result(timeout=30) == 42
+    assert client.submit(inc, 1).result() == 2
+
+
+def test_cli_version_and_info(capfd):
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "shoal", "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == f"shoal {shoal.__version__}"
+    out = subprocess.run(
+        [sys.executable, "-m", "shoal", "info"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "protocol version" in out and "python: 3." in out
