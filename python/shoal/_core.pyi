@@ -65,9 +65,7 @@ class WorkerCore:
         timeout: float,
     ) -> (
         tuple[
-            list[
-                tuple[int, str, bool, bytes, bytes, list[tuple[int, bytes | None]], str | None]
-            ],
+            list[tuple[int, str, bool, bytes, bytes, list[tuple[int, bytes | None]], str | None]],
             list[int],
         ]
         | None

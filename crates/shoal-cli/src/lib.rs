@@ -10,7 +10,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "shoal", version, about = "Shoal: a parallel and distributed task runtime for Python")]
+#[command(
+    name = "shoal",
+    version,
+    about = "Shoal: a parallel and distributed task runtime for Python"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -53,7 +57,10 @@ pub fn info(host: &HostInfo) -> String {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut s = String::new();
     s.push_str(&format!("shoal {}\n", env!("CARGO_PKG_VERSION")));
-    s.push_str(&format!("protocol version: {}\n", shoal_proto::PROTOCOL_VERSION));
+    s.push_str(&format!(
+        "protocol version: {}\n",
+        shoal_proto::PROTOCOL_VERSION
+    ));
     s.push_str(&format!("cpus available: {cpus}\n"));
     s.push_str(&format!(
         "inline result limit: {} bytes\n",
@@ -90,7 +97,13 @@ mod tests {
 
     #[test]
     fn bad_arguments_exit_nonzero() {
-        assert_eq!(run(vec!["shoal".into(), "nonsense".into()], HostInfo::default()), 2);
-        assert_eq!(run(vec!["shoal".into(), "info".into()], HostInfo::default()), 0);
+        assert_eq!(
+            run(vec!["shoal".into(), "nonsense".into()], HostInfo::default()),
+            2
+        );
+        assert_eq!(
+            run(vec!["shoal".into(), "info".into()], HostInfo::default()),
+            0
+        );
     }
 }

@@ -357,7 +357,11 @@ impl Core {
 
     /// Logged transitions of one task, oldest first (needs `log_capacity > 0`).
     pub fn story(&self, task: TaskId) -> Vec<Transition> {
-        self.log.iter().filter(|t| t.task == task).cloned().collect()
+        self.log
+            .iter()
+            .filter(|t| t.task == task)
+            .cloned()
+            .collect()
     }
 
     // ----------------------------------------------------------------- inputs
@@ -723,8 +727,10 @@ impl Core {
                     }
                     TaskState::Processing(w) if left_memory => {
                         // Its input vanished before or while it was fetched.
-                        self.actions
-                            .push(Action::CancelCompute { worker: w, task: dep });
+                        self.actions.push(Action::CancelCompute {
+                            worker: w,
+                            task: dep,
+                        });
                         dt.waiting_on = 1;
                         self.set_state(dep, TaskState::Waiting);
                     }
@@ -741,9 +747,9 @@ impl Core {
             let t = &self.tasks[&x];
             match t.state {
                 TaskState::Memory { .. } | TaskState::Erred { .. } => continue,
-                TaskState::Processing(w) if x != id || kind == ErrorKind::Cancelled => {
-                    self.actions.push(Action::CancelCompute { worker: w, task: x })
-                }
+                TaskState::Processing(w) if x != id || kind == ErrorKind::Cancelled => self
+                    .actions
+                    .push(Action::CancelCompute { worker: w, task: x }),
                 _ => {}
             }
             stack.extend(self.tasks[&x].dependents.iter().copied());

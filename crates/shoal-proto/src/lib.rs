@@ -277,8 +277,7 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 
 /// Decodes one frame body; trailing bytes are an error.
 pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, DecodeError> {
-    let (v, rest) =
-        postcard::take_from_bytes(body).map_err(|e| DecodeError(e.to_string()))?;
+    let (v, rest) = postcard::take_from_bytes(body).map_err(|e| DecodeError(e.to_string()))?;
     if !rest.is_empty() {
         return Err(DecodeError(format!("{} trailing bytes", rest.len())));
     }
@@ -363,7 +362,7 @@ mod tests {
 
     #[test]
     fn names_match_the_python_client() {
-        assert_eq!(task_name(None, "inc", 0x1_0000_0000_2a), "inc-1000000002a");
+        assert_eq!(task_name(None, "inc", 0x0100_0000_002a), "inc-1000000002a");
         assert_eq!(task_name(Some("mine"), "inc", 1), "mine");
     }
 }

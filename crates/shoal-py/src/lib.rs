@@ -13,23 +13,37 @@ use shoal_proto::{TaskError, TaskKind, TaskSpec};
 use shoal_runtime::client::{self, ClientShared, Status, Watcher};
 use shoal_runtime::local::{LocalCluster, WorkerCommand};
 use shoal_runtime::net::Address;
+use shoal_runtime::runtime;
 use shoal_runtime::scheduler::{self, SchedulerHandle};
 use shoal_runtime::worker::{self, Batch, Done, WorkerShared};
-use shoal_runtime::runtime;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pyo3::create_exception!(_core, ShoalError, pyo3::exceptions::PyException, "Base class of Shoal's own errors.");
-pyo3::create_exception!(_core, SchedulerLostError, ShoalError, "The connection to the scheduler is gone.");
+pyo3::create_exception!(
+    _core,
+    ShoalError,
+    pyo3::exceptions::PyException,
+    "Base class of Shoal's own errors."
+);
+pyo3::create_exception!(
+    _core,
+    SchedulerLostError,
+    ShoalError,
+    "The connection to the scheduler is gone."
+);
 
 const SLICE: Duration = Duration::from_millis(100);
 
 fn deadline(timeout: Option<f64>) -> PyResult<Option<Instant>> {
     match timeout {
         None => Ok(None),
-        Some(t) if t.is_finite() && t >= 0.0 => Ok(Some(Instant::now() + Duration::from_secs_f64(t))),
-        Some(t) => Err(PyValueError::new_err(format!("timeout must be a non-negative number of seconds, not {t}"))),
+        Some(t) if t.is_finite() && t >= 0.0 => {
+            Ok(Some(Instant::now() + Duration::from_secs_f64(t)))
+        }
+        Some(t) => Err(PyValueError::new_err(format!(
+            "timeout must be a non-negative number of seconds, not {t}"
+        ))),
     }
 }
 
@@ -82,7 +96,9 @@ fn private_dir() -> std::io::Result<PathBuf> {
             Err(e) => return Err(e),
         }
     }
-    Err(std::io::Error::other("cannot create a private socket directory"))
+    Err(std::io::Error::other(
+        "cannot create a private socket directory",
+    ))
 }
 
 #[pymethods]
@@ -118,7 +134,9 @@ impl Cluster {
 
     /// Process ids of the live workers.
     fn worker_pids(&self) -> Vec<u32> {
-        self.workers.as_ref().map_or_else(Vec::new, LocalCluster::pids)
+        self.workers
+            .as_ref()
+            .map_or_else(Vec::new, LocalCluster::pids)
     }
 
     /// Asks the workers to exit, waits briefly, kills stragglers, stops the
@@ -169,7 +187,11 @@ impl ClientCore {
         let addr = Address::parse(address).map_err(PyValueError::new_err)?;
         let inner = py
             .detach(|| client::connect(runtime(), &addr))
-            .map_err(|e| PyConnectionError::new_err(format!("cannot connect to the scheduler at {address}: {e}")))?;
+            .map_err(|e| {
+                PyConnectionError::new_err(format!(
+                    "cannot connect to the scheduler at {address}: {e}"
+                ))
+            })?;
         Ok(ClientCore { inner })
     }
 
@@ -198,7 +220,11 @@ impl ClientCore {
             id,
             group,
             key,
-            kind: if batch { TaskKind::Batch } else { TaskKind::Call },
+            kind: if batch {
+                TaskKind::Batch
+            } else {
+                TaskKind::Call
+            },
             func: Bytes::copy_from_slice(func),
             args: Bytes::copy_from_slice(args),
             deps,
@@ -232,7 +258,11 @@ impl ClientCore {
                     id,
                     group: group.clone(),
                     key: None,
-                    kind: if batch { TaskKind::Batch } else { TaskKind::Call },
+                    kind: if batch {
+                        TaskKind::Batch
+                    } else {
+                        TaskKind::Call
+                    },
                     func: func.clone(),
                     args: Bytes::from(args),
                     deps,
@@ -268,7 +298,13 @@ impl ClientCore {
     /// Waits until `count` of `ids` are done; returns how many are. Raises
     /// if the scheduler is lost.
     #[pyo3(signature = (ids, count, timeout=None))]
-    fn wait(&self, py: Python<'_>, ids: Vec<u64>, count: usize, timeout: Option<f64>) -> PyResult<usize> {
+    fn wait(
+        &self,
+        py: Python<'_>,
+        ids: Vec<u64>,
+        count: usize,
+        timeout: Option<f64>,
+    ) -> PyResult<usize> {
         let end = deadline(timeout)?;
         let inner = &self.inner;
         let want = count.min(ids.len());
@@ -297,8 +333,13 @@ impl ClientCore {
         let none = py.None();
         let t = match self.inner.status(id) {
             None | Some(Status::Pending) => (-1, none.clone_ref(py), none),
-            Some(Status::Memory { value: Some(v), .. }) => (0, PyBytes::new(py, &v).into_any().unbind(), none),
-            Some(Status::Memory { value: None, location }) => {
+            Some(Status::Memory { value: Some(v), .. }) => {
+                (0, PyBytes::new(py, &v).into_any().unbind(), none)
+            }
+            Some(Status::Memory {
+                value: None,
+                location,
+            }) => {
                 let addr = location.unwrap_or_default();
                 match py.detach(|| client::fetch(runtime(), &addr, id)) {
                     Ok(v) => (0, PyBytes::new(py, &v).into_any().unbind(), none),
@@ -320,8 +361,12 @@ impl ClientCore {
                     cause.into_pyobject(py)?.into_any().unbind(),
                     kills.into_pyobject(py)?.into_any().unbind(),
                 ),
-                TaskError::Cancelled { cause } => (3, cause.into_pyobject(py)?.into_any().unbind(), none),
-                TaskError::MissingDependency { dep } => (4, dep.into_pyobject(py)?.into_any().unbind(), none),
+                TaskError::Cancelled { cause } => {
+                    (3, cause.into_pyobject(py)?.into_any().unbind(), none)
+                }
+                TaskError::MissingDependency { dep } => {
+                    (4, dep.into_pyobject(py)?.into_any().unbind(), none)
+                }
             },
         };
         let code: i32 = t.0;
@@ -396,7 +441,11 @@ impl WorkerCore {
         let addr = Address::parse(address).map_err(PyValueError::new_err)?;
         let inner = py
             .detach(|| worker::start(runtime(), &addr, nthreads, name))
-            .map_err(|e| PyConnectionError::new_err(format!("worker cannot join the scheduler at {address}: {e}")))?;
+            .map_err(|e| {
+                PyConnectionError::new_err(format!(
+                    "worker cannot join the scheduler at {address}: {e}"
+                ))
+            })?;
         Ok(WorkerCore { inner })
     }
 
@@ -422,7 +471,11 @@ impl WorkerCore {
             .map(|(id, ok, payload, duration_us)| {
                 let value = Bytes::copy_from_slice(payload.as_bytes());
                 if ok {
-                    Done::Ok { id, value, duration_us }
+                    Done::Ok {
+                        id,
+                        value,
+                        duration_us,
+                    }
                 } else {
                     Done::Err { id, error: value }
                 }
@@ -462,8 +515,21 @@ impl WorkerCore {
 /// Runs the `shoal` command line; returns the exit code.
 #[pyfunction]
 #[pyo3(signature = (argv, python=None, package_path=None))]
-fn cli_main(py: Python<'_>, argv: Vec<String>, python: Option<String>, package_path: Option<String>) -> i32 {
-    py.detach(|| shoal_cli::run(argv, shoal_cli::HostInfo { python, package_path }))
+fn cli_main(
+    py: Python<'_>,
+    argv: Vec<String>,
+    python: Option<String>,
+    package_path: Option<String>,
+) -> i32 {
+    py.detach(|| {
+        shoal_cli::run(
+            argv,
+            shoal_cli::HostInfo {
+                python,
+                package_path,
+            },
+        )
+    })
 }
 
 #[pymodule]
@@ -472,7 +538,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("PROTOCOL_VERSION", shoal_proto::PROTOCOL_VERSION)?;
     m.add("INLINE_LIMIT", shoal_proto::INLINE_LIMIT)?;
     m.add("ShoalError", m.py().get_type::<ShoalError>())?;
-    m.add("SchedulerLostError", m.py().get_type::<SchedulerLostError>())?;
+    m.add(
+        "SchedulerLostError",
+        m.py().get_type::<SchedulerLostError>(),
+    )?;
     m.add_class::<Cluster>()?;
     m.add_class::<ClientCore>()?;
     m.add_class::<WatcherPy>()?;

@@ -250,7 +250,12 @@ impl ClientShared {
 
     /// Waits until `count` of `ids` are done or `deadline` passes; returns how
     /// many are done. `Err` when the scheduler connection is lost.
-    pub fn wait(&self, ids: &[u64], count: usize, deadline: Option<Instant>) -> Result<usize, String> {
+    pub fn wait(
+        &self,
+        ids: &[u64],
+        count: usize,
+        deadline: Option<Instant>,
+    ) -> Result<usize, String> {
         let mut st = self.state.lock();
         loop {
             let done = ids

@@ -123,7 +123,7 @@ fn supervise(
             match children[i].try_wait() {
                 Ok(Some(status)) => {
                     let pid = children[i].id();
-                    children.swap_remove(i);
+                    let _ = children.swap_remove(i).wait(); // already reaped by try_wait
                     changed = true;
                     if stop.load(Ordering::SeqCst) {
                         continue;
@@ -140,7 +140,9 @@ fn supervise(
                         }
                         continue;
                     }
-                    eprintln!("shoal: worker process {pid} died ({status}); starting a replacement");
+                    eprintln!(
+                        "shoal: worker process {pid} died ({status}); starting a replacement"
+                    );
                     respawns.push(Instant::now());
                     match spawn(&cmd) {
                         Ok(c) => children.push(c),

@@ -167,7 +167,12 @@ pub async fn handshake(addr: &Address, role: Role) -> io::Result<(Conn, u32)> {
     };
     tokio::time::timeout(HANDSHAKE_TIMEOUT, fut)
         .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("handshake with {addr} timed out")))?
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("handshake with {addr} timed out"),
+            )
+        })?
 }
 
 /// Splits a connection: returns a sender whose messages are written in
@@ -175,10 +180,7 @@ pub async fn handshake(addr: &Address, role: Role) -> io::Result<(Conn, u32)> {
 /// and the read half.
 pub fn split_batched<M: Serialize + Send + 'static>(
     conn: Conn,
-) -> (
-    mpsc::UnboundedSender<M>,
-    futures::stream::SplitStream<Conn>,
-) {
+) -> (mpsc::UnboundedSender<M>, futures::stream::SplitStream<Conn>) {
     let (mut sink, stream) = conn.split();
     let (tx, mut rx) = mpsc::unbounded_channel::<M>();
     tokio::spawn(async move {
@@ -220,7 +222,10 @@ mod tests {
             Address::Unix("/tmp/s".into())
         );
         for bad in ["", "tcp://host", "unix://", "host:notaport"] {
-            assert!(Address::parse(bad).unwrap_err().contains("address"), "{bad}");
+            assert!(
+                Address::parse(bad).unwrap_err().contains("address"),
+                "{bad}"
+            );
         }
     }
 }

@@ -120,7 +120,10 @@ async fn serve_conn(
         return;
     }
     let id = ids.fetch_add(1, Ordering::Relaxed);
-    if net::send(&mut conn, &Welcome::Accepted { id }).await.is_err() {
+    if net::send(&mut conn, &Welcome::Accepted { id })
+        .await
+        .is_err()
+    {
         return;
     }
     let (tx, mut stream) = net::split_batched::<FromScheduler>(conn);
@@ -438,7 +441,6 @@ impl State {
             deps,
         });
     }
-
 }
 
 /// `HashMap::entry` without allocating a `String` when the key exists.

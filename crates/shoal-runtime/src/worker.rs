@@ -347,18 +347,25 @@ async fn fetch_inputs(
 
 /// Fetches results from a worker's data server. Missing results are an error.
 pub async fn fetch(addr: &str, ids: Vec<u64>) -> io::Result<Vec<(u64, Bytes)>> {
-    let address = Address::parse(addr).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let address =
+        Address::parse(addr).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let (mut conn, _) = net::handshake(&address, Role::Data).await?;
     net::send(&mut conn, &DataRequest { ids }).await?;
     let reply: DataReply = net::recv(&mut conn).await?.ok_or_else(|| {
-        io::Error::new(io::ErrorKind::UnexpectedEof, "data server closed the connection")
+        io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "data server closed the connection",
+        )
     })?;
     reply
         .items
         .into_iter()
         .map(|(id, v)| {
             v.map(|v| (id, v)).ok_or_else(|| {
-                io::Error::new(io::ErrorKind::NotFound, format!("worker at {addr} does not hold {id:x}"))
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("worker at {addr} does not hold {id:x}"),
+                )
             })
         })
         .collect()
@@ -375,13 +382,19 @@ async fn data_server(listener: Listener, sh: Arc<WorkerShared>) {
                 Ok(Some(h)) if h.validate().is_ok() && h.role == Role::Data => {}
                 _ => return,
             }
-            if net::send(&mut conn, &Welcome::Accepted { id: sh.id }).await.is_err() {
+            if net::send(&mut conn, &Welcome::Accepted { id: sh.id })
+                .await
+                .is_err()
+            {
                 return;
             }
             while let Ok(Some(req)) = net::recv::<DataRequest>(&mut conn).await {
                 let items = {
                     let store = sh.store.lock();
-                    req.ids.iter().map(|id| (*id, store.get(id).cloned())).collect()
+                    req.ids
+                        .iter()
+                        .map(|id| (*id, store.get(id).cloned()))
+                        .collect()
                 };
                 if net::send(&mut conn, &DataReply { items }).await.is_err() {
                     return;

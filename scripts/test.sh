@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Runs every check and test: lint, Rust tests, wheel build and install, pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup-dev.sh
+bash scripts/lint.sh
+cargo test --workspace --locked
+python3 -m pip install -q --disable-pip-version-check .
+# Run from a directory without the source tree so the installed package is tested.
+cd tests && python3 -m pytest -q -p no:cacheprovider --rootdir=.. -c ../pyproject.toml .
