@@ -187,6 +187,8 @@ struct State {
     clients: FxHashMap<u32, Tx>,
     workers: FxHashMap<u32, WorkerConn>,
     actions: Vec<Action>,
+    /// Workers were asked to exit; late joiners are sent away.
+    closing: bool,
 }
 
 async fn owner(mut rx: mpsc::UnboundedReceiver<Event>, mut stop: watch::Receiver<bool>) {
@@ -199,6 +201,7 @@ async fn owner(mut rx: mpsc::UnboundedReceiver<Event>, mut stop: watch::Receiver
         clients: FxHashMap::default(),
         workers: FxHashMap::default(),
         actions: Vec::new(),
+        closing: false,
     };
     let mut batch = Vec::with_capacity(64);
     loop {
@@ -227,6 +230,11 @@ impl State {
                 name,
                 tx,
             } => {
+                if self.closing {
+                    // Joined after the shutdown request: send it away too.
+                    let _ = tx.send(FromScheduler::Shutdown);
+                    return;
+                }
                 self.workers.insert(
                     id,
                     WorkerConn {
@@ -251,6 +259,7 @@ impl State {
                 self.process();
             }
             Event::ShutdownWorkers => {
+                self.closing = true;
                 for w in self.workers.values() {
                     let _ = w.tx.send(FromScheduler::Shutdown);
                 }
