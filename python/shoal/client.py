@@ -54,6 +54,17 @@ def _group_name(fn: Any) -> str:
     return "lambda" if name == "<lambda>" else name
 
 
+def _prepare_function(fn: Any, caller: str) -> tuple[str, bytes]:
+    """Group name and (cached) pickle of a task function; clear errors."""
+    if not callable(fn):
+        raise TypeError(f"{caller} needs a callable as first argument, not {type(fn).__name__}")
+    group = _group_name(fn)
+    try:
+        return group, _serialize.dumps_function(fn)
+    except Exception as e:
+        raise TypeError(f"could not pickle the function {group!r}: {e}") from e
+
+
 class Future:
     """A task's eventual result. Holding it keeps the result on the cluster;
     dropping every future of a task releases it."""
@@ -259,13 +270,7 @@ class Client:
         for the task; submitting an existing key returns its future.
         """
         core = self._check()
-        if not callable(fn):
-            raise TypeError(f"submit needs a callable as first argument, not {type(fn).__name__}")
-        group = _group_name(fn)
-        try:
-            func = _serialize.dumps_function(fn)
-        except Exception as e:
-            raise TypeError(f"could not pickle the function {group!r}: {e}") from e
+        group, func = _prepare_function(fn, "submit")
         payload, deps = _serialize.dumps_args((args, kwargs or None), f"the arguments of {group}")
         if pure and key is None:
             key = f"{group}-{hashlib.sha1(func + payload).hexdigest()}"
@@ -290,8 +295,7 @@ class Client:
         """``[submit(fn, *args, **kwargs) for args in zip(*iterables)]``, with
         ``batch_size`` elements per task (see the module notes)."""
         core = self._check()
-        if not callable(fn):
-            raise TypeError(f"map needs a callable as first argument, not {type(fn).__name__}")
+        group, func = _prepare_function(fn, "map")
         if not iterables:
             raise TypeError("map needs at least one iterable")
         items = list(zip(*iterables, strict=False))
@@ -302,11 +306,6 @@ class Client:
             batch_size = max(1, min(-(-n // (4 * self._nthreads)), 10_000))
         elif batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
-        group = _group_name(fn)
-        try:
-            func = _serialize.dumps_function(fn)
-        except Exception as e:
-            raise TypeError(f"could not pickle the function {group!r}: {e}") from e
         kw = kwargs or None
         if batch_size == 1:
             payloads = [
