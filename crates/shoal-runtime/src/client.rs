@@ -305,7 +305,7 @@ impl ClientShared {
         w.cv.notify_all();
     }
 
-    /// Wakes threads blocked in a watcher (e.g. on close).
+    /// Why the scheduler connection closed, or None while it is open.
     pub fn closed_reason(&self) -> Option<String> {
         self.state.lock().closed.clone()
     }
