@@ -1,6 +1,7 @@
 """The client API on a real embedded cluster (processes, sockets)."""
 
 import operator
+import pickle
 import time
 
 import pytest
@@ -36,6 +37,40 @@ def test_map_gather_and_futures_as_arguments(client):
     assert client.gather(one) == [1, 2, 3, 4, 5]
     assert fs[7].result() == 8
     assert client.submit(add, fs[3], one[4]).result() == 4 + 5
+
+
+def test_map_returns_a_lazy_sequence_of_futures(client):
+    fs = client.map(inc, range(10), batch_size=3)
+    assert isinstance(fs, shoal.FutureList) and len(fs) == 10
+    assert fs[2] is fs[2] and fs[-1] is fs[9]
+    assert [f.result() for f in fs[8:]] == [9, 10]
+    assert [f.key for f in fs][:4] == [f"inc-{fs._ids[0]:x}[{i}]" for i in range(3)] + [
+        f"inc-{fs._ids[1]:x}[0]"
+    ]
+    with pytest.raises(IndexError):
+        fs[10]
+    both = fs + client.map(inc, [100], batch_size=1)
+    assert isinstance(both, list) and client.gather(both)[-2:] == [10, 101]
+    assert client.gather({"a": fs, "b": (fs[0],)}) == {"a": list(range(1, 11)), "b": (1,)}
+    done, not_done = shoal.wait(fs)
+    assert len(done) == 10 and not not_done
+    with pytest.raises(TypeError, match="FutureList"):
+        pickle.dumps(fs)
+    # An element outlives its list and keeps its batch.
+    last = fs[9]
+    ids = list(fs._ids)
+    del fs, both, done
+    assert set(client._refs) & set(ids) == {ids[-1]}
+    assert last.result() == 10
+
+
+def test_gather_of_a_map_with_failures(client):
+    for batch_size in (1, 2):
+        fs = client.map(lambda x: 1 / x, [1, 0, 2, 4], batch_size=batch_size)
+        with pytest.raises(ZeroDivisionError):
+            client.gather(fs)
+        assert client.gather(fs, errors="skip") == [1.0, 0.5, 0.25]
+        assert client.submit(len, fs[2:]).result() == 2
 
 
 def test_map_several_iterables_and_kwargs(client):

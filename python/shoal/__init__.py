@@ -12,6 +12,7 @@ from .client import (
     FIRST_COMPLETED,
     Client,
     Future,
+    FutureList,
     as_completed,
     wait,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "__version__",
     "Client",
     "Future",
+    "FutureList",
     "wait",
     "as_completed",
     "ALL_COMPLETED",

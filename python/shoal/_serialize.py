@@ -72,11 +72,12 @@ def dumps_args(args: Any, what: str) -> tuple[bytes, list[int]]:
 
 
 def describe_unpicklable(args: Any, error: Exception) -> str:
-    """Names the first argument that cannot be pickled (error path only)."""
-    if isinstance(args, tuple) and len(args) == 2 and isinstance(args[1], dict | None):
-        positional, kwargs = args
-        items = [(f"argument {i}", a) for i, a in enumerate(positional)]
-        items += [(f"keyword argument {k!r}", v) for k, v in (kwargs or {}).items()]
+    """Names the first argument (or ``map`` element) that cannot be pickled
+    (error path only). ``args``: ``(positional, kwargs[, star])``."""
+    if isinstance(args, tuple) and len(args) in (2, 3) and isinstance(args[1], dict | None):
+        what = "element" if len(args) == 3 else "argument"
+        items = [(f"{what} {i}", a) for i, a in enumerate(args[0])]
+        items += [(f"keyword argument {k!r}", v) for k, v in (args[1] or {}).items()]
         for label, value in items:
             try:
                 cloudpickle.dumps(value, protocol=PROTOCOL)
@@ -113,6 +114,21 @@ def resolve(task_id: int, index: int | None = None) -> Any:
     if isinstance(value, list):  # a map batch without errors
         return value[index]
     return value.get(index)
+
+
+def resolve_many(task_ids: list[int], batch: int, n: int) -> list[Any]:
+    """Worker side: the values of a ``FutureList`` (``batch`` elements per task, 0: one)."""
+    if not batch:
+        return [resolve(tid) for tid in task_ids]
+    out: list[Any] = []
+    for tid in task_ids:
+        value = resolve(tid)
+        if isinstance(value, list):
+            out += value
+        else:
+            out += [value.get(i) for i in range(len(value.values))]
+    assert len(out) == n, (len(out), n)
+    return out
 
 
 class BatchResult:

@@ -41,16 +41,32 @@ def _dumps_error(exc: BaseException, name: str) -> bytes:
 
 
 def _run_batch(fn: Any, payload: Any) -> Any:
-    arglist, kwargs = payload
+    """Runs a ``map`` batch: ``(elements, kwargs, star)``; ``star``: each
+    element is an argument tuple (several iterables), else the one argument.
+    A failing element fails alone; every element runs exactly once."""
+    arglist, kwargs, star = payload
     kwargs = kwargs or {}
     values: list[Any] = []
+    append = values.append
     errors: dict[int, tuple[BaseException, str]] = {}
-    for i, a in enumerate(arglist):
-        try:
-            values.append(fn(*a, **kwargs))
+    i = 0
+    while i < len(arglist):
+        try:  # one try per run of successes, not per element
+            if star:
+                for a in arglist[i:] if i else arglist:
+                    append(fn(*a, **kwargs))
+            elif kwargs:
+                for a in arglist[i:] if i else arglist:
+                    append(fn(a, **kwargs))
+            else:
+                for a in arglist[i:] if i else arglist:
+                    append(fn(a))
+            break
         except Exception as e:
-            values.append(None)
+            i = len(values)
             errors[i] = (e, traceback.format_exc())
+            append(None)
+            i += 1
     if errors:
         return _serialize.BatchResult(values, errors)
     return values

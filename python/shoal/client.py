@@ -11,6 +11,10 @@ equivalent. Deviations, each for a reason:
   returns one future per element. In distributed, ``batch_size`` only batches
   submission; per-element tasks cost too much for large maps. ``batch_size=1``
   gives one task per element.
+* ``map`` returns a ``FutureList``: a read-only sequence of futures whose
+  elements are made when first touched, not a ``list``. Creating, gathering
+  and freeing 100,000 Python futures costs more than the tasks; ``gather`` and
+  ``wait`` read a ``FutureList`` batch by batch. ``list(fs)`` gives a list.
 * A task raising ``KeyboardInterrupt``/``SystemExit`` fails with
   ``TaskAbortedError`` instead of re-raising those in the client.
 """
@@ -25,8 +29,8 @@ import sys
 import threading
 import weakref
 from collections import namedtuple
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, overload
 
 from . import _serialize
 from ._core import ClientCore, Cluster
@@ -37,7 +41,15 @@ from .errors import (
     SchedulerLostError,
 )
 
-__all__ = ["Client", "Future", "wait", "as_completed", "FIRST_COMPLETED", "ALL_COMPLETED"]
+__all__ = [
+    "Client",
+    "Future",
+    "FutureList",
+    "wait",
+    "as_completed",
+    "FIRST_COMPLETED",
+    "ALL_COMPLETED",
+]
 
 FIRST_COMPLETED = "FIRST_COMPLETED"
 ALL_COMPLETED = "ALL_COMPLETED"
@@ -168,15 +180,89 @@ class Future:
         raise TypeError("shoal futures are not awaitable yet; call .result()")
 
 
-def _element(client: Client, task_id: int, group: str, index: int) -> Future:
-    """A map element's future, without the per-object refcount call."""
-    f = object.__new__(Future)
-    f._client = client
-    f._id = task_id
-    f._group = group
-    f._user_key = None
-    f._index = index
-    return f
+class FutureList(Sequence[Future]):
+    """The futures of a ``map``: a read-only sequence whose elements are
+    made when first touched. It holds every batch's result on the cluster
+    while it lives; an element taken from it keeps its own batch alive."""
+
+    __slots__ = ("_client", "_ids", "_group", "_batch", "_n", "_items", "__weakref__")
+
+    def __init__(self, client: Client, ids: list[int], group: str, batch: int, n: int):
+        self._client: Client | None = client
+        self._ids = ids
+        self._group = group
+        self._batch = batch  # elements per task; 0 means one plain task per element
+        self._n = n
+        self._items: list[Future | None] | None = None
+        for tid in ids:
+            client._incref(tid, 1)
+
+    def __len__(self) -> int:
+        return self._n
+
+    @overload
+    def __getitem__(self, i: int) -> Future: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[Future]: ...
+    def __getitem__(self, i: int | slice) -> Future | list[Future]:
+        if isinstance(i, slice):
+            return [self._get(j) for j in range(*i.indices(self._n))]
+        n = self._n
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("FutureList index out of range")
+        return self._get(i)
+
+    def _get(self, i: int) -> Future:
+        items = self._items
+        if items is None:
+            items = self._items = [None] * self._n
+        f = items[i]
+        if f is None:
+            client = self._client
+            if client is None:
+                raise RuntimeError("this FutureList was released")
+            if self._batch:
+                tid, index = self._ids[i // self._batch], i % self._batch
+                f = Future(client, tid, self._group, None, index)
+            else:
+                f = Future(client, self._ids[i], self._group)
+            items[i] = f
+        return f
+
+    def __iter__(self) -> Iterator[Future]:
+        return (self._get(i) for i in range(self._n))
+
+    def __add__(self, other: Iterable[Future]) -> list[Future]:
+        return [*self, *other]
+
+    def __radd__(self, other: Iterable[Future]) -> list[Future]:
+        return [*other, *self]
+
+    def release(self) -> None:
+        """Drops this list's hold on the results (elements taken keep theirs)."""
+        client, self._client = self._client, None
+        if client is not None:
+            for tid in self._ids:
+                client._decref(tid)
+
+    def __del__(self):
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def __reduce__(self):
+        if all([_serialize.record_dependency(tid) for tid in self._ids]):
+            return (_serialize.resolve_many, (self._ids, self._batch, self._n))
+        raise TypeError(
+            "a shoal FutureList can only be pickled as an argument of a task "
+            "of the same client; call gather() to get its values"
+        )
+
+    def __repr__(self) -> str:
+        return f"<FutureList: {self._n} futures of {self._group}, {len(self._ids)} tasks>"
 
 
 class Client:
@@ -291,17 +377,18 @@ class Client:
         priority: int = 0,
         retries: int = 0,
         **kwargs: Any,
-    ) -> list[Future]:
+    ) -> FutureList:
         """``[submit(fn, *args, **kwargs) for args in zip(*iterables)]``, with
         ``batch_size`` elements per task (see the module notes)."""
         core = self._check()
         group, func = _prepare_function(fn, "map")
         if not iterables:
             raise TypeError("map needs at least one iterable")
-        items = list(zip(*iterables, strict=False))
+        star = len(iterables) > 1
+        items = list(zip(*iterables, strict=False)) if star else list(iterables[0])
         n = len(items)
         if n == 0:
-            return []
+            return FutureList(self, [], group, 0, 0)
         if batch_size is None:
             batch_size = max(1, min(-(-n // (4 * self._nthreads)), 10_000))
         elif batch_size < 1:
@@ -309,22 +396,21 @@ class Client:
         kw = kwargs or None
         if batch_size == 1:
             payloads = [
-                _serialize.dumps_args((a, kw), f"the arguments of {group} (element {i})")
+                _serialize.dumps_args(
+                    (a if star else (a,), kw), f"the arguments of {group} (element {i})"
+                )
                 for i, a in enumerate(items)
             ]
             ids = core.submit_many(group, False, func, payloads, priority, retries)
-            return [Future(self, tid, group) for tid in ids]
-        chunks = [items[i : i + batch_size] for i in range(0, n, batch_size)]
+            return FutureList(self, ids, group, 0, n)
         payloads = [
-            _serialize.dumps_args((c, kw), f"the arguments of {group} (batch {j})")
-            for j, c in enumerate(chunks)
+            _serialize.dumps_args(
+                (items[i : i + batch_size], kw, star), f"the arguments of {group} (batch {j})"
+            )
+            for j, i in enumerate(range(0, n, batch_size))
         ]
         ids = core.submit_many(group, True, func, payloads, priority, retries)
-        futures: list[Future] = []
-        for tid, c in zip(ids, chunks, strict=True):
-            self._incref(tid, len(c))
-            futures.extend([_element(self, tid, group, i) for i in range(len(c))])
-        return futures
+        return FutureList(self, ids, group, batch_size, n)
 
     # ----------------------------------------------------------- results
 
@@ -387,6 +473,8 @@ class Client:
             raise ValueError(f"errors must be 'raise' or 'skip', not {errors!r}")
         if isinstance(futures, Future):
             return self._result(futures, None)
+        if isinstance(futures, FutureList):
+            return self._gather_list(futures, errors == "skip")
         flat: list[Future] = []
         _collect(futures, flat)
         core = self._check()
@@ -416,6 +504,37 @@ class Client:
                 return [v for v in values if v is not _SKIP]
             return values
         return _rebuild(futures, iter(values))
+
+    def _gather_list(self, fl: FutureList, skip: bool) -> list[Any]:
+        """``gather`` of a whole ``map``: one outcome per task, no element futures."""
+        core = self._check()
+        ids = fl._ids
+        core.wait(ids, len(ids), None)
+        out: list[Any] = []
+        size = fl._batch
+        for j, tid in enumerate(ids):
+            batch = self._batch_cache.get(tid) if size else None
+            if batch is None:
+                code, a, b = self._outcome(tid, f"{fl._group}-{tid:x}", None)
+                if code != 0:
+                    if skip:
+                        continue
+                    # Raise as the first element of the failed task would.
+                    self._value(fl[j * size if size else j], code, a, b)
+                batch = pickle.loads(a)
+                if not size:
+                    out.append(batch)
+                    continue
+            if type(batch) is list:
+                out += batch
+                continue
+            for k, value in enumerate(batch.values):
+                err = batch.errors.get(k)
+                if err is None:
+                    out.append(value)
+                elif not skip:
+                    raise _with_traceback(err[0], err[1], fl[j * size + k].key)
+        return out
 
     def cancel(self, futures: Iterable[Future]) -> None:
         """Cancels unfinished tasks; their futures raise ``FutureCancelledError``."""
@@ -511,7 +630,7 @@ def _with_traceback(exc: BaseException, tb: str, name: str) -> BaseException:
 def _collect(obj: Any, out: list[Future]) -> None:
     if isinstance(obj, Future):
         out.append(obj)
-    elif isinstance(obj, list | tuple | set | frozenset):
+    elif isinstance(obj, list | tuple | set | frozenset | FutureList):
         for x in obj:
             _collect(x, out)
     elif isinstance(obj, dict):
@@ -523,7 +642,7 @@ def _rebuild(obj: Any, values: Iterator[Any]) -> Any:
     """Rebuilds ``obj`` with its futures replaced by ``values`` (in ``_collect`` order)."""
     if isinstance(obj, Future):
         return next(values)
-    if isinstance(obj, list):
+    if isinstance(obj, list | FutureList):
         return [v for v in (_rebuild(x, values) for x in obj) if v is not _SKIP]
     if isinstance(obj, tuple | set | frozenset):
         return type(obj)(_rebuild(x, values) for x in obj)

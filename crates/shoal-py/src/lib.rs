@@ -8,6 +8,7 @@
 use bytes::Bytes;
 use pyo3::exceptions::{PyConnectionError, PyOSError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{PyBytes, PyList, PyTuple};
 use shoal_proto::{TaskError, TaskKind, TaskSpec};
 use shoal_runtime::client::{self, ClientShared, Status, Watcher};
@@ -243,7 +244,7 @@ impl ClientCore {
         group: String,
         batch: bool,
         func: &[u8],
-        items: Vec<(Vec<u8>, Vec<u64>)>,
+        items: Vec<(PyBackedBytes, Vec<u64>)>,
         priority: i32,
         retries: u32,
     ) -> PyResult<Vec<u64>> {
@@ -264,7 +265,7 @@ impl ClientCore {
                         TaskKind::Call
                     },
                     func: func.clone(),
-                    args: Bytes::from(args),
+                    args: Bytes::copy_from_slice(&args),
                     deps,
                     priority,
                     retries,
