@@ -95,6 +95,21 @@ def record_dependency(task_id: int) -> bool:
     return True
 
 
+class Ref:
+    """A reference to a task's result inside task arguments: pickling it
+    records the dependency; unpickling on the worker gives the value."""
+
+    __slots__ = ("task_id",)
+
+    def __init__(self, task_id: int):
+        self.task_id = task_id
+
+    def __reduce__(self):
+        if record_dependency(self.task_id):
+            return (resolve, (self.task_id,))
+        raise TypeError("a task reference can only be pickled as a task argument")
+
+
 def set_inputs(inputs: dict[int, Any] | None) -> None:
     """Worker side: the values that future references resolve to."""
     _local.inputs = inputs

@@ -32,7 +32,7 @@ from collections import namedtuple
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, overload
 
-from . import _serialize
+from . import _dask, _serialize
 from ._core import ClientCore, Cluster
 from .errors import (
     FutureCancelledError,
@@ -88,7 +88,7 @@ class Future:
         client: Client,
         task_id: int,
         group: str = "task",
-        key: str | None = None,
+        key: Any = None,
         index: int | None = None,
     ):
         self._client = client
@@ -98,10 +98,17 @@ class Future:
         self._index = index
         client._incref(task_id, 1)
 
+    # Dask treats objects with this flag and a ``key`` as results held by
+    # the scheduler (see ``_dask``).
+    __dask_future__ = True
+
     @property
-    def key(self) -> str:
-        """The task's key (given, or ``<function name>-<id in hex>``)."""
-        base = self._user_key or f"{self._group}-{self._id:x}"
+    def key(self) -> Any:
+        """The task's key: given (a string, or a Dask key for Dask results),
+        or ``<function name>-<id in hex>``."""
+        base = self._user_key
+        if base is None:
+            base = f"{self._group}-{self._id:x}"
         return base if self._index is None else f"{base}[{self._index}]"
 
     @property
@@ -283,14 +290,17 @@ class Client:
         n_workers: int | None = None,
         threads_per_worker: int = 1,
         timeout: float = 30.0,
+        set_as_default: bool = True,
     ):
         if n_workers is not None and n_workers < 1:
             raise ValueError(f"n_workers must be at least 1, not {n_workers}")
         if threads_per_worker < 1:
             raise ValueError(f"threads_per_worker must be at least 1, not {threads_per_worker}")
         self._cluster: Cluster | None = None
+        self._undo_default: Callable[[], None] | None = None
         self._refs: dict[int, int] = {}
-        self._keys: dict[str, int] = {}
+        self._keys: dict[Any, int] = {}  # user and Dask keys of live tasks
+        self._key_of: dict[int, Any] = {}
         self._batch_cache: dict[int, Any] = {}
         self._cancelled: set[int] = set()
         self._lock = threading.Lock()
@@ -310,6 +320,7 @@ class Client:
         self.scheduler_address: str = address
         self._core: ClientCore | None = ClientCore(address)
         _clients.add(self)
+        self._undo_default = _dask._set_default(self.get) if set_as_default else None
 
     # ----------------------------------------------------------- refcounts
 
@@ -324,11 +335,20 @@ class Client:
             refs[task_id] = n
             return
         refs.pop(task_id, None)
+        if self._key_of:
+            key = self._key_of.pop(task_id, None)
+            if key is not None and self._keys.get(key) == task_id:
+                del self._keys[key]
         self._batch_cache.pop(task_id, None)
         self._cancelled.discard(task_id)
         core = self._core
         if core is not None:
             core.release([task_id])
+
+    def _name(self, key: Any, task_id: int) -> None:
+        """Lets ``key`` find the task while it lives (held by a future)."""
+        self._keys[key] = task_id
+        self._key_of[task_id] = key
 
     # ----------------------------------------------------------- submitting
 
@@ -365,9 +385,10 @@ class Client:
             if existing is not None and existing in self._refs:
                 return Future(self, existing, group, key)
         tid = core.submit(group, key, False, func, payload, deps, priority, retries)
+        f = Future(self, tid, group, key)
         if key is not None:
-            self._keys[key] = tid
-        return Future(self, tid, group, key)
+            self._name(key, tid)
+        return f
 
     def map(
         self,
@@ -411,6 +432,27 @@ class Client:
         ]
         ids = core.submit_many(group, True, func, payloads, priority, retries)
         return FutureList(self, ids, group, batch_size, n)
+
+    # ----------------------------------------------------------- Dask
+
+    asynchronous = False  # Dask asks before using a client as scheduler
+
+    def get(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
+        """Dask's scheduler interface: computes ``keys`` of the Dask graph
+        ``dsk`` on the cluster (``dask.compute(x, scheduler=client.get)``;
+        the default for ``x.compute()`` while a client made with
+        ``set_as_default=True`` is open)."""
+        return _dask.get(self, dsk, keys, **kwargs)
+
+    def compute(self, collections: Any, optimize_graph: bool = True, **kwargs: Any) -> Any:
+        """Starts computing Dask collections; returns a future per collection
+        (a list for a list) without waiting."""
+        return _dask.compute(self, collections, optimize_graph, **kwargs)
+
+    def persist(self, collections: Any, optimize_graph: bool = True, **kwargs: Any) -> Any:
+        """Starts computing Dask collections; returns the same collections
+        backed by futures of their chunks, held on the cluster."""
+        return _dask.persist(self, collections, optimize_graph, **kwargs)
 
     # ----------------------------------------------------------- results
 
@@ -590,6 +632,9 @@ class Client:
         if self._closed:
             return
         self._closed = True
+        if self._undo_default is not None:
+            self._undo_default()
+            self._undo_default = None
         self._core = None
         if self._cluster is not None:
             self._cluster.close()

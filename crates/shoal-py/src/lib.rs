@@ -276,6 +276,41 @@ impl ClientCore {
         Ok(ids)
     }
 
+    /// `n` fresh task ids, consecutive: returns the first. For graphs whose
+    /// tasks must name their inputs' ids before submission.
+    fn new_ids(&self, n: u64) -> u64 {
+        self.inner.new_ids(n)
+    }
+
+    /// Submits a task graph of one function in one message; `items` are
+    /// `(id from new_ids, group, key, args, deps, priority)`, each task after
+    /// its inputs.
+    #[pyo3(signature = (func, items, retries))]
+    #[allow(clippy::type_complexity)]
+    fn submit_graph(
+        &self,
+        func: &[u8],
+        items: Vec<(u64, String, Option<String>, PyBackedBytes, Vec<u64>, i32)>,
+        retries: u32,
+    ) -> PyResult<()> {
+        let func = Bytes::copy_from_slice(func);
+        let specs = items
+            .into_iter()
+            .map(|(id, group, key, args, deps, priority)| TaskSpec {
+                id,
+                group,
+                key,
+                kind: TaskKind::Call,
+                func: func.clone(),
+                args: Bytes::copy_from_slice(&args),
+                deps,
+                priority,
+                retries,
+            })
+            .collect();
+        self.inner.submit(specs).map_err(lost)
+    }
+
     /// Drops the client's interest in these tasks.
     fn release(&self, ids: Vec<u64>) {
         self.inner.release(ids);

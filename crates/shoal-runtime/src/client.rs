@@ -195,6 +195,11 @@ impl ClientShared {
         self.next.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// `n` consecutive fresh task ids; returns the first.
+    pub fn new_ids(&self, n: u64) -> u64 {
+        self.next.fetch_add(n, Ordering::Relaxed)
+    }
+
     /// Error if the connection is gone.
     pub fn check_open(&self) -> Result<(), String> {
         match &self.state.lock().closed {

@@ -1,0 +1,257 @@
+"""Dask graphs on Shoal: the scheduler ``get`` and ``compute``/``persist``.
+
+A Dask graph (task spec nodes or legacy tuples) becomes one Shoal task per
+node, submitted in one message in dependency order, with ``dask.order``'s
+order as priority so memory stays low as in Dask's own schedulers. A node
+runs on a worker as ``node({dependency key: value})``. Aliases cost no task.
+
+Futures of a ``persist`` carry their Dask key (``Future.key``) and
+``__dask_future__``, so later graphs that contain them, or name their keys,
+use the results held on the cluster instead of computing them again.
+
+Dask is optional: this module imports it only when a graph arrives.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import importlib.machinery
+import sys
+from collections.abc import Callable, Hashable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from . import _serialize
+
+if TYPE_CHECKING:
+    from .client import Client, Future
+
+Key = Hashable
+
+
+def _execute(node: Any, inputs: dict[Key, Any]) -> Any:
+    """Worker side: runs one graph node on its inputs' values."""
+    return node(inputs)
+
+
+_EXECUTE = _serialize.dumps_function(_execute)
+
+
+def _require_dask() -> Any:
+    try:
+        import dask  # noqa: F401
+        from dask import _task_spec
+    except ImportError as e:
+        raise ImportError("running Dask graphs needs dask: pip install 'shoal[dask]'") from e
+    return _task_spec
+
+
+def _flatten(keys: Any, out: list[Key]) -> list[Key]:
+    stack = [keys]
+    while stack:
+        k = stack.pop()
+        if isinstance(k, list):
+            stack.extend(reversed(k))
+        else:
+            out.append(k)
+    return out
+
+
+def _pack(keys: Any, values: dict[Key, Any]) -> Any:
+    """``keys``' shape with values: lists become tuples, as in dask.local."""
+    if isinstance(keys, list):
+        return tuple(_pack(k, values) for k in keys)
+    return values[keys]
+
+
+def _held_task(client: Client, key: Key) -> int | None:
+    """The id of a live task of ``client`` known by ``key`` (a persisted
+    Dask key, a ``submit(key=...)`` or an automatic ``name-<hex id>``)."""
+    tid = client._keys.get(key)
+    if tid is not None and tid in client._refs:
+        return tid
+    if isinstance(key, str) and "-" in key:
+        try:
+            tid = int(key.rsplit("-", 1)[1], 16)
+        except ValueError:
+            return None
+        if tid in client._refs:
+            return tid
+    return None
+
+
+def submit_graph(client: Client, dsk: Any, keys: list[Key], retries: int = 0) -> dict[Key, int]:
+    """Submits what ``keys`` need of ``dsk``; returns key -> task id for
+    ``keys``. The caller owns those ids (must release them); every other task
+    is released at once and lives only while its dependents need it."""
+    task_spec = _require_dask()
+    from dask.order import order
+    from dask.utils import key_split
+
+    if not isinstance(dsk, Mapping):
+        dsk = dsk.__dask_graph__()
+    graph = task_spec.convert_legacy_graph(dsk)
+
+    # Cull to what the keys need, and order topologically (iteratively: a
+    # 10,000-deep chain must not recurse).
+    ids: dict[Key, int] = {}
+    needed: dict[Key, Any] = {}
+    topo: list[Key] = []
+    for k in keys:
+        if k not in graph and _held_task(client, k) is None:
+            raise KeyError(k)
+    stack: list[tuple[Key, bool]] = [(k, False) for k in reversed(keys)]
+    while stack:
+        k, expanded = stack.pop()
+        if expanded:
+            topo.append(k)
+            continue
+        if k in needed or k in ids:
+            continue
+        node = graph.get(k)
+        if node is None or _held_task(client, k) is not None:
+            held = _held_task(client, k)
+            if held is None:
+                raise KeyError(f"the graph needs {k!r}, which is neither in it nor held")
+            ids[k] = held
+            continue
+        needed[k] = node
+        stack.append((k, True))
+        stack.extend((d, False) for d in node.dependencies if d not in needed and d not in ids)
+
+    priorities = order(needed) if len(needed) > 1 else dict.fromkeys(needed, 0)
+    core = client._check()
+    next_id = core.new_ids(len(topo))
+    items: list[tuple[int, str, str | None, bytes, list[int], int]] = []
+    submitted: list[int] = []
+    for k in topo:
+        node = needed[k]
+        if isinstance(node, task_spec.Alias) and node.target in ids:
+            ids[k] = ids[node.target]  # no task: the same result
+            continue
+        refs = {d: _serialize.Ref(ids[d]) for d in node.dependencies}
+        payload, deps = _serialize.dumps_args(((node, refs), None), f"the Dask task {k!r}")
+        tid = ids[k] = next_id
+        next_id += 1
+        items.append((tid, key_split(k), str(k), payload, deps, -priorities[k]))
+        submitted.append(tid)
+    if items:
+        core.submit_graph(_EXECUTE, items, retries)
+    wanted = {ids[k] for k in keys}
+    own = set(submitted) - wanted
+    if own:
+        core.release(sorted(own))
+    return {k: ids[k] for k in keys}
+
+
+def get(client: Client, dsk: Any, keys: Any, **kwargs: Any) -> Any:
+    """A Dask scheduler ``get``: computes ``keys`` of ``dsk`` on the cluster.
+    Unknown keyword arguments are ignored, as Dask expects."""
+    from .client import Future
+
+    flat = list(dict.fromkeys(_flatten(keys, [])))
+    ids = submit_graph(client, dsk, flat, retries=kwargs.get("retries", 0) or 0)
+    # Each future takes over the scheduler-side hold of its task.
+    futures = [Future(client, tid, "dask", k) for k, tid in ids.items()]
+    values = client.gather(futures)
+    return _pack(keys, dict(zip(flat, values, strict=True)))
+
+
+def futures_get(client: Client, dsk: Any, keys: Any, **kwargs: Any) -> list[Future]:
+    """Like ``get``, but returns one future per (flat) key, without waiting:
+    handed to ``dask.compute``/``dask.persist`` as the scheduler, so that Dask
+    repacks futures instead of values."""
+    from .client import Future
+
+    flat = _flatten(keys, [])
+    ids = submit_graph(client, dsk, list(dict.fromkeys(flat)))
+    out = {k: Future(client, tid, "dask", k) for k, tid in ids.items()}
+    for k, tid in ids.items():
+        client._name(k, tid)
+    return [out[k] for k in flat]
+
+
+def compute(client: Client, collections: Any, optimize_graph: bool = True, **kwargs: Any) -> Any:
+    """``client.compute``: one future per collection, for its final value."""
+    _require_dask()
+    import dask
+
+    single = not isinstance(collections, list | tuple)
+    scheduler = functools.partial(futures_get, client)
+    colls = [collections] if single else list(collections)
+    out = dask.compute(*colls, scheduler=scheduler, optimize_graph=optimize_graph, **kwargs)
+    return out[0] if single else list(out)
+
+
+def persist(client: Client, collections: Any, optimize_graph: bool = True, **kwargs: Any) -> Any:
+    """``client.persist``: the same collections, their chunks held as futures."""
+    _require_dask()
+    import dask
+
+    single = not isinstance(collections, list | tuple)
+    scheduler = functools.partial(futures_get, client)
+    colls = [collections] if single else list(collections)
+    out = dask.persist(*colls, scheduler=scheduler, optimize_graph=optimize_graph, **kwargs)
+    return out[0] if single else list(out)
+
+
+# ------------------------------------------------------------ set_as_default
+
+
+def _set_default(get_fn: Callable[..., Any]) -> Callable[[], None]:
+    """Makes ``get_fn`` Dask's default scheduler (now, or when dask is
+    imported: importing dask here would slow every ``Client()`` down).
+    Returns the undo."""
+    state: dict[str, Any] = {}
+
+    def apply() -> None:
+        import dask.config
+
+        state["cm"] = dask.config.set(scheduler=get_fn)
+
+    def undo() -> None:
+        _hooks.pop(id(get_fn), None)
+        cm = state.pop("cm", None)
+        if cm is not None:
+            import dask.config
+
+            if dask.config.get("scheduler", None) is get_fn:
+                cm.__exit__(None, None, None)
+
+    if "dask.config" in sys.modules:
+        apply()
+    else:
+        _hooks[id(get_fn)] = apply
+        _install_import_hook()
+    return undo
+
+
+_hooks: dict[int, Callable[[], None]] = {}
+
+
+class _DaskImportHook(importlib.abc.MetaPathFinder):
+    """Runs the pending ``_hooks`` right after ``dask.config`` is imported."""
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if name != "dask.config" or not _hooks:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return None
+        loader = spec.loader
+        exec_module = loader.exec_module  # type: ignore[union-attr]
+
+        def exec_then_hooks(module: Any) -> None:
+            exec_module(module)
+            sys.modules[name] = module  # apply() imports it
+            for apply in list(_hooks.values()):
+                apply()
+            _hooks.clear()
+
+        loader.exec_module = exec_then_hooks  # type: ignore[method-assign,union-attr]
+        return spec
+
+
+def _install_import_hook() -> None:
+    if not any(isinstance(f, _DaskImportHook) for f in sys.meta_path):
+        sys.meta_path.insert(0, _DaskImportHook())

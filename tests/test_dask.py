@@ -1,0 +1,159 @@
+"""Dask on Shoal: Dask's own conformance tests for scheduler ``get``
+functions, and collections compared with Dask's synchronous scheduler."""
+
+import operator
+
+import pytest
+
+import shoal
+
+dask = pytest.importorskip("dask")
+da = pytest.importorskip("dask.array")
+np = pytest.importorskip("numpy")
+from dask.utils_test import GetFunctionTestMixin  # noqa: E402
+
+_client = None
+
+
+def _get(dsk, keys, **kwargs):
+    return _client.get(dsk, keys, **kwargs)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def dask_client(client):
+    global _client
+    _client = client
+    yield client
+    _client = None
+
+
+class TestDaskConformance(GetFunctionTestMixin):
+    """Every test of Dask's mixin, run against ``client.get``."""
+
+    get = staticmethod(_get)
+
+
+def inc(x):
+    return x + 1
+
+
+def test_task_spec_nodes_and_return_shape(client):
+    from dask._task_spec import Alias, DataNode, List, Task, TaskRef
+
+    dsk = {
+        "a": DataNode("a", 10),
+        "b": Task("b", inc, TaskRef("a")),
+        "c": Alias("c", "b"),
+        "d": Task("d", sum, List(TaskRef("a"), TaskRef("c"))),
+        "e": (operator.add, "d", 1),  # legacy tuple task beside new nodes
+    }
+    assert client.get(dsk, "e") == 22
+    assert client.get(dsk, ["c", ["a", "e"]]) == (11, (10, 22))
+    with pytest.raises(KeyError):
+        client.get(dsk, "zzz")
+
+
+def test_deep_chain_does_not_recurse(client):
+    dsk = {"x-0": 0}
+    for i in range(1, 10_000):
+        dsk[f"x-{i}"] = (inc, f"x-{i - 1}")
+    assert client.get(dsk, "x-9999") == 9999
+
+
+def test_only_needed_keys_run(client, tmp_path):
+    marker = tmp_path / "ran"
+
+    def touch():
+        marker.write_text("yes")
+        return 1
+
+    dsk = {"a": 1, "b": (inc, "a"), "unused": (touch,)}
+    assert client.get(dsk, "b") == 2
+    assert not marker.exists()
+
+
+def test_exceptions_keep_type_and_attributes(client):
+    class Oops(ValueError):
+        def __init__(self, code):
+            super().__init__(code)
+            self.code = code
+
+    def fail(x):
+        raise Oops(x)
+
+    with pytest.raises(Oops) as info:
+        client.get({"a": 7, "b": (fail, "a")}, "b")
+    assert info.value.code == 7
+    # The cluster keeps working.
+    assert client.get({"a": 1, "b": (inc, "a")}, "b") == 2
+
+
+def test_intermediates_are_released(client):
+    before = set(client._refs)
+    client.get({"a": 1, "b": (inc, "a"), "c": (inc, "b")}, "c")
+    assert set(client._refs) == before
+
+
+def test_collections_match_dask_sync(client):
+    x = da.random.random((400, 300), chunks=(100, 75))
+    exprs = [x.mean(), (x + x.T[:300, :300].sum()).std(), x.dot(x.T)[:5, :5], x.argmax(axis=0)]
+    for e in exprs:
+        got = dask.compute(e, scheduler=client.get)[0]
+        np.testing.assert_allclose(got, e.compute(scheduler="sync"))
+    # set_as_default (the default): a plain .compute() runs on the client.
+    assert dask.config.get("scheduler").__self__ is client
+    np.testing.assert_allclose(x.sum().compute(), x.sum().compute(scheduler="sync"))
+
+
+def test_bag_and_delayed(client):
+    db = pytest.importorskip("dask.bag")
+    b = db.from_sequence(range(100), npartitions=7).map(inc).filter(lambda v: v % 3 == 0)
+    assert b.compute() == b.compute(scheduler="sync")
+    assert b.frequencies().compute() == b.frequencies().compute(scheduler="sync")
+
+    @dask.delayed
+    def add(a, b):
+        return a + b
+
+    total = add(add(1, 2), dask.delayed(inc)(10))
+    assert total.compute() == 14
+
+
+def test_dataframe_matches_dask_sync(client):
+    pd = pytest.importorskip("pandas")
+    dd = pytest.importorskip("dask.dataframe")
+    pdf = pd.DataFrame({"k": np.arange(1000) % 7, "v": np.arange(1000.0)})
+    df = dd.from_pandas(pdf, npartitions=5)
+    q = df[df.v > 100].groupby("k").v.agg(["sum", "mean", "count"])
+    pd.testing.assert_frame_equal(q.compute(), q.compute(scheduler="sync"))
+    pd.testing.assert_series_equal(
+        (df.v * 2).cumsum().compute(), (df.v * 2).cumsum().compute(scheduler="sync")
+    )
+
+
+def test_compute_and_persist_give_futures(client):
+    x = da.arange(100, chunks=10)
+    f = client.compute(x.sum())
+    assert isinstance(f, shoal.Future) and f.result() == 4950
+    fs = client.compute([x.sum(), x.max()])
+    assert [g.result() for g in fs] == [4950, 99]
+    y = client.persist(x * 2)
+    held = [v for v in dict(y.__dask_graph__()).values() if isinstance(v, shoal.Future)]
+    assert len(held) == 10
+    shoal.wait(held)
+    # Computations on a persisted collection use the held chunks.
+    assert (y + 1).sum().compute() == 2 * 4950 + 100
+    (z,) = dask.persist(y + 1)  # dask.persist goes through client.persist
+    assert z.sum().compute() == 2 * 4950 + 100
+    # A future used inside a delayed computation is its value.
+    g = client.submit(inc, 41)
+    assert dask.delayed(inc)(g).compute() == 43
+
+
+def test_set_as_default_is_undone_on_close():
+    with shoal.Client(n_workers=1) as c:
+        assert dask.config.get("scheduler").__self__ is c
+        assert da.ones(10, chunks=5).sum().compute() == 10
+    assert getattr(dask.config.get("scheduler", None), "__self__", None) is not c
+    with shoal.Client(n_workers=1, set_as_default=False) as c:
+        assert getattr(dask.config.get("scheduler", None), "__self__", None) is not c
