@@ -6,6 +6,7 @@
 1024
 """
 
+from . import _imports
 from ._core import __version__
 from .client import (
     ALL_COMPLETED,
@@ -14,6 +15,7 @@ from .client import (
     Future,
     FutureList,
     as_completed,
+    get_client,
     wait,
 )
 from .errors import (
@@ -24,12 +26,19 @@ from .errors import (
     ShoalError,
     TaskAbortedError,
 )
+from .executor import Executor
+from .remote import get, init, remote
 
 __all__ = [
     "__version__",
     "Client",
     "Future",
     "FutureList",
+    "Executor",
+    "remote",
+    "get",
+    "init",
+    "get_client",
     "wait",
     "as_completed",
     "ALL_COMPLETED",
@@ -41,3 +50,12 @@ __all__ = [
     "TaskAbortedError",
     "MissingDependencyError",
 ]
+
+
+def _register_joblib() -> None:
+    from ._joblib import register
+
+    register()
+
+
+_imports.when_imported("joblib", _register_joblib)

@@ -15,13 +15,11 @@ Dask is optional: this module imports it only when a graph arrives.
 from __future__ import annotations
 
 import functools
-import importlib.abc
-import importlib.machinery
 import sys
 from collections.abc import Callable, Hashable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from . import _serialize
+from . import _imports, _serialize
 
 if TYPE_CHECKING:
     from .client import Client, Future
@@ -198,60 +196,40 @@ def persist(client: Client, collections: Any, optimize_graph: bool = True, **kwa
 # ------------------------------------------------------------ set_as_default
 
 
+_defaults: list[Callable[..., Any]] = []  # open clients' get, most recent last
+_NOTHING = object()
+_before: list[Any] = [_NOTHING]  # Dask's scheduler setting before any client's
+
+
 def _set_default(get_fn: Callable[..., Any]) -> Callable[[], None]:
     """Makes ``get_fn`` Dask's default scheduler (now, or when dask is
     imported: importing dask here would slow every ``Client()`` down).
-    Returns the undo."""
-    state: dict[str, Any] = {}
+    Returns the undo, which hands the default back to the most recent
+    client still open, or to what it was before."""
 
     def apply() -> None:
-        import dask.config
-
-        state["cm"] = dask.config.set(scheduler=get_fn)
+        # Not `import dask.config`: this may run while dask/__init__ is
+        # importing it, before the attribute exists.
+        config = sys.modules["dask.config"]
+        if not _defaults:
+            _before[0] = config.config.get("scheduler", _NOTHING)
+        _defaults.append(get_fn)
+        config.set(scheduler=get_fn)
 
     def undo() -> None:
-        _hooks.pop(id(get_fn), None)
-        cm = state.pop("cm", None)
-        if cm is not None:
-            import dask.config
+        _imports.cancel("dask.config", apply)
+        if get_fn not in _defaults:
+            return
+        _defaults.remove(get_fn)
+        config = sys.modules["dask.config"]
+        if config.config.get("scheduler") is not get_fn:
+            return  # someone set another scheduler since: leave it
+        if _defaults:
+            config.set(scheduler=_defaults[-1])
+        elif _before[0] is _NOTHING:
+            config.config.pop("scheduler", None)
+        else:
+            config.set(scheduler=_before[0])
 
-            if dask.config.get("scheduler", None) is get_fn:
-                cm.__exit__(None, None, None)
-
-    if "dask.config" in sys.modules:
-        apply()
-    else:
-        _hooks[id(get_fn)] = apply
-        _install_import_hook()
+    _imports.when_imported("dask.config", apply)
     return undo
-
-
-_hooks: dict[int, Callable[[], None]] = {}
-
-
-class _DaskImportHook(importlib.abc.MetaPathFinder):
-    """Runs the pending ``_hooks`` right after ``dask.config`` is imported."""
-
-    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
-        if name != "dask.config" or not _hooks:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        if spec is None or spec.loader is None:
-            return None
-        loader = spec.loader
-        exec_module = loader.exec_module  # type: ignore[union-attr]
-
-        def exec_then_hooks(module: Any) -> None:
-            exec_module(module)
-            sys.modules[name] = module  # apply() imports it
-            for apply in list(_hooks.values()):
-                apply()
-            _hooks.clear()
-
-        loader.exec_module = exec_then_hooks  # type: ignore[method-assign,union-attr]
-        return spec
-
-
-def _install_import_hook() -> None:
-    if not any(isinstance(f, _DaskImportHook) for f in sys.meta_path):
-        sys.meta_path.insert(0, _DaskImportHook())

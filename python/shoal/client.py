@@ -27,6 +27,7 @@ import os
 import pickle
 import sys
 import threading
+import time
 import weakref
 from collections import namedtuple
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -56,6 +57,36 @@ ALL_COMPLETED = "ALL_COMPLETED"
 DoneAndNotDoneFutures = namedtuple("DoneAndNotDoneFutures", ["done", "not_done"])
 
 _clients: weakref.WeakSet[Client] = weakref.WeakSet()
+_recent: list[weakref.ref[Client]] = []  # creation order, for get_client()
+
+
+def get_client() -> Client:
+    """The most recently created client of this process that is still open.
+    Raises ``ValueError`` if there is none."""
+    for ref in reversed(_recent):
+        c = ref()
+        if c is not None and not c._closed:
+            return c
+    raise ValueError("no shoal Client is open; create one with shoal.Client()")
+
+
+_started: list[Client] = []  # the client default_client() had to start
+
+
+def default_client() -> Client:
+    """``get_client()``, or else an embedded cluster started now and kept
+    for later calls (what Ray-style calls and the joblib backend use)."""
+    try:
+        return get_client()
+    except ValueError:
+        pass
+    with _start_lock:
+        if not _started or _started[0]._closed:
+            _started[:] = [Client()]
+        return _started[0]
+
+
+_start_lock = threading.Lock()
 
 
 def _group_name(fn: Any) -> str:
@@ -320,6 +351,7 @@ class Client:
         self.scheduler_address: str = address
         self._core: ClientCore | None = ClientCore(address)
         _clients.add(self)
+        _recent[:] = [r for r in _recent if r() is not None] + [weakref.ref(self)]
         self._undo_default = _dask._set_default(self.get) if set_as_default else None
 
     # ----------------------------------------------------------- refcounts
@@ -709,10 +741,18 @@ def wait(
     fs: Iterable[Future] | Future,
     timeout: float | None = None,
     return_when: str = ALL_COMPLETED,
-) -> DoneAndNotDoneFutures:
+    *,
+    num_returns: int | None = None,
+) -> Any:
     """Waits for futures; returns ``(done, not_done)`` sets. ``TimeoutError``
-    if ``ALL_COMPLETED`` is not reached within ``timeout`` seconds."""
+    if ``ALL_COMPLETED`` is not reached within ``timeout`` seconds.
+
+    With ``num_returns`` it is Ray's ``wait``: it returns ``(ready,
+    not_ready)`` lists in input order once ``num_returns`` futures are done
+    or ``timeout`` has passed, and never raises ``TimeoutError``."""
     futures = [fs] if isinstance(fs, Future) else list(fs)
+    if num_returns is not None:
+        return _wait_ray(futures, num_returns, timeout)
     if return_when not in (ALL_COMPLETED, FIRST_COMPLETED):
         raise ValueError(f"return_when must be ALL_COMPLETED or FIRST_COMPLETED, not {return_when}")
     for client, group in _by_client(futures).items():
@@ -725,6 +765,37 @@ def wait(
             break
     done = {f for f in futures if f.done()}
     return DoneAndNotDoneFutures(done, set(futures) - done)
+
+
+def _wait_ray(
+    futures: list[Future], num_returns: int, timeout: float | None
+) -> tuple[list[Future], list[Future]]:
+    if not 1 <= num_returns <= len(futures):
+        raise ValueError(
+            f"num_returns must be between 1 and the number of futures ({len(futures)}), "
+            f"not {num_returns}"
+        )
+    if len(set(futures)) != len(futures):
+        raise ValueError("wait() got the same future twice")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    groups = _by_client(futures)
+    while True:
+        ready = [f for f in futures if f.done()]
+        if len(ready) >= num_returns:
+            break
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            break
+        if len(groups) == 1:
+            ((client, group),) = groups.items()
+            ids = list({f._id for f in group})
+            done_ids = {f._id for f in ready}
+            client._check().wait(ids, len(done_ids) + 1, left)
+        else:
+            time.sleep(0.005 if left is None else min(0.005, left))
+    ready = ready[:num_returns]
+    taken = set(ready)
+    return ready, [f for f in futures if f not in taken]
 
 
 class as_completed:  # noqa: N801 - named like distributed.as_completed
@@ -787,6 +858,31 @@ class as_completed:  # noqa: N801 - named like distributed.as_completed
             if self._raise_errors:
                 raise
             return f, e
+
+
+_inherited: list[Any] = []  # a forked child's copies of its parent's handles
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (multiprocessing, joblib) inherits its parent's clients,
+    whose connections live on threads the child does not have. They become
+    closed here; their handles are kept, never dropped (dropping an
+    embedded cluster would stop the parent's workers). A new Client works."""
+    for c in list(_clients):
+        _inherited.append((c._core, c._cluster, c._cb_watcher))
+        c._core = c._cluster = c._cb_watcher = None
+        c._cb_thread = None
+        c._lock = threading.Lock()  # may have been held by a thread not copied
+        c._closed = True
+        if c._undo_default is not None:
+            c._undo_default()
+            c._undo_default = None
+    _clients.clear()
+    _recent.clear()
+    _started.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @atexit.register

@@ -22,18 +22,36 @@ pub mod net;
 pub mod scheduler;
 pub mod worker;
 
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
+use std::sync::Mutex;
 
 /// The process-wide I/O runtime: one thread is plenty for the control plane
 /// and leaves the cores to the tasks.
+///
+/// A forked child (multiprocessing, joblib) inherits the runtime without its
+/// thread, so a runtime belongs to the process that made it: a child gets a
+/// fresh one. The parent's copy is leaked in the child (dropping it would
+/// wait for threads that do not exist there).
 pub fn runtime() -> &'static tokio::runtime::Runtime {
-    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RT.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
+    static PID: AtomicU32 = AtomicU32::new(0);
+    static RT: AtomicPtr<tokio::runtime::Runtime> = AtomicPtr::new(std::ptr::null_mut());
+    static MAKING: Mutex<()> = Mutex::new(());
+    let pid = std::process::id();
+    if PID.load(Ordering::Acquire) == pid {
+        // SAFETY: RT was published before PID (release order) and is never freed.
+        return unsafe { &*RT.load(Ordering::Acquire) };
+    }
+    let _guard = MAKING.lock().unwrap_or_else(|e| e.into_inner());
+    if PID.load(Ordering::Acquire) != pid {
+        let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("shoal-io")
             .enable_all()
             .build()
-            .expect("cannot start the tokio runtime")
-    })
+            .expect("cannot start the tokio runtime");
+        RT.store(Box::into_raw(Box::new(rt)), Ordering::Release);
+        PID.store(pid, Ordering::Release);
+    }
+    // SAFETY: as above.
+    unsafe { &*RT.load(Ordering::Acquire) }
 }

@@ -1,0 +1,181 @@
+"""joblib, concurrent.futures and the Ray-style API on a real cluster."""
+
+import concurrent.futures as cf
+import multiprocessing as mp
+import os
+import time
+
+import pytest
+
+import shoal
+
+
+def inc(x):
+    return x + 1
+
+
+def slow_inc(x, delay=0.2):
+    time.sleep(delay)
+    return x + 1
+
+
+def fail(x):
+    raise ValueError(f"bad {x}")
+
+
+# ----------------------------------------------------------------- joblib
+
+
+def test_joblib_backend_is_registered_and_runs_on_workers(client):
+    joblib = pytest.importorskip("joblib")
+    from joblib.parallel import BACKENDS
+
+    assert "shoal" in BACKENDS
+    with joblib.parallel_config(backend="shoal"):
+        out = joblib.Parallel(n_jobs=-1)(joblib.delayed(inc)(i) for i in range(1000))
+        pids = set(joblib.Parallel(n_jobs=2)(joblib.delayed(os.getpid)() for _ in range(50)))
+    assert out == list(range(1, 1001))
+    assert pids <= set(client.worker_pids) and os.getpid() not in pids
+
+
+def test_joblib_errors_and_generators(client):
+    joblib = pytest.importorskip("joblib")
+    with joblib.parallel_config(backend="shoal"):
+        with pytest.raises(ValueError, match="bad [345]"):
+            joblib.Parallel(n_jobs=2)(joblib.delayed(fail)(i) for i in range(3, 6))
+        gen = joblib.Parallel(n_jobs=2, return_as="generator_unordered")(
+            joblib.delayed(slow_inc)(i, 0.3 if i == 0 else 0.0) for i in range(4)
+        )
+        got = list(gen)
+    assert sorted(got) == [1, 2, 3, 4]
+
+
+def test_sklearn_style_nested_calls_run_sequentially_on_workers(client):
+    joblib = pytest.importorskip("joblib")
+
+    def outer(i):
+        return sum(joblib.Parallel(n_jobs=2)(joblib.delayed(inc)(j) for j in range(i)))
+
+    with joblib.parallel_config(backend="shoal"):
+        assert joblib.Parallel(n_jobs=2)(joblib.delayed(outer)(i) for i in range(5)) == [
+            0,
+            1,
+            3,
+            6,
+            10,
+        ]
+
+
+# ------------------------------------------------------- concurrent.futures
+
+
+def test_executor_is_a_concurrent_futures_executor(client):
+    with shoal.Executor(client) as ex:
+        assert isinstance(ex, cf.Executor)
+        fs = [ex.submit(inc, i) for i in range(20)]
+        assert all(isinstance(f, cf.Future) for f in fs)
+        done, _ = cf.wait(fs)
+        assert len(done) == 20
+        assert sorted(f.result() for f in cf.as_completed(fs)) == list(range(1, 21))
+        assert list(ex.map(inc, range(10), chunksize=3)) == list(range(1, 11))
+        bad = ex.submit(fail, 1)
+        assert isinstance(bad.exception(), ValueError)
+        with pytest.raises(TimeoutError):
+            list(ex.map(slow_inc, [1, 2], [2.0, 2.0], timeout=0.2))
+    assert not client._closed  # a given client stays open
+    with pytest.raises(RuntimeError):
+        ex.submit(inc, 1)
+
+
+def test_executor_cancel_and_shutdown_cancel_futures():
+    ex = shoal.Executor(n_workers=1)
+    client = ex.client
+    block = ex.submit(slow_inc, 0, 1.0)
+    queued = [ex.submit(slow_inc, i, 1.0) for i in range(3)]
+    assert queued[0].cancel() and queued[0].cancelled()
+    with pytest.raises(cf.CancelledError):
+        queued[0].result()
+    assert block.result() == 1
+    queued.append(ex.submit(slow_inc, 5, 1.0))
+    ex.shutdown(wait=True, cancel_futures=True)
+    assert all(f.cancelled() for f in queued)
+    assert client._closed  # an executor's own client closes at shutdown
+
+
+def test_dask_accepts_the_executor_as_scheduler(client):
+    dask = pytest.importorskip("dask")
+    with shoal.Executor(client) as ex:
+        assert dask.delayed(inc)(dask.delayed(inc)(1)).compute(scheduler=ex) == 3
+
+
+# ------------------------------------------------------------ Ray-style API
+
+
+@shoal.remote
+def square(x):
+    return x * x
+
+
+@shoal.remote(retries=1)
+def total(*xs):
+    return sum(xs)
+
+
+def test_remote_functions_get_and_wait(client):
+    assert shoal.get_client() is client
+    refs = [square.remote(i) for i in range(10)]
+    assert shoal.get(refs) == [i * i for i in range(10)]
+    assert shoal.get(total.remote(*refs)) == sum(i * i for i in range(10))
+    with pytest.raises(TypeError, match="remote"):
+        square(3)
+    slow = shoal.remote(slow_inc)
+    refs = [slow.remote(0, 1.5), square.remote(2)]
+    ready, not_ready = shoal.wait(refs, num_returns=1, timeout=10)
+    assert ready == [refs[1]] and not_ready == [refs[0]]
+    ready, not_ready = shoal.wait(refs, num_returns=2, timeout=0.05)
+    assert len(ready) == 1
+    with pytest.raises(TimeoutError):
+        shoal.get(slow.remote(0, 2.0), timeout=0.1)
+    with pytest.raises(ValueError):
+        shoal.wait(refs, num_returns=3)
+
+
+def test_remote_options_and_what_is_not_there(client):
+    assert shoal.get(square.options(priority=5).remote(4)) == 16
+    with pytest.raises(TypeError, match="unknown remote options"):
+        square.options(colour="red")
+    with pytest.raises(NotImplementedError, match="resources"):
+        square.options(num_gpus=1)
+
+    class Counter:
+        pass
+
+    with pytest.raises(NotImplementedError, match="actors"):
+        shoal.remote(Counter)
+
+
+# --------------------------------------------------------------- fork safety
+
+
+def _child_uses_inherited_and_new_client(q):
+    try:
+        shoal.get_client()
+        q.put("inherited client still visible")
+        return
+    except ValueError:
+        pass
+    with shoal.Client(n_workers=1) as c:
+        q.put(c.submit(inc, 1).result(timeout=60))
+
+
+def test_forked_child_does_not_hang_on_inherited_client(client):
+    assert client.submit(inc, 1).result() == 2
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_uses_inherited_and_new_client, args=(q,))
+    p.start()
+    assert q.get(timeout=90) == 2
+    p.join(30)
+    assert p.exitcode == 0
+    # The parent's cluster is untouched.
+    assert client.submit(inc, 2).result() == 3
