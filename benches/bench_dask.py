@@ -1,0 +1,185 @@
+"""Dask collections on Shoal beside Dask's own schedulers and Ray's, in one run.
+
+    python benches/bench_dask.py               # all workloads, 3 repeats
+    python benches/bench_dask.py -w mean -r 5
+    python benches/bench_dask.py --small       # quick check: arrays 1/16 the size
+
+Workloads (from issue 5):
+  mean      da.random.random((40000, 40000), chunks=(2000, 2000)).mean()
+  transpose (x + x.T).mean(axis=0).sum(), x 20000² in 1000² chunks
+  groupby   dask.dataframe groupby-mean over 16 CSV files of 500,000 rows
+
+Runners, each with 2 workers of one thread: shoal (client.get), Dask
+distributed (LocalCluster, processes), Dask's threaded scheduler, Ray's Dask
+scheduler (ray.util.dask) when Ray is installed. Figures are seconds, medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import dask
+import dask.array as da
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+
+N_WORKERS = 2
+
+
+def make_csvs(folder: str, files: int = 16, rows: int = 500_000) -> str:
+    rng = np.random.default_rng(0)
+    for i in range(files):
+        path = os.path.join(folder, f"part-{i:02d}.csv")
+        if not os.path.exists(path):
+            pd.DataFrame(
+                {
+                    "key": rng.integers(0, 1000, rows),
+                    "a": rng.random(rows),
+                    "b": rng.integers(0, 100, rows),
+                }
+            ).to_csv(path, index=False)
+    return os.path.join(folder, "part-*.csv")
+
+
+def workloads(small: bool, csvs: str) -> dict:
+    n1, c1 = (10_000, 500) if small else (40_000, 2_000)
+    n2, c2 = (5_000, 250) if small else (20_000, 1_000)
+
+    def mean():
+        return da.random.random((n1, n1), chunks=(c1, c1)).mean()
+
+    def transpose():
+        x = da.random.random((n2, n2), chunks=(c2, c2))
+        return (x + x.T).mean(axis=0).sum()
+
+    def groupby():
+        return dd.read_csv(csvs).groupby("key").a.mean()
+
+    return {"mean": mean, "transpose": transpose, "groupby": groupby}
+
+
+class Shoal:
+    name = "shoal"
+
+    def __enter__(self):
+        import shoal
+
+        self.c = shoal.Client(n_workers=N_WORKERS, set_as_default=False)
+        return self
+
+    def run(self, coll):
+        return dask.compute(coll, scheduler=self.c.get)[0]
+
+    def __exit__(self, *a):
+        self.c.close()
+
+
+class Distributed:
+    name = "dask.distributed"
+
+    def __enter__(self):
+        from distributed import Client, LocalCluster
+
+        self.cluster = LocalCluster(
+            n_workers=N_WORKERS, threads_per_worker=1, processes=True, dashboard_address=None
+        )
+        self.c = Client(self.cluster, set_as_default=False)
+        return self
+
+    def run(self, coll):
+        return dask.compute(coll, scheduler=self.c.get)[0]
+
+    def __exit__(self, *a):
+        self.c.close()
+        self.cluster.close()
+
+
+class Threads:
+    name = "dask threads"
+
+    def __enter__(self):
+        return self
+
+    def run(self, coll):
+        return dask.compute(coll, scheduler="threads", num_workers=N_WORKERS)[0]
+
+    def __exit__(self, *a):
+        pass
+
+
+class RayDask:
+    name = "ray (dask scheduler)"
+
+    def __enter__(self):
+        import ray
+        from ray.util.dask import ray_dask_get
+
+        self.ray = ray
+        ray.init(num_cpus=N_WORKERS, include_dashboard=False, log_to_driver=False)
+        self.get = ray_dask_get
+        return self
+
+    def run(self, coll):
+        return dask.compute(coll, scheduler=self.get)[0]
+
+    def __exit__(self, *a):
+        self.ray.shutdown()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-w", "--workloads", nargs="*", default=["mean", "transpose", "groupby"])
+    ap.add_argument("-r", "--repeats", type=int, default=3)
+    ap.add_argument("--small", action="store_true")
+    ap.add_argument("--data", default=os.path.join(tempfile.gettempdir(), "shoal-bench-csv"))
+    ns = ap.parse_args()
+    os.makedirs(ns.data, exist_ok=True)
+    wl = workloads(ns.small, make_csvs(ns.data, rows=50_000 if ns.small else 500_000))
+    runners = [Shoal, Distributed, Threads]
+    try:
+        import ray.util.dask  # noqa: F401
+
+        runners.append(RayDask)
+    except ImportError:
+        print("(ray not installed: skipped)")
+    results: dict[str, dict[str, float]] = {w: {} for w in ns.workloads}
+    reference: dict[str, object] = {}
+    for cls in runners:
+        try:
+            with cls() as r:
+                for w in ns.workloads:
+                    times = []
+                    for _ in range(ns.repeats):
+                        t = time.perf_counter()
+                        value = r.run(wl[w]())
+                        times.append(time.perf_counter() - t)
+                    if w in reference:
+                        _check(reference[w], value, f"{cls.name} {w}")
+                    else:
+                        reference[w] = value
+                    results[w][cls.name] = statistics.median(times)
+                    print(f"  {cls.name:22s} {w:10s} {statistics.median(times):8.3f} s", flush=True)
+        except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
+            print(f"  {cls.name}: failed: {type(e).__name__}: {e}")
+    print(f"\nmedians of {ns.repeats} repeats; ratio = runner's time / shoal's (>1: shoal faster)")
+    for w, per in results.items():
+        base = per.get("shoal")
+        for name, v in per.items():
+            ratio = v / base if base else float("nan")
+            print(f"{w:10s} {name:22s} {v:8.3f} s {ratio:7.2f}")
+
+
+def _check(expected, got, what):
+    if isinstance(expected, pd.Series):
+        pd.testing.assert_series_equal(expected.sort_index(), got.sort_index(), rtol=1e-9)
+    else:  # random arrays differ per run; their statistics do not
+        assert np.isclose(expected, got, rtol=1e-2), (what, expected, got)
+
+
+if __name__ == "__main__":
+    main()
