@@ -254,9 +254,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-w", "--workloads", nargs="*", default=list(WORKLOADS))
     ap.add_argument("-r", "--repeats", type=int, default=3)
+    ap.add_argument(
+        "--only", nargs="*", help="runner names to run (e.g. shoal multiprocessing.Pool)"
+    )
     ns = ap.parse_args()
     results: dict[str, dict[str, float]] = {w: {} for w in ns.workloads}
     for cls in _available():
+        if ns.only and cls.name not in ns.only:
+            continue
         with cls() as runner:
             for w in ns.workloads:
                 method = getattr(cls, w, None)

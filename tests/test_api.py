@@ -2,6 +2,7 @@
 
 import operator
 import pickle
+import threading
 import time
 
 import pytest
@@ -236,3 +237,47 @@ def test_cli_version_and_info(capfd):
         [sys.executable, "-m", "shoal", "info"], capture_output=True, text=True, check=True
     ).stdout
     assert "protocol version" in out and "python: 3." in out
+
+
+def test_tasks_queued_behind_a_slow_one_move_to_an_idle_worker():
+    """Work stealing: tiny tasks pipelined behind a task far slower than its
+    group's estimate are taken back and run on the idle worker."""
+
+    def maybe_slow(i, delay):
+        time.sleep(delay if i == 0 else 0.0)
+        return i
+
+    with shoal.Client(n_workers=2) as c:
+        c.gather(c.map(maybe_slow, range(200), [0.0] * 200, batch_size=1))  # learn: tiny
+        fs = c.map(maybe_slow, range(200), [20.0] + [0.0] * 199, batch_size=1)
+        t = time.perf_counter()
+        done = [f.result(timeout=60) for f in fs[1:]]
+        elapsed = time.perf_counter() - t
+        assert done == list(range(1, 200))
+        assert elapsed < 10, f"tiny tasks waited {elapsed:.1f}s behind the slow one"
+        c.cancel([fs[0]])
+
+
+def test_large_array_results_move_between_workers_and_to_the_client():
+    np = pytest.importorskip("numpy")
+
+    def make(seed, delay):
+        time.sleep(delay)
+        return np.random.default_rng(seed).random(200_000)  # 1.6 MB: kept unpickled
+
+    def combine(a, b):
+        return a + b
+
+    with shoal.Client(n_workers=2) as c:
+        a = c.submit(make, 1, 0.5)
+        b = c.submit(make, 2, 0.5)  # runs beside a: on the other worker
+        s = c.submit(combine, a, b)
+        expected = np.random.default_rng(1).random(200_000) + np.random.default_rng(2).random(
+            200_000
+        )
+        np.testing.assert_array_equal(s.result(), expected)
+        np.testing.assert_array_equal(a.result(), np.random.default_rng(1).random(200_000))
+        # Object arrays are pickled at once, so an unpicklable one fails its task.
+        bad = c.submit(lambda: np.array([threading.Lock()] * 20_000, dtype=object))
+        with pytest.raises(TypeError, match="could not be pickled"):
+            bad.result()

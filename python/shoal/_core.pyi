@@ -67,7 +67,7 @@ class WorkerCore:
     def id(self) -> int: ...
     def next_batch(
         self,
-        done: list[tuple[int, bool, bytes, int]],
+        done: list[tuple[int, bool, bytes | None, int, int]],
         max: int,
         timeout: float,
     ) -> (
@@ -77,6 +77,8 @@ class WorkerCore:
         ]
         | None
     ): ...
+    def pickle_requests(self, timeout: float) -> list[int]: ...
+    def put_pickled(self, id: int, value: bytes | None) -> None: ...
 
 def cli_main(
     argv: list[str], python: str | None = None, package_path: str | None = None

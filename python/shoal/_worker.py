@@ -14,15 +14,12 @@ import signal
 import sys
 import threading
 import traceback
-from collections import deque
 from time import perf_counter
 from typing import Any
 
 from . import _serialize
 from ._core import INLINE_LIMIT, WorkerCore
 from .errors import TaskAbortedError
-
-FLUSH_AFTER_S = 0.002
 
 
 def _dumps_error(exc: BaseException, name: str) -> bytes:
@@ -73,31 +70,27 @@ def _run_batch(fn: Any, payload: Any) -> Any:
 
 
 class _Executor:
-    def __init__(self, core: WorkerCore, max_batch: int):
+    def __init__(self, core: WorkerCore):
         self.core = core
-        self.max_batch = max_batch
         self.funcs: dict[bytes, Any] = {}
         self.objects: dict[int, Any] = {}  # results too large to travel inline
 
     def run(self) -> None:
+        # One task per call: tasks not started stay in the Rust queue, where
+        # the scheduler can take them back (work stealing) and where inputs
+        # arrive. Reports are buffered there and travel together. A call
+        # that finds work queued does not release the GIL (about a
+        # microsecond).
         core, objects = self.core, self.objects
-        done: list[tuple[int, bool, bytes, int]] = []
-        work: deque = deque()
+        done: list[tuple[int, bool, bytes | None, int, int]] = []
         while True:
-            timeout = 0.0 if work else 1.0
-            r = core.next_batch(done, self.max_batch, timeout)
-            done = []
+            r = core.next_batch(done, 1, 1.0)
             if r is None:
                 return
             tasks, released = r
             for i in released:
                 objects.pop(i, None)
-            work.extend(tasks)
-            flushed = perf_counter()
-            while work:
-                done.append(self.execute(*work.popleft()))
-                if perf_counter() - flushed > FLUSH_AFTER_S:
-                    break  # report what is done before running more
+            done = [self.execute(*t) for t in tasks]
 
     def execute(self, tid, name, is_batch, func, args, deps, error):
         t0 = perf_counter()
@@ -127,18 +120,55 @@ class _Executor:
                 pos, kw = payload
                 result = fn(*pos, **kw) if kw else fn(*pos)
         except BaseException as e:  # noqa: BLE001 - a task must never kill its worker
-            return (tid, False, _dumps_error(e, name), 0)
+            return (tid, False, _dumps_error(e, name), 0, 0)
         duration = int((perf_counter() - t0) * 1e6)
+        size = _buffer_size(result)
+        if size is not None and size > INLINE_LIMIT:
+            # Large arrays stay unpickled until another process asks.
+            self.objects[tid] = result
+            return (tid, True, None, duration, size)
         try:
             data = _serialize.dumps(result)
         except BaseException as e:  # noqa: BLE001
             err = TypeError(
                 f"the result of task {name!r} ({type(result).__name__}) could not be pickled: {e}"
             )
-            return (tid, False, _dumps_error(err, name), duration)
+            return (tid, False, _dumps_error(err, name), duration, 0)
         if len(data) > INLINE_LIMIT:
             self.objects[tid] = result
-        return (tid, True, data, duration)
+        return (tid, True, data, duration, len(data))
+
+    def pickle_held(self) -> None:
+        """Thread: pickles held results when a peer or client fetches them
+        (waiting in Rust with the GIL released)."""
+        core, objects = self.core, self.objects
+        while True:
+            for tid in core.pickle_requests(1.0):
+                obj = objects.get(tid, _MISSING)
+                data = None
+                if obj is not _MISSING:
+                    try:
+                        data = _serialize.dumps(obj)
+                    except Exception:  # noqa: BLE001 - the fetcher gets "not available"
+                        traceback.print_exc()
+                core.put_pickled(tid, data)
+
+
+_MISSING = object()
+
+
+def _buffer_size(obj: Any) -> int | None:
+    """Size of an array-like result that can wait to be pickled (NumPy,
+    pandas Series, memoryview: ``nbytes``); None for anything else, which is
+    pickled at once so that a failure is the task's error. Object arrays are
+    pickled at once too: their elements may not pickle."""
+    nbytes = getattr(obj, "nbytes", None)
+    if type(nbytes) is not int:
+        return None
+    dtype = getattr(obj, "dtype", None)
+    if dtype is not None and getattr(dtype, "hasobject", True):
+        return None
+    return nbytes
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -151,12 +181,13 @@ def main(argv: list[str] | None = None) -> None:
     # handles it; a worker must not die of it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     core = WorkerCore(ns.address, ns.nthreads, ns.name)
+    executor = _Executor(core)
+    threading.Thread(target=executor.pickle_held, name="shoal-pickler", daemon=True).start()
     if ns.nthreads <= 1:
-        _Executor(core, max_batch=1 << 16).run()
+        executor.run()
     else:
-        shared = _Executor(core, max_batch=1)
         threads = [
-            threading.Thread(target=shared.run, name=f"shoal-exec-{i}", daemon=True)
+            threading.Thread(target=executor.run, name=f"shoal-exec-{i}", daemon=True)
             for i in range(ns.nthreads)
         ]
         for t in threads:

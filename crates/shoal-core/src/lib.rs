@@ -98,6 +98,14 @@ pub enum Action {
         /// Task to drop.
         task: TaskId,
     },
+    /// Ask the worker to give these queued tasks back if it has not started
+    /// them; it answers each with [`Core::handle_steal_reply`].
+    Steal {
+        /// Worker that holds them.
+        worker: WorkerId,
+        /// Tasks to take back.
+        tasks: Vec<TaskId>,
+    },
     /// The task's result is no longer needed: drop it from the worker (if any)
     /// and from the scheduler's inline store.
     ReleaseData {
@@ -189,6 +197,11 @@ pub struct Config {
     pub max_queue_per_thread: u32,
     /// Transitions kept for [`Core::story`] (0 disables the log).
     pub log_capacity: usize,
+    /// A worker with tasks queued behind its running ones that has finished
+    /// nothing for this long is stalled (a task far slower than its group's
+    /// estimate): it gets no more queued work, and its queued tasks are
+    /// taken back for workers with free threads. Needs [`Core::handle_tick`].
+    pub steal_after_us: u64,
 }
 
 impl Default for Config {
@@ -198,6 +211,7 @@ impl Default for Config {
             pipeline_budget_us: 2_000,
             max_queue_per_thread: 512,
             log_capacity: 0,
+            steal_after_us: 200_000,
         }
     }
 }
@@ -227,6 +241,12 @@ struct Worker {
     assigned: FxHashSet<TaskId>,
     has: FxHashSet<TaskId>,
     queued_est_us: u64,
+    /// Clock (see `handle_tick`) of the last finish, or of becoming busy.
+    progress_us: u64,
+    /// No progress for `steal_after_us` with tasks queued: gets no queue.
+    stalled: bool,
+    /// Assigned tasks asked back, answer pending.
+    stealing: FxHashSet<TaskId>,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -281,6 +301,8 @@ pub struct Core {
     actions: Vec<Action>,
     log: VecDeque<Transition>,
     transitions: u64,
+    /// Last time given by `handle_tick` (microseconds, any origin).
+    now_us: u64,
 }
 
 impl Default for Core {
@@ -302,6 +324,7 @@ impl Core {
             actions: Vec::new(),
             log: VecDeque::new(),
             transitions: 0,
+            now_us: 0,
         }
     }
 
@@ -373,6 +396,9 @@ impl Core {
             assigned: FxHashSet::default(),
             has: FxHashSet::default(),
             queued_est_us: 0,
+            progress_us: self.now_us,
+            stalled: false,
+            stealing: FxHashSet::default(),
         };
         if self.workers.insert(worker, w).is_none() {
             self.worker_order.push(worker);
@@ -538,6 +564,7 @@ impl Core {
         if !self.is_processing_on(task, worker) {
             return false;
         }
+        self.progress(worker);
         let group = self.tasks[&task].group as usize;
         if let Some(g) = self.groups.get_mut(group) {
             let d = duration_us as f64;
@@ -563,6 +590,7 @@ impl Core {
         if !self.is_processing_on(task, worker) {
             return None;
         }
+        self.progress(worker);
         let t = self.tasks.get_mut(&task).expect("processing");
         let erred = if t.retries_left > 0 {
             t.retries_left -= 1;
@@ -576,7 +604,84 @@ impl Core {
         Some(erred)
     }
 
+    /// Time passes (microseconds; called a few times a second). Finds
+    /// stalled workers and takes their queued tasks back for idle ones.
+    pub fn handle_tick(&mut self, now_us: u64) {
+        self.now_us = self.now_us.max(now_us);
+        let steal_after = self.config.steal_after_us;
+        let mut newly_stalled = false;
+        for w in self.workers.values_mut() {
+            let queued = w.assigned.len() > w.nthreads as usize;
+            if !w.stalled && queued && self.now_us.saturating_sub(w.progress_us) >= steal_after {
+                w.stalled = true;
+                newly_stalled = true;
+            }
+        }
+        if newly_stalled || self.workers.values().any(|w| w.stalled) {
+            self.steal();
+        }
+    }
+
+    /// A worker answers a steal request: `ok` means it had not started the
+    /// task and dropped it, so the task can go elsewhere.
+    pub fn handle_steal_reply(&mut self, worker: WorkerId, task: TaskId, ok: bool) {
+        let Some(w) = self.workers.get_mut(&worker) else {
+            return;
+        };
+        if !w.stealing.remove(&task) || !ok || !self.is_processing_on(task, worker) {
+            return;
+        }
+        self.set_state(task, TaskState::Ready);
+        self.schedule();
+    }
+
     // -------------------------------------------------------------- internals
+
+    fn progress(&mut self, worker: WorkerId) {
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.progress_us = self.now_us;
+            w.stalled = false;
+        }
+    }
+
+    /// Asks stalled workers for their queued tasks when another worker has
+    /// free threads. Which assigned tasks are still queued only the worker
+    /// knows: it is asked for all but the oldest `nthreads` and gives back
+    /// those it has not started.
+    fn steal(&mut self) {
+        let free: usize = self
+            .workers
+            .values()
+            .filter(|w| !w.stalled)
+            .map(|w| (w.nthreads as usize).saturating_sub(w.assigned.len()))
+            .sum();
+        if free == 0 {
+            return;
+        }
+        for &wid in &self.worker_order {
+            let w = &self.workers[&wid];
+            if !w.stalled || w.assigned.len() <= w.nthreads as usize {
+                continue;
+            }
+            let mut ids: Vec<TaskId> = w.assigned.iter().copied().collect();
+            // Task ids grow with submission: the oldest are likely running.
+            ids.sort();
+            let ids: Vec<TaskId> = ids
+                .into_iter()
+                .skip(w.nthreads as usize)
+                .filter(|id| !w.stealing.contains(id))
+                .collect();
+            if ids.is_empty() {
+                continue;
+            }
+            let w = self.workers.get_mut(&wid).expect("listed");
+            w.stealing.extend(ids.iter().copied());
+            self.actions.push(Action::Steal {
+                worker: wid,
+                tasks: ids,
+            });
+        }
+    }
 
     fn is_processing_on(&self, task: TaskId, worker: WorkerId) -> bool {
         matches!(self.tasks.get(&task), Some(t) if t.state == TaskState::Processing(worker))
@@ -657,6 +762,7 @@ impl Core {
                 let est = t.est_us as u64;
                 if let Some(w) = self.workers.get_mut(&w) {
                     w.assigned.remove(&id);
+                    w.stealing.remove(&id);
                     w.queued_est_us = w.queued_est_us.saturating_sub(est);
                 }
             }
@@ -836,6 +942,9 @@ impl Core {
         if n < threads {
             return true;
         }
+        if w.stalled {
+            return false;
+        }
         match est {
             Some(e) => {
                 n < threads * self.config.max_queue_per_thread as u64
@@ -895,7 +1004,11 @@ impl Core {
             let est = est.unwrap_or(0);
             let t = self.tasks.get_mut(&id).expect("ready");
             t.est_us = est.min(u32::MAX as u64) as u32;
+            let now = self.now_us;
             let w = self.workers.get_mut(&wid).expect("chosen");
+            if w.assigned.is_empty() {
+                w.progress_us = now;
+            }
             w.assigned.insert(id);
             w.queued_est_us += est;
             self.set_state(id, TaskState::Processing(wid));
@@ -970,6 +1083,12 @@ impl Core {
         for (wid, w) in &self.workers {
             for id in &w.assigned {
                 assert_eq!(self.tasks[id].state, TaskState::Processing(*wid));
+            }
+            for id in &w.stealing {
+                assert!(
+                    w.assigned.contains(id),
+                    "{id:?} asked back but not assigned"
+                );
             }
             for id in &w.has {
                 assert!(matches!(

@@ -313,6 +313,8 @@ fn sim(seed: u64) {
     let mut running: Vec<(WorkerId, TaskId)> = Vec::new();
     let mut wanted: Vec<TaskId> = Vec::new();
     let mut settled: FxHashMap<TaskId, bool> = FxHashMap::default();
+    let mut asked: Vec<(WorkerId, TaskId)> = Vec::new();
+    let mut now = 0u64;
     let n = rng.u64(1..60);
     let mut tasks = Vec::new();
     for i in 0..n {
@@ -352,6 +354,9 @@ fn sim(seed: u64) {
                 Action::TaskErred { task, .. } => {
                     settled.insert(task, false);
                 }
+                Action::Steal { worker, tasks } => {
+                    asked.extend(tasks.into_iter().map(|task| (worker, task)))
+                }
                 _ => {}
             }
         }
@@ -364,6 +369,23 @@ fn sim(seed: u64) {
         });
         if all_settled && running.is_empty() {
             break;
+        }
+        let roll = rng.u32(0..100);
+        if roll < 10 {
+            now += rng.u64(0..300_000);
+            c.handle_tick(now);
+            continue;
+        }
+        if roll < 20 && !asked.is_empty() {
+            // A worker answers a steal: gives the task back if "not started".
+            let (w, id) = asked.swap_remove(rng.usize(0..asked.len()));
+            let pos = running.iter().position(|&r| r == (w, id));
+            let ok = pos.is_some() && rng.bool();
+            if ok {
+                running.swap_remove(pos.expect("checked"));
+            }
+            c.handle_steal_reply(w, id, ok);
+            continue;
         }
         let roll = rng.u32(0..100);
         if roll < 3 && c.n_workers() > 0 {
@@ -402,4 +424,78 @@ fn sim(seed: u64) {
     c.handle_client_gone(C);
     c.check_invariants();
     assert_eq!(c.n_tasks(), 0, "seed {seed}: records leaked");
+}
+
+fn steals(actions: &[Action]) -> Vec<(u32, Vec<u64>)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Steal { worker, tasks } => {
+                Some((worker.0, tasks.iter().map(|t| t.0).collect()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn tasks_queued_behind_a_stalled_task_are_stolen_for_idle_workers() {
+    let mut c = core();
+    c.handle_tick(0);
+    c.handle_worker_added(WorkerId(0), 1);
+    c.handle_worker_added(WorkerId(1), 1);
+    // Learn that the group is tiny, then queue many of it on both workers.
+    c.handle_submit(C, vec![nt(1, &[])]);
+    c.take_actions();
+    c.handle_task_finished(WorkerId(0), t(1), 8, true, 10);
+    c.handle_submit(C, (2..=40).map(|i| nt(i, &[])).collect());
+    let placed = computes(&c.take_actions());
+    let on0: Vec<u64> = placed.iter().filter(|p| p.0 == 0).map(|p| p.1).collect();
+    assert!(on0.len() > 2, "{placed:?}");
+    // Worker 1 drains its queue; worker 0 is stuck in its first task.
+    for &(w, id) in placed.iter().filter(|p| p.0 == 1) {
+        c.handle_task_finished(WorkerId(w), t(id), 8, true, 10);
+    }
+    c.take_actions();
+    c.handle_tick(100_000);
+    assert!(steals(&c.take_actions()).is_empty(), "not stalled yet");
+    c.handle_tick(250_000);
+    let s = steals(&c.take_actions());
+    assert_eq!(s.len(), 1, "{s:?}");
+    assert_eq!(s[0].0, 0);
+    assert_eq!(s[0].1, on0[1..].to_vec(), "all but the running one");
+    c.check_invariants();
+    // No second request for the same tasks while answers are pending.
+    c.handle_tick(300_000);
+    assert!(steals(&c.take_actions()).is_empty());
+    // The worker gives back all but one it had already started.
+    let started = on0[1];
+    for &id in &on0[2..] {
+        c.handle_steal_reply(WorkerId(0), t(id), true);
+    }
+    c.handle_steal_reply(WorkerId(0), t(started), false);
+    c.check_invariants();
+    let moved = computes(&c.take_actions());
+    assert!(!moved.is_empty());
+    assert!(
+        moved.iter().all(|p| p.0 == 1),
+        "stalled worker gets no queue: {moved:?}"
+    );
+    // Progress on worker 0 ends the stall.
+    c.handle_task_finished(WorkerId(0), t(on0[0]), 8, true, 300_000);
+    c.check_invariants();
+    assert!(!c.workers[&WorkerId(0)].stalled);
+}
+
+#[test]
+fn a_stale_steal_reply_is_ignored() {
+    let mut c = core();
+    c.handle_worker_added(WorkerId(0), 1);
+    c.handle_submit(C, vec![nt(1, &[])]);
+    c.take_actions();
+    // Never asked: nothing happens.
+    c.handle_steal_reply(WorkerId(0), t(1), true);
+    assert_eq!(c.state(t(1)), Some(TaskState::Processing(WorkerId(0))));
+    c.handle_steal_reply(WorkerId(9), t(1), true);
+    c.check_invariants();
 }

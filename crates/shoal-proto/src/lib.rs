@@ -16,7 +16,7 @@ use bytes::Bytes;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// Bumped on every incompatible change; peers with another version are refused.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// First field of every handshake, so a stray peer is recognised at once.
 pub const MAGIC: u32 = 0x5348_4f4c; // "SHOL"
 /// Largest frame accepted (a frame larger than this closes the connection).
@@ -149,6 +149,8 @@ pub enum ToScheduler {
         /// Pickled `(exception, traceback text)`.
         error: Bytes,
     },
+    /// Worker: these tasks asked back by `Steal` were not started and are dropped.
+    Stolen(Vec<u64>),
 }
 
 /// Where a task input is to be found.
@@ -241,6 +243,8 @@ pub enum FromScheduler {
     Cancel(u64),
     /// To a worker: drop these results.
     Release(Vec<u64>),
+    /// To a worker: give back these tasks if not started (answer: `Stolen`).
+    Steal(Vec<u64>),
     /// To a worker: finish and exit.
     Shutdown,
 }

@@ -491,35 +491,48 @@ impl WorkerCore {
         self.inner.id
     }
 
-    /// Reports `done` (tuples `(id, ok, payload, duration_us)`) and returns
+    /// Reports `done` (tuples `(id, ok, payload, duration_us, size)`; payload
+    /// None: a large result kept as the Python object) and returns
     /// the next `(tasks, released_ids)`, or None when asked to shut down.
     /// Tasks are `(id, name, is_batch, func, args, deps, error)` with deps
     /// `[(id, bytes or None)]`. Returns empty lists after `timeout` seconds.
     fn next_batch<'py>(
         &self,
         py: Python<'py>,
-        done: Vec<(u64, bool, Bound<'py, PyBytes>, u64)>,
+        done: Vec<DoneTuple<'py>>,
         max: usize,
         timeout: f64,
     ) -> PyResult<Option<(Bound<'py, PyList>, Vec<u64>)>> {
         let done: Vec<Done> = done
             .into_iter()
-            .map(|(id, ok, payload, duration_us)| {
-                let value = Bytes::copy_from_slice(payload.as_bytes());
-                if ok {
-                    Done::Ok {
-                        id,
-                        value,
-                        duration_us,
-                    }
-                } else {
-                    Done::Err { id, error: value }
-                }
+            .map(|(id, ok, payload, duration_us, size)| match payload {
+                None => Done::Held {
+                    id,
+                    size,
+                    duration_us,
+                },
+                Some(p) if ok => Done::Ok {
+                    id,
+                    value: Bytes::copy_from_slice(p.as_bytes()),
+                    duration_us,
+                },
+                Some(p) => Done::Err {
+                    id,
+                    error: Bytes::copy_from_slice(p.as_bytes()),
+                },
             })
             .collect();
         let inner = &self.inner;
-        let timeout = Duration::from_secs_f64(timeout.max(0.0));
-        let batch = py.detach(move || inner.next_batch(done, max, timeout));
+        inner.report(done);
+        // Work already queued is taken with the GIL held (no lock is held
+        // while waiting, so this cannot block); only waiting releases it.
+        let batch = match inner.try_next(max) {
+            Some(b) => b,
+            None => {
+                let timeout = Duration::from_secs_f64(timeout.max(0.0));
+                py.detach(move || inner.wait_next(max, timeout))
+            }
+        };
         let (tasks, released) = match batch {
             Batch::Shutdown => return Ok(None),
             Batch::Work(t, r) => (t, r),
@@ -546,6 +559,19 @@ impl WorkerCore {
         }
         Ok(Some((list, released)))
     }
+
+    /// Ids of held results that transfers wait for (empty after `timeout`).
+    fn pickle_requests(&self, py: Python<'_>, timeout: f64) -> Vec<u64> {
+        let timeout = Duration::from_secs_f64(timeout.max(0.0));
+        let inner = &self.inner;
+        py.detach(move || inner.pickle_requests(timeout))
+    }
+
+    /// Hands over a held result's pickle (`None`: it cannot be had).
+    fn put_pickled(&self, id: u64, value: Option<&[u8]>) {
+        self.inner
+            .put_pickled(id, value.map(Bytes::copy_from_slice))
+    }
 }
 
 /// Runs the `shoal` command line; returns the exit code.
@@ -567,6 +593,9 @@ fn cli_main(
         )
     })
 }
+
+/// `(id, ok, payload, duration_us, size)` as the worker loop reports it.
+type DoneTuple<'py> = (u64, bool, Option<Bound<'py, PyBytes>>, u64, u64);
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {

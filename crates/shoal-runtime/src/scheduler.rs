@@ -19,6 +19,9 @@ use tokio::sync::{mpsc, watch};
 
 type Tx = mpsc::UnboundedSender<FromScheduler>;
 
+/// How often the core learns the time.
+const TICK: std::time::Duration = std::time::Duration::from_millis(50);
+
 enum Event {
     ClientJoined(u32, Tx),
     WorkerJoined {
@@ -204,6 +207,10 @@ async fn owner(mut rx: mpsc::UnboundedReceiver<Event>, mut stop: watch::Receiver
         closing: false,
     };
     let mut batch = Vec::with_capacity(64);
+    // The core has no clock: time reaches it as ticks (stall detection).
+    let start = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.changed() => break,
@@ -212,6 +219,10 @@ async fn owner(mut rx: mpsc::UnboundedReceiver<Event>, mut stop: watch::Receiver
                 for ev in batch.drain(..) {
                     st.handle(ev);
                 }
+            }
+            now = tick.tick() => {
+                st.core.handle_tick((now - start).as_micros() as u64);
+                st.process();
             }
         }
     }
@@ -337,6 +348,11 @@ impl State {
                     self.errors.insert(id, error);
                 }
             }
+            ToScheduler::Stolen(ids) => {
+                for id in ids {
+                    self.core.handle_steal_reply(wid, TaskId(id), true);
+                }
+            }
             other => tracing::warn!("worker {worker} sent a client message: {other:?}"),
         }
     }
@@ -359,6 +375,13 @@ impl State {
                 Action::CancelCompute { worker, task } => {
                     if let Some(w) = self.workers.get(&worker.0) {
                         let _ = w.tx.send(FromScheduler::Cancel(task.0));
+                    }
+                }
+                Action::Steal { worker, tasks } => {
+                    if let Some(w) = self.workers.get(&worker.0) {
+                        let _ = w.tx.send(FromScheduler::Steal(
+                            tasks.into_iter().map(|t| t.0).collect(),
+                        ));
                     }
                 }
                 Action::ReleaseData { worker, task } => {

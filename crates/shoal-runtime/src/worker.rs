@@ -51,6 +51,16 @@ pub enum Done {
         /// Execution time.
         duration_us: u64,
     },
+    /// A large result kept only as the Python object: pickled when a peer
+    /// or client asks for it (see [`WorkerShared::pickle_requests`]).
+    Held {
+        /// Task.
+        id: u64,
+        /// Its size in bytes (buffer size: what a transfer would move).
+        size: u64,
+        /// Execution time.
+        duration_us: u64,
+    },
     /// Pickled `(exception, traceback)`.
     Err {
         /// Task.
@@ -79,9 +89,25 @@ pub struct WorkerShared {
     pub data_addr: Address,
     queue: Mutex<Queue>,
     cv: Condvar,
-    store: Mutex<FxHashMap<u64, Bytes>>,
+    /// Results kept here for transfer: pickled, or `None` while held only
+    /// by the Python side (pickled on first request).
+    store: Mutex<FxHashMap<u64, Option<Bytes>>>,
+    /// Held results a transfer waits for, for the Python pickling thread.
+    to_pickle: Mutex<(VecDeque<u64>, FxHashSet<u64>)>,
+    to_pickle_cv: Condvar,
+    /// Wakes transfers waiting for a result to be pickled.
+    pickled: tokio::sync::Notify,
     out: mpsc::UnboundedSender<ToScheduler>,
+    /// Results not yet sent, and when the oldest was buffered: sent together
+    /// every `FLUSH_AFTER`, and before the execution loop waits.
+    unsent: Mutex<(Vec<ToScheduler>, Option<Instant>)>,
 }
+
+/// How long a transfer waits for a held result to be pickled.
+const PICKLE_WAIT: Duration = Duration::from_secs(120);
+
+/// How long finished results may wait to travel together.
+const FLUSH_AFTER: Duration = Duration::from_millis(2);
 
 /// What a batch call returns.
 pub enum Batch {
@@ -95,6 +121,20 @@ impl WorkerShared {
     /// Reports `done`, then waits up to `timeout` for tasks (at most `max`).
     /// Returns an empty batch on timeout, so the caller can check for signals.
     pub fn next_batch(&self, done: Vec<Done>, max: usize, timeout: Duration) -> Batch {
+        self.report(done);
+        if let Some(b) = self.try_next(max) {
+            return b;
+        }
+        self.wait_next(max, timeout)
+    }
+
+    /// Buffers finished tasks' reports; sends the buffer once its oldest
+    /// entry is `FLUSH_AFTER` old (one frame for many tiny tasks).
+    pub fn report(&self, done: Vec<Done>) {
+        if done.is_empty() {
+            return;
+        }
+        let mut unsent = self.unsent.lock();
         for d in done {
             let msg = match d {
                 Done::Ok {
@@ -111,7 +151,7 @@ impl WorkerShared {
                             duration_us,
                         }
                     } else {
-                        self.store.lock().insert(id, value);
+                        self.store.lock().insert(id, Some(value));
                         ToScheduler::Finished {
                             id,
                             size,
@@ -120,21 +160,136 @@ impl WorkerShared {
                         }
                     }
                 }
+                Done::Held {
+                    id,
+                    size,
+                    duration_us,
+                } => {
+                    self.store.lock().insert(id, None);
+                    ToScheduler::Finished {
+                        id,
+                        size,
+                        value: None,
+                        duration_us,
+                    }
+                }
                 Done::Err { id, error } => ToScheduler::Failed { id, error },
             };
-            let _ = self.out.send(msg);
+            unsent.0.push(msg);
         }
+        let since = *unsent.1.get_or_insert_with(Instant::now);
+        if since.elapsed() >= FLUSH_AFTER {
+            self.flush_locked(&mut unsent);
+        }
+    }
+
+    fn flush_locked(&self, unsent: &mut (Vec<ToScheduler>, Option<Instant>)) {
+        unsent.1 = None;
+        for m in unsent.0.drain(..) {
+            let _ = self.out.send(m);
+        }
+    }
+
+    /// For the Python pickling thread: held results that transfers wait for
+    /// (waits up to `timeout`; empty on timeout).
+    pub fn pickle_requests(&self, timeout: Duration) -> Vec<u64> {
+        let deadline = Instant::now() + timeout;
+        let mut q = self.to_pickle.lock();
+        while q.0.is_empty() {
+            if self.to_pickle_cv.wait_until(&mut q, deadline).timed_out() {
+                return Vec::new();
+            }
+        }
+        q.1.clear();
+        q.0.drain(..).collect()
+    }
+
+    /// The Python side pickled a held result (`None`: it could not, or the
+    /// result was released): waiting transfers go on.
+    pub fn put_pickled(&self, id: u64, value: Option<Bytes>) {
+        {
+            let mut store = self.store.lock();
+            match value {
+                Some(v) if store.contains_key(&id) => {
+                    store.insert(id, Some(v));
+                }
+                _ => {
+                    store.remove(&id);
+                }
+            }
+        }
+        self.pickled.notify_waiters();
+    }
+
+    /// The pickled bytes of results for a transfer: held ones are pickled
+    /// on demand (bounded wait). `None` for results this worker lacks.
+    async fn pickled_results(&self, ids: &[u64]) -> Vec<(u64, Option<Bytes>)> {
+        let deadline = tokio::time::Instant::now() + PICKLE_WAIT;
+        loop {
+            // Register for the wake-up before looking, so none is missed.
+            let notified = self.pickled.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let mut waiting = Vec::new();
+            let items: Vec<(u64, Option<Bytes>)> = {
+                let store = self.store.lock();
+                ids.iter()
+                    .map(|id| match store.get(id) {
+                        Some(Some(b)) => (*id, Some(b.clone())),
+                        Some(None) => {
+                            waiting.push(*id);
+                            (*id, None)
+                        }
+                        None => (*id, None),
+                    })
+                    .collect()
+            };
+            if waiting.is_empty() {
+                return items;
+            }
+            {
+                let mut q = self.to_pickle.lock();
+                for id in waiting {
+                    if q.1.insert(id) {
+                        q.0.push_back(id);
+                    }
+                }
+            }
+            self.to_pickle_cv.notify_one();
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                tracing::warn!("results {ids:?} were not pickled within {PICKLE_WAIT:?}");
+                return items;
+            }
+        }
+    }
+
+    fn take(q: &mut Queue, max: usize) -> Option<Batch> {
+        if q.closed {
+            return Some(Batch::Shutdown);
+        }
+        if q.ready.is_empty() && q.released.is_empty() {
+            return None;
+        }
+        let n = q.ready.len().min(max.max(1));
+        let tasks: Vec<ExecTask> = q.ready.drain(..n).collect();
+        let released = std::mem::take(&mut q.released);
+        Some(Batch::Work(tasks, released))
+    }
+
+    /// Takes ready work without blocking. Callable with the GIL held: the
+    /// queue lock is never held while waiting for anything else.
+    pub fn try_next(&self, max: usize) -> Option<Batch> {
+        Self::take(&mut self.queue.lock(), max)
+    }
+
+    /// Sends buffered reports, then waits up to `timeout` for work.
+    pub fn wait_next(&self, max: usize, timeout: Duration) -> Batch {
+        self.flush_locked(&mut self.unsent.lock());
         let deadline = Instant::now() + timeout;
         let mut q = self.queue.lock();
         loop {
-            if q.closed {
-                return Batch::Shutdown;
-            }
-            if !q.ready.is_empty() || !q.released.is_empty() {
-                let n = q.ready.len().min(max.max(1));
-                let tasks: Vec<ExecTask> = q.ready.drain(..n).collect();
-                let released = std::mem::take(&mut q.released);
-                return Batch::Work(tasks, released);
+            if let Some(b) = Self::take(&mut q, max) {
+                return b;
             }
             if self.cv.wait_until(&mut q, deadline).timed_out() {
                 return Batch::Work(Vec::new(), Vec::new());
@@ -193,7 +348,11 @@ pub fn start(
             queue: Mutex::new(Queue::default()),
             cv: Condvar::new(),
             store: Mutex::new(FxHashMap::default()),
+            to_pickle: Mutex::new((VecDeque::new(), FxHashSet::default())),
+            to_pickle_cv: Condvar::new(),
+            pickled: tokio::sync::Notify::new(),
             out,
+            unsent: Mutex::new((Vec::new(), None)),
         });
         tokio::spawn(data_server(listener, shared.clone()));
         let sh = shared.clone();
@@ -267,6 +426,29 @@ fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
                     });
                     sh.push_ready(t);
                 });
+            }
+        }
+        FromScheduler::Steal(ids) => {
+            // The execution loop takes one task at a time, so every task not
+            // started is still here (or fetching its inputs).
+            let mut q = sh.queue.lock();
+            let asked: FxHashSet<u64> = ids.into_iter().collect();
+            let mut given: Vec<u64> = Vec::new();
+            q.ready.retain(|t| {
+                let keep = !asked.contains(&t.id);
+                if !keep {
+                    given.push(t.id);
+                }
+                keep
+            });
+            for id in asked {
+                if q.fetching.contains(&id) && q.cancelled.insert(id) {
+                    given.push(id);
+                }
+            }
+            drop(q);
+            if !given.is_empty() {
+                let _ = sh.out.send(ToScheduler::Stolen(given));
             }
         }
         FromScheduler::Cancel(id) => {
@@ -389,13 +571,7 @@ async fn data_server(listener: Listener, sh: Arc<WorkerShared>) {
                 return;
             }
             while let Ok(Some(req)) = net::recv::<DataRequest>(&mut conn).await {
-                let items = {
-                    let store = sh.store.lock();
-                    req.ids
-                        .iter()
-                        .map(|id| (*id, store.get(id).cloned()))
-                        .collect()
-                };
+                let items = sh.pickled_results(&req.ids).await;
                 if net::send(&mut conn, &DataReply { items }).await.is_err() {
                     return;
                 }
