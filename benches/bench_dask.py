@@ -136,6 +136,7 @@ def main() -> None:
     ap.add_argument("-w", "--workloads", nargs="*", default=["mean", "transpose", "groupby"])
     ap.add_argument("-r", "--repeats", type=int, default=3)
     ap.add_argument("--small", action="store_true")
+    ap.add_argument("--only", nargs="*", help="runner names to run (e.g. shoal 'dask threads')")
     ap.add_argument("--data", default=os.path.join(tempfile.gettempdir(), "shoal-bench-csv"))
     ns = ap.parse_args()
     os.makedirs(ns.data, exist_ok=True)
@@ -150,6 +151,8 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {w: {} for w in ns.workloads}
     reference: dict[str, object] = {}
     for cls in runners:
+        if ns.only and cls.name not in ns.only:
+            continue
         try:
             with cls() as r:
                 for w in ns.workloads:

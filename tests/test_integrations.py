@@ -179,3 +179,29 @@ def test_forked_child_does_not_hang_on_inherited_client(client):
     assert p.exitcode == 0
     # The parent's cluster is untouched.
     assert client.submit(inc, 2).result() == 3
+
+
+# ------------------------------------------------------- tasks submit tasks
+
+
+def fib(n):
+    if n < 2:
+        return n
+    client = shoal.get_client()
+    a = client.submit(fib, n - 1)
+    b = client.submit(fib, n - 2)
+    return a.result() + b.result()  # waiting lends this task's thread
+
+
+def test_tasks_submit_tasks_recursively_without_deadlock():
+    # One worker with one thread: every waiting task must lend its thread.
+    with shoal.Client(n_workers=1) as c:
+        assert c.submit(fib, 8).result(timeout=120) == 21
+        # After all that lending, the worker is back to one thread's worth.
+        assert c.gather(c.map(inc, range(100))) == list(range(1, 101))
+
+
+def test_secede_and_rejoin_outside_a_task_are_clear():
+    with pytest.raises(RuntimeError, match="inside a task"):
+        shoal.secede()
+    shoal.rejoin()  # a no-op outside tasks

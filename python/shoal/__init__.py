@@ -16,6 +16,8 @@ from .client import (
     FutureList,
     as_completed,
     get_client,
+    rejoin,
+    secede,
     wait,
 )
 from .errors import (
@@ -39,6 +41,8 @@ __all__ = [
     "get",
     "init",
     "get_client",
+    "secede",
+    "rejoin",
     "wait",
     "as_completed",
     "ALL_COMPLETED",

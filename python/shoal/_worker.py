@@ -69,9 +69,19 @@ def _run_batch(fn: Any, payload: Any) -> Any:
     return values
 
 
+task_local = threading.local()  # .in_task while a task runs; .seceded
+_current: _Executor | None = None  # this worker process's executor
+
+
 class _Executor:
-    def __init__(self, core: WorkerCore):
+    def __init__(self, core: WorkerCore, address: str, nthreads: int):
         self.core = core
+        self.address = address
+        self.lock = threading.Lock()
+        self.target = nthreads  # execution threads wanted (grows on secede)
+        self.running = nthreads
+        self.client: Any = None  # get_client() inside tasks
+        self.stopped = threading.Event()
         self.funcs: dict[bytes, Any] = {}
         self.objects: dict[int, Any] = {}  # results too large to travel inline
 
@@ -84,8 +94,12 @@ class _Executor:
         core, objects = self.core, self.objects
         done: list[tuple[int, bool, bytes | None, int, int]] = []
         while True:
+            if self.running > self.target and self._retire():
+                core.report(done)
+                return
             r = core.next_batch(done, 1, 1.0)
             if r is None:
+                self.stopped.set()
                 return
             tasks, released = r
             for i in released:
@@ -94,6 +108,7 @@ class _Executor:
 
     def execute(self, tid, name, is_batch, func, args, deps, error):
         t0 = perf_counter()
+        task_local.in_task = True
         try:
             if error is not None:
                 raise RuntimeError(error)
@@ -121,6 +136,8 @@ class _Executor:
                 result = fn(*pos, **kw) if kw else fn(*pos)
         except BaseException as e:  # noqa: BLE001 - a task must never kill its worker
             return (tid, False, _dumps_error(e, name), 0, 0)
+        finally:
+            task_local.in_task = False
         duration = int((perf_counter() - t0) * 1e6)
         size = _buffer_size(result)
         if size is not None and size > INLINE_LIMIT:
@@ -137,6 +154,39 @@ class _Executor:
         if len(data) > INLINE_LIMIT:
             self.objects[tid] = result
         return (tid, True, data, duration, len(data))
+
+    def _retire(self) -> bool:
+        with self.lock:
+            if self.running > self.target:
+                self.running -= 1
+                return True
+        return False
+
+    def secede(self) -> None:
+        """The calling task waits on other tasks: lend its thread (another
+        execution thread starts, and the scheduler counts one more)."""
+        with self.lock:
+            self.target += 1
+            self.running += 1
+            n = self.target
+        threading.Thread(target=self.run, name="shoal-exec", daemon=True).start()
+        self.core.set_threads(n)
+
+    def rejoin(self) -> None:
+        """The waiting is over: take the thread back (one thread retires
+        after its current task)."""
+        with self.lock:
+            self.target -= 1
+            n = self.target
+        self.core.set_threads(n)
+
+    def get_client(self) -> Any:
+        with self.lock:
+            if self.client is None or self.client._closed:
+                from .client import Client
+
+                self.client = Client(self.address, set_as_default=False)
+            return self.client
 
     def pickle_held(self) -> None:
         """Thread: pickles held results when a peer or client fetches them
@@ -181,21 +231,21 @@ def main(argv: list[str] | None = None) -> None:
     # handles it; a worker must not die of it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     core = WorkerCore(ns.address, ns.nthreads, ns.name)
-    executor = _Executor(core)
+    global _current
+    executor = _current = _Executor(core, ns.address, ns.nthreads)
     threading.Thread(target=executor.pickle_held, name="shoal-pickler", daemon=True).start()
-    if ns.nthreads <= 1:
-        executor.run()
-    else:
-        threads = [
-            threading.Thread(target=executor.run, name=f"shoal-exec-{i}", daemon=True)
-            for i in range(ns.nthreads)
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+    # Execution threads come and go (secede/rejoin); the process lives until
+    # the scheduler says stop.
+    for i in range(ns.nthreads):
+        threading.Thread(target=executor.run, name=f"shoal-exec-{i}", daemon=True).start()
+    executor.stopped.wait()
     sys.stdout.flush()
 
 
 if __name__ == "__main__":
-    main()
+    # Run as `python -m shoal._worker`: this file is then `__main__`. Run the
+    # copy imported as `shoal._worker`, whose globals (`_current`) the rest
+    # of the package sees.
+    from shoal._worker import main as package_main
+
+    package_main()

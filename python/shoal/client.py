@@ -61,13 +61,64 @@ _recent: list[weakref.ref[Client]] = []  # creation order, for get_client()
 
 
 def get_client() -> Client:
-    """The most recently created client of this process that is still open.
-    Raises ``ValueError`` if there is none."""
+    """Inside a task: a client of the cluster running it (tasks may submit
+    tasks; waiting on them lends the task's thread, so recursion cannot
+    deadlock). Elsewhere: the most recently created client of this process
+    that is still open. Raises ``ValueError`` if there is none."""
+    from . import _worker
+
+    if _worker._current is not None:
+        return _worker._current.get_client()
     for ref in reversed(_recent):
         c = ref()
         if c is not None and not c._closed:
             return c
     raise ValueError("no shoal Client is open; create one with shoal.Client()")
+
+
+def secede() -> None:
+    """Inside a task: stop counting against the worker's threads (another
+    task may start) until ``rejoin()``. Waiting on futures inside a task does
+    this by itself."""
+    from . import _worker
+
+    if _worker._current is None or not getattr(_worker.task_local, "in_task", False):
+        raise RuntimeError("secede() can only be called inside a task")
+    if not getattr(_worker.task_local, "seceded", False):
+        _worker.task_local.seceded = True
+        _worker._current.secede()
+
+
+def rejoin() -> None:
+    """Inside a task, after ``secede()``: count against the worker's threads again."""
+    from . import _worker
+
+    if _worker._current is not None and getattr(_worker.task_local, "seceded", False):
+        _worker.task_local.seceded = False
+        _worker._current.rejoin()
+
+
+class _LendThread:
+    """Around a blocking wait: inside a task that has not seceded, lend the
+    task's thread for the wait (a task waiting on tasks must not hold the
+    slot they need)."""
+
+    __slots__ = ("lent",)
+
+    def __enter__(self) -> None:
+        from . import _worker
+
+        self.lent = (
+            _worker._current is not None
+            and getattr(_worker.task_local, "in_task", False)
+            and not getattr(_worker.task_local, "seceded", False)
+        )
+        if self.lent:
+            secede()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.lent:
+            rejoin()
 
 
 _started: list[Client] = []  # the client default_client() had to start
@@ -493,7 +544,12 @@ class Client:
         while True:
             if task_id in self._cancelled:
                 raise FutureCancelledError(f"{key} was cancelled")
-            if core.wait([task_id], 1, timeout) < 1:
+            if core.status(task_id) == 0:
+                with _LendThread():
+                    got = core.wait([task_id], 1, timeout)
+            else:
+                got = 1
+            if got < 1:
                 raise TimeoutError(f"{key} did not finish within {timeout} seconds")
             code, a, b = core.outcome(task_id)
             if code != -1:
@@ -553,7 +609,9 @@ class Client:
         _collect(futures, flat)
         core = self._check()
         ids = list(dict.fromkeys(f._id for f in flat))
-        core.wait(ids, len(ids), None)
+        if core.wait(ids, len(ids), 0) < len(ids):
+            with _LendThread():
+                core.wait(ids, len(ids), None)
         outcomes: dict[int, tuple[int, Any, Any]] = {}
         values: list[Any] = []
         cache = self._batch_cache
@@ -583,7 +641,9 @@ class Client:
         """``gather`` of a whole ``map``: one outcome per task, no element futures."""
         core = self._check()
         ids = fl._ids
-        core.wait(ids, len(ids), None)
+        if core.wait(ids, len(ids), 0) < len(ids):
+            with _LendThread():
+                core.wait(ids, len(ids), None)
         out: list[Any] = []
         size = fl._batch
         for j, tid in enumerate(ids):
@@ -758,7 +818,8 @@ def wait(
     for client, group in _by_client(futures).items():
         ids = list({f._id for f in group})
         need = len(ids) if return_when == ALL_COMPLETED else 1
-        got = client._check().wait(ids, need, timeout)
+        with _LendThread():
+            got = client._check().wait(ids, need, timeout)
         if got < need and return_when == ALL_COMPLETED:
             raise TimeoutError(f"{len(ids) - got} of {len(ids)} tasks unfinished after {timeout}s")
         if return_when == FIRST_COMPLETED and got >= 1:

@@ -406,6 +406,15 @@ impl Core {
         self.schedule();
     }
 
+    /// A worker's number of execution threads changed: a task waiting on
+    /// other tasks (`secede`) lends its thread, and takes it back after.
+    pub fn handle_worker_threads(&mut self, worker: WorkerId, nthreads: u32) {
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.nthreads = nthreads.max(1);
+            self.schedule();
+        }
+    }
+
     /// A worker is gone (connection lost, process died). Its running tasks run
     /// again elsewhere; results only it held and still needed are recomputed.
     pub fn handle_worker_lost(&mut self, worker: WorkerId) {

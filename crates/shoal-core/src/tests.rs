@@ -499,3 +499,21 @@ fn a_stale_steal_reply_is_ignored() {
     c.handle_steal_reply(WorkerId(9), t(1), true);
     c.check_invariants();
 }
+
+#[test]
+fn a_worker_lending_a_thread_gets_another_task() {
+    let mut c = core();
+    c.handle_worker_added(WorkerId(0), 1);
+    c.handle_submit(C, (1..=3).map(|i| nt(i, &[])).collect());
+    assert_eq!(computes(&c.take_actions()), vec![(0, 1)]);
+    // Task 1 waits on other tasks and secedes: one more thread.
+    c.handle_worker_threads(WorkerId(0), 2);
+    assert_eq!(computes(&c.take_actions()), vec![(0, 2)]);
+    c.handle_worker_threads(WorkerId(0), 1);
+    c.handle_task_finished(WorkerId(0), t(2), 8, true, 1_000_000);
+    assert!(
+        computes(&c.take_actions()).is_empty(),
+        "still one thread busy"
+    );
+    c.check_invariants();
+}

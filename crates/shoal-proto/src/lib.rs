@@ -151,6 +151,9 @@ pub enum ToScheduler {
     },
     /// Worker: these tasks asked back by `Steal` were not started and are dropped.
     Stolen(Vec<u64>),
+    /// Worker: its number of execution threads is now this (a task waiting
+    /// on other tasks lends its thread).
+    Threads(u32),
 }
 
 /// Where a task input is to be found.

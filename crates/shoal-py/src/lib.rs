@@ -503,25 +503,7 @@ impl WorkerCore {
         max: usize,
         timeout: f64,
     ) -> PyResult<Option<(Bound<'py, PyList>, Vec<u64>)>> {
-        let done: Vec<Done> = done
-            .into_iter()
-            .map(|(id, ok, payload, duration_us, size)| match payload {
-                None => Done::Held {
-                    id,
-                    size,
-                    duration_us,
-                },
-                Some(p) if ok => Done::Ok {
-                    id,
-                    value: Bytes::copy_from_slice(p.as_bytes()),
-                    duration_us,
-                },
-                Some(p) => Done::Err {
-                    id,
-                    error: Bytes::copy_from_slice(p.as_bytes()),
-                },
-            })
-            .collect();
+        let done: Vec<Done> = done.into_iter().map(to_done).collect();
         let inner = &self.inner;
         inner.report(done);
         // Work already queued is taken with the GIL held (no lock is held
@@ -560,6 +542,17 @@ impl WorkerCore {
         Ok(Some((list, released)))
     }
 
+    /// Reports finished tasks without taking more (a retiring thread).
+    fn report(&self, done: Vec<DoneTuple<'_>>) {
+        self.inner.report(done.into_iter().map(to_done).collect());
+        self.inner.flush();
+    }
+
+    /// Tells the scheduler this worker now has `n` execution threads.
+    fn set_threads(&self, n: u32) {
+        self.inner.set_threads(n)
+    }
+
     /// Ids of held results that transfers wait for (empty after `timeout`).
     fn pickle_requests(&self, py: Python<'_>, timeout: f64) -> Vec<u64> {
         let timeout = Duration::from_secs_f64(timeout.max(0.0));
@@ -596,6 +589,25 @@ fn cli_main(
 
 /// `(id, ok, payload, duration_us, size)` as the worker loop reports it.
 type DoneTuple<'py> = (u64, bool, Option<Bound<'py, PyBytes>>, u64, u64);
+
+fn to_done((id, ok, payload, duration_us, size): DoneTuple<'_>) -> Done {
+    match payload {
+        None => Done::Held {
+            id,
+            size,
+            duration_us,
+        },
+        Some(p) if ok => Done::Ok {
+            id,
+            value: Bytes::copy_from_slice(p.as_bytes()),
+            duration_us,
+        },
+        Some(p) => Done::Err {
+            id,
+            error: Bytes::copy_from_slice(p.as_bytes()),
+        },
+    }
+}
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {

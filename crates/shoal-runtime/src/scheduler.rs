@@ -348,6 +348,7 @@ impl State {
                     self.errors.insert(id, error);
                 }
             }
+            ToScheduler::Threads(n) => self.core.handle_worker_threads(wid, n),
             ToScheduler::Stolen(ids) => {
                 for id in ids {
                     self.core.handle_steal_reply(wid, TaskId(id), true);

@@ -183,11 +183,23 @@ impl WorkerShared {
         }
     }
 
+    /// Sends buffered reports now.
+    pub fn flush(&self) {
+        self.flush_locked(&mut self.unsent.lock());
+    }
+
     fn flush_locked(&self, unsent: &mut (Vec<ToScheduler>, Option<Instant>)) {
         unsent.1 = None;
         for m in unsent.0.drain(..) {
             let _ = self.out.send(m);
         }
+    }
+
+    /// Tells the scheduler how many execution threads this worker now has.
+    pub fn set_threads(&self, n: u32) {
+        // Reports buffered before this go first: ordering with results.
+        self.flush_locked(&mut self.unsent.lock());
+        let _ = self.out.send(ToScheduler::Threads(n));
     }
 
     /// For the Python pickling thread: held results that transfers wait for
