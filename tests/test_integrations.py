@@ -144,8 +144,8 @@ def test_remote_options_and_what_is_not_there(client):
     assert shoal.get(square.options(priority=5).remote(4)) == 16
     with pytest.raises(TypeError, match="unknown remote options"):
         square.options(colour="red")
-    with pytest.raises(NotImplementedError, match="resources"):
-        square.options(num_gpus=1)
+    with pytest.raises(NotImplementedError, match="num_cpus"):
+        square.options(num_cpus=2)
 
     class Counter:
         pass
@@ -205,3 +205,56 @@ def test_secede_and_rejoin_outside_a_task_are_clear():
     with pytest.raises(RuntimeError, match="inside a task"):
         shoal.secede()
     shoal.rejoin()  # a no-op outside tasks
+
+
+# ---------------------------------------------------------------- resources
+
+
+def _interval(delay):
+    start = time.monotonic()
+    time.sleep(delay)
+    return os.getpid(), start, time.monotonic(), os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_resources_are_never_overcommitted():
+    # Two threads per worker, but one "slot" each: slot tasks never overlap
+    # on a worker, while other tasks still use the second thread.
+    with shoal.Client(n_workers=2, threads_per_worker=2, resources={"slot": 1}) as c:
+        fs = [c.submit(_interval, 0.3, resources={"slot": 1}) for _ in range(6)]
+        free = [c.submit(_interval, 0.0) for _ in range(4)]
+        runs = c.gather(fs)
+        c.gather(free)
+        by_pid = {}
+        for pid, start, end, _ in runs:
+            by_pid.setdefault(pid, []).append((start, end))
+        for spans in by_pid.values():
+            spans.sort()
+            for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+                assert start >= end - 1e-3, f"overlapping slot tasks: {spans}"
+        # No worker has 5 GPUs: a clear error at once, and the cluster goes on.
+        t = time.monotonic()
+        with pytest.raises(shoal.UnsatisfiableError, match="GPU=5"):
+            c.submit(inc, 1, resources={"GPU": 5}).result(timeout=30)
+        assert time.monotonic() - t < 5
+        assert c.submit(inc, 1).result() == 2
+
+
+def test_gpu_tasks_get_their_devices_pinned():
+    with shoal.Client(n_workers=1, resources={"GPU": 2}) as c:
+        pinned = c.gather([c.submit(_interval, 0.0, resources={"GPU": 1}) for _ in range(4)])
+        assert {p[3] for p in pinned} <= {"0", "1"}
+        both = c.submit(_interval, 0.0, resources={"GPU": 2}).result()
+        assert both[3] == "0,1"
+        assert c.submit(_interval, 0.0).result()[3] is None
+        gpu_square = square.options(num_gpus=1)
+        assert shoal.get(gpu_square.remote(3)) == 9
+
+
+def test_bad_resources_are_clear_errors(client):
+    with pytest.raises(ValueError, match="positive"):
+        client.submit(inc, 1, resources={"GPU": -1})
+    with pytest.raises(TypeError, match="dict"):
+        client.submit(inc, 1, resources="GPU")
+    with pytest.raises(TypeError, match="number"):
+        client.map(inc, [1], resources={"GPU": "many"})
+    assert client.submit(inc, 1).result() == 2

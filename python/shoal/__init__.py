@@ -27,6 +27,7 @@ from .errors import (
     SchedulerLostError,
     ShoalError,
     TaskAbortedError,
+    UnsatisfiableError,
 )
 from .executor import Executor
 from .remote import get, init, remote
@@ -53,6 +54,7 @@ __all__ = [
     "FutureCancelledError",
     "TaskAbortedError",
     "MissingDependencyError",
+    "UnsatisfiableError",
 ]
 
 

@@ -36,6 +36,7 @@ class ClientCore:
         deps: list[int],
         priority: int,
         retries: int,
+        resources: list[tuple[str, float]] = ...,
     ) -> int: ...
     def submit_many(
         self,
@@ -45,6 +46,7 @@ class ClientCore:
         items: list[tuple[bytes, list[int]]],
         priority: int,
         retries: int,
+        resources: list[tuple[str, float]] = ...,
     ) -> list[int]: ...
     def new_ids(self, n: int) -> int: ...
     def submit_graph(
@@ -52,6 +54,7 @@ class ClientCore:
         func: bytes,
         items: list[tuple[int, str, str | None, bytes, list[int], int]],
         retries: int,
+        resources: list[tuple[str, float]] = ...,
     ) -> None: ...
     def release(self, ids: list[int]) -> None: ...
     def cancel(self, ids: list[int]) -> None: ...
@@ -62,7 +65,13 @@ class ClientCore:
     def closed_reason(self) -> str | None: ...
 
 class WorkerCore:
-    def __init__(self, address: str, nthreads: int, name: str) -> None: ...
+    def __init__(
+        self,
+        address: str,
+        nthreads: int,
+        name: str,
+        resources: list[tuple[str, float]] = ...,
+    ) -> None: ...
     @property
     def id(self) -> int: ...
     def next_batch(
@@ -72,7 +81,18 @@ class WorkerCore:
         timeout: float,
     ) -> (
         tuple[
-            list[tuple[int, str, bool, bytes, bytes, list[tuple[int, bytes | None]], str | None]],
+            list[
+                tuple[
+                    int,
+                    str,
+                    bool,
+                    bytes,
+                    bytes,
+                    list[tuple[int, bytes | None]],
+                    str | None,
+                    list[tuple[str, float]] | None,
+                ]
+            ],
             list[int],
         ]
         | None

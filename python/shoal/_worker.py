@@ -8,6 +8,7 @@ runs them, and hands back the pickled results with the next pull.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import pickle
 import signal
@@ -17,7 +18,7 @@ import traceback
 from time import perf_counter
 from typing import Any
 
-from . import _serialize
+from . import _resources, _serialize
 from ._core import INLINE_LIMIT, WorkerCore
 from .errors import TaskAbortedError
 
@@ -74,8 +75,9 @@ _current: _Executor | None = None  # this worker process's executor
 
 
 class _Executor:
-    def __init__(self, core: WorkerCore, address: str, nthreads: int):
+    def __init__(self, core: WorkerCore, address: str, nthreads: int, gpus: list[str]):
         self.core = core
+        self.gpu_users = dict.fromkeys(gpus, 0)  # device -> tasks using it
         self.address = address
         self.lock = threading.Lock()
         self.target = nthreads  # execution threads wanted (grows on secede)
@@ -106,7 +108,37 @@ class _Executor:
                 objects.pop(i, None)
             done = [self.execute(*t) for t in tasks]
 
-    def execute(self, tid, name, is_batch, func, args, deps, error):
+    def execute(self, tid, name, is_batch, func, args, deps, error, resources=None):
+        if resources:
+            gpus = sum(v for k, v in resources if k == "GPU")
+            if gpus and self.gpu_users:
+                return self._with_gpus(gpus, tid, name, is_batch, func, args, deps, error)
+        return self._execute(tid, name, is_batch, func, args, deps, error)
+
+    def _with_gpus(self, gpus: float, *task: Any) -> Any:
+        """Runs a GPU task with ``CUDA_VISIBLE_DEVICES`` set to the devices it
+        was given: the least used ones, ``ceil(gpus)`` of them. The variable
+        is process-wide: with several threads per worker, GPU tasks should
+        each have a worker process (``threads_per_worker=1``, the default)."""
+        with self.lock:
+            n = min(len(self.gpu_users), max(1, math.ceil(gpus - 1e-9)))
+            devices = sorted(self.gpu_users, key=lambda d: (self.gpu_users[d], d))[:n]
+            for d in devices:
+                self.gpu_users[d] += 1
+        before = os.environ.get("CUDA_VISIBLE_DEVICES")
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+        try:
+            return self._execute(*task)
+        finally:
+            if before is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = before
+            with self.lock:
+                for d in devices:
+                    self.gpu_users[d] -= 1
+
+    def _execute(self, tid, name, is_batch, func, args, deps, error):
         t0 = perf_counter()
         task_local.in_task = True
         try:
@@ -226,13 +258,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("address", help="scheduler address (unix:///path or tcp://host:port)")
     parser.add_argument("--nthreads", type=int, default=1)
     parser.add_argument("--name", default=f"worker-{os.getpid()}")
+    parser.add_argument(
+        "--resources",
+        default="",
+        help="what tasks may hold, e.g. 'GPU=2,ssd=1' (GPUs are detected if not given)",
+    )
     ns = parser.parse_args(argv)
+    resources = _resources.parse(ns.resources)
+    gpus = _resources.detect_gpus()
+    if "GPU" not in resources and gpus:
+        resources["GPU"] = float(len(gpus))
+    elif "GPU" in resources and not gpus:  # declared, not detected: trust it
+        gpus = [str(i) for i in range(math.ceil(resources["GPU"]))]
     # Ctrl-C in the terminal reaches the whole process group: the client
     # handles it; a worker must not die of it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    core = WorkerCore(ns.address, ns.nthreads, ns.name)
+    core = WorkerCore(ns.address, ns.nthreads, ns.name, sorted(resources.items()))
     global _current
-    executor = _current = _Executor(core, ns.address, ns.nthreads)
+    executor = _current = _Executor(core, ns.address, ns.nthreads, gpus)
     threading.Thread(target=executor.pickle_held, name="shoal-pickler", daemon=True).start()
     # Execution threads come and go (secede/rejoin); the process lives until
     # the scheduler says stop.

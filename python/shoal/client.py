@@ -30,16 +30,17 @@ import threading
 import time
 import weakref
 from collections import namedtuple
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, overload
 
-from . import _dask, _serialize
+from . import _dask, _resources, _serialize
 from ._core import ClientCore, Cluster
 from .errors import (
     FutureCancelledError,
     KilledWorker,
     MissingDependencyError,
     SchedulerLostError,
+    UnsatisfiableError,
 )
 
 __all__ = [
@@ -373,6 +374,7 @@ class Client:
         threads_per_worker: int = 1,
         timeout: float = 30.0,
         set_as_default: bool = True,
+        resources: Mapping[str, float] | None = None,
     ):
         if n_workers is not None and n_workers < 1:
             raise ValueError(f"n_workers must be at least 1, not {n_workers}")
@@ -394,10 +396,18 @@ class Client:
             n = n_workers or os.cpu_count() or 1
             env = [("PYTHONPATH", os.pathsep.join(p for p in sys.path if p))]
             args = ["-m", "shoal._worker", "--nthreads", str(threads_per_worker)]
+            offered = _resources.normalize(resources, "Client")
+            if offered:
+                args += ["--resources", ",".join(f"{k}={v!r}" for k, v in offered)]
             self._cluster = Cluster(n, sys.executable, args, env)
             address = self._cluster.address
             self._nthreads = n * threads_per_worker
         else:
+            if resources:
+                raise ValueError(
+                    "resources= describes the workers Client() starts; "
+                    "give them to `shoal worker --resources` instead"
+                )
             self._nthreads = (n_workers or os.cpu_count() or 1) * threads_per_worker
         self.scheduler_address: str = address
         self._core: ClientCore | None = ClientCore(address)
@@ -449,6 +459,7 @@ class Client:
         priority: int = 0,
         retries: int = 0,
         pure: bool = False,
+        resources: Mapping[str, float] | None = None,
         **kwargs: Any,
     ) -> Future:
         """Runs ``fn(*args, **kwargs)`` on the cluster; returns its Future.
@@ -457,8 +468,12 @@ class Client:
         values on the worker, after their tasks finish. ``priority``: higher
         runs first. ``retries``: re-runs after an exception. ``key``: a name
         for the task; submitting an existing key returns its future.
+        ``resources``: amounts the task holds while it runs, e.g.
+        ``{"GPU": 1}``; it runs only where they are free (GPU tasks get
+        ``CUDA_VISIBLE_DEVICES`` set to their devices).
         """
         core = self._check()
+        needs = _resources.normalize(resources, "submit")
         group, func = _prepare_function(fn, "submit")
         payload, deps = _serialize.dumps_args((args, kwargs or None), f"the arguments of {group}")
         if pure and key is None:
@@ -467,7 +482,7 @@ class Client:
             existing = self._keys.get(key)
             if existing is not None and existing in self._refs:
                 return Future(self, existing, group, key)
-        tid = core.submit(group, key, False, func, payload, deps, priority, retries)
+        tid = core.submit(group, key, False, func, payload, deps, priority, retries, needs)
         f = Future(self, tid, group, key)
         if key is not None:
             self._name(key, tid)
@@ -480,12 +495,14 @@ class Client:
         batch_size: int | None = None,
         priority: int = 0,
         retries: int = 0,
+        resources: Mapping[str, float] | None = None,
         **kwargs: Any,
     ) -> FutureList:
         """``[submit(fn, *args, **kwargs) for args in zip(*iterables)]``, with
         ``batch_size`` elements per task (see the module notes)."""
         core = self._check()
         group, func = _prepare_function(fn, "map")
+        needs = _resources.normalize(resources, "map")
         if not iterables:
             raise TypeError("map needs at least one iterable")
         star = len(iterables) > 1
@@ -505,7 +522,7 @@ class Client:
                 )
                 for i, a in enumerate(items)
             ]
-            ids = core.submit_many(group, False, func, payloads, priority, retries)
+            ids = core.submit_many(group, False, func, payloads, priority, retries, needs)
             return FutureList(self, ids, group, 0, n)
         payloads = [
             _serialize.dumps_args(
@@ -513,7 +530,7 @@ class Client:
             )
             for j, i in enumerate(range(0, n, batch_size))
         ]
-        ids = core.submit_many(group, True, func, payloads, priority, retries)
+        ids = core.submit_many(group, True, func, payloads, priority, retries, needs)
         return FutureList(self, ids, group, batch_size, n)
 
     # ----------------------------------------------------------- Dask
@@ -583,6 +600,8 @@ class Client:
         if code == 3:
             why = "" if a == f.key else f" (its input {a!r} was cancelled)"
             raise FutureCancelledError(f"{f.key} was cancelled{why}")
+        if code == 5:
+            raise UnsatisfiableError(f"no worker can run {a}: {b}")
         if code == 4:
             raise MissingDependencyError(
                 f"{f.key} takes a future the scheduler does not know (task id {a:x}): "

@@ -40,3 +40,8 @@ class TaskAbortedError(ShoalError):
 class MissingDependencyError(ShoalError):
     """A task was given a future the scheduler no longer knows (released, or
     from another cluster)."""
+
+
+class UnsatisfiableError(ShoalError):
+    """A task needs more of a resource (``resources=``) than any worker of
+    the cluster has: it can never run."""

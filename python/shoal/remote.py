@@ -32,10 +32,9 @@ def _check_options(options: dict[str, Any]) -> dict[str, Any]:
     unknown = set(options) - _OPTIONS
     if unknown:
         raise TypeError(f"unknown remote options {sorted(unknown)}; known: {sorted(_OPTIONS)}")
-    if options.get("num_cpus", 1) != 1 or options.get("num_gpus", 0) or options.get("resources"):
+    if options.get("num_cpus", 1) != 1:
         raise NotImplementedError(
-            "per-task resources (num_cpus other than 1, num_gpus, resources) are not "
-            "implemented yet: every task takes one worker thread"
+            "num_cpus other than 1 is not implemented yet: every task takes one worker thread"
         )
     return options
 
@@ -52,11 +51,15 @@ class RemoteFunction:
         """Runs the function on the cluster; returns its future (object ref)."""
         o = self._options
         retries = o.get("retries", o.get("max_retries", 0))
+        resources = dict(o.get("resources") or {})
+        if o.get("num_gpus"):
+            resources["GPU"] = o["num_gpus"]
         return default_client().submit(
             self._fn,
             *args,
             retries=max(0, retries),
             priority=o.get("priority", 0),
+            resources=resources or None,
             **kwargs,
         )
 

@@ -42,6 +42,7 @@ fn graph(leaves: u64) -> Vec<NewTask> {
         priority: 0,
         retries: 0,
         group: 0,
+        resources: Vec::new(),
     }));
     while level.len() > 1 {
         let mut up = Vec::new();
@@ -52,6 +53,7 @@ fn graph(leaves: u64) -> Vec<NewTask> {
                 priority: 0,
                 retries: 0,
                 group: 1,
+                resources: Vec::new(),
             });
             up.push(next);
             next += 1;

@@ -63,6 +63,8 @@ pub enum ErrorKind {
     Cancelled,
     /// It depends on a task the scheduler does not know (released or never submitted).
     MissingDependency(TaskId),
+    /// It needs more of a resource than any connected worker has.
+    Unsatisfiable,
 }
 
 /// A task as submitted by a client.
@@ -78,6 +80,9 @@ pub struct NewTask {
     pub retries: u32,
     /// Task group (usually one per function); duration estimates are per group.
     pub group: u32,
+    /// Resources it holds while it runs: `(resource id, amount)`; a worker
+    /// runs it only with that much free, and never queues it.
+    pub resources: Vec<(u32, f64)>,
 }
 
 /// What the core asks the services to do.
@@ -233,6 +238,7 @@ struct Task {
     /// Duration estimate charged to the worker while processing.
     est_us: u32,
     kills: u8,
+    resources: Box<[(u32, f64)]>,
 }
 
 #[derive(Debug)]
@@ -247,6 +253,9 @@ struct Worker {
     stalled: bool,
     /// Assigned tasks asked back, answer pending.
     stealing: FxHashSet<TaskId>,
+    /// Resources it has, and the amounts its assigned tasks hold.
+    resources: Vec<(u32, f64)>,
+    resources_used: Vec<(u32, f64)>,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -297,6 +306,8 @@ pub struct Core {
     /// Workers in id order, for deterministic placement.
     worker_order: Vec<WorkerId>,
     ready: BinaryHeap<ReadyEntry>,
+    /// Ready tasks that need resources (placed first, never pipelined).
+    ready_constrained: BinaryHeap<ReadyEntry>,
     groups: Vec<GroupStats>,
     actions: Vec<Action>,
     log: VecDeque<Transition>,
@@ -320,6 +331,7 @@ impl Core {
             workers: FxHashMap::default(),
             worker_order: Vec::new(),
             ready: BinaryHeap::new(),
+            ready_constrained: BinaryHeap::new(),
             groups: Vec::new(),
             actions: Vec::new(),
             log: VecDeque::new(),
@@ -391,6 +403,16 @@ impl Core {
 
     /// A worker joined with `nthreads` execution slots.
     pub fn handle_worker_added(&mut self, worker: WorkerId, nthreads: u32) {
+        self.handle_worker_added_with(worker, nthreads, Vec::new());
+    }
+
+    /// A worker joined with these resources (`(resource id, amount)`).
+    pub fn handle_worker_added_with(
+        &mut self,
+        worker: WorkerId,
+        nthreads: u32,
+        resources: Vec<(u32, f64)>,
+    ) {
         let w = Worker {
             nthreads: nthreads.max(1),
             assigned: FxHashSet::default(),
@@ -399,6 +421,8 @@ impl Core {
             progress_us: self.now_us,
             stalled: false,
             stealing: FxHashSet::default(),
+            resources_used: resources.iter().map(|&(r, _)| (r, 0.0)).collect(),
+            resources,
         };
         if self.workers.insert(worker, w).is_none() {
             self.worker_order.push(worker);
@@ -486,6 +510,7 @@ impl Core {
                     retries_left: nt.retries,
                     est_us: 0,
                     kills: 0,
+                    resources: nt.resources.into_boxed_slice(),
                 },
             );
             fresh.push(nt.id);
@@ -773,6 +798,11 @@ impl Core {
                     w.assigned.remove(&id);
                     w.stealing.remove(&id);
                     w.queued_est_us = w.queued_est_us.saturating_sub(est);
+                    for &(r, amount) in t.resources.iter() {
+                        if let Some(u) = w.resources_used.iter_mut().find(|u| u.0 == r) {
+                            u.1 -= amount;
+                        }
+                    }
                 }
             }
             TaskState::Memory {
@@ -787,11 +817,18 @@ impl Core {
         }
         // Enter `to`.
         match to {
-            TaskState::Ready => self.ready.push(ReadyEntry {
-                priority: t.priority,
-                depth: t.depth,
-                id,
-            }),
+            TaskState::Ready => {
+                let entry = ReadyEntry {
+                    priority: t.priority,
+                    depth: t.depth,
+                    id,
+                };
+                if t.resources.is_empty() {
+                    self.ready.push(entry)
+                } else {
+                    self.ready_constrained.push(entry)
+                }
+            }
             TaskState::Memory {
                 location: Location::Worker(w),
                 ..
@@ -967,6 +1004,7 @@ impl Core {
     /// the next one. Prefers the worker holding most bytes of the inputs, then
     /// the least loaded.
     fn schedule(&mut self) {
+        self.schedule_constrained();
         while let Some(top) = self.ready.peek() {
             let id = top.id;
             let Some(t) = self.tasks.get(&id) else {
@@ -1020,6 +1058,76 @@ impl Core {
             }
             w.assigned.insert(id);
             w.queued_est_us += est;
+            self.set_state(id, TaskState::Processing(wid));
+            self.actions.push(Action::Compute {
+                worker: wid,
+                task: id,
+            });
+        }
+    }
+
+    /// Places ready tasks that need resources, highest priority first, each
+    /// on a worker with a free thread and the resources free; stops at the
+    /// first that must wait. One that no connected worker could ever run
+    /// fails (with no workers at all, it waits for some).
+    fn schedule_constrained(&mut self) {
+        while let Some(top) = self.ready_constrained.peek() {
+            let id = top.id;
+            let Some(t) = self.tasks.get(&id) else {
+                self.ready_constrained.pop();
+                continue;
+            };
+            if t.state != TaskState::Ready {
+                self.ready_constrained.pop();
+                continue;
+            }
+            let need = &t.resources;
+            // Whether `w` has `need` (free now, or in total).
+            let fits = |w: &Worker, free: bool| {
+                need.iter().all(|&(r, amount)| {
+                    let total = w.resources.iter().find(|x| x.0 == r).map_or(0.0, |x| x.1);
+                    let taken = match free {
+                        true => w
+                            .resources_used
+                            .iter()
+                            .find(|x| x.0 == r)
+                            .map_or(0.0, |x| x.1),
+                        false => 0.0,
+                    };
+                    total - taken >= amount - 1e-9
+                })
+            };
+            if !self.workers.is_empty() && !self.workers.values().any(|w| fits(w, false)) {
+                self.ready_constrained.pop();
+                self.set_erred(id, id, ErrorKind::Unsatisfiable);
+                continue;
+            }
+            let mut best: Option<(usize, WorkerId)> = None;
+            for &wid in &self.worker_order {
+                let w = &self.workers[&wid];
+                if w.assigned.len() >= w.nthreads as usize || !fits(w, true) {
+                    continue;
+                }
+                if best.is_none_or(|(n, _)| w.assigned.len() < n) {
+                    best = Some((w.assigned.len(), wid));
+                }
+            }
+            let Some((_, wid)) = best else {
+                break;
+            };
+            self.ready_constrained.pop();
+            let need = self.tasks[&id].resources.clone();
+            let w = self.workers.get_mut(&wid).expect("chosen");
+            for (r, amount) in need.iter() {
+                if let Some(u) = w.resources_used.iter_mut().find(|u| u.0 == *r) {
+                    u.1 += amount;
+                }
+            }
+            if w.assigned.is_empty() {
+                w.progress_us = self.now_us;
+            }
+            w.assigned.insert(id);
+            self.tasks.get_mut(&id).expect("ready").est_us = 0;
             self.set_state(id, TaskState::Processing(wid));
             self.actions.push(Action::Compute {
                 worker: wid,
@@ -1106,7 +1214,12 @@ impl Core {
                 ));
             }
         }
-        let queued: FxHashSet<TaskId> = self.ready.iter().map(|e| e.id).collect();
+        let queued: FxHashSet<TaskId> = self
+            .ready
+            .iter()
+            .chain(self.ready_constrained.iter())
+            .map(|e| e.id)
+            .collect();
         for (&id, t) in &self.tasks {
             if t.state == TaskState::Ready {
                 assert!(queued.contains(&id), "{id:?} ready but not queued");

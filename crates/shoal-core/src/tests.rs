@@ -16,6 +16,7 @@ fn nt(id: u64, deps: &[u64]) -> NewTask {
         priority: 0,
         retries: 0,
         group: 0,
+        resources: Vec::new(),
     }
 }
 
@@ -330,12 +331,20 @@ fn sim(seed: u64) {
             priority: rng.i32(0..3),
             retries: rng.u32(0..2),
             group: rng.u32(0..3),
+            // Resource 0 ("GPU"): workers have 0..2 of it; some tasks need 1
+            // (or 3, which no worker has: they fail as unsatisfiable).
+            resources: match rng.u32(0..10) {
+                0 | 1 => vec![(0, 1.0)],
+                2 => vec![(0, 3.0)],
+                _ => Vec::new(),
+            },
         });
     }
     c.handle_submit(C, tasks);
     wanted.extend((0..n).map(t));
     for _ in 0..rng.usize(1..4) {
-        c.handle_worker_added(WorkerId(next_worker), rng.u32(1..3));
+        let gpus = vec![(0, rng.u32(0..3) as f64)];
+        c.handle_worker_added_with(WorkerId(next_worker), rng.u32(1..3), gpus);
         next_worker += 1;
     }
     let mut steps = 0;
@@ -395,7 +404,8 @@ fn sim(seed: u64) {
             running.retain(|&(x, _)| x != w);
             c.handle_worker_lost(w);
         } else if roll < 6 || c.n_workers() == 0 {
-            c.handle_worker_added(WorkerId(next_worker), rng.u32(1..3));
+            let gpus = vec![(0, rng.u32(0..3) as f64)];
+            c.handle_worker_added_with(WorkerId(next_worker), rng.u32(1..3), gpus);
             next_worker += 1;
         } else if roll < 8 && !wanted.is_empty() {
             let i = rng.usize(0..wanted.len());
@@ -515,5 +525,49 @@ fn a_worker_lending_a_thread_gets_another_task() {
         computes(&c.take_actions()).is_empty(),
         "still one thread busy"
     );
+    c.check_invariants();
+}
+
+fn with_gpu(id: u64, gpus: f64) -> NewTask {
+    NewTask {
+        resources: vec![(0, gpus)],
+        ..nt(id, &[])
+    }
+}
+
+#[test]
+fn resources_are_never_overcommitted_and_do_not_block_other_tasks() {
+    let mut c = core();
+    c.handle_worker_added_with(WorkerId(0), 4, vec![(0, 1.0)]);
+    c.handle_worker_added_with(WorkerId(1), 4, vec![]);
+    c.handle_submit(
+        C,
+        vec![with_gpu(1, 1.0), with_gpu(2, 1.0), nt(3, &[]), nt(4, &[])],
+    );
+    c.check_invariants();
+    let placed = computes(&c.take_actions());
+    // One GPU task on the GPU worker; the second waits; CPU tasks go on.
+    assert!(placed.contains(&(0, 1)), "{placed:?}");
+    assert!(!placed.iter().any(|p| p.1 == 2), "{placed:?}");
+    assert!(placed.iter().any(|p| p.1 == 3) && placed.iter().any(|p| p.1 == 4));
+    c.handle_task_finished(WorkerId(0), t(1), 8, true, 10);
+    assert_eq!(computes(&c.take_actions()), vec![(0, 2)]);
+    c.check_invariants();
+}
+
+#[test]
+fn a_task_no_worker_can_run_fails_at_once() {
+    let mut c = core();
+    // With no workers yet it waits (they may still be connecting).
+    c.handle_submit(C, vec![with_gpu(1, 2.0)]);
+    assert_eq!(c.state(t(1)), Some(TaskState::Ready));
+    c.handle_worker_added_with(WorkerId(0), 1, vec![(0, 1.0)]);
+    assert!(matches!(
+        c.state(t(1)),
+        Some(TaskState::Erred {
+            kind: ErrorKind::Unsatisfiable,
+            ..
+        })
+    ));
     c.check_invariants();
 }

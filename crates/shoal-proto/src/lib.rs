@@ -52,6 +52,8 @@ pub enum Role {
         name: String,
         /// OS process id.
         pid: u32,
+        /// Resources it offers to tasks, e.g. `[("GPU", 2.0)]`.
+        resources: Vec<(String, f64)>,
     },
     /// A peer fetching results from a worker's data server.
     Data,
@@ -103,6 +105,8 @@ pub struct TaskSpec {
     pub priority: i32,
     /// Re-runs allowed after an exception.
     pub retries: u32,
+    /// Resources held while it runs, e.g. `[("GPU", 1.0)]`.
+    pub resources: Vec<(String, f64)>,
 }
 
 impl TaskSpec {
@@ -206,6 +210,13 @@ pub enum TaskError {
         /// Input's id.
         dep: u64,
     },
+    /// No connected worker has the resources the named task needs.
+    Unsatisfiable {
+        /// Task name.
+        cause: String,
+        /// What it needs and what the workers have, in words.
+        detail: String,
+    },
 }
 
 /// Messages from the scheduler.
@@ -241,6 +252,8 @@ pub enum FromScheduler {
         args: Bytes,
         /// Inputs.
         deps: Vec<Dep>,
+        /// Resources it holds while running (the worker pins GPUs).
+        resources: Vec<(String, f64)>,
     },
     /// To a worker: drop the task if not started.
     Cancel(u64),
@@ -333,6 +346,7 @@ mod tests {
                 deps: vec![3],
                 priority: -1,
                 retries: 2,
+                resources: vec![("GPU".into(), 1.0)],
             }]),
             ToScheduler::Finished {
                 id: 9,

@@ -203,7 +203,7 @@ impl ClientCore {
     }
 
     /// Submits one task; returns its id.
-    #[pyo3(signature = (group, key, batch, func, args, deps, priority, retries))]
+    #[pyo3(signature = (group, key, batch, func, args, deps, priority, retries, resources=Vec::new()))]
     #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
@@ -215,6 +215,7 @@ impl ClientCore {
         deps: Vec<u64>,
         priority: i32,
         retries: u32,
+        resources: Vec<(String, f64)>,
     ) -> PyResult<u64> {
         let id = self.inner.new_id();
         let spec = TaskSpec {
@@ -231,6 +232,7 @@ impl ClientCore {
             deps,
             priority,
             retries,
+            resources,
         };
         self.inner.submit(vec![spec]).map_err(lost)?;
         Ok(id)
@@ -238,7 +240,8 @@ impl ClientCore {
 
     /// Submits many tasks of one function in one message; `items` are
     /// `(args, deps)`. Returns their ids.
-    #[pyo3(signature = (group, batch, func, items, priority, retries))]
+    #[pyo3(signature = (group, batch, func, items, priority, retries, resources=Vec::new()))]
+    #[allow(clippy::too_many_arguments)]
     fn submit_many(
         &self,
         group: String,
@@ -247,6 +250,7 @@ impl ClientCore {
         items: Vec<(PyBackedBytes, Vec<u64>)>,
         priority: i32,
         retries: u32,
+        resources: Vec<(String, f64)>,
     ) -> PyResult<Vec<u64>> {
         let func = Bytes::copy_from_slice(func);
         let mut ids = Vec::with_capacity(items.len());
@@ -269,6 +273,7 @@ impl ClientCore {
                     deps,
                     priority,
                     retries,
+                    resources: resources.clone(),
                 }
             })
             .collect();
@@ -285,13 +290,14 @@ impl ClientCore {
     /// Submits a task graph of one function in one message; `items` are
     /// `(id from new_ids, group, key, args, deps, priority)`, each task after
     /// its inputs.
-    #[pyo3(signature = (func, items, retries))]
+    #[pyo3(signature = (func, items, retries, resources=Vec::new()))]
     #[allow(clippy::type_complexity)]
     fn submit_graph(
         &self,
         func: &[u8],
         items: Vec<(u64, String, Option<String>, PyBackedBytes, Vec<u64>, i32)>,
         retries: u32,
+        resources: Vec<(String, f64)>,
     ) -> PyResult<()> {
         let func = Bytes::copy_from_slice(func);
         let specs = items
@@ -306,6 +312,7 @@ impl ClientCore {
                 deps,
                 priority,
                 retries,
+                resources: resources.clone(),
             })
             .collect();
         self.inner.submit(specs).map_err(lost)
@@ -403,6 +410,11 @@ impl ClientCore {
                 TaskError::MissingDependency { dep } => {
                     (4, dep.into_pyobject(py)?.into_any().unbind(), none)
                 }
+                TaskError::Unsatisfiable { cause, detail } => (
+                    5,
+                    cause.into_pyobject(py)?.into_any().unbind(),
+                    detail.into_pyobject(py)?.into_any().unbind(),
+                ),
             },
         };
         let code: i32 = t.0;
@@ -473,10 +485,17 @@ struct WorkerCore {
 impl WorkerCore {
     /// Connects to the scheduler and starts the data server.
     #[new]
-    fn new(py: Python<'_>, address: &str, nthreads: u32, name: &str) -> PyResult<Self> {
+    #[pyo3(signature = (address, nthreads, name, resources=Vec::new()))]
+    fn new(
+        py: Python<'_>,
+        address: &str,
+        nthreads: u32,
+        name: &str,
+        resources: Vec<(String, f64)>,
+    ) -> PyResult<Self> {
         let addr = Address::parse(address).map_err(PyValueError::new_err)?;
         let inner = py
-            .detach(|| worker::start(runtime(), &addr, nthreads, name))
+            .detach(|| worker::start(runtime(), &addr, nthreads, name, resources))
             .map_err(|e| {
                 PyConnectionError::new_err(format!(
                     "worker cannot join the scheduler at {address}: {e}"
@@ -494,7 +513,7 @@ impl WorkerCore {
     /// Reports `done` (tuples `(id, ok, payload, duration_us, size)`; payload
     /// None: a large result kept as the Python object) and returns
     /// the next `(tasks, released_ids)`, or None when asked to shut down.
-    /// Tasks are `(id, name, is_batch, func, args, deps, error)` with deps
+    /// Tasks are `(id, name, is_batch, func, args, deps, error, resources)` with deps
     /// `[(id, bytes or None)]`. Returns empty lists after `timeout` seconds.
     fn next_batch<'py>(
         &self,
@@ -529,6 +548,7 @@ impl WorkerCore {
                 };
                 deps.append((id, v))?;
             }
+            let resources = (!t.resources.is_empty()).then_some(t.resources);
             list.append((
                 t.id,
                 t.name,
@@ -537,6 +557,7 @@ impl WorkerCore {
                 PyBytes::new(py, &t.args),
                 deps,
                 t.error,
+                resources,
             ))?;
         }
         Ok(Some((list, released)))

@@ -29,6 +29,7 @@ enum Event {
         nthreads: u32,
         data_addr: String,
         name: String,
+        resources: Vec<(String, f64)>,
         tx: Tx,
     },
     FromClient(u32, Vec<ToScheduler>),
@@ -140,6 +141,7 @@ async fn serve_conn(
             data_addr,
             name,
             pid,
+            resources,
         } => {
             tracing::info!("worker {name} (pid {pid}) joined with {nthreads} threads");
             let _ = events.send(Event::WorkerJoined {
@@ -147,6 +149,7 @@ async fn serve_conn(
                 nthreads,
                 data_addr,
                 name,
+                resources,
                 tx,
             });
             true
@@ -179,6 +182,7 @@ struct WorkerConn {
     tx: Tx,
     data_addr: String,
     name: String,
+    resources: Vec<(String, f64)>,
 }
 
 struct State {
@@ -187,6 +191,8 @@ struct State {
     inline: FxHashMap<u64, Bytes>,
     errors: FxHashMap<u64, Bytes>,
     groups: FxHashMap<String, u32>,
+    /// Resource names as the core's ids.
+    resource_ids: FxHashMap<String, u32>,
     clients: FxHashMap<u32, Tx>,
     workers: FxHashMap<u32, WorkerConn>,
     actions: Vec<Action>,
@@ -201,6 +207,7 @@ async fn owner(mut rx: mpsc::UnboundedReceiver<Event>, mut stop: watch::Receiver
         inline: FxHashMap::default(),
         errors: FxHashMap::default(),
         groups: FxHashMap::default(),
+        resource_ids: FxHashMap::default(),
         clients: FxHashMap::default(),
         workers: FxHashMap::default(),
         actions: Vec::new(),
@@ -239,6 +246,7 @@ impl State {
                 nthreads,
                 data_addr,
                 name,
+                resources,
                 tx,
             } => {
                 if self.closing {
@@ -246,15 +254,18 @@ impl State {
                     let _ = tx.send(FromScheduler::Shutdown);
                     return;
                 }
+                let ids = self.resource_ids(&resources);
                 self.workers.insert(
                     id,
                     WorkerConn {
                         tx,
                         data_addr,
                         name,
+                        resources,
                     },
                 );
-                self.core.handle_worker_added(WorkerId(id), nthreads);
+                self.core
+                    .handle_worker_added_with(WorkerId(id), nthreads, ids);
                 self.process();
             }
             Event::ClientLeft(id) => {
@@ -301,12 +312,14 @@ impl State {
                     let mut deps: Vec<TaskId> = spec.deps.iter().map(|&d| TaskId(d)).collect();
                     deps.sort_unstable();
                     deps.dedup();
+                    let resources = self.resource_ids(&spec.resources);
                     tasks.push(NewTask {
                         id: TaskId(spec.id),
                         deps,
                         priority: spec.priority,
                         retries: spec.retries,
                         group,
+                        resources,
                     });
                     self.specs.entry(spec.id).or_insert(spec);
                 }
@@ -356,6 +369,45 @@ impl State {
             }
             other => tracing::warn!("worker {worker} sent a client message: {other:?}"),
         }
+    }
+
+    fn resource_ids(&mut self, named: &[(String, f64)]) -> Vec<(u32, f64)> {
+        named
+            .iter()
+            .map(|(r, amount)| {
+                let next = self.resource_ids.len() as u32;
+                (*self.resource_ids.entry_ref_or_insert(r, next), *amount)
+            })
+            .collect()
+    }
+
+    /// Why a task's resources cannot be had, in words.
+    fn unsatisfiable(&self, id: u64) -> String {
+        let need = self
+            .specs
+            .get(&id)
+            .map(|s| s.resources.clone())
+            .unwrap_or_default();
+        let fmt = |r: &[(String, f64)]| {
+            if r.is_empty() {
+                return "nothing".to_string();
+            }
+            r.iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut offers: Vec<String> = self
+            .workers
+            .values()
+            .map(|w| format!("{}: {}", w.name, fmt(&w.resources)))
+            .collect();
+        offers.sort();
+        format!(
+            "it needs {}; the workers have {}",
+            fmt(&need),
+            offers.join("; ")
+        )
     }
 
     fn name(&self, id: u64) -> String {
@@ -438,6 +490,10 @@ impl State {
                         ErrorKind::MissingDependency(d) => {
                             TaskError::MissingDependency { dep: d.0 }
                         }
+                        ErrorKind::Unsatisfiable => TaskError::Unsatisfiable {
+                            cause: cause_name,
+                            detail: self.unsatisfiable(cause.0),
+                        },
                     };
                     let _ = tx.send(FromScheduler::Erred { id: task.0, error });
                 }
@@ -472,6 +528,7 @@ impl State {
             func: spec.func.clone(),
             args: spec.args.clone(),
             deps,
+            resources: spec.resources.clone(),
         });
     }
 }

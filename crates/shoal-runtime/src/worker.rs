@@ -38,6 +38,8 @@ pub struct ExecTask {
     pub deps: Vec<(u64, Option<Bytes>)>,
     /// Set when an input could not be fetched: the task must fail with it.
     pub error: Option<String>,
+    /// Resources it holds while running.
+    pub resources: Vec<(String, f64)>,
 }
 
 /// Outcome of one task, handed back by an execution thread.
@@ -328,6 +330,7 @@ pub fn start(
     scheduler: &Address,
     nthreads: u32,
     name: &str,
+    resources: Vec<(String, f64)>,
 ) -> io::Result<Arc<WorkerShared>> {
     rt.block_on(async {
         // Data server on the same kind of transport as the scheduler.
@@ -350,6 +353,7 @@ pub fn start(
             data_addr: data_addr.to_string(),
             name: name.to_string(),
             pid: std::process::id(),
+            resources,
         };
         let (conn, id) = net::handshake(scheduler, role).await?;
         let (out, mut stream) = net::split_batched::<ToScheduler>(conn);
@@ -405,6 +409,7 @@ fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
             func,
             args,
             deps,
+            resources,
         } => {
             let remote: Vec<&Dep> = deps
                 .iter()
@@ -418,6 +423,7 @@ fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
                 args,
                 deps: Vec::with_capacity(deps.len()),
                 error: None,
+                resources,
             };
             if remote.is_empty() {
                 t.deps = deps
