@@ -14,7 +14,7 @@ from typing import Any
 
 from joblib._parallel_backends import AutoBatchingMixin, ParallelBackendBase
 
-from .client import Client, Future, default_client
+from .client import Client, Future, _LendThread, default_client
 
 
 class ShoalBackend(AutoBatchingMixin, ParallelBackendBase):
@@ -44,6 +44,18 @@ class ShoalBackend(AutoBatchingMixin, ParallelBackendBase):
         total = (self.client or self._given or default_client())._nthreads
         # -1: every worker thread; -2: all but one; ...
         return max(1, total + 1 + n_jobs) if n_jobs is not None and n_jobs < -1 else total
+
+    def start_call(self) -> None:
+        # A Parallel call inside a task waits for its own tasks (joblib polls
+        # its callbacks instead of blocking in result()): lend the thread.
+        self._lent = _LendThread()
+        self._lent.__enter__()
+
+    def stop_call(self) -> None:
+        lent = getattr(self, "_lent", None)
+        if lent is not None:
+            self._lent = None
+            lent.__exit__(None, None, None)
 
     def submit(self, func: Any, callback: Any = None) -> Future:
         assert self.client is not None, "configure() runs first"
