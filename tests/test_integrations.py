@@ -147,12 +147,6 @@ def test_remote_options_and_what_is_not_there(client):
     with pytest.raises(NotImplementedError, match="num_cpus"):
         square.options(num_cpus=2)
 
-    class Counter:
-        pass
-
-    with pytest.raises(NotImplementedError, match="actors"):
-        shoal.remote(Counter)
-
 
 # --------------------------------------------------------------- fork safety
 

@@ -8,6 +8,7 @@
 
 from . import _imports
 from ._core import __version__
+from .actor import ActorHandle, kill
 from .client import (
     ALL_COMPLETED,
     FIRST_COMPLETED,
@@ -21,6 +22,7 @@ from .client import (
     wait,
 )
 from .errors import (
+    ActorDiedError,
     FutureCancelledError,
     KilledWorker,
     MissingDependencyError,
@@ -38,6 +40,9 @@ __all__ = [
     "Future",
     "FutureList",
     "Executor",
+    "ActorHandle",
+    "kill",
+    "ActorDiedError",
     "remote",
     "get",
     "init",

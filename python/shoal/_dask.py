@@ -198,7 +198,11 @@ def persist(client: Client, collections: Any, optimize_graph: bool = True, **kwa
 
 _defaults: list[Callable[..., Any]] = []  # open clients' get, most recent last
 _NOTHING = object()
-_before: list[Any] = [_NOTHING]  # Dask's scheduler setting before any client's
+# Dask's settings before any client's: the scheduler, and the shuffle method
+# (without a distributed client Dask shuffles through local disk, which only
+# works on one host with a shared /tmp; a cluster wants the "tasks" shuffle).
+_before: dict[str, Any] = {}
+_SETTINGS = ("scheduler", "dataframe.shuffle.method")
 
 
 def _set_default(get_fn: Callable[..., Any]) -> Callable[[], None]:
@@ -212,9 +216,16 @@ def _set_default(get_fn: Callable[..., Any]) -> Callable[[], None]:
         # importing it, before the attribute exists.
         config = sys.modules["dask.config"]
         if not _defaults:
-            _before[0] = config.config.get("scheduler", _NOTHING)
+            for name in _SETTINGS:
+                _before[name] = config.get(name, _NOTHING)
         _defaults.append(get_fn)
-        config.set(scheduler=get_fn)
+        shuffle = _before.get("dataframe.shuffle.method", _NOTHING)
+        config.set(
+            {
+                "scheduler": get_fn,
+                "dataframe.shuffle.method": "tasks" if shuffle is _NOTHING else shuffle,
+            }
+        )
 
     def undo() -> None:
         _imports.cancel("dask.config", apply)
@@ -222,14 +233,21 @@ def _set_default(get_fn: Callable[..., Any]) -> Callable[[], None]:
             return
         _defaults.remove(get_fn)
         config = sys.modules["dask.config"]
-        if config.config.get("scheduler") is not get_fn:
+        if config.get("scheduler", None) is not get_fn:
             return  # someone set another scheduler since: leave it
         if _defaults:
             config.set(scheduler=_defaults[-1])
-        elif _before[0] is _NOTHING:
-            config.config.pop("scheduler", None)
-        else:
-            config.set(scheduler=_before[0])
+            return
+        for name in _SETTINGS:
+            value = _before.pop(name, _NOTHING)
+            if value is _NOTHING:
+                section, _, key = name.rpartition(".")
+                target = config.config
+                for part in section.split(".") if section else []:
+                    target = target.get(part, {})
+                target.pop(key, None)
+            else:
+                config.set({name: value})
 
     _imports.when_imported("dask.config", apply)
     return undo

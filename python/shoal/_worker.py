@@ -14,6 +14,7 @@ import pickle
 import signal
 import sys
 import threading
+import time
 import traceback
 from time import perf_counter
 from typing import Any
@@ -71,6 +72,43 @@ def _run_batch(fn: Any, payload: Any) -> Any:
 
 
 task_local = threading.local()  # .in_task while a task runs; .seceded
+actors: dict[str, Any] = {}  # actor id -> instance, in an actor's process
+
+
+class ActorFailed:
+    """An actor whose constructor raised: every call raises that error."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def _start_actor(spec: str) -> None:
+    """``--actor ID=PATH``: builds the instance from the pickled
+    ``(cls, args, kwargs)`` at PATH before the worker joins."""
+    import cloudpickle
+
+    actor_id, _, path = spec.partition("=")
+    with open(path, "rb") as fh:
+        cls, args, kwargs = cloudpickle.load(fh)
+    try:
+        actors[actor_id] = cls(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - reported by every call
+        tb = traceback.format_exc()
+        try:
+            e.add_note(f"\nActor constructor traceback:\n{tb.rstrip()}")
+        except Exception:  # noqa: BLE001
+            pass
+        actors[actor_id] = ActorFailed(e)
+
+
+def _exit_with_parent(pid: int) -> None:
+    """An actor's process goes when the client that started it does."""
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != pid:
+            os._exit(0)
+
+
 _current: _Executor | None = None  # this worker process's executor
 
 
@@ -258,6 +296,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("address", help="scheduler address (unix:///path or tcp://host:port)")
     parser.add_argument("--nthreads", type=int, default=1)
     parser.add_argument("--name", default=f"worker-{os.getpid()}")
+    parser.add_argument("--actor", help="ID=PATH: this process hosts that actor")
+    parser.add_argument("--parent", type=int, help="exit when this process is gone")
     parser.add_argument(
         "--resources",
         default="",
@@ -265,6 +305,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     ns = parser.parse_args(argv)
     resources = _resources.parse(ns.resources)
+    if ns.parent:
+        threading.Thread(target=_exit_with_parent, args=(ns.parent,), daemon=True).start()
+    if ns.actor:
+        _start_actor(ns.actor)
     gpus = _resources.detect_gpus()
     if "GPU" not in resources and gpus:
         resources["GPU"] = float(len(gpus))

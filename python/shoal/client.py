@@ -36,6 +36,7 @@ from typing import Any, overload
 from . import _dask, _resources, _serialize
 from ._core import ClientCore, Cluster
 from .errors import (
+    ActorDiedError,
     FutureCancelledError,
     KilledWorker,
     MissingDependencyError,
@@ -387,6 +388,8 @@ class Client:
         self._key_of: dict[int, Any] = {}
         self._batch_cache: dict[int, Any] = {}
         self._cancelled: set[int] = set()
+        self._actor_died: dict[int, str] = {}  # cancelled because their actor died
+        self._on_close: list[Callable[[], None]] = []
         self._lock = threading.Lock()
         self._callbacks: dict[int, list[tuple[Future, Callable]]] = {}
         self._cb_watcher = None
@@ -434,6 +437,7 @@ class Client:
                 del self._keys[key]
         self._batch_cache.pop(task_id, None)
         self._cancelled.discard(task_id)
+        self._actor_died.pop(task_id, None)
         core = self._core
         if core is not None:
             core.release([task_id])
@@ -560,6 +564,9 @@ class Client:
         core = self._check()
         while True:
             if task_id in self._cancelled:
+                died = self._actor_died.get(task_id)
+                if died is not None:
+                    raise ActorDiedError(died)
                 raise FutureCancelledError(f"{key} was cancelled")
             if core.status(task_id) == 0:
                 with _LendThread():
@@ -598,6 +605,9 @@ class Client:
                 "it probably crashes its worker (segfault, os._exit, memory exhaustion)"
             )
         if code == 3:
+            died = self._actor_died.get(f._id)
+            if died is not None:
+                raise ActorDiedError(died)
             why = "" if a == f.key else f" (its input {a!r} was cancelled)"
             raise FutureCancelledError(f"{f.key} was cancelled{why}")
         if code == 5:
@@ -743,6 +753,11 @@ class Client:
         if self._closed:
             return
         self._closed = True
+        for fn in self._on_close:
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - closing goes on
+                pass
         if self._undo_default is not None:
             self._undo_default()
             self._undo_default = None

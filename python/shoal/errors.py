@@ -45,3 +45,8 @@ class MissingDependencyError(ShoalError):
 class UnsatisfiableError(ShoalError):
     """A task needs more of a resource (``resources=``) than any worker of
     the cluster has: it can never run."""
+
+
+class ActorDiedError(ShoalError):
+    """An actor's process is gone for good (it died more often than its
+    ``max_restarts``, or was killed): its outstanding and later calls fail."""

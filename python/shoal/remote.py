@@ -15,6 +15,7 @@ from typing import Any
 from .client import Client, Future, default_client, get_client, wait
 
 _OPTIONS = {"num_cpus", "num_gpus", "resources", "retries", "max_retries", "priority", "name"}
+_ACTOR_OPTIONS = {"max_restarts", "num_cpus"}
 
 
 def init(address: str | None = None, **client_kwargs: Any) -> Client:
@@ -78,11 +79,9 @@ class RemoteFunction:
 def remote(*args: Any, **options: Any) -> Any:
     """``@shoal.remote`` or ``@shoal.remote(retries=2)`` on a function."""
 
-    def make(obj: Any) -> RemoteFunction:
+    def make(obj: Any) -> Any:
         if isinstance(obj, type):
-            raise NotImplementedError(
-                f"actors (@shoal.remote on class {obj.__name__}) are not implemented yet"
-            )
+            return ActorClass(obj, options)
         if not callable(obj):
             raise TypeError(f"@shoal.remote needs a function, not {type(obj).__name__}")
         return RemoteFunction(obj, options)
@@ -92,6 +91,41 @@ def remote(*args: Any, **options: Any) -> Any:
     if args:
         raise TypeError("use @shoal.remote or @shoal.remote(option=value, ...)")
     return make
+
+
+class ActorClass:
+    """A class made remote by ``@shoal.remote``: ``.remote(*args)`` starts an
+    actor (see ``shoal.actor``) and returns its handle."""
+
+    def __init__(self, cls: type, options: dict[str, Any]):
+        unknown = set(options) - _ACTOR_OPTIONS
+        if unknown:
+            raise TypeError(
+                f"unknown actor options {sorted(unknown)}; known: {sorted(_ACTOR_OPTIONS)}"
+            )
+        if options.get("num_cpus", 1) != 1:
+            raise NotImplementedError("actors take one thread: num_cpus other than 1")
+        restarts = options.get("max_restarts", 0)
+        if not isinstance(restarts, int) or restarts < 0:
+            raise ValueError(f"max_restarts must be a whole number >= 0, not {restarts!r}")
+        self._cls = cls
+        self._options = options
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        """Starts the actor's process; returns its handle."""
+        from .actor import create
+
+        return create(self._cls, args, kwargs, self._options.get("max_restarts", 0))
+
+    def options(self, **options: Any) -> ActorClass:
+        """A copy with other options (``max_restarts``)."""
+        return ActorClass(self._cls, {**self._options, **options})
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(
+            f"actor class {self._cls.__name__!r} cannot be instantiated directly; "
+            f"use {self._cls.__name__}.remote(...)"
+        )
 
 
 def get(refs: Any, *, timeout: float | None = None) -> Any:

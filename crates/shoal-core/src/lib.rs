@@ -308,6 +308,9 @@ pub struct Core {
     ready: BinaryHeap<ReadyEntry>,
     /// Ready tasks that need resources (placed first, never pipelined).
     ready_constrained: BinaryHeap<ReadyEntry>,
+    /// Every distinct set of resources a worker has offered: a task that
+    /// fits one waits for such a worker (one may be restarting).
+    offers_seen: Vec<Vec<(u32, f64)>>,
     groups: Vec<GroupStats>,
     actions: Vec<Action>,
     log: VecDeque<Transition>,
@@ -332,6 +335,7 @@ impl Core {
             worker_order: Vec::new(),
             ready: BinaryHeap::new(),
             ready_constrained: BinaryHeap::new(),
+            offers_seen: Vec::new(),
             groups: Vec::new(),
             actions: Vec::new(),
             log: VecDeque::new(),
@@ -424,8 +428,47 @@ impl Core {
             resources_used: resources.iter().map(|&(r, _)| (r, 0.0)).collect(),
             resources,
         };
+        if !w.resources.is_empty() && !self.offers_seen.contains(&w.resources) {
+            self.offers_seen.push(w.resources.clone());
+        }
         if self.workers.insert(worker, w).is_none() {
             self.worker_order.push(worker);
+        }
+        self.schedule();
+    }
+
+    /// A worker offering one unit of this resource is on its way (an actor's
+    /// process is starting): tasks that need it wait instead of failing.
+    pub fn handle_resource_expected(&mut self, resource: u32) {
+        let offer = vec![(resource, 1.0)];
+        if !self.offers_seen.contains(&offer) {
+            self.offers_seen.push(offer);
+        }
+    }
+
+    /// No worker will offer this resource again (an actor is gone for good):
+    /// tasks that need it, now or later, fail as unsatisfiable instead of
+    /// waiting for a replacement.
+    pub fn handle_resource_withdrawn(&mut self, resource: u32) {
+        self.offers_seen
+            .retain(|o| !o.iter().any(|&(r, a)| r == resource && a > 0.0));
+        let stuck: Vec<TaskId> = self
+            .ready_constrained
+            .iter()
+            .map(|e| e.id)
+            .filter(|id| {
+                let t = &self.tasks[id];
+                t.state == TaskState::Ready && t.resources.iter().any(|&(r, _)| r == resource)
+            })
+            .collect();
+        if !self
+            .workers
+            .values()
+            .any(|w| w.resources.iter().any(|&(r, a)| r == resource && a > 0.0))
+        {
+            for id in stuck {
+                self.set_erred(id, id, ErrorKind::Unsatisfiable);
+            }
         }
         self.schedule();
     }
@@ -1068,8 +1111,9 @@ impl Core {
 
     /// Places ready tasks that need resources, highest priority first, each
     /// on a worker with a free thread and the resources free; stops at the
-    /// first that must wait. One that no connected worker could ever run
-    /// fails (with no workers at all, it waits for some).
+    /// first that must wait. One that no worker ever offered enough for
+    /// fails at once (with no workers at all, it waits for some; one whose
+    /// worker left waits for a replacement).
     fn schedule_constrained(&mut self) {
         while let Some(top) = self.ready_constrained.peek() {
             let id = top.id;
@@ -1082,22 +1126,18 @@ impl Core {
                 continue;
             }
             let need = &t.resources;
-            // Whether `w` has `need` (free now, or in total).
-            let fits = |w: &Worker, free: bool| {
-                need.iter().all(|&(r, amount)| {
-                    let total = w.resources.iter().find(|x| x.0 == r).map_or(0.0, |x| x.1);
-                    let taken = match free {
-                        true => w
-                            .resources_used
-                            .iter()
-                            .find(|x| x.0 == r)
-                            .map_or(0.0, |x| x.1),
-                        false => 0.0,
-                    };
-                    total - taken >= amount - 1e-9
+            let amount_in =
+                |list: &[(u32, f64)], r: u32| list.iter().find(|x| x.0 == r).map_or(0.0, |x| x.1);
+            let covers =
+                |offer: &[(u32, f64)]| need.iter().all(|&(r, a)| amount_in(offer, r) >= a - 1e-9);
+            // Whether `w` has `need` free now.
+            let fits = |w: &Worker| {
+                need.iter().all(|&(r, a)| {
+                    amount_in(&w.resources, r) - amount_in(&w.resources_used, r) >= a - 1e-9
                 })
             };
-            if !self.workers.is_empty() && !self.workers.values().any(|w| fits(w, false)) {
+            // Unsatisfiable: workers are there, and no worker ever offered enough.
+            if !self.workers.is_empty() && !self.offers_seen.iter().any(|o| covers(o)) {
                 self.ready_constrained.pop();
                 self.set_erred(id, id, ErrorKind::Unsatisfiable);
                 continue;
@@ -1105,7 +1145,7 @@ impl Core {
             let mut best: Option<(usize, WorkerId)> = None;
             for &wid in &self.worker_order {
                 let w = &self.workers[&wid];
-                if w.assigned.len() >= w.nthreads as usize || !fits(w, true) {
+                if w.assigned.len() >= w.nthreads as usize || !fits(w) {
                     continue;
                 }
                 if best.is_none_or(|(n, _)| w.assigned.len() < n) {

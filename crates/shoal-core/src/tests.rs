@@ -571,3 +571,79 @@ fn a_task_no_worker_can_run_fails_at_once() {
     ));
     c.check_invariants();
 }
+
+#[test]
+fn a_task_whose_worker_left_waits_for_a_replacement() {
+    let mut c = core();
+    c.handle_worker_added(WorkerId(0), 1);
+    c.handle_worker_added_with(WorkerId(1), 1, vec![(7, 1.0)]);
+    c.handle_submit(
+        C,
+        vec![NewTask {
+            resources: vec![(7, 1.0)],
+            ..nt(1, &[])
+        }],
+    );
+    assert_eq!(computes(&c.take_actions()), vec![(1, 1)]);
+    c.handle_worker_lost(WorkerId(1));
+    assert_eq!(
+        c.state(t(1)),
+        Some(TaskState::Ready),
+        "waits: such a worker existed"
+    );
+    c.handle_worker_added_with(WorkerId(2), 1, vec![(7, 1.0)]);
+    assert_eq!(computes(&c.take_actions()), vec![(2, 1)]);
+    c.check_invariants();
+}
+
+#[test]
+fn a_task_for_an_expected_worker_waits_for_it() {
+    let mut c = core();
+    c.handle_worker_added(WorkerId(0), 1);
+    c.handle_resource_expected(7);
+    c.handle_submit(
+        C,
+        vec![NewTask {
+            resources: vec![(7, 1.0)],
+            ..nt(1, &[])
+        }],
+    );
+    assert_eq!(c.state(t(1)), Some(TaskState::Ready));
+    c.handle_worker_added_with(WorkerId(1), 1, vec![(7, 1.0)]);
+    assert_eq!(computes(&c.take_actions()), vec![(1, 1)]);
+    c.check_invariants();
+}
+
+#[test]
+fn withdrawing_a_resource_fails_the_tasks_that_wait_for_it() {
+    let mut c = core();
+    c.handle_worker_added(WorkerId(0), 1);
+    c.handle_worker_added_with(WorkerId(1), 1, vec![(7, 1.0)]);
+    c.handle_worker_lost(WorkerId(1));
+    c.handle_submit(
+        C,
+        vec![NewTask {
+            resources: vec![(7, 1.0)],
+            ..nt(1, &[])
+        }],
+    );
+    assert_eq!(c.state(t(1)), Some(TaskState::Ready));
+    c.handle_resource_withdrawn(7);
+    assert!(matches!(
+        c.state(t(1)),
+        Some(TaskState::Erred {
+            kind: ErrorKind::Unsatisfiable,
+            ..
+        })
+    ));
+    // Later tasks needing it fail at once.
+    c.handle_submit(
+        C,
+        vec![NewTask {
+            resources: vec![(7, 1.0)],
+            ..nt(2, &[])
+        }],
+    );
+    assert!(matches!(c.state(t(2)), Some(TaskState::Erred { .. })));
+    c.check_invariants();
+}

@@ -134,6 +134,10 @@ pub enum ToScheduler {
     Release(Vec<u64>),
     /// Client: cancel unfinished tasks.
     Cancel(Vec<u64>),
+    /// Client: no worker will offer this resource again (an actor is gone).
+    Withdraw(String),
+    /// Client: a worker offering one of this resource is starting (an actor).
+    Expect(String),
     /// Worker: a task finished. `value` is the pickled result if small enough
     /// to travel inline; otherwise the worker keeps it.
     Finished {

@@ -328,6 +328,16 @@ impl ClientCore {
         self.inner.cancel(ids);
     }
 
+    /// A worker offering one of this resource is starting: tasks wait for it.
+    fn expect(&self, resource: String) {
+        self.inner.expect(resource);
+    }
+
+    /// No worker will offer this resource again: tasks needing it fail.
+    fn withdraw(&self, resource: String) {
+        self.inner.withdraw(resource);
+    }
+
     /// 0 pending, 1 finished, 2 erred, -1 unknown (released).
     fn status(&self, id: u64) -> i32 {
         match self.inner.status(id) {

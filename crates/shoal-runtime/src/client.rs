@@ -240,6 +240,16 @@ impl ClientShared {
         let _ = self.out.send(ToScheduler::Cancel(ids));
     }
 
+    /// Tells the scheduler a worker offering one `resource` is starting.
+    pub fn expect(&self, resource: String) {
+        let _ = self.out.send(ToScheduler::Expect(resource));
+    }
+
+    /// Tells the scheduler no worker will offer `resource` again.
+    pub fn withdraw(&self, resource: String) {
+        let _ = self.out.send(ToScheduler::Withdraw(resource));
+    }
+
     /// Current status (None: unknown or released).
     pub fn status(&self, id: u64) -> Option<Status> {
         self.state.lock().status.get(&id).cloned()

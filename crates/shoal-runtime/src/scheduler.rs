@@ -333,6 +333,14 @@ impl State {
                 let ids: Vec<TaskId> = ids.into_iter().map(TaskId).collect();
                 self.core.handle_cancel(cid, &ids);
             }
+            ToScheduler::Withdraw(name) => {
+                let r = self.resource_ids(&[(name, 0.0)])[0].0;
+                self.core.handle_resource_withdrawn(r);
+            }
+            ToScheduler::Expect(name) => {
+                let r = self.resource_ids(&[(name, 0.0)])[0].0;
+                self.core.handle_resource_expected(r);
+            }
             other => tracing::warn!("client {client} sent a worker message: {other:?}"),
         }
     }

@@ -1,0 +1,264 @@
+"""Ray-style actors: ``@shoal.remote`` on a class.
+
+``Counter.remote(*args)`` starts a dedicated worker process that builds the
+instance and keeps it; ``handle.incr.remote(1)`` returns a future, and the
+calls run one at a time in that process, in the order they were made.
+Handles can be passed to tasks (calls made there go through the task's
+``get_client()``).
+
+How: the actor's process is an ordinary worker that offers one unit of a
+resource named after the actor (``actor-<id>``), and every method call is a
+task needing that unit, so the scheduler runs calls only there and one at a
+time; call priorities fall with each call, so ready calls run in call order.
+The client supervises the process: if it dies, it is started again (the
+constructor runs again: state is lost) up to ``max_restarts`` times, and
+calls waiting meanwhile run on the new instance; after that, outstanding and
+later calls fail with ``ActorDiedError``. The process runs on the client's
+host, connected to the client's scheduler.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from typing import Any
+
+import cloudpickle
+
+from .client import Client, Future, default_client
+from .errors import ActorDiedError
+
+_ids = itertools.count(1)
+
+
+def _call(actor_id: str, method: str, args: tuple, kwargs: dict) -> Any:
+    """Task body of a method call, run in the actor's process."""
+    from . import _worker
+
+    instance = _worker.actors.get(actor_id)
+    if instance is None:
+        raise ActorDiedError(f"actor {actor_id} is not in this process")
+    if isinstance(instance, _worker.ActorFailed):
+        raise instance.error
+    return getattr(instance, method)(*args, **kwargs)
+
+
+class _Method:
+    __slots__ = ("_handle", "_name")
+
+    def __init__(self, handle: ActorHandle, name: str):
+        self._handle = handle
+        self._name = name
+
+    def remote(self, *args: Any, **kwargs: Any) -> Future:
+        """Calls the method in the actor's process; returns its future."""
+        return self._handle._call(self._name, args, kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(f"actor methods are called with .{self._name}.remote(...)")
+
+
+class ActorHandle:
+    """A handle to an actor: ``handle.method.remote(...)`` returns a future.
+    Picklable: pass it to tasks to call the actor from there."""
+
+    def __init__(self, actor_id: str, cls_name: str, methods: frozenset[str]):
+        self._actor_id = actor_id
+        self._cls_name = cls_name
+        self._methods = methods
+        self._seq = itertools.count()
+
+    def __getattr__(self, name: str) -> _Method:
+        if name.startswith("_") or name not in self._methods:
+            raise AttributeError(f"actor {self._cls_name} has no method {name!r}")
+        return _Method(self, name)
+
+    def _call(self, name: str, args: tuple, kwargs: dict) -> Future:
+        client = default_client()
+        sup = _supervisors.get(self._actor_id)
+        if sup is not None and sup.dead is not None:
+            raise ActorDiedError(sup.dead)
+        # Falling priorities: ready calls run in the order they were made.
+        f = client.submit(
+            _call,
+            self._actor_id,
+            name,
+            args,
+            kwargs,
+            priority=-(1 << 20) - next(self._seq) % (1 << 30),
+            resources={f"actor-{self._actor_id}": 1},
+        )
+        if sup is not None:
+            sup.track(f)
+        return f
+
+    def __reduce__(self):
+        return (ActorHandle, (self._actor_id, self._cls_name, self._methods))
+
+    def __repr__(self) -> str:
+        return f"<ActorHandle {self._cls_name} {self._actor_id}>"
+
+
+class _Supervisor:
+    """Keeps an actor's process alive (up to ``max_restarts`` restarts)."""
+
+    def __init__(self, client: Client, actor_id: str, cmd: list[str], max_restarts: int):
+        self.client = client
+        self.actor_id = actor_id
+        self.cmd = cmd
+        self.restarts_left = max_restarts
+        self.dead: str | None = None
+        self.pending: list[weakref.ref[Future]] = []
+        self.lock = threading.Lock()
+        self.proc = self._spawn()
+
+    def _spawn(self) -> subprocess.Popen:
+        return subprocess.Popen(
+            self.cmd, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        )
+
+    def track(self, f: Future) -> None:
+        with self.lock:
+            self.pending = [r for r in self.pending if (g := r()) is not None and not g.done()]
+            self.pending.append(weakref.ref(f))
+
+    def poll(self) -> bool:
+        """Returns False once the actor is gone for good."""
+        code = self.proc.poll()
+        if code is None or self.dead is not None:
+            return self.dead is None
+        if self.client._closed:
+            self.dead = "its client closed"
+            return False
+        if self.restarts_left > 0:
+            self.restarts_left -= 1
+            print(
+                f"shoal: actor {self.actor_id} process died (exit {code}); restarting it",
+                file=sys.stderr,
+            )
+            # As in Ray, the call it was running fails rather than run again
+            # on the new instance (it may be what killed it). Calls run in
+            # order, so that is the oldest unfinished one. Cancelled before
+            # the new process starts, so the scheduler cannot re-run it.
+            with self.lock:
+                running = next(
+                    (g for r in self.pending if (g := r()) is not None and not g.done()), None
+                )
+            if running is not None:
+                self.client._actor_died[running._id] = (
+                    f"actor {self.actor_id} died (exit {code}) while running this call; "
+                    "it was restarted"
+                )
+                self.client.cancel([running])
+            self.proc = self._spawn()
+            return True
+        self.dead = (
+            f"actor {self.actor_id} died (its process exited with {code}) and has no restarts left"
+        )
+        with self.lock:
+            futures = [g for r in self.pending if (g := r()) is not None and not g.done()]
+        for f in futures:
+            self.client._actor_died[f._id] = self.dead
+        if futures:
+            self.client.cancel(futures)
+        # Calls made elsewhere (inside tasks) fail too instead of waiting.
+        core = self.client._core
+        if core is not None:
+            core.withdraw(f"actor-{self.actor_id}")
+        return False
+
+    def stop(self) -> None:
+        self.dead = self.dead or f"actor {self.actor_id} was stopped"
+        core = self.client._core
+        if core is not None:
+            core.withdraw(f"actor-{self.actor_id}")
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+_supervisors: dict[str, _Supervisor] = {}
+_watch_lock = threading.Lock()
+_watcher: list[threading.Thread] = []
+
+
+def _watch() -> None:
+    while True:
+        with _watch_lock:
+            sups = list(_supervisors.values())
+        for s in sups:
+            if s.dead is None:
+                s.poll()  # a dead one stays listed: later calls fail at once
+        time.sleep(0.05)
+
+
+def create(cls: type, args: tuple, kwargs: dict, max_restarts: int) -> ActorHandle:
+    """Starts an actor of ``cls``; returns its handle."""
+    client = default_client()
+    # Constructor arguments that are futures are resolved here: the process
+    # builds the instance before it joins the cluster.
+    args, kwargs = client.gather((list(args), dict(kwargs)))
+    actor_id = f"{os.getpid():x}-{next(_ids)}"
+    fd, path = tempfile.mkstemp(prefix=f"shoal-actor-{actor_id}-", suffix=".pkl")
+    with os.fdopen(fd, "wb") as fh:
+        cloudpickle.dump((cls, tuple(args), kwargs), fh)
+    cmd = [
+        sys.executable,
+        "-m",
+        "shoal._worker",
+        client.scheduler_address,
+        "--nthreads",
+        "1",
+        "--name",
+        f"actor-{cls.__name__}-{actor_id}",
+        "--resources",
+        f"actor-{actor_id}=1",
+        "--actor",
+        f"{actor_id}={path}",
+        "--parent",
+        str(os.getpid()),
+    ]
+    # Calls made before the process joins wait for it (not "unsatisfiable").
+    client._check().expect(f"actor-{actor_id}")
+    sup = _Supervisor(client, actor_id, cmd, max_restarts)
+    with _watch_lock:
+        _supervisors[actor_id] = sup
+        if not _watcher:
+            t = threading.Thread(target=_watch, name="shoal-actors", daemon=True)
+            t.start()
+            _watcher.append(t)
+    client._on_close.append(sup.stop)
+    methods = frozenset(n for n in dir(cls) if not n.startswith("_") and callable(getattr(cls, n)))
+    handle = ActorHandle(actor_id, cls.__name__, methods)
+    weakref.finalize(handle, _forget, actor_id, path)
+    return handle
+
+
+def _forget(actor_id: str, path: str) -> None:
+    """The creating handle is gone: stop the actor's process."""
+    with _watch_lock:
+        sup = _supervisors.get(actor_id)
+    if sup is not None:
+        sup.stop()
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def kill(handle: ActorHandle) -> None:
+    """Stops an actor's process now; its outstanding calls fail."""
+    with _watch_lock:
+        sup = _supervisors.get(handle._actor_id)
+    if sup is not None:
+        sup.restarts_left = 0
+        sup.proc.kill()

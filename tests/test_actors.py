@@ -1,0 +1,111 @@
+"""Ray-style actors: a dedicated process per actor, ordered calls, state,
+handles passed to tasks, death and restarts."""
+
+import os
+
+import pytest
+
+import shoal
+
+
+@shoal.remote
+class Counter:
+    def __init__(self, start=0):
+        self.n = start
+
+    def incr(self, by=1):
+        self.n += by
+        return self.n
+
+    def pid(self):
+        return os.getpid()
+
+    def crash(self):
+        os._exit(3)
+
+    def boom(self):
+        raise ValueError("boom")
+
+
+@shoal.remote(max_restarts=1)
+class Phoenix:
+    def __init__(self):
+        self.n = 0
+
+    def incr(self):
+        self.n += 1
+        return self.n
+
+    def crash(self):
+        os._exit(3)
+
+
+def use_counter(counter, k):
+    return shoal.get([counter.incr.remote() for _ in range(k)])[-1]
+
+
+def test_calls_run_in_order_in_one_process_with_state(client):
+    c = Counter.remote(10)
+    refs = [c.incr.remote() for _ in range(50)]
+    assert shoal.get(refs) == list(range(11, 61))
+    pid = shoal.get(c.pid.remote())
+    assert pid != os.getpid() and pid not in client.worker_pids
+    # Futures as arguments, and errors that keep the actor alive.
+    assert shoal.get(c.incr.remote(client.submit(lambda: 5))) == 65
+    with pytest.raises(ValueError, match="boom"):
+        shoal.get(c.boom.remote())
+    assert shoal.get(c.incr.remote()) == 66
+    # A handle passed to a task calls the same actor.
+    assert client.submit(use_counter, c, 4).result(timeout=60) == 70
+    with pytest.raises(TypeError, match="remote"):
+        c.incr(1)
+    with pytest.raises(AttributeError):
+        c.nope.remote()
+
+
+def test_actor_death_is_reported_and_restarts_rebuild_state(client):
+    c = Counter.remote()
+    assert shoal.get(c.incr.remote()) == 1
+    crash = c.crash.remote()
+    later = c.incr.remote()
+    with pytest.raises(shoal.ActorDiedError, match="no restarts left"):
+        shoal.get(crash, timeout=30)
+    with pytest.raises(shoal.ActorDiedError):
+        shoal.get(later, timeout=30)
+    with pytest.raises(shoal.ActorDiedError):
+        c.incr.remote()
+    # A task that calls the dead actor fails instead of waiting forever.
+    with pytest.raises(Exception, match="actor"):
+        client.submit(use_counter, c, 1).result(timeout=30)
+
+    p = Phoenix.remote()
+    assert shoal.get(p.incr.remote()) == 1
+    crash = p.crash.remote()
+    after = p.incr.remote()
+    # The call that killed it fails; the actor restarts once with fresh
+    # state (the constructor runs again) and later calls go on.
+    with pytest.raises(shoal.ActorDiedError, match="restarted"):
+        shoal.get(crash, timeout=30)
+    assert shoal.get(after, timeout=30) == 1
+    assert shoal.get(p.incr.remote(), timeout=30) == 2
+
+
+def test_constructor_errors_and_bad_options(client):
+    @shoal.remote
+    class Broken:
+        def __init__(self):
+            raise RuntimeError("no")
+
+        def f(self):
+            return 1
+
+    b = Broken.remote()
+    with pytest.raises(RuntimeError, match="no"):
+        shoal.get(b.f.remote(), timeout=60)
+    with pytest.raises(TypeError, match="unknown actor options"):
+        Counter.options(colour=1)
+    with pytest.raises(ValueError, match="max_restarts"):
+        Counter.options(max_restarts=-1)
+    with pytest.raises(TypeError, match="remote"):
+        Counter()
+    shoal.kill(b)
