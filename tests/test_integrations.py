@@ -252,3 +252,22 @@ def test_bad_resources_are_clear_errors(client):
     with pytest.raises(TypeError, match="number"):
         client.map(inc, [1], resources={"GPU": "many"})
     assert client.submit(inc, 1).result() == 2
+
+
+def test_scikit_learn_n_jobs_runs_on_the_cluster(client):
+    pytest.importorskip("sklearn")
+    import joblib
+    from sklearn.datasets import make_classification
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV
+
+    X, y = make_classification(n_samples=300, n_features=8, random_state=0)
+    grid = {"C": [0.01, 0.1, 1.0, 10.0]}
+    local = GridSearchCV(LogisticRegression(max_iter=500), grid, cv=3, n_jobs=1).fit(X, y)
+    with joblib.parallel_config(backend="shoal"):
+        search = GridSearchCV(LogisticRegression(max_iter=500), grid, cv=3, n_jobs=-1)
+        search.fit(X, y)
+    assert search.best_params_ == local.best_params_
+    assert search.cv_results_["mean_test_score"].tolist() == pytest.approx(
+        local.cv_results_["mean_test_score"].tolist()
+    )
