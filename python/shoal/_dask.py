@@ -169,28 +169,31 @@ def futures_get(client: Client, dsk: Any, keys: Any, **kwargs: Any) -> list[Futu
     return [out[k] for k in flat]
 
 
-def compute(client: Client, collections: Any, optimize_graph: bool = True, **kwargs: Any) -> Any:
-    """``client.compute``: one future per collection, for its final value."""
+def _run_with_futures(
+    how: str, client: Client, collections: Any, optimize_graph: bool, kwargs: dict[str, Any]
+) -> Any:
+    """Dask's own ``compute``/``persist`` (``how``), with a scheduler that
+    returns futures instead of values; one result per collection given (a
+    list for a list or tuple)."""
     _require_dask()
     import dask
 
     single = not isinstance(collections, list | tuple)
-    scheduler = functools.partial(futures_get, client)
     colls = [collections] if single else list(collections)
-    out = dask.compute(*colls, scheduler=scheduler, optimize_graph=optimize_graph, **kwargs)
+    run = getattr(dask, how)
+    scheduler = functools.partial(futures_get, client)
+    out = run(*colls, scheduler=scheduler, optimize_graph=optimize_graph, **kwargs)
     return out[0] if single else list(out)
+
+
+def compute(client: Client, collections: Any, optimize_graph: bool = True, **kwargs: Any) -> Any:
+    """``client.compute``: one future per collection, for its final value."""
+    return _run_with_futures("compute", client, collections, optimize_graph, kwargs)
 
 
 def persist(client: Client, collections: Any, optimize_graph: bool = True, **kwargs: Any) -> Any:
     """``client.persist``: the same collections, their chunks held as futures."""
-    _require_dask()
-    import dask
-
-    single = not isinstance(collections, list | tuple)
-    scheduler = functools.partial(futures_get, client)
-    colls = [collections] if single else list(collections)
-    out = dask.persist(*colls, scheduler=scheduler, optimize_graph=optimize_graph, **kwargs)
-    return out[0] if single else list(out)
+    return _run_with_futures("persist", client, collections, optimize_graph, kwargs)
 
 
 # ------------------------------------------------------------ set_as_default

@@ -1048,16 +1048,8 @@ impl Core {
     /// the least loaded.
     fn schedule(&mut self) {
         self.schedule_constrained();
-        while let Some(top) = self.ready.peek() {
-            let id = top.id;
-            let Some(t) = self.tasks.get(&id) else {
-                self.ready.pop();
-                continue;
-            };
-            if t.state != TaskState::Ready {
-                self.ready.pop();
-                continue;
-            }
+        while let Some(id) = first_ready(&mut self.ready, &self.tasks) {
+            let t = &self.tasks[&id];
             let est = self.est_us(t.group);
             let mut best: Option<(u64, u64, WorkerId)> = None;
             for &wid in &self.worker_order {
@@ -1115,16 +1107,8 @@ impl Core {
     /// fails at once (with no workers at all, it waits for some; one whose
     /// worker left waits for a replacement).
     fn schedule_constrained(&mut self) {
-        while let Some(top) = self.ready_constrained.peek() {
-            let id = top.id;
-            let Some(t) = self.tasks.get(&id) else {
-                self.ready_constrained.pop();
-                continue;
-            };
-            if t.state != TaskState::Ready {
-                self.ready_constrained.pop();
-                continue;
-            }
+        while let Some(id) = first_ready(&mut self.ready_constrained, &self.tasks) {
+            let t = &self.tasks[&id];
             let need = &t.resources;
             let amount_in =
                 |list: &[(u32, f64)], r: u32| list.iter().find(|x| x.0 == r).map_or(0.0, |x| x.1);
@@ -1266,6 +1250,24 @@ impl Core {
             }
         }
     }
+}
+
+/// The id of the heap's first entry still Ready, dropping stale entries
+/// (tasks that left Ready, or were forgotten, after they were pushed).
+fn first_ready(
+    heap: &mut BinaryHeap<ReadyEntry>,
+    tasks: &FxHashMap<TaskId, Task>,
+) -> Option<TaskId> {
+    while let Some(top) = heap.peek() {
+        if tasks
+            .get(&top.id)
+            .is_some_and(|t| t.state == TaskState::Ready)
+        {
+            return Some(top.id);
+        }
+        heap.pop();
+    }
+    None
 }
 
 #[cfg(test)]
