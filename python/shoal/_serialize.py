@@ -13,6 +13,7 @@ resolves to the input's value.
 from __future__ import annotations
 
 import pickle
+import struct
 import threading
 import weakref
 from typing import Any
@@ -34,6 +35,58 @@ def dumps(obj: Any) -> bytes:
     except Exception:
         pass
     return cloudpickle.dumps(obj, protocol=PROTOCOL)
+
+
+# Out-of-band framing for large arrays: MAGIC, u32 count, u64 header
+# length, u64 buffer lengths, header, then each buffer at a 64-byte aligned
+# offset. Pickling in band copies the data into the pickle (and again on
+# growth) and unpickling copies it out; this copies it once into the frame,
+# and unpickling makes views of the received (writable) buffer.
+_OOB_MAGIC = b"SHOALOB1"
+_ALIGN = 64
+
+
+def dumps_large(obj: Any) -> bytes:
+    """Pickles a large array-like result with its buffers out of band."""
+    buffers: list[pickle.PickleBuffer] = []
+    try:
+        header = pickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffers.append)
+        if b"__main__" in header:
+            buffers.clear()
+            header = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffers.append)
+        raws = [b.raw() for b in buffers]
+    except (BufferError, pickle.PicklingError):
+        return dumps(obj)  # non-contiguous buffers: in band
+    if not raws:
+        return header
+    lengths = [r.nbytes for r in raws]
+    prefix = _OOB_MAGIC + struct.pack(f"<IQ{len(raws)}Q", len(raws), len(header), *lengths)
+    parts: list[Any] = [prefix, header]
+    offset = len(prefix) + len(header)
+    for r in raws:
+        pad = -offset % _ALIGN
+        parts += [b"\0" * pad, r]
+        offset += pad + r.nbytes
+    return b"".join(parts)
+
+
+def loads(data: bytes | bytearray) -> Any:
+    """Unpickles what ``dumps`` or ``dumps_large`` made (buffers of the
+    latter become views of ``data``)."""
+    if data[:8] != _OOB_MAGIC:
+        return pickle.loads(data)
+    view = memoryview(data)
+    count, header_len = struct.unpack_from("<IQ", view, 8)
+    lengths = struct.unpack_from(f"<{count}Q", view, 20)
+    offset = 20 + 8 * count
+    header = view[offset : offset + header_len]
+    offset += header_len
+    buffers = []
+    for n in lengths:
+        offset += -offset % _ALIGN
+        buffers.append(view[offset : offset + n])
+        offset += n
+    return pickle.loads(header, buffers=buffers)
 
 
 def dumps_function(fn: Any) -> bytes:

@@ -191,7 +191,7 @@ class _Executor:
             if deps:
                 inputs = {}
                 for d, b in deps:
-                    inputs[d] = pickle.loads(b) if b is not None else self.objects[d]
+                    inputs[d] = _serialize.loads(b) if b is not None else self.objects[d]
                 _serialize.set_inputs(inputs)
                 try:
                     payload = pickle.loads(args)
@@ -268,7 +268,7 @@ class _Executor:
                 data = None
                 if obj is not _MISSING:
                     try:
-                        data = _serialize.dumps(obj)
+                        data = _serialize.dumps_large(obj)
                     except Exception:  # noqa: BLE001 - the fetcher gets "not available"
                         traceback.print_exc()
                 core.put_pickled(tid, data)

@@ -585,10 +585,10 @@ class Client:
     def _value(self, f: Future, code: int, a: Any, b: Any) -> Any:
         if code == 0:
             if f._index is None:
-                return pickle.loads(a)
+                return _serialize.loads(a)
             batch = self._batch_cache.get(f._id)
             if batch is None:
-                batch = pickle.loads(a)
+                batch = _serialize.loads(a)
                 self._batch_cache[f._id] = batch
             if isinstance(batch, list):
                 return batch[f._index]
@@ -684,7 +684,7 @@ class Client:
                         continue
                     # Raise as the first element of the failed task would.
                     self._value(fl[j * size if size else j], code, a, b)
-                batch = pickle.loads(a)
+                batch = _serialize.loads(a)
                 if not size:
                     out.append(batch)
                     continue

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use pyo3::exceptions::{PyConnectionError, PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
-use pyo3::types::{PyBytes, PyList, PyTuple};
+use pyo3::types::{PyByteArray, PyBytes, PyList, PyTuple};
 use shoal_proto::{TaskError, TaskKind, TaskSpec};
 use shoal_runtime::client::{self, ClientShared, Status, Watcher};
 use shoal_runtime::local::{LocalCluster, WorkerCommand};
@@ -395,7 +395,9 @@ impl ClientCore {
             }) => {
                 let addr = location.unwrap_or_default();
                 match py.detach(|| client::fetch(runtime(), &addr, id)) {
-                    Ok(v) => (0, PyBytes::new(py, &v).into_any().unbind(), none),
+                    // A bytearray: arrays unpickled from it out of band are
+                    // views of it, and stay writable.
+                    Ok(v) => (0, PyByteArray::new(py, &v).into_any().unbind(), none),
                     Err(_) => {
                         // The holder died: the scheduler recomputes it.
                         self.inner.mark_pending(id);
@@ -553,7 +555,8 @@ impl WorkerCore {
             let deps = PyList::empty(py);
             for (id, v) in t.deps {
                 let v: Py<PyAny> = match v {
-                    Some(b) => PyBytes::new(py, &b).into_any().unbind(),
+                    // Writable, for out-of-band (zero-copy) unpickling.
+                    Some(b) => PyByteArray::new(py, &b).into_any().unbind(),
                     None => py.None(),
                 };
                 deps.append((id, v))?;
