@@ -144,8 +144,8 @@ def test_remote_options_and_what_is_not_there(client):
     assert shoal.get(square.options(priority=5).remote(4)) == 16
     with pytest.raises(TypeError, match="unknown remote options"):
         square.options(colour="red")
-    with pytest.raises(NotImplementedError, match="num_cpus"):
-        square.options(num_cpus=2)
+    with pytest.raises(ValueError, match="num_cpus"):
+        square.options(num_cpus=0)
 
 
 # --------------------------------------------------------------- fork safety
@@ -271,3 +271,21 @@ def test_scikit_learn_n_jobs_runs_on_the_cluster(client):
     assert search.cv_results_["mean_test_score"].tolist() == pytest.approx(
         local.cv_results_["mean_test_score"].tolist()
     )
+
+
+def test_tasks_taking_several_threads(client):
+    # Workers have 2 threads: a 2-CPU task runs alone on its worker.
+    with shoal.Client(n_workers=2, threads_per_worker=2) as c:
+        wide = shoal.remote(_interval).options(num_cpus=2)
+        runs = shoal.get([wide.remote(0.3) for _ in range(4)])
+        spans: dict[int, list] = {}
+        for pid, start, end, _ in runs:
+            spans.setdefault(pid, []).append((start, end))
+        for s in spans.values():
+            s.sort()
+            for (_, end), (start, _) in zip(s, s[1:], strict=False):
+                assert start >= end - 1e-3, f"2-thread tasks overlapped: {s}"
+        with pytest.raises(shoal.UnsatisfiableError, match="CPU=3"):
+            c.submit(inc, 1, resources={"CPU": 3}).result(timeout=30)
+    with pytest.raises(ValueError, match="threads_per_worker"):
+        shoal.Client(n_workers=1, resources={"CPU": 4})

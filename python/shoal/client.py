@@ -400,6 +400,10 @@ class Client:
             env = [("PYTHONPATH", os.pathsep.join(p for p in sys.path if p))]
             args = ["-m", "shoal._worker", "--nthreads", str(threads_per_worker)]
             offered = _resources.normalize(resources, "Client")
+            if any(name == "CPU" for name, _ in offered):
+                raise ValueError(
+                    "resources: CPU is a worker's threads; set threads_per_worker instead"
+                )
             if offered:
                 args += ["--resources", ",".join(f"{k}={v!r}" for k, v in offered)]
             self._cluster = Cluster(n, sys.executable, args, env)
@@ -474,7 +478,8 @@ class Client:
         for the task; submitting an existing key returns its future.
         ``resources``: amounts the task holds while it runs, e.g.
         ``{"GPU": 1}``; it runs only where they are free (GPU tasks get
-        ``CUDA_VISIBLE_DEVICES`` set to their devices).
+        ``CUDA_VISIBLE_DEVICES`` set to their devices). ``"CPU": n`` takes
+        ``n`` of a worker's threads (for a task that runs parallel code).
         """
         core = self._check()
         needs = _resources.normalize(resources, "submit")

@@ -33,10 +33,9 @@ def _check_options(options: dict[str, Any]) -> dict[str, Any]:
     unknown = set(options) - _OPTIONS
     if unknown:
         raise TypeError(f"unknown remote options {sorted(unknown)}; known: {sorted(_OPTIONS)}")
-    if options.get("num_cpus", 1) != 1:
-        raise NotImplementedError(
-            "num_cpus other than 1 is not implemented yet: every task takes one worker thread"
-        )
+    cpus = options.get("num_cpus", 1)
+    if not isinstance(cpus, int) or cpus < 1:
+        raise ValueError(f"num_cpus must be a whole number >= 1, not {cpus!r}")
     return options
 
 
@@ -55,6 +54,8 @@ class RemoteFunction:
         resources = dict(o.get("resources") or {})
         if o.get("num_gpus"):
             resources["GPU"] = o["num_gpus"]
+        if o.get("num_cpus", 1) > 1:
+            resources["CPU"] = o["num_cpus"]  # worker threads it occupies
         return default_client().submit(
             self._fn,
             *args,
@@ -65,8 +66,9 @@ class RemoteFunction:
         )
 
     def options(self, **options: Any) -> RemoteFunction:
-        """A copy with other options (``num_cpus``, ``num_gpus``,
-        ``resources``, ``retries``/``max_retries``, ``priority``)."""
+        """A copy with other options (``num_cpus``: worker threads it
+        occupies; ``num_gpus``; ``resources``; ``retries``/``max_retries``;
+        ``priority``)."""
         return RemoteFunction(self._fn, {**self._options, **options})
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

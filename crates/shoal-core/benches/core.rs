@@ -43,6 +43,7 @@ fn graph(leaves: u64) -> Vec<NewTask> {
         retries: 0,
         group: 0,
         resources: Vec::new(),
+        threads: 1,
     }));
     while level.len() > 1 {
         let mut up = Vec::new();
@@ -54,6 +55,7 @@ fn graph(leaves: u64) -> Vec<NewTask> {
                 retries: 0,
                 group: 1,
                 resources: Vec::new(),
+                threads: 1,
             });
             up.push(next);
             next += 1;

@@ -83,6 +83,9 @@ pub struct NewTask {
     /// Resources it holds while it runs: `(resource id, amount)`; a worker
     /// runs it only with that much free, and never queues it.
     pub resources: Vec<(u32, f64)>,
+    /// Worker threads it occupies while it runs (at least 1; more for a
+    /// task that runs its own parallel code). Above 1, it is never queued.
+    pub threads: u32,
 }
 
 /// What the core asks the services to do.
@@ -238,6 +241,7 @@ struct Task {
     /// Duration estimate charged to the worker while processing.
     est_us: u32,
     kills: u8,
+    threads: u32,
     resources: Box<[(u32, f64)]>,
 }
 
@@ -256,6 +260,8 @@ struct Worker {
     /// Resources it has, and the amounts its assigned tasks hold.
     resources: Vec<(u32, f64)>,
     resources_used: Vec<(u32, f64)>,
+    /// Threads its assigned tasks occupy (queued ones included).
+    threads_used: u32,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -311,6 +317,8 @@ pub struct Core {
     /// Every distinct set of resources a worker has offered: a task that
     /// fits one waits for such a worker (one may be restarting).
     offers_seen: Vec<Vec<(u32, f64)>>,
+    /// The most threads any worker has had.
+    max_threads_seen: u32,
     groups: Vec<GroupStats>,
     actions: Vec<Action>,
     log: VecDeque<Transition>,
@@ -336,6 +344,7 @@ impl Core {
             ready: BinaryHeap::new(),
             ready_constrained: BinaryHeap::new(),
             offers_seen: Vec::new(),
+            max_threads_seen: 0,
             groups: Vec::new(),
             actions: Vec::new(),
             log: VecDeque::new(),
@@ -427,7 +436,9 @@ impl Core {
             stealing: FxHashSet::default(),
             resources_used: resources.iter().map(|&(r, _)| (r, 0.0)).collect(),
             resources,
+            threads_used: 0,
         };
+        self.max_threads_seen = self.max_threads_seen.max(w.nthreads);
         if !w.resources.is_empty() && !self.offers_seen.contains(&w.resources) {
             self.offers_seen.push(w.resources.clone());
         }
@@ -553,6 +564,7 @@ impl Core {
                     retries_left: nt.retries,
                     est_us: 0,
                     kills: 0,
+                    threads: nt.threads.max(1),
                     resources: nt.resources.into_boxed_slice(),
                 },
             );
@@ -730,7 +742,7 @@ impl Core {
             .workers
             .values()
             .filter(|w| !w.stalled)
-            .map(|w| (w.nthreads as usize).saturating_sub(w.assigned.len()))
+            .map(|w| w.nthreads.saturating_sub(w.threads_used) as usize)
             .sum();
         if free == 0 {
             return;
@@ -839,6 +851,7 @@ impl Core {
                 let est = t.est_us as u64;
                 if let Some(w) = self.workers.get_mut(&w) {
                     w.assigned.remove(&id);
+                    w.threads_used -= t.threads;
                     w.stealing.remove(&id);
                     w.queued_est_us = w.queued_est_us.saturating_sub(est);
                     for &(r, amount) in t.resources.iter() {
@@ -866,7 +879,7 @@ impl Core {
                     depth: t.depth,
                     id,
                 };
-                if t.resources.is_empty() {
+                if t.resources.is_empty() && t.threads == 1 {
                     self.ready.push(entry)
                 } else {
                     self.ready_constrained.push(entry)
@@ -1026,7 +1039,7 @@ impl Core {
     }
 
     fn can_take(&self, w: &Worker, est: Option<u64>) -> bool {
-        let n = w.assigned.len() as u64;
+        let n = w.threads_used as u64;
         let threads = w.nthreads as u64;
         if n < threads {
             return true;
@@ -1092,6 +1105,7 @@ impl Core {
                 w.progress_us = now;
             }
             w.assigned.insert(id);
+            w.threads_used += 1;
             w.queued_est_us += est;
             self.set_state(id, TaskState::Processing(wid));
             self.actions.push(Action::Compute {
@@ -1120,8 +1134,12 @@ impl Core {
                     amount_in(&w.resources, r) - amount_in(&w.resources_used, r) >= a - 1e-9
                 })
             };
-            // Unsatisfiable: workers are there, and no worker ever offered enough.
-            if !self.workers.is_empty() && !self.offers_seen.iter().any(|o| covers(o)) {
+            let threads = t.threads;
+            // Unsatisfiable: workers are there, and no worker ever offered
+            // enough (resources, or threads).
+            let never = (!need.is_empty() && !self.offers_seen.iter().any(|o| covers(o)))
+                || threads > self.max_threads_seen;
+            if !self.workers.is_empty() && never {
                 self.ready_constrained.pop();
                 self.set_erred(id, id, ErrorKind::Unsatisfiable);
                 continue;
@@ -1129,7 +1147,7 @@ impl Core {
             let mut best: Option<(usize, WorkerId)> = None;
             for &wid in &self.worker_order {
                 let w = &self.workers[&wid];
-                if w.assigned.len() >= w.nthreads as usize || !fits(w) {
+                if w.threads_used + threads > w.nthreads || !fits(w) {
                     continue;
                 }
                 if best.is_none_or(|(n, _)| w.assigned.len() < n) {
@@ -1151,6 +1169,7 @@ impl Core {
                 w.progress_us = self.now_us;
             }
             w.assigned.insert(id);
+            w.threads_used += threads;
             self.tasks.get_mut(&id).expect("ready").est_us = 0;
             self.set_state(id, TaskState::Processing(wid));
             self.actions.push(Action::Compute {
@@ -1236,6 +1255,23 @@ impl Core {
                     self.tasks[id].state,
                     TaskState::Memory { location: Location::Worker(h), .. } if h == *wid
                 ));
+            }
+            let threads: u32 = w.assigned.iter().map(|id| self.tasks[id].threads).sum();
+            assert_eq!(threads, w.threads_used, "{wid:?} thread count");
+            for &(r, used) in &w.resources_used {
+                let held: f64 = w
+                    .assigned
+                    .iter()
+                    .flat_map(|id| self.tasks[id].resources.iter())
+                    .filter(|x| x.0 == r)
+                    .map(|x| x.1)
+                    .sum();
+                assert!(
+                    (held - used).abs() < 1e-6,
+                    "{wid:?} resource {r}: {used} != {held}"
+                );
+                let total = w.resources.iter().find(|x| x.0 == r).map_or(0.0, |x| x.1);
+                assert!(used <= total + 1e-6, "{wid:?} resource {r} overcommitted");
             }
         }
         let queued: FxHashSet<TaskId> = self

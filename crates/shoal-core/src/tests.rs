@@ -17,6 +17,7 @@ fn nt(id: u64, deps: &[u64]) -> NewTask {
         retries: 0,
         group: 0,
         resources: Vec::new(),
+        threads: 1,
     }
 }
 
@@ -338,6 +339,12 @@ fn sim(seed: u64) {
                 2 => vec![(0, 3.0)],
                 _ => Vec::new(),
             },
+            // Some tasks take 2 threads (workers have 1 or 2) or 3 (none has).
+            threads: match rng.u32(0..20) {
+                0 | 1 => 2,
+                2 => 3,
+                _ => 1,
+            },
         });
     }
     c.handle_submit(C, tasks);
@@ -646,4 +653,38 @@ fn withdrawing_a_resource_fails_the_tasks_that_wait_for_it() {
     );
     assert!(matches!(c.state(t(2)), Some(TaskState::Erred { .. })));
     c.check_invariants();
+}
+
+#[test]
+fn a_task_taking_several_threads_waits_for_them_and_holds_them() {
+    let mut c = core();
+    c.handle_worker_added(WorkerId(0), 2);
+    c.handle_submit(C, vec![nt(1, &[])]);
+    assert_eq!(computes(&c.take_actions()), vec![(0, 1)]);
+    let wide = NewTask {
+        threads: 2,
+        ..nt(2, &[])
+    };
+    c.handle_submit(C, vec![wide, nt(3, &[])]);
+    // One thread is free: the 2-thread task waits, the 1-thread one runs.
+    assert_eq!(computes(&c.take_actions()), vec![(0, 3)]);
+    c.handle_task_finished(WorkerId(0), t(1), 8, true, 1_000_000);
+    c.handle_task_finished(WorkerId(0), t(3), 8, true, 1_000_000);
+    assert_eq!(computes(&c.take_actions()), vec![(0, 2)]);
+    c.check_invariants();
+    // More threads than any worker has: fails at once.
+    c.handle_submit(
+        C,
+        vec![NewTask {
+            threads: 3,
+            ..nt(4, &[])
+        }],
+    );
+    assert!(matches!(
+        c.state(t(4)),
+        Some(TaskState::Erred {
+            kind: ErrorKind::Unsatisfiable,
+            ..
+        })
+    ));
 }

@@ -182,6 +182,7 @@ struct WorkerConn {
     tx: Tx,
     data_addr: String,
     name: String,
+    nthreads: u32,
     resources: Vec<(String, f64)>,
 }
 
@@ -261,6 +262,7 @@ impl State {
                         tx,
                         data_addr,
                         name,
+                        nthreads,
                         resources,
                     },
                 );
@@ -312,7 +314,21 @@ impl State {
                     let mut deps: Vec<TaskId> = spec.deps.iter().map(|&d| TaskId(d)).collect();
                     deps.sort_unstable();
                     deps.dedup();
-                    let resources = self.resource_ids(&spec.resources);
+                    // "CPU" is not a resource workers offer: it is threads.
+                    let mut threads = 1;
+                    let named: Vec<(String, f64)> = spec
+                        .resources
+                        .iter()
+                        .filter(|(r, amount)| {
+                            let cpu = r == "CPU";
+                            if cpu {
+                                threads = amount.ceil().max(1.0) as u32;
+                            }
+                            !cpu
+                        })
+                        .cloned()
+                        .collect();
+                    let resources = self.resource_ids(&named);
                     tasks.push(NewTask {
                         id: TaskId(spec.id),
                         deps,
@@ -320,6 +336,7 @@ impl State {
                         retries: spec.retries,
                         group,
                         resources,
+                        threads,
                     });
                     self.specs.entry(spec.id).or_insert(spec);
                 }
@@ -408,7 +425,11 @@ impl State {
         let mut offers: Vec<String> = self
             .workers
             .values()
-            .map(|w| format!("{}: {}", w.name, fmt(&w.resources)))
+            .map(|w| {
+                let mut has = vec![("CPU".to_string(), w.nthreads as f64)];
+                has.extend(w.resources.iter().cloned());
+                format!("{}: {}", w.name, fmt(&has))
+            })
             .collect();
         offers.sort();
         format!(
