@@ -210,6 +210,17 @@ def _interval(delay):
     return os.getpid(), start, time.monotonic(), os.environ.get("CUDA_VISIBLE_DEVICES")
 
 
+def _assert_no_overlap_per_worker(runs):
+    """``runs``: ``_interval`` results; no two ran at once in one process."""
+    spans: dict[int, list] = {}
+    for pid, start, end, _ in runs:
+        spans.setdefault(pid, []).append((start, end))
+    for s in spans.values():
+        s.sort()
+        for (_, end), (start, _) in zip(s, s[1:], strict=False):
+            assert start >= end - 1e-3, f"tasks overlapped on one worker: {s}"
+
+
 def test_resources_are_never_overcommitted():
     # Two threads per worker, but one "slot" each: slot tasks never overlap
     # on a worker, while other tasks still use the second thread.
@@ -218,13 +229,7 @@ def test_resources_are_never_overcommitted():
         free = [c.submit(_interval, 0.0) for _ in range(4)]
         runs = c.gather(fs)
         c.gather(free)
-        by_pid = {}
-        for pid, start, end, _ in runs:
-            by_pid.setdefault(pid, []).append((start, end))
-        for spans in by_pid.values():
-            spans.sort()
-            for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
-                assert start >= end - 1e-3, f"overlapping slot tasks: {spans}"
+        _assert_no_overlap_per_worker(runs)
         # No worker has 5 GPUs: a clear error at once, and the cluster goes on.
         t = time.monotonic()
         with pytest.raises(shoal.UnsatisfiableError, match="GPU=5"):
@@ -277,14 +282,7 @@ def test_tasks_taking_several_threads(client):
     # Workers have 2 threads: a 2-CPU task runs alone on its worker.
     with shoal.Client(n_workers=2, threads_per_worker=2) as c:
         wide = shoal.remote(_interval).options(num_cpus=2)
-        runs = shoal.get([wide.remote(0.3) for _ in range(4)])
-        spans: dict[int, list] = {}
-        for pid, start, end, _ in runs:
-            spans.setdefault(pid, []).append((start, end))
-        for s in spans.values():
-            s.sort()
-            for (_, end), (start, _) in zip(s, s[1:], strict=False):
-                assert start >= end - 1e-3, f"2-thread tasks overlapped: {s}"
+        _assert_no_overlap_per_worker(shoal.get([wide.remote(0.3) for _ in range(4)]))
         with pytest.raises(shoal.UnsatisfiableError, match="CPU=3"):
             c.submit(inc, 1, resources={"CPU": 3}).result(timeout=30)
     with pytest.raises(ValueError, match="threads_per_worker"):

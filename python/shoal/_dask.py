@@ -107,11 +107,11 @@ def submit_graph(client: Client, dsk: Any, keys: list[Key], retries: int = 0) ->
         if k in needed or k in ids:
             continue
         node = graph.get(k)
-        if node is None or _held_task(client, k) is not None:
-            held = _held_task(client, k)
+        held = _held_task(client, k)
+        if held is not None or node is None:
             if held is None:
                 raise KeyError(f"the graph needs {k!r}, which is neither in it nor held")
-            ids[k] = held
+            ids[k] = held  # held already (persisted, or an earlier submit)
             continue
         needed[k] = node
         stack.append((k, True))

@@ -2,9 +2,11 @@
 //!
 //! The I/O thread receives tasks, fetches inputs held by other workers,
 //! serves this worker's results to peers and clients, and reports results.
-//! Python execution threads call [`WorkerShared::next_batch`] (with the GIL
-//! released): it hands over the results of the previous batch and blocks for
-//! the next one, so a thread crosses into Rust once per batch, not per task.
+//! Python execution threads hand over each finished task with
+//! [`WorkerShared::report`] (buffered, sent every few milliseconds) and take
+//! the next with [`WorkerShared::try_next`] (GIL held, no wait) or
+//! [`WorkerShared::wait_next`] (GIL released), one task at a time so that
+//! unstarted tasks stay here, where the scheduler can steal them.
 
 use crate::net::{self, Address, Listener};
 use bytes::Bytes;
@@ -120,16 +122,6 @@ pub enum Batch {
 }
 
 impl WorkerShared {
-    /// Reports `done`, then waits up to `timeout` for tasks (at most `max`).
-    /// Returns an empty batch on timeout, so the caller can check for signals.
-    pub fn next_batch(&self, done: Vec<Done>, max: usize, timeout: Duration) -> Batch {
-        self.report(done);
-        if let Some(b) = self.try_next(max) {
-            return b;
-        }
-        self.wait_next(max, timeout)
-    }
-
     /// Buffers finished tasks' reports; sends the buffer once its oldest
     /// entry is `FLUSH_AFTER` old (one frame for many tiny tasks).
     pub fn report(&self, done: Vec<Done>) {
