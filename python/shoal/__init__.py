@@ -23,6 +23,7 @@ from .client import (
 )
 from .errors import (
     ActorDiedError,
+    DataLostError,
     FutureCancelledError,
     KilledWorker,
     MissingDependencyError,
@@ -32,7 +33,7 @@ from .errors import (
     UnsatisfiableError,
 )
 from .executor import Executor
-from .remote import get, init, remote
+from .remote import get, init, put, remote
 
 __all__ = [
     "__version__",
@@ -45,6 +46,7 @@ __all__ = [
     "ActorDiedError",
     "remote",
     "get",
+    "put",
     "init",
     "get_client",
     "secede",
@@ -60,6 +62,7 @@ __all__ = [
     "TaskAbortedError",
     "MissingDependencyError",
     "UnsatisfiableError",
+    "DataLostError",
 ]
 
 

@@ -12,6 +12,9 @@ resolves to the input's value.
 
 from __future__ import annotations
 
+import contextlib
+import mmap
+import os
 import pickle
 import struct
 import threading
@@ -46,8 +49,11 @@ _OOB_MAGIC = b"SHOALOB1"
 _ALIGN = 64
 
 
-def dumps_large(obj: Any) -> bytes:
-    """Pickles a large array-like result with its buffers out of band."""
+def frame_parts(obj: Any) -> tuple[list[Any], int, bool]:
+    """Pickles ``obj`` with its buffers out of band: the parts of the frame
+    (to join or write; buffers are not copied), its length, and whether it
+    has out-of-band buffers (otherwise it is a plain pickle). Raises
+    ``TypeError`` naming the failure, as ``dumps``."""
     buffers: list[pickle.PickleBuffer] = []
     try:
         header = pickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffers.append)
@@ -55,24 +61,62 @@ def dumps_large(obj: Any) -> bytes:
             buffers.clear()
             header = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffers.append)
         raws = [b.raw() for b in buffers]
-    except (BufferError, pickle.PicklingError):
-        return dumps(obj)  # non-contiguous buffers: in band
+    except Exception:
+        # Non-contiguous buffers, or something only cloudpickle handles: in
+        # band (raises if it cannot be pickled at all).
+        data = dumps(obj)
+        return [data], len(data), False
     if not raws:
-        return header
+        return [header], len(header), False
     lengths = [r.nbytes for r in raws]
     prefix = _OOB_MAGIC + struct.pack(f"<IQ{len(raws)}Q", len(raws), len(header), *lengths)
     parts: list[Any] = [prefix, header]
     offset = len(prefix) + len(header)
     for r in raws:
         pad = -offset % _ALIGN
-        parts += [b"\0" * pad, r]
+        if pad:
+            parts.append(b"\0" * pad)
+        parts.append(r)
         offset += pad + r.nbytes
-    return b"".join(parts)
+    return parts, offset, True
 
 
-def loads(data: bytes | bytearray) -> Any:
+def dumps_large(obj: Any) -> bytes:
+    """Pickles a large array-like result with its buffers out of band."""
+    parts, _, _ = frame_parts(obj)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def write_file(path: str, parts: list[Any]) -> None:
+    """Writes a frame's parts to a new file (one copy of the buffers, done
+    by the kernel with the GIL released)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        for part in parts:
+            view = memoryview(part).cast("B")
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    os.close(fd)
+
+
+def load_file(path: str) -> Any:
+    """Unpickles a file ``write_file`` made, mapping it: out-of-band buffers
+    (arrays) become read-only views of the file's pages, not copies."""
+    with open(path, "rb") as fh:
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    return loads(mm)
+
+
+def loads(data: bytes | bytearray | mmap.mmap) -> Any:
     """Unpickles what ``dumps`` or ``dumps_large`` made (buffers of the
-    latter become views of ``data``)."""
+    latter become views of ``data``: writable for a ``bytearray``, read-only
+    for a read-only ``mmap``)."""
     if data[:8] != _OOB_MAGIC:
         return pickle.loads(data)
     view = memoryview(data)

@@ -19,8 +19,8 @@ import traceback
 from time import perf_counter
 from typing import Any
 
-from . import _resources, _serialize
-from ._core import INLINE_LIMIT, WorkerCore
+from . import _core, _resources, _serialize, _store
+from ._core import WorkerCore
 from .errors import TaskAbortedError
 
 
@@ -113,8 +113,11 @@ _current: _Executor | None = None  # this worker process's executor
 
 
 class _Executor:
-    def __init__(self, core: WorkerCore, address: str, nthreads: int, gpus: list[str]):
+    def __init__(
+        self, core: WorkerCore, address: str, nthreads: int, gpus: list[str], store: _store.Store
+    ):
         self.core = core
+        self.store = store
         self.gpu_users = dict.fromkeys(gpus, 0)  # device -> tasks using it
         self.address = address
         self.lock = threading.Lock()
@@ -123,7 +126,6 @@ class _Executor:
         self.client: Any = None  # get_client() inside tasks
         self.stopped = threading.Event()
         self.funcs: dict[bytes, Any] = {}
-        self.objects: dict[int, Any] = {}  # results too large to travel inline
 
     def run(self) -> None:
         # One task per call: tasks not started stay in the Rust queue, where
@@ -131,8 +133,8 @@ class _Executor:
         # arrive. Reports are buffered there and travel together. A call
         # that finds work queued does not release the GIL (about a
         # microsecond).
-        core, objects = self.core, self.objects
-        done: list[tuple[int, bool, bytes | None, int, int]] = []
+        core, store = self.core, self.store
+        done: list[tuple[int, bool, bytes | str | None, int, int]] = []
         while True:
             if self.running > self.target and self._retire():
                 core.report(done)
@@ -142,8 +144,8 @@ class _Executor:
                 self.stopped.set()
                 return
             tasks, released = r
-            for i in released:
-                objects.pop(i, None)
+            if released:
+                store.release(released)
             done = [self.execute(*t) for t in tasks]
 
     def execute(self, tid, name, is_batch, func, args, deps, error, resources=None):
@@ -191,7 +193,9 @@ class _Executor:
             if deps:
                 inputs = {}
                 for d, b in deps:
-                    inputs[d] = _serialize.loads(b) if b is not None else self.objects[d]
+                    # b: bytearray, or a read-only mmap of a peer's file on
+                    # this host; None for a result of this worker.
+                    inputs[d] = _serialize.loads(b) if b is not None else self.store.get(d)
                 _serialize.set_inputs(inputs)
                 try:
                     payload = pickle.loads(args)
@@ -209,21 +213,15 @@ class _Executor:
         finally:
             task_local.in_task = False
         duration = int((perf_counter() - t0) * 1e6)
-        size = _buffer_size(result)
-        if size is not None and size > INLINE_LIMIT:
-            # Large arrays stay unpickled until another process asks.
-            self.objects[tid] = result
-            return (tid, True, None, duration, size)
         try:
-            data = _serialize.dumps(result)
+            payload, size = self.store.finish(tid, result, _buffer_size(result))
         except BaseException as e:  # noqa: BLE001
             err = TypeError(
-                f"the result of task {name!r} ({type(result).__name__}) could not be pickled: {e}"
+                f"the result of task {name!r} ({type(result).__name__}) could not be "
+                f"pickled or stored: {e}"
             )
             return (tid, False, _dumps_error(err, name), duration, 0)
-        if len(data) > INLINE_LIMIT:
-            self.objects[tid] = result
-        return (tid, True, data, duration, len(data))
+        return (tid, True, payload, duration, size)
 
     def _retire(self) -> bool:
         with self.lock:
@@ -258,23 +256,18 @@ class _Executor:
                 self.client = Client(self.address, set_as_default=False)
             return self.client
 
-    def pickle_held(self) -> None:
-        """Thread: pickles held results when a peer or client fetches them
-        (waiting in Rust with the GIL released)."""
-        core, objects = self.core, self.objects
+    def export_held(self) -> None:
+        """Thread: writes held results to shared memory when a peer or client
+        fetches them (waiting in Rust with the GIL released)."""
+        core, store = self.core, self.store
         while True:
             for tid in core.pickle_requests(1.0):
-                obj = objects.get(tid, _MISSING)
-                data = None
-                if obj is not _MISSING:
-                    try:
-                        data = _serialize.dumps_large(obj)
-                    except Exception:  # noqa: BLE001 - the fetcher gets "not available"
-                        traceback.print_exc()
-                core.put_pickled(tid, data)
-
-
-_MISSING = object()
+                f = None
+                try:
+                    f = store.export(tid)
+                except Exception:  # noqa: BLE001 - the fetcher gets "not available"
+                    traceback.print_exc()
+                core.put_stored(tid, f)
 
 
 def _buffer_size(obj: Any) -> int | None:
@@ -299,6 +292,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--actor", help="ID=PATH: this process hosts that actor")
     parser.add_argument("--parent", type=int, help="exit when this process is gone")
     parser.add_argument(
+        "--memory-limit",
+        default="auto",
+        help="spill, pause and restart by fractions of this: bytes, '4GB', a fraction "
+        "of the host's memory (0.5), 'auto' (the host's memory times nthreads/cores), "
+        "or 'none'",
+    )
+    parser.add_argument(
+        "--local-directory", help="where to spill results to disk (default: the temp dir)"
+    )
+    parser.add_argument(
         "--resources",
         default="",
         help="what tasks may hold, e.g. 'GPU=2,ssd=1' (GPUs are detected if not given)",
@@ -317,15 +320,22 @@ def main(argv: list[str] | None = None) -> None:
     # Ctrl-C in the terminal reaches the whole process group: the client
     # handles it; a worker must not die of it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    share = min(1.0, ns.nthreads / (os.cpu_count() or 1))
+    limit = _store.parse_memory(ns.memory_limit, share)
+    _core.sweep(ns.local_directory)  # leftovers of crashed processes
     core = WorkerCore(ns.address, ns.nthreads, ns.name, sorted(resources.items()))
+    store = _store.Store(core, limit, ns.local_directory)
     global _current
-    executor = _current = _Executor(core, ns.address, ns.nthreads, gpus)
-    threading.Thread(target=executor.pickle_held, name="shoal-pickler", daemon=True).start()
+    executor = _current = _Executor(core, ns.address, ns.nthreads, gpus, store)
+    threading.Thread(target=executor.export_held, name="shoal-pickler", daemon=True).start()
+    if limit:
+        threading.Thread(target=store.monitor, name="shoal-memory", daemon=True).start()
     # Execution threads come and go (secede/rejoin); the process lives until
     # the scheduler says stop.
     for i in range(ns.nthreads):
         threading.Thread(target=executor.run, name=f"shoal-exec-{i}", daemon=True).start()
     executor.stopped.wait()
+    store.close()
     sys.stdout.flush()
 
 

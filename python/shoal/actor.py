@@ -31,6 +31,7 @@ from typing import Any
 
 import cloudpickle
 
+from . import _core
 from .client import Client, Future, default_client
 from .errors import ActorDiedError
 
@@ -133,6 +134,7 @@ class _Supervisor:
         code = self.proc.poll()
         if code is None or self.dead is not None:
             return self.dead is None
+        _core.remove_process_dirs(self.proc.pid)  # its shared memory and spill files
         if self.client._closed:
             self.dead = "its client closed"
             return False
@@ -184,6 +186,8 @@ class _Supervisor:
                 self.proc.wait(5)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
+        _core.remove_process_dirs(self.proc.pid)
 
 
 _supervisors: dict[str, _Supervisor] = {}

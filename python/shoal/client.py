@@ -22,6 +22,7 @@ equivalent. Deviations, each for a reason:
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import os
 import pickle
@@ -33,10 +34,11 @@ from collections import namedtuple
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, overload
 
-from . import _dask, _resources, _serialize
-from ._core import ClientCore, Cluster
+from . import _dask, _resources, _serialize, _store
+from ._core import INLINE_LIMIT, ClientCore, Cluster
 from .errors import (
     ActorDiedError,
+    DataLostError,
     FutureCancelledError,
     KilledWorker,
     MissingDependencyError,
@@ -376,6 +378,8 @@ class Client:
         timeout: float = 30.0,
         set_as_default: bool = True,
         resources: Mapping[str, float] | None = None,
+        memory_limit: str | float | None = "auto",
+        local_directory: str | None = None,
     ):
         if n_workers is not None and n_workers < 1:
             raise ValueError(f"n_workers must be at least 1, not {n_workers}")
@@ -395,6 +399,7 @@ class Client:
         self._cb_watcher = None
         self._cb_thread: threading.Thread | None = None
         self._closed = False
+        self._put_files: list[str] = []  # scattered data not yet taken over
         if address is None:
             n = n_workers or os.cpu_count() or 1
             env = [("PYTHONPATH", os.pathsep.join(p for p in sys.path if p))]
@@ -406,6 +411,12 @@ class Client:
                 )
             if offered:
                 args += ["--resources", ",".join(f"{k}={v!r}" for k, v in offered)]
+            # Each worker's share of the host's memory (validated here, so a
+            # bad value fails in the caller, not in n worker processes).
+            limit = _store.parse_memory(memory_limit, 1 / n)
+            args += ["--memory-limit", str(limit or "none")]
+            if local_directory is not None:
+                args += ["--local-directory", os.fspath(local_directory)]
             self._cluster = Cluster(n, sys.executable, args, env)
             address = self._cluster.address
             self._nthreads = n * threads_per_worker
@@ -496,6 +507,54 @@ class Client:
         if key is not None:
             self._name(key, tid)
         return f
+
+    def scatter(self, data: Any, broadcast: bool = False) -> Any:
+        """Puts data on the cluster once; returns futures to pass to tasks.
+
+        A list, tuple or set gives a list of futures, a dict a dict of
+        futures (its keys become the tasks' keys), anything else one future.
+        On this host (the embedded cluster, or a ``unix://`` scheduler) the
+        data is written once to shared memory and the worker takes the file
+        over: every worker process then maps that one copy, so
+        ``broadcast`` changes nothing here. Otherwise the pickle travels
+        through the scheduler to one worker, and other workers fetch it
+        directly from that one when a task needs it (``broadcast=True`` does
+        not copy it to every worker in advance).
+
+        Scattered data is not computed, so it cannot be recomputed: if the
+        worker holding it dies, futures that need it raise
+        ``DataLostError``.
+        """
+        del broadcast  # see above: one copy per host serves every worker
+        if isinstance(data, dict):
+            return {k: self._put(v, k) for k, v in data.items()}
+        if isinstance(data, list | tuple | set | frozenset):
+            return [self._put(v, None) for v in data]
+        return self._put(data, None)
+
+    def _put(self, obj: Any, key: Any) -> Future:
+        core = self._check()
+        if key is not None:
+            existing = self._keys.get(key)
+            if existing is not None and existing in self._refs:
+                return Future(self, existing, "scatter", key)
+        parts, length, _ = _serialize.frame_parts(obj)
+        same_host = self._cluster is not None or self.scheduler_address.startswith("unix://")
+        if same_host and length > INLINE_LIMIT:
+            path = os.path.join(_store.segment_dir(), f"put-{os.urandom(8).hex()}")
+            _serialize.write_file(path, parts)
+            self._put_files.append(path)
+            arg: tuple = ("file", path, length)
+        else:
+            arg = ("bytes", parts[0] if len(parts) == 1 else b"".join(parts))
+        func = _serialize.dumps_function(_store.put_task)
+        payload, _ = _serialize.dumps_args(((arg,), None), "scattered data")
+        k = None if key is None else str(key)
+        # Highest priority: data is cheap to place and others wait on it.
+        tid = core.submit("scatter", k, False, func, payload, [], 2**30, 0, [], False)
+        if key is not None:
+            self._name(key, tid)
+        return Future(self, tid, "scatter", key)
 
     def map(
         self,
@@ -617,6 +676,14 @@ class Client:
             raise FutureCancelledError(f"{f.key} was cancelled{why}")
         if code == 5:
             raise UnsatisfiableError(f"no worker can run {a}: {b}")
+        if code == 6:
+            what = (
+                f"{f.key} was" if a == f.key else f"{f.key} cannot be computed: its input {a!r} was"
+            )
+            raise DataLostError(
+                f"{what} data put on the cluster (scatter/put) and lost with the worker that "
+                "held it; such data cannot be recomputed: scatter it again"
+            )
         if code == 4:
             raise MissingDependencyError(
                 f"{f.key} takes a future the scheduler does not know (task id {a:x}): "
@@ -766,6 +833,9 @@ class Client:
         if self._undo_default is not None:
             self._undo_default()
             self._undo_default = None
+        for path in self._put_files:  # not taken over by a worker
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         self._core = None
         if self._cluster is not None:
             self._cluster.close()

@@ -13,6 +13,9 @@ __all__ = [
     "FutureCancelledError",
     "TaskAbortedError",
     "MissingDependencyError",
+    "UnsatisfiableError",
+    "ActorDiedError",
+    "DataLostError",
 ]
 
 
@@ -50,3 +53,9 @@ class UnsatisfiableError(ShoalError):
 class ActorDiedError(ShoalError):
     """An actor's process is gone for good (it died more often than its
     ``max_restarts``, or was killed): its outstanding and later calls fail."""
+
+
+class DataLostError(ShoalError):
+    """Data put on the cluster (``scatter``, ``put``) was lost with the worker
+    that held it. Unlike computed results it cannot be recomputed: scatter
+    it again (or compute it in a task, so that it can be)."""

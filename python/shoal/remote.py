@@ -147,3 +147,12 @@ def get(refs: Any, *, timeout: float | None = None) -> Any:
         if len({r.client for r in refs}) == 1
         else [r.result() for r in refs]
     )
+
+
+def put(value: Any) -> Future:
+    """Puts ``value`` on the cluster once and returns a future to pass to
+    many tasks (Ray's ``put``; ``Client.scatter`` of one object). On one
+    host it lives in shared memory and tasks map it without copying."""
+    if isinstance(value, Future):
+        raise TypeError("shoal.put takes a value, not a Future (it is already on the cluster)")
+    return default_client()._put(value, None)

@@ -44,6 +44,7 @@ fn graph(leaves: u64) -> Vec<NewTask> {
         group: 0,
         resources: Vec::new(),
         threads: 1,
+        recompute: true,
     }));
     while level.len() > 1 {
         let mut up = Vec::new();
@@ -56,6 +57,7 @@ fn graph(leaves: u64) -> Vec<NewTask> {
                 group: 1,
                 resources: Vec::new(),
                 threads: 1,
+                recompute: true,
             });
             up.push(next);
             next += 1;

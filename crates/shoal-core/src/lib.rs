@@ -65,6 +65,8 @@ pub enum ErrorKind {
     MissingDependency(TaskId),
     /// It needs more of a resource than any connected worker has.
     Unsatisfiable,
+    /// Data put on the cluster (not computed) was lost with its worker.
+    DataLost,
 }
 
 /// A task as submitted by a client.
@@ -86,6 +88,9 @@ pub struct NewTask {
     /// Worker threads it occupies while it runs (at least 1; more for a
     /// task that runs its own parallel code). Above 1, it is never queued.
     pub threads: u32,
+    /// False for data put on the cluster (`scatter`): once it has run, it
+    /// cannot run again, and losing its result is [`ErrorKind::DataLost`].
+    pub recompute: bool,
 }
 
 /// What the core asks the services to do.
@@ -243,6 +248,9 @@ struct Task {
     kills: u8,
     threads: u32,
     resources: Box<[(u32, f64)]>,
+    /// Cannot run again (see [`NewTask::recompute`]): set once it has run.
+    once: bool,
+    ran: bool,
 }
 
 #[derive(Debug)]
@@ -255,6 +263,8 @@ struct Worker {
     progress_us: u64,
     /// No progress for `steal_after_us` with tasks queued: gets no queue.
     stalled: bool,
+    /// Its memory is high: gets no work at all, its queue is taken back.
+    paused: bool,
     /// Assigned tasks asked back, answer pending.
     stealing: FxHashSet<TaskId>,
     /// Resources it has, and the amounts its assigned tasks hold.
@@ -433,6 +443,7 @@ impl Core {
             queued_est_us: 0,
             progress_us: self.now_us,
             stalled: false,
+            paused: false,
             stealing: FxHashSet::default(),
             resources_used: resources.iter().map(|&(r, _)| (r, 0.0)).collect(),
             resources,
@@ -484,6 +495,18 @@ impl Core {
         self.schedule();
     }
 
+    /// A worker's memory crossed its pause fraction: while paused it gets no
+    /// work, and its queued tasks are asked back (as from a stalled worker).
+    pub fn handle_worker_paused(&mut self, worker: WorkerId, paused: bool) {
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.paused = paused;
+            if paused {
+                self.steal();
+            }
+            self.schedule();
+        }
+    }
+
     /// A worker's number of execution threads changed: a task waiting on
     /// other tasks (`secede`) lends its thread, and takes it back after.
     pub fn handle_worker_threads(&mut self, worker: WorkerId, nthreads: u32) {
@@ -509,7 +532,9 @@ impl Core {
                 continue;
             };
             t.kills = t.kills.saturating_add(1);
-            if t.kills >= self.config.max_kills {
+            if t.once {
+                self.set_erred(id, id, ErrorKind::DataLost);
+            } else if t.kills >= self.config.max_kills {
                 let kills = t.kills;
                 self.set_erred(id, id, ErrorKind::KilledWorker(kills));
             } else {
@@ -525,8 +550,11 @@ impl Core {
                 continue;
             }
             let needed = !t.wanted_by.is_empty() || t.pending_dependents > 0;
+            let lost = t.once && needed;
             self.set_state(id, TaskState::Released);
-            if needed {
+            if lost {
+                self.set_erred(id, id, ErrorKind::DataLost);
+            } else if needed {
                 self.recompute(id);
             } else {
                 self.maybe_forget(id);
@@ -566,6 +594,8 @@ impl Core {
                     kills: 0,
                     threads: nt.threads.max(1),
                     resources: nt.resources.into_boxed_slice(),
+                    once: !nt.recompute,
+                    ran: false,
                 },
             );
             fresh.push(nt.id);
@@ -667,6 +697,7 @@ impl Core {
         } else {
             Location::Worker(worker)
         };
+        self.tasks.get_mut(&task).expect("processing").ran = true;
         self.set_state(task, TaskState::Memory { location, size });
         self.maybe_release(task);
         self.schedule();
@@ -706,7 +737,7 @@ impl Core {
                 newly_stalled = true;
             }
         }
-        if newly_stalled || self.workers.values().any(|w| w.stalled) {
+        if newly_stalled || self.workers.values().any(|w| w.stalled || w.paused) {
             self.steal();
         }
     }
@@ -741,7 +772,7 @@ impl Core {
         let free: usize = self
             .workers
             .values()
-            .filter(|w| !w.stalled)
+            .filter(|w| !w.stalled && !w.paused)
             .map(|w| w.nthreads.saturating_sub(w.threads_used) as usize)
             .sum();
         if free == 0 {
@@ -749,7 +780,7 @@ impl Core {
         }
         for &wid in &self.worker_order {
             let w = &self.workers[&wid];
-            if !w.stalled || w.assigned.len() <= w.nthreads as usize {
+            if !(w.stalled || w.paused) || w.assigned.len() <= w.nthreads as usize {
                 continue;
             }
             let mut ids: Vec<TaskId> = w.assigned.iter().copied().collect();
@@ -796,6 +827,10 @@ impl Core {
         while let Some(id) = stack.pop() {
             let t = &self.tasks[&id];
             if t.state != TaskState::Released {
+                continue;
+            }
+            if t.once && t.ran {
+                self.set_erred(id, id, ErrorKind::DataLost);
                 continue;
             }
             let mut erred = None;
@@ -1041,6 +1076,9 @@ impl Core {
     fn can_take(&self, w: &Worker, est: Option<u64>) -> bool {
         let n = w.threads_used as u64;
         let threads = w.nthreads as u64;
+        if w.paused {
+            return false;
+        }
         if n < threads {
             return true;
         }
@@ -1147,7 +1185,7 @@ impl Core {
             let mut best: Option<(usize, WorkerId)> = None;
             for &wid in &self.worker_order {
                 let w = &self.workers[&wid];
-                if w.threads_used + threads > w.nthreads || !fits(w) {
+                if w.paused || w.threads_used + threads > w.nthreads || !fits(w) {
                     continue;
                 }
                 if best.is_none_or(|(n, _)| w.assigned.len() < n) {

@@ -18,6 +18,7 @@ fn nt(id: u64, deps: &[u64]) -> NewTask {
         group: 0,
         resources: Vec::new(),
         threads: 1,
+        recompute: true,
     }
 }
 
@@ -663,6 +664,7 @@ fn a_task_taking_several_threads_waits_for_them_and_holds_them() {
     assert_eq!(computes(&c.take_actions()), vec![(0, 1)]);
     let wide = NewTask {
         threads: 2,
+        recompute: true,
         ..nt(2, &[])
     };
     c.handle_submit(C, vec![wide, nt(3, &[])]);
@@ -677,6 +679,7 @@ fn a_task_taking_several_threads_waits_for_them_and_holds_them() {
         C,
         vec![NewTask {
             threads: 3,
+            recompute: true,
             ..nt(4, &[])
         }],
     );

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// Bumped on every incompatible change; peers with another version are refused.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// First field of every handshake, so a stray peer is recognised at once.
 pub const MAGIC: u32 = 0x5348_4f4c; // "SHOL"
 /// Largest frame accepted (a frame larger than this closes the connection).
@@ -107,6 +107,9 @@ pub struct TaskSpec {
     pub retries: u32,
     /// Resources held while it runs, e.g. `[("GPU", 1.0)]`.
     pub resources: Vec<(String, f64)>,
+    /// False for data put on the cluster (`scatter`, `put`): it cannot be
+    /// recomputed, so losing its holder is an error for whoever needs it.
+    pub recompute: bool,
 }
 
 impl TaskSpec {
@@ -162,6 +165,9 @@ pub enum ToScheduler {
     /// Worker: its number of execution threads is now this (a task waiting
     /// on other tasks lends its thread).
     Threads(u32),
+    /// Worker: its memory is above the pause fraction (true: give it no
+    /// more work, take back what it has queued) or back below (false).
+    Paused(bool),
 }
 
 /// Where a task input is to be found.
@@ -221,6 +227,12 @@ pub enum TaskError {
         /// What it needs and what the workers have, in words.
         detail: String,
     },
+    /// The named task's data was put on the cluster (not computed) and its
+    /// worker was lost: it cannot be recomputed.
+    DataLost {
+        /// Task name.
+        cause: String,
+    },
 }
 
 /// Messages from the scheduler.
@@ -274,13 +286,31 @@ pub enum FromScheduler {
 pub struct DataRequest {
     /// Results wanted.
     pub ids: Vec<u64>,
+    /// The requester's host key (see `host_key` in the runtime): a holder on
+    /// the same host answers with file paths instead of bytes.
+    pub host: String,
+}
+
+/// A result as a data server hands it over.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum Payload {
+    /// The pickled bytes.
+    Bytes(Bytes),
+    /// A file on the requester's host (in shared memory, or spilled to
+    /// disk) holding the pickle: map it, do not copy it.
+    File {
+        /// Absolute path.
+        path: String,
+        /// Its length.
+        len: u64,
+    },
 }
 
 /// Answer to a [`DataRequest`]; `None` where the worker does not hold it.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct DataReply {
     /// In request order.
-    pub items: Vec<(u64, Option<Bytes>)>,
+    pub items: Vec<(u64, Option<Payload>)>,
 }
 
 /// A frame body could not be decoded.

@@ -9,14 +9,15 @@ use bytes::Bytes;
 use pyo3::exceptions::{PyConnectionError, PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
-use pyo3::types::{PyByteArray, PyBytes, PyList, PyTuple};
+use pyo3::types::{PyByteArray, PyBytes, PyList, PyString, PyTuple};
 use shoal_proto::{TaskError, TaskKind, TaskSpec};
 use shoal_runtime::client::{self, ClientShared, Status, Watcher};
 use shoal_runtime::local::{LocalCluster, WorkerCommand};
 use shoal_runtime::net::Address;
 use shoal_runtime::runtime;
 use shoal_runtime::scheduler::{self, SchedulerHandle};
-use shoal_runtime::worker::{self, Batch, Done, WorkerShared};
+use shoal_runtime::shm;
+use shoal_runtime::worker::{self, Batch, Done, Fetched, Input, Stored, WorkerShared};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -203,7 +204,7 @@ impl ClientCore {
     }
 
     /// Submits one task; returns its id.
-    #[pyo3(signature = (group, key, batch, func, args, deps, priority, retries, resources=Vec::new()))]
+    #[pyo3(signature = (group, key, batch, func, args, deps, priority, retries, resources=Vec::new(), recompute=true))]
     #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
@@ -216,6 +217,7 @@ impl ClientCore {
         priority: i32,
         retries: u32,
         resources: Vec<(String, f64)>,
+        recompute: bool,
     ) -> PyResult<u64> {
         let id = self.inner.new_id();
         let spec = TaskSpec {
@@ -233,6 +235,7 @@ impl ClientCore {
             priority,
             retries,
             resources,
+            recompute,
         };
         self.inner.submit(vec![spec]).map_err(lost)?;
         Ok(id)
@@ -274,6 +277,7 @@ impl ClientCore {
                     priority,
                     retries,
                     resources: resources.clone(),
+                    recompute: true,
                 }
             })
             .collect();
@@ -313,6 +317,7 @@ impl ClientCore {
                 priority,
                 retries,
                 resources: resources.clone(),
+                recompute: true,
             })
             .collect();
         self.inner.submit(specs).map_err(lost)
@@ -380,8 +385,10 @@ impl ClientCore {
     /// The outcome of a finished task as `(code, a, b)`:
     /// `(0, value_bytes, None)`, `(1, cause, error_bytes)` raised,
     /// `(2, cause, kills)` killed workers, `(3, cause, None)` cancelled,
-    /// `(4, dep_id, None)` unknown input, `(-1, None, None)` pending or
-    /// released. A large result is fetched from its worker (GIL released).
+    /// `(4, dep_id, None)` unknown input, `(5, cause, detail)` resources
+    /// unsatisfiable, `(6, cause, None)` scattered data lost, `(-1, None,
+    /// None)` pending or released. A large result is fetched from its worker
+    /// (GIL released): a file on this host is mapped, not copied.
     fn outcome<'py>(&self, py: Python<'py>, id: u64) -> PyResult<Bound<'py, PyTuple>> {
         let none = py.None();
         let t = match self.inner.status(id) {
@@ -395,9 +402,7 @@ impl ClientCore {
             }) => {
                 let addr = location.unwrap_or_default();
                 match py.detach(|| client::fetch(runtime(), &addr, id)) {
-                    // A bytearray: arrays unpickled from it out of band are
-                    // views of it, and stay writable.
-                    Ok(v) => (0, PyByteArray::new(py, &v).into_any().unbind(), none),
+                    Ok(v) => (0, fetched_to_py(py, v)?, none),
                     Err(_) => {
                         // The holder died: the scheduler recomputes it.
                         self.inner.mark_pending(id);
@@ -421,6 +426,9 @@ impl ClientCore {
                 }
                 TaskError::MissingDependency { dep } => {
                     (4, dep.into_pyobject(py)?.into_any().unbind(), none)
+                }
+                TaskError::DataLost { cause } => {
+                    (6, cause.into_pyobject(py)?.into_any().unbind(), none)
                 }
                 TaskError::Unsatisfiable { cause, detail } => (
                     5,
@@ -534,7 +542,7 @@ impl WorkerCore {
         max: usize,
         timeout: f64,
     ) -> PyResult<Option<(Bound<'py, PyList>, Vec<u64>)>> {
-        let done: Vec<Done> = done.into_iter().map(to_done).collect();
+        let done: Vec<Done> = done.into_iter().map(to_done).collect::<PyResult<_>>()?;
         let inner = &self.inner;
         inner.report(done);
         // Work already queued is taken with the GIL held (no lock is held
@@ -555,9 +563,9 @@ impl WorkerCore {
             let deps = PyList::empty(py);
             for (id, v) in t.deps {
                 let v: Py<PyAny> = match v {
-                    // Writable, for out-of-band (zero-copy) unpickling.
-                    Some(b) => PyByteArray::new(py, &b).into_any().unbind(),
-                    None => py.None(),
+                    Input::Local => py.None(),
+                    Input::Bytes(b) => fetched_to_py(py, Fetched::Bytes(b))?,
+                    Input::File(f) => fetched_to_py(py, Fetched::File(f))?,
                 };
                 deps.append((id, v))?;
             }
@@ -577,9 +585,11 @@ impl WorkerCore {
     }
 
     /// Reports finished tasks without taking more (a retiring thread).
-    fn report(&self, done: Vec<DoneTuple<'_>>) {
-        self.inner.report(done.into_iter().map(to_done).collect());
+    fn report(&self, done: Vec<DoneTuple<'_>>) -> PyResult<()> {
+        self.inner
+            .report(done.into_iter().map(to_done).collect::<PyResult<_>>()?);
         self.inner.flush();
+        Ok(())
     }
 
     /// Tells the scheduler this worker now has `n` execution threads.
@@ -594,10 +604,18 @@ impl WorkerCore {
         py.detach(move || inner.pickle_requests(timeout))
     }
 
-    /// Hands over a held result's pickle (`None`: it cannot be had).
-    fn put_pickled(&self, id: u64, value: Option<&[u8]>) {
+    /// Where a held result now is: `(path, length)` of the file with its
+    /// pickle (shared memory, or spilled to disk), or None when it cannot
+    /// be had (waiting transfers give up on it).
+    fn put_stored(&self, id: u64, file: Option<(String, u64)>) {
         self.inner
-            .put_pickled(id, value.map(Bytes::copy_from_slice))
+            .put_stored(id, file.map(|(path, len)| Stored::File { path, len }))
+    }
+
+    /// Tells the scheduler the worker's memory is above (True) or back below
+    /// (False) its pause fraction: no new work while paused.
+    fn set_paused(&self, paused: bool) {
+        self.inner.set_paused(paused)
     }
 }
 
@@ -621,26 +639,97 @@ fn cli_main(
     })
 }
 
-/// `(id, ok, payload, duration_us, size)` as the worker loop reports it.
-type DoneTuple<'py> = (u64, bool, Option<Bound<'py, PyBytes>>, u64, u64);
+/// `(id, ok, payload, duration_us, size)` as the worker loop reports it:
+/// payload is the pickle (bytes), the path of the file holding it (str), or
+/// None for a large result the Python side keeps.
+type DoneTuple<'py> = (u64, bool, Option<Bound<'py, PyAny>>, u64, u64);
 
-fn to_done((id, ok, payload, duration_us, size): DoneTuple<'_>) -> Done {
-    match payload {
-        None => Done::Held {
+fn to_done((id, ok, payload, duration_us, size): DoneTuple<'_>) -> PyResult<Done> {
+    let Some(p) = payload else {
+        return Ok(Done::Held {
             id,
             size,
             duration_us,
-        },
-        Some(p) if ok => Done::Ok {
+        });
+    };
+    if let Ok(path) = p.cast::<PyString>() {
+        return Ok(Done::File {
             id,
-            value: Bytes::copy_from_slice(p.as_bytes()),
+            path: path.to_str()?.to_owned(),
+            size,
             duration_us,
-        },
-        Some(p) => Done::Err {
-            id,
-            error: Bytes::copy_from_slice(p.as_bytes()),
-        },
+        });
     }
+    let bytes = Bytes::copy_from_slice(p.cast::<PyBytes>()?.as_bytes());
+    Ok(if ok {
+        Done::Ok {
+            id,
+            value: bytes,
+            duration_us,
+        }
+    } else {
+        Done::Err { id, error: bytes }
+    })
+}
+
+/// A fetched result for `_serialize.loads`: bytes as a `bytearray` (arrays
+/// unpickled from it out of band are writable views of it), a file on this
+/// host as a read-only `mmap` (arrays are read-only views of the shared
+/// pages: nothing is copied).
+fn fetched_to_py(py: Python<'_>, v: Fetched) -> PyResult<Py<PyAny>> {
+    use std::os::fd::AsRawFd;
+    static MMAP: pyo3::sync::PyOnceLock<Py<PyModule>> = pyo3::sync::PyOnceLock::new();
+    match v {
+        Fetched::Bytes(b) => Ok(PyByteArray::new(py, &b).into_any().unbind()),
+        Fetched::File(f) => {
+            let m = MMAP.get_or_try_init(py, || py.import("mmap").map(Bound::unbind))?;
+            let m = m.bind(py);
+            let kw = pyo3::types::PyDict::new(py);
+            kw.set_item("access", m.getattr("ACCESS_READ")?)?;
+            // mmap duplicates the descriptor; ours closes when `f` drops.
+            let mm = m.getattr("mmap")?.call((f.as_raw_fd(), 0), Some(&kw))?;
+            Ok(mm.unbind())
+        }
+    }
+}
+
+/// This process's shared-memory segment directory, created (emptied if a
+/// dead process with the same pid left one).
+#[pyfunction]
+fn segment_dir() -> PyResult<String> {
+    let d = shm::segment_dir(std::process::id());
+    shm::create_own(&d)?;
+    Ok(d.to_string_lossy().into_owned())
+}
+
+/// This process's spill directory under `local` (default: the temporary
+/// directory), created.
+#[pyfunction]
+#[pyo3(signature = (local=None))]
+fn spill_dir(local: Option<PathBuf>) -> PyResult<String> {
+    let d = shm::spill_dir(local.as_deref(), std::process::id());
+    shm::create_own(&d)?;
+    Ok(d.to_string_lossy().into_owned())
+}
+
+/// Removes the segment and spill directories of process `pid` (it exited).
+#[pyfunction]
+fn remove_process_dirs(pid: u32) {
+    shm::remove_process(pid)
+}
+
+/// Removes the directories of this user's processes that no longer exist
+/// (under `local` for spill directories); returns how many.
+#[pyfunction]
+#[pyo3(signature = (local=None))]
+fn sweep(local: Option<PathBuf>) -> usize {
+    shm::sweep(local.as_deref())
+}
+
+/// This host's key: processes with the same key share memory.
+#[pyfunction]
+fn host_key() -> &'static str {
+    shm::host_key()
 }
 
 #[pymodule]
@@ -658,5 +747,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<WatcherPy>()?;
     m.add_class::<WorkerCore>()?;
     m.add_function(wrap_pyfunction!(cli_main, m)?)?;
+    m.add_function(wrap_pyfunction!(segment_dir, m)?)?;
+    m.add_function(wrap_pyfunction!(spill_dir, m)?)?;
+    m.add_function(wrap_pyfunction!(remove_process_dirs, m)?)?;
+    m.add_function(wrap_pyfunction!(sweep, m)?)?;
+    m.add_function(wrap_pyfunction!(host_key, m)?)?;
     Ok(())
 }

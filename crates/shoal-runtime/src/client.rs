@@ -326,8 +326,13 @@ impl ClientShared {
     }
 }
 
-/// Fetches one result from the worker holding it. Call from outside the runtime.
-pub fn fetch(rt: &tokio::runtime::Runtime, addr: &str, id: u64) -> io::Result<Bytes> {
+/// Fetches one result from the worker holding it (a file on this host is
+/// opened, not read). Call from outside the runtime.
+pub fn fetch(
+    rt: &tokio::runtime::Runtime,
+    addr: &str,
+    id: u64,
+) -> io::Result<crate::worker::Fetched> {
     let items = rt.block_on(crate::worker::fetch(addr, vec![id]))?;
     items
         .into_iter()

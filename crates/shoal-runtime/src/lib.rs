@@ -8,6 +8,8 @@
 //! * [`client`]: a client's connection: submissions out, task states in,
 //!   blocking waits for the Python API (called with the GIL released).
 //! * [`local`]: starts and supervises the worker processes of an embedded cluster.
+//! * [`shm`]: the directories of shared-memory segments and spilled data,
+//!   and their cleanup when a process dies.
 //!
 //! Everything talks over real sockets ([`net`]), Unix or TCP, with the same
 //! protocol whether the cluster is one laptop or many hosts. All async work
@@ -20,6 +22,7 @@ pub mod client;
 pub mod local;
 pub mod net;
 pub mod scheduler;
+pub mod shm;
 pub mod worker;
 
 use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};

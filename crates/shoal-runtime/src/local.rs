@@ -68,6 +68,8 @@ impl LocalCluster {
         let supervisor = std::thread::Builder::new()
             .name("shoal-supervisor".into())
             .spawn(move || {
+                // Leftovers of processes that crashed earlier (all of them at once).
+                crate::shm::sweep(None);
                 let mut children = Vec::new();
                 for _ in 0..n {
                     match spawn(&cmd) {
@@ -124,6 +126,8 @@ fn supervise(
                 Ok(Some(status)) => {
                     let pid = children[i].id();
                     let _ = children.swap_remove(i).wait(); // already reaped by try_wait
+                    // Its shared-memory segments and spilled data die with it.
+                    crate::shm::remove_process(pid);
                     changed = true;
                     if stop.load(Ordering::SeqCst) {
                         continue;
@@ -159,8 +163,15 @@ fn supervise(
     }
     // Closing: workers were asked to shut down; give them a moment, then kill.
     let deadline = Instant::now() + Duration::from_secs(3);
+    let reap = |c: &mut Child| {
+        let done = matches!(c.try_wait(), Ok(Some(_)));
+        if done {
+            crate::shm::remove_process(c.id());
+        }
+        !done
+    };
     while Instant::now() < deadline {
-        children.retain_mut(|c| !matches!(c.try_wait(), Ok(Some(_))));
+        children.retain_mut(reap);
         if children.is_empty() {
             return;
         }
@@ -169,6 +180,7 @@ fn supervise(
     for c in &mut children {
         let _ = c.kill();
         let _ = c.wait();
+        crate::shm::remove_process(c.id());
     }
 }
 

@@ -337,6 +337,7 @@ impl State {
                         group,
                         resources,
                         threads,
+                        recompute: spec.recompute,
                     });
                     self.specs.entry(spec.id).or_insert(spec);
                 }
@@ -379,6 +380,10 @@ impl State {
                     if let Some(v) = value {
                         self.inline.insert(id, v);
                     }
+                    // Scattered data never runs again: drop its bytes here.
+                    if let Some(spec) = self.specs.get_mut(&id).filter(|s| !s.recompute) {
+                        spec.args = Bytes::new();
+                    }
                 }
             }
             ToScheduler::Failed { id, error } => {
@@ -387,6 +392,10 @@ impl State {
                 }
             }
             ToScheduler::Threads(n) => self.core.handle_worker_threads(wid, n),
+            ToScheduler::Paused(p) => {
+                tracing::info!("worker {worker} {}", if p { "paused (memory high)" } else { "resumed" });
+                self.core.handle_worker_paused(wid, p)
+            }
             ToScheduler::Stolen(ids) => {
                 for id in ids {
                     self.core.handle_steal_reply(wid, TaskId(id), true);
@@ -523,6 +532,7 @@ impl State {
                             cause: cause_name,
                             detail: self.unsatisfiable(cause.0),
                         },
+                        ErrorKind::DataLost => TaskError::DataLost { cause: cause_name },
                     };
                     let _ = tx.send(FromScheduler::Erred { id: task.0, error });
                 }

@@ -14,8 +14,8 @@ use futures::StreamExt;
 use parking_lot::{Condvar, Mutex};
 use rustc_hash::{FxHashMap, FxHashSet};
 use shoal_proto::{
-    DataReply, DataRequest, Dep, DepSource, FromScheduler, Hello, Role, TaskKind, ToScheduler,
-    Welcome, INLINE_LIMIT,
+    DataReply, DataRequest, Dep, DepSource, FromScheduler, Hello, Payload, Role, TaskKind,
+    ToScheduler, Welcome, INLINE_LIMIT,
 };
 use std::collections::VecDeque;
 use std::io;
@@ -23,8 +23,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-/// A task ready to execute: every input is either inline bytes or (None)
-/// a result this worker made and its Python side still holds.
+/// An input of a task ready to execute.
+pub enum Input {
+    /// A result this worker made: its Python side has it.
+    Local,
+    /// The pickled bytes (inline, or fetched from another host).
+    Bytes(Bytes),
+    /// An open file on this host holding the pickle (a peer's shared-memory
+    /// segment or spill file): mapped by the task, not copied. Open, so the
+    /// holder may unlink it at any time.
+    File(std::fs::File),
+}
+
+/// A task ready to execute.
 pub struct ExecTask {
     /// Task id.
     pub id: u64,
@@ -37,7 +48,7 @@ pub struct ExecTask {
     /// Pickled arguments.
     pub args: Bytes,
     /// Inputs.
-    pub deps: Vec<(u64, Option<Bytes>)>,
+    pub deps: Vec<(u64, Input)>,
     /// Set when an input could not be fetched: the task must fail with it.
     pub error: Option<String>,
     /// Resources it holds while running.
@@ -52,6 +63,18 @@ pub enum Done {
         id: u64,
         /// Pickled result.
         value: Bytes,
+        /// Execution time.
+        duration_us: u64,
+    },
+    /// A large result pickled into a file of this worker's (shared memory):
+    /// peers on this host map it, others get its bytes.
+    File {
+        /// Task.
+        id: u64,
+        /// The file.
+        path: String,
+        /// Its size in bytes.
+        size: u64,
         /// Execution time.
         duration_us: u64,
     },
@@ -93,9 +116,8 @@ pub struct WorkerShared {
     pub data_addr: Address,
     queue: Mutex<Queue>,
     cv: Condvar,
-    /// Results kept here for transfer: pickled, or `None` while held only
-    /// by the Python side (pickled on first request).
-    store: Mutex<FxHashMap<u64, Option<Bytes>>>,
+    /// Results kept here for transfer.
+    store: Mutex<FxHashMap<u64, Stored>>,
     /// Held results a transfer waits for, for the Python pickling thread.
     to_pickle: Mutex<(VecDeque<u64>, FxHashSet<u64>)>,
     to_pickle_cv: Condvar,
@@ -105,6 +127,22 @@ pub struct WorkerShared {
     /// Results not yet sent, and when the oldest was buffered: sent together
     /// every `FLUSH_AFTER`, and before the execution loop waits.
     unsent: Mutex<(Vec<ToScheduler>, Option<Instant>)>,
+}
+
+/// Where this worker keeps a large result, for transfers.
+#[derive(Clone, Debug)]
+pub enum Stored {
+    /// Only the Python side has it: it is written to a file when asked for.
+    Held,
+    /// Pickled bytes in memory.
+    Bytes(Bytes),
+    /// A file with the pickle: a shared-memory segment, or spilled to disk.
+    File {
+        /// Absolute path.
+        path: String,
+        /// Its length.
+        len: u64,
+    },
 }
 
 /// How long a transfer waits for a held result to be pickled.
@@ -145,7 +183,7 @@ impl WorkerShared {
                             duration_us,
                         }
                     } else {
-                        self.store.lock().insert(id, Some(value));
+                        self.store.lock().insert(id, Stored::Bytes(value));
                         ToScheduler::Finished {
                             id,
                             size,
@@ -154,12 +192,28 @@ impl WorkerShared {
                         }
                     }
                 }
+                Done::File {
+                    id,
+                    path,
+                    size,
+                    duration_us,
+                } => {
+                    self.store
+                        .lock()
+                        .insert(id, Stored::File { path, len: size });
+                    ToScheduler::Finished {
+                        id,
+                        size,
+                        value: None,
+                        duration_us,
+                    }
+                }
                 Done::Held {
                     id,
                     size,
                     duration_us,
                 } => {
-                    self.store.lock().insert(id, None);
+                    self.store.lock().insert(id, Stored::Held);
                     ToScheduler::Finished {
                         id,
                         size,
@@ -210,14 +264,15 @@ impl WorkerShared {
         q.0.drain(..).collect()
     }
 
-    /// The Python side pickled a held result (`None`: it could not, or the
-    /// result was released): waiting transfers go on.
-    pub fn put_pickled(&self, id: u64, value: Option<Bytes>) {
+    /// The Python side wrote a held result to a file, or spilled one
+    /// (`None`: it could not, or the result was released): waiting
+    /// transfers go on. Ignored for results this worker no longer keeps.
+    pub fn put_stored(&self, id: u64, value: Option<Stored>) {
         {
             let mut store = self.store.lock();
             match value {
                 Some(v) if store.contains_key(&id) => {
-                    store.insert(id, Some(v));
+                    store.insert(id, v);
                 }
                 _ => {
                     store.remove(&id);
@@ -227,9 +282,38 @@ impl WorkerShared {
         self.pickled.notify_waiters();
     }
 
-    /// The pickled bytes of results for a transfer: held ones are pickled
-    /// on demand (bounded wait). `None` for results this worker lacks.
-    async fn pickled_results(&self, ids: &[u64]) -> Vec<(u64, Option<Bytes>)> {
+    /// Tells the scheduler this worker's memory is above (true) or back
+    /// below (false) its pause fraction.
+    pub fn set_paused(&self, paused: bool) {
+        self.flush_locked(&mut self.unsent.lock());
+        let _ = self.out.send(ToScheduler::Paused(paused));
+    }
+
+    /// Results for a transfer: held ones are written to files on demand
+    /// (bounded wait); a requester on this host gets file paths, another
+    /// the bytes. `None` for results this worker lacks.
+    async fn pickled_results(&self, ids: &[u64], same_host: bool) -> Vec<(u64, Option<Payload>)> {
+        let stored = self.stored_results(ids).await;
+        let mut out = Vec::with_capacity(stored.len());
+        for (id, s) in stored {
+            let p = match s {
+                Some(Stored::Bytes(b)) => Some(Payload::Bytes(b)),
+                Some(Stored::File { path, len }) if same_host => Some(Payload::File { path, len }),
+                Some(Stored::File { path, .. }) => {
+                    // Another host: send the bytes (read off the I/O thread).
+                    match tokio::task::spawn_blocking(move || std::fs::read(path)).await {
+                        Ok(Ok(b)) => Some(Payload::Bytes(b.into())),
+                        _ => None,
+                    }
+                }
+                Some(Stored::Held) | None => None,
+            };
+            out.push((id, p));
+        }
+        out
+    }
+
+    async fn stored_results(&self, ids: &[u64]) -> Vec<(u64, Option<Stored>)> {
         let deadline = tokio::time::Instant::now() + PICKLE_WAIT;
         loop {
             // Register for the wake-up before looking, so none is missed.
@@ -237,16 +321,15 @@ impl WorkerShared {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let mut waiting = Vec::new();
-            let items: Vec<(u64, Option<Bytes>)> = {
+            let items: Vec<(u64, Option<Stored>)> = {
                 let store = self.store.lock();
                 ids.iter()
                     .map(|id| match store.get(id) {
-                        Some(Some(b)) => (*id, Some(b.clone())),
-                        Some(None) => {
+                        Some(Stored::Held) => {
                             waiting.push(*id);
                             (*id, None)
                         }
-                        None => (*id, None),
+                        other => (*id, other.cloned()),
                     })
                     .collect()
             };
@@ -421,8 +504,8 @@ fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
                 t.deps = deps
                     .into_iter()
                     .map(|d| match d.source {
-                        DepSource::Inline(b) => (d.id, Some(b)),
-                        DepSource::Worker { .. } => (d.id, None),
+                        DepSource::Inline(b) => (d.id, Input::Bytes(b)),
+                        DepSource::Worker { .. } => (d.id, Input::Local),
                     })
                     .collect();
                 sh.push_ready(t);
@@ -491,10 +574,7 @@ fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
 
 /// Fetches the inputs held by other workers (retrying briefly: if the holder
 /// died, the scheduler cancels this task and recomputes the input).
-async fn fetch_inputs(
-    sh: &WorkerShared,
-    deps: Vec<Dep>,
-) -> Result<Vec<(u64, Option<Bytes>)>, String> {
+async fn fetch_inputs(sh: &WorkerShared, deps: Vec<Dep>) -> Result<Vec<(u64, Input)>, String> {
     let mut by_addr: FxHashMap<String, Vec<u64>> = FxHashMap::default();
     for d in &deps {
         if let DepSource::Worker { id, addr } = &d.source {
@@ -503,14 +583,14 @@ async fn fetch_inputs(
             }
         }
     }
-    let mut fetched: FxHashMap<u64, Bytes> = FxHashMap::default();
+    let mut fetched: FxHashMap<u64, Input> = FxHashMap::default();
     for (addr, ids) in by_addr {
         let mut last_err = String::new();
         let mut ok = false;
         for attempt in 0..5u64 {
             match fetch(&addr, ids.clone()).await {
                 Ok(items) => {
-                    fetched.extend(items);
+                    fetched.extend(items.into_iter().map(|(id, v)| (id, v.into_input())));
                     ok = true;
                     break;
                 }
@@ -527,22 +607,42 @@ async fn fetch_inputs(
     Ok(deps
         .into_iter()
         .map(|d| match d.source {
-            DepSource::Inline(b) => (d.id, Some(b)),
-            DepSource::Worker { id, .. } if id == sh.id => (d.id, None),
+            DepSource::Inline(b) => (d.id, Input::Bytes(b)),
+            DepSource::Worker { id, .. } if id == sh.id => (d.id, Input::Local),
             DepSource::Worker { .. } => {
-                let v = fetched.remove(&d.id);
+                let v = fetched.remove(&d.id).unwrap_or(Input::Local);
                 (d.id, v)
             }
         })
         .collect())
 }
 
-/// Fetches results from a worker's data server. Missing results are an error.
-pub async fn fetch(addr: &str, ids: Vec<u64>) -> io::Result<Vec<(u64, Bytes)>> {
+/// A fetched result: bytes, or a file on this host, already open (so the
+/// holder may unlink it once it is released).
+pub enum Fetched {
+    /// The pickled bytes.
+    Bytes(Bytes),
+    /// The open file with the pickle.
+    File(std::fs::File),
+}
+
+impl Fetched {
+    fn into_input(self) -> Input {
+        match self {
+            Fetched::Bytes(b) => Input::Bytes(b),
+            Fetched::File(f) => Input::File(f),
+        }
+    }
+}
+
+/// Fetches results from a worker's data server; files on this host are
+/// opened, not read. Missing results are an error.
+pub async fn fetch(addr: &str, ids: Vec<u64>) -> io::Result<Vec<(u64, Fetched)>> {
     let address =
         Address::parse(addr).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let (mut conn, _) = net::handshake(&address, Role::Data).await?;
-    net::send(&mut conn, &DataRequest { ids }).await?;
+    let host = crate::shm::host_key().to_string();
+    net::send(&mut conn, &DataRequest { ids, host }).await?;
     let reply: DataReply = net::recv(&mut conn).await?.ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::UnexpectedEof,
@@ -552,13 +652,14 @@ pub async fn fetch(addr: &str, ids: Vec<u64>) -> io::Result<Vec<(u64, Bytes)>> {
     reply
         .items
         .into_iter()
-        .map(|(id, v)| {
-            v.map(|v| (id, v)).ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::NotFound,
-                    format!("worker at {addr} does not hold {id:x}"),
-                )
-            })
+        .map(|(id, v)| match v {
+            Some(Payload::Bytes(b)) => Ok((id, Fetched::Bytes(b))),
+            // Opened at once: the holder may unlink it once it is released.
+            Some(Payload::File { path, .. }) => Ok((id, Fetched::File(std::fs::File::open(path)?))),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("worker at {addr} does not hold {id:x}"),
+            )),
         })
         .collect()
 }
@@ -581,7 +682,8 @@ async fn data_server(listener: Listener, sh: Arc<WorkerShared>) {
                 return;
             }
             while let Ok(Some(req)) = net::recv::<DataRequest>(&mut conn).await {
-                let items = sh.pickled_results(&req.ids).await;
+                let same_host = req.host == crate::shm::host_key();
+                let items = sh.pickled_results(&req.ids, same_host).await;
                 if net::send(&mut conn, &DataReply { items }).await.is_err() {
                     return;
                 }

@@ -1,0 +1,371 @@
+"""A worker's results: in memory, in shared memory, or spilled to disk.
+
+Small results travel inline to the scheduler. A large one stays here in one
+of three forms, all reachable by id:
+
+* a live Python object (``objects``): array-like results stay so until a
+  peer or client asks for them (most are consumed where they were made);
+* a file in this process's shared-memory directory (``/dev/shm``): peers and
+  clients on this host map it, read-only, without copying; the live object,
+  when it had out-of-band buffers, is swapped for a view of that file so the
+  data is in memory once;
+* a file in the spill directory, once the memory manager needed the room.
+
+The memory manager thread follows Dask's fractions of the worker's memory
+limit: above 60 % of it in managed results, or 70 % in process memory, it
+spills the least recently used results; above 80 % the worker pauses (the
+scheduler gives it no work and takes back what it queued); above 95 % it
+restarts itself, deliberately, before the kernel's OOM killer picks a
+victim: its tasks and results are recovered as for any lost worker.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import re
+import shutil
+import sys
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from typing import Any
+
+from . import _core, _serialize
+from ._core import INLINE_LIMIT
+
+TARGET = 0.6  # managed results above this fraction: spill
+SPILL = 0.7  # process memory above this fraction: spill
+PAUSE = 0.8  # process memory above this fraction: take no work
+TERMINATE = 0.95  # process memory above this fraction: restart the worker
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+
+
+def parse_memory(text: str | int | float | None, share: float = 1.0) -> int | None:
+    """A memory limit: bytes, ``"4GB"``/``"512MiB"``, a fraction of the
+    host's memory (``0.5``), ``"auto"`` (``share`` of the host), or
+    ``0``/``"none"`` for no limit."""
+    if text is None or text == "auto":
+        return int(host_memory() * share)
+    if isinstance(text, int | float):
+        value = float(text)
+    else:
+        t = text.strip().lower()
+        if t in ("0", "none", ""):
+            return None
+        m = re.fullmatch(r"([0-9.]+)\s*([kmgt]?)(i?)b?", t)
+        if not m:
+            raise ValueError(
+                f"memory limit {text!r} is not understood: give bytes, a size such as "
+                "'4GB' or '512MiB', a fraction of the host's memory such as 0.5, "
+                "'auto', or 'none'"
+            )
+        scale = _UNITS[m.group(2)]
+        if m.group(3):
+            scale = 1024 ** ("kmgt".index(m.group(2)) + 1)
+        value = float(m.group(1)) * scale
+    if value <= 0:
+        return None
+    if value <= 1:
+        return int(host_memory() * value)
+    return int(value)
+
+
+def host_memory() -> int:
+    """The memory this host (or our cgroup, if less) has, in bytes."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        with contextlib.suppress(OSError, ValueError):
+            with open(path) as fh:
+                total = min(total, int(fh.read().strip()))
+    return total
+
+
+def rss_anon() -> int:
+    """This process's private resident memory (shared segments excluded:
+    those it owns are counted by size, those of peers by their owners)."""
+    with open("/proc/self/status", "rb") as fh:
+        for line in fh:
+            if line.startswith(b"RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class Store:
+    """Large results of one worker process, and its memory manager."""
+
+    def __init__(self, core: Any, memory_limit: int | None, local_directory: str | None):
+        self.core = core
+        self.limit = memory_limit
+        self.local_directory = local_directory
+        self.lock = threading.RLock()
+        self.objects: dict[int, Any] = {}
+        self.files: dict[int, tuple[str, int, bool]] = {}  # id -> (path, length, on disk)
+        self.managed: OrderedDict[int, int] = OrderedDict()  # in memory, LRU first
+        self.managed_bytes = 0
+        self.shm_bytes = 0  # our segments' sizes
+        self.spilled_bytes = 0  # total written to disk
+        self.spilled_count = 0
+        self.paused = False
+        self._spill_dir: str | None = None
+        self._io = threading.Lock()  # one export or spill at a time
+        self._checking = threading.Lock()
+
+    # ----------------------------------------------------------- directories
+
+    def seg_dir(self) -> str:
+        return segment_dir()
+
+    def spill_dir(self) -> str:
+        if self._spill_dir is None:
+            self._spill_dir = _core.spill_dir(self.local_directory)
+        return self._spill_dir
+
+    def close(self) -> None:
+        """Removes this process's segments and spilled data."""
+        for d in (_dirs.get(os.getpid()), self._spill_dir):
+            if d:
+                shutil.rmtree(d, ignore_errors=True)
+
+    # ----------------------------------------------------------- results
+
+    def finish(self, tid: int, result: Any, size: int | None) -> tuple[Any, int]:
+        """Stores a task's result; returns ``(payload, size)`` for the report:
+        the pickle (small: travels inline), the path of its shared-memory
+        file, or None (kept as the Python object). ``size``: the result's
+        buffer size if it is array-like (kept unpickled when large)."""
+        if type(result) is Adopted:
+            return self._adopt(tid, result)
+        if size is not None and size > INLINE_LIMIT:
+            with self.lock:
+                self.objects[tid] = result
+                self._account(tid, size)
+            self.check()
+            return None, size
+        parts, length, oob = _serialize.frame_parts(result)
+        if length <= INLINE_LIMIT:
+            return (parts[0] if len(parts) == 1 else b"".join(parts)), length
+        path, _ = self._write_segment(tid, parts)
+        with self.lock:
+            # With out-of-band buffers, a view of the segment replaces the
+            # object: the data is in memory once. A plain pickle is kept
+            # beside the object (unpickling it would cost a full load).
+            self.objects[tid] = _serialize.load_file(path) if oob else result
+            self._account(tid, length)
+        self.check()
+        return path, length
+
+    def _adopt(self, tid: int, a: Adopted) -> tuple[Any, int]:
+        path = os.path.join(self.seg_dir(), f"{tid:x}")
+        os.rename(a.path, path)  # same file system: no copy
+        with self.lock:
+            self.files[tid] = (path, a.length, False)
+            self.shm_bytes += a.length
+            self.objects[tid] = _serialize.load_file(path)
+            self._account(tid, a.length)
+        self.check()
+        return path, a.length
+
+    def _write_segment(self, tid: int, parts: list[Any]) -> tuple[str, bool]:
+        """Writes a frame to a shared-memory file (to disk if shared memory
+        is full); records it. Returns the path and whether it is on disk."""
+        length = sum(memoryview(p).nbytes for p in parts)
+        path = os.path.join(self.seg_dir(), f"{tid:x}")
+        on_disk = False
+        try:
+            _serialize.write_file(path, parts)
+        except OSError:  # /dev/shm full (small in containers): use the disk
+            path = os.path.join(self.spill_dir(), f"{tid:x}")
+            _serialize.write_file(path, parts)
+            on_disk = True
+        with self.lock:
+            self.files[tid] = (path, length, on_disk)
+            if not on_disk:
+                self.shm_bytes += length
+        return path, on_disk
+
+    def _account(self, tid: int, size: int) -> None:
+        old = self.managed.pop(tid, 0)
+        self.managed[tid] = size
+        self.managed_bytes += size - old
+
+    def get(self, tid: int) -> Any:
+        """A result this worker holds, as an input of a task here."""
+        with self.lock:
+            obj = self.objects.get(tid, _MISSING)
+            if obj is not _MISSING:
+                if tid in self.managed:
+                    self.managed.move_to_end(tid)
+                return obj
+            f = self.files.get(tid)
+        if f is None:
+            raise RuntimeError(f"this worker lost the result of task {tid:x}")
+        # Spilled: map the file (read-only views; the page cache holds it).
+        return _serialize.load_file(f[0])
+
+    def export(self, tid: int) -> tuple[str, int] | None:
+        """A peer or client asks for a held result: writes it to shared
+        memory (once), swaps the object for a view of it; returns the file."""
+        with self._io:
+            return self._export(tid)
+
+    def _export(self, tid: int) -> tuple[str, int] | None:
+        with self.lock:
+            f = self.files.get(tid)
+            if f is not None:
+                return f[0], f[1]
+            obj = self.objects.get(tid, _MISSING)
+        if obj is _MISSING:
+            return None
+        parts, length, oob = _serialize.frame_parts(obj)
+        path, on_disk = self._write_segment(tid, parts)
+        with self.lock:
+            if tid not in self.objects:  # released meanwhile
+                self._drop_file(tid)
+                return None
+            if oob and not on_disk:
+                self.objects[tid] = _serialize.load_file(path)
+        return path, length
+
+    def release(self, ids: list[int]) -> None:
+        with self.lock:
+            for tid in ids:
+                self.objects.pop(tid, None)
+                size = self.managed.pop(tid, None)
+                if size is not None:
+                    self.managed_bytes -= size
+                self._drop_file(tid)
+
+    def _drop_file(self, tid: int) -> None:
+        f = self.files.pop(tid, None)
+        if f is None:
+            return
+        path, length, on_disk = f
+        if not on_disk:
+            self.shm_bytes -= length
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+    # ----------------------------------------------------------- memory
+
+    def process_memory(self) -> int:
+        return rss_anon() + self.shm_bytes
+
+    def spill_one(self) -> bool:
+        """Moves the least recently used in-memory result to disk; False if
+        there is none."""
+        with self._io:
+            return self._spill_one()
+
+    def _spill_one(self) -> bool:
+        with self.lock:
+            if not self.managed:
+                return False
+            tid, size = next(iter(self.managed.items()))
+            obj = self.objects.get(tid, _MISSING)
+            f = self.files.get(tid)
+        path = os.path.join(self.spill_dir(), f"{tid:x}")
+        if f is not None and f[2]:
+            length = f[1]
+        elif f is not None:
+            shutil.copyfile(f[0], path)  # kernel copy, GIL released
+            length = f[1]
+        else:
+            parts, length, _ = _serialize.frame_parts(obj)
+            _serialize.write_file(path, parts)
+        with self.lock:
+            if tid not in self.managed:  # released meanwhile
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                return True
+            self._drop_file(tid)
+            self.files[tid] = (path, length, True)
+            self.objects.pop(tid, None)
+            self.managed_bytes -= self.managed.pop(tid)
+            self.spilled_bytes += length
+            self.spilled_count += 1
+        # Transfers now read the spill file (a fetch that got the old path
+        # finds it gone and asks again).
+        self.core.put_stored(tid, (path, length))
+        return True
+
+    def check(self) -> None:
+        """Applies the memory fractions once (after a large result, and
+        every few tens of milliseconds from the monitor thread)."""
+        limit = self.limit
+        if not limit or not self._checking.acquire(blocking=False):
+            return
+        try:
+            self._check(limit)
+        finally:
+            self._checking.release()
+
+    def _check(self, limit: int) -> None:
+        proc = self.process_memory()
+        if proc > TERMINATE * limit:
+            self._terminate(proc)
+        while (proc > SPILL * limit or self.managed_bytes > TARGET * limit) and self.spill_one():
+            proc = self.process_memory()
+        paused = proc > PAUSE * limit
+        if paused != self.paused:
+            self.paused = paused
+            self.core.set_paused(paused)
+
+    def _terminate(self, proc: int) -> None:
+        sys.stderr.write(
+            f"shoal worker {os.getpid()}: process memory {proc / 2**30:.2f} GiB is above "
+            f"{TERMINATE:.0%} of its limit ({self.limit / 2**30:.2f} GiB); restarting it "
+            "(its tasks run again elsewhere). Give workers more memory (memory_limit=) "
+            "or make tasks smaller.\n"
+        )
+        sys.stderr.flush()
+        self.close()
+        os._exit(70)
+
+    def monitor(self, interval: float = 0.05) -> None:
+        """Thread: applies the memory fractions every ``interval`` seconds."""
+        while True:
+            time.sleep(interval)
+            try:
+                self.check()
+            except Exception:  # noqa: BLE001 - the monitor must keep running
+                traceback.print_exc()
+
+
+_MISSING = object()
+
+_dirs: dict[int, str] = {}  # pid -> segment directory
+
+
+def segment_dir() -> str:
+    """This process's shared-memory directory (created on first use; the
+    worker's store and a client in the same process share it)."""
+    pid = os.getpid()
+    d = _dirs.get(pid)
+    if d is None:
+        d = _dirs[pid] = _core.segment_dir()
+        atexit.register(shutil.rmtree, d, True)
+    return d
+
+
+def put_task(arg: tuple) -> Any:
+    """The task of ``Client.scatter``: ``("file", path, length)`` is a file
+    the client wrote in shared memory (this worker takes it over),
+    ``("bytes", pickle)`` the data itself."""
+    if arg[0] == "file":
+        return Adopted(arg[1], arg[2])
+    return _serialize.loads(arg[1])
+
+
+class Adopted:
+    """A task's result that is a file already written in shared memory
+    (``scatter``): the worker takes the file over instead of copying it."""
+
+    __slots__ = ("path", "length")
+
+    def __init__(self, path: str, length: int):
+        self.path = path
+        self.length = length
