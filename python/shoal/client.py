@@ -17,6 +17,13 @@ equivalent. Deviations, each for a reason:
   ``wait`` read a ``FutureList`` batch by batch. ``list(fs)`` gives a list.
 * A task raising ``KeyboardInterrupt``/``SystemExit`` fails with
   ``TaskAbortedError`` instead of re-raising those in the client.
+* Arrays that come from another process on the same host (task inputs made
+  by another worker, ``result()``) are read-only views of shared memory, as
+  in Ray: copy them (``a.copy()``) to write. distributed copies them.
+* ``scatter(..., broadcast=True)`` copies nothing in advance: on one host all
+  workers map the one shared copy; across hosts workers fetch it on use.
+  ``hash=`` is not taken: scattered data gets a fresh key unless a dict
+  names the keys.
 """
 
 from __future__ import annotations

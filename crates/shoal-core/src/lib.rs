@@ -1221,6 +1221,15 @@ impl Core {
     /// first violation. Run after every event in tests.
     pub fn check_invariants(&self) {
         for (&id, t) in &self.tasks {
+            assert!(
+                !(t.once && t.ran)
+                    || matches!(
+                        t.state,
+                        TaskState::Memory { .. } | TaskState::Released | TaskState::Erred { .. }
+                    ),
+                "{id:?}: scattered data that ran is {:?} (it can never run again)",
+                t.state
+            );
             let mut not_in_memory = 0;
             let mut pending_count = 0;
             for d in t.deps.iter() {

@@ -327,6 +327,9 @@ fn sim(seed: u64) {
             .collect();
         deps.sort();
         deps.dedup();
+        // Some tasks without inputs are scattered data: lost, not rerun,
+        // when their worker dies.
+        let has_inputs = !deps.is_empty();
         tasks.push(NewTask {
             id: t(i),
             deps: deps.into_iter().map(t).collect(),
@@ -346,6 +349,8 @@ fn sim(seed: u64) {
                 2 => 3,
                 _ => 1,
             },
+            // Some are scattered data: lost, not rerun, when their worker dies.
+            recompute: has_inputs || rng.u32(0..8) != 0,
         });
     }
     c.handle_submit(C, tasks);
@@ -690,4 +695,104 @@ fn a_task_taking_several_threads_waits_for_them_and_holds_them() {
             ..
         })
     ));
+}
+
+fn scattered(id: u64) -> NewTask {
+    NewTask {
+        recompute: false,
+        ..nt(id, &[])
+    }
+}
+
+#[test]
+fn scattered_data_lost_with_its_worker_fails_its_dependents_instead_of_rerunning() {
+    let mut c = core();
+    c.handle_worker_added(WorkerId(0), 1);
+    c.handle_worker_added(WorkerId(1), 1);
+    c.handle_submit(C, vec![scattered(1), nt(2, &[1]), nt(3, &[])]);
+    assert_eq!(computes(&c.take_actions()), vec![(0, 1), (1, 3)]);
+    c.handle_task_finished(WorkerId(0), t(1), 1 << 20, false, 10);
+    assert_eq!(computes(&c.take_actions()), vec![(0, 2)]);
+    c.handle_worker_lost(WorkerId(0));
+    c.check_invariants();
+    let a = c.take_actions();
+    assert_eq!(computes(&a), vec![], "scattered data must not run again");
+    for task in [1, 2] {
+        assert!(
+            a.contains(&Action::TaskErred {
+                client: C,
+                task: t(task),
+                cause: t(1),
+                kind: ErrorKind::DataLost
+            }),
+            "{a:?}"
+        );
+    }
+    // Other work is untouched.
+    assert_eq!(c.state(t(3)), Some(TaskState::Processing(WorkerId(1))));
+}
+
+#[test]
+fn a_released_scattered_input_needed_again_is_lost_not_rerun() {
+    let mut c = core();
+    c.handle_worker_added(WorkerId(0), 1);
+    c.handle_worker_added(WorkerId(1), 1);
+    // 2 depends on scattered 1; the client drops 1, 2's result lives on
+    // worker 0, and 3 needs 2.
+    c.handle_submit(C, vec![scattered(1), nt(2, &[1]), nt(3, &[2])]);
+    c.handle_release(C, &[t(1)]);
+    c.take_actions();
+    c.handle_task_finished(WorkerId(0), t(1), 1 << 20, false, 10);
+    c.take_actions();
+    c.handle_task_finished(WorkerId(0), t(2), 1 << 20, false, 10);
+    assert_eq!(c.state(t(1)), Some(TaskState::Released));
+    c.take_actions();
+    // Losing 2 needs 1 again, which cannot run twice.
+    c.handle_worker_lost(WorkerId(0));
+    c.check_invariants();
+    let a = c.take_actions();
+    assert_eq!(computes(&a), vec![]);
+    assert!(a.contains(&Action::TaskErred {
+        client: C,
+        task: t(3),
+        cause: t(1),
+        kind: ErrorKind::DataLost
+    }));
+}
+
+#[test]
+fn a_paused_worker_gets_no_work_and_gives_back_its_queue() {
+    let mut c = core();
+    c.handle_worker_added(WorkerId(0), 1);
+    c.handle_submit(C, vec![nt(1, &[])]);
+    c.take_actions();
+    // Known tiny durations: the worker gets a queue.
+    c.handle_task_finished(WorkerId(0), t(1), 8, true, 5);
+    c.handle_submit(C, (2..=6).map(|i| nt(i, &[])).collect());
+    assert_eq!(computes(&c.take_actions()).len(), 5);
+    c.handle_worker_added(WorkerId(1), 1);
+    c.take_actions();
+    c.handle_worker_paused(WorkerId(0), true);
+    c.check_invariants();
+    let a = c.take_actions();
+    // Its queued tasks (all but the oldest, likely running) are asked back.
+    assert_eq!(steals(&a), vec![(0, vec![3, 4, 5, 6])]);
+    for i in [3, 4, 5, 6] {
+        c.handle_steal_reply(WorkerId(0), t(i), true);
+    }
+    c.check_invariants();
+    let placed = computes(&c.take_actions());
+    assert!(
+        !placed.is_empty() && placed.iter().all(|&(w, _)| w == 1),
+        "{placed:?}"
+    );
+    // Nothing new goes to the paused worker, even with a free thread.
+    c.handle_task_finished(WorkerId(0), t(2), 8, true, 5);
+    c.handle_submit(C, vec![nt(7, &[])]);
+    assert!(computes(&c.take_actions()).iter().all(|&(w, _)| w != 0));
+    c.handle_worker_paused(WorkerId(0), false);
+    c.handle_submit(C, vec![nt(8, &[])]);
+    c.check_invariants();
+    let resumed = computes(&c.take_actions());
+    assert!(resumed.iter().any(|&(w, _)| w == 0), "{resumed:?}");
 }

@@ -381,6 +381,7 @@ mod tests {
                 priority: -1,
                 retries: 2,
                 resources: vec![("GPU".into(), 1.0)],
+                recompute: false,
             }]),
             ToScheduler::Finished {
                 id: 9,
@@ -388,9 +389,24 @@ mod tests {
                 value: Some(Bytes::from_static(b"xyz")),
                 duration_us: 12,
             },
+            ToScheduler::Paused(true),
         ];
         let back: Vec<ToScheduler> = decode(&encode(&msgs)).unwrap();
         assert_eq!(back, msgs);
+        let reply = DataReply {
+            items: vec![
+                (1, Some(Payload::Bytes(Bytes::from_static(b"p")))),
+                (
+                    2,
+                    Some(Payload::File {
+                        path: "/dev/shm/shoal-0-1/2".into(),
+                        len: 64,
+                    }),
+                ),
+                (3, None),
+            ],
+        };
+        assert_eq!(decode::<DataReply>(&encode(&reply)).unwrap(), reply);
     }
 
     #[test]

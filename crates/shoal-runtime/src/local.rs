@@ -126,7 +126,7 @@ fn supervise(
                 Ok(Some(status)) => {
                     let pid = children[i].id();
                     let _ = children.swap_remove(i).wait(); // already reaped by try_wait
-                    // Its shared-memory segments and spilled data die with it.
+                                                            // Its shared-memory segments and spilled data die with it.
                     crate::shm::remove_process(pid);
                     changed = true;
                     if stop.load(Ordering::SeqCst) {

@@ -393,7 +393,10 @@ impl State {
             }
             ToScheduler::Threads(n) => self.core.handle_worker_threads(wid, n),
             ToScheduler::Paused(p) => {
-                tracing::info!("worker {worker} {}", if p { "paused (memory high)" } else { "resumed" });
+                tracing::info!(
+                    "worker {worker} {}",
+                    if p { "paused (memory high)" } else { "resumed" }
+                );
                 self.core.handle_worker_paused(wid, p)
             }
             ToScheduler::Stolen(ids) => {

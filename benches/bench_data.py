@@ -1,0 +1,306 @@
+"""Moving data: Shoal beside Dask distributed and Ray, in one run.
+
+    python benches/bench_data.py                  # both workloads, 3 repeats
+    python benches/bench_data.py -w transfer -r 5 --only shoal ray
+
+Workloads (from issue 4), 2 worker processes of one thread each:
+  transfer  16 tasks each make a 64 MiB float64 array; 16 tasks each
+            consume two of them (i and i+1): GiB consumed per second.
+  spill     each worker limited to 512 MiB (Ray: a 1 GiB object store);
+            32 arrays of 64 MiB (2 GiB, twice the limits) are made and held,
+            then each is summed: seconds, and bytes written to disk.
+
+Memory is sampled every 20 ms over this process and all its descendants:
+"pss" is the peak of the summed proportional set size (shared pages
+divided among the processes that map them, so shared memory counts once;
+a plain RSS sum would count a segment once per process mapping it), "sys"
+the peak of the host's used memory (MemTotal - MemAvailable, which counts
+shared memory files too) above its level before the workload. Disk bytes
+are the processes' `write_bytes` (bytes dirtied for storage; tmpfs and
+sockets excluded). Figures are medians of the repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import threading
+import time
+
+import numpy as np
+
+N_WORKERS = 2
+N = 8 * 2**20  # float64 elements: 64 MiB
+LIMIT = 512 * 2**20
+
+
+def make(i):
+    return np.full(N, float(i))
+
+
+def consume(a, b):
+    return float(a[::4096].sum() + b[::4096].sum()) + a.nbytes + b.nbytes
+
+
+def total(a):
+    return float(a[::4096].sum())
+
+
+# ------------------------------------------------------------ measuring
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(name))
+    out, stack = [], [root]
+    while stack:
+        p = stack.pop()
+        out.append(p)
+        stack += children.get(p, [])
+    return out
+
+
+def _read_field(path: str, field: bytes) -> int:
+    try:
+        with open(path, "rb") as fh:
+            for line in fh:
+                if line.startswith(field):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _sys_used() -> int:
+    total_kb = _read_field("/proc/meminfo", b"MemTotal:")
+    avail_kb = _read_field("/proc/meminfo", b"MemAvailable:")
+    return (total_kb - avail_kb) * 1024
+
+
+class Sampler:
+    """Samples the process tree's memory and disk writes in a thread."""
+
+    def __init__(self):
+        self.stop = threading.Event()
+        self.peak_pss = 0
+        self.sys_base = _sys_used()
+        self.peak_sys = 0
+        self.writes: dict[int, int] = {}
+        self.writes_base: dict[int, int] = {}
+        for p in _descendants(os.getpid()):
+            self.writes_base[p] = _read_field(f"/proc/{p}/io", b"write_bytes:")
+
+    def _sample(self) -> None:
+        pss = 0
+        for p in _descendants(os.getpid()):
+            pss += _read_field(f"/proc/{p}/smaps_rollup", b"Pss:") * 1024
+            w = _read_field(f"/proc/{p}/io", b"write_bytes:")
+            self.writes[p] = max(self.writes.get(p, 0), w)
+        self.peak_pss = max(self.peak_pss, pss)
+        self.peak_sys = max(self.peak_sys, _sys_used() - self.sys_base)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self._sample()
+            time.sleep(0.02)
+
+    def __enter__(self):
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *a):
+        self._sample()
+        self.stop.set()
+        self.thread.join()
+
+    @property
+    def written(self) -> int:
+        return sum(w - self.writes_base.get(p, 0) for p, w in self.writes.items())
+
+
+# ------------------------------------------------------------ runners
+
+
+class Shoal:
+    name = "shoal"
+
+    def __init__(self, limited: bool):
+        self.limited = limited
+
+    def __enter__(self):
+        import shoal
+
+        self.c = shoal.Client(
+            n_workers=N_WORKERS,
+            set_as_default=False,
+            memory_limit=LIMIT if self.limited else "auto",
+        )
+        self.c.submit(total, np.zeros(10)).result()
+        return self
+
+    def __exit__(self, *a):
+        self.c.close()
+
+    def transfer(self):
+        xs = [self.c.submit(make, i) for i in range(16)]
+        ys = [self.c.submit(consume, xs[i], xs[(i + 1) % 16]) for i in range(16)]
+        return self.c.gather(ys)
+
+    def spill(self, n):
+        import shoal
+
+        xs = [self.c.submit(make, i) for i in range(n)]
+        shoal.wait(xs)
+        return self.c.gather([self.c.submit(total, x) for x in xs])
+
+
+class Dask:
+    name = "dask.distributed"
+
+    def __init__(self, limited: bool):
+        self.limited = limited
+
+    def __enter__(self):
+        from distributed import Client, LocalCluster
+
+        self.cluster = LocalCluster(
+            n_workers=N_WORKERS,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            memory_limit=LIMIT if self.limited else "auto",
+        )
+        self.c = Client(self.cluster)
+        self.c.submit(total, np.zeros(10)).result()
+        return self
+
+    def __exit__(self, *a):
+        self.c.close()
+        self.cluster.close()
+
+    def transfer(self):
+        xs = [self.c.submit(make, i, pure=False) for i in range(16)]
+        ys = [self.c.submit(consume, xs[i], xs[(i + 1) % 16], pure=False) for i in range(16)]
+        return self.c.gather(ys)
+
+    def spill(self, n):
+        from distributed import wait
+
+        xs = [self.c.submit(make, i, pure=False) for i in range(n)]
+        wait(xs)
+        return self.c.gather([self.c.submit(total, x, pure=False) for x in xs])
+
+
+class Ray:
+    name = "ray"
+
+    def __init__(self, limited: bool):
+        self.limited = limited
+
+    def __enter__(self):
+        import ray
+
+        self.ray = ray
+        kw = {"object_store_memory": 2 * LIMIT} if self.limited else {}
+        ray.init(num_cpus=N_WORKERS, include_dashboard=False, log_to_driver=False, **kw)
+        self.make = ray.remote(make)
+        self.consume = ray.remote(consume)
+        self.total = ray.remote(total)
+        ray.get(self.total.remote(np.zeros(10)))
+        return self
+
+    def __exit__(self, *a):
+        self.ray.shutdown()
+
+    def transfer(self):
+        xs = [self.make.remote(i) for i in range(16)]
+        return self.ray.get([self.consume.remote(xs[i], xs[(i + 1) % 16]) for i in range(16)])
+
+    def spill(self, n):
+        xs = [self.make.remote(i) for i in range(n)]
+        self.ray.wait(xs, num_returns=n)
+        return self.ray.get([self.total.remote(x) for x in xs])
+
+
+def _available():
+    out = [Shoal]
+    for cls, mod in [(Dask, "distributed"), (Ray, "ray")]:
+        try:
+            __import__(mod)
+            out.append(cls)
+        except ImportError:
+            print(f"({cls.name} not installed: skipped)")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-w", "--workloads", nargs="*", default=["transfer", "spill"])
+    ap.add_argument("-r", "--repeats", type=int, default=3)
+    ap.add_argument("--only", nargs="*", help="runner names to run (e.g. shoal ray)")
+    ns = ap.parse_args()
+    gib = 2**30
+    expected_transfer = [float(N // 4096 * (i + (i + 1) % 16)) + 2 * N * 8 for i in range(16)]
+    rows = []
+    for w in ns.workloads:
+        for cls in _available():
+            if ns.only and cls.name not in ns.only:
+                continue
+            with cls(limited=w == "spill") as runner:
+                runs = []
+                for _ in range(ns.repeats):
+                    with Sampler() as s:
+                        t = time.perf_counter()
+                        if w == "transfer":
+                            got = runner.transfer()
+                            assert got == expected_transfer, "wrong transfer result"
+                        else:
+                            n = 32
+                            got = runner.spill(n)
+                            assert got == [float(N // 4096 * i) for i in range(n)], "wrong sums"
+                        dt = time.perf_counter() - t
+                    runs.append((dt, s.peak_pss, s.peak_sys, s.written))
+            dt = statistics.median(r[0] for r in runs)
+            pss = statistics.median(r[1] for r in runs)
+            sysm = statistics.median(r[2] for r in runs)
+            wr = statistics.median(r[3] for r in runs)
+            value = (16 * 2 * N * 8 / gib) / dt if w == "transfer" else dt
+            unit = "GiB/s" if w == "transfer" else "s"
+            rows.append((w, cls.name, value, unit, pss, sysm, wr))
+            print(
+                f"  {cls.name:18s} {w:9s} {value:8.3f} {unit:5s} pss {pss / gib:6.2f} GiB "
+                f"sys +{sysm / gib:6.2f} GiB disk {wr / gib:6.2f} GiB",
+                flush=True,
+            )
+    print(f"\nmedians of {ns.repeats} repeats; ratio = shoal's advantage (>1: shoal better)")
+    print(
+        f"{'workload':9s} {'runner':18s} {'value':>8s} {'unit':5s} {'ratio':>6s} "
+        f"{'peak pss':>9s} {'peak sys':>9s} {'disk':>8s}"
+    )
+    for w in ns.workloads:
+        mine = [r for r in rows if r[0] == w]
+        base = next((r[2] for r in mine if r[1] == "shoal"), None)
+        for _, name, value, unit, pss, sysm, wr in mine:
+            if base is None:
+                ratio = float("nan")
+            else:
+                ratio = base / value if unit == "GiB/s" else value / base
+            print(
+                f"{w:9s} {name:18s} {value:8.3f} {unit:5s} {ratio:6.2f} "
+                f"{pss / gib:7.2f}Gi {sysm / gib:7.2f}Gi {wr / gib:6.2f}Gi"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""The data plane: shared memory between processes of a host, scatter/put,
+memory limits, spilling, and cleanup after crashes. Real processes, real
+/dev/shm, real files."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import signal
+import tempfile
+import time
+
+import numpy as np
+import pytest
+
+import shoal
+from shoal import _core
+
+MiB = 2**20
+
+
+def seg_dir(pid: int) -> str:
+    base = os.environ.get("SHOAL_SHM_DIR") or (
+        "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    )
+    return os.path.join(base, f"shoal-{os.getuid()}-{pid}")
+
+
+def spill_dir(pid: int) -> str:
+    return os.path.join(tempfile.gettempdir(), f"shoal-spill-{os.getuid()}-{pid}")
+
+
+def rss_anon(pid: int | str = "self") -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no RssAnon")
+
+
+def dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(p) for p in glob.glob(os.path.join(path, "*")))
+
+
+def make(n_bytes: int, seed: int, delay: float = 0.0) -> np.ndarray:
+    time.sleep(delay)
+    return np.random.default_rng(seed).integers(0, 2**63, n_bytes // 8, dtype=np.int64)
+
+
+def where_and_how(a: np.ndarray, b: np.ndarray) -> tuple:
+    """Runs on a worker: its pid, each input's writability, and how much
+    private memory reading both costs (mapped inputs cost none)."""
+    before = rss_anon()
+    digest = hashlib.sha1(a.data).hexdigest() + hashlib.sha1(b.data).hexdigest()
+    return os.getpid(), a.flags.writeable, b.flags.writeable, rss_anon() - before, digest
+
+
+def test_a_large_array_reaches_another_worker_mapped_not_copied():
+    with shoal.Client(n_workers=2) as c:
+        # Two producers at once land on the two workers; the consumer runs
+        # where one input is, so the other one crosses processes.
+        xs = [c.submit(make, 512 * MiB, i, 0.3) for i in range(2)]
+        shoal.wait(xs)
+        pid, wa, wb, grew, digest = c.submit(where_and_how, xs[0], xs[1]).result()
+        expected = [make(512 * MiB, i) for i in range(2)]
+        assert digest == "".join(hashlib.sha1(e.data).hexdigest() for e in expected)
+        # Exactly one input came from the other process: read-only, mapped.
+        assert sorted([wa, wb]) == [False, True]
+        assert grew < 64 * MiB, f"the consumer copied its input: +{grew / MiB:.0f} MiB"
+        # The client maps results too.
+        before = rss_anon()
+        r = xs[0].result()
+        assert rss_anon() - before < 64 * MiB
+        assert not r.flags.writeable
+        with pytest.raises(ValueError, match="read-only"):
+            r[0] = 1
+        assert np.array_equal(r, expected[0])
+
+
+def total(a: np.ndarray, i: int, delay: float) -> int:
+    time.sleep(delay)
+    return int(a[:: 4096 // 8].sum() % 1000) + i
+
+
+def test_a_100_mib_object_passed_between_workers_many_times():
+    data = np.arange(100 * MiB // 8, dtype=np.int64)
+    expect = int(data[::512].sum() % 1000)
+    with shoal.Client(n_workers=2) as c:
+        x = c.scatter(data)
+        outs = c.gather([c.submit(total, x, i, 0.02) for i in range(40)])
+        assert outs == [expect + i for i in range(40)]
+        # A chain whose every link makes a new 100 MiB array on whichever
+        # worker is free.
+        y = x
+        for _ in range(6):
+            y = c.submit(np.add, y, 1)
+        assert np.array_equal(y.result(), data + 6)
+        pids = c.worker_pids
+        del x, y
+        time.sleep(0.5)
+        # Released: the segments are gone (the one held by nothing).
+        held = sum(dir_bytes(seg_dir(p)) for p in pids)
+        assert held < 8 * MiB, f"{held / MiB:.0f} MiB of segments left after release"
+
+
+def test_a_worker_killed_while_holding_segments_leaves_none_behind():
+    with shoal.Client(n_workers=2) as c:
+        xs = [c.submit(make, 64 * MiB, i, 0.2) for i in range(4)]
+        shoal.wait(xs)
+        # Make every result a segment (the client fetches them).
+        c.gather(xs)
+        pids = c.worker_pids
+        assert any(os.listdir(seg_dir(p)) for p in pids)
+        victim = pids[0]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.time() + 10
+        while os.path.exists(seg_dir(victim)) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not os.path.exists(seg_dir(victim)), "a dead worker's segments leaked"
+        # What it held is recomputed when needed.
+        got = c.gather([c.submit(total, x, 0, 0) for x in xs])
+        want = [int(make(64 * MiB, i)[::512].sum() % 1000) for i in range(4)]
+        assert got == want
+    # Closing removes everything of this cluster.
+    for p in pids:
+        assert not os.path.exists(seg_dir(p))
+
+
+def test_leftovers_of_dead_processes_are_swept():
+    dead = 4_194_305  # above the kernel's pid limit: never alive
+    d = seg_dir(dead)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "1"), "wb") as fh:
+        fh.write(b"x" * 100)
+    assert _core.sweep() >= 1
+    assert not os.path.exists(d)
+
+
+def digest_of(a: np.ndarray) -> str:
+    return hashlib.sha1(a.data).hexdigest()
+
+
+def test_spilling_lets_four_times_the_memory_limit_complete_bit_identical():
+    limit = 256 * MiB
+    with shoal.Client(n_workers=2, memory_limit=limit) as c:
+        n = 32  # 32 x 32 MiB = 1 GiB: 4x a worker's limit, 2x both together
+        xs = [c.submit(make, 32 * MiB, i) for i in range(n)]
+        shoal.wait(xs)
+        pids = c.worker_pids
+        spilled = sum(dir_bytes(spill_dir(p)) for p in pids)
+        assert spilled >= (n * 32 * MiB - 2 * limit) // 2, f"only {spilled / MiB:.0f} MiB spilled"
+        for p in pids:
+            assert rss_anon(p) < limit, "a worker is above its memory limit"
+        # Read back (inside tasks and by the client): the same bits.
+        got = c.gather([c.submit(digest_of, x) for x in xs])
+        assert got == [digest_of(make(32 * MiB, i)) for i in range(n)]
+        assert np.array_equal(xs[0].result(), make(32 * MiB, 0))
+
+
+def hog(n_mib: int) -> int:
+    keep = []
+    for _ in range(n_mib // 16):
+        keep.append(np.ones(2 * MiB))  # 16 MiB each, touched
+        time.sleep(0.005)
+    return len(keep)
+
+
+def test_a_task_exceeding_the_memory_limit_restarts_its_worker_and_fails_clearly():
+    with shoal.Client(n_workers=1, memory_limit=300 * MiB) as c:
+        f = c.submit(hog, 2048)
+        with pytest.raises(shoal.KilledWorker, match="hog"):
+            f.result(timeout=120)
+        # The cluster goes on with a fresh worker.
+        assert c.submit(sum, [1, 2, 3]).result(timeout=30) == 6
+
+
+def test_scattered_data_lost_with_its_worker_is_a_clear_error():
+    with shoal.Client(n_workers=2) as c:
+        x = c.scatter(np.ones(MiB))
+        assert c.submit(np.sum, x).result() == MiB
+        for p in c.worker_pids:
+            os.kill(p, signal.SIGKILL)
+        with pytest.raises(shoal.DataLostError, match="scatter it again"):
+            c.submit(np.sum, x).result(timeout=30)
+        with pytest.raises(shoal.DataLostError):
+            x.result(timeout=30)
+        # Everything else works on the replacements.
+        y = c.scatter(np.ones(10))
+        assert c.submit(np.sum, y).result(timeout=30) == 10
+
+
+def test_scatter_shapes_and_put():
+    with shoal.Client(n_workers=2) as c:
+        fs = c.scatter([1, "two", np.arange(3)])
+        assert isinstance(fs, list) and len(fs) == 3
+        assert fs[1].result() == "two"
+        d = c.scatter({"a": 1, "b": np.zeros(200_000)})
+        assert d["a"].key == "a"
+        assert c.submit(lambda a, b: a + b.size, d["a"], d["b"]).result() == 200_001
+        # Same key again: the same future.
+        assert c.scatter({"a": 5})["a"].result() == 1
+        ref = shoal.put(np.arange(1_000_000))
+        assert shoal.get(ref).sum() == np.arange(1_000_000).sum()
+        with pytest.raises(TypeError, match="not a Future"):
+            shoal.put(ref)
+
+
+def test_bad_memory_limits_are_refused_clearly():
+    with pytest.raises(ValueError, match="memory limit 'lots'"):
+        shoal.Client(n_workers=1, memory_limit="lots")
