@@ -495,6 +495,49 @@ impl Core {
         self.schedule();
     }
 
+    /// `worker` could not fetch `deps` (inputs of `task`) from the worker
+    /// the core thinks holds them: that worker does not have them. They are
+    /// recomputed (scattered data is lost), and `task` waits for them again.
+    pub fn handle_missing_data(&mut self, worker: WorkerId, task: TaskId, deps: &[TaskId]) {
+        for &d in deps {
+            let Some(t) = self.tasks.get(&d) else {
+                continue;
+            };
+            let TaskState::Memory {
+                location: Location::Worker(h),
+                ..
+            } = t.state
+            else {
+                continue;
+            };
+            if h == worker || !t.dependents.contains(&task) {
+                continue;
+            }
+            let needed = !t.wanted_by.is_empty() || t.pending_dependents > 0;
+            let lost = t.once && needed;
+            // Leaving memory sends `task` (and any other dependent being
+            // fetched) back to Waiting.
+            self.set_state(d, TaskState::Released);
+            self.actions.push(Action::ReleaseData {
+                worker: Some(h),
+                task: d,
+            });
+            if lost {
+                self.set_erred(d, d, ErrorKind::DataLost);
+            } else if needed {
+                self.recompute(d);
+            } else {
+                self.maybe_forget(d);
+            }
+        }
+        // The worker dropped the task: if no input left memory above (a
+        // stale report), it is placed again.
+        if self.is_processing_on(task, worker) {
+            self.set_state(task, TaskState::Ready);
+        }
+        self.schedule();
+    }
+
     /// A worker's memory crossed its pause fraction: while paused it gets no
     /// work, and its queued tasks are asked back (as from a stalled worker).
     pub fn handle_worker_paused(&mut self, worker: WorkerId, paused: bool) {

@@ -796,3 +796,32 @@ fn a_paused_worker_gets_no_work_and_gives_back_its_queue() {
     let resumed = computes(&c.take_actions());
     assert!(resumed.iter().any(|&(w, _)| w == 0), "{resumed:?}");
 }
+
+#[test]
+fn an_input_its_holder_lacks_is_recomputed_and_the_task_runs_again() {
+    let mut c = core();
+    c.handle_worker_added(WorkerId(0), 1);
+    c.handle_worker_added(WorkerId(1), 1);
+    c.handle_submit(C, vec![nt(1, &[]), nt(2, &[]), nt(3, &[1, 2])]);
+    assert_eq!(computes(&c.take_actions()), vec![(0, 1), (1, 2)]);
+    c.handle_task_finished(WorkerId(0), t(1), 1 << 20, false, 10);
+    c.handle_task_finished(WorkerId(1), t(2), 2 << 20, false, 10);
+    assert_eq!(computes(&c.take_actions()), vec![(1, 3)]);
+    // Worker 1 fetched 1 from worker 0, which said it does not have it.
+    c.handle_missing_data(WorkerId(1), t(3), &[t(1)]);
+    c.check_invariants();
+    let a = c.take_actions();
+    assert!(a.contains(&Action::ReleaseData {
+        worker: Some(WorkerId(0)),
+        task: t(1)
+    }));
+    assert_eq!(c.state(t(3)), Some(TaskState::Waiting));
+    assert_eq!(computes(&a), vec![(0, 1)]);
+    c.handle_task_finished(WorkerId(0), t(1), 1 << 20, false, 10);
+    assert_eq!(computes(&c.take_actions()), vec![(1, 3)]);
+    // A stale report (the input is not where it was said to be) only puts
+    // the task back.
+    c.handle_missing_data(WorkerId(1), t(3), &[t(99)]);
+    c.check_invariants();
+    assert_eq!(computes(&c.take_actions()), vec![(1, 3)]);
+}

@@ -165,6 +165,15 @@ pub enum ToScheduler {
     /// Worker: its number of execution threads is now this (a task waiting
     /// on other tasks lends its thread).
     Threads(u32),
+    /// Worker: the holder of these inputs of `task` answered that it does
+    /// not have them; the task was dropped and waits for them to be
+    /// recomputed.
+    Missing {
+        /// The task whose inputs could not be fetched.
+        task: u64,
+        /// The inputs the holder lacks.
+        deps: Vec<u64>,
+    },
     /// Worker: its memory is above the pause fraction (true: give it no
     /// more work, take back what it has queued) or back below (false).
     Paused(bool),

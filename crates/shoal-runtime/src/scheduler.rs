@@ -392,6 +392,11 @@ impl State {
                 }
             }
             ToScheduler::Threads(n) => self.core.handle_worker_threads(wid, n),
+            ToScheduler::Missing { task, deps } => {
+                let deps: Vec<TaskId> = deps.into_iter().map(TaskId).collect();
+                tracing::warn!("worker {worker} could not fetch {deps:?}: recomputing them");
+                self.core.handle_missing_data(wid, TaskId(task), &deps);
+            }
             ToScheduler::Paused(p) => {
                 tracing::info!(
                     "worker {worker} {}",

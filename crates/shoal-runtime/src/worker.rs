@@ -118,6 +118,8 @@ pub struct WorkerShared {
     cv: Condvar,
     /// Results kept here for transfer.
     store: Mutex<FxHashMap<u64, Stored>>,
+    /// Bounds the transfers this worker makes at once.
+    fetch_slots: tokio::sync::Semaphore,
     /// Held results a transfer waits for, for the Python pickling thread.
     to_pickle: Mutex<(VecDeque<u64>, FxHashSet<u64>)>,
     to_pickle_cv: Condvar,
@@ -144,6 +146,9 @@ pub enum Stored {
         len: u64,
     },
 }
+
+/// Transfers a worker makes at once (each may move a large result).
+const FETCH_SLOTS: usize = 16;
 
 /// How long a transfer waits for a held result to be pickled.
 const PICKLE_WAIT: Duration = Duration::from_secs(120);
@@ -439,6 +444,7 @@ pub fn start(
             queue: Mutex::new(Queue::default()),
             cv: Condvar::new(),
             store: Mutex::new(FxHashMap::default()),
+            fetch_slots: tokio::sync::Semaphore::new(FETCH_SLOTS),
             to_pickle: Mutex::new((VecDeque::new(), FxHashSet::default())),
             to_pickle_cv: Condvar::new(),
             pickled: tokio::sync::Notify::new(),
@@ -513,10 +519,17 @@ fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
                 sh.queue.lock().fetching.insert(id);
                 let sh = sh.clone();
                 tokio::spawn(async move {
-                    t.deps = fetch_inputs(&sh, deps).await.unwrap_or_else(|e| {
-                        t.error = Some(e);
-                        Vec::new()
-                    });
+                    match fetch_inputs(&sh, deps).await {
+                        Ok(deps) => t.deps = deps,
+                        Err(FetchFailure::Failed(e)) => t.error = Some(e),
+                        Err(FetchFailure::Missing(deps)) => {
+                            // Dropped here; the scheduler recomputes the
+                            // inputs and sends the task again.
+                            sh.queue.lock().fetching.remove(&t.id);
+                            let _ = sh.out.send(ToScheduler::Missing { task: t.id, deps });
+                            return;
+                        }
+                    }
                     sh.push_ready(t);
                 });
             }
@@ -572,9 +585,22 @@ fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
     false
 }
 
-/// Fetches the inputs held by other workers (retrying briefly: if the holder
-/// died, the scheduler cancels this task and recomputes the input).
-async fn fetch_inputs(sh: &WorkerShared, deps: Vec<Dep>) -> Result<Vec<(u64, Input)>, String> {
+/// Why a task's inputs could not be had.
+enum FetchFailure {
+    /// A holder answered that it does not have these: the scheduler must
+    /// recompute them.
+    Missing(Vec<u64>),
+    /// Transfers kept failing (the holder is unreachable).
+    Failed(String),
+}
+
+/// Fetches the inputs held by other workers, at most `FETCH_SLOTS` at once
+/// per worker, retrying briefly (if the holder died, the scheduler cancels
+/// this task and recomputes the input).
+async fn fetch_inputs(
+    sh: &WorkerShared,
+    deps: Vec<Dep>,
+) -> Result<Vec<(u64, Input)>, FetchFailure> {
     let mut by_addr: FxHashMap<String, Vec<u64>> = FxHashMap::default();
     for d in &deps {
         if let DepSource::Worker { id, addr } = &d.source {
@@ -588,9 +614,25 @@ async fn fetch_inputs(sh: &WorkerShared, deps: Vec<Dep>) -> Result<Vec<(u64, Inp
         let mut last_err = String::new();
         let mut ok = false;
         for attempt in 0..5u64 {
-            match fetch(&addr, ids.clone()).await {
+            let got = {
+                let _slot = sh.fetch_slots.acquire().await;
+                fetch_some(&addr, ids.clone()).await
+            };
+            match got {
                 Ok(items) => {
-                    fetched.extend(items.into_iter().map(|(id, v)| (id, v.into_input())));
+                    let missing: Vec<u64> = items
+                        .iter()
+                        .filter(|(_, v)| v.is_none())
+                        .map(|(id, _)| *id)
+                        .collect();
+                    if !missing.is_empty() {
+                        return Err(FetchFailure::Missing(missing));
+                    }
+                    fetched.extend(
+                        items
+                            .into_iter()
+                            .filter_map(|(id, v)| v.map(|v| (id, v.into_input()))),
+                    );
                     ok = true;
                     break;
                 }
@@ -599,9 +641,9 @@ async fn fetch_inputs(sh: &WorkerShared, deps: Vec<Dep>) -> Result<Vec<(u64, Inp
             tokio::time::sleep(Duration::from_millis(100 * (attempt + 1))).await;
         }
         if !ok {
-            return Err(format!(
+            return Err(FetchFailure::Failed(format!(
                 "could not fetch inputs {ids:x?} from worker at {addr}: {last_err}"
-            ));
+            )));
         }
     }
     Ok(deps
@@ -638,6 +680,22 @@ impl Fetched {
 /// Fetches results from a worker's data server; files on this host are
 /// opened, not read. Missing results are an error.
 pub async fn fetch(addr: &str, ids: Vec<u64>) -> io::Result<Vec<(u64, Fetched)>> {
+    fetch_some(addr, ids)
+        .await?
+        .into_iter()
+        .map(|(id, v)| {
+            v.map(|v| (id, v)).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("worker at {addr} does not hold {id:x}"),
+                )
+            })
+        })
+        .collect()
+}
+
+/// Like [`fetch`]; `None` for results the worker says it does not hold.
+async fn fetch_some(addr: &str, ids: Vec<u64>) -> io::Result<Vec<(u64, Option<Fetched>)>> {
     let address =
         Address::parse(addr).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let (mut conn, _) = net::handshake(&address, Role::Data).await?;
@@ -653,13 +711,13 @@ pub async fn fetch(addr: &str, ids: Vec<u64>) -> io::Result<Vec<(u64, Fetched)>>
         .items
         .into_iter()
         .map(|(id, v)| match v {
-            Some(Payload::Bytes(b)) => Ok((id, Fetched::Bytes(b))),
+            Some(Payload::Bytes(b)) => Ok((id, Some(Fetched::Bytes(b)))),
             // Opened at once: the holder may unlink it once it is released.
-            Some(Payload::File { path, .. }) => Ok((id, Fetched::File(std::fs::File::open(path)?))),
-            None => Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("worker at {addr} does not hold {id:x}"),
-            )),
+            // (Gone already: it was spilled meanwhile; the caller asks again.)
+            Some(Payload::File { path, .. }) => {
+                Ok((id, Some(Fetched::File(std::fs::File::open(path)?))))
+            }
+            None => Ok((id, None)),
         })
         .collect()
 }
