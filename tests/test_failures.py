@@ -156,6 +156,8 @@ def test_bad_arguments_to_the_api(client):
     with pytest.raises(ValueError, match="address"):
         shoal.Client("tcp://nowhere")
     with pytest.raises(ConnectionError, match="cannot connect"):
+        shoal.Client("unix:///nonexistent/sched.sock", token="t")
+    with pytest.raises(ValueError, match="needs the cluster's token"):
         shoal.Client("unix:///nonexistent/sched.sock")
 
 

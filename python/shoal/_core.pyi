@@ -13,6 +13,7 @@ class Cluster:
     """Embedded scheduler plus supervised worker processes."""
 
     address: str
+    token: str
     def __init__(
         self, n_workers: int, program: str, args: list[str], env: list[tuple[str, str]]
     ) -> None: ...
@@ -25,7 +26,7 @@ class Watcher:
     def pending(self) -> int: ...
 
 class ClientCore:
-    def __init__(self, address: str) -> None: ...
+    def __init__(self, address: str, token: str | None) -> None: ...
     @property
     def id(self) -> int: ...
     def submit(
@@ -75,6 +76,7 @@ class WorkerCore:
         address: str,
         nthreads: int,
         name: str,
+        token: str,
         resources: list[tuple[str, float]] = ...,
     ) -> None: ...
     @property

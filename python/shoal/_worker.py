@@ -114,12 +114,19 @@ _current: _Executor | None = None  # this worker process's executor
 
 class _Executor:
     def __init__(
-        self, core: WorkerCore, address: str, nthreads: int, gpus: list[str], store: _store.Store
+        self,
+        core: WorkerCore,
+        address: str,
+        token: str,
+        nthreads: int,
+        gpus: list[str],
+        store: _store.Store,
     ):
         self.core = core
         self.store = store
         self.gpu_users = dict.fromkeys(gpus, 0)  # device -> tasks using it
         self.address = address
+        self.token = token
         self.lock = threading.Lock()
         self.target = nthreads  # execution threads wanted (grows on secede)
         self.running = nthreads
@@ -253,7 +260,7 @@ class _Executor:
             if self.client is None or self.client._closed:
                 from .client import Client
 
-                self.client = Client(self.address, set_as_default=False)
+                self.client = Client(self.address, token=self.token, set_as_default=False)
             return self.client
 
     def export_held(self) -> None:
@@ -299,6 +306,9 @@ def main(argv: list[str] | None = None) -> None:
         "or 'none'",
     )
     parser.add_argument(
+        "--token-file", help="file with the cluster's token (default: $SHOAL_TOKEN)"
+    )
+    parser.add_argument(
         "--local-directory", help="where to spill results to disk (default: the temp dir)"
     )
     parser.add_argument(
@@ -323,10 +333,16 @@ def main(argv: list[str] | None = None) -> None:
     share = min(1.0, ns.nthreads / (os.cpu_count() or 1))
     limit = _store.parse_memory(ns.memory_limit, share)
     _core.sweep(ns.local_directory)  # leftovers of crashed processes
-    core = WorkerCore(ns.address, ns.nthreads, ns.name, sorted(resources.items()))
+    token = os.environ.get("SHOAL_TOKEN")
+    if ns.token_file:
+        with open(ns.token_file) as fh:
+            token = fh.read().strip()
+    if not token:
+        parser.error("the cluster's token is needed: --token-file FILE or SHOAL_TOKEN")
+    core = WorkerCore(ns.address, ns.nthreads, ns.name, token, sorted(resources.items()))
     store = _store.Store(core, limit, ns.local_directory)
     global _current
-    executor = _current = _Executor(core, ns.address, ns.nthreads, gpus, store)
+    executor = _current = _Executor(core, ns.address, token, ns.nthreads, gpus, store)
     threading.Thread(target=executor.export_held, name="shoal-pickler", daemon=True).start()
     if limit:
         threading.Thread(target=store.monitor, name="shoal-memory", daemon=True).start()

@@ -121,7 +121,12 @@ class _Supervisor:
 
     def _spawn(self) -> subprocess.Popen:
         return subprocess.Popen(
-            self.cmd, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+            self.cmd,
+            env={
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(sys.path),
+                "SHOAL_TOKEN": self.client._token,
+            },
         )
 
     def track(self, f: Future) -> None:

@@ -370,8 +370,13 @@ class Client:
 
     ``Client()`` starts a scheduler inside this process and ``n_workers``
     worker processes (default: one per core) with ``threads_per_worker``
-    execution threads each. ``Client("unix:///...")`` or
-    ``Client("tcp://host:port")`` connects to a running scheduler.
+    execution threads each; ``memory_limit`` (per worker, default its share
+    of the host) and ``local_directory`` (where they spill) apply to them.
+    ``Client("tcp://host:port", token=...)`` or
+    ``Client(scheduler_file="scheduler.json")`` connects to a running
+    scheduler (``shoal scheduler``); the token proves this client belongs
+    to the cluster (default: the scheduler file's token file, else the
+    ``SHOAL_TOKEN`` environment variable).
     Use it as a context manager, or call ``close()``; closing the embedded
     cluster (or this process exiting, or dying) leaves no worker behind.
     """
@@ -387,6 +392,8 @@ class Client:
         resources: Mapping[str, float] | None = None,
         memory_limit: str | float | None = "auto",
         local_directory: str | None = None,
+        token: str | None = None,
+        scheduler_file: str | os.PathLike | None = None,
     ):
         if n_workers is not None and n_workers < 1:
             raise ValueError(f"n_workers must be at least 1, not {n_workers}")
@@ -426,8 +433,16 @@ class Client:
                 args += ["--local-directory", os.fspath(local_directory)]
             self._cluster = Cluster(n, sys.executable, args, env)
             address = self._cluster.address
+            token = self._cluster.token
+            _tokens[address] = token  # other clients of this process may join
             self._nthreads = n * threads_per_worker
         else:
+            if scheduler_file is not None:
+                address, token = _read_scheduler_file(scheduler_file, address, token)
+            if address is None:
+                raise ValueError("no scheduler address: give an address or a scheduler_file")
+            # (No token at all: ClientCore says what to do.)
+            token = token or _tokens.get(address) or os.environ.get("SHOAL_TOKEN")
             if resources:
                 raise ValueError(
                     "resources= describes the workers Client() starts; "
@@ -435,7 +450,8 @@ class Client:
                 )
             self._nthreads = (n_workers or os.cpu_count() or 1) * threads_per_worker
         self.scheduler_address: str = address
-        self._core: ClientCore | None = ClientCore(address)
+        self._token: str | None = token
+        self._core: ClientCore | None = ClientCore(address, token)
         _clients.add(self)
         _recent[:] = [r for r in _recent if r() is not None] + [weakref.ref(self)]
         self._undo_default = _dask._set_default(self.get) if set_as_default else None
@@ -868,6 +884,34 @@ class Client:
 
 
 _SKIP = object()
+
+
+_tokens: dict[str, str] = {}  # tokens of the clusters this process started
+
+
+def _read_scheduler_file(
+    path: str | os.PathLike, address: str | None, token: str | None
+) -> tuple[str, str | None]:
+    """The address and token a ``shoal scheduler --scheduler-file`` wrote."""
+    import json
+
+    try:
+        with open(path) as fh:
+            info = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read the scheduler file {os.fspath(path)!r}: {e}") from e
+    if address is not None and address != info.get("address"):
+        raise ValueError(
+            f"address {address!r} and scheduler file ({info.get('address')!r}) disagree; "
+            "give one of them"
+        )
+    if token is None and info.get("token_file"):
+        try:
+            with open(info["token_file"]) as fh:
+                token = fh.read().strip()
+        except OSError as e:
+            raise ValueError(f"cannot read the cluster's token file: {e}") from e
+    return info["address"], token
 
 
 def _with_traceback(exc: BaseException, tb: str, name: str) -> BaseException:

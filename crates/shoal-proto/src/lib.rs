@@ -1,7 +1,9 @@
 //! # shoal-proto: what travels between clients, the scheduler and workers
 //!
 //! Every connection starts with a [`Hello`] frame naming the protocol version
-//! and the peer's role, answered by a [`Welcome`]; after that each frame holds
+//! and the peer's role, answered by a [`Welcome::Challenge`] the peer answers
+//! with a [`Proof`] (mutual challenge-response over the cluster's shared
+//! secret, which never travels), then a [`Welcome`]; after that each frame holds
 //! a *batch* of messages (`Vec<ToScheduler>`, `Vec<FromScheduler>`, ...), so a
 //! burst of ten thousand task submissions costs one write, not ten thousand.
 //!
@@ -35,6 +37,15 @@ pub struct Hello {
     pub version: u32,
     /// Who is connecting.
     pub role: Role,
+    /// Fresh random bytes: the server proves it knows the secret over them.
+    pub nonce: [u8; 32],
+}
+
+/// The connecting peer's answer to [`Welcome::Challenge`].
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Proof {
+    /// HMAC-SHA256 over the server's nonce, the peer's nonce and its hello.
+    pub mac: [u8; 32],
 }
 
 /// The connecting peer's role.
@@ -62,6 +73,14 @@ pub enum Role {
 /// Answer to a [`Hello`].
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub enum Welcome {
+    /// First answer to a valid hello: prove you know the secret over
+    /// `nonce`; `proof` is the server's own proof over the peer's nonce.
+    Challenge {
+        /// Fresh random bytes.
+        nonce: [u8; 32],
+        /// HMAC-SHA256 over the peer's nonce and `nonce`.
+        proof: [u8; 32],
+    },
     /// Accepted; `id` is the client or worker id assigned by the scheduler.
     Accepted {
         /// Assigned id.
@@ -349,11 +368,12 @@ pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, DecodeError> {
 
 impl Hello {
     /// A hello for this build's protocol.
-    pub fn new(role: Role) -> Self {
+    pub fn new(role: Role, nonce: [u8; 32]) -> Self {
         Hello {
             magic: MAGIC,
             version: PROTOCOL_VERSION,
             role,
+            nonce,
         }
     }
 
@@ -425,14 +445,14 @@ mod tests {
             assert!(decode::<Hello>(body).map_or(true, |h| h.validate().is_err()));
             let _ = decode::<Vec<FromScheduler>>(body); // must not panic
         }
-        let mut ok = encode(&Hello::new(Role::Client));
+        let mut ok = encode(&Hello::new(Role::Client, [7; 32]));
         ok.push(0);
         assert!(decode::<Hello>(&ok).is_err(), "trailing bytes are refused");
     }
 
     #[test]
     fn version_mismatch_says_what_to_do() {
-        let mut h = Hello::new(Role::Data);
+        let mut h = Hello::new(Role::Data, [7; 32]);
         assert!(h.validate().is_ok());
         h.version += 1;
         assert!(h.validate().unwrap_err().contains("same Shoal version"));

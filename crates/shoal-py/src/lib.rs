@@ -13,7 +13,7 @@ use pyo3::types::{PyByteArray, PyBytes, PyList, PyString, PyTuple};
 use shoal_proto::{TaskError, TaskKind, TaskSpec};
 use shoal_runtime::client::{self, ClientShared, Status, Watcher};
 use shoal_runtime::local::{LocalCluster, WorkerCommand};
-use shoal_runtime::net::Address;
+use shoal_runtime::net::{Address, Secret};
 use shoal_runtime::runtime;
 use shoal_runtime::scheduler::{self, SchedulerHandle};
 use shoal_runtime::shm;
@@ -81,6 +81,9 @@ struct Cluster {
     dir: Option<PathBuf>,
     #[pyo3(get)]
     address: String,
+    /// The cluster's token: workers and clients must know it to join.
+    #[pyo3(get)]
+    token: String,
 }
 
 fn private_dir() -> std::io::Result<PathBuf> {
@@ -119,16 +122,23 @@ impl Cluster {
         py.detach(|| {
             let dir = private_dir()?;
             let addr = Address::Unix(dir.join("scheduler.sock"));
-            let sched = runtime().block_on(scheduler::start(&addr))?;
+            // A fresh random token per cluster; workers get it in their
+            // environment, never on a command line (visible to `ps`).
+            let secret = Secret::random();
+            let token = secret.token();
+            let sched = runtime().block_on(scheduler::start(&addr, secret))?;
             let address = sched.address.to_string();
             let mut args = args;
             args.push(address.clone());
+            let mut env = env;
+            env.push(("SHOAL_TOKEN".into(), token.clone()));
             let workers = LocalCluster::start(WorkerCommand { program, args, env }, n_workers)?;
             Ok::<_, std::io::Error>(Cluster {
                 scheduler: Some(sched),
                 workers: Some(workers),
                 dir: Some(dir),
                 address,
+                token,
             })
         })
         .map_err(|e| PyOSError::new_err(format!("cannot start the local cluster: {e}")))
@@ -183,12 +193,19 @@ fn lost(reason: String) -> PyErr {
 
 #[pymethods]
 impl ClientCore {
-    /// Connects to the scheduler at `address`.
+    /// Connects to the scheduler at `address`, proving `token`.
     #[new]
-    fn new(py: Python<'_>, address: &str) -> PyResult<Self> {
+    fn new(py: Python<'_>, address: &str, token: Option<&str>) -> PyResult<Self> {
         let addr = Address::parse(address).map_err(PyValueError::new_err)?;
+        let token = token.ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "connecting to {address} needs the cluster's token: pass token=, \
+                 scheduler_file= (whose token file it reads), or set SHOAL_TOKEN"
+            ))
+        })?;
+        let secret = Secret::from_token(token).map_err(|e| PyValueError::new_err(e.to_string()))?;
         let inner = py
-            .detach(|| client::connect(runtime(), &addr))
+            .detach(|| client::connect(runtime(), &addr, &secret))
             .map_err(|e| {
                 PyConnectionError::new_err(format!(
                     "cannot connect to the scheduler at {address}: {e}"
@@ -401,7 +418,8 @@ impl ClientCore {
                 location,
             }) => {
                 let addr = location.unwrap_or_default();
-                match py.detach(|| client::fetch(runtime(), &addr, id)) {
+                let secret = &self.inner.secret;
+                match py.detach(|| client::fetch(runtime(), &addr, id, secret)) {
                     Ok(v) => (0, fetched_to_py(py, v)?, none),
                     Err(_) => {
                         // The holder died: the scheduler recomputes it.
@@ -505,17 +523,19 @@ struct WorkerCore {
 impl WorkerCore {
     /// Connects to the scheduler and starts the data server.
     #[new]
-    #[pyo3(signature = (address, nthreads, name, resources=Vec::new()))]
+    #[pyo3(signature = (address, nthreads, name, token, resources=Vec::new()))]
     fn new(
         py: Python<'_>,
         address: &str,
         nthreads: u32,
         name: &str,
+        token: &str,
         resources: Vec<(String, f64)>,
     ) -> PyResult<Self> {
         let addr = Address::parse(address).map_err(PyValueError::new_err)?;
+        let secret = Secret::from_token(token).map_err(|e| PyValueError::new_err(e.to_string()))?;
         let inner = py
-            .detach(|| worker::start(runtime(), &addr, nthreads, name, resources))
+            .detach(|| worker::start(runtime(), &addr, nthreads, name, resources, secret))
             .map_err(|e| {
                 PyConnectionError::new_err(format!(
                     "worker cannot join the scheduler at {address}: {e}"

@@ -107,12 +107,18 @@ pub struct ClientShared {
     out: mpsc::UnboundedSender<ToScheduler>,
     state: Mutex<State>,
     cv: Condvar,
+    /// The cluster's secret (fetching results from workers proves it too).
+    pub secret: net::Secret,
 }
 
 /// Connects to the scheduler. Call from outside the runtime.
-pub fn connect(rt: &tokio::runtime::Runtime, addr: &Address) -> io::Result<Arc<ClientShared>> {
+pub fn connect(
+    rt: &tokio::runtime::Runtime,
+    addr: &Address,
+    secret: &net::Secret,
+) -> io::Result<Arc<ClientShared>> {
     rt.block_on(async {
-        let (conn, id) = net::handshake(addr, Role::Client).await?;
+        let (conn, id) = net::handshake(addr, Role::Client, secret).await?;
         let (out, mut stream) = net::split_batched::<ToScheduler>(conn);
         let shared = Arc::new(ClientShared {
             id,
@@ -124,6 +130,7 @@ pub fn connect(rt: &tokio::runtime::Runtime, addr: &Address) -> io::Result<Arc<C
                 closed: None,
             }),
             cv: Condvar::new(),
+            secret: secret.clone(),
         });
         let weak = Arc::downgrade(&shared);
         tokio::spawn(async move {
@@ -332,8 +339,9 @@ pub fn fetch(
     rt: &tokio::runtime::Runtime,
     addr: &str,
     id: u64,
+    secret: &net::Secret,
 ) -> io::Result<crate::worker::Fetched> {
-    let items = rt.block_on(crate::worker::fetch(addr, vec![id]))?;
+    let items = rt.block_on(crate::worker::fetch(addr, vec![id], secret))?;
     items
         .into_iter()
         .next()

@@ -3,14 +3,13 @@
 //! writer task that batches what it sends back. The owner drains every event
 //! available before writing, so bursts become a few large frames.
 
-use crate::net::{self, Address, Conn, Listener};
+use crate::net::{self, Address, Conn, Listener, Secret};
 use bytes::Bytes;
 use futures::StreamExt;
 use rustc_hash::FxHashMap;
 use shoal_core::{Action, ClientId, Core, ErrorKind, Location, NewTask, TaskId, WorkerId};
 use shoal_proto::{
-    task_name, Dep, DepSource, FromScheduler, Hello, Role, TaskError, TaskSpec, ToScheduler,
-    Welcome,
+    task_name, Dep, DepSource, FromScheduler, Role, TaskError, TaskSpec, ToScheduler, Welcome,
 };
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -65,14 +64,15 @@ impl Drop for SchedulerHandle {
     }
 }
 
-/// Binds `address` and serves on the current tokio runtime.
-pub async fn start(address: &Address) -> io::Result<SchedulerHandle> {
+/// Binds `address` and serves on the current tokio runtime. Every peer
+/// must prove it knows `secret`.
+pub async fn start(address: &Address, secret: Secret) -> io::Result<SchedulerHandle> {
     let listener = Listener::bind(address).await?;
     let address = listener.local_addr()?;
     let (events, rx) = mpsc::unbounded_channel();
     let (stop, stop_rx) = watch::channel(false);
     tokio::spawn(owner(rx, stop_rx.clone()));
-    tokio::spawn(accept_loop(listener, events.clone(), stop_rx));
+    tokio::spawn(accept_loop(listener, events.clone(), stop_rx, secret));
     Ok(SchedulerHandle {
         address,
         events,
@@ -84,14 +84,16 @@ async fn accept_loop(
     listener: Listener,
     events: mpsc::UnboundedSender<Event>,
     mut stop: watch::Receiver<bool>,
+    secret: Secret,
 ) {
     let ids = Arc::new(AtomicU32::new(1));
     loop {
         tokio::select! {
             _ = stop.changed() => break,
             conn = listener.accept() => match conn {
-                Ok(conn) => {
-                    tokio::spawn(serve_conn(conn, events.clone(), ids.clone(), stop.clone()));
+                Ok((conn, peer)) => {
+                    let (events, ids, stop, secret) = (events.clone(), ids.clone(), stop.clone(), secret.clone());
+                    tokio::spawn(async move { serve_conn(conn, peer, events, ids, stop, &secret).await });
                 }
                 Err(e) => tracing::warn!("accept failed: {e}"),
             }
@@ -101,28 +103,17 @@ async fn accept_loop(
 
 async fn serve_conn(
     mut conn: Conn,
+    peer: String,
     events: mpsc::UnboundedSender<Event>,
     ids: Arc<AtomicU32>,
     mut stop: watch::Receiver<bool>,
+    secret: &Secret,
 ) {
-    let hello = tokio::time::timeout(net::HANDSHAKE_TIMEOUT, net::recv::<Hello>(&mut conn)).await;
-    let hello = match hello {
-        Ok(Ok(Some(h))) => h,
-        Ok(Ok(None)) => return,
-        Ok(Err(e)) => {
-            tracing::warn!("dropping a peer that sent a malformed handshake: {e}");
-            return;
-        }
-        Err(_) => {
-            tracing::warn!("dropping a peer that sent no handshake");
-            return;
-        }
-    };
-    if let Err(reason) = hello.validate() {
-        tracing::warn!("refusing a peer: {reason}");
-        let _ = net::send(&mut conn, &Welcome::Rejected { reason }).await;
+    // Nothing but the handshake is read before the peer proves it has the
+    // cluster's secret.
+    let Ok(hello) = net::accept_handshake(&mut conn, secret, &peer).await else {
         return;
-    }
+    };
     let id = ids.fetch_add(1, Ordering::Relaxed);
     if net::send(&mut conn, &Welcome::Accepted { id })
         .await

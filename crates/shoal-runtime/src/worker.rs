@@ -8,14 +8,14 @@
 //! [`WorkerShared::wait_next`] (GIL released), one task at a time so that
 //! unstarted tasks stay here, where the scheduler can steal them.
 
-use crate::net::{self, Address, Listener};
+use crate::net::{self, Address, Listener, Secret};
 use bytes::Bytes;
 use futures::StreamExt;
 use parking_lot::{Condvar, Mutex};
 use rustc_hash::{FxHashMap, FxHashSet};
 use shoal_proto::{
-    DataReply, DataRequest, Dep, DepSource, FromScheduler, Hello, Payload, Role, TaskKind,
-    ToScheduler, Welcome, INLINE_LIMIT,
+    DataReply, DataRequest, Dep, DepSource, FromScheduler, Payload, Role, TaskKind, ToScheduler,
+    Welcome, INLINE_LIMIT,
 };
 use std::collections::VecDeque;
 use std::io;
@@ -120,6 +120,8 @@ pub struct WorkerShared {
     store: Mutex<FxHashMap<u64, Stored>>,
     /// Bounds the transfers this worker makes at once.
     fetch_slots: tokio::sync::Semaphore,
+    /// The cluster's secret: peers prove it to fetch, and so do we.
+    secret: Secret,
     /// Held results a transfer waits for, for the Python pickling thread.
     to_pickle: Mutex<(VecDeque<u64>, FxHashSet<u64>)>,
     to_pickle_cv: Condvar,
@@ -411,6 +413,7 @@ pub fn start(
     nthreads: u32,
     name: &str,
     resources: Vec<(String, f64)>,
+    secret: Secret,
 ) -> io::Result<Arc<WorkerShared>> {
     rt.block_on(async {
         // Data server on the same kind of transport as the scheduler.
@@ -435,7 +438,7 @@ pub fn start(
             pid: std::process::id(),
             resources,
         };
-        let (conn, id) = net::handshake(scheduler, role).await?;
+        let (conn, id) = net::handshake(scheduler, role, &secret).await?;
         let (out, mut stream) = net::split_batched::<ToScheduler>(conn);
         let shared = Arc::new(WorkerShared {
             id,
@@ -445,6 +448,7 @@ pub fn start(
             cv: Condvar::new(),
             store: Mutex::new(FxHashMap::default()),
             fetch_slots: tokio::sync::Semaphore::new(FETCH_SLOTS),
+            secret,
             to_pickle: Mutex::new((VecDeque::new(), FxHashSet::default())),
             to_pickle_cv: Condvar::new(),
             pickled: tokio::sync::Notify::new(),
@@ -616,7 +620,7 @@ async fn fetch_inputs(
         for attempt in 0..5u64 {
             let got = {
                 let _slot = sh.fetch_slots.acquire().await;
-                fetch_some(&addr, ids.clone()).await
+                fetch_some(&addr, ids.clone(), &sh.secret).await
             };
             match got {
                 Ok(items) => {
@@ -679,8 +683,8 @@ impl Fetched {
 
 /// Fetches results from a worker's data server; files on this host are
 /// opened, not read. Missing results are an error.
-pub async fn fetch(addr: &str, ids: Vec<u64>) -> io::Result<Vec<(u64, Fetched)>> {
-    fetch_some(addr, ids)
+pub async fn fetch(addr: &str, ids: Vec<u64>, secret: &Secret) -> io::Result<Vec<(u64, Fetched)>> {
+    fetch_some(addr, ids, secret)
         .await?
         .into_iter()
         .map(|(id, v)| {
@@ -695,10 +699,14 @@ pub async fn fetch(addr: &str, ids: Vec<u64>) -> io::Result<Vec<(u64, Fetched)>>
 }
 
 /// Like [`fetch`]; `None` for results the worker says it does not hold.
-async fn fetch_some(addr: &str, ids: Vec<u64>) -> io::Result<Vec<(u64, Option<Fetched>)>> {
+async fn fetch_some(
+    addr: &str,
+    ids: Vec<u64>,
+    secret: &Secret,
+) -> io::Result<Vec<(u64, Option<Fetched>)>> {
     let address =
         Address::parse(addr).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let (mut conn, _) = net::handshake(&address, Role::Data).await?;
+    let (mut conn, _) = net::handshake(&address, Role::Data, secret).await?;
     let host = crate::shm::host_key().to_string();
     net::send(&mut conn, &DataRequest { ids, host }).await?;
     let reply: DataReply = net::recv(&mut conn).await?.ok_or_else(|| {
@@ -724,14 +732,20 @@ async fn fetch_some(addr: &str, ids: Vec<u64>) -> io::Result<Vec<(u64, Option<Fe
 
 async fn data_server(listener: Listener, sh: Arc<WorkerShared>) {
     loop {
-        let Ok(mut conn) = listener.accept().await else {
+        let Ok((mut conn, peer)) = listener.accept().await else {
             continue;
         };
         let sh = sh.clone();
         tokio::spawn(async move {
-            match net::recv::<Hello>(&mut conn).await {
-                Ok(Some(h)) if h.validate().is_ok() && h.role == Role::Data => {}
-                _ => return,
+            // A peer that cannot prove it has the secret fetches nothing.
+            match net::accept_handshake(&mut conn, &sh.secret, &peer).await {
+                Ok(h) if h.role == Role::Data => {}
+                Ok(_) => {
+                    let reason = "this is a worker's data server: only data requests".into();
+                    let _ = net::send(&mut conn, &Welcome::Rejected { reason }).await;
+                    return;
+                }
+                Err(()) => return,
             }
             if net::send(&mut conn, &Welcome::Accepted { id: sh.id })
                 .await
