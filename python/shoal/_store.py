@@ -108,6 +108,7 @@ class Store:
         self.managed_bytes = 0
         self.shm_bytes = 0  # our segments' sizes
         self.spilled_bytes = 0  # total written to disk
+        self.disk_bytes = 0  # results on disk now
         self.spilled_count = 0
         self.paused = False
         self._spill_dir: str | None = None
@@ -183,7 +184,9 @@ class Store:
             on_disk = True
         with self.lock:
             self.files[tid] = (path, length, on_disk)
-            if not on_disk:
+            if on_disk:
+                self.disk_bytes += length
+            else:
                 self.shm_bytes += length
         return path, on_disk
 
@@ -244,7 +247,9 @@ class Store:
         if f is None:
             return
         path, length, on_disk = f
-        if not on_disk:
+        if on_disk:
+            self.disk_bytes -= length
+        else:
             self.shm_bytes -= length
         with contextlib.suppress(OSError):
             os.unlink(path)
@@ -286,6 +291,7 @@ class Store:
             self.objects.pop(tid, None)
             self.managed_bytes -= self.managed.pop(tid)
             self.spilled_bytes += length
+            self.disk_bytes += length
             self.spilled_count += 1
         # Transfers now read the spill file (a fetch that got the old path
         # finds it gone and asks again).
@@ -294,16 +300,19 @@ class Store:
 
     def check(self) -> None:
         """Applies the memory fractions once (after a large result, and
-        every few tens of milliseconds from the monitor thread)."""
-        limit = self.limit
-        if not limit or not self._checking.acquire(blocking=False):
+        every few tens of milliseconds from the monitor thread), and hands
+        the figures to the heartbeat."""
+        if not self._checking.acquire(blocking=False):
             return
         try:
-            self._check(limit)
+            proc = self._check(self.limit) if self.limit else self.process_memory()
+            self.core.set_metrics(
+                proc, self.managed_bytes, self.disk_bytes, self.limit or 0, self.paused
+            )
         finally:
             self._checking.release()
 
-    def _check(self, limit: int) -> None:
+    def _check(self, limit: int) -> int:
         proc = self.process_memory()
         if proc > TERMINATE * limit:
             self._terminate(proc)
@@ -313,6 +322,7 @@ class Store:
         if paused != self.paused:
             self.paused = paused
             self.core.set_paused(paused)
+        return proc
 
     def _terminate(self, proc: int) -> None:
         sys.stderr.write(
@@ -325,8 +335,10 @@ class Store:
         self.close()
         os._exit(70)
 
-    def monitor(self, interval: float = 0.05) -> None:
-        """Thread: applies the memory fractions every ``interval`` seconds."""
+    def monitor(self) -> None:
+        """Thread: applies the memory fractions every 50 ms (with a limit;
+        otherwise only measures, twice a second)."""
+        interval = 0.05 if self.limit else 0.5
         while True:
             time.sleep(interval)
             try:

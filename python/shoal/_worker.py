@@ -344,8 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     global _current
     executor = _current = _Executor(core, ns.address, token, ns.nthreads, gpus, store)
     threading.Thread(target=executor.export_held, name="shoal-pickler", daemon=True).start()
-    if limit:
-        threading.Thread(target=store.monitor, name="shoal-memory", daemon=True).start()
+    threading.Thread(target=store.monitor, name="shoal-memory", daemon=True).start()
     # Execution threads come and go (secede/rejoin); the process lives until
     # the scheduler says stop.
     for i in range(ns.nthreads):

@@ -838,6 +838,16 @@ class Client:
 
     # ----------------------------------------------------------- lifecycle
 
+    def scheduler_info(self, timeout: float = 10.0) -> dict[str, Any]:
+        """What the cluster looks like now: ``{"address", "clients", "tasks",
+        "workers": {address: {"name", "pid", "nthreads", "resources",
+        "processing", "held", "memory", "managed", "spilled", "memory_limit",
+        "paused", "last_seen"}}}`` (bytes and seconds; memory figures are
+        from each worker's last heartbeat, at most a second old)."""
+        info = self._check().cluster_info(timeout)
+        info["workers"] = {w.pop("address"): w for w in info["workers"]}
+        return info
+
     @property
     def worker_pids(self) -> list[int]:
         """Process ids of the embedded cluster's workers (empty when remote)."""

@@ -398,6 +398,13 @@ impl Core {
         self.tasks.len()
     }
 
+    /// A worker's tasks assigned (running or queued) and results held.
+    pub fn worker_load(&self, worker: WorkerId) -> Option<(usize, usize)> {
+        self.workers
+            .get(&worker)
+            .map(|w| (w.assigned.len(), w.has.len()))
+    }
+
     /// Number of workers.
     pub fn n_workers(&self) -> usize {
         self.workers.len()

@@ -193,9 +193,67 @@ pub enum ToScheduler {
         /// The inputs the holder lacks.
         deps: Vec<u64>,
     },
+    /// Worker: alive, and how its memory stands (every second; a worker
+    /// silent for the heartbeat timeout is taken as lost).
+    Heartbeat(WorkerMetrics),
+    /// Client: what the cluster looks like (answered by [`FromScheduler::Info`]).
+    Info,
     /// Worker: its memory is above the pause fraction (true: give it no
     /// more work, take back what it has queued) or back below (false).
     Paused(bool),
+}
+
+/// A worker's memory, as its memory manager sees it.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
+pub struct WorkerMetrics {
+    /// Process memory: private resident memory plus its shared segments.
+    pub memory: u64,
+    /// Bytes of results it holds in memory.
+    pub managed: u64,
+    /// Bytes of results it holds spilled to disk.
+    pub spilled: u64,
+    /// Its memory limit (0: none).
+    pub limit: u64,
+    /// Paused for memory.
+    pub paused: bool,
+}
+
+/// One worker in [`ClusterInfo`].
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct WorkerInfo {
+    /// Scheduler-assigned id.
+    pub id: u32,
+    /// Its name.
+    pub name: String,
+    /// Its data server's address.
+    pub address: String,
+    /// Its OS process id.
+    pub pid: u32,
+    /// Execution threads.
+    pub nthreads: u32,
+    /// Resources it offers.
+    pub resources: Vec<(String, f64)>,
+    /// Tasks assigned to it (running or queued).
+    pub processing: u64,
+    /// Results it holds.
+    pub held: u64,
+    /// Its last heartbeat's figures.
+    pub metrics: WorkerMetrics,
+    /// Milliseconds since it was last heard from.
+    pub last_seen_ms: u64,
+}
+
+/// The answer to [`ToScheduler::Info`].
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ClusterInfo {
+    /// Scheduler address.
+    pub address: String,
+    /// Connected clients.
+    pub clients: u32,
+    /// Tasks the scheduler knows.
+    pub tasks: u64,
+    /// Workers, by id.
+    pub workers: Vec<WorkerInfo>,
 }
 
 /// Where a task input is to be found.
@@ -307,6 +365,11 @@ pub enum FromScheduler {
     Steal(Vec<u64>),
     /// To a worker: finish and exit.
     Shutdown,
+    /// To a worker or client: the scheduler is alive (every second; a peer
+    /// that hears nothing for the heartbeat timeout gives up on it).
+    Ping,
+    /// To a client: the answer to [`ToScheduler::Info`].
+    Info(ClusterInfo),
 }
 
 /// A data request to a worker's data server.

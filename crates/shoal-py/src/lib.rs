@@ -9,8 +9,8 @@ use bytes::Bytes;
 use pyo3::exceptions::{PyConnectionError, PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
-use pyo3::types::{PyByteArray, PyBytes, PyList, PyString, PyTuple};
-use shoal_proto::{TaskError, TaskKind, TaskSpec};
+use pyo3::types::{IntoPyDict, PyByteArray, PyBytes, PyDict, PyList, PyString, PyTuple};
+use shoal_proto::{TaskError, TaskKind, TaskSpec, WorkerMetrics};
 use shoal_runtime::client::{self, ClientShared, Status, Watcher};
 use shoal_runtime::local::{LocalCluster, WorkerCommand};
 use shoal_runtime::net::{Address, Secret};
@@ -471,6 +471,44 @@ impl ClientCore {
     fn closed_reason(&self) -> Option<String> {
         self.inner.closed_reason()
     }
+
+    /// What the cluster looks like, as a dict (see `Client.scheduler_info`).
+    fn cluster_info<'py>(&self, py: Python<'py>, timeout: f64) -> PyResult<Bound<'py, PyDict>> {
+        let inner = &self.inner;
+        let t = Duration::from_secs_f64(timeout.max(0.0));
+        let info = py.detach(|| inner.cluster_info(t)).map_err(lost)?;
+        let d = PyDict::new(py);
+        d.set_item("address", info.address)?;
+        d.set_item("clients", info.clients)?;
+        d.set_item("tasks", info.tasks)?;
+        let workers = PyList::empty(py);
+        for w in info.workers {
+            let wd = PyDict::new(py);
+            wd.set_item("id", w.id)?;
+            wd.set_item("name", w.name)?;
+            wd.set_item("address", w.address)?;
+            wd.set_item("pid", w.pid)?;
+            wd.set_item("nthreads", w.nthreads)?;
+            wd.set_item(
+                "resources",
+                w.resources
+                    .into_iter()
+                    .collect::<Vec<_>>()
+                    .into_py_dict(py)?,
+            )?;
+            wd.set_item("processing", w.processing)?;
+            wd.set_item("held", w.held)?;
+            wd.set_item("memory", w.metrics.memory)?;
+            wd.set_item("managed", w.metrics.managed)?;
+            wd.set_item("spilled", w.metrics.spilled)?;
+            wd.set_item("memory_limit", w.metrics.limit)?;
+            wd.set_item("paused", w.metrics.paused)?;
+            wd.set_item("last_seen", w.last_seen_ms as f64 / 1000.0)?;
+            workers.append(wd)?;
+        }
+        d.set_item("workers", workers)?;
+        Ok(d)
+    }
 }
 
 /// Collects task ids as they finish (for `as_completed`, `wait`, callbacks).
@@ -636,6 +674,18 @@ impl WorkerCore {
     /// (False) its pause fraction: no new work while paused.
     fn set_paused(&self, paused: bool) {
         self.inner.set_paused(paused)
+    }
+
+    /// The memory manager's figures, sent to the scheduler with the next
+    /// heartbeat (bytes; limit 0: none).
+    fn set_metrics(&self, memory: u64, managed: u64, spilled: u64, limit: u64, paused: bool) {
+        self.inner.set_metrics(WorkerMetrics {
+            memory,
+            managed,
+            spilled,
+            limit,
+            paused,
+        })
     }
 }
 

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use parking_lot::{Condvar, Mutex};
 use rustc_hash::{FxHashMap, FxHashSet};
-use shoal_proto::{FromScheduler, Role, TaskError, TaskSpec, ToScheduler};
+use shoal_proto::{ClusterInfo, FromScheduler, Role, TaskError, TaskSpec, ToScheduler};
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -97,6 +97,8 @@ struct State {
     status: FxHashMap<u64, Status>,
     watchers: Vec<Weak<Watcher>>,
     closed: Option<String>,
+    /// The latest answer to an `Info` request.
+    info: Option<ClusterInfo>,
 }
 
 /// A connected client.
@@ -128,14 +130,21 @@ pub fn connect(
                 status: FxHashMap::default(),
                 watchers: Vec::new(),
                 closed: None,
+                info: None,
             }),
             cv: Condvar::new(),
             secret: secret.clone(),
         });
         let weak = Arc::downgrade(&shared);
+        let timeout = net::heartbeat_timeout();
         tokio::spawn(async move {
             let reason = loop {
-                match stream.next().await {
+                // The scheduler pings every second: silence means it hung,
+                // died without closing, or the network is cut.
+                let Ok(next) = tokio::time::timeout(timeout, stream.next()).await else {
+                    break format!("the scheduler sent nothing for {timeout:?}");
+                };
+                match next {
                     None => break "the scheduler closed the connection".to_string(),
                     Some(frame) => match net::decode_batch::<FromScheduler>(frame) {
                         Ok(msgs) => match weak.upgrade() {
@@ -170,6 +179,12 @@ impl ClientShared {
                     location,
                 } => (id, Status::Memory { value, location }),
                 FromScheduler::Erred { id, error } => (id, Status::Erred(error)),
+                FromScheduler::Ping => continue,
+                FromScheduler::Info(info) => {
+                    st.info = Some(info);
+                    self.cv.notify_all();
+                    continue;
+                }
                 other => {
                     tracing::warn!("unexpected message for a client: {other:?}");
                     continue;
@@ -325,6 +340,28 @@ impl ClientShared {
         }
         drop(inner);
         w.cv.notify_all();
+    }
+
+    /// Asks the scheduler what the cluster looks like; waits up to
+    /// `timeout` for the answer. Call with the GIL released.
+    pub fn cluster_info(&self, timeout: std::time::Duration) -> Result<ClusterInfo, String> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut st = self.state.lock();
+        st.info = None;
+        self.out
+            .send(ToScheduler::Info)
+            .map_err(|_| "the connection is closed".to_string())?;
+        loop {
+            if let Some(info) = st.info.take() {
+                return Ok(info);
+            }
+            if let Some(reason) = &st.closed {
+                return Err(reason.clone());
+            }
+            if self.cv.wait_until(&mut st, deadline).timed_out() {
+                return Err(format!("the scheduler did not answer within {timeout:?}"));
+            }
+        }
     }
 
     /// Why the scheduler connection closed, or None while it is open.

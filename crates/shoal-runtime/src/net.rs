@@ -150,6 +150,20 @@ pub async fn recv<T: DeserializeOwned>(conn: &mut Conn) -> io::Result<Option<T>>
     }
 }
 
+/// How often the scheduler pings and workers send heartbeats.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// How long a peer may stay silent before it is taken as lost:
+/// `SHOAL_HEARTBEAT_TIMEOUT` seconds, default 5 (at least 2 heartbeats).
+pub fn heartbeat_timeout() -> Duration {
+    let secs = std::env::var("SHOAL_HEARTBEAT_TIMEOUT")
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .unwrap_or(5.0);
+    Duration::from_secs_f64(secs).max(2 * HEARTBEAT)
+}
+
 /// How long a peer has to complete the handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 

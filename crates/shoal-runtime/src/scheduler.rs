@@ -9,7 +9,8 @@ use futures::StreamExt;
 use rustc_hash::FxHashMap;
 use shoal_core::{Action, ClientId, Core, ErrorKind, Location, NewTask, TaskId, WorkerId};
 use shoal_proto::{
-    task_name, Dep, DepSource, FromScheduler, Role, TaskError, TaskSpec, ToScheduler, Welcome,
+    task_name, ClusterInfo, Dep, DepSource, FromScheduler, Role, TaskError, TaskSpec, ToScheduler,
+    Welcome, WorkerInfo, WorkerMetrics,
 };
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -25,6 +26,7 @@ enum Event {
     ClientJoined(u32, Tx),
     WorkerJoined {
         id: u32,
+        pid: u32,
         nthreads: u32,
         data_addr: String,
         name: String,
@@ -71,7 +73,7 @@ pub async fn start(address: &Address, secret: Secret) -> io::Result<SchedulerHan
     let address = listener.local_addr()?;
     let (events, rx) = mpsc::unbounded_channel();
     let (stop, stop_rx) = watch::channel(false);
-    tokio::spawn(owner(rx, stop_rx.clone()));
+    tokio::spawn(owner(rx, stop_rx.clone(), address.to_string()));
     tokio::spawn(accept_loop(listener, events.clone(), stop_rx, secret));
     Ok(SchedulerHandle {
         address,
@@ -137,6 +139,7 @@ async fn serve_conn(
             tracing::info!("worker {name} (pid {pid}) joined with {nthreads} threads");
             let _ = events.send(Event::WorkerJoined {
                 id,
+                pid,
                 nthreads,
                 data_addr,
                 name,
@@ -172,12 +175,18 @@ async fn serve_conn(
 struct WorkerConn {
     tx: Tx,
     data_addr: String,
+    pid: u32,
+    /// When it was last heard from (any message; heartbeats every second).
+    last_seen: tokio::time::Instant,
+    metrics: WorkerMetrics,
     name: String,
     nthreads: u32,
     resources: Vec<(String, f64)>,
 }
 
 struct State {
+    address: String,
+    heartbeat_timeout: std::time::Duration,
     core: Core,
     specs: FxHashMap<u64, TaskSpec>,
     inline: FxHashMap<u64, Bytes>,
@@ -192,8 +201,14 @@ struct State {
     closing: bool,
 }
 
-async fn owner(mut rx: mpsc::UnboundedReceiver<Event>, mut stop: watch::Receiver<bool>) {
+async fn owner(
+    mut rx: mpsc::UnboundedReceiver<Event>,
+    mut stop: watch::Receiver<bool>,
+    address: String,
+) {
     let mut st = State {
+        address,
+        heartbeat_timeout: net::heartbeat_timeout(),
         core: Core::default(),
         specs: FxHashMap::default(),
         inline: FxHashMap::default(),
@@ -209,6 +224,7 @@ async fn owner(mut rx: mpsc::UnboundedReceiver<Event>, mut stop: watch::Receiver
     // The core has no clock: time reaches it as ticks (stall detection).
     let start = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(TICK);
+    let mut next_ping = start;
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -222,6 +238,10 @@ async fn owner(mut rx: mpsc::UnboundedReceiver<Event>, mut stop: watch::Receiver
             now = tick.tick() => {
                 st.core.handle_tick((now - start).as_micros() as u64);
                 st.process();
+                if now >= next_ping {
+                    next_ping = now + net::HEARTBEAT;
+                    st.heartbeat(now);
+                }
             }
         }
     }
@@ -235,6 +255,7 @@ impl State {
             }
             Event::WorkerJoined {
                 id,
+                pid,
                 nthreads,
                 data_addr,
                 name,
@@ -252,6 +273,9 @@ impl State {
                     WorkerConn {
                         tx,
                         data_addr,
+                        pid,
+                        last_seen: tokio::time::Instant::now(),
+                        metrics: WorkerMetrics::default(),
                         name,
                         nthreads,
                         resources,
@@ -286,6 +310,11 @@ impl State {
                 }
             }
             Event::FromWorker(w, msgs) => {
+                match self.workers.get_mut(&w) {
+                    Some(conn) => conn.last_seen = tokio::time::Instant::now(),
+                    // Already given up on (heartbeat timeout): ignore it.
+                    None => return,
+                }
                 for m in msgs {
                     self.worker_msg(w, m);
                     self.process();
@@ -350,6 +379,12 @@ impl State {
                 let r = self.resource_ids(&[(name, 0.0)])[0].0;
                 self.core.handle_resource_expected(r);
             }
+            ToScheduler::Info => {
+                let info = self.info();
+                if let Some(tx) = self.clients.get(&client) {
+                    let _ = tx.send(FromScheduler::Info(info));
+                }
+            }
             other => tracing::warn!("client {client} sent a worker message: {other:?}"),
         }
     }
@@ -383,6 +418,11 @@ impl State {
                 }
             }
             ToScheduler::Threads(n) => self.core.handle_worker_threads(wid, n),
+            ToScheduler::Heartbeat(m) => {
+                if let Some(w) = self.workers.get_mut(&worker) {
+                    w.metrics = m;
+                }
+            }
             ToScheduler::Missing { task, deps } => {
                 let deps: Vec<TaskId> = deps.into_iter().map(TaskId).collect();
                 tracing::warn!("worker {worker} could not fetch {deps:?}: recomputing them");
@@ -401,6 +441,68 @@ impl State {
                 }
             }
             other => tracing::warn!("worker {worker} sent a client message: {other:?}"),
+        }
+    }
+
+    /// Every second: pings clients and workers, and gives up on workers not
+    /// heard from for the heartbeat timeout (dead, hung or cut off): their
+    /// tasks run elsewhere, their results are recomputed.
+    fn heartbeat(&mut self, now: tokio::time::Instant) {
+        for c in self.clients.values() {
+            let _ = c.send(FromScheduler::Ping);
+        }
+        let timeout = self.heartbeat_timeout;
+        let silent: Vec<u32> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| now.saturating_duration_since(w.last_seen) > timeout)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in silent {
+            if let Some(w) = self.workers.remove(&id) {
+                // Dropping its sender closes the connection: if it is alive
+                // after all, it sees that and exits.
+                tracing::warn!(
+                    "worker {} (pid {}) sent nothing for {timeout:?}: taking it as lost",
+                    w.name,
+                    w.pid
+                );
+            }
+            self.core.handle_worker_lost(WorkerId(id));
+            self.process();
+        }
+        for w in self.workers.values() {
+            let _ = w.tx.send(FromScheduler::Ping);
+        }
+    }
+
+    fn info(&self) -> ClusterInfo {
+        let now = tokio::time::Instant::now();
+        let mut workers: Vec<WorkerInfo> = self
+            .workers
+            .iter()
+            .map(|(&id, w)| {
+                let (processing, held) = self.core.worker_load(WorkerId(id)).unwrap_or((0, 0));
+                WorkerInfo {
+                    id,
+                    name: w.name.clone(),
+                    address: w.data_addr.clone(),
+                    pid: w.pid,
+                    nthreads: w.nthreads,
+                    resources: w.resources.clone(),
+                    processing: processing as u64,
+                    held: held as u64,
+                    metrics: w.metrics.clone(),
+                    last_seen_ms: now.saturating_duration_since(w.last_seen).as_millis() as u64,
+                }
+            })
+            .collect();
+        workers.sort_by_key(|w| w.id);
+        ClusterInfo {
+            address: self.address.clone(),
+            clients: self.clients.len() as u32,
+            tasks: self.core.n_tasks() as u64,
+            workers,
         }
     }
 

@@ -15,7 +15,7 @@ use parking_lot::{Condvar, Mutex};
 use rustc_hash::{FxHashMap, FxHashSet};
 use shoal_proto::{
     DataReply, DataRequest, Dep, DepSource, FromScheduler, Payload, Role, TaskKind, ToScheduler,
-    Welcome, INLINE_LIMIT,
+    Welcome, WorkerMetrics, INLINE_LIMIT,
 };
 use std::collections::VecDeque;
 use std::io;
@@ -131,6 +131,8 @@ pub struct WorkerShared {
     /// Results not yet sent, and when the oldest was buffered: sent together
     /// every `FLUSH_AFTER`, and before the execution loop waits.
     unsent: Mutex<(Vec<ToScheduler>, Option<Instant>)>,
+    /// Memory figures from the Python memory manager, sent with heartbeats.
+    metrics: Mutex<WorkerMetrics>,
 }
 
 /// Where this worker keeps a large result, for transfers.
@@ -287,6 +289,11 @@ impl WorkerShared {
             }
         }
         self.pickled.notify_waiters();
+    }
+
+    /// The memory manager's latest figures (travel with the next heartbeat).
+    pub fn set_metrics(&self, m: WorkerMetrics) {
+        *self.metrics.lock() = m;
     }
 
     /// Tells the scheduler this worker's memory is above (true) or back
@@ -454,11 +461,32 @@ pub fn start(
             pickled: tokio::sync::Notify::new(),
             out,
             unsent: Mutex::new((Vec::new(), None)),
+            metrics: Mutex::new(WorkerMetrics::default()),
         });
         tokio::spawn(data_server(listener, shared.clone()));
         let sh = shared.clone();
         tokio::spawn(async move {
-            while let Some(frame) = stream.next().await {
+            let mut beat = tokio::time::interval(net::HEARTBEAT);
+            loop {
+                beat.tick().await;
+                let m = sh.metrics.lock().clone();
+                if sh.out.send(ToScheduler::Heartbeat(m)).is_err() {
+                    return;
+                }
+            }
+        });
+        let sh = shared.clone();
+        let timeout = net::heartbeat_timeout();
+        tokio::spawn(async move {
+            // The scheduler pings every second; silence means it died without
+            // closing, hung, or the network is cut: exit rather than wait.
+            let why = loop {
+                let Ok(next) = tokio::time::timeout(timeout, stream.next()).await else {
+                    break format!("heard nothing from the scheduler for {timeout:?}");
+                };
+                let Some(frame) = next else {
+                    break "lost the scheduler connection".to_string();
+                };
                 match net::decode_batch::<FromScheduler>(frame) {
                     Ok(msgs) => {
                         for m in msgs {
@@ -467,15 +495,12 @@ pub fn start(
                             }
                         }
                     }
-                    Err(e) => {
-                        tracing::error!("bad frame from the scheduler: {e}");
-                        break;
-                    }
+                    Err(e) => break format!("bad frame from the scheduler: {e}"),
                 }
-            }
+            };
             // The scheduler is gone without asking us to stop: for an embedded
             // cluster this means the client process died. Leave no orphan.
-            eprintln!("shoal worker: lost the scheduler connection; exiting");
+            eprintln!("shoal worker {}: {why}; exiting", std::process::id());
             // SAFETY: _exit ends the process at once without running handlers;
             // nothing here needs flushing (results are useless without a scheduler).
             unsafe { libc::_exit(1) };
@@ -584,6 +609,7 @@ fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
             sh.cv.notify_all();
             return true;
         }
+        FromScheduler::Ping => {}
         other => tracing::warn!("unexpected message for a worker: {other:?}"),
     }
     false
