@@ -10,7 +10,8 @@ from ._core import cli_main
 
 def main() -> None:
     argv = ["shoal", *sys.argv[1:]]
-    sys.exit(cli_main(argv, sys.version, os.path.dirname(os.path.abspath(__file__))))
+    package = os.path.dirname(os.path.abspath(__file__))
+    sys.exit(cli_main(argv, sys.version, package, sys.executable))
 
 
 if __name__ == "__main__":

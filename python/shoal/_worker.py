@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m shoal._worker", description=__doc__)
     parser.add_argument("address", help="scheduler address (unix:///path or tcp://host:port)")
     parser.add_argument("--nthreads", type=int, default=1)
-    parser.add_argument("--name", default=f"worker-{os.getpid()}")
+    parser.add_argument("--name", default="worker-{pid}", help="'{pid}': the process id")
     parser.add_argument("--actor", help="ID=PATH: this process hosts that actor")
     parser.add_argument("--parent", type=int, help="exit when this process is gone")
     parser.add_argument(
@@ -339,7 +339,8 @@ def main(argv: list[str] | None = None) -> None:
             token = fh.read().strip()
     if not token:
         parser.error("the cluster's token is needed: --token-file FILE or SHOAL_TOKEN")
-    core = WorkerCore(ns.address, ns.nthreads, ns.name, token, sorted(resources.items()))
+    name = ns.name.replace("{pid}", str(os.getpid()))
+    core = WorkerCore(ns.address, ns.nthreads, name, token, sorted(resources.items()))
     store = _store.Store(core, limit, ns.local_directory)
     global _current
     executor = _current = _Executor(core, ns.address, token, ns.nthreads, gpus, store)

@@ -2,12 +2,13 @@
 //!
 //! The parser and subcommands live here; the Python wheel exposes them as the
 //! `shoal` console script through `shoal._core.cli_main`, and `cargo run -p
-//! shoal-cli` runs the same code. Later subcommands (`scheduler`, `worker`,
-//! `status`) are added here.
+//! shoal-cli` runs the same code: `info`, `scheduler`, `worker`, `status`.
 
 #![warn(missing_docs, unreachable_pub)]
 
 use clap::{Parser, Subcommand};
+
+mod cluster;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -24,6 +25,12 @@ struct Cli {
 enum Command {
     /// Print versions and what this machine offers.
     Info,
+    /// Run a scheduler that workers and clients on other hosts join.
+    Scheduler(cluster::SchedulerArgs),
+    /// Run worker processes that join a scheduler (and replace any that die).
+    Worker(cluster::WorkerArgs),
+    /// Print a cluster's workers, their load and memory.
+    Status(cluster::StatusArgs),
 }
 
 /// Facts only the embedding interpreter knows.
@@ -33,6 +40,8 @@ pub struct HostInfo {
     pub python: Option<String>,
     /// Where the `shoal` package was imported from.
     pub package_path: Option<String>,
+    /// The interpreter that runs worker processes (`sys.executable`).
+    pub executable: Option<String>,
 }
 
 /// Runs the command line; returns the exit code.
@@ -44,10 +53,20 @@ pub fn run(argv: Vec<String>, host: HostInfo) -> i32 {
             return e.exit_code();
         }
     };
-    match cli.command {
+    let result = match cli.command {
         Command::Info => {
             print!("{}", info(&host));
-            0
+            Ok(())
+        }
+        Command::Scheduler(a) => cluster::run_scheduler(a),
+        Command::Worker(a) => cluster::run_worker(a, &host),
+        Command::Status(a) => cluster::run_status(a),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("shoal: {e}");
+            1
         }
     }
 }
@@ -88,7 +107,7 @@ mod tests {
     fn info_names_version_and_cpus() {
         let s = info(&HostInfo {
             python: Some("3.11.7".into()),
-            package_path: None,
+            ..HostInfo::default()
         });
         assert!(s.starts_with(&format!("shoal {}", env!("CARGO_PKG_VERSION"))));
         assert!(s.contains("cpus available: "));

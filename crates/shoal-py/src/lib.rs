@@ -691,12 +691,13 @@ impl WorkerCore {
 
 /// Runs the `shoal` command line; returns the exit code.
 #[pyfunction]
-#[pyo3(signature = (argv, python=None, package_path=None))]
+#[pyo3(signature = (argv, python=None, package_path=None, executable=None))]
 fn cli_main(
     py: Python<'_>,
     argv: Vec<String>,
     python: Option<String>,
     package_path: Option<String>,
+    executable: Option<String>,
 ) -> i32 {
     py.detach(|| {
         shoal_cli::run(
@@ -704,6 +705,7 @@ fn cli_main(
             shoal_cli::HostInfo {
                 python,
                 package_path,
+                executable,
             },
         )
     })
@@ -804,6 +806,7 @@ fn host_key() -> &'static str {
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    shoal_runtime::init_logging();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("PROTOCOL_VERSION", shoal_proto::PROTOCOL_VERSION)?;
     m.add("INLINE_LIMIT", shoal_proto::INLINE_LIMIT)?;

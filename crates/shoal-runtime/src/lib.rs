@@ -26,6 +26,20 @@ pub mod shm;
 pub mod worker;
 
 use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
+
+/// Sends this process's log events (`tracing`) to stderr, filtered by
+/// `SHOAL_LOG` (`warn` by default; e.g. `SHOAL_LOG=info`,
+/// `SHOAL_LOG=shoal_runtime::scheduler=debug`). Idempotent.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .try_init();
+}
 use std::sync::Mutex;
 
 /// The process-wide I/O runtime: one thread is plenty for the control plane

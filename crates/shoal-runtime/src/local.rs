@@ -94,6 +94,15 @@ impl LocalCluster {
         })
     }
 
+    /// Sends SIGTERM to every worker process (they exit at once; the
+    /// scheduler reruns their work elsewhere).
+    pub fn terminate(&self) {
+        for pid in self.pids() {
+            // SAFETY: kill(2) of our own child processes.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        }
+    }
+
     /// Current worker process ids.
     pub fn pids(&self) -> Vec<u32> {
         self.pids.lock().clone()
@@ -129,7 +138,8 @@ fn supervise(
                                                             // Its shared-memory segments and spilled data die with it.
                     crate::shm::remove_process(pid);
                     changed = true;
-                    if stop.load(Ordering::SeqCst) {
+                    // Exit status 0: the scheduler asked it to stop.
+                    if stop.load(Ordering::SeqCst) || status.success() {
                         continue;
                     }
                     respawns.retain(|t| t.elapsed() < RESPAWN_WINDOW);

@@ -370,6 +370,108 @@ pub fn decode_batch<M: DeserializeOwned>(frame: io::Result<bytes::BytesMut>) -> 
 mod tests {
     use super::*;
 
+    /// A Unix listener in a fresh directory, and a server task that runs
+    /// the handshake on each connection and reports the outcome.
+    async fn server(secret: Secret) -> (Address, mpsc::UnboundedReceiver<bool>) {
+        let dir = std::env::temp_dir().join(format!(
+            "shoal-auth-test-{}-{}",
+            std::process::id(),
+            nonce()[0]
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let addr = Address::Unix(dir.join("s.sock"));
+        let listener = Listener::bind(&addr).await.unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut conn, peer)) = listener.accept().await {
+                let ok = accept_handshake(&mut conn, &secret, &peer).await.is_ok();
+                if ok {
+                    let _ = send(&mut conn, &Welcome::Accepted { id: 1 }).await;
+                }
+                let _ = tx.send(ok);
+            }
+        });
+        (addr, rx)
+    }
+
+    #[tokio::test]
+    async fn the_right_token_is_accepted_and_a_wrong_one_refused_both_ways() {
+        let good = Secret::from_token("right").unwrap();
+        let (addr, mut outcomes) = server(good.clone()).await;
+        assert!(handshake(&addr, Role::Client, &good).await.is_ok());
+        assert!(outcomes.recv().await.unwrap());
+        let bad = Secret::from_token("wrong").unwrap();
+        let Err(err) = handshake(&addr, Role::Client, &bad).await else {
+            panic!("a wrong token was accepted");
+        };
+        // The client finds out first: the server's proof does not check.
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied, "{err}");
+        assert!(err.to_string().contains("token"), "{err}");
+        assert!(!outcomes.recv().await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_replayed_handshake_is_refused() {
+        let secret = Secret::from_token("s3cret").unwrap();
+        let (addr, mut outcomes) = server(secret.clone()).await;
+        // A legitimate exchange, recorded as an eavesdropper would see it.
+        let (mut conn, _) = connect(&addr).await.unwrap();
+        let hello = Hello::new(Role::Client, nonce());
+        send(&mut conn, &hello).await.unwrap();
+        let Some(Welcome::Challenge { nonce: n, .. }) = recv(&mut conn).await.unwrap() else {
+            panic!("no challenge");
+        };
+        let proof = Proof {
+            mac: secret.mac(CLIENT, &[&n, &hello.nonce, &encode(&hello)]),
+        };
+        send(&mut conn, &proof).await.unwrap();
+        assert!(matches!(
+            recv::<Welcome>(&mut conn).await.unwrap(),
+            Some(Welcome::Accepted { .. })
+        ));
+        assert!(outcomes.recv().await.unwrap());
+        // Replaying the same frames on a new connection: the server's nonce
+        // is fresh, so the old proof fails.
+        let (mut conn, _) = connect(&addr).await.unwrap();
+        send(&mut conn, &hello).await.unwrap();
+        send(&mut conn, &proof).await.unwrap();
+        assert!(matches!(
+            recv::<Welcome>(&mut conn).await.unwrap(),
+            Some(Welcome::Challenge { .. })
+        ));
+        assert!(matches!(
+            recv::<Welcome>(&mut conn).await.unwrap(),
+            Some(Welcome::Rejected { .. })
+        ));
+        assert!(!outcomes.recv().await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn garbage_and_oversized_frames_close_only_that_connection() {
+        use tokio::io::AsyncWriteExt;
+        let secret = Secret::from_token("t").unwrap();
+        let (addr, mut outcomes) = server(secret.clone()).await;
+        let Address::Unix(path) = &addr else {
+            unreachable!()
+        };
+        // Garbage inside a valid frame.
+        let mut raw = UnixStream::connect(path).await.unwrap();
+        raw.write_all(&[0, 0, 0, 5, 0xff, 0xfe, 0xfd, 0xfc, 0xfb])
+            .await
+            .unwrap();
+        assert!(!outcomes.recv().await.unwrap());
+        // A frame header claiming 4 GiB.
+        let mut raw = UnixStream::connect(path).await.unwrap();
+        raw.write_all(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3])
+            .await
+            .unwrap();
+        assert!(!outcomes.recv().await.unwrap());
+        // The server still serves.
+        assert!(handshake(&addr, Role::Client, &secret).await.is_ok());
+        assert!(outcomes.recv().await.unwrap());
+    }
+
     #[test]
     fn addresses_parse_and_print() {
         assert_eq!(

@@ -18,10 +18,15 @@ const SEGMENTS: &str = "shoal-";
 const SPILL: &str = "shoal-spill-";
 
 /// Identifies this host's shared memory: peers with the same key can map
-/// each other's segments (same machine, same boot). Hostname and boot id.
+/// each other's segments (same machine, same boot). Hostname and boot id;
+/// `SHOAL_HOST_KEY` overrides it (tests that play several hosts on one
+/// machine set it so that data moves over sockets as between hosts).
 pub fn host_key() -> &'static str {
     static KEY: OnceLock<String> = OnceLock::new();
     KEY.get_or_init(|| {
+        if let Ok(k) = std::env::var("SHOAL_HOST_KEY") {
+            return k;
+        }
         let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
         let mut name = [0u8; 256];
         // SAFETY: the buffer is valid for its length; gethostname NUL-terminates

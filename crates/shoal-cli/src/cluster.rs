@@ -1,0 +1,399 @@
+//! `shoal scheduler`, `shoal worker` and `shoal status`: running a cluster
+//! across hosts.
+
+use crate::HostInfo;
+use clap::Args;
+use shoal_runtime::local::{LocalCluster, WorkerCommand};
+use shoal_runtime::net::{Address, Secret};
+use shoal_runtime::{client, runtime, scheduler};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub(crate) type CliResult = Result<(), String>;
+
+#[derive(Args, Debug)]
+pub(crate) struct SchedulerArgs {
+    /// Interface to listen on (0.0.0.0: all; without TLS anyone who can
+    /// reach it may try to connect, and only the token keeps them out).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port (0: any free one).
+    #[arg(long, default_value_t = 8786)]
+    port: u16,
+    /// Write the address and the token file's path here (JSON), for workers
+    /// and clients to find (`--scheduler-file`, `Client(scheduler_file=)`).
+    #[arg(long)]
+    scheduler_file: Option<PathBuf>,
+    /// The cluster's token: read from this file, or written to it (mode
+    /// 0600) if it does not exist. Default: SHOAL_TOKEN, else a new random
+    /// token in SCHEDULER_FILE.token (or ./shoal-PORT.token).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Seconds of silence after which a worker is taken as lost (default 5).
+    #[arg(long)]
+    heartbeat_timeout: Option<f64>,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct WorkerArgs {
+    /// The scheduler's address (tcp://HOST:PORT); or give --scheduler-file.
+    address: Option<String>,
+    /// The file `shoal scheduler --scheduler-file` wrote.
+    #[arg(long)]
+    scheduler_file: Option<PathBuf>,
+    /// Worker processes to run.
+    #[arg(long, default_value_t = 1)]
+    nworkers: usize,
+    /// Execution threads per process.
+    #[arg(long, default_value_t = 1)]
+    nthreads: u32,
+    /// Memory limit per process: bytes, "4GB", a fraction of the host's
+    /// memory, "auto" (the host's memory split among the processes), "none".
+    #[arg(long, default_value = "auto")]
+    memory_limit: String,
+    /// Resources each process offers, e.g. "GPU=2,ssd=1".
+    #[arg(long)]
+    resources: Option<String>,
+    /// Name of the processes; `{pid}` becomes each one's process id
+    /// (default: HOSTNAME-{pid}).
+    #[arg(long)]
+    name: Option<String>,
+    /// Where to spill to disk.
+    #[arg(long)]
+    local_directory: Option<PathBuf>,
+    /// The cluster's token file (default: the scheduler file's, else SHOAL_TOKEN).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Seconds of silence from the scheduler after which workers exit.
+    #[arg(long)]
+    heartbeat_timeout: Option<f64>,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct StatusArgs {
+    /// The scheduler's address; or give --scheduler-file.
+    address: Option<String>,
+    /// The file `shoal scheduler --scheduler-file` wrote.
+    #[arg(long)]
+    scheduler_file: Option<PathBuf>,
+    /// The cluster's token file (default: the scheduler file's, else SHOAL_TOKEN).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+}
+
+/// What `shoal scheduler --scheduler-file` writes (JSON).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SchedulerFile {
+    address: String,
+    token_file: Option<String>,
+    pid: u32,
+}
+
+fn read_scheduler_file(path: &Path) -> Result<SchedulerFile, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the scheduler file {}: {e}", path.display()))?;
+    serde_json::from_str(&text)
+        .map_err(|e| format!("{} is not a scheduler file: {e}", path.display()))
+}
+
+fn read_token(path: &Path) -> Result<Secret, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the token file {}: {e}", path.display()))?;
+    Secret::from_token(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The address and secret to join a cluster with: the address argument or
+/// the scheduler file's; the token file given, else the scheduler file's,
+/// else SHOAL_TOKEN.
+fn join_target(
+    address: Option<String>,
+    scheduler_file: Option<&Path>,
+    token_file: Option<&Path>,
+) -> Result<(Address, Secret), String> {
+    let file = scheduler_file.map(read_scheduler_file).transpose()?;
+    let address = address
+        .or_else(|| file.as_ref().map(|f| f.address.clone()))
+        .ok_or("give the scheduler's address or --scheduler-file")?;
+    let address = Address::parse(&address)?;
+    let token_file = token_file
+        .map(Path::to_path_buf)
+        .or_else(|| file.and_then(|f| f.token_file.map(PathBuf::from)));
+    let secret = match token_file {
+        Some(p) => read_token(&p)?,
+        None => match std::env::var("SHOAL_TOKEN") {
+            Ok(t) => Secret::from_token(&t).map_err(|e| e.to_string())?,
+            Err(_) => {
+                return Err(
+                    "the cluster's token is needed: --token-file, --scheduler-file \
+                            (whose token file is used), or SHOAL_TOKEN"
+                        .into(),
+                )
+            }
+        },
+    };
+    Ok((address, secret))
+}
+
+fn set_heartbeat_timeout(secs: Option<f64>) -> CliResult {
+    if let Some(s) = secs {
+        if !(s.is_finite() && s > 0.0) {
+            return Err(format!(
+                "--heartbeat-timeout must be a positive number of seconds, not {s}"
+            ));
+        }
+        // SAFETY: called before any thread (runtime, workers) is started;
+        // worker processes inherit it.
+        unsafe { std::env::set_var("SHOAL_HEARTBEAT_TIMEOUT", s.to_string()) };
+    }
+    Ok(())
+}
+
+/// Writes `text` to a new file only this user can read.
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(text.as_bytes())
+}
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+pub(crate) fn run_scheduler(a: SchedulerArgs) -> CliResult {
+    shoal_runtime::init_logging();
+    set_heartbeat_timeout(a.heartbeat_timeout)?;
+    let default_token_file = || match &a.scheduler_file {
+        Some(f) => {
+            let mut p = f.clone().into_os_string();
+            p.push(".token");
+            PathBuf::from(p)
+        }
+        None => PathBuf::from(format!("shoal-{}.token", a.port)),
+    };
+    let (secret, token_file) = match (&a.token_file, std::env::var("SHOAL_TOKEN")) {
+        (Some(p), _) if p.exists() => (read_token(p)?, Some(p.clone())),
+        (None, Ok(t)) => (Secret::from_token(&t).map_err(|e| e.to_string())?, None),
+        (p, _) => {
+            let p = p.clone().unwrap_or_else(default_token_file);
+            let s = Secret::random();
+            write_private(&p, &s.token())
+                .map_err(|e| format!("cannot write the token file {}: {e}", p.display()))?;
+            (s, Some(p))
+        }
+    };
+    if !is_loopback(&a.host) {
+        eprintln!(
+            "shoal: WARNING: listening on {} without TLS: peers must prove the token, but \
+             what travels is not encrypted; anyone on the network path can read it",
+            a.host
+        );
+    }
+    let addr = Address::Tcp(format!("{}:{}", a.host, a.port));
+    let rt = runtime();
+    let handle = rt
+        .block_on(scheduler::start(&addr, secret))
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let address = handle.address.to_string();
+    println!("shoal scheduler at {address}");
+    let token_path = token_file
+        .as_ref()
+        .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()));
+    if let Some(p) = &token_path {
+        println!("token file: {}", p.display());
+    }
+    if let Some(f) = &a.scheduler_file {
+        let info = SchedulerFile {
+            address: address.clone(),
+            token_file: token_path.map(|p| p.to_string_lossy().into_owned()),
+            pid: std::process::id(),
+        };
+        // Written whole, then renamed: a reader never sees half a file.
+        let tmp = f.with_extension("tmp");
+        std::fs::write(
+            &tmp,
+            serde_json::to_string_pretty(&info).expect("serializable"),
+        )
+        .and_then(|()| std::fs::rename(&tmp, f))
+        .map_err(|e| format!("cannot write the scheduler file {}: {e}", f.display()))?;
+        println!("scheduler file: {}", f.display());
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let why = rt.block_on(wait_for_signal());
+    eprintln!("shoal scheduler: {why}; asking workers to exit");
+    handle.shutdown_workers();
+    std::thread::sleep(Duration::from_millis(300));
+    handle.stop();
+    if let Some(f) = &a.scheduler_file {
+        let _ = std::fs::remove_file(f);
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("signal handlers install");
+    let mut int = signal(SignalKind::interrupt()).expect("signal handlers install");
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
+pub(crate) fn run_worker(a: WorkerArgs, host: &HostInfo) -> CliResult {
+    shoal_runtime::init_logging();
+    set_heartbeat_timeout(a.heartbeat_timeout)?;
+    if a.nworkers == 0 || a.nthreads == 0 {
+        return Err("--nworkers and --nthreads must be at least 1".into());
+    }
+    let (address, secret) = join_target(
+        a.address.clone(),
+        a.scheduler_file.as_deref(),
+        a.token_file.as_deref(),
+    )?;
+    let program = host
+        .executable
+        .clone()
+        .ok_or("`shoal worker` must run from the Python package (the `shoal` script)")?;
+    let name = a
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("{}-{{pid}}", hostname()));
+    let memory_limit = if a.memory_limit == "auto" {
+        // The host's memory split among this command's processes.
+        format!("{}", 1.0 / a.nworkers as f64)
+    } else {
+        a.memory_limit.clone()
+    };
+    let mut args = vec![
+        "-m".to_string(),
+        "shoal._worker".into(),
+        "--nthreads".into(),
+        a.nthreads.to_string(),
+        "--name".into(),
+        name.clone(),
+        "--memory-limit".into(),
+        memory_limit,
+    ];
+    if let Some(r) = &a.resources {
+        args.extend(["--resources".into(), r.clone()]);
+    }
+    if let Some(d) = &a.local_directory {
+        args.extend(["--local-directory".into(), d.to_string_lossy().into_owned()]);
+    }
+    args.push(address.to_string());
+    // The token travels in the environment, never on a command line.
+    let mut env = vec![("SHOAL_TOKEN".to_string(), secret.token())];
+    if let Some(pkg) = host
+        .package_path
+        .as_deref()
+        .and_then(|p| Path::new(p).parent())
+    {
+        let mut path = pkg.to_string_lossy().into_owned();
+        if let Ok(old) = std::env::var("PYTHONPATH") {
+            path = format!("{path}:{old}");
+        }
+        env.push(("PYTHONPATH".into(), path));
+    }
+    let mut workers = LocalCluster::start(WorkerCommand { program, args, env }, a.nworkers)
+        .map_err(|e| format!("cannot start worker processes: {e}"))?;
+    println!(
+        "shoal worker {name}: {} process(es) of {} thread(s) joining {address}",
+        a.nworkers, a.nthreads
+    );
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let why = runtime().block_on(async {
+        tokio::select! {
+            s = wait_for_signal() => s,
+            () = async {
+                while !workers.pids().is_empty() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            } => "every worker process exited",
+        }
+    });
+    eprintln!("shoal worker {name}: {why}; stopping");
+    workers.terminate();
+    workers.close();
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "worker".into())
+}
+
+pub(crate) fn run_status(a: StatusArgs) -> CliResult {
+    let (address, secret) = join_target(
+        a.address,
+        a.scheduler_file.as_deref(),
+        a.token_file.as_deref(),
+    )?;
+    let c = client::connect(runtime(), &address, &secret)
+        .map_err(|e| format!("cannot connect to {address}: {e}"))?;
+    let info = c.cluster_info(Duration::from_secs(10))?;
+    print!("{}", status_table(&info));
+    Ok(())
+}
+
+fn gib(b: u64) -> String {
+    format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+}
+
+/// The text of `shoal status`.
+pub(crate) fn status_table(info: &shoal_proto::ClusterInfo) -> String {
+    let mut s = format!(
+        "scheduler {}: {} worker(s), {} client(s), {} task(s) known\n",
+        info.address,
+        info.workers.len(),
+        info.clients,
+        info.tasks
+    );
+    s.push_str(&format!(
+        "{:<4} {:<22} {:<22} {:>8} {:>7} {:>10} {:>6} {:>10} {:>10} {:>10} {:>6}\n",
+        "id",
+        "name",
+        "address",
+        "pid",
+        "threads",
+        "processing",
+        "held",
+        "memory",
+        "limit",
+        "spilled",
+        "seen"
+    ));
+    for w in &info.workers {
+        let limit = if w.metrics.limit == 0 {
+            "none".to_string()
+        } else {
+            gib(w.metrics.limit)
+        };
+        s.push_str(&format!(
+            "{:<4} {:<22} {:<22} {:>8} {:>7} {:>10} {:>6} {:>10} {:>10} {:>10} {:>5.1}s{}\n",
+            w.id,
+            w.name,
+            w.address,
+            w.pid,
+            w.nthreads,
+            w.processing,
+            w.held,
+            gib(w.metrics.memory),
+            limit,
+            gib(w.metrics.spilled),
+            w.last_seen_ms as f64 / 1000.0,
+            if w.metrics.paused { " paused" } else { "" }
+        ));
+    }
+    s
+}
