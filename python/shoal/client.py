@@ -414,7 +414,7 @@ class Client:
         self._cb_thread: threading.Thread | None = None
         self._closed = False
         self._put_files: list[str] = []  # scattered data not yet taken over
-        if address is None:
+        if address is None and scheduler_file is None:
             n = n_workers or os.cpu_count() or 1
             env = [("PYTHONPATH", os.pathsep.join(p for p in sys.path if p))]
             args = ["-m", "shoal._worker", "--nthreads", str(threads_per_worker)]

@@ -1,0 +1,354 @@
+"""Clusters across hosts: `shoal scheduler`, `shoal worker`, `shoal status`,
+authentication, heartbeats and recovery. Real processes and real TCP; the
+"hosts" are network namespaces with their own addresses when this machine
+permits them (root with `ip netns`), else distinct loopback addresses."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+import shoal
+
+SHOAL = [sys.executable, "-m", "shoal"]
+
+
+def wait_for(pred, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Proc:
+    """A command in its own process group, killed with the group."""
+
+    def __init__(self, args: list[str], prefix: list[str] | None = None, env=None, log=None):
+        self.log = log
+        self.p = subprocess.Popen(
+            (prefix or []) + args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+
+    def signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.p.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self) -> None:
+        self.signal(signal.SIGTERM)
+        try:
+            self.p.wait(5)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.p.wait()
+
+
+@contextmanager
+def cluster(tmp_path, n_workers: int = 2, hosts: list[list[str]] | None = None, **env) -> Iterator:
+    """A scheduler and `n_workers` `shoal worker` commands, each of one
+    process; `hosts`: command prefixes (network namespaces) for the
+    scheduler and each worker."""
+    sfile = tmp_path / "scheduler.json"
+    log = open(tmp_path / "cluster.log", "ab")
+    hosts = hosts or [[]] * (n_workers + 1)
+    host0 = "127.0.0.1"
+    if hosts[0]:
+        host0 = hosts[0][-1]
+        hosts = [hosts[0][:-1], *hosts[1:]]
+    env = {"SHOAL_HEARTBEAT_TIMEOUT": "2", **env}
+    procs = [
+        Proc(
+            [*SHOAL, "scheduler", "--host", host0, "--port", "0", "--scheduler-file", str(sfile)],
+            hosts[0],
+            env,
+            log,
+        )
+    ]
+    try:
+        wait_for(sfile.exists, 20, "the scheduler file")
+        for i in range(n_workers):
+            wenv = {**env, "SHOAL_HOST_KEY": f"host-{i}"}
+            procs.append(
+                Proc(
+                    [*SHOAL, "worker", "--scheduler-file", str(sfile), "--name", f"w{i}-{{pid}}"],
+                    hosts[i + 1],
+                    wenv,
+                    log,
+                )
+            )
+        yield sfile, procs
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        log.close()
+
+
+def n_workers(client: shoal.Client) -> int:
+    return len(client.scheduler_info()["workers"])
+
+
+def inc(x):
+    return x + 1
+
+
+def add(a, b):
+    return a + b
+
+
+def slow_inc(x, delay=0.05):
+    time.sleep(delay)
+    return x + 1
+
+
+def where(_):
+    time.sleep(0.05)
+    return os.getpid()
+
+
+def test_scheduler_worker_client_status_across_processes(tmp_path):
+    with cluster(tmp_path, 2) as (sfile, _):
+        with shoal.Client(scheduler_file=sfile) as c:
+            wait_for(lambda: n_workers(c) == 2, 30, "two workers")
+            # A graph spanning both workers.
+            pids = set(c.gather(c.map(where, range(20), batch_size=1)))
+            assert len(pids) == 2
+            level = c.map(inc, range(64), batch_size=1)
+            level = list(level)
+            while len(level) > 1:
+                level = [c.submit(add, level[i], level[i + 1]) for i in range(0, len(level), 2)]
+            assert level[0].result() == sum(range(1, 65))
+            # Large results travel between the "hosts" over TCP.
+            import numpy as np
+
+            a = c.submit(np.arange, 1_000_000)
+            b = c.submit(np.ones, 1_000_000)
+            assert c.submit(np.dot, a, b).result() == sum(range(1_000_000))
+            # Memory figures arrive with heartbeats (every second).
+            wait_for(
+                lambda: all(w["memory"] > 0 for w in c.scheduler_info()["workers"].values()),
+                5,
+                "memory figures",
+            )
+        out = subprocess.run(
+            [*SHOAL, "status", "--scheduler-file", str(sfile)], capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+        assert "2 worker(s)" in out.stdout
+        assert out.stdout.count(" w0-") + out.stdout.count(" w1-") == 2, out.stdout
+
+
+def test_wrong_credentials_are_refused_and_the_cluster_goes_on(tmp_path):
+    with cluster(tmp_path, 1) as (sfile, _):
+        address = json.loads(sfile.read_text())["address"]
+        with pytest.raises(ConnectionError, match="token"):
+            shoal.Client(address, token="not-the-token")
+        # Garbage on a raw socket is dropped.
+        host, port = address.removeprefix("tcp://").rsplit(":", 1)
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(b"\x00\x00\x00\x0eGET / HTTP/1.1")
+            s.settimeout(10)
+            assert s.recv(100) == b"", "the scheduler answered garbage"
+        # A worker with the wrong token cannot join.
+        bad = subprocess.run(
+            [*SHOAL, "worker", address, "--token-file", os.devnull],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert bad.returncode != 0 and "token" in bad.stderr
+        bad = subprocess.run(
+            [sys.executable, "-m", "shoal._worker", address],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "SHOAL_TOKEN": "wrong"},
+        )
+        assert bad.returncode != 0 and "token" in bad.stderr, bad.stderr
+        with shoal.Client(scheduler_file=sfile) as c:
+            wait_for(lambda: n_workers(c) == 1, 30, "the worker")
+            assert c.submit(inc, 1).result() == 2
+            # A worker's data server refuses an unauthenticated fetch too.
+            data_addr = next(iter(c.scheduler_info()["workers"]))
+            h, p = data_addr.removeprefix("tcp://").rsplit(":", 1)
+            with socket.create_connection((h, int(p))) as s:
+                s.sendall(b"\x00\x00\x00\x04junk")
+                s.settimeout(10)
+                assert s.recv(100) == b""
+    log = (tmp_path / "cluster.log").read_text(errors="replace")
+    assert "authentication failed" in log
+
+
+def test_one_clients_exit_never_affects_anothers_work(tmp_path):
+    with cluster(tmp_path, 2) as (sfile, _):
+        with shoal.Client(scheduler_file=sfile) as c:
+            wait_for(lambda: n_workers(c) == 2, 30, "two workers")
+            fs = c.map(slow_inc, range(40), batch_size=1)
+            other = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    "import shoal, time, os, sys\n"
+                    f"c = shoal.Client(scheduler_file={str(sfile)!r})\n"
+                    "fs = [c.submit(time.sleep, 0.2) for _ in range(20)]\n"
+                    "time.sleep(0.3)\n"
+                    "os._exit(1)\n",
+                ]
+            )
+            other.wait(60)
+            assert c.gather(fs) == list(range(1, 41))
+
+
+def test_a_frozen_worker_is_detected_by_heartbeat_and_its_work_rerun(tmp_path):
+    with cluster(tmp_path, 2) as (sfile, _):
+        with shoal.Client(scheduler_file=sfile) as c:
+            wait_for(lambda: n_workers(c) == 2, 30, "two workers")
+            pids = [w["pid"] for w in c.scheduler_info()["workers"].values()]
+            fs = c.map(slow_inc, range(60), batch_size=1)
+            time.sleep(0.5)
+            t = time.time()
+            os.kill(pids[0], signal.SIGSTOP)  # hung: alive, connected, silent
+            try:
+                assert c.gather(fs) == list(range(1, 61))
+                took = time.time() - t
+                # Detected within the 2 s timeout (plus a heartbeat).
+                wait_for(lambda: n_workers(c) == 1, 10, "the frozen worker to be dropped")
+            finally:
+                os.kill(pids[0], signal.SIGCONT)
+            assert took < 30
+
+
+def test_scheduler_death_fails_clients_fast_and_workers_exit(tmp_path):
+    with cluster(tmp_path, 1) as (sfile, procs):
+        c = shoal.Client(scheduler_file=sfile)
+        wait_for(lambda: n_workers(c) == 1, 30, "the worker")
+        worker_pid = next(iter(c.scheduler_info()["workers"].values()))["pid"]
+        f = c.submit(time.sleep, 30)
+        procs[0].signal(signal.SIGKILL)
+        t = time.time()
+        with pytest.raises(shoal.SchedulerLostError):
+            f.result(timeout=60)
+        assert time.time() - t < 10
+        wait_for(lambda: not os.path.exists(f"/proc/{worker_pid}"), 20, "the worker to exit")
+        c.close()
+
+
+# ---------------------------------------------------------------- namespaces
+
+
+def _netns_available() -> str | None:
+    if shutil.which("ip") is None:
+        return "iproute2 is not installed"
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    r = subprocess.run(["ip", "netns", "add", "shoal-probe"], capture_output=True, text=True)
+    if r.returncode != 0:
+        return f"`ip netns add` failed: {r.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", "shoal-probe"], capture_output=True)
+    return None
+
+
+def _sh(*cmd: str) -> None:
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: {r.stderr.strip()}")
+
+
+@contextmanager
+def hosts(n: int) -> Iterator[list[list[str]]]:
+    """`n` network namespaces on a bridge, 10.77.0.10+i each; yields the
+    command prefix of each (and, for the first, its address last). Falls
+    back to distinct loopback addresses, saying so."""
+    why = _netns_available()
+    if why is not None:
+        print(f"\nNOTE: no network namespaces ({why}): hosts are loopback addresses")
+        yield [["127.0.0.2"]] + [[] for _ in range(n - 1)]
+        return
+    names = [f"shoal-h{i}" for i in range(n)]
+    br = "shoalbr0"
+
+    def clean() -> None:
+        for i, ns in enumerate(names):
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+            for pid in pids.stdout.split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            subprocess.run(["ip", "link", "del", f"shv{i}"], capture_output=True)
+        subprocess.run(["ip", "link", "del", br], capture_output=True)
+
+    clean()
+    try:
+        _sh("ip", "link", "add", br, "type", "bridge")
+        _sh("ip", "addr", "add", "10.77.0.1/24", "dev", br)
+        _sh("ip", "link", "set", br, "up")
+        for i, ns in enumerate(names):
+            _sh("ip", "netns", "add", ns)
+            _sh("ip", "link", "add", f"shv{i}", "type", "veth", "peer", "name", f"shp{i}")
+            _sh("ip", "link", "set", f"shp{i}", "netns", ns)
+            _sh("ip", "link", "set", f"shv{i}", "master", br)
+            _sh("ip", "link", "set", f"shv{i}", "up")
+            ex = ["ip", "netns", "exec", ns]
+            _sh(*ex, "ip", "addr", "add", f"10.77.0.{10 + i}/24", "dev", f"shp{i}")
+            _sh(*ex, "ip", "link", "set", f"shp{i}", "up")
+            _sh(*ex, "ip", "link", "set", "lo", "up")
+        print(f"\nhosts: network namespaces {names} on bridge {br} (10.77.0.10-{9 + n})")
+        prefixes = [["ip", "netns", "exec", ns] for ns in names]
+        prefixes[0] = prefixes[0] + ["10.77.0.10"]
+        yield prefixes
+    finally:
+        clean()
+
+
+def test_hosts_cut_off_and_killed_mid_graph_still_give_the_right_result(tmp_path):
+    with hosts(4) as prefixes:
+        netns = len(prefixes[1]) > 0
+        with cluster(tmp_path, 3, hosts=prefixes) as (sfile, procs):
+            with shoal.Client(scheduler_file=sfile) as c:
+                wait_for(lambda: n_workers(c) == 3, 60, "three workers")
+                assert len(set(c.gather(c.map(where, range(30), batch_size=1)))) == 3
+                # About 4,000 tasks: a map, then a reduction tree.
+                level = list(c.map(slow_inc, range(2000), delay=0.005, batch_size=1))
+                while len(level) > 1:
+                    level = [
+                        c.submit(add, level[i], level[i + 1]) if i + 1 < len(level) else level[i]
+                        for i in range(0, len(level), 2)
+                    ]
+                time.sleep(0.5)
+                assert not level[0].done(), "the graph finished before the failures"
+                workers = c.scheduler_info()["workers"].values()
+                by_name = {w["name"].split("-")[0]: w["pid"] for w in workers}
+                if netns:
+                    # Host 2's link goes down: partitioned, not dead.
+                    _sh("ip", "netns", "exec", "shoal-h2", "ip", "link", "set", "shp2", "down")
+                else:
+                    os.kill(by_name["w1"], signal.SIGSTOP)
+                os.kill(by_name["w2"], signal.SIGKILL)  # host 3's worker dies
+                try:
+                    assert level[0].result(timeout=240) == sum(range(1, 2001))
+                    # Both were lost: the partitioned host by heartbeat.
+                    assert by_name["w1"] not in {
+                        w["pid"] for w in c.scheduler_info()["workers"].values()
+                    }
+                finally:
+                    if not netns:
+                        os.kill(by_name["w1"], signal.SIGCONT)
