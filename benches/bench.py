@@ -5,8 +5,12 @@
 
 Peers: concurrent.futures.ProcessPoolExecutor, multiprocessing.Pool, Dask
 distributed (LocalCluster, processes) and Ray, each when installed (optional:
-``pip install shoal[bench]``). Every runner uses 2 worker processes with one
-thread each. Figures are tasks/s (higher is better) or seconds (lower is better).
+``pip install shoal[bench]``). ``shoal-tcp`` is Shoal as a multi-host
+cluster on this host: ``shoal scheduler`` on loopback TCP and ``shoal
+worker`` processes (the cost of TCP, authentication and heartbeats against
+the embedded cluster's Unix sockets). Every runner uses 2 worker processes
+with one thread each. Figures are tasks/s (higher is better) or seconds
+(lower is better).
 """
 
 from __future__ import annotations
@@ -77,6 +81,55 @@ class Shoal:
 
         with shoal.Client(n_workers=N_WORKERS) as c:
             c.submit(inc, 1).result()
+
+
+class ShoalTCP(Shoal):
+    name = "shoal-tcp"
+
+    def __enter__(self):
+        import json
+        import os
+        import subprocess
+        import sys
+        import tempfile
+
+        import shoal
+
+        self.shoal = shoal
+        self.dir = tempfile.mkdtemp(prefix="shoal-bench-")
+        sfile = os.path.join(self.dir, "scheduler.json")
+        cmd = [sys.executable, "-m", "shoal"]
+        self.procs = [
+            subprocess.Popen(
+                [*cmd, "scheduler", "--port", "0", "--scheduler-file", sfile],
+                stdout=subprocess.DEVNULL,
+            )
+        ]
+        while not os.path.exists(sfile):
+            time.sleep(0.05)
+        self.procs.append(
+            subprocess.Popen(
+                [*cmd, "worker", "--scheduler-file", sfile, "--nworkers", str(N_WORKERS)],
+                stdout=subprocess.DEVNULL,
+            )
+        )
+        self.c = shoal.Client(scheduler_file=sfile, set_as_default=False)
+        while len(self.c.scheduler_info()["workers"]) < N_WORKERS:
+            time.sleep(0.05)
+        assert json.load(open(sfile))["address"].startswith("tcp://")
+        self.c.submit(inc, 1).result()
+        return self
+
+    def __exit__(self, *a):
+        import shutil
+
+        self.c.close()
+        for p in reversed(self.procs):
+            p.terminate()
+            p.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    startup = None
 
 
 class PPE:
@@ -240,7 +293,7 @@ def _time(fn) -> float:
 
 
 def _available():
-    out = [Shoal, PPE, Pool]
+    out = [Shoal, ShoalTCP, PPE, Pool]
     for cls, mod in [(Dask, "distributed"), (Ray, "ray")]:
         try:
             __import__(mod)
