@@ -8,9 +8,9 @@ distributed (LocalCluster, processes) and Ray, each when installed (optional:
 ``pip install shoal[bench]``). ``shoal-tcp`` is Shoal as a multi-host
 cluster on this host: ``shoal scheduler`` on loopback TCP and ``shoal
 worker`` processes (the cost of TCP, authentication and heartbeats against
-the embedded cluster's Unix sockets). Every runner uses 2 worker processes
-with one thread each. Figures are tasks/s (higher is better) or seconds
-(lower is better).
+the embedded cluster's Unix sockets); ``shoal-tls`` the same with TLS.
+Every runner uses 2 worker processes with one thread each. Figures are
+tasks/s (higher is better) or seconds (lower is better).
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ class Shoal:
 
 class ShoalTCP(Shoal):
     name = "shoal-tcp"
+    tls = False
 
     def __enter__(self):
         import json
@@ -99,9 +100,15 @@ class ShoalTCP(Shoal):
         self.dir = tempfile.mkdtemp(prefix="shoal-bench-")
         sfile = os.path.join(self.dir, "scheduler.json")
         cmd = [sys.executable, "-m", "shoal"]
+        extra = []
+        if self.tls:
+            certs = os.path.join(self.dir, "certs")
+            subprocess.run([*cmd, "certs", certs], check=True, stdout=subprocess.DEVNULL)
+            for flag, name in [("ca", "ca.pem"), ("cert", "cert.pem"), ("key", "key.pem")]:
+                extra += [f"--tls-{flag}", os.path.join(certs, name)]
         self.procs = [
             subprocess.Popen(
-                [*cmd, "scheduler", "--port", "0", "--scheduler-file", sfile],
+                [*cmd, "scheduler", "--port", "0", "--scheduler-file", sfile, *extra],
                 stdout=subprocess.DEVNULL,
             )
         ]
@@ -116,7 +123,8 @@ class ShoalTCP(Shoal):
         self.c = shoal.Client(scheduler_file=sfile, set_as_default=False)
         while len(self.c.scheduler_info()["workers"]) < N_WORKERS:
             time.sleep(0.05)
-        assert json.load(open(sfile))["address"].startswith("tcp://")
+        scheme = "tls://" if self.tls else "tcp://"
+        assert json.load(open(sfile))["address"].startswith(scheme)
         self.c.submit(inc, 1).result()
         return self
 
@@ -130,6 +138,11 @@ class ShoalTCP(Shoal):
         shutil.rmtree(self.dir, ignore_errors=True)
 
     startup = None
+
+
+class ShoalTLS(ShoalTCP):
+    name = "shoal-tls"
+    tls = True
 
 
 class PPE:
@@ -293,7 +306,7 @@ def _time(fn) -> float:
 
 
 def _available():
-    out = [Shoal, ShoalTCP, PPE, Pool]
+    out = [Shoal, ShoalTCP, ShoalTLS, PPE, Pool]
     for cls, mod in [(Dask, "distributed"), (Ray, "ray")]:
         try:
             __import__(mod)

@@ -352,3 +352,54 @@ def test_hosts_cut_off_and_killed_mid_graph_still_give_the_right_result(tmp_path
                 finally:
                     if not netns:
                         os.kill(by_name["w1"], signal.SIGCONT)
+
+
+def test_tls_cluster_and_plain_tcp_refused(tmp_path):
+    certs = tmp_path / "certs"
+    subprocess.run([*SHOAL, "certs", str(certs)], check=True, capture_output=True)
+    sfile = tmp_path / "s.json"
+    tls = ["--tls-ca", str(certs / "ca.pem"), "--tls-cert", str(certs / "cert.pem")]
+    tls += ["--tls-key", str(certs / "key.pem")]
+    log = open(tmp_path / "tls.log", "ab")
+    procs = [
+        Proc([*SHOAL, "scheduler", "--port", "0", "--scheduler-file", str(sfile), *tls], log=log)
+    ]
+    try:
+        wait_for(sfile.exists, 20, "the scheduler file")
+        info = json.loads(sfile.read_text())
+        assert info["address"].startswith("tls://") and info["tls"]["ca"].endswith("ca.pem")
+        procs.append(
+            Proc(
+                [*SHOAL, "worker", "--scheduler-file", str(sfile), "--nworkers", "2"],
+                env={"SHOAL_HOST_KEY": "elsewhere"},
+                log=log,
+            )
+        )
+        # TLS is configured once per process: the client runs in its own.
+        script = (
+            "import shoal, numpy as np, time\n"
+            f"c = shoal.Client(scheduler_file={str(sfile)!r})\n"
+            "while len(c.scheduler_info()['workers']) < 2: time.sleep(0.05)\n"
+            "a = c.submit(np.arange, 1_000_000)\n"
+            "print(c.submit(np.sum, a).result(), sum(c.gather(c.map(abs, range(100)))))\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+        )
+        assert out.stdout.split() == [str(sum(range(1_000_000))), str(sum(range(100)))], out.stderr
+        # The same port without TLS: refused, and the cluster goes on.
+        token = (tmp_path / "s.json.token").read_text()
+        plain = info["address"].replace("tls://", "tcp://")
+        with pytest.raises(ConnectionError):
+            shoal.Client(plain, token=token)
+        out = subprocess.run(
+            [*SHOAL, "status", "--scheduler-file", str(sfile)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "2 worker(s)" in out.stdout, out.stderr
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        log.close()

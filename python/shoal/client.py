@@ -915,6 +915,11 @@ def _read_scheduler_file(
             f"address {address!r} and scheduler file ({info.get('address')!r}) disagree; "
             "give one of them"
         )
+    tls = info.get("tls")
+    if tls:  # the scheduler's certificates, which this site shares
+        from ._core import configure_tls
+
+        configure_tls(tls["ca"], tls["cert"], tls["key"])
     if token is None and info.get("token_file"):
         try:
             with open(info["token_file"]) as fh:

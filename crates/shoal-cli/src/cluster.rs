@@ -4,12 +4,82 @@
 use crate::HostInfo;
 use clap::Args;
 use shoal_runtime::local::{LocalCluster, WorkerCommand};
-use shoal_runtime::net::{Address, Secret};
+use shoal_runtime::net::{configure_tls, Address, Secret};
 use shoal_runtime::{client, runtime, scheduler};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub(crate) type CliResult = Result<(), String>;
+
+/// Certificates for TLS (all three, or none).
+#[derive(Args, Debug, Clone, Default)]
+pub(crate) struct TlsArgs {
+    /// The site's CA certificate (PEM): peers' certificates must chain to it.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+    /// This process's certificate (PEM), issued by the CA for the name `shoal`.
+    #[arg(long, requires_all = ["tls_ca", "tls_key"])]
+    tls_cert: Option<PathBuf>,
+    /// This process's private key (PEM).
+    #[arg(long, requires_all = ["tls_ca", "tls_cert"])]
+    tls_key: Option<PathBuf>,
+}
+
+/// Absolute paths of the TLS files, as the scheduler file records them.
+#[derive(serde::Serialize, serde::Deserialize, Clone, Debug)]
+struct TlsFiles {
+    ca: String,
+    cert: String,
+    key: String,
+}
+
+impl TlsArgs {
+    fn files(&self) -> Result<Option<TlsFiles>, String> {
+        let (Some(ca), Some(cert), Some(key)) = (&self.tls_ca, &self.tls_cert, &self.tls_key)
+        else {
+            return Ok(None);
+        };
+        let abs = |p: &PathBuf| {
+            std::fs::canonicalize(p)
+                .map(|p| p.to_string_lossy().into_owned())
+                .map_err(|e| format!("{}: {e}", p.display()))
+        };
+        Ok(Some(TlsFiles {
+            ca: abs(ca)?,
+            cert: abs(cert)?,
+            key: abs(key)?,
+        }))
+    }
+}
+
+impl TlsFiles {
+    fn configure(&self) -> CliResult {
+        configure_tls(
+            Path::new(&self.ca),
+            Path::new(&self.cert),
+            Path::new(&self.key),
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("SHOAL_TLS_CA".into(), self.ca.clone()),
+            ("SHOAL_TLS_CERT".into(), self.cert.clone()),
+            ("SHOAL_TLS_KEY".into(), self.key.clone()),
+        ]
+    }
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct CertsArgs {
+    /// Directory to write ca.pem, ca-key.pem, cert.pem and key.pem into.
+    dir: PathBuf,
+    /// Extra names the certificate carries (it always carries `shoal`,
+    /// which is what peers check).
+    #[arg(long = "name")]
+    names: Vec<String>,
+}
 
 #[derive(Args, Debug)]
 pub(crate) struct SchedulerArgs {
@@ -32,6 +102,8 @@ pub(crate) struct SchedulerArgs {
     /// Seconds of silence after which a worker is taken as lost (default 5).
     #[arg(long)]
     heartbeat_timeout: Option<f64>,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(Args, Debug)]
@@ -67,6 +139,8 @@ pub(crate) struct WorkerArgs {
     /// Seconds of silence from the scheduler after which workers exit.
     #[arg(long)]
     heartbeat_timeout: Option<f64>,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(Args, Debug)]
@@ -79,6 +153,8 @@ pub(crate) struct StatusArgs {
     /// The cluster's token file (default: the scheduler file's, else SHOAL_TOKEN).
     #[arg(long)]
     token_file: Option<PathBuf>,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 /// What `shoal scheduler --scheduler-file` writes (JSON).
@@ -86,6 +162,8 @@ pub(crate) struct StatusArgs {
 struct SchedulerFile {
     address: String,
     token_file: Option<String>,
+    #[serde(default)]
+    tls: Option<TlsFiles>,
     pid: u32,
 }
 
@@ -109,8 +187,16 @@ fn join_target(
     address: Option<String>,
     scheduler_file: Option<&Path>,
     token_file: Option<&Path>,
-) -> Result<(Address, Secret), String> {
+    tls: &TlsArgs,
+) -> Result<(Address, Secret, Option<TlsFiles>), String> {
     let file = scheduler_file.map(read_scheduler_file).transpose()?;
+    let tls = match tls.files()? {
+        Some(t) => Some(t),
+        None => file.as_ref().and_then(|f| f.tls.clone()),
+    };
+    if let Some(t) = &tls {
+        t.configure()?;
+    }
     let address = address
         .or_else(|| file.as_ref().map(|f| f.address.clone()))
         .ok_or("give the scheduler's address or --scheduler-file")?;
@@ -131,7 +217,7 @@ fn join_target(
             }
         },
     };
-    Ok((address, secret))
+    Ok((address, secret, tls))
 }
 
 fn set_heartbeat_timeout(secs: Option<f64>) -> CliResult {
@@ -189,14 +275,23 @@ pub(crate) fn run_scheduler(a: SchedulerArgs) -> CliResult {
             (s, Some(p))
         }
     };
-    if !is_loopback(&a.host) {
+    let tls = a.tls.files()?;
+    if let Some(t) = &tls {
+        t.configure()?;
+    }
+    if !is_loopback(&a.host) && tls.is_none() {
         eprintln!(
             "shoal: WARNING: listening on {} without TLS: peers must prove the token, but \
              what travels is not encrypted; anyone on the network path can read it",
             a.host
         );
     }
-    let addr = Address::Tcp(format!("{}:{}", a.host, a.port));
+    let hp = format!("{}:{}", a.host, a.port);
+    let addr = if tls.is_some() {
+        Address::Tls(hp)
+    } else {
+        Address::Tcp(hp)
+    };
     let rt = runtime();
     let handle = rt
         .block_on(scheduler::start(&addr, secret))
@@ -213,6 +308,7 @@ pub(crate) fn run_scheduler(a: SchedulerArgs) -> CliResult {
         let info = SchedulerFile {
             address: address.clone(),
             token_file: token_path.map(|p| p.to_string_lossy().into_owned()),
+            tls,
             pid: std::process::id(),
         };
         // Written whole, then renamed: a reader never sees half a file.
@@ -254,10 +350,11 @@ pub(crate) fn run_worker(a: WorkerArgs, host: &HostInfo) -> CliResult {
     if a.nworkers == 0 || a.nthreads == 0 {
         return Err("--nworkers and --nthreads must be at least 1".into());
     }
-    let (address, secret) = join_target(
+    let (address, secret, tls) = join_target(
         a.address.clone(),
         a.scheduler_file.as_deref(),
         a.token_file.as_deref(),
+        &a.tls,
     )?;
     let program = host
         .executable
@@ -292,6 +389,7 @@ pub(crate) fn run_worker(a: WorkerArgs, host: &HostInfo) -> CliResult {
     args.push(address.to_string());
     // The token travels in the environment, never on a command line.
     let mut env = vec![("SHOAL_TOKEN".to_string(), secret.token())];
+    env.extend(tls.iter().flat_map(TlsFiles::env));
     if let Some(pkg) = host
         .package_path
         .as_deref()
@@ -334,10 +432,11 @@ fn hostname() -> String {
 }
 
 pub(crate) fn run_status(a: StatusArgs) -> CliResult {
-    let (address, secret) = join_target(
+    let (address, secret, _) = join_target(
         a.address,
         a.scheduler_file.as_deref(),
         a.token_file.as_deref(),
+        &a.tls,
     )?;
     let c = client::connect(runtime(), &address, &secret)
         .map_err(|e| format!("cannot connect to {address}: {e}"))?;
@@ -396,4 +495,49 @@ pub(crate) fn status_table(info: &shoal_proto::ClusterInfo) -> String {
         ));
     }
     s
+}
+
+/// `shoal certs DIR`: a self-signed CA for a site and one certificate it
+/// issues for the name `shoal` (give every process of the cluster these
+/// files; a site may issue one certificate per host instead).
+pub(crate) fn run_certs(a: CertsArgs) -> CliResult {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let err = |e: rcgen::Error| format!("cannot make certificates: {e}");
+    std::fs::create_dir_all(&a.dir).map_err(|e| format!("{}: {e}", a.dir.display()))?;
+    let ca_key = KeyPair::generate().map_err(err)?;
+    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+    ca.distinguished_name
+        .push(DnType::CommonName, "shoal cluster CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).map_err(err)?;
+    let ca_key_pem = ca_key.serialize_pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let mut names = vec![shoal_runtime::net::TLS_NAME.to_string(), "localhost".into()];
+    names.extend(a.names.iter().cloned());
+    let key = KeyPair::generate().map_err(err)?;
+    let mut params = CertificateParams::new(names).map_err(err)?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, shoal_runtime::net::TLS_NAME);
+    let cert = params.signed_by(&key, &issuer).map_err(err)?;
+    let write = |name: &str, text: String, private: bool| -> CliResult {
+        let p = a.dir.join(name);
+        let _ = std::fs::remove_file(&p);
+        let r = if private {
+            write_private(&p, &text)
+        } else {
+            std::fs::write(&p, text)
+        };
+        r.map_err(|e| format!("cannot write {}: {e}", p.display()))
+    };
+    write("ca.pem", ca_cert.pem(), false)?;
+    write("ca-key.pem", ca_key_pem, true)?;
+    write("cert.pem", cert.pem(), false)?;
+    write("key.pem", key.serialize_pem(), true)?;
+    println!(
+        "wrote {0}/ca.pem, {0}/cert.pem, {0}/key.pem (and {0}/ca-key.pem: keep it safe)\n\
+         use: --tls-ca {0}/ca.pem --tls-cert {0}/cert.pem --tls-key {0}/key.pem",
+        a.dir.display()
+    );
+    Ok(())
 }

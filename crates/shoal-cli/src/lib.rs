@@ -31,6 +31,8 @@ enum Command {
     Worker(cluster::WorkerArgs),
     /// Print a cluster's workers, their load and memory.
     Status(cluster::StatusArgs),
+    /// Make a site CA and a certificate for TLS (`--tls-*` options).
+    Certs(cluster::CertsArgs),
 }
 
 /// Facts only the embedding interpreter knows.
@@ -61,6 +63,7 @@ pub fn run(argv: Vec<String>, host: HostInfo) -> i32 {
         Command::Scheduler(a) => cluster::run_scheduler(a),
         Command::Worker(a) => cluster::run_worker(a, &host),
         Command::Status(a) => cluster::run_status(a),
+        Command::Certs(a) => cluster::run_certs(a),
     };
     match result {
         Ok(()) => 0,

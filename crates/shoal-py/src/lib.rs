@@ -798,6 +798,14 @@ fn sweep(local: Option<PathBuf>) -> usize {
     shm::sweep(local.as_deref())
 }
 
+/// Uses these PEM files for `tls://` connections of this process (the
+/// site's CA, this process's certificate and key). Once per process.
+#[pyfunction]
+fn configure_tls(ca: PathBuf, cert: PathBuf, key: PathBuf) -> PyResult<()> {
+    shoal_runtime::net::configure_tls(&ca, &cert, &key)
+        .map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
 /// This host's key: processes with the same key share memory.
 #[pyfunction]
 fn host_key() -> &'static str {
@@ -825,5 +833,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(remove_process_dirs, m)?)?;
     m.add_function(wrap_pyfunction!(sweep, m)?)?;
     m.add_function(wrap_pyfunction!(host_key, m)?)?;
+    m.add_function(wrap_pyfunction!(configure_tls, m)?)?;
     Ok(())
 }

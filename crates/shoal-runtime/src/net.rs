@@ -22,26 +22,42 @@ pub enum Address {
     Unix(PathBuf),
     /// `tcp://host:port`
     Tcp(String),
+    /// `tls://host:port`: TCP with mutual TLS (see [`configure_tls`]).
+    Tls(String),
 }
 
 impl Address {
-    /// Parses `unix://PATH` or `tcp://HOST:PORT` (a bare `HOST:PORT` means TCP).
+    /// Parses `unix://PATH`, `tcp://HOST:PORT` or `tls://HOST:PORT` (a bare
+    /// `HOST:PORT` means TCP).
     pub fn parse(s: &str) -> Result<Address, String> {
         if let Some(p) = s.strip_prefix("unix://") {
             if p.is_empty() {
                 return Err(format!("address {s:?} has no socket path"));
             }
-            Ok(Address::Unix(PathBuf::from(p)))
-        } else {
-            let hp = s.strip_prefix("tcp://").unwrap_or(s);
-            match hp.rsplit_once(':') {
-                Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => {
-                    Ok(Address::Tcp(hp.to_string()))
-                }
-                _ => Err(format!(
-                    "cannot parse address {s:?}: expected tcp://HOST:PORT or unix:///PATH"
-                )),
-            }
+            return Ok(Address::Unix(PathBuf::from(p)));
+        }
+        let (tls, hp) = match s.strip_prefix("tls://") {
+            Some(hp) => (true, hp),
+            None => (false, s.strip_prefix("tcp://").unwrap_or(s)),
+        };
+        match hp.rsplit_once(':') {
+            Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => Ok(if tls {
+                Address::Tls(hp.to_string())
+            } else {
+                Address::Tcp(hp.to_string())
+            }),
+            _ => Err(format!(
+                "cannot parse address {s:?}: expected tcp://HOST:PORT, tls://HOST:PORT \
+                 or unix:///PATH"
+            )),
+        }
+    }
+
+    /// The same kind of address (transport) at `host_port`.
+    pub fn with_host_port(&self, host_port: String) -> Address {
+        match self {
+            Address::Tls(_) => Address::Tls(host_port),
+            _ => Address::Tcp(host_port),
         }
     }
 }
@@ -51,6 +67,7 @@ impl std::fmt::Display for Address {
         match self {
             Address::Unix(p) => write!(f, "unix://{}", p.display()),
             Address::Tcp(hp) => write!(f, "tcp://{hp}"),
+            Address::Tls(hp) => write!(f, "tls://{hp}"),
         }
     }
 }
@@ -75,14 +92,48 @@ pub enum Listener {
     Unix(UnixListener, PathBuf),
     /// TCP.
     Tcp(TcpListener),
+    /// TCP, each connection wrapped in TLS.
+    Tls(TcpListener, tokio_rustls::TlsAcceptor),
+}
+
+/// An accepted connection whose transport handshake (TLS) has yet to run:
+/// done in the connection's own task, so a slow peer holds up no one.
+pub struct Incoming {
+    stream: Box<dyn Stream>,
+    tls: Option<(tokio_rustls::TlsAcceptor, TcpStream)>,
+}
+
+impl Incoming {
+    /// Completes the transport handshake; the framed connection.
+    pub async fn establish(self) -> io::Result<Conn> {
+        match self.tls {
+            None => Ok(framed(self.stream)),
+            Some((acceptor, tcp)) => {
+                let s = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+                    .await
+                    .map_err(|_| {
+                        io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")
+                    })??;
+                Ok(framed(Box::new(s)))
+            }
+        }
+    }
 }
 
 impl Listener {
-    /// Binds; `tcp://host:0` picks a free port.
+    /// Binds; `tcp://host:0` picks a free port. `tls://` needs TLS to be
+    /// configured ([`configure_tls`] or the `SHOAL_TLS_*` variables).
     pub async fn bind(addr: &Address) -> io::Result<Listener> {
         match addr {
             Address::Unix(p) => Ok(Listener::Unix(UnixListener::bind(p)?, p.clone())),
             Address::Tcp(hp) => Ok(Listener::Tcp(TcpListener::bind(hp.as_str()).await?)),
+            Address::Tls(hp) => {
+                let acceptor = tokio_rustls::TlsAcceptor::from(tls()?.server.clone());
+                Ok(Listener::Tls(
+                    TcpListener::bind(hp.as_str()).await?,
+                    acceptor,
+                ))
+            }
         }
     }
 
@@ -91,22 +142,154 @@ impl Listener {
         match self {
             Listener::Unix(_, p) => Ok(Address::Unix(p.clone())),
             Listener::Tcp(l) => Ok(Address::Tcp(l.local_addr()?.to_string())),
+            Listener::Tls(l, _) => Ok(Address::Tls(l.local_addr()?.to_string())),
         }
     }
 
-    /// Next connection, framed, and who it comes from (for logs).
-    pub async fn accept(&self) -> io::Result<(Conn, String)> {
+    /// Next connection, and who it comes from (for logs); call
+    /// [`Incoming::establish`] on it in its own task.
+    pub async fn accept(&self) -> io::Result<(Incoming, String)> {
         match self {
             Listener::Unix(l, p) => Ok((
-                framed(Box::new(l.accept().await?.0)),
+                Incoming {
+                    stream: Box::new(l.accept().await?.0),
+                    tls: None,
+                },
                 format!("unix://{}", p.display()),
             )),
             Listener::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
                 s.set_nodelay(true)?;
-                Ok((framed(Box::new(s)), peer.to_string()))
+                Ok((
+                    Incoming {
+                        stream: Box::new(s),
+                        tls: None,
+                    },
+                    peer.to_string(),
+                ))
+            }
+            Listener::Tls(l, acceptor) => {
+                let (s, peer) = l.accept().await?;
+                s.set_nodelay(true)?;
+                Ok((
+                    Incoming {
+                        stream: Box::new(tokio::io::empty()),
+                        tls: Some((acceptor.clone(), s)),
+                    },
+                    peer.to_string(),
+                ))
             }
         }
+    }
+}
+
+/// TLS settings of this process: every shoal certificate is issued by the
+/// site's CA and names `shoal` (what `shoal certs` makes); both ends of
+/// every connection present one (mutual TLS).
+pub struct TlsConfig {
+    client: Arc<rustls::ClientConfig>,
+    server: Arc<rustls::ServerConfig>,
+    paths: [PathBuf; 3],
+}
+
+/// The name every shoal certificate carries and every peer checks.
+pub const TLS_NAME: &str = "shoal";
+
+static TLS: std::sync::OnceLock<TlsConfig> = std::sync::OnceLock::new();
+
+fn tls_err(what: &str, e: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, format!("TLS: {what}: {e}"))
+}
+
+fn load_tls(
+    ca: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> io::Result<TlsConfig> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let read = |p: &std::path::Path| -> io::Result<Vec<CertificateDer<'static>>> {
+        CertificateDer::pem_file_iter(p)
+            .map_err(|e| tls_err(&format!("cannot read {}", p.display()), e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| tls_err(&format!("bad certificate in {}", p.display()), e))
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for c in read(ca)? {
+        roots.add(c).map_err(|e| tls_err("bad CA certificate", e))?;
+    }
+    let roots = Arc::new(roots);
+    let chain = read(cert)?;
+    let key_path = key;
+    let key = PrivateKeyDer::from_pem_file(key_path)
+        .map_err(|e| tls_err(&format!("cannot read the key {}", key_path.display()), e))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let client = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_err("protocol versions", e))?
+        .with_root_certificates(roots.clone())
+        .with_client_auth_cert(chain.clone(), key.clone_key())
+        .map_err(|e| tls_err("certificate and key", e))?;
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+            .build()
+            .map_err(|e| tls_err("client verifier", e))?;
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_err("protocol versions", e))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| tls_err("certificate and key", e))?;
+    Ok(TlsConfig {
+        client: Arc::new(client),
+        server: Arc::new(server),
+        paths: [ca.into(), cert.into(), key_path.into()],
+    })
+}
+
+/// Sets this process's TLS certificates (CA, own certificate, own key; PEM
+/// files). Once per process; setting other files later is an error.
+pub fn configure_tls(
+    ca: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> io::Result<()> {
+    let wanted = [ca.to_path_buf(), cert.to_path_buf(), key.to_path_buf()];
+    if let Some(t) = TLS.get() {
+        if t.paths == wanted {
+            return Ok(());
+        }
+        return Err(tls_err(
+            "already configured",
+            format!("this process uses {:?}", t.paths),
+        ));
+    }
+    let cfg = load_tls(ca, cert, key)?;
+    let _ = TLS.set(cfg);
+    Ok(())
+}
+
+/// The process's TLS settings: from [`configure_tls`], else from
+/// `SHOAL_TLS_CA`, `SHOAL_TLS_CERT` and `SHOAL_TLS_KEY`.
+fn tls() -> io::Result<&'static TlsConfig> {
+    if let Some(t) = TLS.get() {
+        return Ok(t);
+    }
+    let var = |n: &str| std::env::var_os(n).map(PathBuf::from);
+    match (
+        var("SHOAL_TLS_CA"),
+        var("SHOAL_TLS_CERT"),
+        var("SHOAL_TLS_KEY"),
+    ) {
+        (Some(ca), Some(cert), Some(key)) => {
+            configure_tls(&ca, &cert, &key)?;
+            Ok(TLS.get().expect("just set"))
+        }
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a tls:// address needs certificates: --tls-ca/--tls-cert/--tls-key (or \
+             SHOAL_TLS_CA, SHOAL_TLS_CERT, SHOAL_TLS_KEY); `shoal certs DIR` makes a set",
+        )),
     }
 }
 
@@ -126,6 +309,15 @@ pub async fn connect(addr: &Address) -> io::Result<(Conn, Option<std::net::IpAdd
             let s = TcpStream::connect(hp.as_str()).await?;
             s.set_nodelay(true)?;
             let ip = s.local_addr()?.ip();
+            Ok((framed(Box::new(s)), Some(ip)))
+        }
+        Address::Tls(hp) => {
+            let connector = tokio_rustls::TlsConnector::from(tls()?.client.clone());
+            let s = TcpStream::connect(hp.as_str()).await?;
+            s.set_nodelay(true)?;
+            let ip = s.local_addr()?.ip();
+            let name = rustls_pki_types::ServerName::try_from(TLS_NAME).expect("a valid name");
+            let s = connector.connect(name, s).await?;
             Ok((framed(Box::new(s)), Some(ip)))
         }
     }
@@ -384,7 +576,8 @@ mod tests {
         let listener = Listener::bind(&addr).await.unwrap();
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
-            while let Ok((mut conn, peer)) = listener.accept().await {
+            while let Ok((incoming, peer)) = listener.accept().await {
+                let mut conn = incoming.establish().await.unwrap();
                 let ok = accept_handshake(&mut conn, &secret, &peer).await.is_ok();
                 if ok {
                     let _ = send(&mut conn, &Welcome::Accepted { id: 1 }).await;

@@ -3,7 +3,7 @@
 //! writer task that batches what it sends back. The owner drains every event
 //! available before writing, so bursts become a few large frames.
 
-use crate::net::{self, Address, Conn, Listener, Secret};
+use crate::net::{self, Address, Listener, Secret};
 use bytes::Bytes;
 use futures::StreamExt;
 use rustc_hash::FxHashMap;
@@ -104,13 +104,20 @@ async fn accept_loop(
 }
 
 async fn serve_conn(
-    mut conn: Conn,
+    incoming: net::Incoming,
     peer: String,
     events: mpsc::UnboundedSender<Event>,
     ids: Arc<AtomicU32>,
     mut stop: watch::Receiver<bool>,
     secret: &Secret,
 ) {
+    let mut conn = match incoming.establish().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!("dropping {peer}: {e}");
+            return;
+        }
+    };
     // Nothing but the handshake is read before the peer proves it has the
     // cluster's secret.
     let Ok(hello) = net::accept_handshake(&mut conn, secret, &peer).await else {
@@ -160,6 +167,8 @@ async fn serve_conn(
                         let ev = if is_worker { Event::FromWorker(id, msgs) } else { Event::FromClient(id, msgs) };
                         if events.send(ev).is_err() { return; }
                     }
+                    // TLS peers that exit without close_notify: a plain close.
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break "connection closed".to_string(),
                     Err(e) => break format!("bad frame: {e}"),
                 },
             }

@@ -429,11 +429,17 @@ pub fn start(
                 let dir = p.parent().unwrap_or_else(|| std::path::Path::new("/tmp"));
                 Address::Unix(dir.join(format!("w-{}-{}.sock", std::process::id(), nthreads)))
             }
-            Address::Tcp(_) => {
-                let (conn, ip) = net::connect(scheduler).await?;
+            Address::Tcp(_) | Address::Tls(_) => {
+                // Listen where we reach the scheduler from (a plain TCP
+                // connection is enough to learn that address).
+                let plain = match scheduler {
+                    Address::Tls(hp) => Address::Tcp(hp.clone()),
+                    other => other.clone(),
+                };
+                let (conn, ip) = net::connect(&plain).await?;
                 drop(conn);
                 let ip = ip.expect("tcp has an ip");
-                Address::Tcp(std::net::SocketAddr::new(ip, 0).to_string())
+                scheduler.with_host_port(std::net::SocketAddr::new(ip, 0).to_string())
             }
         };
         let listener = Listener::bind(&data_addr).await?;
@@ -758,11 +764,15 @@ async fn fetch_some(
 
 async fn data_server(listener: Listener, sh: Arc<WorkerShared>) {
     loop {
-        let Ok((mut conn, peer)) = listener.accept().await else {
+        let Ok((incoming, peer)) = listener.accept().await else {
             continue;
         };
         let sh = sh.clone();
         tokio::spawn(async move {
+            let Ok(mut conn) = incoming.establish().await else {
+                tracing::warn!("dropping {peer}: TLS handshake failed");
+                return;
+            };
             // A peer that cannot prove it has the secret fetches nothing.
             match net::accept_handshake(&mut conn, &sh.secret, &peer).await {
                 Ok(h) if h.role == Role::Data => {}
