@@ -403,3 +403,28 @@ def test_tls_cluster_and_plain_tcp_refused(tmp_path):
         for p in reversed(procs):
             p.stop()
         log.close()
+
+
+def counted(path: str, i: int):
+    import numpy as np
+
+    with open(path, "a") as fh:
+        fh.write(f"{i}\n")
+    return np.full(100_000, i)
+
+
+def test_sigterm_on_a_worker_command_hands_its_data_over(tmp_path):
+    log = str(tmp_path / "runs")
+    with cluster(tmp_path, 2) as (sfile, procs):
+        with shoal.Client(scheduler_file=sfile) as c:
+            wait_for(lambda: n_workers(c) == 2, 30, "two workers")
+            xs = [c.submit(counted, log, i) for i in range(8)]
+            shoal.wait(xs)
+            assert all(w["held"] > 0 for w in c.scheduler_info()["workers"].values())
+            procs[1].signal(signal.SIGTERM)  # the first `shoal worker` command
+            wait_for(lambda: n_workers(c) == 1, 30, "the worker to retire")
+            assert procs[1].p.wait(30) == 0
+            assert [int(x.result()[0]) for x in xs] == list(range(8))
+            with open(log) as fh:
+                ran = sorted(int(v) for v in fh.read().split())
+            assert ran == list(range(8)), "results were recomputed instead of handed over"

@@ -209,3 +209,42 @@ def test_scatter_shapes_and_put():
 def test_bad_memory_limits_are_refused_clearly():
     with pytest.raises(ValueError, match="memory limit 'lots'"):
         shoal.Client(n_workers=1, memory_limit="lots")
+
+
+def counted(path: str, i: int) -> np.ndarray:
+    """Makes a 1 MiB array, recording each run in `path`."""
+    with open(path, "a") as fh:
+        fh.write(f"{i}\n")
+    return np.full(MiB // 8, i, dtype=np.int64)
+
+
+def runs(path) -> list[int]:
+    with open(path) as fh:
+        return sorted(int(x) for x in fh.read().split())
+
+
+def test_retire_workers_hands_results_over_without_recomputing(tmp_path):
+    log = str(tmp_path / "runs")
+    with shoal.Client(n_workers=2) as c:
+        xs = [c.submit(counted, log, i) for i in range(6)]
+        shoal.wait(xs)
+        held = {a: w["held"] for a, w in c.scheduler_info()["workers"].items()}
+        assert all(n > 0 for n in held.values()), held
+        gone = c.retire_workers(n=1)
+        assert len(gone) == 1 and gone[0] not in c.scheduler_info()["workers"]
+        assert [int(x.result()[0]) for x in xs] == list(range(6))
+        assert c.submit(np.sum, xs[1]).result() == MiB // 8
+        assert runs(log) == list(range(6)), "a retired worker's results were recomputed"
+        with pytest.raises(ValueError, match="no such workers"):
+            c.retire_workers(["nobody"])
+
+
+def test_restart_cancels_futures_and_brings_fresh_workers(tmp_path):
+    with shoal.Client(n_workers=2) as c:
+        before = set(c.worker_pids)
+        f = c.submit(time.sleep, 30)
+        c.restart()
+        assert not before & set(c.worker_pids)
+        with pytest.raises(shoal.FutureCancelledError):
+            f.result(timeout=10)
+        assert c.submit(sum, [1, 2]).result(timeout=30) == 3

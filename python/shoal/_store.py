@@ -113,6 +113,7 @@ class Store:
         self.paused = False
         self._spill_dir: str | None = None
         self._io = threading.Lock()  # one export or spill at a time
+        segment_dir()  # now: its first call empties a stale one
         self._checking = threading.Lock()
 
     # ----------------------------------------------------------- directories
@@ -205,7 +206,11 @@ class Store:
                 return obj
             f = self.files.get(tid)
         if f is None:
-            raise RuntimeError(f"this worker lost the result of task {tid:x}")
+            # Copied here by the Rust side from a retiring worker.
+            found = self.core.stored_file(tid)
+            if found is None:
+                raise RuntimeError(f"this worker lost the result of task {tid:x}")
+            f = (found[0], found[1], False)
         # Spilled: map the file (read-only views; the page cache holds it).
         return _serialize.load_file(f[0])
 

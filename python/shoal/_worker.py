@@ -291,6 +291,18 @@ def _buffer_size(obj: Any) -> int | None:
     return nbytes
 
 
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM: retire gracefully (results still needed move to other
+    workers, then the scheduler stops this one). Repeats change nothing (a
+    nanny and a batch system may both send one); SIGKILL stops it now."""
+    ex = _current
+    if ex is None:
+        os._exit(1)
+    if not getattr(_on_sigterm, "asked", False):
+        _on_sigterm.asked = True  # type: ignore[attr-defined]
+        ex.core.retire()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m shoal._worker", description=__doc__)
     parser.add_argument("address", help="scheduler address (unix:///path or tcp://host:port)")
@@ -330,6 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     # Ctrl-C in the terminal reaches the whole process group: the client
     # handles it; a worker must not die of it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     share = min(1.0, ns.nthreads / (os.cpu_count() or 1))
     limit = _store.parse_memory(ns.memory_limit, share)
     _core.sweep(ns.local_directory)  # leftovers of crashed processes

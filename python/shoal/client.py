@@ -848,6 +848,70 @@ class Client:
         info["workers"] = {w.pop("address"): w for w in info["workers"]}
         return info
 
+    def retire_workers(
+        self,
+        workers: Iterable[str] | None = None,
+        n: int | None = None,
+        timeout: float = 60.0,
+    ) -> list[str]:
+        """Removes workers gracefully: they get no new work, the results
+        they hold that are still needed move to other workers, then they
+        stop (an embedded cluster does not replace them). ``workers``:
+        addresses, names or pids (``scheduler_info()``); or ``n``: that many.
+        Returns the addresses retired, once they are gone; ``TimeoutError``
+        after ``timeout`` seconds."""
+        info = self.scheduler_info()["workers"]
+        if workers is None:
+            if n is None:
+                raise ValueError("give the workers to retire, or n=")
+            chosen = sorted(info, key=lambda a: info[a]["id"])[-n:] if n > 0 else []
+        else:
+            wanted = {str(w) for w in workers}
+
+            def ids(a: str) -> set[str]:
+                return {a, info[a]["name"], str(info[a]["pid"])}
+
+            chosen = [a for a in info if ids(a) & wanted]
+            unknown = wanted - set().union(*(ids(a) for a in chosen))
+            if unknown:
+                raise ValueError(f"no such workers: {sorted(unknown)}; see scheduler_info()")
+        if not chosen:
+            return []
+        self._check().retire(chosen)
+        deadline = time.monotonic() + timeout
+        while set(chosen) & set(self.scheduler_info()["workers"]):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"workers {chosen} did not retire within {timeout} s")
+            time.sleep(0.05)
+        return chosen
+
+    def restart(self, timeout: float = 60.0) -> None:
+        """Restarts every worker process (their nannies: the embedded
+        cluster, ``shoal worker``, start fresh ones) and cancels this
+        client's futures, as distributed does. Waits until as many workers
+        as before are back."""
+        core = self._check()
+        deadline = time.monotonic() + timeout
+        expected = len(self.worker_pids)  # embedded: the processes started
+        while True:
+            before = {w["pid"] for w in self.scheduler_info()["workers"].values()}
+            if len(before) >= expected or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)  # still joining
+        with self._lock:
+            live = list(self._refs)
+        for tid in live:
+            self._cancelled.add(tid)
+        core.cancel(live)
+        core.restart()
+        while True:
+            now = {w["pid"] for w in self.scheduler_info()["workers"].values()}
+            if len(now) >= len(before) and not (now & before):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the workers did not come back within {timeout} s")
+            time.sleep(0.05)
+
     @property
     def worker_pids(self) -> list[int]:
         """Process ids of the embedded cluster's workers (empty when remote)."""

@@ -139,6 +139,10 @@ pub(crate) struct WorkerArgs {
     /// Seconds of silence from the scheduler after which workers exit.
     #[arg(long)]
     heartbeat_timeout: Option<f64>,
+    /// Seconds workers get on SIGTERM to hand their data over before
+    /// they are killed.
+    #[arg(long, default_value_t = 30.0)]
+    grace: f64,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -420,7 +424,14 @@ pub(crate) fn run_worker(a: WorkerArgs, host: &HostInfo) -> CliResult {
         }
     });
     eprintln!("shoal worker {name}: {why}; stopping");
+    // SIGTERM: each process asks to retire, hands the results still needed
+    // to other workers, and is stopped by the scheduler (a second signal,
+    // or the grace period running out, kills them).
     workers.terminate();
+    let deadline = std::time::Instant::now() + Duration::from_secs_f64(a.grace);
+    while !workers.pids().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     workers.close();
     Ok(())
 }

@@ -150,6 +150,22 @@ pub enum Action {
         /// Why.
         kind: ErrorKind,
     },
+    /// Copy a result from a retiring worker to another one (answer:
+    /// [`Core::handle_replicated`]).
+    Replicate {
+        /// The result.
+        task: TaskId,
+        /// Retiring holder.
+        from: WorkerId,
+        /// New holder.
+        to: WorkerId,
+    },
+    /// A retiring worker runs nothing and holds nothing still needed: it
+    /// may exit.
+    Retired {
+        /// The worker.
+        worker: WorkerId,
+    },
 }
 
 /// Where a task's result lives.
@@ -265,6 +281,9 @@ struct Worker {
     stalled: bool,
     /// Its memory is high: gets no work at all, its queue is taken back.
     paused: bool,
+    /// Leaving: gets no work; its needed results move to other workers
+    /// (task -> target), then it is told to exit.
+    retiring: Option<FxHashMap<TaskId, WorkerId>>,
     /// Assigned tasks asked back, answer pending.
     stealing: FxHashSet<TaskId>,
     /// Resources it has, and the amounts its assigned tasks hold.
@@ -451,6 +470,7 @@ impl Core {
             progress_us: self.now_us,
             stalled: false,
             paused: false,
+            retiring: None,
             stealing: FxHashSet::default(),
             resources_used: resources.iter().map(|&(r, _)| (r, 0.0)).collect(),
             resources,
@@ -545,11 +565,151 @@ impl Core {
         self.schedule();
     }
 
+    /// Retires a worker gracefully: it gets no more work, its queued tasks
+    /// go elsewhere, the results it holds that are still needed are copied
+    /// to other workers ([`Action::Replicate`]); then [`Action::Retired`].
+    /// With no other worker to take them, the results are left to be
+    /// recomputed when it goes.
+    pub fn handle_retire(&mut self, worker: WorkerId) {
+        if let Some(w) = self.workers.get_mut(&worker) {
+            if w.retiring.is_none() {
+                w.retiring = Some(FxHashMap::default());
+                w.paused = true;
+                self.steal();
+                self.schedule();
+            }
+        }
+    }
+
+    /// Worker `to` copied `task`'s result (`ok`) or could not (then another
+    /// copy is tried).
+    pub fn handle_replicated(&mut self, to: WorkerId, task: TaskId, ok: bool) {
+        let Some(t) = self.tasks.get(&task) else {
+            return;
+        };
+        let TaskState::Memory {
+            location: Location::Worker(from),
+            size,
+        } = t.state
+        else {
+            return;
+        };
+        let Some(moving) = self
+            .workers
+            .get_mut(&from)
+            .and_then(|w| w.retiring.as_mut())
+        else {
+            return;
+        };
+        if moving.get(&task) != Some(&to) {
+            return;
+        }
+        moving.remove(&task);
+        if ok && self.workers.contains_key(&to) {
+            // Same data, new holder: no dependent changes state.
+            self.tasks.get_mut(&task).expect("known").state = TaskState::Memory {
+                location: Location::Worker(to),
+                size,
+            };
+            self.workers
+                .get_mut(&from)
+                .expect("retiring")
+                .has
+                .remove(&task);
+            self.workers.get_mut(&to).expect("checked").has.insert(task);
+            self.actions.push(Action::ReleaseData {
+                worker: Some(from),
+                task,
+            });
+            // Clients holding it learn where it is now.
+            for i in 0..self.tasks[&task].wanted_by.len() {
+                let client = self.tasks[&task].wanted_by[i];
+                self.notify_one(client, task);
+            }
+        }
+        self.schedule();
+    }
+
+    /// Moves needed results off retiring workers and lets go of those that
+    /// are done (part of every `schedule`).
+    fn retire_step(&mut self) {
+        let retiring: Vec<WorkerId> = self
+            .worker_order
+            .iter()
+            .copied()
+            .filter(|w| self.workers[w].retiring.is_some())
+            .collect();
+        for wid in retiring {
+            // Moves of results released meanwhile, or to workers gone, are off.
+            let w = self.workers.get_mut(&wid).expect("listed");
+            let has = &w.has;
+            let alive: FxHashSet<WorkerId> = self.worker_order.iter().copied().collect();
+            w.retiring
+                .as_mut()
+                .expect("retiring")
+                .retain(|t, to| has.contains(t) && alive.contains(to));
+            let w = &self.workers[&wid];
+            let mut needed: Vec<TaskId> = w
+                .has
+                .iter()
+                .copied()
+                .filter(|id| {
+                    let t = &self.tasks[id];
+                    !t.wanted_by.is_empty() || t.pending_dependents > 0
+                })
+                .collect();
+            needed.sort();
+            let moving = w.retiring.as_ref().expect("retiring");
+            let idle = w.assigned.is_empty();
+            let pending: Vec<TaskId> = needed
+                .into_iter()
+                .filter(|id| !moving.contains_key(id))
+                .collect();
+            // Targets: workers staying, fewest results held first.
+            let mut targets: Vec<(usize, WorkerId)> = self
+                .workers
+                .iter()
+                .filter(|(id, o)| **id != wid && o.retiring.is_none())
+                .map(|(id, o)| (o.has.len(), *id))
+                .collect();
+            targets.sort();
+            if targets.is_empty() {
+                // Nowhere to go: the results are recomputed after it leaves.
+                if idle {
+                    self.finish_retire(wid);
+                }
+                continue;
+            }
+            for (i, task) in pending.into_iter().enumerate() {
+                let to = targets[i % targets.len()].1;
+                let w = self.workers.get_mut(&wid).expect("retiring");
+                w.retiring.as_mut().expect("retiring").insert(task, to);
+                self.actions.push(Action::Replicate {
+                    task,
+                    from: wid,
+                    to,
+                });
+            }
+            let w = &self.workers[&wid];
+            if idle && w.retiring.as_ref().is_some_and(|m| m.is_empty()) {
+                self.finish_retire(wid);
+            }
+        }
+    }
+
+    fn finish_retire(&mut self, wid: WorkerId) {
+        if let Some(w) = self.workers.get_mut(&wid) {
+            if w.retiring.take().is_some() {
+                self.actions.push(Action::Retired { worker: wid });
+            }
+        }
+    }
+
     /// A worker's memory crossed its pause fraction: while paused it gets no
     /// work, and its queued tasks are asked back (as from a stalled worker).
     pub fn handle_worker_paused(&mut self, worker: WorkerId, paused: bool) {
         if let Some(w) = self.workers.get_mut(&worker) {
-            w.paused = paused;
+            w.paused = paused || w.retiring.is_some();
             if paused {
                 self.steal();
             }
@@ -1148,6 +1308,9 @@ impl Core {
     /// the next one. Prefers the worker holding most bytes of the inputs, then
     /// the least loaded.
     fn schedule(&mut self) {
+        if self.workers.values().any(|w| w.retiring.is_some()) {
+            self.retire_step();
+        }
         self.schedule_constrained();
         while let Some(id) = first_ready(&mut self.ready, &self.tasks) {
             let t = &self.tasks[&id];

@@ -825,3 +825,86 @@ fn an_input_its_holder_lacks_is_recomputed_and_the_task_runs_again() {
     c.check_invariants();
     assert_eq!(computes(&c.take_actions()), vec![(1, 3)]);
 }
+
+fn replicates(actions: &[Action]) -> Vec<(u64, u32, u32)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Replicate { task, from, to } => Some((task.0, from.0, to.0)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_retiring_worker_hands_its_needed_results_over_then_is_let_go() {
+    let mut c = core();
+    c.handle_worker_added(WorkerId(0), 1);
+    c.handle_submit(C, vec![nt(1, &[]), nt(2, &[]), nt(3, &[]), nt(4, &[1, 2])]);
+    c.take_actions();
+    for i in 1..=3 {
+        c.handle_task_finished(WorkerId(0), t(i), 1 << 20, false, 1_000_000);
+        c.take_actions();
+    }
+    c.handle_release(C, &[t(3)]); // not needed any more: not moved
+    c.take_actions();
+    // Task 4 runs on worker 0; worker 1 joins; worker 0 is asked to leave.
+    assert_eq!(c.state(t(4)), Some(TaskState::Processing(WorkerId(0))));
+    c.handle_worker_added(WorkerId(1), 1);
+    c.handle_retire(WorkerId(0));
+    c.check_invariants();
+    let a = c.take_actions();
+    assert_eq!(replicates(&a), vec![(1, 0, 1), (2, 0, 1)]);
+    // Still running something: not let go yet.
+    c.handle_replicated(WorkerId(1), t(1), true);
+    c.handle_replicated(WorkerId(1), t(2), true);
+    c.check_invariants();
+    assert_eq!(c.location(t(1)), Some(Location::Worker(WorkerId(1))));
+    let a = c.take_actions();
+    assert!(
+        !a.iter().any(|x| matches!(x, Action::Retired { .. })),
+        "{a:?}"
+    );
+    // Its last task finishes: that result moves too, then it may go.
+    c.handle_task_finished(WorkerId(0), t(4), 1 << 20, false, 10);
+    let a = c.take_actions();
+    assert_eq!(replicates(&a), vec![(4, 0, 1)]);
+    c.handle_replicated(WorkerId(1), t(4), true);
+    let a = c.take_actions();
+    assert!(
+        a.contains(&Action::Retired {
+            worker: WorkerId(0)
+        }),
+        "{a:?}"
+    );
+    c.handle_worker_lost(WorkerId(0));
+    c.check_invariants();
+    // Nothing to recompute: everything needed lives on worker 1.
+    assert_eq!(computes(&c.take_actions()), vec![]);
+    assert_eq!(c.location(t(4)), Some(Location::Worker(WorkerId(1))));
+}
+
+#[test]
+fn a_failed_copy_is_tried_again_and_a_lone_worker_just_leaves() {
+    let mut c = core();
+    c.handle_worker_added(WorkerId(0), 1);
+    c.handle_worker_added(WorkerId(1), 1);
+    c.handle_submit(C, vec![nt(1, &[])]);
+    c.take_actions();
+    c.handle_task_finished(WorkerId(0), t(1), 1 << 20, false, 10);
+    c.take_actions();
+    c.handle_retire(WorkerId(0));
+    assert_eq!(replicates(&c.take_actions()), vec![(1, 0, 1)]);
+    c.handle_replicated(WorkerId(1), t(1), false);
+    assert_eq!(replicates(&c.take_actions()), vec![(1, 0, 1)]);
+    // The target dies: the move goes nowhere; alone, the worker just leaves.
+    c.handle_worker_lost(WorkerId(1));
+    c.check_invariants();
+    let a = c.take_actions();
+    assert!(
+        a.contains(&Action::Retired {
+            worker: WorkerId(0)
+        }),
+        "{a:?}"
+    );
+}

@@ -198,6 +198,19 @@ pub enum ToScheduler {
     Heartbeat(WorkerMetrics),
     /// Client: what the cluster looks like (answered by [`FromScheduler::Info`]).
     Info,
+    /// Client: retire these workers (data addresses or names) gracefully.
+    Retire(Vec<String>),
+    /// Worker: retire me gracefully (it got SIGTERM).
+    RetireMe,
+    /// Client: restart every worker process (their nannies start new ones).
+    Restart,
+    /// Worker: the copy asked by `Replicate` is done (`ok`) or failed.
+    Replicated {
+        /// The result.
+        id: u64,
+        /// Whether this worker now holds it.
+        ok: bool,
+    },
     /// Worker: its memory is above the pause fraction (true: give it no
     /// more work, take back what it has queued) or back below (false).
     Paused(bool),
@@ -370,6 +383,16 @@ pub enum FromScheduler {
     Ping,
     /// To a client: the answer to [`ToScheduler::Info`].
     Info(ClusterInfo),
+    /// To a worker: copy this result from the (retiring) worker at `from`
+    /// and keep it (answer: `Replicated`).
+    Replicate {
+        /// The result.
+        id: u64,
+        /// The holder's data address.
+        from: String,
+    },
+    /// To a worker: exit so that your nanny starts a fresh process.
+    Restart,
 }
 
 /// A data request to a worker's data server.

@@ -10,7 +10,7 @@ use pyo3::exceptions::{PyConnectionError, PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{IntoPyDict, PyByteArray, PyBytes, PyDict, PyList, PyString, PyTuple};
-use shoal_proto::{TaskError, TaskKind, TaskSpec, WorkerMetrics};
+use shoal_proto::{TaskError, TaskKind, TaskSpec, ToScheduler, WorkerMetrics};
 use shoal_runtime::client::{self, ClientShared, Status, Watcher};
 use shoal_runtime::local::{LocalCluster, WorkerCommand};
 use shoal_runtime::net::{Address, Secret};
@@ -472,6 +472,17 @@ impl ClientCore {
         self.inner.closed_reason()
     }
 
+    /// Asks the scheduler to retire these workers (data addresses, names or
+    /// pids) gracefully.
+    fn retire(&self, workers: Vec<String>) -> PyResult<()> {
+        self.inner.send(ToScheduler::Retire(workers)).map_err(lost)
+    }
+
+    /// Asks the scheduler to restart every worker process.
+    fn restart(&self) -> PyResult<()> {
+        self.inner.send(ToScheduler::Restart).map_err(lost)
+    }
+
     /// What the cluster looks like, as a dict (see `Client.scheduler_info`).
     fn cluster_info<'py>(&self, py: Python<'py>, timeout: f64) -> PyResult<Bound<'py, PyDict>> {
         let inner = &self.inner;
@@ -676,6 +687,17 @@ impl WorkerCore {
         self.inner.set_paused(paused)
     }
 
+    /// Asks the scheduler to retire this worker gracefully (SIGTERM).
+    fn retire(&self) {
+        self.inner.retire()
+    }
+
+    /// `(path, length)` of the file holding result `id`, if it is kept as
+    /// one here (copied from a retiring worker).
+    fn stored_file(&self, id: u64) -> Option<(String, u64)> {
+        self.inner.stored_file(id)
+    }
+
     /// The memory manager's figures, sent to the scheduler with the next
     /// heartbeat (bytes; limit 0: none).
     fn set_metrics(&self, memory: u64, managed: u64, spilled: u64, limit: u64, paused: bool) {
@@ -769,8 +791,17 @@ fn fetched_to_py(py: Python<'_>, v: Fetched) -> PyResult<Py<PyAny>> {
 /// dead process with the same pid left one).
 #[pyfunction]
 fn segment_dir() -> PyResult<String> {
-    let d = shm::segment_dir(std::process::id());
-    shm::create_own(&d)?;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    // Emptied once per process (a stale one of a dead process with our
+    // pid); later calls must not delete what this process put there.
+    static FRESH_FOR: AtomicU32 = AtomicU32::new(0);
+    let pid = std::process::id();
+    let d = shm::segment_dir(pid);
+    if FRESH_FOR.swap(pid, Ordering::SeqCst) != pid {
+        shm::create_own(&d)?;
+    } else {
+        std::fs::create_dir_all(&d)?;
+    }
     Ok(d.to_string_lossy().into_owned())
 }
 

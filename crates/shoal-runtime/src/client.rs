@@ -257,6 +257,17 @@ impl ClientShared {
         let _ = self.out.send(ToScheduler::Release(ids));
     }
 
+    /// Sends any message to the scheduler; `Err` with the reason once the
+    /// connection is closed.
+    pub fn send(&self, msg: ToScheduler) -> Result<(), String> {
+        if let Some(reason) = self.closed_reason() {
+            return Err(reason);
+        }
+        self.out
+            .send(msg)
+            .map_err(|_| "the connection is closed".to_string())
+    }
+
     /// Cancels unfinished tasks.
     pub fn cancel(&self, ids: Vec<u64>) {
         let _ = self.out.send(ToScheduler::Cancel(ids));

@@ -168,7 +168,7 @@ async fn serve_conn(
                         if events.send(ev).is_err() { return; }
                     }
                     // TLS peers that exit without close_notify: a plain close.
-                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break "connection closed".to_string(),
+                    Err(e) if matches!(e.kind(), io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset) => break "connection closed".to_string(),
                     Err(e) => break format!("bad frame: {e}"),
                 },
             }
@@ -388,6 +388,28 @@ impl State {
                 let r = self.resource_ids(&[(name, 0.0)])[0].0;
                 self.core.handle_resource_expected(r);
             }
+            ToScheduler::Retire(names) => {
+                let ids: Vec<u32> = self
+                    .workers
+                    .iter()
+                    .filter(|(_, w)| {
+                        names
+                            .iter()
+                            .any(|n| *n == w.data_addr || *n == w.name || *n == w.pid.to_string())
+                    })
+                    .map(|(&id, _)| id)
+                    .collect();
+                for id in ids {
+                    tracing::info!("retiring worker {}", self.workers[&id].name);
+                    self.core.handle_retire(WorkerId(id));
+                }
+            }
+            ToScheduler::Restart => {
+                tracing::warn!("client {client} restarts every worker");
+                for w in self.workers.values() {
+                    let _ = w.tx.send(FromScheduler::Restart);
+                }
+            }
             ToScheduler::Info => {
                 let info = self.info();
                 if let Some(tx) = self.clients.get(&client) {
@@ -427,6 +449,15 @@ impl State {
                 }
             }
             ToScheduler::Threads(n) => self.core.handle_worker_threads(wid, n),
+            ToScheduler::RetireMe => {
+                if let Some(w) = self.workers.get(&worker) {
+                    tracing::info!("worker {} retires (SIGTERM)", w.name);
+                }
+                self.core.handle_retire(wid);
+            }
+            ToScheduler::Replicated { id, ok } => {
+                self.core.handle_replicated(wid, TaskId(id), ok);
+            }
             ToScheduler::Heartbeat(m) => {
                 if let Some(w) = self.workers.get_mut(&worker) {
                     w.metrics = m;
@@ -583,6 +614,21 @@ impl State {
                         let _ = w.tx.send(FromScheduler::Steal(
                             tasks.into_iter().map(|t| t.0).collect(),
                         ));
+                    }
+                }
+                Action::Replicate { task, from, to } => {
+                    let from = self.workers.get(&from.0).map(|w| w.data_addr.clone());
+                    match (from, self.workers.get(&to.0)) {
+                        (Some(from), Some(w)) => {
+                            let _ = w.tx.send(FromScheduler::Replicate { id: task.0, from });
+                        }
+                        _ => self.core.handle_replicated(to, task, false),
+                    }
+                }
+                Action::Retired { worker } => {
+                    if let Some(w) = self.workers.get(&worker.0) {
+                        tracing::info!("worker {} handed its data over; stopping it", w.name);
+                        let _ = w.tx.send(FromScheduler::Shutdown);
                     }
                 }
                 Action::ReleaseData { worker, task } => {

@@ -133,6 +133,8 @@ pub struct WorkerShared {
     unsent: Mutex<(Vec<ToScheduler>, Option<Instant>)>,
     /// Memory figures from the Python memory manager, sent with heartbeats.
     metrics: Mutex<WorkerMetrics>,
+    /// Results copied here from retiring workers (files this side made).
+    copied: Mutex<FxHashSet<u64>>,
 }
 
 /// Where this worker keeps a large result, for transfers.
@@ -289,6 +291,22 @@ impl WorkerShared {
             }
         }
         self.pickled.notify_waiters();
+    }
+
+    /// Asks the scheduler to retire this worker gracefully (SIGTERM): its
+    /// needed results move to other workers, then it is told to stop.
+    pub fn retire(&self) {
+        self.flush_locked(&mut self.unsent.lock());
+        let _ = self.out.send(ToScheduler::RetireMe);
+    }
+
+    /// The file holding a result, if this worker keeps it as one (for a
+    /// result copied here from a retiring worker).
+    pub fn stored_file(&self, id: u64) -> Option<(String, u64)> {
+        match self.store.lock().get(&id) {
+            Some(Stored::File { path, len }) => Some((path.clone(), *len)),
+            _ => None,
+        }
     }
 
     /// The memory manager's latest figures (travel with the next heartbeat).
@@ -468,6 +486,7 @@ pub fn start(
             out,
             unsent: Mutex::new((Vec::new(), None)),
             metrics: Mutex::new(WorkerMetrics::default()),
+            copied: Mutex::new(FxHashSet::default()),
         });
         tokio::spawn(data_server(listener, shared.clone()));
         let sh = shared.clone();
@@ -603,8 +622,14 @@ fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
         FromScheduler::Release(ids) => {
             {
                 let mut store = sh.store.lock();
+                let mut copied = sh.copied.lock();
                 for id in &ids {
-                    store.remove(id);
+                    let gone = store.remove(id);
+                    // Copies made here for a retiring peer are ours to delete
+                    // (the Python side may not have seen them).
+                    if let (true, Some(Stored::File { path, .. })) = (copied.remove(id), gone) {
+                        let _ = std::fs::remove_file(path);
+                    }
                 }
             }
             sh.queue.lock().released.extend(ids);
@@ -616,9 +641,61 @@ fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
             return true;
         }
         FromScheduler::Ping => {}
+        FromScheduler::Replicate { id, from } => {
+            let sh = sh.clone();
+            tokio::spawn(async move {
+                let ok = match replicate(&sh, id, &from).await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!("could not copy {id:x} from {from}: {e}");
+                        false
+                    }
+                };
+                let _ = sh.out.send(ToScheduler::Replicated { id, ok });
+            });
+        }
+        FromScheduler::Restart => {
+            eprintln!(
+                "shoal worker {}: restart requested; exiting for a fresh process",
+                std::process::id()
+            );
+            crate::shm::remove_process(std::process::id());
+            // SAFETY: as on scheduler loss; the nanny starts a new process.
+            unsafe { libc::_exit(75) };
+        }
         other => tracing::warn!("unexpected message for a worker: {other:?}"),
     }
     false
+}
+
+/// Copies result `id` from the worker at `from` into a file of this
+/// worker's (shared memory), for a retiring peer.
+async fn replicate(sh: &WorkerShared, id: u64, from: &str) -> io::Result<()> {
+    let mut got = fetch(from, vec![id], &sh.secret).await?;
+    let (_, value) = got.pop().ok_or_else(|| io::Error::other("empty reply"))?;
+    let dir = crate::shm::segment_dir(std::process::id());
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("{id:x}"));
+    let len = tokio::task::spawn_blocking({
+        let path = path.clone();
+        move || -> io::Result<u64> {
+            let mut out = std::fs::File::create(&path)?;
+            match value {
+                Fetched::Bytes(b) => {
+                    std::io::Write::write_all(&mut out, &b)?;
+                    Ok(b.len() as u64)
+                }
+                // Same host: a kernel copy of the peer's segment.
+                Fetched::File(mut f) => std::io::copy(&mut f, &mut out),
+            }
+        }
+    })
+    .await
+    .map_err(io::Error::other)??;
+    let path = path.to_string_lossy().into_owned();
+    sh.store.lock().insert(id, Stored::File { path, len });
+    sh.copied.lock().insert(id);
+    Ok(())
 }
 
 /// Why a task's inputs could not be had.
