@@ -565,6 +565,21 @@ impl Core {
         self.schedule();
     }
 
+    /// A client asks again about tasks it holds (its fetch of a result
+    /// failed): those in memory or erred are reported again, the others
+    /// will be when they get there.
+    pub fn handle_where(&mut self, client: ClientId, tasks: &[TaskId]) {
+        for &id in tasks {
+            if self
+                .tasks
+                .get(&id)
+                .is_some_and(|t| t.wanted_by.contains(&client))
+            {
+                self.notify_one(client, id);
+            }
+        }
+    }
+
     /// Retires a worker gracefully: it gets no more work, its queued tasks
     /// go elsewhere, the results it holds that are still needed are copied
     /// to other workers ([`Action::Replicate`]); then [`Action::Retired`].

@@ -908,3 +908,24 @@ fn a_failed_copy_is_tried_again_and_a_lone_worker_just_leaves() {
         "{a:?}"
     );
 }
+
+#[test]
+fn asking_where_a_result_is_reports_it_again_to_clients_holding_it() {
+    let mut c = core();
+    c.handle_worker_added(WorkerId(0), 1);
+    c.handle_submit(C, vec![nt(1, &[]), nt(2, &[])]);
+    c.take_actions();
+    c.handle_task_finished(WorkerId(0), t(1), 1 << 20, false, 10);
+    c.take_actions();
+    c.handle_where(C, &[t(1), t(2), t(99)]);
+    // 1 is reported again; 2 is still running; 99 is unknown.
+    assert_eq!(
+        c.take_actions(),
+        vec![Action::TaskMemory {
+            client: C,
+            task: t(1)
+        }]
+    );
+    c.handle_where(ClientId(7), &[t(1)]);
+    assert_eq!(c.take_actions(), vec![], "only to clients holding it");
+}

@@ -204,6 +204,9 @@ pub enum ToScheduler {
     RetireMe,
     /// Client: restart every worker process (their nannies start new ones).
     Restart,
+    /// Client: say again where these finished tasks are (a fetch failed);
+    /// answered with `Memory`/`Erred` for those done, later for the rest.
+    Where(Vec<u64>),
     /// Worker: the copy asked by `Replicate` is done (`ok`) or failed.
     Replicated {
         /// The result.

@@ -422,7 +422,9 @@ impl ClientCore {
                 match py.detach(|| client::fetch(runtime(), &addr, id, secret)) {
                     Ok(v) => (0, fetched_to_py(py, v)?, none),
                     Err(_) => {
-                        // The holder died: the scheduler recomputes it.
+                        // The holder died (the scheduler recomputes it) or
+                        // the result moved: wait, and ask where it is.
+                        py.detach(|| std::thread::sleep(Duration::from_millis(20)));
                         self.inner.mark_pending(id);
                         (-1, none.clone_ref(py), none)
                     }

@@ -294,6 +294,9 @@ impl ClientShared {
         if let Some(s) = self.state.lock().status.get_mut(&id) {
             *s = Status::Pending;
         }
+        // If its holder died, the scheduler recomputes it and says so; if
+        // it moved or the fetch failed otherwise, this asks where it is now.
+        let _ = self.out.send(ToScheduler::Where(vec![id]));
     }
 
     /// Waits until `count` of `ids` are done or `deadline` passes; returns how

@@ -404,6 +404,10 @@ impl State {
                     self.core.handle_retire(WorkerId(id));
                 }
             }
+            ToScheduler::Where(ids) => {
+                let ids: Vec<TaskId> = ids.into_iter().map(TaskId).collect();
+                self.core.handle_where(cid, &ids);
+            }
             ToScheduler::Restart => {
                 tracing::warn!("client {client} restarts every worker");
                 for w in self.workers.values() {
