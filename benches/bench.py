@@ -22,6 +22,8 @@ import statistics
 import time
 from collections.abc import Callable
 
+from _peers import available
+
 N_WORKERS = 2
 
 
@@ -306,14 +308,7 @@ def _time(fn) -> float:
 
 
 def _available():
-    out = [Shoal, ShoalTCP, ShoalTLS, PPE, Pool]
-    for cls, mod in [(Dask, "distributed"), (Ray, "ray")]:
-        try:
-            __import__(mod)
-            out.append(cls)
-        except ImportError:
-            print(f"({cls.name} not installed: skipped)")
-    return out
+    return available([Shoal, ShoalTCP, ShoalTLS, PPE, Pool], [(Dask, "distributed"), (Ray, "ray")])
 
 
 def main() -> None:

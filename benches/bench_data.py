@@ -31,6 +31,7 @@ import threading
 import time
 
 import numpy as np
+from _peers import available
 
 N_WORKERS = 2
 N = 8 * 2**20  # float64 elements: 64 MiB
@@ -247,14 +248,7 @@ class Ray:
 
 
 def _available():
-    out = [Shoal]
-    for cls, mod in [(Dask, "distributed"), (Ray, "ray")]:
-        try:
-            __import__(mod)
-            out.append(cls)
-        except ImportError:
-            print(f"({cls.name} not installed: skipped)")
-    return out
+    return available([Shoal], [(Dask, "distributed"), (Ray, "ray")])
 
 
 def main() -> None:
