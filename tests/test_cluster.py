@@ -428,3 +428,36 @@ def test_sigterm_on_a_worker_command_hands_its_data_over(tmp_path):
             with open(log) as fh:
                 ran = sorted(int(v) for v in fh.read().split())
             assert ran == list(range(8)), "results were recomputed instead of handed over"
+
+
+def test_reconnecting_workers_rejoin_a_restarted_scheduler(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    sfile, token = tmp_path / "s.json", tmp_path / "token"
+    sched = [*SHOAL, "scheduler", "--port", port, "--scheduler-file", str(sfile)]
+    sched += ["--token-file", str(token)]
+    log = open(tmp_path / "reconnect.log", "ab")
+    env = {"SHOAL_HEARTBEAT_TIMEOUT": "2"}
+    procs = [Proc(sched, env=env, log=log)]
+    try:
+        wait_for(sfile.exists, 20, "the scheduler file")
+        procs.append(
+            Proc(
+                [*SHOAL, "worker", "--scheduler-file", str(sfile), "--reconnect"], env=env, log=log
+            )
+        )
+        with shoal.Client(scheduler_file=sfile) as c:
+            wait_for(lambda: n_workers(c) == 1, 30, "the worker")
+        procs[0].signal(signal.SIGKILL)
+        procs[0].p.wait()
+        time.sleep(3)  # the worker is lost, the nanny keeps trying
+        procs[0] = Proc(sched, env=env, log=log)  # same port, same token
+        wait_for(lambda: json.loads(sfile.read_text())["pid"] == procs[0].p.pid, 20, "file")
+        with shoal.Client(scheduler_file=sfile) as c:
+            wait_for(lambda: n_workers(c) == 1, 60, "the worker to rejoin")
+            assert c.submit(inc, 41).result(timeout=30) == 42
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        log.close()

@@ -139,6 +139,10 @@ pub(crate) struct WorkerArgs {
     /// Seconds of silence from the scheduler after which workers exit.
     #[arg(long)]
     heartbeat_timeout: Option<f64>,
+    /// When the scheduler is lost, keep starting workers (once a second)
+    /// until it is back at the same address, instead of giving up.
+    #[arg(long)]
+    reconnect: bool,
     /// Seconds workers get on SIGTERM to hand their data over before
     /// they are killed.
     #[arg(long, default_value_t = 30.0)]
@@ -405,7 +409,13 @@ pub(crate) fn run_worker(a: WorkerArgs, host: &HostInfo) -> CliResult {
         }
         env.push(("PYTHONPATH".into(), path));
     }
-    let mut workers = LocalCluster::start(WorkerCommand { program, args, env }, a.nworkers)
+    let cmd = WorkerCommand {
+        program,
+        args,
+        env,
+        reconnect: a.reconnect,
+    };
+    let mut workers = LocalCluster::start(cmd, a.nworkers)
         .map_err(|e| format!("cannot start worker processes: {e}"))?;
     println!(
         "shoal worker {name}: {} process(es) of {} thread(s) joining {address}",
@@ -420,7 +430,7 @@ pub(crate) fn run_worker(a: WorkerArgs, host: &HostInfo) -> CliResult {
                 while !workers.pids().is_empty() {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-            } => "every worker process exited",
+            } => "every worker process exited (or gave up)",
         }
     });
     eprintln!("shoal worker {name}: {why}; stopping");

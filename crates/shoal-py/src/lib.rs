@@ -132,7 +132,13 @@ impl Cluster {
             args.push(address.clone());
             let mut env = env;
             env.push(("SHOAL_TOKEN".into(), token.clone()));
-            let workers = LocalCluster::start(WorkerCommand { program, args, env }, n_workers)?;
+            let cmd = WorkerCommand {
+                program,
+                args,
+                env,
+                reconnect: false,
+            };
+            let workers = LocalCluster::start(cmd, n_workers)?;
             Ok::<_, std::io::Error>(Cluster {
                 scheduler: Some(sched),
                 workers: Some(workers),

@@ -22,6 +22,10 @@ pub struct WorkerCommand {
     pub args: Vec<String>,
     /// Extra environment.
     pub env: Vec<(String, String)>,
+    /// Keep replacing dead workers, once a second, however often they die
+    /// (workers that wait for a lost scheduler to come back); otherwise
+    /// give up after [`MAX_RESPAWNS`] in [`RESPAWN_WINDOW`].
+    pub reconnect: bool,
 }
 
 /// Replacements allowed within [`RESPAWN_WINDOW`] before giving up: a worker
@@ -134,8 +138,9 @@ fn supervise(
             match children[i].try_wait() {
                 Ok(Some(status)) => {
                     let pid = children[i].id();
-                    let _ = children.swap_remove(i).wait(); // already reaped by try_wait
-                                                            // Its shared-memory segments and spilled data die with it.
+                    // Already reaped by try_wait. Its shared-memory segments
+                    // and spilled data die with it.
+                    let _ = children.swap_remove(i).wait();
                     crate::shm::remove_process(pid);
                     changed = true;
                     // Exit status 0: the scheduler asked it to stop.
@@ -143,7 +148,10 @@ fn supervise(
                         continue;
                     }
                     respawns.retain(|t| t.elapsed() < RESPAWN_WINDOW);
-                    if respawns.len() >= MAX_RESPAWNS {
+                    if respawns.len() >= MAX_RESPAWNS && cmd.reconnect {
+                        // Waiting for the scheduler to come back: slowly.
+                        std::thread::sleep(Duration::from_secs(1));
+                    } else if respawns.len() >= MAX_RESPAWNS {
                         if !gave_up {
                             eprintln!(
                                 "shoal: {MAX_RESPAWNS} worker processes died within {}s; not starting more. \
