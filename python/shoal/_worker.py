@@ -366,6 +366,10 @@ def main(argv: list[str] | None = None) -> None:
     executor.stopped.wait()
     store.close()
     sys.stdout.flush()
+    sys.stderr.flush()
+    # Told to stop: skip interpreter finalization, which can abort in C++
+    # extension threads still running (pyarrow's) and has nothing to save.
+    os._exit(0)
 
 
 if __name__ == "__main__":
