@@ -62,10 +62,16 @@ class Proc:
 
 
 @contextmanager
-def cluster(tmp_path, n_workers: int = 2, hosts: list[list[str]] | None = None, **env) -> Iterator:
+def cluster(
+    tmp_path,
+    n_workers: int = 2,
+    hosts: list[list[str]] | None = None,
+    tls: list[str] | None = None,
+    **env,
+) -> Iterator:
     """A scheduler and `n_workers` `shoal worker` commands, each of one
     process; `hosts`: command prefixes (network namespaces) for the
-    scheduler and each worker."""
+    scheduler and each worker; `tls`: the scheduler's --tls-* options."""
     sfile = tmp_path / "scheduler.json"
     log = open(tmp_path / "cluster.log", "ab")
     hosts = hosts or [[]] * (n_workers + 1)
@@ -76,7 +82,8 @@ def cluster(tmp_path, n_workers: int = 2, hosts: list[list[str]] | None = None, 
     env = {"SHOAL_HEARTBEAT_TIMEOUT": "2", **env}
     procs = [
         Proc(
-            [*SHOAL, "scheduler", "--host", host0, "--port", "0", "--scheduler-file", str(sfile)],
+            [*SHOAL, "scheduler", "--host", host0, "--port", "0", "--scheduler-file", str(sfile)]
+            + (tls or []),
             hosts[0],
             env,
             log,
@@ -319,10 +326,27 @@ def hosts(n: int) -> Iterator[list[list[str]]]:
         clean()
 
 
-def test_hosts_cut_off_and_killed_mid_graph_still_give_the_right_result(tmp_path):
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory) -> list[str]:
+    """One site's certificates for the whole test process (a process
+    configures TLS once)."""
+    d = tmp_path_factory.mktemp("certs")
+    subprocess.run([*SHOAL, "certs", str(d)], check=True, capture_output=True)
+    return [
+        *("--tls-ca", str(d / "ca.pem")),
+        *("--tls-cert", str(d / "cert.pem")),
+        *("--tls-key", str(d / "key.pem")),
+    ]
+
+
+@pytest.mark.parametrize("use_tls", [False, True], ids=["tcp", "tls"])
+def test_hosts_cut_off_and_killed_mid_graph_still_give_the_right_result(tmp_path, use_tls, certs):
     with hosts(4) as prefixes:
         netns = len(prefixes[1]) > 0
-        with cluster(tmp_path, 3, hosts=prefixes) as (sfile, procs):
+        tls = certs if use_tls else None
+        with cluster(tmp_path, 3, hosts=prefixes, tls=tls) as (sfile, procs):
+            scheme = json.loads(sfile.read_text())["address"].split(":")[0]
+            assert scheme == ("tls" if use_tls else "tcp")
             with shoal.Client(scheduler_file=sfile) as c:
                 wait_for(lambda: n_workers(c) == 3, 60, "three workers")
                 assert len(set(c.gather(c.map(where, range(30), batch_size=1)))) == 3
