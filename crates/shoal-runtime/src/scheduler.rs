@@ -208,6 +208,8 @@ struct State {
     actions: Vec<Action>,
     /// Workers were asked to exit; late joiners are sent away.
     closing: bool,
+    /// Workers told to stop after retiring (their leaving is no news).
+    retired: rustc_hash::FxHashSet<u32>,
 }
 
 async fn owner(
@@ -228,6 +230,7 @@ async fn owner(
         workers: FxHashMap::default(),
         actions: Vec::new(),
         closing: false,
+        retired: Default::default(),
     };
     let mut batch = Vec::with_capacity(64);
     // The core has no clock: time reaches it as ticks (stall detection).
@@ -301,7 +304,12 @@ impl State {
             }
             Event::WorkerLeft(id, reason) => {
                 if let Some(w) = self.workers.remove(&id) {
-                    tracing::warn!("worker {} left: {reason}", w.name);
+                    // Expected when the cluster closes or the worker retired.
+                    if self.closing || self.retired.remove(&id) {
+                        tracing::info!("worker {} left: {reason}", w.name);
+                    } else {
+                        tracing::warn!("worker {} left: {reason}", w.name);
+                    }
                 }
                 self.core.handle_worker_lost(WorkerId(id));
                 self.process();
@@ -630,6 +638,7 @@ impl State {
                     }
                 }
                 Action::Retired { worker } => {
+                    self.retired.insert(worker.0);
                     if let Some(w) = self.workers.get(&worker.0) {
                         tracing::info!("worker {} handed its data over; stopping it", w.name);
                         let _ = w.tx.send(FromScheduler::Shutdown);
