@@ -566,6 +566,8 @@ class Client:
         if same_host and length > INLINE_LIMIT:
             path = os.path.join(_store.segment_dir(), f"put-{os.urandom(8).hex()}")
             _serialize.write_file(path, parts)
+            if len(self._put_files) >= 1024:  # forget those taken over
+                self._put_files = [p for p in self._put_files if os.path.exists(p)]
             self._put_files.append(path)
             arg: tuple = ("file", path, length)
         else:
