@@ -79,7 +79,7 @@ def cluster(
     if hosts[0]:
         host0 = hosts[0][-1]
         hosts = [hosts[0][:-1], *hosts[1:]]
-    env = {"SHOAL_HEARTBEAT_TIMEOUT": "2", **env}
+    env = {"SHOAL_HEARTBEAT_TIMEOUT": "3", **env}
     procs = [
         Proc(
             [*SHOAL, "scheduler", "--host", host0, "--port", "0", "--scheduler-file", str(sfile)]
@@ -235,7 +235,7 @@ def test_a_frozen_worker_is_detected_by_heartbeat_and_its_work_rerun(tmp_path):
             try:
                 assert c.gather(fs) == list(range(1, 61))
                 took = time.time() - t
-                # Detected within the 2 s timeout (plus a heartbeat).
+                # Detected within the 3 s timeout (plus a heartbeat).
                 wait_for(lambda: n_workers(c) == 1, 10, "the frozen worker to be dropped")
             finally:
                 os.kill(pids[0], signal.SIGCONT)

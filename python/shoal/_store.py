@@ -277,15 +277,26 @@ class Store:
             tid, size = next(iter(self.managed.items()))
             obj = self.objects.get(tid, _MISSING)
             f = self.files.get(tid)
-        path = os.path.join(self.spill_dir(), f"{tid:x}")
         if f is not None and f[2]:
-            length = f[1]
-        elif f is not None:
+            # Already on disk (written there when shared memory was full):
+            # only the object in memory goes.
+            with self.lock:
+                if self.managed.pop(tid, None) is not None:
+                    self.managed_bytes -= size
+                self.objects.pop(tid, None)
+            return True
+        path = os.path.join(self.spill_dir(), f"{tid:x}")
+        if f is not None:
             shutil.copyfile(f[0], path)  # kernel copy, GIL released
             length = f[1]
-        else:
+        elif obj is not _MISSING:
             parts, length, _ = _serialize.frame_parts(obj)
             _serialize.write_file(path, parts)
+        else:  # nothing to write: forget it, or the loop would spin
+            with self.lock:
+                if self.managed.pop(tid, None) is not None:
+                    self.managed_bytes -= size
+            return True
         with self.lock:
             if tid not in self.managed:  # released meanwhile
                 with contextlib.suppress(OSError):
