@@ -248,3 +248,26 @@ def test_restart_cancels_futures_and_brings_fresh_workers(tmp_path):
         with pytest.raises(shoal.FutureCancelledError):
             f.result(timeout=10)
         assert c.submit(sum, [1, 2]).result(timeout=30) == 3
+
+
+def constant(i: int) -> np.ndarray:
+    return np.full(4 * MiB, float(i))  # 32 MiB that compress a thousandfold
+
+
+def test_spilled_data_that_compresses_well_is_compressed_and_reads_back():
+    with shoal.Client(n_workers=1, memory_limit=200 * MiB) as c:
+        xs = [c.submit(constant, i) for i in range(16)]  # 512 MiB
+        shoal.wait(xs)
+        pid = c.worker_pids[0]
+        on_disk = dir_bytes(spill_dir(pid))
+        assert 0 < on_disk < 16 * MiB, f"{on_disk / MiB:.1f} MiB on disk"
+        # The heartbeat reports spilled bytes too (within a second or two).
+        deadline = time.time() + 5
+        while time.time() < deadline:
+            (w,) = c.scheduler_info()["workers"].values()
+            if w["spilled"] > 0:
+                break
+            time.sleep(0.1)
+        assert 0 < w["spilled"] < 16 * MiB
+        assert [float(x.result()[7]) for x in xs] == [float(i) for i in range(16)]
+        assert c.submit(np.sum, xs[0]).result() == 0.0

@@ -19,6 +19,7 @@ import pickle
 import struct
 import threading
 import weakref
+import zlib
 from typing import Any
 
 import cloudpickle
@@ -113,11 +114,39 @@ def load_file(path: str) -> Any:
     return loads(mm)
 
 
+# Compressed frames (spilled data that compresses well): MAGIC, then zlib.
+_Z_MAGIC = b"SHOALZL1"
+
+
+def compressed_parts(parts: list[Any], length: int) -> list[Any] | None:
+    """The frame compressed, where it pays; else None. zlib (level 1) runs
+    at about 100 MB/s on data it shrinks to a fifth, slower than writing to
+    the page cache, but at 400 MB/s or more on data it shrinks tenfold: so
+    only data whose three 16 KiB samples shrink eightfold is compressed."""
+    if length < 1 << 20:
+        return None
+    flat = [memoryview(p).cast("B") for p in parts]
+    big = max(flat, key=len)
+    step = max(1, (len(big) - 16384) // 2)
+    sample = b"".join(bytes(big[i : i + 16384]) for i in (0, step, 2 * step))
+    if len(zlib.compress(sample, 1)) * 8 > len(sample):
+        return None
+    z = zlib.compressobj(1)
+    out: list[Any] = [_Z_MAGIC]
+    for p in flat:
+        out.append(z.compress(p))  # releases the GIL on large inputs
+    out.append(z.flush())
+    return out
+
+
 def loads(data: bytes | bytearray | mmap.mmap) -> Any:
     """Unpickles what ``dumps`` or ``dumps_large`` made (buffers of the
     latter become views of ``data``: writable for a ``bytearray``, read-only
-    for a read-only ``mmap``)."""
-    if data[:8] != _OOB_MAGIC:
+    for a read-only ``mmap``), compressed or not."""
+    head = data[:8]
+    if head == _Z_MAGIC:
+        return loads(zlib.decompress(memoryview(data)[8:]))
+    if head != _OOB_MAGIC:
         return pickle.loads(data)
     view = memoryview(data)
     count, header_len = struct.unpack_from("<IQ", view, 8)

@@ -110,6 +110,7 @@ class Store:
         self.spilled_bytes = 0  # total written to disk
         self.disk_bytes = 0  # results on disk now
         self.spilled_count = 0
+        self.compressed_count = 0  # spilled compressed
         self.paused = False
         self._spill_dir: str | None = None
         self._io = threading.Lock()  # one export or spill at a time
@@ -286,12 +287,18 @@ class Store:
                 self.objects.pop(tid, None)
             return True
         path = os.path.join(self.spill_dir(), f"{tid:x}")
-        if f is not None:
+        if obj is not _MISSING:
+            # Compressed where it pays (see `compressed_parts`).
+            parts, length, _ = _serialize.frame_parts(obj)
+            z = _serialize.compressed_parts(parts, length)
+            if z is not None:
+                parts = z
+                length = sum(memoryview(p).nbytes for p in z)
+                self.compressed_count += 1
+            _serialize.write_file(path, parts)
+        elif f is not None:
             shutil.copyfile(f[0], path)  # kernel copy, GIL released
             length = f[1]
-        elif obj is not _MISSING:
-            parts, length, _ = _serialize.frame_parts(obj)
-            _serialize.write_file(path, parts)
         else:  # nothing to write: forget it, or the loop would spin
             with self.lock:
                 if self.managed.pop(tid, None) is not None:

@@ -331,12 +331,26 @@ impl WorkerShared {
             let p = match s {
                 Some(Stored::Bytes(b)) => Some(Payload::Bytes(b)),
                 Some(Stored::File { path, len }) if same_host => Some(Payload::File { path, len }),
-                Some(Stored::File { path, .. }) => {
+                Some(Stored::File { mut path, .. }) => {
                     // Another host: send the bytes (read off the I/O thread).
-                    match tokio::task::spawn_blocking(move || std::fs::read(path)).await {
-                        Ok(Ok(b)) => Some(Payload::Bytes(b.into())),
-                        _ => None,
+                    // A spill may move the file meanwhile: look again.
+                    let mut got = None;
+                    for _ in 0..3 {
+                        let p = path.clone();
+                        if let Ok(Ok(b)) =
+                            tokio::task::spawn_blocking(move || std::fs::read(p)).await
+                        {
+                            got = Some(Payload::Bytes(b.into()));
+                            break;
+                        }
+                        match self.store.lock().get(&id) {
+                            Some(Stored::File { path: now, .. }) if *now != path => {
+                                path = now.clone()
+                            }
+                            _ => break,
+                        }
                     }
+                    got
                 }
                 Some(Stored::Held) | None => None,
             };
