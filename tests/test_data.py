@@ -254,7 +254,9 @@ def constant(i: int) -> np.ndarray:
     return np.full(4 * MiB, float(i))  # 32 MiB that compress a thousandfold
 
 
-def test_spilled_data_that_compresses_well_is_compressed_and_reads_back():
+def test_spilled_data_that_compresses_well_is_compressed_and_reads_back(monkeypatch):
+    pytest.importorskip("lz4")
+    monkeypatch.setenv("SHOAL_SPILL_COMPRESSION", "lz4")  # workers inherit it
     with shoal.Client(n_workers=1, memory_limit=200 * MiB) as c:
         xs = [c.submit(constant, i) for i in range(16)]  # 512 MiB
         shoal.wait(xs)
