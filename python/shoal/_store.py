@@ -107,10 +107,7 @@ class Store:
         self.managed: OrderedDict[int, int] = OrderedDict()  # in memory, LRU first
         self.managed_bytes = 0
         self.shm_bytes = 0  # our segments' sizes
-        self.spilled_bytes = 0  # total written to disk
         self.disk_bytes = 0  # results on disk now
-        self.spilled_count = 0
-        self.compressed_count = 0  # spilled compressed
         self.paused = False
         self._spill_dir: str | None = None
         self._io = threading.Lock()  # one export or spill at a time
@@ -151,7 +148,7 @@ class Store:
         parts, length, oob = _serialize.frame_parts(result)
         if length <= INLINE_LIMIT:
             return (parts[0] if len(parts) == 1 else b"".join(parts)), length
-        path, _ = self._write_segment(tid, parts)
+        path, _ = self._write_segment(tid, parts, length)
         with self.lock:
             # With out-of-band buffers, a view of the segment replaces the
             # object: the data is in memory once. A plain pickle is kept
@@ -172,10 +169,10 @@ class Store:
         self.check()
         return path, a.length
 
-    def _write_segment(self, tid: int, parts: list[Any]) -> tuple[str, bool]:
-        """Writes a frame to a shared-memory file (to disk if shared memory
-        is full); records it. Returns the path and whether it is on disk."""
-        length = sum(memoryview(p).nbytes for p in parts)
+    def _write_segment(self, tid: int, parts: list[Any], length: int) -> tuple[str, bool]:
+        """Writes a frame (``length`` bytes) to a shared-memory file (to disk
+        if shared memory is full); records it. Returns the path and whether
+        it is on disk."""
         path = os.path.join(self.seg_dir(), f"{tid:x}")
         on_disk = False
         try:
@@ -230,7 +227,7 @@ class Store:
         if obj is _MISSING:
             return None
         parts, length, oob = _serialize.frame_parts(obj)
-        path, on_disk = self._write_segment(tid, parts)
+        path, on_disk = self._write_segment(tid, parts, length)
         with self.lock:
             if tid not in self.objects:  # released meanwhile
                 self._drop_file(tid)
@@ -294,7 +291,6 @@ class Store:
             if z is not None:
                 parts = z
                 length = sum(memoryview(p).nbytes for p in z)
-                self.compressed_count += 1
             _serialize.write_file(path, parts)
         elif f is not None:
             shutil.copyfile(f[0], path)  # kernel copy, GIL released
@@ -313,9 +309,7 @@ class Store:
             self.files[tid] = (path, length, True)
             self.objects.pop(tid, None)
             self.managed_bytes -= self.managed.pop(tid)
-            self.spilled_bytes += length
             self.disk_bytes += length
-            self.spilled_count += 1
         # Transfers now read the spill file (a fetch that got the old path
         # finds it gone and asks again).
         self.core.put_stored(tid, (path, length))

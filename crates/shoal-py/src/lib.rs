@@ -845,12 +845,6 @@ fn configure_tls(ca: PathBuf, cert: PathBuf, key: PathBuf) -> PyResult<()> {
         .map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
-/// This host's key: processes with the same key share memory.
-#[pyfunction]
-fn host_key() -> &'static str {
-    shm::host_key()
-}
-
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     shoal_runtime::init_logging();
@@ -871,7 +865,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(spill_dir, m)?)?;
     m.add_function(wrap_pyfunction!(remove_process_dirs, m)?)?;
     m.add_function(wrap_pyfunction!(sweep, m)?)?;
-    m.add_function(wrap_pyfunction!(host_key, m)?)?;
     m.add_function(wrap_pyfunction!(configure_tls, m)?)?;
     Ok(())
 }
