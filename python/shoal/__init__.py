@@ -21,6 +21,7 @@ from .client import (
     secede,
     wait,
 )
+from .diagnostics import performance_report, progress
 from .errors import (
     ActorDiedError,
     DataLostError,
@@ -63,6 +64,8 @@ __all__ = [
     "MissingDependencyError",
     "UnsatisfiableError",
     "DataLostError",
+    "progress",
+    "performance_report",
 ]
 
 

@@ -108,6 +108,7 @@ class Store:
         self.managed_bytes = 0
         self.shm_bytes = 0  # our segments' sizes
         self.disk_bytes = 0  # results on disk now
+        self.spilled_total = 0  # bytes ever written to disk spilling
         self.paused = False
         self._spill_dir: str | None = None
         self._io = threading.Lock()  # one export or spill at a time
@@ -284,6 +285,7 @@ class Store:
                 self.objects.pop(tid, None)
             return True
         path = os.path.join(self.spill_dir(), f"{tid:x}")
+        start_us, t0 = int(time.time() * 1e6), time.perf_counter()
         if obj is not _MISSING:
             # Compressed where it pays (see `compressed_parts`).
             parts, length, _ = _serialize.frame_parts(obj)
@@ -310,6 +312,9 @@ class Store:
             self.objects.pop(tid, None)
             self.managed_bytes -= self.managed.pop(tid)
             self.disk_bytes += length
+            self.spilled_total += length
+        duration_us = int((time.perf_counter() - t0) * 1e6)
+        self.core.record_activity("spill", tid, length, start_us, duration_us)
         # Transfers now read the spill file (a fetch that got the old path
         # finds it gone and asks again).
         self.core.put_stored(tid, (path, length))
@@ -324,7 +329,12 @@ class Store:
         try:
             proc = self._check(self.limit) if self.limit else self.process_memory()
             self.core.set_metrics(
-                proc, self.managed_bytes, self.disk_bytes, self.limit or 0, self.paused
+                proc,
+                self.managed_bytes,
+                self.disk_bytes,
+                self.limit or 0,
+                self.paused,
+                self.spilled_total,
             )
         finally:
             self._checking.release()

@@ -19,12 +19,14 @@ import traceback
 from time import perf_counter
 from typing import Any
 
-from . import _core, _resources, _serialize, _store
+from . import _core, _profile, _resources, _serialize, _store
 from ._core import WorkerCore
 from .errors import TaskAbortedError
 
 
-def _dumps_error(exc: BaseException, name: str) -> bytes:
+def _dumps_error(exc: BaseException, name: str) -> tuple[bytes, str]:
+    """The pickled ``(exception, traceback text)`` and the text alone (for
+    the dashboard's task detail)."""
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     if not isinstance(exc, Exception):
         exc = TaskAbortedError(
@@ -33,10 +35,10 @@ def _dumps_error(exc: BaseException, name: str) -> bytes:
     try:
         data = _serialize.dumps((exc, tb))
         pickle.loads(data)  # some exceptions pickle but cannot be unpickled
-        return data
+        return data, tb
     except Exception:
         fallback = RuntimeError(f"{type(exc).__qualname__}: {exc}")
-        return _serialize.dumps((fallback, tb))
+        return _serialize.dumps((fallback, tb)), tb
 
 
 def _run_batch(fn: Any, payload: Any) -> Any:
@@ -133,6 +135,9 @@ class _Executor:
         self.client: Any = None  # get_client() inside tasks
         self.stopped = threading.Event()
         self.funcs: dict[bytes, Any] = {}
+        self.lanes: set[int] = set()  # task stream lanes of live threads
+        # Thread id -> group of the task it runs, for the profiler.
+        self.running_groups: dict[int, str] = {}
 
     def run(self) -> None:
         # One task per call: tasks not started stay in the Rust queue, where
@@ -141,12 +146,17 @@ class _Executor:
         # that finds work queued does not release the GIL (about a
         # microsecond).
         core, store = self.core, self.store
-        done: list[tuple[int, bool, bytes | str | None, int, int]] = []
+        with self.lock:  # the lowest free lane: lanes stay few across secede/rejoin
+            lane = min(set(range(len(self.lanes) + 1)) - self.lanes)
+            self.lanes.add(lane)
+        done: list[tuple[int, bool, Any, int, int, int]] = []
         while True:
             if self.running > self.target and self._retire():
-                core.report(done)
+                core.report(done, lane)
+                with self.lock:
+                    self.lanes.discard(lane)
                 return
-            r = core.next_batch(done, 1, 1.0)
+            r = core.next_batch(done, 1, 1.0, lane)
             if r is None:
                 self.stopped.set()
                 return
@@ -155,12 +165,12 @@ class _Executor:
                 store.release(released)
             done = [self.execute(*t) for t in tasks]
 
-    def execute(self, tid, name, is_batch, func, args, deps, error, resources=None):
+    def execute(self, tid, name, group, is_batch, func, args, deps, error, resources=None):
         if resources:
             gpus = sum(v for k, v in resources if k == "GPU")
             if gpus and self.gpu_users:
-                return self._with_gpus(gpus, tid, name, is_batch, func, args, deps, error)
-        return self._execute(tid, name, is_batch, func, args, deps, error)
+                return self._with_gpus(gpus, tid, name, group, is_batch, func, args, deps, error)
+        return self._execute(tid, name, group, is_batch, func, args, deps, error)
 
     def _with_gpus(self, gpus: float, *task: Any) -> Any:
         """Runs a GPU task with ``CUDA_VISIBLE_DEVICES`` set to the devices it
@@ -185,9 +195,12 @@ class _Executor:
                 for d in devices:
                     self.gpu_users[d] -= 1
 
-    def _execute(self, tid, name, is_batch, func, args, deps, error):
+    def _execute(self, tid, name, group, is_batch, func, args, deps, error):
+        start_us = int(time.time() * 1e6)
         t0 = perf_counter()
         task_local.in_task = True
+        ident = threading.get_ident()
+        self.running_groups[ident] = group
         try:
             if error is not None:
                 raise RuntimeError(error)
@@ -216,9 +229,11 @@ class _Executor:
                 pos, kw = payload
                 result = fn(*pos, **kw) if kw else fn(*pos)
         except BaseException as e:  # noqa: BLE001 - a task must never kill its worker
-            return (tid, False, _dumps_error(e, name), 0, 0)
+            duration = int((perf_counter() - t0) * 1e6)
+            return (tid, False, _dumps_error(e, name), start_us, duration, 0)
         finally:
             task_local.in_task = False
+            self.running_groups.pop(ident, None)
         duration = int((perf_counter() - t0) * 1e6)
         try:
             payload, size = self.store.finish(tid, result, _buffer_size(result))
@@ -227,8 +242,8 @@ class _Executor:
                 f"the result of task {name!r} ({type(result).__name__}) could not be "
                 f"pickled or stored: {e}"
             )
-            return (tid, False, _dumps_error(err, name), duration, 0)
-        return (tid, True, payload, duration, size)
+            return (tid, False, _dumps_error(err, name), start_us, duration, 0)
+        return (tid, True, payload, start_us, duration, size)
 
     def _retire(self) -> bool:
         with self.lock:
@@ -359,6 +374,11 @@ def main(argv: list[str] | None = None) -> None:
     executor = _current = _Executor(core, ns.address, token, ns.nthreads, gpus, store)
     threading.Thread(target=executor.export_held, name="shoal-pickler", daemon=True).start()
     threading.Thread(target=store.monitor, name="shoal-memory", daemon=True).start()
+    interval = _profile.interval_from_env()
+    if interval:
+        sampler = _profile.Sampler(core, executor.running_groups, interval)
+        threading.Thread(target=sampler.run, name="shoal-profiler", daemon=True).start()
+    _profile.capture_logging()
     # Execution threads come and go (secede/rejoin); the process lives until
     # the scheduler says stop.
     for i in range(ns.nthreads):

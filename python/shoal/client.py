@@ -31,17 +31,19 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
+import json
 import os
 import pickle
 import sys
 import threading
 import time
+import urllib.parse
 import weakref
 from collections import namedtuple
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, overload
 
-from . import _dask, _resources, _serialize, _store
+from . import _core, _dask, _resources, _serialize, _store
 from ._core import INLINE_LIMIT, ClientCore, Cluster
 from .errors import (
     ActorDiedError,
@@ -377,6 +379,9 @@ class Client:
     scheduler (``shoal scheduler``); the token proves this client belongs
     to the cluster (default: the scheduler file's token file, else the
     ``SHOAL_TOKEN`` environment variable).
+    The embedded scheduler serves a dashboard on ``dashboard_address``
+    (loopback by default, another port if 8787 is taken, None for none; it
+    always asks for the token that ``dashboard_link`` carries).
     Use it as a context manager, or call ``close()``; closing the embedded
     cluster (or this process exiting, or dying) leaves no worker behind.
     """
@@ -394,6 +399,7 @@ class Client:
         local_directory: str | None = None,
         token: str | None = None,
         scheduler_file: str | os.PathLike | None = None,
+        dashboard_address: str | None = "127.0.0.1:8787",
     ):
         if n_workers is not None and n_workers < 1:
             raise ValueError(f"n_workers must be at least 1, not {n_workers}")
@@ -431,7 +437,9 @@ class Client:
             args += ["--memory-limit", str(limit or "none")]
             if local_directory is not None:
                 args += ["--local-directory", os.fspath(local_directory)]
-            self._cluster = Cluster(n, sys.executable, args, env)
+            if dashboard_address is not None:
+                dashboard_address = _dashboard_address(dashboard_address)
+            self._cluster = Cluster(n, sys.executable, args, env, dashboard_address)
             address = self._cluster.address
             token = self._cluster.token
             _tokens[address] = token  # other clients of this process may join
@@ -850,6 +858,53 @@ class Client:
         info["workers"] = {w.pop("address"): w for w in info["workers"]}
         return info
 
+    @property
+    def dashboard_link(self) -> str | None:
+        """The dashboard's URL with its access token (None: no dashboard)."""
+        if self._cluster is not None:
+            url = self._cluster.dashboard
+        else:
+            url = self._check().cluster_info(10.0)["dashboard"] or None
+        if url is None or self._token is None:
+            return None
+        return f"{url}?token={_core.dashboard_token(self._token)}"
+
+    def query(self, path: str, timeout: float = 10.0) -> Any:
+        """The scheduler's answer to a dashboard API path (``/api/status``,
+        ``/api/profile?group=inc``, ``/metrics``, ...), decoded from JSON.
+        Unknown paths raise ``ValueError``."""
+        answer = json.loads(self._check().query(path, timeout))
+        if isinstance(answer, dict) and set(answer) == {"error"}:
+            raise ValueError(answer["error"])
+        return answer
+
+    def profile(self, group: str | None = None) -> dict[str, int]:
+        """The profiler's samples since the cluster started, as folded
+        stacks (``"f (file:line);g (file:line)"`` -> count): all task groups
+        together, or only ``group``. Workers sample the stacks of running
+        tasks every ``SHOAL_PROFILE_INTERVAL`` (default 10 ms; 0: off)."""
+        q = "/api/profile" + (f"?group={urllib.parse.quote(group)}" if group else "")
+        return dict(self.query(q)["stacks"])
+
+    def get_worker_logs(self, n: int | None = None) -> dict[str, list[str]]:
+        """Recent log lines of each worker (its ``logging`` records and
+        Shoal's own, filtered by ``SHOAL_LOG``), by worker name; the last
+        ``n`` of each if given."""
+        out: dict[str, list[str]] = {}
+        for w in self.query("/api/logs")["workers"]:
+            lines = w["lines"]
+            out[w["name"] or str(w["id"])] = lines[-n:] if n else lines
+        return out
+
+    def trace(self, filename: str | os.PathLike) -> str:
+        """Writes the task stream (tasks, transfers, spills the scheduler
+        still remembers: the last 100,000) as a Chrome trace / Perfetto JSON
+        file; open it in ``chrome://tracing`` or ui.perfetto.dev. Returns the
+        path."""
+        from . import diagnostics
+
+        return diagnostics.write_trace(self.query("/api/report?since_us=0&merge=0"), filename)
+
     def retire_workers(
         self,
         workers: Iterable[str] | None = None,
@@ -963,6 +1018,14 @@ _SKIP = object()
 
 
 _tokens: dict[str, str] = {}  # tokens of the clusters this process started
+
+
+def _dashboard_address(addr: str) -> str:
+    """``":8787"`` (Dask's spelling) means loopback here; ``HOST:PORT`` as given."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"dashboard_address must be HOST:PORT or :PORT, not {addr!r}")
+    return f"{host or '127.0.0.1'}:{port}"
 
 
 def _read_scheduler_file(

@@ -102,8 +102,27 @@ pub(crate) struct SchedulerArgs {
     /// Seconds of silence after which a worker is taken as lost (default 5).
     #[arg(long)]
     heartbeat_timeout: Option<f64>,
+    /// Where to serve the dashboard (HOST:PORT; another port if taken).
+    /// It always asks for the token; a non-loopback HOST exposes it.
+    #[arg(long, default_value = "127.0.0.1:8787")]
+    dashboard_address: String,
+    /// Serve no dashboard.
+    #[arg(long)]
+    no_dashboard: bool,
     #[command(flatten)]
     tls: TlsArgs,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct TopArgs {
+    #[command(flatten)]
+    target: StatusArgs,
+    /// Seconds between refreshes.
+    #[arg(long, default_value_t = 1.0)]
+    interval: f64,
+    /// Refresh this many times, then exit (default: until Ctrl-C).
+    #[arg(long)]
+    iterations: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -173,6 +192,9 @@ struct SchedulerFile {
     #[serde(default)]
     tls: Option<TlsFiles>,
     pid: u32,
+    /// The dashboard's URL, without its token.
+    #[serde(default)]
+    dashboard: Option<String>,
 }
 
 fn read_scheduler_file(path: &Path) -> Result<SchedulerFile, String> {
@@ -301,11 +323,16 @@ pub(crate) fn run_scheduler(a: SchedulerArgs) -> CliResult {
         Address::Tcp(hp)
     };
     let rt = runtime();
+    let dashboard_token = secret.dashboard_token();
+    let dashboard = (!a.no_dashboard).then_some(a.dashboard_address.as_str());
     let handle = rt
-        .block_on(scheduler::start(&addr, secret))
+        .block_on(scheduler::start(&addr, secret, dashboard))
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let address = handle.address.to_string();
     println!("shoal scheduler at {address}");
+    if let Some(url) = &handle.dashboard {
+        println!("dashboard: {url}?token={dashboard_token}");
+    }
     let token_path = token_file
         .as_ref()
         .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()));
@@ -318,6 +345,7 @@ pub(crate) fn run_scheduler(a: SchedulerArgs) -> CliResult {
             token_file: token_path.map(|p| p.to_string_lossy().into_owned()),
             tls,
             pid: std::process::id(),
+            dashboard: handle.dashboard.clone(),
         };
         // Written whole, then renamed: a reader never sees half a file.
         let tmp = f.with_extension("tmp");
@@ -464,6 +492,131 @@ pub(crate) fn run_status(a: StatusArgs) -> CliResult {
     let info = c.cluster_info(Duration::from_secs(10))?;
     print!("{}", status_table(&info));
     Ok(())
+}
+
+/// `shoal top`: the cluster's workers and task groups, refreshed in place.
+pub(crate) fn run_top(a: TopArgs) -> CliResult {
+    let t = a.target;
+    let (address, secret, _) = join_target(
+        t.address,
+        t.scheduler_file.as_deref(),
+        t.token_file.as_deref(),
+        &t.tls,
+    )?;
+    if !(a.interval > 0.0 && a.interval.is_finite()) {
+        return Err("--interval must be a positive number of seconds".into());
+    }
+    let c = client::connect(runtime(), &address, &secret)
+        .map_err(|e| format!("cannot connect to {address}: {e}"))?;
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let mut prev: Option<(std::time::Instant, u64)> = None;
+    let mut n = 0u64;
+    loop {
+        let info = c.cluster_info(Duration::from_secs(10))?;
+        let now = std::time::Instant::now();
+        let finished: u64 = info.groups.iter().map(|g| g.finished).sum();
+        let rate = prev.map(|(t, f)| finished.saturating_sub(f) as f64 / (now - t).as_secs_f64());
+        prev = Some((now, finished));
+        let mut screen = String::new();
+        if tty {
+            screen.push_str("\x1b[H\x1b[2J"); // home, clear
+        }
+        screen.push_str(&top_screen(&info, rate));
+        print!("{screen}");
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        n += 1;
+        if a.iterations.is_some_and(|max| n >= max) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_secs_f64(a.interval));
+    }
+}
+
+/// One screen of `shoal top`.
+pub(crate) fn top_screen(info: &shoal_proto::ClusterInfo, rate: Option<f64>) -> String {
+    let mut s = format!(
+        "shoal top - {}  workers {}  clients {}  tasks {}  {}\n",
+        info.address,
+        info.workers.len(),
+        info.clients,
+        info.tasks,
+        match rate {
+            Some(r) => format!("{r:.0} tasks/s"),
+            None => "- tasks/s".into(),
+        }
+    );
+    if !info.dashboard.is_empty() {
+        s.push_str(&format!("dashboard {}\n", info.dashboard));
+    }
+    s.push_str(&format!(
+        "\n{:<24} {:>6} {:>6} {:>10} {:>10} {:>10} {:>7}\n",
+        "WORKER", "CPU%", "TASKS", "MEMORY", "MANAGED", "SPILLED", "LIMIT%"
+    ));
+    for w in &info.workers {
+        let m = &w.metrics;
+        let pct = if m.limit > 0 {
+            format!("{:.0}", m.memory as f64 * 100.0 / m.limit as f64)
+        } else {
+            "-".into()
+        };
+        s.push_str(&format!(
+            "{:<24} {:>6.0} {:>6} {:>10} {:>10} {:>10} {:>7}{}\n",
+            w.name,
+            m.cpu,
+            w.processing,
+            gib(m.memory),
+            gib(m.managed),
+            gib(m.spilled),
+            pct,
+            if m.paused { " paused" } else { "" }
+        ));
+    }
+    s.push_str(&format!(
+        "\n{:<28} {:>9} {:>9} {:>9} {:>7} {:>10} {:>10}  {}\n",
+        "TASK GROUP", "WAITING", "RUNNING", "MEMORY", "ERRED", "DONE", "MEAN", "PROGRESS"
+    ));
+    for g in info
+        .groups
+        .iter()
+        .filter(|g| g.waiting + g.processing + g.memory + g.erred > 0)
+    {
+        let done = g.finished.min(g.submitted);
+        let frac = if g.submitted > 0 {
+            done as f64 / g.submitted as f64
+        } else {
+            0.0
+        };
+        let bar_len = (frac * 20.0).round() as usize;
+        let mean = if g.finished > 0 {
+            format!("{:.2}ms", g.total_us as f64 / g.finished as f64 / 1000.0)
+        } else {
+            "-".into()
+        };
+        s.push_str(&format!(
+            "{:<28} {:>9} {:>9} {:>9} {:>7} {:>10} {:>10}  [{}{}]\n",
+            truncate(&g.name, 28),
+            g.waiting,
+            g.processing,
+            g.memory,
+            g.erred,
+            format!("{done}/{}", g.submitted),
+            mean,
+            "#".repeat(bar_len),
+            " ".repeat(20 - bar_len)
+        ));
+    }
+    s
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(n - 1).collect();
+        t.push('~');
+        t
+    }
 }
 
 fn gib(b: u64) -> String {

@@ -31,6 +31,8 @@ enum Command {
     Worker(cluster::WorkerArgs),
     /// Print a cluster's workers, their load and memory.
     Status(cluster::StatusArgs),
+    /// A live terminal view of the cluster's workers and task groups.
+    Top(cluster::TopArgs),
     /// Make a site CA and a certificate for TLS (`--tls-*` options).
     Certs(cluster::CertsArgs),
 }
@@ -63,6 +65,7 @@ pub fn run(argv: Vec<String>, host: HostInfo) -> i32 {
         Command::Scheduler(a) => cluster::run_scheduler(a),
         Command::Worker(a) => cluster::run_worker(a, &host),
         Command::Status(a) => cluster::run_status(a),
+        Command::Top(a) => cluster::run_top(a),
         Command::Certs(a) => cluster::run_certs(a),
     };
     match result {

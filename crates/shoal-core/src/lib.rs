@@ -297,6 +297,44 @@ struct Worker {
 struct GroupStats {
     /// Exponential moving average of durations, None until one finished.
     mean_us: Option<f64>,
+    counts: GroupCounts,
+}
+
+/// A task group's live tasks by state, and its totals (for dashboards;
+/// kept up to date by every transition, so reading it is free).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GroupCounts {
+    /// Waiting for inputs.
+    pub waiting: u64,
+    /// Inputs ready, not yet placed.
+    pub ready: u64,
+    /// Sent to a worker.
+    pub processing: u64,
+    /// Result held.
+    pub memory: u64,
+    /// Failed.
+    pub erred: u64,
+    /// Result dropped (or not started).
+    pub released: u64,
+    /// Tasks submitted, in all.
+    pub submitted: u64,
+    /// Runs finished, in all.
+    pub finished: u64,
+    /// Their summed execution time.
+    pub total_us: u64,
+}
+
+impl GroupCounts {
+    fn slot(&mut self, s: TaskState) -> &mut u64 {
+        match s {
+            TaskState::Waiting => &mut self.waiting,
+            TaskState::Ready => &mut self.ready,
+            TaskState::Processing(_) => &mut self.processing,
+            TaskState::Memory { .. } => &mut self.memory,
+            TaskState::Erred { .. } => &mut self.erred,
+            TaskState::Released => &mut self.released,
+        }
+    }
 }
 
 #[derive(PartialEq, Eq)]
@@ -415,6 +453,19 @@ impl Core {
     /// Number of task records.
     pub fn n_tasks(&self) -> usize {
         self.tasks.len()
+    }
+
+    /// A task's group.
+    pub fn task_group(&self, task: TaskId) -> Option<u32> {
+        self.tasks.get(&task).map(|t| t.group)
+    }
+
+    /// Every task group seen (by group id): live tasks by state, and totals.
+    pub fn group_counts(&self) -> impl Iterator<Item = (u32, &GroupCounts)> {
+        self.groups
+            .iter()
+            .enumerate()
+            .map(|(i, g)| (i as u32, &g.counts))
     }
 
     /// A worker's tasks assigned (running or queued) and results held.
@@ -802,6 +853,12 @@ impl Core {
                 self.notify_one(client, nt.id);
                 continue;
             }
+            let g = nt.group as usize;
+            if self.groups.len() <= g {
+                self.groups.resize(g + 1, GroupStats::default());
+            }
+            self.groups[g].counts.released += 1;
+            self.groups[g].counts.submitted += 1;
             self.tasks.insert(
                 nt.id,
                 Task {
@@ -909,14 +966,11 @@ impl Core {
             return false;
         }
         self.progress(worker);
-        let group = self.tasks[&task].group as usize;
-        if let Some(g) = self.groups.get_mut(group) {
-            let d = duration_us as f64;
-            g.mean_us = Some(g.mean_us.map_or(d, |m| 0.8 * m + 0.2 * d));
-        } else {
-            self.groups.resize(group + 1, GroupStats::default());
-            self.groups[group].mean_us = Some(duration_us as f64);
-        }
+        let g = &mut self.groups[self.tasks[&task].group as usize];
+        let d = duration_us as f64;
+        g.mean_us = Some(g.mean_us.map_or(d, |m| 0.8 * m + 0.2 * d));
+        g.counts.finished += 1;
+        g.counts.total_us += duration_us;
         let location = if inline {
             Location::Inline
         } else {
@@ -1094,6 +1148,9 @@ impl Core {
             return;
         }
         t.state = to;
+        let counts = &mut self.groups[t.group as usize].counts;
+        *counts.slot(from) -= 1;
+        *counts.slot(to) += 1;
         self.transitions += 1;
         if self.config.log_capacity > 0 {
             if self.log.len() == self.config.log_capacity {
@@ -1268,6 +1325,7 @@ impl Core {
             // Leaving the pending set adjusts the inputs' counters.
             self.set_state(id, TaskState::Released);
             let t = self.tasks.remove(&id).expect("present");
+            self.groups[t.group as usize].counts.released -= 1;
             self.transitions += 1;
             if self.config.log_capacity > 0 {
                 if self.log.len() == self.config.log_capacity {
@@ -1448,6 +1506,31 @@ impl Core {
     /// Checks every invariant of the state; panics with a description of the
     /// first violation. Run after every event in tests.
     pub fn check_invariants(&self) {
+        // The per-group counters match a recount.
+        let mut recount = vec![GroupCounts::default(); self.groups.len()];
+        for t in self.tasks.values() {
+            *recount[t.group as usize].slot(t.state) += 1;
+        }
+        for (g, (stats, want)) in self.groups.iter().zip(recount).enumerate() {
+            let c = stats.counts;
+            let live = (
+                c.waiting,
+                c.ready,
+                c.processing,
+                c.memory,
+                c.erred,
+                c.released,
+            );
+            let want = (
+                want.waiting,
+                want.ready,
+                want.processing,
+                want.memory,
+                want.erred,
+                want.released,
+            );
+            assert_eq!(live, want, "group {g}: counters drifted");
+        }
         for (&id, t) in &self.tasks {
             assert!(
                 !(t.once && t.ran)

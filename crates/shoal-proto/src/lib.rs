@@ -18,7 +18,7 @@ use bytes::Bytes;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// Bumped on every incompatible change; peers with another version are refused.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// First field of every handshake, so a stray peer is recognised at once.
 pub const MAGIC: u32 = 0x5348_4f4c; // "SHOL"
 /// Largest frame accepted (a frame larger than this closes the connection).
@@ -169,8 +169,8 @@ pub enum ToScheduler {
         size: u64,
         /// Inline result.
         value: Option<Bytes>,
-        /// Execution time.
-        duration_us: u64,
+        /// When and where it ran.
+        timing: Timing,
     },
     /// Worker: a task raised (or its inputs or result could not be moved).
     Failed {
@@ -178,6 +178,10 @@ pub enum ToScheduler {
         id: u64,
         /// Pickled `(exception, traceback text)`.
         error: Bytes,
+        /// The exception and traceback as text (for dashboards).
+        text: String,
+        /// When and where it ran.
+        timing: Timing,
     },
     /// Worker: these tasks asked back by `Steal` were not started and are dropped.
     Stolen(Vec<u64>),
@@ -217,6 +221,63 @@ pub enum ToScheduler {
     /// Worker: its memory is above the pause fraction (true: give it no
     /// more work, take back what it has queued) or back below (false).
     Paused(bool),
+    /// Worker: what happened since the last one (sent with heartbeats when
+    /// there is anything): transfers and spills, profile samples, log lines.
+    Telemetry(Telemetry),
+    /// Client: a dashboard query (the same paths as the HTTP API, e.g.
+    /// `/api/status`); answered by [`FromScheduler::QueryReply`].
+    Query {
+        /// Chosen by the client, echoed in the reply.
+        id: u64,
+        /// Path and query string.
+        path: String,
+    },
+}
+
+/// When and on which thread a task ran (the worker's clock).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timing {
+    /// Start, microseconds since the Unix epoch.
+    pub start_us: u64,
+    /// Execution time.
+    pub duration_us: u64,
+    /// The worker's execution thread (0..): a lane in the task stream.
+    pub thread: u32,
+}
+
+/// Something a worker did besides running tasks.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActivityKind {
+    /// Fetched an input from a peer.
+    Transfer,
+    /// Wrote results to disk.
+    Spill,
+}
+
+/// One transfer or spill, for the task stream.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Activity {
+    /// What.
+    pub kind: ActivityKind,
+    /// The task whose data moved (0: several or unknown).
+    pub task: u64,
+    /// Bytes moved.
+    pub bytes: u64,
+    /// Start, microseconds since the Unix epoch.
+    pub start_us: u64,
+    /// How long it took.
+    pub duration_us: u64,
+}
+
+/// A worker's news since its last heartbeat.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
+pub struct Telemetry {
+    /// Transfers and spills.
+    pub activity: Vec<Activity>,
+    /// Profile samples: `(task group, folded stack "f;g;h", count)`.
+    pub profile: Vec<(String, String, u32)>,
+    /// Log lines.
+    pub logs: Vec<String>,
 }
 
 /// A worker's memory, as its memory manager sees it.
@@ -232,6 +293,14 @@ pub struct WorkerMetrics {
     pub limit: u64,
     /// Paused for memory.
     pub paused: bool,
+    /// CPU use since the last heartbeat, percent of one core.
+    pub cpu: f32,
+    /// Bytes this worker fetched from peers, in all.
+    pub bytes_in: u64,
+    /// Bytes its data server sent, in all.
+    pub bytes_out: u64,
+    /// Bytes it wrote to disk spilling, in all.
+    pub spilled_total: u64,
 }
 
 /// One worker in [`ClusterInfo`].
@@ -270,6 +339,33 @@ pub struct ClusterInfo {
     pub tasks: u64,
     /// Workers, by id.
     pub workers: Vec<WorkerInfo>,
+    /// The dashboard's URL (without the token), empty if there is none.
+    pub dashboard: String,
+    /// Task groups with tasks, by first submission.
+    pub groups: Vec<GroupInfo>,
+}
+
+/// One task group in [`ClusterInfo`]: tasks by state, and totals.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
+pub struct GroupInfo {
+    /// Its name (usually the function's).
+    pub name: String,
+    /// Tasks waiting for inputs or a thread.
+    pub waiting: u64,
+    /// Tasks sent to workers.
+    pub processing: u64,
+    /// Results held.
+    pub memory: u64,
+    /// Failed tasks.
+    pub erred: u64,
+    /// Finished, result dropped.
+    pub released: u64,
+    /// Tasks submitted, in all.
+    pub submitted: u64,
+    /// Runs that finished, in all.
+    pub finished: u64,
+    /// Summed execution time of those runs, microseconds.
+    pub total_us: u64,
 }
 
 /// Where a task input is to be found.
@@ -362,6 +458,8 @@ pub enum FromScheduler {
         id: u64,
         /// Name, for errors and logs.
         name: String,
+        /// Task group (for the profiler).
+        group: String,
         /// Call or batch.
         kind: TaskKind,
         /// Pickled function.
@@ -386,6 +484,13 @@ pub enum FromScheduler {
     Ping,
     /// To a client: the answer to [`ToScheduler::Info`].
     Info(ClusterInfo),
+    /// To a client: the answer to [`ToScheduler::Query`], JSON.
+    QueryReply {
+        /// The query's id.
+        id: u64,
+        /// The answer (or `{"error": ...}`).
+        json: String,
+    },
     /// To a worker: copy this result from the (retiring) worker at `from`
     /// and keep it (answer: `Replicated`).
     Replicate {
@@ -505,7 +610,11 @@ mod tests {
                 id: 9,
                 size: 3,
                 value: Some(Bytes::from_static(b"xyz")),
-                duration_us: 12,
+                timing: Timing {
+                    start_us: 1,
+                    duration_us: 12,
+                    thread: 3,
+                },
             },
             ToScheduler::Paused(true),
         ];

@@ -10,7 +10,9 @@ use pyo3::exceptions::{PyConnectionError, PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{IntoPyDict, PyByteArray, PyBytes, PyDict, PyList, PyString, PyTuple};
-use shoal_proto::{TaskError, TaskKind, TaskSpec, ToScheduler, WorkerMetrics};
+use shoal_proto::{
+    Activity, ActivityKind, TaskError, TaskKind, TaskSpec, Timing, ToScheduler, WorkerMetrics,
+};
 use shoal_runtime::client::{self, ClientShared, Status, Watcher};
 use shoal_runtime::local::{LocalCluster, WorkerCommand};
 use shoal_runtime::net::{Address, Secret};
@@ -84,6 +86,9 @@ struct Cluster {
     /// The cluster's token: workers and clients must know it to join.
     #[pyo3(get)]
     token: String,
+    /// The dashboard's URL without its token (None: no dashboard).
+    #[pyo3(get)]
+    dashboard: Option<String>,
 }
 
 fn private_dir() -> std::io::Result<PathBuf> {
@@ -111,13 +116,14 @@ impl Cluster {
     /// Starts the scheduler and `n_workers` processes running
     /// `program args... ADDRESS`.
     #[new]
-    #[pyo3(signature = (n_workers, program, args, env))]
+    #[pyo3(signature = (n_workers, program, args, env, dashboard=None))]
     fn new(
         py: Python<'_>,
         n_workers: usize,
         program: String,
         args: Vec<String>,
         env: Vec<(String, String)>,
+        dashboard: Option<String>,
     ) -> PyResult<Self> {
         py.detach(|| {
             let dir = private_dir()?;
@@ -126,8 +132,10 @@ impl Cluster {
             // environment, never on a command line (visible to `ps`).
             let secret = Secret::random();
             let token = secret.token();
-            let sched = runtime().block_on(scheduler::start(&addr, secret))?;
+            let sched =
+                runtime().block_on(scheduler::start(&addr, secret, dashboard.as_deref()))?;
             let address = sched.address.to_string();
+            let dashboard = sched.dashboard.clone();
             let mut args = args;
             args.push(address.clone());
             let mut env = env;
@@ -145,6 +153,7 @@ impl Cluster {
                 dir: Some(dir),
                 address,
                 token,
+                dashboard,
             })
         })
         .map_err(|e| PyOSError::new_err(format!("cannot start the local cluster: {e}")))
@@ -523,10 +532,37 @@ impl ClientCore {
             wd.set_item("memory_limit", w.metrics.limit)?;
             wd.set_item("paused", w.metrics.paused)?;
             wd.set_item("last_seen", w.last_seen_ms as f64 / 1000.0)?;
+            wd.set_item("cpu", w.metrics.cpu)?;
+            wd.set_item("bytes_in", w.metrics.bytes_in)?;
+            wd.set_item("bytes_out", w.metrics.bytes_out)?;
             workers.append(wd)?;
         }
         d.set_item("workers", workers)?;
+        d.set_item("dashboard", info.dashboard)?;
+        let groups = PyList::empty(py);
+        for g in info.groups {
+            let gd = PyDict::new(py);
+            gd.set_item("name", g.name)?;
+            gd.set_item("waiting", g.waiting)?;
+            gd.set_item("processing", g.processing)?;
+            gd.set_item("memory", g.memory)?;
+            gd.set_item("erred", g.erred)?;
+            gd.set_item("released", g.released)?;
+            gd.set_item("submitted", g.submitted)?;
+            gd.set_item("finished", g.finished)?;
+            gd.set_item("total", g.total_us as f64 / 1e6)?;
+            groups.append(gd)?;
+        }
+        d.set_item("groups", groups)?;
         Ok(d)
+    }
+
+    /// A dashboard query (`/api/status`, `/api/profile?group=...`, ...)
+    /// answered by the scheduler: its JSON text.
+    fn query(&self, py: Python<'_>, path: &str, timeout: f64) -> PyResult<String> {
+        let inner = &self.inner;
+        let t = Duration::from_secs_f64(timeout.max(0.0));
+        py.detach(|| inner.query(path, t)).map_err(lost)
     }
 }
 
@@ -607,10 +643,11 @@ impl WorkerCore {
         self.inner.id
     }
 
-    /// Reports `done` (tuples `(id, ok, payload, duration_us, size)`; payload
-    /// None: a large result kept as the Python object) and returns
+    /// Reports `done` (tuples `(id, ok, payload, start_us, duration_us,
+    /// size)`, run on execution thread `lane`; payload None: a large result
+    /// kept as the Python object; for a failure `(pickled error, text)`) and returns
     /// the next `(tasks, released_ids)`, or None when asked to shut down.
-    /// Tasks are `(id, name, is_batch, func, args, deps, error, resources)` with deps
+    /// Tasks are `(id, name, group, is_batch, func, args, deps, error, resources)` with deps
     /// `[(id, bytes or None)]`. Returns empty lists after `timeout` seconds.
     fn next_batch<'py>(
         &self,
@@ -618,8 +655,12 @@ impl WorkerCore {
         done: Vec<DoneTuple<'py>>,
         max: usize,
         timeout: f64,
+        lane: u32,
     ) -> PyResult<Option<(Bound<'py, PyList>, Vec<u64>)>> {
-        let done: Vec<Done> = done.into_iter().map(to_done).collect::<PyResult<_>>()?;
+        let done: Vec<Done> = done
+            .into_iter()
+            .map(|d| to_done(d, lane))
+            .collect::<PyResult<_>>()?;
         let inner = &self.inner;
         inner.report(done);
         // Work already queued is taken with the GIL held (no lock is held
@@ -650,6 +691,7 @@ impl WorkerCore {
             list.append((
                 t.id,
                 t.name,
+                t.group,
                 t.kind == TaskKind::Batch,
                 PyBytes::new(py, &t.func),
                 PyBytes::new(py, &t.args),
@@ -662,9 +704,12 @@ impl WorkerCore {
     }
 
     /// Reports finished tasks without taking more (a retiring thread).
-    fn report(&self, done: Vec<DoneTuple<'_>>) -> PyResult<()> {
-        self.inner
-            .report(done.into_iter().map(to_done).collect::<PyResult<_>>()?);
+    fn report(&self, done: Vec<DoneTuple<'_>>, lane: u32) -> PyResult<()> {
+        self.inner.report(
+            done.into_iter()
+                .map(|d| to_done(d, lane))
+                .collect::<PyResult<_>>()?,
+        );
         self.inner.flush();
         Ok(())
     }
@@ -708,15 +753,88 @@ impl WorkerCore {
 
     /// The memory manager's figures, sent to the scheduler with the next
     /// heartbeat (bytes; limit 0: none).
-    fn set_metrics(&self, memory: u64, managed: u64, spilled: u64, limit: u64, paused: bool) {
+    #[pyo3(signature = (memory, managed, spilled, limit, paused, spilled_total=0))]
+    fn set_metrics(
+        &self,
+        memory: u64,
+        managed: u64,
+        spilled: u64,
+        limit: u64,
+        paused: bool,
+        spilled_total: u64,
+    ) {
         self.inner.set_metrics(WorkerMetrics {
             memory,
             managed,
             spilled,
             limit,
             paused,
+            spilled_total,
+            ..WorkerMetrics::default()
         })
     }
+
+    /// A spill (`"spill"`) or transfer for the task stream.
+    fn record_activity(
+        &self,
+        kind: &str,
+        task: u64,
+        bytes: u64,
+        start_us: u64,
+        duration_us: u64,
+    ) -> PyResult<()> {
+        let kind = match kind {
+            "spill" => ActivityKind::Spill,
+            "transfer" => ActivityKind::Transfer,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "activity kinds are spill and transfer, not {other:?}"
+                )))
+            }
+        };
+        self.inner.record_activity(Activity {
+            kind,
+            task,
+            bytes,
+            start_us,
+            duration_us,
+        });
+        Ok(())
+    }
+
+    /// Profile samples `[(task group, folded stack, count)]` (sent to the
+    /// scheduler with the next heartbeat).
+    fn add_profile(&self, samples: Vec<(String, String, u32)>) {
+        self.inner.add_profile(samples);
+    }
+}
+
+/// The dashboard's access token for a cluster token (what `?token=` takes).
+#[pyfunction]
+fn dashboard_token(token: &str) -> PyResult<String> {
+    let secret = Secret::from_token(token).map_err(|e| PyValueError::new_err(e.to_string()))?;
+    Ok(secret.dashboard_token())
+}
+
+/// One of the dashboard's embedded files: `index.html`, `app.js`, `app.css`
+/// (a performance report inlines them).
+#[pyfunction]
+fn dashboard_asset(name: &str) -> PyResult<&'static str> {
+    match name {
+        "index.html" => Ok(scheduler::INDEX_HTML),
+        "app.js" => Ok(scheduler::APP_JS),
+        "app.css" => Ok(scheduler::APP_CSS),
+        other => Err(PyValueError::new_err(format!(
+            "the dashboard has index.html, app.js and app.css, not {other:?}"
+        ))),
+    }
+}
+
+/// Appends a line to this process's log ring (what `get_worker_logs`
+/// returns; Python's `logging` records come here).
+#[pyfunction]
+fn log_line(line: String) {
+    shoal_runtime::logs::push(line);
 }
 
 /// Runs the `shoal` command line; returns the exit code.
@@ -741,37 +859,45 @@ fn cli_main(
     })
 }
 
-/// `(id, ok, payload, duration_us, size)` as the worker loop reports it:
-/// payload is the pickle (bytes), the path of the file holding it (str), or
-/// None for a large result the Python side keeps.
-type DoneTuple<'py> = (u64, bool, Option<Bound<'py, PyAny>>, u64, u64);
+/// `(id, ok, payload, start_us, duration_us, size)` as the worker loop
+/// reports it: payload is the pickle (bytes), the path of the file holding
+/// it (str), or None for a large result the Python side keeps; for a
+/// failure, `(pickled error, error text)`.
+type DoneTuple<'py> = (u64, bool, Option<Bound<'py, PyAny>>, u64, u64, u64);
 
-fn to_done((id, ok, payload, duration_us, size): DoneTuple<'_>) -> PyResult<Done> {
-    let Some(p) = payload else {
-        return Ok(Done::Held {
+fn to_done(
+    (id, ok, payload, start_us, duration_us, size): DoneTuple<'_>,
+    lane: u32,
+) -> PyResult<Done> {
+    let timing = Timing {
+        start_us,
+        duration_us,
+        thread: lane,
+    };
+    if !ok {
+        let (error, text): (PyBackedBytes, String) = payload
+            .ok_or_else(|| PyValueError::new_err("a failure report needs its error"))?
+            .extract()?;
+        return Ok(Done::Err {
             id,
-            size,
-            duration_us,
+            error: Bytes::copy_from_slice(&error),
+            text,
+            timing,
         });
+    }
+    let Some(p) = payload else {
+        return Ok(Done::Held { id, size, timing });
     };
     if let Ok(path) = p.cast::<PyString>() {
         return Ok(Done::File {
             id,
             path: path.to_str()?.to_owned(),
             size,
-            duration_us,
+            timing,
         });
     }
-    let bytes = Bytes::copy_from_slice(p.cast::<PyBytes>()?.as_bytes());
-    Ok(if ok {
-        Done::Ok {
-            id,
-            value: bytes,
-            duration_us,
-        }
-    } else {
-        Done::Err { id, error: bytes }
-    })
+    let value = Bytes::copy_from_slice(p.cast::<PyBytes>()?.as_bytes());
+    Ok(Done::Ok { id, value, timing })
 }
 
 /// A fetched result for `_serialize.loads`: bytes as a `bytearray` (arrays
@@ -866,5 +992,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(remove_process_dirs, m)?)?;
     m.add_function(wrap_pyfunction!(sweep, m)?)?;
     m.add_function(wrap_pyfunction!(configure_tls, m)?)?;
+    m.add_function(wrap_pyfunction!(dashboard_token, m)?)?;
+    m.add_function(wrap_pyfunction!(dashboard_asset, m)?)?;
+    m.add_function(wrap_pyfunction!(log_line, m)?)?;
     Ok(())
 }

@@ -99,6 +99,8 @@ struct State {
     closed: Option<String>,
     /// The latest answer to an `Info` request.
     info: Option<ClusterInfo>,
+    /// Answers to `Query` requests, by id, until taken.
+    replies: FxHashMap<u64, String>,
 }
 
 /// A connected client.
@@ -131,6 +133,7 @@ pub fn connect(
                 watchers: Vec::new(),
                 closed: None,
                 info: None,
+                replies: FxHashMap::default(),
             }),
             cv: Condvar::new(),
             secret: secret.clone(),
@@ -182,6 +185,11 @@ impl ClientShared {
                 FromScheduler::Ping => continue,
                 FromScheduler::Info(info) => {
                     st.info = Some(info);
+                    self.cv.notify_all();
+                    continue;
+                }
+                FromScheduler::QueryReply { id, json } => {
+                    st.replies.insert(id, json);
                     self.cv.notify_all();
                     continue;
                 }
@@ -368,6 +376,32 @@ impl ClientShared {
         loop {
             if let Some(info) = st.info.take() {
                 return Ok(info);
+            }
+            if let Some(reason) = &st.closed {
+                return Err(reason.clone());
+            }
+            if self.cv.wait_until(&mut st, deadline).timed_out() {
+                return Err(format!("the scheduler did not answer within {timeout:?}"));
+            }
+        }
+    }
+
+    /// Asks the scheduler a dashboard query (`/api/status`, `/api/profile`,
+    /// ...) and waits up to `timeout` for its JSON answer. Call with the GIL
+    /// released.
+    pub fn query(&self, path: &str, timeout: std::time::Duration) -> Result<String, String> {
+        let deadline = std::time::Instant::now() + timeout;
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut st = self.state.lock();
+        self.out
+            .send(ToScheduler::Query {
+                id,
+                path: path.to_string(),
+            })
+            .map_err(|_| "the connection is closed".to_string())?;
+        loop {
+            if let Some(json) = st.replies.remove(&id) {
+                return Ok(json);
             }
             if let Some(reason) = &st.closed {
                 return Err(reason.clone());

@@ -20,6 +20,7 @@
 
 pub mod client;
 pub mod local;
+pub mod logs;
 pub mod net;
 pub mod scheduler;
 pub mod shm;
@@ -30,14 +31,20 @@ use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 /// Sends this process's log events (`tracing`) to stderr, filtered by
 /// `SHOAL_LOG` (`warn` by default; e.g. `SHOAL_LOG=info`,
 /// `SHOAL_LOG=shoal_runtime::scheduler=debug`). Idempotent.
+/// Events also go to [`logs`] (for `get_worker_logs` and the dashboard).
 pub fn init_logging() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
+        .with_target(false);
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(logs::RingLayer)
         .try_init();
 }
 use std::sync::Mutex;

@@ -399,6 +399,16 @@ impl Secret {
         m
     }
 
+    /// The dashboard's access token: derived from the cluster's, so anyone
+    /// with the cluster token can open it, while the link does not reveal
+    /// the cluster token itself.
+    pub fn dashboard_token(&self) -> String {
+        self.mac(b"shoal-dashboard", &[])[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
     fn mac(&self, label: &[u8], parts: &[&[u8]]) -> [u8; 32] {
         self.hmac(label, parts).finalize().into_bytes().into()
     }

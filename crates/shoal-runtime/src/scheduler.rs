@@ -3,6 +3,12 @@
 //! writer task that batches what it sends back. The owner drains every event
 //! available before writing, so bursts become a few large frames.
 
+mod api;
+mod http;
+mod monitor;
+
+pub use http::{APP_CSS, APP_JS, INDEX_HTML};
+
 use crate::net::{self, Address, Listener, Secret};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -15,7 +21,7 @@ use shoal_proto::{
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 type Tx = mpsc::UnboundedSender<FromScheduler>;
 
@@ -38,12 +44,17 @@ enum Event {
     ClientLeft(u32),
     WorkerLeft(u32, String),
     ShutdownWorkers,
+    /// A dashboard request: the answer, and the task stream's next sequence
+    /// number (where the next live update starts).
+    Query(String, oneshot::Sender<(api::Reply, u64)>),
 }
 
 /// A running scheduler.
 pub struct SchedulerHandle {
     /// Where clients and workers connect.
     pub address: Address,
+    /// The dashboard's URL (without its token), if it has one.
+    pub dashboard: Option<String>,
     events: mpsc::UnboundedSender<Event>,
     stop: watch::Sender<bool>,
 }
@@ -67,19 +78,69 @@ impl Drop for SchedulerHandle {
 }
 
 /// Binds `address` and serves on the current tokio runtime. Every peer
-/// must prove it knows `secret`.
-pub async fn start(address: &Address, secret: Secret) -> io::Result<SchedulerHandle> {
+/// must prove it knows `secret`. `dashboard` is the `HOST:PORT` to serve
+/// the dashboard on (None: no dashboard); if that port is taken, another
+/// is chosen (as Dask does with 8787).
+pub async fn start(
+    address: &Address,
+    secret: Secret,
+    dashboard: Option<&str>,
+) -> io::Result<SchedulerHandle> {
     let listener = Listener::bind(address).await?;
     let address = listener.local_addr()?;
     let (events, rx) = mpsc::unbounded_channel();
     let (stop, stop_rx) = watch::channel(false);
-    tokio::spawn(owner(rx, stop_rx.clone(), address.to_string()));
+    let mut url = None;
+    if let Some(d) = dashboard {
+        let http = match tokio::net::TcpListener::bind(d).await {
+            Ok(l) => l,
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                let host = d.rsplit_once(':').map_or(d, |(h, _)| h);
+                let l = tokio::net::TcpListener::bind((host.trim_matches(['[', ']']), 0)).await?;
+                tracing::info!("dashboard port of {d} is taken; using {}", l.local_addr()?);
+                l
+            }
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot serve the dashboard on {d}: {e}"),
+                ))
+            }
+        };
+        let local = http.local_addr()?;
+        let shown = if local.ip().is_unspecified() {
+            format!("http://{}:{}/", hostname(), local.port())
+        } else {
+            format!("http://{local}/")
+        };
+        url = Some(shown);
+        let token = secret.dashboard_token();
+        tokio::spawn(http::serve(http, events.clone(), token, stop_rx.clone()));
+    }
+    tokio::spawn(owner(
+        rx,
+        stop_rx.clone(),
+        address.to_string(),
+        url.clone().unwrap_or_default(),
+    ));
     tokio::spawn(accept_loop(listener, events.clone(), stop_rx, secret));
     Ok(SchedulerHandle {
         address,
+        dashboard: url,
         events,
         stop,
     })
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "localhost".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
 async fn accept_loop(
@@ -195,6 +256,11 @@ struct WorkerConn {
 
 struct State {
     address: String,
+    /// The dashboard's URL, empty if none.
+    dashboard: String,
+    /// Task group names by id.
+    group_names: Vec<String>,
+    monitor: monitor::Monitor,
     heartbeat_timeout: std::time::Duration,
     core: Core,
     specs: FxHashMap<u64, TaskSpec>,
@@ -216,9 +282,13 @@ async fn owner(
     mut rx: mpsc::UnboundedReceiver<Event>,
     mut stop: watch::Receiver<bool>,
     address: String,
+    dashboard: String,
 ) {
     let mut st = State {
         address,
+        dashboard,
+        group_names: Vec::new(),
+        monitor: monitor::Monitor::default(),
         heartbeat_timeout: net::heartbeat_timeout(),
         core: Core::default(),
         specs: FxHashMap::default(),
@@ -248,6 +318,10 @@ async fn owner(
                 }
             }
             now = tick.tick() => {
+                // How late this tick runs: the event loop's lag.
+                let lag = tokio::time::Instant::now().saturating_duration_since(now).as_micros() as u64;
+                st.monitor.lag_us = lag;
+                st.monitor.lag_max_us = st.monitor.lag_max_us.max(lag);
                 st.core.handle_tick((now - start).as_micros() as u64);
                 st.process();
                 if now >= next_ping {
@@ -280,6 +354,7 @@ impl State {
                     return;
                 }
                 let ids = self.resource_ids(&resources);
+                self.monitor.worker_names.insert(id, name.clone());
                 self.workers.insert(
                     id,
                     WorkerConn {
@@ -313,6 +388,9 @@ impl State {
                 }
                 self.core.handle_worker_lost(WorkerId(id));
                 self.process();
+            }
+            Event::Query(path, reply) => {
+                let _ = reply.send((self.query(&path), self.monitor.next_seq()));
             }
             Event::ShutdownWorkers => {
                 self.closing = true;
@@ -348,6 +426,9 @@ impl State {
                 for spec in specs {
                     let next = self.groups.len() as u32;
                     let group = *self.groups.entry_ref_or_insert(&spec.group, next);
+                    if group == next {
+                        self.group_names.push(spec.group.clone());
+                    }
                     let mut deps: Vec<TaskId> = spec.deps.iter().map(|&d| TaskId(d)).collect();
                     deps.sort_unstable();
                     deps.dedup();
@@ -428,6 +509,16 @@ impl State {
                     let _ = tx.send(FromScheduler::Info(info));
                 }
             }
+            ToScheduler::Query { id, path } => {
+                let json = match self.query(&path) {
+                    Ok(("application/json", body)) => body,
+                    Ok((_, body)) => serde_json::Value::from(body).to_string(),
+                    Err((_, msg)) => serde_json::json!({ "error": msg }).to_string(),
+                };
+                if let Some(tx) = self.clients.get(&client) {
+                    let _ = tx.send(FromScheduler::QueryReply { id, json });
+                }
+            }
             other => tracing::warn!("client {client} sent a worker message: {other:?}"),
         }
     }
@@ -439,13 +530,15 @@ impl State {
                 id,
                 size,
                 value,
-                duration_us,
+                timing,
             } => {
                 let inline = value.is_some();
+                let group = self.core.task_group(TaskId(id)).unwrap_or(u32::MAX);
                 if self
                     .core
-                    .handle_task_finished(wid, TaskId(id), size, inline, duration_us)
+                    .handle_task_finished(wid, TaskId(id), size, inline, timing.duration_us)
                 {
+                    self.monitor.task(id, group, worker, timing, true, size);
                     if let Some(v) = value {
                         self.inline.insert(id, v);
                     }
@@ -455,9 +548,29 @@ impl State {
                     }
                 }
             }
-            ToScheduler::Failed { id, error } => {
-                if let Some(true) = self.core.handle_task_failed(wid, TaskId(id)) {
-                    self.errors.insert(id, error);
+            ToScheduler::Failed {
+                id,
+                error,
+                text,
+                timing,
+            } => {
+                let group = self.core.task_group(TaskId(id)).unwrap_or(u32::MAX);
+                if let Some(erred) = self.core.handle_task_failed(wid, TaskId(id)) {
+                    self.monitor.task(id, group, worker, timing, false, 0);
+                    if erred {
+                        self.errors.insert(id, error);
+                        self.monitor.error_text.insert(id, text);
+                    }
+                }
+            }
+            ToScheduler::Telemetry(t) => {
+                for a in &t.activity {
+                    let group = self.core.task_group(TaskId(a.task)).unwrap_or(u32::MAX);
+                    self.monitor.activity(worker, a, group);
+                }
+                self.monitor.profile(t.profile);
+                if !t.logs.is_empty() {
+                    self.monitor.logs(worker, t.logs);
                 }
             }
             ToScheduler::Threads(n) => self.core.handle_worker_threads(wid, n),
@@ -471,6 +584,7 @@ impl State {
                 self.core.handle_replicated(wid, TaskId(id), ok);
             }
             ToScheduler::Heartbeat(m) => {
+                self.monitor.heartbeat(worker, crate::worker::now_us(), &m);
                 if let Some(w) = self.workers.get_mut(&worker) {
                     w.metrics = m;
                 }
@@ -550,11 +664,33 @@ impl State {
             })
             .collect();
         workers.sort_by_key(|w| w.id);
+        let groups = self
+            .core
+            .group_counts()
+            .filter(|(_, c)| c.submitted > 0)
+            .map(|(g, c)| shoal_proto::GroupInfo {
+                name: self
+                    .group_names
+                    .get(g as usize)
+                    .cloned()
+                    .unwrap_or_default(),
+                waiting: c.waiting + c.ready,
+                processing: c.processing,
+                memory: c.memory,
+                erred: c.erred,
+                released: c.released,
+                submitted: c.submitted,
+                finished: c.finished,
+                total_us: c.total_us,
+            })
+            .collect();
         ClusterInfo {
             address: self.address.clone(),
             clients: self.clients.len() as u32,
             tasks: self.core.n_tasks() as u64,
             workers,
+            dashboard: self.dashboard.clone(),
+            groups,
         }
     }
 
@@ -654,6 +790,7 @@ impl State {
                 }
                 Action::Forget { task } => {
                     self.specs.remove(&task.0);
+                    self.monitor.error_text.remove(&task.0);
                     self.inline.remove(&task.0);
                     self.errors.remove(&task.0);
                 }
@@ -732,6 +869,7 @@ impl State {
         let _ = w.tx.send(FromScheduler::Compute {
             id: task.0,
             name: spec.name(),
+            group: spec.group.clone(),
             kind: spec.kind,
             func: spec.func.clone(),
             args: spec.args.clone(),

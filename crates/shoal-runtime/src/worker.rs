@@ -14,11 +14,12 @@ use futures::StreamExt;
 use parking_lot::{Condvar, Mutex};
 use rustc_hash::{FxHashMap, FxHashSet};
 use shoal_proto::{
-    DataReply, DataRequest, Dep, DepSource, FromScheduler, Payload, Role, TaskKind, ToScheduler,
-    Welcome, WorkerMetrics, INLINE_LIMIT,
+    Activity, ActivityKind, DataReply, DataRequest, Dep, DepSource, FromScheduler, Payload, Role,
+    TaskKind, Telemetry, Timing, ToScheduler, Welcome, WorkerMetrics, INLINE_LIMIT,
 };
 use std::collections::VecDeque;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -41,6 +42,8 @@ pub struct ExecTask {
     pub id: u64,
     /// Task name.
     pub name: String,
+    /// Task group.
+    pub group: String,
     /// Call or batch.
     pub kind: TaskKind,
     /// Pickled function.
@@ -63,8 +66,8 @@ pub enum Done {
         id: u64,
         /// Pickled result.
         value: Bytes,
-        /// Execution time.
-        duration_us: u64,
+        /// When and where it ran.
+        timing: Timing,
     },
     /// A large result pickled into a file of this worker's (shared memory):
     /// peers on this host map it, others get its bytes.
@@ -75,8 +78,8 @@ pub enum Done {
         path: String,
         /// Its size in bytes.
         size: u64,
-        /// Execution time.
-        duration_us: u64,
+        /// When and where it ran.
+        timing: Timing,
     },
     /// A large result kept only as the Python object: pickled when a peer
     /// or client asks for it (see [`WorkerShared::pickle_requests`]).
@@ -85,8 +88,8 @@ pub enum Done {
         id: u64,
         /// Its size in bytes (buffer size: what a transfer would move).
         size: u64,
-        /// Execution time.
-        duration_us: u64,
+        /// When and where it ran.
+        timing: Timing,
     },
     /// Pickled `(exception, traceback)`.
     Err {
@@ -94,6 +97,10 @@ pub enum Done {
         id: u64,
         /// Pickled error.
         error: Bytes,
+        /// The error as text.
+        text: String,
+        /// When and where it ran.
+        timing: Timing,
     },
 }
 
@@ -135,6 +142,30 @@ pub struct WorkerShared {
     metrics: Mutex<WorkerMetrics>,
     /// Results copied here from retiring workers (files this side made).
     copied: Mutex<FxHashSet<u64>>,
+    /// Transfers, spills, profile samples and log lines since the last
+    /// heartbeat (sent with it).
+    telemetry: Mutex<Telemetry>,
+    /// Bytes fetched from peers / served to them, in all.
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+}
+
+/// Microseconds since the Unix epoch (task stream times; each host's clock).
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// CPU time this process used, in microseconds (user + system).
+fn cpu_time_us() -> u64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return 0;
+    }
+    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    us(ru.ru_utime) + us(ru.ru_stime)
 }
 
 /// Where this worker keeps a large result, for transfers.
@@ -180,18 +211,14 @@ impl WorkerShared {
         let mut unsent = self.unsent.lock();
         for d in done {
             let msg = match d {
-                Done::Ok {
-                    id,
-                    value,
-                    duration_us,
-                } => {
+                Done::Ok { id, value, timing } => {
                     let size = value.len() as u64;
                     if value.len() <= INLINE_LIMIT {
                         ToScheduler::Finished {
                             id,
                             size,
                             value: Some(value),
-                            duration_us,
+                            timing,
                         }
                     } else {
                         self.store.lock().insert(id, Stored::Bytes(value));
@@ -199,7 +226,7 @@ impl WorkerShared {
                             id,
                             size,
                             value: None,
-                            duration_us,
+                            timing,
                         }
                     }
                 }
@@ -207,7 +234,7 @@ impl WorkerShared {
                     id,
                     path,
                     size,
-                    duration_us,
+                    timing,
                 } => {
                     self.store
                         .lock()
@@ -216,23 +243,29 @@ impl WorkerShared {
                         id,
                         size,
                         value: None,
-                        duration_us,
+                        timing,
                     }
                 }
-                Done::Held {
-                    id,
-                    size,
-                    duration_us,
-                } => {
+                Done::Held { id, size, timing } => {
                     self.store.lock().insert(id, Stored::Held);
                     ToScheduler::Finished {
                         id,
                         size,
                         value: None,
-                        duration_us,
+                        timing,
                     }
                 }
-                Done::Err { id, error } => ToScheduler::Failed { id, error },
+                Done::Err {
+                    id,
+                    error,
+                    text,
+                    timing,
+                } => ToScheduler::Failed {
+                    id,
+                    error,
+                    text,
+                    timing,
+                },
             };
             unsent.0.push(msg);
         }
@@ -309,9 +342,39 @@ impl WorkerShared {
         }
     }
 
-    /// The memory manager's latest figures (travel with the next heartbeat).
+    /// The memory manager's latest figures (travel with the next heartbeat;
+    /// CPU and transfer figures are filled in here).
     pub fn set_metrics(&self, m: WorkerMetrics) {
-        *self.metrics.lock() = m;
+        let mut cur = self.metrics.lock();
+        *cur = WorkerMetrics {
+            cpu: cur.cpu,
+            bytes_in: cur.bytes_in,
+            bytes_out: cur.bytes_out,
+            ..m
+        };
+    }
+
+    /// A transfer or spill, for the task stream (sent with the next heartbeat).
+    pub fn record_activity(&self, a: Activity) {
+        let mut t = self.telemetry.lock();
+        // Bounded: a dashboard needs a picture, not every event of a storm.
+        if t.activity.len() < 10_000 {
+            t.activity.push(a);
+        }
+    }
+
+    /// Profile samples `(group, folded stack, count)` from the sampler.
+    pub fn add_profile(&self, samples: Vec<(String, String, u32)>) {
+        self.telemetry.lock().profile.extend(samples);
+    }
+
+    fn take_telemetry(&self) -> Option<Telemetry> {
+        let mut t = self.telemetry.lock();
+        t.logs.extend(crate::logs::drain());
+        if t.activity.is_empty() && t.profile.is_empty() && t.logs.is_empty() {
+            return None;
+        }
+        Some(std::mem::take(&mut *t))
     }
 
     /// Tells the scheduler this worker's memory is above (true) or back
@@ -501,14 +564,30 @@ pub fn start(
             unsent: Mutex::new((Vec::new(), None)),
             metrics: Mutex::new(WorkerMetrics::default()),
             copied: Mutex::new(FxHashSet::default()),
+            telemetry: Mutex::new(Telemetry::default()),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
         });
         tokio::spawn(data_server(listener, shared.clone()));
         let sh = shared.clone();
         tokio::spawn(async move {
             let mut beat = tokio::time::interval(net::HEARTBEAT);
+            let (mut cpu0, mut t0) = (cpu_time_us(), Instant::now());
             loop {
                 beat.tick().await;
-                let m = sh.metrics.lock().clone();
+                let (cpu1, t1) = (cpu_time_us(), Instant::now());
+                let wall = (t1 - t0).as_micros().max(1) as f32;
+                let m = {
+                    let mut m = sh.metrics.lock();
+                    m.cpu = cpu1.saturating_sub(cpu0) as f32 * 100.0 / wall;
+                    m.bytes_in = sh.bytes_in.load(Ordering::Relaxed);
+                    m.bytes_out = sh.bytes_out.load(Ordering::Relaxed);
+                    m.clone()
+                };
+                (cpu0, t0) = (cpu1, t1);
+                if let Some(t) = sh.take_telemetry() {
+                    let _ = sh.out.send(ToScheduler::Telemetry(t));
+                }
                 if sh.out.send(ToScheduler::Heartbeat(m)).is_err() {
                     return;
                 }
@@ -554,6 +633,7 @@ fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
         FromScheduler::Compute {
             id,
             name,
+            group,
             kind,
             func,
             args,
@@ -567,6 +647,7 @@ fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
             let mut t = ExecTask {
                 id,
                 name,
+                group,
                 kind,
                 func,
                 args,
@@ -743,7 +824,23 @@ async fn fetch_inputs(
         for attempt in 0..5u64 {
             let got = {
                 let _slot = sh.fetch_slots.acquire().await;
-                fetch_some(&addr, ids.clone(), &sh.secret).await
+                let (start_us, t0) = (now_us(), Instant::now());
+                let got = fetch_some(&addr, ids.clone(), &sh.secret).await;
+                if let Ok(items) = &got {
+                    let bytes: u64 = items
+                        .iter()
+                        .map(|(_, v)| v.as_ref().map_or(0, Fetched::size))
+                        .sum();
+                    sh.bytes_in.fetch_add(bytes, Ordering::Relaxed);
+                    sh.record_activity(Activity {
+                        kind: ActivityKind::Transfer,
+                        task: if ids.len() == 1 { ids[0] } else { 0 },
+                        bytes,
+                        start_us,
+                        duration_us: t0.elapsed().as_micros() as u64,
+                    });
+                }
+                got
             };
             match got {
                 Ok(items) => {
@@ -796,6 +893,14 @@ pub enum Fetched {
 }
 
 impl Fetched {
+    /// Its size in bytes.
+    pub fn size(&self) -> u64 {
+        match self {
+            Fetched::Bytes(b) => b.len() as u64,
+            Fetched::File(f) => f.metadata().map_or(0, |m| m.len()),
+        }
+    }
+
     fn into_input(self) -> Input {
         match self {
             Fetched::Bytes(b) => Input::Bytes(b),
@@ -883,6 +988,15 @@ async fn data_server(listener: Listener, sh: Arc<WorkerShared>) {
             while let Ok(Some(req)) = net::recv::<DataRequest>(&mut conn).await {
                 let same_host = req.host == crate::shm::host_key();
                 let items = sh.pickled_results(&req.ids, same_host).await;
+                let bytes: u64 = items
+                    .iter()
+                    .map(|(_, p)| match p {
+                        Some(Payload::Bytes(b)) => b.len() as u64,
+                        Some(Payload::File { len, .. }) => *len,
+                        None => 0,
+                    })
+                    .sum();
+                sh.bytes_out.fetch_add(bytes, Ordering::Relaxed);
                 if net::send(&mut conn, &DataReply { items }).await.is_err() {
                     return;
                 }

@@ -1,0 +1,223 @@
+//! The dashboard's HTTP server (axum): the embedded single-page app, its
+//! JSON API (answered by the owner task, see `api.rs`), a server-sent event
+//! stream of live updates, and `/metrics` for Prometheus.
+//!
+//! Every request must carry the dashboard token (derived from the cluster's
+//! secret): `?token=` once (it is then kept in a cookie), or
+//! `Authorization: Bearer` (Prometheus). It runs on the scheduler's I/O
+//! thread; it computes nothing itself and updates are aggregated, so an
+//! open browser costs the scheduler a few small JSON answers a second.
+
+use super::{api::Reply, Event};
+use axum::body::Body;
+use axum::http::{header, HeaderMap, HeaderValue, Response, StatusCode, Uri};
+use axum::response::sse::{self, KeepAlive, Sse};
+use axum::response::IntoResponse;
+use std::convert::Infallible;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// The single-page app, embedded in the binary.
+pub const INDEX_HTML: &str = include_str!("assets/index.html");
+/// Its script.
+pub const APP_JS: &str = include_str!("assets/app.js");
+/// Its style sheet.
+pub const APP_CSS: &str = include_str!("assets/app.css");
+
+/// How often the live stream sends an update.
+const UPDATE_EVERY: Duration = Duration::from_millis(500);
+
+#[derive(Clone)]
+struct App {
+    events: mpsc::UnboundedSender<Event>,
+    token: String,
+}
+
+/// Serves until `stop` turns true.
+pub(super) async fn serve(
+    listener: tokio::net::TcpListener,
+    events: mpsc::UnboundedSender<Event>,
+    token: String,
+    mut stop: watch::Receiver<bool>,
+) {
+    let app = App { events, token };
+    let router = axum::Router::new().fallback(move |uri: Uri, headers: HeaderMap| {
+        let app = app.clone();
+        async move { handle(app, uri, headers).await }
+    });
+    let shutdown = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    if let Err(e) = axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
+        tracing::warn!("dashboard server stopped: {e}");
+    }
+}
+
+/// Compares without an early exit (the token is a secret).
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+fn given_token<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> (Option<&'a str>, bool) {
+    if let Some(t) = uri.query().and_then(|q| {
+        q.split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == "token")
+            .map(|(_, v)| v)
+    }) {
+        return (Some(t), true);
+    }
+    if let Some(t) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    {
+        return (Some(t.trim()), false);
+    }
+    let cookie = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == "shoal_token")
+        .map(|(_, v)| v);
+    (cookie, false)
+}
+
+fn text(status: StatusCode, body: String) -> Response<Body> {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        body,
+    )
+        .into_response()
+}
+
+async fn handle(app: App, uri: Uri, headers: HeaderMap) -> Response<Body> {
+    let (token, in_query) = given_token(&uri, &headers);
+    if !token.is_some_and(|t| same(t, &app.token)) {
+        return text(
+            StatusCode::UNAUTHORIZED,
+            "This Shoal dashboard needs its token: open the link that `shoal scheduler` \
+             printed, or `client.dashboard_link` (it ends in ?token=...). Prometheus: send \
+             it as `Authorization: Bearer TOKEN`.\n"
+                .into(),
+        );
+    }
+    let path = uri.path();
+    let mut resp = match path {
+        "/" | "/index.html" => asset("text/html; charset=utf-8", INDEX_HTML),
+        "/app.js" => asset("text/javascript; charset=utf-8", APP_JS),
+        "/app.css" => asset("text/css; charset=utf-8", APP_CSS),
+        "/api/events" => live(app.clone(), &uri),
+        _ => {
+            let pq = uri.path_and_query().map_or(path, |p| p.as_str());
+            match ask(&app.events, pq.to_string()).await {
+                Some((Ok((ctype, body)), _)) => {
+                    ([(header::CONTENT_TYPE, ctype)], body).into_response()
+                }
+                Some((Err((code, msg)), _)) => text(
+                    StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST),
+                    msg + "\n",
+                ),
+                None => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the scheduler is stopping\n".into(),
+                ),
+            }
+        }
+    };
+    if in_query {
+        // Keep the token for the page's own requests (not readable by scripts).
+        if let Ok(v) = HeaderValue::from_str(&format!(
+            "shoal_token={}; HttpOnly; SameSite=Strict; Path=/",
+            app.token
+        )) {
+            resp.headers_mut().insert(header::SET_COOKIE, v);
+        }
+    }
+    resp
+}
+
+fn asset(ctype: &'static str, body: &'static str) -> Response<Body> {
+    (
+        [
+            (header::CONTENT_TYPE, ctype),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// Asks the owner task; None if it is gone.
+async fn ask(events: &mpsc::UnboundedSender<Event>, path: String) -> Option<(Reply, u64)> {
+    let (tx, rx) = oneshot::channel();
+    events.send(Event::Query(path, tx)).ok()?;
+    rx.await.ok()
+}
+
+/// Server-sent events: `/api/status` every half second, each with the task
+/// stream entries since the previous one.
+fn live(app: App, uri: &Uri) -> Response<Body> {
+    let query = uri.query().unwrap_or("");
+    let mut since: u64 = query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == "since")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let stream = async_stream(move |tx: mpsc::Sender<sse::Event>| async move {
+        let mut every = tokio::time::interval(UPDATE_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let Some((Ok((_, body)), seq)) =
+                ask(&app.events, format!("/api/status?since={since}")).await
+            else {
+                return;
+            };
+            since = seq;
+            if tx.send(sse::Event::default().data(body)).await.is_err() {
+                return; // the browser went away
+            }
+        }
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+/// A stream fed by a spawned producer (stops when the receiver is dropped).
+fn async_stream<F, Fut>(
+    producer: F,
+) -> impl futures::Stream<Item = Result<sse::Event, Infallible>> + Send + 'static
+where
+    F: FnOnce(mpsc::Sender<sse::Event>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(2);
+    tokio::spawn(producer(tx));
+    futures::stream::unfold(
+        rx,
+        |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn token_comparison() {
+        assert!(super::same("abc", "abc"));
+        assert!(!super::same("abc", "abd"));
+        assert!(!super::same("abc", "ab"));
+    }
+}
