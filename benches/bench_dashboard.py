@@ -46,14 +46,15 @@ def tree(c: shoal.Client, leaves: int = 2**14) -> float:
 WORKLOADS = {"tiny": tiny, "tree": tree}
 
 
-def run(watched: bool, repeats: int, workloads: list[str]) -> dict[str, list[float]]:
-    os.environ["SHOAL_PROFILE_INTERVAL"] = "10ms" if watched else "0"
+def run(
+    watched: bool, repeats: int, workloads: list[str], profile: bool = True, browser: bool = True
+) -> dict[str, list[float]]:
+    os.environ["SHOAL_PROFILE_INTERVAL"] = "10ms" if watched and profile else "0"
     dashboard = "127.0.0.1:0" if watched else None
     out: dict[str, list[float]] = {w: [] for w in workloads}
     with shoal.Client(n_workers=N_WORKERS, dashboard_address=dashboard) as c:
         c.submit(inc, 1).result()
-        browser = None
-        if watched:
+        if watched and browser:
             browser = subprocess.Popen(
                 ["node", str(DRIVER), "hold", c.dashboard_link, "3600"],
                 stdout=subprocess.DEVNULL,
@@ -63,6 +64,8 @@ def run(watched: bool, repeats: int, workloads: list[str]) -> dict[str, list[flo
             line = browser.stderr.readline()  # "dashboard open", or why not
             if "dashboard open" not in line:
                 raise SystemExit(f"the browser did not open the dashboard: {line}")
+        else:
+            browser = None
         try:
             for w in workloads:
                 WORKLOADS[w](c)  # warm-up (first task group durations)
@@ -80,13 +83,16 @@ def main() -> None:
     ap.add_argument("-r", "--repeats", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("-w", "--workloads", nargs="*", default=list(WORKLOADS))
+    ap.add_argument("--no-profile", action="store_true", help="watched: profiler off")
+    ap.add_argument("--no-browser", action="store_true", help="watched: no browser")
     ns = ap.parse_args()
     plain: dict[str, list[float]] = {w: [] for w in ns.workloads}
     watched: dict[str, list[float]] = {w: [] for w in ns.workloads}
     for r in range(ns.rounds):
         for w, vals in run(False, ns.repeats, ns.workloads).items():
             plain[w] += vals
-        for w, vals in run(True, ns.repeats, ns.workloads).items():
+        got = run(True, ns.repeats, ns.workloads, not ns.no_profile, not ns.no_browser)
+        for w, vals in got.items():
             watched[w] += vals
         print(f"round {r + 1}/{ns.rounds} done", flush=True)
     n = ns.rounds * ns.repeats

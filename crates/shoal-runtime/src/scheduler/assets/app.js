@@ -7,7 +7,7 @@
 "use strict";
 (function () {
   const REPORT = window.SHOAL_REPORT || null;
-  const STREAM_KEEP = 100000; // entries kept in the page
+  const STREAM_KEEP = 50000; // entries (blocks) kept in the page
   const LANE_H = 16;
   const KIND = { TASK: 0, ERROR: 1, TRANSFER: 2, SPILL: 3 };
   const ACTIVITY_LANE = 4294967295;
@@ -82,7 +82,12 @@
   // ------------------------------------------------------------ data in
   function apply(d) {
     if (d.stream && d.stream.length) {
-      for (const r of d.stream) st.stream.push(r);
+      for (const r of d.stream) {
+        st.stream.push(r);
+        const k = laneKey(r);
+        if (!laneSet.has(k)) { laneSet.set(k, [r[3], r[4] === ACTIVITY_LANE ? 1e9 : r[4]]); lanesDirty = true; }
+        if (r[7] === KIND.TASK) groupsSeen.add(r[2]);
+      }
       if (st.stream.length > STREAM_KEEP) st.stream.splice(0, st.stream.length - STREAM_KEEP);
     }
     if (d.seq !== undefined) st.seq = d.seq;
@@ -130,16 +135,29 @@
   // ------------------------------------------------------------ task stream
   const canvas = $("task-stream");
   let lanes = [];
+  const laneSet = new Map(); // lane key -> sort key, kept as entries arrive
+  let lanesDirty = false;
+  const groupsSeen = new Set();
 
   function laneKey(r) { return r[3] + ":" + (r[4] === ACTIVITY_LANE ? "x" : r[4]); }
 
   function computeLanes() {
-    const seen = new Map();
-    for (const r of st.stream) {
-      const k = laneKey(r);
-      if (!seen.has(k)) seen.set(k, [r[3], r[4] === ACTIVITY_LANE ? 1e9 : r[4]]);
+    if (!lanesDirty) return;
+    lanesDirty = false;
+    lanes = [...laneSet.entries()].sort((a, b) => a[1][0] - b[1][0] || a[1][1] - b[1][1]).map((e) => e[0]);
+  }
+
+  // Entries arrive about in order of their end (transfers and spills up
+  // to a heartbeat late): walking back from the newest, those that ended
+  // this long before the window cannot be in it, nor can older ones.
+  const ARRIVAL_SLACK_US = 5e6;
+  function* visible(start, end) {
+    const s = st.stream;
+    for (let i = s.length - 1; i >= 0; i--) {
+      const r = s[i];
+      if (r[5] + r[6] < start - ARRIVAL_SLACK_US) return;
+      if (r[5] + r[6] >= start && r[5] <= end) yield r;
     }
-    lanes = [...seen.entries()].sort((a, b) => a[1][0] - b[1][0] || a[1][1] - b[1][1]).map((e) => e[0]);
   }
 
   function drawStream() {
@@ -147,17 +165,20 @@
     const dpr = window.devicePixelRatio || 1;
     const w = canvas.clientWidth || 800;
     const h = Math.max(60, lanes.length * LANE_H + 24);
-    canvas.style.height = h + "px";
-    canvas.width = w * dpr;
-    canvas.height = h * dpr;
+    if (canvas.width !== w * dpr || canvas.height !== h * dpr) {
+      canvas.style.height = h + "px";
+      canvas.width = w * dpr;
+      canvas.height = h * dpr;
+    }
     const ctx = canvas.getContext("2d");
-    ctx.scale(dpr, dpr);
+    ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
     ctx.clearRect(0, 0, w, h);
     const labelW = 130;
     let end = st.viewEnd;
     if (st.follow || !end) {
       end = st.nowUs;
-      for (const r of st.stream) end = Math.max(end, r[5] + r[6]);
+      const last = st.stream[st.stream.length - 1];
+      if (last) end = Math.max(end, last[5] + last[6]);
       if (st.follow) st.viewEnd = end;
     }
     if (REPORT && !st.viewEnd) {
@@ -182,8 +203,9 @@
     let drawn = 0, tasks = 0;
     // Blocks narrower than a pixel still get one pixel: activity stays visible.
     // Errors last, on top: a failed task is never hidden by its neighbours.
+    const shown = REPORT ? st.stream : [...visible(start, end)].reverse();
     for (const pass of [0, 1]) {
-      for (const r of st.stream) {
+      for (const r of shown) {
         if ((r[7] === KIND.ERROR) !== (pass === 1)) continue;
         const s = r[5], e = r[5] + r[6];
         if (e < start || s > end) continue;
@@ -211,9 +233,12 @@
     drawLegend();
   }
 
+  let legendKey = "";
   function drawLegend() {
-    const seen = new Set(st.stream.filter((r) => r[7] === KIND.TASK).map((r) => r[2]));
-    const items = [...seen].slice(0, 20).map((g) => el("span", {}, el("i", { style: "background:" + PALETTE[g % PALETTE.length] }), groupName(g)));
+    const key = groupsSeen.size + "/" + st.groups.length;
+    if (key === legendKey) return; // unchanged: keep the DOM as it is
+    legendKey = key;
+    const items = [...groupsSeen].slice(0, 20).map((g) => el("span", {}, el("i", { style: "background:" + PALETTE[g % PALETTE.length] }), groupName(g)));
     items.push(el("span", {}, el("i", { style: "background:#e15759" }), "transfer"));
     items.push(el("span", {}, el("i", { style: "background:#f28e2b" }), "spill"));
     items.push(el("span", {}, el("i", { style: "background:#222" }), "error"));
