@@ -4,6 +4,7 @@ dashboard and no profiler.
 
     python benches/bench_dashboard.py            # 2 rounds x 5 repeats
     python benches/bench_dashboard.py -r 7 --rounds 3
+    python benches/bench_dashboard.py --flight 100000   # smoothness
 
 Each round runs the plain cluster, then the watched one (fresh clusters,
 2 workers of one thread each), so drift on a shared machine hits both.
@@ -15,6 +16,7 @@ the task stream and progress every half second.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -73,9 +75,54 @@ def run(
                     out[w].append(WORKLOADS[w](c))
         finally:
             if browser is not None:
-                browser.kill()
-                browser.wait()
+                browser.terminate()  # the driver prints its redraw figures
+                seen = json.loads(browser.communicate(timeout=30)[0].strip().splitlines()[-1])
+                print(
+                    f"  browser: {seen.get('renders')} redraws, slowest "
+                    f"{seen.get('render_max_ms', 0):.1f} ms, {seen.get('blocks')} blocks kept",
+                    flush=True,
+                )
     return out
+
+
+def in_flight(n: int) -> None:
+    """`n` tasks submitted at once with the dashboard open: how long the
+    page's redraws and the scheduler's answers take meanwhile."""
+    os.environ["SHOAL_PROFILE_INTERVAL"] = "10ms"
+    with shoal.Client(n_workers=N_WORKERS, dashboard_address="127.0.0.1:0") as c:
+        c.submit(inc, 1).result()
+        browser = subprocess.Popen(
+            ["node", str(DRIVER), "hold", c.dashboard_link, "3600"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert "dashboard open" in browser.stderr.readline()
+        t = time.perf_counter()
+        fs = c.map(spin_tiny, range(n), batch_size=1)
+        sizes, answers = [], []
+        while not all(f.done() for f in fs[-10:]):
+            a = time.perf_counter()
+            body = json.dumps(c.query("/api/status?since=0"))
+            answers.append(time.perf_counter() - a)
+            sizes.append(len(body))
+            time.sleep(0.5)
+        c.gather(fs)
+        took = time.perf_counter() - t
+        browser.terminate()
+        seen = json.loads(browser.communicate(timeout=30)[0].strip().splitlines()[-1])
+    print(
+        f"{n} tasks in flight, done in {took:.1f} s: page redraws {seen['renders']}, slowest "
+        f"{seen['render_max_ms']:.1f} ms; /api/status from the start: up to "
+        f"{max(sizes) / 1e6:.2f} MB, slowest answer {1e3 * max(answers):.0f} ms"
+    )
+
+
+def spin_tiny(i: int) -> int:
+    end = time.perf_counter() + 0.0002
+    while time.perf_counter() < end:
+        pass
+    return i
 
 
 def main() -> None:
@@ -85,7 +132,11 @@ def main() -> None:
     ap.add_argument("-w", "--workloads", nargs="*", default=list(WORKLOADS))
     ap.add_argument("--no-profile", action="store_true", help="watched: profiler off")
     ap.add_argument("--no-browser", action="store_true", help="watched: no browser")
+    ap.add_argument("--flight", type=int, default=0, help="only: N tasks in flight at once")
     ns = ap.parse_args()
+    if ns.flight:
+        in_flight(ns.flight)
+        return
     plain: dict[str, list[float]] = {w: [] for w in ns.workloads}
     watched: dict[str, list[float]] = {w: [] for w in ns.workloads}
     for r in range(ns.rounds):

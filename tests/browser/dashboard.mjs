@@ -16,7 +16,7 @@ const args = [
   "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
   "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ];  // (playwright gives each launch a fresh profile directory)
-const browser = await chromium.launch({ executablePath, headless: true, args });
+const browser = await chromium.launch({ executablePath, headless: true, args, handleSIGTERM: false });
 const result = { mode, errors: [] };
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
@@ -115,10 +115,19 @@ try {
     result.flame_frames = await page.$$eval("#flame .frame", (f) => f.length);
     await page.screenshot({ path: join(out, "report-profile.png"), fullPage: true });
   } else if (mode === "hold") {
+    // Keeps the Status page open; on SIGTERM (or after SECONDS) prints how
+    // long its redraws took.
     await page.goto(target);
     await page.waitForFunction(() => document.getElementById("connection").textContent === "live", null, { timeout: 15000 });
     console.error("dashboard open");
-    await sleep(Number(out) * 1000);
+    await new Promise((resolve) => {
+      setTimeout(resolve, Number(out) * 1000);
+      process.on("SIGTERM", resolve);
+    });
+    Object.assign(result, await page.evaluate(() => {
+      const s = window.__shoal.state;
+      return { renders: s.renders, render_max_ms: s.renderMaxMs, blocks: s.stream.length, finished: s.counters.finished };
+    }));
   } else {
     throw new Error("mode must be live, report or hold, not " + mode);
   }
@@ -127,4 +136,5 @@ try {
 } finally {
   await browser.close();
 }
-console.log(JSON.stringify(result));
+// Exit once written (a pending timer would keep node alive).
+process.stdout.write(JSON.stringify(result) + "\n", () => process.exit(0));

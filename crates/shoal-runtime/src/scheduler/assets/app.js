@@ -107,6 +107,15 @@
   }
 
   function render(force) {
+    const t0 = performance.now();
+    renderPage(force);
+    // How long a redraw takes (tests and benchmarks read these).
+    st.renderMs = performance.now() - t0;
+    st.renderMaxMs = Math.max(st.renderMaxMs || 0, st.renderMs);
+    st.renders = (st.renders || 0) + 1;
+  }
+
+  function renderPage(force) {
     renderCounters();
     if (st.tab === "status") { drawStream(); renderProgress(); }
     if (st.tab === "workers") renderWorkers();
