@@ -23,8 +23,9 @@ import subprocess
 import time
 from pathlib import Path
 
-import shoal
 from bench import add, inc
+
+import shoal
 
 N_WORKERS = 2
 DRIVER = Path(__file__).resolve().parent.parent / "tests" / "browser" / "dashboard.mjs"
