@@ -50,11 +50,15 @@ def main() -> None:
         los = list(range(0, ns.limit, step))
         his = [min(lo + step, ns.limit) for lo in los]
         level = client.map(count_primes, los, his, batch_size=1)
+        everything = [level]
         while len(level) > 1:
             nxt = [client.submit(add, level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
             if len(level) % 2:
                 nxt.append(level[-1])
             level = nxt
+            everything.append(nxt)
+        print(f"dashboard: {client.dashboard_link}")
+        shoal.progress(everything, interval=0.1)  # a bar per task group
         total = level[0].result()
         print(f"primes below {ns.limit}: {total}")
         print(

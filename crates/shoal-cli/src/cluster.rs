@@ -322,6 +322,18 @@ pub(crate) fn run_scheduler(a: SchedulerArgs) -> CliResult {
     } else {
         Address::Tcp(hp)
     };
+    let dashboard_host = a
+        .dashboard_address
+        .rsplit_once(':')
+        .map_or("", |(h, _)| h)
+        .trim_matches(['[', ']']);
+    if !a.no_dashboard && !is_loopback(dashboard_host) {
+        eprintln!(
+            "shoal: WARNING: the dashboard on {} asks for its token, but serves plain HTTP: \
+             on an untrusted network reach it through an SSH tunnel instead",
+            a.dashboard_address
+        );
+    }
     let rt = runtime();
     let dashboard_token = secret.dashboard_token();
     let dashboard = (!a.no_dashboard).then_some(a.dashboard_address.as_str());

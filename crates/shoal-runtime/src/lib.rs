@@ -10,6 +10,9 @@
 //! * [`local`]: starts and supervises the worker processes of an embedded cluster.
 //! * [`shm`]: the directories of shared-memory segments and spilled data,
 //!   and their cleanup when a process dies.
+//! * [`logs`]: this process's recent log lines (for `get_worker_logs`).
+//!
+//! The scheduler also serves the dashboard (HTTP, axum) on the same thread.
 //!
 //! Everything talks over real sockets ([`net`]), Unix or TCP, with the same
 //! protocol whether the cluster is one laptop or many hosts. All async work
