@@ -247,6 +247,24 @@ def test_progress_bar_in_a_terminal_stream(dash):
         shoal.progress(42)
 
 
+def test_progress_bar_in_jupyter_updates_html_in_place(dash):
+    # A real IPython shell; its display publisher is captured as Jupyter's
+    # front end would receive it.
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    InteractiveShell.instance()
+    xs = dash.map(load, range(60), batch_size=1)
+    with capture_output() as cap:
+        t = shoal.progress(xs, notebook=True, interval=0.05)
+        assert t.is_alive() or xs[-1].done()  # returns at once; a thread updates
+        t.join(60)
+    html = [o.data["text/html"] for o in cap.outputs if "text/html" in o.data]
+    assert len(html) >= 2, "the bar was not updated"
+    assert "60/60" in html[-1] and "load" in html[-1]
+    assert "60/60" not in html[0]
+
+
 def test_shoal_top_shows_workers_and_groups(tmp_path):
     sfile = tmp_path / "s.json"
     sched = subprocess.Popen(

@@ -24,6 +24,12 @@ equivalent. Deviations, each for a reason:
   workers map the one shared copy; across hosts workers fetch it on use.
   ``hash=`` is not taken: scattered data gets a fresh key unless a dict
   names the keys.
+* ``get_worker_logs()`` returns ``{worker name: [line, ...]}`` (formatted
+  lines, Python ``logging`` and Shoal's own), not ``(level, message)``
+  pairs by address; ``profile()`` returns folded stacks with sample counts
+  (the flame graph format), not distributed's nested dictionaries.
+* The dashboard asks for a token (``dashboard_link`` carries it);
+  ``dashboard_address`` is loopback by default, ``":8787"`` included.
 """
 
 from __future__ import annotations
