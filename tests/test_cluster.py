@@ -5,14 +5,18 @@ permits them (root with `ip netns`), else distinct loopback addresses."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -423,6 +427,27 @@ def test_tls_cluster_and_plain_tcp_refused(tmp_path):
             timeout=60,
         )
         assert "2 worker(s)" in out.stdout, out.stderr
+        # The dashboard speaks HTTPS with the cluster's certificate.
+        assert info["dashboard"].startswith("https://127.0.0.1:")
+        hostport = info["dashboard"].removeprefix("https://").rstrip("/")
+        dtoken = shoal._core.dashboard_token(token)
+        ctx = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+        host, port = hostport.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as raw:
+            with ctx.wrap_socket(raw, server_hostname="shoal") as tls_sock:
+                tls_sock.sendall(
+                    f"GET /api/status?token={dtoken} HTTP/1.1\r\nHost: shoal\r\n"
+                    "Connection: close\r\n\r\n".encode()
+                )
+                reply = b""
+                while chunk := tls_sock.recv(65536):
+                    reply += chunk
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert b'"workers"' in body
+        # Plain HTTP on that port gets no page.
+        with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+            urllib.request.urlopen(f"http://{hostport}/?token={dtoken}", timeout=10)
     finally:
         for p in reversed(procs):
             p.stop()

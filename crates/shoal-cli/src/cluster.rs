@@ -103,7 +103,8 @@ pub(crate) struct SchedulerArgs {
     #[arg(long)]
     heartbeat_timeout: Option<f64>,
     /// Where to serve the dashboard (HOST:PORT; another port if taken).
-    /// It always asks for the token; a non-loopback HOST exposes it.
+    /// It always asks for the token; a non-loopback HOST exposes it. With
+    /// --tls-* it speaks HTTPS with the cluster's certificate.
     #[arg(long, default_value = "127.0.0.1:8787")]
     dashboard_address: String,
     /// Serve no dashboard.
@@ -327,7 +328,7 @@ pub(crate) fn run_scheduler(a: SchedulerArgs) -> CliResult {
         .rsplit_once(':')
         .map_or("", |(h, _)| h)
         .trim_matches(['[', ']']);
-    if !a.no_dashboard && !is_loopback(dashboard_host) {
+    if !a.no_dashboard && !is_loopback(dashboard_host) && a.tls.files()?.is_none() {
         eprintln!(
             "shoal: WARNING: the dashboard on {} asks for its token, but serves plain HTTP: \
              on an untrusted network reach it through an SSH tunnel instead",

@@ -189,6 +189,9 @@ impl Listener {
 pub struct TlsConfig {
     client: Arc<rustls::ClientConfig>,
     server: Arc<rustls::ServerConfig>,
+    /// The dashboard's: the same certificate, no client certificate asked
+    /// (browsers have none; the dashboard token guards it).
+    https: Arc<rustls::ServerConfig>,
     paths: [PathBuf; 3],
 }
 
@@ -234,6 +237,13 @@ fn load_tls(
         rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
             .build()
             .map_err(|e| tls_err("client verifier", e))?;
+    let mut https = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_err("protocol versions", e))?
+        .with_no_client_auth()
+        .with_single_cert(chain.clone(), key.clone_key())
+        .map_err(|e| tls_err("certificate and key", e))?;
+    https.alpn_protocols = vec![b"http/1.1".to_vec()];
     let server = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| tls_err("protocol versions", e))?
@@ -243,6 +253,7 @@ fn load_tls(
     Ok(TlsConfig {
         client: Arc::new(client),
         server: Arc::new(server),
+        https: Arc::new(https),
         paths: [ca.into(), cert.into(), key_path.into()],
     })
 }
@@ -267,6 +278,12 @@ pub fn configure_tls(
     let cfg = load_tls(ca, cert, key)?;
     let _ = TLS.set(cfg);
     Ok(())
+}
+
+/// The dashboard's TLS acceptor (server certificate only), for a process
+/// whose cluster uses TLS.
+pub fn https_acceptor() -> io::Result<tokio_rustls::TlsAcceptor> {
+    Ok(tokio_rustls::TlsAcceptor::from(tls()?.https.clone()))
 }
 
 /// The process's TLS settings: from [`configure_tls`], else from

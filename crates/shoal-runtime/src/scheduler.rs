@@ -108,14 +108,27 @@ pub async fn start(
             }
         };
         let local = http.local_addr()?;
+        // A TLS cluster's dashboard speaks HTTPS with the cluster's
+        // certificate (issued for the name `shoal` by the site's CA).
+        let tls = match address {
+            Address::Tls(_) => Some(net::https_acceptor()?),
+            _ => None,
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let shown = if local.ip().is_unspecified() {
-            format!("http://{}:{}/", hostname(), local.port())
+            format!("{scheme}://{}:{}/", hostname(), local.port())
         } else {
-            format!("http://{local}/")
+            format!("{scheme}://{local}/")
         };
         url = Some(shown);
         let token = secret.dashboard_token();
-        tokio::spawn(http::serve(http, events.clone(), token, stop_rx.clone()));
+        tokio::spawn(http::serve(
+            http,
+            tls,
+            events.clone(),
+            token,
+            stop_rx.clone(),
+        ));
     }
     tokio::spawn(owner(
         rx,

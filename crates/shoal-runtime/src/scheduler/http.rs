@@ -33,9 +33,11 @@ struct App {
     token: String,
 }
 
-/// Serves until `stop` turns true.
+/// Serves until `stop` turns true; over HTTPS with `tls` (a TLS cluster's
+/// certificate).
 pub(super) async fn serve(
     listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     events: mpsc::UnboundedSender<Event>,
     token: String,
     mut stop: watch::Receiver<bool>,
@@ -48,11 +50,84 @@ pub(super) async fn serve(
     let shutdown = async move {
         let _ = stop.wait_for(|s| *s).await;
     };
-    if let Err(e) = axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
-    {
+    let served = match tls {
+        None => {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+        Some(acceptor) => {
+            axum::serve(TlsListener::new(listener, acceptor), router)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    };
+    if let Err(e) = served {
         tracing::warn!("dashboard server stopped: {e}");
+    }
+}
+
+/// Accepts TCP connections and hands over those whose TLS handshake
+/// succeeded; handshakes run in their own tasks, so a slow or silent peer
+/// holds up nobody.
+struct TlsListener {
+    local: std::net::SocketAddr,
+    ready: mpsc::Receiver<(
+        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        std::net::SocketAddr,
+    )>,
+}
+
+impl TlsListener {
+    fn new(tcp: tokio::net::TcpListener, acceptor: tokio_rustls::TlsAcceptor) -> TlsListener {
+        let local = tcp
+            .local_addr()
+            .unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
+        let (tx, ready) = mpsc::channel(16);
+        tokio::spawn(async move {
+            loop {
+                let (stream, peer) = match tcp.accept().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!("dashboard accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let (acceptor, conn_tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let handshake = acceptor.accept(stream);
+                    match tokio::time::timeout(Duration::from_secs(10), handshake).await {
+                        Ok(Ok(tls)) => {
+                            let _ = conn_tx.send((tls, peer)).await;
+                        }
+                        Ok(Err(e)) => tracing::info!("dashboard TLS handshake with {peer}: {e}"),
+                        Err(_) => tracing::info!("dashboard TLS handshake with {peer} timed out"),
+                    }
+                });
+                if tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        TlsListener { local, ready }
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(conn) => conn,
+            // The acceptor task never ends while we hold its receiver.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
     }
 }
 
