@@ -325,6 +325,19 @@ pub struct GroupCounts {
 }
 
 impl GroupCounts {
+    /// Live tasks by state name: waiting, ready, processing, memory, erred,
+    /// released.
+    pub fn by_state(&self) -> [(&'static str, u64); 6] {
+        [
+            ("waiting", self.waiting),
+            ("ready", self.ready),
+            ("processing", self.processing),
+            ("memory", self.memory),
+            ("erred", self.erred),
+            ("released", self.released),
+        ]
+    }
+
     fn slot(&mut self, s: TaskState) -> &mut u64 {
         match s {
             TaskState::Waiting => &mut self.waiting,
@@ -1512,24 +1525,8 @@ impl Core {
             *recount[t.group as usize].slot(t.state) += 1;
         }
         for (g, (stats, want)) in self.groups.iter().zip(recount).enumerate() {
-            let c = stats.counts;
-            let live = (
-                c.waiting,
-                c.ready,
-                c.processing,
-                c.memory,
-                c.erred,
-                c.released,
-            );
-            let want = (
-                want.waiting,
-                want.ready,
-                want.processing,
-                want.memory,
-                want.erred,
-                want.released,
-            );
-            assert_eq!(live, want, "group {g}: counters drifted");
+            let live = stats.counts.by_state();
+            assert_eq!(live, want.by_state(), "group {g}: counters drifted");
         }
         for (&id, t) in &self.tasks {
             assert!(

@@ -152,13 +152,16 @@ impl State {
         self.core
             .group_counts()
             .map(|(g, c)| {
-                json!({
+                let mut v = json!({
                     "id": g,
                     "name": self.group_names.get(g as usize).map_or("?", |s| s.as_str()),
-                    "waiting": c.waiting, "ready": c.ready, "processing": c.processing,
-                    "memory": c.memory, "erred": c.erred, "released": c.released,
+                    "live": c.by_state().iter().map(|(_, n)| n).sum::<u64>(),
                     "submitted": c.submitted, "finished": c.finished, "total_us": c.total_us,
-                })
+                });
+                for (state, n) in c.by_state() {
+                    v[state] = n.into();
+                }
+                v
             })
             .collect()
     }
@@ -232,18 +235,7 @@ impl State {
         let groups: Vec<Value> = self
             .groups_json()
             .into_iter()
-            .filter(|g| {
-                [
-                    "waiting",
-                    "ready",
-                    "processing",
-                    "memory",
-                    "erred",
-                    "released",
-                ]
-                .iter()
-                .any(|k| g[k].as_u64().unwrap_or(0) > 0)
-            })
+            .filter(|g| g["live"].as_u64().unwrap_or(0) > 0)
             .collect();
         let mut edges: Vec<Value> = edges
             .into_iter()
@@ -384,138 +376,129 @@ impl State {
                 .replace('"', "\\\"")
                 .replace('\n', "\\n")
         };
-        let mut by_state = [0u64; 6];
+        let mut by_state = [("", 0u64); 6];
         for (_, c) in self.core.group_counts() {
-            for (i, n) in [
-                c.waiting,
-                c.ready,
-                c.processing,
-                c.memory,
-                c.erred,
-                c.released,
-            ]
-            .into_iter()
-            .enumerate()
-            {
-                by_state[i] += n;
+            for (total, (name, n)) in by_state.iter_mut().zip(c.by_state()) {
+                *total = (name, total.1 + n);
             }
         }
-        let states = [
-            "waiting",
-            "ready",
-            "processing",
-            "memory",
-            "erred",
-            "released",
-        ];
         family(
             "shoal_tasks",
             "gauge",
             "Tasks the scheduler knows, by state.",
-            states
+            by_state
                 .iter()
-                .zip(by_state)
-                .map(|(s, n)| (format!("{{state=\"{s}\"}}"), n as f64))
+                .map(|(s, n)| (format!("{{state=\"{s}\"}}"), *n as f64))
                 .collect(),
         );
         let m = &self.monitor;
-        family(
-            "shoal_tasks_finished_total",
-            "counter",
-            "Task runs that finished.",
-            vec![(String::new(), m.finished_total as f64)],
-        );
-        family(
-            "shoal_tasks_erred_total",
-            "counter",
-            "Task runs that raised.",
-            vec![(String::new(), m.erred_total as f64)],
-        );
-        family(
-            "shoal_transfer_bytes_total",
-            "counter",
-            "Bytes workers fetched from each other.",
-            vec![(String::new(), m.transfer_bytes as f64)],
-        );
-        family(
-            "shoal_spill_bytes_total",
-            "counter",
-            "Bytes workers spilled to disk.",
-            vec![(String::new(), m.spill_bytes as f64)],
-        );
-        family(
-            "shoal_scheduler_event_loop_lag_seconds",
-            "gauge",
-            "How late the scheduler's last 50 ms tick ran.",
-            vec![(String::new(), m.lag_us as f64 / 1e6)],
-        );
-        family(
-            "shoal_clients",
-            "gauge",
-            "Connected clients.",
-            vec![(String::new(), self.clients.len() as f64)],
-        );
-        family(
-            "shoal_workers",
-            "gauge",
-            "Connected workers.",
-            vec![(String::new(), self.workers.len() as f64)],
-        );
+        let scalars: [(&str, &str, &str, f64); 7] = [
+            (
+                "shoal_tasks_finished_total",
+                "counter",
+                "Task runs that finished.",
+                m.finished_total as f64,
+            ),
+            (
+                "shoal_tasks_erred_total",
+                "counter",
+                "Task runs that raised.",
+                m.erred_total as f64,
+            ),
+            (
+                "shoal_transfer_bytes_total",
+                "counter",
+                "Bytes workers fetched from each other.",
+                m.transfer_bytes as f64,
+            ),
+            (
+                "shoal_spill_bytes_total",
+                "counter",
+                "Bytes workers spilled to disk.",
+                m.spill_bytes as f64,
+            ),
+            (
+                "shoal_scheduler_event_loop_lag_seconds",
+                "gauge",
+                "How late the scheduler's last 50 ms tick ran.",
+                m.lag_us as f64 / 1e6,
+            ),
+            (
+                "shoal_clients",
+                "gauge",
+                "Connected clients.",
+                self.clients.len() as f64,
+            ),
+            (
+                "shoal_workers",
+                "gauge",
+                "Connected workers.",
+                self.workers.len() as f64,
+            ),
+        ];
+        for (name, kind, help, v) in scalars {
+            family(name, kind, help, vec![(String::new(), v)]);
+        }
+        type PerWorker = fn(&shoal_proto::WorkerInfo) -> f64;
+        let per_worker: [(&str, &str, &str, PerWorker); 8] = [
+            (
+                "shoal_worker_memory_bytes",
+                "gauge",
+                "Worker process memory.",
+                |w| w.metrics.memory as f64,
+            ),
+            (
+                "shoal_worker_managed_bytes",
+                "gauge",
+                "Bytes of results a worker holds in memory.",
+                |w| w.metrics.managed as f64,
+            ),
+            (
+                "shoal_worker_spilled_bytes",
+                "gauge",
+                "Bytes of results a worker holds on disk.",
+                |w| w.metrics.spilled as f64,
+            ),
+            (
+                "shoal_worker_memory_limit_bytes",
+                "gauge",
+                "A worker's memory limit (0: none).",
+                |w| w.metrics.limit as f64,
+            ),
+            (
+                "shoal_worker_cpu_percent",
+                "gauge",
+                "CPU use over the last second, percent of one core.",
+                |w| w.metrics.cpu as f64,
+            ),
+            (
+                "shoal_worker_processing_tasks",
+                "gauge",
+                "Tasks assigned to a worker.",
+                |w| w.processing as f64,
+            ),
+            (
+                "shoal_worker_received_bytes_total",
+                "counter",
+                "Bytes a worker fetched from peers.",
+                |w| w.metrics.bytes_in as f64,
+            ),
+            (
+                "shoal_worker_sent_bytes_total",
+                "counter",
+                "Bytes a worker's data server sent.",
+                |w| w.metrics.bytes_out as f64,
+            ),
+        ];
         let info = self.info();
-        let per_worker = |f: &dyn Fn(&shoal_proto::WorkerInfo) -> f64| -> Vec<(String, f64)> {
-            info.workers
+        for (name, kind, help, get) in per_worker {
+            let samples = info
+                .workers
                 .iter()
-                .map(|w| (format!("{{worker=\"{}\"}}", esc(&w.name)), f(w)))
-                .collect()
-        };
-        family(
-            "shoal_worker_memory_bytes",
-            "gauge",
-            "Worker process memory.",
-            per_worker(&|w| w.metrics.memory as f64),
-        );
-        family(
-            "shoal_worker_managed_bytes",
-            "gauge",
-            "Bytes of results a worker holds in memory.",
-            per_worker(&|w| w.metrics.managed as f64),
-        );
-        family(
-            "shoal_worker_spilled_bytes",
-            "gauge",
-            "Bytes of results a worker holds on disk.",
-            per_worker(&|w| w.metrics.spilled as f64),
-        );
-        family(
-            "shoal_worker_memory_limit_bytes",
-            "gauge",
-            "A worker's memory limit (0: none).",
-            per_worker(&|w| w.metrics.limit as f64),
-        );
-        family(
-            "shoal_worker_cpu_percent",
-            "gauge",
-            "CPU use over the last second, percent of one core.",
-            per_worker(&|w| w.metrics.cpu as f64),
-        );
-        family(
-            "shoal_worker_processing_tasks",
-            "gauge",
-            "Tasks assigned to a worker.",
-            per_worker(&|w| w.processing as f64),
-        );
-        family(
-            "shoal_worker_received_bytes_total",
-            "counter",
-            "Bytes a worker fetched from peers.",
-            per_worker(&|w| w.metrics.bytes_in as f64),
-        );
-        family(
-            "shoal_worker_sent_bytes_total",
-            "counter",
-            "Bytes a worker's data server sent.",
-            per_worker(&|w| w.metrics.bytes_out as f64),
-        );
+                .map(|w| (format!("{{worker=\"{}\"}}", esc(&w.name)), get(w)))
+                .collect();
+            family(name, kind, help, samples);
+        }
         out
     }
 }
