@@ -156,6 +156,21 @@ def test_spilling_lets_four_times_the_memory_limit_complete_bit_identical():
         got = c.gather([c.submit(digest_of, x) for x in xs])
         assert got == [digest_of(make(32 * MiB, i)) for i in range(n)]
         assert np.array_equal(xs[0].result(), make(32 * MiB, 0))
+        # The dashboard's task stream shows the spills and the transfers
+        # (they travel with heartbeats), and the counters add them up.
+        deadline = time.time() + 5
+        while time.time() < deadline:
+            st = c.query("/api/status?merge=0")
+            kinds = {r[7] for r in st["stream"]}
+            counters = st["counters"]
+            if {2, 3} <= kinds and counters["spill_bytes"] >= spilled:
+                break
+            time.sleep(0.2)
+        assert {0, 2, 3} <= kinds, kinds  # tasks, transfers, spills
+        assert st["counters"]["spill_bytes"] >= spilled
+        assert st["counters"]["transfer_bytes"] >= 32 * MiB
+        spills = [r for r in st["stream"] if r[7] == 3]
+        assert all(r[8] > 0 and r[1] in {x._id for x in xs} for r in spills)
 
 
 def hog(n_mib: int) -> int:
