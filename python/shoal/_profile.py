@@ -1,6 +1,6 @@
 """The worker's statistical profiler and log capture.
 
-A daemon thread wakes every ``SHOAL_PROFILE_INTERVAL`` (default 10 ms; ``0``
+A daemon thread wakes every ``SHOAL_PROFILE_INTERVAL`` (default 20 ms; ``0``
 turns it off), reads the stacks of the threads running tasks
 (``sys._current_frames``), and counts each stack under its task's group.
 Counts travel to the scheduler once a second with the heartbeat, as folded
@@ -22,7 +22,7 @@ from typing import Any
 
 from . import _core
 
-DEFAULT_INTERVAL = 0.01  # seconds, as Dask's profiler
+DEFAULT_INTERVAL = 0.02  # seconds (Dask samples every 10 ms; see bench_dashboard.py)
 FLUSH_EVERY = 1.0  # seconds
 MAX_DEPTH = 64  # frames kept per stack (the innermost ones)
 

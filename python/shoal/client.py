@@ -888,7 +888,7 @@ class Client:
         """The profiler's samples since the cluster started, as folded
         stacks (``"f (file:line);g (file:line)"`` -> count): all task groups
         together, or only ``group``. Workers sample the stacks of running
-        tasks every ``SHOAL_PROFILE_INTERVAL`` (default 10 ms; 0: off)."""
+        tasks every ``SHOAL_PROFILE_INTERVAL`` (default 20 ms; 0: off)."""
         q = "/api/profile" + (f"?group={urllib.parse.quote(group)}" if group else "")
         return dict(self.query(q)["stacks"])
 

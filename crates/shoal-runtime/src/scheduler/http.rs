@@ -25,7 +25,7 @@ pub const APP_JS: &str = include_str!("assets/app.js");
 pub const APP_CSS: &str = include_str!("assets/app.css");
 
 /// How often the live stream sends an update.
-const UPDATE_EVERY: Duration = Duration::from_millis(500);
+const UPDATE_EVERY: Duration = Duration::from_millis(1000);
 
 #[derive(Clone)]
 struct App {
@@ -240,7 +240,7 @@ async fn ask(events: &mpsc::UnboundedSender<Event>, path: String) -> Option<(Rep
     rx.await.ok()
 }
 
-/// Server-sent events: `/api/status` every half second, each with the task
+/// Server-sent events: `/api/status` every second, each with the task
 /// stream entries since the previous one.
 fn live(app: App, uri: &Uri) -> Response<Body> {
     let query = uri.query().unwrap_or("");

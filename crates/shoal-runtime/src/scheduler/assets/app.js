@@ -1,5 +1,5 @@
 // Shoal's dashboard: one page, no dependencies. Live, it follows the
-// scheduler's server-sent events (/api/events, every half second, with the
+// scheduler's server-sent events (/api/events, every second, with the
 // task stream entries since the last update, already merged into blocks by
 // the scheduler) and asks for the graph, profile and logs only while their
 // tab is shown. In a performance report, window.SHOAL_REPORT holds the data
