@@ -357,3 +357,14 @@ def test_profiler_interval_is_validated():
     assert parse_interval("0.5") == 0.5
     with pytest.raises(ValueError, match="SHOAL_PROFILE_INTERVAL"):
         parse_interval("often")
+
+
+def test_no_dashboard_and_bad_dashboard_addresses():
+    with shoal.Client(n_workers=1, dashboard_address=None, set_as_default=False) as c:
+        assert c.dashboard_link is None
+        c.submit(combine, 1, 2).result()
+        assert c.query("/api/status")["counters"]["finished"] >= 1  # the data is there
+    with pytest.raises(ValueError, match="dashboard_address"):
+        shoal.Client(n_workers=1, dashboard_address="localhost")
+    with pytest.raises(OSError, match="dashboard"):
+        shoal.Client(n_workers=1, dashboard_address="192.0.2.1:8787")  # not this host's

@@ -132,8 +132,11 @@ impl Cluster {
             // environment, never on a command line (visible to `ps`).
             let secret = Secret::random();
             let token = secret.token();
-            let sched =
-                runtime().block_on(scheduler::start(&addr, secret, dashboard.as_deref()))?;
+            let sched = runtime()
+                .block_on(scheduler::start(&addr, secret, dashboard.as_deref()))
+                .inspect_err(|_| {
+                    let _ = std::fs::remove_dir_all(&dir);
+                })?;
             let address = sched.address.to_string();
             let dashboard = sched.dashboard.clone();
             let mut args = args;
