@@ -152,6 +152,15 @@ def test_performance_report_opens_offline_in_chromium(dash, tmp_path):
     assert seen["flame_frames"] > 0
 
 
+def test_client_html_repr_links_the_dashboard(dash):
+    deadline = time.time() + 20
+    while len(dash.scheduler_info()["workers"]) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    page = dash._repr_html_()
+    assert "workers" in page and "2 (2 threads)" in page
+    assert f'href="{dash.dashboard_link}"' in page
+
+
 def test_metrics_parse_as_prometheus_text(dash):
     from prometheus_client.parser import text_string_to_metric_families
 
