@@ -358,6 +358,43 @@ def test_shoal_top_shows_workers_and_groups(tmp_path):
     assert "dashboard: http://127.0.0.1:" in out
 
 
+def make_big(i: int):
+    import numpy as np
+
+    a = np.full(4_000_000, float(i))  # 32 MB
+    spin(0.01)  # long enough to be sampled
+    return a
+
+
+def frames_holding_arrays() -> list[str]:
+    """Frame objects (of finished calls) whose locals keep an array alive."""
+    import gc
+    import types
+
+    import numpy as np
+
+    held = []
+    for o in gc.get_objects():
+        if isinstance(o, types.FrameType) and o.f_code.co_name in ("make_big", "_execute"):
+            if any(isinstance(v, np.ndarray) and v.nbytes > 1_000_000 for v in o.f_locals.values()):
+                held.append(o.f_code.co_name)
+    return held
+
+
+def test_the_profiler_keeps_no_task_frames_alive(monkeypatch):
+    # A sampler that held frames would keep every sampled task's locals
+    # (its result) in memory after the task, until the cyclic GC ran.
+    monkeypatch.setenv("SHOAL_PROFILE_INTERVAL", "1ms")
+    with shoal.Client(n_workers=1, dashboard_address=None, set_as_default=False) as c:
+        xs = [c.submit(make_big, i) for i in range(8)]
+        shoal.wait(xs)
+        deadline = time.time() + 10  # samples travel with heartbeats
+        while not c.profile(group="make_big") and time.time() < deadline:
+            time.sleep(0.2)
+        assert c.profile(group="make_big"), "the profiler took no samples"
+        assert c.submit(frames_holding_arrays).result() == []
+
+
 def test_profiler_interval_is_validated():
     from shoal._profile import parse_interval
 

@@ -77,19 +77,25 @@ class Sampler:
 
     def sample(self) -> None:
         frames = sys._current_frames()
-        for ident, group in list(self.groups.items()):
-            frame = frames.get(ident)
-            stack: list[str] = []
-            while frame is not None and frame.f_code is not self.stop_code:
-                code = frame.f_code
-                name = self.names.get(code)
-                if name is None:
-                    name = self.names[code] = _frame_name(code)
-                stack.append(name)
-                frame = frame.f_back
-            if frame is None or not stack:
-                continue  # between tasks, or inside Shoal's own code
-            self.counts[(group, ";".join(reversed(stack[:MAX_DEPTH])))] += 1
+        try:
+            for ident, group in list(self.groups.items()):
+                frame = frames.get(ident)
+                stack: list[str] = []
+                while frame is not None and frame.f_code is not self.stop_code:
+                    code = frame.f_code
+                    name = self.names.get(code)
+                    if name is None:
+                        name = self.names[code] = _frame_name(code)
+                    stack.append(name)
+                    frame = frame.f_back
+                if frame is None or not stack:
+                    continue  # between tasks, or inside Shoal's own code
+                self.counts[(group, ";".join(reversed(stack[:MAX_DEPTH])))] += 1
+        finally:
+            # The dict holds this very frame: a reference cycle that would
+            # keep every sampled frame, and the locals of the tasks they
+            # ran (their results), alive until the garbage collector runs.
+            frames.clear()
 
     def flush(self) -> None:
         if self.counts:
