@@ -429,13 +429,19 @@
   // ------------------------------------------------------------ history (report)
   function drawLines(canvasEl, series, yMax, fmt) {
     const dpr = window.devicePixelRatio || 1;
-    const w = canvasEl.clientWidth || 800, h = canvasEl.clientHeight || 200;
+    // The height comes from the markup, once: the drawing buffer's size must
+    // not feed back into the displayed size.
+    if (!canvasEl.dataset.h) canvasEl.dataset.h = canvasEl.getAttribute("height") || 200;
+    const h = Number(canvasEl.dataset.h);
+    canvasEl.style.height = h + "px";
+    const w = canvasEl.clientWidth || 800;
     canvasEl.width = w * dpr; canvasEl.height = h * dpr;
     const ctx = canvasEl.getContext("2d");
     ctx.scale(dpr, dpr);
     let lo = Infinity, hi = 0;
     for (const s of series) for (const [t] of s.points) { lo = Math.min(lo, t); hi = Math.max(hi, t); }
-    if (!(hi > lo)) { ctx.fillText("no samples", 10, 20); return; }
+    if (!(hi >= lo)) { ctx.fillText("no samples", 10, 20); return; }
+    if (hi === lo) { lo -= 5e5; hi += 5e5; } // one sample each: a second around it
     const x = (t) => 50 + ((t - lo) / (hi - lo)) * (w - 60);
     const y = (v) => h - 20 - (v / yMax) * (h - 30);
     ctx.font = "11px system-ui"; ctx.fillStyle = "#555";
@@ -445,6 +451,7 @@
       ctx.strokeStyle = PALETTE[i % PALETTE.length]; ctx.beginPath();
       s.points.forEach(([t, v], j) => (j ? ctx.lineTo(x(t), y(v)) : ctx.moveTo(x(t), y(v))));
       ctx.stroke();
+      for (const [t, v] of s.points) ctx.fillRect(x(t) - 1.5, y(v) - 1.5, 3, 3); // the samples
       ctx.fillStyle = ctx.strokeStyle; ctx.fillText(s.name, 60 + i * 140, 12);
     });
     canvasEl.dataset.series = series.length;
@@ -506,9 +513,11 @@
       const done = n.submitted ? Math.min(1, n.finished / n.submitted) : 0;
       const grp = mk("g", { class: "graph-node", "data-group": n.name });
       grp.append(mk("rect", { class: "fill", x, y, width: W * done, height: H }));
-      grp.append(mk("rect", { class: "frame", x, y, width: W, height: H, "fill-opacity": 0 }));
+      const erred = n.submitted ? Math.min(1 - done, n.erred / n.submitted) : 0;
+      if (erred > 0) grp.append(mk("rect", { class: "erred", x: x + W * done, y, width: W * erred, height: H }));
+      grp.append(mk("rect", { class: "outline", x, y, width: W, height: H }));
       const t1 = mk("text", { x: x + 5, y: y + 14 }); t1.textContent = n.name.slice(0, 24);
-      const t2 = mk("text", { x: x + 5, y: y + 28 }); t2.textContent = `${Math.min(n.finished, n.submitted)}/${n.submitted} · ${n.processing} running`;
+      const t2 = mk("text", { x: x + 5, y: y + 28 }); t2.textContent = `${Math.min(n.finished, n.submitted)}/${n.submitted} · ${n.processing} running` + (n.erred ? ` · ${n.erred} erred` : "");
       grp.append(t1, t2);
       svg.append(grp);
     }
