@@ -391,6 +391,7 @@ impl State {
                 self.process();
             }
             Event::WorkerLeft(id, reason) => {
+                self.monitor.worker_left(id);
                 if let Some(w) = self.workers.remove(&id) {
                     // Expected when the cluster closes or the worker retired.
                     if self.closing || self.retired.remove(&id) {

@@ -14,6 +14,8 @@ pub(crate) const STREAM_CAP: usize = 100_000;
 const HISTORY_CAP: usize = 3600;
 /// Log lines kept per worker.
 const LOG_CAP: usize = 1000;
+/// Workers gone whose history and logs are kept (the oldest go first).
+const GONE_CAP: usize = 64;
 /// Distinct stacks kept per task group (further new stacks are counted
 /// under "(other)": a profile is a picture, not an archive).
 const STACKS_CAP: usize = 5000;
@@ -73,6 +75,8 @@ pub(crate) struct Monitor {
     /// Scheduler event-loop lag: the latest and the largest, microseconds.
     pub(crate) lag_us: u64,
     pub(crate) lag_max_us: u64,
+    /// Workers gone, oldest first (their figures are dropped past `GONE_CAP`).
+    gone: VecDeque<u32>,
 }
 
 impl Monitor {
@@ -164,6 +168,18 @@ impl Monitor {
         });
     }
 
+    /// A worker left: its history and logs stay for a while (reports of
+    /// the time it ran), bounded so that churn cannot grow them forever.
+    pub(crate) fn worker_left(&mut self, worker: u32) {
+        self.gone.push_back(worker);
+        while self.gone.len() > GONE_CAP {
+            if let Some(old) = self.gone.pop_front() {
+                self.history.remove(&old);
+                self.logs.remove(&old);
+            }
+        }
+    }
+
     pub(crate) fn profile(&mut self, samples: Vec<(String, String, u32)>) {
         for (group, stack, n) in samples {
             let stacks = self.profile.entry(group).or_default();
@@ -242,6 +258,19 @@ mod tests {
         );
         assert_eq!((m.transfer_bytes, m.spill_bytes), (100, 100));
         assert_eq!(m.stream.back().map(|r| r.kind), Some(Kind::Spill));
+    }
+
+    #[test]
+    fn figures_of_departed_workers_are_bounded() {
+        let mut m = Monitor::default();
+        for w in 0..(GONE_CAP as u32 + 10) {
+            m.heartbeat(w, 1, &WorkerMetrics::default());
+            m.logs(w, vec!["hello".into()]);
+            m.worker_left(w);
+        }
+        assert_eq!(m.history.len(), GONE_CAP);
+        assert_eq!(m.logs.len(), GONE_CAP);
+        assert!(!m.history.contains_key(&0) && m.history.contains_key(&(GONE_CAP as u32 + 9)));
     }
 
     #[test]
