@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -510,3 +511,72 @@ def test_reconnecting_workers_rejoin_a_restarted_scheduler(tmp_path):
         for p in reversed(procs):
             p.stop()
         log.close()
+
+
+def test_a_client_that_cannot_reach_a_workers_data_port_gets_a_clear_error(tmp_path):
+    # The worker joins over loopback, so its data server's address is a
+    # loopback one; a client on another "host" (a network namespace) reaches
+    # the scheduler but not that address: it must fail clearly, not retry
+    # forever.
+    why = _netns_available()
+    if why is not None:
+        pytest.skip(f"needs a second network namespace ({why})")
+    sfile = tmp_path / "s.json"
+    log = open(tmp_path / "reach.log", "ab")
+    procs = [
+        Proc(
+            [
+                *SHOAL,
+                "scheduler",
+                "--host",
+                "0.0.0.0",
+                "--port",
+                "0",
+                "--scheduler-file",
+                str(sfile),
+            ],
+            log=log,
+        )
+    ]
+    with hosts(1) as prefixes:
+        try:
+            wait_for(sfile.exists, 20, "the scheduler file")
+            info = json.loads(sfile.read_text())
+            port = info["address"].rsplit(":", 1)[1]
+            procs.append(
+                Proc(
+                    [
+                        *SHOAL,
+                        "worker",
+                        f"tcp://127.0.0.1:{port}",
+                        "--token-file",
+                        info["token_file"],
+                    ],
+                    log=log,
+                )
+            )
+            token = Path(info["token_file"]).read_text().strip()
+            script = (
+                "import shoal, numpy as np, time, sys\n"
+                f"c = shoal.Client('tcp://10.77.0.1:{port}', token={token!r})\n"
+                "while not c.scheduler_info()['workers']: time.sleep(0.05)\n"
+                "print('small', c.submit(sum, [1, 2]).result(), flush=True)\n"
+                "t = time.time()\n"
+                "try:\n"
+                "    c.submit(np.arange, 1_000_000).result()\n"
+                "except ConnectionError as e:\n"
+                "    print('error after', round(time.time() - t, 1), e, flush=True)\n"
+            )
+            ns = prefixes[0][:-1]  # the namespace's command prefix
+            out = subprocess.run(
+                [*ns, sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+            )
+        finally:
+            for p in reversed(procs):
+                p.stop()
+            log.close()
+    assert "small 3" in out.stdout, out.stderr
+    assert "error after" in out.stdout, out.stdout + out.stderr
+    assert "cannot reach it" in out.stdout and "127.0.0.1" in out.stdout
+    seconds = float(out.stdout.split("error after")[1].split()[0])
+    assert seconds < 30, f"gave up only after {seconds} s"

@@ -723,6 +723,12 @@ class Client:
                 f"{what} data put on the cluster (scatter/put) and lost with the worker that "
                 "held it; such data cannot be recomputed: scatter it again"
             )
+        if code == 7:
+            raise ConnectionError(
+                f"could not fetch the result of {f.key} from the worker at {a} ({b}); it "
+                "still holds it, but this client cannot reach it: clients must reach the "
+                "workers' data addresses (see scheduler_info()) as well as the scheduler"
+            )
         if code == 4:
             raise MissingDependencyError(
                 f"{f.key} takes a future the scheduler does not know (task id {a:x}): "

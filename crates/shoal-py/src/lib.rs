@@ -421,7 +421,8 @@ impl ClientCore {
     /// `(0, value_bytes, None)`, `(1, cause, error_bytes)` raised,
     /// `(2, cause, kills)` killed workers, `(3, cause, None)` cancelled,
     /// `(4, dep_id, None)` unknown input, `(5, cause, detail)` resources
-    /// unsatisfiable, `(6, cause, None)` scattered data lost, `(-1, None,
+    /// unsatisfiable, `(6, cause, None)` scattered data lost, `(7, address,
+    /// error)` its live holder could not be reached, `(-1, None,
     /// None)` pending or released. A large result is fetched from its worker
     /// (GIL released): a file on this host is mapped, not copied.
     fn outcome<'py>(&self, py: Python<'py>, id: u64) -> PyResult<Bound<'py, PyTuple>> {
@@ -438,13 +439,24 @@ impl ClientCore {
                 let addr = location.unwrap_or_default();
                 let secret = &self.inner.secret;
                 match py.detach(|| client::fetch(runtime(), &addr, id, secret)) {
-                    Ok(v) => (0, fetched_to_py(py, v)?, none),
-                    Err(_) => {
-                        // The holder died (the scheduler recomputes it) or
-                        // the result moved: wait, and ask where it is.
-                        py.detach(|| std::thread::sleep(Duration::from_millis(20)));
-                        self.inner.mark_pending(id);
-                        (-1, none.clone_ref(py), none)
+                    Ok(v) => {
+                        self.inner.fetch_ok(id);
+                        (0, fetched_to_py(py, v)?, none)
+                    }
+                    Err(e) => {
+                        let n = self.inner.fetch_failed(id);
+                        if n >= client::FETCH_ATTEMPTS {
+                            // Still held there, yet out of reach: say so.
+                            let detail = e.to_string().into_pyobject(py)?.into_any().unbind();
+                            (7, addr.into_pyobject(py)?.into_any().unbind(), detail)
+                        } else {
+                            // The holder died (the scheduler recomputes it)
+                            // or the result moved: wait, and ask where it is.
+                            let pause = Duration::from_millis(20 * n as u64);
+                            py.detach(|| std::thread::sleep(pause));
+                            self.inner.mark_pending(id);
+                            (-1, none.clone_ref(py), none)
+                        }
                     }
                 }
             }

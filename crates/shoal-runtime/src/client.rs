@@ -101,7 +101,14 @@ struct State {
     info: Option<ClusterInfo>,
     /// Answers to `Query` requests, by id, until taken.
     replies: FxHashMap<u64, String>,
+    /// Failed fetches in a row, by task (reset by a success).
+    fetch_failures: FxHashMap<u64, u32>,
 }
+
+/// Fetches of one result that may fail in a row before the client gives
+/// up: a live holder the client cannot reach (a firewall between the client
+/// and the workers' data ports) would otherwise be asked forever.
+pub const FETCH_ATTEMPTS: u32 = 10;
 
 /// A connected client.
 pub struct ClientShared {
@@ -134,6 +141,7 @@ pub fn connect(
                 closed: None,
                 info: None,
                 replies: FxHashMap::default(),
+                fetch_failures: FxHashMap::default(),
             }),
             cv: Condvar::new(),
             secret: secret.clone(),
@@ -294,6 +302,23 @@ impl ClientShared {
     /// Current status (None: unknown or released).
     pub fn status(&self, id: u64) -> Option<Status> {
         self.state.lock().status.get(&id).cloned()
+    }
+
+    /// Counts one more failed fetch of `id` in a row; returns the count.
+    pub fn fetch_failed(&self, id: u64) -> u32 {
+        let mut st = self.state.lock();
+        let n = st.fetch_failures.entry(id).or_default();
+        *n += 1;
+        let n = *n;
+        if n >= FETCH_ATTEMPTS {
+            st.fetch_failures.remove(&id);
+        }
+        n
+    }
+
+    /// A fetch of `id` worked: forget its failures.
+    pub fn fetch_ok(&self, id: u64) {
+        self.state.lock().fetch_failures.remove(&id);
     }
 
     /// Marks a finished task pending again (its holder vanished before we
