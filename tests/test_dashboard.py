@@ -395,6 +395,12 @@ def test_the_profiler_keeps_no_task_frames_alive(monkeypatch):
         assert c.submit(frames_holding_arrays).result() == []
 
 
+def test_a_bad_profiler_interval_fails_in_the_caller(monkeypatch):
+    monkeypatch.setenv("SHOAL_PROFILE_INTERVAL", "sometimes")
+    with pytest.raises(ValueError, match="SHOAL_PROFILE_INTERVAL"):
+        shoal.Client(n_workers=1)
+
+
 def test_profiler_interval_is_validated():
     from shoal._profile import parse_interval
 

@@ -136,8 +136,9 @@ class _Executor:
         self.stopped = threading.Event()
         self.funcs: dict[bytes, Any] = {}
         self.lanes: set[int] = set()  # task stream lanes of live threads
-        # Thread id -> group of the task it runs, for the profiler.
-        self.running_groups: dict[int, str] = {}
+        # Thread id -> group of the task it runs, for the profiler (None
+        # while it is off: nothing to keep up to date per task).
+        self.running_groups: dict[int, str] | None = None
 
     def run(self) -> None:
         # One task per call: tasks not started stay in the Rust queue, where
@@ -199,8 +200,10 @@ class _Executor:
         start_us = int(time.time() * 1e6)
         t0 = perf_counter()
         task_local.in_task = True
-        ident = threading.get_ident()
-        self.running_groups[ident] = group
+        groups = self.running_groups
+        if groups is not None:
+            ident = threading.get_ident()
+            groups[ident] = group
         try:
             if error is not None:
                 raise RuntimeError(error)
@@ -233,7 +236,8 @@ class _Executor:
             return (tid, False, _dumps_error(e, name), start_us, duration, 0)
         finally:
             task_local.in_task = False
-            self.running_groups.pop(ident, None)
+            if groups is not None:
+                groups.pop(ident, None)
         duration = int((perf_counter() - t0) * 1e6)
         try:
             payload, size = self.store.finish(tid, result, _buffer_size(result))
@@ -374,8 +378,13 @@ def main(argv: list[str] | None = None) -> None:
     executor = _current = _Executor(core, ns.address, token, ns.nthreads, gpus, store)
     threading.Thread(target=executor.export_held, name="shoal-pickler", daemon=True).start()
     threading.Thread(target=store.monitor, name="shoal-memory", daemon=True).start()
-    interval = _profile.interval_from_env()
+    try:
+        interval = _profile.interval_from_env()
+    except ValueError as e:  # a worker runs on without its profiler
+        print(f"shoal worker: {e}; the profiler is off", file=sys.stderr, flush=True)
+        interval = 0.0
     if interval:
+        executor.running_groups = {}
         sampler = _profile.Sampler(core, executor.running_groups, interval)
         threading.Thread(target=sampler.run, name="shoal-profiler", daemon=True).start()
     _profile.capture_logging()

@@ -445,6 +445,9 @@ class Client:
                 args += ["--local-directory", os.fspath(local_directory)]
             if dashboard_address is not None:
                 dashboard_address = _dashboard_address(dashboard_address)
+            from ._profile import interval_from_env
+
+            interval_from_env()  # a bad SHOAL_PROFILE_INTERVAL fails here, clearly
             self._cluster = Cluster(n, sys.executable, args, env, dashboard_address)
             address = self._cluster.address
             token = self._cluster.token

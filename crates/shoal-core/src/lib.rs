@@ -966,7 +966,8 @@ impl Core {
 
     /// A worker finished a task. `inline`: the result travelled with the
     /// message and the scheduler keeps it. Stale reports (the task was
-    /// cancelled or moved meanwhile) are ignored.
+    /// cancelled or moved meanwhile) are ignored: None; else the task's
+    /// group (for the caller's records, without another lookup).
     pub fn handle_task_finished(
         &mut self,
         worker: WorkerId,
@@ -974,12 +975,15 @@ impl Core {
         size: u64,
         inline: bool,
         duration_us: u64,
-    ) -> bool {
+    ) -> Option<u32> {
         if !self.is_processing_on(task, worker) {
-            return false;
+            return None;
         }
         self.progress(worker);
-        let g = &mut self.groups[self.tasks[&task].group as usize];
+        let t = self.tasks.get_mut(&task).expect("processing");
+        t.ran = true;
+        let group = t.group;
+        let g = &mut self.groups[group as usize];
         let d = duration_us as f64;
         g.mean_us = Some(g.mean_us.map_or(d, |m| 0.8 * m + 0.2 * d));
         g.counts.finished += 1;
@@ -989,11 +993,10 @@ impl Core {
         } else {
             Location::Worker(worker)
         };
-        self.tasks.get_mut(&task).expect("processing").ran = true;
         self.set_state(task, TaskState::Memory { location, size });
         self.maybe_release(task);
         self.schedule();
-        true
+        Some(group)
     }
 
     /// A worker reports that a task raised. Returns whether the report was

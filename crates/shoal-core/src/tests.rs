@@ -50,7 +50,9 @@ fn independent_tasks_fill_one_slot_per_thread_until_durations_are_known() {
     // Unknown duration: exactly one task per thread, oldest first.
     assert_eq!(computes(&a), vec![(0, 1), (1, 2), (1, 3)]);
     // Once a duration is known, tiny tasks are pipelined.
-    assert!(c.handle_task_finished(WorkerId(0), t(1), 8, true, 5));
+    assert!(c
+        .handle_task_finished(WorkerId(0), t(1), 8, true, 5)
+        .is_some());
     c.check_invariants();
     let a = c.take_actions();
     assert!(a.contains(&Action::TaskMemory {

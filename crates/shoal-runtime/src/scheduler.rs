@@ -547,11 +547,13 @@ impl State {
                 timing,
             } => {
                 let inline = value.is_some();
-                let group = self.core.task_group(TaskId(id)).unwrap_or(u32::MAX);
-                if self
-                    .core
-                    .handle_task_finished(wid, TaskId(id), size, inline, timing.duration_us)
-                {
+                if let Some(group) = self.core.handle_task_finished(
+                    wid,
+                    TaskId(id),
+                    size,
+                    inline,
+                    timing.duration_us,
+                ) {
                     self.monitor.task(id, group, worker, timing, true, size);
                     if let Some(v) = value {
                         self.inline.insert(id, v);
