@@ -194,13 +194,22 @@ def test_scattered_data_lost_with_its_worker_is_a_clear_error():
     with shoal.Client(n_workers=2) as c:
         x = c.scatter(np.ones(MiB))
         assert c.submit(np.sum, x).result() == MiB
-        for p in c.worker_pids:
+        killed = set(c.worker_pids)
+        for p in killed:
             os.kill(p, signal.SIGKILL)
         with pytest.raises(shoal.DataLostError, match="scatter it again"):
             c.submit(np.sum, x).result(timeout=30)
         with pytest.raises(shoal.DataLostError):
             x.result(timeout=30)
-        # Everything else works on the replacements.
+        # Everything else works on the replacements (once the scheduler has
+        # seen both deaths: data scattered to a worker dying unseen is lost
+        # too, rightly).
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            pids = {w["pid"] for w in c.scheduler_info()["workers"].values()}
+            if len(pids) == 2 and not pids & killed:
+                break
+            time.sleep(0.05)
         y = c.scatter(np.ones(10))
         assert c.submit(np.sum, y).result(timeout=30) == 10
 
