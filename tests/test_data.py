@@ -141,6 +141,10 @@ def digest_of(a: np.ndarray) -> str:
     return hashlib.sha1(a.data).hexdigest()
 
 
+def pair_digest(a, b):
+    return digest_of(a), digest_of(b)
+
+
 def test_spilling_lets_four_times_the_memory_limit_complete_bit_identical():
     limit = 256 * MiB
     with shoal.Client(n_workers=2, memory_limit=limit) as c:
@@ -157,7 +161,15 @@ def test_spilling_lets_four_times_the_memory_limit_complete_bit_identical():
         assert got == [digest_of(make(32 * MiB, i)) for i in range(n)]
         assert np.array_equal(xs[0].result(), make(32 * MiB, 0))
         # The dashboard's task stream shows the spills and the transfers
-        # (they travel with heartbeats), and the counters add them up.
+        # (they travel with heartbeats), and the counters add them up. Tasks
+        # go where their input is, so make one that needs inputs from both.
+        holder = {x: c.query(f"/api/task/{x._id}")["location"] for x in xs}
+        a = xs[0]
+        b = next(x for x in xs if holder[x] != holder[a])
+        assert c.submit(pair_digest, a, b).result() == (
+            digest_of(a.result()),
+            digest_of(b.result()),
+        )
         deadline = time.time() + 5
         while time.time() < deadline:
             st = c.query("/api/status?merge=0")
