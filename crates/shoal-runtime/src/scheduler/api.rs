@@ -14,7 +14,8 @@ const STREAM_ANSWER_CAP: usize = 20_000;
 /// An answer: content type and body, or an HTTP status and a message.
 pub(crate) type Reply = Result<(&'static str, String), (u16, String)>;
 
-fn param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+/// The value of `name` in a query string (`a=1&b=2`), undecoded.
+pub(crate) fn param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
     query
         .split('&')
         .filter_map(|kv| kv.split_once('='))

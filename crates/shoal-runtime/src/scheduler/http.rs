@@ -8,7 +8,8 @@
 //! thread; it computes nothing itself and updates are aggregated, so an
 //! open browser costs the scheduler a few small JSON answers a second.
 
-use super::{api::Reply, Event};
+use super::api::{param, Reply};
+use super::Event;
 use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, Response, StatusCode, Uri};
 use axum::response::sse::{self, KeepAlive, Sse};
@@ -141,12 +142,7 @@ fn same(a: &str, b: &str) -> bool {
 }
 
 fn given_token<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> (Option<&'a str>, bool) {
-    if let Some(t) = uri.query().and_then(|q| {
-        q.split('&')
-            .filter_map(|kv| kv.split_once('='))
-            .find(|(k, _)| *k == "token")
-            .map(|(_, v)| v)
-    }) {
+    if let Some(t) = uri.query().and_then(|q| param(q, "token")) {
         return (Some(t), true);
     }
     if let Some(t) = headers
@@ -243,12 +239,8 @@ async fn ask(events: &mpsc::UnboundedSender<Event>, path: String) -> Option<(Rep
 /// Server-sent events: `/api/status` every second, each with the task
 /// stream entries since the previous one.
 fn live(app: App, uri: &Uri) -> Response<Body> {
-    let query = uri.query().unwrap_or("");
-    let mut since: u64 = query
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == "since")
-        .and_then(|(_, v)| v.parse().ok())
+    let mut since: u64 = param(uri.query().unwrap_or(""), "since")
+        .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     let stream = async_stream(move |tx: mpsc::Sender<sse::Event>| async move {
         let mut every = tokio::time::interval(UPDATE_EVERY);
