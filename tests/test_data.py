@@ -309,3 +309,149 @@ def test_spilled_data_that_compresses_well_is_compressed_and_reads_back(monkeypa
         assert 0 < w["spilled"] < 16 * MiB
         assert [float(x.result()[7]) for x in xs] == [float(i) for i in range(16)]
         assert c.submit(np.sum, xs[0]).result() == 0.0
+
+
+# ------------------------------------------------ arrays born in shared memory
+
+PAGE = 4096  # a shared-memory block's first page holds the frame's header
+
+
+def fill(n_mib: int, value: float, delay: float) -> np.ndarray:
+    time.sleep(delay)
+    a = np.empty(n_mib * MiB // 8)
+    a[:] = value
+    return a
+
+
+def wchar(pid: int) -> int:
+    """Bytes process ``pid`` has passed to write calls (sockets included)."""
+    with open(f"/proc/{pid}/io") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("wchar:"))
+
+
+def mapped_input(a: np.ndarray, b: np.ndarray) -> tuple:
+    """Runs on a worker: for the input mapped from the other worker, the
+    offset of its data in the file mapped, the file's size, and its values."""
+    (x,) = [x for x in (a, b) if not x.flags.writeable]
+    addr = x.__array_interface__["data"][0]
+    with open("/proc/self/maps") as fh:
+        for line in fh:
+            fields = line.split()
+            lo, hi = (int(v, 16) for v in fields[0].split("-"))
+            if lo <= addr < hi:
+                assert int(fields[2], 16) == 0, "segments are mapped whole"
+                return addr - lo, os.path.getsize(fields[-1]), float(x.min()), float(x.max())
+    raise AssertionError("input not in a mapping")
+
+
+@pytest.mark.parametrize("allocator", ["on", "off"])
+def test_a_large_array_is_made_in_shared_memory_and_exported_without_a_copy(monkeypatch, allocator):
+    if allocator == "off":
+        monkeypatch.setenv("SHOAL_SHM_ALLOC", "0")  # workers inherit it
+    with shoal.Client(n_workers=2) as c:
+        xs = [c.submit(fill, 64, i + 1, 0.3) for i in range(2)]  # one per worker
+        shoal.wait(xs)
+        pids = c.worker_pids
+        before = {p: wchar(p) for p in pids}
+        offset, size, lo, hi = c.submit(mapped_input, xs[0], xs[1]).result()
+        written = sum(wchar(p) - before[p] for p in pids)
+        assert lo == hi and lo in (1.0, 2.0)
+        if allocator == "on":
+            # The producer's own block, named: data one page in, nothing written.
+            assert (offset, size) == (PAGE, PAGE + 64 * MiB)
+            assert written < MiB, f"{written / MiB:.0f} MiB written exporting"
+        else:
+            # Copied into a new file: the frame's header just before the data.
+            assert offset < PAGE and size == offset + 64 * MiB
+            assert written >= 64 * MiB
+        # The client maps it too, read-only.
+        r = xs[0].result()
+        assert not r.flags.writeable and float(r.min()) == float(r.max()) == 1.0
+
+
+def churn() -> tuple:
+    """Runs on a worker: how its NumPy allocator treats freed, zeroed,
+    resized and small arrays."""
+    import numpy._core.multiarray as multiarray
+
+    n = 4 * MiB // 8
+    a = np.ones(n)
+    first = a.__array_interface__["data"][0]
+    del a
+    b = np.zeros(n)  # the same block again, zeroed
+    reused = b.__array_interface__["data"][0] == first
+    zero = not b.any()
+    c = np.arange(2 * MiB // 8, dtype=np.int64)
+    c.resize(16 * MiB // 8, refcheck=False)  # larger than its block: moved
+    kept = bool((c[: 2 * MiB // 8] == np.arange(2 * MiB // 8)).all()) and not c[-1]
+    small = np.ones(10)
+    handler = multiarray.get_handler_name(b)
+    del b, c
+    return reused, zero, kept, handler, small.sum(), _core.shm_allocator_stats()
+
+
+def test_freed_shared_memory_blocks_are_reused_and_allocations_behave():
+    with shoal.Client(n_workers=1) as c:
+        reused, zero, kept, handler, small, stats = c.submit(churn).result()
+        assert handler == "shoal_shm"
+        assert reused and zero and kept and small == 10.0
+        live, spare, allocs, n_reused = stats
+        assert allocs >= 4 and n_reused >= 1
+        assert live == 0 and spare > 0, "the task's arrays were freed into the pool"
+
+
+G: list = []
+
+
+def shared_results(kind: str):
+    big = np.arange(3 * MiB, dtype=np.int64)  # 24 MiB
+    if kind == "view":
+        return big[100:]  # inside the block, not at its start
+    if kind == "pair":
+        return big, big[::-1].copy()  # two buffers: copied into one frame
+    if kind == "same-twice":
+        return big, big  # one buffer, pickled once
+    if kind == "global":
+        if not G:
+            G.append(big)
+        return G[0]  # two results, one block: the second export copies
+    raise ValueError(kind)
+
+
+def test_results_in_shared_memory_blocks_of_every_shape_read_back():
+    want = np.arange(3 * MiB, dtype=np.int64)
+    with shoal.Client(n_workers=1) as c:
+        view, pair, same, g1, g2 = [
+            c.submit(shared_results, k) for k in ("view", "pair", "same-twice", "global", "global")
+        ]
+        assert np.array_equal(view.result(), want[100:])
+        a, b = pair.result()
+        assert np.array_equal(a, want) and np.array_equal(b, want[::-1])
+        x, y = same.result()
+        assert x is y and np.array_equal(x, want)
+        assert np.array_equal(g1.result(), want) and np.array_equal(g2.result(), want)
+        # A peer on this host reads them from the files too.
+        assert c.submit(lambda v, p: int(v[-1] + p[1][0]), view, pair).result() == 2 * (3 * MiB - 1)
+
+
+def fork_and_write() -> tuple:
+    """Runs on a worker: a forked child writes into an inherited array (in
+    a shared-memory block) and reports what it read first."""
+    a = np.full(2 * MiB, 1.0)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        seen = a[0]
+        a[:] = 2.0
+        os.write(w, b"%d" % (seen + a[1]))
+        os._exit(0)
+    os.close(w)
+    _, status = os.waitpid(pid, 0)
+    child = int(os.read(r, 16))
+    os.close(r)
+    return status, child, float(a.min()), float(a.max())
+
+
+def test_a_child_forked_in_a_task_writes_its_own_copy_of_shared_memory_arrays():
+    with shoal.Client(n_workers=1) as c:
+        assert c.submit(fork_and_write).result() == (0, 3, 1.0, 1.0)

@@ -41,11 +41,14 @@ def dumps(obj: Any) -> bytes:
 
 
 # Out-of-band framing for large arrays: MAGIC, u32 count, u64 header
-# length, u64 buffer lengths, header, then each buffer at a 64-byte aligned
-# offset. Pickling in band copies the data into the pickle (and again on
-# growth) and unpickling copies it out; this copies it once into the frame,
-# and unpickling makes views of the received (writable) buffer.
-_OOB_MAGIC = b"SHOALOB1"
+# length, u64 offset of the first buffer, u64 buffer lengths, header, then
+# the buffers from that offset, each next one at a 64-byte aligned offset.
+# Pickling in band copies the data into the pickle (and again on growth) and
+# unpickling copies it out; this copies it once into the frame, and
+# unpickling makes views of the received (writable) buffer. The explicit
+# first offset lets a buffer already in a shared-memory block stay where it
+# is: the header goes into the block's first page (`in_place_head`).
+_OOB_MAGIC = b"SHOALOB2"
 _ALIGN = 64
 
 
@@ -69,9 +72,11 @@ def frame_parts(obj: Any) -> tuple[list[Any], int, bool]:
     if not raws:
         return [header], len(header), False
     lengths = [r.nbytes for r in raws]
-    prefix = _OOB_MAGIC + struct.pack(f"<IQ{len(raws)}Q", len(raws), len(header), *lengths)
+    head_len = _prefix_len(len(raws)) + len(header)
+    first = head_len + (-head_len % _ALIGN)
+    prefix = _prefix(len(header), first, lengths)
     parts: list[Any] = [prefix, header]
-    offset = len(prefix) + len(header)
+    offset = head_len
     for r in raws:
         pad = -offset % _ALIGN
         if pad:
@@ -79,6 +84,26 @@ def frame_parts(obj: Any) -> tuple[list[Any], int, bool]:
         parts.append(r)
         offset += pad + r.nbytes
     return parts, offset, True
+
+
+def _prefix_len(count: int) -> int:
+    return 8 + struct.calcsize(f"<IQQ{count}Q")
+
+
+def _prefix(header_len: int, first: int, lengths: list[int]) -> bytes:
+    return _OOB_MAGIC + struct.pack(
+        f"<IQQ{len(lengths)}Q", len(lengths), header_len, first, *lengths
+    )
+
+
+def in_place_head(parts: list[Any], offset: int) -> tuple[bytes, memoryview] | None:
+    """For a frame of ``frame_parts`` with one out-of-band buffer: the
+    frame's prefix and header for that buffer lying at ``offset`` of a file,
+    and the buffer; None for other frames."""
+    if len(parts) < 3 or parts[0][:8] != _OOB_MAGIC or len(parts[0]) != _prefix_len(1):
+        return None
+    header, raw = parts[1], parts[-1]
+    return _prefix(len(header), offset, [raw.nbytes]) + header, raw
 
 
 def dumps_large(obj: Any) -> bytes:
@@ -170,16 +195,15 @@ def loads(data: bytes | bytearray | mmap.mmap) -> Any:
     if head != _OOB_MAGIC:
         return pickle.loads(data)
     view = memoryview(data)
-    count, header_len = struct.unpack_from("<IQ", view, 8)
-    lengths = struct.unpack_from(f"<{count}Q", view, 20)
-    offset = 20 + 8 * count
-    header = view[offset : offset + header_len]
-    offset += header_len
+    count, header_len, offset = struct.unpack_from("<IQQ", view, 8)
+    lengths = struct.unpack_from(f"<{count}Q", view, 28)
+    start = 28 + 8 * count
+    header = view[start : start + header_len]
     buffers = []
     for n in lengths:
-        offset += -offset % _ALIGN
         buffers.append(view[offset : offset + n])
         offset += n
+        offset += -offset % _ALIGN
     return pickle.loads(header, buffers=buffers)
 
 

@@ -11,6 +11,13 @@ of three forms, all reachable by id:
   data is in memory once;
 * a file in the spill directory, once the memory manager needed the room.
 
+Large NumPy arrays made in a worker's task threads are in shared memory from
+the start (``shoal_runtime::shm_pool``, through a NumPy memory handler): a
+result whose one buffer lies in such a block is exported by writing its
+frame header into the block's first page and naming the file, not by
+copying it. ``SHOAL_SHM_ALLOC=0`` turns that off (arrays then live in
+ordinary memory and are copied into shared memory when first exported).
+
 The memory manager thread follows Dask's fractions of the worker's memory
 limit: above 60 % of it in managed results, or 70 % in process memory, it
 spills the least recently used results; above 80 % the worker pauses (the
@@ -84,6 +91,9 @@ def host_memory() -> int:
     return total
 
 
+ALLOC_MIN = 1 << 20  # smaller NumPy allocations stay in ordinary memory
+
+
 def rss_anon() -> int:
     """This process's private resident memory (shared segments excluded:
     those it owns are counted by size, those of peers by their owners)."""
@@ -114,6 +124,13 @@ class Store:
         self._io = threading.Lock()  # one export or spill at a time
         segment_dir()  # now: its first call empties a stale one
         self._checking = threading.Lock()
+        self._alloc_lock = threading.Lock()
+        self.numpy_allocator = os.environ.get("SHOAL_SHM_ALLOC", "1").lower() not in (
+            "0",
+            "off",
+            "no",
+            "false",
+        )
 
     # ----------------------------------------------------------- directories
 
@@ -124,6 +141,31 @@ class Store:
         if self._spill_dir is None:
             self._spill_dir = _core.spill_dir(self.local_directory)
         return self._spill_dir
+
+    def use_numpy_allocator(self) -> bool:
+        """Makes NumPy in the calling thread take large arrays from shared
+        memory (installing the handler on first use; NumPy must be imported).
+        False if it is off or cannot be installed (said once on stderr)."""
+        if not self.numpy_allocator:
+            return False
+        try:
+            with self._alloc_lock:
+                limit = self.limit or host_memory() // 2
+                # Freed blocks kept for reuse: an eighth of the limit, at most 1 GiB.
+                spare = min(limit // 8, 1 << 30)
+                if _core.shm_allocator_stats() is None:  # not installed yet
+                    if not _core.shm_allocator_install(self.seg_dir(), ALLOC_MIN, limit, spare):
+                        self.numpy_allocator = False
+                        return False
+                    # A child a task forks gets private copies, as fork promises.
+                    os.register_at_fork(after_in_child=_core.shm_allocator_forked)
+            return _core.shm_allocator_use()
+        except Exception as e:  # noqa: BLE001 - ordinary memory still works
+            self.numpy_allocator = False
+            sys.stderr.write(
+                f"shoal worker {os.getpid()}: NumPy arrays stay in private memory: {e}\n"
+            )
+            return False
 
     def close(self) -> None:
         """Removes this process's segments and spilled data."""
@@ -149,7 +191,7 @@ class Store:
         parts, length, oob = _serialize.frame_parts(result)
         if length <= INLINE_LIMIT:
             return (parts[0] if len(parts) == 1 else b"".join(parts)), length
-        path, _ = self._write_segment(tid, parts, length)
+        path, _, length = self._write_segment(tid, parts, length, oob)
         with self.lock:
             # With out-of-band buffers, a view of the segment replaces the
             # object: the data is in memory once. A plain pickle is kept
@@ -170,25 +212,47 @@ class Store:
         self.check()
         return path, a.length
 
-    def _write_segment(self, tid: int, parts: list[Any], length: int) -> tuple[str, bool]:
-        """Writes a frame (``length`` bytes) to a shared-memory file (to disk
-        if shared memory is full); records it. Returns the path and whether
-        it is on disk."""
+    def _write_segment(
+        self, tid: int, parts: list[Any], length: int, oob: bool
+    ) -> tuple[str, bool, int]:
+        """Puts a frame (``length`` bytes) in a shared-memory file: its
+        buffer's own block where it lies in one, else a copy (to disk if
+        shared memory is full); records it. Returns the path, whether it is
+        on disk, and the frame's length in the file."""
         path = os.path.join(self.seg_dir(), f"{tid:x}")
         on_disk = False
-        try:
-            _serialize.write_file(path, parts)
-        except OSError:  # /dev/shm full (small in containers): use the disk
-            path = os.path.join(self.spill_dir(), f"{tid:x}")
-            _serialize.write_file(path, parts)
-            on_disk = True
+        in_place = self._publish_in_place(path, parts) if oob else None
+        if in_place is not None:
+            length = in_place
+        else:
+            try:
+                _serialize.write_file(path, parts)
+            except OSError:  # /dev/shm full (small in containers): use the disk
+                path = os.path.join(self.spill_dir(), f"{tid:x}")
+                _serialize.write_file(path, parts)
+                on_disk = True
         with self.lock:
             self.files[tid] = (path, length, on_disk)
             if on_disk:
                 self.disk_bytes += length
             else:
                 self.shm_bytes += length
-        return path, on_disk
+        return path, on_disk, length
+
+    def _publish_in_place(self, path: str, parts: list[Any]) -> int | None:
+        """Names the shared-memory block holding a frame's one buffer
+        ``path``, the frame's header written before the buffer; returns the
+        frame's length, or None if the buffer is not in a block."""
+        if not self.numpy_allocator:
+            return None
+        where = _core.shm_locate(parts[-1])
+        if where is None:
+            return None
+        key, offset = where
+        head = _serialize.in_place_head(parts, offset)
+        if head is None or not _core.shm_publish(key, path, head[0]):
+            return None
+        return offset + head[1].nbytes
 
     def _account(self, tid: int, size: int) -> None:
         old = self.managed.pop(tid, 0)
@@ -228,7 +292,7 @@ class Store:
         if obj is _MISSING:
             return None
         parts, length, oob = _serialize.frame_parts(obj)
-        path, on_disk = self._write_segment(tid, parts, length)
+        path, on_disk, length = self._write_segment(tid, parts, length, oob)
         with self.lock:
             if tid not in self.objects:  # released meanwhile
                 self._drop_file(tid)
@@ -261,7 +325,8 @@ class Store:
     # ----------------------------------------------------------- memory
 
     def process_memory(self) -> int:
-        return rss_anon() + self.shm_bytes
+        pool = _core.shm_allocator_stats()
+        return rss_anon() + self.shm_bytes + (pool[0] + pool[1] if pool else 0)
 
     def spill_one(self) -> bool:
         """Moves the least recently used in-memory result to disk; False if
@@ -327,6 +392,7 @@ class Store:
         if not self._checking.acquire(blocking=False):
             return
         try:
+            _core.shm_allocator_trim(5.0)  # blocks not reused within 5 s
             proc = self._check(self.limit) if self.limit else self.process_memory()
             self.core.set_metrics(
                 proc,
@@ -341,6 +407,9 @@ class Store:
 
     def _check(self, limit: int) -> int:
         proc = self.process_memory()
+        # Freed shared-memory blocks kept for reuse go first.
+        if proc > SPILL * limit and _core.shm_allocator_trim(0.0):
+            proc = self.process_memory()
         if proc > TERMINATE * limit:
             self._terminate(proc)
         while (proc > SPILL * limit or self.managed_bytes > TARGET * limit) and self.spill_one():

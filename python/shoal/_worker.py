@@ -226,6 +226,12 @@ class _Executor:
                     _serialize.set_inputs(None)
             else:
                 payload = pickle.loads(args)
+            if self.store.numpy_allocator and not getattr(task_local, "numpy", False):
+                # NumPy's memory handler is per thread: set once NumPy is
+                # loaded (often by unpickling this very task).
+                if "numpy" in sys.modules:
+                    task_local.numpy = True
+                    self.store.use_numpy_allocator()
             if is_batch:
                 result = _run_batch(fn, payload)
             else:

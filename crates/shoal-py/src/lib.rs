@@ -5,6 +5,8 @@
 //! `python/shoal/`. Every call that may block releases the GIL and wakes up
 //! every 100 ms to let Python handle signals, so Ctrl-C always works.
 
+mod numpy_alloc;
+
 use bytes::Bytes;
 use pyo3::exceptions::{PyConnectionError, PyOSError, PyValueError};
 use pyo3::prelude::*;
@@ -1010,5 +1012,12 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(dashboard_token, m)?)?;
     m.add_function(wrap_pyfunction!(dashboard_asset, m)?)?;
     m.add_function(wrap_pyfunction!(log_line, m)?)?;
+    m.add_function(wrap_pyfunction!(numpy_alloc::shm_allocator_install, m)?)?;
+    m.add_function(wrap_pyfunction!(numpy_alloc::shm_allocator_use, m)?)?;
+    m.add_function(wrap_pyfunction!(numpy_alloc::shm_locate, m)?)?;
+    m.add_function(wrap_pyfunction!(numpy_alloc::shm_allocator_forked, m)?)?;
+    m.add_function(wrap_pyfunction!(numpy_alloc::shm_publish, m)?)?;
+    m.add_function(wrap_pyfunction!(numpy_alloc::shm_allocator_stats, m)?)?;
+    m.add_function(wrap_pyfunction!(numpy_alloc::shm_allocator_trim, m)?)?;
     Ok(())
 }

@@ -10,6 +10,8 @@
 //! * [`local`]: starts and supervises the worker processes of an embedded cluster.
 //! * [`shm`]: the directories of shared-memory segments and spilled data,
 //!   and their cleanup when a process dies.
+//! * [`shm_pool`]: large NumPy allocations in shared memory from the start
+//!   (a result's export then copies nothing).
 //! * [`logs`]: this process's recent log lines (for `get_worker_logs`).
 //!
 //! The scheduler also serves the dashboard (HTTP, axum) on the same thread.
@@ -27,6 +29,8 @@ pub mod logs;
 pub mod net;
 pub mod scheduler;
 pub mod shm;
+#[cfg(target_os = "linux")]
+pub mod shm_pool;
 pub mod worker;
 
 use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};

@@ -394,14 +394,15 @@ impl WorkerShared {
             let p = match s {
                 Some(Stored::Bytes(b)) => Some(Payload::Bytes(b)),
                 Some(Stored::File { path, len }) if same_host => Some(Payload::File { path, len }),
-                Some(Stored::File { mut path, .. }) => {
-                    // Another host: send the bytes (read off the I/O thread).
-                    // A spill may move the file meanwhile: look again.
+                Some(Stored::File { mut path, len }) => {
+                    // Another host: send the bytes (read off the I/O thread;
+                    // the frame's `len`: a shared-memory block's file may be
+                    // longer). A spill may move the file meanwhile: look again.
                     let mut got = None;
                     for _ in 0..3 {
                         let p = path.clone();
                         if let Ok(Ok(b)) =
-                            tokio::task::spawn_blocking(move || std::fs::read(p)).await
+                            tokio::task::spawn_blocking(move || read_prefix(&p, len)).await
                         {
                             got = Some(Payload::Bytes(b.into()));
                             break;
@@ -881,6 +882,20 @@ async fn fetch_inputs(
             }
         })
         .collect())
+}
+
+/// The first `len` bytes of the file at `path`.
+fn read_prefix(path: &str, len: u64) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut out = Vec::with_capacity(len as usize);
+    std::fs::File::open(path)?.take(len).read_to_end(&mut out)?;
+    if (out.len() as u64) < len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "result file truncated",
+        ));
+    }
+    Ok(out)
 }
 
 /// A fetched result: bytes, or a file on this host, already open (so the
