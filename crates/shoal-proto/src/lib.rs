@@ -17,8 +17,9 @@
 use bytes::Bytes;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-/// Bumped on every incompatible change; peers with another version are refused.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// Bumped on every incompatible change (5: result frames carry their first
+/// buffer's offset); peers with another version are refused.
+pub const PROTOCOL_VERSION: u32 = 5;
 /// First field of every handshake, so a stray peer is recognised at once.
 pub const MAGIC: u32 = 0x5348_4f4c; // "SHOL"
 /// Largest frame accepted (a frame larger than this closes the connection).
