@@ -73,7 +73,14 @@ def _run_batch(fn: Any, payload: Any) -> Any:
     return values
 
 
-task_local = threading.local()  # .in_task while a task runs; .seceded
+class _TaskLocal(threading.local):
+    # Class defaults: a missing attribute would cost an exception per read.
+    in_task = False  # a task runs in this thread
+    seceded = False  # it lent its thread (secede)
+    numpy = False  # NumPy's memory handler is set in this thread
+
+
+task_local = _TaskLocal()
 actors: dict[str, Any] = {}  # actor id -> instance, in an actor's process
 
 
@@ -226,7 +233,7 @@ class _Executor:
                     _serialize.set_inputs(None)
             else:
                 payload = pickle.loads(args)
-            if self.store.numpy_allocator and not getattr(task_local, "numpy", False):
+            if not task_local.numpy and self.store.numpy_allocator:
                 # NumPy's memory handler is per thread: set once NumPy is
                 # loaded (often by unpickling this very task).
                 if "numpy" in sys.modules:

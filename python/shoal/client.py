@@ -101,9 +101,9 @@ def secede() -> None:
     this by itself."""
     from . import _worker
 
-    if _worker._current is None or not getattr(_worker.task_local, "in_task", False):
+    if _worker._current is None or not _worker.task_local.in_task:
         raise RuntimeError("secede() can only be called inside a task")
-    if not getattr(_worker.task_local, "seceded", False):
+    if not _worker.task_local.seceded:
         _worker.task_local.seceded = True
         _worker._current.secede()
 
@@ -112,7 +112,7 @@ def rejoin() -> None:
     """Inside a task, after ``secede()``: count against the worker's threads again."""
     from . import _worker
 
-    if _worker._current is not None and getattr(_worker.task_local, "seceded", False):
+    if _worker._current is not None and _worker.task_local.seceded:
         _worker.task_local.seceded = False
         _worker._current.rejoin()
 
@@ -129,8 +129,8 @@ class _LendThread:
 
         self.lent = (
             _worker._current is not None
-            and getattr(_worker.task_local, "in_task", False)
-            and not getattr(_worker.task_local, "seceded", False)
+            and _worker.task_local.in_task
+            and not _worker.task_local.seceded
         )
         if self.lent:
             secede()
