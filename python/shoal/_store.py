@@ -413,6 +413,8 @@ class Store:
         if proc > TERMINATE * limit:
             self._terminate(proc)
         while (proc > SPILL * limit or self.managed_bytes > TARGET * limit) and self.spill_one():
+            if proc > SPILL * limit:  # the spilled array's block is not kept
+                _core.shm_allocator_trim(0.0)
             proc = self.process_memory()
         paused = proc > PAUSE * limit
         if paused != self.paused:

@@ -85,8 +85,9 @@ fn installed() -> &'static Installed {
         .expect("shoal's NumPy handler used before it was installed")
 }
 
-// Allocations the pool never serves are below its minimum; frees of those
-// sizes skip its lookup (NumPy passes the allocation's size to free).
+// The pool never holds an allocation below its minimum (1 MiB, even after a
+// realloc), so frees of smaller sizes (NumPy passes the allocation's size)
+// skip its lookup; the margin below the minimum is for safety.
 const LOOKUP_BELOW: usize = 4096;
 
 unsafe extern "C" fn shm_malloc(_: *mut c_void, size: usize) -> *mut c_void {

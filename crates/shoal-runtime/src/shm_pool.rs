@@ -251,13 +251,15 @@ impl ShmPool {
         true
     }
 
-    /// Resizes an allocation where it lies if its block has room.
+    /// Resizes an allocation where it lies if its block has room (and the
+    /// size is still the pool's: a block never serves less than the
+    /// minimum, so a free of a smaller size is never the pool's).
     pub fn realloc_in_place(&self, ptr: *mut u8, size: usize) -> Realloc {
         let mut inner = self.inner.lock();
         let Some(b) = inner.live.get_mut(&(ptr as usize)) else {
             return Realloc::NotOurs;
         };
-        if size <= b.capacity() && !b.published {
+        if size <= b.capacity() && size >= self.min && !b.published {
             b.used = size;
             Realloc::Done
         } else {
@@ -448,6 +450,7 @@ mod tests {
         assert_ne!(c, b);
         assert_eq!(p.realloc_in_place(b, 2 * MIB), Realloc::Done);
         assert_eq!(p.realloc_in_place(b, 3 * MIB), Realloc::Move(2 * MIB));
+        assert_eq!(p.realloc_in_place(b, MIB / 2), Realloc::Move(MIB / 2));
         assert!(p.free(b) && p.free(c));
         // Above the cap (16 MiB) blocks are not kept; trimming drops the rest.
         let d = p.alloc(32 * MIB, false).unwrap();
