@@ -258,6 +258,25 @@ def test_tasks_queued_behind_a_slow_one_move_to_an_idle_worker():
         c.cancel([fs[0]])
 
 
+def test_results_do_not_wait_for_the_task_run_after_them():
+    """Reports travel in batches, but a batch waits at most milliseconds:
+    not until the next task (here 3 s long) ends."""
+
+    def maybe_slow(i, delay):
+        time.sleep(delay if i == 199 else 0.0)
+        return i
+
+    with shoal.Client(n_workers=2) as c:
+        c.gather(c.map(maybe_slow, range(200), [0.0] * 200, batch_size=1))  # learn: tiny
+        fs = c.map(maybe_slow, range(200), [0.0] * 199 + [3.0], batch_size=1)
+        t = time.perf_counter()
+        done = [f.result(timeout=60) for f in fs[:199]]
+        elapsed = time.perf_counter() - t
+        assert done == list(range(199))
+        assert elapsed < 2, f"results waited {elapsed:.1f}s for the task after them"
+        assert fs[199].result(timeout=60) == 199
+
+
 def test_large_array_results_move_between_workers_and_to_the_client():
     np = pytest.importorskip("numpy")
 

@@ -1372,7 +1372,9 @@ impl Core {
             .map(|m| m.ceil() as u64)
     }
 
-    fn can_take(&self, w: &Worker, est: Option<u64>) -> bool {
+    /// Whether worker `w` can take a task now: a free thread, or room in its
+    /// queue. `fetches`: the task needs inputs held by other workers.
+    fn can_take(&self, w: &Worker, est: Option<u64>, fetches: bool) -> bool {
         let n = w.threads_used as u64;
         let threads = w.nthreads as u64;
         if w.paused {
@@ -1383,6 +1385,12 @@ impl Core {
         }
         if w.stalled {
             return false;
+        }
+        // One such task per thread may wait behind the running ones, whatever
+        // its duration: its inputs then arrive while they run instead of
+        // after (a 64 MiB input takes milliseconds even mapped).
+        if fetches && n < 2 * threads {
+            return true;
         }
         match est {
             Some(e) => {
@@ -1407,10 +1415,7 @@ impl Core {
             let mut best: Option<(u64, u64, WorkerId)> = None;
             for &wid in &self.worker_order {
                 let w = &self.workers[&wid];
-                if !self.can_take(w, est) {
-                    continue;
-                }
-                let mut local = 0u64;
+                let (mut local, mut fetches) = (0u64, false);
                 for d in t.deps.iter() {
                     if let TaskState::Memory {
                         location: Location::Worker(h),
@@ -1419,8 +1424,13 @@ impl Core {
                     {
                         if h == wid {
                             local += size;
+                        } else {
+                            fetches = true;
                         }
                     }
+                }
+                if !self.can_take(w, est, fetches) {
+                    continue;
                 }
                 // Load as a fraction of threads, scaled to compare integers.
                 let load = (w.assigned.len() as u64 * 1024) / w.nthreads as u64;

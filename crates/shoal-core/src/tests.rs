@@ -93,6 +93,34 @@ fn dependents_run_where_their_data_is() {
 }
 
 #[test]
+fn a_task_fetching_inputs_waits_behind_a_running_one_so_its_fetch_overlaps() {
+    let mut c = core();
+    c.handle_worker_added(WorkerId(0), 1);
+    c.handle_worker_added(WorkerId(1), 1);
+    c.handle_submit(C, vec![nt(1, &[]), nt(2, &[])]);
+    assert_eq!(computes(&c.take_actions()), vec![(0, 1), (1, 2)]);
+    // Second-long tasks: never pipelined for their duration.
+    c.handle_task_finished(WorkerId(0), t(1), 1 << 20, false, 1_000_000);
+    c.handle_task_finished(WorkerId(1), t(2), 1 << 20, false, 1_000_000);
+    c.take_actions();
+    // Each consumer needs the input held by the other worker: one runs per
+    // thread and one more waits, fetching meanwhile.
+    c.handle_submit(C, (3..=8).map(|i| nt(i, &[1, 2])).collect());
+    c.check_invariants();
+    assert_eq!(
+        computes(&c.take_actions()),
+        vec![(0, 3), (1, 4), (0, 5), (1, 6)]
+    );
+    // A task with nothing to fetch is not queued (here: a second one on
+    // worker 0 whose input it holds).
+    c.handle_submit(C, vec![nt(9, &[1])]);
+    assert!(computes(&c.take_actions()).is_empty());
+    c.handle_task_finished(WorkerId(0), t(3), 8, true, 1_000_000);
+    assert_eq!(computes(&c.take_actions()), vec![(0, 7)]);
+    c.check_invariants();
+}
+
+#[test]
 fn intermediate_results_are_released_when_no_longer_needed() {
     let mut c = core();
     c.handle_worker_added(WorkerId(0), 1);

@@ -136,8 +136,11 @@ pub struct WorkerShared {
     pickled: tokio::sync::Notify,
     out: mpsc::UnboundedSender<ToScheduler>,
     /// Results not yet sent, and when the oldest was buffered: sent together
-    /// every `FLUSH_AFTER`, and before the execution loop waits.
+    /// once the oldest is `FLUSH_AFTER` old (by the next report or the
+    /// flusher task), and before the execution loop waits.
     unsent: Mutex<(Vec<ToScheduler>, Option<Instant>)>,
+    /// Wakes the flusher when the first report is buffered.
+    unsent_first: tokio::sync::Notify,
     /// Memory figures from the Python memory manager, sent with heartbeats.
     metrics: Mutex<WorkerMetrics>,
     /// Results copied here from retiring workers (files this side made).
@@ -203,7 +206,8 @@ pub enum Batch {
 
 impl WorkerShared {
     /// Buffers finished tasks' reports; sends the buffer once its oldest
-    /// entry is `FLUSH_AFTER` old (one frame for many tiny tasks).
+    /// entry is `FLUSH_AFTER` old (one frame for many tiny tasks), here or
+    /// from the flusher task.
     pub fn report(&self, done: Vec<Done>) {
         if done.is_empty() {
             return;
@@ -269,7 +273,13 @@ impl WorkerShared {
             };
             unsent.0.push(msg);
         }
-        let since = *unsent.1.get_or_insert_with(Instant::now);
+        let since = match unsent.1 {
+            Some(t) => t,
+            None => {
+                self.unsent_first.notify_one();
+                *unsent.1.insert(Instant::now())
+            }
+        };
         if since.elapsed() >= FLUSH_AFTER {
             self.flush_locked(&mut unsent);
         }
@@ -563,6 +573,7 @@ pub fn start(
             pickled: tokio::sync::Notify::new(),
             out,
             unsent: Mutex::new((Vec::new(), None)),
+            unsent_first: tokio::sync::Notify::new(),
             metrics: Mutex::new(WorkerMetrics::default()),
             copied: Mutex::new(FxHashSet::default()),
             telemetry: Mutex::new(Telemetry::default()),
@@ -570,6 +581,21 @@ pub fn start(
             bytes_out: AtomicU64::new(0),
         });
         tokio::spawn(data_server(listener, shared.clone()));
+        let sh = shared.clone();
+        tokio::spawn(async move {
+            // Reports wait at most FLUSH_AFTER, even while the execution
+            // threads run queued tasks (and so neither report nor wait).
+            loop {
+                sh.unsent_first.notified().await;
+                tokio::time::sleep(FLUSH_AFTER).await;
+                let mut unsent = sh.unsent.lock();
+                if unsent.1.is_some_and(|t| t.elapsed() >= FLUSH_AFTER) {
+                    sh.flush_locked(&mut unsent);
+                } else if unsent.1.is_some() {
+                    sh.unsent_first.notify_one(); // newer: look again later
+                }
+            }
+        });
         let sh = shared.clone();
         tokio::spawn(async move {
             let mut beat = tokio::time::interval(net::HEARTBEAT);
