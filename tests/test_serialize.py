@@ -37,3 +37,19 @@ def test_buffers_are_aligned_views_of_the_received_data():
 
 def test_plain_pickles_still_load():
     assert _serialize.loads(_serialize.dumps({"a": [1, 2]})) == {"a": [1, 2]}
+
+
+def test_a_frame_can_place_its_one_buffer_at_any_offset():
+    a = np.arange(1000.0)
+    parts, _, oob = _serialize.frame_parts(a)
+    head, raw = _serialize.in_place_head(parts, 4096 + 8)
+    assert oob and len(head) < 4096
+    data = bytearray(4096 + 8 + raw.nbytes)
+    data[: len(head)] = head
+    data[4096 + 8 :] = raw
+    back = _serialize.loads(data)
+    np.testing.assert_array_equal(back, a)
+    # Frames of several buffers, or none, have no such form.
+    two, _, _ = _serialize.frame_parts((a, a + 1))
+    assert _serialize.in_place_head(two, 4096) is None
+    assert _serialize.in_place_head(_serialize.frame_parts([1, 2])[0], 4096) is None

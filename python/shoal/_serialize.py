@@ -196,8 +196,8 @@ def loads(data: bytes | bytearray | mmap.mmap) -> Any:
         return pickle.loads(data)
     view = memoryview(data)
     count, header_len, offset = struct.unpack_from("<IQQ", view, 8)
-    lengths = struct.unpack_from(f"<{count}Q", view, 28)
-    start = 28 + 8 * count
+    lengths = struct.unpack_from(f"<{count}Q", view, _prefix_len(0))
+    start = _prefix_len(count)
     header = view[start : start + header_len]
     buffers = []
     for n in lengths:
