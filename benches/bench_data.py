@@ -1,6 +1,6 @@
 """Moving data: Shoal beside Dask distributed and Ray, in one run.
 
-    python benches/bench_data.py                  # both workloads, 3 repeats
+    python benches/bench_data.py                  # every workload, 3 repeats
     python benches/bench_data.py -w transfer -r 5 --only shoal ray
 
 Workloads (from issue 4), 2 worker processes of one thread each:
@@ -11,6 +11,9 @@ Workloads (from issue 4), 2 worker processes of one thread each:
   spill     each worker limited to 512 MiB (Ray: a 1 GiB object store);
             32 arrays of 64 MiB (2 GiB, twice the limits) are made and held,
             then each is summed: seconds, and bytes written to disk.
+  handoff   a task makes a 1 GiB float64 array; once it is made, the
+            client's `result()` of it: milliseconds (the array's first and
+            last elements are checked).
 
 Memory is sampled every 20 ms over this process and all its descendants:
 "pss" is the peak of the summed proportional set size (shared pages
@@ -48,6 +51,15 @@ def consume(a, b):
 
 def total(a):
     return float(a[::4096].sum())
+
+
+def make_big(n_bytes):
+    a = np.empty(n_bytes // 8)
+    a[:] = 7.0
+    return a
+
+
+BIG = 2**30
 
 
 # ------------------------------------------------------------ measuring
@@ -91,9 +103,11 @@ def _sys_used() -> int:
 
 
 class Sampler:
-    """Samples the process tree's memory and disk writes in a thread."""
+    """Samples the process tree's memory and disk writes in a thread (or
+    not at all if not ``enabled``)."""
 
-    def __init__(self):
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
         self.stop = threading.Event()
         self.peak_pss = 0
         self.sys_base = _sys_used()
@@ -118,14 +132,16 @@ class Sampler:
             time.sleep(0.02)
 
     def __enter__(self):
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
+        if self.enabled:
+            self.thread = threading.Thread(target=self.run, daemon=True)
+            self.thread.start()
         return self
 
     def __exit__(self, *a):
-        self._sample()
-        self.stop.set()
-        self.thread.join()
+        if self.enabled:
+            self._sample()
+            self.stop.set()
+            self.thread.join()
 
     @property
     def written(self) -> int:
@@ -171,6 +187,15 @@ class Shoal:
         shoal.wait(xs)
         return self.c.gather([self.c.submit(total, x) for x in xs])
 
+    def handoff(self):
+        import shoal
+
+        x = self.c.submit(make_big, BIG)
+        shoal.wait([x])
+        made = time.perf_counter()
+        r = x.result()
+        return (float(r[0]), float(r[-1]), r.nbytes), made
+
 
 class Dask:
     name = "dask.distributed"
@@ -212,6 +237,15 @@ class Dask:
         wait(xs)
         return self.c.gather([self.c.submit(total, x, pure=False) for x in xs])
 
+    def handoff(self):
+        from distributed import wait
+
+        x = self.c.submit(make_big, BIG, pure=False)
+        wait([x])
+        made = time.perf_counter()
+        r = x.result()
+        return (float(r[0]), float(r[-1]), r.nbytes), made
+
 
 class Ray:
     name = "ray"
@@ -228,6 +262,7 @@ class Ray:
         self.make = ray.remote(make)
         self.consume = ray.remote(consume)
         self.total = ray.remote(total)
+        self.make_big = ray.remote(make_big)
         ray.get(self.total.remote(np.zeros(10)))
         return self
 
@@ -246,6 +281,13 @@ class Ray:
         self.ray.wait(xs, num_returns=n)
         return self.ray.get([self.total.remote(x) for x in xs])
 
+    def handoff(self):
+        x = self.make_big.remote(BIG)
+        self.ray.wait([x])
+        made = time.perf_counter()
+        r = self.ray.get(x)
+        return (float(r[0]), float(r[-1]), r.nbytes), made
+
 
 def _available():
     return available([Shoal], [(Dask, "distributed"), (Ray, "ray")])
@@ -253,9 +295,16 @@ def _available():
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("-w", "--workloads", nargs="*", default=["transfer", "spill"])
+    ap.add_argument("-w", "--workloads", nargs="*", default=["transfer", "spill", "handoff"])
     ap.add_argument("-r", "--repeats", type=int, default=3)
     ap.add_argument("--only", nargs="*", help="runner names to run (e.g. shoal ray)")
+    ap.add_argument(
+        "--no-memory",
+        action="store_true",
+        help="no memory sampling: reading /proc/PID/smaps_rollup locks each "
+        "process's address space for milliseconds, which delays mapping files "
+        "(shown as '-')",
+    )
     ns = ap.parse_args()
     gib = 2**30
     expected_transfer = [float(N // 4096 * (i + (i + 1) % 16)) + 2 * N * 8 for i in range(16)]
@@ -267,12 +316,15 @@ def main() -> None:
             with cls(limited=w == "spill") as runner:
                 runs = []
                 for _ in range(ns.repeats):
-                    with Sampler() as s:
+                    with Sampler(not ns.no_memory) as s:
                         t = time.perf_counter()
                         made = t
                         if w == "transfer":
                             got, made = runner.transfer()
                             assert got == expected_transfer, "wrong transfer result"
+                        elif w == "handoff":
+                            got, made = runner.handoff()
+                            assert got == (7.0, 7.0, BIG), "wrong handoff result"
                         else:
                             n = 32
                             got = runner.spill(n)
@@ -287,14 +339,17 @@ def main() -> None:
             moved = 16 * 2 * N * 8 / gib
             if w == "transfer":
                 value, unit, extra = moved / phase, "GiB/s", f"whole run {moved / whole:6.3f} GiB/s"
+            elif w == "handoff":
+                value, unit, extra = phase * 1e3, "ms", f"with making {whole:6.3f} s"
             else:
                 value, unit, extra = whole, "s", ""
             rows.append((w, cls.name, value, unit, pss, sysm, wr))
-            print(
-                f"  {cls.name:18s} {w:9s} {value:8.3f} {unit:5s} pss {pss / gib:6.2f} GiB "
-                f"sys +{sysm / gib:6.2f} GiB disk {wr / gib:6.2f} GiB {extra}",
-                flush=True,
+            mem = (
+                "memory not sampled"
+                if ns.no_memory
+                else f"pss {pss / gib:6.2f} GiB sys +{sysm / gib:6.2f} GiB disk {wr / gib:6.2f} GiB"
             )
+            print(f"  {cls.name:18s} {w:9s} {value:8.3f} {unit:5s} {mem} {extra}", flush=True)
     print(f"\nmedians of {ns.repeats} repeats; ratio = shoal's advantage (>1: shoal better)")
     print(
         f"{'workload':9s} {'runner':18s} {'value':>8s} {'unit':5s} {'ratio':>6s} "
@@ -308,10 +363,12 @@ def main() -> None:
                 ratio = float("nan")
             else:
                 ratio = base / value if unit == "GiB/s" else value / base
-            print(
-                f"{w:9s} {name:18s} {value:8.3f} {unit:5s} {ratio:6.2f} "
-                f"{pss / gib:7.2f}Gi {sysm / gib:7.2f}Gi {wr / gib:6.2f}Gi"
+            mem = (
+                f"{'-':>9s} {'-':>9s} {'-':>8s}"
+                if ns.no_memory
+                else f"{pss / gib:7.2f}Gi {sysm / gib:7.2f}Gi {wr / gib:6.2f}Gi"
             )
+            print(f"{w:9s} {name:18s} {value:8.3f} {unit:5s} {ratio:6.2f} {mem}")
 
 
 if __name__ == "__main__":

@@ -277,13 +277,16 @@ class Store:
         # Spilled: map the file (read-only views; the page cache holds it).
         return _serialize.load_file(f[0])
 
-    def export(self, tid: int) -> tuple[str, int] | None:
+    def export(self, tid: int, replaced: list[Any]) -> tuple[str, int] | None:
         """A peer or client asks for a held result: writes it to shared
-        memory (once), swaps the object for a view of it; returns the file."""
+        memory (once), swaps the object for a view of it; returns the file.
+        The object swapped out goes to ``replaced``, for the caller to drop
+        once it has answered (unmapping a large array takes milliseconds:
+        30 ms per GiB)."""
         with self._io:
-            return self._export(tid)
+            return self._export(tid, replaced)
 
-    def _export(self, tid: int) -> tuple[str, int] | None:
+    def _export(self, tid: int, replaced: list[Any]) -> tuple[str, int] | None:
         with self.lock:
             f = self.files.get(tid)
             if f is not None:
@@ -298,6 +301,7 @@ class Store:
                 self._drop_file(tid)
                 return None
             if oob and not on_disk:
+                replaced.append(self.objects[tid])
                 self.objects[tid] = _serialize.load_file(path)
         return path, length
 

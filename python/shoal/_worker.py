@@ -299,14 +299,16 @@ class _Executor:
         """Thread: writes held results to shared memory when a peer or client
         fetches them (waiting in Rust with the GIL released)."""
         core, store = self.core, self.store
+        replaced: list[Any] = []  # objects swapped for views: dropped after answering
         while True:
             for tid in core.pickle_requests(1.0):
                 f = None
                 try:
-                    f = store.export(tid)
+                    f = store.export(tid, replaced)
                 except Exception:  # noqa: BLE001 - the fetcher gets "not available"
                     traceback.print_exc()
                 core.put_stored(tid, f)
+                replaced.clear()
 
 
 def _buffer_size(obj: Any) -> int | None:

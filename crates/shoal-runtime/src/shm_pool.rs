@@ -28,6 +28,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// Bytes before a block's data: one page, where a published block's frame
@@ -118,6 +119,10 @@ pub struct ShmPool {
     max: usize,
     spare_cap: AtomicUsize,
     inner: Mutex<Inner>,
+    /// Blocks to unmap, for a thread of their own: unmapping a written GiB
+    /// takes about 30 ms, which the freeing thread (holding Python's GIL,
+    /// often answering a peer) should not wait for.
+    unmapper: Mutex<Option<mpsc::Sender<Block>>>,
 }
 
 fn page_up(n: usize) -> Option<usize> {
@@ -134,6 +139,32 @@ impl ShmPool {
             max,
             spare_cap: AtomicUsize::new(spare_cap),
             inner: Mutex::new(Inner::default()),
+            unmapper: Mutex::new(None),
+        }
+    }
+
+    /// Unmaps blocks on the unmapping thread (started on first use; inline
+    /// if it cannot be).
+    fn discard(&self, blocks: impl IntoIterator<Item = Block>) {
+        let mut tx = self.unmapper.lock();
+        if tx.is_none() {
+            let (s, r) = mpsc::channel::<Block>();
+            let spawned = std::thread::Builder::new()
+                .name("shoal-shm-unmap".into())
+                .spawn(move || r.into_iter().for_each(drop));
+            if spawned.is_ok() {
+                *tx = Some(s);
+            }
+        }
+        for b in blocks {
+            match tx.as_ref() {
+                Some(s) => {
+                    if let Err(mpsc::SendError(b)) = s.send(b) {
+                        drop(b);
+                    }
+                }
+                None => drop(b),
+            }
         }
     }
 
@@ -236,7 +267,7 @@ impl ShmPool {
         };
         if b.published {
             drop(inner);
-            drop(b); // the named file lives on until the store unlinks it
+            self.discard([b]); // the named file lives on until the store unlinks it
             return true;
         }
         inner.live_bytes -= b.len;
@@ -246,7 +277,7 @@ impl ShmPool {
             inner.spare.push(b);
         } else {
             drop(inner);
-            drop(b);
+            self.discard([b]);
         }
         true
     }
@@ -339,7 +370,7 @@ impl ShmPool {
         inner.spare = keep;
         inner.spare_bytes -= freed;
         drop(inner);
-        drop(old);
+        self.discard(old);
         freed
     }
 
@@ -358,6 +389,12 @@ impl ShmPool {
             // exist in this child (the caller's contract).
             unsafe { self.inner.force_unlock() };
         }
+        if self.unmapper.is_locked() {
+            // SAFETY: as above.
+            unsafe { self.unmapper.force_unlock() };
+        }
+        // The parent's unmapping thread is not in this child: start anew.
+        *self.unmapper.lock() = None;
         let mut inner = self.inner.lock();
         for b in inner.live.values_mut() {
             // SAFETY: replaces this block's own mapping in place, same
@@ -383,7 +420,7 @@ impl ShmPool {
         inner.spare_bytes = 0;
         let spare = std::mem::take(&mut inner.spare);
         drop(inner);
-        drop(spare);
+        self.discard(spare);
     }
 
     /// Sets how many bytes of freed blocks may be kept.
