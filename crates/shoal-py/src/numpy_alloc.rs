@@ -16,20 +16,20 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-type Malloc = unsafe extern "C" fn(*mut c_void, usize) -> *mut c_void;
-type Calloc = unsafe extern "C" fn(*mut c_void, usize, usize) -> *mut c_void;
-type Realloc_ = unsafe extern "C" fn(*mut c_void, *mut c_void, usize) -> *mut c_void;
-type Free = unsafe extern "C" fn(*mut c_void, *mut c_void, usize);
+type MallocFn = unsafe extern "C" fn(*mut c_void, usize) -> *mut c_void;
+type CallocFn = unsafe extern "C" fn(*mut c_void, usize, usize) -> *mut c_void;
+type ReallocFn = unsafe extern "C" fn(*mut c_void, *mut c_void, usize) -> *mut c_void;
+type FreeFn = unsafe extern "C" fn(*mut c_void, *mut c_void, usize);
 
 /// NumPy's `PyDataMemAllocator` (version 1).
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Allocator {
     ctx: *mut c_void,
-    malloc: Malloc,
-    calloc: Calloc,
-    realloc: Realloc_,
-    free: Free,
+    malloc: MallocFn,
+    calloc: CallocFn,
+    realloc: ReallocFn,
+    free: FreeFn,
 }
 
 /// NumPy's `PyDataMem_Handler`.

@@ -169,7 +169,7 @@ impl ShmPool {
     }
 
     /// Whether an allocation of `size` bytes is one for the pool.
-    pub fn serves(&self, size: usize) -> bool {
+    fn serves(&self, size: usize) -> bool {
         size >= self.min && size <= self.max
     }
 
