@@ -25,6 +25,7 @@ from .diagnostics import performance_report, progress
 from .errors import (
     ActorDiedError,
     DataLostError,
+    ForeignFutureError,
     FutureCancelledError,
     KilledWorker,
     MissingDependencyError,
@@ -42,6 +43,7 @@ __all__ = [
     "Future",
     "FutureList",
     "Executor",
+    "ForeignFutureError",
     "ActorHandle",
     "kill",
     "ActorDiedError",

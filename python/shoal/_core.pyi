@@ -6,6 +6,8 @@ from typing import Any
 __version__: str
 PROTOCOL_VERSION: int
 INLINE_LIMIT: int
+EXIT_STOPPED: int
+EXIT_REFUSED: int
 
 # (id, ok, payload, start_us, duration_us, size); a failure's payload is
 # (pickled error, error text).

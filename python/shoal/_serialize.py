@@ -23,6 +23,8 @@ from typing import Any
 
 import cloudpickle
 
+from .errors import ForeignFutureError
+
 PROTOCOL = 5
 _local = threading.local()
 _func_cache: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
@@ -230,16 +232,21 @@ def dumps_function(fn: Any) -> bytes:
     return data
 
 
-def dumps_args(args: Any, what: str) -> tuple[bytes, list[int]]:
-    """Pickles task arguments, collecting the ids of futures among them."""
+def dumps_args(args: Any, what: str, owner: Any = None) -> tuple[bytes, list[int]]:
+    """Pickles task arguments, collecting the ids of futures among them;
+    futures of a client other than ``owner`` are refused."""
     deps: list[int] = []
     _local.deps = deps
+    _local.owner = owner
     try:
         return dumps(args), deps
+    except ForeignFutureError:
+        raise
     except Exception as e:
         raise TypeError(f"could not pickle {what}: {describe_unpicklable(args, e)}") from e
     finally:
         _local.deps = None
+        _local.owner = None
 
 
 def describe_unpicklable(args: Any, error: Exception) -> str:
@@ -257,11 +264,19 @@ def describe_unpicklable(args: Any, error: Exception) -> str:
     return str(error)
 
 
-def record_dependency(task_id: int) -> bool:
-    """Called by ``Future.__reduce__``: notes a dependency if pickling task arguments."""
+def record_dependency(task_id: int, owner: Any = None, key: Any = None) -> bool:
+    """Called by ``Future.__reduce__``: notes a dependency if pickling task
+    arguments. A future of another client (``owner``) names a task of
+    another cluster, or another client's id space: refused."""
     deps = getattr(_local, "deps", None)
     if deps is None:
         return False
+    pickling_for = getattr(_local, "owner", None)
+    if owner is not None and pickling_for is not None and owner is not pickling_for:
+        raise ForeignFutureError(
+            f"the future {key} belongs to another client; a task can only take futures of "
+            "the client that submits it. Pass its value (future.result()) instead"
+        )
     deps.append(task_id)
     return True
 

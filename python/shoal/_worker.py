@@ -387,7 +387,11 @@ def main(argv: list[str] | None = None) -> None:
     if not token:
         parser.error("the cluster's token is needed: --token-file FILE or SHOAL_TOKEN")
     name = ns.name.replace("{pid}", str(os.getpid()))
-    core = WorkerCore(ns.address, ns.nthreads, name, token, sorted(resources.items()))
+    try:
+        core = WorkerCore(ns.address, ns.nthreads, name, token, sorted(resources.items()))
+    except PermissionError as e:  # wrong token: another try cannot help
+        print(f"shoal worker: {e}", file=sys.stderr, flush=True)
+        os._exit(_core.EXIT_REFUSED)
     store = _store.Store(core, limit, ns.local_directory)
     global _current
     executor = _current = _Executor(core, ns.address, token, ns.nthreads, gpus, store)
@@ -413,7 +417,8 @@ def main(argv: list[str] | None = None) -> None:
     sys.stderr.flush()
     # Told to stop: skip interpreter finalization, which can abort in C++
     # extension threads still running (pyarrow's) and has nothing to save.
-    os._exit(0)
+    # EXIT_STOPPED, not 0: a task calling os._exit(0) must read as a crash.
+    os._exit(_core.EXIT_STOPPED)
 
 
 if __name__ == "__main__":

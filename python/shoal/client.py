@@ -54,6 +54,7 @@ from ._core import INLINE_LIMIT, ClientCore, Cluster
 from .errors import (
     ActorDiedError,
     DataLostError,
+    ForeignFutureError,
     FutureCancelledError,
     KilledWorker,
     MissingDependencyError,
@@ -266,7 +267,7 @@ class Future:
         self._client._add_callback(self, fn)
 
     def __reduce__(self):
-        if _serialize.record_dependency(self._id):
+        if _serialize.record_dependency(self._id, self._client, self.key):
             return (_serialize.resolve, (self._id, self._index))
         raise TypeError(
             f"a shoal Future ({self.key}) can only be pickled as an argument of a task "
@@ -362,7 +363,8 @@ class FutureList(Sequence[Future]):
             pass
 
     def __reduce__(self):
-        if all([_serialize.record_dependency(tid) for tid in self._ids]):
+        owner = self._client
+        if all([_serialize.record_dependency(tid, owner, repr(self)) for tid in self._ids]):
             return (_serialize.resolve_many, (self._ids, self._batch, self._n))
         raise TypeError(
             "a shoal FutureList can only be pickled as an argument of a task "
@@ -535,7 +537,9 @@ class Client:
         core = self._check()
         needs = _resources.normalize(resources, "submit")
         group, func = _prepare_function(fn, "submit")
-        payload, deps = _serialize.dumps_args((args, kwargs or None), f"the arguments of {group}")
+        payload, deps = _serialize.dumps_args(
+            (args, kwargs or None), f"the arguments of {group}", self
+        )
         if pure and key is None:
             key = f"{group}-{hashlib.sha1(func + payload).hexdigest()}"
         if key is not None:
@@ -590,7 +594,7 @@ class Client:
         else:
             arg = ("bytes", parts[0] if len(parts) == 1 else b"".join(parts))
         func = _serialize.dumps_function(_store.put_task)
-        payload, _ = _serialize.dumps_args(((arg,), None), "scattered data")
+        payload, _ = _serialize.dumps_args(((arg,), None), "scattered data", self)
         k = None if key is None else str(key)
         # Highest priority: data is cheap to place and others wait on it.
         tid = core.submit("scatter", k, False, func, payload, [], 2**30, 0, [], False)
@@ -628,7 +632,7 @@ class Client:
         if batch_size == 1:
             payloads = [
                 _serialize.dumps_args(
-                    (a if star else (a,), kw), f"the arguments of {group} (element {i})"
+                    (a if star else (a,), kw), f"the arguments of {group} (element {i})", self
                 )
                 for i, a in enumerate(items)
             ]
@@ -636,7 +640,7 @@ class Client:
             return FutureList(self, ids, group, 0, n)
         payloads = [
             _serialize.dumps_args(
-                (items[i : i + batch_size], kw, star), f"the arguments of {group} (batch {j})"
+                (items[i : i + batch_size], kw, star), f"the arguments of {group} (batch {j})", self
             )
             for j, i in enumerate(range(0, n, batch_size))
         ]
@@ -732,12 +736,28 @@ class Client:
                 "still holds it, but this client cannot reach it: clients must reach the "
                 "workers' data addresses (see scheduler_info()) as well as the scheduler"
             )
+        if code == 8:
+            raise ValueError(
+                f"{f.key} can never run: its inputs lead back to {a!r} (the graph has a cycle); "
+                "a task graph must be acyclic"
+            )
         if code == 4:
             raise MissingDependencyError(
                 f"{f.key} takes a future the scheduler does not know (task id {a:x}): "
                 "it was released or belongs to another cluster; keep input futures alive"
             )
         raise AssertionError(f"unknown outcome code {code}")
+
+    def _own(self, futures: Iterable[Future | FutureList]) -> None:
+        """Refuses futures of other clients: their ids name tasks of another
+        client (or cluster), and would read as whatever this one has there."""
+        for f in futures:
+            owner = f._client
+            if owner is not self and owner is not None:
+                raise ForeignFutureError(
+                    f"{f!r} belongs to another client ({owner!r}); gather it there, or "
+                    "call its .result()"
+                )
 
     def _result(self, f: Future, timeout: float | None) -> Any:
         if f._index is not None and f._id in self._batch_cache:
@@ -751,11 +771,14 @@ class Client:
         if errors not in ("raise", "skip"):
             raise ValueError(f"errors must be 'raise' or 'skip', not {errors!r}")
         if isinstance(futures, Future):
+            self._own([futures])
             return self._result(futures, None)
         if isinstance(futures, FutureList):
+            self._own([futures])
             return self._gather_list(futures, errors == "skip")
         flat: list[Future] = []
         _collect(futures, flat)
+        self._own(flat)
         core = self._check()
         ids = list(dict.fromkeys(f._id for f in flat))
         if core.wait(ids, len(ids), 0) < len(ids):

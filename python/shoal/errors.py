@@ -16,6 +16,7 @@ __all__ = [
     "UnsatisfiableError",
     "ActorDiedError",
     "DataLostError",
+    "ForeignFutureError",
 ]
 
 
@@ -59,3 +60,8 @@ class DataLostError(ShoalError):
     """Data put on the cluster (``scatter``, ``put``) was lost with the worker
     that held it. Unlike computed results it cannot be recomputed: scatter
     it again (or compute it in a task, so that it can be)."""
+
+
+class ForeignFutureError(ShoalError, ValueError):
+    """A future was given to a client other than the one that made it (it
+    names a task of that client, possibly of another cluster)."""

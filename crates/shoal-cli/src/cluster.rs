@@ -372,7 +372,22 @@ pub(crate) fn run_scheduler(a: SchedulerArgs) -> CliResult {
     }
     use std::io::Write;
     let _ = std::io::stdout().flush();
-    let why = rt.block_on(wait_for_signal());
+    let why = rt.block_on(async {
+        tokio::select! {
+            s = wait_for_signal() => Ok(s),
+            why = handle.crashed() => Err(why),
+        }
+    });
+    let why = match why {
+        Ok(s) => s,
+        Err(crash) => {
+            // Already stopped: every connection is closed.
+            if let Some(f) = &a.scheduler_file {
+                let _ = std::fs::remove_file(f);
+            }
+            return Err(format!("shoal scheduler crashed: {crash}"));
+        }
+    };
     eprintln!("shoal scheduler: {why}; asking workers to exit");
     handle.shutdown_workers();
     std::thread::sleep(Duration::from_millis(300));
@@ -483,8 +498,12 @@ pub(crate) fn run_worker(a: WorkerArgs, host: &HostInfo) -> CliResult {
     while !workers.pids().is_empty() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
+    let failure = workers.failure();
     workers.close();
-    Ok(())
+    match failure {
+        Some(why) => Err(format!("shoal worker {name}: {why}")),
+        None => Ok(()),
+    }
 }
 
 fn hostname() -> String {

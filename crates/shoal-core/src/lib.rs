@@ -67,6 +67,9 @@ pub enum ErrorKind {
     Unsatisfiable,
     /// Data put on the cluster (not computed) was lost with its worker.
     DataLost,
+    /// Its inputs lead back to itself (a cycle in the submitted graph), or
+    /// it depends on such a task.
+    Cycle,
 }
 
 /// A task as submitted by a client.
@@ -569,9 +572,12 @@ impl Core {
             .ready_constrained
             .iter()
             .map(|e| e.id)
+            // The heap keeps stale entries (tasks forgotten or no longer
+            // Ready since they were pushed): look them up, never index.
             .filter(|id| {
-                let t = &self.tasks[id];
-                t.state == TaskState::Ready && t.resources.iter().any(|&(r, _)| r == resource)
+                self.tasks.get(id).is_some_and(|t| {
+                    t.state == TaskState::Ready && t.resources.iter().any(|&(r, _)| r == resource)
+                })
             })
             .collect();
         if !self
@@ -895,7 +901,15 @@ impl Core {
             );
             fresh.push(nt.id);
         }
-        // Second pass: link to dependencies, then start.
+        // Second pass: link to dependencies, then start. Fresh records not
+        // linked yet have depth UNLINKED: a dependency on one (a later task of
+        // the batch, or itself) is the only way a cycle can form, since
+        // known tasks never depend on fresh ones.
+        const UNLINKED: u32 = u32::MAX;
+        for &id in &fresh {
+            self.tasks.get_mut(&id).expect("just inserted").depth = UNLINKED;
+        }
+        let mut out_of_order = false;
         for &id in &fresh {
             let deps = self.tasks[&id].deps.clone();
             let mut depth = 0;
@@ -904,7 +918,11 @@ impl Core {
                 match self.tasks.get_mut(&d) {
                     Some(dt) => {
                         dt.dependents.push(id);
-                        depth = depth.max(dt.depth + 1);
+                        if dt.depth == UNLINKED {
+                            out_of_order = true;
+                        } else {
+                            depth = depth.max(dt.depth + 1);
+                        }
                     }
                     None => missing = Some(d),
                 }
@@ -914,12 +932,47 @@ impl Core {
                 self.set_erred(id, id, ErrorKind::MissingDependency(d));
             }
         }
+        if out_of_order {
+            for id in self.cyclic(&fresh) {
+                if self.tasks[&id].state == TaskState::Released {
+                    self.set_erred(id, id, ErrorKind::Cycle);
+                }
+            }
+        }
         for id in fresh {
             if self.tasks[&id].state == TaskState::Released {
                 self.recompute(id);
             }
         }
         self.schedule();
+    }
+
+    /// The tasks of `fresh` on a cycle of dependencies among them, or
+    /// downstream of one (Kahn's algorithm: what never becomes free).
+    fn cyclic(&self, fresh: &[TaskId]) -> Vec<TaskId> {
+        let mut indeg: FxHashMap<TaskId, usize> = fresh.iter().map(|&id| (id, 0)).collect();
+        for &id in fresh {
+            let n = self.tasks[&id]
+                .deps
+                .iter()
+                .filter(|d| indeg.contains_key(d))
+                .count();
+            indeg.insert(id, n);
+        }
+        let mut free: Vec<TaskId> = fresh.iter().copied().filter(|id| indeg[id] == 0).collect();
+        while let Some(id) = free.pop() {
+            for dep in self.tasks[&id].dependents.iter() {
+                if let Some(n) = indeg.get_mut(dep) {
+                    if *n > 0 {
+                        *n -= 1;
+                        if *n == 0 {
+                            free.push(*dep);
+                        }
+                    }
+                }
+            }
+        }
+        fresh.iter().copied().filter(|id| indeg[id] > 0).collect()
     }
 
     /// The client no longer holds these tasks' futures.

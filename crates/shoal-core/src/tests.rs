@@ -658,6 +658,80 @@ fn a_task_for_an_expected_worker_waits_for_it() {
 }
 
 #[test]
+fn a_cycle_in_a_submitted_graph_fails_its_tasks_and_the_rest_runs() {
+    let mut c = core();
+    c.handle_worker_added(WorkerId(0), 1);
+    // 1 -> 2 -> 1 is a cycle, 3 depends on it, 5 depends on itself; 4 is
+    // fine and so is 6 (after 4, in order).
+    c.handle_submit(
+        C,
+        vec![
+            nt(1, &[2]),
+            nt(2, &[1]),
+            nt(3, &[2]),
+            nt(4, &[]),
+            nt(5, &[5]),
+            nt(6, &[4]),
+        ],
+    );
+    c.check_invariants();
+    for i in [1, 2, 3, 5] {
+        assert!(
+            matches!(
+                c.state(t(i)),
+                Some(TaskState::Erred {
+                    kind: ErrorKind::Cycle,
+                    ..
+                })
+            ),
+            "task {i}: {:?}",
+            c.state(t(i))
+        );
+    }
+    assert_eq!(computes(&c.take_actions()), vec![(0, 4)]);
+    c.handle_task_finished(WorkerId(0), t(4), 8, true, 5);
+    assert_eq!(computes(&c.take_actions()), vec![(0, 6)]);
+    c.check_invariants();
+    // Out of order but acyclic: nothing fails.
+    c.handle_submit(C, vec![nt(8, &[7]), nt(7, &[])]);
+    assert_eq!(c.state(t(8)), Some(TaskState::Waiting));
+    c.check_invariants();
+}
+
+#[test]
+fn withdrawing_a_resource_skips_forgotten_tasks_still_in_the_ready_heap() {
+    // An actor's call whose future was dropped stays in the constrained
+    // heap as a stale entry; the actor is then killed. This used to index
+    // the forgotten task and panic the scheduler.
+    let mut c = core();
+    c.handle_worker_added(WorkerId(0), 1);
+    c.handle_resource_expected(7);
+    // Task 2 outranks task 1, so task 1's entry sits below the top of the
+    // heap, where placement (which drops stale tops) does not reach it.
+    c.handle_submit(
+        C,
+        vec![
+            NewTask {
+                resources: vec![(7, 1.0)],
+                ..nt(1, &[])
+            },
+            NewTask {
+                resources: vec![(7, 1.0)],
+                priority: 5,
+                ..nt(2, &[])
+            },
+        ],
+    );
+    c.handle_release(C, &[t(1)]);
+    assert_eq!(c.state(t(1)), None, "forgotten");
+    c.handle_resource_withdrawn(7);
+    c.check_invariants();
+    assert!(matches!(c.state(t(2)), Some(TaskState::Erred { .. })));
+    c.handle_submit(C, vec![nt(3, &[])]);
+    assert_eq!(computes(&c.take_actions()), vec![(0, 3)]);
+}
+
+#[test]
 fn withdrawing_a_resource_fails_the_tasks_that_wait_for_it() {
     let mut c = core();
     c.handle_worker_added(WorkerId(0), 1);

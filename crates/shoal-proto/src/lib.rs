@@ -19,7 +19,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// Bumped on every incompatible change (5: result frames carry their first
 /// buffer's offset); peers with another version are refused.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 /// First field of every handshake, so a stray peer is recognised at once.
 pub const MAGIC: u32 = 0x5348_4f4c; // "SHOL"
 /// Largest frame accepted (a frame larger than this closes the connection).
@@ -429,6 +429,12 @@ pub enum TaskError {
     /// The named task's data was put on the cluster (not computed) and its
     /// worker was lost: it cannot be recomputed.
     DataLost {
+        /// Task name.
+        cause: String,
+    },
+    /// The named task's inputs lead back to itself (the submitted graph
+    /// has a cycle): it, and whatever depends on it, can never run.
+    Cycle {
         /// Task name.
         cause: String,
     },

@@ -8,14 +8,14 @@
 mod numpy_alloc;
 
 use bytes::Bytes;
-use pyo3::exceptions::{PyConnectionError, PyOSError, PyValueError};
+use pyo3::exceptions::{PyConnectionError, PyOSError, PyPermissionError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{IntoPyDict, PyByteArray, PyBytes, PyDict, PyList, PyString, PyTuple};
 use shoal_proto::{
     Activity, ActivityKind, TaskError, TaskKind, TaskSpec, Timing, ToScheduler, WorkerMetrics,
 };
-use shoal_runtime::client::{self, ClientShared, Status, Watcher};
+use shoal_runtime::client::{self, ClientShared, Status, SubmitError, Watcher};
 use shoal_runtime::local::{LocalCluster, WorkerCommand};
 use shoal_runtime::net::{Address, Secret};
 use shoal_runtime::runtime;
@@ -152,6 +152,13 @@ impl Cluster {
                 reconnect: false,
             };
             let workers = LocalCluster::start(cmd, n_workers)?;
+            // A crashed scheduler closed every connection: stop replacing
+            // the workers that exit because of it.
+            let (crashed, stop_workers) = (sched.crashed(), workers.stopper());
+            runtime().spawn(async move {
+                crashed.await;
+                stop_workers();
+            });
             Ok::<_, std::io::Error>(Cluster {
                 scheduler: Some(sched),
                 workers: Some(workers),
@@ -209,6 +216,13 @@ struct ClientCore {
 
 fn lost(reason: String) -> PyErr {
     SchedulerLostError::new_err(format!("lost the connection to the scheduler: {reason}"))
+}
+
+fn submit_err(e: SubmitError) -> PyErr {
+    match e {
+        SubmitError::Lost(reason) => lost(reason),
+        SubmitError::TooLarge(msg) => PyValueError::new_err(msg),
+    }
 }
 
 #[pymethods]
@@ -274,7 +288,7 @@ impl ClientCore {
             resources,
             recompute,
         };
-        self.inner.submit(vec![spec]).map_err(lost)?;
+        self.inner.submit(vec![spec]).map_err(submit_err)?;
         Ok(id)
     }
 
@@ -318,7 +332,7 @@ impl ClientCore {
                 }
             })
             .collect();
-        self.inner.submit(specs).map_err(lost)?;
+        self.inner.submit(specs).map_err(submit_err)?;
         Ok(ids)
     }
 
@@ -357,7 +371,7 @@ impl ClientCore {
                 recompute: true,
             })
             .collect();
-        self.inner.submit(specs).map_err(lost)
+        self.inner.submit(specs).map_err(submit_err)
     }
 
     /// Drops the client's interest in these tasks.
@@ -481,6 +495,9 @@ impl ClientCore {
                 }
                 TaskError::DataLost { cause } => {
                     (6, cause.into_pyobject(py)?.into_any().unbind(), none)
+                }
+                TaskError::Cycle { cause } => {
+                    (8, cause.into_pyobject(py)?.into_any().unbind(), none)
                 }
                 TaskError::Unsatisfiable { cause, detail } => (
                     5,
@@ -647,9 +664,11 @@ impl WorkerCore {
         let inner = py
             .detach(|| worker::start(runtime(), &addr, nthreads, name, resources, secret))
             .map_err(|e| {
-                PyConnectionError::new_err(format!(
-                    "worker cannot join the scheduler at {address}: {e}"
-                ))
+                let msg = format!("worker cannot join the scheduler at {address}: {e}");
+                match e.kind() {
+                    std::io::ErrorKind::PermissionDenied => PyPermissionError::new_err(msg),
+                    _ => PyConnectionError::new_err(msg),
+                }
             })?;
         Ok(WorkerCore { inner })
     }
@@ -994,6 +1013,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("PROTOCOL_VERSION", shoal_proto::PROTOCOL_VERSION)?;
     m.add("INLINE_LIMIT", shoal_proto::INLINE_LIMIT)?;
+    m.add("EXIT_STOPPED", shoal_runtime::local::EXIT_STOPPED)?;
+    m.add("EXIT_REFUSED", shoal_runtime::local::EXIT_REFUSED)?;
     m.add("ShoalError", m.py().get_type::<ShoalError>())?;
     m.add(
         "SchedulerLostError",

@@ -16,7 +16,6 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Instant;
-use tokio::sync::mpsc;
 
 /// What the client knows of a task.
 #[derive(Clone, Debug)]
@@ -110,12 +109,25 @@ struct State {
 /// and the workers' data ports) would otherwise be asked forever.
 pub const FETCH_ATTEMPTS: u32 = 10;
 
+/// Bytes of task definitions per `Submit` message: big submissions go as
+/// several messages, each well under the frame limit.
+pub const SUBMIT_CHUNK: usize = 64 << 20;
+
+/// Why tasks could not be submitted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubmitError {
+    /// The connection to the scheduler is gone (the reason).
+    Lost(String),
+    /// A task is too large to send (what to do instead).
+    TooLarge(String),
+}
+
 /// A connected client.
 pub struct ClientShared {
     /// Id assigned by the scheduler (top bits of every task id).
     pub id: u32,
     next: AtomicU64,
-    out: mpsc::UnboundedSender<ToScheduler>,
+    out: net::Tx<ToScheduler>,
     state: Mutex<State>,
     cv: Condvar,
     /// The cluster's secret (fetching results from workers proves it too).
@@ -246,20 +258,57 @@ impl ClientShared {
         }
     }
 
-    /// Submits tasks; each starts pending. Ids already known keep their state.
-    pub fn submit(&self, specs: Vec<TaskSpec>) -> Result<(), String> {
+    /// Submits tasks; each starts pending. Ids already known keep their
+    /// state. Sent in messages of at most [`SUBMIT_CHUNK`] bytes, in order
+    /// (so tasks still come after their inputs); a task that could never
+    /// fit in one message is refused before anything is sent.
+    pub fn submit(&self, specs: Vec<TaskSpec>) -> Result<(), SubmitError> {
+        let size = |s: &TaskSpec| {
+            s.func.len()
+                + s.args.len()
+                + s.group.len()
+                + s.key.as_ref().map_or(0, String::len)
+                + 10 * s.deps.len()
+                + s.resources.iter().map(|(n, _)| n.len() + 8).sum::<usize>()
+                + 64
+        };
+        if let Some(s) = specs.iter().find(|s| size(s) > net::max_message()) {
+            return Err(SubmitError::TooLarge(format!(
+                "task {} is {} bytes pickled (function and arguments), over the limit of {} \
+                 bytes per message: put large data on the cluster first (client.scatter, \
+                 shoal.put) and pass the future instead",
+                s.name(),
+                size(s),
+                net::max_message()
+            )));
+        }
         {
             let mut st = self.state.lock();
             if let Some(r) = &st.closed {
-                return Err(r.clone());
+                return Err(SubmitError::Lost(r.clone()));
             }
             for s in &specs {
                 st.status.entry(s.id).or_insert(Status::Pending);
             }
         }
-        self.out
-            .send(ToScheduler::Submit(specs))
-            .map_err(|_| "the connection to the scheduler is closed".to_string())
+        let mut chunk = Vec::new();
+        let mut bytes = 0;
+        let mut specs = specs.into_iter().peekable();
+        while let Some(s) = specs.next() {
+            bytes += size(&s);
+            chunk.push(s);
+            let full = specs.peek().is_some_and(|n| bytes + size(n) > SUBMIT_CHUNK);
+            if full || specs.peek().is_none() {
+                bytes = 0;
+                self.out
+                    .send(ToScheduler::Submit(std::mem::take(&mut chunk)))
+                    .map_err(|e| match e {
+                        net::SendError::Closed => SubmitError::Lost(e.to_string()),
+                        net::SendError::TooLarge { .. } => SubmitError::TooLarge(e.to_string()),
+                    })?;
+            }
+        }
+        Ok(())
     }
 
     /// The client drops these tasks.

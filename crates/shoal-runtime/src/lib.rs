@@ -74,6 +74,7 @@ pub fn runtime() -> &'static tokio::runtime::Runtime {
     }
     let _guard = MAKING.lock().unwrap_or_else(|e| e.into_inner());
     if PID.load(Ordering::Acquire) != pid {
+        raise_fd_limit();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("shoal-io")
@@ -85,4 +86,38 @@ pub fn runtime() -> &'static tokio::runtime::Runtime {
     }
     // SAFETY: as above.
     unsafe { &*RT.load(Ordering::Acquire) }
+}
+
+/// Raises this process's soft limit on open files to its hard limit: every
+/// shared-memory block and mapped result holds a descriptor, and the usual
+/// soft limit (1,024) is reached by about a thousand held arrays. Returns
+/// the soft limit now in force.
+pub fn raise_fd_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 0;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let wanted = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit reads the struct we pass; raising the soft limit
+        // up to the hard one needs no privilege.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) } == 0 {
+            lim.rlim_cur = lim.rlim_max;
+        } else {
+            tracing::warn!(
+                "cannot raise the open-file limit from {} to {}: {}",
+                lim.rlim_cur,
+                lim.rlim_max,
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    lim.rlim_cur
 }

@@ -28,6 +28,17 @@ pub struct WorkerCommand {
     pub reconnect: bool,
 }
 
+/// Exit status of a worker process that the scheduler told to stop: the
+/// only exit a supervisor takes as quiet. Not 0: a task may end its process
+/// with `os._exit(0)`, C `exit(0)` or a Fortran `STOP`, and that is a crash
+/// (replaced, and counted against the task).
+pub const EXIT_STOPPED: i32 = 80;
+
+/// Exit status of a worker process the scheduler refused (wrong token,
+/// another protocol version): starting another cannot help, so none is
+/// started and the supervisor reports why ([`LocalCluster::failure`]).
+pub const EXIT_REFUSED: i32 = 77;
+
 /// Replacements allowed within [`RESPAWN_WINDOW`] before giving up: a worker
 /// that cannot even start must not be restarted forever.
 const MAX_RESPAWNS: usize = 20;
@@ -37,6 +48,7 @@ const RESPAWN_WINDOW: Duration = Duration::from_secs(30);
 pub struct LocalCluster {
     stop: Arc<AtomicBool>,
     pids: Arc<Mutex<Vec<u32>>>,
+    failure: Arc<Mutex<Option<String>>>,
     supervisor: Option<JoinHandle<()>>,
 }
 
@@ -67,8 +79,9 @@ impl LocalCluster {
     pub fn start(cmd: WorkerCommand, n: usize) -> std::io::Result<LocalCluster> {
         let stop = Arc::new(AtomicBool::new(false));
         let pids = Arc::new(Mutex::new(Vec::new()));
+        let failure = Arc::new(Mutex::new(None));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (stop2, pids2) = (stop.clone(), pids.clone());
+        let (stop2, pids2, failure2) = (stop.clone(), pids.clone(), failure.clone());
         let supervisor = std::thread::Builder::new()
             .name("shoal-supervisor".into())
             .spawn(move || {
@@ -86,7 +99,7 @@ impl LocalCluster {
                 }
                 *pids2.lock() = children.iter().map(Child::id).collect();
                 let _ = ready_tx.send(Ok(()));
-                supervise(cmd, children, stop2, pids2);
+                supervise(cmd, children, stop2, pids2, failure2);
             })?;
         ready_rx
             .recv()
@@ -94,6 +107,7 @@ impl LocalCluster {
         Ok(LocalCluster {
             stop,
             pids,
+            failure,
             supervisor: Some(supervisor),
         })
     }
@@ -105,6 +119,19 @@ impl LocalCluster {
             // SAFETY: kill(2) of our own child processes.
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
         }
+    }
+
+    /// Why the supervisor stopped replacing workers, if it did: refused by
+    /// the scheduler, or dying too often.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().clone()
+    }
+
+    /// Stops supervising from anywhere (the scheduler is gone: replacements
+    /// could never join); the workers are then stopped as by [`close`](Self::close).
+    pub fn stopper(&self) -> impl Fn() + Send + Sync + 'static {
+        let stop = self.stop.clone();
+        move || stop.store(true, Ordering::SeqCst)
     }
 
     /// Current worker process ids.
@@ -128,9 +155,9 @@ fn supervise(
     mut children: Vec<Child>,
     stop: Arc<AtomicBool>,
     pids: Arc<Mutex<Vec<u32>>>,
+    failure: Arc<Mutex<Option<String>>>,
 ) {
     let mut respawns: Vec<Instant> = Vec::new();
-    let mut gave_up = false;
     while !stop.load(Ordering::SeqCst) {
         let mut changed = false;
         let mut i = 0;
@@ -143,8 +170,18 @@ fn supervise(
                     let _ = children.swap_remove(i).wait();
                     crate::shm::remove_process(pid);
                     changed = true;
-                    // Exit status 0: the scheduler asked it to stop.
-                    if stop.load(Ordering::SeqCst) || status.success() {
+                    if stop.load(Ordering::SeqCst) || status.code() == Some(EXIT_STOPPED) {
+                        continue;
+                    }
+                    if status.code() == Some(EXIT_REFUSED) {
+                        let mut f = failure.lock();
+                        if f.is_none() {
+                            *f = Some(format!(
+                                "worker process {pid} was refused by the scheduler (see its \
+                                 message above); not starting more"
+                            ));
+                            eprintln!("shoal: {}", f.as_deref().unwrap_or_default());
+                        }
                         continue;
                     }
                     respawns.retain(|t| t.elapsed() < RESPAWN_WINDOW);
@@ -152,13 +189,15 @@ fn supervise(
                         // Waiting for the scheduler to come back: slowly.
                         std::thread::sleep(Duration::from_secs(1));
                     } else if respawns.len() >= MAX_RESPAWNS {
-                        if !gave_up {
-                            eprintln!(
-                                "shoal: {MAX_RESPAWNS} worker processes died within {}s; not starting more. \
-                                 Check that workers can start (run `python -m shoal._worker --help`).",
+                        let mut f = failure.lock();
+                        if f.is_none() {
+                            *f = Some(format!(
+                                "{MAX_RESPAWNS} worker processes died within {}s; not starting \
+                                 more. Check that workers can start (run `python -m \
+                                 shoal._worker --help`).",
                                 RESPAWN_WINDOW.as_secs()
-                            );
-                            gave_up = true;
+                            ));
+                            eprintln!("shoal: {}", f.as_deref().unwrap_or_default());
                         }
                         continue;
                     }

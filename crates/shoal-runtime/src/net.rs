@@ -79,15 +79,36 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
 /// A length-framed connection.
 pub type Conn = Framed<Box<dyn Stream>, LengthDelimitedCodec>;
 
+/// Largest frame either side reads before the handshake has succeeded: a
+/// hello, a challenge or a proof fits in a few hundred bytes, and a peer
+/// that has not proved the token must not make us reserve more.
+pub const PREAUTH_MAX_FRAME: usize = 8 * 1024;
+
+/// Connections per listener that may be in their handshake at once; the
+/// next one waits in the kernel's backlog until one of them ends
+/// (authenticated, refused or timed out), so a flood of unauthenticated
+/// connections holds a bounded amount of memory.
+pub const MAX_PENDING_HANDSHAKES: usize = 256;
+
 fn framed(s: Box<dyn Stream>) -> Conn {
     let codec = LengthDelimitedCodec::builder()
-        .max_frame_length(MAX_FRAME)
+        .max_frame_length(PREAUTH_MAX_FRAME)
         .new_codec();
     Framed::new(s, codec)
 }
 
+/// After the handshake: frames up to [`MAX_FRAME`].
+fn authenticated(conn: &mut Conn) {
+    conn.codec_mut().set_max_frame_length(MAX_FRAME);
+}
+
 /// A bound listener.
-pub enum Listener {
+pub struct Listener {
+    kind: Kind,
+    pending: Arc<tokio::sync::Semaphore>,
+}
+
+enum Kind {
     /// Unix socket.
     Unix(UnixListener, PathBuf),
     /// TCP.
@@ -96,25 +117,49 @@ pub enum Listener {
     Tls(TcpListener, tokio_rustls::TlsAcceptor),
 }
 
-/// An accepted connection whose transport handshake (TLS) has yet to run:
-/// done in the connection's own task, so a slow peer holds up no one.
+/// An accepted connection that has yet to prove the cluster's token:
+/// [`Incoming::authenticate`] runs the handshakes in the connection's own
+/// task, so a slow peer holds up no one. It holds one of its listener's
+/// [`MAX_PENDING_HANDSHAKES`] places until then.
 pub struct Incoming {
     stream: Box<dyn Stream>,
-    tls: Option<(tokio_rustls::TlsAcceptor, TcpStream)>,
+    tls: Option<TlsPending>,
+    place: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Incoming {
-    /// Completes the transport handshake; the framed connection.
-    pub async fn establish(self) -> io::Result<Conn> {
-        match self.tls {
-            None => Ok(framed(self.stream)),
-            Some((acceptor, tcp)) => {
-                let s = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
-                    .await
-                    .map_err(|_| {
-                        io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")
-                    })??;
-                Ok(framed(Box::new(s)))
+    /// Runs the transport (TLS) and token handshakes within
+    /// [`HANDSHAKE_TIMEOUT`] in all: `Ok` with the peer's hello once it has
+    /// proved the token (the caller answers `Welcome::Accepted` or refuses
+    /// its role); from then on frames up to [`MAX_FRAME`] are read. Failures
+    /// are logged and the connection is dropped.
+    pub async fn authenticate(self, secret: &Secret, peer: &str) -> Result<(Conn, Hello), ()> {
+        let Incoming { stream, tls, place } = self;
+        let run = async {
+            let established = match tls {
+                None => Ok(framed(stream)),
+                Some((acceptor, tcp)) => acceptor.accept(tcp).await.map(|s| framed(Box::new(s))),
+            };
+            let mut conn = match established {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("dropping {peer}: TLS handshake failed ({e})");
+                    return Err(());
+                }
+            };
+            let hello = accept_handshake(&mut conn, secret, peer).await?;
+            authenticated(&mut conn);
+            Ok((conn, hello))
+        };
+        let outcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, run).await;
+        drop(place);
+        match outcome {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::warn!(
+                    "dropping {peer}: no complete handshake within {HANDSHAKE_TIMEOUT:?}"
+                );
+                Err(())
             }
         }
     }
@@ -124,64 +169,81 @@ impl Listener {
     /// Binds; `tcp://host:0` picks a free port. `tls://` needs TLS to be
     /// configured ([`configure_tls`] or the `SHOAL_TLS_*` variables).
     pub async fn bind(addr: &Address) -> io::Result<Listener> {
-        match addr {
-            Address::Unix(p) => Ok(Listener::Unix(UnixListener::bind(p)?, p.clone())),
-            Address::Tcp(hp) => Ok(Listener::Tcp(TcpListener::bind(hp.as_str()).await?)),
+        let kind = match addr {
+            Address::Unix(p) => Kind::Unix(UnixListener::bind(p)?, p.clone()),
+            Address::Tcp(hp) => Kind::Tcp(TcpListener::bind(hp.as_str()).await?),
             Address::Tls(hp) => {
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls()?.server.clone());
-                Ok(Listener::Tls(
-                    TcpListener::bind(hp.as_str()).await?,
-                    acceptor,
-                ))
+                Kind::Tls(TcpListener::bind(hp.as_str()).await?, acceptor)
             }
-        }
+        };
+        Ok(Listener {
+            kind,
+            pending: Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES)),
+        })
     }
 
     /// The address peers connect to.
     pub fn local_addr(&self) -> io::Result<Address> {
-        match self {
-            Listener::Unix(_, p) => Ok(Address::Unix(p.clone())),
-            Listener::Tcp(l) => Ok(Address::Tcp(l.local_addr()?.to_string())),
-            Listener::Tls(l, _) => Ok(Address::Tls(l.local_addr()?.to_string())),
+        match &self.kind {
+            Kind::Unix(_, p) => Ok(Address::Unix(p.clone())),
+            Kind::Tcp(l) => Ok(Address::Tcp(l.local_addr()?.to_string())),
+            Kind::Tls(l, _) => Ok(Address::Tls(l.local_addr()?.to_string())),
         }
     }
 
     /// Next connection, and who it comes from (for logs); call
-    /// [`Incoming::establish`] on it in its own task.
-    pub async fn accept(&self) -> io::Result<(Incoming, String)> {
-        match self {
-            Listener::Unix(l, p) => Ok((
-                Incoming {
-                    stream: Box::new(l.accept().await?.0),
-                    tls: None,
-                },
+    /// [`Incoming::authenticate`] on it in its own task. Waits while
+    /// [`MAX_PENDING_HANDSHAKES`] connections are in their handshake.
+    /// Accept errors (out of file descriptors, say) are logged and retried
+    /// with a growing pause, so they never spin the I/O thread.
+    pub async fn accept(&self) -> (Incoming, String) {
+        let place = self
+            .pending
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let mut pause = Duration::from_millis(5);
+        loop {
+            match self.accept_once().await {
+                Ok((stream, tls, peer)) => return (Incoming { stream, tls, place }, peer),
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}; retrying in {pause:?}");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    async fn accept_once(&self) -> io::Result<(Box<dyn Stream>, Option<TlsPending>, String)> {
+        match &self.kind {
+            Kind::Unix(l, p) => Ok((
+                Box::new(l.accept().await?.0),
+                None,
                 format!("unix://{}", p.display()),
             )),
-            Listener::Tcp(l) => {
+            Kind::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
-                s.set_nodelay(true)?;
-                Ok((
-                    Incoming {
-                        stream: Box::new(s),
-                        tls: None,
-                    },
-                    peer.to_string(),
-                ))
+                // Fails only for a connection already reset: not worth refusing.
+                let _ = s.set_nodelay(true);
+                Ok((Box::new(s), None, peer.to_string()))
             }
-            Listener::Tls(l, acceptor) => {
+            Kind::Tls(l, acceptor) => {
                 let (s, peer) = l.accept().await?;
-                s.set_nodelay(true)?;
+                let _ = s.set_nodelay(true);
                 Ok((
-                    Incoming {
-                        stream: Box::new(tokio::io::empty()),
-                        tls: Some((acceptor.clone(), s)),
-                    },
+                    Box::new(tokio::io::empty()),
+                    Some((acceptor.clone(), s)),
                     peer.to_string(),
                 ))
             }
         }
     }
 }
+
+type TlsPending = (tokio_rustls::TlsAcceptor, TcpStream);
 
 /// TLS settings of this process: every shoal certificate is issued by the
 /// site's CA and names `shoal` (what `shoal certs` makes); both ends of
@@ -312,7 +374,7 @@ fn tls() -> io::Result<&'static TlsConfig> {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Listener::Unix(_, p) = self {
+        if let Kind::Unix(_, p) = &self.kind {
             let _ = std::fs::remove_file(p);
         }
     }
@@ -491,7 +553,10 @@ pub async fn handshake(addr: &Address, role: Role, secret: &Secret) -> io::Resul
         let mac = secret.mac(CLIENT, &[&server_nonce, &hello.nonce, &encode(&hello)]);
         send(&mut conn, &Proof { mac }).await?;
         match recv::<Welcome>(&mut conn).await?.ok_or_else(closed)? {
-            Welcome::Accepted { id } => Ok((conn, id)),
+            Welcome::Accepted { id } => {
+                authenticated(&mut conn);
+                Ok((conn, id))
+            }
             Welcome::Rejected { reason } => Err(refused(reason)),
             Welcome::Challenge { .. } => Err(refused("a second challenge".into())),
         }
@@ -510,16 +575,13 @@ pub async fn handshake(addr: &Address, role: Role, secret: &Secret) -> io::Resul
 /// checks its proof. `Ok(hello)` for a peer that knows `secret`; the caller
 /// then sends `Welcome::Accepted`. Anything else is logged, refused with a
 /// reason where the peer spoke the protocol, and `Err`.
-pub async fn accept_handshake(conn: &mut Conn, secret: &Secret, peer: &str) -> Result<Hello, ()> {
-    let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, recv::<Hello>(conn)).await {
-        Ok(Ok(Some(h))) => h,
-        Ok(Ok(None)) => return Err(()),
-        Ok(Err(e)) => {
+async fn accept_handshake(conn: &mut Conn, secret: &Secret, peer: &str) -> Result<Hello, ()> {
+    // The caller bounds the whole exchange by HANDSHAKE_TIMEOUT.
+    let hello = match recv::<Hello>(conn).await {
+        Ok(Some(h)) => h,
+        Ok(None) => return Err(()),
+        Err(e) => {
             tracing::warn!("dropping {peer}: malformed handshake ({e})");
-            return Err(());
-        }
-        Err(_) => {
-            tracing::warn!("dropping {peer}: no handshake within {HANDSHAKE_TIMEOUT:?}");
             return Err(());
         }
     };
@@ -542,10 +604,8 @@ pub async fn accept_handshake(conn: &mut Conn, secret: &Secret, peer: &str) -> R
     {
         return Err(());
     }
-    let ok = match tokio::time::timeout(HANDSHAKE_TIMEOUT, recv::<Proof>(conn)).await {
-        Ok(Ok(Some(p))) => {
-            secret.verify(CLIENT, &[&my_nonce, &hello.nonce, &encode(&hello)], &p.mac)
-        }
+    let ok = match recv::<Proof>(conn).await {
+        Ok(Some(p)) => secret.verify(CLIENT, &[&my_nonce, &hello.nonce, &encode(&hello)], &p.mac),
         _ => false,
     };
     if !ok {
@@ -557,26 +617,132 @@ pub async fn accept_handshake(conn: &mut Conn, secret: &Secret, peer: &str) -> R
     Ok(hello)
 }
 
+/// Why a message could not be queued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendError {
+    /// The connection is gone.
+    Closed,
+    /// The message alone encodes to more than one frame may hold.
+    TooLarge {
+        /// Its encoded size in bytes.
+        size: usize,
+    },
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Closed => f.write_str("the connection is closed"),
+            SendError::TooLarge { size } => write!(
+                f,
+                "a message of {size} bytes is over the limit of {} bytes per message",
+                max_message()
+            ),
+        }
+    }
+}
+
+/// Largest encoded message: a frame less the room for its message count.
+pub const fn max_message() -> usize {
+    MAX_FRAME - 16
+}
+
+/// The sending half of a connection split by [`split_batched`]: messages
+/// are encoded by the caller (so an oversized one fails its own call) and
+/// written by the connection's writer task, batched into frames of at most
+/// [`MAX_FRAME`] bytes.
+pub struct Tx<M> {
+    tx: mpsc::UnboundedSender<Bytes>,
+    _message: std::marker::PhantomData<fn(M)>,
+}
+
+impl<M> Clone for Tx<M> {
+    fn clone(&self) -> Self {
+        Tx {
+            tx: self.tx.clone(),
+            _message: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<M> std::fmt::Debug for Tx<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tx(..)")
+    }
+}
+
+impl<M: Serialize> Tx<M> {
+    /// Queues `msg`.
+    pub fn send(&self, msg: M) -> Result<(), SendError> {
+        let body = encode(&msg);
+        if body.len() > max_message() {
+            return Err(SendError::TooLarge { size: body.len() });
+        }
+        self.tx
+            .send(Bytes::from(body))
+            .map_err(|_| SendError::Closed)
+    }
+}
+
+/// Frame bodies for queued messages: each a postcard sequence (a varint
+/// count, then the messages as encoded one by one, which is how postcard
+/// encodes a `Vec`), holding as many messages as fit in `limit` bytes.
+fn frames(msgs: &[Bytes], limit: usize) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < msgs.len() {
+        let mut end = start;
+        let mut len = 0;
+        while end < msgs.len() && (end == start || len + msgs[end].len() <= limit - 16) {
+            len += msgs[end].len();
+            end += 1;
+        }
+        let mut body = Vec::with_capacity(len + 10);
+        let mut n = (end - start) as u64;
+        while n >= 0x80 {
+            body.push((n as u8) | 0x80);
+            n >>= 7;
+        }
+        body.push(n as u8);
+        for m in &msgs[start..end] {
+            body.extend_from_slice(m);
+        }
+        out.push(Bytes::from(body));
+        start = end;
+    }
+    out
+}
+
 /// Splits a connection: returns a sender whose messages are written in
-/// batches (everything queued since the last write goes out as one frame),
-/// and the read half.
+/// batches (everything queued since the last write goes out in as few
+/// frames as [`MAX_FRAME`] allows), and the read half.
 pub fn split_batched<M: Serialize + Send + 'static>(
     conn: Conn,
-) -> (mpsc::UnboundedSender<M>, futures::stream::SplitStream<Conn>) {
+) -> (Tx<M>, futures::stream::SplitStream<Conn>) {
     let (mut sink, stream) = conn.split();
-    let (tx, mut rx) = mpsc::unbounded_channel::<M>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
     tokio::spawn(async move {
         let mut batch = Vec::with_capacity(256);
-        while rx.recv_many(&mut batch, 8192).await > 0 {
-            let body = Bytes::from(encode(&batch));
+        'write: while rx.recv_many(&mut batch, 8192).await > 0 {
+            for body in frames(&batch, MAX_FRAME) {
+                if sink.feed(body).await.is_err() {
+                    break 'write;
+                }
+            }
             batch.clear();
-            if sink.send(body).await.is_err() {
+            if sink.flush().await.is_err() {
                 break;
             }
         }
         let _ = sink.close().await;
     });
-    (tx, stream)
+    (
+        Tx {
+            tx,
+            _message: std::marker::PhantomData,
+        },
+        stream,
+    )
 }
 
 /// Decodes one batch frame from a split read half.
@@ -603,13 +769,19 @@ mod tests {
         let listener = Listener::bind(&addr).await.unwrap();
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
-            while let Ok((incoming, peer)) = listener.accept().await {
-                let mut conn = incoming.establish().await.unwrap();
-                let ok = accept_handshake(&mut conn, &secret, &peer).await.is_ok();
-                if ok {
-                    let _ = send(&mut conn, &Welcome::Accepted { id: 1 }).await;
-                }
-                let _ = tx.send(ok);
+            loop {
+                let (incoming, peer) = listener.accept().await;
+                let (secret, tx) = (secret.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let ok = match incoming.authenticate(&secret, &peer).await {
+                        Ok((mut conn, _)) => {
+                            let _ = send(&mut conn, &Welcome::Accepted { id: 1 }).await;
+                            true
+                        }
+                        Err(()) => false,
+                    };
+                    let _ = tx.send(ok);
+                });
             }
         });
         (addr, rx)
@@ -690,6 +862,91 @@ mod tests {
         // The server still serves.
         assert!(handshake(&addr, Role::Client, &secret).await.is_ok());
         assert!(outcomes.recv().await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn frames_before_the_proof_are_capped_at_a_few_kib() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let secret = Secret::from_token("t").unwrap();
+        let (addr, mut outcomes) = server(secret.clone()).await;
+        let Address::Unix(path) = &addr else {
+            unreachable!()
+        };
+        // A header declaring 1 MiB (far under MAX_FRAME): refused at the
+        // header, before anything is reserved or read.
+        let mut raw = UnixStream::connect(path).await.unwrap();
+        raw.write_all(&(1u32 << 20).to_be_bytes()).await.unwrap();
+        assert!(!outcomes.recv().await.unwrap());
+        let mut buf = [0u8; 16];
+        assert_eq!(raw.read(&mut buf).await.unwrap(), 0, "closed");
+        // After the handshake, frames up to MAX_FRAME pass both ways.
+        let (conn, _) = handshake(&addr, Role::Client, &secret).await.unwrap();
+        assert!(outcomes.recv().await.unwrap());
+        assert_eq!(
+            conn.codec().max_frame_length(),
+            MAX_FRAME,
+            "the client side is raised too"
+        );
+    }
+
+    #[tokio::test]
+    async fn unauthenticated_connections_are_bounded_per_listener() {
+        let secret = Secret::from_token("t").unwrap();
+        let (addr, mut outcomes) = server(secret.clone()).await;
+        let Address::Unix(path) = &addr else {
+            unreachable!()
+        };
+        // Idle peers that never say hello fill every handshake place ...
+        let mut idle = Vec::new();
+        for _ in 0..MAX_PENDING_HANDSHAKES {
+            idle.push(UnixStream::connect(path).await.unwrap());
+        }
+        // ... so the next peer waits in the backlog, holding nothing here.
+        let next = tokio::spawn({
+            let (addr, secret) = (addr.clone(), secret.clone());
+            async move { handshake(&addr, Role::Client, &secret).await.is_ok() }
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if next.is_finished() {
+            panic!("accepted past the bound: {:?}", next.await);
+        }
+        // A place frees up as soon as one idle peer goes.
+        idle.pop();
+        assert!(next.await.unwrap());
+        let mut seen = Vec::new();
+        while seen.len() < 2 {
+            seen.push(outcomes.recv().await.unwrap());
+        }
+        assert!(seen.contains(&true), "{seen:?}");
+    }
+
+    #[test]
+    fn batches_split_by_bytes_decode_as_the_same_messages() {
+        let msgs: Vec<Vec<u8>> = (0..300u32)
+            .map(|i| vec![i as u8; (i as usize * 37) % 900])
+            .collect();
+        let encoded: Vec<Bytes> = msgs.iter().map(|m| Bytes::from(encode(m))).collect();
+        for limit in [64, 1000, 5000, 1 << 20] {
+            let bodies = frames(&encoded, limit);
+            let mut back: Vec<Vec<u8>> = Vec::new();
+            for b in &bodies {
+                // One message bigger than the limit travels alone.
+                let decoded: Vec<Vec<u8>> = decode(b).unwrap();
+                assert!(
+                    b.len() <= limit || decoded.len() == 1,
+                    "{limit}: {}",
+                    b.len()
+                );
+                back.extend(decoded);
+            }
+            assert_eq!(back, msgs, "limit {limit}");
+        }
+        // 200 messages of 1 KiB: one frame under the real limit.
+        let many: Vec<Bytes> = (0..200)
+            .map(|_| Bytes::from(encode(&vec![7u8; 1024])))
+            .collect();
+        assert_eq!(frames(&many, MAX_FRAME).len(), 1);
+        assert_eq!(frames(&many, 10_000).len(), 23);
     }
 
     #[test]

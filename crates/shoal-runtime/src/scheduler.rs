@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
 
-type Tx = mpsc::UnboundedSender<FromScheduler>;
+type Tx = net::Tx<FromScheduler>;
 
 /// How often the core learns the time.
 const TICK: std::time::Duration = std::time::Duration::from_millis(50);
@@ -47,6 +47,9 @@ enum Event {
     /// A dashboard request: the answer, and the task stream's next sequence
     /// number (where the next live update starts).
     Query(String, oneshot::Sender<(api::Reply, u64)>),
+    /// Tests: a bug in the owner.
+    #[cfg(test)]
+    Panic,
 }
 
 /// A running scheduler.
@@ -57,9 +60,29 @@ pub struct SchedulerHandle {
     pub dashboard: Option<String>,
     events: mpsc::UnboundedSender<Event>,
     stop: watch::Sender<bool>,
+    crashed: watch::Receiver<Option<String>>,
 }
 
 impl SchedulerHandle {
+    /// Waits until the scheduler crashed (a panic in its owner task, which
+    /// then stops it: every connection closes, so clients and workers fail
+    /// fast); returns the panic's message. Never returns while it runs.
+    pub fn crashed(&self) -> impl std::future::Future<Output = String> + Send + 'static {
+        let mut rx = self.crashed.clone();
+        async move {
+            let why = rx
+                .wait_for(Option::is_some)
+                .await
+                .ok()
+                .and_then(|w| w.clone());
+            match why {
+                Some(why) => why,
+                // The sender went without a crash: the scheduler was stopped.
+                None => std::future::pending().await,
+            }
+        }
+    }
+
     /// Asks every worker to finish and exit.
     pub fn shutdown_workers(&self) {
         let _ = self.events.send(Event::ShutdownWorkers);
@@ -130,18 +153,39 @@ pub async fn start(
             stop_rx.clone(),
         ));
     }
-    tokio::spawn(owner(
+    // No half-alive scheduler: a panic in the owner (a bug; no input should
+    // reach one) stops everything, loudly, instead of leaving the listener
+    // accepting connections that nothing serves.
+    let (crash_tx, crashed) = watch::channel(None);
+    let run = std::panic::AssertUnwindSafe(owner(
         rx,
         stop_rx.clone(),
         address.to_string(),
         url.clone().unwrap_or_default(),
     ));
+    let stop_all = stop.clone();
+    tokio::spawn(async move {
+        if let Err(panic) = futures::FutureExt::catch_unwind(run).await {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            tracing::error!(
+                "the scheduler crashed ({why}); stopping it: every client and worker \
+                 connection closes. Please report this as a bug."
+            );
+            let _ = crash_tx.send(Some(why));
+            let _ = stop_all.send(true);
+        }
+    });
     tokio::spawn(accept_loop(listener, events.clone(), stop_rx, secret));
     Ok(SchedulerHandle {
         address,
         dashboard: url,
         events,
         stop,
+        crashed,
     })
 }
 
@@ -162,16 +206,18 @@ async fn accept_loop(
     mut stop: watch::Receiver<bool>,
     secret: Secret,
 ) {
-    let ids = Arc::new(AtomicU32::new(1));
+    // Ids (and so the task ids a client makes, `id << 40 | n`) start at a
+    // random point: two clusters' first clients get different ones, so a
+    // future carried to another cluster does not name a task there.
+    let mut r = [0u8; 2];
+    let _ = getrandom::fill(&mut r);
+    let ids = Arc::new(AtomicU32::new(1 + u32::from(u16::from_le_bytes(r))));
     loop {
         tokio::select! {
             _ = stop.changed() => break,
-            conn = listener.accept() => match conn {
-                Ok((conn, peer)) => {
-                    let (events, ids, stop, secret) = (events.clone(), ids.clone(), stop.clone(), secret.clone());
-                    tokio::spawn(async move { serve_conn(conn, peer, events, ids, stop, &secret).await });
-                }
-                Err(e) => tracing::warn!("accept failed: {e}"),
+            (conn, peer) = listener.accept() => {
+                let (events, ids, stop, secret) = (events.clone(), ids.clone(), stop.clone(), secret.clone());
+                tokio::spawn(async move { serve_conn(conn, peer, events, ids, stop, &secret).await });
             }
         }
     }
@@ -185,16 +231,9 @@ async fn serve_conn(
     mut stop: watch::Receiver<bool>,
     secret: &Secret,
 ) {
-    let mut conn = match incoming.establish().await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!("dropping {peer}: {e}");
-            return;
-        }
-    };
     // Nothing but the handshake is read before the peer proves it has the
     // cluster's secret.
-    let Ok(hello) = net::accept_handshake(&mut conn, secret, &peer).await else {
+    let Ok((mut conn, hello)) = incoming.authenticate(secret, &peer).await else {
         return;
     };
     let id = ids.fetch_add(1, Ordering::Relaxed);
@@ -406,6 +445,8 @@ impl State {
             Event::Query(path, reply) => {
                 let _ = reply.send((self.query(&path), self.monitor.next_seq()));
             }
+            #[cfg(test)]
+            Event::Panic => panic!("injected by a test"),
             Event::ShutdownWorkers => {
                 self.closing = true;
                 for w in self.workers.values() {
@@ -855,6 +896,7 @@ impl State {
                             detail: self.unsatisfiable(cause.0),
                         },
                         ErrorKind::DataLost => TaskError::DataLost { cause: cause_name },
+                        ErrorKind::Cycle => TaskError::Cycle { cause: cause_name },
                     };
                     let _ = tx.send(FromScheduler::Erred { id: task.0, error });
                 }
@@ -906,5 +948,47 @@ impl EntryRef for FxHashMap<String, u32> {
             self.insert(k.to_string(), v);
         }
         self.get_mut(k).expect("just ensured")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_panic_in_the_owner_stops_the_whole_scheduler_loudly() {
+        let dir = std::env::temp_dir().join(format!("shoal-crash-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret = Secret::random();
+        let h = start(&Address::Unix(dir.join("s.sock")), secret.clone(), None)
+            .await
+            .unwrap();
+        let (conn, _) = net::handshake(&h.address, Role::Client, &secret)
+            .await
+            .unwrap();
+        let (_tx, mut from_scheduler) = net::split_batched::<ToScheduler>(conn);
+        h.events.send(Event::Panic).unwrap();
+        let why = tokio::time::timeout(Duration::from_secs(5), h.crashed())
+            .await
+            .expect("the crash is reported");
+        assert!(why.contains("injected by a test"), "{why}");
+        // Connected peers see their connection close (no silent zombie) ...
+        let closed = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match from_scheduler.next().await {
+                    None | Some(Err(_)) => break,
+                    Some(Ok(_)) => {} // a ping sent before the crash
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "a client connection outlived the crash");
+        // ... and nobody can connect to a scheduler that serves nothing.
+        assert!(net::handshake(&h.address, Role::Client, &secret)
+            .await
+            .is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

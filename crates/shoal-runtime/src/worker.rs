@@ -22,7 +22,6 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
 
 /// An input of a task ready to execute.
 pub enum Input {
@@ -134,7 +133,7 @@ pub struct WorkerShared {
     to_pickle_cv: Condvar,
     /// Wakes transfers waiting for a result to be pickled.
     pickled: tokio::sync::Notify,
-    out: mpsc::UnboundedSender<ToScheduler>,
+    out: net::Tx<ToScheduler>,
     /// Results not yet sent, and when the oldest was buffered: sent together
     /// once the oldest is `FLUSH_AFTER` old (by the next report or the
     /// flusher task), and before the execution loop waits.
@@ -1001,25 +1000,19 @@ async fn fetch_some(
 
 async fn data_server(listener: Listener, sh: Arc<WorkerShared>) {
     loop {
-        let Ok((incoming, peer)) = listener.accept().await else {
-            continue;
-        };
+        let (incoming, peer) = listener.accept().await;
         let sh = sh.clone();
         tokio::spawn(async move {
-            let Ok(mut conn) = incoming.establish().await else {
-                tracing::warn!("dropping {peer}: TLS handshake failed");
-                return;
-            };
             // A peer that cannot prove it has the secret fetches nothing.
-            match net::accept_handshake(&mut conn, &sh.secret, &peer).await {
-                Ok(h) if h.role == Role::Data => {}
-                Ok(_) => {
+            let mut conn = match incoming.authenticate(&sh.secret, &peer).await {
+                Ok((conn, h)) if h.role == Role::Data => conn,
+                Ok((mut conn, _)) => {
                     let reason = "this is a worker's data server: only data requests".into();
                     let _ = net::send(&mut conn, &Welcome::Rejected { reason }).await;
                     return;
                 }
                 Err(()) => return,
-            }
+            };
             if net::send(&mut conn, &Welcome::Accepted { id: sh.id })
                 .await
                 .is_err()

@@ -14,13 +14,13 @@ const STREAM_ANSWER_CAP: usize = 20_000;
 /// An answer: content type and body, or an HTTP status and a message.
 pub(crate) type Reply = Result<(&'static str, String), (u16, String)>;
 
-/// The value of `name` in a query string (`a=1&b=2`), undecoded.
-pub(crate) fn param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
-    query
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
+/// The value of `name` in a query string (`a=1&b=2`), percent-decoded
+/// (`%xx`, `+`); bytes that are not UTF-8 become U+FFFD. Whatever a peer
+/// sends decodes to some string: no query can reach a panic.
+pub(crate) fn param(query: &str, name: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
 }
 
 fn num(query: &str, name: &str) -> Result<u64, (u16, String)> {
@@ -38,28 +38,6 @@ fn merge_gap(query: &str) -> Result<u64, (u16, String)> {
         None => Ok(1000),
         Some(_) => num(query, "merge"),
     }
-}
-
-/// Percent-decoding for names in query strings (`%xx` and `+`).
-fn decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => match u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                Ok(v) => {
-                    out.push(v);
-                    i += 2;
-                }
-                Err(_) => out.push(b'%'),
-            },
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// `[seq, task, group, worker, thread, start_us, duration_us, kind, bytes, count]`.
@@ -129,7 +107,7 @@ impl State {
         match path.trim_end_matches('/') {
             "/api/status" => ok(self.status(num(query, "since")?, merge_gap(query)?)),
             "/api/graph" => ok(self.graph()),
-            "/api/profile" => ok(self.profile_json(param(query, "group").map(decode))),
+            "/api/profile" => ok(self.profile_json(param(query, "group"))),
             "/api/logs" => ok(self.logs_json()),
             "/api/report" => ok(self.report(num(query, "since_us")?, merge_gap(query)?)),
             "/metrics" => Ok(("text/plain; version=0.0.4", self.metrics())),
@@ -540,9 +518,14 @@ mod tests {
 
     #[test]
     fn decodes_query_values() {
-        assert_eq!(super::decode("a%20b+c%2Fd"), "a b c/d");
-        assert_eq!(super::decode("50%"), "50%");
-        assert_eq!(super::param("a=1&group=x", "group"), Some("x"));
+        let p = |q: &str| super::param(q, "group");
+        assert_eq!(p("a=1&group=a%20b+c%2Fd").as_deref(), Some("a b c/d"));
+        assert_eq!(p("group=50%").as_deref(), Some("50%"));
+        // A `%` escape cut inside a multi-byte character used to panic.
+        assert_eq!(p("group=%a\u{e9}").as_deref(), Some("%a\u{e9}"));
+        assert_eq!(p("group=%ff%fe").as_deref(), Some("\u{fffd}\u{fffd}"));
+        assert_eq!(p("group=%e9%"), Some("\u{fffd}%".into()));
+        assert_eq!(p("a=1"), None);
         assert_eq!(super::num("since=abc", "since").unwrap_err().0, 400);
     }
 }

@@ -32,6 +32,10 @@ const UPDATE_EVERY: Duration = Duration::from_millis(1000);
 struct App {
     events: mpsc::UnboundedSender<Event>,
     token: String,
+    /// The cookie that keeps the token: named after the port, since
+    /// browsers share cookies between all ports of a host and another
+    /// cluster's dashboard there must not overwrite ours.
+    cookie: String,
 }
 
 /// Serves until `stop` turns true; over HTTPS with `tls` (a TLS cluster's
@@ -43,7 +47,13 @@ pub(super) async fn serve(
     token: String,
     mut stop: watch::Receiver<bool>,
 ) {
-    let app = App { events, token };
+    let port = listener.local_addr().map_or(0, |a| a.port());
+    let cookie = format!("shoal_token_{port}");
+    let app = App {
+        events,
+        token,
+        cookie,
+    };
     let router = axum::Router::new().fallback(move |uri: Uri, headers: HeaderMap| {
         let app = app.clone();
         async move { handle(app, uri, headers).await }
@@ -141,7 +151,7 @@ fn same(a: &str, b: &str) -> bool {
             == 0
 }
 
-fn given_token<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> (Option<&'a str>, bool) {
+fn given_token(uri: &Uri, headers: &HeaderMap, cookie: &str) -> (Option<String>, bool) {
     if let Some(t) = uri.query().and_then(|q| param(q, "token")) {
         return (Some(t), true);
     }
@@ -150,7 +160,7 @@ fn given_token<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> (Option<&'a str>, bo
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
     {
-        return (Some(t.trim()), false);
+        return (Some(t.trim().to_string()), false);
     }
     let cookie = headers
         .get_all(header::COOKIE)
@@ -158,8 +168,8 @@ fn given_token<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> (Option<&'a str>, bo
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == "shoal_token")
-        .map(|(_, v)| v);
+        .find(|(k, _)| *k == cookie)
+        .map(|(_, v)| v.to_string());
     (cookie, false)
 }
 
@@ -173,8 +183,8 @@ fn text(status: StatusCode, body: String) -> Response<Body> {
 }
 
 async fn handle(app: App, uri: Uri, headers: HeaderMap) -> Response<Body> {
-    let (token, in_query) = given_token(&uri, &headers);
-    if !token.is_some_and(|t| same(t, &app.token)) {
+    let (token, in_query) = given_token(&uri, &headers, &app.cookie);
+    if !token.is_some_and(|t| same(&t, &app.token)) {
         return text(
             StatusCode::UNAUTHORIZED,
             "This Shoal dashboard needs its token: open the link that `shoal scheduler` \
@@ -209,8 +219,8 @@ async fn handle(app: App, uri: Uri, headers: HeaderMap) -> Response<Body> {
     if in_query {
         // Keep the token for the page's own requests (not readable by scripts).
         if let Ok(v) = HeaderValue::from_str(&format!(
-            "shoal_token={}; HttpOnly; SameSite=Strict; Path=/",
-            app.token
+            "{}={}; HttpOnly; SameSite=Strict; Path=/",
+            app.cookie, app.token
         )) {
             resp.headers_mut().insert(header::SET_COOKIE, v);
         }

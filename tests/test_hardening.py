@@ -1,0 +1,207 @@
+"""Hostile input and faults: each ends in a clear error or a closed
+connection, and the cluster then runs a fresh task (issue 13)."""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.parse
+
+import pytest
+
+import shoal
+
+
+def inc(x):
+    return x + 1
+
+
+def exit_zero():
+    os._exit(0)
+
+
+def size_of(b):
+    return len(b)
+
+
+@pytest.fixture(scope="module")
+def dash():
+    with shoal.Client(n_workers=2, dashboard_address="127.0.0.1:0") as c:
+        yield c
+
+
+def raw_get(link: str, target: bytes) -> tuple[int, bytes]:
+    """Sends `GET target` as raw bytes (no client-side quoting, as curl or a
+    hostile peer can); returns the status and body."""
+    u = urllib.parse.urlsplit(link)
+    with socket.create_connection((u.hostname, u.port), timeout=20) as s:
+        s.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def test_malformed_dashboard_queries_are_answered_and_the_cluster_goes_on(dash):
+    link = dash.dashboard_link
+    token = urllib.parse.parse_qs(urllib.parse.urlsplit(link).query)["token"][0].encode()
+    tok = b"token=" + token
+    # A `%` escape cut inside a two-byte UTF-8 character used to panic the
+    # scheduler's I/O thread and take the whole cluster down.
+    status, _ = raw_get(link, b"/api/profile?group=%a\xc3\xa9&" + tok)
+    assert status == 200
+    routes = [b"/api/status", b"/api/graph", b"/api/profile", b"/api/logs", b"/api/report"]
+    routes += [b"/metrics", b"/api/task/1", b"/api/task/%ff", b"/"]
+    params = [
+        b"since=%ff%fe",
+        b"since=99999999999999999999999",
+        b"merge=-1",
+        b"group=" + b"%" * 5000,
+        b"group=\xff\xfe\xc3",
+        b"since_us=%",
+        b"merge=1e9",
+        b"&&&==&=",
+    ]
+    tried = 0
+    for route in routes:
+        for p in params:
+            status, body = raw_get(link, route + b"?" + p + b"&" + tok)
+            tried += 1
+            # Answered: a page, or a clear refusal that says what was wrong.
+            assert status in (200, 400, 404), (route, p, status, body[:200])
+            if status == 400 and p.isascii():  # else HTTP's own parser refused it
+                assert body.strip(), (route, p)
+    assert tried == len(routes) * len(params)
+    # A token that is not UTF-8 is refused, not a crash.
+    status, _ = raw_get(link, b"/api/status?token=%ff%fe%c3")
+    assert status == 401
+    assert dash.submit(inc, 41).result(timeout=30) == 42
+
+
+def test_the_dashboard_cookie_is_named_per_port(dash):
+    link = dash.dashboard_link
+    u = urllib.parse.urlsplit(link)
+    with socket.create_connection((u.hostname, u.port), timeout=20) as s:
+        s.sendall(f"GET /?{u.query} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head = data.partition(b"\r\n\r\n")[0].decode()
+    assert f"set-cookie: shoal_token_{u.port}=" in head.lower()
+
+
+def test_a_task_exiting_with_status_0_is_a_crash_not_a_stop(client_pair):
+    c = client_pair
+    f = c.submit(exit_zero)
+    with pytest.raises(shoal.KilledWorker):
+        f.result(timeout=90)
+    # The workers it killed were replaced: later work runs.
+    assert c.gather(c.map(inc, range(20), batch_size=1)) == list(range(1, 21))
+
+
+@pytest.fixture
+def client_pair():
+    with shoal.Client(n_workers=2) as c:
+        yield c
+
+
+def test_a_submission_larger_than_a_frame_is_split_and_a_too_large_task_refused(client):
+    # 2,200 arguments of 512 KiB: 1.1 GiB in one map, over the 1 GiB frame
+    # limit that used to stop the connection's writer silently.
+    blob = b"x" * (512 * 1024)
+    fs = client.map(size_of, [blob] * 2200, batch_size=1)
+    assert sum(client.gather(fs)) == 2200 * len(blob)
+    del fs
+    huge = bytearray(1024**3 + 1)
+    with pytest.raises(ValueError, match="over the limit of .* bytes per message.*scatter"):
+        client.submit(size_of, huge)
+    del huge
+    assert client.submit(inc, 1).result(timeout=30) == 2
+
+
+def test_a_worker_command_with_the_wrong_token_stops_at_once(tmp_path):
+    sched = subprocess.Popen(
+        [sys.executable, "-m", "shoal", "scheduler", "--port", "0", "--no-dashboard"]
+        + ["--scheduler-file", str(tmp_path / "s.json")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 30
+        while not (tmp_path / "s.json").exists():
+            assert time.time() < deadline, "no scheduler file"
+            time.sleep(0.05)
+        import json
+
+        address = json.loads((tmp_path / "s.json").read_text())["address"]
+        t0 = time.time()
+        bad = subprocess.run(
+            [sys.executable, "-m", "shoal", "worker", address, "--nworkers", "2"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "SHOAL_TOKEN": "wrong"},
+        )
+        took = time.time() - t0
+        assert bad.returncode != 0, bad.stderr
+        assert "token" in bad.stderr and "refused" in bad.stderr, bad.stderr
+        # Refused, not retried: no replacements were started.
+        assert "starting a replacement" not in bad.stderr, bad.stderr
+        assert took < 30, took
+    finally:
+        sched.terminate()
+        sched.wait(30)
+
+
+HOLD_MANY = textwrap.dedent(
+    """
+    import resource, sys
+    import numpy as np
+    import shoal
+
+    def make(i):
+        return np.full(1 << 20, i % 251, dtype=np.uint8)  # 1 MiB: a pool block
+
+    def soft_limit(_):
+        return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+    n = int(sys.argv[1])
+    with shoal.Client(n_workers=2) as c:
+        assert c.submit(soft_limit, 0).result() > 1024
+        fs = c.map(make, range(n), batch_size=1)
+        shoal.wait(fs)
+        # Every result held at once, on the workers and mapped here.
+        got = c.gather(fs)
+        assert all(int(a[0]) == i % 251 and a.nbytes == 1 << 20 for i, a in enumerate(got))
+        assert c.submit(lambda: 7).result() == 7
+    print("ok", resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    """
+)
+
+
+def test_thousands_of_held_results_under_the_usual_open_file_limit():
+    """Each held result keeps a descriptor in its worker and in the client;
+    with a soft limit of 1,024 (the usual default) this used to exhaust it
+    and spin the worker's accept loop."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 8192:
+        pytest.skip(f"the hard open-file limit here is {hard}")
+
+    def low_soft_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+
+    out = subprocess.run(
+        [sys.executable, "-c", HOLD_MANY, "5000"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=low_soft_limit,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("ok"), out.stdout
