@@ -2,6 +2,7 @@
 # Runs every check and test: lint, Rust tests, wheel build and install, pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/venv.sh
 bash scripts/setup-dev.sh
 bash scripts/lint.sh
 cargo test --workspace --locked

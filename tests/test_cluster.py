@@ -480,13 +480,16 @@ def test_sigterm_on_a_worker_command_hands_its_data_over(tmp_path):
             assert ran == list(range(8)), "results were recomputed instead of handed over"
 
 
-def test_reconnecting_workers_rejoin_a_restarted_scheduler(tmp_path):
+@pytest.mark.parametrize("token_file", ["given", "default"])
+def test_reconnecting_workers_rejoin_a_restarted_scheduler(tmp_path, token_file):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     sfile, token = tmp_path / "s.json", tmp_path / "token"
     sched = [*SHOAL, "scheduler", "--port", port, "--scheduler-file", str(sfile)]
-    sched += ["--token-file", str(token)]
+    if token_file == "given":
+        sched += ["--token-file", str(token)]
+    # "default": the token file beside the scheduler file, kept on restart.
     log = open(tmp_path / "reconnect.log", "ab")
     env = {"SHOAL_HEARTBEAT_TIMEOUT": "2"}
     procs = [Proc(sched, env=env, log=log)]

@@ -125,24 +125,38 @@ def test_a_submission_larger_than_a_frame_is_split_and_a_too_large_task_refused(
     assert client.submit(inc, 1).result(timeout=30) == 2
 
 
-def test_a_worker_command_with_the_wrong_token_stops_at_once(tmp_path):
-    sched = subprocess.Popen(
-        [sys.executable, "-m", "shoal", "scheduler", "--port", "0", "--no-dashboard"]
-        + ["--scheduler-file", str(tmp_path / "s.json")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.time() + 30
-        while not (tmp_path / "s.json").exists():
-            assert time.time() < deadline, "no scheduler file"
-            time.sleep(0.05)
+class Scheduler:
+    """A standalone `shoal scheduler` on a free port, with a scheduler file."""
+
+    def __init__(self, tmp_path):
         import json
 
-        address = json.loads((tmp_path / "s.json").read_text())["address"]
+        self.sfile = tmp_path / "s.json"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "shoal", "scheduler", "--port", "0", "--no-dashboard"]
+            + ["--scheduler-file", str(self.sfile)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.time() + 30
+        while not self.sfile.exists():
+            assert time.time() < deadline, "no scheduler file"
+            time.sleep(0.05)
+        self.address = json.loads(self.sfile.read_text())["address"]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def test_a_worker_command_with_the_wrong_token_stops_at_once(tmp_path):
+    with Scheduler(tmp_path) as s:
         t0 = time.time()
         bad = subprocess.run(
-            [sys.executable, "-m", "shoal", "worker", address, "--nworkers", "2"],
+            [sys.executable, "-m", "shoal", "worker", s.address, "--nworkers", "2"],
             capture_output=True,
             text=True,
             timeout=120,
@@ -154,9 +168,27 @@ def test_a_worker_command_with_the_wrong_token_stops_at_once(tmp_path):
         # Refused, not retried: no replacements were started.
         assert "starting a replacement" not in bad.stderr, bad.stderr
         assert took < 30, took
-    finally:
-        sched.terminate()
-        sched.wait(30)
+
+
+def test_sigterm_while_worker_processes_start_stops_at_once(tmp_path):
+    import signal
+
+    with Scheduler(tmp_path) as s:
+        w = subprocess.Popen(
+            [sys.executable, "-m", "shoal", "worker", "--scheduler-file", str(s.sfile)]
+            + ["--nworkers", "2"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(0.3)  # the worker processes are still importing
+        t0 = time.time()
+        w.send_signal(signal.SIGTERM)
+        _, err = w.communicate(timeout=60)
+        # It used to replace the processes that exited and wait out the
+        # whole 30 s grace period.
+        assert time.time() - t0 < 10, err
+        assert "starting a replacement" not in err, err
 
 
 HOLD_MANY = textwrap.dedent(
@@ -205,3 +237,46 @@ def test_thousands_of_held_results_under_the_usual_open_file_limit():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.startswith("ok"), out.stdout
+
+
+def test_futures_of_another_cluster_are_refused():
+    with shoal.Client(n_workers=1) as a, shoal.Client(n_workers=1) as b:
+        fa = a.submit(inc, 1)
+        fb = b.submit(inc, 100)
+        assert fa.result() == 2 and fb.result() == 101
+        # Two clusters' first clients get distinct task id spaces.
+        assert fa._id >> 40 != fb._id >> 40
+        # This used to return b's own value for a's future.
+        with pytest.raises(shoal.ForeignFutureError, match="another client"):
+            b.gather([fa])
+        with pytest.raises(shoal.ForeignFutureError, match="another client"):
+            b.submit(inc, fa)
+        with pytest.raises(shoal.ForeignFutureError):
+            b.map(inc, [fa])
+        assert b.submit(inc, fb).result() == 102
+        assert a.gather([fa]) == [2]
+
+
+def test_a_cyclic_graph_sent_over_the_wire_fails_clearly(client):
+    from shoal import _serialize
+
+    core = client._check()
+    first = core.new_ids(3)
+    func = _serialize.dumps_function(inc)
+    args, _ = _serialize.dumps_args(((1,), None), "test")
+    a, b, c = first, first + 1, first + 2
+    core.submit_graph(
+        func,
+        [
+            (a, "inc", "a", args, [b], 0),
+            (b, "inc", "b", args, [a], 0),
+            (c, "inc", "c", args, [], 0),
+        ],
+        0,
+    )
+    fa = shoal.Future(client, a, "inc", "a")
+    fc = shoal.Future(client, c, "inc", "c")
+    with pytest.raises(ValueError, match="cycle"):
+        fa.result(timeout=30)
+    assert fc.result(timeout=30) == 2
+    assert client.submit(inc, 1).result(timeout=30) == 2

@@ -35,6 +35,7 @@ equivalent. Deviations, each for a reason:
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import hashlib
 import json
@@ -303,8 +304,7 @@ class FutureList(Sequence[Future]):
         self._batch = batch  # elements per task; 0 means one plain task per element
         self._n = n
         self._items: list[Future | None] | None = None
-        for tid in ids:
-            client._incref(tid, 1)
+        client._incref_many(ids)
 
     def __len__(self) -> int:
         return self._n
@@ -353,8 +353,8 @@ class FutureList(Sequence[Future]):
         """Drops this list's hold on the results (elements taken keep theirs)."""
         client, self._client = self._client, None
         if client is not None:
-            for tid in self._ids:
-                client._decref(tid)
+            client._dropped.extend(self._ids)
+            client._drain_dropped()
 
     def __del__(self):
         try:
@@ -416,6 +416,8 @@ class Client:
         self._cluster: Cluster | None = None
         self._undo_default: Callable[[], None] | None = None
         self._refs: dict[int, int] = {}
+        self._refs_lock = threading.Lock()
+        self._dropped: collections.deque[int] = collections.deque()  # see _decref
         self._keys: dict[Any, int] = {}  # user and Dask keys of live tasks
         self._key_of: dict[int, Any] = {}
         self._batch_cache: dict[int, Any] = {}
@@ -478,26 +480,57 @@ class Client:
     # ----------------------------------------------------------- refcounts
 
     def _incref(self, task_id: int, n: int) -> None:
-        refs = self._refs
-        refs[task_id] = refs.get(task_id, 0) + n
+        with self._refs_lock:
+            refs = self._refs
+            refs[task_id] = refs.get(task_id, 0) + n
+        if self._dropped:
+            self._drain_dropped()
+
+    def _incref_many(self, task_ids: Iterable[int]) -> None:
+        with self._refs_lock:
+            refs = self._refs
+            for tid in task_ids:
+                refs[tid] = refs.get(tid, 0) + 1
+        if self._dropped:
+            self._drain_dropped()
 
     def _decref(self, task_id: int) -> None:
-        refs = self._refs
-        n = refs.get(task_id, 0) - 1
-        if n > 0:
-            refs[task_id] = n
-            return
-        refs.pop(task_id, None)
-        if self._key_of:
-            key = self._key_of.pop(task_id, None)
-            if key is not None and self._keys.get(key) == task_id:
-                del self._keys[key]
-        self._batch_cache.pop(task_id, None)
-        self._cancelled.discard(task_id)
-        self._actor_died.pop(task_id, None)
-        core = self._core
-        if core is not None:
-            core.release([task_id])
+        """Drops one hold on a task. Called from ``__del__``, which the
+        garbage collector may run in any thread, even inside a locked
+        section of this one: the drop is queued (an atomic append) and
+        applied by whoever holds the lock next, never lost or raced."""
+        self._dropped.append(task_id)
+        self._drain_dropped()
+
+    def _drain_dropped(self) -> None:
+        # Re-checked after each release: a drop queued while another thread
+        # held the lock is applied by that thread's last pass or by ours.
+        while self._dropped:
+            if not self._refs_lock.acquire(blocking=False):
+                return  # the holder drains after it releases
+            released = []
+            try:
+                refs, dropped = self._refs, self._dropped
+                while dropped:
+                    task_id = dropped.popleft()
+                    n = refs.get(task_id, 0) - 1
+                    if n > 0:
+                        refs[task_id] = n
+                        continue
+                    refs.pop(task_id, None)
+                    if self._key_of:
+                        key = self._key_of.pop(task_id, None)
+                        if key is not None and self._keys.get(key) == task_id:
+                            del self._keys[key]
+                    self._batch_cache.pop(task_id, None)
+                    self._cancelled.discard(task_id)
+                    self._actor_died.pop(task_id, None)
+                    released.append(task_id)
+            finally:
+                self._refs_lock.release()
+            core = self._core
+            if released and core is not None:
+                core.release(released)
 
     def _name(self, key: Any, task_id: int) -> None:
         """Lets ``key`` find the task while it lives (held by a future)."""

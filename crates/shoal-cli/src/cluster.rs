@@ -298,6 +298,25 @@ pub(crate) fn run_scheduler(a: SchedulerArgs) -> CliResult {
     let (secret, token_file) = match (&a.token_file, std::env::var("SHOAL_TOKEN")) {
         (Some(p), _) if p.exists() => (read_token(p)?, Some(p.clone())),
         (None, Ok(t)) => (Secret::from_token(&t).map_err(|e| e.to_string())?, None),
+        (None, _) if default_token_file().exists() => {
+            // A restart with the same --scheduler-file keeps the cluster's
+            // token, so `--reconnect` workers (and clients) can rejoin.
+            let p = default_token_file();
+            let meta = std::fs::metadata(&p)
+                .map_err(|e| format!("cannot read the token file {}: {e}", p.display()))?;
+            if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o077 != 0 {
+                return Err(format!(
+                    "the token file {} can be read by other users: remove it (a new token \
+                     is made) or `chmod 600` it",
+                    p.display()
+                ));
+            }
+            eprintln!(
+                "shoal scheduler: reusing the cluster token in {}",
+                p.display()
+            );
+            (read_token(&p)?, Some(p))
+        }
         (p, _) => {
             let p = p.clone().unwrap_or_else(default_token_file);
             let s = Secret::random();
@@ -313,7 +332,10 @@ pub(crate) fn run_scheduler(a: SchedulerArgs) -> CliResult {
     if !is_loopback(&a.host) && tls.is_none() {
         eprintln!(
             "shoal: WARNING: listening on {} without TLS: peers must prove the token, but \
-             what travels is not encrypted; anyone on the network path can read it",
+             what travels is not encrypted, and the handshake proves the token, not who \
+             is at the other end: anyone on the network path can read the traffic, and \
+             can relay a genuine peer's handshake to take over its connection (pickles are \
+             code). Use TLS (`shoal certs`, --tls-*) beyond a trusted network",
             a.host
         );
     }

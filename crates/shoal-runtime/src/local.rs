@@ -47,6 +47,9 @@ const RESPAWN_WINDOW: Duration = Duration::from_secs(30);
 /// Supervises `n` worker processes.
 pub struct LocalCluster {
     stop: Arc<AtomicBool>,
+    /// Set: dead workers are no longer replaced (the cluster is stopping
+    /// gracefully; those still alive hand their data over first).
+    no_respawn: Arc<AtomicBool>,
     pids: Arc<Mutex<Vec<u32>>>,
     failure: Arc<Mutex<Option<String>>>,
     supervisor: Option<JoinHandle<()>>,
@@ -80,8 +83,10 @@ impl LocalCluster {
         let stop = Arc::new(AtomicBool::new(false));
         let pids = Arc::new(Mutex::new(Vec::new()));
         let failure = Arc::new(Mutex::new(None));
+        let no_respawn = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop2, pids2, failure2) = (stop.clone(), pids.clone(), failure.clone());
+        let no_respawn2 = no_respawn.clone();
         let supervisor = std::thread::Builder::new()
             .name("shoal-supervisor".into())
             .spawn(move || {
@@ -99,22 +104,29 @@ impl LocalCluster {
                 }
                 *pids2.lock() = children.iter().map(Child::id).collect();
                 let _ = ready_tx.send(Ok(()));
-                supervise(cmd, children, stop2, pids2, failure2);
+                let flags = Flags {
+                    stop: stop2,
+                    no_respawn: no_respawn2,
+                };
+                supervise(cmd, children, flags, pids2, failure2);
             })?;
         ready_rx
             .recv()
             .map_err(|_| std::io::Error::other("worker supervisor died"))??;
         Ok(LocalCluster {
             stop,
+            no_respawn,
             pids,
             failure,
             supervisor: Some(supervisor),
         })
     }
 
-    /// Sends SIGTERM to every worker process (they exit at once; the
-    /// scheduler reruns their work elsewhere).
+    /// Sends SIGTERM to every worker process (each retires: hands the
+    /// results still needed to other workers, then exits) and replaces none
+    /// of them, nor any that was still starting (those exit at once).
     pub fn terminate(&self) {
+        self.no_respawn.store(true, Ordering::SeqCst);
         for pid in self.pids() {
             // SAFETY: kill(2) of our own child processes.
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
@@ -150,13 +162,19 @@ impl LocalCluster {
     }
 }
 
+struct Flags {
+    stop: Arc<AtomicBool>,
+    no_respawn: Arc<AtomicBool>,
+}
+
 fn supervise(
     cmd: WorkerCommand,
     mut children: Vec<Child>,
-    stop: Arc<AtomicBool>,
+    flags: Flags,
     pids: Arc<Mutex<Vec<u32>>>,
     failure: Arc<Mutex<Option<String>>>,
 ) {
+    let stop = flags.stop;
     let mut respawns: Vec<Instant> = Vec::new();
     while !stop.load(Ordering::SeqCst) {
         let mut changed = false;
@@ -170,7 +188,10 @@ fn supervise(
                     let _ = children.swap_remove(i).wait();
                     crate::shm::remove_process(pid);
                     changed = true;
-                    if stop.load(Ordering::SeqCst) || status.code() == Some(EXIT_STOPPED) {
+                    if stop.load(Ordering::SeqCst)
+                        || flags.no_respawn.load(Ordering::SeqCst)
+                        || status.code() == Some(EXIT_STOPPED)
+                    {
                         continue;
                     }
                     if status.code() == Some(EXIT_REFUSED) {
