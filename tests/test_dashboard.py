@@ -72,11 +72,14 @@ class Workload:
 
     def run(self) -> None:
         c, i = self.client, 0
-        failed = []  # held, as a user holds a failed future: its error stays
+        # Held, as a user holds a failed future: its error stays. Enough of
+        # them that the one the browser clicks is still held however slowly
+        # a loaded machine zooms to it.
+        failed = []
         while not self.stop.is_set():
             xs = c.map(load, range(i, i + 40), batch_size=1)
             ys = [c.submit(combine, xs[j], xs[j + 1]) for j in range(0, 40, 2)]
-            failed = [*failed[-20:], c.submit(explode, i)]
+            failed = [*failed[-500:], c.submit(explode, i)]
             c.gather(ys)
             shoal.wait(failed)
             i += 40
