@@ -207,11 +207,14 @@ async fn accept_loop(
     secret: Secret,
 ) {
     // Ids (and so the task ids a client makes, `id << 40 | n`) start at a
-    // random point: two clusters' first clients get different ones, so a
-    // future carried to another cluster does not name a task there.
+    // random point below 4,096: two clusters' first clients get different
+    // ones, so a future carried to another cluster does not name a task
+    // there, and task ids stay below 2^53 (exact in the dashboard's
+    // JavaScript) for the first few thousand connections.
     let mut r = [0u8; 2];
     let _ = getrandom::fill(&mut r);
-    let ids = Arc::new(AtomicU32::new(1 + u32::from(u16::from_le_bytes(r))));
+    let first = 1 + u32::from(u16::from_le_bytes(r)) % 4095;
+    let ids = Arc::new(AtomicU32::new(first));
     loop {
         tokio::select! {
             _ = stop.changed() => break,
