@@ -558,6 +558,11 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     postcard::to_stdvec(value).expect("serializing protocol types cannot fail")
 }
 
+/// Appends `value`'s encoding to `buf` (frames built message by message).
+pub fn encode_into<T: Serialize>(value: &T, buf: Vec<u8>) -> Vec<u8> {
+    postcard::to_extend(value, buf).expect("serializing protocol types cannot fail")
+}
+
 /// Decodes one frame body; trailing bytes are an error.
 pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, DecodeError> {
     let (v, rest) = postcard::take_from_bytes(body).map_err(|e| DecodeError(e.to_string()))?;

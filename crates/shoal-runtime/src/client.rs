@@ -16,6 +16,7 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Instant;
+use tokio::sync::mpsc;
 
 /// What the client knows of a task.
 #[derive(Clone, Debug)]
@@ -127,7 +128,7 @@ pub struct ClientShared {
     /// Id assigned by the scheduler (top bits of every task id).
     pub id: u32,
     next: AtomicU64,
-    out: net::Tx<ToScheduler>,
+    out: mpsc::UnboundedSender<ToScheduler>,
     state: Mutex<State>,
     cv: Condvar,
     /// The cluster's secret (fetching results from workers proves it too).
@@ -263,13 +264,15 @@ impl ClientShared {
     /// (so tasks still come after their inputs); a task that could never
     /// fit in one message is refused before anything is sent.
     pub fn submit(&self, specs: Vec<TaskSpec>) -> Result<(), SubmitError> {
+        // An upper bound of the encoded size: the bytes, plus the most
+        // each varint, tag and float can take.
         let size = |s: &TaskSpec| {
             s.func.len()
                 + s.args.len()
                 + s.group.len()
                 + s.key.as_ref().map_or(0, String::len)
                 + 10 * s.deps.len()
-                + s.resources.iter().map(|(n, _)| n.len() + 8).sum::<usize>()
+                + s.resources.iter().map(|(n, _)| n.len() + 13).sum::<usize>()
                 + 64
         };
         if let Some(s) = specs.iter().find(|s| size(s) > net::max_message()) {
@@ -302,10 +305,7 @@ impl ClientShared {
                 bytes = 0;
                 self.out
                     .send(ToScheduler::Submit(std::mem::take(&mut chunk)))
-                    .map_err(|e| match e {
-                        net::SendError::Closed => SubmitError::Lost(e.to_string()),
-                        net::SendError::TooLarge { .. } => SubmitError::TooLarge(e.to_string()),
-                    })?;
+                    .map_err(|_| SubmitError::Lost("the connection is closed".into()))?;
             }
         }
         Ok(())

@@ -617,100 +617,70 @@ async fn accept_handshake(conn: &mut Conn, secret: &Secret, peer: &str) -> Resul
     Ok(hello)
 }
 
-/// Why a message could not be queued.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SendError {
-    /// The connection is gone.
-    Closed,
-    /// The message alone encodes to more than one frame may hold.
-    TooLarge {
-        /// Its encoded size in bytes.
-        size: usize,
-    },
-}
+/// Room kept in front of a frame body for its message count (a varint).
+const COUNT_ROOM: usize = 10;
 
-impl std::fmt::Display for SendError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            SendError::Closed => f.write_str("the connection is closed"),
-            SendError::TooLarge { size } => write!(
-                f,
-                "a message of {size} bytes is over the limit of {} bytes per message",
-                max_message()
-            ),
-        }
-    }
-}
-
-/// Largest encoded message: a frame less the room for its message count.
+/// Largest encoded message: one frame, less the room for its count. A
+/// larger one cannot be sent; senders of user data check this first
+/// (`ClientShared::submit`), and the writer drops any other with an error.
 pub const fn max_message() -> usize {
-    MAX_FRAME - 16
+    MAX_FRAME - COUNT_ROOM
 }
 
-/// The sending half of a connection split by [`split_batched`]: messages
-/// are encoded by the caller (so an oversized one fails its own call) and
-/// written by the connection's writer task, batched into frames of at most
-/// [`MAX_FRAME`] bytes.
-pub struct Tx<M> {
-    tx: mpsc::UnboundedSender<Bytes>,
-    _message: std::marker::PhantomData<fn(M)>,
-}
-
-impl<M> Clone for Tx<M> {
-    fn clone(&self) -> Self {
-        Tx {
-            tx: self.tx.clone(),
-            _message: std::marker::PhantomData,
-        }
-    }
-}
-
-impl<M> std::fmt::Debug for Tx<M> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Tx(..)")
-    }
-}
-
-impl<M: Serialize> Tx<M> {
-    /// Queues `msg`.
-    pub fn send(&self, msg: M) -> Result<(), SendError> {
-        let body = encode(&msg);
-        if body.len() > max_message() {
-            return Err(SendError::TooLarge { size: body.len() });
-        }
-        self.tx
-            .send(Bytes::from(body))
-            .map_err(|_| SendError::Closed)
-    }
-}
-
-/// Frame bodies for queued messages: each a postcard sequence (a varint
-/// count, then the messages as encoded one by one, which is how postcard
-/// encodes a `Vec`), holding as many messages as fit in `limit` bytes.
-fn frames(msgs: &[Bytes], limit: usize) -> Vec<Bytes> {
+/// Frame bodies for queued messages, each encoded straight into its frame:
+/// a postcard sequence (a varint count, then the messages one by one, which
+/// is how postcard encodes a `Vec`) of at most `limit` bytes.
+fn frames<M: Serialize>(msgs: impl Iterator<Item = M>, limit: usize) -> Vec<Bytes> {
     let mut out = Vec::new();
-    let mut start = 0;
-    while start < msgs.len() {
-        let mut end = start;
-        let mut len = 0;
-        while end < msgs.len() && (end == start || len + msgs[end].len() <= limit - 16) {
-            len += msgs[end].len();
-            end += 1;
+    let mut buf = vec![0u8; COUNT_ROOM];
+    let mut count = 0u64;
+    for m in msgs {
+        let mark = buf.len();
+        buf = shoal_proto::encode_into(&m, buf);
+        let size = buf.len() - mark;
+        if size > limit - COUNT_ROOM {
+            tracing::error!(
+                "dropping a message of {size} bytes: over the limit of {} bytes per message",
+                limit - COUNT_ROOM
+            );
+            buf.truncate(mark);
+            continue;
         }
-        let mut body = Vec::with_capacity(len + 10);
-        let mut n = (end - start) as u64;
-        while n >= 0x80 {
-            body.push((n as u8) | 0x80);
-            n >>= 7;
+        if buf.len() > limit && count > 0 {
+            // This message starts the next frame (the one copy splitting costs).
+            let mut next = vec![0u8; COUNT_ROOM];
+            next.extend_from_slice(&buf[mark..]);
+            buf.truncate(mark);
+            out.push(with_count(std::mem::replace(&mut buf, next), count));
+            count = 0;
         }
-        body.push(n as u8);
-        for m in &msgs[start..end] {
-            body.extend_from_slice(m);
-        }
-        out.push(Bytes::from(body));
-        start = end;
+        count += 1;
+    }
+    if count > 0 {
+        out.push(with_count(buf, count));
     }
     out
+}
+
+/// Writes `count` as a varint just before the messages, in the room left
+/// for it, and returns the body from there (no copy).
+fn with_count(mut buf: Vec<u8>, mut count: u64) -> Bytes {
+    let mut varint = [0u8; COUNT_ROOM];
+    let mut n = 0;
+    loop {
+        let byte = (count & 0x7f) as u8;
+        count >>= 7;
+        if count == 0 {
+            varint[n] = byte;
+            n += 1;
+            break;
+        }
+        varint[n] = byte | 0x80;
+        n += 1;
+    }
+    let start = COUNT_ROOM - n;
+    buf[start..COUNT_ROOM].copy_from_slice(&varint[..n]);
+    Bytes::from(buf).slice(start..)
 }
 
 /// Splits a connection: returns a sender whose messages are written in
@@ -718,31 +688,24 @@ fn frames(msgs: &[Bytes], limit: usize) -> Vec<Bytes> {
 /// frames as [`MAX_FRAME`] allows), and the read half.
 pub fn split_batched<M: Serialize + Send + 'static>(
     conn: Conn,
-) -> (Tx<M>, futures::stream::SplitStream<Conn>) {
+) -> (mpsc::UnboundedSender<M>, futures::stream::SplitStream<Conn>) {
     let (mut sink, stream) = conn.split();
-    let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<M>();
     tokio::spawn(async move {
         let mut batch = Vec::with_capacity(256);
         'write: while rx.recv_many(&mut batch, 8192).await > 0 {
-            for body in frames(&batch, MAX_FRAME) {
+            for body in frames(batch.drain(..), MAX_FRAME) {
                 if sink.feed(body).await.is_err() {
                     break 'write;
                 }
             }
-            batch.clear();
             if sink.flush().await.is_err() {
                 break;
             }
         }
         let _ = sink.close().await;
     });
-    (
-        Tx {
-            tx,
-            _message: std::marker::PhantomData,
-        },
-        stream,
-    )
+    (tx, stream)
 }
 
 /// Decodes one batch frame from a split read half.
@@ -925,28 +888,24 @@ mod tests {
         let msgs: Vec<Vec<u8>> = (0..300u32)
             .map(|i| vec![i as u8; (i as usize * 37) % 900])
             .collect();
-        let encoded: Vec<Bytes> = msgs.iter().map(|m| Bytes::from(encode(m))).collect();
-        for limit in [64, 1000, 5000, 1 << 20] {
-            let bodies = frames(&encoded, limit);
+        for limit in [1000, 5000, 1 << 20] {
+            let bodies = frames(msgs.iter().cloned(), limit);
             let mut back: Vec<Vec<u8>> = Vec::new();
             for b in &bodies {
-                // One message bigger than the limit travels alone.
-                let decoded: Vec<Vec<u8>> = decode(b).unwrap();
-                assert!(
-                    b.len() <= limit || decoded.len() == 1,
-                    "{limit}: {}",
-                    b.len()
-                );
-                back.extend(decoded);
+                assert!(b.len() <= limit, "{limit}: {}", b.len());
+                back.extend(decode::<Vec<Vec<u8>>>(b).unwrap());
             }
             assert_eq!(back, msgs, "limit {limit}");
         }
         // 200 messages of 1 KiB: one frame under the real limit.
-        let many: Vec<Bytes> = (0..200)
-            .map(|_| Bytes::from(encode(&vec![7u8; 1024])))
-            .collect();
-        assert_eq!(frames(&many, MAX_FRAME).len(), 1);
-        assert_eq!(frames(&many, 10_000).len(), 23);
+        let many = || (0..200).map(|_| vec![7u8; 1024]);
+        assert_eq!(frames(many(), MAX_FRAME).len(), 1);
+        assert_eq!(frames(many(), 10_000).len(), 23);
+        // A message that can never fit is dropped; the others go.
+        let mixed = vec![vec![1u8; 10], vec![2u8; 2000], vec![3u8; 10]];
+        let bodies = frames(mixed.into_iter(), 1000);
+        let back: Vec<Vec<Vec<u8>>> = bodies.iter().map(|b| decode(b).unwrap()).collect();
+        assert_eq!(back, vec![vec![vec![1u8; 10], vec![3u8; 10]]]);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
 
-type Tx = net::Tx<FromScheduler>;
+type Tx = mpsc::UnboundedSender<FromScheduler>;
 
 /// How often the core learns the time.
 const TICK: std::time::Duration = std::time::Duration::from_millis(50);

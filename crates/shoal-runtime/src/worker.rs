@@ -22,6 +22,7 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
 
 /// An input of a task ready to execute.
 pub enum Input {
@@ -133,7 +134,7 @@ pub struct WorkerShared {
     to_pickle_cv: Condvar,
     /// Wakes transfers waiting for a result to be pickled.
     pickled: tokio::sync::Notify,
-    out: net::Tx<ToScheduler>,
+    out: mpsc::UnboundedSender<ToScheduler>,
     /// Results not yet sent, and when the oldest was buffered: sent together
     /// once the oldest is `FLUSH_AFTER` old (by the next report or the
     /// flusher task), and before the execution loop waits.
