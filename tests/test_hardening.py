@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import urllib.parse
 import pytest
 
 import shoal
+from shoal import wait
 
 
 def inc(x):
@@ -287,3 +289,64 @@ def test_a_cyclic_graph_sent_over_the_wire_fails_clearly(client):
         fa.result(timeout=30)
     assert fc.result(timeout=30) == 2
     assert client.submit(inc, 1).result(timeout=30) == 2
+
+
+def mark_and_sleep(path, seconds):
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    time.sleep(seconds)
+
+
+def double(x):
+    return 2 * x
+
+
+def _started_in(path, seen):
+    """Waits for a new pid in `path` (a task started on a fresh worker)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if os.path.exists(path):
+            with open(path) as f:
+                pids = [int(x) for x in f.read().split()]
+            fresh = [p for p in pids if p not in seen]
+            if fresh:
+                return fresh[-1]
+        time.sleep(0.05)
+    raise AssertionError("the task did not start")
+
+
+def test_a_dead_worker_counts_only_against_the_task_it_was_running(tmp_path):
+    # Defect 12: each death counted against every task assigned to the
+    # worker, queued ones too: tiny tasks queued behind a long one died with it.
+    marker = str(tmp_path / "started")
+    with shoal.Client(n_workers=1) as c:
+        assert c.gather(c.map(double, range(20), batch_size=1)) == list(range(0, 40, 2))
+        long = c.submit(mark_and_sleep, marker, 120)
+        seen: set[int] = set()
+        small = None
+        for _ in range(3):
+            pid = _started_in(marker, seen)
+            seen.add(pid)
+            if small is None:
+                # Known to be tiny: queued behind the long task on the worker.
+                small = c.map(double, range(50), batch_size=1)
+            time.sleep(0.3)
+            os.kill(pid, signal.SIGKILL)
+        with pytest.raises(shoal.KilledWorker):
+            long.result(timeout=60)
+        assert c.gather(small) == [2 * x for x in range(50)]
+
+
+def test_a_cancelled_task_still_running_does_not_strand_new_work(tmp_path):
+    # Defect 13: the scheduler took the cancelled task's thread as free and
+    # queued fresh work behind it while the other worker idled.
+    marker = str(tmp_path / "started")
+    with shoal.Client(n_workers=2) as c:
+        stuck = c.submit(mark_and_sleep, marker, 60)
+        _started_in(marker, set())
+        time.sleep(0.2)
+        stuck.cancel()
+        fs = c.map(double, range(6), batch_size=1)
+        done, pending = wait(fs, timeout=20)
+        assert not pending, "work waits behind a cancelled task"
+        assert c.gather(fs) == [2 * x for x in range(6)]

@@ -173,12 +173,12 @@ class _Executor:
                 store.release(released)
             done = [self.execute(*t) for t in tasks]
 
-    def execute(self, tid, name, group, is_batch, func, args, deps, error, resources=None):
+    def execute(self, tid, name, group, is_batch, func, args, deps, resources=None):
         if resources:
             gpus = sum(v for k, v in resources if k == "GPU")
             if gpus and self.gpu_users:
-                return self._with_gpus(gpus, tid, name, group, is_batch, func, args, deps, error)
-        return self._execute(tid, name, group, is_batch, func, args, deps, error)
+                return self._with_gpus(gpus, tid, name, group, is_batch, func, args, deps)
+        return self._execute(tid, name, group, is_batch, func, args, deps)
 
     def _with_gpus(self, gpus: float, *task: Any) -> Any:
         """Runs a GPU task with ``CUDA_VISIBLE_DEVICES`` set to the devices it
@@ -203,7 +203,7 @@ class _Executor:
                 for d in devices:
                     self.gpu_users[d] -= 1
 
-    def _execute(self, tid, name, group, is_batch, func, args, deps, error):
+    def _execute(self, tid, name, group, is_batch, func, args, deps):
         start_us = int(time.time() * 1e6)
         t0 = perf_counter()
         task_local.in_task = True
@@ -212,8 +212,6 @@ class _Executor:
             ident = threading.get_ident()
             groups[ident] = group
         try:
-            if error is not None:
-                raise RuntimeError(error)
             fn = self.funcs.get(func)
             if fn is None:
                 fn = pickle.loads(func)

@@ -25,6 +25,10 @@
 //!
 //! Payloads (pickled functions, arguments, results, errors) never enter the core:
 //! the service keeps them keyed by [`TaskId`].
+//!
+//! The worker's own bookkeeping (orders queued, fetching and running; cancels
+//! and steals crossing them on the wire) is the second state machine here:
+//! [`worker::WorkerState`].
 
 #![warn(missing_docs, unreachable_pub)]
 
@@ -32,6 +36,8 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, VecDeque};
 use std::fmt;
+
+pub mod worker;
 
 /// Identifies a task. Clients allocate them (`client id << 40 | sequence`) so
 /// that submitting needs no round trip; ids grow in submission order.
@@ -265,6 +271,8 @@ struct Task {
     /// Duration estimate charged to the worker while processing.
     est_us: u32,
     kills: u8,
+    /// Times a worker could not fetch its inputs from their holder.
+    fetch_fails: u8,
     threads: u32,
     resources: Box<[(u32, f64)]>,
     /// Cannot run again (see [`NewTask::recompute`]): set once it has run.
@@ -294,6 +302,20 @@ struct Worker {
     resources_used: Vec<(u32, f64)>,
     /// Threads its assigned tasks occupy (queued ones included).
     threads_used: u32,
+    /// Assigned tasks it reported started: only these count against
+    /// `max_kills` when it dies.
+    running: FxHashSet<TaskId>,
+    /// Tasks still running there that are no longer its (cancelled or
+    /// released meanwhile), with their threads: busy until they report.
+    zombies: FxHashMap<TaskId, u32>,
+    zombie_threads: u32,
+}
+
+impl Worker {
+    /// Threads taken: by assigned tasks (running or queued) and zombies.
+    fn busy(&self) -> u32 {
+        self.threads_used + self.zombie_threads
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -542,6 +564,9 @@ impl Core {
             resources_used: resources.iter().map(|&(r, _)| (r, 0.0)).collect(),
             resources,
             threads_used: 0,
+            running: FxHashSet::default(),
+            zombies: FxHashMap::default(),
+            zombie_threads: 0,
         };
         self.max_threads_seen = self.max_threads_seen.max(w.nthreads);
         if !w.resources.is_empty() && !self.offers_seen.contains(&w.resources) {
@@ -822,11 +847,18 @@ impl Core {
         assigned.sort();
         let mut held: Vec<TaskId> = w.has.into_iter().collect();
         held.sort();
+        // Only what ran there may have killed it. With no start report
+        // (it died at once, before the report left), every assigned task
+        // is a suspect: a task that kills its worker instantly still ends
+        // as KilledWorker.
+        let unknown = w.running.is_empty();
         for id in assigned {
             let Some(t) = self.tasks.get_mut(&id) else {
                 continue;
             };
-            t.kills = t.kills.saturating_add(1);
+            if unknown || w.running.contains(&id) {
+                t.kills = t.kills.saturating_add(1);
+            }
             if t.once {
                 self.set_erred(id, id, ErrorKind::DataLost);
             } else if t.kills >= self.config.max_kills {
@@ -893,6 +925,7 @@ impl Core {
                     retries_left: nt.retries,
                     est_us: 0,
                     kills: 0,
+                    fetch_fails: 0,
                     threads: nt.threads.max(1),
                     resources: nt.resources.into_boxed_slice(),
                     once: !nt.recompute,
@@ -1029,6 +1062,7 @@ impl Core {
         inline: bool,
         duration_us: u64,
     ) -> Option<u32> {
+        self.stopped_running(worker, task);
         if !self.is_processing_on(task, worker) {
             return None;
         }
@@ -1055,6 +1089,7 @@ impl Core {
     /// A worker reports that a task raised. Returns whether the report was
     /// taken (false: stale) and the task is now erred (true) or will retry.
     pub fn handle_task_failed(&mut self, worker: WorkerId, task: TaskId) -> Option<bool> {
+        self.stopped_running(worker, task);
         if !self.is_processing_on(task, worker) {
             return None;
         }
@@ -1079,7 +1114,7 @@ impl Core {
         let steal_after = self.config.steal_after_us;
         let mut newly_stalled = false;
         for w in self.workers.values_mut() {
-            let queued = w.assigned.len() > w.nthreads as usize;
+            let queued = w.busy() > w.nthreads;
             if !w.stalled && queued && self.now_us.saturating_sub(w.progress_us) >= steal_after {
                 w.stalled = true;
                 newly_stalled = true;
@@ -1099,11 +1134,66 @@ impl Core {
         if !w.stealing.remove(&task) || !ok || !self.is_processing_on(task, worker) {
             return;
         }
+        // Given back: it had not started.
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.running.remove(&task);
+        }
+        self.set_state(task, TaskState::Ready);
+        self.schedule();
+    }
+
+    /// A worker's execution threads took these tasks. Only started tasks
+    /// count against `max_kills` when the worker dies; a task no longer
+    /// the worker's (cancelled while the order travelled) runs anyway and
+    /// keeps its threads busy until it reports.
+    pub fn handle_tasks_started(&mut self, worker: WorkerId, tasks: &[TaskId]) {
+        for &id in tasks {
+            let mine = self.is_processing_on(id, worker);
+            let threads = self.tasks.get(&id).map_or(1, |t| t.threads);
+            let Some(w) = self.workers.get_mut(&worker) else {
+                return;
+            };
+            if mine {
+                w.running.insert(id);
+            } else if w.zombies.insert(id, threads).is_none() {
+                w.zombie_threads += threads;
+            }
+        }
+    }
+
+    /// `worker` could not reach the holder of `deps` (inputs of `task`) and
+    /// dropped the task: it is placed again. After `max_kills` such
+    /// failures the inputs are taken as lost and recomputed (a dead holder
+    /// is normally found sooner, by its silence).
+    pub fn handle_fetch_failed(&mut self, worker: WorkerId, task: TaskId, deps: &[TaskId]) {
+        if !self.is_processing_on(task, worker) {
+            return;
+        }
+        let t = self.tasks.get_mut(&task).expect("processing");
+        t.fetch_fails = t.fetch_fails.saturating_add(1);
+        if t.fetch_fails >= self.config.max_kills {
+            t.fetch_fails = 0;
+            self.handle_missing_data(worker, task, deps);
+            return;
+        }
         self.set_state(task, TaskState::Ready);
         self.schedule();
     }
 
     // -------------------------------------------------------------- internals
+
+    /// A report came for `task` from `worker`: it no longer runs there. A
+    /// zombie's threads are free again.
+    fn stopped_running(&mut self, worker: WorkerId, task: TaskId) {
+        let Some(w) = self.workers.get_mut(&worker) else {
+            return;
+        };
+        w.running.remove(&task);
+        if let Some(n) = w.zombies.remove(&task) {
+            w.zombie_threads -= n;
+            self.schedule();
+        }
+    }
 
     fn progress(&mut self, worker: WorkerId) {
         if let Some(w) = self.workers.get_mut(&worker) {
@@ -1121,22 +1211,29 @@ impl Core {
             .workers
             .values()
             .filter(|w| !w.stalled && !w.paused)
-            .map(|w| w.nthreads.saturating_sub(w.threads_used) as usize)
+            .map(|w| w.nthreads.saturating_sub(w.busy()) as usize)
             .sum();
         if free == 0 {
             return;
         }
         for &wid in &self.worker_order {
             let w = &self.workers[&wid];
-            if !(w.stalled || w.paused) || w.assigned.len() <= w.nthreads as usize {
+            if !(w.stalled || w.paused) || w.busy() <= w.nthreads {
                 continue;
             }
-            let mut ids: Vec<TaskId> = w.assigned.iter().copied().collect();
-            // Task ids grow with submission: the oldest are likely running.
+            let mut ids: Vec<TaskId> = w
+                .assigned
+                .iter()
+                .copied()
+                .filter(|id| !w.running.contains(id))
+                .collect();
+            // Task ids grow with submission: of those not reported started,
+            // the oldest are likely starting now (threads not known busy).
             ids.sort();
+            let known = w.zombie_threads as usize + w.running.len();
             let ids: Vec<TaskId> = ids
                 .into_iter()
-                .skip(w.nthreads as usize)
+                .skip((w.nthreads as usize).saturating_sub(known))
                 .filter(|id| !w.stealing.contains(id))
                 .collect();
             if ids.is_empty() {
@@ -1238,6 +1335,11 @@ impl Core {
                 if let Some(w) = self.workers.get_mut(&w) {
                     w.assigned.remove(&id);
                     w.threads_used -= t.threads;
+                    // Still started there (no report came first): it runs
+                    // on, holding its threads, though no longer wanted.
+                    if w.running.remove(&id) && w.zombies.insert(id, t.threads).is_none() {
+                        w.zombie_threads += t.threads;
+                    }
                     w.stealing.remove(&id);
                     w.queued_est_us = w.queued_est_us.saturating_sub(est);
                     for &(r, amount) in t.resources.iter() {
@@ -1428,7 +1530,7 @@ impl Core {
     /// Whether worker `w` can take a task now: a free thread, or room in its
     /// queue. `fetches`: the task needs inputs held by other workers.
     fn can_take(&self, w: &Worker, est: Option<u64>, fetches: bool) -> bool {
-        let n = w.threads_used as u64;
+        let n = w.busy() as u64;
         let threads = w.nthreads as u64;
         if w.paused {
             return false;
@@ -1550,7 +1652,7 @@ impl Core {
             let mut best: Option<(usize, WorkerId)> = None;
             for &wid in &self.worker_order {
                 let w = &self.workers[&wid];
-                if w.paused || w.threads_used + threads > w.nthreads || !fits(w) {
+                if w.paused || w.busy() + threads > w.nthreads || !fits(w) {
                     continue;
                 }
                 if best.is_none_or(|(n, _)| w.assigned.len() < n) {
@@ -1679,6 +1781,11 @@ impl Core {
             }
             let threads: u32 = w.assigned.iter().map(|id| self.tasks[id].threads).sum();
             assert_eq!(threads, w.threads_used, "{wid:?} thread count");
+            for id in &w.running {
+                assert!(w.assigned.contains(id), "{id:?} running but not assigned");
+            }
+            let zombie: u32 = w.zombies.values().sum();
+            assert_eq!(zombie, w.zombie_threads, "{wid:?} zombie threads");
             for &(r, used) in &w.resources_used {
                 let held: f64 = w
                     .assigned

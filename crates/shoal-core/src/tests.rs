@@ -343,7 +343,9 @@ fn sim(seed: u64) {
         ..Config::default()
     });
     let mut next_worker = 0u32;
-    let mut running: Vec<(WorkerId, TaskId)> = Vec::new();
+    // Orders at workers, and which of them their threads took (a started
+    // task cannot be given back and reports even after a cancel).
+    let mut running: Vec<(WorkerId, TaskId, bool)> = Vec::new();
     let mut wanted: Vec<TaskId> = Vec::new();
     let mut settled: FxHashMap<TaskId, bool> = FxHashMap::default();
     let mut asked: Vec<(WorkerId, TaskId)> = Vec::new();
@@ -396,9 +398,9 @@ fn sim(seed: u64) {
         assert!(steps < 100_000, "seed {seed}: no convergence");
         for a in c.take_actions() {
             match a {
-                Action::Compute { worker, task } => running.push((worker, task)),
+                Action::Compute { worker, task } => running.push((worker, task, false)),
                 Action::CancelCompute { worker, task } => {
-                    running.retain(|&(w, x)| !(w == worker && x == task))
+                    running.retain(|&(w, x, started)| started || !(w == worker && x == task))
                 }
                 Action::TaskMemory { task, .. } => {
                     settled.insert(task, true);
@@ -431,7 +433,7 @@ fn sim(seed: u64) {
         if roll < 20 && !asked.is_empty() {
             // A worker answers a steal: gives the task back if "not started".
             let (w, id) = asked.swap_remove(rng.usize(0..asked.len()));
-            let pos = running.iter().position(|&r| r == (w, id));
+            let pos = running.iter().position(|&r| r == (w, id, false));
             let ok = pos.is_some() && rng.bool();
             if ok {
                 running.swap_remove(pos.expect("checked"));
@@ -444,7 +446,7 @@ fn sim(seed: u64) {
             // A worker dies.
             let ids: Vec<WorkerId> = c.worker_order.clone();
             let w = ids[rng.usize(0..ids.len())];
-            running.retain(|&(x, _)| x != w);
+            running.retain(|&(x, _, _)| x != w);
             c.handle_worker_lost(w);
         } else if roll < 6 || c.n_workers() == 0 {
             let gpus = vec![(0, rng.u32(0..3) as f64)];
@@ -458,7 +460,16 @@ fn sim(seed: u64) {
             let id = wanted[rng.usize(0..wanted.len())];
             c.handle_cancel(C, &[id]);
         } else if !running.is_empty() {
-            let (w, id) = running.swap_remove(rng.usize(0..running.len()));
+            let i = rng.usize(0..running.len());
+            let (w, id, started) = running[i];
+            if !started {
+                // A worker's thread takes the order (it reports the start
+                // before the result).
+                running[i].2 = true;
+                c.handle_tasks_started(w, &[id]);
+                continue;
+            }
+            running.swap_remove(i);
             if rng.u32(0..10) == 0 {
                 c.handle_task_failed(w, id);
             } else {
@@ -473,6 +484,10 @@ fn sim(seed: u64) {
                 "seed {seed}: {id:?} ended {s:?}"
             );
         }
+    }
+    for (wid, w) in &c.workers {
+        assert_eq!(w.zombie_threads, 0, "seed {seed}: {wid:?} keeps zombies");
+        assert!(w.running.is_empty(), "seed {seed}: {wid:?} still running");
     }
     c.handle_client_gone(C);
     c.check_invariants();
@@ -1032,4 +1047,88 @@ fn asking_where_a_result_is_reports_it_again_to_clients_holding_it() {
     );
     c.handle_where(ClientId(7), &[t(1)]);
     assert_eq!(c.take_actions(), vec![], "only to clients holding it");
+}
+
+#[test]
+fn only_started_tasks_count_against_killed_worker() {
+    let mut c = core();
+    c.handle_submit(C, vec![nt(1, &[]), nt(2, &[])]);
+    for w in 0..3 {
+        c.handle_worker_added(WorkerId(w), 2);
+        assert_eq!(computes(&c.take_actions()), vec![(w, 1), (w, 2)]);
+        // Task 2 waits in the worker's queue; only task 1 runs.
+        c.handle_tasks_started(WorkerId(w), &[t(1)]);
+        c.handle_worker_lost(WorkerId(w));
+        c.check_invariants();
+    }
+    assert_eq!(
+        c.state(t(1)),
+        Some(TaskState::Erred {
+            cause: t(1),
+            kind: ErrorKind::KilledWorker(3)
+        })
+    );
+    assert_eq!(c.state(t(2)), Some(TaskState::Ready));
+    c.handle_worker_added(WorkerId(9), 1);
+    assert_eq!(computes(&c.take_actions()), vec![(9, 2)]);
+}
+
+#[test]
+fn a_cancelled_task_still_running_keeps_its_thread_until_it_reports() {
+    let mut c = core();
+    c.handle_worker_added(WorkerId(0), 1);
+    c.handle_worker_added(WorkerId(1), 1);
+    c.handle_submit(C, vec![nt(1, &[])]);
+    assert_eq!(computes(&c.take_actions()), vec![(0, 1)]);
+    c.handle_tasks_started(WorkerId(0), &[t(1)]);
+    c.handle_cancel(C, &[t(1)]);
+    c.check_invariants();
+    c.take_actions();
+    // Worker 0's thread still runs task 1: new work goes to worker 1,
+    // then waits, not queued behind the cancelled task.
+    c.handle_submit(C, vec![nt(2, &[]), nt(3, &[])]);
+    assert_eq!(computes(&c.take_actions()), vec![(1, 2)]);
+    assert_eq!(c.state(t(3)), Some(TaskState::Ready));
+    // The cancelled task ends (its report is stale): the thread is free.
+    assert!(c
+        .handle_task_finished(WorkerId(0), t(1), 8, true, 10)
+        .is_none());
+    c.check_invariants();
+    assert_eq!(computes(&c.take_actions()), vec![(0, 3)]);
+    // A start report that crosses the cancel counts the same way.
+    c.handle_cancel(C, &[t(3)]);
+    c.handle_tasks_started(WorkerId(0), &[t(3)]);
+    c.handle_submit(C, vec![nt(4, &[])]);
+    c.check_invariants();
+    assert!(computes(&c.take_actions()).is_empty());
+    assert!(c.handle_task_failed(WorkerId(0), t(3)).is_none());
+    assert_eq!(computes(&c.take_actions()), vec![(0, 4)]);
+}
+
+#[test]
+fn inputs_that_cannot_be_fetched_place_the_task_again_then_are_recomputed() {
+    let mut c = core();
+    c.handle_worker_added(WorkerId(0), 1);
+    c.handle_worker_added(WorkerId(1), 1);
+    c.handle_submit(C, vec![nt(1, &[]), nt(2, &[]), nt(3, &[1, 2])]);
+    assert_eq!(computes(&c.take_actions()), vec![(0, 1), (1, 2)]);
+    c.handle_task_finished(WorkerId(0), t(1), 10, false, 10);
+    c.handle_task_finished(WorkerId(1), t(2), 1000, false, 10);
+    // Task 3 runs where most of its input bytes are, and fetches task 1.
+    assert_eq!(computes(&c.take_actions()), vec![(1, 3)]);
+    for _ in 0..2 {
+        c.handle_fetch_failed(WorkerId(1), t(3), &[t(1)]);
+        c.check_invariants();
+        // Not the task's fault: no retry spent, no error; placed again.
+        assert_eq!(computes(&c.take_actions()), vec![(1, 3)]);
+    }
+    c.handle_fetch_failed(WorkerId(1), t(3), &[t(1)]);
+    c.check_invariants();
+    // The third time the input is taken as lost and made again.
+    let a = c.take_actions();
+    assert!(a.contains(&Action::ReleaseData {
+        worker: Some(WorkerId(0)),
+        task: t(1)
+    }));
+    assert_eq!(computes(&a), vec![(0, 1)]);
 }

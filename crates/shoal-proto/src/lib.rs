@@ -19,7 +19,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// Bumped on every incompatible change (5: result frames carry their first
 /// buffer's offset); peers with another version are refused.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 /// First field of every handshake, so a stray peer is recognised at once.
 pub const MAGIC: u32 = 0x5348_4f4c; // "SHOL"
 /// Largest frame accepted (a frame larger than this closes the connection).
@@ -186,6 +186,17 @@ pub enum ToScheduler {
     },
     /// Worker: these tasks asked back by `Steal` were not started and are dropped.
     Stolen(Vec<u64>),
+    /// Worker: its execution threads took these tasks (sent before their
+    /// results): only started tasks are suspects when the worker dies.
+    Started(Vec<u64>),
+    /// Worker: the holder of these inputs of `task` could not be reached;
+    /// the task was dropped (the scheduler places it again).
+    FetchFailed {
+        /// The task whose inputs could not be fetched.
+        task: u64,
+        /// The inputs.
+        deps: Vec<u64>,
+    },
     /// Worker: its number of execution threads is now this (a task waiting
     /// on other tasks lends its thread).
     Threads(u32),

@@ -683,7 +683,7 @@ impl WorkerCore {
     /// size)`, run on execution thread `lane`; payload None: a large result
     /// kept as the Python object; for a failure `(pickled error, text)`) and returns
     /// the next `(tasks, released_ids)`, or None when asked to shut down.
-    /// Tasks are `(id, name, group, is_batch, func, args, deps, error, resources)` with deps
+    /// Tasks are `(id, name, group, is_batch, func, args, deps, resources)` with deps
     /// `[(id, bytes or None)]`. Returns empty lists after `timeout` seconds.
     fn next_batch<'py>(
         &self,
@@ -732,7 +732,6 @@ impl WorkerCore {
                 PyBytes::new(py, &t.func),
                 PyBytes::new(py, &t.args),
                 deps,
-                t.error,
                 resources,
             ))?;
         }

@@ -666,6 +666,15 @@ impl State {
                     self.core.handle_steal_reply(wid, TaskId(id), true);
                 }
             }
+            ToScheduler::Started(ids) => {
+                let ids: Vec<TaskId> = ids.into_iter().map(TaskId).collect();
+                self.core.handle_tasks_started(wid, &ids);
+            }
+            ToScheduler::FetchFailed { task, deps } => {
+                let deps: Vec<TaskId> = deps.into_iter().map(TaskId).collect();
+                tracing::warn!("worker {worker} could not reach the holder of {deps:?}");
+                self.core.handle_fetch_failed(wid, TaskId(task), &deps);
+            }
             other => tracing::warn!("worker {worker} sent a client message: {other:?}"),
         }
     }
@@ -807,6 +816,10 @@ impl State {
     /// Turns the core's actions into messages. Payload maps are updated in
     /// action order, so a Forget never overtakes the Compute before it.
     fn process(&mut self) {
+        // Debug builds check the whole state after every event (the tests
+        // of the services run them); release builds trust the core's tests.
+        #[cfg(debug_assertions)]
+        self.core.check_invariants();
         self.core.drain_actions_into(&mut self.actions);
         let mut actions = std::mem::take(&mut self.actions);
         for a in actions.drain(..) {

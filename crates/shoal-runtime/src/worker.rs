@@ -13,6 +13,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use parking_lot::{Condvar, Mutex};
 use rustc_hash::{FxHashMap, FxHashSet};
+use shoal_core::worker::{FetchReport, Fetched as FetchOutcome, Take, WorkerState};
 use shoal_proto::{
     Activity, ActivityKind, DataReply, DataRequest, Dep, DepSource, FromScheduler, Payload, Role,
     TaskKind, Telemetry, Timing, ToScheduler, Welcome, WorkerMetrics, INLINE_LIMIT,
@@ -52,8 +53,6 @@ pub struct ExecTask {
     pub args: Bytes,
     /// Inputs.
     pub deps: Vec<(u64, Input)>,
-    /// Set when an input could not be fetched: the task must fail with it.
-    pub error: Option<String>,
     /// Resources it holds while running.
     pub resources: Vec<(String, f64)>,
 }
@@ -104,13 +103,19 @@ pub enum Done {
     },
 }
 
+/// The worker's orders (see [`shoal_core::worker`]); a fetch in flight is
+/// aborted through its task's handle when its order is cancelled or stolen.
+type Orders = WorkerState<ExecTask, tokio::task::AbortHandle>;
+
+/// Reports not sent yet (see [`WorkerShared::report`]).
 #[derive(Default)]
-struct Queue {
-    ready: VecDeque<ExecTask>,
-    fetching: FxHashSet<u64>,
-    cancelled: FxHashSet<u64>,
-    released: Vec<u64>,
-    closed: bool,
+struct Unsent {
+    /// Tasks execution threads took since the last flush: sent first, so
+    /// the scheduler hears of a start before its result.
+    started: Vec<u64>,
+    reports: Vec<ToScheduler>,
+    /// When the oldest entry was buffered.
+    since: Option<Instant>,
 }
 
 /// State shared between the I/O thread and the execution threads.
@@ -121,7 +126,7 @@ pub struct WorkerShared {
     pub nthreads: u32,
     /// This worker's data server.
     pub data_addr: Address,
-    queue: Mutex<Queue>,
+    orders: Mutex<Orders>,
     cv: Condvar,
     /// Results kept here for transfer.
     store: Mutex<FxHashMap<u64, Stored>>,
@@ -135,10 +140,10 @@ pub struct WorkerShared {
     /// Wakes transfers waiting for a result to be pickled.
     pickled: tokio::sync::Notify,
     out: mpsc::UnboundedSender<ToScheduler>,
-    /// Results not yet sent, and when the oldest was buffered: sent together
-    /// once the oldest is `FLUSH_AFTER` old (by the next report or the
-    /// flusher task), and before the execution loop waits.
-    unsent: Mutex<(Vec<ToScheduler>, Option<Instant>)>,
+    /// Starts and results not yet sent: sent together once the oldest is
+    /// `FLUSH_AFTER` old (by the next report or the flusher task), and
+    /// before the execution loop waits.
+    unsent: Mutex<Unsent>,
     /// Wakes the flusher when the first report is buffered.
     unsent_first: tokio::sync::Notify,
     /// Memory figures from the Python memory manager, sent with heartbeats.
@@ -187,6 +192,9 @@ pub enum Stored {
     },
 }
 
+/// Steps of the worker's orders kept for their story (debugging).
+const ORDER_LOG: usize = 0;
+
 /// Transfers a worker makes at once (each may move a large result).
 const FETCH_SLOTS: usize = 16;
 
@@ -211,6 +219,12 @@ impl WorkerShared {
     pub fn report(&self, done: Vec<Done>) {
         if done.is_empty() {
             return;
+        }
+        {
+            let mut orders = self.orders.lock();
+            for d in &done {
+                orders.finished(d.id());
+            }
         }
         let mut unsent = self.unsent.lock();
         for d in done {
@@ -271,17 +285,22 @@ impl WorkerShared {
                     timing,
                 },
             };
-            unsent.0.push(msg);
+            unsent.reports.push(msg);
         }
-        let since = match unsent.1 {
+        if self.buffered(&mut unsent).elapsed() >= FLUSH_AFTER {
+            self.flush_locked(&mut unsent);
+        }
+    }
+
+    /// When the oldest unsent entry was buffered (now, for the first one:
+    /// the flusher then sends it within `FLUSH_AFTER`).
+    fn buffered(&self, unsent: &mut Unsent) -> Instant {
+        match unsent.since {
             Some(t) => t,
             None => {
                 self.unsent_first.notify_one();
-                *unsent.1.insert(Instant::now())
+                *unsent.since.insert(Instant::now())
             }
-        };
-        if since.elapsed() >= FLUSH_AFTER {
-            self.flush_locked(&mut unsent);
         }
     }
 
@@ -290,9 +309,14 @@ impl WorkerShared {
         self.flush_locked(&mut self.unsent.lock());
     }
 
-    fn flush_locked(&self, unsent: &mut (Vec<ToScheduler>, Option<Instant>)) {
-        unsent.1 = None;
-        for m in unsent.0.drain(..) {
+    fn flush_locked(&self, unsent: &mut Unsent) {
+        unsent.since = None;
+        if !unsent.started.is_empty() {
+            let _ = self
+                .out
+                .send(ToScheduler::Started(std::mem::take(&mut unsent.started)));
+        }
+        for m in unsent.reports.drain(..) {
             let _ = self.out.send(m);
         }
     }
@@ -472,49 +496,51 @@ impl WorkerShared {
         }
     }
 
-    fn take(q: &mut Queue, max: usize) -> Option<Batch> {
-        if q.closed {
-            return Some(Batch::Shutdown);
+    /// Takes ready work; the tasks taken are reported started (buffered).
+    fn take(&self, orders: &mut Orders, max: usize) -> Option<Batch> {
+        match orders.take(max)? {
+            Take::Shutdown => Some(Batch::Shutdown),
+            Take::Work(tasks, released) => {
+                if !tasks.is_empty() {
+                    let mut unsent = self.unsent.lock();
+                    unsent.started.extend(tasks.iter().map(|t| t.id));
+                    self.buffered(&mut unsent);
+                }
+                Some(Batch::Work(tasks, released))
+            }
         }
-        if q.ready.is_empty() && q.released.is_empty() {
-            return None;
-        }
-        let n = q.ready.len().min(max.max(1));
-        let tasks: Vec<ExecTask> = q.ready.drain(..n).collect();
-        let released = std::mem::take(&mut q.released);
-        Some(Batch::Work(tasks, released))
     }
 
     /// Takes ready work without blocking. Callable with the GIL held: the
-    /// queue lock is never held while waiting for anything else.
+    /// orders lock is never held while waiting for anything else.
     pub fn try_next(&self, max: usize) -> Option<Batch> {
-        Self::take(&mut self.queue.lock(), max)
+        self.take(&mut self.orders.lock(), max)
     }
 
     /// Sends buffered reports, then waits up to `timeout` for work.
     pub fn wait_next(&self, max: usize, timeout: Duration) -> Batch {
         self.flush_locked(&mut self.unsent.lock());
         let deadline = Instant::now() + timeout;
-        let mut q = self.queue.lock();
+        let mut orders = self.orders.lock();
         loop {
-            if let Some(b) = Self::take(&mut q, max) {
+            if let Some(b) = self.take(&mut orders, max) {
                 return b;
             }
-            if self.cv.wait_until(&mut q, deadline).timed_out() {
+            if self.cv.wait_until(&mut orders, deadline).timed_out() {
                 return Batch::Work(Vec::new(), Vec::new());
             }
         }
     }
+}
 
-    fn push_ready(&self, t: ExecTask) {
-        let mut q = self.queue.lock();
-        q.fetching.remove(&t.id);
-        if q.cancelled.remove(&t.id) {
-            return;
+impl Done {
+    fn id(&self) -> u64 {
+        match self {
+            Done::Ok { id, .. }
+            | Done::File { id, .. }
+            | Done::Held { id, .. }
+            | Done::Err { id, .. } => *id,
         }
-        q.ready.push_back(t);
-        drop(q);
-        self.cv.notify_one();
     }
 }
 
@@ -563,7 +589,7 @@ pub fn start(
             id,
             nthreads,
             data_addr,
-            queue: Mutex::new(Queue::default()),
+            orders: Mutex::new(WorkerState::new(ORDER_LOG)),
             cv: Condvar::new(),
             store: Mutex::new(FxHashMap::default()),
             fetch_slots: tokio::sync::Semaphore::new(FETCH_SLOTS),
@@ -572,7 +598,7 @@ pub fn start(
             to_pickle_cv: Condvar::new(),
             pickled: tokio::sync::Notify::new(),
             out,
-            unsent: Mutex::new((Vec::new(), None)),
+            unsent: Mutex::new(Unsent::default()),
             unsent_first: tokio::sync::Notify::new(),
             metrics: Mutex::new(WorkerMetrics::default()),
             copied: Mutex::new(FxHashSet::default()),
@@ -589,9 +615,9 @@ pub fn start(
                 sh.unsent_first.notified().await;
                 tokio::time::sleep(FLUSH_AFTER).await;
                 let mut unsent = sh.unsent.lock();
-                if unsent.1.is_some_and(|t| t.elapsed() >= FLUSH_AFTER) {
+                if unsent.since.is_some_and(|t| t.elapsed() >= FLUSH_AFTER) {
                     sh.flush_locked(&mut unsent);
-                } else if unsent.1.is_some() {
+                } else if unsent.since.is_some() {
                     sh.unsent_first.notify_one(); // newer: look again later
                 }
             }
@@ -679,7 +705,6 @@ fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
                 func,
                 args,
                 deps: Vec::with_capacity(deps.len()),
-                error: None,
                 resources,
             };
             if remote.is_empty() {
@@ -690,56 +715,59 @@ fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
                         DepSource::Worker { .. } => (d.id, Input::Local),
                     })
                     .collect();
-                sh.push_ready(t);
+                let old = sh.orders.lock().compute(id, t);
+                abort(old);
+                sh.cv.notify_one();
             } else {
-                sh.queue.lock().fetching.insert(id);
-                let sh = sh.clone();
-                tokio::spawn(async move {
-                    match fetch_inputs(&sh, deps).await {
-                        Ok(deps) => t.deps = deps,
-                        Err(FetchFailure::Failed(e)) => t.error = Some(e),
-                        Err(FetchFailure::Missing(deps)) => {
-                            // Dropped here; the scheduler recomputes the
-                            // inputs and sends the task again.
-                            sh.queue.lock().fetching.remove(&t.id);
-                            let _ = sh.out.send(ToScheduler::Missing { task: t.id, deps });
-                            return;
-                        }
-                    }
-                    sh.push_ready(t);
+                let mut orders = sh.orders.lock();
+                let old = orders.compute_fetching(id, |attempt| {
+                    let sh = sh.clone();
+                    tokio::spawn(async move {
+                        let outcome = match fetch_inputs(&sh, deps).await {
+                            Ok(deps) => {
+                                t.deps = deps;
+                                FetchOutcome::Ok(t)
+                            }
+                            Err(FetchFailure::Missing(deps)) => FetchOutcome::Missing(deps),
+                            Err(FetchFailure::Unreachable(deps, why)) => {
+                                tracing::warn!("task {id:x}: {why}");
+                                FetchOutcome::Unreachable(deps)
+                            }
+                        };
+                        let report = sh.orders.lock().fetched(id, attempt, outcome);
+                        // Dropped here; the scheduler places the task again
+                        // (after recomputing inputs its holder lacks).
+                        let msg = match report {
+                            FetchReport::None => {
+                                sh.cv.notify_one();
+                                return;
+                            }
+                            FetchReport::Missing(deps) => ToScheduler::Missing { task: id, deps },
+                            FetchReport::Unreachable(deps) => {
+                                ToScheduler::FetchFailed { task: id, deps }
+                            }
+                        };
+                        sh.flush();
+                        let _ = sh.out.send(msg);
+                    })
+                    .abort_handle()
                 });
+                drop(orders);
+                abort(old);
             }
         }
         FromScheduler::Steal(ids) => {
             // The execution loop takes one task at a time, so every task not
             // started is still here (or fetching its inputs).
-            let mut q = sh.queue.lock();
-            let asked: FxHashSet<u64> = ids.into_iter().collect();
-            let mut given: Vec<u64> = Vec::new();
-            q.ready.retain(|t| {
-                let keep = !asked.contains(&t.id);
-                if !keep {
-                    given.push(t.id);
-                }
-                keep
-            });
-            for id in asked {
-                if q.fetching.contains(&id) && q.cancelled.insert(id) {
-                    given.push(id);
-                }
-            }
-            drop(q);
+            let (given, aborts) = sh.orders.lock().steal(&ids);
+            aborts.into_iter().for_each(|h| h.abort());
             if !given.is_empty() {
                 let _ = sh.out.send(ToScheduler::Stolen(given));
             }
         }
         FromScheduler::Cancel(id) => {
-            let mut q = sh.queue.lock();
-            let before = q.ready.len();
-            q.ready.retain(|t| t.id != id);
-            if q.ready.len() == before && q.fetching.contains(&id) {
-                q.cancelled.insert(id);
-            }
+            let old = sh.orders.lock().cancel(id);
+            abort(old);
         }
         FromScheduler::Release(ids) => {
             {
@@ -754,11 +782,11 @@ fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
                     }
                 }
             }
-            sh.queue.lock().released.extend(ids);
+            sh.orders.lock().release(ids);
             sh.cv.notify_one();
         }
         FromScheduler::Shutdown => {
-            sh.queue.lock().closed = true;
+            sh.orders.lock().shutdown();
             sh.cv.notify_all();
             return true;
         }
@@ -788,6 +816,13 @@ fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
         other => tracing::warn!("unexpected message for a worker: {other:?}"),
     }
     false
+}
+
+/// Aborts a fetch whose order is gone (its permit and connection go with it).
+fn abort(fetch: Option<tokio::task::AbortHandle>) {
+    if let Some(h) = fetch {
+        h.abort();
+    }
 }
 
 /// Copies result `id` from the worker at `from` into a file of this
@@ -825,8 +860,9 @@ enum FetchFailure {
     /// A holder answered that it does not have these: the scheduler must
     /// recompute them.
     Missing(Vec<u64>),
-    /// Transfers kept failing (the holder is unreachable).
-    Failed(String),
+    /// Transfers of these inputs kept failing (their holder is
+    /// unreachable), and why.
+    Unreachable(Vec<u64>, String),
 }
 
 /// Fetches the inputs held by other workers, at most `FETCH_SLOTS` at once
@@ -892,9 +928,8 @@ async fn fetch_inputs(
             tokio::time::sleep(Duration::from_millis(100 * (attempt + 1))).await;
         }
         if !ok {
-            return Err(FetchFailure::Failed(format!(
-                "could not fetch inputs {ids:x?} from worker at {addr}: {last_err}"
-            )));
+            let why = format!("could not fetch inputs {ids:x?} from worker at {addr}: {last_err}");
+            return Err(FetchFailure::Unreachable(ids, why));
         }
     }
     Ok(deps
