@@ -126,6 +126,8 @@ def test_dashboard_pages_render_live_data_in_chromium(dash):
     assert {"load", "combine"} <= set(seen["progress_groups"])
     assert "exploded on purpose" in seen.get("detail", ""), seen.get("detail")
     assert "ValueError" in seen["detail"]
+    # Its story: the scheduler's transitions, with what caused them.
+    assert "processing \u2192 erred" in seen["detail"] and "task-failed" in seen["detail"]
     assert len(seen["worker_rows"]) == 2
     assert seen["workers_changed"], "the workers table did not change in 2.5 s"
     assert {"load", "combine"} <= set(seen["graph_nodes"])

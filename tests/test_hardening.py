@@ -350,3 +350,17 @@ def test_a_cancelled_task_still_running_does_not_strand_new_work(tmp_path):
         done, pending = wait(fs, timeout=20)
         assert not pending, "work waits behind a cancelled task"
         assert c.gather(fs) == [2 * x for x in range(6)]
+
+
+def test_a_task_story_says_what_moved_it_and_where(client):
+    f = client.submit(double, 21)
+    assert f.result(timeout=30) == 42
+    story = client.story(f)
+    moves = [(s["from"], s["to"], s["stimulus"]) for s in story]
+    assert moves[0] == ("released", "ready", "submit"), moves
+    assert ("ready", "processing", "submit") in moves, moves
+    assert moves[-1] == ("processing", "memory", "task-finished"), moves
+    assert any(s["worker"] for s in story if s["to"] == "processing")
+    assert all(s["task"] == f.key for s in story)
+    with pytest.raises(TypeError, match="futures"):
+        client.story("not-a-future")

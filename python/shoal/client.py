@@ -949,6 +949,22 @@ class Client:
             raise ValueError(answer["error"])
         return answer
 
+    def story(self, *futures: Future) -> list[dict[str, Any]]:
+        """The scheduler's recent transitions of these tasks, oldest first:
+        ``{"task", "from", "to", "worker", "stimulus", "time_us"}`` each,
+        where ``stimulus`` names the event that caused it (``submit``,
+        ``task-finished``, ``worker-lost``, ``cancel``, ...). The scheduler
+        keeps its last 100,000 transitions."""
+        out: list[dict[str, Any]] = []
+        for f in futures:
+            if not isinstance(f, Future):
+                raise TypeError(f"story() takes futures, not {type(f).__name__}")
+            self._own([f])
+            for step in self.query(f"/api/task/{f._id}")["story"]:
+                out.append({"task": f.key, **step})
+        out.sort(key=lambda s: s["time_us"])
+        return out
+
     def profile(self, group: str | None = None) -> dict[str, int]:
         """The profiler's samples since the cluster started, as folded
         stacks (``"f (file:line);g (file:line)"`` -> count): all task groups

@@ -407,6 +407,10 @@ pub struct Transition {
     pub from: Option<TaskState>,
     /// State after (None: forgotten).
     pub to: Option<TaskState>,
+    /// The event that caused it (the handler's name, e.g. `task-finished`).
+    pub stimulus: &'static str,
+    /// The clock of the last [`Core::handle_tick`] (microseconds).
+    pub at_us: u64,
 }
 
 /// The scheduler state machine.
@@ -428,6 +432,8 @@ pub struct Core {
     actions: Vec<Action>,
     log: VecDeque<Transition>,
     transitions: u64,
+    /// The event being handled, for the transition log.
+    stimulus: &'static str,
     /// Last time given by `handle_tick` (microseconds, any origin).
     now_us: u64,
 }
@@ -454,6 +460,7 @@ impl Core {
             actions: Vec::new(),
             log: VecDeque::new(),
             transitions: 0,
+            stimulus: "",
             now_us: 0,
         }
     }
@@ -551,6 +558,7 @@ impl Core {
         nthreads: u32,
         resources: Vec<(u32, f64)>,
     ) {
+        self.stimulus = "worker-added-with";
         let w = Worker {
             nthreads: nthreads.max(1),
             assigned: FxHashSet::default(),
@@ -581,6 +589,7 @@ impl Core {
     /// A worker offering one unit of this resource is on its way (an actor's
     /// process is starting): tasks that need it wait instead of failing.
     pub fn handle_resource_expected(&mut self, resource: u32) {
+        self.stimulus = "resource-expected";
         let offer = vec![(resource, 1.0)];
         if !self.offers_seen.contains(&offer) {
             self.offers_seen.push(offer);
@@ -591,6 +600,7 @@ impl Core {
     /// tasks that need it, now or later, fail as unsatisfiable instead of
     /// waiting for a replacement.
     pub fn handle_resource_withdrawn(&mut self, resource: u32) {
+        self.stimulus = "resource-withdrawn";
         self.offers_seen
             .retain(|o| !o.iter().any(|&(r, a)| r == resource && a > 0.0));
         let stuck: Vec<TaskId> = self
@@ -621,6 +631,7 @@ impl Core {
     /// the core thinks holds them: that worker does not have them. They are
     /// recomputed (scattered data is lost), and `task` waits for them again.
     pub fn handle_missing_data(&mut self, worker: WorkerId, task: TaskId, deps: &[TaskId]) {
+        self.stimulus = "missing-data";
         for &d in deps {
             let Some(t) = self.tasks.get(&d) else {
                 continue;
@@ -664,6 +675,7 @@ impl Core {
     /// failed): those in memory or erred are reported again, the others
     /// will be when they get there.
     pub fn handle_where(&mut self, client: ClientId, tasks: &[TaskId]) {
+        self.stimulus = "where";
         for &id in tasks {
             if self
                 .tasks
@@ -681,6 +693,7 @@ impl Core {
     /// With no other worker to take them, the results are left to be
     /// recomputed when it goes.
     pub fn handle_retire(&mut self, worker: WorkerId) {
+        self.stimulus = "retire";
         if let Some(w) = self.workers.get_mut(&worker) {
             if w.retiring.is_none() {
                 w.retiring = Some(FxHashMap::default());
@@ -694,6 +707,7 @@ impl Core {
     /// Worker `to` copied `task`'s result (`ok`) or could not (then another
     /// copy is tried).
     pub fn handle_replicated(&mut self, to: WorkerId, task: TaskId, ok: bool) {
+        self.stimulus = "replicated";
         let Some(t) = self.tasks.get(&task) else {
             return;
         };
@@ -818,6 +832,7 @@ impl Core {
     /// A worker's memory crossed its pause fraction: while paused it gets no
     /// work, and its queued tasks are asked back (as from a stalled worker).
     pub fn handle_worker_paused(&mut self, worker: WorkerId, paused: bool) {
+        self.stimulus = "worker-paused";
         if let Some(w) = self.workers.get_mut(&worker) {
             w.paused = paused || w.retiring.is_some();
             if paused {
@@ -830,6 +845,7 @@ impl Core {
     /// A worker's number of execution threads changed: a task waiting on
     /// other tasks (`secede`) lends its thread, and takes it back after.
     pub fn handle_worker_threads(&mut self, worker: WorkerId, nthreads: u32) {
+        self.stimulus = "worker-threads";
         if let Some(w) = self.workers.get_mut(&worker) {
             w.nthreads = nthreads.max(1);
             self.schedule();
@@ -839,6 +855,7 @@ impl Core {
     /// A worker is gone (connection lost, process died). Its running tasks run
     /// again elsewhere; results only it held and still needed are recomputed.
     pub fn handle_worker_lost(&mut self, worker: WorkerId) {
+        self.stimulus = "worker-lost";
         let Some(w) = self.workers.remove(&worker) else {
             return;
         };
@@ -894,6 +911,7 @@ impl Core {
     /// whole). Every task of the batch is wanted by the client. A task whose id
     /// is already known just gains the client's interest.
     pub fn handle_submit(&mut self, client: ClientId, tasks: Vec<NewTask>) {
+        self.stimulus = "submit";
         let mut fresh = Vec::with_capacity(tasks.len());
         // First pass: records, so deps inside the batch resolve in any order.
         for nt in tasks {
@@ -1010,6 +1028,7 @@ impl Core {
 
     /// The client no longer holds these tasks' futures.
     pub fn handle_release(&mut self, client: ClientId, tasks: &[TaskId]) {
+        self.stimulus = "release";
         for &id in tasks {
             let Some(t) = self.tasks.get_mut(&id) else {
                 continue;
@@ -1026,6 +1045,7 @@ impl Core {
     /// The client cancels these tasks: unfinished ones (and their unfinished
     /// dependents) end as cancelled. Finished ones are unaffected.
     pub fn handle_cancel(&mut self, client: ClientId, tasks: &[TaskId]) {
+        self.stimulus = "cancel";
         let _ = client;
         for &id in tasks {
             match self.tasks.get(&id).map(|t| t.state) {
@@ -1040,6 +1060,7 @@ impl Core {
 
     /// A client disconnected: everything it wanted is released.
     pub fn handle_client_gone(&mut self, client: ClientId) {
+        self.stimulus = "client-gone";
         let mut ids: Vec<TaskId> = self
             .tasks
             .iter()
@@ -1062,6 +1083,7 @@ impl Core {
         inline: bool,
         duration_us: u64,
     ) -> Option<u32> {
+        self.stimulus = "task-finished";
         self.stopped_running(worker, task);
         if !self.is_processing_on(task, worker) {
             return None;
@@ -1089,6 +1111,7 @@ impl Core {
     /// A worker reports that a task raised. Returns whether the report was
     /// taken (false: stale) and the task is now erred (true) or will retry.
     pub fn handle_task_failed(&mut self, worker: WorkerId, task: TaskId) -> Option<bool> {
+        self.stimulus = "task-failed";
         self.stopped_running(worker, task);
         if !self.is_processing_on(task, worker) {
             return None;
@@ -1110,6 +1133,7 @@ impl Core {
     /// Time passes (microseconds; called a few times a second). Finds
     /// stalled workers and takes their queued tasks back for idle ones.
     pub fn handle_tick(&mut self, now_us: u64) {
+        self.stimulus = "tick";
         self.now_us = self.now_us.max(now_us);
         let steal_after = self.config.steal_after_us;
         let mut newly_stalled = false;
@@ -1128,6 +1152,7 @@ impl Core {
     /// A worker answers a steal request: `ok` means it had not started the
     /// task and dropped it, so the task can go elsewhere.
     pub fn handle_steal_reply(&mut self, worker: WorkerId, task: TaskId, ok: bool) {
+        self.stimulus = "steal-reply";
         let Some(w) = self.workers.get_mut(&worker) else {
             return;
         };
@@ -1147,6 +1172,7 @@ impl Core {
     /// the worker's (cancelled while the order travelled) runs anyway and
     /// keeps its threads busy until it reports.
     pub fn handle_tasks_started(&mut self, worker: WorkerId, tasks: &[TaskId]) {
+        self.stimulus = "tasks-started";
         for &id in tasks {
             let mine = self.is_processing_on(id, worker);
             let threads = self.tasks.get(&id).map_or(1, |t| t.threads);
@@ -1166,6 +1192,7 @@ impl Core {
     /// failures the inputs are taken as lost and recomputed (a dead holder
     /// is normally found sooner, by its silence).
     pub fn handle_fetch_failed(&mut self, worker: WorkerId, task: TaskId, deps: &[TaskId]) {
+        self.stimulus = "fetch-failed";
         if !self.is_processing_on(task, worker) {
             return;
         }
@@ -1305,29 +1332,36 @@ impl Core {
         }
     }
 
+    fn log_transition(&mut self, task: TaskId, from: Option<TaskState>, to: Option<TaskState>) {
+        self.transitions += 1;
+        if self.config.log_capacity == 0 {
+            return;
+        }
+        if self.log.len() == self.config.log_capacity {
+            self.log.pop_front();
+        }
+        self.log.push_back(Transition {
+            task,
+            from,
+            to,
+            stimulus: self.stimulus,
+            at_us: self.now_us,
+        });
+    }
+
     /// The single place where a task changes state: keeps worker bookkeeping,
     /// dependency counters, the ready queue and client notifications in step.
     fn set_state(&mut self, id: TaskId, to: TaskState) {
-        let t = self.tasks.get_mut(&id).expect("known task");
-        let from = t.state;
+        let from = self.tasks.get(&id).expect("known task").state;
         if from == to {
             return;
         }
+        self.log_transition(id, Some(from), Some(to));
+        let t = self.tasks.get_mut(&id).expect("known task");
         t.state = to;
         let counts = &mut self.groups[t.group as usize].counts;
         *counts.slot(from) -= 1;
         *counts.slot(to) += 1;
-        self.transitions += 1;
-        if self.config.log_capacity > 0 {
-            if self.log.len() == self.config.log_capacity {
-                self.log.pop_front();
-            }
-            self.log.push_back(Transition {
-                task: id,
-                from: Some(from),
-                to: Some(to),
-            });
-        }
         // Leave `from`.
         match from {
             TaskState::Processing(w) => {
@@ -1497,17 +1531,7 @@ impl Core {
             self.set_state(id, TaskState::Released);
             let t = self.tasks.remove(&id).expect("present");
             self.groups[t.group as usize].counts.released -= 1;
-            self.transitions += 1;
-            if self.config.log_capacity > 0 {
-                if self.log.len() == self.config.log_capacity {
-                    self.log.pop_front();
-                }
-                self.log.push_back(Transition {
-                    task: id,
-                    from: Some(TaskState::Released),
-                    to: None,
-                });
-            }
+            self.log_transition(id, Some(TaskState::Released), None);
             self.actions.push(Action::Forget { task: id });
             for d in t.deps.iter() {
                 if let Some(dt) = self.tasks.get_mut(d) {

@@ -172,8 +172,25 @@ fn lost_worker_reruns_running_tasks_and_recomputes_lost_results() {
     c.handle_task_finished(WorkerId(1), t(3), 100, true, 10);
     assert_eq!(c.location(t(3)), Some(Location::Inline));
     c.check_invariants();
-    let story = c.story(t(3));
-    assert!(story.len() >= 4, "{story:?}");
+    let story: Vec<_> = c
+        .story(t(3))
+        .iter()
+        .map(|s| (s.stimulus, s.to.map(|to| format!("{to:?}"))))
+        .collect();
+    assert_eq!(
+        story.first(),
+        Some(&("submit", Some("Waiting".to_string()))),
+        "{story:?}"
+    );
+    assert!(
+        story.contains(&("worker-lost", Some("Waiting".to_string()))),
+        "{story:?}"
+    );
+    assert_eq!(
+        story.last().map(|s| s.0),
+        Some("task-finished"),
+        "{story:?}"
+    );
 }
 
 #[test]

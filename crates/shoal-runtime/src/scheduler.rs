@@ -25,6 +25,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 type Tx = mpsc::UnboundedSender<FromScheduler>;
 
+/// Transitions the core keeps for task stories (about 80 bytes each).
+const STORY_LOG: usize = 100_000;
+
 /// How often the core learns the time.
 const TICK: std::time::Duration = std::time::Duration::from_millis(50);
 
@@ -311,6 +314,8 @@ struct WorkerConn {
 
 struct State {
     address: String,
+    /// Wall clock when the core's clock (its ticks) started.
+    started_us: u64,
     /// The dashboard's URL, empty if none.
     dashboard: String,
     /// Task group names by id.
@@ -345,7 +350,11 @@ async fn owner(
         group_names: Vec::new(),
         monitor: monitor::Monitor::default(),
         heartbeat_timeout: net::heartbeat_timeout(),
-        core: Core::default(),
+        core: Core::new(shoal_core::Config {
+            log_capacity: STORY_LOG,
+            ..Default::default()
+        }),
+        started_us: crate::worker::now_us(),
         specs: FxHashMap::default(),
         inline: FxHashMap::default(),
         errors: FxHashMap::default(),

@@ -268,7 +268,32 @@ impl State {
             "start_us": run.map(|r| r.start_us),
             "duration_us": run.map(|r| r.duration_us),
             "error": self.monitor.error_text.get(&id),
+            "story": self.story_json(id),
         }))
+    }
+
+    /// The task's recent transitions in the scheduler, oldest first: what
+    /// caused each (the event's name) and when (the wall clock, to within
+    /// the core's tick).
+    fn story_json(&self, id: u64) -> Vec<Value> {
+        let name = |s: Option<TaskState>| s.map_or("forgotten", state_name);
+        self.core
+            .story(TaskId(id))
+            .into_iter()
+            .map(|t| {
+                let worker = match t.to {
+                    Some(TaskState::Processing(w)) => self.worker_name(w),
+                    _ => None,
+                };
+                json!({
+                    "from": name(t.from),
+                    "to": name(t.to),
+                    "worker": worker,
+                    "stimulus": t.stimulus,
+                    "time_us": self.started_us + t.at_us,
+                })
+            })
+            .collect()
     }
 
     fn worker_name(&self, w: WorkerId) -> Option<String> {

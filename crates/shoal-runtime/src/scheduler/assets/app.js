@@ -343,6 +343,15 @@
           el("ul", {}, ...d.inputs.slice(0, 50).map((i) => el("li", {}, `${i.name} (${i.state || "forgotten"})`))));
       }
       if (d.error) body.append(el("h4", {}, "error"), el("pre", { class: "traceback" }, d.error));
+      if (d.story && d.story.length) {
+        // The scheduler's transitions for this task: what caused each, when.
+        const t0 = d.story[0].time_us;
+        body.append(el("h4", {}, "story"), el("table", { class: "story" },
+          ...d.story.map((s) => el("tr", {},
+            el("td", {}, `+${((s.time_us - t0) / 1000).toFixed(0)} ms`),
+            el("td", {}, `${s.from} \u2192 ${s.to}${s.worker ? " on " + s.worker : ""}`),
+            el("td", {}, s.stimulus)))));
+      }
     } catch (e) {
       body.append(el("p", {}, "details unavailable: " + e));
     }
