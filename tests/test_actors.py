@@ -2,6 +2,7 @@
 handles passed to tasks, death and restarts."""
 
 import os
+import time
 
 import pytest
 
@@ -109,3 +110,46 @@ def test_constructor_errors_and_bad_options(client):
     with pytest.raises(TypeError, match="remote"):
         Counter()
     shoal.kill(b)
+
+
+@shoal.remote
+def append_line(path, text):
+    with open(path, "a") as f:
+        f.write(text + "\n")
+
+
+def _lines(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return f.read().split()
+
+
+def test_calls_whose_refs_are_dropped_still_run(client, tmp_path):
+    # Defect 8: a dropped ref cancelled its call; Ray runs every call.
+    c = Counter.remote()
+    for _ in range(20):
+        c.incr.remote()  # a statement: the ref is dropped at once
+    assert shoal.get(c.incr.remote(0)) == 20
+    path = str(tmp_path / "out")
+    for i in range(5):
+        append_line.remote(path, str(i))
+    deadline = time.monotonic() + 30
+    while len(_lines(path)) < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sorted(_lines(path)) == [str(i) for i in range(5)]
+
+
+def test_fire_and_forget_runs_released_work_and_then_drops_it(client, tmp_path):
+    path = str(tmp_path / "out")
+    slow = client.submit(time.sleep, 0.5)
+    # Work downstream of a released input, detached: all of it runs.
+    shoal.fire_and_forget([client.submit(lambda _, p: append_line._fn(p, "a"), slow, path)])
+    shoal.fire_and_forget({"m": client.map(append_line._fn, [path] * 3, "bcd", batch_size=2)})
+    del slow
+    deadline = time.monotonic() + 30
+    while len(_lines(path)) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sorted(_lines(path)) == ["a", "b", "c", "d"]
+    with pytest.raises(TypeError, match="futures"):
+        shoal.fire_and_forget(42)

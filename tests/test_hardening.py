@@ -364,3 +364,92 @@ def test_a_task_story_says_what_moved_it_and_where(client):
     assert all(s["task"] == f.key for s in story)
     with pytest.raises(TypeError, match="futures"):
         client.story("not-a-future")
+
+
+def raise_unimportable(path):
+    sys.path.insert(0, path)
+    import shoal_test_only_on_workers as m
+
+    raise m.WeirdError("the original message")
+
+
+def map_unimportable(x, path):
+    if x == 2:
+        raise_unimportable(path)
+    return x
+
+
+class ArrayLikeWithALock:
+    """Looks like an array (``nbytes``) but does not pickle."""
+
+    def __init__(self):
+        import threading
+
+        self.nbytes = 10_000_000
+        self.lock = threading.Lock()
+
+
+def test_an_exception_class_the_client_cannot_import_keeps_task_message_and_traceback(
+    client, tmp_path
+):
+    # Defect 15: the client raised a bare ModuleNotFoundError instead.
+    (tmp_path / "shoal_test_only_on_workers.py").write_text(
+        "class WeirdError(Exception):\n    pass\n"
+    )
+    f = client.submit(raise_unimportable, str(tmp_path), key="weird-task")
+    with pytest.raises(shoal.RemoteError, match="WeirdError: the original message") as e:
+        f.result(timeout=30)
+    assert "cannot be loaded here" in str(e.value)
+    assert "weird-task" in "".join(e.value.__notes__)
+    assert "raise_unimportable" in "".join(e.value.__notes__)
+    # In a map batch, the other elements are still delivered.
+    fs = client.map(map_unimportable, range(4), path=str(tmp_path), batch_size=4)
+    assert client.gather(fs, errors="skip") == [0, 1, 3]
+    with pytest.raises(shoal.RemoteError, match="WeirdError"):
+        fs[2].result(timeout=30)
+
+
+def test_an_unpicklable_array_like_result_is_the_tasks_error(client):
+    # Defect 15: it surfaced as a ConnectionError about data addresses.
+    f = client.submit(ArrayLikeWithALock)
+    with pytest.raises(TypeError, match="could not be pickled"):
+        f.result(timeout=30)
+    assert client.submit(inc, 1).result(timeout=30) == 2
+
+
+KILLED_CLIENT = textwrap.dedent(
+    """
+    import os, sys, time
+    import numpy as np
+    import shoal
+
+    c = shoal.Client(n_workers=1)
+    big = c.submit(np.ones, 1 << 20)  # a result in shared memory
+    big.result()
+    print(c.scheduler_info()["address"], c.worker_pids[0], flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_a_sigkilled_client_leaves_nothing_past_the_next_client(tmp_path):
+    # Defect 14: the socket directory of a SIGKILLed client stayed for good.
+    p = subprocess.Popen([sys.executable, "-c", KILLED_CLIENT], stdout=subprocess.PIPE, text=True)
+    address, worker = p.stdout.readline().split()
+    sock_dir = os.path.dirname(address.removeprefix("unix://"))
+    assert os.path.isdir(sock_dir), address
+    p.kill()
+    p.wait(timeout=30)
+    p.stdout.close()
+    # Its worker notices the scheduler is gone and exits on its own.
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{worker}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{worker}"), "the orphaned worker lives on"
+    with shoal.Client(n_workers=1) as c:
+        assert c.submit(inc, 1).result(timeout=30) == 2
+    assert not os.path.exists(sock_dir), "the dead client's sockets were not swept"
+    left = [
+        d for d in os.listdir("/dev/shm") if d.endswith(f"-{p.pid}") or d.endswith(f"-{worker}")
+    ]
+    assert not left, left

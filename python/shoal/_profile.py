@@ -105,16 +105,26 @@ class Sampler:
 
     def run(self) -> None:
         last = time.monotonic()
+        epoch = self.core.sync_epoch()
+        self.core.set_sampler(True)
         while True:
             time.sleep(self.interval)
             try:
                 self.sample()
                 now = time.monotonic()
-                if now - last >= FLUSH_EVERY:
+                synced = self.core.sync_epoch()
+                if synced != epoch:
+                    # A client asked for everything up to now (a report).
+                    epoch, last = synced, now
+                    self.flush()
+                    self.core.synced()
+                elif now - last >= FLUSH_EVERY:
                     last = now
                     self.flush()
             except Exception as e:  # noqa: BLE001 - profiling must never stop a worker
                 logging.getLogger("shoal.profile").warning("profiler stopped: %s", e)
+                self.core.set_sampler(False)
+                self.core.synced()
                 return
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import cloudpickle
 
-from .errors import ForeignFutureError
+from .errors import ForeignFutureError, RemoteError
 
 PROTOCOL = 5
 _local = threading.local()
@@ -348,4 +348,43 @@ class BatchResult:
         return self.values[index]
 
     def __reduce__(self):
-        return (BatchResult, (self.values, self.errors))
+        errors = {k: (box_exception(e), tb) for k, (e, tb) in self.errors.items()}
+        return (BatchResult, (self.values, errors))
+
+
+class _ExceptionBox:
+    """Pickles an exception so that it always unpickles: to itself, or
+    where its class cannot be loaded, to a ``RemoteError`` with its name
+    and message (a task's error must not become a ``ModuleNotFoundError``
+    that hides the task, the message and the traceback)."""
+
+    __slots__ = ("data", "type_name", "message")
+
+    def __init__(self, data: bytes, type_name: str, message: str):
+        self.data, self.type_name, self.message = data, type_name, message
+
+    def __reduce__(self):
+        return (_unbox_exception, (self.data, self.type_name, self.message))
+
+
+def _unbox_exception(data: bytes, type_name: str, message: str) -> BaseException:
+    try:
+        return pickle.loads(data)
+    except Exception as e:  # noqa: BLE001 - any failure: keep what we know
+        return RemoteError(type_name, message, f"{type(e).__name__}: {e}")
+
+
+def box_exception(exc: BaseException) -> Any:
+    """``exc`` wrapped for pickling (see ``_ExceptionBox``)."""
+    cls = type(exc)
+    type_name = f"{cls.__module__}.{cls.__qualname__}"
+    try:
+        message = str(exc)
+    except Exception:  # noqa: BLE001
+        message = repr(exc.args)
+    try:
+        data = dumps(exc)
+        pickle.loads(data)  # some exceptions pickle but cannot be unpickled
+    except Exception as e:  # noqa: BLE001
+        data = dumps(RemoteError(type_name, message, f"it does not pickle: {e}"))
+    return _ExceptionBox(data, type_name, message)

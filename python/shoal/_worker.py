@@ -32,13 +32,7 @@ def _dumps_error(exc: BaseException, name: str) -> tuple[bytes, str]:
         exc = TaskAbortedError(
             f"task {name!r} raised {type(exc).__name__}{exc.args!r}; the worker kept running"
         )
-    try:
-        data = _serialize.dumps((exc, tb))
-        pickle.loads(data)  # some exceptions pickle but cannot be unpickled
-        return data, tb
-    except Exception:
-        fallback = RuntimeError(f"{type(exc).__qualname__}: {exc}")
-        return _serialize.dumps((fallback, tb)), tb
+    return _serialize.dumps((_serialize.box_exception(exc), tb)), tb
 
 
 def _run_batch(fn: Any, payload: Any) -> Any:
@@ -309,13 +303,21 @@ class _Executor:
                 replaced.clear()
 
 
+# Libraries whose array-likes are known to pickle whenever their data does.
+_DEFERRED = frozenset({"numpy", "pandas", "pyarrow"})
+
+
 def _buffer_size(obj: Any) -> int | None:
     """Size of an array-like result that can wait to be pickled (NumPy,
-    pandas Series, memoryview: ``nbytes``); None for anything else, which is
-    pickled at once so that a failure is the task's error. Object arrays are
+    pandas, Arrow, memoryview: ``nbytes``); None for anything else, which
+    is pickled at once so that a failure is the task's error (any class
+    with an ``nbytes`` may hold what does not pickle). Object arrays are
     pickled at once too: their elements may not pickle."""
     nbytes = getattr(obj, "nbytes", None)
     if type(nbytes) is not int:
+        return None
+    cls = type(obj)
+    if cls is not memoryview and cls.__module__.partition(".")[0] not in _DEFERRED:
         return None
     dtype = getattr(obj, "dtype", None)
     if dtype is not None and getattr(dtype, "hasobject", True):

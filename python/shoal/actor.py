@@ -32,7 +32,7 @@ from typing import Any
 import cloudpickle
 
 from . import _core
-from .client import Client, Future, default_client
+from .client import Client, Future, default_client, fire_and_forget
 from .errors import ActorDiedError
 
 _ids = itertools.count(1)
@@ -97,6 +97,9 @@ class ActorHandle:
         )
         if sup is not None:
             sup.track(f)
+        # Ray runs a call whether or not its ref is kept
+        # (`counter.incr.remote()` as a statement).
+        fire_and_forget(f)
         return f
 
     def __reduce__(self):

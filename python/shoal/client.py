@@ -949,6 +949,11 @@ class Client:
             raise ValueError(answer["error"])
         return answer
 
+    def _sync(self) -> None:
+        """Makes every worker send what it has to report (profile samples,
+        log lines, transfers) before this returns: tens of milliseconds."""
+        self.query("/api/sync")
+
     def story(self, *futures: Future) -> list[dict[str, Any]]:
         """The scheduler's recent transitions of these tasks, oldest first:
         ``{"task", "from", "to", "worker", "stimulus", "time_us"}`` each,
@@ -969,14 +974,17 @@ class Client:
         """The profiler's samples since the cluster started, as folded
         stacks (``"f (file:line);g (file:line)"`` -> count): all task groups
         together, or only ``group``. Workers sample the stacks of running
-        tasks every ``SHOAL_PROFILE_INTERVAL`` (default 20 ms; 0: off)."""
+        tasks every ``SHOAL_PROFILE_INTERVAL`` (default 20 ms; 0: off).
+        Workers hand over their latest samples first."""
+        self._sync()
         q = "/api/profile" + (f"?group={urllib.parse.quote(group)}" if group else "")
         return dict(self.query(q)["stacks"])
 
     def get_worker_logs(self, n: int | None = None) -> dict[str, list[str]]:
         """Recent log lines of each worker (its ``logging`` records and
         Shoal's own, filtered by ``SHOAL_LOG``), by worker name; the last
-        ``n`` of each if given."""
+        ``n`` of each if given. Workers hand over their latest lines first."""
+        self._sync()
         out: dict[str, list[str]] = {}
         for w in self.query("/api/logs")["workers"]:
             lines = w["lines"]
@@ -1213,6 +1221,30 @@ def _by_client(futures: Iterable[Future]) -> dict[Client, list[Future]]:
             raise TypeError(f"expected shoal Futures, got {type(f).__name__}")
         out.setdefault(f._client, []).append(f)
     return out
+
+
+def fire_and_forget(obj: Any) -> None:
+    """Runs these tasks to their end even if every future of them is
+    released (Dask's ``fire_and_forget``): ``obj`` is a future, a ``map``'s
+    futures, or lists, tuples, sets and dicts of them. Their results are
+    dropped once they finish, unless a future still holds them. Ray-style
+    ``.remote()`` calls always run this way."""
+    ids: dict[Client, set[int]] = {}
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, Future):
+            ids.setdefault(o._client, set()).add(o._id)
+        elif isinstance(o, FutureList):
+            ids.setdefault(o._client, set()).update(o._ids)
+        elif isinstance(o, dict):
+            stack.extend(o.values())
+        elif isinstance(o, (list, tuple, set, frozenset)):
+            stack.extend(o)
+        else:
+            raise TypeError(f"fire_and_forget takes futures, not {type(o).__name__}")
+    for client, group in ids.items():
+        client._check().detach(sorted(group))
 
 
 def wait(

@@ -324,8 +324,8 @@ class performance_report:  # noqa: N801 - named like distributed.performance_rep
     duration, bytes transferred), progress by group, worker memory and CPU
     over time, and the profile of the block.
 
-    Closing waits about a second, for the workers' last figures (they
-    arrive with heartbeats)."""
+    Closing asks every worker for its last figures (profile samples,
+    transfers) and waits for them, a few tens of milliseconds."""
 
     def __init__(self, filename: str | os.PathLike = "shoal-report.html", client: Any = None):
         self.filename = os.fspath(filename)
@@ -342,8 +342,8 @@ class performance_report:  # noqa: N801 - named like distributed.performance_rep
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        time.sleep(1.2)  # one heartbeat: the last transfers, spills, samples
         c = self.client
+        c._sync()  # every worker's last transfers, spills, samples
         data = c.query(f"/api/report?since_us={self.start_us}")
         data["profile"] = _profile_diff(c.profile(), self.profile_before)
         data["summary"] = _summary(data)

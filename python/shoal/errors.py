@@ -17,6 +17,7 @@ __all__ = [
     "ActorDiedError",
     "DataLostError",
     "ForeignFutureError",
+    "RemoteError",
 ]
 
 
@@ -65,3 +66,19 @@ class DataLostError(ShoalError):
 class ForeignFutureError(ShoalError, ValueError):
     """A future was given to a client other than the one that made it (it
     names a task of that client, possibly of another cluster)."""
+
+
+class RemoteError(ShoalError):
+    """A task raised an exception whose class cannot be loaded here (its
+    module is not importable in this process, or it does not unpickle).
+    ``type_name`` and the message are the original's; the worker's
+    traceback follows as a note, as for any task error."""
+
+    def __init__(self, type_name: str, message: str, reason: str = ""):
+        why = f" (its class cannot be loaded here: {reason})" if reason else ""
+        super().__init__(f"{type_name}: {message}{why}")
+        self.type_name = type_name
+        self.message = message
+
+    def __reduce__(self):
+        return (RemoteError, (self.type_name, self.message))

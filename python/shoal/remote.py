@@ -12,7 +12,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from .client import Client, Future, default_client, get_client, wait
+from .client import Client, Future, default_client, fire_and_forget, get_client, wait
 
 _OPTIONS = {"num_cpus", "num_gpus", "resources", "retries", "max_retries", "priority", "name"}
 _ACTOR_OPTIONS = {"max_restarts", "num_cpus"}
@@ -56,7 +56,7 @@ class RemoteFunction:
             resources["GPU"] = o["num_gpus"]
         if o.get("num_cpus", 1) > 1:
             resources["CPU"] = o["num_cpus"]  # worker threads it occupies
-        return default_client().submit(
+        f = default_client().submit(
             self._fn,
             *args,
             retries=max(0, retries),
@@ -64,6 +64,9 @@ class RemoteFunction:
             resources=resources or None,
             **kwargs,
         )
+        # Ray runs a call whether or not its ref is kept.
+        fire_and_forget(f)
+        return f
 
     def options(self, **options: Any) -> RemoteFunction:
         """A copy with other options (``num_cpus``: worker threads it

@@ -52,6 +52,10 @@ pub struct WorkerId(pub u32);
 #[derive(Copy, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
 pub struct ClientId(pub u32);
 
+/// The interest that keeps detached work wanted until it ends (see
+/// [`Core::handle_detach`]); never a connected client.
+pub const DETACHED: ClientId = ClientId(u32::MAX);
+
 impl fmt::Debug for TaskId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "t{:x}", self.0)
@@ -432,6 +436,9 @@ pub struct Core {
     actions: Vec<Action>,
     log: VecDeque<Transition>,
     transitions: u64,
+    /// Detached tasks that finished or failed: their detached interest is
+    /// dropped by the next `schedule`.
+    detached_done: Vec<TaskId>,
     /// The event being handled, for the transition log.
     stimulus: &'static str,
     /// Last time given by `handle_tick` (microseconds, any origin).
@@ -460,6 +467,7 @@ impl Core {
             actions: Vec::new(),
             log: VecDeque::new(),
             transitions: 0,
+            detached_done: Vec::new(),
             stimulus: "",
             now_us: 0,
         }
@@ -1058,6 +1066,24 @@ impl Core {
         self.schedule();
     }
 
+    /// The client wants these tasks run whether or not it keeps them (Ray's
+    /// semantics for every call, Dask's `fire_and_forget`): they stay
+    /// wanted until they finish or fail, then only the client's own
+    /// interest keeps their results. Tasks that already ended are unaffected.
+    pub fn handle_detach(&mut self, client: ClientId, tasks: &[TaskId]) {
+        for &id in tasks {
+            let Some(t) = self.tasks.get_mut(&id) else {
+                continue;
+            };
+            if t.state.is_pending()
+                && t.wanted_by.contains(&client)
+                && !t.wanted_by.contains(&DETACHED)
+            {
+                t.wanted_by.push(DETACHED);
+            }
+        }
+    }
+
     /// A client disconnected: everything it wanted is released.
     pub fn handle_client_gone(&mut self, client: ClientId) {
         self.stimulus = "client-gone";
@@ -1280,6 +1306,15 @@ impl Core {
     }
 
     fn notify_one(&mut self, client: ClientId, id: TaskId) {
+        if client == DETACHED {
+            if matches!(
+                self.tasks[&id].state,
+                TaskState::Memory { .. } | TaskState::Erred { .. }
+            ) {
+                self.detached_done.push(id);
+            }
+            return;
+        }
         match self.tasks[&id].state {
             TaskState::Memory { .. } => self.actions.push(Action::TaskMemory { client, task: id }),
             TaskState::Erred { cause, kind } => self.actions.push(Action::TaskErred {
@@ -1584,6 +1619,19 @@ impl Core {
     /// the next one. Prefers the worker holding most bytes of the inputs, then
     /// the least loaded.
     fn schedule(&mut self) {
+        while let Some(id) = self.detached_done.pop() {
+            let Some(t) = self.tasks.get_mut(&id) else {
+                continue;
+            };
+            if t.state.is_pending() {
+                continue; // running again (its result was lost)
+            }
+            t.wanted_by.retain(|&c| c != DETACHED);
+            if t.wanted_by.is_empty() {
+                self.maybe_release(id);
+                self.maybe_forget(id);
+            }
+        }
         if self.workers.values().any(|w| w.retiring.is_some()) {
             self.retire_step();
         }
@@ -1762,6 +1810,13 @@ impl Core {
             assert!(
                 !t.wanted_by.is_empty() || !t.dependents.is_empty(),
                 "{id:?} should have been forgotten"
+            );
+            assert!(
+                !t.wanted_by.contains(&DETACHED)
+                    || t.state.is_pending()
+                    || self.detached_done.contains(&id),
+                "{id:?}: detached interest outlives the run ({:?})",
+                t.state
             );
             match t.state {
                 TaskState::Waiting => {

@@ -476,6 +476,11 @@ fn sim(seed: u64) {
         } else if roll < 9 && !wanted.is_empty() {
             let id = wanted[rng.usize(0..wanted.len())];
             c.handle_cancel(C, &[id]);
+        } else if roll < 11 && !wanted.is_empty() {
+            // Run it even if released (Ray's dropped refs), then release it.
+            let id = wanted.swap_remove(rng.usize(0..wanted.len()));
+            c.handle_detach(C, &[id]);
+            c.handle_release(C, &[id]);
         } else if !running.is_empty() {
             let i = rng.usize(0..running.len());
             let (w, id, started) = running[i];
@@ -1148,4 +1153,44 @@ fn inputs_that_cannot_be_fetched_place_the_task_again_then_are_recomputed() {
         task: t(1)
     }));
     assert_eq!(computes(&a), vec![(0, 1)]);
+}
+
+#[test]
+fn detached_work_runs_though_released_and_is_forgotten_when_done() {
+    let mut c = core();
+    c.handle_worker_added(WorkerId(0), 1);
+    c.handle_submit(C, vec![nt(1, &[]), nt(2, &[1]), nt(3, &[])]);
+    c.handle_detach(C, &[t(2)]);
+    // The client drops every future: the detached task and its input stay.
+    c.handle_release(C, &[t(1), t(2), t(3)]);
+    c.check_invariants();
+    assert_eq!(c.state(t(3)), None, "a plain released task is dropped");
+    assert_eq!(computes(&c.take_actions()), vec![(0, 1)]);
+    c.handle_task_finished(WorkerId(0), t(1), 8, false, 10);
+    c.check_invariants();
+    assert_eq!(computes(&c.take_actions()), vec![(0, 2)]);
+    c.handle_task_finished(WorkerId(0), t(2), 8, false, 10);
+    c.check_invariants();
+    let a = c.take_actions();
+    // Nobody is told (no client holds it); its data is dropped, its record forgotten.
+    assert!(
+        !a.iter().any(|x| matches!(x, Action::TaskMemory { .. })),
+        "{a:?}"
+    );
+    assert!(a.contains(&Action::ReleaseData {
+        worker: Some(WorkerId(0)),
+        task: t(2)
+    }));
+    assert_eq!(c.n_tasks(), 0);
+    // A client that keeps its future still gets the result.
+    c.handle_submit(C, vec![nt(4, &[])]);
+    c.handle_detach(C, &[t(4)]);
+    c.take_actions();
+    c.handle_task_finished(WorkerId(0), t(4), 8, true, 10);
+    c.check_invariants();
+    assert!(c.take_actions().contains(&Action::TaskMemory {
+        client: C,
+        task: t(4)
+    }));
+    assert!(matches!(c.state(t(4)), Some(TaskState::Memory { .. })));
 }

@@ -157,6 +157,8 @@ pub enum ToScheduler {
     Release(Vec<u64>),
     /// Client: cancel unfinished tasks.
     Cancel(Vec<u64>),
+    /// Client: run these tasks to their end even if it releases them.
+    Detach(Vec<u64>),
     /// Client: no worker will offer this resource again (an actor is gone).
     Withdraw(String),
     /// Client: a worker offering one of this resource is starting (an actor).
@@ -189,6 +191,9 @@ pub enum ToScheduler {
     /// Worker: its execution threads took these tasks (sent before their
     /// results): only started tasks are suspects when the worker dies.
     Started(Vec<u64>),
+    /// Worker: everything it had to report up to the `Sync` with this id
+    /// (profile samples, transfers, results) is sent.
+    Synced(u64),
     /// Worker: the holder of these inputs of `task` could not be reached;
     /// the task was dropped (the scheduler places it again).
     FetchFailed {
@@ -519,6 +524,9 @@ pub enum FromScheduler {
     },
     /// To a worker: exit so that your nanny starts a fresh process.
     Restart,
+    /// To a worker: send what you have to report now, profile samples
+    /// included, then `Synced` with this id.
+    Sync(u64),
 }
 
 /// A data request to a worker's data server.

@@ -93,26 +93,6 @@ struct Cluster {
     dashboard: Option<String>,
 }
 
-fn private_dir() -> std::io::Result<PathBuf> {
-    use std::os::unix::fs::DirBuilderExt;
-    let base = std::env::temp_dir();
-    for i in 0..100u32 {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let p = base.join(format!("shoal-{}-{nanos:x}-{i}", std::process::id()));
-        // 0700: only this user can reach the sockets (pickles are code).
-        match std::fs::DirBuilder::new().mode(0o700).create(&p) {
-            Ok(()) => return Ok(p),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(std::io::Error::other(
-        "cannot create a private socket directory",
-    ))
-}
-
 #[pymethods]
 impl Cluster {
     /// Starts the scheduler and `n_workers` processes running
@@ -128,7 +108,7 @@ impl Cluster {
         dashboard: Option<String>,
     ) -> PyResult<Self> {
         py.detach(|| {
-            let dir = private_dir()?;
+            let dir = shm::socket_dir()?;
             let addr = Address::Unix(dir.join("scheduler.sock"));
             // A fresh random token per cluster; workers get it in their
             // environment, never on a command line (visible to `ps`).
@@ -382,6 +362,11 @@ impl ClientCore {
     /// Cancels unfinished tasks.
     fn cancel(&self, ids: Vec<u64>) {
         self.inner.cancel(ids);
+    }
+
+    /// These tasks run to their end even if their futures are released.
+    fn detach(&self, ids: Vec<u64>) {
+        self.inner.detach(ids);
     }
 
     /// A worker offering one of this resource is starting: tasks wait for it.
@@ -841,6 +826,22 @@ impl WorkerCore {
     /// scheduler with the next heartbeat).
     fn add_profile(&self, samples: Vec<(String, String, u32)>) {
         self.inner.add_profile(samples);
+    }
+
+    /// A profiler thread runs (True): the scheduler's syncs wait for it.
+    fn set_sampler(&self, on: bool) {
+        self.inner.set_sampler(on);
+    }
+
+    /// Changes when the scheduler asks for a sync: hand over the samples
+    /// (``add_profile``), then call ``synced``.
+    fn sync_epoch(&self) -> u64 {
+        self.inner.sync_epoch()
+    }
+
+    /// Answers the scheduler's pending syncs (after ``add_profile``).
+    fn synced(&self) {
+        self.inner.synced();
     }
 }
 

@@ -338,6 +338,11 @@ impl ClientShared {
         let _ = self.out.send(ToScheduler::Cancel(ids));
     }
 
+    /// Asks for these tasks to run even if their futures are released.
+    pub fn detach(&self, ids: Vec<u64>) {
+        let _ = self.out.send(ToScheduler::Detach(ids));
+    }
+
     /// Tells the scheduler a worker offering one `resource` is starting.
     pub fn expect(&self, resource: String) {
         let _ = self.out.send(ToScheduler::Expect(resource));

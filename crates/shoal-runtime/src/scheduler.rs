@@ -12,7 +12,7 @@ pub use http::{APP_CSS, APP_JS, INDEX_HTML};
 use crate::net::{self, Address, Listener, Secret};
 use bytes::Bytes;
 use futures::StreamExt;
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use shoal_core::{Action, ClientId, Core, ErrorKind, Location, NewTask, TaskId, WorkerId};
 use shoal_proto::{
     task_name, ClusterInfo, Dep, DepSource, FromScheduler, Role, TaskError, TaskSpec, ToScheduler,
@@ -24,6 +24,9 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
 
 type Tx = mpsc::UnboundedSender<FromScheduler>;
+
+/// A client query that makes every worker send its telemetry first.
+pub const SYNC_PATH: &str = "/api/sync";
 
 /// Transitions the core keeps for task stories (about 80 bytes each).
 const STORY_LOG: usize = 100_000;
@@ -314,6 +317,9 @@ struct WorkerConn {
 
 struct State {
     address: String,
+    /// Syncs in progress: id -> (client, its query id, workers yet to answer).
+    syncs: FxHashMap<u64, (u32, u64, FxHashSet<u32>)>,
+    next_sync: u64,
     /// Wall clock when the core's clock (its ticks) started.
     started_us: u64,
     /// The dashboard's URL, empty if none.
@@ -355,6 +361,8 @@ async fn owner(
             ..Default::default()
         }),
         started_us: crate::worker::now_us(),
+        syncs: FxHashMap::default(),
+        next_sync: 0,
         specs: FxHashMap::default(),
         inline: FxHashMap::default(),
         errors: FxHashMap::default(),
@@ -451,6 +459,7 @@ impl State {
                         tracing::warn!("worker {} left: {reason}", w.name);
                     }
                 }
+                self.synced_all(id);
                 self.core.handle_worker_lost(WorkerId(id));
                 self.process();
             }
@@ -536,6 +545,10 @@ impl State {
                 let ids: Vec<TaskId> = ids.into_iter().map(TaskId).collect();
                 self.core.handle_cancel(cid, &ids);
             }
+            ToScheduler::Detach(ids) => {
+                let ids: Vec<TaskId> = ids.into_iter().map(TaskId).collect();
+                self.core.handle_detach(cid, &ids);
+            }
             ToScheduler::Withdraw(name) => {
                 let r = self.resource_ids(&[(name, 0.0)])[0].0;
                 self.core.handle_resource_withdrawn(r);
@@ -576,6 +589,7 @@ impl State {
                     let _ = tx.send(FromScheduler::Info(info));
                 }
             }
+            ToScheduler::Query { id, path } if path == SYNC_PATH => self.start_sync(client, id),
             ToScheduler::Query { id, path } => {
                 let json = match self.query(&path) {
                     Ok(("application/json", body)) => body,
@@ -587,6 +601,44 @@ impl State {
                 }
             }
             other => tracing::warn!("client {client} sent a worker message: {other:?}"),
+        }
+    }
+
+    /// A client's `/api/sync` query: every worker sends what it has to
+    /// report (profile samples, transfers) before the answer, so that what
+    /// the client reads next is complete up to now.
+    fn start_sync(&mut self, client: u32, query: u64) {
+        self.next_sync += 1;
+        let sid = self.next_sync;
+        let waiting: FxHashSet<u32> = self.workers.keys().copied().collect();
+        for w in self.workers.values() {
+            let _ = w.tx.send(FromScheduler::Sync(sid));
+        }
+        self.syncs.insert(sid, (client, query, waiting));
+        self.synced(sid, u32::MAX);
+    }
+
+    /// Worker `worker` answered sync `sid` (u32::MAX: none did; just look).
+    fn synced(&mut self, sid: u64, worker: u32) {
+        let Some((client, query, waiting)) = self.syncs.get_mut(&sid) else {
+            return;
+        };
+        waiting.remove(&worker);
+        if waiting.is_empty() {
+            let (client, id) = (*client, *query);
+            self.syncs.remove(&sid);
+            if let Some(tx) = self.clients.get(&client) {
+                let json = serde_json::json!({ "synced": true }).to_string();
+                let _ = tx.send(FromScheduler::QueryReply { id, json });
+            }
+        }
+    }
+
+    /// A worker left: no sync waits for it.
+    fn synced_all(&mut self, worker: u32) {
+        let sids: Vec<u64> = self.syncs.keys().copied().collect();
+        for sid in sids {
+            self.synced(sid, worker);
         }
     }
 
@@ -675,6 +727,7 @@ impl State {
                     self.core.handle_steal_reply(wid, TaskId(id), true);
                 }
             }
+            ToScheduler::Synced(sid) => self.synced(sid, worker),
             ToScheduler::Started(ids) => {
                 let ids: Vec<TaskId> = ids.into_iter().map(TaskId).collect();
                 self.core.handle_tasks_started(wid, &ids);
@@ -712,6 +765,7 @@ impl State {
                     w.pid
                 );
             }
+            self.synced_all(id);
             self.core.handle_worker_lost(WorkerId(id));
             self.process();
         }

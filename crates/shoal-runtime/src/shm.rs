@@ -8,7 +8,8 @@
 //! directories when it exits cleanly, the embedded cluster's supervisor
 //! removes a dead worker's, and [`sweep`] (run whenever a cluster or worker
 //! starts) removes those of processes that no longer exist, so a crash of
-//! everything leaks nothing past the next start.
+//! everything leaks nothing past the next start. An embedded cluster's
+//! sockets live the same way, in `<tmp>/shoal-sock-<uid>-<pid>-<n>`.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ use std::sync::OnceLock;
 
 const SEGMENTS: &str = "shoal-";
 const SPILL: &str = "shoal-spill-";
+const SOCKETS: &str = "shoal-sock-";
 
 /// Identifies this host's shared memory: peers with the same key can map
 /// each other's segments (same machine, same boot). Hostname and boot id;
@@ -73,6 +75,26 @@ pub fn spill_dir(local: Option<&Path>, pid: u32) -> PathBuf {
     base.join(format!("{SPILL}{}-{pid}", uid()))
 }
 
+/// A new private directory (mode 0700: pickles are code) for an embedded
+/// cluster's sockets, owned by this process like its segments.
+pub fn socket_dir() -> io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let pid = std::process::id();
+    for _ in 0..100 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("{SOCKETS}{}-{pid}-{n}", uid()));
+        match std::fs::DirBuilder::new().mode(0o700).create(&p) {
+            Ok(()) => return Ok(p),
+            // Left by an earlier process with this pid: take the next name.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::other("cannot create a private socket directory"))
+}
+
 /// Creates this process's directory at `dir` (mode 0700), emptying a stale
 /// one left by an earlier process with the same pid.
 pub fn create_own(dir: &Path) -> io::Result<()> {
@@ -93,13 +115,18 @@ fn alive(pid: u32) -> bool {
     rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
-/// Removes the segment and spill directories of this user's processes that
-/// no longer exist (a crash that took every process down); returns how many.
+/// Removes the segment, spill and socket directories of this user's
+/// processes that no longer exist (a crash that took every process down, a
+/// SIGKILLed client); returns how many.
 pub fn sweep(local: Option<&Path>) -> usize {
     let me = uid();
     let mut removed = 0;
     let spill_base = local.map_or_else(std::env::temp_dir, Path::to_path_buf);
-    for (base, prefix) in [(base_dir(), SEGMENTS), (spill_base, SPILL)] {
+    for (base, prefix, fields) in [
+        (base_dir(), SEGMENTS, 2),
+        (spill_base, SPILL, 2),
+        (std::env::temp_dir(), SOCKETS, 3),
+    ] {
         let Ok(entries) = std::fs::read_dir(&base) else {
             continue;
         };
@@ -108,11 +135,13 @@ pub fn sweep(local: Option<&Path>) -> usize {
             let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else {
                 continue;
             };
-            // `<uid>-<pid>`; "spill-..." also starts with "shoal-": skip it.
-            let Some((u, p)) = rest.split_once('-') else {
+            // `<uid>-<pid>[-<n>]`; "spill-..." and "sock-..." also start
+            // with "shoal-": the field count and numbers tell them apart.
+            let parts: Vec<&str> = rest.split('-').collect();
+            if parts.len() != fields || parts.iter().any(|x| x.parse::<u32>().is_err()) {
                 continue;
-            };
-            let (Ok(u), Ok(p)) = (u.parse::<u32>(), p.parse::<u32>()) else {
+            }
+            let (Ok(u), Ok(p)) = (parts[0].parse::<u32>(), parts[1].parse::<u32>()) else {
                 continue;
             };
             if u == me && !alive(p) && std::fs::remove_dir_all(e.path()).is_ok() {
@@ -126,6 +155,18 @@ pub fn sweep(local: Option<&Path>) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sweep_removes_socket_dirs_of_dead_processes() {
+        let live = socket_dir().unwrap();
+        let dead = std::env::temp_dir().join(format!("{SOCKETS}{}-4194305-0", uid()));
+        std::fs::create_dir_all(&dead).unwrap();
+        std::fs::write(dead.join("sched.sock"), b"").unwrap();
+        sweep(None);
+        assert!(live.is_dir());
+        assert!(!dead.exists());
+        std::fs::remove_dir_all(&live).unwrap();
+    }
 
     #[test]
     fn sweep_removes_only_dead_processes_dirs() {

@@ -153,6 +153,13 @@ pub struct WorkerShared {
     /// Transfers, spills, profile samples and log lines since the last
     /// heartbeat (sent with it).
     telemetry: Mutex<Telemetry>,
+    /// Syncs the scheduler asked for, waiting for the profiler to hand over
+    /// its samples (answered by [`WorkerShared::synced`]).
+    syncs: Mutex<Vec<u64>>,
+    /// Counts sync requests: the profiler flushes when it changes.
+    sync_epoch: AtomicU64,
+    /// A profiler runs (else syncs are answered at once).
+    sampler: std::sync::atomic::AtomicBool,
     /// Bytes fetched from peers / served to them, in all.
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
@@ -194,6 +201,9 @@ pub enum Stored {
 
 /// Steps of the worker's orders kept for their story (debugging).
 const ORDER_LOG: usize = 0;
+
+/// How long a sync waits for the profiler's samples.
+const SYNC_WAIT: Duration = Duration::from_millis(500);
 
 /// Transfers a worker makes at once (each may move a large result).
 const FETCH_SLOTS: usize = 16;
@@ -411,6 +421,32 @@ impl WorkerShared {
         Some(std::mem::take(&mut *t))
     }
 
+    /// A profiler thread runs: syncs wait for its samples.
+    pub fn set_sampler(&self, on: bool) {
+        self.sampler.store(on, Ordering::Relaxed);
+    }
+
+    /// Changes when the scheduler asks for a sync: the profiler then hands
+    /// over its samples and calls [`WorkerShared::synced`].
+    pub fn sync_epoch(&self) -> u64 {
+        self.sync_epoch.load(Ordering::Relaxed)
+    }
+
+    /// Answers the pending syncs: buffered reports, telemetry, then `Synced`.
+    pub fn synced(&self) {
+        let syncs = std::mem::take(&mut *self.syncs.lock());
+        if syncs.is_empty() {
+            return;
+        }
+        self.flush();
+        if let Some(t) = self.take_telemetry() {
+            let _ = self.out.send(ToScheduler::Telemetry(t));
+        }
+        for sid in syncs {
+            let _ = self.out.send(ToScheduler::Synced(sid));
+        }
+    }
+
     /// Tells the scheduler this worker's memory is above (true) or back
     /// below (false) its pause fraction.
     pub fn set_paused(&self, paused: bool) {
@@ -603,6 +639,9 @@ pub fn start(
             metrics: Mutex::new(WorkerMetrics::default()),
             copied: Mutex::new(FxHashSet::default()),
             telemetry: Mutex::new(Telemetry::default()),
+            syncs: Mutex::new(Vec::new()),
+            sync_epoch: AtomicU64::new(0),
+            sampler: std::sync::atomic::AtomicBool::new(false),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
         });
@@ -791,6 +830,21 @@ fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
             return true;
         }
         FromScheduler::Ping => {}
+        FromScheduler::Sync(sid) => {
+            sh.syncs.lock().push(sid);
+            if sh.sampler.load(Ordering::Relaxed) {
+                sh.sync_epoch.fetch_add(1, Ordering::Relaxed);
+                // The profiler answers within its interval; a task holding
+                // the GIL may delay it: answer anyway after a while.
+                let sh = sh.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(SYNC_WAIT).await;
+                    sh.synced();
+                });
+            } else {
+                sh.synced();
+            }
+        }
         FromScheduler::Replicate { id, from } => {
             let sh = sh.clone();
             tokio::spawn(async move {
