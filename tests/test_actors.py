@@ -153,3 +153,21 @@ def test_fire_and_forget_runs_released_work_and_then_drops_it(client, tmp_path):
     assert sorted(_lines(path)) == ["a", "b", "c", "d"]
     with pytest.raises(TypeError, match="futures"):
         shoal.fire_and_forget(42)
+
+
+def test_a_handle_collected_while_the_watcher_holds_its_lock_does_not_deadlock():
+    # Found by the suite: a garbage collection inside the actor watcher's
+    # locked section ran a handle's finalizer, which took the same lock.
+    import threading
+
+    from shoal import actor
+
+    done = threading.Event()
+
+    def watcher_collects():
+        with actor._watch_lock:
+            actor._forget("not-an-actor", "/nonexistent")  # what the finalizer runs
+        done.set()
+
+    threading.Thread(target=watcher_collects, daemon=True).start()
+    assert done.wait(5), "deadlocked"

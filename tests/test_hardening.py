@@ -453,3 +453,66 @@ def test_a_sigkilled_client_leaves_nothing_past_the_next_client(tmp_path):
         d for d in os.listdir("/dev/shm") if d.endswith(f"-{p.pid}") or d.endswith(f"-{worker}")
     ]
     assert not left, left
+
+
+_cache: dict = {}
+
+
+def cached_array():
+    import numpy as np
+
+    a = _cache.get("a")
+    if a is None:
+        a = _cache["a"] = np.zeros(4 << 20, dtype=np.uint8)  # a shared-memory block
+    return a
+
+
+def fresh_array(v):
+    import numpy as np
+
+    return np.full(4 << 20, v, dtype=np.uint8)
+
+
+def overwrite_cache(v):
+    _cache["a"][:] = v
+    return int(_cache["a"][0])
+
+
+def first_byte(a):
+    return int(a[0])
+
+
+def test_a_result_its_producer_still_holds_is_not_changed_under_consumers():
+    # Defect 9: a held result was published in place, still writable by
+    # whoever kept it (a cache, an actor's state): later writes showed
+    # through in every consumer.
+    with shoal.Client(n_workers=1) as c:
+        f, fresh = c.submit(cached_array), c.submit(fresh_array, 3)
+        got, other = c.gather([f, fresh])
+        assert int(got[0]) == 0 and int(other[0]) == 3
+        assert c.submit(overwrite_cache, 7).result(timeout=30) == 7
+        assert int(got[0]) == 0, "the client's result changed"
+        assert c.submit(first_byte, f).result(timeout=30) == 0
+        assert c.submit(first_byte, fresh).result(timeout=30) == 3
+
+
+def test_sole_reference_tells_fresh_results_from_shared_ones():
+    import numpy as np
+
+    from shoal._store import sole_reference
+
+    keep: dict = {}
+
+    def finish(result):  # Store.finish's place in the call chain
+        return sole_reference(result)
+
+    def execute(make):
+        result = make()
+        return finish(result)
+
+    assert execute(lambda: np.zeros(100))
+    assert execute(lambda: np.zeros(100)[:50])  # a view of a fresh array
+    assert not execute(lambda: keep.setdefault("a", np.zeros(100)))
+    assert not execute(lambda: keep["a"][:50])  # a view of a kept array
+    b = np.zeros(100)
+    assert not execute(lambda: b)

@@ -104,6 +104,52 @@ def rss_anon() -> int:
     return 0
 
 
+def _references(obj: Any) -> int:
+    return sys.getrefcount(obj)
+
+
+def _calibrate() -> tuple[int, int]:
+    """References a result has at ``Store.finish`` when nothing but the
+    task's return holds it, and an array base held only by its view: the
+    same call chain, measured (interpreters count differently)."""
+
+    class View:
+        base: Any = None
+
+    def sole(result: Any) -> int:  # sole_reference's place
+        return _references(result)
+
+    def finish(result: Any) -> int:
+        return sole(result)
+
+    def execute() -> int:
+        result = object()
+        return finish(result)
+
+    v = View()
+    v.base = object()
+    base = v.base
+    return execute(), _references(base)
+
+
+_SOLE, _SOLE_BASE = _calibrate()
+
+
+def sole_reference(result: Any) -> bool:
+    """Whether nothing outside the finished task holds ``result`` or the
+    arrays whose memory it views (an actor's state, a cache, a global):
+    only then may its memory be published to consumers in place, since no
+    one can write it afterwards. Call as ``Store.finish`` does."""
+    if _references(result) > _SOLE:
+        return False
+    base = getattr(result, "base", None)
+    while base is not None:
+        if _references(base) > _SOLE_BASE:
+            return False
+        base = getattr(base, "base", None)
+    return True
+
+
 class Store:
     """Large results of one worker process, and its memory manager."""
 
@@ -114,6 +160,9 @@ class Store:
         self.lock = threading.RLock()
         self.objects: dict[int, Any] = {}
         self.files: dict[int, tuple[str, int, bool]] = {}  # id -> (path, length, on disk)
+        # Held results something else also holds: copied when exported,
+        # never published in place (their producer may write them later).
+        self.shared: set[int] = set()
         self.managed: OrderedDict[int, int] = OrderedDict()  # in memory, LRU first
         self.managed_bytes = 0
         self.shm_bytes = 0  # our segments' sizes
@@ -183,15 +232,19 @@ class Store:
         if type(result) is Adopted:
             return self._adopt(tid, result)
         if size is not None and size > INLINE_LIMIT:
+            sole = sole_reference(result)
             with self.lock:
                 self.objects[tid] = result
+                if not sole:
+                    self.shared.add(tid)
                 self._account(tid, size)
             self.check()
             return None, size
         parts, length, oob = _serialize.frame_parts(result)
         if length <= INLINE_LIMIT:
             return (parts[0] if len(parts) == 1 else b"".join(parts)), length
-        path, _, length = self._write_segment(tid, parts, length, oob)
+        # A container's arrays may be held elsewhere too: copied.
+        path, _, length = self._write_segment(tid, parts, length, oob, in_place=False)
         with self.lock:
             # With out-of-band buffers, a view of the segment replaces the
             # object: the data is in memory once. A plain pickle is kept
@@ -213,7 +266,7 @@ class Store:
         return path, a.length
 
     def _write_segment(
-        self, tid: int, parts: list[Any], length: int, oob: bool
+        self, tid: int, parts: list[Any], length: int, oob: bool, in_place: bool = True
     ) -> tuple[str, bool, int]:
         """Puts a frame (``length`` bytes) in a shared-memory file: its
         buffer's own block where it lies in one, else a copy (to disk if
@@ -221,9 +274,9 @@ class Store:
         on disk, and the frame's length in the file."""
         path = os.path.join(self.seg_dir(), f"{tid:x}")
         on_disk = False
-        in_place = self._publish_in_place(path, parts) if oob else None
-        if in_place is not None:
-            length = in_place
+        published = self._publish_in_place(path, parts) if oob and in_place else None
+        if published is not None:
+            length = published
         else:
             try:
                 _serialize.write_file(path, parts)
@@ -295,7 +348,8 @@ class Store:
         if obj is _MISSING:
             return None
         parts, length, oob = _serialize.frame_parts(obj)
-        path, on_disk, length = self._write_segment(tid, parts, length, oob)
+        in_place = tid not in self.shared
+        path, on_disk, length = self._write_segment(tid, parts, length, oob, in_place)
         with self.lock:
             if tid not in self.objects:  # released meanwhile
                 self._drop_file(tid)
@@ -309,6 +363,7 @@ class Store:
         with self.lock:
             for tid in ids:
                 self.objects.pop(tid, None)
+                self.shared.discard(tid)
                 size = self.managed.pop(tid, None)
                 if size is not None:
                     self.managed_bytes -= size

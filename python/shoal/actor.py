@@ -19,6 +19,7 @@ host, connected to the client's scheduler.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 import subprocess
@@ -201,10 +202,16 @@ class _Supervisor:
 _supervisors: dict[str, _Supervisor] = {}
 _watch_lock = threading.Lock()
 _watcher: list[threading.Thread] = []
+# Actors whose creating handle was collected: (actor id, pickle path). The
+# finalizer only appends (it may run inside any allocation, even in a
+# thread that holds `_watch_lock`); the watcher stops them.
+_forgotten: collections.deque[tuple[str, str]] = collections.deque()
 
 
 def _watch() -> None:
     while True:
+        while _forgotten:
+            _stop_forgotten(*_forgotten.popleft())
         with _watch_lock:
             sups = list(_supervisors.values())
         for s in sups:
@@ -256,7 +263,11 @@ def create(cls: type, args: tuple, kwargs: dict, max_restarts: int) -> ActorHand
 
 
 def _forget(actor_id: str, path: str) -> None:
-    """The creating handle is gone: stop the actor's process."""
+    """The creating handle is gone: the watcher stops the actor's process."""
+    _forgotten.append((actor_id, path))
+
+
+def _stop_forgotten(actor_id: str, path: str) -> None:
     with _watch_lock:
         sup = _supervisors.get(actor_id)
     if sup is not None:

@@ -566,7 +566,7 @@ impl Core {
         nthreads: u32,
         resources: Vec<(u32, f64)>,
     ) {
-        self.stimulus = "worker-added-with";
+        self.stimulus = "worker-added";
         let w = Worker {
             nthreads: nthreads.max(1),
             assigned: FxHashSet::default(),
