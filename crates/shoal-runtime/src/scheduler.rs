@@ -1070,4 +1070,143 @@ mod tests {
             .is_err());
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    /// A random dashboard query path: a real route, or not, with parameter
+    /// strings made of escapes, multi-byte characters, huge numbers.
+    fn random_path(rng: &mut fastrand::Rng) -> String {
+        const ROUTES: [&str; 8] = [
+            "/api/status",
+            "/api/graph",
+            "/api/profile",
+            "/api/logs",
+            "/api/report",
+            "/metrics",
+            "/api/task/",
+            "/api/nope",
+        ];
+        const PIECES: [&str; 16] = [
+            "since=",
+            "merge=",
+            "group=",
+            "since_us=",
+            "%",
+            "%a",
+            "%ff",
+            "\u{e9}",
+            "\u{1f41f}",
+            "&",
+            "=",
+            "+",
+            "18446744073709551616",
+            "-1",
+            "0x10",
+            "\0",
+        ];
+        let mut p = ROUTES[rng.usize(..ROUTES.len())].to_string();
+        if p.ends_with('/') && rng.bool() {
+            p.push_str(&rng.u64(..).to_string());
+        }
+        if rng.bool() {
+            p.push('?');
+        }
+        for _ in 0..rng.usize(0..8) {
+            if rng.u8(0..4) == 0 {
+                p.push(rng.char(..));
+            } else {
+                p.push_str(PIECES[rng.usize(..PIECES.len())]);
+            }
+        }
+        p
+    }
+
+    /// Hostile input from authenticated peers: random dashboard queries
+    /// (each answered, maybe with an error), then malformed, truncated and
+    /// oversized frames on other connections (each closes only its own
+    /// connection). The scheduler keeps serving the first client all along.
+    /// `SHOAL_FUZZ_SECS` bounds the query part (default 2 s).
+    #[tokio::test]
+    async fn hostile_queries_and_frames_after_the_handshake_leave_the_scheduler_serving() {
+        use futures::SinkExt;
+        let secs: f64 = std::env::var("SHOAL_FUZZ_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(2.0);
+        let dir = std::env::temp_dir().join(format!("shoal-hostile-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret = Secret::random();
+        let h = start(&Address::Unix(dir.join("s.sock")), secret.clone(), None)
+            .await
+            .unwrap();
+        let (conn, _) = net::handshake(&h.address, Role::Client, &secret)
+            .await
+            .unwrap();
+        let (tx, mut rx) = net::split_batched::<ToScheduler>(conn);
+        let mut rng = fastrand::Rng::with_seed(7);
+        // Answers to queries `from..to`, skipping pings.
+        async fn answers(
+            rx: &mut (impl futures::Stream<Item = io::Result<bytes::BytesMut>> + Unpin),
+            n: usize,
+        ) -> Vec<String> {
+            let mut got = Vec::new();
+            while got.len() < n {
+                let frame = tokio::time::timeout(Duration::from_secs(10), rx.next())
+                    .await
+                    .expect("the scheduler answers")
+                    .expect("the connection stays open");
+                for m in net::decode_batch::<FromScheduler>(frame).unwrap() {
+                    if let FromScheduler::QueryReply { json, .. } = m {
+                        got.push(json);
+                    }
+                }
+            }
+            got
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs_f64(secs);
+        let (mut tried, mut errors) = (0usize, 0usize);
+        while std::time::Instant::now() < deadline {
+            for i in 0..64 {
+                let path = random_path(&mut rng);
+                tx.send(ToScheduler::Query { id: i, path }).unwrap();
+            }
+            for json in answers(&mut rx, 64).await {
+                let v: serde_json::Value = serde_json::from_str(&json).expect("JSON answers");
+                errors += v.get("error").is_some() as usize;
+            }
+            tried += 64;
+        }
+        assert!(errors > 0 && errors < tried, "{errors} of {tried}");
+        // Frames no decoder accepts, each on its own authenticated connection.
+        let mut bad: Vec<Vec<u8>> = vec![
+            vec![],
+            vec![0xff; 16],
+            vec![
+                0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
+            ],
+            shoal_proto::encode(&vec![ToScheduler::Release(vec![1, 2, 3])])[..3].to_vec(),
+        ];
+        bad.extend((0..12).map(|_| (0..rng.usize(1..200)).map(|_| rng.u8(..)).collect()));
+        for (i, body) in bad.into_iter().enumerate() {
+            let (mut conn, _) = net::handshake(&h.address, Role::Client, &secret)
+                .await
+                .unwrap();
+            let _ = conn.send(bytes::Bytes::from(body)).await;
+            if i % 2 == 0 {
+                // Truncated: a length prefix promising more than comes.
+                let raw = conn.get_mut();
+                let _ = tokio::io::AsyncWriteExt::write_all(raw, &[0, 0, 1, 0, 1, 2]).await;
+            }
+            drop(conn);
+        }
+        // Still serving: the first client's queries are answered.
+        tx.send(ToScheduler::Query {
+            id: 1,
+            path: "/api/status".into(),
+        })
+        .unwrap();
+        let json = answers(&mut rx, 1).await.pop().unwrap();
+        assert!(json.contains("\"workers\""), "{json}");
+        println!("hostile: {tried} random queries ({errors} refused), 16 bad frames");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -202,6 +202,11 @@ pub enum Stored {
 /// Steps of the worker's orders kept for their story (debugging).
 const ORDER_LOG: usize = 0;
 
+/// How long one transfer attempt may take: a holder that accepts and then
+/// never answers must not pin a fetch slot for ever (a holder that dies is
+/// noticed sooner: its task is cancelled here and the fetch aborted).
+const FETCH_DEADLINE: Duration = Duration::from_secs(120);
+
 /// How long a sync waits for the profiler's samples.
 const SYNC_WAIT: Duration = Duration::from_millis(500);
 
@@ -942,7 +947,17 @@ async fn fetch_inputs(
             let got = {
                 let _slot = sh.fetch_slots.acquire().await;
                 let (start_us, t0) = (now_us(), Instant::now());
-                let got = fetch_some(&addr, ids.clone(), &sh.secret).await;
+                let got = tokio::time::timeout(
+                    FETCH_DEADLINE,
+                    fetch_some(&addr, ids.clone(), &sh.secret),
+                )
+                .await
+                .unwrap_or_else(|_| {
+                    Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no answer within {FETCH_DEADLINE:?}"),
+                    ))
+                });
                 if let Ok(items) = &got {
                     let bytes: u64 = items
                         .iter()

@@ -1,0 +1,257 @@
+//! Fuzzes the protocol decoder on stable Rust: valid frames of every
+//! message type, mutated (bits flipped, bytes set to varint extremes,
+//! truncated, spliced, extended) and plain random bytes, decoded as every
+//! type a peer may receive. Every input must decode or fail cleanly, with
+//! no panic and no allocation out of proportion to its size (a length
+//! prefix must not make the decoder reserve memory the frame does not
+//! hold).
+//!
+//! `SHOAL_FUZZ_SECS` bounds the run (default 3 s, what CI runs); a long run
+//! prints how many inputs it tried: `SHOAL_FUZZ_SECS=300 cargo test -p
+//! shoal-proto --release --test fuzz -- --nocapture`.
+
+use bytes::Bytes;
+use shoal_proto::*;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// Counts the largest single allocation, to catch huge reservations.
+struct Counting;
+
+static LARGEST: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new: usize) -> *mut u8 {
+        LARGEST.fetch_max(new, Ordering::Relaxed);
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.realloc(ptr, layout, new) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+fn spec(i: u64) -> TaskSpec {
+    TaskSpec {
+        id: i << 40 | 7,
+        group: "inc".into(),
+        key: (i % 2 == 0).then(|| format!("key-{i}")),
+        kind: if i % 3 == 0 {
+            TaskKind::Batch
+        } else {
+            TaskKind::Call
+        },
+        func: Bytes::from_static(b"\x80\x05func"),
+        args: Bytes::from(vec![i as u8; (i as usize * 37) % 300]),
+        deps: (0..i % 4).collect(),
+        priority: -(i as i32),
+        retries: 2,
+        resources: vec![("GPU".into(), 0.5)],
+        recompute: i % 5 != 0,
+    }
+}
+
+/// Valid frame bodies: batches of each direction's messages, handshakes,
+/// data requests and replies.
+fn corpus() -> Vec<Vec<u8>> {
+    let role = Role::Worker {
+        nthreads: 4,
+        data_addr: "tcp://10.0.0.1:4000".into(),
+        name: "w-1".into(),
+        pid: 42,
+        resources: vec![("GPU".into(), 2.0)],
+    };
+    let to: Vec<ToScheduler> = vec![
+        ToScheduler::Submit((0..5).map(spec).collect()),
+        ToScheduler::Release(vec![1, 2, u64::MAX]),
+        ToScheduler::Cancel(vec![3]),
+        ToScheduler::Detach(vec![4]),
+        ToScheduler::Finished {
+            id: 9,
+            size: 100,
+            value: Some(Bytes::from_static(b"value")),
+            timing: Timing::default(),
+        },
+        ToScheduler::Failed {
+            id: 9,
+            error: Bytes::from_static(b"err"),
+            text: "ValueError".into(),
+            timing: Timing::default(),
+        },
+        ToScheduler::Started(vec![1, 2]),
+        ToScheduler::FetchFailed {
+            task: 1,
+            deps: vec![2],
+        },
+        ToScheduler::Heartbeat(WorkerMetrics::default()),
+        ToScheduler::Telemetry(Telemetry {
+            activity: vec![],
+            profile: vec![("g".into(), "a;b".into(), 3)],
+            logs: vec!["line".into()],
+        }),
+        ToScheduler::Query {
+            id: 1,
+            path: "/api/status?since=3".into(),
+        },
+        ToScheduler::Synced(5),
+    ];
+    let from: Vec<FromScheduler> = vec![
+        FromScheduler::Compute {
+            id: 1,
+            name: "inc-1".into(),
+            group: "inc".into(),
+            kind: TaskKind::Call,
+            func: Bytes::from_static(b"f"),
+            args: Bytes::from_static(b"a"),
+            deps: vec![
+                Dep {
+                    id: 2,
+                    source: DepSource::Inline(Bytes::from_static(b"x")),
+                },
+                Dep {
+                    id: 3,
+                    source: DepSource::Worker {
+                        id: 1,
+                        addr: "unix:///tmp/w.sock".into(),
+                    },
+                },
+            ],
+            resources: vec![],
+        },
+        FromScheduler::Erred {
+            id: 1,
+            error: TaskError::Cycle { cause: "x".into() },
+        },
+        FromScheduler::Steal(vec![1, 2, 3]),
+        FromScheduler::Sync(1),
+        FromScheduler::Ping,
+    ];
+    let mut out = vec![
+        encode(&to),
+        encode(&from),
+        encode(&Hello::new(role, [7; 32])),
+        encode(&Hello::new(Role::Client, [0; 32])),
+        encode(&Proof { mac: [1; 32] }),
+        encode(&Welcome::Challenge {
+            nonce: [2; 32],
+            proof: [3; 32],
+        }),
+        encode(&DataRequest {
+            ids: vec![1, 2],
+            host: "h/boot".into(),
+        }),
+        encode(&DataReply {
+            items: vec![
+                (1, Some(Payload::Bytes(Bytes::from_static(b"abc")))),
+                (
+                    2,
+                    Some(Payload::File {
+                        path: "/dev/shm/x".into(),
+                        len: 3,
+                    }),
+                ),
+                (3, None),
+            ],
+        }),
+    ];
+    for m in to {
+        out.push(encode(&vec![m]));
+    }
+    out
+}
+
+/// Decodes `body` as every type a peer receives; returns how many decoded.
+fn decode_all(body: &[u8]) -> usize {
+    let ok = [
+        decode::<Vec<ToScheduler>>(body).is_ok(),
+        decode::<Vec<FromScheduler>>(body).is_ok(),
+        decode::<Hello>(body).is_ok(),
+        decode::<Proof>(body).is_ok(),
+        decode::<Welcome>(body).is_ok(),
+        decode::<DataRequest>(body).is_ok(),
+        decode::<DataReply>(body).is_ok(),
+    ];
+    ok.iter().filter(|&&x| x).count()
+}
+
+fn mutate(rng: &mut fastrand::Rng, seed: &[u8]) -> Vec<u8> {
+    let mut b = seed.to_vec();
+    for _ in 0..rng.usize(1..4) {
+        if b.is_empty() {
+            b.push(rng.u8(..));
+            continue;
+        }
+        let i = rng.usize(..b.len());
+        match rng.u8(0..7) {
+            0 => b[i] ^= 1 << rng.u8(0..8),
+            1 => b[i] = [0x00, 0x7f, 0x80, 0xff][rng.usize(0..4)],
+            2 => b.truncate(i),
+            3 => {
+                // A varint as large as it goes: a huge length prefix.
+                let big = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01];
+                b.splice(i..i, big);
+            }
+            4 => {
+                let j = rng.usize(i..b.len());
+                let chunk = b[i..j].to_vec();
+                b.splice(j..j, chunk);
+            }
+            5 => b.insert(i, rng.u8(..)),
+            _ => {
+                b.remove(i);
+            }
+        }
+    }
+    b
+}
+
+#[test]
+fn the_decoder_survives_mutated_and_random_frames() {
+    let secs: f64 = std::env::var("SHOAL_FUZZ_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3.0);
+    let corpus = corpus();
+    for body in &corpus {
+        assert!(decode_all(body) >= 1, "a valid frame must decode");
+    }
+    let seed = std::env::var("SHOAL_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed);
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let (mut tried, mut decoded) = (0u64, 0u64);
+    while Instant::now() < deadline {
+        for _ in 0..256 {
+            let body = if rng.u8(0..10) == 0 {
+                (0..rng.usize(0..64)).map(|_| rng.u8(..)).collect()
+            } else {
+                let i = rng.usize(..corpus.len());
+                mutate(&mut rng, &corpus[i])
+            };
+            LARGEST.store(0, Ordering::Relaxed);
+            decoded += decode_all(&body) as u64;
+            let largest = LARGEST.load(Ordering::Relaxed);
+            // Decoded values may hold copies of the input's bytes and
+            // strings, with some overhead: never more than this.
+            assert!(
+                largest <= 64 * body.len() + (1 << 20),
+                "a {}-byte frame made the decoder allocate {largest} bytes at once: {body:02x?}",
+                body.len()
+            );
+            tried += 1;
+        }
+    }
+    println!("fuzz: {tried} inputs in {secs} s (seed {seed}), {decoded} decodings, 0 panics");
+}
