@@ -516,3 +516,36 @@ def test_sole_reference_tells_fresh_results_from_shared_ones():
     assert not execute(lambda: keep["a"][:50])  # a view of a kept array
     b = np.zeros(100)
     assert not execute(lambda: b)
+
+
+def test_fetching_from_a_frozen_holder_obeys_timeout_and_ctrl_c():
+    # Defect 5: the client's fetch of a large result ignored
+    # result(timeout=) and Ctrl-C (the holder here is frozen: SIGSTOP).
+    import threading
+
+    with shoal.Client(n_workers=1) as c:
+        f = c.submit(fresh_array, 5)
+        shoal.wait([f])
+        holder = c.worker_pids[0]
+        os.kill(holder, signal.SIGSTOP)
+        try:
+            # Stopped for sure (state T) before the client asks it.
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                with open(f"/proc/{holder}/stat") as fh:
+                    if fh.read().rsplit(")", 1)[1].split()[0] == "T":
+                        break
+                time.sleep(0.01)
+            t0 = time.monotonic()
+            with pytest.raises(TimeoutError):
+                f.result(timeout=1.0)
+            assert time.monotonic() - t0 < 4
+            main = threading.get_ident()
+            timer = threading.Timer(0.5, signal.pthread_kill, (main, signal.SIGINT))
+            timer.start()
+            t0 = time.monotonic()
+            with pytest.raises(KeyboardInterrupt):
+                f.result()
+            assert time.monotonic() - t0 < 4
+        finally:
+            os.kill(holder, signal.SIGCONT)

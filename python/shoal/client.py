@@ -705,20 +705,27 @@ class Client:
 
     def _outcome(self, task_id: int, key: str, timeout: float | None) -> tuple[int, Any, Any]:
         core = self._check()
+        if timeout is not None and not timeout >= 0:
+            raise ValueError(f"timeout must be a number of seconds >= 0, not {timeout!r}")
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if task_id in self._cancelled:
                 died = self._actor_died.get(task_id)
                 if died is not None:
                     raise ActorDiedError(died)
                 raise FutureCancelledError(f"{key} was cancelled")
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if core.status(task_id) == 0:
                 with _LendThread():
-                    got = core.wait([task_id], 1, timeout)
+                    got = core.wait([task_id], 1, left)
             else:
                 got = 1
             if got < 1:
                 raise TimeoutError(f"{key} did not finish within {timeout} seconds")
-            code, a, b = core.outcome(task_id)
+            # A large result is fetched from its worker: within what is left
+            # of the timeout, and Ctrl-C stops it.
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            code, a, b = core.outcome(task_id, left)
             if code != -1:
                 return code, a, b
             if core.status(task_id) == -1:

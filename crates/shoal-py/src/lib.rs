@@ -8,7 +8,9 @@
 mod numpy_alloc;
 
 use bytes::Bytes;
-use pyo3::exceptions::{PyConnectionError, PyOSError, PyPermissionError, PyValueError};
+use pyo3::exceptions::{
+    PyConnectionError, PyOSError, PyPermissionError, PyTimeoutError, PyValueError,
+};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{IntoPyDict, PyByteArray, PyBytes, PyDict, PyList, PyString, PyTuple};
@@ -425,8 +427,16 @@ impl ClientCore {
     /// unsatisfiable, `(6, cause, None)` scattered data lost, `(7, address,
     /// error)` its live holder could not be reached, `(-1, None,
     /// None)` pending or released. A large result is fetched from its worker
-    /// (GIL released): a file on this host is mapped, not copied.
-    fn outcome<'py>(&self, py: Python<'py>, id: u64) -> PyResult<Bound<'py, PyTuple>> {
+    /// (GIL released): a file on this host is mapped, not copied. The fetch
+    /// gives up with `TimeoutError` after `timeout` seconds, and Ctrl-C
+    /// (any Python signal handler that raises) interrupts it.
+    #[pyo3(signature = (id, timeout=None))]
+    fn outcome<'py>(
+        &self,
+        py: Python<'py>,
+        id: u64,
+        timeout: Option<f64>,
+    ) -> PyResult<Bound<'py, PyTuple>> {
         let none = py.None();
         let t = match self.inner.status(id) {
             None | Some(Status::Pending) => (-1, none.clone_ref(py), none),
@@ -439,7 +449,9 @@ impl ClientCore {
             }) => {
                 let addr = location.unwrap_or_default();
                 let secret = &self.inner.secret;
-                match py.detach(|| client::fetch(runtime(), &addr, id, secret)) {
+                let deadline =
+                    timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
+                match fetch_interruptibly(py, &addr, id, secret, deadline)? {
                     Ok(v) => {
                         self.inner.fetch_ok(id);
                         (0, fetched_to_py(py, v)?, none)
@@ -622,6 +634,36 @@ impl WatcherPy {
     /// Number of watched ids not finished yet.
     fn pending(&self) -> usize {
         self.inner.pending()
+    }
+}
+
+/// Fetches result `id` from the worker at `addr` on the I/O thread while
+/// this thread waits with the GIL released, looking every 100 ms for a
+/// pending signal (Ctrl-C raises here) and for the deadline; either aborts
+/// the fetch.
+fn fetch_interruptibly(
+    py: Python<'_>,
+    addr: &str,
+    id: u64,
+    secret: &Secret,
+    deadline: Option<Instant>,
+) -> PyResult<std::io::Result<Fetched>> {
+    let mut pending = client::start_fetch(runtime(), addr, id, secret);
+    loop {
+        let step = Duration::from_millis(100);
+        let wait = deadline.map_or(step, |d| {
+            step.min(d.saturating_duration_since(Instant::now()))
+        });
+        if let Some(got) = py.detach(|| pending.wait(wait)) {
+            return Ok(got);
+        }
+        // Dropping `pending` on the way out aborts the fetch.
+        py.check_signals()?;
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(PyTimeoutError::new_err(format!(
+                "fetching the result of task {id:x} from {addr} did not finish in time"
+            )));
+        }
     }
 }
 

@@ -497,18 +497,56 @@ impl ClientShared {
     }
 }
 
-/// Fetches one result from the worker holding it (a file on this host is
-/// opened, not read). Call from outside the runtime.
-pub fn fetch(
-    rt: &tokio::runtime::Runtime,
+/// A fetch of one result running on the I/O thread (see [`start_fetch`]);
+/// dropping it aborts the fetch.
+pub struct PendingFetch {
+    rt: &'static tokio::runtime::Runtime,
+    task: tokio::task::JoinHandle<io::Result<crate::worker::Fetched>>,
+}
+
+impl PendingFetch {
+    /// Waits up to `wait` (call from outside the runtime): the outcome, or
+    /// None if it is still running (the caller may look for signals and
+    /// its deadline, then wait again).
+    pub fn wait(
+        &mut self,
+        wait: std::time::Duration,
+    ) -> Option<io::Result<crate::worker::Fetched>> {
+        let task = &mut self.task;
+        // The timer is made inside the runtime (it needs its clock).
+        match self
+            .rt
+            .block_on(async move { tokio::time::timeout(wait, task).await })
+        {
+            Ok(Ok(got)) => Some(got),
+            Ok(Err(e)) => Some(Err(io::Error::other(e))),
+            Err(_) => None,
+        }
+    }
+}
+
+impl Drop for PendingFetch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts fetching one result from the worker holding it (a file on this
+/// host is opened, not read).
+pub fn start_fetch(
+    rt: &'static tokio::runtime::Runtime,
     addr: &str,
     id: u64,
     secret: &net::Secret,
-) -> io::Result<crate::worker::Fetched> {
-    let items = rt.block_on(crate::worker::fetch(addr, vec![id], secret))?;
-    items
-        .into_iter()
-        .next()
-        .map(|(_, v)| v)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "empty reply"))
+) -> PendingFetch {
+    let (addr, secret) = (addr.to_string(), secret.clone());
+    let task = rt.spawn(async move {
+        let items = crate::worker::fetch(&addr, vec![id], &secret).await?;
+        items
+            .into_iter()
+            .next()
+            .map(|(_, v)| v)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "empty reply"))
+    });
+    PendingFetch { rt, task }
 }

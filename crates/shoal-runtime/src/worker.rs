@@ -447,6 +447,14 @@ impl WorkerShared {
         if let Some(t) = self.take_telemetry() {
             let _ = self.out.send(ToScheduler::Telemetry(t));
         }
+        // Memory as of now, too (a report's last point).
+        let m = {
+            let mut m = self.metrics.lock();
+            m.bytes_in = self.bytes_in.load(Ordering::Relaxed);
+            m.bytes_out = self.bytes_out.load(Ordering::Relaxed);
+            m.clone()
+        };
+        let _ = self.out.send(ToScheduler::Heartbeat(m));
         for sid in syncs {
             let _ = self.out.send(ToScheduler::Synced(sid));
         }

@@ -345,9 +345,13 @@ impl State {
             .history
             .iter()
             .map(|(id, h)| {
+                // From the last sample before the window: how things stood
+                // when it began (a short window may hold no heartbeat).
+                let first = h.iter().position(|s| s.t_us >= since_us);
+                let start = first.unwrap_or(h.len()).saturating_sub(1);
                 let samples: Vec<Value> = h
                     .iter()
-                    .filter(|s| s.t_us >= since_us)
+                    .skip(start)
                     .map(|s| json!([s.t_us, s.memory, s.managed, s.spilled, s.cpu]))
                     .collect();
                 (id.to_string(), Value::from(samples))
