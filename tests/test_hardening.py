@@ -549,3 +549,97 @@ def test_fetching_from_a_frozen_holder_obeys_timeout_and_ctrl_c():
             assert time.monotonic() - t0 < 4
         finally:
             os.kill(holder, signal.SIGCONT)
+
+
+def slow_double(x):
+    time.sleep(0.05)
+    return 2 * x
+
+
+def add_all(*xs):
+    return sum(xs)
+
+
+def _graph(c):
+    """A map of 60 small sleeps, then a tree of sums: 60 + 15 + 1 tasks."""
+    xs = c.map(slow_double, range(60), batch_size=1)
+    parts = [c.submit(add_all, *xs[i : i + 4]) for i in range(0, 60, 4)]
+    return c.submit(add_all, *parts), xs
+
+
+def _leftovers(pids):
+    """Processes still alive and shared-memory directories still there."""
+    alive = [p for p in pids if os.path.exists(f"/proc/{p}")]
+    dirs = [d for d in os.listdir("/dev/shm") for p in pids if d.endswith(f"-{p}")]
+    return alive, dirs
+
+
+FAULTS = ["worker SIGKILL", "worker SIGSTOP", "two workers SIGKILL"]
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_fault_matrix_graphs_end_right_and_leave_nothing(fault, monkeypatch):
+    # Faults in the middle of a graph: the result is right (lost work is
+    # redone), and after close no process or shared memory is left.
+    monkeypatch.setenv("SHOAL_HEARTBEAT_TIMEOUT", "2")
+    seen: set[int] = set()
+    with shoal.Client(n_workers=3) as c:
+        total, xs = _graph(c)
+        # Mid-graph: some of the map done, most of it not.
+        deadline = time.monotonic() + 30
+        while sum(f.done() for f in xs) < 10 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not total.done()
+        pids = c.worker_pids
+        seen.update(pids)
+        if fault == "worker SIGSTOP":
+            os.kill(pids[0], signal.SIGSTOP)  # frozen: alive, connected, silent
+            try:
+                assert total.result(timeout=60) == 2 * sum(range(60))
+            finally:
+                os.kill(pids[0], signal.SIGCONT)
+        else:
+            for p in pids[: 2 if fault.startswith("two") else 1]:
+                os.kill(p, signal.SIGKILL)
+            assert total.result(timeout=60) == 2 * sum(range(60))
+        # The cluster goes on: a fresh graph runs right too.
+        assert _graph(c)[0].result(timeout=60) == 2 * sum(range(60))
+        seen.update(c.worker_pids)
+    deadline = time.monotonic() + 20
+    while any(_leftovers(seen)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _leftovers(seen) == ([], []), f"{fault}: left behind"
+
+
+KILLED_MID_GRAPH = textwrap.dedent(
+    """
+    import sys, time
+    import shoal
+    sys.path.insert(0, sys.argv[1])
+    from test_hardening import _graph
+
+    c = shoal.Client(n_workers=2)
+    total, xs = _graph(c)
+    shoal.wait(xs[:10])  # mid-graph
+    print(" ".join(map(str, c.worker_pids)), flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_fault_matrix_a_client_killed_mid_graph_leaves_nothing():
+    here = os.path.dirname(os.path.abspath(__file__))
+    p = subprocess.Popen(
+        [sys.executable, "-c", KILLED_MID_GRAPH, here], stdout=subprocess.PIPE, text=True
+    )
+    pids = [int(x) for x in p.stdout.readline().split()] + [p.pid]
+    p.kill()
+    p.wait(timeout=30)
+    p.stdout.close()
+    deadline = time.monotonic() + 30
+    while _leftovers(pids)[0] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    # The next client sweeps what the dead ones left.
+    with shoal.Client(n_workers=1) as c:
+        assert c.submit(inc, 1).result(timeout=30) == 2
+    assert _leftovers(pids) == ([], []), "left behind"
