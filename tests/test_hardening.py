@@ -139,7 +139,7 @@ def _submit_over_a_frame(client):
 class Scheduler:
     """A standalone `shoal scheduler` on a free port, with a scheduler file."""
 
-    def __init__(self, tmp_path):
+    def __init__(self, tmp_path, env=None):
         import json
 
         self.sfile = tmp_path / "s.json"
@@ -148,6 +148,7 @@ class Scheduler:
             + ["--scheduler-file", str(self.sfile)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
         )
         deadline = time.time() + 30
         while not self.sfile.exists():
@@ -643,3 +644,46 @@ def test_fault_matrix_a_client_killed_mid_graph_leaves_nothing():
     with shoal.Client(n_workers=1) as c:
         assert c.submit(inc, 1).result(timeout=30) == 2
     assert _leftovers(pids) == ([], []), "left behind"
+
+
+FROZEN_CLIENT = textwrap.dedent(
+    """
+    import sys, time
+    import shoal
+
+    c = shoal.Client(scheduler_file=sys.argv[1])
+    held = c.scatter(list(range(1000)))
+    print("ready", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_a_frozen_client_is_let_go_like_a_worker(tmp_path):
+    # Defect 5: clients were never timed out; a frozen one kept its
+    # connection, its tasks and whatever the scheduler queued for it.
+    with Scheduler(tmp_path, {"SHOAL_HEARTBEAT_TIMEOUT": "2"}) as s:
+        p = subprocess.Popen(
+            [sys.executable, "-c", FROZEN_CLIENT, str(s.sfile)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert p.stdout.readline().strip() == "ready"
+            with shoal.Client(scheduler_file=str(s.sfile)) as c:
+                assert c.scheduler_info()["clients"] == 2
+                # A client idle (or busy) in Python is not frozen: its I/O thread beats.
+                time.sleep(3)
+                assert c.scheduler_info()["clients"] == 2
+                os.kill(p.pid, signal.SIGSTOP)
+                deadline = time.monotonic() + 15
+                while c.scheduler_info()["clients"] == 2 and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                info = c.scheduler_info()
+                assert info["clients"] == 1, "the frozen client is still held"
+                assert info["tasks"] == 0, "its data is still held"
+        finally:
+            os.kill(p.pid, signal.SIGCONT)
+            p.kill()
+            p.wait(30)
+            p.stdout.close()

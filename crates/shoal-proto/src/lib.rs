@@ -159,6 +159,9 @@ pub enum ToScheduler {
     Cancel(Vec<u64>),
     /// Client: run these tasks to their end even if it releases them.
     Detach(Vec<u64>),
+    /// Client: alive (every second; a client silent for the heartbeat
+    /// timeout is taken as gone, like a worker).
+    Alive,
     /// Client: no worker will offer this resource again (an actor is gone).
     Withdraw(String),
     /// Client: a worker offering one of this resource is starting (an actor).

@@ -160,6 +160,20 @@ pub fn connect(
             secret: secret.clone(),
         });
         let weak = Arc::downgrade(&shared);
+        let beat = Arc::downgrade(&shared);
+        tokio::spawn(async move {
+            // Heartbeats from the I/O thread: a client busy in Python (GIL
+            // held) still beats; a frozen process does not, and the
+            // scheduler lets go of it and of what it queued for it.
+            let mut tick = tokio::time::interval(net::HEARTBEAT);
+            loop {
+                tick.tick().await;
+                let Some(sh) = beat.upgrade() else { return };
+                if sh.out.send(ToScheduler::Alive).is_err() {
+                    return;
+                }
+            }
+        });
         let timeout = net::heartbeat_timeout();
         tokio::spawn(async move {
             let reason = loop {

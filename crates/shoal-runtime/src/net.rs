@@ -435,6 +435,10 @@ pub fn heartbeat_timeout() -> Duration {
     Duration::from_secs_f64(secs).max(2 * HEARTBEAT)
 }
 
+/// How long one frame's write may make no headway before the connection is
+/// given up (the largest frame, 1 GiB, passes at 10 MB/s within it).
+pub const WRITE_STALL: Duration = Duration::from_secs(120);
+
 /// How long a peer has to complete the handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -693,17 +697,22 @@ pub fn split_batched<M: Serialize + Send + 'static>(
     let (tx, mut rx) = mpsc::unbounded_channel::<M>();
     tokio::spawn(async move {
         let mut batch = Vec::with_capacity(256);
+        // A peer that stops reading (frozen, cut off) must not hold what
+        // is queued for it for ever: a write that makes no headway for
+        // WRITE_STALL ends the connection and frees the queue.
+        let stalled = |r: Result<Result<(), io::Error>, _>| !matches!(r, Ok(Ok(())));
         'write: while rx.recv_many(&mut batch, 8192).await > 0 {
             for body in frames(batch.drain(..), MAX_FRAME) {
-                if sink.feed(body).await.is_err() {
+                if stalled(tokio::time::timeout(WRITE_STALL, sink.feed(body)).await) {
                     break 'write;
                 }
             }
-            if sink.flush().await.is_err() {
+            if stalled(tokio::time::timeout(WRITE_STALL, sink.flush()).await) {
                 break;
             }
         }
-        let _ = sink.close().await;
+        drop(rx);
+        let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, sink.close()).await;
     });
     (tx, stream)
 }

@@ -336,6 +336,8 @@ struct State {
     /// Resource names as the core's ids.
     resource_ids: FxHashMap<String, u32>,
     clients: FxHashMap<u32, Tx>,
+    /// When each client was last heard from (it beats every second).
+    client_seen: FxHashMap<u32, tokio::time::Instant>,
     workers: FxHashMap<u32, WorkerConn>,
     actions: Vec<Action>,
     /// Workers were asked to exit; late joiners are sent away.
@@ -369,6 +371,7 @@ async fn owner(
         groups: FxHashMap::default(),
         resource_ids: FxHashMap::default(),
         clients: FxHashMap::default(),
+        client_seen: FxHashMap::default(),
         workers: FxHashMap::default(),
         actions: Vec::new(),
         closing: false,
@@ -410,6 +413,7 @@ impl State {
         match ev {
             Event::ClientJoined(id, tx) => {
                 self.clients.insert(id, tx);
+                self.client_seen.insert(id, tokio::time::Instant::now());
             }
             Event::WorkerJoined {
                 id,
@@ -446,6 +450,7 @@ impl State {
             }
             Event::ClientLeft(id) => {
                 self.clients.remove(&id);
+                self.client_seen.remove(&id);
                 self.core.handle_client_gone(ClientId(id));
                 self.process();
             }
@@ -475,6 +480,11 @@ impl State {
                 }
             }
             Event::FromClient(c, msgs) => {
+                match self.client_seen.get_mut(&c) {
+                    Some(seen) => *seen = tokio::time::Instant::now(),
+                    // Already given up on (heartbeat timeout): ignore it.
+                    None => return,
+                }
                 for m in msgs {
                     self.client_msg(c, m);
                     self.process();
@@ -589,6 +599,7 @@ impl State {
                     let _ = tx.send(FromScheduler::Info(info));
                 }
             }
+            ToScheduler::Alive => {}
             ToScheduler::Query { id, path } if path == SYNC_PATH => self.start_sync(client, id),
             ToScheduler::Query { id, path } => {
                 let json = match self.query(&path) {
@@ -749,6 +760,22 @@ impl State {
             let _ = c.send(FromScheduler::Ping);
         }
         let timeout = self.heartbeat_timeout;
+        // A silent client (frozen, cut off) is let go like a worker: its
+        // connection closes, what was queued for it is dropped, and what
+        // it wanted is released (detached work runs on).
+        let silent: Vec<u32> = self
+            .client_seen
+            .iter()
+            .filter(|(_, &t)| now.saturating_duration_since(t) > timeout)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in silent {
+            tracing::warn!("client {id} sent nothing for {timeout:?}: letting it go");
+            self.clients.remove(&id);
+            self.client_seen.remove(&id);
+            self.core.handle_client_gone(ClientId(id));
+            self.process();
+        }
         let silent: Vec<u32> = self
             .workers
             .iter()
