@@ -64,16 +64,14 @@ class Sampler:
     """Samples the stacks of threads that run tasks (``groups``: thread id
     -> task group, maintained by the executor)."""
 
-    def __init__(self, core: Any, groups: dict[int, str], interval: float):
+    def __init__(self, core: Any, groups: dict[int, str], interval: float, stop_code: Any):
         self.core = core
         self.groups = groups
         self.interval = interval
         self.counts: Counter[tuple[str, str]] = Counter()
         self.names: dict[Any, str] = {}  # code object -> frame name (cache)
-        from ._worker import _Executor
-
-        # Frames from here up are Shoal's, not the task's.
-        self.stop_code = _Executor._execute.__code__
+        # Frames from the worker's task runner up are Shoal's, not the task's.
+        self.stop_code = stop_code
 
     def sample(self) -> None:
         frames = sys._current_frames()

@@ -19,7 +19,7 @@ import traceback
 from time import perf_counter
 from typing import Any
 
-from . import _core, _profile, _resources, _serialize, _store
+from . import _context, _core, _profile, _resources, _serialize, _store
 from ._core import WorkerCore
 from .errors import TaskAbortedError
 
@@ -67,15 +67,8 @@ def _run_batch(fn: Any, payload: Any) -> Any:
     return values
 
 
-class _TaskLocal(threading.local):
-    # Class defaults: a missing attribute would cost an exception per read.
-    in_task = False  # a task runs in this thread
-    seceded = False  # it lent its thread (secede)
-    numpy = False  # NumPy's memory handler is set in this thread
-
-
-task_local = _TaskLocal()
-actors: dict[str, Any] = {}  # actor id -> instance, in an actor's process
+task_local = _context.task_local
+actors = _context.actors
 
 
 class ActorFailed:
@@ -110,9 +103,6 @@ def _exit_with_parent(pid: int) -> None:
         time.sleep(0.5)
         if os.getppid() != pid:
             os._exit(0)
-
-
-_current: _Executor | None = None  # this worker process's executor
 
 
 class _Executor:
@@ -329,7 +319,7 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     """SIGTERM: retire gracefully (results still needed move to other
     workers, then the scheduler stops this one). Repeats change nothing (a
     nanny and a batch system may both send one); SIGKILL stops it now."""
-    ex = _current
+    ex = _context.executor
     if ex is None:
         os._exit(1)
     if not getattr(_on_sigterm, "asked", False):
@@ -393,8 +383,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"shoal worker: {e}", file=sys.stderr, flush=True)
         os._exit(_core.EXIT_REFUSED)
     store = _store.Store(core, limit, ns.local_directory)
-    global _current
-    executor = _current = _Executor(core, ns.address, token, ns.nthreads, gpus, store)
+    executor = _context.executor = _Executor(core, ns.address, token, ns.nthreads, gpus, store)
     threading.Thread(target=executor.export_held, name="shoal-pickler", daemon=True).start()
     threading.Thread(target=store.monitor, name="shoal-memory", daemon=True).start()
     try:
@@ -404,7 +393,8 @@ def main(argv: list[str] | None = None) -> None:
         interval = 0.0
     if interval:
         executor.running_groups = {}
-        sampler = _profile.Sampler(core, executor.running_groups, interval)
+        stop = _Executor._execute.__code__  # frames from here up are Shoal's
+        sampler = _profile.Sampler(core, executor.running_groups, interval, stop)
         threading.Thread(target=sampler.run, name="shoal-profiler", daemon=True).start()
     _profile.capture_logging()
     # Execution threads come and go (secede/rejoin); the process lives until
@@ -423,8 +413,7 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     # Run as `python -m shoal._worker`: this file is then `__main__`. Run the
-    # copy imported as `shoal._worker`, whose globals (`_current`) the rest
-    # of the package sees.
+    # copy imported as `shoal._worker`, the one the rest of the package sees.
     from shoal._worker import main as package_main
 
     package_main()

@@ -32,7 +32,7 @@ from typing import Any
 
 import cloudpickle
 
-from . import _core
+from . import _context, _core
 from .client import Client, Future, default_client, fire_and_forget
 from .errors import ActorDiedError
 
@@ -43,7 +43,7 @@ def _call(actor_id: str, method: str, args: tuple, kwargs: dict) -> Any:
     """Task body of a method call, run in the actor's process."""
     from . import _worker
 
-    instance = _worker.actors.get(actor_id)
+    instance = _context.actors.get(actor_id)
     if instance is None:
         raise ActorDiedError(f"actor {actor_id} is not in this process")
     if isinstance(instance, _worker.ActorFailed):

@@ -50,7 +50,7 @@ from collections import namedtuple
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, overload
 
-from . import _core, _dask, _resources, _serialize, _store
+from . import _context, _core, _dask, _resources, _serialize, _store
 from ._core import INLINE_LIMIT, ClientCore, Cluster
 from .errors import (
     ActorDiedError,
@@ -86,10 +86,8 @@ def get_client() -> Client:
     tasks; waiting on them lends the task's thread, so recursion cannot
     deadlock). Elsewhere: the most recently created client of this process
     that is still open. Raises ``ValueError`` if there is none."""
-    from . import _worker
-
-    if _worker._current is not None:
-        return _worker._current.get_client()
+    if _context.executor is not None:
+        return _context.executor.get_client()
     for ref in reversed(_recent):
         c = ref()
         if c is not None and not c._closed:
@@ -101,22 +99,20 @@ def secede() -> None:
     """Inside a task: stop counting against the worker's threads (another
     task may start) until ``rejoin()``. Waiting on futures inside a task does
     this by itself."""
-    from . import _worker
-
-    if _worker._current is None or not _worker.task_local.in_task:
+    ex, local = _context.executor, _context.task_local
+    if ex is None or not local.in_task:
         raise RuntimeError("secede() can only be called inside a task")
-    if not _worker.task_local.seceded:
-        _worker.task_local.seceded = True
-        _worker._current.secede()
+    if not local.seceded:
+        local.seceded = True
+        ex.secede()
 
 
 def rejoin() -> None:
     """Inside a task, after ``secede()``: count against the worker's threads again."""
-    from . import _worker
-
-    if _worker._current is not None and _worker.task_local.seceded:
-        _worker.task_local.seceded = False
-        _worker._current.rejoin()
+    ex, local = _context.executor, _context.task_local
+    if ex is not None and local.seceded:
+        local.seceded = False
+        ex.rejoin()
 
 
 class _LendThread:
@@ -127,13 +123,8 @@ class _LendThread:
     __slots__ = ("lent",)
 
     def __enter__(self) -> None:
-        from . import _worker
-
-        self.lent = (
-            _worker._current is not None
-            and _worker.task_local.in_task
-            and not _worker.task_local.seceded
-        )
+        local = _context.task_local
+        self.lent = _context.executor is not None and local.in_task and not local.seceded
         if self.lent:
             secede()
 
