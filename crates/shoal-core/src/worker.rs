@@ -131,11 +131,14 @@ impl<T, H> WorkerState<T, H> {
         });
     }
 
-    /// Replaces any earlier order for `task` (returning its fetch handle,
-    /// to abort) with a new attempt.
-    fn new_order(&mut self, task: u64, phase: Phase, fetch: Option<H>) -> (u64, Option<H>) {
-        let attempt = self.next_attempt;
+    fn next_attempt(&mut self) -> u64 {
         self.next_attempt += 1;
+        self.next_attempt - 1
+    }
+
+    /// Replaces any earlier order for `task` with `attempt`; returns the
+    /// earlier one's fetch handle, to abort.
+    fn new_order(&mut self, task: u64, attempt: u64, phase: Phase, fetch: Option<H>) -> Option<H> {
         let old = self.orders.insert(
             task,
             Order {
@@ -144,13 +147,14 @@ impl<T, H> WorkerState<T, H> {
                 fetch,
             },
         );
-        (attempt, old.and_then(|o| o.fetch))
+        old.and_then(|o| o.fetch)
     }
 
     /// An order whose inputs are all here: queued. Returns the fetch of an
     /// older order for the same task, if one was still running (abort it).
     pub fn compute(&mut self, task: u64, data: T) -> Option<H> {
-        let (attempt, old) = self.new_order(task, Phase::Ready, None);
+        let attempt = self.next_attempt();
+        let old = self.new_order(task, attempt, Phase::Ready, None);
         self.ready.push_back((task, attempt, data));
         self.record(task, attempt, "compute", Some(Phase::Ready));
         old
@@ -160,10 +164,8 @@ impl<T, H> WorkerState<T, H> {
     /// the given attempt and returns its abort handle. Returns the fetch of
     /// an older order for the same task, if any (abort it).
     pub fn compute_fetching(&mut self, task: u64, start: impl FnOnce(u64) -> H) -> Option<H> {
-        let attempt = self.next_attempt;
-        let handle = start(attempt);
-        let (a, old) = self.new_order(task, Phase::Fetching, Some(handle));
-        debug_assert_eq!(a, attempt);
+        let attempt = self.next_attempt();
+        let old = self.new_order(task, attempt, Phase::Fetching, Some(start(attempt)));
         self.record(task, attempt, "fetch", Some(Phase::Fetching));
         old
     }
@@ -244,12 +246,6 @@ impl<T, H> WorkerState<T, H> {
     /// The scheduler asks the worker to stop.
     pub fn shutdown(&mut self) {
         self.closed = true;
-    }
-
-    /// Whether there is anything for [`WorkerState::take`] (ready orders may
-    /// be stale entries; taking skips them).
-    pub fn has_work(&self) -> bool {
-        self.closed || !self.ready.is_empty() || !self.released.is_empty()
     }
 
     /// An execution thread takes up to `max` ready tasks (now running) and
@@ -461,7 +457,6 @@ mod tests {
     fn released_results_and_shutdown_reach_the_execution_side() {
         let mut s = w();
         s.release([4, 5]);
-        assert!(s.has_work());
         assert_eq!(s.take(1), Some(Take::Work(vec![], vec![4, 5])));
         assert_eq!(s.take(1), None);
         s.shutdown();

@@ -315,6 +315,13 @@ struct WorkerConn {
     resources: Vec<(String, f64)>,
 }
 
+/// A connected client.
+struct ClientConn {
+    tx: Tx,
+    /// When it was last heard from (it beats every second).
+    last_seen: tokio::time::Instant,
+}
+
 struct State {
     address: String,
     /// Syncs in progress: id -> (client, its query id, workers yet to answer).
@@ -335,9 +342,7 @@ struct State {
     groups: FxHashMap<String, u32>,
     /// Resource names as the core's ids.
     resource_ids: FxHashMap<String, u32>,
-    clients: FxHashMap<u32, Tx>,
-    /// When each client was last heard from (it beats every second).
-    client_seen: FxHashMap<u32, tokio::time::Instant>,
+    clients: FxHashMap<u32, ClientConn>,
     workers: FxHashMap<u32, WorkerConn>,
     actions: Vec<Action>,
     /// Workers were asked to exit; late joiners are sent away.
@@ -371,7 +376,6 @@ async fn owner(
         groups: FxHashMap::default(),
         resource_ids: FxHashMap::default(),
         clients: FxHashMap::default(),
-        client_seen: FxHashMap::default(),
         workers: FxHashMap::default(),
         actions: Vec::new(),
         closing: false,
@@ -412,8 +416,8 @@ impl State {
     fn handle(&mut self, ev: Event) {
         match ev {
             Event::ClientJoined(id, tx) => {
-                self.clients.insert(id, tx);
-                self.client_seen.insert(id, tokio::time::Instant::now());
+                let last_seen = tokio::time::Instant::now();
+                self.clients.insert(id, ClientConn { tx, last_seen });
             }
             Event::WorkerJoined {
                 id,
@@ -450,7 +454,6 @@ impl State {
             }
             Event::ClientLeft(id) => {
                 self.clients.remove(&id);
-                self.client_seen.remove(&id);
                 self.core.handle_client_gone(ClientId(id));
                 self.process();
             }
@@ -480,8 +483,8 @@ impl State {
                 }
             }
             Event::FromClient(c, msgs) => {
-                match self.client_seen.get_mut(&c) {
-                    Some(seen) => *seen = tokio::time::Instant::now(),
+                match self.clients.get_mut(&c) {
+                    Some(conn) => conn.last_seen = tokio::time::Instant::now(),
                     // Already given up on (heartbeat timeout): ignore it.
                     None => return,
                 }
@@ -595,7 +598,7 @@ impl State {
             }
             ToScheduler::Info => {
                 let info = self.info();
-                if let Some(tx) = self.clients.get(&client) {
+                if let Some(tx) = self.client_tx(client) {
                     let _ = tx.send(FromScheduler::Info(info));
                 }
             }
@@ -607,12 +610,16 @@ impl State {
                     Ok((_, body)) => serde_json::Value::from(body).to_string(),
                     Err((_, msg)) => serde_json::json!({ "error": msg }).to_string(),
                 };
-                if let Some(tx) = self.clients.get(&client) {
+                if let Some(tx) = self.client_tx(client) {
                     let _ = tx.send(FromScheduler::QueryReply { id, json });
                 }
             }
             other => tracing::warn!("client {client} sent a worker message: {other:?}"),
         }
+    }
+
+    fn client_tx(&self, client: u32) -> Option<&Tx> {
+        self.clients.get(&client).map(|c| &c.tx)
     }
 
     /// A client's `/api/sync` query: every worker sends what it has to
@@ -626,19 +633,26 @@ impl State {
             let _ = w.tx.send(FromScheduler::Sync(sid));
         }
         self.syncs.insert(sid, (client, query, waiting));
-        self.synced(sid, u32::MAX);
+        self.answer_sync(sid);
     }
 
-    /// Worker `worker` answered sync `sid` (u32::MAX: none did; just look).
+    /// Worker `worker` answered sync `sid`.
     fn synced(&mut self, sid: u64, worker: u32) {
-        let Some((client, query, waiting)) = self.syncs.get_mut(&sid) else {
+        if let Some((_, _, waiting)) = self.syncs.get_mut(&sid) {
+            waiting.remove(&worker);
+            self.answer_sync(sid);
+        }
+    }
+
+    /// Answers sync `sid` once no worker is left to answer it.
+    fn answer_sync(&mut self, sid: u64) {
+        let Some((client, query, waiting)) = self.syncs.get(&sid) else {
             return;
         };
-        waiting.remove(&worker);
         if waiting.is_empty() {
             let (client, id) = (*client, *query);
             self.syncs.remove(&sid);
-            if let Some(tx) = self.clients.get(&client) {
+            if let Some(tx) = self.client_tx(client) {
                 let json = serde_json::json!({ "synced": true }).to_string();
                 let _ = tx.send(FromScheduler::QueryReply { id, json });
             }
@@ -757,22 +771,21 @@ impl State {
     /// tasks run elsewhere, their results are recomputed.
     fn heartbeat(&mut self, now: tokio::time::Instant) {
         for c in self.clients.values() {
-            let _ = c.send(FromScheduler::Ping);
+            let _ = c.tx.send(FromScheduler::Ping);
         }
         let timeout = self.heartbeat_timeout;
         // A silent client (frozen, cut off) is let go like a worker: its
         // connection closes, what was queued for it is dropped, and what
         // it wanted is released (detached work runs on).
         let silent: Vec<u32> = self
-            .client_seen
+            .clients
             .iter()
-            .filter(|(_, &t)| now.saturating_duration_since(t) > timeout)
+            .filter(|(_, c)| now.saturating_duration_since(c.last_seen) > timeout)
             .map(|(&id, _)| id)
             .collect();
         for id in silent {
             tracing::warn!("client {id} sent nothing for {timeout:?}: letting it go");
             self.clients.remove(&id);
-            self.client_seen.remove(&id);
             self.core.handle_client_gone(ClientId(id));
             self.process();
         }
@@ -958,7 +971,7 @@ impl State {
                     self.errors.remove(&task.0);
                 }
                 Action::TaskMemory { client, task } => {
-                    let Some(tx) = self.clients.get(&client.0) else {
+                    let Some(tx) = self.client_tx(client.0) else {
                         continue;
                     };
                     let (value, location) = match self.core.location(task) {
@@ -980,7 +993,7 @@ impl State {
                     cause,
                     kind,
                 } => {
-                    let Some(tx) = self.clients.get(&client.0) else {
+                    let Some(tx) = self.client_tx(client.0) else {
                         continue;
                     };
                     let cause_name = self.name(cause.0);
@@ -1062,9 +1075,10 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    #[tokio::test]
-    async fn a_panic_in_the_owner_stops_the_whole_scheduler_loudly() {
-        let dir = std::env::temp_dir().join(format!("shoal-crash-test-{}", std::process::id()));
+    /// A scheduler on a Unix socket in a fresh directory, and a client
+    /// connected to it.
+    async fn serving(name: &str) -> (std::path::PathBuf, SchedulerHandle, Secret, net::Conn) {
+        let dir = std::env::temp_dir().join(format!("shoal-{name}-test-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let secret = Secret::random();
@@ -1074,6 +1088,12 @@ mod tests {
         let (conn, _) = net::handshake(&h.address, Role::Client, &secret)
             .await
             .unwrap();
+        (dir, h, secret, conn)
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_the_owner_stops_the_whole_scheduler_loudly() {
+        let (dir, h, secret, conn) = serving("crash").await;
         let (_tx, mut from_scheduler) = net::split_batched::<ToScheduler>(conn);
         h.events.send(Event::Panic).unwrap();
         let why = tokio::time::timeout(Duration::from_secs(5), h.crashed())
@@ -1158,19 +1178,10 @@ mod tests {
             .ok()
             .and_then(|s| s.parse().ok())
             .unwrap_or(2.0);
-        let dir = std::env::temp_dir().join(format!("shoal-hostile-test-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let secret = Secret::random();
-        let h = start(&Address::Unix(dir.join("s.sock")), secret.clone(), None)
-            .await
-            .unwrap();
-        let (conn, _) = net::handshake(&h.address, Role::Client, &secret)
-            .await
-            .unwrap();
+        let (dir, h, secret, conn) = serving("hostile").await;
         let (tx, mut rx) = net::split_batched::<ToScheduler>(conn);
         let mut rng = fastrand::Rng::with_seed(7);
-        // Answers to queries `from..to`, skipping pings.
+        // The next `n` query answers, skipping pings.
         async fn answers(
             rx: &mut (impl futures::Stream<Item = io::Result<bytes::BytesMut>> + Unpin),
             n: usize,
