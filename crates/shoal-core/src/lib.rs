@@ -299,6 +299,8 @@ struct Worker {
     /// Leaving: gets no work; its needed results move to other workers
     /// (task -> target), then it is told to exit.
     retiring: Option<FxHashMap<TaskId, WorkerId>>,
+    /// Retired: told to exit. Never gets work or results again.
+    retired: bool,
     /// Assigned tasks asked back, answer pending.
     stealing: FxHashSet<TaskId>,
     /// Resources it has, and the amounts its assigned tasks hold.
@@ -576,6 +578,7 @@ impl Core {
             stalled: false,
             paused: false,
             retiring: None,
+            retired: false,
             stealing: FxHashSet::default(),
             resources_used: resources.iter().map(|&(r, _)| (r, 0.0)).collect(),
             resources,
@@ -703,7 +706,7 @@ impl Core {
     pub fn handle_retire(&mut self, worker: WorkerId) {
         self.stimulus = "retire";
         if let Some(w) = self.workers.get_mut(&worker) {
-            if w.retiring.is_none() {
+            if w.retiring.is_none() && !w.retired {
                 w.retiring = Some(FxHashMap::default());
                 w.paused = true;
                 self.steal();
@@ -801,7 +804,7 @@ impl Core {
             let mut targets: Vec<(usize, WorkerId)> = self
                 .workers
                 .iter()
-                .filter(|(id, o)| **id != wid && o.retiring.is_none())
+                .filter(|(id, o)| **id != wid && o.retiring.is_none() && !o.retired)
                 .map(|(id, o)| (o.has.len(), *id))
                 .collect();
             targets.sort();
@@ -832,6 +835,7 @@ impl Core {
     fn finish_retire(&mut self, wid: WorkerId) {
         if let Some(w) = self.workers.get_mut(&wid) {
             if w.retiring.take().is_some() {
+                w.retired = true;
                 self.actions.push(Action::Retired { worker: wid });
             }
         }
@@ -842,7 +846,7 @@ impl Core {
     pub fn handle_worker_paused(&mut self, worker: WorkerId, paused: bool) {
         self.stimulus = "worker-paused";
         if let Some(w) = self.workers.get_mut(&worker) {
-            w.paused = paused || w.retiring.is_some();
+            w.paused = paused || w.retiring.is_some() || w.retired;
             if paused {
                 self.steal();
             }
@@ -927,6 +931,11 @@ impl Core {
                 if !t.wanted_by.contains(&client) {
                     t.wanted_by.push(client);
                 }
+                // Kept only as an input's record (its result let go): wanted
+                // again, it runs again.
+                if t.state == TaskState::Released {
+                    self.recompute(nt.id);
+                }
                 self.notify_one(client, nt.id);
                 continue;
             }
@@ -988,6 +997,9 @@ impl Core {
             }
             self.tasks.get_mut(&id).expect("just inserted").depth = depth;
             if let Some(d) = missing {
+                // Erred for good: it keeps only the links that exist.
+                let linked = deps.iter().copied().filter(|x| self.tasks.contains_key(x));
+                self.tasks.get_mut(&id).expect("just inserted").deps = linked.collect();
                 self.set_erred(id, id, ErrorKind::MissingDependency(d));
             }
         }
@@ -1298,6 +1310,23 @@ impl Core {
                 worker: wid,
                 tasks: ids,
             });
+        }
+    }
+
+    /// Detached tasks that ended are no longer wanted for their own sake.
+    fn settle_detached(&mut self) {
+        while let Some(id) = self.detached_done.pop() {
+            let Some(t) = self.tasks.get_mut(&id) else {
+                continue;
+            };
+            if t.state.is_pending() {
+                continue; // running again (its result was lost)
+            }
+            t.wanted_by.retain(|&c| c != DETACHED);
+            if t.wanted_by.is_empty() {
+                self.maybe_release(id);
+                self.maybe_forget(id);
+            }
         }
     }
 
@@ -1619,19 +1648,7 @@ impl Core {
     /// the next one. Prefers the worker holding most bytes of the inputs, then
     /// the least loaded.
     fn schedule(&mut self) {
-        while let Some(id) = self.detached_done.pop() {
-            let Some(t) = self.tasks.get_mut(&id) else {
-                continue;
-            };
-            if t.state.is_pending() {
-                continue; // running again (its result was lost)
-            }
-            t.wanted_by.retain(|&c| c != DETACHED);
-            if t.wanted_by.is_empty() {
-                self.maybe_release(id);
-                self.maybe_forget(id);
-            }
-        }
+        self.settle_detached();
         if self.workers.values().any(|w| w.retiring.is_some()) {
             self.retire_step();
         }
@@ -1690,6 +1707,8 @@ impl Core {
                 task: id,
             });
         }
+        // Tasks that erred just now (unsatisfiable) may be detached ones.
+        self.settle_detached();
     }
 
     /// Places ready tasks that need resources, highest priority first, each
@@ -1843,6 +1862,10 @@ impl Core {
             }
         }
         for (wid, w) in &self.workers {
+            assert!(
+                !w.retired || (w.paused && w.assigned.is_empty() && w.retiring.is_none()),
+                "{wid:?}: retired but gets work"
+            );
             for id in &w.assigned {
                 assert_eq!(self.tasks[id].state, TaskState::Processing(*wid));
             }

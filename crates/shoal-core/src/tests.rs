@@ -343,56 +343,58 @@ fn a_ten_thousand_deep_chain_does_not_recurse() {
     assert_eq!(c.n_tasks(), 0);
 }
 
-/// A seeded random cluster: random DAGs, workers that finish, fail, die and
-/// join, clients that release and cancel. After every event the invariants
-/// hold; at the end every wanted task is in memory or erred, and nothing hangs.
+/// A seeded random cluster: several clients submitting random DAGs (some
+/// sharing tasks) and leaving; workers that finish, fail, die, join, retire,
+/// pause, lend threads and fail to fetch inputs; an actor resource expected
+/// then withdrawn; reports repeated after the fact. After every event the
+/// invariants hold; at the end every wanted task is in memory or erred,
+/// nothing hangs and no record leaks.
 #[test]
 fn sim_random_clusters_always_converge() {
-    for seed in 0..300 {
+    let seeds: u64 = std::env::var("SHOAL_SIM_SEEDS").map_or(400, |s| s.parse().expect("a number"));
+    for seed in 0..seeds {
         sim(seed);
     }
 }
 
-fn sim(seed: u64) {
-    let mut rng = fastrand::Rng::with_seed(seed);
-    let mut c = Core::new(Config {
-        max_kills: 3,
-        ..Config::default()
-    });
-    let mut next_worker = 0u32;
-    // Orders at workers, and which of them their threads took (a started
-    // task cannot be given back and reports even after a cancel).
-    let mut running: Vec<(WorkerId, TaskId, bool)> = Vec::new();
-    let mut wanted: Vec<TaskId> = Vec::new();
-    let mut settled: FxHashMap<TaskId, bool> = FxHashMap::default();
-    let mut asked: Vec<(WorkerId, TaskId)> = Vec::new();
-    let mut now = 0u64;
-    let n = rng.u64(1..60);
-    let mut tasks = Vec::new();
-    for i in 0..n {
-        let mut deps: Vec<u64> = (0..rng.usize(0..3))
-            .filter(|_| i > 0)
-            .map(|_| rng.u64(0..i))
+/// Resource 0 is a "GPU" (workers have 0..2); resource 1 an actor's
+/// (one worker offers it, expected from the start, withdrawn later).
+const GPU: u32 = 0;
+const ACTOR: u32 = 1;
+
+/// A batch of `n` fresh tasks from `*next` on, depending on each other and
+/// on `known` tasks (which may be forgotten by now: a clear error), plus
+/// some of `known` again (the client gains interest in them).
+fn random_batch(rng: &mut fastrand::Rng, next: &mut u64, known: &[TaskId], n: u64) -> Vec<NewTask> {
+    let first = *next;
+    let mut batch = Vec::new();
+    for i in first..first + n {
+        let mut deps: Vec<TaskId> = (0..rng.usize(0..3))
+            .filter_map(|_| match rng.u32(0..4) {
+                0 if !known.is_empty() => Some(known[rng.usize(0..known.len())]),
+                _ if i > first => Some(t(rng.u64(first..i))),
+                _ => None,
+            })
             .collect();
         deps.sort();
         deps.dedup();
-        // Some tasks without inputs are scattered data: lost, not rerun,
-        // when their worker dies.
         let has_inputs = !deps.is_empty();
-        tasks.push(NewTask {
+        batch.push(NewTask {
             id: t(i),
-            deps: deps.into_iter().map(t).collect(),
+            deps,
             priority: rng.i32(0..3),
             retries: rng.u32(0..2),
             group: rng.u32(0..3),
-            // Resource 0 ("GPU"): workers have 0..2 of it; some tasks need 1
-            // (or 3, which no worker has: they fail as unsatisfiable).
-            resources: match rng.u32(0..10) {
-                0 | 1 => vec![(0, 1.0)],
-                2 => vec![(0, 3.0)],
+            // Some need a GPU (or 3, which no worker has: unsatisfiable),
+            // a few the actor.
+            resources: match rng.u32(0..20) {
+                0..=3 => vec![(GPU, 1.0)],
+                4 => vec![(GPU, 3.0)],
+                5 => vec![(ACTOR, 1.0)],
                 _ => Vec::new(),
             },
-            // Some tasks take 2 threads (workers have 1 or 2) or 3 (none has).
+            // Some take 2 threads (workers have 1 or 2) or 3 (none has,
+            // unless it lends threads).
             threads: match rng.u32(0..20) {
                 0 | 1 => 2,
                 2 => 3,
@@ -402,10 +404,58 @@ fn sim(seed: u64) {
             recompute: has_inputs || rng.u32(0..8) != 0,
         });
     }
-    c.handle_submit(C, tasks);
-    wanted.extend((0..n).map(t));
+    *next += n;
+    for _ in 0..rng.usize(0..3) {
+        if !known.is_empty() {
+            let mut again = nt(known[rng.usize(0..known.len())].0, &[]);
+            again.deps.clear();
+            batch.push(again);
+        }
+    }
+    batch
+}
+
+fn sim(seed: u64) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut c = Core::new(Config {
+        max_kills: 3,
+        log_capacity: 100_000,
+        ..Config::default()
+    });
+    let mut next_worker = 0u32;
+    let mut next_client = 1u32;
+    let mut next_task = 0u64;
+    let mut clients: Vec<ClientId> = Vec::new();
+    // Orders at workers, and which of them their threads took (a started
+    // task cannot be given back and reports even after a cancel).
+    let mut running: Vec<(WorkerId, TaskId, bool)> = Vec::new();
+    let mut wanted: Vec<(ClientId, TaskId)> = Vec::new();
+    let mut known: Vec<TaskId> = Vec::new();
+    let mut asked: Vec<(WorkerId, TaskId)> = Vec::new();
+    // Copies off retiring workers in flight: (task, to).
+    let mut copying: Vec<(TaskId, WorkerId)> = Vec::new();
+    // Reports sent, to send some again late.
+    let mut reported: Vec<(WorkerId, TaskId)> = Vec::new();
+    let mut actor: Option<WorkerId> = None;
+    let mut actor_expected = true;
+    c.handle_resource_expected(ACTOR);
+    let mut now = 0u64;
+    for _ in 0..rng.usize(1..3) {
+        let client = ClientId(next_client);
+        next_client += 1;
+        clients.push(client);
+        let n = rng.u64(1..40);
+        let batch = random_batch(&mut rng, &mut next_task, &known, n);
+        for x in &batch {
+            if !wanted.contains(&(client, x.id)) {
+                wanted.push((client, x.id));
+            }
+            known.push(x.id);
+        }
+        c.handle_submit(client, batch);
+    }
     for _ in 0..rng.usize(1..4) {
-        let gpus = vec![(0, rng.u32(0..3) as f64)];
+        let gpus = vec![(GPU, rng.u32(0..3) as f64)];
         c.handle_worker_added_with(WorkerId(next_worker), rng.u32(1..3), gpus);
         next_worker += 1;
     }
@@ -413,29 +463,35 @@ fn sim(seed: u64) {
     loop {
         steps += 1;
         assert!(steps < 100_000, "seed {seed}: no convergence");
+        let mut gone = Vec::new();
         for a in c.take_actions() {
             match a {
                 Action::Compute { worker, task } => running.push((worker, task, false)),
                 Action::CancelCompute { worker, task } => {
                     running.retain(|&(w, x, started)| started || !(w == worker && x == task))
                 }
-                Action::TaskMemory { task, .. } => {
-                    settled.insert(task, true);
-                }
-                Action::TaskErred { task, .. } => {
-                    settled.insert(task, false);
-                }
                 Action::Steal { worker, tasks } => {
                     asked.extend(tasks.into_iter().map(|task| (worker, task)))
                 }
+                Action::Replicate { task, to, .. } => copying.push((task, to)),
+                Action::Retired { worker } => gone.push(worker),
                 _ => {}
             }
         }
         c.check_invariants();
-        let all_settled = wanted.iter().all(|id| {
+        // A retired worker exits (the service stops it): only tasks the
+        // core no longer counts on (cancelled while running) die with it.
+        for w in gone {
+            assert_eq!(c.n_assigned(w), 0, "seed {seed}: retired with work");
+            running.retain(|&(x, _, _)| x != w);
+            c.handle_worker_lost(w);
+            c.check_invariants();
+        }
+        // Settled: nothing waits to run (detached tasks included).
+        let all_settled = c.tasks.values().all(|t| {
             matches!(
-                c.state(*id),
-                Some(TaskState::Memory { .. } | TaskState::Erred { .. }) | None
+                t.state,
+                TaskState::Memory { .. } | TaskState::Erred { .. } | TaskState::Released
             )
         });
         if all_settled && running.is_empty() {
@@ -458,29 +514,105 @@ fn sim(seed: u64) {
             c.handle_steal_reply(w, id, ok);
             continue;
         }
-        let roll = rng.u32(0..100);
-        if roll < 3 && c.n_workers() > 0 {
-            // A worker dies.
-            let ids: Vec<WorkerId> = c.worker_order.clone();
-            let w = ids[rng.usize(0..ids.len())];
+        if roll < 25 && !copying.is_empty() {
+            let (id, to) = copying.swap_remove(rng.usize(0..copying.len()));
+            c.handle_replicated(to, id, rng.u32(0..4) != 0);
+            continue;
+        }
+        let roll = rng.u32(0..200);
+        let workers: Vec<WorkerId> = c.worker_order.clone();
+        let any_worker = |rng: &mut fastrand::Rng| workers[rng.usize(0..workers.len())];
+        if roll < 6 && !workers.is_empty() {
+            // A worker dies: its orders, steals and copies to it with it.
+            let w = any_worker(&mut rng);
             running.retain(|&(x, _, _)| x != w);
+            asked.retain(|&(x, _)| x != w);
+            copying.retain(|&(_, to)| to != w);
+            if actor == Some(w) {
+                actor = None;
+            }
             c.handle_worker_lost(w);
-        } else if roll < 6 || c.n_workers() == 0 {
-            let gpus = vec![(0, rng.u32(0..3) as f64)];
+        } else if roll < 12 || workers.is_empty() {
+            let gpus = vec![(GPU, rng.u32(0..3) as f64)];
             c.handle_worker_added_with(WorkerId(next_worker), rng.u32(1..3), gpus);
             next_worker += 1;
-        } else if roll < 8 && !wanted.is_empty() {
-            let i = rng.usize(0..wanted.len());
-            let id = wanted.swap_remove(i);
-            c.handle_release(C, &[id]);
-        } else if roll < 9 && !wanted.is_empty() {
-            let id = wanted[rng.usize(0..wanted.len())];
-            c.handle_cancel(C, &[id]);
-        } else if roll < 11 && !wanted.is_empty() {
+        } else if roll < 14 && actor.is_none() && actor_expected {
+            // The actor's process is up.
+            actor = Some(WorkerId(next_worker));
+            c.handle_worker_added_with(WorkerId(next_worker), 1, vec![(ACTOR, 1.0)]);
+            next_worker += 1;
+        } else if roll < 16 && actor_expected {
+            // The actor is killed for good: its worker goes, then the offer.
+            if let Some(w) = actor.take() {
+                running.retain(|&(x, _, _)| x != w);
+                asked.retain(|&(x, _)| x != w);
+                copying.retain(|&(_, to)| to != w);
+                c.handle_worker_lost(w);
+            }
+            actor_expected = false;
+            c.handle_resource_withdrawn(ACTOR);
+        } else if roll < 18 && !workers.is_empty() {
+            c.handle_retire(any_worker(&mut rng));
+        } else if roll < 22 && !workers.is_empty() {
+            // Memory pressure comes and goes.
+            c.handle_worker_paused(any_worker(&mut rng), rng.u32(0..3) == 0);
+        } else if roll < 25 && !workers.is_empty() {
+            // A task lends its thread while it waits (secede), or takes it back.
+            c.handle_worker_threads(any_worker(&mut rng), rng.u32(1..4));
+        } else if roll < 28 && next_task < 200 {
+            // A client (new or not) submits more, maybe on others' tasks.
+            let client = if clients.is_empty() || rng.bool() {
+                next_client += 1;
+                clients.push(ClientId(next_client));
+                ClientId(next_client)
+            } else {
+                clients[rng.usize(0..clients.len())]
+            };
+            let n = rng.u64(1..20);
+            let batch = random_batch(&mut rng, &mut next_task, &known, n);
+            for x in &batch {
+                // Interest is a set: a second submit of a task adds none.
+                if !wanted.contains(&(client, x.id)) {
+                    wanted.push((client, x.id));
+                }
+                known.push(x.id);
+            }
+            c.handle_submit(client, batch);
+        } else if roll < 29 && !clients.is_empty() {
+            // A client leaves: what only it wanted is let go.
+            let client = clients.swap_remove(rng.usize(0..clients.len()));
+            wanted.retain(|&(x, _)| x != client);
+            c.handle_client_gone(client);
+        } else if roll < 33 && !wanted.is_empty() {
+            let (client, id) = wanted.swap_remove(rng.usize(0..wanted.len()));
+            c.handle_release(client, &[id]);
+        } else if roll < 35 && !wanted.is_empty() {
+            let (client, id) = wanted[rng.usize(0..wanted.len())];
+            c.handle_cancel(client, &[id]);
+        } else if roll < 39 && !wanted.is_empty() {
             // Run it even if released (Ray's dropped refs), then release it.
-            let id = wanted.swap_remove(rng.usize(0..wanted.len()));
-            c.handle_detach(C, &[id]);
-            c.handle_release(C, &[id]);
+            let (client, id) = wanted.swap_remove(rng.usize(0..wanted.len()));
+            c.handle_detach(client, &[id]);
+            c.handle_release(client, &[id]);
+        } else if roll < 42 && !reported.is_empty() {
+            // A report arrives again, late (the task may have moved, been
+            // cancelled, rerun or forgotten since).
+            let (w, id) = reported[rng.usize(0..reported.len())];
+            if workers.contains(&w) {
+                c.handle_task_finished(w, id, 8, rng.bool(), 10);
+            }
+        } else if let Some(i) = (roll < 46)
+            .then(|| running.iter().position(|r| !r.2))
+            .flatten()
+        {
+            // The worker cannot get the order's inputs and drops it.
+            let (w, id, _) = running.swap_remove(i);
+            let deps = c.deps(id).to_vec();
+            if rng.bool() {
+                c.handle_fetch_failed(w, id, &deps);
+            } else {
+                c.handle_missing_data(w, id, &deps);
+            }
         } else if !running.is_empty() {
             let i = rng.usize(0..running.len());
             let (w, id, started) = running[i];
@@ -492,18 +624,22 @@ fn sim(seed: u64) {
                 continue;
             }
             running.swap_remove(i);
+            reported.push((w, id));
             if rng.u32(0..10) == 0 {
                 c.handle_task_failed(w, id);
             } else {
                 c.handle_task_finished(w, id, rng.u64(1..1000), rng.bool(), rng.u64(1..5000));
             }
         }
+        c.check_invariants();
     }
-    for id in &wanted {
+    for (_, id) in &wanted {
         if let Some(s) = c.state(*id) {
             assert!(
                 matches!(s, TaskState::Memory { .. } | TaskState::Erred { .. }),
-                "seed {seed}: {id:?} ended {s:?}"
+                "seed {seed}: {id:?} ended {s:?} {:?} story {:#?}",
+                c.tasks[id].wanted_by,
+                c.story(*id)
             );
         }
     }
@@ -511,7 +647,9 @@ fn sim(seed: u64) {
         assert_eq!(w.zombie_threads, 0, "seed {seed}: {wid:?} keeps zombies");
         assert!(w.running.is_empty(), "seed {seed}: {wid:?} still running");
     }
-    c.handle_client_gone(C);
+    for client in clients {
+        c.handle_client_gone(client);
+    }
     c.check_invariants();
     assert_eq!(c.n_tasks(), 0, "seed {seed}: records leaked");
 }
@@ -1193,4 +1331,53 @@ fn detached_work_runs_though_released_and_is_forgotten_when_done() {
         task: t(4)
     }));
     assert!(matches!(c.state(t(4)), Some(TaskState::Memory { .. })));
+}
+
+/// Found by the simulator: a task whose result was let go but whose record
+/// stays (a dependent still holds it) hung when a client submitted it again.
+#[test]
+fn a_released_task_submitted_again_runs_again() {
+    let mut c = core();
+    c.handle_worker_added(WorkerId(0), 1);
+    c.handle_submit(C, vec![nt(1, &[]), nt(2, &[1])]);
+    assert_eq!(computes(&c.take_actions()), vec![(0, 1)]);
+    c.handle_task_finished(WorkerId(0), t(1), 8, false, 10);
+    assert_eq!(computes(&c.take_actions()), vec![(0, 2)]);
+    c.handle_task_finished(WorkerId(0), t(2), 8, false, 10);
+    c.handle_release(C, &[t(1)]);
+    c.take_actions();
+    assert_eq!(c.state(t(1)), Some(TaskState::Released));
+    c.handle_submit(ClientId(2), vec![nt(1, &[])]);
+    assert_eq!(computes(&c.take_actions()), vec![(0, 1)]);
+    c.handle_task_finished(WorkerId(0), t(1), 8, false, 10);
+    let a = c.take_actions();
+    assert!(a.iter().any(|x| matches!(x, Action::TaskMemory { client, task, .. } if *client == ClientId(2) && *task == t(1))));
+    c.check_invariants();
+}
+
+/// Found by the simulator: a retired worker (told to exit) that reported
+/// its memory fell was given work again, and was picked as the target of
+/// another retiring worker's results.
+#[test]
+fn a_retired_worker_gets_no_work_and_no_results() {
+    let mut c = core();
+    c.handle_worker_added(WorkerId(0), 1);
+    c.handle_worker_added(WorkerId(1), 1);
+    c.handle_retire(WorkerId(0));
+    assert!(c.take_actions().contains(&Action::Retired {
+        worker: WorkerId(0)
+    }));
+    c.handle_worker_paused(WorkerId(0), false);
+    c.handle_submit(C, vec![nt(1, &[]), nt(2, &[])]);
+    assert_eq!(computes(&c.take_actions()), vec![(1, 1)]);
+    c.handle_task_finished(WorkerId(1), t(1), 8, false, 10);
+    c.take_actions();
+    c.handle_retire(WorkerId(1));
+    let a = c.take_actions();
+    assert!(
+        !a.iter()
+            .any(|x| matches!(x, Action::Replicate { .. } | Action::Compute { .. })),
+        "{a:?}"
+    );
+    c.check_invariants();
 }
