@@ -207,6 +207,20 @@ fn submit_err(e: SubmitError) -> PyErr {
     }
 }
 
+impl ClientCore {
+    /// Sends submissions; waiting for room (the scheduler reads slower than
+    /// this client submits) lets other Python threads run.
+    fn send(&self, py: Python<'_>, specs: Vec<TaskSpec>) -> PyResult<()> {
+        let inner = &self.inner;
+        if inner.backlogged() {
+            py.detach(|| inner.submit(specs))
+        } else {
+            inner.submit(specs)
+        }
+        .map_err(submit_err)
+    }
+}
+
 #[pymethods]
 impl ClientCore {
     /// Connects to the scheduler at `address`, proving `token`.
@@ -241,6 +255,7 @@ impl ClientCore {
     #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
+        py: Python<'_>,
         group: String,
         key: Option<String>,
         batch: bool,
@@ -270,7 +285,7 @@ impl ClientCore {
             resources,
             recompute,
         };
-        self.inner.submit(vec![spec]).map_err(submit_err)?;
+        self.send(py, vec![spec])?;
         Ok(id)
     }
 
@@ -280,6 +295,7 @@ impl ClientCore {
     #[allow(clippy::too_many_arguments)]
     fn submit_many(
         &self,
+        py: Python<'_>,
         group: String,
         batch: bool,
         func: &[u8],
@@ -314,7 +330,7 @@ impl ClientCore {
                 }
             })
             .collect();
-        self.inner.submit(specs).map_err(submit_err)?;
+        self.send(py, specs)?;
         Ok(ids)
     }
 
@@ -331,6 +347,7 @@ impl ClientCore {
     #[allow(clippy::type_complexity)]
     fn submit_graph(
         &self,
+        py: Python<'_>,
         func: &[u8],
         items: Vec<(u64, String, Option<String>, PyBackedBytes, Vec<u64>, i32)>,
         retries: u32,
@@ -353,7 +370,7 @@ impl ClientCore {
                 recompute: true,
             })
             .collect();
-        self.inner.submit(specs).map_err(submit_err)
+        self.send(py, specs)
     }
 
     /// Drops the client's interest in these tasks.
@@ -726,6 +743,9 @@ impl WorkerCore {
             .collect::<PyResult<_>>()?;
         let inner = &self.inner;
         inner.report(done);
+        if inner.backlogged() {
+            py.detach(|| inner.wait_room());
+        }
         // Work already queued is taken with the GIL held (no lock is held
         // while waiting, so this cannot block); only waiting releases it.
         let batch = match inner.try_next(max) {

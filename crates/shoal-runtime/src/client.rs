@@ -16,7 +16,6 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Instant;
-use tokio::sync::mpsc;
 
 /// What the client knows of a task.
 #[derive(Clone, Debug)]
@@ -114,6 +113,10 @@ pub const FETCH_ATTEMPTS: u32 = 10;
 /// several messages, each well under the frame limit.
 pub const SUBMIT_CHUNK: usize = 64 << 20;
 
+/// Bytes of submissions that may wait to be written to the scheduler
+/// before `submit` waits for it to read.
+pub const SUBMIT_BACKLOG: usize = 4 * SUBMIT_CHUNK;
+
 /// Why tasks could not be submitted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SubmitError {
@@ -128,7 +131,7 @@ pub struct ClientShared {
     /// Id assigned by the scheduler (top bits of every task id).
     pub id: u32,
     next: AtomicU64,
-    out: mpsc::UnboundedSender<ToScheduler>,
+    out: net::Outbox<ToScheduler>,
     state: Mutex<State>,
     cv: Condvar,
     /// The cluster's secret (fetching results from workers proves it too).
@@ -317,12 +320,31 @@ impl ClientShared {
             let full = specs.peek().is_some_and(|n| bytes + size(n) > SUBMIT_CHUNK);
             if full || specs.peek().is_none() {
                 bytes = 0;
+                // A scheduler that reads slower than the client submits
+                // makes the submitter wait, not the queue grow.
+                if !self
+                    .out
+                    .wait_room(SUBMIT_BACKLOG, || self.state.lock().closed.is_some())
+                {
+                    let st = self.state.lock();
+                    let why = st
+                        .closed
+                        .clone()
+                        .unwrap_or_else(|| "the connection is closed".into());
+                    return Err(SubmitError::Lost(why));
+                }
                 self.out
                     .send(ToScheduler::Submit(std::mem::take(&mut chunk)))
                     .map_err(|_| SubmitError::Lost("the connection is closed".into()))?;
             }
         }
         Ok(())
+    }
+
+    /// Whether submissions wait to be written beyond [`SUBMIT_BACKLOG`]
+    /// (the next `submit` will wait for room).
+    pub fn backlogged(&self) -> bool {
+        self.out.queued_bytes() > SUBMIT_BACKLOG
     }
 
     /// The client drops these tasks.

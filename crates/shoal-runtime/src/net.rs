@@ -687,34 +687,204 @@ fn with_count(mut buf: Vec<u8>, mut count: u64) -> Bytes {
     Bytes::from(buf).slice(start..)
 }
 
-/// Splits a connection: returns a sender whose messages are written in
+/// About how many bytes a queued message holds (its payloads, plus a
+/// little for the rest): what [`Outbox`] counts.
+pub trait Weigh {
+    /// Approximate size in memory while queued.
+    fn weight(&self) -> usize;
+}
+
+const SMALL: usize = 32;
+
+fn ids_weight(ids: &[u64]) -> usize {
+    SMALL + 8 * ids.len()
+}
+
+impl Weigh for shoal_proto::FromScheduler {
+    fn weight(&self) -> usize {
+        use shoal_proto::FromScheduler as F;
+        match self {
+            F::Memory { value, .. } => SMALL + value.as_ref().map_or(0, |v| v.len()),
+            F::Compute {
+                func, args, deps, ..
+            } => SMALL + func.len() + args.len() + 48 * deps.len(),
+            F::Release(ids) | F::Steal(ids) => ids_weight(ids),
+            F::QueryReply { json, .. } => SMALL + json.len(),
+            F::Erred {
+                error: shoal_proto::TaskError::Exception { error, .. },
+                ..
+            } => SMALL + error.len(),
+            _ => SMALL,
+        }
+    }
+}
+
+impl Weigh for shoal_proto::ToScheduler {
+    fn weight(&self) -> usize {
+        use shoal_proto::ToScheduler as T;
+        match self {
+            T::Submit(specs) => specs
+                .iter()
+                .map(|t| SMALL + t.func.len() + t.args.len() + 8 * t.deps.len())
+                .sum(),
+            T::Release(ids) | T::Cancel(ids) | T::Detach(ids) => ids_weight(ids),
+            T::Stolen(ids) | T::Started(ids) | T::Where(ids) => ids_weight(ids),
+            T::Finished { value, .. } => SMALL + value.as_ref().map_or(0, |v| v.len()),
+            T::Failed { error, text, .. } => SMALL + error.len() + text.len(),
+            T::Query { path, .. } => SMALL + path.len(),
+            T::Telemetry(_) => 4096,
+            _ => SMALL,
+        }
+    }
+}
+
+/// The sending half of a batched connection. Messages never wait to be
+/// queued (the scheduler's loop must not block on a peer), but the bytes
+/// queued are counted: a producer thread can wait for room
+/// ([`Outbox::wait_room`], backpressure), and a service can let go of a peer
+/// that stopped reading ([`Outbox::queued_bytes`]).
+pub struct Outbox<M> {
+    tx: mpsc::UnboundedSender<(M, usize)>,
+    room: Arc<Room>,
+}
+
+impl<M> Clone for Outbox<M> {
+    fn clone(&self) -> Self {
+        Outbox {
+            tx: self.tx.clone(),
+            room: self.room.clone(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Room {
+    queued: std::sync::atomic::AtomicUsize,
+    lock: std::sync::Mutex<()>,
+    freed: std::sync::Condvar,
+    /// Cancelled by [`Outbox::close`]: the writer stops at once.
+    closed: tokio_util::sync::CancellationToken,
+}
+
+impl Room {
+    fn release(&self, bytes: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        // Saturating: a send that fails after the writer zeroed the count.
+        let _ = self
+            .queued
+            .fetch_update(Relaxed, Relaxed, |q| Some(q.saturating_sub(bytes)));
+        // Taking the lock orders this with a waiter between its check and
+        // its wait (no lost wake-up).
+        drop(self.lock.lock());
+        self.freed.notify_all();
+    }
+}
+
+impl<M: Weigh> Outbox<M> {
+    /// Queues a message; an error only when the connection is gone.
+    pub fn send(&self, m: M) -> Result<(), mpsc::error::SendError<M>> {
+        let w = m.weight();
+        self.room
+            .queued
+            .fetch_add(w, std::sync::atomic::Ordering::Relaxed);
+        self.tx.send((m, w)).map_err(|e| {
+            self.room.release(w);
+            mpsc::error::SendError(e.0 .0)
+        })
+    }
+}
+
+impl<M> Outbox<M> {
+    /// Bytes queued and not yet written.
+    pub fn queued_bytes(&self) -> usize {
+        self.room.queued.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether the connection's writer is gone.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// Ends the connection now: what is queued is dropped, not written
+    /// (a peer let go must not keep its backlog alive until a write stalls).
+    pub fn close(&self) {
+        self.room.closed.cancel();
+    }
+
+    /// Blocks the calling thread (never an async task) while more than
+    /// `limit` bytes are queued: the producer waits for the peer to read
+    /// (backpressure). False if the connection closed or `give_up` (asked
+    /// every 100 ms) says to stop waiting.
+    pub fn wait_room(&self, limit: usize, give_up: impl Fn() -> bool) -> bool {
+        let mut guard = self.room.lock.lock().unwrap_or_else(|e| e.into_inner());
+        while self.queued_bytes() > limit {
+            if self.is_closed() || give_up() {
+                return false;
+            }
+            // Timed: a writer that dies drops its queue without counting
+            // it out, which is_closed catches.
+            guard = self
+                .room
+                .freed
+                .wait_timeout(guard, Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        !self.is_closed()
+    }
+}
+
+/// Splits a connection: returns an [`Outbox`] whose messages are written in
 /// batches (everything queued since the last write goes out in as few
 /// frames as [`MAX_FRAME`] allows), and the read half.
 pub fn split_batched<M: Serialize + Send + 'static>(
     conn: Conn,
-) -> (mpsc::UnboundedSender<M>, futures::stream::SplitStream<Conn>) {
+) -> (Outbox<M>, futures::stream::SplitStream<Conn>) {
     let (mut sink, stream) = conn.split();
-    let (tx, mut rx) = mpsc::unbounded_channel::<M>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<(M, usize)>();
+    let room = Arc::new(Room::default());
+    let counted = room.clone();
     tokio::spawn(async move {
         let mut batch = Vec::with_capacity(256);
         // A peer that stops reading (frozen, cut off) must not hold what
         // is queued for it for ever: a write that makes no headway for
         // WRITE_STALL ends the connection and frees the queue.
         let stalled = |r: Result<Result<(), io::Error>, _>| !matches!(r, Ok(Ok(())));
-        'write: while rx.recv_many(&mut batch, 8192).await > 0 {
-            for body in frames(batch.drain(..), MAX_FRAME) {
-                if stalled(tokio::time::timeout(WRITE_STALL, sink.feed(body)).await) {
+        let closed = counted.closed.clone();
+        'write: loop {
+            let n = tokio::select! {
+                biased;
+                _ = closed.cancelled() => break,
+                n = rx.recv_many(&mut batch, 8192) => n,
+            };
+            if n == 0 {
+                break;
+            }
+            let bytes: usize = batch.iter().map(|(_, w)| w).sum();
+            for body in frames(batch.drain(..).map(|(m, _)| m), MAX_FRAME) {
+                let fed =
+                    closed.run_until_cancelled(tokio::time::timeout(WRITE_STALL, sink.feed(body)));
+                if fed.await.is_none_or(stalled) {
                     break 'write;
                 }
             }
-            if stalled(tokio::time::timeout(WRITE_STALL, sink.flush()).await) {
+            let flushed =
+                closed.run_until_cancelled(tokio::time::timeout(WRITE_STALL, sink.flush()));
+            if flushed.await.is_none_or(stalled) {
                 break;
             }
+            counted.release(bytes);
         }
+        rx.close();
         drop(rx);
+        // Dropped, not written: nothing waits any more.
+        counted
+            .queued
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+        counted.release(0);
         let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, sink.close()).await;
     });
-    (tx, stream)
+    (Outbox { tx, room }, stream)
 }
 
 /// Decodes one batch frame from a split read half.
@@ -937,5 +1107,63 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    /// Backpressure: messages for a peer that does not read are counted;
+    /// a producer waiting for room gives up when told, and gets it as soon
+    /// as the peer reads; the count returns to zero once all is written.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_outbox_counts_what_waits_and_producers_wait_for_room() {
+        use shoal_proto::ToScheduler;
+        let secret = Secret::from_token("t").unwrap();
+        let dir = std::env::temp_dir().join(format!("shoal-room-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let addr = Address::Unix(dir.join("s.sock"));
+        let listener = Listener::bind(&addr).await.unwrap();
+        let (start_reading, go) = tokio::sync::oneshot::channel::<()>();
+        let server_secret = secret.clone();
+        let read = tokio::spawn(async move {
+            let (incoming, peer) = listener.accept().await;
+            let (mut conn, _) = incoming.authenticate(&server_secret, &peer).await.unwrap();
+            send(&mut conn, &Welcome::Accepted { id: 1 }).await.unwrap();
+            go.await.unwrap();
+            let mut n = 0;
+            while let Some(frame) = conn.next().await {
+                n += decode_batch::<ToScheduler>(frame).unwrap().len();
+                if n == 64 {
+                    break;
+                }
+            }
+            n
+        });
+        let (conn, _) = handshake(&addr, Role::Client, &secret).await.unwrap();
+        let (out, _stream) = split_batched::<ToScheduler>(conn);
+        let value = Bytes::from(vec![7u8; 1 << 20]);
+        for id in 0..64 {
+            let m = ToScheduler::Finished {
+                id,
+                size: 1 << 20,
+                value: Some(value.clone()),
+                timing: Default::default(),
+            };
+            out.send(m).unwrap();
+        }
+        // The socket takes a little; most of the 64 MiB waits.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(out.queued_bytes() > 32 << 20, "{}", out.queued_bytes());
+        let waiting = out.clone();
+        let t0 = std::time::Instant::now();
+        let gave_up = tokio::task::spawn_blocking(move || {
+            !waiting.wait_room(8 << 20, || t0.elapsed() > Duration::from_millis(300))
+        });
+        assert!(gave_up.await.unwrap());
+        let waiting = out.clone();
+        let room = tokio::task::spawn_blocking(move || waiting.wait_room(8 << 20, || false));
+        start_reading.send(()).unwrap();
+        assert!(room.await.unwrap());
+        assert_eq!(read.await.unwrap(), 64);
+        assert_eq!(out.queued_bytes(), 0);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
 
-type Tx = mpsc::UnboundedSender<FromScheduler>;
+type Tx = net::Outbox<FromScheduler>;
 
 /// A client query that makes every worker send its telemetry first.
 pub const SYNC_PATH: &str = "/api/sync";
@@ -56,6 +56,9 @@ enum Event {
     /// Tests: a bug in the owner.
     #[cfg(test)]
     Panic,
+    /// Tests: a smaller [`PEER_BACKLOG`].
+    #[cfg(test)]
+    PeerBacklog(usize),
 }
 
 /// A running scheduler.
@@ -305,6 +308,8 @@ async fn serve_conn(
 
 struct WorkerConn {
     tx: Tx,
+    /// Its queue was over [`PEER_BACKLOG`] at the last beat.
+    behind: bool,
     data_addr: String,
     pid: u32,
     /// When it was last heard from (any message; heartbeats every second).
@@ -320,6 +325,21 @@ struct ClientConn {
     tx: Tx,
     /// When it was last heard from (it beats every second).
     last_seen: tokio::time::Instant,
+    /// Its queue was over [`PEER_BACKLOG`] at the last beat.
+    behind: bool,
+}
+
+/// Bytes the scheduler may queue for one peer. A peer over it at two
+/// beats running reads slower than the cluster talks to it (or not at
+/// all): it is let go, so the scheduler's memory stays bounded.
+const PEER_BACKLOG: usize = 1 << 30;
+
+/// Whether a peer's queue has been over `limit` for two beats.
+fn fell_behind(tx: &Tx, behind: &mut bool, limit: usize) -> bool {
+    let over = tx.queued_bytes() > limit;
+    let twice = over && *behind;
+    *behind = over;
+    twice
 }
 
 struct State {
@@ -335,6 +355,8 @@ struct State {
     group_names: Vec<String>,
     monitor: monitor::Monitor,
     heartbeat_timeout: std::time::Duration,
+    /// [`PEER_BACKLOG`] (smaller in tests).
+    peer_backlog: usize,
     core: Core,
     specs: FxHashMap<u64, TaskSpec>,
     inline: FxHashMap<u64, Bytes>,
@@ -363,6 +385,7 @@ async fn owner(
         group_names: Vec::new(),
         monitor: monitor::Monitor::default(),
         heartbeat_timeout: net::heartbeat_timeout(),
+        peer_backlog: PEER_BACKLOG,
         core: Core::new(shoal_core::Config {
             log_capacity: STORY_LOG,
             ..Default::default()
@@ -417,7 +440,14 @@ impl State {
         match ev {
             Event::ClientJoined(id, tx) => {
                 let last_seen = tokio::time::Instant::now();
-                self.clients.insert(id, ClientConn { tx, last_seen });
+                self.clients.insert(
+                    id,
+                    ClientConn {
+                        tx,
+                        last_seen,
+                        behind: false,
+                    },
+                );
             }
             Event::WorkerJoined {
                 id,
@@ -439,6 +469,7 @@ impl State {
                     id,
                     WorkerConn {
                         tx,
+                        behind: false,
                         data_addr,
                         pid,
                         last_seen: tokio::time::Instant::now(),
@@ -476,6 +507,8 @@ impl State {
             }
             #[cfg(test)]
             Event::Panic => panic!("injected by a test"),
+            #[cfg(test)]
+            Event::PeerBacklog(bytes) => self.peer_backlog = bytes,
             Event::ShutdownWorkers => {
                 self.closing = true;
                 for w in self.workers.values() {
@@ -766,44 +799,60 @@ impl State {
         }
     }
 
-    /// Every second: pings clients and workers, and gives up on workers not
-    /// heard from for the heartbeat timeout (dead, hung or cut off): their
-    /// tasks run elsewhere, their results are recomputed.
+    /// Every second: pings clients and workers, and lets go of those not
+    /// heard from for the heartbeat timeout (dead, hung or cut off) or with
+    /// over [`PEER_BACKLOG`] queued for them two beats running. A lost
+    /// worker's tasks run elsewhere, its results are recomputed.
     fn heartbeat(&mut self, now: tokio::time::Instant) {
         for c in self.clients.values() {
             let _ = c.tx.send(FromScheduler::Ping);
         }
-        let timeout = self.heartbeat_timeout;
-        // A silent client (frozen, cut off) is let go like a worker: its
-        // connection closes, what was queued for it is dropped, and what
-        // it wanted is released (detached work runs on).
-        let silent: Vec<u32> = self
+        let (timeout, limit) = (self.heartbeat_timeout, self.peer_backlog);
+        // Why a peer is let go: silent (frozen, dead, cut off), or reading
+        // slower than the cluster talks to it, so that what is queued for
+        // it would grow without bound.
+        let why = |last_seen: tokio::time::Instant, tx: &Tx, behind: &mut bool| {
+            if now.saturating_duration_since(last_seen) > timeout {
+                Some(format!("sent nothing for {timeout:?}"))
+            } else if fell_behind(tx, behind, limit) {
+                Some(format!(
+                    "reads too slowly (over {limit} bytes queued for it for a second)"
+                ))
+            } else {
+                None
+            }
+        };
+        // A client let go: its connection closes at once (what was queued
+        // for it is dropped), and what it wanted is released (detached work
+        // runs on).
+        let gone: Vec<(u32, String)> = self
             .clients
-            .iter()
-            .filter(|(_, c)| now.saturating_duration_since(c.last_seen) > timeout)
-            .map(|(&id, _)| id)
+            .iter_mut()
+            .filter_map(|(&id, c)| Some((id, why(c.last_seen, &c.tx, &mut c.behind)?)))
             .collect();
-        for id in silent {
-            tracing::warn!("client {id} sent nothing for {timeout:?}: letting it go");
-            self.clients.remove(&id);
+        for (id, reason) in gone {
+            tracing::warn!("client {id} {reason}: letting it go");
+            if let Some(c) = self.clients.remove(&id) {
+                c.tx.close();
+            }
             self.core.handle_client_gone(ClientId(id));
             self.process();
         }
-        let silent: Vec<u32> = self
+        let gone: Vec<(u32, String)> = self
             .workers
-            .iter()
-            .filter(|(_, w)| now.saturating_duration_since(w.last_seen) > timeout)
-            .map(|(&id, _)| id)
+            .iter_mut()
+            .filter_map(|(&id, w)| Some((id, why(w.last_seen, &w.tx, &mut w.behind)?)))
             .collect();
-        for id in silent {
+        for (id, reason) in gone {
             if let Some(w) = self.workers.remove(&id) {
-                // Dropping its sender closes the connection: if it is alive
-                // after all, it sees that and exits.
+                // Its connection closes: if it is alive after all, it sees
+                // that and exits.
                 tracing::warn!(
-                    "worker {} (pid {}) sent nothing for {timeout:?}: taking it as lost",
+                    "worker {} (pid {}) {reason}: taking it as lost",
                     w.name,
                     w.pid
                 );
+                w.tx.close();
             }
             self.synced_all(id);
             self.core.handle_worker_lost(WorkerId(id));
@@ -1089,6 +1138,68 @@ mod tests {
             .await
             .unwrap();
         (dir, h, secret, conn)
+    }
+
+    /// A client that stops reading (but still beats) is let go once more
+    /// than the backlog limit waits for it: its connection closes, what was
+    /// queued is freed, and the scheduler serves others.
+    #[tokio::test]
+    async fn a_client_that_does_not_read_is_let_go_when_its_backlog_is_over_the_limit() {
+        let (dir, h, secret, conn) = serving("backlog").await;
+        h.events.send(Event::PeerBacklog(256 << 10)).unwrap();
+        let (tx, mut rx) = net::split_batched::<ToScheduler>(conn);
+        for i in 0..20_000 {
+            let path = "/api/status".to_string();
+            tx.send(ToScheduler::Query { id: i, path }).unwrap();
+        }
+        // Alive all along: only the backlog can get it dropped.
+        let beating = tx.clone();
+        let beat = tokio::spawn(async move {
+            while beating.send(ToScheduler::Alive).is_ok() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut answers = 0;
+            loop {
+                match rx.next().await {
+                    None | Some(Err(_)) => break answers,
+                    Some(Ok(frame)) => {
+                        answers += net::decode_batch::<FromScheduler>(Ok(frame)).unwrap().len()
+                    }
+                }
+            }
+        })
+        .await
+        .expect("the scheduler closed the connection");
+        assert!(
+            ended < 20_000,
+            "all {ended} answers came: it was never behind"
+        );
+        beat.abort();
+        // Others are served.
+        let (conn, _) = net::handshake(&h.address, Role::Client, &secret)
+            .await
+            .unwrap();
+        let (tx, mut rx) = net::split_batched::<ToScheduler>(conn);
+        let path = "/api/status".to_string();
+        tx.send(ToScheduler::Query { id: 1, path }).unwrap();
+        let answered = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(frame) = rx.next().await {
+                let msgs = net::decode_batch::<FromScheduler>(frame).unwrap();
+                if msgs
+                    .iter()
+                    .any(|m| matches!(m, FromScheduler::QueryReply { .. }))
+                {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert_eq!(answered, Ok(true));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]

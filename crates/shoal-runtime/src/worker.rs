@@ -23,7 +23,6 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
 
 /// An input of a task ready to execute.
 pub enum Input {
@@ -139,7 +138,7 @@ pub struct WorkerShared {
     to_pickle_cv: Condvar,
     /// Wakes transfers waiting for a result to be pickled.
     pickled: tokio::sync::Notify,
-    out: mpsc::UnboundedSender<ToScheduler>,
+    out: net::Outbox<ToScheduler>,
     /// Starts and results not yet sent: sent together once the oldest is
     /// `FLUSH_AFTER` old (by the next report or the flusher task), and
     /// before the execution loop waits.
@@ -218,6 +217,10 @@ const PICKLE_WAIT: Duration = Duration::from_secs(120);
 
 /// How long finished results may wait to travel together.
 const FLUSH_AFTER: Duration = Duration::from_millis(2);
+
+/// Bytes of reports (results sent inline) that may wait to be written to
+/// the scheduler before execution threads wait for it to read.
+pub const REPORT_BACKLOG: usize = 256 << 20;
 
 /// What a batch call returns.
 pub enum Batch {
@@ -317,6 +320,19 @@ impl WorkerShared {
                 *unsent.since.insert(Instant::now())
             }
         }
+    }
+
+    /// Blocks the calling (execution) thread while more than
+    /// [`REPORT_BACKLOG`] bytes of reports wait to be written: a scheduler
+    /// that reads slower than the worker produces slows the worker down.
+    pub fn wait_room(&self) {
+        self.out.wait_room(REPORT_BACKLOG, || false);
+    }
+
+    /// Whether reports wait beyond [`REPORT_BACKLOG`] (then call
+    /// [`WorkerShared::wait_room`] without holding locks others need).
+    pub fn backlogged(&self) -> bool {
+        self.out.queued_bytes() > REPORT_BACKLOG
     }
 
     /// Sends buffered reports now.
