@@ -687,3 +687,62 @@ def test_a_frozen_client_is_let_go_like_a_worker(tmp_path):
             p.kill()
             p.wait(30)
             p.stdout.close()
+
+
+@pytest.mark.parametrize("fault", ["scheduler SIGKILL", "scheduler SIGSTOP"])
+def test_fault_matrix_the_scheduler_killed_or_frozen_mid_graph(fault, tmp_path, monkeypatch):
+    # The scheduler dies (or freezes) mid-graph: the client gets a clear
+    # SchedulerLostError, not a hang; the workers stop and leave nothing;
+    # a frozen scheduler that wakes up serves new clients.
+    monkeypatch.setenv("SHOAL_HEARTBEAT_TIMEOUT", "2")
+    with Scheduler(tmp_path, {"SHOAL_HEARTBEAT_TIMEOUT": "2"}) as s:
+        workers = subprocess.Popen(
+            [sys.executable, "-m", "shoal", "worker", "--scheduler-file", str(s.sfile)]
+            + ["--nworkers", "2", "--heartbeat-timeout", "2", "--memory-limit", "none"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        stopped = False
+        try:
+            c = shoal.Client(scheduler_file=str(s.sfile))
+            c.wait_for_workers(2, timeout=60)
+            pids = [w["pid"] for w in c.scheduler_info()["workers"].values()] + [workers.pid]
+            total, xs = _graph(c)
+            deadline = time.monotonic() + 30
+            while sum(f.done() for f in xs) < 10 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert not total.done()
+            if fault == "scheduler SIGKILL":
+                s.proc.kill()
+            else:
+                os.kill(s.proc.pid, signal.SIGSTOP)
+                stopped = True
+            t0 = time.monotonic()
+            with pytest.raises(shoal.SchedulerLostError):
+                total.result(timeout=60)
+            assert time.monotonic() - t0 < 20, "the loss took too long to surface"
+            with pytest.raises(shoal.SchedulerLostError):
+                c.submit(inc, 1)
+            c.close()
+            # The workers hear nothing and stop, without --reconnect.
+            assert workers.wait(timeout=30) != 0
+            deadline = time.monotonic() + 20
+            while any(_leftovers(pids)) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert _leftovers(pids) == ([], []), f"{fault}: left behind"
+            if stopped:
+                os.kill(s.proc.pid, signal.SIGCONT)
+                stopped = False
+                with shoal.Client(scheduler_file=str(s.sfile)) as fresh:
+                    deadline = time.monotonic() + 15
+                    info = fresh.scheduler_info()
+                    while (info["workers"] or info["clients"] > 1) and time.monotonic() < deadline:
+                        time.sleep(0.2)
+                        info = fresh.scheduler_info()
+                    assert info["workers"] == {} and info["clients"] == 1, info
+                    assert info["tasks"] == 0, "the lost client's tasks are still held"
+        finally:
+            if stopped:
+                os.kill(s.proc.pid, signal.SIGCONT)
+            workers.kill()
+            workers.wait(30)

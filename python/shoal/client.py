@@ -927,6 +927,21 @@ class Client:
         info["workers"] = {w.pop("address"): w for w in info["workers"]}
         return info
 
+    def wait_for_workers(self, n_workers: int = 1, timeout: float | None = None) -> None:
+        """Blocks until at least ``n_workers`` workers have joined (as Dask's
+        ``Client.wait_for_workers``). Raises ``TimeoutError`` after
+        ``timeout`` seconds (None: wait for ever)."""
+        if n_workers < 0:
+            raise ValueError(f"n_workers must be 0 or more, not {n_workers}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (have := len(self.scheduler_info()["workers"])) < n_workers:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"only {have} of {n_workers} workers joined within {timeout} s: "
+                    "are the worker processes started, with this cluster's address and token?"
+                )
+            time.sleep(0.05)
+
     @property
     def dashboard_link(self) -> str | None:
         """The dashboard's URL with its access token (None: no dashboard)."""

@@ -492,6 +492,7 @@ pub(crate) fn run_worker(a: WorkerArgs, host: &HostInfo) -> CliResult {
         args,
         env,
         reconnect: a.reconnect,
+        scheduler_elsewhere: true,
     };
     let mut workers = LocalCluster::start(cmd, a.nworkers)
         .map_err(|e| format!("cannot start worker processes: {e}"))?;

@@ -132,6 +132,7 @@ impl Cluster {
                 args,
                 env,
                 reconnect: false,
+                scheduler_elsewhere: false,
             };
             let workers = LocalCluster::start(cmd, n_workers)?;
             // A crashed scheduler closed every connection: stop replacing

@@ -26,6 +26,12 @@ pub struct WorkerCommand {
     /// (workers that wait for a lost scheduler to come back); otherwise
     /// give up after [`MAX_RESPAWNS`] in [`RESPAWN_WINDOW`].
     pub reconnect: bool,
+    /// The scheduler runs in another process (`shoal worker`): when it goes
+    /// silent, replacements would wait on the same silence, so none is
+    /// started (unless `reconnect`). An embedded cluster's scheduler lives
+    /// in the supervisor's own process, which was frozen if it fell silent:
+    /// replacements find it awake.
+    pub scheduler_elsewhere: bool,
 }
 
 /// Exit status of a worker process that the scheduler told to stop: the
@@ -38,6 +44,13 @@ pub const EXIT_STOPPED: i32 = 80;
 /// another protocol version): starting another cannot help, so none is
 /// started and the supervisor reports why ([`LocalCluster::failure`]).
 pub const EXIT_REFUSED: i32 = 77;
+
+/// Exit status of a worker process whose scheduler went silent (hung,
+/// frozen, or cut off by the network; a scheduler that dropped the worker
+/// closes the connection instead). A replacement would wait on the same
+/// silence, so for a scheduler elsewhere none is started unless the
+/// supervisor was told to wait for it to come back (`reconnect`).
+pub const EXIT_SCHEDULER_SILENT: i32 = 78;
 
 /// Replacements allowed within [`RESPAWN_WINDOW`] before giving up: a worker
 /// that cannot even start must not be restarted forever.
@@ -200,6 +213,20 @@ fn supervise(
                             *f = Some(format!(
                                 "worker process {pid} was refused by the scheduler (see its \
                                  message above); not starting more"
+                            ));
+                            eprintln!("shoal: {}", f.as_deref().unwrap_or_default());
+                        }
+                        continue;
+                    }
+                    if status.code() == Some(EXIT_SCHEDULER_SILENT)
+                        && cmd.scheduler_elsewhere
+                        && !cmd.reconnect
+                    {
+                        let mut f = failure.lock();
+                        if f.is_none() {
+                            *f = Some(format!(
+                                "the scheduler stopped answering worker process {pid}; not \
+                                 starting more (with --reconnect, workers wait for it to come back)"
                             ));
                             eprintln!("shoal: {}", f.as_deref().unwrap_or_default());
                         }

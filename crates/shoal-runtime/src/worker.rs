@@ -719,12 +719,13 @@ pub fn start(
         tokio::spawn(async move {
             // The scheduler pings every second; silence means it died without
             // closing, hung, or the network is cut: exit rather than wait.
-            let why = loop {
+            let (why, status) = loop {
                 let Ok(next) = tokio::time::timeout(timeout, stream.next()).await else {
-                    break format!("heard nothing from the scheduler for {timeout:?}");
+                    let why = format!("heard nothing from the scheduler for {timeout:?}");
+                    break (why, crate::local::EXIT_SCHEDULER_SILENT);
                 };
                 let Some(frame) = next else {
-                    break "lost the scheduler connection".to_string();
+                    break ("lost the scheduler connection".to_string(), 1);
                 };
                 match net::decode_batch::<FromScheduler>(frame) {
                     Ok(msgs) => {
@@ -734,7 +735,7 @@ pub fn start(
                             }
                         }
                     }
-                    Err(e) => break format!("bad frame from the scheduler: {e}"),
+                    Err(e) => break (format!("bad frame from the scheduler: {e}"), 1),
                 }
             };
             // The scheduler is gone without asking us to stop: for an embedded
@@ -742,7 +743,7 @@ pub fn start(
             eprintln!("shoal worker {}: {why}; exiting", std::process::id());
             // SAFETY: _exit ends the process at once without running handlers;
             // nothing here needs flushing (results are useless without a scheduler).
-            unsafe { libc::_exit(1) };
+            unsafe { libc::_exit(status) };
         });
         Ok(shared)
     })
