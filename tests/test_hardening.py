@@ -746,3 +746,28 @@ def test_fault_matrix_the_scheduler_killed_or_frozen_mid_graph(fault, tmp_path, 
                 os.kill(s.proc.pid, signal.SIGCONT)
             workers.kill()
             workers.wait(30)
+
+
+def busy_2ms(x):
+    end = time.perf_counter() + 0.002
+    while time.perf_counter() < end:
+        pass
+    return x
+
+
+def test_the_profiler_sees_tasks_shorter_than_the_gils_switch_interval():
+    # Tasks of 2 ms, one at a time (the worker waits, GIL released, between
+    # them): the sampler got the GIL only between tasks and never saw one.
+    with shoal.Client(n_workers=1) as c:
+        f = c.submit(busy_2ms, 0)
+        t0 = time.monotonic()
+        for i in range(300):
+            f = c.submit(busy_2ms, f)
+        f.result(timeout=60)
+        elapsed = time.monotonic() - t0
+        stacks = c.profile("busy_2ms")
+    # Samples in the task function (the first task also imports this module).
+    samples = sum(n for s, n in stacks.items() if s.split(";")[0].startswith("busy_2ms "))
+    # ~0.6 s of the run was inside tasks: at 20 ms a tick, ~30 samples.
+    busy = 301 * 0.002
+    assert samples >= 0.3 * busy / 0.02, (samples, elapsed, stacks)

@@ -8,6 +8,13 @@ stacks (``"f (file:line);g (file:line)"``, the flame graph format), so a
 sample costs a dictionary increment and the network sees a few hundred
 bytes a second. Only frames below the worker's own ``_execute`` are kept:
 the profile shows the user's code, not Shoal's.
+
+A task shorter than the GIL's switch interval (5 ms) would never be seen
+when the worker waits between tasks: the sampler waits for the GIL, which
+the task's thread gives up only once the task has ended. So a tick falls due
+(in Rust) before the sampler asks for the GIL, and a task that ends after
+the tick leaves itself behind; a sampler that then finds no task running
+counts that one (its function as the stack: its frames are gone by then).
 """
 
 from __future__ import annotations
@@ -72,8 +79,32 @@ class Sampler:
         self.names: dict[Any, str] = {}  # code object -> frame name (cache)
         # Frames from the worker's task runner up are Shoal's, not the task's.
         self.stop_code = stop_code
+        # The last tick handled, and the last task that ended after a tick
+        # not handled yet: (group, function, tick).
+        self.handled = 0
+        self.ended: tuple[str, Any, int] | None = None
 
-    def sample(self) -> None:
+    def task_ended(self, group: str, func: Any, started: int) -> None:
+        """A task of ``group`` running ``func`` ended (``started``: the tick
+        count when it began): if a tick fell due while it ran that the
+        sampler has not handled, it is left for the sampler."""
+        tick = self.core.ticks()
+        if tick > started and tick > self.handled:
+            self.ended = (group, func, tick)
+
+    def _count_ended(self) -> None:
+        group, func, tick = self.ended
+        if tick > self.handled:
+            code = getattr(func, "__code__", None)
+            if code is not None:
+                name = _frame_name(code)
+            else:
+                name = func if isinstance(func, str) else getattr(func, "__name__", repr(func))
+            self.counts[(group, name)] += 1
+
+    def sample(self) -> bool:
+        """Counts the stacks of the tasks running now; False if none was."""
+        seen = False
         frames = sys._current_frames()
         try:
             for ident, group in list(self.groups.items()):
@@ -89,11 +120,13 @@ class Sampler:
                 if frame is None or not stack:
                     continue  # between tasks, or inside Shoal's own code
                 self.counts[(group, ";".join(reversed(stack[:MAX_DEPTH])))] += 1
+                seen = True
         finally:
             # The dict holds this very frame: a reference cycle that would
             # keep every sampled frame, and the locals of the tasks they
             # ran (their results), alive until the garbage collector runs.
             frames.clear()
+        return seen
 
     def flush(self) -> None:
         if self.counts:
@@ -105,10 +138,13 @@ class Sampler:
         last = time.monotonic()
         epoch = self.core.sync_epoch()
         self.core.set_sampler(True)
+        core = self.core
         while True:
-            time.sleep(self.interval)
+            core.sampler_sleep(self.interval)
             try:
-                self.sample()
+                if not self.sample() and self.ended is not None:
+                    self._count_ended()  # a short task that ran at the tick
+                self.ended, self.handled = None, core.ticks()
                 now = time.monotonic()
                 synced = self.core.sync_epoch()
                 if synced != epoch:

@@ -130,6 +130,7 @@ class _Executor:
         # Thread id -> group of the task it runs, for the profiler (None
         # while it is off: nothing to keep up to date per task).
         self.running_groups: dict[int, str] | None = None
+        self.sampler: Any = None  # the profiler (told when tasks end)
 
     def run(self) -> None:
         # One task per call: tasks not started stay in the Rust queue, where
@@ -195,6 +196,8 @@ class _Executor:
         if groups is not None:
             ident = threading.get_ident()
             groups[ident] = group
+            ticks = self.core.ticks()
+        fn = None
         try:
             fn = self.funcs.get(func)
             if fn is None:
@@ -233,6 +236,8 @@ class _Executor:
             task_local.in_task = False
             if groups is not None:
                 groups.pop(ident, None)
+                if self.sampler is not None:
+                    self.sampler.task_ended(group, fn or name, ticks)
         duration = int((perf_counter() - t0) * 1e6)
         try:
             payload, size = self.store.finish(tid, result, _buffer_size(result))
@@ -394,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
     if interval:
         executor.running_groups = {}
         stop = _Executor._execute.__code__  # frames from here up are Shoal's
-        sampler = _profile.Sampler(core, executor.running_groups, interval, stop)
+        sampler = executor.sampler = _profile.Sampler(core, executor.running_groups, interval, stop)
         threading.Thread(target=sampler.run, name="shoal-profiler", daemon=True).start()
     _profile.capture_logging()
     # Execution threads come and go (secede/rejoin); the process lives until

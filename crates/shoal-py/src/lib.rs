@@ -25,6 +25,7 @@ use shoal_runtime::scheduler::{self, SchedulerHandle};
 use shoal_runtime::shm;
 use shoal_runtime::worker::{self, Batch, Done, Fetched, Input, Stored, WorkerShared};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -689,6 +690,8 @@ fn fetch_interruptibly(
 #[pyclass(module = "shoal._core", frozen)]
 struct WorkerCore {
     inner: Arc<WorkerShared>,
+    /// Profiler ticks that fell due (see ``sampler_sleep``).
+    ticks: AtomicU64,
 }
 
 #[pymethods]
@@ -715,7 +718,10 @@ impl WorkerCore {
                     _ => PyConnectionError::new_err(msg),
                 }
             })?;
-        Ok(WorkerCore { inner })
+        Ok(WorkerCore {
+            inner,
+            ticks: AtomicU64::new(0),
+        })
     }
 
     /// Id assigned by the scheduler.
@@ -905,6 +911,24 @@ impl WorkerCore {
     /// Answers the scheduler's pending syncs (after ``add_profile``).
     fn synced(&self) {
         self.inner.synced();
+    }
+
+    /// The profiler's sleep: `secs` without the GIL, then a tick falls due
+    /// before the GIL is asked for again. A task shorter than the GIL's
+    /// switch interval ends before the sampler gets the GIL; seeing a tick
+    /// that fell due while it ran, it leaves itself for the sampler to
+    /// count, so short tasks are not missing from profiles.
+    fn sampler_sleep(&self, py: Python<'_>, secs: f64) {
+        py.detach(|| {
+            std::thread::sleep(Duration::from_secs_f64(secs.max(0.0)));
+            // Before the GIL is asked for again.
+            self.ticks.fetch_add(1, Ordering::SeqCst);
+        });
+    }
+
+    /// Ticks due so far.
+    fn ticks(&self) -> u64 {
+        self.ticks.load(Ordering::SeqCst)
     }
 }
 
