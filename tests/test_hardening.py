@@ -761,7 +761,7 @@ def test_the_profiler_sees_tasks_shorter_than_the_gils_switch_interval():
     with shoal.Client(n_workers=1) as c:
         f = c.submit(busy_2ms, 0)
         t0 = time.monotonic()
-        for i in range(300):
+        for _ in range(300):
             f = c.submit(busy_2ms, f)
         f.result(timeout=60)
         elapsed = time.monotonic() - t0
