@@ -771,3 +771,41 @@ def test_the_profiler_sees_tasks_shorter_than_the_gils_switch_interval():
     # ~0.6 s of the run was inside tasks: at 20 ms a tick, ~30 samples.
     busy = 301 * 0.002
     assert samples >= 0.3 * busy / 0.02, (samples, elapsed, stacks)
+
+
+def test_shoals_modules_import_each_other_without_cycles():
+    # Every import between Shoal's modules, at the top or inside functions
+    # (typing-only ones aside), forms no cycle: futures, the Dask bridge and
+    # progress bars do not import the client, the client not the worker.
+    import ast
+    import pathlib
+
+    pkg = pathlib.Path(shoal.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for f in pkg.glob("*.py"):
+        deps = graph.setdefault(f.stem, set())
+        todo: list[ast.AST] = [ast.parse(f.read_text())]
+        while todo:
+            node = todo.pop()
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                continue
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names = [node.module] if node.module else [a.name for a in node.names]
+                deps.update(n.split(".")[0] for n in names)
+            todo.extend(ast.iter_child_nodes(node))
+    graph.pop("__init__")  # the package gathers every module: not a cycle
+    for deps in graph.values():
+        deps.discard("__init__")
+    done: set[str] = set()
+
+    def visit(m: str, path: list[str]) -> None:
+        if m in path:
+            raise AssertionError("import cycle: " + " -> ".join([*path[path.index(m) :], m]))
+        if m in done or m not in graph:
+            return
+        for d in sorted(graph[m]):
+            visit(d, [*path, m])
+        done.add(m)
+
+    for m in sorted(graph):
+        visit(m, [])

@@ -3,12 +3,15 @@
 A leaf module (it imports nothing of Shoal's), so that the client API can
 ask "am I inside a task?" (``get_client``, ``secede``, waits that lend the
 task's thread) without importing the worker, and the worker can run tasks
-without importing the client.
+without importing the client. It also keeps the process's open clients, so
+that progress bars and reports find the current one without importing the
+client module.
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Any
 
 
@@ -27,3 +30,25 @@ actors: dict[str, Any] = {}
 # This worker process's executor (`shoal._worker._Executor`); None outside
 # worker processes.
 executor: Any = None
+
+# Clients of this process, oldest first (weak: a client nobody holds goes).
+recent_clients: list[weakref.ref[Any]] = []
+
+
+def register_client(client: Any) -> None:
+    """A client opened: the newest is what ``get_client`` returns."""
+    recent_clients[:] = [r for r in recent_clients if r() is not None] + [weakref.ref(client)]
+
+
+def get_client() -> Any:
+    """Inside a task: a client of the cluster running it (tasks may submit
+    tasks; waiting on them lends the task's thread, so recursion cannot
+    deadlock). Elsewhere: the most recently created client of this process
+    that is still open. Raises ``ValueError`` if there is none."""
+    if executor is not None:
+        return executor.get_client()
+    for ref in reversed(recent_clients):
+        c = ref()
+        if c is not None and not c._closed:
+            return c
+    raise ValueError("no shoal Client is open; create one with shoal.Client()")

@@ -20,9 +20,10 @@ from collections.abc import Callable, Hashable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from . import _imports, _serialize
+from ._futures import Future
 
 if TYPE_CHECKING:
-    from .client import Client, Future
+    from .client import Client
 
 Key = Hashable
 
@@ -145,8 +146,6 @@ def submit_graph(client: Client, dsk: Any, keys: list[Key], retries: int = 0) ->
 def get(client: Client, dsk: Any, keys: Any, **kwargs: Any) -> Any:
     """A Dask scheduler ``get``: computes ``keys`` of ``dsk`` on the cluster.
     Unknown keyword arguments are ignored, as Dask expects."""
-    from .client import Future
-
     flat = list(dict.fromkeys(_flatten(keys, [])))
     ids = submit_graph(client, dsk, flat, retries=kwargs.get("retries", 0) or 0)
     # Each future takes over the scheduler-side hold of its task.
@@ -159,8 +158,6 @@ def futures_get(client: Client, dsk: Any, keys: Any, **kwargs: Any) -> list[Futu
     """Like ``get``, but returns one future per (flat) key, without waiting:
     handed to ``dask.compute``/``dask.persist`` as the scheduler, so that Dask
     repacks futures instead of values."""
-    from .client import Future
-
     flat = _flatten(keys, [])
     ids = submit_graph(client, dsk, list(dict.fromkeys(flat)))
     out = {k: Future(client, tid, "dask", k) for k, tid in ids.items()}

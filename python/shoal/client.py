@@ -47,11 +47,12 @@ import time
 import urllib.parse
 import weakref
 from collections import namedtuple
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, overload
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
-from . import _context, _core, _dask, _resources, _serialize, _store
+from . import _context, _core, _dask, _resources, _serialize, _store, diagnostics
 from ._core import INLINE_LIMIT, ClientCore, Cluster
+from ._futures import Future, FutureList
 from .errors import (
     ActorDiedError,
     DataLostError,
@@ -78,21 +79,8 @@ ALL_COMPLETED = "ALL_COMPLETED"
 DoneAndNotDoneFutures = namedtuple("DoneAndNotDoneFutures", ["done", "not_done"])
 
 _clients: weakref.WeakSet[Client] = weakref.WeakSet()
-_recent: list[weakref.ref[Client]] = []  # creation order, for get_client()
 
-
-def get_client() -> Client:
-    """Inside a task: a client of the cluster running it (tasks may submit
-    tasks; waiting on them lends the task's thread, so recursion cannot
-    deadlock). Elsewhere: the most recently created client of this process
-    that is still open. Raises ``ValueError`` if there is none."""
-    if _context.executor is not None:
-        return _context.executor.get_client()
-    for ref in reversed(_recent):
-        c = ref()
-        if c is not None and not c._closed:
-            return c
-    raise ValueError("no shoal Client is open; create one with shoal.Client()")
+get_client = _context.get_client
 
 
 def secede() -> None:
@@ -169,201 +157,6 @@ def _prepare_function(fn: Any, caller: str) -> tuple[str, bytes]:
         return group, _serialize.dumps_function(fn)
     except Exception as e:
         raise TypeError(f"could not pickle the function {group!r}: {e}") from e
-
-
-class Future:
-    """A task's eventual result. Holding it keeps the result on the cluster;
-    dropping every future of a task releases it."""
-
-    __slots__ = ("_client", "_id", "_group", "_user_key", "_index", "__weakref__")
-
-    def __init__(
-        self,
-        client: Client,
-        task_id: int,
-        group: str = "task",
-        key: Any = None,
-        index: int | None = None,
-    ):
-        self._client = client
-        self._id = task_id
-        self._group = group
-        self._user_key = key
-        self._index = index
-        client._incref(task_id, 1)
-
-    # Dask treats objects with this flag and a ``key`` as results held by
-    # the scheduler (see ``_dask``).
-    __dask_future__ = True
-
-    @property
-    def key(self) -> Any:
-        """The task's key: given (a string, or a Dask key for Dask results),
-        or ``<function name>-<id in hex>``."""
-        base = self._user_key
-        if base is None:
-            base = f"{self._group}-{self._id:x}"
-        return base if self._index is None else f"{base}[{self._index}]"
-
-    @property
-    def client(self) -> Client:
-        return self._client
-
-    @property
-    def status(self) -> str:
-        """``pending``, ``finished``, ``error``, ``cancelled`` or ``lost``."""
-        c = self._client
-        if self._id in c._cancelled:
-            return "cancelled"
-        s = c._core.status(self._id) if c._core is not None else -1
-        return {0: "pending", 1: "finished", 2: "error"}.get(s, "lost")
-
-    def done(self) -> bool:
-        """True when the task finished, failed or was cancelled."""
-        return self.status != "pending"
-
-    def cancelled(self) -> bool:
-        return self._id in self._client._cancelled
-
-    def result(self, timeout: float | None = None) -> Any:
-        """The task's value. Raises the task's exception (same type, remote
-        traceback attached as a note), ``TimeoutError`` after ``timeout``
-        seconds, ``FutureCancelledError`` if cancelled."""
-        return self._client._result(self, timeout)
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        """The exception the task raised, or None if it succeeded."""
-        try:
-            self._client._result(self, timeout)
-        except TimeoutError:
-            raise
-        except BaseException as e:  # noqa: BLE001
-            return e
-        return None
-
-    def cancel(self) -> bool:
-        """Cancels the task if it has not finished; the future then raises
-        ``FutureCancelledError``."""
-        self._client.cancel([self])
-        return True
-
-    def release(self) -> None:
-        """Drops this future's hold on the result now (instead of at garbage collection)."""
-        client, self._client = self._client, None
-        if client is not None:
-            client._decref(self._id)
-
-    def add_done_callback(self, fn: Callable[[Future], Any]) -> None:
-        """Calls ``fn(self)`` when the task is done (in a client thread; at
-        once if it is already done). Exceptions in ``fn`` are printed."""
-        self._client._add_callback(self, fn)
-
-    def __reduce__(self):
-        if _serialize.record_dependency(self._id, self._client, self.key):
-            return (_serialize.resolve, (self._id, self._index))
-        raise TypeError(
-            f"a shoal Future ({self.key}) can only be pickled as an argument of a task "
-            "of the same client; call .result() to get its value"
-        )
-
-    def __del__(self):
-        client = self._client
-        if client is not None:
-            try:
-                client._decref(self._id)
-            except Exception:  # noqa: BLE001 - interpreter shutdown
-                pass
-
-    def __repr__(self) -> str:
-        return f"<Future: {self.status}, key: {self.key}>"
-
-    def __await__(self):
-        raise TypeError("shoal futures are not awaitable yet; call .result()")
-
-
-class FutureList(Sequence[Future]):
-    """The futures of a ``map``: a read-only sequence whose elements are
-    made when first touched. It holds every batch's result on the cluster
-    while it lives; an element taken from it keeps its own batch alive."""
-
-    __slots__ = ("_client", "_ids", "_group", "_batch", "_n", "_items", "__weakref__")
-
-    def __init__(self, client: Client, ids: list[int], group: str, batch: int, n: int):
-        self._client: Client | None = client
-        self._ids = ids
-        self._group = group
-        self._batch = batch  # elements per task; 0 means one plain task per element
-        self._n = n
-        self._items: list[Future | None] | None = None
-        client._incref_many(ids)
-
-    def __len__(self) -> int:
-        return self._n
-
-    @overload
-    def __getitem__(self, i: int) -> Future: ...
-    @overload
-    def __getitem__(self, i: slice) -> list[Future]: ...
-    def __getitem__(self, i: int | slice) -> Future | list[Future]:
-        if isinstance(i, slice):
-            return [self._get(j) for j in range(*i.indices(self._n))]
-        n = self._n
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError("FutureList index out of range")
-        return self._get(i)
-
-    def _get(self, i: int) -> Future:
-        items = self._items
-        if items is None:
-            items = self._items = [None] * self._n
-        f = items[i]
-        if f is None:
-            client = self._client
-            if client is None:
-                raise RuntimeError("this FutureList was released")
-            if self._batch:
-                tid, index = self._ids[i // self._batch], i % self._batch
-                f = Future(client, tid, self._group, None, index)
-            else:
-                f = Future(client, self._ids[i], self._group)
-            items[i] = f
-        return f
-
-    def __iter__(self) -> Iterator[Future]:
-        return (self._get(i) for i in range(self._n))
-
-    def __add__(self, other: Iterable[Future]) -> list[Future]:
-        return [*self, *other]
-
-    def __radd__(self, other: Iterable[Future]) -> list[Future]:
-        return [*other, *self]
-
-    def release(self) -> None:
-        """Drops this list's hold on the results (elements taken keep theirs)."""
-        client, self._client = self._client, None
-        if client is not None:
-            client._dropped.extend(self._ids)
-            client._drain_dropped()
-
-    def __del__(self):
-        try:
-            self.release()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
-
-    def __reduce__(self):
-        owner = self._client
-        if all([_serialize.record_dependency(tid, owner, repr(self)) for tid in self._ids]):
-            return (_serialize.resolve_many, (self._ids, self._batch, self._n))
-        raise TypeError(
-            "a shoal FutureList can only be pickled as an argument of a task "
-            "of the same client; call gather() to get its values"
-        )
-
-    def __repr__(self) -> str:
-        return f"<FutureList: {self._n} futures of {self._group}, {len(self._ids)} tasks>"
 
 
 class Client:
@@ -465,7 +258,7 @@ class Client:
         self._token: str | None = token
         self._core: ClientCore | None = ClientCore(address, token)
         _clients.add(self)
-        _recent[:] = [r for r in _recent if r() is not None] + [weakref.ref(self)]
+        _context.register_client(self)
         self._undo_default = _dask._set_default(self.get) if set_as_default else None
 
     # ----------------------------------------------------------- refcounts
@@ -1009,8 +802,6 @@ class Client:
         still remembers: the last 100,000) as a Chrome trace / Perfetto JSON
         file; open it in ``chrome://tracing`` or ui.perfetto.dev. Returns the
         path."""
-        from . import diagnostics
-
         return diagnostics.write_trace(self.query("/api/report?since_us=0&merge=0"), filename)
 
     def retire_workers(
@@ -1402,7 +1193,7 @@ def _after_fork_in_child() -> None:
             c._undo_default()
             c._undo_default = None
     _clients.clear()
-    _recent.clear()
+    _context.recent_clients.clear()
     _started.clear()
 
 

@@ -20,7 +20,8 @@ import threading
 import time
 from typing import Any
 
-from . import _core
+from . import _context, _core
+from ._futures import Future, FutureList
 
 __all__ = ["progress", "performance_report", "write_trace"]
 
@@ -37,8 +38,6 @@ def _collect(obj: Any, out: list[tuple[Any, str, list[int], int]]) -> None:
     """Appends ``(client, group, task ids, elements per task)`` for every
     future in ``obj`` (futures, ``map`` results, containers, Dask
     collections holding futures)."""
-    from .client import Future, FutureList
-
     if isinstance(obj, Future):
         out.append((obj._client, obj._group, [obj._id], 1))
     elif isinstance(obj, FutureList):
@@ -333,9 +332,7 @@ class performance_report:  # noqa: N801 - named like distributed.performance_rep
 
     def __enter__(self) -> performance_report:
         if self.client is None:
-            from .client import default_client
-
-            self.client = default_client()
+            self.client = _context.get_client()  # ValueError when none is open
         self.start = time.time()
         self.start_us = int(self.start * 1e6)
         self.profile_before = self.client.profile()
