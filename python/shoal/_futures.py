@@ -61,8 +61,8 @@ class Future:
         c = self._client
         if self._id in c._cancelled:
             return "cancelled"
-        s = c._core.status(self._id) if c._core is not None else -1
-        return {0: "pending", 1: "finished", 2: "error"}.get(s, "lost")
+        s = c._core.status(self._id) if c._core is not None else "released"
+        return "lost" if s == "released" else s
 
     def done(self) -> bool:
         """True when the task finished, failed or was cancelled."""

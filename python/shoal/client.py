@@ -487,7 +487,7 @@ class Client:
 
     # ----------------------------------------------------------- results
 
-    def _outcome(self, task_id: int, key: str, timeout: float | None) -> tuple[int, Any, Any]:
+    def _outcome(self, task_id: int, key: str, timeout: float | None) -> tuple[str, Any, Any]:
         core = self._check()
         if timeout is not None and not timeout >= 0:
             raise ValueError(f"timeout must be a number of seconds >= 0, not {timeout!r}")
@@ -499,7 +499,7 @@ class Client:
                     raise ActorDiedError(died)
                 raise FutureCancelledError(f"{key} was cancelled")
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if core.status(task_id) == 0:
+            if core.status(task_id) == "pending":
                 with _LendThread():
                     got = core.wait([task_id], 1, left)
             else:
@@ -509,15 +509,15 @@ class Client:
             # A large result is fetched from its worker: within what is left
             # of the timeout, and Ctrl-C stops it.
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            code, a, b = core.outcome(task_id, left)
-            if code != -1:
-                return code, a, b
-            if core.status(task_id) == -1:
+            kind, a, b = core.outcome(task_id, left)
+            if kind != "pending":
+                return kind, a, b
+            if core.status(task_id) == "released":
                 raise RuntimeError(f"{key} was released; its result is gone")
             # Its holder died before we fetched it: recomputing; wait again.
 
-    def _value(self, f: Future, code: int, a: Any, b: Any) -> Any:
-        if code == 0:
+    def _value(self, f: Future, kind: str, a: Any, b: Any) -> Any:
+        if kind == "value":
             if f._index is None:
                 return _serialize.loads(a)
             batch = self._batch_cache.get(f._id)
@@ -530,23 +530,23 @@ class Client:
             if err is not None:
                 raise _with_traceback(err[0], err[1], f.key)
             return batch.values[f._index]
-        if code == 1:
+        if kind == "raised":
             exc, tb = pickle.loads(b)
             raise _with_traceback(exc, tb, a)
-        if code == 2:
+        if kind == "killed":
             raise KilledWorker(
                 f"task {a!r} was running on {b} workers that died, so it failed; "
                 "it probably crashes its worker (segfault, os._exit, memory exhaustion)"
             )
-        if code == 3:
+        if kind == "cancelled":
             died = self._actor_died.get(f._id)
             if died is not None:
                 raise ActorDiedError(died)
             why = "" if a == f.key else f" (its input {a!r} was cancelled)"
             raise FutureCancelledError(f"{f.key} was cancelled{why}")
-        if code == 5:
+        if kind == "unsatisfiable":
             raise UnsatisfiableError(f"no worker can run {a}: {b}")
-        if code == 6:
+        if kind == "lost":
             what = (
                 f"{f.key} was" if a == f.key else f"{f.key} cannot be computed: its input {a!r} was"
             )
@@ -554,23 +554,23 @@ class Client:
                 f"{what} data put on the cluster (scatter/put) and lost with the worker that "
                 "held it; such data cannot be recomputed: scatter it again"
             )
-        if code == 7:
+        if kind == "unreachable":
             raise ConnectionError(
                 f"could not fetch the result of {f.key} from the worker at {a} ({b}); it "
                 "still holds it, but this client cannot reach it: clients must reach the "
                 "workers' data addresses (see scheduler_info()) as well as the scheduler"
             )
-        if code == 8:
+        if kind == "cycle":
             raise ValueError(
                 f"{f.key} can never run: its inputs lead back to {a!r} (the graph has a cycle); "
                 "a task graph must be acyclic"
             )
-        if code == 4:
+        if kind == "missing":
             raise MissingDependencyError(
                 f"{f.key} takes a future the scheduler does not know (task id {a:x}): "
                 "it was released or belongs to another cluster; keep input futures alive"
             )
-        raise AssertionError(f"unknown outcome code {code}")
+        raise AssertionError(f"unknown outcome {kind!r}")
 
     def _own(self, futures: Iterable[Future | FutureList]) -> None:
         """Refuses futures of other clients: their ids name tasks of another
@@ -585,9 +585,9 @@ class Client:
 
     def _result(self, f: Future, timeout: float | None) -> Any:
         if f._index is not None and f._id in self._batch_cache:
-            return self._value(f, 0, None, None)
-        code, a, b = self._outcome(f._id, f.key, timeout)
-        return self._value(f, code, a, b)
+            return self._value(f, "value", None, None)
+        kind, a, b = self._outcome(f._id, f.key, timeout)
+        return self._value(f, kind, a, b)
 
     def gather(self, futures: Any, errors: str = "raise") -> Any:
         """Values of (nested lists, tuples, dicts of) futures, same shape.
@@ -645,12 +645,12 @@ class Client:
         for j, tid in enumerate(ids):
             batch = self._batch_cache.get(tid) if size else None
             if batch is None:
-                code, a, b = self._outcome(tid, f"{fl._group}-{tid:x}", None)
-                if code != 0:
+                kind, a, b = self._outcome(tid, f"{fl._group}-{tid:x}", None)
+                if kind != "value":
                     if skip:
                         continue
                     # Raise as the first element of the failed task would.
-                    self._value(fl[j * size if size else j], code, a, b)
+                    self._value(fl[j * size if size else j], kind, a, b)
                 batch = _serialize.loads(a)
                 if not size:
                     out.append(batch)

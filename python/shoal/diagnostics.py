@@ -79,10 +79,10 @@ class _Group:
         still = []
         for client, tid, n in self.pending:
             core = client._core
-            s = core.status(tid) if core is not None else -1
-            if tid in client._cancelled or s != 0:
+            s = core.status(tid) if core is not None else "released"
+            if tid in client._cancelled or s != "pending":
                 self.done += n
-                if s == 2 or tid in client._cancelled or s < 0:
+                if s != "finished" or tid in client._cancelled:
                     self.erred += n
             else:
                 still.append((client, tid, n))

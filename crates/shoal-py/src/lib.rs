@@ -11,6 +11,7 @@ use bytes::Bytes;
 use pyo3::exceptions::{
     PyConnectionError, PyOSError, PyPermissionError, PyTimeoutError, PyValueError,
 };
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{IntoPyDict, PyByteArray, PyBytes, PyDict, PyList, PyString, PyTuple};
@@ -400,13 +401,14 @@ impl ClientCore {
         self.inner.withdraw(resource);
     }
 
-    /// 0 pending, 1 finished, 2 erred, -1 unknown (released).
-    fn status(&self, id: u64) -> i32 {
+    /// `"pending"`, `"finished"`, `"error"`, or `"released"` (unknown to
+    /// this client), as interned strings.
+    fn status<'py>(&self, py: Python<'py>, id: u64) -> &Bound<'py, PyString> {
         match self.inner.status(id) {
-            None => -1,
-            Some(Status::Pending) => 0,
-            Some(Status::Memory { .. }) => 1,
-            Some(Status::Erred(_)) => 2,
+            None => intern!(py, "released"),
+            Some(Status::Pending) => intern!(py, "pending"),
+            Some(Status::Memory { .. }) => intern!(py, "finished"),
+            Some(Status::Erred(_)) => intern!(py, "error"),
         }
     }
 
@@ -439,13 +441,14 @@ impl ClientCore {
         }
     }
 
-    /// The outcome of a finished task as `(code, a, b)`:
-    /// `(0, value_bytes, None)`, `(1, cause, error_bytes)` raised,
-    /// `(2, cause, kills)` killed workers, `(3, cause, None)` cancelled,
-    /// `(4, dep_id, None)` unknown input, `(5, cause, detail)` resources
-    /// unsatisfiable, `(6, cause, None)` scattered data lost, `(7, address,
-    /// error)` its live holder could not be reached, `(-1, None,
-    /// None)` pending or released. A large result is fetched from its worker
+    /// The outcome of a finished task as `(kind, a, b)`, kind an interned
+    /// name: `("value", value_bytes, None)`, `("raised", cause,
+    /// error_bytes)`, `("killed", cause, kills)` (killed workers),
+    /// `("cancelled", cause, None)`, `("missing", dep_id, None)` (unknown
+    /// input), `("unsatisfiable", cause, detail)` (resources), `("lost",
+    /// cause, None)` (scattered data lost), `("unreachable", address,
+    /// error)` (its live holder could not be reached), `("cycle", cause,
+    /// None)`, `("pending", None, None)` (pending or released). A large result is fetched from its worker
     /// (GIL released): a file on this host is mapped, not copied. The fetch
     /// gives up with `TimeoutError` after `timeout` seconds, and Ctrl-C
     /// (any Python signal handler that raises) interrupts it.
@@ -458,10 +461,12 @@ impl ClientCore {
     ) -> PyResult<Bound<'py, PyTuple>> {
         let none = py.None();
         let t = match self.inner.status(id) {
-            None | Some(Status::Pending) => (-1, none.clone_ref(py), none),
-            Some(Status::Memory { value: Some(v), .. }) => {
-                (0, PyBytes::new(py, &v).into_any().unbind(), none)
-            }
+            None | Some(Status::Pending) => (intern!(py, "pending"), none.clone_ref(py), none),
+            Some(Status::Memory { value: Some(v), .. }) => (
+                intern!(py, "value"),
+                PyBytes::new(py, &v).into_any().unbind(),
+                none,
+            ),
             Some(Status::Memory {
                 value: None,
                 location,
@@ -473,57 +478,68 @@ impl ClientCore {
                 match fetch_interruptibly(py, &addr, id, secret, deadline)? {
                     Ok(v) => {
                         self.inner.fetch_ok(id);
-                        (0, fetched_to_py(py, v)?, none)
+                        (intern!(py, "value"), fetched_to_py(py, v)?, none)
                     }
                     Err(e) => {
                         let n = self.inner.fetch_failed(id);
                         if n >= client::FETCH_ATTEMPTS {
                             // Still held there, yet out of reach: say so.
                             let detail = e.to_string().into_pyobject(py)?.into_any().unbind();
-                            (7, addr.into_pyobject(py)?.into_any().unbind(), detail)
+                            (
+                                intern!(py, "unreachable"),
+                                addr.into_pyobject(py)?.into_any().unbind(),
+                                detail,
+                            )
                         } else {
                             // The holder died (the scheduler recomputes it)
                             // or the result moved: wait, and ask where it is.
                             let pause = Duration::from_millis(20 * n as u64);
                             py.detach(|| std::thread::sleep(pause));
                             self.inner.mark_pending(id);
-                            (-1, none.clone_ref(py), none)
+                            (intern!(py, "pending"), none.clone_ref(py), none)
                         }
                     }
                 }
             }
             Some(Status::Erred(e)) => match e {
                 TaskError::Exception { cause, error } => (
-                    1,
+                    intern!(py, "raised"),
                     cause.into_pyobject(py)?.into_any().unbind(),
                     PyBytes::new(py, &error).into_any().unbind(),
                 ),
                 TaskError::KilledWorker { cause, kills } => (
-                    2,
+                    intern!(py, "killed"),
                     cause.into_pyobject(py)?.into_any().unbind(),
                     kills.into_pyobject(py)?.into_any().unbind(),
                 ),
-                TaskError::Cancelled { cause } => {
-                    (3, cause.into_pyobject(py)?.into_any().unbind(), none)
-                }
-                TaskError::MissingDependency { dep } => {
-                    (4, dep.into_pyobject(py)?.into_any().unbind(), none)
-                }
-                TaskError::DataLost { cause } => {
-                    (6, cause.into_pyobject(py)?.into_any().unbind(), none)
-                }
-                TaskError::Cycle { cause } => {
-                    (8, cause.into_pyobject(py)?.into_any().unbind(), none)
-                }
+                TaskError::Cancelled { cause } => (
+                    intern!(py, "cancelled"),
+                    cause.into_pyobject(py)?.into_any().unbind(),
+                    none,
+                ),
+                TaskError::MissingDependency { dep } => (
+                    intern!(py, "missing"),
+                    dep.into_pyobject(py)?.into_any().unbind(),
+                    none,
+                ),
+                TaskError::DataLost { cause } => (
+                    intern!(py, "lost"),
+                    cause.into_pyobject(py)?.into_any().unbind(),
+                    none,
+                ),
+                TaskError::Cycle { cause } => (
+                    intern!(py, "cycle"),
+                    cause.into_pyobject(py)?.into_any().unbind(),
+                    none,
+                ),
                 TaskError::Unsatisfiable { cause, detail } => (
-                    5,
+                    intern!(py, "unsatisfiable"),
                     cause.into_pyobject(py)?.into_any().unbind(),
                     detail.into_pyobject(py)?.into_any().unbind(),
                 ),
             },
         };
-        let code: i32 = t.0;
-        PyTuple::new(py, [code.into_pyobject(py)?.into_any().unbind(), t.1, t.2])
+        PyTuple::new(py, [t.0.clone().into_any().unbind(), t.1, t.2])
     }
 
     /// A new completion watcher.
@@ -1102,6 +1118,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("INLINE_LIMIT", shoal_proto::INLINE_LIMIT)?;
     m.add("EXIT_STOPPED", shoal_runtime::local::EXIT_STOPPED)?;
     m.add("EXIT_REFUSED", shoal_runtime::local::EXIT_REFUSED)?;
+    m.add(
+        "EXIT_SCHEDULER_SILENT",
+        shoal_runtime::local::EXIT_SCHEDULER_SILENT,
+    )?;
     m.add("ShoalError", m.py().get_type::<ShoalError>())?;
     m.add(
         "SchedulerLostError",
