@@ -15,6 +15,20 @@ EXIT_SCHEDULER_SILENT: int
 # the hot path, where a NamedTuple costs 140 ns more (7 times a tuple's).
 _Done = tuple[int, bool, bytes | str | tuple[bytes, str] | None, int, int, int]
 
+# A task for an execution thread: (id, name, group, is_batch, pickled
+# function, pickled arguments, inputs [(id, bytes, a mapped file, or None:
+# held here)], resources or None). A tuple for the reason given above.
+_Order = tuple[
+    int,
+    str,
+    str,
+    bool,
+    bytes,
+    bytes,
+    list[tuple[int, bytearray | mmap.mmap | None]],
+    list[tuple[str, float]] | None,
+]
+
 # What ClientCore.outcome's first element names (an interned string).
 OutcomeKind = Literal[
     "value",
@@ -123,28 +137,10 @@ class WorkerCore:
         max: int,
         timeout: float,
         lane: int,
-    ) -> (
-        tuple[
-            list[
-                tuple[
-                    int,
-                    str,
-                    str,
-                    bool,
-                    bytes,
-                    bytes,
-                    list[tuple[int, bytearray | mmap.mmap | None]],
-                    str | None,
-                    list[tuple[str, float]] | None,
-                ]
-            ],
-            list[int],
-        ]
-        | None
-    ): ...
+    ) -> tuple[list[_Order], list[int]] | Literal["shutdown", "retire"]: ...
     def pickle_requests(self, timeout: float) -> list[int]: ...
-    def set_threads(self, n: int) -> None: ...
-    def report(self, done: list[_Done], lane: int) -> None: ...
+    def lend_thread(self) -> None: ...
+    def reclaim_thread(self) -> None: ...
     def put_stored(self, id: int, file: tuple[str, int] | None) -> None: ...
     def set_paused(self, paused: bool) -> None: ...
     def retire(self) -> None: ...

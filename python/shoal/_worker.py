@@ -121,8 +121,6 @@ class _Executor:
         self.address = address
         self.token = token
         self.lock = threading.Lock()
-        self.target = nthreads  # execution threads wanted (grows on secede)
-        self.running = nthreads
         self.client: Any = None  # get_client() inside tasks
         self.stopped = threading.Event()
         self.funcs: dict[bytes, Any] = {}
@@ -144,14 +142,13 @@ class _Executor:
             self.lanes.add(lane)
         done: list[tuple[int, bool, Any, int, int, int]] = []
         while True:
-            if self.running > self.target and self._retire():
-                core.report(done, lane)
+            r = core.next_batch(done, 1, 1.0, lane)
+            if r == "shutdown":
+                self.stopped.set()
+                return
+            if r == "retire":  # a lent thread was taken back: this one ends
                 with self.lock:
                     self.lanes.discard(lane)
-                return
-            r = core.next_batch(done, 1, 1.0, lane)
-            if r is None:
-                self.stopped.set()
                 return
             tasks, released = r
             if released:
@@ -249,30 +246,16 @@ class _Executor:
             return (tid, False, _dumps_error(err, name), start_us, duration, 0)
         return (tid, True, payload, start_us, duration, size)
 
-    def _retire(self) -> bool:
-        with self.lock:
-            if self.running > self.target:
-                self.running -= 1
-                return True
-        return False
-
     def secede(self) -> None:
         """The calling task waits on other tasks: lend its thread (another
         execution thread starts, and the scheduler counts one more)."""
-        with self.lock:
-            self.target += 1
-            self.running += 1
-            n = self.target
+        self.core.lend_thread()
         threading.Thread(target=self.run, name="shoal-exec", daemon=True).start()
-        self.core.set_threads(n)
 
     def rejoin(self) -> None:
         """The waiting is over: take the thread back (one thread retires
-        after its current task)."""
-        with self.lock:
-            self.target -= 1
-            n = self.target
-        self.core.set_threads(n)
+        at its next take of work)."""
+        self.core.reclaim_thread()
 
     def get_client(self) -> Any:
         with self.lock:

@@ -8,6 +8,11 @@
 //! after the task was cancelled and sent again can never drop or duplicate
 //! the new order.
 //!
+//! Execution threads and memory are part of it too: a task waiting on other
+//! tasks lends its thread (one more thread runs until it takes it back, then
+//! one retires at its next take), and a worker whose memory is high starts
+//! nothing new while anything runs.
+//!
 //! `T` is the task as the services hold it; `H` is a handle that aborts a
 //! fetch in flight.
 
@@ -45,6 +50,9 @@ pub enum Take<T> {
     Work(Vec<T>, Vec<u64>),
     /// The scheduler asked the worker to stop.
     Shutdown,
+    /// More threads run than are wanted (a lent thread was taken back):
+    /// this one ends.
+    Retire,
 }
 
 /// How a fetch of a task's inputs ended.
@@ -90,20 +98,26 @@ pub struct WorkerState<T, H = ()> {
     released: Vec<u64>,
     next_attempt: u64,
     closed: bool,
+    /// Execution threads wanted (the configured ones plus those lent by
+    /// waiting tasks) and running.
+    threads_wanted: u32,
+    threads_live: u32,
+    /// Memory is above the pause fraction.
+    paused: bool,
     log: VecDeque<Step>,
     log_capacity: usize,
 }
 
 impl<T, H> Default for WorkerState<T, H> {
     fn default() -> Self {
-        Self::new(0)
+        Self::new(1, 0)
     }
 }
 
 impl<T, H> WorkerState<T, H> {
-    /// An empty worker keeping the last `log_capacity` steps for
-    /// [`WorkerState::story`].
-    pub fn new(log_capacity: usize) -> Self {
+    /// An empty worker with `nthreads` execution threads, keeping the last
+    /// `log_capacity` steps for [`WorkerState::story`].
+    pub fn new(nthreads: u32, log_capacity: usize) -> Self {
         WorkerState {
             orders: FxHashMap::default(),
             ready: VecDeque::new(),
@@ -111,6 +125,9 @@ impl<T, H> WorkerState<T, H> {
             released: Vec::new(),
             next_attempt: 1,
             closed: false,
+            threads_wanted: nthreads.max(1),
+            threads_live: nthreads.max(1),
+            paused: false,
             log: VecDeque::new(),
             log_capacity,
         }
@@ -248,14 +265,55 @@ impl<T, H> WorkerState<T, H> {
         self.closed = true;
     }
 
+    /// A task waits on other tasks and lends its thread: one more thread
+    /// is wanted, and the caller starts it. Returns the threads now wanted
+    /// (tell the scheduler).
+    pub fn lend_thread(&mut self) -> u32 {
+        self.threads_wanted += 1;
+        self.threads_live += 1;
+        self.threads_wanted
+    }
+
+    /// The waiting task takes its thread back: one thread retires at its
+    /// next [`WorkerState::take`]. Returns the threads now wanted.
+    pub fn reclaim_thread(&mut self) -> u32 {
+        self.threads_wanted = self.threads_wanted.saturating_sub(1).max(1);
+        self.threads_wanted
+    }
+
+    /// Memory crossed the pause fraction (up: `true`) or fell back below it.
+    /// Returns whether that changed anything (then tell the scheduler).
+    /// While paused, no task starts while another runs: the worker still
+    /// makes progress, one task at a time, and what finishes may free memory.
+    pub fn set_paused(&mut self, paused: bool) -> bool {
+        let changed = self.paused != paused;
+        self.paused = paused;
+        changed
+    }
+
+    /// Threads wanted and running now.
+    pub fn threads(&self) -> (u32, u32) {
+        (self.threads_wanted, self.threads_live)
+    }
+
     /// An execution thread takes up to `max` ready tasks (now running) and
     /// the released results. None: nothing to do.
     pub fn take(&mut self, max: usize) -> Option<Take<T>> {
         if self.closed {
             return Some(Take::Shutdown);
         }
+        if self.threads_live > self.threads_wanted {
+            self.threads_live -= 1;
+            return Some(Take::Retire);
+        }
+        // Paused: only when nothing runs does one task start.
+        let max = match (self.paused, self.running.is_empty()) {
+            (false, _) => max.max(1),
+            (true, true) => 1,
+            (true, false) => 0,
+        };
         let mut tasks = Vec::new();
-        while tasks.len() < max.max(1) {
+        while tasks.len() < max {
             let Some((task, attempt, data)) = self.ready.pop_front() else {
                 break;
             };
@@ -349,6 +407,7 @@ impl<T, H> WorkerState<T, H> {
             );
         }
         assert!(self.running.values().all(|&n| n > 0), "zero run count kept");
+        assert!(self.threads_wanted >= 1, "no thread wanted");
     }
 }
 
@@ -359,13 +418,14 @@ mod tests {
     type W = WorkerState<u64, u64>;
 
     fn w() -> W {
-        WorkerState::new(1000)
+        WorkerState::new(1, 1000)
     }
 
     fn work(t: Option<Take<u64>>) -> Vec<u64> {
         match t {
             Some(Take::Work(tasks, _)) => tasks,
             Some(Take::Shutdown) => panic!("shutdown"),
+            Some(Take::Retire) => panic!("retire"),
             None => Vec::new(),
         }
     }
@@ -400,6 +460,43 @@ mod tests {
         assert_eq!(s.phase(7), Some(Phase::Fetching));
         assert_eq!(s.fetched(7, 2, Fetched::Ok(72)), FetchReport::None);
         assert_eq!(work(s.take(8)), vec![72]);
+        s.check_invariants();
+    }
+
+    #[test]
+    fn a_paused_worker_starts_nothing_while_a_task_runs_then_one_at_a_time() {
+        let mut s = w();
+        for t in 1..=4 {
+            s.compute(t, t * 10);
+        }
+        assert_eq!(work(s.take(1)), vec![10]);
+        assert!(s.set_paused(true));
+        assert!(!s.set_paused(true), "no change, nothing to report");
+        assert_eq!(
+            work(s.take(8)),
+            Vec::<u64>::new(),
+            "one runs: nothing starts"
+        );
+        s.finished(1);
+        assert_eq!(work(s.take(8)), vec![20], "nothing runs: one starts");
+        s.finished(2);
+        assert!(s.set_paused(false));
+        assert_eq!(work(s.take(8)), vec![30, 40]);
+        s.check_invariants();
+    }
+
+    #[test]
+    fn a_lent_thread_taken_back_retires_one_thread_at_its_next_take() {
+        let mut s = w();
+        s.compute(1, 10);
+        assert_eq!(s.lend_thread(), 2);
+        assert_eq!(s.threads(), (2, 2));
+        assert_eq!(work(s.take(1)), vec![10]);
+        assert_eq!(s.reclaim_thread(), 1);
+        assert_eq!(s.take(1), Some(Take::Retire));
+        assert_eq!(s.threads(), (1, 1));
+        assert_eq!(s.take(1), None, "the last thread stays");
+        assert_eq!(s.reclaim_thread(), 1, "never fewer than one");
         s.check_invariants();
     }
 
@@ -527,6 +624,16 @@ mod tests {
                         }
                     }
                 }
+                7 => {
+                    s.set_paused(rng.u32(0..3) == 0);
+                }
+                8 => {
+                    if rng.bool() {
+                        s.lend_thread();
+                    } else {
+                        s.reclaim_thread();
+                    }
+                }
                 _ => {
                     if let Some(Take::Work(tasks, _)) = s.take(rng.usize(1..3)) {
                         for d in tasks {
@@ -544,11 +651,17 @@ mod tests {
             }
             s.check_invariants();
         }
-        // Everything still expected completes: deliver fetches, then run.
+        // Everything still expected completes: deliver fetches, then run
+        // (threads lent and taken back retire on the way).
         for (task, attempt, order) in fetches {
             let _ = s.fetched(task, attempt, Fetched::Ok(task * 1000 + order));
         }
-        while let Some(Take::Work(tasks, _)) = s.take(8) {
+        loop {
+            let tasks = match s.take(8) {
+                Some(Take::Work(tasks, _)) => tasks,
+                Some(Take::Retire) => continue,
+                _ => break,
+            };
             for d in tasks {
                 let (task, order) = (d / 1000, d % 1000);
                 assert_eq!(expected.remove(&task), Some(order), "seed {seed}");

@@ -749,8 +749,9 @@ impl WorkerCore {
     /// Reports `done` (tuples `(id, ok, payload, start_us, duration_us,
     /// size)`, run on execution thread `lane`; payload None: a large result
     /// kept as the Python object; for a failure `(pickled error, text)`) and returns
-    /// the next `(tasks, released_ids)`, or None when asked to shut down.
-    /// Tasks are `(id, name, group, is_batch, func, args, deps, resources)` with deps
+    /// the next `(tasks, released_ids)`; or `"shutdown"` (the scheduler
+    /// asked the worker to stop) or `"retire"` (a lent thread was taken
+    /// back: this thread ends). Tasks are `(id, name, group, is_batch, func, args, deps, resources)` with deps
     /// `[(id, bytes or None)]`. Returns empty lists after `timeout` seconds.
     fn next_batch<'py>(
         &self,
@@ -759,7 +760,7 @@ impl WorkerCore {
         max: usize,
         timeout: f64,
         lane: u32,
-    ) -> PyResult<Option<(Bound<'py, PyList>, Vec<u64>)>> {
+    ) -> PyResult<Bound<'py, PyAny>> {
         let done: Vec<Done> = done
             .into_iter()
             .map(|d| to_done(d, lane))
@@ -779,7 +780,8 @@ impl WorkerCore {
             }
         };
         let (tasks, released) = match batch {
-            Batch::Shutdown => return Ok(None),
+            Batch::Shutdown => return Ok(intern!(py, "shutdown").clone().into_any()),
+            Batch::Retire => return Ok(intern!(py, "retire").clone().into_any()),
             Batch::Work(t, r) => (t, r),
         };
         let list = PyList::empty(py);
@@ -805,23 +807,19 @@ impl WorkerCore {
                 resources,
             ))?;
         }
-        Ok(Some((list, released)))
+        Ok((list, released).into_pyobject(py)?.into_any())
     }
 
-    /// Reports finished tasks without taking more (a retiring thread).
-    fn report(&self, done: Vec<DoneTuple<'_>>, lane: u32) -> PyResult<()> {
-        self.inner.report(
-            done.into_iter()
-                .map(|d| to_done(d, lane))
-                .collect::<PyResult<_>>()?,
-        );
-        self.inner.flush();
-        Ok(())
+    /// A task lends its thread while it waits on other tasks: start one
+    /// more execution thread after this.
+    fn lend_thread(&self) {
+        self.inner.lend_thread()
     }
 
-    /// Tells the scheduler this worker now has `n` execution threads.
-    fn set_threads(&self, n: u32) {
-        self.inner.set_threads(n)
+    /// The waiting task takes its thread back: one execution thread gets
+    /// `"retire"` from its next ``next_batch``.
+    fn reclaim_thread(&self) {
+        self.inner.reclaim_thread()
     }
 
     /// Ids of held results that transfers wait for (empty after `timeout`).

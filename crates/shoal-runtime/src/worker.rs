@@ -228,6 +228,8 @@ pub enum Batch {
     Work(Vec<ExecTask>, Vec<u64>),
     /// The scheduler asked us to stop.
     Shutdown,
+    /// This execution thread ends (a lent thread was taken back).
+    Retire,
 }
 
 impl WorkerShared {
@@ -352,8 +354,21 @@ impl WorkerShared {
         }
     }
 
-    /// Tells the scheduler how many execution threads this worker now has.
-    pub fn set_threads(&self, n: u32) {
+    /// A task waits on other tasks and lends its thread: the caller starts
+    /// one more execution thread; the scheduler counts one more.
+    pub fn lend_thread(&self) {
+        let n = self.orders.lock().lend_thread();
+        self.send_threads(n);
+    }
+
+    /// The waiting task takes its thread back: one execution thread retires
+    /// at its next take ([`Batch::Retire`]).
+    pub fn reclaim_thread(&self) {
+        let n = self.orders.lock().reclaim_thread();
+        self.send_threads(n);
+    }
+
+    fn send_threads(&self, n: u32) {
         // Reports buffered before this go first: ordering with results.
         self.flush_locked(&mut self.unsent.lock());
         let _ = self.out.send(ToScheduler::Threads(n));
@@ -478,7 +493,14 @@ impl WorkerShared {
 
     /// Tells the scheduler this worker's memory is above (true) or back
     /// below (false) its pause fraction.
+    /// While paused, no task starts while another runs.
     pub fn set_paused(&self, paused: bool) {
+        if !self.orders.lock().set_paused(paused) {
+            return;
+        }
+        if !paused {
+            self.cv.notify_all(); // threads held back may take work again
+        }
         self.flush_locked(&mut self.unsent.lock());
         let _ = self.out.send(ToScheduler::Paused(paused));
     }
@@ -565,6 +587,7 @@ impl WorkerShared {
     fn take(&self, orders: &mut Orders, max: usize) -> Option<Batch> {
         match orders.take(max)? {
             Take::Shutdown => Some(Batch::Shutdown),
+            Take::Retire => Some(Batch::Retire),
             Take::Work(tasks, released) => {
                 if !tasks.is_empty() {
                     let mut unsent = self.unsent.lock();
@@ -654,7 +677,7 @@ pub fn start(
             id,
             nthreads,
             data_addr,
-            orders: Mutex::new(WorkerState::new(ORDER_LOG)),
+            orders: Mutex::new(WorkerState::new(nthreads, ORDER_LOG)),
             cv: Condvar::new(),
             store: Mutex::new(FxHashMap::default()),
             fetch_slots: tokio::sync::Semaphore::new(FETCH_SLOTS),
