@@ -9,3 +9,6 @@ cargo test --workspace --locked
 python3 -m pip install -q --disable-pip-version-check .
 # Run from a directory without the source tree so the installed package is tested.
 cd tests && python3 -m pytest -q -p no:cacheprovider --rootdir=.. -c ../pyproject.toml .
+# The peers' own suites against Shoal (tests/dropin): CPython's
+# test_concurrent_futures with shoal.Executor in the executor's seat.
+cd .. && python3 tests/dropin/concurrent_futures.py

@@ -332,6 +332,7 @@ class Client:
     def submit(
         self,
         fn: Callable,
+        /,
         *args: Any,
         key: str | None = None,
         priority: int = 0,
@@ -351,6 +352,21 @@ class Client:
         ``CUDA_VISIBLE_DEVICES`` set to their devices). ``"CPU": n`` takes
         ``n`` of a worker's threads (for a task that runs parallel code).
         """
+        return self._submit(fn, args, kwargs, key, priority, retries, pure, resources)
+
+    def _submit(
+        self,
+        fn: Callable,
+        args: tuple,
+        kwargs: dict[str, Any],
+        key: str | None = None,
+        priority: int = 0,
+        retries: int = 0,
+        pure: bool = False,
+        resources: Mapping[str, float] | None = None,
+    ) -> Future:
+        """``submit`` with the call's arguments apart from the task's options
+        (``Executor.submit`` passes every keyword to ``fn``)."""
         core = self._check()
         needs = _resources.normalize(resources, "submit")
         group, func = _prepare_function(fn, "submit")
@@ -673,6 +689,16 @@ class Client:
         self._cancelled.update(ids)
         self._check().cancel(ids)
 
+    def _cancel_queued(self, futures: Iterable[Future] | FutureList) -> None:
+        """Cancels these tasks unless a worker has started them (started ones
+        run to their end): ``concurrent.futures``' cancellation."""
+        if isinstance(futures, FutureList):
+            ids = list(futures._ids)
+        else:
+            ids = [f._id for f in futures]
+        if ids:
+            self._check().cancel_queued(ids)
+
     # ----------------------------------------------------------- callbacks
 
     def _add_callback(self, f: Future, fn: Callable[[Future], Any]) -> None:
@@ -889,6 +915,12 @@ class Client:
         for path in self._put_files:  # not taken over by a worker
             with contextlib.suppress(OSError):
                 os.unlink(path)
+        # The callback thread waits in Rust (0.2 s at a time): let it see
+        # the close and end, rather than be stopped inside that wait by the
+        # interpreter's exit (which aborts the process).
+        cb = self._cb_thread
+        if cb is not None and cb is not threading.current_thread():
+            cb.join(2.0)
         self._core = None
         if self._cluster is not None:
             self._cluster.close()

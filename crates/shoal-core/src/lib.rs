@@ -441,6 +441,9 @@ pub struct Core {
     /// Detached tasks that finished or failed: their detached interest is
     /// dropped by the next `schedule`.
     detached_done: Vec<TaskId>,
+    /// Tasks to cancel if their worker gives them back (not started) in
+    /// answer to the steal [`Core::handle_cancel_queued`] sent.
+    cancel_when_given: FxHashSet<TaskId>,
     /// The event being handled, for the transition log.
     stimulus: &'static str,
     /// Last time given by `handle_tick` (microseconds, any origin).
@@ -470,6 +473,7 @@ impl Core {
             log: VecDeque::new(),
             transitions: 0,
             detached_done: Vec::new(),
+            cancel_when_given: FxHashSet::default(),
             stimulus: "",
             now_us: 0,
         }
@@ -1067,6 +1071,10 @@ impl Core {
     pub fn handle_cancel(&mut self, client: ClientId, tasks: &[TaskId]) {
         self.stimulus = "cancel";
         let _ = client;
+        self.cancel(tasks);
+    }
+
+    fn cancel(&mut self, tasks: &[TaskId]) {
         for &id in tasks {
             match self.tasks.get(&id).map(|t| t.state) {
                 Some(s) if s.is_pending() || s == TaskState::Released => {
@@ -1074,6 +1082,43 @@ impl Core {
                 }
                 _ => {}
             }
+        }
+        self.schedule();
+    }
+
+    /// Cancels these tasks, as [`Core::handle_cancel`], except those a
+    /// worker has started, which run to their end (`concurrent.futures`'
+    /// `shutdown(cancel_futures=True)`). Only the worker knows whether a
+    /// task sent to it has started: it is asked for those back (a steal),
+    /// and each it gives back is cancelled.
+    pub fn handle_cancel_queued(&mut self, _client: ClientId, tasks: &[TaskId]) {
+        self.stimulus = "cancel-queued";
+        let mut now = Vec::new();
+        let mut ask: FxHashMap<WorkerId, Vec<TaskId>> = FxHashMap::default();
+        for &id in tasks {
+            match self.tasks.get(&id).map(|t| t.state) {
+                Some(TaskState::Processing(w)) => {
+                    let wk = self
+                        .workers
+                        .get_mut(&w)
+                        .expect("processing on a known worker");
+                    if wk.running.contains(&id) {
+                        continue; // reported started: runs on
+                    }
+                    self.cancel_when_given.insert(id);
+                    if wk.stealing.insert(id) {
+                        ask.entry(w).or_default().push(id);
+                    }
+                }
+                Some(_) => now.push(id),
+                None => {}
+            }
+        }
+        self.cancel(&now);
+        let mut ask: Vec<(WorkerId, Vec<TaskId>)> = ask.into_iter().collect();
+        ask.sort();
+        for (worker, tasks) in ask {
+            self.actions.push(Action::Steal { worker, tasks });
         }
         self.schedule();
     }
@@ -1194,6 +1239,7 @@ impl Core {
         let Some(w) = self.workers.get_mut(&worker) else {
             return;
         };
+        let cancel = self.cancel_when_given.remove(&task);
         if !w.stealing.remove(&task) || !ok || !self.is_processing_on(task, worker) {
             return;
         }
@@ -1202,6 +1248,9 @@ impl Core {
             w.running.remove(&task);
         }
         self.set_state(task, TaskState::Ready);
+        if cancel {
+            self.set_erred(task, task, ErrorKind::Cancelled);
+        }
         self.schedule();
     }
 
@@ -1421,6 +1470,9 @@ impl Core {
             return;
         }
         self.log_transition(id, Some(from), Some(to));
+        if matches!(from, TaskState::Processing(_)) {
+            self.cancel_when_given.remove(&id); // it ran or moved meanwhile
+        }
         let t = self.tasks.get_mut(&id).expect("known task");
         t.state = to;
         let counts = &mut self.groups[t.group as usize].counts;
@@ -1860,6 +1912,16 @@ impl Core {
                 }
                 TaskState::Erred { .. } | TaskState::Released => {}
             }
+        }
+        for id in &self.cancel_when_given {
+            let asked = match self.tasks.get(id).map(|t| t.state) {
+                Some(TaskState::Processing(w)) => self.workers[&w].stealing.contains(id),
+                _ => false,
+            };
+            assert!(
+                asked,
+                "{id:?}: to cancel when given back, but not asked for"
+            );
         }
         for (wid, w) in &self.workers {
             assert!(

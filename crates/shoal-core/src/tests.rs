@@ -588,7 +588,11 @@ fn sim(seed: u64) {
             c.handle_release(client, &[id]);
         } else if roll < 35 && !wanted.is_empty() {
             let (client, id) = wanted[rng.usize(0..wanted.len())];
-            c.handle_cancel(client, &[id]);
+            if rng.bool() {
+                c.handle_cancel(client, &[id]);
+            } else {
+                c.handle_cancel_queued(client, &[id]);
+            }
         } else if roll < 39 && !wanted.is_empty() {
             // Run it even if released (Ray's dropped refs), then release it.
             let (client, id) = wanted.swap_remove(rng.usize(0..wanted.len()));
@@ -1379,5 +1383,45 @@ fn a_retired_worker_gets_no_work_and_no_results() {
             .any(|x| matches!(x, Action::Replicate { .. } | Action::Compute { .. })),
         "{a:?}"
     );
+    c.check_invariants();
+}
+
+#[test]
+fn cancel_queued_cancels_what_the_worker_gives_back_and_spares_what_it_started() {
+    let mut c = core();
+    c.handle_worker_added(WorkerId(0), 1);
+    c.handle_submit(C, vec![nt(1, &[])]);
+    c.handle_task_finished(WorkerId(0), t(1), 8, false, 10); // learn: tiny tasks
+    c.handle_submit(C, vec![nt(2, &[]), nt(3, &[]), nt(4, &[])]);
+    c.take_actions();
+    for i in 2..=4 {
+        assert_eq!(c.state(t(i)), Some(TaskState::Processing(WorkerId(0))));
+    }
+    c.handle_tasks_started(WorkerId(0), &[t(2)]);
+    c.handle_cancel_queued(C, &(2..=4).map(t).collect::<Vec<_>>());
+    let a = c.take_actions();
+    // Started: not even asked. Sent, not reported started: asked back.
+    assert!(
+        a.contains(&Action::Steal {
+            worker: WorkerId(0),
+            tasks: vec![t(3), t(4)]
+        }),
+        "{a:?}"
+    );
+    assert_eq!(c.state(t(2)), Some(TaskState::Processing(WorkerId(0))));
+    // The worker gives back 3; 4 had started meanwhile.
+    c.handle_steal_reply(WorkerId(0), t(3), true);
+    c.handle_steal_reply(WorkerId(0), t(4), false);
+    c.check_invariants();
+    assert!(matches!(
+        c.state(t(3)),
+        Some(TaskState::Erred {
+            kind: ErrorKind::Cancelled,
+            ..
+        })
+    ));
+    assert_eq!(c.state(t(4)), Some(TaskState::Processing(WorkerId(0))));
+    c.handle_task_finished(WorkerId(0), t(4), 8, false, 10);
+    assert!(matches!(c.state(t(4)), Some(TaskState::Memory { .. })));
     c.check_invariants();
 }

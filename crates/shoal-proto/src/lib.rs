@@ -19,7 +19,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// Bumped on every incompatible change (5: result frames carry their first
 /// buffer's offset); peers with another version are refused.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 /// First field of every handshake, so a stray peer is recognised at once.
 pub const MAGIC: u32 = 0x5348_4f4c; // "SHOL"
 /// Largest frame accepted (a frame larger than this closes the connection).
@@ -252,6 +252,9 @@ pub enum ToScheduler {
         /// Path and query string.
         path: String,
     },
+    /// Client: cancel these tasks unless a worker has started them (as
+    /// reported so far); started ones run to their end.
+    CancelQueued(Vec<u64>),
 }
 
 /// When and on which thread a task ran (the worker's clock).

@@ -386,6 +386,12 @@ impl ClientCore {
         self.inner.cancel(ids);
     }
 
+    /// Cancels these tasks unless a worker has started them (as reported
+    /// so far): started ones run to their end.
+    fn cancel_queued(&self, ids: Vec<u64>) {
+        self.inner.cancel_queued(ids);
+    }
+
     /// These tasks run to their end even if their futures are released.
     fn detach(&self, ids: Vec<u64>) {
         self.inner.detach(ids);

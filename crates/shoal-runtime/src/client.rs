@@ -374,6 +374,11 @@ impl ClientShared {
         let _ = self.out.send(ToScheduler::Cancel(ids));
     }
 
+    /// Cancels these tasks unless a worker has started them.
+    pub fn cancel_queued(&self, ids: Vec<u64>) {
+        let _ = self.out.send(ToScheduler::CancelQueued(ids));
+    }
+
     /// Asks for these tasks to run even if their futures are released.
     pub fn detach(&self, ids: Vec<u64>) {
         let _ = self.out.send(ToScheduler::Detach(ids));

@@ -591,6 +591,10 @@ impl State {
                 let ids: Vec<TaskId> = ids.into_iter().map(TaskId).collect();
                 self.core.handle_cancel(cid, &ids);
             }
+            ToScheduler::CancelQueued(ids) => {
+                let ids: Vec<TaskId> = ids.into_iter().map(TaskId).collect();
+                self.core.handle_cancel_queued(cid, &ids);
+            }
             ToScheduler::Detach(ids) => {
                 let ids: Vec<TaskId> = ids.into_iter().map(TaskId).collect();
                 self.core.handle_detach(cid, &ids);
