@@ -37,7 +37,7 @@ from .errors import (
     UnsatisfiableError,
 )
 from .executor import Executor
-from .remote import get, init, put, remote
+from .remote import cancel, get, init, is_initialized, method, put, remote, shutdown
 
 __all__ = [
     "__version__",
@@ -53,6 +53,10 @@ __all__ = [
     "get",
     "put",
     "init",
+    "shutdown",
+    "is_initialized",
+    "cancel",
+    "method",
     "get_client",
     "secede",
     "rejoin",

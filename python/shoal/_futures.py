@@ -210,3 +210,27 @@ class FutureList(Sequence[Future]):
 
     def __repr__(self) -> str:
         return f"<FutureList: {self._n} futures of {self._group}, {len(self._ids)} tasks>"
+
+
+def _nth(value: Any, i: int, n: int) -> Any:
+    """Element ``i`` of a call's result declared to have ``n`` values."""
+    try:
+        k = len(value)
+    except TypeError:
+        raise ValueError(
+            f"the task was declared with num_returns={n} but returned a "
+            f"{type(value).__name__}, not a sequence of {n} values"
+        ) from None
+    if k != n:
+        raise ValueError(f"the task was declared with num_returns={n} but returned {k} values")
+    return value[i]
+
+
+def returns(client: Client, f: Future, n: int) -> Any:
+    """What ``.remote()`` returns for ``num_returns=n``: the ref itself
+    (1), None (0), or one ref per value."""
+    if n == 1:
+        return f
+    if n == 0:
+        return None
+    return [client.submit(_nth, f, i, n) for i in range(n)]

@@ -33,6 +33,7 @@ from typing import Any
 import cloudpickle
 
 from . import _context, _core
+from ._futures import returns
 from .client import Client, Future, default_client, fire_and_forget
 from .errors import ActorDiedError
 
@@ -58,8 +59,9 @@ class _Method:
         self._handle = handle
         self._name = name
 
-    def remote(self, *args: Any, **kwargs: Any) -> Future:
-        """Calls the method in the actor's process; returns its future."""
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        """Calls the method in the actor's process; returns its future (a
+        list of them for a method marked ``@shoal.method(num_returns=n)``)."""
         return self._handle._call(self._name, args, kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -70,10 +72,17 @@ class ActorHandle:
     """A handle to an actor: ``handle.method.remote(...)`` returns a future.
     Picklable: pass it to tasks to call the actor from there."""
 
-    def __init__(self, actor_id: str, cls_name: str, methods: frozenset[str]):
+    def __init__(
+        self,
+        actor_id: str,
+        cls_name: str,
+        methods: frozenset[str],
+        returns: dict[str, int] | None = None,
+    ):
         self._actor_id = actor_id
         self._cls_name = cls_name
         self._methods = methods
+        self._returns = returns or {}  # num_returns of methods marked with shoal.method
         self._seq = itertools.count()
 
     def __getattr__(self, name: str) -> _Method:
@@ -81,7 +90,7 @@ class ActorHandle:
             raise AttributeError(f"actor {self._cls_name} has no method {name!r}")
         return _Method(self, name)
 
-    def _call(self, name: str, args: tuple, kwargs: dict) -> Future:
+    def _call(self, name: str, args: tuple, kwargs: dict) -> Any:
         client = default_client()
         sup = _supervisors.get(self._actor_id)
         if sup is not None and sup.dead is not None:
@@ -101,10 +110,10 @@ class ActorHandle:
         # Ray runs a call whether or not its ref is kept
         # (`counter.incr.remote()` as a statement).
         fire_and_forget(f)
-        return f
+        return returns(client, f, self._returns.get(name, 1))
 
     def __reduce__(self):
-        return (ActorHandle, (self._actor_id, self._cls_name, self._methods))
+        return (ActorHandle, (self._actor_id, self._cls_name, self._methods, self._returns))
 
     def __repr__(self) -> str:
         return f"<ActorHandle {self._cls_name} {self._actor_id}>"
@@ -120,6 +129,12 @@ class _Supervisor:
         self.restarts_left = max_restarts
         self.dead: str | None = None
         self.pending: list[weakref.ref[Future]] = []
+        # Calls made through this client not finished yet, and the pickle
+        # to delete once the creating handle is gone: as in Ray, the actor
+        # lives on until its outstanding calls are done
+        # (`Counter.remote().incr.remote()` runs its call).
+        self.outstanding = 0
+        self.forgotten: str | None = None
         self.lock = threading.Lock()
         self.proc = self._spawn()
 
@@ -137,6 +152,14 @@ class _Supervisor:
         with self.lock:
             self.pending = [r for r in self.pending if (g := r()) is not None and not g.done()]
             self.pending.append(weakref.ref(f))
+            self.outstanding += 1
+        # The callback holds the future until it is done (the call is
+        # detached: it runs even if the caller drops it).
+        f.add_done_callback(self._call_done)
+
+    def _call_done(self, f: Future) -> None:
+        with self.lock:
+            self.outstanding -= 1
 
     def poll(self) -> bool:
         """Returns False once the actor is gone for good."""
@@ -211,12 +234,22 @@ _forgotten: collections.deque[tuple[str, str]] = collections.deque()
 def _watch() -> None:
     while True:
         while _forgotten:
-            _stop_forgotten(*_forgotten.popleft())
+            actor_id, path = _forgotten.popleft()
+            with _watch_lock:
+                sup = _supervisors.get(actor_id)
+            if sup is None:
+                _unlink(path)
+            else:
+                sup.forgotten = path
         with _watch_lock:
             sups = list(_supervisors.values())
         for s in sups:
             if s.dead is None:
                 s.poll()  # a dead one stays listed: later calls fail at once
+            if s.forgotten is not None and (s.outstanding == 0 or s.dead is not None):
+                s.stop()  # no handle left here, no call outstanding
+                _unlink(s.forgotten)
+                s.forgotten = None
         time.sleep(0.05)
 
 
@@ -257,21 +290,21 @@ def create(cls: type, args: tuple, kwargs: dict, max_restarts: int) -> ActorHand
             _watcher.append(t)
     client._on_close.append(sup.stop)
     methods = frozenset(n for n in dir(cls) if not n.startswith("_") and callable(getattr(cls, n)))
-    handle = ActorHandle(actor_id, cls.__name__, methods)
+    marked = {n: getattr(getattr(cls, n), "__shoal_num_returns__", 1) for n in methods}
+    handle = ActorHandle(
+        actor_id, cls.__name__, methods, {n: k for n, k in marked.items() if k != 1}
+    )
     weakref.finalize(handle, _forget, actor_id, path)
     return handle
 
 
 def _forget(actor_id: str, path: str) -> None:
-    """The creating handle is gone: the watcher stops the actor's process."""
+    """The creating handle is gone: the watcher stops the actor's process
+    once its outstanding calls are done."""
     _forgotten.append((actor_id, path))
 
 
-def _stop_forgotten(actor_id: str, path: str) -> None:
-    with _watch_lock:
-        sup = _supervisors.get(actor_id)
-    if sup is not None:
-        sup.stop()
+def _unlink(path: str) -> None:
     try:
         os.unlink(path)
     except OSError:

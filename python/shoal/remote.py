@@ -12,10 +12,23 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+from ._futures import returns as _returns
 from .client import Client, Future, default_client, fire_and_forget, get_client, wait
 
-_OPTIONS = {"num_cpus", "num_gpus", "resources", "retries", "max_retries", "priority", "name"}
+_OPTIONS = {
+    "num_cpus",
+    "num_gpus",
+    "resources",
+    "retries",
+    "max_retries",
+    "priority",
+    "name",
+    "num_returns",
+}
 _ACTOR_OPTIONS = {"max_restarts", "num_cpus"}
+
+# Clients init() started or connected (shutdown() closes them).
+_inited: list[Client] = []
 
 
 def init(address: str | None = None, **client_kwargs: Any) -> Client:
@@ -26,7 +39,59 @@ def init(address: str | None = None, **client_kwargs: Any) -> Client:
             return client
     except ValueError:
         pass
-    return Client(address, **client_kwargs)
+    client = Client(address, **client_kwargs)
+    _inited.append(client)
+    return client
+
+
+def is_initialized() -> bool:
+    """Whether Ray-style calls have a client to go to (``init()`` ran, or
+    any client of this process is open)."""
+    try:
+        get_client()
+    except ValueError:
+        return False
+    return True
+
+
+def shutdown() -> None:
+    """Closes what ``init()`` and the first Ray-style call started or
+    connected (Ray's ``shutdown``); other clients stay open."""
+    from . import client as _client
+
+    for c in [*_inited, *_client._started]:
+        c.close()
+    _inited.clear()
+    _client._started.clear()
+
+
+def cancel(ref: Future, *, force: bool = False, recursive: bool = True) -> None:
+    """Cancels a call (Ray's ``cancel``): its ref raises
+    ``FutureCancelledError``; calls depending on it fail too. ``force`` and
+    ``recursive`` are accepted as in Ray: a call already running runs to
+    its end (its result is dropped)."""
+    del force, recursive
+    if not isinstance(ref, Future):
+        raise TypeError(f"shoal.cancel takes a Future (object ref), not {type(ref).__name__}")
+    ref.client.cancel([ref])
+
+
+def _check_num_returns(n: Any) -> int:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"num_returns must be a whole number >= 0, not {n!r}")
+    return n
+
+
+def method(*, num_returns: int = 1) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``@shoal.method(num_returns=2)`` on an actor method (Ray's
+    ``ray.method``): its ``.remote()`` returns that many refs."""
+    n = _check_num_returns(num_returns)
+
+    def mark(fn: Callable[..., Any]) -> Callable[..., Any]:
+        fn.__shoal_num_returns__ = n  # type: ignore[attr-defined]
+        return fn
+
+    return mark
 
 
 def _check_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -36,6 +101,7 @@ def _check_options(options: dict[str, Any]) -> dict[str, Any]:
     cpus = options.get("num_cpus", 1)
     if not isinstance(cpus, int) or cpus < 1:
         raise ValueError(f"num_cpus must be a whole number >= 1, not {cpus!r}")
+    _check_num_returns(options.get("num_returns", 1))
     return options
 
 
@@ -47,8 +113,9 @@ class RemoteFunction:
         self._options = _check_options(options)
         functools.update_wrapper(self, fn)
 
-    def remote(self, *args: Any, **kwargs: Any) -> Future:
-        """Runs the function on the cluster; returns its future (object ref)."""
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        """Runs the function on the cluster; returns its future (object
+        ref), or with ``num_returns=n`` a list of ``n`` of them."""
         o = self._options
         retries = o.get("retries", o.get("max_retries", 0))
         resources = dict(o.get("resources") or {})
@@ -56,22 +123,23 @@ class RemoteFunction:
             resources["GPU"] = o["num_gpus"]
         if o.get("num_cpus", 1) > 1:
             resources["CPU"] = o["num_cpus"]  # worker threads it occupies
-        f = default_client().submit(
+        client = default_client()
+        f = client._submit(
             self._fn,
-            *args,
+            args,
+            kwargs,
             retries=max(0, retries),
             priority=o.get("priority", 0),
             resources=resources or None,
-            **kwargs,
         )
         # Ray runs a call whether or not its ref is kept.
         fire_and_forget(f)
-        return f
+        return _returns(client, f, o.get("num_returns", 1))
 
     def options(self, **options: Any) -> RemoteFunction:
         """A copy with other options (``num_cpus``: worker threads it
         occupies; ``num_gpus``; ``resources``; ``retries``/``max_retries``;
-        ``priority``)."""
+        ``priority``; ``num_returns``)."""
         return RemoteFunction(self._fn, {**self._options, **options})
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
