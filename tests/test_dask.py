@@ -157,3 +157,13 @@ def test_set_as_default_is_undone_on_close():
     assert getattr(dask.config.get("scheduler", None), "__self__", None) is not c
     with shoal.Client(n_workers=1, set_as_default=False) as c:
         assert getattr(dask.config.get("scheduler", None), "__self__", None) is not c
+
+
+def test_the_tasks_shuffle_while_shoal_is_the_default_scheduler():
+    # Dask's defaults hold None for the shuffle method, which was kept: the
+    # shuffle then went through each worker's local disk, wrong across hosts.
+    with shoal.Client(n_workers=1):
+        assert dask.config.get("dataframe.shuffle.method") == "tasks"
+    with dask.config.set({"dataframe.shuffle.method": "disk"}):
+        with shoal.Client(n_workers=1):
+            assert dask.config.get("dataframe.shuffle.method") == "disk"  # a choice: kept

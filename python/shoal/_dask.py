@@ -219,11 +219,13 @@ def _set_default(get_fn: Callable[..., Any]) -> Callable[[], None]:
             for name in _SETTINGS:
                 _before[name] = config.get(name, _NOTHING)
         _defaults.append(get_fn)
-        shuffle = _before.get("dataframe.shuffle.method", _NOTHING)
+        shuffle = config.get("dataframe.shuffle.method", None)
+        # Dask's own defaults hold None for it: unset, not a choice to keep.
+        chosen = shuffle not in (None, "")
         config.set(
             {
                 "scheduler": get_fn,
-                "dataframe.shuffle.method": "tasks" if shuffle is _NOTHING else shuffle,
+                "dataframe.shuffle.method": shuffle if chosen else "tasks",
             }
         )
 
