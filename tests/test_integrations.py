@@ -368,3 +368,31 @@ def test_tasks_taking_several_threads(client):
             c.submit(inc, 1, resources={"CPU": 3}).result(timeout=30)
     with pytest.raises(ValueError, match="threads_per_worker"):
         shoal.Client(n_workers=1, resources={"CPU": 4})
+
+
+NESTED_UNDER_LOKY = textwrap.dedent(
+    """
+    from joblib import Parallel, delayed
+
+    def inner(n):
+        import sys
+        from joblib import Parallel, delayed
+
+        before = "shoal" in sys.modules
+        return before, sum(Parallel(n_jobs=1, backend="shoal")(delayed(abs)(-i) for i in range(n)))
+
+    if __name__ == "__main__":
+        print(Parallel(n_jobs=2, backend="loky")(delayed(inner)(n) for n in (3, 4)))
+    """
+)
+
+
+def test_the_shoal_backend_is_known_in_processes_that_never_imported_shoal(tmp_path):
+    # A loky worker never imports shoal: "Invalid backend" there before. The
+    # wheel's .pth adds the backend to joblib wherever joblib is imported.
+    pytest.importorskip("joblib")
+    script = tmp_path / "nested.py"
+    script.write_text(NESTED_UNDER_LOKY)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[(False, 3), (False, 6)]"
