@@ -12,3 +12,5 @@ cd tests && python3 -m pytest -q -p no:cacheprovider --rootdir=.. -c ../pyprojec
 # The peers' own suites against Shoal (tests/dropin): CPython's
 # test_concurrent_futures with shoal.Executor in the executor's seat.
 cd .. && python3 tests/dropin/concurrent_futures.py
+# joblib's own test_parallel.py with the shoal backend.
+bash tests/dropin/joblib_parallel.sh
