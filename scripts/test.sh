@@ -14,3 +14,5 @@ cd tests && python3 -m pytest -q -p no:cacheprovider --rootdir=.. -c ../pyprojec
 cd .. && python3 tests/dropin/concurrent_futures.py
 # joblib's own test_parallel.py with the shoal backend.
 bash tests/dropin/joblib_parallel.sh
+# Dask's own delayed and bag tests, Shoal against distributed, in one run.
+python3 tests/dropin/dask_suite.py
