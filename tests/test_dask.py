@@ -167,3 +167,26 @@ def test_the_tasks_shuffle_while_shoal_is_the_default_scheduler():
     with dask.config.set({"dataframe.shuffle.method": "disk"}):
         with shoal.Client(n_workers=1):
             assert dask.config.get("dataframe.shuffle.method") == "disk"  # a choice: kept
+
+
+def lazy_records(n):
+    return ({"operations": [1, 2]} for _ in range(n))
+
+
+def count(g):
+    return sum(1 for _ in g)
+
+
+def test_a_result_that_cannot_be_pickled_serves_tasks_on_its_worker():
+    # A generator result: distributed keeps it in worker memory; Shoal had
+    # to pickle it and failed the task. Now tasks on its worker use it and a
+    # fetch from elsewhere fails saying why.
+    import dask.bag as db
+
+    with shoal.Client(n_workers=1) as c:
+        records = db.from_delayed([dask.delayed(lazy_records)(n) for n in range(4)])
+        assert records.count().compute() == 0 + 1 + 2 + 3
+        g = c.submit(lazy_records, 3)
+        assert c.submit(count, g).result(timeout=30) == 3
+        with pytest.raises(TypeError, match="could not be pickled, so it can be used only by"):
+            g.result(timeout=30)

@@ -163,6 +163,10 @@ class Store:
         # Held results something else also holds: copied when exported,
         # never published in place (their producer may write them later).
         self.shared: set[int] = set()
+        # Held results that cannot be pickled (a generator): usable by tasks
+        # here only; fetches from elsewhere fail with the reason. Never
+        # spilled (they cannot be written), so not in `managed`.
+        self.unpicklable: dict[int, str] = {}
         self.managed: OrderedDict[int, int] = OrderedDict()  # in memory, LRU first
         self.managed_bytes = 0
         self.shm_bytes = 0  # our segments' sizes
@@ -224,11 +228,13 @@ class Store:
 
     # ----------------------------------------------------------- results
 
-    def finish(self, tid: int, result: Any, size: int | None) -> tuple[Any, int]:
+    def finish(self, tid: int, result: Any, size: int | None, name: str = "") -> tuple[Any, int]:
         """Stores a task's result; returns ``(payload, size)`` for the report:
         the pickle (small: travels inline), the path of its shared-memory
         file, or None (kept as the Python object). ``size``: the result's
-        buffer size if it is array-like (kept unpickled when large)."""
+        buffer size if it is array-like (kept unpickled when large). A
+        result that cannot be pickled is kept as the object, as distributed
+        does: tasks here use it, fetches from elsewhere fail saying why."""
         if type(result) is Adopted:
             return self._adopt(tid, result)
         if size is not None and size > INLINE_LIMIT:
@@ -240,7 +246,17 @@ class Store:
                 self._account(tid, size)
             self.check()
             return None, size
-        parts, length, oob = _serialize.frame_parts(result)
+        try:
+            parts, length, oob = _serialize.frame_parts(result)
+        except Exception as e:  # noqa: BLE001 - any pickling failure
+            why = (
+                f"the result of task {name or hex(tid)!r} ({type(result).__name__}) could not be "
+                f"pickled, so it can be used only by tasks on the worker that made it: {e}"
+            )
+            with self.lock:
+                self.objects[tid] = result
+                self.unpicklable[tid] = why
+            return None, 0
         if length <= INLINE_LIMIT:
             return (parts[0] if len(parts) == 1 else b"".join(parts)), length
         # A container's arrays may be held elsewhere too: copied.
@@ -364,6 +380,7 @@ class Store:
             for tid in ids:
                 self.objects.pop(tid, None)
                 self.shared.discard(tid)
+                self.unpicklable.pop(tid, None)
                 size = self.managed.pop(tid, None)
                 if size is not None:
                     self.managed_bytes -= size

@@ -206,7 +206,10 @@ class _Executor:
                 inputs = {}
                 for d, b in deps:
                     # b: bytearray, or a read-only mmap of a peer's file on
-                    # this host; None for a result of this worker.
+                    # this host; None for a result of this worker; a str:
+                    # why its holder could not send it.
+                    if type(b) is str:
+                        raise TypeError(b)
                     inputs[d] = _serialize.loads(b) if b is not None else self.store.get(d)
                 _serialize.set_inputs(inputs)
                 try:
@@ -237,7 +240,7 @@ class _Executor:
                     self.sampler.task_ended(group, fn or name, ticks)
         duration = int((perf_counter() - t0) * 1e6)
         try:
-            payload, size = self.store.finish(tid, result, _buffer_size(result))
+            payload, size = self.store.finish(tid, result, _buffer_size(result), name)
         except BaseException as e:  # noqa: BLE001
             err = TypeError(
                 f"the result of task {name!r} ({type(result).__name__}) could not be "
@@ -272,6 +275,10 @@ class _Executor:
         replaced: list[Any] = []  # objects swapped for views: dropped after answering
         while True:
             for tid in core.pickle_requests(1.0):
+                why = store.unpicklable.get(tid)
+                if why is not None:
+                    core.put_unpicklable(tid, why)
+                    continue
                 f = None
                 try:
                     f = store.export(tid, replaced)

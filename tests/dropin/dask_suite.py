@@ -24,12 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 DEFAULT = ["dask.tests.test_delayed", "dask.bag.tests.test_bag"]
 
-DEVIATIONS: dict[str, str] = {
-    "test_from_delayed_iterator": (
-        "a task returning a generator: distributed keeps it in its worker's memory, "
-        "Shoal pickles every result that is not an array at once (issue 18, part 3)"
-    ),
-}
+DEVIATIONS: dict[str, str] = {}
 
 
 def run(runner: str, modules: list[str]) -> tuple[set[str], str]:

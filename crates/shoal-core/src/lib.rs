@@ -299,6 +299,10 @@ struct Worker {
     /// Leaving: gets no work; its needed results move to other workers
     /// (task -> target), then it is told to exit.
     retiring: Option<FxHashMap<TaskId, WorkerId>>,
+    /// Results that failed to move off this retiring worker, and how often:
+    /// after `max_kills` tries one is left to be recomputed once it leaves
+    /// (it may not be movable at all: an object that cannot be pickled).
+    move_failures: FxHashMap<TaskId, u8>,
     /// Retired: told to exit. Never gets work or results again.
     retired: bool,
     /// Assigned tasks asked back, answer pending.
@@ -582,6 +586,7 @@ impl Core {
             stalled: false,
             paused: false,
             retiring: None,
+            move_failures: FxHashMap::default(),
             retired: false,
             stealing: FxHashSet::default(),
             resources_used: resources.iter().map(|&(r, _)| (r, 0.0)).collect(),
@@ -746,6 +751,11 @@ impl Core {
         moving.remove(&task);
         if ok && self.workers.contains_key(&to) {
             // Same data, new holder: no dependent changes state.
+            self.workers
+                .get_mut(&from)
+                .expect("retiring")
+                .move_failures
+                .remove(&task);
             self.tasks.get_mut(&task).expect("known").state = TaskState::Memory {
                 location: Location::Worker(to),
                 size,
@@ -765,6 +775,8 @@ impl Core {
                 let client = self.tasks[&task].wanted_by[i];
                 self.notify_one(client, task);
             }
+        } else if let Some(w) = self.workers.get_mut(&from) {
+            *w.move_failures.entry(task).or_default() += 1;
         }
         self.schedule();
     }
@@ -800,9 +812,11 @@ impl Core {
             needed.sort();
             let moving = w.retiring.as_ref().expect("retiring");
             let idle = w.assigned.is_empty();
+            let max_tries = self.config.max_kills;
             let pending: Vec<TaskId> = needed
                 .into_iter()
                 .filter(|id| !moving.contains_key(id))
+                .filter(|id| w.move_failures.get(id).copied().unwrap_or(0) < max_tries)
                 .collect();
             // Targets: workers staying, fewest results held first.
             let mut targets: Vec<(usize, WorkerId)> = self

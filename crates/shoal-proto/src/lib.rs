@@ -558,6 +558,9 @@ pub enum Payload {
         /// Its length.
         len: u64,
     },
+    /// The holder keeps it as an object that cannot be pickled (a
+    /// generator): usable only where it was made. Why, for the error.
+    Unpicklable(String),
 }
 
 /// Answer to a [`DataRequest`]; `None` where the worker does not hold it.

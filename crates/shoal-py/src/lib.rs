@@ -9,7 +9,7 @@ mod numpy_alloc;
 
 use bytes::Bytes;
 use pyo3::exceptions::{
-    PyConnectionError, PyOSError, PyPermissionError, PyTimeoutError, PyValueError,
+    PyConnectionError, PyOSError, PyPermissionError, PyTimeoutError, PyTypeError, PyValueError,
 };
 use pyo3::intern;
 use pyo3::prelude::*;
@@ -798,6 +798,8 @@ impl WorkerCore {
                     Input::Local => py.None(),
                     Input::Bytes(b) => fetched_to_py(py, Fetched::Bytes(b))?,
                     Input::File(f) => fetched_to_py(py, Fetched::File(f))?,
+                    // The task fails with it (a str: see `_execute`).
+                    Input::Unavailable(why) => why.into_pyobject(py)?.into_any().unbind(),
                 };
                 deps.append((id, v))?;
             }
@@ -841,6 +843,12 @@ impl WorkerCore {
     fn put_stored(&self, id: u64, file: Option<(String, u64)>) {
         self.inner
             .put_stored(id, file.map(|(path, len)| Stored::File { path, len }))
+    }
+
+    /// A held result cannot be pickled (`why`): fetches of it, by peers
+    /// and clients, fail with that reason.
+    fn put_unpicklable(&self, id: u64, why: String) {
+        self.inner.put_stored(id, Some(Stored::Unpicklable(why)))
     }
 
     /// Tells the scheduler the worker's memory is above (True) or back below
@@ -1046,7 +1054,8 @@ fn to_done(
 /// A fetched result for `_serialize.loads`: bytes as a `bytearray` (arrays
 /// unpickled from it out of band are writable views of it), a file on this
 /// host as a read-only `mmap` (arrays are read-only views of the shared
-/// pages: nothing is copied).
+/// pages: nothing is copied). A result its holder cannot pickle is a
+/// `TypeError` saying why.
 fn fetched_to_py(py: Python<'_>, v: Fetched) -> PyResult<Py<PyAny>> {
     use std::os::fd::AsRawFd;
     static MMAP: pyo3::sync::PyOnceLock<Py<PyModule>> = pyo3::sync::PyOnceLock::new();
@@ -1061,6 +1070,7 @@ fn fetched_to_py(py: Python<'_>, v: Fetched) -> PyResult<Py<PyAny>> {
             let mm = m.getattr("mmap")?.call((f.as_raw_fd(), 0), Some(&kw))?;
             Ok(mm.unbind())
         }
+        Fetched::Unpicklable(why) => Err(PyTypeError::new_err(why)),
     }
 }
 

@@ -34,6 +34,8 @@ pub enum Input {
     /// segment or spill file): mapped by the task, not copied. Open, so the
     /// holder may unlink it at any time.
     File(std::fs::File),
+    /// Its holder cannot pickle it (why): the task fails with that.
+    Unavailable(String),
 }
 
 /// A task ready to execute.
@@ -196,6 +198,9 @@ pub enum Stored {
         /// Its length.
         len: u64,
     },
+    /// Kept as an object that cannot be pickled: consumers elsewhere fail
+    /// with this reason.
+    Unpicklable(String),
 }
 
 /// Steps of the worker's orders kept for their story (debugging).
@@ -537,6 +542,7 @@ impl WorkerShared {
                     }
                     got
                 }
+                Some(Stored::Unpicklable(why)) => Some(Payload::Unpicklable(why)),
                 Some(Stored::Held) | None => None,
             };
             out.push((id, p));
@@ -951,6 +957,8 @@ async fn replicate(sh: &WorkerShared, id: u64, from: &str) -> io::Result<()> {
                 }
                 // Same host: a kernel copy of the peer's segment.
                 Fetched::File(mut f) => std::io::copy(&mut f, &mut out),
+                // Cannot move: it is recomputed once its holder is gone.
+                Fetched::Unpicklable(why) => Err(io::Error::other(why)),
             }
         }
     })
@@ -1083,6 +1091,8 @@ pub enum Fetched {
     Bytes(Bytes),
     /// The open file with the pickle.
     File(std::fs::File),
+    /// Its holder cannot pickle it (why).
+    Unpicklable(String),
 }
 
 impl Fetched {
@@ -1091,6 +1101,7 @@ impl Fetched {
         match self {
             Fetched::Bytes(b) => b.len() as u64,
             Fetched::File(f) => f.metadata().map_or(0, |m| m.len()),
+            Fetched::Unpicklable(_) => 0,
         }
     }
 
@@ -1098,6 +1109,7 @@ impl Fetched {
         match self {
             Fetched::Bytes(b) => Input::Bytes(b),
             Fetched::File(f) => Input::File(f),
+            Fetched::Unpicklable(why) => Input::Unavailable(why),
         }
     }
 }
@@ -1146,6 +1158,7 @@ async fn fetch_some(
             Some(Payload::File { path, .. }) => {
                 Ok((id, Some(Fetched::File(std::fs::File::open(path)?))))
             }
+            Some(Payload::Unpicklable(why)) => Ok((id, Some(Fetched::Unpicklable(why)))),
             None => Ok((id, None)),
         })
         .collect()
@@ -1180,7 +1193,7 @@ async fn data_server(listener: Listener, sh: Arc<WorkerShared>) {
                     .map(|(_, p)| match p {
                         Some(Payload::Bytes(b)) => b.len() as u64,
                         Some(Payload::File { len, .. }) => *len,
-                        None => 0,
+                        Some(Payload::Unpicklable(_)) | None => 0,
                     })
                     .sum();
                 sh.bytes_out.fetch_add(bytes, Ordering::Relaxed);
