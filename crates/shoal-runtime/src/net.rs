@@ -610,7 +610,12 @@ async fn accept_handshake(conn: &mut Conn, secret: &Secret, peer: &str) -> Resul
     }
     let ok = match recv::<Proof>(conn).await {
         Ok(Some(p)) => secret.verify(CLIENT, &[&my_nonce, &hello.nonce, &encode(&hello)], &p.mac),
-        _ => false,
+        // Gone mid-handshake (an aborted fetch, a process exiting): no
+        // proof was offered, so no wrong token to report.
+        Ok(None) | Err(_) => {
+            tracing::debug!("{peer} left during the handshake");
+            return Err(());
+        }
     };
     if !ok {
         tracing::warn!("refusing {peer}: authentication failed (wrong cluster token)");
