@@ -608,17 +608,19 @@ async fn accept_handshake(conn: &mut Conn, secret: &Secret, peer: &str) -> Resul
     {
         return Err(());
     }
-    let ok = match recv::<Proof>(conn).await {
+    let proof = recv::<Proof>(conn).await;
+    let ok = match &proof {
         Ok(Some(p)) => secret.verify(CLIENT, &[&my_nonce, &hello.nonce, &encode(&hello)], &p.mac),
-        // Gone mid-handshake (an aborted fetch, a process exiting): no
-        // proof was offered, so no wrong token to report.
-        Ok(None) | Err(_) => {
-            tracing::debug!("{peer} left during the handshake");
-            return Err(());
-        }
+        _ => false,
     };
     if !ok {
-        tracing::warn!("refusing {peer}: authentication failed (wrong cluster token)");
+        // A peer with the wrong token finds out first (our proof does not
+        // check) and leaves without one; so does an aborted fetch.
+        let what = match proof {
+            Ok(Some(_)) => "wrong cluster token",
+            _ => "left before proving it has the cluster token: a wrong token, or it gave up",
+        };
+        tracing::warn!("refusing {peer}: authentication failed ({what})");
         let reason = "authentication failed: this peer does not have the cluster's token".into();
         let _ = send(conn, &Welcome::Rejected { reason }).await;
         return Err(());
