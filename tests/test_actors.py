@@ -258,3 +258,74 @@ def test_shutdown_closes_what_ray_style_calls_started():
         [sys.executable, "-c", SHUTDOWN], capture_output=True, text=True, timeout=120
     )
     assert out.stdout.strip() == "ok", out.stderr
+
+
+NAMED_ELSEWHERE = """
+import sys
+import shoal
+
+c = shoal.Client(scheduler_file=sys.argv[1])
+counter = shoal.get_actor("the-counter")
+print(shoal.get(counter.incr.remote(10)))
+try:
+    shoal.get_actor("nobody")
+except ValueError as e:
+    print("ValueError:", e)
+"""
+
+
+def test_named_actors_are_found_from_other_clients(tmp_path):
+    sfile = tmp_path / "s.json"
+    sched = subprocess.Popen(
+        [sys.executable, "-m", "shoal", "scheduler", "--port", "0", "--no-dashboard"]
+        + ["--scheduler-file", str(sfile)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 30
+        while not sfile.exists():
+            assert time.time() < deadline
+            time.sleep(0.05)
+        workers = subprocess.Popen(
+            [sys.executable, "-m", "shoal", "worker", "--scheduler-file", str(sfile)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            with shoal.Client(scheduler_file=str(sfile)) as c:
+                counter = Counter.options(name="the-counter").remote(1)
+                assert shoal.get(counter.incr.remote()) == 2
+                with pytest.raises(ValueError, match="already exists"):
+                    Counter.options(name="the-counter").remote(5)
+                out = subprocess.run(
+                    [sys.executable, "-c", NAMED_ELSEWHERE, str(sfile)],
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                    env={**os.environ, "PYTHONPATH": os.path.dirname(__file__)},
+                )
+                assert out.stdout.split("\n")[:2] == [
+                    "12",
+                    "ValueError: no actor named 'nobody' in this cluster",
+                ], out.stderr
+                assert shoal.get_actor("the-counter")._actor_id == counter._actor_id
+                shoal.kill(counter)
+                deadline = time.time() + 15
+                while time.time() < deadline:
+                    try:
+                        shoal.get_actor("the-counter")
+                    except ValueError:
+                        break
+                    time.sleep(0.1)
+                else:
+                    raise AssertionError("a killed actor's name stayed")
+                assert c is not None
+        finally:
+            workers.terminate()
+            workers.wait(30)
+    finally:
+        sched.terminate()
+        sched.wait(30)
+    with pytest.raises(NotImplementedError, match="detached"):
+        Counter.options(lifetime="detached")

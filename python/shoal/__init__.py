@@ -8,7 +8,7 @@
 
 from . import _imports
 from ._core import __version__
-from .actor import ActorHandle, kill
+from .actor import ActorHandle, get_actor, kill
 from .client import (
     ALL_COMPLETED,
     FIRST_COMPLETED,
@@ -48,6 +48,7 @@ __all__ = [
     "ForeignFutureError",
     "ActorHandle",
     "kill",
+    "get_actor",
     "ActorDiedError",
     "remote",
     "get",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -122,9 +123,12 @@ class ActorHandle:
 class _Supervisor:
     """Keeps an actor's process alive (up to ``max_restarts`` restarts)."""
 
-    def __init__(self, client: Client, actor_id: str, cmd: list[str], max_restarts: int):
+    def __init__(
+        self, client: Client, actor_id: str, cmd: list[str], max_restarts: int, name: str | None
+    ):
         self.client = client
         self.actor_id = actor_id
+        self.name = name
         self.cmd = cmd
         self.restarts_left = max_restarts
         self.dead: str | None = None
@@ -205,6 +209,8 @@ class _Supervisor:
         core = self.client._core
         if core is not None:
             core.withdraw(f"actor-{self.actor_id}")
+            if self.name is not None:
+                core.unname(_named(self.name))
         return False
 
     def stop(self) -> None:
@@ -212,6 +218,8 @@ class _Supervisor:
         core = self.client._core
         if core is not None:
             core.withdraw(f"actor-{self.actor_id}")
+            if self.name is not None:
+                core.unname(_named(self.name))
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -253,13 +261,28 @@ def _watch() -> None:
         time.sleep(0.05)
 
 
-def create(cls: type, args: tuple, kwargs: dict, max_restarts: int) -> ActorHandle:
-    """Starts an actor of ``cls``; returns its handle."""
+def _named(name: str) -> str:
+    return f"actor:{name}"
+
+
+def create(
+    cls: type, args: tuple, kwargs: dict, max_restarts: int, name: str | None = None
+) -> ActorHandle:
+    """Starts an actor of ``cls`` (named ``name`` in the cluster, if given);
+    returns its handle."""
     client = default_client()
     # Constructor arguments that are futures are resolved here: the process
     # builds the instance before it joins the cluster.
     args, kwargs = client.gather((list(args), dict(kwargs)))
     actor_id = f"{os.getpid():x}-{next(_ids)}"
+    methods = frozenset(n for n in dir(cls) if not n.startswith("_") and callable(getattr(cls, n)))
+    marked = {n: getattr(getattr(cls, n), "__shoal_num_returns__", 1) for n in methods}
+    returns = {n: k for n, k in marked.items() if k != 1}
+    if name is not None:
+        info = {"id": actor_id, "cls": cls.__name__, "methods": sorted(methods), "returns": returns}
+        answer = json.loads(client._check().name(_named(name), json.dumps(info)))
+        if "error" in answer:
+            raise ValueError(f"an actor named {name!r} already exists in this cluster")
     fd, path = tempfile.mkstemp(prefix=f"shoal-actor-{actor_id}-", suffix=".pkl")
     with os.fdopen(fd, "wb") as fh:
         cloudpickle.dump((cls, tuple(args), kwargs), fh)
@@ -281,7 +304,7 @@ def create(cls: type, args: tuple, kwargs: dict, max_restarts: int) -> ActorHand
     ]
     # Calls made before the process joins wait for it (not "unsatisfiable").
     client._check().expect(f"actor-{actor_id}")
-    sup = _Supervisor(client, actor_id, cmd, max_restarts)
+    sup = _Supervisor(client, actor_id, cmd, max_restarts, name)
     with _watch_lock:
         _supervisors[actor_id] = sup
         if not _watcher:
@@ -289,11 +312,7 @@ def create(cls: type, args: tuple, kwargs: dict, max_restarts: int) -> ActorHand
             t.start()
             _watcher.append(t)
     client._on_close.append(sup.stop)
-    methods = frozenset(n for n in dir(cls) if not n.startswith("_") and callable(getattr(cls, n)))
-    marked = {n: getattr(getattr(cls, n), "__shoal_num_returns__", 1) for n in methods}
-    handle = ActorHandle(
-        actor_id, cls.__name__, methods, {n: k for n, k in marked.items() if k != 1}
-    )
+    handle = ActorHandle(actor_id, cls.__name__, methods, returns)
     weakref.finalize(handle, _forget, actor_id, path)
     return handle
 
@@ -309,6 +328,18 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
+
+
+def get_actor(name: str) -> ActorHandle:
+    """The handle of the actor created with ``.options(name=name)``, from
+    any client of the cluster (Ray's ``get_actor``). Raises ``ValueError``
+    if there is none. The actor lives as long as its creator keeps it."""
+    answer = json.loads(default_client()._check().name(_named(name)))
+    info = answer.get("value")
+    if info is None:
+        raise ValueError(f"no actor named {name!r} in this cluster")
+    info = json.loads(info)
+    return ActorHandle(info["id"], info["cls"], frozenset(info["methods"]), info["returns"])
 
 
 def kill(handle: ActorHandle) -> None:

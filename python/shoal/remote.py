@@ -25,7 +25,7 @@ _OPTIONS = {
     "name",
     "num_returns",
 }
-_ACTOR_OPTIONS = {"max_restarts", "num_cpus"}
+_ACTOR_OPTIONS = {"max_restarts", "num_cpus", "name", "lifetime"}
 
 # Clients init() started or connected (shutdown() closes them).
 _inited: list[Client] = []
@@ -181,6 +181,14 @@ class ActorClass:
         restarts = options.get("max_restarts", 0)
         if not isinstance(restarts, int) or restarts < 0:
             raise ValueError(f"max_restarts must be a whole number >= 0, not {restarts!r}")
+        name = options.get("name")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ValueError(f"an actor's name must be a non-empty string, not {name!r}")
+        if options.get("lifetime") not in (None, "non_detached"):
+            raise NotImplementedError(
+                "detached actors are not supported yet: an actor lives at most as long as the "
+                "process that created it (its supervisor)"
+            )
         self._cls = cls
         self._options = options
 
@@ -188,10 +196,12 @@ class ActorClass:
         """Starts the actor's process; returns its handle."""
         from .actor import create
 
-        return create(self._cls, args, kwargs, self._options.get("max_restarts", 0))
+        o = self._options
+        return create(self._cls, args, kwargs, o.get("max_restarts", 0), o.get("name"))
 
     def options(self, **options: Any) -> ActorClass:
-        """A copy with other options (``max_restarts``)."""
+        """A copy with other options (``max_restarts``; ``name``: a name
+        unique in the cluster, for ``shoal.get_actor`` from any client)."""
         return ActorClass(self._cls, {**self._options, **options})
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -255,6 +255,20 @@ pub enum ToScheduler {
     /// Client: cancel these tasks unless a worker has started them (as
     /// reported so far); started ones run to their end.
     CancelQueued(Vec<u64>),
+    /// Client: claims a cluster-wide name for `value` (Some; refused if
+    /// the name is held), or looks it up (None). Answered by
+    /// [`FromScheduler::QueryReply`]: `{"ok": true}`, `{"error": ...}` or
+    /// `{"value": ...}`. A client's names go with it.
+    Name {
+        /// Chosen by the client, echoed in the reply.
+        id: u64,
+        /// The name.
+        name: String,
+        /// What it names (JSON text), or None to look it up.
+        value: Option<String>,
+    },
+    /// Client: gives up one of its names.
+    Unname(String),
 }
 
 /// When and on which thread a task ran (the worker's clock).

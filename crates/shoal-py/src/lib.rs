@@ -636,6 +636,27 @@ impl ClientCore {
         let t = Duration::from_secs_f64(timeout.max(0.0));
         py.detach(|| inner.query(path, t)).map_err(lost)
     }
+
+    /// Claims the cluster-wide `name` for `value` (JSON text), or looks it
+    /// up (`value` None): the scheduler's JSON answer, `{"ok": true}`,
+    /// `{"error": ...}` or `{"value": ...}`. A client's names go with it.
+    #[pyo3(signature = (name, value=None, timeout=10.0))]
+    fn name(
+        &self,
+        py: Python<'_>,
+        name: String,
+        value: Option<String>,
+        timeout: f64,
+    ) -> PyResult<String> {
+        let inner = &self.inner;
+        let t = Duration::from_secs_f64(timeout.max(0.0));
+        py.detach(|| inner.name(name, value, t)).map_err(lost)
+    }
+
+    /// Gives up one of this client's names.
+    fn unname(&self, name: String) {
+        self.inner.unname(name)
+    }
 }
 
 /// Collects task ids as they finish (for `as_completed`, `wait`, callbacks).

@@ -510,14 +510,38 @@ impl ClientShared {
     /// ...) and waits up to `timeout` for its JSON answer. Call with the GIL
     /// released.
     pub fn query(&self, path: &str, timeout: std::time::Duration) -> Result<String, String> {
+        let path = path.to_string();
+        self.ask(|id| ToScheduler::Query { id, path }, timeout)
+    }
+
+    /// Claims the cluster-wide `name` for `value`, or looks it up (`value`
+    /// None); the scheduler's JSON answer (see [`ToScheduler::Name`]).
+    pub fn name(
+        &self,
+        name: String,
+        value: Option<String>,
+        timeout: std::time::Duration,
+    ) -> Result<String, String> {
+        self.ask(|id| ToScheduler::Name { id, name, value }, timeout)
+    }
+
+    /// Gives up one of this client's names.
+    pub fn unname(&self, name: String) {
+        let _ = self.out.send(ToScheduler::Unname(name));
+    }
+
+    /// Sends a request carrying a fresh id and waits up to `timeout` for the
+    /// scheduler's `QueryReply` to it. Call with the GIL released.
+    fn ask(
+        &self,
+        request: impl FnOnce(u64) -> ToScheduler,
+        timeout: std::time::Duration,
+    ) -> Result<String, String> {
         let deadline = std::time::Instant::now() + timeout;
         let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut st = self.state.lock();
         self.out
-            .send(ToScheduler::Query {
-                id,
-                path: path.to_string(),
-            })
+            .send(request(id))
             .map_err(|_| "the connection is closed".to_string())?;
         loop {
             if let Some(json) = st.replies.remove(&id) {

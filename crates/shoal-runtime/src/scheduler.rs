@@ -357,6 +357,8 @@ struct State {
     heartbeat_timeout: std::time::Duration,
     /// [`PEER_BACKLOG`] (smaller in tests).
     peer_backlog: usize,
+    /// Cluster-wide names (named actors): name -> (owning client, value).
+    names: FxHashMap<String, (u32, String)>,
     core: Core,
     specs: FxHashMap<u64, TaskSpec>,
     inline: FxHashMap<u64, Bytes>,
@@ -386,6 +388,7 @@ async fn owner(
         monitor: monitor::Monitor::default(),
         heartbeat_timeout: net::heartbeat_timeout(),
         peer_backlog: PEER_BACKLOG,
+        names: FxHashMap::default(),
         core: Core::new(shoal_core::Config {
             log_capacity: STORY_LOG,
             ..Default::default()
@@ -485,8 +488,7 @@ impl State {
             }
             Event::ClientLeft(id) => {
                 self.clients.remove(&id);
-                self.core.handle_client_gone(ClientId(id));
-                self.process();
+                self.client_gone(id);
             }
             Event::WorkerLeft(id, reason) => {
                 self.monitor.worker_left(id);
@@ -640,6 +642,27 @@ impl State {
                 }
             }
             ToScheduler::Alive => {}
+            ToScheduler::Name { id, name, value } => {
+                let json = match value {
+                    None => serde_json::json!({ "value": self.names.get(&name).map(|n| &n.1) }),
+                    Some(_) if self.names.contains_key(&name) => {
+                        serde_json::json!({ "error": format!("the name {name:?} is taken") })
+                    }
+                    Some(v) => {
+                        self.names.insert(name, (client, v));
+                        serde_json::json!({ "ok": true })
+                    }
+                };
+                if let Some(tx) = self.client_tx(client) {
+                    let json = json.to_string();
+                    let _ = tx.send(FromScheduler::QueryReply { id, json });
+                }
+            }
+            ToScheduler::Unname(name) => {
+                if self.names.get(&name).is_some_and(|n| n.0 == client) {
+                    self.names.remove(&name);
+                }
+            }
             ToScheduler::Query { id, path } if path == SYNC_PATH => self.start_sync(client, id),
             ToScheduler::Query { id, path } => {
                 let json = match self.query(&path) {
@@ -653,6 +676,13 @@ impl State {
             }
             other => tracing::warn!("client {client} sent a worker message: {other:?}"),
         }
+    }
+
+    /// A client left: what it wanted is released, its names go.
+    fn client_gone(&mut self, id: u32) {
+        self.names.retain(|_, n| n.0 != id);
+        self.core.handle_client_gone(ClientId(id));
+        self.process();
     }
 
     fn client_tx(&self, client: u32) -> Option<&Tx> {
@@ -839,8 +869,7 @@ impl State {
             if let Some(c) = self.clients.remove(&id) {
                 c.tx.close();
             }
-            self.core.handle_client_gone(ClientId(id));
-            self.process();
+            self.client_gone(id);
         }
         let gone: Vec<(u32, String)> = self
             .workers
