@@ -26,6 +26,16 @@ DEFAULT = ["dask.tests.test_delayed", "dask.bag.tests.test_bag"]
 
 DEVIATIONS: dict[str, str] = {}
 
+# Tests left out because they crash the test process under any
+# multi-process scheduler (distributed as well), and why.
+CRASHERS: dict[str, str] = {
+    "test_memmap": (
+        "store() into a np.memmap writes the workers' copies, the assertion fails, and the "
+        "test's `finally` closes the memmap under the live array pytest then prints: a "
+        "segmentation fault"
+    ),
+}
+
 
 def run(runner: str, modules: list[str]) -> tuple[set[str], str]:
     """Failed test ids, and the summary line."""
@@ -37,7 +47,8 @@ def run(runner: str, modules: list[str]) -> tuple[set[str], str]:
         out = subprocess.run(
             [sys.executable, "-m", "pytest", "-p", "dask_plugin", "--runner", runner]
             + ["--pyargs", *modules, "-q", "-p", "no:cacheprovider", "-W", "ignore"]
-            + ["--timeout", "300", "-rf"],
+            + ["--timeout", "300", "-rf"]
+            + ["-k", " and ".join(f"not {name}" for name in CRASHERS)],
             cwd=tmp,
             env=env,
             capture_output=True,
