@@ -448,7 +448,7 @@ impl ClientCore {
     }
 
     /// The outcome of a finished task as `(kind, a, b)`, kind an interned
-    /// name: `("value", value_bytes, None)`, `("raised", cause,
+    /// name: `("value", value_bytearray_or_mmap, None)`, `("raised", cause,
     /// error_bytes)`, `("killed", cause, kills)` (killed workers),
     /// `("cancelled", cause, None)`, `("missing", dep_id, None)` (unknown
     /// input), `("unsatisfiable", cause, detail)` (resources), `("lost",
@@ -470,7 +470,8 @@ impl ClientCore {
             None | Some(Status::Pending) => (intern!(py, "pending"), none.clone_ref(py), none),
             Some(Status::Memory { value: Some(v), .. }) => (
                 intern!(py, "value"),
-                PyBytes::new(py, &v).into_any().unbind(),
+                // A bytearray: arrays unpickled from it are writable.
+                PyByteArray::new(py, &v).into_any().unbind(),
                 none,
             ),
             Some(Status::Memory {
@@ -1074,8 +1075,10 @@ fn to_done(
 
 /// A fetched result for `_serialize.loads`: bytes as a `bytearray` (arrays
 /// unpickled from it out of band are writable views of it), a file on this
-/// host as a read-only `mmap` (arrays are read-only views of the shared
-/// pages: nothing is copied). A result its holder cannot pickle is a
+/// host as a copy-on-write `mmap`: arrays are views of the shared pages
+/// (nothing is copied to read them), writable as NumPy users expect, and a
+/// page written is copied for this process alone, never changing the file
+/// others map. A result its holder cannot pickle is a
 /// `TypeError` saying why.
 fn fetched_to_py(py: Python<'_>, v: Fetched) -> PyResult<Py<PyAny>> {
     use std::os::fd::AsRawFd;
@@ -1086,7 +1089,7 @@ fn fetched_to_py(py: Python<'_>, v: Fetched) -> PyResult<Py<PyAny>> {
             let m = MMAP.get_or_try_init(py, || py.import("mmap").map(Bound::unbind))?;
             let m = m.bind(py);
             let kw = pyo3::types::PyDict::new(py);
-            kw.set_item("access", m.getattr("ACCESS_READ")?)?;
+            kw.set_item("access", m.getattr("ACCESS_COPY")?)?;
             // mmap duplicates the descriptor; ours closes when `f` drops.
             let mm = m.getattr("mmap")?.call((f.as_raw_fd(), 0), Some(&kw))?;
             Ok(mm.unbind())
