@@ -809,3 +809,12 @@ def test_shoals_modules_import_each_other_without_cycles():
 
     for m in sorted(graph):
         visit(m, [])
+
+
+def test_wait_for_workers_says_how_many_joined_when_it_times_out(tmp_path):
+    with Scheduler(tmp_path) as s, shoal.Client(scheduler_file=str(s.sfile)) as c:
+        c.wait_for_workers(0)
+        with pytest.raises(TimeoutError, match="only 0 of 1 workers joined within 0.3 s"):
+            c.wait_for_workers(1, timeout=0.3)
+        with pytest.raises(ValueError, match="0 or more"):
+            c.wait_for_workers(-1)
