@@ -256,7 +256,9 @@ class Store:
             with self.lock:
                 self.objects[tid] = result
                 self.unpicklable[tid] = why
-            return None, 0
+            # A size, however rough, so that the scheduler prefers this
+            # worker for its consumers (it places by bytes held).
+            return None, max(1, sys.getsizeof(result))
         if length <= INLINE_LIMIT:
             return (parts[0] if len(parts) == 1 else b"".join(parts)), length
         # A container's arrays may be held elsewhere too: copied.
