@@ -1112,10 +1112,12 @@ impl Core {
         for &id in tasks {
             match self.tasks.get(&id).map(|t| t.state) {
                 Some(TaskState::Processing(w)) => {
-                    let wk = self
-                        .workers
-                        .get_mut(&w)
-                        .expect("processing on a known worker");
+                    // A client's message leads here: no panic, even if the
+                    // invariant (its worker is known) were broken.
+                    let Some(wk) = self.workers.get_mut(&w) else {
+                        now.push(id);
+                        continue;
+                    };
                     if wk.running.contains(&id) {
                         continue; // reported started: runs on
                     }
