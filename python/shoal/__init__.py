@@ -25,6 +25,7 @@ from .client import (
 from .diagnostics import performance_report, progress
 from .errors import (
     ActorDiedError,
+    CommandError,
     DataLostError,
     ForeignFutureError,
     FutureCancelledError,
@@ -34,6 +35,7 @@ from .errors import (
     SchedulerLostError,
     ShoalError,
     TaskAbortedError,
+    TaskTimeoutError,
     UnsatisfiableError,
 )
 from .executor import Executor
@@ -75,6 +77,8 @@ __all__ = [
     "UnsatisfiableError",
     "DataLostError",
     "RemoteError",
+    "CommandError",
+    "TaskTimeoutError",
     "progress",
     "performance_report",
 ]

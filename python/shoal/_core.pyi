@@ -15,18 +15,22 @@ EXIT_SCHEDULER_SILENT: int
 # the hot path, where a NamedTuple costs 140 ns more (7 times a tuple's).
 _Done = tuple[int, bool, bytes | str | tuple[bytes, str] | None, int, int, int]
 
-# A task for an execution thread: (id, name, group, is_batch, pickled
-# function, pickled arguments, inputs [(id, bytes, a mapped file, or None:
-# held here)], resources or None). A tuple for the reason given above.
+# A task for an execution thread: (id, name, group, kind (0 call, 1 batch,
+# 2 command), pickled function, pickled arguments (a command: the encoded
+# command), inputs [(id, bytes, a mapped file, or None: held here)],
+# resources or None, time limit in seconds or None, job id or 0). A tuple
+# for the reason given above.
 _Order = tuple[
     int,
     str,
     str,
-    bool,
+    int,
     bytes,
     bytes,
     list[tuple[int, bytearray | mmap.mmap | str | None]],
     list[tuple[str, float]] | None,
+    float | None,
+    int,
 ]
 
 # What ClientCore.outcome's first element names (an interned string).
@@ -84,6 +88,22 @@ class ClientCore:
         retries: int,
         resources: list[tuple[str, float]] = ...,
         recompute: bool = True,
+        time_limit_ms: int = 0,
+    ) -> int: ...
+    def submit_command(
+        self,
+        group: str,
+        key: str | None,
+        argv: list[str],
+        env: list[tuple[str, str]],
+        cwd: str | None,
+        stdout: tuple[int, str],
+        stderr: tuple[int, str],
+        deps: list[int],
+        priority: int,
+        retries: int,
+        resources: list[tuple[str, float]],
+        time_limit_ms: int,
     ) -> int: ...
     def submit_many(
         self,
@@ -94,6 +114,7 @@ class ClientCore:
         priority: int,
         retries: int,
         resources: list[tuple[str, float]] = ...,
+        time_limit_ms: int = 0,
     ) -> list[int]: ...
     def new_ids(self, n: int) -> int: ...
     def submit_graph(
@@ -148,6 +169,21 @@ class WorkerCore:
     def put_unpicklable(self, id: int, why: str) -> None: ...
     def set_paused(self, paused: bool) -> None: ...
     def retire(self) -> None: ...
+    def run_command(
+        self,
+        id: int,
+        args: bytes,
+        job: int,
+        cpus: int,
+        extra_env: list[tuple[str, str]],
+        time_limit: float | None = None,
+    ) -> tuple[str, int, bytes | None, bytes | None, str, bool, list[str]]: ...
+    def stop_requests(self, timeout: float) -> list[int]: ...
+    def report_stuck(self, done: _Done, lane: int) -> None: ...
+    @property
+    def stop_grace(self) -> float: ...
+    @staticmethod
+    def signal_name(sig: int) -> str: ...
     def stored_file(self, id: int) -> tuple[str, int] | None: ...
     def set_metrics(
         self,

@@ -8,6 +8,7 @@ runs them, and hands back the pickled results with the next pull.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import math
 import os
 import pickle
@@ -19,16 +20,45 @@ import traceback
 from time import perf_counter
 from typing import Any
 
-from . import _context, _core, _profile, _resources, _serialize, _store
+from . import _commands, _context, _core, _profile, _resources, _serialize, _store
 from ._core import WorkerCore
-from .errors import TaskAbortedError
+from .errors import FutureCancelledError, TaskAbortedError, TaskTimeoutError
 
 
-def _dumps_error(exc: BaseException, name: str) -> tuple[bytes, str]:
+class _Stopped(BaseException):
+    """Raised in a task's thread by the watchdog (never caught by a task's
+    ``except Exception``)."""
+
+
+class _Cancelled(_Stopped):
+    """The task was cancelled while it ran."""
+
+
+class _TimeUp(_Stopped):
+    """The task ran past its time limit."""
+
+
+# PyThreadState_SetAsyncExc(thread id, exception class or NULL to clear):
+# the exception is raised in that thread at its next bytecode.
+_set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
+_set_async_exc.argtypes = (ctypes.c_ulong, ctypes.c_void_p)
+_set_async_exc.restype = ctypes.c_int
+
+
+def _dumps_error(
+    exc: BaseException, name: str, tb: str | None = None, limit: float | None = None
+) -> tuple[bytes, str]:
     """The pickled ``(exception, traceback text)`` and the text alone (for
     the dashboard's task detail)."""
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    if not isinstance(exc, Exception):
+    if tb is None:
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    if isinstance(exc, _TimeUp):
+        exc = TaskTimeoutError(
+            f"task {name!r} ran past its time limit of {limit or 0:g}s and was interrupted"
+        )
+    elif isinstance(exc, _Cancelled):
+        exc = FutureCancelledError(f"task {name!r} was cancelled while it ran")
+    elif not isinstance(exc, Exception):
         exc = TaskAbortedError(
             f"task {name!r} raised {type(exc).__name__}{exc.args!r}; the worker kept running"
         )
@@ -129,6 +159,13 @@ class _Executor:
         # while it is off: nothing to keep up to date per task).
         self.running_groups: dict[int, str] | None = None
         self.sampler: Any = None  # the profiler (told when tasks end)
+        # Stopping Python tasks (cancel, time limit): see `watchdog`.
+        self.running: dict[int, int] = {}  # task -> thread ident
+        self.deadlines: dict[int, float] = {}  # task -> monotonic deadline
+        self.limited: dict[int, tuple[str, float]] = {}  # task -> (name, limit)
+        self.stop_asked: dict[int, float] = {}  # asked before it ran here
+        self.interrupted: dict[int, tuple[int, float, type]] = {}  # thread -> (task, when, why)
+        self.restarting = False
 
     def run(self) -> None:
         # One task per call: tasks not started stay in the Rust queue, where
@@ -155,14 +192,128 @@ class _Executor:
                 store.release(released)
             done = [self.execute(*t) for t in tasks]
 
-    def execute(self, tid, name, group, is_batch, func, args, deps, resources=None):
+    def execute(self, tid, name, group, kind, func, args, deps, resources=None, limit=None, job=0):
+        if kind == 2:
+            run, task = self._command, (tid, name, args, resources, limit, job)
+        else:
+            run, task = self._python, (tid, name, group, kind == 1, func, args, deps, limit)
         if resources:
             gpus = sum(v for k, v in resources if k == "GPU")
             if gpus and self.gpu_users:
-                return self._with_gpus(gpus, tid, name, group, is_batch, func, args, deps)
-        return self._execute(tid, name, group, is_batch, func, args, deps)
+                return self._with_gpus(gpus, run, *task)
+        return run(*task)
 
-    def _with_gpus(self, gpus: float, *task: Any) -> Any:
+    def _python(self, tid, name, group, is_batch, func, args, deps, limit):
+        """A Python task, registered so that the watchdog can stop it."""
+        ident = threading.get_ident()
+        t0 = time.time()
+        try:
+            self.running[tid] = ident
+            if limit is not None:
+                self.limited[tid] = (name, limit)
+                self.deadlines[tid] = time.monotonic() + limit
+            if self.stop_asked and self.stop_asked.pop(tid, None) is not None:
+                raise _Cancelled
+            r = self._execute(tid, name, group, is_batch, func, args, deps, limit)
+            self._ended(tid, ident)
+            return r
+        except _Stopped as e:
+            # Arrived after the task's own end (or before its start): it
+            # was stopped all the same. At most one such exception a task.
+            self._ended(tid, ident)
+            dur = int((time.time() - t0) * 1e6)
+            return (tid, False, _dumps_error(e, name, None, limit), int(t0 * 1e6), dur, 0)
+
+    def _ended(self, tid: int, ident: int) -> None:
+        self.running.pop(tid, None)
+        if self.limited:
+            self.limited.pop(tid, None)
+            self.deadlines.pop(tid, None)
+        if self.interrupted:
+            # The watchdog marks before it checks `running`: seen here,
+            # a pending interrupt is cleared under its lock.
+            with self.lock:
+                if self.interrupted.pop(ident, None) is not None:
+                    _set_async_exc(ident, None)
+
+    def _interrupt(self, tid: int, cls: type) -> bool:
+        """Raises ``cls`` in the thread running Python task ``tid``; False
+        if it does not run here (now)."""
+        with self.lock:
+            ident = self.running.get(tid)
+            if ident is None or ident in self.interrupted:
+                return ident is not None
+            self.interrupted[ident] = (tid, time.monotonic(), cls)
+            if self.running.get(tid) != ident:
+                del self.interrupted[ident]
+                return False
+            _set_async_exc(ident, id(cls))
+            return True
+
+    def watchdog(self) -> None:
+        """Thread: stops Python tasks that are cancelled while they run or
+        that pass their time limit, by raising an exception in their thread
+        (where Python allows it: between bytecodes). A task that does not
+        end within the grace period (stuck in C code) fails, and this
+        process asks to be restarted."""
+        core = self.core
+        grace = core.stop_grace
+        while not self.stopped.is_set():
+            try:
+                wait = 0.05 if (self.deadlines or self.interrupted) else 0.25
+                for tid in core.stop_requests(wait):
+                    if not self._interrupt(tid, _Cancelled):
+                        # Not started in Python yet: `_python` finds it here.
+                        # It registers before it looks, so if it registered
+                        # meanwhile and did not find it, `running` shows it.
+                        self.stop_asked[tid] = time.monotonic()
+                        if tid in self.running and self.stop_asked.pop(tid, None) is not None:
+                            self._interrupt(tid, _Cancelled)
+                now = time.monotonic()
+                for tid, deadline in list(self.deadlines.items()):
+                    if now >= deadline and self.deadlines.pop(tid, None) is not None:
+                        self._interrupt(tid, _TimeUp)
+                for ident, (tid, when, cls) in list(self.interrupted.items()):
+                    if now >= when + grace and self.running.get(tid) == ident:
+                        self._stuck(tid, cls, now - when)
+                for tid, when in list(self.stop_asked.items()):
+                    if now - when > 60:
+                        self.stop_asked.pop(tid, None)
+            except Exception:  # noqa: BLE001 - the watchdog must outlive a bug
+                traceback.print_exc()
+                time.sleep(0.5)
+
+    def _stuck(self, tid: int, cls: type, waited: float) -> None:
+        if self.restarting:
+            return
+        self.restarting = True
+        name, limit = self.limited.get(tid, (f"{tid:x}", 0.0))
+        why = f"its time limit of {limit:g}s" if cls is _TimeUp else "it was cancelled"
+        msg = (
+            f"task {name!r} did not stop {waited:.1f}s after {why} (it is stuck outside "
+            "Python code, e.g. in C): its worker process restarts"
+        )
+        print(f"shoal worker {os.getpid()}: {msg}", file=sys.stderr, flush=True)
+        exc = TaskTimeoutError(msg) if cls is _TimeUp else FutureCancelledError(msg)
+        now_us = int(time.time() * 1e6)
+        self.core.report_stuck((tid, False, _dumps_error(exc, name, msg), now_us, 0, 0), 0)
+
+    def _command(self, tid, name, args, resources, limit, job):
+        """A command task: the program runs under the Rust runtime (which
+        also stops it on a cancel or at its time limit)."""
+        start_us = int(time.time() * 1e6)
+        t0 = perf_counter()
+        try:
+            result = _commands.run(self.core, tid, name, args, job, resources, limit)
+        except Exception as e:  # noqa: BLE001 - the task's failure
+            duration = int((perf_counter() - t0) * 1e6)
+            text = f"{type(e).__name__}: {e}"
+            return (tid, False, _dumps_error(e, name, text), start_us, duration, 0)
+        duration = int((perf_counter() - t0) * 1e6)
+        payload, size = self.store.finish(tid, result, None, name)
+        return (tid, True, payload, start_us, duration, size)
+
+    def _with_gpus(self, gpus: float, run: Any, *task: Any) -> Any:
         """Runs a GPU task with ``CUDA_VISIBLE_DEVICES`` set to the devices it
         was given: the least used ones, ``ceil(gpus)`` of them. The variable
         is process-wide: with several threads per worker, GPU tasks should
@@ -175,7 +326,7 @@ class _Executor:
         before = os.environ.get("CUDA_VISIBLE_DEVICES")
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
         try:
-            return self._execute(*task)
+            return run(*task)
         finally:
             if before is None:
                 os.environ.pop("CUDA_VISIBLE_DEVICES", None)
@@ -185,7 +336,7 @@ class _Executor:
                 for d in devices:
                     self.gpu_users[d] -= 1
 
-    def _execute(self, tid, name, group, is_batch, func, args, deps):
+    def _execute(self, tid, name, group, is_batch, func, args, deps, limit=None):
         start_us = int(time.time() * 1e6)
         t0 = perf_counter()
         task_local.in_task = True
@@ -231,7 +382,7 @@ class _Executor:
                 result = fn(*pos, **kw) if kw else fn(*pos)
         except BaseException as e:  # noqa: BLE001 - a task must never kill its worker
             duration = int((perf_counter() - t0) * 1e6)
-            return (tid, False, _dumps_error(e, name), start_us, duration, 0)
+            return (tid, False, _dumps_error(e, name, None, limit), start_us, duration, 0)
         finally:
             task_local.in_task = False
             if groups is not None:
@@ -310,6 +461,10 @@ def _buffer_size(obj: Any) -> int | None:
     return nbytes
 
 
+def _ignore(signum: int, frame: Any) -> None:
+    """SIGINT: nothing (see ``main``)."""
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
     """SIGTERM: retire gracefully (results still needed move to other
     workers, then the scheduler stops this one). Repeats change nothing (a
@@ -359,8 +514,9 @@ def main(argv: list[str] | None = None) -> None:
     elif "GPU" in resources and not gpus:  # declared, not detected: trust it
         gpus = [str(i) for i in range(math.ceil(resources["GPU"]))]
     # Ctrl-C in the terminal reaches the whole process group: the client
-    # handles it; a worker must not die of it.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # handles it; a worker must not die of it. A handler, not SIG_IGN: an
+    # ignored signal stays ignored in the programs command tasks run.
+    signal.signal(signal.SIGINT, _ignore)
     signal.signal(signal.SIGTERM, _on_sigterm)
     share = min(1.0, ns.nthreads / (os.cpu_count() or 1))
     limit = _store.parse_memory(ns.memory_limit, share)
@@ -381,6 +537,7 @@ def main(argv: list[str] | None = None) -> None:
     executor = _context.executor = _Executor(core, ns.address, token, ns.nthreads, gpus, store)
     threading.Thread(target=executor.export_held, name="shoal-pickler", daemon=True).start()
     threading.Thread(target=store.monitor, name="shoal-memory", daemon=True).start()
+    threading.Thread(target=executor.watchdog, name="shoal-watchdog", daemon=True).start()
     try:
         interval = _profile.interval_from_env()
     except ValueError as e:  # a worker runs on without its profiler

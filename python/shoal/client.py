@@ -50,7 +50,7 @@ from collections import namedtuple
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from . import _context, _core, _dask, _resources, _serialize, _store, diagnostics
+from . import _commands, _context, _core, _dask, _resources, _serialize, _store, diagnostics
 from ._core import INLINE_LIMIT, ClientCore, Cluster
 from ._futures import Future, FutureList
 from .errors import (
@@ -339,6 +339,7 @@ class Client:
         retries: int = 0,
         pure: bool = False,
         resources: Mapping[str, float] | None = None,
+        time_limit: float | str | None = None,
         **kwargs: Any,
     ) -> Future:
         """Runs ``fn(*args, **kwargs)`` on the cluster; returns its Future.
@@ -351,8 +352,12 @@ class Client:
         ``{"GPU": 1}``; it runs only where they are free (GPU tasks get
         ``CUDA_VISIBLE_DEVICES`` set to their devices). ``"CPU": n`` takes
         ``n`` of a worker's threads (for a task that runs parallel code).
+        ``time_limit``: seconds or a duration (``"10m"``) a run may take; a
+        task past it is interrupted and fails with ``TaskTimeoutError`` (a
+        task stuck in C code is stopped by restarting its worker process
+        after ``SHOAL_STOP_GRACE`` seconds, default 5).
         """
-        return self._submit(fn, args, kwargs, key, priority, retries, pure, resources)
+        return self._submit(fn, args, kwargs, key, priority, retries, pure, resources, time_limit)
 
     def _submit(
         self,
@@ -364,11 +369,13 @@ class Client:
         retries: int = 0,
         pure: bool = False,
         resources: Mapping[str, float] | None = None,
+        time_limit: float | str | None = None,
     ) -> Future:
         """``submit`` with the call's arguments apart from the task's options
         (``Executor.submit`` passes every keyword to ``fn``)."""
         core = self._check()
         needs = _resources.normalize(resources, "submit")
+        limit = _commands.limit_ms(time_limit)
         group, func = _prepare_function(fn, "submit")
         payload, deps = _serialize.dumps_args(
             (args, kwargs or None), f"the arguments of {group}", self
@@ -379,8 +386,72 @@ class Client:
             existing = self._keys.get(key)
             if existing is not None and existing in self._refs:
                 return Future(self, existing, group, key)
-        tid = core.submit(group, key, False, func, payload, deps, priority, retries, needs)
+        tid = core.submit(
+            group, key, False, func, payload, deps, priority, retries, needs, True, limit
+        )
         f = Future(self, tid, group, key)
+        if key is not None:
+            self._name(key, tid)
+        return f
+
+    def submit_command(
+        self,
+        args: Iterable[str | os.PathLike],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike | None = None,
+        stdout: Any = None,
+        stderr: Any = None,
+        key: str | None = None,
+        priority: int = 0,
+        retries: int = 0,
+        resources: Mapping[str, float] | None = None,
+        time_limit: float | str | None = None,
+    ) -> Future:
+        """Runs a program on a worker; returns its Future.
+
+        The program runs in its own process group with ``SHOAL_TASK_ID``
+        (and ``SHOAL_JOB_ID``, ``SHOAL_CPUS``) in its environment, plus
+        ``env``. Exit status 0: the future's result is a
+        ``subprocess.CompletedProcess`` (``stdout``/``stderr`` hold the
+        output when captured). Anything else raises ``CommandError``
+        (status, signal, and the tail of its standard error).
+        ``stdout``/``stderr``: ``subprocess.PIPE`` (the default: captured),
+        ``subprocess.DEVNULL``, or a file path on the worker's host
+        (``%{TASK_ID}``, ``%{JOB_ID}``, ``%{CWD}`` expand). ``time_limit``:
+        at the limit its process group gets SIGTERM, then SIGKILL after the
+        grace period, and the task fails with ``TaskTimeoutError``.
+        ``Future.cancel()`` stops it the same way. ``resources`` as in
+        ``submit`` (``{"CPU": 4}`` holds four threads: ``SHOAL_CPUS=4``).
+        """
+        core = self._check()
+        if isinstance(args, str | bytes | os.PathLike):
+            raise TypeError(
+                "submit_command takes a list of arguments, e.g. ['ls', '-l'], not one "
+                "string (no shell is involved; run ['sh', '-c', line] for one)"
+            )
+        argv = [os.fspath(a) for a in args]
+        if not argv:
+            raise ValueError("submit_command needs a program: ['program', 'arg', ...]")
+        if not all(isinstance(a, str) for a in argv):
+            raise TypeError(f"command arguments must be strings or paths, not {argv!r}")
+        needs = _resources.normalize(resources, "submit_command")
+        variables = [(str(k), str(v)) for k, v in (env or {}).items()]
+        tid = core.submit_command(
+            os.path.basename(argv[0]) or "command",
+            key,
+            argv,
+            variables,
+            None if cwd is None else os.fspath(cwd),
+            _commands.output_target(stdout, "stdout"),
+            _commands.output_target(stderr, "stderr"),
+            [],
+            priority,
+            retries,
+            needs,
+            _commands.limit_ms(time_limit),
+        )
+        f = Future(self, tid, os.path.basename(argv[0]), key)
         if key is not None:
             self._name(key, tid)
         return f
@@ -443,13 +514,16 @@ class Client:
         priority: int = 0,
         retries: int = 0,
         resources: Mapping[str, float] | None = None,
+        time_limit: float | str | None = None,
         **kwargs: Any,
     ) -> FutureList:
         """``[submit(fn, *args, **kwargs) for args in zip(*iterables)]``, with
-        ``batch_size`` elements per task (see the module notes)."""
+        ``batch_size`` elements per task (see the module notes).
+        ``time_limit`` applies to each task (a batch of elements)."""
         core = self._check()
         group, func = _prepare_function(fn, "map")
         needs = _resources.normalize(resources, "map")
+        limit = _commands.limit_ms(time_limit)
         if not iterables:
             raise TypeError("map needs at least one iterable")
         star = len(iterables) > 1
@@ -469,7 +543,7 @@ class Client:
                 )
                 for i, a in enumerate(items)
             ]
-            ids = core.submit_many(group, False, func, payloads, priority, retries, needs)
+            ids = core.submit_many(group, False, func, payloads, priority, retries, needs, limit)
             return FutureList(self, ids, group, 0, n)
         payloads = [
             _serialize.dumps_args(
@@ -477,7 +551,7 @@ class Client:
             )
             for j, i in enumerate(range(0, n, batch_size))
         ]
-        ids = core.submit_many(group, True, func, payloads, priority, retries, needs)
+        ids = core.submit_many(group, True, func, payloads, priority, retries, needs, limit)
         return FutureList(self, ids, group, batch_size, n)
 
     # ----------------------------------------------------------- Dask

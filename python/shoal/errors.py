@@ -18,6 +18,8 @@ __all__ = [
     "DataLostError",
     "ForeignFutureError",
     "RemoteError",
+    "CommandError",
+    "TaskTimeoutError",
 ]
 
 
@@ -82,3 +84,27 @@ class RemoteError(ShoalError):
 
     def __reduce__(self):
         return (RemoteError, (self.type_name, self.message))
+
+
+class CommandError(ShoalError):
+    """A command task's program failed: it exited with a non-zero status,
+    was killed by a signal, or could not start. ``returncode`` is the exit
+    status (negative: the signal, as in ``subprocess``; None: it did not
+    start), ``cmd`` the argument list, ``stderr`` the tail of its standard
+    error (as text; empty when it was not kept)."""
+
+    def __init__(self, message: str, cmd: list[str], returncode: int | None, stderr: str = ""):
+        super().__init__(message)
+        self.cmd = cmd
+        self.returncode = returncode
+        self.stderr = stderr
+
+    def __reduce__(self):
+        return (CommandError, (self.args[0], self.cmd, self.returncode, self.stderr))
+
+
+class TaskTimeoutError(ShoalError, TimeoutError):
+    """A task ran past its ``time_limit`` and was stopped: a command's
+    process group got SIGTERM (then SIGKILL after the grace period), a
+    Python task was interrupted (or, stuck in C code, its worker process
+    was restarted)."""

@@ -27,7 +27,7 @@ pub(crate) struct TlsArgs {
 
 /// Absolute paths of the TLS files, as the scheduler file records them.
 #[derive(serde::Serialize, serde::Deserialize, Clone, Debug)]
-struct TlsFiles {
+pub(crate) struct TlsFiles {
     ca: String,
     cert: String,
     key: String,
@@ -214,12 +214,18 @@ fn read_token(path: &Path) -> Result<Secret, String> {
 /// The address and secret to join a cluster with: the address argument or
 /// the scheduler file's; the token file given, else the scheduler file's,
 /// else SHOAL_TOKEN.
-fn join_target(
+pub(crate) fn join_target(
     address: Option<String>,
     scheduler_file: Option<&Path>,
     token_file: Option<&Path>,
     tls: &TlsArgs,
 ) -> Result<(Address, Secret, Option<TlsFiles>), String> {
+    // With neither an address nor a file: $SHOAL_SCHEDULER_FILE.
+    let env_file = std::env::var_os("SHOAL_SCHEDULER_FILE").map(PathBuf::from);
+    let scheduler_file = match (&address, scheduler_file) {
+        (None, None) => env_file.as_deref(),
+        (_, f) => f,
+    };
     let file = scheduler_file.map(read_scheduler_file).transpose()?;
     let tls = match tls.files()? {
         Some(t) => Some(t),
@@ -230,7 +236,7 @@ fn join_target(
     }
     let address = address
         .or_else(|| file.as_ref().map(|f| f.address.clone()))
-        .ok_or("give the scheduler's address or --scheduler-file")?;
+        .ok_or("give the scheduler's address or --scheduler-file (or set SHOAL_SCHEDULER_FILE)")?;
     let address = Address::parse(&address)?;
     let token_file = token_file
         .map(Path::to_path_buf)

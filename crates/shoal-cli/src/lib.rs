@@ -2,13 +2,15 @@
 //!
 //! The parser and subcommands live here; the Python wheel exposes them as the
 //! `shoal` console script through `shoal._core.cli_main`, and `cargo run -p
-//! shoal-cli` runs the same code: `info`, `scheduler`, `worker`, `status`.
+//! shoal-cli` runs the same code: `info`, `scheduler`, `worker`, `status`,
+//! `top`, `certs`, `submit` and `job`.
 
 #![warn(missing_docs, unreachable_pub)]
 
 use clap::{Parser, Subcommand};
 
 mod cluster;
+mod jobs;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -35,6 +37,12 @@ enum Command {
     Top(cluster::TopArgs),
     /// Make a site CA and a certificate for TLS (`--tls-*` options).
     Certs(cluster::CertsArgs),
+    /// Run a program (or an array of them) on the cluster as a job:
+    /// `shoal submit --array 1-100 -- ./sim --seed 7`.
+    Submit(jobs::SubmitArgs),
+    /// List, inspect, wait for and cancel jobs.
+    #[command(subcommand)]
+    Job(jobs::JobCommand),
 }
 
 /// Facts only the embedding interpreter knows.
@@ -67,6 +75,8 @@ pub fn run(argv: Vec<String>, host: HostInfo) -> i32 {
         Command::Status(a) => cluster::run_status(a),
         Command::Top(a) => cluster::run_top(a),
         Command::Certs(a) => cluster::run_certs(a),
+        Command::Submit(a) => jobs::run_submit(a),
+        Command::Job(c) => jobs::run_job(c),
     };
     match result {
         Ok(()) => 0,

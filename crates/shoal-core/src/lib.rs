@@ -123,6 +123,9 @@ pub enum Action {
         worker: WorkerId,
         /// Task to drop.
         task: TaskId,
+        /// Stop it if it runs (a client cancelled it); else a running task
+        /// runs to its end (its result is merely not needed any more).
+        stop: bool,
     },
     /// Ask the worker to give these queued tasks back if it has not started
     /// them; it answers each with [`Core::handle_steal_reply`].
@@ -886,6 +889,18 @@ impl Core {
     /// again elsewhere; results only it held and still needed are recomputed.
     pub fn handle_worker_lost(&mut self, worker: WorkerId) {
         self.stimulus = "worker-lost";
+        self.remove_worker(worker, true);
+    }
+
+    /// A worker restarts on purpose (a task it was told to stop did not
+    /// stop): as [`Core::handle_worker_lost`], but its other running tasks
+    /// are not suspects (no kill is counted against them).
+    pub fn handle_worker_restarting(&mut self, worker: WorkerId) {
+        self.stimulus = "worker-restarting";
+        self.remove_worker(worker, false);
+    }
+
+    fn remove_worker(&mut self, worker: WorkerId, blame: bool) {
         let Some(w) = self.workers.remove(&worker) else {
             return;
         };
@@ -903,7 +918,7 @@ impl Core {
             let Some(t) = self.tasks.get_mut(&id) else {
                 continue;
             };
-            if unknown || w.running.contains(&id) {
+            if blame && (unknown || w.running.contains(&id)) {
                 t.kills = t.kills.saturating_add(1);
             }
             if t.once {
@@ -1592,6 +1607,7 @@ impl Core {
                         self.actions.push(Action::CancelCompute {
                             worker: w,
                             task: dep,
+                            stop: false,
                         });
                         dt.waiting_on = 1;
                         self.set_state(dep, TaskState::Waiting);
@@ -1609,9 +1625,13 @@ impl Core {
             let t = &self.tasks[&x];
             match t.state {
                 TaskState::Memory { .. } | TaskState::Erred { .. } => continue,
-                TaskState::Processing(w) if x != id || kind == ErrorKind::Cancelled => self
-                    .actions
-                    .push(Action::CancelCompute { worker: w, task: x }),
+                TaskState::Processing(w) if x != id || kind == ErrorKind::Cancelled => {
+                    self.actions.push(Action::CancelCompute {
+                        worker: w,
+                        task: x,
+                        stop: kind == ErrorKind::Cancelled,
+                    })
+                }
                 _ => {}
             }
             stack.extend(self.tasks[&x].dependents.iter().copied());
@@ -1649,6 +1669,7 @@ impl Core {
                 TaskState::Processing(w) => self.actions.push(Action::CancelCompute {
                     worker: w,
                     task: id,
+                    stop: false,
                 }),
                 TaskState::Memory { location, .. } => {
                     let worker = match location {

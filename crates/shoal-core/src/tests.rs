@@ -281,7 +281,8 @@ fn cancel_stops_pending_work_and_releasing_drops_unwanted_tasks() {
     let a = c.take_actions();
     assert!(a.contains(&Action::CancelCompute {
         worker: WorkerId(0),
-        task: t(1)
+        task: t(1),
+        stop: true
     }));
     assert!(a.contains(&Action::TaskErred {
         client: C,
@@ -295,7 +296,8 @@ fn cancel_stops_pending_work_and_releasing_drops_unwanted_tasks() {
     let a = c.take_actions();
     assert!(a.contains(&Action::CancelCompute {
         worker: WorkerId(0),
-        task: t(3)
+        task: t(3),
+        stop: false
     }));
     c.handle_client_gone(C);
     assert_eq!(c.n_tasks(), 0);
@@ -438,6 +440,7 @@ fn sim(seed: u64) {
     let mut reported: Vec<(WorkerId, TaskId)> = Vec::new();
     let mut actor: Option<WorkerId> = None;
     let mut actor_expected = true;
+    let mut stopped: Vec<(WorkerId, TaskId)> = Vec::new();
     c.handle_resource_expected(ACTOR);
     let mut now = 0u64;
     for _ in 0..rng.usize(1..3) {
@@ -467,8 +470,15 @@ fn sim(seed: u64) {
         for a in c.take_actions() {
             match a {
                 Action::Compute { worker, task } => running.push((worker, task, false)),
-                Action::CancelCompute { worker, task } => {
-                    running.retain(|&(w, x, started)| started || !(w == worker && x == task))
+                Action::CancelCompute { worker, task, stop } => {
+                    // A stopped task that had started reports its failure
+                    // (stale: the core already ended it).
+                    if stop && running.contains(&(worker, task, true)) {
+                        stopped.push((worker, task));
+                    }
+                    running.retain(|&(w, x, started)| {
+                        (started && !stop) || !(w == worker && x == task)
+                    })
                 }
                 Action::Steal { worker, tasks } => {
                     asked.extend(tasks.into_iter().map(|task| (worker, task)))
@@ -479,6 +489,10 @@ fn sim(seed: u64) {
             }
         }
         c.check_invariants();
+        for (w, id) in stopped.drain(..) {
+            c.handle_task_failed(w, id);
+            c.check_invariants();
+        }
         // A retired worker exits (the service stops it): only tasks the
         // core no longer counts on (cancelled while running) die with it.
         for w in gone {
@@ -531,7 +545,12 @@ fn sim(seed: u64) {
             if actor == Some(w) {
                 actor = None;
             }
-            c.handle_worker_lost(w);
+            // Or restarts on purpose (a task it could not stop).
+            if rng.bool() {
+                c.handle_worker_lost(w);
+            } else {
+                c.handle_worker_restarting(w);
+            }
         } else if roll < 12 || workers.is_empty() {
             let gpus = vec![(GPU, rng.u32(0..3) as f64)];
             c.handle_worker_added_with(WorkerId(next_worker), rng.u32(1..3), gpus);
@@ -1424,4 +1443,33 @@ fn cancel_queued_cancels_what_the_worker_gives_back_and_spares_what_it_started()
     c.handle_task_finished(WorkerId(0), t(4), 8, false, 10);
     assert!(matches!(c.state(t(4)), Some(TaskState::Memory { .. })));
     c.check_invariants();
+}
+
+#[test]
+fn a_worker_restarting_on_purpose_does_not_count_against_its_other_tasks() {
+    let mut c = Core::new(Config {
+        max_kills: 1,
+        log_capacity: 1000,
+        ..Config::default()
+    });
+    c.handle_worker_added(WorkerId(0), 2);
+    c.handle_submit(C, vec![nt(1, &[]), nt(2, &[])]);
+    c.take_actions();
+    c.handle_tasks_started(WorkerId(0), &[t(1), t(2)]);
+    // Task 1 was stopped and would not stop: it failed, the worker restarts.
+    c.handle_cancel(C, &[t(1)]);
+    c.handle_worker_restarting(WorkerId(0));
+    assert_eq!(c.state(t(2)), Some(TaskState::Ready), "not KilledWorker");
+    c.handle_worker_added(WorkerId(1), 1);
+    assert_eq!(computes(&c.take_actions()), vec![(1, 2)]);
+    // The same death unannounced is a kill.
+    c.handle_tasks_started(WorkerId(1), &[t(2)]);
+    c.handle_worker_lost(WorkerId(1));
+    assert!(matches!(
+        c.state(t(2)),
+        Some(TaskState::Erred {
+            kind: ErrorKind::KilledWorker(1),
+            ..
+        })
+    ));
 }

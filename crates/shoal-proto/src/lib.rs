@@ -17,9 +17,9 @@
 use bytes::Bytes;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-/// Bumped on every incompatible change (5: result frames carry their first
-/// buffer's offset); peers with another version are refused.
-pub const PROTOCOL_VERSION: u32 = 8;
+/// Bumped on every incompatible change (9: command tasks, jobs, time
+/// limits); peers with another version are refused.
+pub const PROTOCOL_VERSION: u32 = 9;
 /// First field of every handshake, so a stray peer is recognised at once.
 pub const MAGIC: u32 = 0x5348_4f4c; // "SHOL"
 /// Largest frame accepted (a frame larger than this closes the connection).
@@ -102,6 +102,46 @@ pub enum TaskKind {
     /// `args` is a list of argument tuples; the result is the list of
     /// `func(*a)` (one task for many map elements).
     Batch,
+    /// A program: `func` is empty, `args` is a postcard [`CommandSpec`].
+    Command,
+}
+
+/// Where a command task's output goes.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum OutputTarget {
+    /// Kept and returned with the result (Python's `submit_command`).
+    Capture,
+    /// Dropped (`/dev/null`).
+    Null,
+    /// A file; `%{JOB_ID}`, `%{TASK_ID}` and `%{CWD}` are replaced, missing
+    /// directories are made, a relative path is taken from the task's cwd.
+    File(String),
+}
+
+/// A program run as a task (a command task, one entry of a task array).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct CommandSpec {
+    /// Program and arguments (the program is looked up in `PATH`).
+    pub argv: Vec<String>,
+    /// Variables set on top of the worker's environment.
+    pub env: Vec<(String, String)>,
+    /// Working directory (None: the worker's).
+    pub cwd: Option<String>,
+    /// Standard output.
+    pub stdout: OutputTarget,
+    /// Standard error (its tail goes into the error of a failing task).
+    pub stderr: OutputTarget,
+    /// The task's id within its job (`SHOAL_TASK_ID`): the array index.
+    pub task: u64,
+    /// This task's entry of `--each-line`/`--from-json` (`SHOAL_ENTRY`).
+    pub entry: Option<String>,
+}
+
+impl CommandSpec {
+    /// The bytes that go in [`TaskSpec::args`].
+    pub fn encode(&self) -> Bytes {
+        Bytes::from(encode(self))
+    }
 }
 
 /// A task as a client submits it.
@@ -130,6 +170,9 @@ pub struct TaskSpec {
     /// False for data put on the cluster (`scatter`, `put`): it cannot be
     /// recomputed, so losing its holder is an error for whoever needs it.
     pub recompute: bool,
+    /// Milliseconds a run may take before the worker stops it and the task
+    /// fails with a timeout (0: no limit).
+    pub time_limit_ms: u64,
 }
 
 impl TaskSpec {
@@ -269,6 +312,32 @@ pub enum ToScheduler {
     },
     /// Client: gives up one of its names.
     Unname(String),
+    /// Client: a job of command tasks (`shoal submit`): the scheduler owns
+    /// them (they run on after the client leaves) and keeps each one's
+    /// outcome. Answered by [`FromScheduler::QueryReply`]: `{"job": N}` or
+    /// `{"error": ...}`.
+    SubmitJob {
+        /// Chosen by the client, echoed in the reply.
+        query: u64,
+        /// Shown in `shoal job list` and as the dashboard's task group.
+        name: String,
+        /// Cancel what is left once this many tasks failed (0: never).
+        max_fails: u32,
+        /// The tasks; each [`CommandSpec::task`] is unique within the job.
+        tasks: Vec<TaskSpec>,
+    },
+    /// Client: cancel the unfinished tasks of a job (running ones are
+    /// stopped). Answered like a query: `{"cancelled": n}` or `{"error": ...}`.
+    CancelJob {
+        /// Chosen by the client, echoed in the reply.
+        query: u64,
+        /// The job.
+        job: u32,
+    },
+    /// Worker: a task it was told to stop does not stop (stuck in C code):
+    /// restart me. Its other tasks are not to blame (sent after the stuck
+    /// task's failure; answered with [`FromScheduler::Restart`]).
+    RestartMe,
 }
 
 /// When and on which thread a task ran (the worker's clock).
@@ -513,9 +582,16 @@ pub enum FromScheduler {
         deps: Vec<Dep>,
         /// Resources it holds while running (the worker pins GPUs).
         resources: Vec<(String, f64)>,
+        /// Milliseconds it may run (0: no limit).
+        time_limit_ms: u64,
+        /// The job it belongs to (`SHOAL_JOB_ID`; 0: none).
+        job: u32,
     },
     /// To a worker: drop the task if not started.
     Cancel(u64),
+    /// To a worker: drop the task if not started, stop it if it runs
+    /// (cancelled: its result is not wanted).
+    Stop(u64),
     /// To a worker: drop these results.
     Release(Vec<u64>),
     /// To a worker: give back these tasks if not started (answer: `Stolen`).
@@ -659,6 +735,7 @@ mod tests {
                 retries: 2,
                 resources: vec![("GPU".into(), 1.0)],
                 recompute: false,
+                time_limit_ms: 0,
             }]),
             ToScheduler::Finished {
                 id: 9,

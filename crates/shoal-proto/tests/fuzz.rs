@@ -46,10 +46,10 @@ fn spec(i: u64) -> TaskSpec {
         id: i << 40 | 7,
         group: "inc".into(),
         key: (i % 2 == 0).then(|| format!("key-{i}")),
-        kind: if i % 3 == 0 {
-            TaskKind::Batch
-        } else {
-            TaskKind::Call
+        kind: match i % 4 {
+            0 => TaskKind::Batch,
+            1 => TaskKind::Command,
+            _ => TaskKind::Call,
         },
         func: Bytes::from_static(b"\x80\x05func"),
         args: Bytes::from(vec![i as u8; (i as usize * 37) % 300]),
@@ -58,6 +58,7 @@ fn spec(i: u64) -> TaskSpec {
         retries: 2,
         resources: vec![("GPU".into(), 0.5)],
         recompute: i % 5 != 0,
+        time_limit_ms: i * 1000,
     }
 }
 
@@ -104,6 +105,14 @@ fn corpus() -> Vec<Vec<u8>> {
             path: "/api/status?since=3".into(),
         },
         ToScheduler::Synced(5),
+        ToScheduler::SubmitJob {
+            query: 3,
+            name: "sim".into(),
+            max_fails: 2,
+            tasks: (0..3).map(spec).collect(),
+        },
+        ToScheduler::CancelJob { query: 4, job: 1 },
+        ToScheduler::RestartMe,
     ];
     let from: Vec<FromScheduler> = vec![
         FromScheduler::Compute {
@@ -127,7 +136,10 @@ fn corpus() -> Vec<Vec<u8>> {
                 },
             ],
             resources: vec![],
+            time_limit_ms: 5000,
+            job: 2,
         },
+        FromScheduler::Stop(7),
         FromScheduler::Erred {
             id: 1,
             error: TaskError::Cycle { cause: "x".into() },

@@ -254,7 +254,7 @@ impl ClientCore {
     }
 
     /// Submits one task; returns its id.
-    #[pyo3(signature = (group, key, batch, func, args, deps, priority, retries, resources=Vec::new(), recompute=true))]
+    #[pyo3(signature = (group, key, batch, func, args, deps, priority, retries, resources=Vec::new(), recompute=true, time_limit_ms=0))]
     #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
@@ -269,6 +269,7 @@ impl ClientCore {
         retries: u32,
         resources: Vec<(String, f64)>,
         recompute: bool,
+        time_limit_ms: u64,
     ) -> PyResult<u64> {
         let id = self.inner.new_id();
         let spec = TaskSpec {
@@ -287,6 +288,66 @@ impl ClientCore {
             retries,
             resources,
             recompute,
+            time_limit_ms,
+        };
+        self.send(py, vec![spec])?;
+        Ok(id)
+    }
+
+    /// Submits a command task; returns its id. `stdout`/`stderr`: `(0,
+    /// "")` capture, `(1, "")` drop, `(2, path template)` a file.
+    #[pyo3(signature = (group, key, argv, env, cwd, stdout, stderr, deps, priority, retries, resources, time_limit_ms))]
+    #[allow(clippy::too_many_arguments)]
+    fn submit_command(
+        &self,
+        py: Python<'_>,
+        group: String,
+        key: Option<String>,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        cwd: Option<String>,
+        stdout: (u8, String),
+        stderr: (u8, String),
+        deps: Vec<u64>,
+        priority: i32,
+        retries: u32,
+        resources: Vec<(String, f64)>,
+        time_limit_ms: u64,
+    ) -> PyResult<u64> {
+        if argv.is_empty() {
+            return Err(PyValueError::new_err(
+                "a command needs a program: submit_command(['program', 'arg', ...])",
+            ));
+        }
+        let target = |(kind, path): (u8, String)| match kind {
+            0 => Ok(shoal_proto::OutputTarget::Capture),
+            1 => Ok(shoal_proto::OutputTarget::Null),
+            2 => Ok(shoal_proto::OutputTarget::File(path)),
+            k => Err(PyValueError::new_err(format!("unknown output kind {k}"))),
+        };
+        let id = self.inner.new_id();
+        let cmd = shoal_proto::CommandSpec {
+            argv,
+            env,
+            cwd,
+            stdout: target(stdout)?,
+            stderr: target(stderr)?,
+            task: id,
+            entry: None,
+        };
+        let spec = TaskSpec {
+            id,
+            group,
+            key,
+            kind: TaskKind::Command,
+            func: Bytes::new(),
+            args: cmd.encode(),
+            deps,
+            priority,
+            retries,
+            resources,
+            recompute: true,
+            time_limit_ms,
         };
         self.send(py, vec![spec])?;
         Ok(id)
@@ -294,7 +355,7 @@ impl ClientCore {
 
     /// Submits many tasks of one function in one message; `items` are
     /// `(args, deps)`. Returns their ids.
-    #[pyo3(signature = (group, batch, func, items, priority, retries, resources=Vec::new()))]
+    #[pyo3(signature = (group, batch, func, items, priority, retries, resources=Vec::new(), time_limit_ms=0))]
     #[allow(clippy::too_many_arguments)]
     fn submit_many(
         &self,
@@ -306,6 +367,7 @@ impl ClientCore {
         priority: i32,
         retries: u32,
         resources: Vec<(String, f64)>,
+        time_limit_ms: u64,
     ) -> PyResult<Vec<u64>> {
         let func = Bytes::copy_from_slice(func);
         let mut ids = Vec::with_capacity(items.len());
@@ -330,6 +392,7 @@ impl ClientCore {
                     retries,
                     resources: resources.clone(),
                     recompute: true,
+                    time_limit_ms,
                 }
             })
             .collect();
@@ -371,6 +434,7 @@ impl ClientCore {
                 retries,
                 resources: resources.clone(),
                 recompute: true,
+                time_limit_ms: 0,
             })
             .collect();
         self.send(py, specs)
@@ -826,15 +890,24 @@ impl WorkerCore {
                 deps.append((id, v))?;
             }
             let resources = (!t.resources.is_empty()).then_some(t.resources);
+            let kind: u8 = match t.kind {
+                TaskKind::Call => 0,
+                TaskKind::Batch => 1,
+                TaskKind::Command => 2,
+            };
+            // Seconds (None: no limit).
+            let limit = (t.time_limit_ms > 0).then(|| t.time_limit_ms as f64 / 1000.0);
             list.append((
                 t.id,
                 t.name,
                 t.group,
-                t.kind == TaskKind::Batch,
+                kind,
                 PyBytes::new(py, &t.func),
                 PyBytes::new(py, &t.args),
                 deps,
                 resources,
+                limit,
+                t.job,
             ))?;
         }
         Ok((list, released).into_pyobject(py)?.into_any())
@@ -882,6 +955,81 @@ impl WorkerCore {
     /// Asks the scheduler to retire this worker gracefully (SIGTERM).
     fn retire(&self) {
         self.inner.retire()
+    }
+
+    /// Runs command task `id` (its `args`: the encoded command) with the GIL
+    /// released. Returns `(ending, code, stdout, stderr, stderr_tail,
+    /// killed, argv)`: ending is "exited" (code: its status), "signaled" (code:
+    /// the signal), "timeout" or "stopped"; stdout/stderr are bytes when
+    /// captured. Raises OSError when it cannot start.
+    #[pyo3(signature = (id, args, job, cpus, extra_env, time_limit=None))]
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn run_command<'py>(
+        &self,
+        py: Python<'py>,
+        id: u64,
+        args: &[u8],
+        job: u32,
+        cpus: u32,
+        extra_env: Vec<(String, String)>,
+        time_limit: Option<f64>,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let spec: shoal_proto::CommandSpec = shoal_proto::decode(args)
+            .map_err(|e| PyValueError::new_err(format!("not a command task: {e}")))?;
+        let limit = time_limit
+            .filter(|t| t.is_finite() && *t > 0.0)
+            .map(Duration::from_secs_f64);
+        let inner = &self.inner;
+        let out = py
+            .detach(|| inner.run_command(id, &spec, job, cpus, &extra_env, limit))
+            .map_err(|e| PyOSError::new_err(e.to_string()))?;
+        use shoal_runtime::command::Ending;
+        let (ending, code) = match out.ending {
+            Ending::Exited(c) => ("exited", c),
+            Ending::Signaled(sig) => ("signaled", sig),
+            Ending::TimedOut => ("timeout", 0),
+            Ending::Stopped => ("stopped", 0),
+        };
+        let bytes = |b: Option<Vec<u8>>| b.map(|b| PyBytes::new(py, &b));
+        (
+            ending,
+            code,
+            bytes(out.stdout),
+            bytes(out.stderr),
+            out.stderr_tail,
+            out.killed,
+            spec.argv,
+        )
+            .into_pyobject(py)
+    }
+
+    /// Running tasks the scheduler asked to stop (cancelled); waits up to
+    /// `timeout` seconds with the GIL released (empty on timeout).
+    fn stop_requests(&self, py: Python<'_>, timeout: f64) -> Vec<u64> {
+        let timeout = Duration::from_secs_f64(timeout.max(0.0));
+        let inner = &self.inner;
+        py.detach(move || inner.stop_requests(timeout))
+    }
+
+    /// A task told to stop did not stop within the grace period: reports
+    /// its failure (a `next_batch` done tuple), then asks the scheduler to
+    /// restart this process.
+    fn report_stuck(&self, done: DoneTuple<'_>, lane: u32) -> PyResult<()> {
+        self.inner.report_stuck(to_done(done, lane)?);
+        Ok(())
+    }
+
+    /// Seconds between a stop (or a time limit) and the kill or restart
+    /// that follows when the task does not end (`SHOAL_STOP_GRACE`).
+    #[getter]
+    fn stop_grace(&self) -> f64 {
+        self.inner.stop_grace.as_secs_f64()
+    }
+
+    /// Name of a signal number (`9` -> "SIGKILL").
+    #[staticmethod]
+    fn signal_name(sig: i32) -> String {
+        shoal_runtime::command::signal_name(sig)
     }
 
     /// `(path, length)` of the file holding result `id`, if it is kept as

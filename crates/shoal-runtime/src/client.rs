@@ -525,6 +525,32 @@ impl ClientShared {
         self.ask(|id| ToScheduler::Name { id, name, value }, timeout)
     }
 
+    /// Submits a job of command tasks (the scheduler owns them from then
+    /// on); the scheduler's JSON answer: `{"job": N}` or `{"error": ...}`.
+    pub fn submit_job(
+        &self,
+        name: String,
+        max_fails: u32,
+        tasks: Vec<TaskSpec>,
+        timeout: std::time::Duration,
+    ) -> Result<String, String> {
+        self.ask(
+            |query| ToScheduler::SubmitJob {
+                query,
+                name,
+                max_fails,
+                tasks,
+            },
+            timeout,
+        )
+    }
+
+    /// Cancels a job's unfinished tasks (running ones are stopped); the
+    /// scheduler's JSON answer: `{"cancelled": n}` or `{"error": ...}`.
+    pub fn cancel_job(&self, job: u32, timeout: std::time::Duration) -> Result<String, String> {
+        self.ask(|query| ToScheduler::CancelJob { query, job }, timeout)
+    }
+
     /// Gives up one of this client's names.
     pub fn unname(&self, name: String) {
         let _ = self.out.send(ToScheduler::Unname(name));

@@ -24,6 +24,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod client;
+pub mod command;
 pub mod local;
 pub mod logs;
 pub mod net;

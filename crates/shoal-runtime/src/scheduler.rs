@@ -5,6 +5,7 @@
 
 mod api;
 mod http;
+mod jobs;
 mod monitor;
 
 pub use http::{APP_CSS, APP_JS, INDEX_HTML};
@@ -373,6 +374,8 @@ struct State {
     closing: bool,
     /// Workers told to stop after retiring (their leaving is no news).
     retired: rustc_hash::FxHashSet<u32>,
+    /// Jobs of command tasks (`shoal submit`).
+    jobs: jobs::Jobs,
 }
 
 async fn owner(
@@ -406,6 +409,7 @@ async fn owner(
         actions: Vec::new(),
         closing: false,
         retired: Default::default(),
+        jobs: Default::default(),
     };
     let mut batch = Vec::with_capacity(64);
     // The core has no clock: time reaches it as ticks (stall detection).
@@ -545,45 +549,28 @@ impl State {
     fn client_msg(&mut self, client: u32, msg: ToScheduler) {
         let cid = ClientId(client);
         match msg {
-            ToScheduler::Submit(specs) => {
-                let mut tasks = Vec::with_capacity(specs.len());
-                for spec in specs {
-                    let next = self.groups.len() as u32;
-                    let group = *self.groups.entry_ref_or_insert(&spec.group, next);
-                    if group == next {
-                        self.group_names.push(spec.group.clone());
+            ToScheduler::Submit(specs) => self.submit(cid, specs),
+            ToScheduler::SubmitJob {
+                query,
+                name,
+                max_fails,
+                tasks,
+            } => {
+                let json = match self.submit_job(name, max_fails, tasks) {
+                    Ok(job) => serde_json::json!({ "job": job }),
+                    Err(e) => serde_json::json!({ "error": e }),
+                };
+                self.reply(client, query, json);
+            }
+            ToScheduler::CancelJob { query, job } => {
+                let json = match self.jobs.pending(job) {
+                    Some(ids) => {
+                        self.core.handle_cancel(jobs::job_client(job), &ids);
+                        serde_json::json!({ "cancelled": ids.len() })
                     }
-                    let mut deps: Vec<TaskId> = spec.deps.iter().map(|&d| TaskId(d)).collect();
-                    deps.sort_unstable();
-                    deps.dedup();
-                    // "CPU" is not a resource workers offer: it is threads.
-                    let mut threads = 1;
-                    let named: Vec<(String, f64)> = spec
-                        .resources
-                        .iter()
-                        .filter(|(r, amount)| {
-                            let cpu = r == "CPU";
-                            if cpu {
-                                threads = amount.ceil().max(1.0) as u32;
-                            }
-                            !cpu
-                        })
-                        .cloned()
-                        .collect();
-                    let resources = self.resource_ids(&named);
-                    tasks.push(NewTask {
-                        id: TaskId(spec.id),
-                        deps,
-                        priority: spec.priority,
-                        retries: spec.retries,
-                        group,
-                        resources,
-                        threads,
-                        recompute: spec.recompute,
-                    });
-                    self.specs.entry(spec.id).or_insert(spec);
-                }
-                self.core.handle_submit(cid, tasks);
+                    None => serde_json::json!({ "error": format!("no job {job}") }),
+                };
+                self.reply(client, query, json);
             }
             ToScheduler::Release(ids) => {
                 let ids: Vec<TaskId> = ids.into_iter().map(TaskId).collect();
@@ -675,6 +662,99 @@ impl State {
                 }
             }
             other => tracing::warn!("client {client} sent a worker message: {other:?}"),
+        }
+    }
+
+    /// Tasks a client submitted, into the core under interest `cid`.
+    fn submit(&mut self, cid: ClientId, specs: Vec<TaskSpec>) {
+        let mut tasks = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let next = self.groups.len() as u32;
+            let group = *self.groups.entry_ref_or_insert(&spec.group, next);
+            if group == next {
+                self.group_names.push(spec.group.clone());
+            }
+            let mut deps: Vec<TaskId> = spec.deps.iter().map(|&d| TaskId(d)).collect();
+            deps.sort_unstable();
+            deps.dedup();
+            // "CPU" is not a resource workers offer: it is threads.
+            let mut threads = 1;
+            let named: Vec<(String, f64)> = spec
+                .resources
+                .iter()
+                .filter(|(r, amount)| {
+                    let cpu = r == "CPU";
+                    if cpu {
+                        threads = amount.ceil().max(1.0) as u32;
+                    }
+                    !cpu
+                })
+                .cloned()
+                .collect();
+            let resources = self.resource_ids(&named);
+            tasks.push(NewTask {
+                id: TaskId(spec.id),
+                deps,
+                priority: spec.priority,
+                retries: spec.retries,
+                group,
+                resources,
+                threads,
+                recompute: spec.recompute,
+            });
+            self.specs.entry(spec.id).or_insert(spec);
+        }
+        self.core.handle_submit(cid, tasks);
+    }
+
+    /// A job of command tasks: checked whole (nothing is submitted if one
+    /// task is wrong), then owned by the job's own interest. Its tasks form
+    /// one task group, "job N: name".
+    fn submit_job(
+        &mut self,
+        name: String,
+        max_fails: u32,
+        mut tasks: Vec<TaskSpec>,
+    ) -> Result<u32, String> {
+        if tasks.is_empty() {
+            return Err("a job needs at least one task".into());
+        }
+        let mut ids = Vec::with_capacity(tasks.len());
+        let mut seen = FxHashSet::default();
+        for t in &tasks {
+            if t.kind != shoal_proto::TaskKind::Command {
+                return Err(format!("task {:x} of the job is not a command task", t.id));
+            }
+            let cmd: shoal_proto::CommandSpec = shoal_proto::decode(&t.args)
+                .map_err(|e| format!("task {:x} of the job: {e}", t.id))?;
+            if cmd.argv.is_empty() {
+                return Err(format!("task {} of the job has no program", cmd.task));
+            }
+            if !seen.insert(cmd.task) {
+                return Err(format!("task id {} appears twice in the job", cmd.task));
+            }
+            if self.specs.contains_key(&t.id) {
+                return Err(format!("task {:x} is already known", t.id));
+            }
+            ids.push((cmd.task, t.id));
+        }
+        let group = format!("job {}: {name}", self.jobs.next_id());
+        for t in &mut tasks {
+            t.group.clone_from(&group);
+        }
+        let job = self
+            .jobs
+            .add(name, max_fails, &ids, crate::worker::now_us());
+        tracing::info!("job {job}: {} tasks submitted", ids.len());
+        self.submit(jobs::job_client(job), tasks);
+        Ok(job)
+    }
+
+    /// Answers a client's request (a query, a job submission) with JSON.
+    fn reply(&self, client: u32, id: u64, json: serde_json::Value) {
+        if let Some(tx) = self.client_tx(client) {
+            let json = json.to_string();
+            let _ = tx.send(FromScheduler::QueryReply { id, json });
         }
     }
 
@@ -787,6 +867,16 @@ impl State {
                 }
             }
             ToScheduler::Threads(n) => self.core.handle_worker_threads(wid, n),
+            ToScheduler::RestartMe => {
+                if let Some(w) = self.workers.get(&worker) {
+                    tracing::warn!(
+                        "worker {} restarts: a task it was told to stop does not stop",
+                        w.name
+                    );
+                    let _ = w.tx.send(FromScheduler::Restart);
+                }
+                self.core.handle_worker_restarting(wid);
+            }
             ToScheduler::RetireMe => {
                 if let Some(w) = self.workers.get(&worker) {
                     tracing::info!("worker {} retires (SIGTERM)", w.name);
@@ -1007,12 +1097,19 @@ impl State {
         self.core.check_invariants();
         self.core.drain_actions_into(&mut self.actions);
         let mut actions = std::mem::take(&mut self.actions);
+        // Ended tasks of jobs: their outcome is recorded, the job's interest
+        // in them dropped (and the rest cancelled past `max_fails`).
+        let mut job_done: Vec<(ClientId, TaskId, Vec<TaskId>)> = Vec::new();
         for a in actions.drain(..) {
             match a {
                 Action::Compute { worker, task } => self.send_compute(worker, task),
-                Action::CancelCompute { worker, task } => {
+                Action::CancelCompute { worker, task, stop } => {
                     if let Some(w) = self.workers.get(&worker.0) {
-                        let _ = w.tx.send(FromScheduler::Cancel(task.0));
+                        let _ = w.tx.send(if stop {
+                            FromScheduler::Stop(task.0)
+                        } else {
+                            FromScheduler::Cancel(task.0)
+                        });
                     }
                 }
                 Action::Steal { worker, tasks } => {
@@ -1051,6 +1148,25 @@ impl State {
                     self.monitor.error_text.remove(&task.0);
                     self.inline.remove(&task.0);
                     self.errors.remove(&task.0);
+                }
+                Action::TaskMemory { client, task } if jobs::job_of(client).is_some() => {
+                    let now = crate::worker::now_us();
+                    let cancel = self.jobs.ended(task.0, jobs::Outcome::Finished, None, now);
+                    job_done.push((client, task, cancel));
+                }
+                Action::TaskErred {
+                    client,
+                    task,
+                    cause,
+                    kind,
+                } if jobs::job_of(client).is_some() => {
+                    let (outcome, text) = match kind {
+                        ErrorKind::Cancelled => (jobs::Outcome::Cancelled, None),
+                        _ => (jobs::Outcome::Failed, Some(self.error_words(cause, kind))),
+                    };
+                    let now = crate::worker::now_us();
+                    let cancel = self.jobs.ended(task.0, outcome, text, now);
+                    job_done.push((client, task, cancel));
                 }
                 Action::TaskMemory { client, task } => {
                     let Some(tx) = self.client_tx(client.0) else {
@@ -1104,6 +1220,38 @@ impl State {
             }
         }
         self.actions = actions;
+        if !job_done.is_empty() {
+            for (client, task, cancel) in job_done {
+                if !cancel.is_empty() {
+                    self.core.handle_cancel(client, &cancel);
+                }
+                self.core.handle_release(client, &[task]);
+            }
+            self.process();
+        }
+    }
+
+    /// Why a task failed, in words (a job keeps it after the task is gone).
+    fn error_words(&self, cause: TaskId, kind: ErrorKind) -> String {
+        let name = self.name(cause.0);
+        match kind {
+            ErrorKind::Exception => self
+                .monitor
+                .error_text
+                .get(&cause.0)
+                .cloned()
+                .unwrap_or_else(|| format!("task {name} raised")),
+            ErrorKind::KilledWorker(k) => {
+                format!("task {name} was running on {k} workers that died (KilledWorker)")
+            }
+            ErrorKind::Cancelled => format!("task {name} was cancelled"),
+            ErrorKind::MissingDependency(d) => format!("input {:x} is unknown", d.0),
+            ErrorKind::Unsatisfiable => {
+                format!("no worker can run {name}: {}", self.unsatisfiable(cause.0))
+            }
+            ErrorKind::DataLost => format!("the data of {name} was lost"),
+            ErrorKind::Cycle => format!("{name} is part of a cycle"),
+        }
     }
 
     fn send_compute(&mut self, worker: WorkerId, task: TaskId) {
@@ -1134,6 +1282,8 @@ impl State {
             args: spec.args.clone(),
             deps,
             resources: spec.resources.clone(),
+            time_limit_ms: spec.time_limit_ms,
+            job: self.jobs.job_of_task(task.0).unwrap_or(0),
         });
     }
 }

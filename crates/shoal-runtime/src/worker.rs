@@ -13,14 +13,14 @@ use bytes::Bytes;
 use futures::StreamExt;
 use parking_lot::{Condvar, Mutex};
 use rustc_hash::{FxHashMap, FxHashSet};
-use shoal_core::worker::{FetchReport, Fetched as FetchOutcome, Take, WorkerState};
+use shoal_core::worker::{FetchReport, Fetched as FetchOutcome, Phase, Take, WorkerState};
 use shoal_proto::{
     Activity, ActivityKind, DataReply, DataRequest, Dep, DepSource, FromScheduler, Payload, Role,
     TaskKind, Telemetry, Timing, ToScheduler, Welcome, WorkerMetrics, INLINE_LIMIT,
 };
 use std::collections::VecDeque;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -56,6 +56,22 @@ pub struct ExecTask {
     pub deps: Vec<(u64, Input)>,
     /// Resources it holds while running.
     pub resources: Vec<(String, f64)>,
+    /// Milliseconds it may run (0: no limit).
+    pub time_limit_ms: u64,
+    /// Its job (0: none).
+    pub job: u32,
+}
+
+/// Tasks the scheduler asked to stop while they run.
+#[derive(Default)]
+struct Stops {
+    /// Running command tasks: their stop flags.
+    commands: FxHashMap<u64, Arc<AtomicBool>>,
+    /// Asked to stop, not (yet) a registered command: a command that
+    /// registers later stops at once; Python tasks are in `python` too.
+    asked: FxHashSet<u64>,
+    /// For the Python watchdog: running Python tasks to interrupt.
+    python: Vec<u64>,
 }
 
 /// Outcome of one task, handed back by an execution thread.
@@ -164,6 +180,21 @@ pub struct WorkerShared {
     /// Bytes fetched from peers / served to them, in all.
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
+    stops: Mutex<Stops>,
+    stops_cv: Condvar,
+    /// Between SIGTERM (or a Python task's interrupt) and SIGKILL (or a
+    /// restart of this process): `SHOAL_STOP_GRACE` seconds, default 5.
+    pub stop_grace: Duration,
+}
+
+/// `SHOAL_STOP_GRACE` (seconds, default 5): how long a stopped task has
+/// before it is killed (a command) or its process restarted (Python).
+fn stop_grace() -> Duration {
+    std::env::var("SHOAL_STOP_GRACE")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|v| v.is_finite() && *v >= 0.0)
+        .map_or(Duration::from_secs(5), Duration::from_secs_f64)
 }
 
 /// Microseconds since the Unix epoch (task stream times; each host's clock).
@@ -249,6 +280,14 @@ impl WorkerShared {
             let mut orders = self.orders.lock();
             for d in &done {
                 orders.finished(d.id());
+            }
+        }
+        {
+            let mut st = self.stops.lock();
+            if !st.asked.is_empty() {
+                for d in &done {
+                    st.asked.remove(&d.id());
+                }
             }
         }
         let mut unsent = self.unsent.lock();
@@ -409,6 +448,72 @@ impl WorkerShared {
             }
         }
         self.pickled.notify_waiters();
+    }
+
+    /// Runs a command task on the calling thread (see [`crate::command`]):
+    /// a stop from the scheduler reaches it through its flag.
+    pub fn run_command(
+        &self,
+        task: u64,
+        spec: &shoal_proto::CommandSpec,
+        job: u32,
+        cpus: u32,
+        extra_env: &[(String, String)],
+        time_limit: Option<Duration>,
+    ) -> io::Result<crate::command::Outcome> {
+        let flag = Arc::new(AtomicBool::new(false));
+        {
+            let mut st = self.stops.lock();
+            if st.asked.remove(&task) {
+                flag.store(true, Ordering::Release);
+            }
+            st.commands.insert(task, flag.clone());
+        }
+        let out = crate::command::run(&crate::command::Run {
+            spec,
+            job,
+            cpus,
+            extra_env,
+            time_limit,
+            grace: self.stop_grace,
+            stop: &flag,
+        });
+        self.stops.lock().commands.remove(&task);
+        out
+    }
+
+    /// A task that runs here is to stop (cancelled).
+    fn stop_running(&self, task: u64) {
+        let mut st = self.stops.lock();
+        if let Some(flag) = st.commands.get(&task) {
+            flag.store(true, Ordering::Release);
+            return;
+        }
+        st.asked.insert(task);
+        st.python.push(task);
+        self.stops_cv.notify_all();
+    }
+
+    /// For the Python watchdog: running tasks the scheduler asked to stop
+    /// (waits up to `timeout`; empty on timeout).
+    pub fn stop_requests(&self, timeout: Duration) -> Vec<u64> {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.stops.lock();
+        while st.python.is_empty() {
+            if self.stops_cv.wait_until(&mut st, deadline).timed_out() {
+                return Vec::new();
+            }
+        }
+        std::mem::take(&mut st.python)
+    }
+
+    /// A task told to stop does not (stuck in C code): report its failure,
+    /// then ask the scheduler for a restart (it answers `Restart`, after
+    /// which this process exits and its nanny starts a fresh one).
+    pub fn report_stuck(&self, done: Done) {
+        self.report(vec![done]);
+        self.flush_locked(&mut self.unsent.lock());
+        let _ = self.out.send(ToScheduler::RestartMe);
     }
 
     /// Asks the scheduler to retire this worker gracefully (SIGTERM): its
@@ -702,6 +807,9 @@ pub fn start(
             sampler: std::sync::atomic::AtomicBool::new(false),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
+            stops: Mutex::new(Stops::default()),
+            stops_cv: Condvar::new(),
+            stop_grace: stop_grace(),
         });
         tokio::spawn(data_server(listener, shared.clone()));
         let sh = shared.clone();
@@ -790,6 +898,8 @@ fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
             args,
             deps,
             resources,
+            time_limit_ms,
+            job,
         } => {
             let remote: Vec<&Dep> = deps
                 .iter()
@@ -804,6 +914,8 @@ fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
                 args,
                 deps: Vec::with_capacity(deps.len()),
                 resources,
+                time_limit_ms,
+                job,
             };
             if remote.is_empty() {
                 t.deps = deps
@@ -866,6 +978,17 @@ fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
         FromScheduler::Cancel(id) => {
             let old = sh.orders.lock().cancel(id);
             abort(old);
+        }
+        FromScheduler::Stop(id) => {
+            let (old, running) = {
+                let mut orders = sh.orders.lock();
+                let old = orders.cancel(id);
+                (old, orders.phase(id) == Some(Phase::Running))
+            };
+            abort(old);
+            if running {
+                sh.stop_running(id);
+            }
         }
         FromScheduler::Release(ids) => {
             {

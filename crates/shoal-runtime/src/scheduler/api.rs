@@ -111,6 +111,27 @@ impl State {
             "/api/logs" => ok(self.logs_json()),
             "/api/report" => ok(self.report(num(query, "since_us")?, merge_gap(query)?)),
             "/metrics" => Ok(("text/plain; version=0.0.4", self.metrics())),
+            "/api/jobs" => ok(self.jobs.list_json(&self.core)),
+            p if p.starts_with("/api/jobs/") => {
+                let rest = &p["/api/jobs/".len()..];
+                let (id, tail) = rest.split_once('/').unwrap_or((rest, ""));
+                let id: u32 = id
+                    .parse()
+                    .map_err(|_| (400, format!("job ids are whole numbers, not {id:?}")))?;
+                match tail {
+                    "" => self
+                        .jobs
+                        .info_json(id, &self.core)
+                        .map(|v| ("application/json", v.to_string()))
+                        .ok_or((404, format!("no job {id}"))),
+                    "tasks" => self
+                        .jobs
+                        .task_ids_json(id, param(query, "filter").as_deref())
+                        .map(|v| ("application/json", v.to_string()))
+                        .map_err(|e| (404, e)),
+                    _ => Err((404, format!("no such page: {path}"))),
+                }
+            }
             p if p.starts_with("/api/task/") => {
                 let id = &p["/api/task/".len()..];
                 let id: u64 = id
