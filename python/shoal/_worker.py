@@ -307,8 +307,11 @@ class _Executor:
             result = _commands.run(self.core, tid, name, args, job, resources, limit)
         except Exception as e:  # noqa: BLE001 - the task's failure
             duration = int((perf_counter() - t0) * 1e6)
+            # The message says it all: no worker traceback for the client,
+            # the message alone for the dashboard and job errors.
             text = f"{type(e).__name__}: {e}"
-            return (tid, False, _dumps_error(e, name, text), start_us, duration, 0)
+            error = _serialize.dumps((_serialize.box_exception(e), ""))
+            return (tid, False, (error, text), start_us, duration, 0)
         duration = int((perf_counter() - t0) * 1e6)
         payload, size = self.store.finish(tid, result, None, name)
         return (tid, True, payload, start_us, duration, size)

@@ -1091,7 +1091,8 @@ def _read_scheduler_file(
 
 
 def _with_traceback(exc: BaseException, tb: str, name: str) -> BaseException:
-    if not getattr(exc, "_shoal_noted", False):
+    # No traceback (a command task's error says it all): no note.
+    if tb and not getattr(exc, "_shoal_noted", False):
         try:
             exc.add_note(f"\nTraceback of task {name!r} on its worker:\n{tb.rstrip()}")
             exc._shoal_noted = True  # type: ignore[attr-defined]

@@ -1,0 +1,471 @@
+"""Command tasks, task arrays, jobs, time limits and stopping running tasks:
+`client.submit_command` on the embedded cluster, `shoal submit` / `shoal job`
+on a `shoal scheduler` + `shoal worker` cluster. Real programs, real
+process groups, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import shoal
+
+SHOAL = [sys.executable, "-m", "shoal"]
+GRACE = 1.0  # SHOAL_STOP_GRACE for these clusters
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_for(pred, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def worker_pids(client) -> list[int]:
+    return sorted(w["pid"] for w in client.scheduler_info()["workers"].values())
+
+
+@pytest.fixture(scope="module")
+def client():
+    os.environ["SHOAL_STOP_GRACE"] = str(GRACE)
+    try:
+        with shoal.Client(n_workers=2) as c:
+            yield c
+    finally:
+        os.environ.pop("SHOAL_STOP_GRACE", None)
+
+
+# ------------------------------------------------------------ command tasks
+
+
+def test_a_command_task_returns_its_output_and_sees_its_environment(client, tmp_path):
+    f = client.submit_command(
+        ["sh", "-c", 'echo "$SHOAL_CPUS $GREETING $PWD"; echo note >&2'],
+        env={"GREETING": "hello"},
+        cwd=tmp_path,
+    )
+    r = f.result(timeout=60)
+    assert isinstance(r, subprocess.CompletedProcess)
+    assert r.returncode == 0
+    assert r.stdout.decode() == f"1 hello {tmp_path}\n"
+    assert r.stderr == b"note\n"
+    # SHOAL_TASK_ID is set (the task's own id when not part of a job).
+    tid = client.submit_command(["sh", "-c", "echo $SHOAL_TASK_ID"]).result(timeout=60)
+    assert int(tid.stdout) > 0
+
+
+def test_a_failing_command_raises_with_its_status_and_stderr_tail(client):
+    f = client.submit_command(["sh", "-c", "echo first >&2; echo 'it broke' >&2; exit 3"])
+    with pytest.raises(
+        shoal.CommandError, match=r"(?s)exited with status 3.*\nfirst\nit broke"
+    ) as e:
+        f.result(timeout=60)
+    assert e.value.returncode == 3
+    assert e.value.cmd[0] == "sh"
+    assert "it broke" in e.value.stderr
+    killed = client.submit_command(["sh", "-c", "kill -SEGV $$"])
+    with pytest.raises(shoal.CommandError, match="killed by SIGSEGV") as e:
+        killed.result(timeout=60)
+    assert e.value.returncode == -signal.SIGSEGV
+    missing = client.submit_command(["no-such-program-for-shoal", "x"])
+    with pytest.raises(shoal.CommandError, match="cannot start.*no-such-program-for-shoal"):
+        missing.result(timeout=60)
+
+
+def test_command_output_files_expand_placeholders(client, tmp_path):
+    f = client.submit_command(
+        ["sh", "-c", "echo out; echo err >&2"],
+        cwd=tmp_path,
+        stdout="logs/%{TASK_ID}.out",
+        stderr=subprocess.DEVNULL,
+        key="with-files",
+    )
+    r = f.result(timeout=60)
+    assert r.stdout is None and r.stderr is None
+    (out,) = (tmp_path / "logs").iterdir()
+    assert out.read_text() == "out\n"
+    assert out.name.endswith(".out") and out.name[:-4].isdigit()
+
+
+def test_bad_command_arguments_are_clear_errors(client):
+    with pytest.raises(TypeError, match="list of arguments"):
+        client.submit_command("ls -l")
+    with pytest.raises(ValueError, match="needs a program"):
+        client.submit_command([])
+    with pytest.raises(TypeError, match="stdout must be"):
+        client.submit_command(["true"], stdout=3)
+    for bad in ("ten", "-1", 0, "1h30", float("nan")):
+        with pytest.raises(ValueError, match="time_limit"):
+            client.submit_command(["true"], time_limit=bad)
+    with pytest.raises(TypeError, match="time_limit"):
+        client.submit(int, time_limit=[1])
+    assert client.submit_command(["true"]).result(timeout=60).returncode == 0
+
+
+# ------------------------------------------------------------ time limits
+
+
+def test_a_command_that_ignores_sigterm_is_killed_at_its_limit(client, tmp_path):
+    pidfile = tmp_path / "pid"
+    script = f"trap '' TERM; sleep 300 & echo $! > {pidfile}; wait; sleep 300"
+    t0 = time.time()
+    f = client.submit_command(["sh", "-c", script], time_limit=1)
+    with pytest.raises(shoal.TaskTimeoutError, match="time limit of 1s.*SIGKILL"):
+        f.result(timeout=60)
+    took = time.time() - t0
+    assert took < 1 + GRACE + 3, took
+    # The program's own children went with it (the whole process group).
+    child = int(pidfile.read_text())
+    wait_for(lambda: not alive(child), 5, "the group's other process to die")
+    assert client.submit(pow, 2, 5).result(timeout=30) == 32
+
+
+def loop_forever(path):
+    n = 0
+    while True:
+        n += 1
+        if n % 100_000 == 0:
+            with open(path, "w") as fh:
+                fh.write(str(n))
+
+
+def test_a_python_loop_is_interrupted_at_its_time_limit(client, tmp_path):
+    t0 = time.time()
+    f = client.submit(loop_forever, str(tmp_path / "n"), time_limit="500ms")
+    with pytest.raises(shoal.TaskTimeoutError, match="time limit of 0.5s"):
+        f.result(timeout=60)
+    assert time.time() - t0 < 0.5 + 3
+    # Interrupted, not restarted: the same processes go on.
+    pids = worker_pids(client)
+    fs = client.map(pow, [2] * 8, range(8), time_limit=5)
+    assert client.gather(fs) == [2**i for i in range(8)]
+    assert worker_pids(client) == pids
+
+
+def test_a_task_stuck_in_c_restarts_its_worker_and_the_others_go_on(client):
+    pids = worker_pids(client)
+    t0 = time.time()
+    # time.sleep holds no bytecode boundary: no interrupt can land.
+    f = client.submit(time.sleep, 300, time_limit=1)
+    with pytest.raises(shoal.TaskTimeoutError, match="did not stop .* its worker process restarts"):
+        f.result(timeout=60)
+    assert time.time() - t0 < 1 + GRACE + 5
+    # The stuck process is replaced by a fresh one.
+    wait_for(lambda: len(now := worker_pids(client)) == 2 and now != pids, 60, "a fresh worker")
+    assert client.submit(pow, 3, 3).result(timeout=60) == 27
+
+
+# ------------------------------------------------------- stopping on cancel
+
+
+def test_cancelling_a_running_python_task_stops_it(client, tmp_path):
+    marker = tmp_path / "n"
+    f = client.submit(loop_forever, str(marker))
+    wait_for(marker.exists, 30, "the loop to start")
+    f.cancel()
+    time.sleep(0.5)
+    before = marker.read_text()
+    time.sleep(0.5)
+    assert marker.read_text() == before, "the loop still runs"
+    # Both workers are free again: two tasks that wait for each other finish.
+    assert client.gather([client.submit(pow, 2, i) for i in range(4)]) == [1, 2, 4, 8]
+
+
+def test_cancelling_a_running_command_stops_its_process_group(client, tmp_path):
+    pidfile = tmp_path / "pid"
+    f = client.submit_command(["sh", "-c", f"echo $$ > {pidfile}; exec sleep 300"])
+    pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 30, "pid"))
+    assert alive(pid)
+    f.cancel()
+    wait_for(lambda: not alive(pid), 10, "the command to be stopped")
+    with pytest.raises(shoal.FutureCancelledError):
+        f.result(timeout=10)
+
+
+# ------------------------------------------------------- the CLI and jobs
+
+
+class Cluster:
+    """`shoal scheduler` + one `shoal worker` of two processes."""
+
+    def __init__(self, tmp_path: Path):
+        self.dir = tmp_path
+        self.sfile = tmp_path / "scheduler.json"
+        self.env = {
+            **os.environ,
+            "SHOAL_SCHEDULER_FILE": str(self.sfile),
+            "SHOAL_STOP_GRACE": str(GRACE),
+        }
+        self.log = open(tmp_path / "cluster.log", "ab")
+        self.procs = [
+            subprocess.Popen(
+                [*SHOAL, "scheduler", "--port", "0", "--no-dashboard"]
+                + ["--scheduler-file", str(self.sfile)],
+                stdout=self.log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+            )
+        ]
+        wait_for(self.sfile.exists, 30, "the scheduler file")
+        self.procs.append(
+            subprocess.Popen(
+                [
+                    *SHOAL,
+                    "worker",
+                    "--nworkers",
+                    "2",
+                    "--nthreads",
+                    "2",
+                    "--resources",
+                    "licence=1",
+                ],
+                stdout=self.log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+            )
+        )
+        with shoal.Client(scheduler_file=str(self.sfile)) as c:
+            c.wait_for_workers(2, timeout=60)
+
+    def shoal(
+        self, *args: str, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess:
+        r = subprocess.run(
+            [*SHOAL, *args],
+            capture_output=True,
+            text=True,
+            cwd=self.dir,
+            env=self.env,
+            timeout=timeout,
+        )
+        if check and r.returncode != 0:
+            raise AssertionError(f"shoal {' '.join(args)}: {r.returncode}\n{r.stdout}\n{r.stderr}")
+        return r
+
+    def submit(self, *args: str) -> int:
+        out = self.shoal("submit", *args).stdout
+        assert out.startswith("job "), out
+        return int(out.split()[1])
+
+    def info(self, job: int) -> dict:
+        with shoal.Client(scheduler_file=str(self.sfile)) as c:
+            return c.query(f"/api/jobs/{job}")
+
+    def close(self) -> None:
+        for p in reversed(self.procs):
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("jobs"))
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def test_an_array_runs_every_id_with_its_outputs_and_reports_failures(jobs):
+    script = (
+        'echo "task $SHOAL_TASK_ID of job $SHOAL_JOB_ID"; '
+        "[ $SHOAL_TASK_ID -ne 7 ] || { echo seven fails >&2; exit 4; }"
+    )
+    job = jobs.submit("--array", "1-10,20-30:5", "--name", "sweep", "--", "sh", "-c", script)
+    r = jobs.shoal("job", "wait", str(job), check=False)
+    assert r.returncode == 1, r.stderr
+    assert "task 7: CommandError" in r.stdout and "seven fails" in r.stdout
+    ids = [*range(1, 11), 20, 25, 30]
+    for i in ids:
+        out = jobs.dir / f"job-{job}" / f"{i}.stdout"
+        assert out.read_text() == f"task {i} of job {job}\n"
+    info = jobs.info(job)
+    assert (info["finished"], info["failed"], info["state"]) == (12, 1, "failed")
+    assert info["errors"][0]["task"] == 7
+    failed = jobs.shoal("job", "task-ids", str(job), "--filter", "failed").stdout.strip()
+    assert failed == "7"
+    assert jobs.shoal("job", "task-ids", str(job)).stdout.strip() == "1-10,20,25,30"
+    # Resubmitting the failed ids with a fix.
+    again = jobs.submit("--array", failed, "--", "sh", "-c", "echo fixed $SHOAL_TASK_ID")
+    jobs.shoal("job", "wait", str(again))
+    assert (jobs.dir / f"job-{again}" / "7.stdout").read_text() == "fixed 7\n"
+    listing = jobs.shoal("job", "list").stdout
+    assert f"{job:>5}  sweep" in listing and "failed" in listing
+    assert "sweep" in jobs.shoal("job", "info", str(job)).stdout
+
+
+def test_entries_from_lines_and_json_reach_the_tasks(jobs):
+    (jobs.dir / "params.txt").write_text("alpha 1\nbeta 2\ngamma 3\n")
+    job = jobs.submit(
+        "--each-line",
+        "params.txt",
+        "--stdout",
+        "lines/%{TASK_ID}.txt",
+        "--wait",
+        "--",
+        "sh",
+        "-c",
+        'echo "$SHOAL_ENTRY"',
+    )
+    got = [(jobs.dir / "lines" / f"{i}.txt").read_text() for i in range(3)]
+    assert got == ["alpha 1\n", "beta 2\n", "gamma 3\n"]
+    (jobs.dir / "tasks.json").write_text(json.dumps([{"x": 1}, [2, 3], "four"]))
+    job = jobs.submit(
+        "--from-json",
+        "tasks.json",
+        "--array",
+        "1-2",
+        "--wait",
+        "--",
+        "sh",
+        "-c",
+        'echo "$SHOAL_ENTRY"',
+    )
+    assert (jobs.dir / f"job-{job}" / "1.stdout").read_text() == "[2,3]\n"
+    assert (jobs.dir / f"job-{job}" / "2.stdout").read_text() == '"four"\n'
+    assert not (jobs.dir / f"job-{job}" / "0.stdout").exists()
+
+
+def test_resources_env_and_cpus_reach_the_program(jobs):
+    job = jobs.submit(
+        "--resource",
+        "licence=1",
+        "--cpus",
+        "2",
+        "--env",
+        "MODE=fast",
+        "--stdout",
+        "env.txt",
+        "--stderr",
+        "none",
+        "--wait",
+        "--",
+        "sh",
+        "-c",
+        'echo "$SHOAL_CPUS $MODE"',
+    )
+    assert (jobs.dir / "env.txt").read_text() == "2 fast\n"
+    # More of a resource than any worker has: the job fails, saying so.
+    job = jobs.submit("--resource", "licence=5", "--", "true")
+    r = jobs.shoal("job", "wait", str(job), check=False)
+    assert r.returncode == 1 and "licence" in r.stdout, r.stdout
+
+
+def test_max_fails_cancels_the_rest_of_the_job(jobs):
+    job = jobs.submit(
+        "--array",
+        "1-40",
+        "--max-fails",
+        "2",
+        "--stdout",
+        "none",
+        "--stderr",
+        "none",
+        "--",
+        "sh",
+        "-c",
+        "sleep 0.05; exit 1",
+    )
+    r = jobs.shoal("job", "wait", str(job), check=False)
+    assert r.returncode == 1
+    info = jobs.info(job)
+    assert info["state"] == "cancelled"
+    assert info["failed"] >= 2 and info["cancelled"] > 0
+    assert info["failed"] + info["cancelled"] == 40
+
+
+def test_cancelling_a_running_array_stops_its_programs(jobs):
+    job = jobs.submit(
+        "--array",
+        "1-20",
+        "--stdout",
+        "pids/%{TASK_ID}",
+        "--",
+        "sh",
+        "-c",
+        "echo $$; exec sleep 300",
+    )
+    pids_dir = jobs.dir / "pids"
+
+    def running():
+        files = list(pids_dir.glob("*")) if pids_dir.exists() else []
+        return [int(f.read_text()) for f in files if f.read_text().strip()]
+
+    pids = wait_for(lambda: len(running()) >= 2 and running(), 30, "two running tasks")
+    out = jobs.shoal("job", "cancel", str(job)).stdout
+    assert "20 task(s) cancelled" in out
+    for pid in pids:
+        wait_for(lambda pid=pid: not alive(pid), 10, f"process {pid} to stop")
+    info = jobs.info(job)
+    assert (info["cancelled"], info["state"]) == (20, "cancelled")
+
+
+def test_a_time_limit_on_a_job_task(jobs):
+    job = jobs.submit("--time-limit", "1s", "--", "sh", "-c", "trap '' TERM; sleep 300")
+    t0 = time.time()
+    r = jobs.shoal("job", "wait", str(job), check=False)
+    assert r.returncode == 1
+    assert "TaskTimeoutError" in r.stdout and "time limit of 1s" in r.stdout
+    assert time.time() - t0 < 1 + GRACE + 5
+
+
+def test_bad_job_requests_are_clear_errors_and_the_cluster_goes_on(jobs):
+    cases = [
+        (["submit", "--array", "5-1", "--", "true"], "ends before it starts"),
+        (["submit", "--array", "x", "--", "true"], "not an id or a range"),
+        (["submit", "--each-line", "nope.txt", "--", "true"], "cannot read --each-line"),
+        (["submit", "--time-limit", "soon", "--", "true"], "not a duration"),
+        (["submit", "--env", "NOEQUALS", "--", "true"], "NAME=VALUE"),
+        (["submit", "true"], "PROGRAM"),
+        (["job", "info", "999"], "no job 999"),
+        (["job", "cancel", "999"], "no job 999"),
+        (["job", "task-ids", "1", "--filter", "weird"], "filter must be"),
+    ]
+    for args, said in cases:
+        r = jobs.shoal(*args, check=False)
+        assert r.returncode != 0, args
+        assert said in r.stderr, (args, r.stderr)
+    (jobs.dir / "empty.json").write_text("{}")
+    r = jobs.shoal("submit", "--from-json", "empty.json", "--", "true", check=False)
+    assert r.returncode != 0 and "JSON array" in r.stderr
+    job = jobs.submit("--wait", "--", "true")
+    assert jobs.info(job)["state"] == "finished"
+
+
+def test_job_tasks_form_one_task_group_per_job(jobs):
+    job = jobs.submit(
+        "--array", "1-50", "--name", "grouped", "--stdout", "none", "--wait", "--", "true"
+    )
+    with shoal.Client(scheduler_file=str(jobs.sfile)) as c:
+        groups = {g["name"]: g for g in c.query("/api/status")["groups"]}
+    assert groups[f"job {job}: grouped"]["submitted"] == 50
