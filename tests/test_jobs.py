@@ -469,3 +469,15 @@ def test_job_tasks_form_one_task_group_per_job(jobs):
     with shoal.Client(scheduler_file=str(jobs.sfile)) as c:
         groups = {g["name"]: g for g in c.query("/api/status")["groups"]}
     assert groups[f"job {job}: grouped"]["submitted"] == 50
+
+
+def test_a_crash_limit_fails_a_task_that_kills_its_worker(jobs):
+    # The program kills the worker process that runs it (its parent).
+    job = jobs.submit("--crash-limit", "1", "--", "sh", "-c", "kill -9 $PPID; sleep 5")
+    r = jobs.shoal("job", "wait", str(job), check=False)
+    assert r.returncode == 1
+    assert "1 workers that died (KilledWorker)" in r.stdout, r.stdout
+    with shoal.Client(scheduler_file=str(jobs.sfile)) as c:
+        c.wait_for_workers(2, timeout=60)  # replaced by `shoal worker`
+    ok = jobs.submit("--wait", "--", "true")
+    assert jobs.info(ok)["state"] == "finished"

@@ -557,6 +557,7 @@ def main(argv: list[str] | None = None) -> None:
     for i in range(ns.nthreads):
         threading.Thread(target=executor.run, name=f"shoal-exec-{i}", daemon=True).start()
     executor.stopped.wait()
+    core.kill_commands()  # no program outlives its worker
     store.close()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -76,6 +76,10 @@ pub(crate) struct SubmitArgs {
     /// Cancel the job's remaining tasks once this many failed.
     #[arg(long)]
     max_fails: Option<u32>,
+    /// A task fails once this many workers died while running it (a
+    /// program that crashes its worker, or the node): 1 to 255 (default 3).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..))]
+    crash_limit: u8,
     /// Stop a task running longer than this ("90s", "10m", "1h30m"):
     /// SIGTERM to its process group, SIGKILL after the workers' grace
     /// period ($SHOAL_STOP_GRACE, 5 s); it fails with a timeout.
@@ -354,6 +358,7 @@ fn build(a: &SubmitArgs, c: &ClientShared) -> Result<(String, Vec<TaskSpec>), St
                 resources: resources.clone(),
                 recompute: true,
                 time_limit_ms,
+                crash_limit: a.crash_limit,
             }
         })
         .collect();

@@ -45,6 +45,7 @@ fn graph(leaves: u64) -> Vec<NewTask> {
         resources: Vec::new(),
         threads: 1,
         recompute: true,
+        max_kills: 0,
     }));
     while level.len() > 1 {
         let mut up = Vec::new();
@@ -58,6 +59,7 @@ fn graph(leaves: u64) -> Vec<NewTask> {
                 resources: Vec::new(),
                 threads: 1,
                 recompute: true,
+                max_kills: 0,
             });
             up.push(next);
             next += 1;

@@ -104,6 +104,9 @@ pub struct NewTask {
     /// False for data put on the cluster (`scatter`): once it has run, it
     /// cannot run again, and losing its result is [`ErrorKind::DataLost`].
     pub recompute: bool,
+    /// Workers that may die while running it before it fails with
+    /// [`ErrorKind::KilledWorker`] (0: [`Config::max_kills`]).
+    pub max_kills: u8,
 }
 
 /// What the core asks the services to do.
@@ -278,6 +281,8 @@ struct Task {
     /// Duration estimate charged to the worker while processing.
     est_us: u32,
     kills: u8,
+    /// Its own crash limit (0: the config's).
+    max_kills: u8,
     /// Times a worker could not fetch its inputs from their holder.
     fetch_fails: u8,
     threads: u32,
@@ -923,7 +928,12 @@ impl Core {
             }
             if t.once {
                 self.set_erred(id, id, ErrorKind::DataLost);
-            } else if t.kills >= self.config.max_kills {
+            } else if t.kills
+                >= match t.max_kills {
+                    0 => self.config.max_kills,
+                    own => own,
+                }
+            {
                 let kills = t.kills;
                 self.set_erred(id, id, ErrorKind::KilledWorker(kills));
             } else {
@@ -993,6 +1003,7 @@ impl Core {
                     retries_left: nt.retries,
                     est_us: 0,
                     kills: 0,
+                    max_kills: nt.max_kills,
                     fetch_fails: 0,
                     threads: nt.threads.max(1),
                     resources: nt.resources.into_boxed_slice(),

@@ -19,6 +19,7 @@ fn nt(id: u64, deps: &[u64]) -> NewTask {
         resources: Vec::new(),
         threads: 1,
         recompute: true,
+        max_kills: 0,
     }
 }
 
@@ -404,6 +405,8 @@ fn random_batch(rng: &mut fastrand::Rng, next: &mut u64, known: &[TaskId], n: u6
             },
             // Some are scattered data: lost, not rerun, when their worker dies.
             recompute: has_inputs || rng.u32(0..8) != 0,
+            // Some have their own crash limit.
+            max_kills: rng.u8(0..3),
         });
     }
     *next += n;
@@ -1467,6 +1470,29 @@ fn a_worker_restarting_on_purpose_does_not_count_against_its_other_tasks() {
     c.handle_worker_lost(WorkerId(1));
     assert!(matches!(
         c.state(t(2)),
+        Some(TaskState::Erred {
+            kind: ErrorKind::KilledWorker(1),
+            ..
+        })
+    ));
+}
+
+#[test]
+fn a_task_s_own_crash_limit_overrides_the_cluster_s() {
+    let mut c = core(); // max_kills 3
+    c.handle_worker_added(WorkerId(0), 1);
+    c.handle_submit(
+        C,
+        vec![NewTask {
+            max_kills: 1,
+            ..nt(1, &[])
+        }],
+    );
+    c.take_actions();
+    c.handle_tasks_started(WorkerId(0), &[t(1)]);
+    c.handle_worker_lost(WorkerId(0));
+    assert!(matches!(
+        c.state(t(1)),
         Some(TaskState::Erred {
             kind: ErrorKind::KilledWorker(1),
             ..

@@ -173,6 +173,9 @@ pub struct TaskSpec {
     /// Milliseconds a run may take before the worker stops it and the task
     /// fails with a timeout (0: no limit).
     pub time_limit_ms: u64,
+    /// Workers that may die while running it before it fails as
+    /// KilledWorker (0: the scheduler's default, 3).
+    pub crash_limit: u8,
 }
 
 impl TaskSpec {
@@ -736,6 +739,7 @@ mod tests {
                 resources: vec![("GPU".into(), 1.0)],
                 recompute: false,
                 time_limit_ms: 0,
+                crash_limit: 0,
             }]),
             ToScheduler::Finished {
                 id: 9,

@@ -59,6 +59,7 @@ fn spec(i: u64) -> TaskSpec {
         resources: vec![("GPU".into(), 0.5)],
         recompute: i % 5 != 0,
         time_limit_ms: i * 1000,
+        crash_limit: (i % 3) as u8,
     }
 }
 

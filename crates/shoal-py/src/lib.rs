@@ -289,6 +289,7 @@ impl ClientCore {
             resources,
             recompute,
             time_limit_ms,
+            crash_limit: 0,
         };
         self.send(py, vec![spec])?;
         Ok(id)
@@ -348,6 +349,7 @@ impl ClientCore {
             resources,
             recompute: true,
             time_limit_ms,
+            crash_limit: 0,
         };
         self.send(py, vec![spec])?;
         Ok(id)
@@ -393,6 +395,7 @@ impl ClientCore {
                     resources: resources.clone(),
                     recompute: true,
                     time_limit_ms,
+                    crash_limit: 0,
                 }
             })
             .collect();
@@ -435,6 +438,7 @@ impl ClientCore {
                 resources: resources.clone(),
                 recompute: true,
                 time_limit_ms: 0,
+                crash_limit: 0,
             })
             .collect();
         self.send(py, specs)
@@ -1001,6 +1005,12 @@ impl WorkerCore {
             spec.argv,
         )
             .into_pyobject(py)
+    }
+
+    /// Kills the process groups of running command tasks (as the worker
+    /// exits).
+    fn kill_commands(&self) {
+        self.inner.kill_commands()
     }
 
     /// Running tasks the scheduler asked to stop (cancelled); waits up to

@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 /// Bytes of standard error quoted in a failing task's error.
@@ -37,6 +37,9 @@ pub struct Run<'a> {
     pub grace: Duration,
     /// Set by the worker when the scheduler says stop (a cancel).
     pub stop: &'a AtomicBool,
+    /// Set to the program's process group while it runs (0 before and
+    /// after), so that a worker that exits can take it along.
+    pub group: &'a AtomicU32,
 }
 
 /// How the program ended.
@@ -154,6 +157,7 @@ pub fn run(r: &Run<'_>) -> io::Result<Outcome> {
             format!("cannot start {program:?} (in {}): {e}", cwd.display()),
         )
     })?;
+    r.group.store(child.id(), Ordering::Release);
     // Pipes are drained by helper threads so a chatty program never blocks.
     let readers = (
         child.stdout.take().map(drain),
@@ -218,7 +222,8 @@ fn exited_within(pidfd: &OwnedFd, timeout: Duration) -> bool {
     n > 0
 }
 
-fn signal_group(pgid: u32, sig: i32) {
+/// Sends `sig` to process group `pgid`.
+pub fn signal_group(pgid: u32, sig: i32) {
     // SAFETY: kill(-pgid) signals the group; the leader is not reaped yet,
     // so the id is still this group's.
     unsafe { libc::kill(-(pgid as libc::pid_t), sig) };
@@ -279,6 +284,7 @@ fn wait(child: &mut Child, r: &Run<'_>) -> (Ending, bool) {
         // What the program left running in its group goes with it.
         signal_group(pid, libc::SIGKILL);
     }
+    r.group.store(0, Ordering::Release);
     let status = child.wait();
     let ending = match (stopping, status) {
         (Some((why, _)), _) => why,
@@ -358,6 +364,7 @@ mod tests {
             time_limit: limit,
             grace: Duration::from_millis(300),
             stop,
+            group: &AtomicU32::new(0),
         })
         .unwrap()
     }
@@ -382,6 +389,7 @@ mod tests {
             time_limit: None,
             grace: Duration::ZERO,
             stop: &stop,
+            group: &AtomicU32::new(0),
         })
         .unwrap_err();
         assert!(e.to_string().contains("no-such-program-shoal"), "{e}");

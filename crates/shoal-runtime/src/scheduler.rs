@@ -701,6 +701,7 @@ impl State {
                 resources,
                 threads,
                 recompute: spec.recompute,
+                max_kills: spec.crash_limit,
             });
             self.specs.entry(spec.id).or_insert(spec);
         }

@@ -20,7 +20,7 @@ use shoal_proto::{
 };
 use std::collections::VecDeque;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -65,8 +65,8 @@ pub struct ExecTask {
 /// Tasks the scheduler asked to stop while they run.
 #[derive(Default)]
 struct Stops {
-    /// Running command tasks: their stop flags.
-    commands: FxHashMap<u64, Arc<AtomicBool>>,
+    /// Running command tasks: their stop flags and process groups.
+    commands: FxHashMap<u64, Arc<(AtomicBool, AtomicU32)>>,
     /// Asked to stop, not (yet) a registered command: a command that
     /// registers later stops at once; Python tasks are in `python` too.
     asked: FxHashSet<u64>,
@@ -461,11 +461,11 @@ impl WorkerShared {
         extra_env: &[(String, String)],
         time_limit: Option<Duration>,
     ) -> io::Result<crate::command::Outcome> {
-        let flag = Arc::new(AtomicBool::new(false));
+        let flag = Arc::new((AtomicBool::new(false), AtomicU32::new(0)));
         {
             let mut st = self.stops.lock();
             if st.asked.remove(&task) {
-                flag.store(true, Ordering::Release);
+                flag.0.store(true, Ordering::Release);
             }
             st.commands.insert(task, flag.clone());
         }
@@ -476,7 +476,8 @@ impl WorkerShared {
             extra_env,
             time_limit,
             grace: self.stop_grace,
-            stop: &flag,
+            stop: &flag.0,
+            group: &flag.1,
         });
         self.stops.lock().commands.remove(&task);
         out
@@ -486,12 +487,23 @@ impl WorkerShared {
     fn stop_running(&self, task: u64) {
         let mut st = self.stops.lock();
         if let Some(flag) = st.commands.get(&task) {
-            flag.store(true, Ordering::Release);
+            flag.0.store(true, Ordering::Release);
             return;
         }
         st.asked.insert(task);
         st.python.push(task);
         self.stops_cv.notify_all();
+    }
+
+    /// Kills the process groups of the commands running here: called as
+    /// this process exits, so that no program outlives its worker.
+    pub fn kill_commands(&self) {
+        for c in self.stops.lock().commands.values() {
+            let g = c.1.load(Ordering::Acquire);
+            if g != 0 {
+                crate::command::signal_group(g, libc::SIGKILL);
+            }
+        }
     }
 
     /// For the Python watchdog: running tasks the scheduler asked to stop
@@ -878,6 +890,7 @@ pub fn start(
             // The scheduler is gone without asking us to stop: for an embedded
             // cluster this means the client process died. Leave no orphan.
             eprintln!("shoal worker {}: {why}; exiting", std::process::id());
+            sh.kill_commands();
             // SAFETY: _exit ends the process at once without running handlers;
             // nothing here needs flushing (results are useless without a scheduler).
             unsafe { libc::_exit(status) };
@@ -1046,6 +1059,7 @@ fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
                 std::process::id()
             );
             crate::shm::remove_process(std::process::id());
+            sh.kill_commands();
             // SAFETY: as on scheduler loss; the nanny starts a new process.
             unsafe { libc::_exit(75) };
         }
