@@ -110,6 +110,12 @@ pub(crate) struct SchedulerArgs {
     /// Serve no dashboard.
     #[arg(long)]
     no_dashboard: bool,
+    /// Keep jobs (`shoal submit`) and their tasks' outcomes in this file:
+    /// a scheduler started again with it (same --port, same token) after a
+    /// crash restores them and runs their unfinished tasks again. See
+    /// docs/jobs.md for what is and is not restored.
+    #[arg(long)]
+    journal: Option<PathBuf>,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -367,8 +373,13 @@ pub(crate) fn run_scheduler(a: SchedulerArgs) -> CliResult {
     let dashboard_token = secret.dashboard_token();
     let dashboard = (!a.no_dashboard).then_some(a.dashboard_address.as_str());
     let handle = rt
-        .block_on(scheduler::start(&addr, secret, dashboard))
-        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        .block_on(scheduler::start_with_journal(
+            &addr,
+            secret,
+            dashboard,
+            a.journal.as_deref(),
+        ))
+        .map_err(|e| format!("cannot start the scheduler at {addr}: {e}"))?;
     let address = handle.address.to_string();
     println!("shoal scheduler at {address}");
     if let Some(url) = &handle.dashboard {

@@ -389,9 +389,44 @@ pub(crate) fn run_submit(a: SubmitArgs) -> CliResult {
         t0.elapsed().as_secs_f64() * 1000.0
     );
     if a.wait {
-        return wait(&c, job);
+        drop(c);
+        return wait_reconnecting(&a.target, job);
     }
     Ok(())
+}
+
+/// How long `shoal job wait` tries to reach a scheduler that is gone (one
+/// with a journal may be started again meanwhile).
+const RECONNECT_FOR: Duration = Duration::from_secs(120);
+
+/// [`wait`], connecting again when the scheduler goes away: a scheduler
+/// started again with its journal still knows the job.
+fn wait_reconnecting(target: &Target, job: u32) -> CliResult {
+    let mut lost: Option<Instant> = None;
+    loop {
+        let err = match target.connect() {
+            Ok(c) => match wait(&c, job) {
+                Err(Waiting::Ended(e)) => return Err(e),
+                Ok(()) => return Ok(()),
+                Err(Waiting::Lost(e)) => e,
+            },
+            Err(e) => e,
+        };
+        let since = *lost.get_or_insert_with(Instant::now);
+        if since.elapsed() > RECONNECT_FOR {
+            return Err(format!("{err} (gave up after {RECONNECT_FOR:?})"));
+        }
+        eprintln!("shoal: {err}; trying again");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// Why [`wait`] stopped without the job ending well.
+enum Waiting {
+    /// The job ended with failures or cancellations (or does not exist).
+    Ended(String),
+    /// The scheduler is gone.
+    Lost(String),
 }
 
 /// `shoal job ...`.
@@ -409,10 +444,7 @@ pub(crate) fn run_job(cmd: JobCommand) -> CliResult {
             print!("{}", info_text(&v));
             Ok(())
         }
-        JobCommand::Wait(a) => {
-            let c = a.target.connect()?;
-            wait(&c, a.job)
-        }
+        JobCommand::Wait(a) => wait_reconnecting(&a.target, a.job),
         JobCommand::Cancel(a) => {
             let c = a.target.connect()?;
             let v = answer(&c.cancel_job(a.job, ASK)?)?;
@@ -437,12 +469,15 @@ fn counts(v: &Value) -> String {
 }
 
 /// Polls the job until it ends; progress on stderr.
-fn wait(c: &ClientShared, job: u32) -> CliResult {
+fn wait(c: &ClientShared, job: u32) -> Result<(), Waiting> {
     let tty = std::io::stderr().is_terminal();
     let mut last = String::new();
     let mut last_print = Instant::now();
     loop {
-        let v = answer(&c.query(&format!("/api/jobs/{job}"), ASK)?)?;
+        let reply = c
+            .query(&format!("/api/jobs/{job}"), ASK)
+            .map_err(Waiting::Lost)?;
+        let v = answer(&reply).map_err(Waiting::Ended)?;
         let line = format!("job {job}: {}", counts(&v));
         let done = v["state"] != "running";
         if tty {
@@ -461,11 +496,11 @@ fn wait(c: &ClientShared, job: u32) -> CliResult {
                 Some("finished") => Ok(()),
                 _ => {
                     print!("{}", errors_text(&v));
-                    Err(format!(
+                    Err(Waiting::Ended(format!(
                         "job {job} {}: {}",
                         v["state"].as_str().unwrap_or("?"),
                         counts(&v)
-                    ))
+                    )))
                 }
             };
         }

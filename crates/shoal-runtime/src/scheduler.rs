@@ -6,6 +6,7 @@
 mod api;
 mod http;
 mod jobs;
+mod journal;
 mod monitor;
 
 pub use http::{APP_CSS, APP_JS, INDEX_HTML};
@@ -119,6 +120,110 @@ pub async fn start(
     secret: Secret,
     dashboard: Option<&str>,
 ) -> io::Result<SchedulerHandle> {
+    start_with_journal(address, secret, dashboard, None).await
+}
+
+/// What a journal gave back at start.
+struct Recovery {
+    journal: journal::Journal,
+    jobs: jobs::Jobs,
+    /// Pending tasks of each job, to submit again.
+    pending: Vec<(u32, Vec<TaskSpec>)>,
+}
+
+/// Reads the journal, rebuilds the jobs, and compacts the file.
+fn recover(path: &std::path::Path) -> io::Result<Recovery> {
+    let (mut journal, records) = journal::Journal::open(path)?;
+    let mut jobs = jobs::Jobs::default();
+    let mut pending: std::collections::BTreeMap<u32, FxHashMap<u64, TaskSpec>> = Default::default();
+    let n = records.len();
+    for r in records {
+        match r {
+            journal::Record::Job {
+                id,
+                name,
+                max_fails,
+                submitted_us,
+                ids,
+                tasks,
+            } => {
+                jobs.add_with_id(id, name, max_fails, &ids, submitted_us);
+                pending.insert(id, tasks.into_iter().map(|t| (t.id, t)).collect());
+            }
+            journal::Record::Ended {
+                task,
+                outcome,
+                error,
+                at_us,
+            } => {
+                let job = jobs.job_of_task(task);
+                let cancel = jobs.ended(task, journal::outcome_of(outcome), error, at_us);
+                // Past max_fails the rest was cancelled (maybe not journaled
+                // before the crash): cancelled here too.
+                for t in &cancel {
+                    jobs.ended(t.0, jobs::Outcome::Cancelled, None, at_us);
+                }
+                if let Some(specs) = job.and_then(|j| pending.get_mut(&j)) {
+                    specs.remove(&task);
+                    for t in &cancel {
+                        specs.remove(&t.0);
+                    }
+                }
+            }
+            journal::Record::Snapshot(snap) => {
+                let id = snap.id;
+                let specs = jobs.restore(snap);
+                pending.insert(id, specs.into_iter().map(|t| (t.id, t)).collect());
+            }
+        }
+    }
+    let pending: Vec<(u32, Vec<TaskSpec>)> = pending
+        .into_iter()
+        .map(|(j, specs)| {
+            let mut v: Vec<TaskSpec> = specs.into_values().collect();
+            v.sort_by_key(|t| t.id);
+            (j, v)
+        })
+        .filter(|(_, v)| !v.is_empty())
+        .collect();
+    let by_id: FxHashMap<u64, &TaskSpec> = pending
+        .iter()
+        .flat_map(|(_, v)| v.iter().map(|t| (t.id, t)))
+        .collect();
+    let snaps = jobs.snapshots(|t| by_id.get(&t).map(|s| (*s).clone()));
+    let records: Vec<journal::Record> = snaps.into_iter().map(journal::Record::Snapshot).collect();
+    journal.rewrite(&records)?;
+    let left: usize = pending.iter().map(|(_, v)| v.len()).sum();
+    tracing::info!(
+        "journal {}: {n} records read; {} jobs, {left} tasks to run again",
+        path.display(),
+        records.len()
+    );
+    Ok(Recovery {
+        journal,
+        jobs,
+        pending,
+    })
+}
+
+/// [`start`], with a journal (`shoal scheduler --journal`): the jobs it
+/// holds are restored and their unfinished tasks submitted again, and new
+/// jobs and their tasks' ends are written to it.
+pub async fn start_with_journal(
+    address: &Address,
+    secret: Secret,
+    dashboard: Option<&str>,
+    journal: Option<&std::path::Path>,
+) -> io::Result<SchedulerHandle> {
+    let recovery = journal.map(recover).transpose()?;
+    // Connection ids above those of restored tasks (`client << 40 | n`):
+    // new clients' task ids never collide with them.
+    let min_id = recovery
+        .iter()
+        .flat_map(|r| r.pending.iter().flat_map(|(_, v)| v.iter()))
+        .map(|t| (t.id >> 40) as u32 + 1)
+        .max()
+        .unwrap_or(0);
     let listener = Listener::bind(address).await?;
     let address = listener.local_addr()?;
     let (events, rx) = mpsc::unbounded_channel();
@@ -172,6 +277,7 @@ pub async fn start(
         stop_rx.clone(),
         address.to_string(),
         url.clone().unwrap_or_default(),
+        recovery,
     ));
     let stop_all = stop.clone();
     tokio::spawn(async move {
@@ -189,7 +295,13 @@ pub async fn start(
             let _ = stop_all.send(true);
         }
     });
-    tokio::spawn(accept_loop(listener, events.clone(), stop_rx, secret));
+    tokio::spawn(accept_loop(
+        listener,
+        events.clone(),
+        stop_rx,
+        secret,
+        min_id,
+    ));
     Ok(SchedulerHandle {
         address,
         dashboard: url,
@@ -215,6 +327,7 @@ async fn accept_loop(
     events: mpsc::UnboundedSender<Event>,
     mut stop: watch::Receiver<bool>,
     secret: Secret,
+    min_id: u32,
 ) {
     // Ids (and so the task ids a client makes, `id << 40 | n`) start at a
     // random point below 4,096: two clusters' first clients get different
@@ -223,7 +336,7 @@ async fn accept_loop(
     // JavaScript) for the first few thousand connections.
     let mut r = [0u8; 2];
     let _ = getrandom::fill(&mut r);
-    let first = 1 + u32::from(u16::from_le_bytes(r)) % 4095;
+    let first = (1 + u32::from(u16::from_le_bytes(r)) % 4095).max(min_id);
     let ids = Arc::new(AtomicU32::new(first));
     loop {
         tokio::select! {
@@ -376,6 +489,8 @@ struct State {
     retired: rustc_hash::FxHashSet<u32>,
     /// Jobs of command tasks (`shoal submit`).
     jobs: jobs::Jobs,
+    /// `--journal`: jobs and their tasks' ends are written to it.
+    journal: Option<journal::Journal>,
 }
 
 async fn owner(
@@ -383,6 +498,7 @@ async fn owner(
     mut stop: watch::Receiver<bool>,
     address: String,
     dashboard: String,
+    recovery: Option<Recovery>,
 ) {
     let mut st = State {
         address,
@@ -410,7 +526,16 @@ async fn owner(
         closing: false,
         retired: Default::default(),
         jobs: Default::default(),
+        journal: None,
     };
+    if let Some(r) = recovery {
+        st.jobs = r.jobs;
+        st.journal = Some(r.journal);
+        for (job, specs) in r.pending {
+            st.submit(jobs::job_client(job), specs);
+        }
+        st.process();
+    }
     let mut batch = Vec::with_capacity(64);
     // The core has no clock: time reaches it as ticks (stall detection).
     let start = tokio::time::Instant::now();
@@ -425,6 +550,7 @@ async fn owner(
                 for ev in batch.drain(..) {
                     st.handle(ev);
                 }
+                st.flush_journal();
             }
             now = tick.tick() => {
                 // How late this tick runs: the event loop's lag.
@@ -433,9 +559,13 @@ async fn owner(
                 st.monitor.lag_max_us = st.monitor.lag_max_us.max(lag);
                 st.core.handle_tick((now - start).as_micros() as u64);
                 st.process();
+                st.flush_journal();
                 if now >= next_ping {
                     next_ping = now + net::HEARTBEAT;
                     st.heartbeat(now);
+                    if let Some(j) = &mut st.journal {
+                        j.sync();
+                    }
                 }
             }
         }
@@ -743,9 +873,18 @@ impl State {
         for t in &mut tasks {
             t.group.clone_from(&group);
         }
-        let job = self
-            .jobs
-            .add(name, max_fails, &ids, crate::worker::now_us());
+        let now = crate::worker::now_us();
+        if let Some(j) = &mut self.journal {
+            j.append(&journal::Record::Job {
+                id: self.jobs.next_id(),
+                name: name.clone(),
+                max_fails,
+                submitted_us: now,
+                ids: ids.clone(),
+                tasks: tasks.clone(),
+            });
+        }
+        let job = self.jobs.add(name, max_fails, &ids, now);
         tracing::info!("job {job}: {} tasks submitted", ids.len());
         self.submit(jobs::job_client(job), tasks);
         Ok(job)
@@ -1151,8 +1290,7 @@ impl State {
                     self.errors.remove(&task.0);
                 }
                 Action::TaskMemory { client, task } if jobs::job_of(client).is_some() => {
-                    let now = crate::worker::now_us();
-                    let cancel = self.jobs.ended(task.0, jobs::Outcome::Finished, None, now);
+                    let cancel = self.job_task_ended(task, jobs::Outcome::Finished, None);
                     job_done.push((client, task, cancel));
                 }
                 Action::TaskErred {
@@ -1165,8 +1303,7 @@ impl State {
                         ErrorKind::Cancelled => (jobs::Outcome::Cancelled, None),
                         _ => (jobs::Outcome::Failed, Some(self.error_words(cause, kind))),
                     };
-                    let now = crate::worker::now_us();
-                    let cancel = self.jobs.ended(task.0, outcome, text, now);
+                    let cancel = self.job_task_ended(task, outcome, text);
                     job_done.push((client, task, cancel));
                 }
                 Action::TaskMemory { client, task } => {
@@ -1229,6 +1366,49 @@ impl State {
                 self.core.handle_release(client, &[task]);
             }
             self.process();
+        }
+    }
+
+    /// A job's task ended: recorded in the job (and the journal).
+    fn job_task_ended(
+        &mut self,
+        task: TaskId,
+        outcome: jobs::Outcome,
+        error: Option<String>,
+    ) -> Vec<TaskId> {
+        let now = crate::worker::now_us();
+        if let Some(j) = &mut self.journal {
+            if self.jobs.job_of_task(task.0).is_some() {
+                j.append(&journal::Record::Ended {
+                    task: task.0,
+                    outcome: journal::outcome_code(outcome),
+                    error: error.clone(),
+                    at_us: now,
+                });
+            }
+        }
+        self.jobs.ended(task.0, outcome, error, now)
+    }
+
+    /// Writes what the journal queued; compacts it when it has grown.
+    fn flush_journal(&mut self) {
+        let Some(j) = &mut self.journal else {
+            return;
+        };
+        j.flush();
+        if j.wants_compaction() {
+            let specs = &self.specs;
+            let records: Vec<journal::Record> = self
+                .jobs
+                .snapshots(|t| specs.get(&t).cloned())
+                .into_iter()
+                .map(journal::Record::Snapshot)
+                .collect();
+            if let Some(j) = &mut self.journal {
+                if let Err(e) = j.rewrite(&records) {
+                    tracing::error!("cannot compact the journal: {e}");
+                }
+            }
         }
     }
 

@@ -26,6 +26,25 @@ pub(super) fn job_of(client: ClientId) -> Option<u32> {
     (client.0 & JOB_BIT != 0 && client != DETACHED).then_some(client.0 & !JOB_BIT)
 }
 
+/// A job as the journal keeps it when compacted: the outcomes so far and
+/// the tasks still to run.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq)]
+pub(super) struct JobSnapshot {
+    pub(super) id: u32,
+    pub(super) name: String,
+    pub(super) max_fails: u32,
+    pub(super) submitted_us: u64,
+    pub(super) ended_us: Option<u64>,
+    /// Job task ids and scheduler task ids, in submission order.
+    pub(super) ids: Vec<u64>,
+    pub(super) tasks: Vec<u64>,
+    /// Per task, as `journal::outcome_code` (3: pending).
+    pub(super) outcomes: Vec<u8>,
+    pub(super) errors: Vec<(u64, String)>,
+    /// The pending tasks' specs.
+    pub(super) pending: Vec<shoal_proto::TaskSpec>,
+}
+
 /// How a job's task ended.
 #[derive(Copy, Clone, PartialEq, Eq, Debug)]
 pub(super) enum Outcome {
@@ -125,6 +144,93 @@ impl Jobs {
             },
         );
         id
+    }
+
+    /// Every job as a snapshot; `spec` gives a pending task's spec.
+    pub(super) fn snapshots(
+        &self,
+        spec: impl Fn(u64) -> Option<shoal_proto::TaskSpec>,
+    ) -> Vec<JobSnapshot> {
+        self.jobs
+            .iter()
+            .map(|(&id, j)| JobSnapshot {
+                id,
+                name: j.name.clone(),
+                max_fails: j.max_fails,
+                submitted_us: j.submitted_us,
+                ended_us: j.ended_us,
+                ids: j.ids.clone(),
+                tasks: j.tasks.clone(),
+                outcomes: j
+                    .outcome
+                    .iter()
+                    .map(|&o| match o {
+                        Outcome::Pending => 3,
+                        o => super::journal::outcome_code(o),
+                    })
+                    .collect(),
+                errors: j.errors.clone(),
+                pending: j
+                    .tasks
+                    .iter()
+                    .zip(&j.outcome)
+                    .filter(|(_, o)| **o == Outcome::Pending)
+                    .filter_map(|(&t, _)| spec(t))
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// Restores a job from a snapshot; returns its pending tasks' specs.
+    pub(super) fn restore(&mut self, s: JobSnapshot) -> Vec<shoal_proto::TaskSpec> {
+        let outcome: Vec<Outcome> = s
+            .outcomes
+            .iter()
+            .map(|&c| match c {
+                3 => Outcome::Pending,
+                c => super::journal::outcome_of(c),
+            })
+            .collect();
+        let count = |o: Outcome| outcome.iter().filter(|&&x| x == o).count();
+        for (i, (&t, &o)) in s.tasks.iter().zip(&outcome).enumerate() {
+            if o == Outcome::Pending {
+                self.by_task.insert(t, (s.id, i as u32));
+            }
+        }
+        self.last = self.last.max(s.id);
+        self.jobs.insert(
+            s.id,
+            Job {
+                name: s.name,
+                submitted_us: s.submitted_us,
+                ended_us: s.ended_us,
+                pending: count(Outcome::Pending),
+                finished: count(Outcome::Finished),
+                failed: count(Outcome::Failed),
+                cancelled: count(Outcome::Cancelled),
+                ids: s.ids,
+                tasks: s.tasks,
+                outcome,
+                errors: s.errors,
+                max_fails: s.max_fails,
+            },
+        );
+        s.pending
+    }
+
+    /// Records a journaled job under its own id (replay).
+    pub(super) fn add_with_id(
+        &mut self,
+        id: u32,
+        name: String,
+        max_fails: u32,
+        tasks: &[(u64, u64)],
+        submitted_us: u64,
+    ) {
+        let before = self.last;
+        self.last = id.saturating_sub(1);
+        self.add(name, max_fails, tasks, submitted_us);
+        self.last = self.last.max(before);
     }
 
     /// The job a pending task belongs to.
