@@ -11,6 +11,10 @@ use std::time::Duration;
 
 pub(crate) type CliResult = Result<(), String>;
 
+/// Seconds a `--reconnect` worker process tries to join its lost scheduler
+/// again before it exits (and its supervisor starts another).
+const RECONNECT_IN_PROCESS: u32 = 600;
+
 /// Certificates for TLS (all three, or none).
 #[derive(Args, Debug, Clone, Default)]
 pub(crate) struct TlsArgs {
@@ -165,8 +169,11 @@ pub(crate) struct WorkerArgs {
     /// Seconds of silence from the scheduler after which workers exit.
     #[arg(long)]
     heartbeat_timeout: Option<f64>,
-    /// When the scheduler is lost, keep starting workers (once a second)
-    /// until it is back at the same address, instead of giving up.
+    /// When the scheduler is lost, join it again when it is back at the
+    /// same address instead of giving up: each process keeps running its
+    /// tasks and tries once a second for 10 minutes (a scheduler started
+    /// again with its --journal adopts those tasks), then exits and a
+    /// fresh process keeps trying.
     #[arg(long)]
     reconnect: bool,
     /// Seconds workers get on SIGTERM to hand their data over before
@@ -493,6 +500,11 @@ pub(crate) fn run_worker(a: WorkerArgs, host: &HostInfo) -> CliResult {
     // The token travels in the environment, never on a command line.
     let mut env = vec![("SHOAL_TOKEN".to_string(), secret.token())];
     env.extend(tls.iter().flat_map(TlsFiles::env));
+    if a.reconnect {
+        // Each process keeps its running tasks across a scheduler restart
+        // for this long; past it, it exits and a fresh one is started.
+        env.push(("SHOAL_RECONNECT".into(), RECONNECT_IN_PROCESS.to_string()));
+    }
     if let Some(pkg) = host
         .package_path
         .as_deref()

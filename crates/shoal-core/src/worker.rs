@@ -260,6 +260,28 @@ impl<T, H> WorkerState<T, H> {
         self.released.extend(results);
     }
 
+    /// The scheduler was lost (a new one will place its tasks again):
+    /// every order not started is dropped; returns their fetches to abort.
+    /// Running tasks run on.
+    pub fn forget_orders(&mut self) -> Vec<H> {
+        let ids: Vec<u64> = self.orders.keys().copied().collect();
+        let mut aborts = Vec::new();
+        for task in ids {
+            if let Some(o) = self.orders.remove(&task) {
+                self.record(task, o.attempt, "forgotten", None);
+                aborts.extend(o.fetch);
+            }
+        }
+        aborts
+    }
+
+    /// Tasks an execution thread runs now.
+    pub fn running_tasks(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.running.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
     /// The scheduler asks the worker to stop.
     pub fn shutdown(&mut self) {
         self.closed = true;

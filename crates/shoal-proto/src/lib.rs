@@ -341,6 +341,18 @@ pub enum ToScheduler {
     /// restart me. Its other tasks are not to blame (sent after the stuck
     /// task's failure; answered with [`FromScheduler::Restart`]).
     RestartMe,
+    /// Worker, first message on a connection made again after it lost its
+    /// scheduler (`shoal worker --reconnect`): the tasks it still runs, and
+    /// its `Finished`/`Failed` reports the lost scheduler had not
+    /// acknowledged ([`FromScheduler::Ack`]), which count as the first
+    /// reports of this connection. A scheduler restored from its journal
+    /// adopts those tasks instead of running them again.
+    Rejoin {
+        /// Tasks its threads run now.
+        running: Vec<u64>,
+        /// Reports not acknowledged, in the order they were first sent.
+        reports: Vec<ToScheduler>,
+    },
 }
 
 /// When and on which thread a task ran (the worker's clock).
@@ -626,6 +638,10 @@ pub enum FromScheduler {
     /// To a worker: send what you have to report now, profile samples
     /// included, then `Synced` with this id.
     Sync(u64),
+    /// To a worker: the first `n` `Finished`/`Failed` reports it sent on
+    /// this connection are recorded (journaled, where there is a journal):
+    /// it need not send them again after a reconnect.
+    Ack(u64),
 }
 
 /// A data request to a worker's data server.

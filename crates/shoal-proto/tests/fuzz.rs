@@ -114,6 +114,15 @@ fn corpus() -> Vec<Vec<u8>> {
         },
         ToScheduler::CancelJob { query: 4, job: 1 },
         ToScheduler::RestartMe,
+        ToScheduler::Rejoin {
+            running: vec![1, 2],
+            reports: vec![ToScheduler::Finished {
+                id: 3,
+                size: 1,
+                value: Some(Bytes::from_static(b"v")),
+                timing: Timing::default(),
+            }],
+        },
     ];
     let from: Vec<FromScheduler> = vec![
         FromScheduler::Compute {
@@ -141,6 +150,7 @@ fn corpus() -> Vec<Vec<u8>> {
             job: 2,
         },
         FromScheduler::Stop(7),
+        FromScheduler::Ack(12),
         FromScheduler::Erred {
             id: 1,
             error: TaskError::Cycle { cause: "x".into() },

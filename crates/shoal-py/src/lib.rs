@@ -839,7 +839,7 @@ impl WorkerCore {
     /// Id assigned by the scheduler.
     #[getter]
     fn id(&self) -> u32 {
-        self.inner.id
+        self.inner.id()
     }
 
     /// Reports `done` (tuples `(id, ok, payload, start_us, duration_us,

@@ -740,6 +740,10 @@ impl Weigh for shoal_proto::ToScheduler {
             T::Failed { error, text, .. } => SMALL + error.len() + text.len(),
             T::Query { path, .. } => SMALL + path.len(),
             T::Telemetry(_) => 4096,
+            T::SubmitJob { tasks, .. } => tasks.iter().map(|t| SMALL + t.args.len()).sum(),
+            T::Rejoin { running, reports } => {
+                ids_weight(running) + reports.iter().map(|r| r.weight()).sum::<usize>()
+            }
             _ => SMALL,
         }
     }

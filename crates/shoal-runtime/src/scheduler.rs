@@ -123,6 +123,21 @@ pub async fn start(
     start_with_journal(address, secret, dashboard, None).await
 }
 
+/// How long a scheduler restored from its journal holds the unfinished
+/// tasks back, for workers that rejoin to claim what they still run or
+/// finished (`SHOAL_RECOVERY_WAIT` seconds, default 3: `--reconnect`
+/// workers try once a second).
+fn recovery_wait() -> std::time::Duration {
+    std::env::var("SHOAL_RECOVERY_WAIT")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|v| v.is_finite() && *v >= 0.0)
+        .map_or(
+            std::time::Duration::from_secs(3),
+            std::time::Duration::from_secs_f64,
+        )
+}
+
 /// What a journal gave back at start.
 struct Recovery {
     journal: journal::Journal,
@@ -432,6 +447,10 @@ struct WorkerConn {
     name: String,
     nthreads: u32,
     resources: Vec<(String, f64)>,
+    /// `Finished`/`Failed` reports received on this connection, and how
+    /// many of them it was told are recorded (`Ack`, each heartbeat).
+    reports: u64,
+    acked: u64,
 }
 
 /// A connected client.
@@ -491,6 +510,13 @@ struct State {
     jobs: jobs::Jobs,
     /// `--journal`: jobs and their tasks' ends are written to it.
     journal: Option<journal::Journal>,
+    /// Unfinished job tasks restored from the journal, held out of the core
+    /// until `restored_until`, so that workers that rejoin can claim the
+    /// ones they still run or finished: task -> (job, spec).
+    restored: FxHashMap<u64, (u32, TaskSpec)>,
+    restored_until: Option<tokio::time::Instant>,
+    /// Restored tasks a rejoined worker runs: task -> (worker, job, spec).
+    adopted: FxHashMap<u64, (u32, u32, TaskSpec)>,
 }
 
 async fn owner(
@@ -527,14 +553,20 @@ async fn owner(
         retired: Default::default(),
         jobs: Default::default(),
         journal: None,
+        restored: FxHashMap::default(),
+        restored_until: None,
+        adopted: FxHashMap::default(),
     };
     if let Some(r) = recovery {
         st.jobs = r.jobs;
         st.journal = Some(r.journal);
         for (job, specs) in r.pending {
-            st.submit(jobs::job_client(job), specs);
+            st.restored
+                .extend(specs.into_iter().map(|t| (t.id, (job, t))));
         }
-        st.process();
+        if !st.restored.is_empty() {
+            st.restored_until = Some(tokio::time::Instant::now() + recovery_wait());
+        }
     }
     let mut batch = Vec::with_capacity(64);
     // The core has no clock: time reaches it as ticks (stall detection).
@@ -558,6 +590,9 @@ async fn owner(
                 st.monitor.lag_us = lag;
                 st.monitor.lag_max_us = st.monitor.lag_max_us.max(lag);
                 st.core.handle_tick((now - start).as_micros() as u64);
+                if st.restored_until.is_some_and(|t| now >= t) {
+                    st.release_restored();
+                }
                 st.process();
                 st.flush_journal();
                 if now >= next_ping {
@@ -614,6 +649,8 @@ impl State {
                         name,
                         nthreads,
                         resources,
+                        reports: 0,
+                        acked: 0,
                     },
                 );
                 self.core
@@ -635,6 +672,7 @@ impl State {
                     }
                 }
                 self.synced_all(id);
+                self.adopted_lost(id);
                 self.core.handle_worker_lost(WorkerId(id));
                 self.process();
             }
@@ -956,7 +994,41 @@ impl State {
 
     fn worker_msg(&mut self, worker: u32, msg: ToScheduler) {
         let wid = WorkerId(worker);
+        if matches!(
+            msg,
+            ToScheduler::Finished { .. } | ToScheduler::Failed { .. }
+        ) {
+            if let Some(w) = self.workers.get_mut(&worker) {
+                w.reports += 1; // acknowledged at the next heartbeat
+            }
+        }
         match msg {
+            ToScheduler::Finished { id, .. } | ToScheduler::Failed { id, .. }
+                if self.restored.contains_key(&id) || self.adopted.contains_key(&id) =>
+            {
+                let (outcome, text) = match msg {
+                    ToScheduler::Failed { text, .. } => (jobs::Outcome::Failed, Some(text)),
+                    _ => (jobs::Outcome::Finished, None),
+                };
+                self.restored_ended(id, outcome, text);
+            }
+            ToScheduler::Rejoin { running, reports } => {
+                tracing::info!(
+                    "worker {worker} rejoined: {} tasks running, {} reports sent again",
+                    running.len(),
+                    reports.len()
+                );
+                for r in reports {
+                    if matches!(r, ToScheduler::Finished { .. } | ToScheduler::Failed { .. }) {
+                        self.worker_msg(worker, r);
+                    }
+                }
+                for id in running {
+                    if let Some((job, spec)) = self.restored.remove(&id) {
+                        self.adopted.insert(id, (worker, job, spec));
+                    }
+                }
+            }
             ToScheduler::Finished {
                 id,
                 size,
@@ -1118,11 +1190,72 @@ impl State {
                 w.tx.close();
             }
             self.synced_all(id);
+            self.adopted_lost(id);
             self.core.handle_worker_lost(WorkerId(id));
             self.process();
         }
-        for w in self.workers.values() {
+        for w in self.workers.values_mut() {
             let _ = w.tx.send(FromScheduler::Ping);
+            // What they reported is recorded (the journal was written
+            // before this beat): they need not keep it for a rejoin.
+            if w.reports > w.acked {
+                w.acked = w.reports;
+                let _ = w.tx.send(FromScheduler::Ack(w.reports));
+            }
+        }
+    }
+
+    /// The recovery wait is over: restored tasks no rejoined worker claimed
+    /// go to the core to be placed.
+    fn release_restored(&mut self) {
+        self.restored_until = None;
+        let mut by_job: std::collections::BTreeMap<u32, Vec<TaskSpec>> = Default::default();
+        for (_, (job, spec)) in self.restored.drain() {
+            by_job.entry(job).or_default().push(spec);
+        }
+        let mut n = 0;
+        for (job, mut specs) in by_job {
+            specs.sort_by_key(|t| t.id);
+            n += specs.len();
+            self.submit(jobs::job_client(job), specs);
+        }
+        tracing::info!(
+            "recovery: {n} restored tasks to run again, {} adopted from rejoined workers",
+            self.adopted.len()
+        );
+    }
+
+    /// A restored job task's outcome arrived (a rejoined worker ran it):
+    /// recorded without the core, which never had it. False if `id` is not
+    /// such a task.
+    fn restored_ended(&mut self, id: u64, outcome: jobs::Outcome, error: Option<String>) -> bool {
+        let known = self.restored.remove(&id).is_some() || self.adopted.remove(&id).is_some();
+        if known {
+            self.job_task_ended(TaskId(id), outcome, error);
+        }
+        known
+    }
+
+    /// A worker left: restored tasks it ran are to run again.
+    fn adopted_lost(&mut self, worker: u32) {
+        let lost: Vec<u64> = self
+            .adopted
+            .iter()
+            .filter(|(_, a)| a.0 == worker)
+            .map(|(&t, _)| t)
+            .collect();
+        let mut by_job: std::collections::BTreeMap<u32, Vec<TaskSpec>> = Default::default();
+        for t in lost {
+            if let Some((_, job, spec)) = self.adopted.remove(&t) {
+                if self.restored_until.is_some() {
+                    self.restored.insert(t, (job, spec));
+                } else {
+                    by_job.entry(job).or_default().push(spec);
+                }
+            }
+        }
+        for (job, specs) in by_job {
+            self.submit(jobs::job_client(job), specs);
         }
     }
 

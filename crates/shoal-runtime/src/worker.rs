@@ -62,6 +62,14 @@ pub struct ExecTask {
     pub job: u32,
 }
 
+/// What a worker needs to join its scheduler again.
+struct Reconnect {
+    scheduler: Address,
+    role: Role,
+    /// How long it tries before it gives up and exits.
+    give_up: Duration,
+}
+
 /// Tasks the scheduler asked to stop while they run.
 #[derive(Default)]
 struct Stops {
@@ -137,8 +145,8 @@ struct Unsent {
 
 /// State shared between the I/O thread and the execution threads.
 pub struct WorkerShared {
-    /// Id assigned by the scheduler.
-    pub id: u32,
+    /// Id assigned by the scheduler (a new one after a reconnect).
+    id: AtomicU32,
     /// Execution threads.
     pub nthreads: u32,
     /// This worker's data server.
@@ -156,7 +164,13 @@ pub struct WorkerShared {
     to_pickle_cv: Condvar,
     /// Wakes transfers waiting for a result to be pickled.
     pickled: tokio::sync::Notify,
-    out: net::Outbox<ToScheduler>,
+    /// The scheduler connection's sending half (replaced on a reconnect).
+    out: parking_lot::RwLock<net::Outbox<ToScheduler>>,
+    /// `shoal worker --reconnect`: how to reach the scheduler again, and
+    /// the `Finished`/`Failed` reports it has not acknowledged (with how
+    /// many of this connection's reports it has), sent again on rejoining.
+    reconnect: Option<Reconnect>,
+    unacked: Mutex<(VecDeque<ToScheduler>, u64)>,
     /// Starts and results not yet sent: sent together once the oldest is
     /// `FLUSH_AFTER` old (by the next report or the flusher task), and
     /// before the execution loop waits.
@@ -269,6 +283,16 @@ pub enum Batch {
 }
 
 impl WorkerShared {
+    /// Id assigned by the scheduler.
+    pub fn id(&self) -> u32 {
+        self.id.load(Ordering::Relaxed)
+    }
+
+    /// The scheduler connection's sending half.
+    fn out(&self) -> net::Outbox<ToScheduler> {
+        self.out.read().clone()
+    }
+
     /// Buffers finished tasks' reports; sends the buffer once its oldest
     /// entry is `FLUSH_AFTER` old (one frame for many tiny tasks), here or
     /// from the flusher task.
@@ -372,13 +396,13 @@ impl WorkerShared {
     /// [`REPORT_BACKLOG`] bytes of reports wait to be written: a scheduler
     /// that reads slower than the worker produces slows the worker down.
     pub fn wait_room(&self) {
-        self.out.wait_room(REPORT_BACKLOG, || false);
+        self.out().wait_room(REPORT_BACKLOG, || false);
     }
 
     /// Whether reports wait beyond [`REPORT_BACKLOG`] (then call
     /// [`WorkerShared::wait_room`] without holding locks others need).
     pub fn backlogged(&self) -> bool {
-        self.out.queued_bytes() > REPORT_BACKLOG
+        self.out().queued_bytes() > REPORT_BACKLOG
     }
 
     /// Sends buffered reports now.
@@ -390,12 +414,33 @@ impl WorkerShared {
         unsent.since = None;
         if !unsent.started.is_empty() {
             let _ = self
-                .out
+                .out()
                 .send(ToScheduler::Started(std::mem::take(&mut unsent.started)));
         }
-        for m in unsent.reports.drain(..) {
-            let _ = self.out.send(m);
+        let out = self.out();
+        if self.reconnect.is_some() {
+            // Kept until acknowledged: sent again if the scheduler is lost.
+            let mut log = self.unacked.lock();
+            for m in unsent.reports.drain(..) {
+                if matches!(m, ToScheduler::Finished { .. } | ToScheduler::Failed { .. }) {
+                    log.0.push_back(m.clone());
+                }
+                let _ = out.send(m);
+            }
+            return;
         }
+        for m in unsent.reports.drain(..) {
+            let _ = out.send(m);
+        }
+    }
+
+    /// The scheduler recorded the first `n` reports of this connection.
+    fn acked(&self, n: u64) {
+        let mut log = self.unacked.lock();
+        let fresh = n.saturating_sub(log.1) as usize;
+        let fresh = fresh.min(log.0.len());
+        log.0.drain(..fresh);
+        log.1 = log.1.max(n);
     }
 
     /// A task waits on other tasks and lends its thread: the caller starts
@@ -415,7 +460,7 @@ impl WorkerShared {
     fn send_threads(&self, n: u32) {
         // Reports buffered before this go first: ordering with results.
         self.flush_locked(&mut self.unsent.lock());
-        let _ = self.out.send(ToScheduler::Threads(n));
+        let _ = self.out().send(ToScheduler::Threads(n));
     }
 
     /// For the Python pickling thread: held results that transfers wait for
@@ -525,14 +570,14 @@ impl WorkerShared {
     pub fn report_stuck(&self, done: Done) {
         self.report(vec![done]);
         self.flush_locked(&mut self.unsent.lock());
-        let _ = self.out.send(ToScheduler::RestartMe);
+        let _ = self.out().send(ToScheduler::RestartMe);
     }
 
     /// Asks the scheduler to retire this worker gracefully (SIGTERM): its
     /// needed results move to other workers, then it is told to stop.
     pub fn retire(&self) {
         self.flush_locked(&mut self.unsent.lock());
-        let _ = self.out.send(ToScheduler::RetireMe);
+        let _ = self.out().send(ToScheduler::RetireMe);
     }
 
     /// The file holding a result, if this worker keeps it as one (for a
@@ -598,7 +643,7 @@ impl WorkerShared {
         }
         self.flush();
         if let Some(t) = self.take_telemetry() {
-            let _ = self.out.send(ToScheduler::Telemetry(t));
+            let _ = self.out().send(ToScheduler::Telemetry(t));
         }
         // Memory as of now, too (a report's last point).
         let m = {
@@ -607,9 +652,9 @@ impl WorkerShared {
             m.bytes_out = self.bytes_out.load(Ordering::Relaxed);
             m.clone()
         };
-        let _ = self.out.send(ToScheduler::Heartbeat(m));
+        let _ = self.out().send(ToScheduler::Heartbeat(m));
         for sid in syncs {
-            let _ = self.out.send(ToScheduler::Synced(sid));
+            let _ = self.out().send(ToScheduler::Synced(sid));
         }
     }
 
@@ -624,7 +669,7 @@ impl WorkerShared {
             self.cv.notify_all(); // threads held back may take work again
         }
         self.flush_locked(&mut self.unsent.lock());
-        let _ = self.out.send(ToScheduler::Paused(paused));
+        let _ = self.out().send(ToScheduler::Paused(paused));
     }
 
     /// Results for a transfer: held ones are written to files on demand
@@ -794,10 +839,15 @@ pub fn start(
             pid: std::process::id(),
             resources,
         };
-        let (conn, id) = net::handshake(scheduler, role, &secret).await?;
+        let (conn, id) = net::handshake(scheduler, role.clone(), &secret).await?;
         let (out, mut stream) = net::split_batched::<ToScheduler>(conn);
+        let reconnect = reconnect_for().map(|give_up| Reconnect {
+            scheduler: scheduler.clone(),
+            role,
+            give_up,
+        });
         let shared = Arc::new(WorkerShared {
-            id,
+            id: AtomicU32::new(id),
             nthreads,
             data_addr,
             orders: Mutex::new(WorkerState::new(nthreads, ORDER_LOG)),
@@ -808,7 +858,9 @@ pub fn start(
             to_pickle: Mutex::new((VecDeque::new(), FxHashSet::default())),
             to_pickle_cv: Condvar::new(),
             pickled: tokio::sync::Notify::new(),
-            out,
+            out: parking_lot::RwLock::new(out),
+            reconnect,
+            unacked: Mutex::new((VecDeque::new(), 0)),
             unsent: Mutex::new(Unsent::default()),
             unsent_first: tokio::sync::Notify::new(),
             metrics: Mutex::new(WorkerMetrics::default()),
@@ -856,9 +908,10 @@ pub fn start(
                 };
                 (cpu0, t0) = (cpu1, t1);
                 if let Some(t) = sh.take_telemetry() {
-                    let _ = sh.out.send(ToScheduler::Telemetry(t));
+                    let _ = sh.out().send(ToScheduler::Telemetry(t));
                 }
-                if sh.out.send(ToScheduler::Heartbeat(m)).is_err() {
+                // A worker that reconnects beats on the next connection.
+                if sh.out().send(ToScheduler::Heartbeat(m)).is_err() && sh.reconnect.is_none() {
                     return;
                 }
             }
@@ -867,24 +920,40 @@ pub fn start(
         let timeout = net::heartbeat_timeout();
         tokio::spawn(async move {
             // The scheduler pings every second; silence means it died without
-            // closing, hung, or the network is cut: exit rather than wait.
+            // closing, hung, or the network is cut: exit rather than wait
+            // (or, with --reconnect, join it again when it is back).
             let (why, status) = loop {
-                let Ok(next) = tokio::time::timeout(timeout, stream.next()).await else {
-                    let why = format!("heard nothing from the scheduler for {timeout:?}");
-                    break (why, crate::local::EXIT_SCHEDULER_SILENT);
-                };
-                let Some(frame) = next else {
-                    break ("lost the scheduler connection".to_string(), 1);
-                };
-                match net::decode_batch::<FromScheduler>(frame) {
-                    Ok(msgs) => {
-                        for m in msgs {
-                            if handle(&sh, m) {
-                                return;
+                let lost = loop {
+                    let Ok(next) = tokio::time::timeout(timeout, stream.next()).await else {
+                        let why = format!("heard nothing from the scheduler for {timeout:?}");
+                        break (why, crate::local::EXIT_SCHEDULER_SILENT);
+                    };
+                    let Some(frame) = next else {
+                        break ("lost the scheduler connection".to_string(), 1);
+                    };
+                    match net::decode_batch::<FromScheduler>(frame) {
+                        Ok(msgs) => {
+                            for m in msgs {
+                                if handle(&sh, m) {
+                                    return;
+                                }
                             }
                         }
+                        Err(e) => break (format!("bad frame from the scheduler: {e}"), 1),
                     }
-                    Err(e) => break (format!("bad frame from the scheduler: {e}"), 1),
+                };
+                let Some(rc) = &sh.reconnect else {
+                    break lost;
+                };
+                eprintln!(
+                    "shoal worker {}: {}; joining it again (for up to {:?})",
+                    std::process::id(),
+                    lost.0,
+                    rc.give_up
+                );
+                match rejoin(&sh, rc).await {
+                    Ok(next) => stream = next,
+                    Err(gave_up) => break gave_up,
                 }
             };
             // The scheduler is gone without asking us to stop: for an embedded
@@ -897,6 +966,74 @@ pub fn start(
         });
         Ok(shared)
     })
+}
+
+/// `SHOAL_RECONNECT` (seconds; `shoal worker --reconnect` sets it): a worker
+/// that loses its scheduler keeps its process, its running tasks and its
+/// unacknowledged reports, and joins again for up to that long.
+fn reconnect_for() -> Option<Duration> {
+    std::env::var("SHOAL_RECONNECT")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|v| v.is_finite() && *v > 0.0)
+        .map(Duration::from_secs_f64)
+}
+
+type Stream = futures::stream::SplitStream<net::Conn>;
+
+/// Joins the scheduler again after losing it: orders not started and
+/// results held are dropped (the scheduler that comes back places its
+/// tasks anew), running tasks run on. The first message on the new
+/// connection is `Rejoin` (what runs, and the reports not acknowledged).
+/// Err: gave up (why, exit status).
+async fn rejoin(sh: &Arc<WorkerShared>, rc: &Reconnect) -> Result<Stream, (String, i32)> {
+    sh.out().close();
+    let aborts = sh.orders.lock().forget_orders();
+    aborts.into_iter().for_each(|h| h.abort());
+    let held: Vec<u64> = sh.store.lock().keys().copied().collect();
+    if !held.is_empty() {
+        handle(sh, FromScheduler::Release(held));
+    }
+    let deadline = Instant::now() + rc.give_up;
+    let (conn, id) = loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        match net::handshake(&rc.scheduler, rc.role.clone(), &sh.secret).await {
+            Ok(ok) => break ok,
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                return Err((e.to_string(), crate::local::EXIT_REFUSED));
+            }
+            Err(e) if Instant::now() >= deadline => {
+                let why = format!(
+                    "could not join the scheduler again within {:?}: {e}",
+                    rc.give_up
+                );
+                return Err((why, crate::local::EXIT_SCHEDULER_SILENT));
+            }
+            Err(_) => {}
+        }
+    };
+    let (out, stream) = net::split_batched::<ToScheduler>(conn);
+    // Under the report lock: no report overtakes the Rejoin, so the
+    // scheduler's count of reports matches the log's.
+    let unsent = sh.unsent.lock();
+    sh.id.store(id, Ordering::Relaxed);
+    let running = sh.orders.lock().running_tasks();
+    let reports: Vec<ToScheduler> = {
+        let mut log = sh.unacked.lock();
+        log.1 = 0;
+        log.0.iter().cloned().collect()
+    };
+    eprintln!(
+        "shoal worker {}: joined the scheduler again as worker {id}: {} tasks running, {} \
+         reports sent again",
+        std::process::id(),
+        running.len(),
+        reports.len()
+    );
+    let _ = out.send(ToScheduler::Rejoin { running, reports });
+    *sh.out.write() = out;
+    drop(unsent);
+    Ok(stream)
 }
 
 /// Applies one scheduler message; true on shutdown.
@@ -916,7 +1053,7 @@ fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
         } => {
             let remote: Vec<&Dep> = deps
                 .iter()
-                .filter(|d| matches!(&d.source, DepSource::Worker { id, .. } if *id != sh.id))
+                .filter(|d| matches!(&d.source, DepSource::Worker { id, .. } if *id != sh.id()))
                 .collect();
             let mut t = ExecTask {
                 id,
@@ -971,7 +1108,7 @@ fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
                             }
                         };
                         sh.flush();
-                        let _ = sh.out.send(msg);
+                        let _ = sh.out().send(msg);
                     })
                     .abort_handle()
                 });
@@ -985,7 +1122,7 @@ fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
             let (given, aborts) = sh.orders.lock().steal(&ids);
             aborts.into_iter().for_each(|h| h.abort());
             if !given.is_empty() {
-                let _ = sh.out.send(ToScheduler::Stolen(given));
+                let _ = sh.out().send(ToScheduler::Stolen(given));
             }
         }
         FromScheduler::Cancel(id) => {
@@ -1025,6 +1162,7 @@ fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
             return true;
         }
         FromScheduler::Ping => {}
+        FromScheduler::Ack(n) => sh.acked(n),
         FromScheduler::Sync(sid) => {
             sh.syncs.lock().push(sid);
             if sh.sampler.load(Ordering::Relaxed) {
@@ -1050,7 +1188,7 @@ fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
                         false
                     }
                 };
-                let _ = sh.out.send(ToScheduler::Replicated { id, ok });
+                let _ = sh.out().send(ToScheduler::Replicated { id, ok });
             });
         }
         FromScheduler::Restart => {
@@ -1127,7 +1265,7 @@ async fn fetch_inputs(
     let mut by_addr: FxHashMap<String, Vec<u64>> = FxHashMap::default();
     for d in &deps {
         if let DepSource::Worker { id, addr } = &d.source {
-            if *id != sh.id {
+            if *id != sh.id() {
                 by_addr.entry(addr.clone()).or_default().push(d.id);
             }
         }
@@ -1198,7 +1336,7 @@ async fn fetch_inputs(
         .into_iter()
         .map(|d| match d.source {
             DepSource::Inline(b) => (d.id, Input::Bytes(b)),
-            DepSource::Worker { id, .. } if id == sh.id => (d.id, Input::Local),
+            DepSource::Worker { id, .. } if id == sh.id() => (d.id, Input::Local),
             DepSource::Worker { .. } => {
                 let v = fetched.remove(&d.id).unwrap_or(Input::Local);
                 (d.id, v)
@@ -1316,7 +1454,7 @@ async fn data_server(listener: Listener, sh: Arc<WorkerShared>) {
                 }
                 Err(()) => return,
             };
-            if net::send(&mut conn, &Welcome::Accepted { id: sh.id })
+            if net::send(&mut conn, &Welcome::Accepted { id: sh.id() })
                 .await
                 .is_err()
             {
