@@ -8,7 +8,8 @@ distributed (LocalCluster, processes) and Ray, each when installed (optional:
 ``pip install shoal[bench]``). ``shoal-tcp`` is Shoal as a multi-host
 cluster on this host: ``shoal scheduler`` on loopback TCP and ``shoal
 worker`` processes (the cost of TCP, authentication and heartbeats against
-the embedded cluster's Unix sockets); ``shoal-tls`` the same with TLS.
+the embedded cluster's Unix sockets); ``shoal-tls`` the same with TLS;
+``shoal-journal`` the same with ``shoal scheduler --journal``.
 Every runner uses 2 worker processes with one thread each. Figures are
 tasks/s (higher is better) or seconds (lower is better).
 """
@@ -88,6 +89,7 @@ class Shoal:
 class ShoalTCP(Shoal):
     name = "shoal-tcp"
     tls = False
+    journal = False
 
     def __enter__(self):
         import json
@@ -108,6 +110,8 @@ class ShoalTCP(Shoal):
             subprocess.run([*cmd, "certs", certs], check=True, stdout=subprocess.DEVNULL)
             for flag, name in [("ca", "ca.pem"), ("cert", "cert.pem"), ("key", "key.pem")]:
                 extra += [f"--tls-{flag}", os.path.join(certs, name)]
+        if self.journal:
+            extra += ["--journal", os.path.join(self.dir, "journal")]
         self.procs = [
             subprocess.Popen(
                 [*cmd, "scheduler", "--port", "0", "--scheduler-file", sfile, *extra],
@@ -145,6 +149,13 @@ class ShoalTCP(Shoal):
 class ShoalTLS(ShoalTCP):
     name = "shoal-tls"
     tls = True
+
+
+class ShoalJournal(ShoalTCP):
+    """``shoal-tcp`` with ``shoal scheduler --journal``."""
+
+    name = "shoal-journal"
+    journal = True
 
 
 class PPE:
@@ -308,7 +319,10 @@ def _time(fn) -> float:
 
 
 def _available():
-    return available([Shoal, ShoalTCP, ShoalTLS, PPE, Pool], [(Dask, "distributed"), (Ray, "ray")])
+    return available(
+        [Shoal, ShoalTCP, ShoalTLS, ShoalJournal, PPE, Pool],
+        [(Dask, "distributed"), (Ray, "ray")],
+    )
 
 
 def main() -> None:

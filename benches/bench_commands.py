@@ -9,6 +9,8 @@ Runs the same program N times with two at a time:
 * ``shoal-submit``: ``shoal submit --array 1-N -- true`` on a ``shoal
   scheduler`` + ``shoal worker --nworkers 2`` cluster, then ``shoal job
   wait``; the submission alone is reported too;
+* ``shoal-journal``: the same with ``shoal scheduler --journal`` (the
+  cost of journaling every job and task end);
 * ``shoal-python``: ``client.submit_command(["true"])`` N times on the
   embedded cluster (2 workers), gathered.
 
@@ -40,12 +42,14 @@ def run_xargs(n: int) -> float:
 
 
 class Cluster:
-    def __init__(self, d: Path):
+    def __init__(self, d: Path, journal: bool = False):
+        d.mkdir(parents=True, exist_ok=True)
         self.sfile = d / "s.json"
         self.env = {**os.environ, "SHOAL_SCHEDULER_FILE": str(self.sfile)}
+        extra = ["--journal", str(d / "journal")] if journal else []
         self.procs = [
             subprocess.Popen(
-                [*SHOAL, "scheduler", "--port", "0", "--no-dashboard"]
+                [*SHOAL, "scheduler", "--port", "0", "--no-dashboard", *extra]
                 + ["--scheduler-file", str(self.sfile)],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -106,19 +110,27 @@ def main() -> None:
     ap.add_argument("--json", help="also write the figures here")
     ns = ap.parse_args()
     n = ns.n
-    runs: dict[str, list[float]] = {"xargs": [], "shoal-submit": [], "shoal-python": []}
+    runs: dict[str, list[float]] = {
+        "xargs": [],
+        "shoal-submit": [],
+        "shoal-journal": [],
+        "shoal-python": [],
+    }
     submit_s: list[float] = []
     with tempfile.TemporaryDirectory() as d:
-        c = Cluster(Path(d))
+        c = Cluster(Path(d) / "plain")
+        cj = Cluster(Path(d) / "journal", journal=True)
         try:
             for _ in range(ns.repeat):
                 runs["xargs"].append(n / run_xargs(n))
                 s, total = run_submit(c, n)
                 submit_s.append(s)
                 runs["shoal-submit"].append(n / total)
+                runs["shoal-journal"].append(n / run_submit(cj, n)[1])
                 runs["shoal-python"].append(n / run_python(n))
         finally:
             c.close()
+            cj.close()
     base = statistics.median(runs["xargs"])
     print(f"{n} x `true`, 2 at a time, median of {ns.repeat}:")
     for name, xs in runs.items():

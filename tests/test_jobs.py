@@ -191,6 +191,33 @@ def test_cancelling_a_running_python_task_stops_it(client, tmp_path):
     assert client.gather([client.submit(pow, 2, i) for i in range(4)]) == [1, 2, 4, 8]
 
 
+def import_then_loop(d):
+    sys.path.insert(0, d)
+    import slow_to_import  # noqa: F401
+
+    while True:
+        pass
+
+
+def test_an_interrupt_waits_until_an_import_is_done(client, tmp_path):
+    """A cancel that comes while the task imports a module lands after the
+    import: a module cut short halfway would stay broken for every later
+    task of that worker (joblib's own tests met this)."""
+    (tmp_path / "slow_to_import.py").write_text(
+        "import time, pathlib\n"
+        "t = time.time()\n"
+        "while time.time() - t < 1.0:\n"
+        "    pass\n"
+        f"pathlib.Path({str(tmp_path / 'imported')!r}).write_text('done')\n"
+    )
+    f = client.submit(import_then_loop, str(tmp_path))
+    time.sleep(0.4)  # inside the import
+    f.cancel()
+    wait_for((tmp_path / "imported").exists, 10, "the import to finish")
+    # The loop after it was stopped: both workers take work again.
+    assert client.gather([client.submit(pow, 2, i) for i in range(4)]) == [1, 2, 4, 8]
+
+
 def test_cancelling_a_running_command_stops_its_process_group(client, tmp_path):
     pidfile = tmp_path / "pid"
     f = client.submit_command(["sh", "-c", f"echo $$ > {pidfile}; exec sleep 300"])
@@ -589,4 +616,56 @@ def test_the_journal_restores_jobs_after_the_scheduler_is_killed(tmp_path):
         sched.wait()
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait()
+        log.close()
+
+
+def test_time_requests_avoid_workers_whose_lifetime_ends_first_and_those_retire(tmp_path):
+    """`shoal worker --lifetime`: the worker retires on time (gracefully: it
+    is not replaced); tasks with a `--time-request` longer than what it has
+    left go to the worker without a lifetime."""
+    sfile = tmp_path / "s.json"
+    env = {**os.environ, "SHOAL_SCHEDULER_FILE": str(sfile)}
+    log = open(tmp_path / "log", "ab")
+    procs = [
+        subprocess.Popen(
+            [*SHOAL, "scheduler", "--port", "0", "--no-dashboard", "--scheduler-file", str(sfile)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    ]
+    wait_for(sfile.exists, 30, "the scheduler file")
+    for name, extra in [("short", ["--lifetime", "6s"]), ("long", [])]:
+        procs.append(
+            subprocess.Popen(
+                [*SHOAL, "worker", "--name", f"{name}-{{pid}}", *extra],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        )
+    try:
+        with shoal.Client(scheduler_file=str(sfile)) as c:
+            c.wait_for_workers(2, timeout=60)
+            names = {w["pid"]: w["name"] for w in c.scheduler_info()["workers"].values()}
+            t0 = time.time()
+            r = subprocess.run(
+                [*SHOAL, "submit", "--array", "1-6", "--time-request", "1m", "--wait",
+                 "--stdout", "ran/%{TASK_ID}", "--", "sh", "-c", "echo $PPID; sleep 0.2"],
+                capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+            )  # fmt: skip
+            assert r.returncode == 0, r.stderr
+            ran_on = {names[int((tmp_path / "ran" / str(i)).read_text())] for i in range(1, 7)}
+            assert all(n.startswith("long-") for n in ran_on), ran_on
+            # The short-lived worker retires at its lifetime and is not replaced.
+            wait_for(lambda: len(c.scheduler_info()["workers"]) == 1, 30, "the retirement")
+            assert time.time() - t0 < 20
+            (left,) = c.scheduler_info()["workers"].values()
+            assert left["name"].startswith("long-")
+            assert procs[1].wait(30) == 0, "its `shoal worker` ends when its process retires"
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+            p.wait()
         log.close()

@@ -45,6 +45,16 @@ _set_async_exc.argtypes = (ctypes.c_ulong, ctypes.c_void_p)
 _set_async_exc.restype = ctypes.c_int
 
 
+def _importing(ident: int) -> bool:
+    """Whether thread ``ident`` is inside an import (importlib's frames)."""
+    f = sys._current_frames().get(ident)
+    while f is not None:
+        if f.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        f = f.f_back
+    return False
+
+
 def _dumps_error(
     exc: BaseException, name: str, tb: str | None = None, limit: float | None = None
 ) -> tuple[bytes, str]:
@@ -164,7 +174,8 @@ class _Executor:
         self.deadlines: dict[int, float] = {}  # task -> monotonic deadline
         self.limited: dict[int, tuple[str, float]] = {}  # task -> (name, limit)
         self.stop_asked: dict[int, float] = {}  # asked before it ran here
-        self.interrupted: dict[int, tuple[int, float, type]] = {}  # thread -> (task, when, why)
+        # thread -> (task, first try, why, sent)
+        self.interrupted: dict[int, tuple[int, float, type, bool]] = {}
         self.restarting = False
 
     def run(self) -> None:
@@ -238,16 +249,25 @@ class _Executor:
 
     def _interrupt(self, tid: int, cls: type) -> bool:
         """Raises ``cls`` in the thread running Python task ``tid``; False
-        if it does not run here (now)."""
+        if it does not run here (now). A thread inside an import is left
+        alone until it is out (the watchdog tries again): an import cut
+        short leaves its modules half made for every later task."""
         with self.lock:
             ident = self.running.get(tid)
-            if ident is None or ident in self.interrupted:
-                return ident is not None
-            self.interrupted[ident] = (tid, time.monotonic(), cls)
+            if ident is None:
+                return False
+            entry = self.interrupted.get(ident)
+            if entry is not None and entry[3]:
+                return True  # sent already: once per task
+            when = time.monotonic() if entry is None else entry[1]
+            self.interrupted[ident] = (tid, when, cls, False)
             if self.running.get(tid) != ident:
                 del self.interrupted[ident]
                 return False
+            if _importing(ident):
+                return True
             _set_async_exc(ident, id(cls))
+            self.interrupted[ident] = (tid, when, cls, True)
             return True
 
     def watchdog(self) -> None:
@@ -273,9 +293,11 @@ class _Executor:
                 for tid, deadline in list(self.deadlines.items()):
                     if now >= deadline and self.deadlines.pop(tid, None) is not None:
                         self._interrupt(tid, _TimeUp)
-                for ident, (tid, when, cls) in list(self.interrupted.items()):
+                for ident, (tid, when, cls, sent) in list(self.interrupted.items()):
                     if now >= when + grace and self.running.get(tid) == ident:
                         self._stuck(tid, cls, now - when)
+                    elif not sent:
+                        self._interrupt(tid, cls)  # it was importing
                 for tid, when in list(self.stop_asked.items()):
                     if now - when > 60:
                         self.stop_asked.pop(tid, None)

@@ -180,8 +180,38 @@ pub(crate) struct WorkerArgs {
     /// they are killed.
     #[arg(long, default_value_t = 30.0)]
     grace: f64,
+    /// Retire gracefully after this long ("55m", "2h", seconds): results
+    /// move to other workers, running tasks finish, no new task longer
+    /// than what is left (`--time-request`) is placed here. Under Slurm
+    /// the default is the job's end time less 2 minutes
+    /// ($SLURM_JOB_END_TIME).
+    #[arg(long, value_parser = crate::jobs::parse_duration)]
+    lifetime: Option<Duration>,
+    /// Each process retires up to this much earlier than --lifetime, at
+    /// random, so that they do not all leave at once.
+    #[arg(long, value_parser = crate::jobs::parse_duration)]
+    lifetime_stagger: Option<Duration>,
     #[command(flatten)]
     tls: TlsArgs,
+}
+
+/// Time a worker under Slurm keeps to hand its data over before the job's end.
+const SLURM_END_MARGIN: f64 = 120.0;
+
+/// The Unix time (seconds) workers retire at: `--lifetime` from now, else
+/// the Slurm job's end less a margin, else none.
+fn lifetime_end(lifetime: Option<Duration>) -> Option<f64> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    match lifetime {
+        Some(l) => Some(now + l.as_secs_f64()),
+        None => std::env::var("SLURM_JOB_END_TIME")
+            .ok()
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|end| *end > now)
+            .map(|end| (end - SLURM_END_MARGIN).max(now)),
+    }
 }
 
 #[derive(Args, Debug)]
@@ -504,6 +534,12 @@ pub(crate) fn run_worker(a: WorkerArgs, host: &HostInfo) -> CliResult {
         // Each process keeps its running tasks across a scheduler restart
         // for this long; past it, it exits and a fresh one is started.
         env.push(("SHOAL_RECONNECT".into(), RECONNECT_IN_PROCESS.to_string()));
+    }
+    if let Some(end) = lifetime_end(a.lifetime) {
+        // An absolute time: replacements started later leave with the rest.
+        env.push(("SHOAL_LIFETIME_END".into(), format!("{end:.3}")));
+        let stagger = a.lifetime_stagger.map_or(0.0, |d| d.as_secs_f64());
+        env.push(("SHOAL_LIFETIME_STAGGER".into(), format!("{stagger:.3}")));
     }
     if let Some(pkg) = host
         .package_path

@@ -85,6 +85,11 @@ pub(crate) struct SubmitArgs {
     /// period ($SHOAL_STOP_GRACE, 5 s); it fails with a timeout.
     #[arg(long, value_parser = parse_duration)]
     time_limit: Option<Duration>,
+    /// How long a task expects to run: it is placed only on a worker whose
+    /// lifetime (`shoal worker --lifetime`, a Slurm job's end) has at least
+    /// that long left. A hint, not a limit.
+    #[arg(long, value_parser = parse_duration)]
+    time_request: Option<Duration>,
     /// A task array: ids "1-1000", "0-100:5", "1-3,7" (`SHOAL_TASK_ID`).
     /// With --each-line or --from-json: which entries to run.
     #[arg(long)]
@@ -331,6 +336,7 @@ fn build(a: &SubmitArgs, c: &ClientShared) -> Result<(String, Vec<TaskSpec>), St
     let entries = entries(a)?;
     let first = c.new_ids(entries.len() as u64);
     let time_limit_ms = a.time_limit.map_or(0, |d| (d.as_millis() as u64).max(1));
+    let time_request_ms = a.time_request.map_or(0, |d| (d.as_millis() as u64).max(1));
     let cwd_s = cwd.to_string_lossy().into_owned();
     let tasks = entries
         .into_iter()
@@ -359,6 +365,7 @@ fn build(a: &SubmitArgs, c: &ClientShared) -> Result<(String, Vec<TaskSpec>), St
                 recompute: true,
                 time_limit_ms,
                 crash_limit: a.crash_limit,
+                time_request_ms,
             }
         })
         .collect();

@@ -46,6 +46,7 @@ fn graph(leaves: u64) -> Vec<NewTask> {
         threads: 1,
         recompute: true,
         max_kills: 0,
+        time_request_us: 0,
     }));
     while level.len() > 1 {
         let mut up = Vec::new();
@@ -60,6 +61,7 @@ fn graph(leaves: u64) -> Vec<NewTask> {
                 threads: 1,
                 recompute: true,
                 max_kills: 0,
+                time_request_us: 0,
             });
             up.push(next);
             next += 1;

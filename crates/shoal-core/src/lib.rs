@@ -107,6 +107,10 @@ pub struct NewTask {
     /// Workers that may die while running it before it fails with
     /// [`ErrorKind::KilledWorker`] (0: [`Config::max_kills`]).
     pub max_kills: u8,
+    /// How long it expects to run (microseconds; 0: unknown): it is placed
+    /// only on a worker that will live at least that long (see
+    /// [`Core::handle_worker_expires`]).
+    pub time_request_us: u64,
 }
 
 /// What the core asks the services to do.
@@ -283,6 +287,8 @@ struct Task {
     kills: u8,
     /// Its own crash limit (0: the config's).
     max_kills: u8,
+    /// See [`NewTask::time_request_us`].
+    time_request_us: u64,
     /// Times a worker could not fetch its inputs from their holder.
     fetch_fails: u8,
     threads: u32,
@@ -327,6 +333,9 @@ struct Worker {
     /// released meanwhile), with their threads: busy until they report.
     zombies: FxHashMap<TaskId, u32>,
     zombie_threads: u32,
+    /// When it will leave (core clock; a batch job's walltime): tasks with
+    /// a longer time request go elsewhere.
+    expires_us: Option<u64>,
 }
 
 impl Worker {
@@ -603,6 +612,7 @@ impl Core {
             running: FxHashSet::default(),
             zombies: FxHashMap::default(),
             zombie_threads: 0,
+            expires_us: None,
         };
         self.max_threads_seen = self.max_threads_seen.max(w.nthreads);
         if !w.resources.is_empty() && !self.offers_seen.contains(&w.resources) {
@@ -621,6 +631,15 @@ impl Core {
         let offer = vec![(resource, 1.0)];
         if !self.offers_seen.contains(&offer) {
             self.offers_seen.push(offer);
+        }
+    }
+
+    /// The worker will leave at `at_us` (the core's clock: see
+    /// [`Core::handle_tick`]), e.g. at its batch job's end: a task whose
+    /// time request reaches past that is not placed there.
+    pub fn handle_worker_expires(&mut self, worker: WorkerId, at_us: u64) {
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.expires_us = Some(at_us);
         }
     }
 
@@ -1004,6 +1023,7 @@ impl Core {
                     est_us: 0,
                     kills: 0,
                     max_kills: nt.max_kills,
+                    time_request_us: nt.time_request_us,
                     fetch_fails: 0,
                     threads: nt.threads.max(1),
                     resources: nt.resources.into_boxed_slice(),
@@ -1559,7 +1579,7 @@ impl Core {
                     depth: t.depth,
                     id,
                 };
-                if t.resources.is_empty() && t.threads == 1 {
+                if t.resources.is_empty() && t.threads == 1 && t.time_request_us == 0 {
                     self.ready.push(entry)
                 } else {
                     self.ready_constrained.push(entry)
@@ -1831,6 +1851,13 @@ impl Core {
                 })
             };
             let threads = t.threads;
+            // A worker that leaves before the task's time request is up
+            // is no place for it (it waits for one that lives longer).
+            let until = (t.time_request_us > 0).then(|| self.now_us + t.time_request_us);
+            let lives = |w: &Worker| match (until, w.expires_us) {
+                (Some(u), Some(e)) => e >= u,
+                _ => true,
+            };
             // Unsatisfiable: workers are there, and no worker ever offered
             // enough (resources, or threads).
             let never = (!need.is_empty() && !self.offers_seen.iter().any(|o| covers(o)))
@@ -1843,7 +1870,7 @@ impl Core {
             let mut best: Option<(usize, WorkerId)> = None;
             for &wid in &self.worker_order {
                 let w = &self.workers[&wid];
-                if w.paused || w.busy() + threads > w.nthreads || !fits(w) {
+                if w.paused || w.busy() + threads > w.nthreads || !fits(w) || !lives(w) {
                     continue;
                 }
                 if best.is_none_or(|(n, _)| w.assigned.len() < n) {

@@ -20,6 +20,7 @@ fn nt(id: u64, deps: &[u64]) -> NewTask {
         threads: 1,
         recompute: true,
         max_kills: 0,
+        time_request_us: 0,
     }
 }
 
@@ -405,8 +406,9 @@ fn random_batch(rng: &mut fastrand::Rng, next: &mut u64, known: &[TaskId], n: u6
             },
             // Some are scattered data: lost, not rerun, when their worker dies.
             recompute: has_inputs || rng.u32(0..8) != 0,
-            // Some have their own crash limit.
+            // Some have their own crash limit, some a time request.
             max_kills: rng.u8(0..3),
+            time_request_us: if rng.u32(0..10) == 0 { 500_000 } else { 0 },
         });
     }
     *next += n;
@@ -557,6 +559,10 @@ fn sim(seed: u64) {
         } else if roll < 12 || workers.is_empty() {
             let gpus = vec![(GPU, rng.u32(0..3) as f64)];
             c.handle_worker_added_with(WorkerId(next_worker), rng.u32(1..3), gpus);
+            // Some are batch jobs that end soon (time requests avoid them).
+            if rng.u32(0..3) == 0 {
+                c.handle_worker_expires(WorkerId(next_worker), now + rng.u64(0..1_000_000));
+            }
             next_worker += 1;
         } else if roll < 14 && actor.is_none() && actor_expected {
             // The actor's process is up.
@@ -1498,4 +1504,31 @@ fn a_task_s_own_crash_limit_overrides_the_cluster_s() {
             ..
         })
     ));
+}
+
+#[test]
+fn a_time_request_keeps_a_task_off_workers_that_leave_too_soon() {
+    let mut c = core();
+    c.handle_tick(1_000_000);
+    c.handle_worker_added(WorkerId(0), 1);
+    c.handle_worker_expires(WorkerId(0), 1_000_000 + 60_000_000); // 60 s left
+    c.handle_submit(
+        C,
+        vec![NewTask {
+            time_request_us: 120_000_000, // needs 2 min
+            ..nt(1, &[])
+        }],
+    );
+    assert!(
+        computes(&c.take_actions()).is_empty(),
+        "not on the short-lived worker"
+    );
+    assert_eq!(c.state(t(1)), Some(TaskState::Ready));
+    // A worker with no known end, or one that lives long enough, takes it.
+    c.handle_worker_added(WorkerId(1), 1);
+    c.handle_worker_expires(WorkerId(1), 1_000_000 + 600_000_000);
+    assert_eq!(computes(&c.take_actions()), vec![(1, 1)]);
+    // A task without a time request may go to the short-lived one.
+    c.handle_submit(C, vec![nt(2, &[])]);
+    assert_eq!(computes(&c.take_actions()), vec![(0, 2)]);
 }

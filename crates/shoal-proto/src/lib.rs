@@ -66,6 +66,9 @@ pub enum Role {
         pid: u32,
         /// Resources it offers to tasks, e.g. `[("GPU", 2.0)]`.
         resources: Vec<(String, f64)>,
+        /// When it will retire (microseconds since the Unix epoch; 0: no
+        /// limit), e.g. before its batch job's walltime.
+        lifetime_end_us: u64,
     },
     /// A peer fetching results from a worker's data server.
     Data,
@@ -176,6 +179,9 @@ pub struct TaskSpec {
     /// Workers that may die while running it before it fails as
     /// KilledWorker (0: the scheduler's default, 3).
     pub crash_limit: u8,
+    /// Milliseconds it expects to run (0: unknown): it is placed only on a
+    /// worker whose lifetime has at least that long left.
+    pub time_request_ms: u64,
 }
 
 impl TaskSpec {
@@ -756,6 +762,7 @@ mod tests {
                 recompute: false,
                 time_limit_ms: 0,
                 crash_limit: 0,
+                time_request_ms: 0,
             }]),
             ToScheduler::Finished {
                 id: 9,

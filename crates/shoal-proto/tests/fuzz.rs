@@ -60,6 +60,7 @@ fn spec(i: u64) -> TaskSpec {
         recompute: i % 5 != 0,
         time_limit_ms: i * 1000,
         crash_limit: (i % 3) as u8,
+        time_request_ms: i * 60_000,
     }
 }
 
@@ -72,6 +73,7 @@ fn corpus() -> Vec<Vec<u8>> {
         name: "w-1".into(),
         pid: 42,
         resources: vec![("GPU".into(), 2.0)],
+        lifetime_end_us: 1_800_000_000_000_000,
     };
     let to: Vec<ToScheduler> = vec![
         ToScheduler::Submit((0..5).map(spec).collect()),

@@ -290,6 +290,7 @@ impl ClientCore {
             recompute,
             time_limit_ms,
             crash_limit: 0,
+            time_request_ms: 0,
         };
         self.send(py, vec![spec])?;
         Ok(id)
@@ -350,6 +351,7 @@ impl ClientCore {
             recompute: true,
             time_limit_ms,
             crash_limit: 0,
+            time_request_ms: 0,
         };
         self.send(py, vec![spec])?;
         Ok(id)
@@ -396,6 +398,7 @@ impl ClientCore {
                     recompute: true,
                     time_limit_ms,
                     crash_limit: 0,
+                    time_request_ms: 0,
                 }
             })
             .collect();
@@ -439,6 +442,7 @@ impl ClientCore {
                 recompute: true,
                 time_limit_ms: 0,
                 crash_limit: 0,
+                time_request_ms: 0,
             })
             .collect();
         self.send(py, specs)

@@ -45,6 +45,7 @@ enum Event {
         data_addr: String,
         name: String,
         resources: Vec<(String, f64)>,
+        lifetime_end_us: u64,
         tx: Tx,
     },
     FromClient(u32, Vec<ToScheduler>),
@@ -396,6 +397,7 @@ async fn serve_conn(
             name,
             pid,
             resources,
+            lifetime_end_us,
         } => {
             tracing::info!("worker {name} (pid {pid}) joined with {nthreads} threads");
             let _ = events.send(Event::WorkerJoined {
@@ -405,6 +407,7 @@ async fn serve_conn(
                 data_addr,
                 name,
                 resources,
+                lifetime_end_us,
                 tx,
             });
             true
@@ -628,6 +631,7 @@ impl State {
                 data_addr,
                 name,
                 resources,
+                lifetime_end_us,
                 tx,
             } => {
                 if self.closing {
@@ -655,6 +659,11 @@ impl State {
                 );
                 self.core
                     .handle_worker_added_with(WorkerId(id), nthreads, ids);
+                if lifetime_end_us > 0 {
+                    // The core's clock started at `started_us`.
+                    let at = lifetime_end_us.saturating_sub(self.started_us);
+                    self.core.handle_worker_expires(WorkerId(id), at);
+                }
                 self.process();
             }
             Event::ClientLeft(id) => {
@@ -870,6 +879,7 @@ impl State {
                 threads,
                 recompute: spec.recompute,
                 max_kills: spec.crash_limit,
+                time_request_us: spec.time_request_ms.saturating_mul(1000),
             });
             self.specs.entry(spec.id).or_insert(spec);
         }

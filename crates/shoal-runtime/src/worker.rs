@@ -832,12 +832,14 @@ pub fn start(
         };
         let listener = Listener::bind(&data_addr).await?;
         let data_addr = listener.local_addr()?;
+        let lifetime_end_us = lifetime_end_us();
         let role = Role::Worker {
             nthreads,
             data_addr: data_addr.to_string(),
             name: name.to_string(),
             pid: std::process::id(),
             resources,
+            lifetime_end_us,
         };
         let (conn, id) = net::handshake(scheduler, role.clone(), &secret).await?;
         let (out, mut stream) = net::split_batched::<ToScheduler>(conn);
@@ -876,6 +878,20 @@ pub fn start(
             stop_grace: stop_grace(),
         });
         tokio::spawn(data_server(listener, shared.clone()));
+        if lifetime_end_us > 0 {
+            // Retire gracefully (hand results over, finish what runs) at the
+            // end of its lifetime: before a batch job's walltime kills it.
+            let sh = shared.clone();
+            let left = Duration::from_micros(lifetime_end_us.saturating_sub(now_us()));
+            tokio::spawn(async move {
+                tokio::time::sleep(left).await;
+                eprintln!(
+                    "shoal worker {}: its lifetime is over; retiring",
+                    std::process::id()
+                );
+                sh.retire();
+            });
+        }
         let sh = shared.clone();
         tokio::spawn(async move {
             // Reports wait at most FLUSH_AFTER, even while the execution
@@ -966,6 +982,27 @@ pub fn start(
         });
         Ok(shared)
     })
+}
+
+/// When this process retires: `SHOAL_LIFETIME_END` (Unix seconds; set by
+/// `shoal worker --lifetime`, or from Slurm's job end) less a random part
+/// of `SHOAL_LIFETIME_STAGGER` seconds, so that a job's workers do not all
+/// leave at once. 0: no end.
+fn lifetime_end_us() -> u64 {
+    let secs = |k: &str| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|v| v.is_finite() && *v >= 0.0)
+    };
+    let Some(end) = secs("SHOAL_LIFETIME_END") else {
+        return 0;
+    };
+    let stagger = secs("SHOAL_LIFETIME_STAGGER").unwrap_or(0.0);
+    let mut r = [0u8; 4];
+    let _ = getrandom::fill(&mut r);
+    let frac = f64::from(u32::from_le_bytes(r)) / f64::from(u32::MAX);
+    ((end - stagger * frac).max(0.0) * 1e6) as u64
 }
 
 /// `SHOAL_RECONNECT` (seconds; `shoal worker --reconnect` sets it): a worker
