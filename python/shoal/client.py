@@ -247,7 +247,12 @@ class Client:
             if address is None:
                 raise ValueError("no scheduler address: give an address or a scheduler_file")
             # (No token at all: ClientCore says what to do.)
-            token = token or _tokens.get(address) or os.environ.get("SHOAL_TOKEN")
+            token = (
+                token
+                or _tokens.get(address)
+                or os.environ.get("SHOAL_TOKEN")
+                or _registered_token(address)
+            )
             if resources:
                 raise ValueError(
                     "resources= describes the workers Client() starts; "
@@ -1058,6 +1063,45 @@ def _dashboard_address(addr: str) -> str:
     if not sep or not port.isdigit():
         raise ValueError(f"dashboard_address must be HOST:PORT or :PORT, not {addr!r}")
     return f"{host or '127.0.0.1'}:{port}"
+
+
+def _registered_token(address: str) -> str | None:
+    """The token of the cluster at ``address`` as `shoal scheduler` noted it
+    for this user (``~/.shoal/clusters/``): a bare ``Client("HOST:PORT")``
+    joins as in Dask. The host may be a name or an address of the same
+    machine."""
+    import glob
+    import socket
+
+    def split(a: str) -> tuple[str, str]:
+        hp = a.split("://", 1)[-1]
+        host, _, port = hp.rpartition(":")
+        return host.strip("[]"), port
+
+    def ips(host: str) -> set[str]:
+        try:
+            return {i[4][0] for i in socket.getaddrinfo(host, None)}
+        except OSError:
+            return set()
+
+    host, port = split(address)
+    if not port:
+        return None
+    entries = glob.glob(os.path.join(os.path.expanduser("~"), ".shoal", "clusters", "*.json"))
+    for path in entries:
+        try:
+            with open(path) as fh:
+                entry = json.load(fh)
+            h, p = split(entry["address"])
+            if p != port or entry["address"].startswith("tls://") != address.startswith("tls://"):
+                continue
+            if h != host and h not in ("0.0.0.0", "::") and not (ips(h) & ips(host)):
+                continue
+            with open(entry["token_file"]) as fh:
+                return fh.read().strip() or None
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
 
 
 def _read_scheduler_file(

@@ -114,6 +114,10 @@ pub(crate) struct SchedulerArgs {
     /// Serve no dashboard.
     #[arg(long)]
     no_dashboard: bool,
+    /// Listen on (and advertise) this network interface's address, e.g.
+    /// `ib0` on a node with several networks (instead of --host).
+    #[arg(long, conflicts_with = "host")]
+    interface: Option<String>,
     /// Keep jobs (`shoal submit`) and their tasks' outcomes in this file:
     /// a scheduler started again with it (same --port, same token) after a
     /// crash restores them and runs their unfinished tasks again. See
@@ -191,6 +195,10 @@ pub(crate) struct WorkerArgs {
     /// random, so that they do not all leave at once.
     #[arg(long, value_parser = crate::jobs::parse_duration)]
     lifetime_stagger: Option<Duration>,
+    /// Serve results on (and advertise) this network interface's address,
+    /// e.g. `ib0` (default: the one the scheduler is reached through).
+    #[arg(long)]
+    interface: Option<String>,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -333,8 +341,59 @@ fn is_loopback(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-pub(crate) fn run_scheduler(a: SchedulerArgs) -> CliResult {
-    shoal_runtime::init_logging();
+/// Dask's forms of a dashboard address: `:PORT` (or a bare `PORT`) means
+/// every interface, that port.
+fn dashboard_address(s: &str) -> String {
+    if let Some(port) = s.strip_prefix(':') {
+        format!("0.0.0.0:{port}")
+    } else if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        format!("0.0.0.0:{s}")
+    } else {
+        s.to_string()
+    }
+}
+
+/// Where `shoal scheduler` notes which token file serves which address, so
+/// that `Client("HOST:PORT")` by the same user finds the token.
+fn cluster_registry() -> Option<PathBuf> {
+    let home = std::env::var_os("HOME")?;
+    Some(PathBuf::from(home).join(".shoal").join("clusters"))
+}
+
+/// Records `address` -> `token_file` in the registry (best effort); returns
+/// the entry's path, to remove at exit.
+fn register_cluster(address: &str, token_file: &Path) -> Option<PathBuf> {
+    let dir = cluster_registry()?;
+    std::fs::create_dir_all(&dir).ok()?;
+    let name: String = address
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let path = dir.join(format!("{name}.json"));
+    let entry = serde_json::json!({
+        "address": address,
+        "token_file": token_file.to_string_lossy(),
+        "pid": std::process::id(),
+    });
+    std::fs::write(&path, entry.to_string()).ok()?;
+    Some(path)
+}
+
+pub(crate) fn run_scheduler(mut a: SchedulerArgs) -> CliResult {
+    // Workers joining and leaving are news, as in Dask's scheduler log.
+    shoal_runtime::init_logging_with("warn,shoal_runtime::scheduler=info");
+    a.dashboard_address = dashboard_address(&a.dashboard_address);
+    if let Some(name) = &a.interface {
+        a.host = shoal_runtime::net::interface_ip(name)
+            .map_err(|e| format!("--interface: {e}"))?
+            .to_string();
+    }
     set_heartbeat_timeout(a.heartbeat_timeout)?;
     let default_token_file = || match &a.scheduler_file {
         Some(f) => {
@@ -428,6 +487,9 @@ pub(crate) fn run_scheduler(a: SchedulerArgs) -> CliResult {
     if let Some(p) = &token_path {
         println!("token file: {}", p.display());
     }
+    let registered = token_path
+        .as_deref()
+        .and_then(|p| register_cluster(&address, p));
     if let Some(f) = &a.scheduler_file {
         let info = SchedulerFile {
             address: address.clone(),
@@ -461,6 +523,9 @@ pub(crate) fn run_scheduler(a: SchedulerArgs) -> CliResult {
             if let Some(f) = &a.scheduler_file {
                 let _ = std::fs::remove_file(f);
             }
+            if let Some(r) = &registered {
+                let _ = std::fs::remove_file(r);
+            }
             return Err(format!("shoal scheduler crashed: {crash}"));
         }
     };
@@ -470,6 +535,9 @@ pub(crate) fn run_scheduler(a: SchedulerArgs) -> CliResult {
     handle.stop();
     if let Some(f) = &a.scheduler_file {
         let _ = std::fs::remove_file(f);
+    }
+    if let Some(r) = &registered {
+        let _ = std::fs::remove_file(r);
     }
     Ok(())
 }
@@ -534,6 +602,11 @@ pub(crate) fn run_worker(a: WorkerArgs, host: &HostInfo) -> CliResult {
         // Each process keeps its running tasks across a scheduler restart
         // for this long; past it, it exits and a fresh one is started.
         env.push(("SHOAL_RECONNECT".into(), RECONNECT_IN_PROCESS.to_string()));
+    }
+    if let Some(name) = &a.interface {
+        // Checked here: a wrong name is one clear error, not n dead workers.
+        shoal_runtime::net::interface_ip(name).map_err(|e| format!("--interface: {e}"))?;
+        env.push(("SHOAL_INTERFACE".into(), name.clone()));
     }
     if let Some(end) = lifetime_end(a.lifetime) {
         // An absolute time: replacements started later leave with the rest.

@@ -232,8 +232,11 @@ impl ClientCore {
         let addr = Address::parse(address).map_err(PyValueError::new_err)?;
         let token = token.ok_or_else(|| {
             PyValueError::new_err(format!(
-                "connecting to {address} needs the cluster's token: pass token=, \
-                 scheduler_file= (whose token file it reads), or set SHOAL_TOKEN"
+                "connecting to {address} needs the cluster's token: pass token= or \
+                 scheduler_file= (whose token file it reads), or set SHOAL_TOKEN. \
+                 `shoal scheduler` prints its token file (\"token file: PATH\") and \
+                 notes it in ~/.shoal/clusters/ for its user, where a client on a host \
+                 sharing that home finds it"
             ))
         })?;
         let secret = Secret::from_token(token).map_err(|e| PyValueError::new_err(e.to_string()))?;

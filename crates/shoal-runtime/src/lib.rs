@@ -41,10 +41,32 @@ use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 /// `SHOAL_LOG=shoal_runtime::scheduler=debug`). Idempotent.
 /// Events also go to [`logs`] (for `get_worker_logs` and the dashboard).
 pub fn init_logging() {
+    init_logging_with("warn");
+}
+
+/// [`init_logging`] with another default filter than `warn` (`shoal
+/// scheduler` also logs workers joining and leaving, as Dask's does). Once
+/// logging is set up, a later call changes the default (`SHOAL_LOG`, when
+/// set, still wins): the Python module sets up logging as it loads, before
+/// a command knows what it will be.
+pub fn init_logging_with(default: &str) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    type Handle = tracing_subscriber::reload::Handle<
+        tracing_subscriber::EnvFilter,
+        tracing_subscriber::Registry,
+    >;
+    static RELOAD: std::sync::OnceLock<Handle> = std::sync::OnceLock::new();
+    let from_env = tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG");
+    if let Some(h) = RELOAD.get() {
+        if from_env.is_err() {
+            let _ = h.reload(tracing_subscriber::EnvFilter::new(default));
+        }
+        return;
+    }
+    let filter = from_env.unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let _ = RELOAD.set(handle);
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -62,6 +62,52 @@ impl Address {
     }
 }
 
+/// The IPv4 address of network interface `name` (`ib0`, `eth0`): where a
+/// multi-homed node listens and what it advertises (`--interface`).
+pub fn interface_ip(name: &str) -> io::Result<std::net::IpAddr> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list`, freed below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut found = None;
+    let mut names = Vec::new();
+    let mut cur = list;
+    while !cur.is_null() {
+        // SAFETY: a node of the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        // SAFETY: ifa_name is a NUL-terminated string while the list lives.
+        let n = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_string_lossy();
+        if !ifa.ifa_addr.is_null()
+        // SAFETY: ifa_addr points to a sockaddr while the list lives.
+        && i32::from(unsafe { (*ifa.ifa_addr).sa_family }) == libc::AF_INET
+        {
+            if n == name && found.is_none() {
+                // SAFETY: an AF_INET sockaddr is a sockaddr_in.
+                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                found = Some(std::net::IpAddr::V4(std::net::Ipv4Addr::from(
+                    u32::from_be(sin.sin_addr.s_addr),
+                )));
+            }
+            names.push(n.into_owned());
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: the list from getifaddrs, freed once.
+    unsafe { libc::freeifaddrs(list) };
+    found.ok_or_else(|| {
+        names.sort();
+        names.dedup();
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!(
+                "no network interface {name:?} with an IPv4 address here; this host has: {}",
+                names.join(", ")
+            ),
+        )
+    })
+}
+
 impl std::fmt::Display for Address {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

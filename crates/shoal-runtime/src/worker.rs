@@ -827,6 +827,11 @@ pub fn start(
                 let (conn, ip) = net::connect(&plain).await?;
                 drop(conn);
                 let ip = ip.expect("tcp has an ip");
+                // `--interface ib0`: that network's address instead.
+                let ip = match std::env::var("SHOAL_INTERFACE") {
+                    Ok(name) if !name.is_empty() => net::interface_ip(&name)?,
+                    _ => ip,
+                };
                 scheduler.with_host_port(std::net::SocketAddr::new(ip, 0).to_string())
             }
         };
