@@ -138,3 +138,138 @@ def test_interfaces_name_the_address_to_listen_on(tmp_path):
         timeout=60,
     )
     assert r.returncode != 0 and "nosuch0" in r.stderr
+
+
+# ------------------------------------------------------- MPI launchers
+
+MPI_ENV = {
+    # As root (CI), on 2 cores, in a container: what Open MPI needs.
+    "OMPI_ALLOW_RUN_AS_ROOT": "1",
+    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+    "OMPI_MCA_btl_vader_single_copy_mechanism": "none",
+    "OMPI_MCA_rmaps_base_oversubscribe": "1",
+}
+
+
+def mpirun(n: int, *args: str, cwd, timeout: float = 180) -> subprocess.CompletedProcess:
+    import shutil
+
+    assert shutil.which("mpirun"), "Open MPI's mpirun is missing: scripts/setup-dev.sh installs it"
+    return subprocess.run(
+        ["mpirun", "-n", str(n), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **MPI_ENV},
+        timeout=timeout,
+    )
+
+
+def shoal_processes() -> set[int]:
+    """Scheduler and worker processes of Shoal running now."""
+    out = subprocess.run(
+        ["pgrep", "-f", "shoal (scheduler|worker)|shoal._worker"], capture_output=True, text=True
+    )
+    return {int(p) for p in out.stdout.split()}
+
+
+SCRIPT = """
+import sys
+import shoal.mpi
+shoal.mpi.initialize(dashboard=False)
+import shoal
+with shoal.Client() as c:
+    c.wait_for_workers({workers}, timeout=60)
+    total = sum(c.gather(c.map(lambda x: x * x, range(100))))
+    print("RESULT", total, flush=True)
+    if {fail}:
+        raise RuntimeError("the client's own error")
+"""
+
+
+def test_mpirun_with_initialize_runs_the_client_once_and_every_rank_exits(tmp_path):
+    before = shoal_processes()
+    (tmp_path / "ok.py").write_text(SCRIPT.format(workers=2, fail=False))
+    r = mpirun(4, sys.executable, "ok.py", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("RESULT 328350") == 1, r.stdout
+    # A client that raises: every rank exits, non-zero.
+    (tmp_path / "fail.py").write_text(SCRIPT.format(workers=2, fail=True))
+    r = mpirun(4, sys.executable, "fail.py", cwd=tmp_path)
+    assert r.returncode != 0
+    assert "the client's own error" in r.stderr
+    assert "RESULT 328350" in r.stdout
+    time.sleep(1)
+    assert shoal_processes() <= before, "nothing is left running"
+
+
+def test_initialize_with_too_few_ranks_says_so(tmp_path):
+    (tmp_path / "two.py").write_text(SCRIPT.format(workers=1, fail=False))
+    r = mpirun(2, sys.executable, "two.py", cwd=tmp_path)
+    assert r.returncode != 0
+    assert "needs at least 3 MPI ranks" in r.stderr and "has 2" in r.stderr
+
+
+RUN_SCRIPT = """
+import os, shoal
+with shoal.Client() as c:
+    c.wait_for_workers(2, timeout=60)
+    print("RESULT", os.environ["SHOAL_SCHEDULER_ADDRESS"], sum(c.gather(c.map(abs, range(-10, 0)))))
+"""
+
+
+def test_shoal_run_under_a_launcher_runs_the_script_once_and_two_jobs_do_not_collide(tmp_path):
+    before = shoal_processes()
+    (tmp_path / "script.py").write_text(RUN_SCRIPT)
+    cmd = ["shoal", "run", "--no-dashboard", "--", sys.executable, "-u", "script.py"]
+    shoal_cmd = [sys.executable, "-m", "shoal", *cmd[1:]]
+    jobs = [
+        subprocess.Popen(
+            ["mpirun", "-n", "3", *shoal_cmd],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+            env={**os.environ, **MPI_ENV},
+        )
+        for _ in range(2)
+    ]
+    outs = [j.communicate(timeout=180) for j in jobs]
+    results = []
+    for j, (out, err) in zip(jobs, outs, strict=True):
+        assert j.returncode == 0, out + err
+        (line,) = [x for x in out.splitlines() if x.startswith("RESULT")]
+        assert line.endswith(" 55"), out
+        results.append(line.split()[1])
+    addresses = set(results)
+    assert len(addresses) == 2, "each job has its own scheduler"
+    runs = list((tmp_path / ".shoal-run").iterdir())
+    assert len(runs) == 2, runs
+    # The command's status is the job's.
+    (tmp_path / "bad.py").write_text("raise SystemExit(3)")
+    r = mpirun(2, *shoal_cmd[:-1], "bad.py", cwd=tmp_path)
+    assert r.returncode == 3, r.stdout + r.stderr
+    time.sleep(1)
+    assert shoal_processes() <= before, "nothing is left running"
+
+
+def test_shoal_mpi_starts_a_cluster_and_writes_the_scheduler_file(tmp_path):
+    sfile = tmp_path / "cluster.json"
+    job = subprocess.Popen(
+        ["mpirun", "-n", "3", sys.executable, "-m", "shoal", "mpi", "--no-dashboard"]
+        + ["--scheduler-file", str(sfile)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, **MPI_ENV},
+    )
+    try:
+        wait_for(sfile.exists, 60, "the scheduler file")
+        with shoal.Client(scheduler_file=str(sfile)) as c:
+            c.wait_for_workers(2, timeout=60)
+            assert c.submit(pow, 3, 4).result(timeout=60) == 81
+    finally:
+        job.terminate()  # as scancel or Ctrl-C would
+        out = job.communicate(timeout=60)[0]
+    assert "shoal mpi: scheduler at" in out, out

@@ -170,7 +170,9 @@ class Client:
     ``Client(scheduler_file="scheduler.json")`` connects to a running
     scheduler (``shoal scheduler``); the token proves this client belongs
     to the cluster (default: the scheduler file's token file, else the
-    ``SHOAL_TOKEN`` environment variable).
+    ``SHOAL_TOKEN`` environment variable). With no address and
+    ``SHOAL_SCHEDULER_ADDRESS`` set (``shoal.mpi.initialize()`` and ``shoal
+    run`` set it), it connects there instead of starting a cluster.
     The embedded scheduler serves a dashboard on ``dashboard_address``
     (loopback by default, another port if 8787 is taken, None for none; it
     always asks for the token that ``dashboard_link`` carries).
@@ -214,6 +216,10 @@ class Client:
         self._cb_thread: threading.Thread | None = None
         self._closed = False
         self._put_files: list[str] = []  # scattered data not yet taken over
+        if address is None and scheduler_file is None:
+            # Set by `shoal.mpi.initialize()` and `shoal run` (as Dask's
+            # DASK_SCHEDULER_ADDRESS): Client() joins that cluster.
+            address = os.environ.get("SHOAL_SCHEDULER_ADDRESS") or None
         if address is None and scheduler_file is None:
             n = n_workers or os.cpu_count() or 1
             env = [("PYTHONPATH", os.pathsep.join(p for p in sys.path if p))]

@@ -353,6 +353,19 @@ fn dashboard_address(s: &str) -> String {
     }
 }
 
+/// `tcp://0.0.0.0:P` (or `[::]`) as peers on other hosts reach it:
+/// `tcp://HOSTNAME:P`. Other addresses are unchanged.
+fn advertised(address: &str) -> String {
+    for any in ["0.0.0.0:", "[::]:"] {
+        if let Some((scheme, rest)) = address.split_once("://") {
+            if let Some(port) = rest.strip_prefix(any) {
+                return format!("{scheme}://{}:{port}", hostname());
+            }
+        }
+    }
+    address.to_string()
+}
+
 /// Where `shoal scheduler` notes which token file serves which address, so
 /// that `Client("HOST:PORT")` by the same user finds the token.
 fn cluster_registry() -> Option<PathBuf> {
@@ -476,7 +489,9 @@ pub(crate) fn run_scheduler(mut a: SchedulerArgs) -> CliResult {
             a.journal.as_deref(),
         ))
         .map_err(|e| format!("cannot start the scheduler at {addr}: {e}"))?;
-    let address = handle.address.to_string();
+    // Listening on every interface: what others use to reach it is this
+    // host's name (as Dask advertises), not 0.0.0.0.
+    let address = advertised(&handle.address.to_string());
     println!("shoal scheduler at {address}");
     if let Some(url) = &handle.dashboard {
         println!("dashboard: {url}?token={dashboard_token}");
@@ -907,4 +922,24 @@ pub(crate) fn run_certs(a: CertsArgs) -> CliResult {
         a.dir.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod address_tests {
+    use super::*;
+
+    #[test]
+    fn dask_dashboard_forms_mean_every_interface() {
+        assert_eq!(dashboard_address(":22222"), "0.0.0.0:22222");
+        assert_eq!(dashboard_address("8787"), "0.0.0.0:8787");
+        assert_eq!(dashboard_address("127.0.0.1:8787"), "127.0.0.1:8787");
+    }
+
+    #[test]
+    fn every_interface_is_advertised_by_host_name() {
+        let h = hostname();
+        assert_eq!(advertised("tcp://0.0.0.0:8786"), format!("tcp://{h}:8786"));
+        assert_eq!(advertised("tls://[::]:1"), format!("tls://{h}:1"));
+        assert_eq!(advertised("tcp://10.0.0.5:8786"), "tcp://10.0.0.5:8786");
+    }
 }

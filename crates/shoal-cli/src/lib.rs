@@ -43,6 +43,24 @@ enum Command {
     /// List, inspect, wait for and cancel jobs.
     #[command(subcommand)]
     Job(jobs::JobCommand),
+    /// Under mpirun/srun: start a cluster on the job's ranks (rank 0: the
+    /// scheduler, others: workers) and write --scheduler-file
+    /// (`shoal mpi --help` for the options).
+    #[command(disable_help_flag = true)]
+    Mpi {
+        /// Options (handled by `python -m shoal.mpi`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Under srun/mpirun: run a command on rank 0 with a cluster on the
+    /// job's ranks, then stop it: `srun -n 4 shoal run -- python script.py`
+    /// (`shoal run --help` for the options).
+    #[command(disable_help_flag = true)]
+    Run {
+        /// Options, then `--` and the command.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 /// Facts only the embedding interpreter knows.
@@ -77,6 +95,8 @@ pub fn run(argv: Vec<String>, host: HostInfo) -> i32 {
         Command::Certs(a) => cluster::run_certs(a),
         Command::Submit(a) => jobs::run_submit(a),
         Command::Job(c) => jobs::run_job(c),
+        Command::Mpi { args } => launch(&host, "mpi", args),
+        Command::Run { args } => launch(&host, "run", args),
     };
     match result {
         Ok(()) => 0,
@@ -85,6 +105,22 @@ pub fn run(argv: Vec<String>, host: HostInfo) -> i32 {
             1
         }
     }
+}
+
+/// `shoal mpi` and `shoal run` live in Python (`shoal.mpi`, which may use
+/// mpi4py): this process becomes `python -m shoal.mpi COMMAND ARGS`, so the
+/// launcher's environment and signals reach it unchanged.
+fn launch(host: &HostInfo, command: &str, args: Vec<String>) -> Result<(), String> {
+    use std::os::unix::process::CommandExt;
+    let python = host
+        .executable
+        .clone()
+        .ok_or("`shoal mpi` and `shoal run` need Python: run them through the `shoal` command")?;
+    let err = std::process::Command::new(&python)
+        .args(["-m", "shoal.mpi", command])
+        .args(args)
+        .exec();
+    Err(format!("cannot run {python}: {err}"))
 }
 
 /// The text of `shoal info`.
