@@ -825,7 +825,8 @@ class Client:
         """What the cluster looks like now: ``{"address", "clients", "tasks",
         "workers": {address: {"name", "pid", "nthreads", "resources",
         "processing", "held", "memory", "managed", "spilled", "memory_limit",
-        "paused", "last_seen"}}}`` (bytes and seconds; memory figures are
+        "paused", "last_seen", "lifetime_end"}}}`` (bytes and seconds;
+        ``lifetime_end``: Unix time it retires at, or None; memory figures are
         from each worker's last heartbeat, at most a second old)."""
         info = self._check().cluster_info(timeout)
         info["workers"] = {w.pop("address"): w for w in info["workers"]}

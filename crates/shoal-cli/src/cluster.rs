@@ -188,7 +188,7 @@ pub(crate) struct WorkerArgs {
     /// move to other workers, running tasks finish, no new task longer
     /// than what is left (`--time-request`) is placed here. Under Slurm
     /// the default is the job's end time less 2 minutes
-    /// ($SLURM_JOB_END_TIME).
+    /// ($SLURM_JOB_END_TIME, or what `squeue` says is left).
     #[arg(long, value_parser = crate::jobs::parse_duration)]
     lifetime: Option<Duration>,
     /// Each process retires up to this much earlier than --lifetime, at
@@ -214,12 +214,45 @@ fn lifetime_end(lifetime: Option<Duration>) -> Option<f64> {
         .map_or(0.0, |d| d.as_secs_f64());
     match lifetime {
         Some(l) => Some(now + l.as_secs_f64()),
-        None => std::env::var("SLURM_JOB_END_TIME")
-            .ok()
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .filter(|end| *end > now)
-            .map(|end| (end - SLURM_END_MARGIN).max(now)),
+        None => slurm_job_end(now).map(|end| (end - SLURM_END_MARGIN).max(now)),
     }
+}
+
+/// The end of the Slurm job this runs in (Unix seconds): Slurm 23.02 and
+/// later say it in `$SLURM_JOB_END_TIME`; before, `squeue` tells the time
+/// left. None outside a job or with no time limit.
+fn slurm_job_end(now: f64) -> Option<f64> {
+    if let Some(end) = std::env::var("SLURM_JOB_END_TIME")
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+    {
+        return (end > now).then_some(end);
+    }
+    let job = std::env::var("SLURM_JOB_ID").ok()?;
+    let out = std::process::Command::new("squeue")
+        .args(["-h", "-j", &job, "-o", "%L"])
+        .output()
+        .ok()?;
+    slurm_time_left(String::from_utf8_lossy(&out.stdout).trim()).map(|left| now + left)
+}
+
+/// Slurm's time format (`MM:SS`, `HH:MM:SS`, `D-HH:MM:SS`) in seconds;
+/// None for `UNLIMITED`, `NOT_SET` and the like.
+fn slurm_time_left(s: &str) -> Option<f64> {
+    let (days, rest) = match s.split_once('-') {
+        Some((d, r)) => (d.parse::<f64>().ok()?, r),
+        None => (0.0, s),
+    };
+    let parts: Vec<f64> = rest
+        .split(':')
+        .map(|p| p.parse::<f64>().ok())
+        .collect::<Option<_>>()?;
+    let secs = match parts.as_slice() {
+        [m, s] => m * 60.0 + s,
+        [h, m, s] => h * 3600.0 + m * 60.0 + s,
+        _ => return None,
+    };
+    Some(days * 86400.0 + secs)
 }
 
 #[derive(Args, Debug)]
@@ -933,6 +966,15 @@ mod address_tests {
         assert_eq!(dashboard_address(":22222"), "0.0.0.0:22222");
         assert_eq!(dashboard_address("8787"), "0.0.0.0:8787");
         assert_eq!(dashboard_address("127.0.0.1:8787"), "127.0.0.1:8787");
+    }
+
+    #[test]
+    fn slurm_time_formats() {
+        assert_eq!(slurm_time_left("5:00"), Some(300.0));
+        assert_eq!(slurm_time_left("1:02:03"), Some(3723.0));
+        assert_eq!(slurm_time_left("2-00:00:01"), Some(172_801.0));
+        assert_eq!(slurm_time_left("UNLIMITED"), None);
+        assert_eq!(slurm_time_left(""), None);
     }
 
     #[test]

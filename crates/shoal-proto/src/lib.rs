@@ -453,6 +453,8 @@ pub struct WorkerInfo {
     pub metrics: WorkerMetrics,
     /// Milliseconds since it was last heard from.
     pub last_seen_ms: u64,
+    /// When it retires (microseconds since the Unix epoch; 0: no limit).
+    pub lifetime_end_us: u64,
 }
 
 /// The answer to [`ToScheduler::Info`].

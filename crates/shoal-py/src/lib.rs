@@ -680,6 +680,9 @@ impl ClientCore {
             wd.set_item("memory_limit", w.metrics.limit)?;
             wd.set_item("paused", w.metrics.paused)?;
             wd.set_item("last_seen", w.last_seen_ms as f64 / 1000.0)?;
+            // When it retires (Unix seconds), or None.
+            let end = (w.lifetime_end_us > 0).then(|| w.lifetime_end_us as f64 / 1e6);
+            wd.set_item("lifetime_end", end)?;
             wd.set_item("cpu", w.metrics.cpu)?;
             wd.set_item("bytes_in", w.metrics.bytes_in)?;
             wd.set_item("bytes_out", w.metrics.bytes_out)?;

@@ -454,6 +454,8 @@ struct WorkerConn {
     /// many of them it was told are recorded (`Ack`, each heartbeat).
     reports: u64,
     acked: u64,
+    /// When it retires (Unix microseconds; 0: no limit).
+    lifetime_end_us: u64,
 }
 
 /// A connected client.
@@ -655,6 +657,7 @@ impl State {
                         resources,
                         reports: 0,
                         acked: 0,
+                        lifetime_end_us,
                     },
                 );
                 self.core
@@ -1287,6 +1290,7 @@ impl State {
                     held: held as u64,
                     metrics: w.metrics.clone(),
                     last_seen_ms: now.saturating_duration_since(w.last_seen).as_millis() as u64,
+                    lifetime_end_us: w.lifetime_end_us,
                 }
             })
             .collect();
