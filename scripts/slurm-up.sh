@@ -6,7 +6,8 @@
 # Prints "started" when it started the daemons (scripts/slurm-down.sh stops
 # them), nothing when they were running.
 set -euo pipefail
-if sinfo -h -o %t 2>/dev/null | grep -qE '^(idle|mix|alloc)'; then
+# (A trailing * in the state: slurmd is not answering.)
+if pgrep -x slurmd >/dev/null && sinfo -h -o %t 2>/dev/null | grep -qE '^(idle|mix|alloc)$'; then
   exit 0
 fi
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
@@ -47,10 +48,15 @@ PartitionName=debug Nodes=$H Default=YES MaxTime=INFINITE OverSubscribe=FORCE:8 
 CONF
 pgrep -x slurmctld >/dev/null || slurmctld
 pgrep -x slurmd >/dev/null || slurmd
-for _ in $(seq 60); do
-  if sinfo -h -o %t 2>/dev/null | grep -qE '^(idle|mix|alloc)'; then
+for _ in $(seq 120); do
+  state=$(sinfo -h -o %t 2>/dev/null || true)
+  if echo "$state" | grep -qE '^(idle|mix|alloc)$'; then
     echo started
     exit 0
+  fi
+  # Left down or drained by an earlier run (a daemon killed mid-job).
+  if echo "$state" | grep -qE '^(down|drain|drng)'; then
+    scontrol update nodename="$H" state=resume 2>/dev/null || true
   fi
   sleep 0.5
 done

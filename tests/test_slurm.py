@@ -109,3 +109,108 @@ def test_srun_shoal_run_runs_the_script_once_on_a_cluster_of_the_job(slurm, tmp_
     # Its own directory, named after the job step.
     (run,) = (tmp_path / ".shoal-run").iterdir()
     assert run.name[0].isdigit(), run.name
+
+
+# ------------------------------------------------------- SLURMCluster
+
+
+def test_slurm_and_pbs_job_scripts(tmp_path, monkeypatch):
+    """Golden job scripts (no batch system needed)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for cls, want in [
+        (
+            shoal.SLURMCluster,
+            [
+                "#!/usr/bin/env bash",
+                "",
+                "#SBATCH -J shoal-worker",
+                "#SBATCH -n 1",
+                "#SBATCH --cpus-per-task=8",
+                "#SBATCH --mem=16384M",
+                "#SBATCH -t 01:00:00",
+                "#SBATCH -p normal",
+                "#SBATCH -A proj42",
+                "#SBATCH --exclusive",
+                "",
+                "module load python",
+            ],
+        ),
+        (
+            shoal.PBSCluster,
+            [
+                "#!/usr/bin/env bash",
+                "",
+                "#PBS -N shoal-worker",
+                "#PBS -l select=1:ncpus=8:mem=16384MB",
+                "#PBS -l walltime=01:00:00",
+                "#PBS -q normal",
+                "#PBS -A proj42",
+                "#PBS -j oe",
+                "#PBS --exclusive",
+                "",
+                "module load python",
+            ],
+        ),
+    ]:
+        c = cls(
+            cores=8,
+            memory="16GB",
+            processes=2,
+            walltime="01:00:00",
+            queue="normal",
+            account="proj42",
+            job_extra_directives=["--exclusive"],
+            job_directives_skip=["-o "],  # the log directive, site-specific
+            job_script_prologue=["module load python"],
+            worker_extra_args=["--lifetime-stagger", "4m"],
+            start=False,
+        )
+        lines = c.job_script().splitlines()
+        assert lines[:-1] == want, lines
+        assert lines[-1] == (
+            f"{sys.executable} -m shoal worker --scheduler-file {c.scheduler_file} "
+            "--nworkers 2 --nthreads 4 --memory-limit 8589934592 --lifetime-stagger 4m"
+        )
+    with pytest.raises(ValueError, match="processes"):
+        shoal.SLURMCluster(cores=2, processes=4, start=False)
+    with pytest.raises(ValueError, match="not a size"):
+        shoal.SLURMCluster(memory="lots", start=False)
+
+
+def test_slurm_cluster_scales_computes_and_closes(slurm):
+    da = pytest.importorskip("dask.array")
+    with shoal.SLURMCluster(cores=1, walltime="00:05:00", dashboard_address=None) as cluster:
+        cluster.scale(jobs=2)
+        assert len(cluster.jobs) == 2
+        with shoal.Client(cluster) as c:
+            c.wait_for_workers(2, timeout=120)
+            x = da.arange(1_000_000, chunks=100_000)
+            assert x.sum().compute() == 999_999 * 1_000_000 // 2
+            jobs = cluster.jobs
+        cluster.scale(jobs=1)
+        assert len(cluster.jobs) == 1
+    # close() cancelled what was left.
+    out = subprocess.run(["squeue", "-h", "-j", ",".join(jobs)], capture_output=True, text=True)
+    assert not [ln for ln in out.stdout.splitlines() if " R " in ln or " PD " in ln]
+
+
+def test_adapt_replaces_workers_lost_to_their_walltime_and_does_not_loop(slurm):
+    """Workers that retire at their lifetime (as before a walltime) end
+    their jobs; adapt submits replacements while work remains, then keeps
+    the minimum, without submitting and cancelling in a loop."""
+    with shoal.SLURMCluster(
+        cores=1,
+        walltime="00:05:00",
+        worker_extra_args=["--lifetime", "8s"],
+        wait_before_scale_down=5,
+        dashboard_address=None,
+    ) as cluster:
+        cluster.adapt(minimum_jobs=1, maximum_jobs=2, interval=0.5)
+        with shoal.Client(cluster) as c:
+            t0 = time.time()
+            fs = c.map(time.sleep, [0.5] * 50, batch_size=1)
+            c.gather(fs)
+            took = time.time() - t0
+        # 25 s of work on at most 2 workers that live 8 s each.
+        assert cluster.submitted >= 3, cluster.submitted
+        assert cluster.submitted <= 12, f"{cluster.submitted} jobs in {took:.0f} s: a loop?"

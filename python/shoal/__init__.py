@@ -39,6 +39,7 @@ from .errors import (
     UnsatisfiableError,
 )
 from .executor import Executor
+from .jobqueue import PBSCluster, SLURMCluster
 from .remote import cancel, get, init, is_initialized, method, put, remote, shutdown
 
 __all__ = [
@@ -47,6 +48,8 @@ __all__ = [
     "Future",
     "FutureList",
     "Executor",
+    "SLURMCluster",
+    "PBSCluster",
     "ForeignFutureError",
     "ActorHandle",
     "kill",

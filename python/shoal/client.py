@@ -182,7 +182,7 @@ class Client:
 
     def __init__(
         self,
-        address: str | None = None,
+        address: str | Any | None = None,
         *,
         n_workers: int | None = None,
         threads_per_worker: int = 1,
@@ -216,6 +216,15 @@ class Client:
         self._cb_thread: threading.Thread | None = None
         self._closed = False
         self._put_files: list[str] = []  # scattered data not yet taken over
+        if address is not None and not isinstance(address, str):
+            # Client(cluster), as in Dask: a SLURMCluster, PBSCluster, ...
+            scheduler_file = getattr(address, "scheduler_file", None)
+            if scheduler_file is None:
+                raise TypeError(
+                    f"Client() takes an address, or a cluster with a scheduler_file, "
+                    f"not {address!r}"
+                )
+            address = None
         if address is None and scheduler_file is None:
             # Set by `shoal.mpi.initialize()` and `shoal run` (as Dask's
             # DASK_SCHEDULER_ADDRESS): Client() joins that cluster.
