@@ -273,3 +273,24 @@ def test_shoal_mpi_starts_a_cluster_and_writes_the_scheduler_file(tmp_path):
         job.terminate()  # as scancel or Ctrl-C would
         out = job.communicate(timeout=60)[0]
     assert "shoal mpi: scheduler at" in out, out
+
+
+def test_the_hpc_examples_run_as_documented(tmp_path):
+    examples = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "hpc")
+    r = mpirun(4, sys.executable, os.path.join(examples, "mpi_dask_sum.py"), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "sum: 32000000" in r.stdout
+    r = mpirun(
+        3,
+        sys.executable,
+        "-m",
+        "shoal",
+        "run",
+        "--no-dashboard",
+        "--",
+        sys.executable,
+        os.path.join(examples, "run_script.py"),
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "sum of squares: 332833500" in r.stdout

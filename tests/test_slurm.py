@@ -214,3 +214,41 @@ def test_adapt_replaces_workers_lost_to_their_walltime_and_does_not_loop(slurm):
         # 25 s of work on at most 2 workers that live 8 s each.
         assert cluster.submitted >= 3, cluster.submitted
         assert cluster.submitted <= 12, f"{cluster.submitted} jobs in {took:.0f} s: a loop?"
+
+
+def test_the_workers_sbatch_example_runs_as_documented(slurm, tmp_path):
+    example = os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "..", "examples", "hpc", "workers.sbatch"
+    )
+    env = {
+        **os.environ,
+        "HOME": str(tmp_path),
+        "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+    }
+    sfile = tmp_path / "shoal.json"
+    sched = subprocess.Popen(
+        [PY, "-m", "shoal", "scheduler", "--port", "0", "--no-dashboard"]
+        + ["--scheduler-file", str(sfile)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    job = None
+    try:
+        wait_for(sfile.exists, 30, "the scheduler file")
+        job = subprocess.run(
+            ["sbatch", "--parsable", f"--output={tmp_path}/job.out", example],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+            cwd=tmp_path,
+        ).stdout.strip()
+        with shoal.Client(scheduler_file=str(sfile)) as c:
+            c.wait_for_workers(2, timeout=120)
+            assert c.submit(sum, range(10)).result(timeout=60) == 45
+    finally:
+        if job:
+            subprocess.run(["scancel", job])
+        sched.terminate()
+        sched.wait(30)
