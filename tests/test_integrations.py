@@ -1,5 +1,6 @@
 """joblib, concurrent.futures and the Ray-style API on a real cluster."""
 
+import ast
 import concurrent.futures as cf
 import multiprocessing as mp
 import os
@@ -395,4 +396,8 @@ def test_the_shoal_backend_is_known_in_processes_that_never_imported_shoal(tmp_p
     script.write_text(NESTED_UNDER_LOKY)
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[(False, 3), (False, 6)]"
+    results = ast.literal_eval(out.stdout.strip())
+    assert [total for _, total in results] == [3, 6]
+    # At least one call ran in a loky worker where shoal had never been
+    # imported (both, unless loky gave both calls to one worker).
+    assert not all(imported for imported, _ in results), results

@@ -658,6 +658,11 @@ def test_time_requests_avoid_workers_whose_lifetime_ends_first_and_those_retire(
             assert r.returncode == 0, r.stderr
             ran_on = {names[int((tmp_path / "ran" / str(i)).read_text())] for i in range(1, 7)}
             assert all(n.startswith("long-") for n in ran_on), ran_on
+            # The same for Python tasks.
+            pids = c.gather([c.submit(os.getpid, time_request="1m") for _ in range(6)])
+            assert {names[p] for p in pids} <= {n for n in names.values() if n.startswith("long-")}
+            with pytest.raises(ValueError, match="time_request"):
+                c.submit(os.getpid, time_request="soon")
             # The short-lived worker retires at its lifetime and is not replaced.
             wait_for(lambda: len(c.scheduler_info()["workers"]) == 1, 30, "the retirement")
             assert time.time() - t0 < 20

@@ -49,9 +49,10 @@ def parse_duration(value: Any, what: str = "time_limit") -> float | None:
     return seconds
 
 
-def limit_ms(value: Any) -> int:
-    """``time_limit=`` as the protocol's milliseconds (0: none)."""
-    s = parse_duration(value)
+def limit_ms(value: Any, what: str = "time_limit") -> int:
+    """``time_limit=`` (or ``time_request=``) as the protocol's
+    milliseconds (0: none)."""
+    s = parse_duration(value, what)
     return 0 if s is None else max(1, round(s * 1000))
 
 

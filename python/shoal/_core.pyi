@@ -89,6 +89,7 @@ class ClientCore:
         resources: list[tuple[str, float]] = ...,
         recompute: bool = True,
         time_limit_ms: int = 0,
+        time_request_ms: int = 0,
     ) -> int: ...
     def submit_command(
         self,
@@ -104,6 +105,7 @@ class ClientCore:
         retries: int,
         resources: list[tuple[str, float]],
         time_limit_ms: int,
+        time_request_ms: int = 0,
     ) -> int: ...
     def submit_many(
         self,

@@ -360,6 +360,7 @@ class Client:
         pure: bool = False,
         resources: Mapping[str, float] | None = None,
         time_limit: float | str | None = None,
+        time_request: float | str | None = None,
         **kwargs: Any,
     ) -> Future:
         """Runs ``fn(*args, **kwargs)`` on the cluster; returns its Future.
@@ -375,9 +376,14 @@ class Client:
         ``time_limit``: seconds or a duration (``"10m"``) a run may take; a
         task past it is interrupted and fails with ``TaskTimeoutError`` (a
         task stuck in C code is stopped by restarting its worker process
-        after ``SHOAL_STOP_GRACE`` seconds, default 5).
+        after ``SHOAL_STOP_GRACE`` seconds, default 5). ``time_request``: how
+        long it expects to run (a hint): it goes only to a worker whose
+        lifetime (``shoal worker --lifetime``, a batch job's end) has that
+        long left.
         """
-        return self._submit(fn, args, kwargs, key, priority, retries, pure, resources, time_limit)
+        return self._submit(
+            fn, args, kwargs, key, priority, retries, pure, resources, time_limit, time_request
+        )
 
     def _submit(
         self,
@@ -390,12 +396,14 @@ class Client:
         pure: bool = False,
         resources: Mapping[str, float] | None = None,
         time_limit: float | str | None = None,
+        time_request: float | str | None = None,
     ) -> Future:
         """``submit`` with the call's arguments apart from the task's options
         (``Executor.submit`` passes every keyword to ``fn``)."""
         core = self._check()
         needs = _resources.normalize(resources, "submit")
         limit = _commands.limit_ms(time_limit)
+        request = _commands.limit_ms(time_request, "time_request")
         group, func = _prepare_function(fn, "submit")
         payload, deps = _serialize.dumps_args(
             (args, kwargs or None), f"the arguments of {group}", self
@@ -407,7 +415,7 @@ class Client:
             if existing is not None and existing in self._refs:
                 return Future(self, existing, group, key)
         tid = core.submit(
-            group, key, False, func, payload, deps, priority, retries, needs, True, limit
+            group, key, False, func, payload, deps, priority, retries, needs, True, limit, request
         )
         f = Future(self, tid, group, key)
         if key is not None:
@@ -427,6 +435,7 @@ class Client:
         retries: int = 0,
         resources: Mapping[str, float] | None = None,
         time_limit: float | str | None = None,
+        time_request: float | str | None = None,
     ) -> Future:
         """Runs a program on a worker; returns its Future.
 
@@ -470,6 +479,7 @@ class Client:
             retries,
             needs,
             _commands.limit_ms(time_limit),
+            _commands.limit_ms(time_request, "time_request"),
         )
         f = Future(self, tid, os.path.basename(argv[0]), key)
         if key is not None:

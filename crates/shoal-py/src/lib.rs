@@ -257,7 +257,7 @@ impl ClientCore {
     }
 
     /// Submits one task; returns its id.
-    #[pyo3(signature = (group, key, batch, func, args, deps, priority, retries, resources=Vec::new(), recompute=true, time_limit_ms=0))]
+    #[pyo3(signature = (group, key, batch, func, args, deps, priority, retries, resources=Vec::new(), recompute=true, time_limit_ms=0, time_request_ms=0))]
     #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
@@ -273,6 +273,7 @@ impl ClientCore {
         resources: Vec<(String, f64)>,
         recompute: bool,
         time_limit_ms: u64,
+        time_request_ms: u64,
     ) -> PyResult<u64> {
         let id = self.inner.new_id();
         let spec = TaskSpec {
@@ -293,7 +294,7 @@ impl ClientCore {
             recompute,
             time_limit_ms,
             crash_limit: 0,
-            time_request_ms: 0,
+            time_request_ms,
         };
         self.send(py, vec![spec])?;
         Ok(id)
@@ -301,7 +302,7 @@ impl ClientCore {
 
     /// Submits a command task; returns its id. `stdout`/`stderr`: `(0,
     /// "")` capture, `(1, "")` drop, `(2, path template)` a file.
-    #[pyo3(signature = (group, key, argv, env, cwd, stdout, stderr, deps, priority, retries, resources, time_limit_ms))]
+    #[pyo3(signature = (group, key, argv, env, cwd, stdout, stderr, deps, priority, retries, resources, time_limit_ms, time_request_ms=0))]
     #[allow(clippy::too_many_arguments)]
     fn submit_command(
         &self,
@@ -318,6 +319,7 @@ impl ClientCore {
         retries: u32,
         resources: Vec<(String, f64)>,
         time_limit_ms: u64,
+        time_request_ms: u64,
     ) -> PyResult<u64> {
         if argv.is_empty() {
             return Err(PyValueError::new_err(
@@ -354,7 +356,7 @@ impl ClientCore {
             recompute: true,
             time_limit_ms,
             crash_limit: 0,
-            time_request_ms: 0,
+            time_request_ms,
         };
         self.send(py, vec![spec])?;
         Ok(id)
