@@ -18,7 +18,12 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
 fi
 (cd tests/browser && npm ci --no-audit --no-fund --silent)
 # Debian's Open MPI for the MPI launcher tests (the mpi4py wheel loads its
-# libmpi); they fail, saying why, where it is missing.
-if ! command -v mpirun >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openmpi-bin) >/dev/null
+# libmpi), and Slurm with munge for the batch tests (tests/test_slurm.py
+# starts the daemons with scripts/slurm-up.sh); the tests fail, saying why,
+# where they are missing.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+  && { ! command -v mpirun >/dev/null 2>&1 || ! command -v slurmctld >/dev/null 2>&1 \
+       || ! command -v munged >/dev/null 2>&1; }; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+    openmpi-bin slurm-wlm munge) >/dev/null
 fi

@@ -6,6 +6,7 @@
 # Prints "started" when it started the daemons (scripts/slurm-down.sh stops
 # them), nothing when they were running.
 set -euo pipefail
+export PATH="$PATH:/usr/sbin:/sbin"  # the daemons live in sbin
 # (A trailing * in the state: slurmd is not answering.)
 if pgrep -x slurmd >/dev/null && sinfo -h -o %t 2>/dev/null | grep -qE '^(idle|mix|alloc)$'; then
   exit 0
