@@ -182,7 +182,12 @@ impl Jobs {
     }
 
     /// Restores a job from a snapshot; returns its pending tasks' specs.
-    pub(super) fn restore(&mut self, s: JobSnapshot) -> Vec<shoal_proto::TaskSpec> {
+    pub(super) fn restore(&mut self, mut s: JobSnapshot) -> Vec<shoal_proto::TaskSpec> {
+        // Lists of one length, whatever the file said (indexes stay valid).
+        let n = s.ids.len().min(s.tasks.len()).min(s.outcomes.len());
+        s.ids.truncate(n);
+        s.tasks.truncate(n);
+        s.outcomes.truncate(n);
         let outcome: Vec<Outcome> = s
             .outcomes
             .iter()
@@ -405,6 +410,26 @@ mod tests {
         assert_eq!(job_of(job_client(7)), Some(7));
         assert_eq!(job_of(ClientId(4000)), None);
         assert_eq!(job_of(DETACHED), None);
+    }
+
+    #[test]
+    fn a_snapshot_round_trips_and_a_damaged_one_cannot_break_indexes() {
+        let mut jobs = Jobs::default();
+        let j = jobs.add("sim".into(), 0, &[(0, 100), (1, 101)], 5);
+        jobs.ended(100, Outcome::Failed, Some("boom".into()), 6);
+        let mut snaps = jobs.snapshots(|_| None);
+        let mut back = Jobs::default();
+        back.restore(snaps[0].clone());
+        assert_eq!(
+            back.info_json(j, &Core::default()),
+            jobs.info_json(j, &Core::default())
+        );
+        // Lists of different lengths (a hand-edited journal): cut to one.
+        snaps[0].ids.pop();
+        let mut odd = Jobs::default();
+        odd.restore(snaps.remove(0));
+        assert!(odd.ended(101, Outcome::Finished, None, 7).is_empty());
+        assert_eq!(odd.info_json(j, &Core::default()).unwrap()["tasks"], 1);
     }
 
     #[test]
