@@ -189,6 +189,7 @@ class _Executor:
             lane = min(set(range(len(self.lanes) + 1)) - self.lanes)
             self.lanes.add(lane)
         done: list[tuple[int, bool, Any, int, int, int]] = []
+        ident = threading.get_ident()
         while True:
             r = core.next_batch(done, 1, 1.0, lane)
             if r == "shutdown":
@@ -201,39 +202,31 @@ class _Executor:
             tasks, released = r
             if released:
                 store.release(released)
-            done = [self.execute(*t) for t in tasks]
+            done = []
+            for t in tasks:
+                try:
+                    done.append(self.execute(ident, *t))
+                except _Stopped as e:
+                    # An interrupt that came after its task's own end (at
+                    # most one a task): the task was stopped all the same.
+                    self._ended(t[0], ident)
+                    error = _dumps_error(e, t[1], None, t[8])
+                    done.append((t[0], False, error, int(time.time() * 1e6), 0, 0))
 
-    def execute(self, tid, name, group, kind, func, args, deps, resources=None, limit=None, job=0):
+    def execute(
+        self, ident, tid, name, group, kind, func, args, deps, resources=None, limit=None, job=0
+    ):
         if kind == 2:
             run, task = self._command, (tid, name, args, resources, limit, job)
+        elif not resources:  # the common case, straight on
+            return self._execute(ident, tid, name, group, kind == 1, func, args, deps, limit)
         else:
-            run, task = self._python, (tid, name, group, kind == 1, func, args, deps, limit)
+            run, task = self._execute, (ident, tid, name, group, kind == 1, func, args, deps, limit)
         if resources:
             gpus = sum(v for k, v in resources if k == "GPU")
             if gpus and self.gpu_users:
                 return self._with_gpus(gpus, run, *task)
         return run(*task)
-
-    def _python(self, tid, name, group, is_batch, func, args, deps, limit):
-        """A Python task, registered so that the watchdog can stop it."""
-        ident = threading.get_ident()
-        t0 = time.time()
-        try:
-            self.running[tid] = ident
-            if limit is not None:
-                self.limited[tid] = (name, limit)
-                self.deadlines[tid] = time.monotonic() + limit
-            if self.stop_asked and self.stop_asked.pop(tid, None) is not None:
-                raise _Cancelled
-            r = self._execute(tid, name, group, is_batch, func, args, deps, limit)
-            self._ended(tid, ident)
-            return r
-        except _Stopped as e:
-            # Arrived after the task's own end (or before its start): it
-            # was stopped all the same. At most one such exception a task.
-            self._ended(tid, ident)
-            dur = int((time.time() - t0) * 1e6)
-            return (tid, False, _dumps_error(e, name, None, limit), int(t0 * 1e6), dur, 0)
 
     def _ended(self, tid: int, ident: int) -> None:
         self.running.pop(tid, None)
@@ -283,7 +276,7 @@ class _Executor:
                 wait = 0.05 if (self.deadlines or self.interrupted) else 0.25
                 for tid in core.stop_requests(wait):
                     if not self._interrupt(tid, _Cancelled):
-                        # Not started in Python yet: `_python` finds it here.
+                        # Not started in Python yet: `_execute` finds it here.
                         # It registers before it looks, so if it registered
                         # meanwhile and did not find it, `running` shows it.
                         self.stop_asked[tid] = time.monotonic()
@@ -361,7 +354,14 @@ class _Executor:
                 for d in devices:
                     self.gpu_users[d] -= 1
 
-    def _execute(self, tid, name, group, is_batch, func, args, deps, limit=None):
+    def _execute(self, ident, tid, name, group, is_batch, func, args, deps, limit=None):
+        # Registered for the watchdog (cancel, time limit): the thread
+        # registers, then looks for a stop asked before it ran.
+        running = self.running
+        running[tid] = ident
+        if limit is not None:
+            self.limited[tid] = (name, limit)
+            self.deadlines[tid] = time.monotonic() + limit
         start_us = int(time.time() * 1e6)
         t0 = perf_counter()
         task_local.in_task = True
@@ -372,6 +372,8 @@ class _Executor:
             ticks = self.core.ticks()
         fn = None
         try:
+            if self.stop_asked and self.stop_asked.pop(tid, None) is not None:
+                raise _Cancelled
             fn = self.funcs.get(func)
             if fn is None:
                 fn = pickle.loads(func)
@@ -405,7 +407,13 @@ class _Executor:
             else:
                 pos, kw = payload
                 result = fn(*pos, **kw) if kw else fn(*pos)
+            running.pop(tid, None)
+            if self.limited or self.interrupted:
+                self._ended(tid, ident)
         except BaseException as e:  # noqa: BLE001 - a task must never kill its worker
+            running.pop(tid, None)
+            if self.limited or self.interrupted:
+                self._ended(tid, ident)
             duration = int((perf_counter() - t0) * 1e6)
             return (tid, False, _dumps_error(e, name, None, limit), start_us, duration, 0)
         finally:
