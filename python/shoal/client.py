@@ -1114,6 +1114,9 @@ def _registered_token(address: str) -> str | None:
     if not port:
         return None
     entries = glob.glob(os.path.join(os.path.expanduser("~"), ".shoal", "clusters", "*.json"))
+    # Newest first: a note left by a scheduler that was killed is older
+    # than the one of the scheduler now on that port.
+    entries.sort(key=lambda p: os.stat(p).st_mtime if os.path.exists(p) else 0, reverse=True)
     for path in entries:
         try:
             with open(path) as fh:
