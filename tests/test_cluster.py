@@ -22,20 +22,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from _helpers import wait_for
 
 import shoal
 
 SHOAL = [sys.executable, "-m", "shoal"]
-
-
-def wait_for(pred, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Proc:

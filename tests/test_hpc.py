@@ -5,7 +5,6 @@ walltimes. Real `shoal scheduler` and `shoal worker` processes."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,26 +12,11 @@ import urllib.error
 import urllib.request
 
 import pytest
+from _helpers import free_port, wait_for
 
 import shoal
 
 SHOAL = [sys.executable, "-m", "shoal"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(pred, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_a_dask_style_site_script_runs_with_shoal(tmp_path, monkeypatch):

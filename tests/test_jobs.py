@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _helpers import free_port, wait_for
 
 import shoal
 
@@ -29,16 +30,6 @@ def alive(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
-
-
-def wait_for(pred, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def worker_pids(client) -> list[int]:
@@ -512,14 +503,6 @@ def test_a_crash_limit_fails_a_task_that_kills_its_worker(jobs):
 
 
 # ------------------------------------------------------------ the journal
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_the_journal_restores_jobs_after_the_scheduler_is_killed(tmp_path):

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from _helpers import wait_for
 
 import shoal
 
@@ -31,16 +32,6 @@ def slurm():
     yield
     if "started" in r.stdout:  # stop what this module started
         subprocess.run(["bash", os.path.join(here, "..", "scripts", "slurm-down.sh")])
-
-
-def wait_for(pred, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_sbatch_workers_join_retire_before_their_walltime_and_compute(slurm, tmp_path):

@@ -1,0 +1,25 @@
+"""Small helpers the test modules share."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+
+def wait_for(pred, timeout: float, what: str):
+    """Polls ``pred`` until it returns something true (which is returned);
+    fails the test saying ``what`` was awaited."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
