@@ -195,6 +195,8 @@ pub struct WorkerShared {
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
     stops: Mutex<Stops>,
+    /// `stops.asked` is not empty (read without the lock per report).
+    stops_asked: AtomicBool,
     stops_cv: Condvar,
     /// Between SIGTERM (or a Python task's interrupt) and SIGKILL (or a
     /// restart of this process): `SHOAL_STOP_GRACE` seconds, default 5.
@@ -306,13 +308,15 @@ impl WorkerShared {
                 orders.finished(d.id());
             }
         }
-        {
+        // Stops asked for tasks not seen running: rare, so the common case
+        // reads one atomic instead of taking the lock.
+        if self.stops_asked.load(Ordering::Relaxed) {
             let mut st = self.stops.lock();
-            if !st.asked.is_empty() {
-                for d in &done {
-                    st.asked.remove(&d.id());
-                }
+            for d in &done {
+                st.asked.remove(&d.id());
             }
+            self.stops_asked
+                .store(!st.asked.is_empty(), Ordering::Relaxed);
         }
         let mut unsent = self.unsent.lock();
         for d in done {
@@ -510,6 +514,8 @@ impl WorkerShared {
         {
             let mut st = self.stops.lock();
             if st.asked.remove(&task) {
+                self.stops_asked
+                    .store(!st.asked.is_empty(), Ordering::Relaxed);
                 flag.0.store(true, Ordering::Release);
             }
             st.commands.insert(task, flag.clone());
@@ -536,6 +542,7 @@ impl WorkerShared {
             return;
         }
         st.asked.insert(task);
+        self.stops_asked.store(true, Ordering::Relaxed);
         st.python.push(task);
         self.stops_cv.notify_all();
     }
@@ -879,6 +886,7 @@ pub fn start(
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             stops: Mutex::new(Stops::default()),
+            stops_asked: AtomicBool::new(false),
             stops_cv: Condvar::new(),
             stop_grace: stop_grace(),
         });
