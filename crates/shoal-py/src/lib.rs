@@ -495,8 +495,8 @@ impl ClientCore {
         }
     }
 
-    /// Waits until `count` of `ids` are done; returns how many are. Raises
-    /// if the scheduler is lost.
+    /// Waits until `count` of `ids` (distinct) are done; returns how many
+    /// are. Raises if the scheduler is lost.
     #[pyo3(signature = (ids, count, timeout=None))]
     fn wait(
         &self,
@@ -507,15 +507,15 @@ impl ClientCore {
     ) -> PyResult<usize> {
         let end = deadline(timeout)?;
         let inner = &self.inner;
+        let w = py.detach(|| inner.waiter(&ids));
         let want = count.min(ids.len());
         let mut done = 0;
-        let r = blocking(py, end, |until| match inner.wait(&ids, want, Some(until)) {
-            Ok(n) if n >= want => Some(Ok(n)),
-            Ok(n) => {
-                done = n;
-                None
+        let r = blocking(py, end, |until| {
+            done = w.wait_finished(want, until);
+            if done >= want {
+                return Some(Ok(done));
             }
-            Err(e) => Some(Err(e)),
+            inner.closed_reason().map(Err)
         })?;
         match r {
             Some(Ok(n)) => Ok(n),

@@ -51,7 +51,12 @@ pub struct Watcher {
 struct WatchInner {
     pending: FxHashSet<u64>,
     done: Vec<u64>,
+    /// Ids completed since watching started (taken by `next` or not).
+    finished: usize,
 }
+
+/// Ids looked up per hold of the client's table in [`ClientShared::watch`].
+const WATCH_SLICE: usize = 4096;
 
 impl Watcher {
     /// Completed ids since the last call, waiting until at least one is there
@@ -76,6 +81,18 @@ impl Watcher {
         }
     }
 
+    /// Waits until `need` watched ids have completed (or none is pending)
+    /// or `deadline` passes; returns how many have.
+    pub fn wait_finished(&self, need: usize, deadline: Instant) -> usize {
+        let mut w = self.inner.lock();
+        while w.finished < need && !w.pending.is_empty() {
+            if self.cv.wait_until(&mut w, deadline).timed_out() {
+                break;
+            }
+        }
+        w.finished
+    }
+
     /// Ids added and not completed yet.
     pub fn pending(&self) -> usize {
         self.inner.lock().pending.len()
@@ -85,6 +102,7 @@ impl Watcher {
         let mut w = self.inner.lock();
         if w.pending.remove(&id) {
             w.done.push(id);
+            w.finished += 1;
             true
         } else {
             false
@@ -427,39 +445,14 @@ impl ClientShared {
         let _ = self.out.send(ToScheduler::Where(vec![id]));
     }
 
-    /// Waits until `count` of `ids` are done or `deadline` passes; returns how
-    /// many are done. `Err` when the scheduler connection is lost.
-    pub fn wait(
-        &self,
-        ids: &[u64],
-        count: usize,
-        deadline: Option<Instant>,
-    ) -> Result<usize, String> {
-        let mut st = self.state.lock();
-        loop {
-            let done = ids
-                .iter()
-                .filter(|id| st.status.get(id).is_none_or(Status::is_done))
-                .count();
-            if done >= count.min(ids.len()) {
-                return Ok(done);
-            }
-            if let Some(r) = &st.closed {
-                return Err(r.clone());
-            }
-            match deadline {
-                Some(d) => {
-                    if self.cv.wait_until(&mut st, d).timed_out() {
-                        let done = ids
-                            .iter()
-                            .filter(|id| st.status.get(id).is_none_or(Status::is_done))
-                            .count();
-                        return Ok(done);
-                    }
-                }
-                None => self.cv.wait(&mut st),
-            }
-        }
+    /// A watcher over `ids` for waiting on many of them: each completion
+    /// costs the waiter O(1), where rescanning every id on each wake-up
+    /// made waiting on a million futures hold the table (and with it the
+    /// I/O thread, which needs it to record results) for seconds.
+    pub fn waiter(&self, ids: &[u64]) -> Arc<Watcher> {
+        let w = self.watcher();
+        self.watch(&w, ids);
+        w
     }
 
     /// A watcher over `ids`; those already done are reported at once.
@@ -470,18 +463,24 @@ impl ClientShared {
     }
 
     /// Adds ids to a watcher (done ones complete at once).
+    /// Taken in slices, the table's lock is never held for long: the I/O
+    /// thread takes it to record every result.
     pub fn watch(&self, w: &Watcher, ids: &[u64]) {
-        let st = self.state.lock();
-        let mut inner = w.inner.lock();
-        for &id in ids {
-            if st.status.get(&id).is_none_or(Status::is_done) {
-                inner.done.push(id);
-            } else {
-                inner.pending.insert(id);
+        for slice in ids.chunks(WATCH_SLICE) {
+            let st = self.state.lock();
+            let mut inner = w.inner.lock();
+            for &id in slice {
+                if st.status.get(&id).is_none_or(Status::is_done) {
+                    inner.done.push(id);
+                    inner.finished += 1;
+                } else {
+                    inner.pending.insert(id);
+                }
             }
+            drop(inner);
+            drop(st);
+            w.cv.notify_all();
         }
-        drop(inner);
-        w.cv.notify_all();
     }
 
     /// Asks the scheduler what the cluster looks like; waits up to
