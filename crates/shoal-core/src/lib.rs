@@ -443,7 +443,9 @@ pub struct Transition {
 /// The scheduler state machine.
 pub struct Core {
     config: Config,
-    tasks: FxHashMap<TaskId, Task>,
+    /// Boxed: growing the table past a million tasks moves 16-byte slots,
+    /// not whole tasks (a resize is one step the event loop waits for).
+    tasks: FxHashMap<TaskId, Box<Task>>,
     workers: FxHashMap<WorkerId, Worker>,
     /// Workers in id order, for deterministic placement.
     worker_order: Vec<WorkerId>,
@@ -1009,7 +1011,7 @@ impl Core {
             self.groups[g].counts.submitted += 1;
             self.tasks.insert(
                 nt.id,
-                Task {
+                Box::new(Task {
                     state: TaskState::Released,
                     deps: nt.deps.into_boxed_slice(),
                     dependents: Vec::new(),
@@ -1029,7 +1031,7 @@ impl Core {
                     resources: nt.resources.into_boxed_slice(),
                     once: !nt.recompute,
                     ran: false,
-                },
+                }),
             );
             fresh.push(nt.id);
         }
@@ -2059,7 +2061,7 @@ impl Core {
 /// (tasks that left Ready, or were forgotten, after they were pushed).
 fn first_ready(
     heap: &mut BinaryHeap<ReadyEntry>,
-    tasks: &FxHashMap<TaskId, Task>,
+    tasks: &FxHashMap<TaskId, Box<Task>>,
 ) -> Option<TaskId> {
     while let Some(top) = heap.peek() {
         if tasks

@@ -55,7 +55,8 @@ struct WatchInner {
     finished: usize,
 }
 
-/// Ids looked up per hold of the client's table in [`ClientShared::watch`].
+/// Ids looked up per hold of the client's table (the I/O thread waits for
+/// it to record results).
 const WATCH_SLICE: usize = 4096;
 
 impl Watcher {
@@ -129,11 +130,11 @@ pub const FETCH_ATTEMPTS: u32 = 10;
 
 /// Bytes of task definitions per `Submit` message: big submissions go as
 /// several messages, each well under the frame limit.
-pub const SUBMIT_CHUNK: usize = 64 << 20;
+pub const SUBMIT_CHUNK: usize = 1 << 20;
 
 /// Bytes of submissions that may wait to be written to the scheduler
 /// before `submit` waits for it to read.
-pub const SUBMIT_BACKLOG: usize = 4 * SUBMIT_CHUNK;
+pub const SUBMIT_BACKLOG: usize = 256 << 20;
 
 /// Why tasks could not be submitted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,7 +187,7 @@ pub fn connect(
             // Heartbeats from the I/O thread: a client busy in Python (GIL
             // held) still beats; a frozen process does not, and the
             // scheduler lets go of it and of what it queued for it.
-            let mut tick = tokio::time::interval(net::HEARTBEAT);
+            let mut tick = tokio::time::interval(net::heartbeat_interval());
             loop {
                 tick.tick().await;
                 let Some(sh) = beat.upgrade() else { return };
@@ -320,12 +321,13 @@ impl ClientShared {
                 net::max_message()
             )));
         }
-        {
+        // In slices: the I/O thread takes this lock for every result.
+        for slice in specs.chunks(WATCH_SLICE) {
             let mut st = self.state.lock();
             if let Some(r) = &st.closed {
                 return Err(SubmitError::Lost(r.clone()));
             }
-            for s in &specs {
+            for s in slice {
                 st.status.entry(s.id).or_insert(Status::Pending);
             }
         }
@@ -367,9 +369,9 @@ impl ClientShared {
 
     /// The client drops these tasks.
     pub fn release(&self, ids: Vec<u64>) {
-        {
+        for slice in ids.chunks(WATCH_SLICE) {
             let mut st = self.state.lock();
-            for id in &ids {
+            for id in slice {
                 st.status.remove(id);
             }
         }

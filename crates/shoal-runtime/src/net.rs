@@ -467,18 +467,26 @@ pub async fn recv<T: DeserializeOwned>(conn: &mut Conn) -> io::Result<Option<T>>
     }
 }
 
-/// How often the scheduler pings and workers send heartbeats.
+/// How often the scheduler pings and workers and clients send heartbeats
+/// (more often under a heartbeat timeout below 4 s: see
+/// [`heartbeat_interval`]).
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// How long a peer may stay silent before it is taken as lost:
-/// `SHOAL_HEARTBEAT_TIMEOUT` seconds, default 5 (at least 2 heartbeats).
+/// `SHOAL_HEARTBEAT_TIMEOUT` seconds, default 5, at least 0.5.
 pub fn heartbeat_timeout() -> Duration {
     let secs = std::env::var("SHOAL_HEARTBEAT_TIMEOUT")
         .ok()
         .and_then(|v| v.trim().parse::<f64>().ok())
         .filter(|s| s.is_finite() && *s > 0.0)
         .unwrap_or(5.0);
-    Duration::from_secs_f64(secs).max(2 * HEARTBEAT)
+    Duration::from_secs_f64(secs.max(0.5))
+}
+
+/// The heartbeat period: [`HEARTBEAT`], or a quarter of the timeout when
+/// that is shorter, so a peer is heard from several times per timeout.
+pub fn heartbeat_interval() -> Duration {
+    (heartbeat_timeout() / 4).min(HEARTBEAT)
 }
 
 /// How long one frame's write may make no headway before the connection is
@@ -687,36 +695,75 @@ pub const fn max_message() -> usize {
 /// Frame bodies for queued messages, each encoded straight into its frame:
 /// a postcard sequence (a varint count, then the messages one by one, which
 /// is how postcard encodes a `Vec`) of at most `limit` bytes.
+#[cfg(test)]
 fn frames<M: Serialize>(msgs: impl Iterator<Item = M>, limit: usize) -> Vec<Bytes> {
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; COUNT_ROOM];
-    let mut count = 0u64;
-    for m in msgs {
-        let mark = buf.len();
-        buf = shoal_proto::encode_into(&m, buf);
-        let size = buf.len() - mark;
-        if size > limit - COUNT_ROOM {
+    let mut enc = FrameEncoder::new(limit, limit);
+    let mut out: Vec<Bytes> = msgs.filter_map(|m| enc.push(&m)).collect();
+    out.extend(enc.finish());
+    out
+}
+
+/// Bytes after which the writer ends a frame and lets the I/O thread run
+/// before encoding more: a burst of big messages is encoded a slice at a
+/// time, not all at once.
+const FRAME_TARGET: usize = 1 << 20;
+
+/// Encodes messages into frames of about `target` bytes (one message may
+/// pass it), never over `limit`.
+struct FrameEncoder {
+    buf: Vec<u8>,
+    count: u64,
+    target: usize,
+    limit: usize,
+}
+
+impl FrameEncoder {
+    fn new(target: usize, limit: usize) -> Self {
+        FrameEncoder {
+            buf: vec![0u8; COUNT_ROOM],
+            count: 0,
+            target,
+            limit,
+        }
+    }
+
+    /// Adds a message; returns a frame when one is complete.
+    fn push<M: Serialize>(&mut self, m: &M) -> Option<Bytes> {
+        let mark = self.buf.len();
+        self.buf = shoal_proto::encode_into(m, std::mem::take(&mut self.buf));
+        let size = self.buf.len() - mark;
+        if size > self.limit - COUNT_ROOM {
             tracing::error!(
                 "dropping a message of {size} bytes: over the limit of {} bytes per message",
-                limit - COUNT_ROOM
+                self.limit - COUNT_ROOM
             );
-            buf.truncate(mark);
-            continue;
+            self.buf.truncate(mark);
+            return None;
         }
-        if buf.len() > limit && count > 0 {
+        if self.buf.len() > self.limit && self.count > 0 {
             // This message starts the next frame (the one copy splitting costs).
             let mut next = vec![0u8; COUNT_ROOM];
-            next.extend_from_slice(&buf[mark..]);
-            buf.truncate(mark);
-            out.push(with_count(std::mem::replace(&mut buf, next), count));
-            count = 0;
+            next.extend_from_slice(&self.buf[mark..]);
+            self.buf.truncate(mark);
+            let full = std::mem::replace(&mut self.buf, next);
+            let frame = with_count(full, std::mem::replace(&mut self.count, 1));
+            return Some(frame);
         }
-        count += 1;
+        self.count += 1;
+        if self.buf.len() >= self.target {
+            return self.finish();
+        }
+        None
     }
-    if count > 0 {
-        out.push(with_count(buf, count));
+
+    /// The frame holding what was pushed since the last one, if anything.
+    fn finish(&mut self) -> Option<Bytes> {
+        if self.count == 0 {
+            return None;
+        }
+        let full = std::mem::replace(&mut self.buf, vec![0u8; COUNT_ROOM]);
+        Some(with_count(full, std::mem::take(&mut self.count)))
     }
-    out
 }
 
 /// Writes `count` as a varint just before the messages, in the room left
@@ -918,13 +965,32 @@ pub fn split_batched<M: Serialize + Send + 'static>(
                 break;
             }
             let bytes: usize = batch.iter().map(|(_, w)| w).sum();
-            for body in frames(batch.drain(..).map(|(m, _)| m), MAX_FRAME) {
+            let mut enc = FrameEncoder::new(FRAME_TARGET, MAX_FRAME);
+            let mut msgs = batch.drain(..);
+            loop {
+                let next = msgs.next();
+                let body = match &next {
+                    Some((m, _)) => match enc.push(m) {
+                        Some(body) => body,
+                        None => continue,
+                    },
+                    None => match enc.finish() {
+                        Some(body) => body,
+                        None => break,
+                    },
+                };
                 let fed =
                     closed.run_until_cancelled(tokio::time::timeout(WRITE_STALL, sink.feed(body)));
                 if fed.await.is_none_or(stalled) {
                     break 'write;
                 }
+                if next.is_none() {
+                    break;
+                }
+                // More to encode: let the rest of the I/O thread run first.
+                tokio::task::yield_now().await;
             }
+            drop(msgs);
             let flushed =
                 closed.run_until_cancelled(tokio::time::timeout(WRITE_STALL, sink.flush()));
             if flushed.await.is_none_or(stalled) {

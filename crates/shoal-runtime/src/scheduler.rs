@@ -20,6 +20,7 @@ use shoal_proto::{
     task_name, ClusterInfo, Dep, DepSource, FromScheduler, Role, TaskError, TaskSpec, ToScheduler,
     Welcome, WorkerInfo, WorkerMetrics,
 };
+use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -35,6 +36,17 @@ const STORY_LOG: usize = 100_000;
 
 /// How often the core learns the time.
 const TICK: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// How long the owner works through queued messages before it lets the
+/// rest of the I/O thread run (readers, writers, heartbeats, the dashboard).
+const SLICE: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// Tasks (or ids) per piece a big `Submit` (`Release`, `Cancel`, ...) is
+/// cut into, so that no one message holds the owner for long.
+const PIECE: usize = 4096;
+
+/// Frames at least this big are decoded off the I/O thread.
+const BIG_FRAME: usize = 4 << 20;
 
 enum Event {
     ClientJoined(u32, Tx),
@@ -419,7 +431,7 @@ async fn serve_conn(
             _ = stop.changed() => return,
             frame = stream.next() => match frame {
                 None => break "connection closed".to_string(),
-                Some(frame) => match net::decode_batch::<ToScheduler>(frame) {
+                Some(frame) => match decode(frame).await {
                     Ok(msgs) => {
                         let ev = if is_worker { Event::FromWorker(id, msgs) } else { Event::FromClient(id, msgs) };
                         if events.send(ev).is_err() { return; }
@@ -436,6 +448,19 @@ async fn serve_conn(
     } else {
         Event::ClientLeft(id)
     });
+}
+
+/// Decodes a peer's frame; a big one on a blocking thread, so that decoding
+/// it does not hold the I/O thread (the reader waits: order is kept).
+async fn decode(frame: io::Result<bytes::BytesMut>) -> io::Result<Vec<ToScheduler>> {
+    match frame {
+        Ok(f) if f.len() >= BIG_FRAME => {
+            tokio::task::spawn_blocking(move || net::decode_batch::<ToScheduler>(Ok(f)))
+                .await
+                .unwrap_or_else(|e| Err(io::Error::other(e)))
+        }
+        f => net::decode_batch::<ToScheduler>(f),
+    }
 }
 
 struct WorkerConn {
@@ -498,7 +523,8 @@ struct State {
     /// Cluster-wide names (named actors): name -> (owning client, value).
     names: FxHashMap<String, (u32, String)>,
     core: Core,
-    specs: FxHashMap<u64, TaskSpec>,
+    /// Boxed for the same reason as the core's tasks (cheap resizes).
+    specs: FxHashMap<u64, Box<TaskSpec>>,
     inline: FxHashMap<u64, Bytes>,
     errors: FxHashMap<u64, Bytes>,
     groups: FxHashMap<String, u32>,
@@ -574,10 +600,16 @@ async fn owner(
         }
     }
     let mut batch = Vec::with_capacity(64);
+    // Messages received and not yet handled, in arrival order: worked
+    // through SLICE at a time, so that a million-task submission (or
+    // release, or cancel) never holds the I/O thread for more than a few
+    // milliseconds at once.
+    let mut queue = VecDeque::new();
     // The core has no clock: time reaches it as ticks (stall detection).
     let start = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(TICK);
     let mut next_ping = start;
+    let beat = net::heartbeat_interval();
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -585,9 +617,12 @@ async fn owner(
             n = rx.recv_many(&mut batch, 1024) => {
                 if n == 0 { break; }
                 for ev in batch.drain(..) {
-                    st.handle(ev);
+                    st.arrived(ev, &mut queue);
                 }
-                st.flush_journal();
+                st.work(&mut queue).await;
+            }
+            _ = std::future::ready(()), if !queue.is_empty() => {
+                st.work(&mut queue).await;
             }
             now = tick.tick() => {
                 // How late this tick runs: the event loop's lag.
@@ -601,7 +636,7 @@ async fn owner(
                 st.process();
                 st.flush_journal();
                 if now >= next_ping {
-                    next_ping = now + net::HEARTBEAT;
+                    next_ping = now + beat;
                     st.heartbeat(now);
                     if let Some(j) = &mut st.journal {
                         j.sync();
@@ -612,7 +647,98 @@ async fn owner(
     }
 }
 
+/// One unit of the owner's queue: a peer's message, or any other event.
+enum Item {
+    Client(u32, ToScheduler),
+    Worker(u32, ToScheduler),
+    Event(Event),
+}
+
+/// Cuts a message carrying many tasks or ids into pieces of [`PIECE`], in
+/// order (each piece is moved once).
+fn pieces(msg: ToScheduler) -> Vec<ToScheduler> {
+    fn cut<T>(mut v: Vec<T>, wrap: fn(Vec<T>) -> ToScheduler) -> Vec<ToScheduler> {
+        let mut out = Vec::with_capacity(v.len() / PIECE + 1);
+        while v.len() > PIECE {
+            // From the back: each element moves once.
+            let tail = v.split_off(v.len() - (v.len() - 1) % PIECE - 1);
+            out.push(wrap(tail));
+        }
+        out.push(wrap(v));
+        out.reverse();
+        out
+    }
+    match msg {
+        ToScheduler::Submit(v) if v.len() > PIECE => cut(v, ToScheduler::Submit),
+        ToScheduler::Release(v) if v.len() > PIECE => cut(v, ToScheduler::Release),
+        ToScheduler::Cancel(v) if v.len() > PIECE => cut(v, ToScheduler::Cancel),
+        ToScheduler::Detach(v) if v.len() > PIECE => cut(v, ToScheduler::Detach),
+        ToScheduler::Where(v) if v.len() > PIECE => cut(v, ToScheduler::Where),
+        m => vec![m],
+    }
+}
+
 impl State {
+    /// Queues what arrived. A peer counts as heard from when its message
+    /// arrives, not when its turn comes: a client whose own huge submission
+    /// is still being worked through is not silent.
+    fn arrived(&mut self, ev: Event, queue: &mut VecDeque<Item>) {
+        let now = tokio::time::Instant::now();
+        match ev {
+            Event::FromClient(c, msgs) => {
+                // Already given up on (heartbeat timeout): ignored.
+                let Some(conn) = self.clients.get_mut(&c) else {
+                    return;
+                };
+                conn.last_seen = now;
+                for m in msgs {
+                    queue.extend(pieces(m).into_iter().map(|m| Item::Client(c, m)));
+                }
+            }
+            Event::FromWorker(w, msgs) => {
+                let Some(conn) = self.workers.get_mut(&w) else {
+                    return;
+                };
+                conn.last_seen = now;
+                for m in msgs {
+                    queue.extend(pieces(m).into_iter().map(|m| Item::Worker(w, m)));
+                }
+            }
+            // Joins and leaves keep their place among the messages (a
+            // client's last messages come before its leaving).
+            ev => queue.push_back(Item::Event(ev)),
+        }
+    }
+
+    /// Handles queued items for up to [`SLICE`], then yields the I/O thread.
+    async fn work(&mut self, queue: &mut VecDeque<Item>) {
+        let begun = std::time::Instant::now();
+        while let Some(item) = queue.pop_front() {
+            match item {
+                Item::Event(ev) => self.handle(ev),
+                Item::Client(c, m) => {
+                    if self.clients.contains_key(&c) {
+                        self.client_msg(c, m);
+                        self.process();
+                    }
+                }
+                Item::Worker(w, m) => {
+                    if self.workers.contains_key(&w) {
+                        self.worker_msg(w, m);
+                        self.process();
+                    }
+                }
+            }
+            if begun.elapsed() >= SLICE {
+                break;
+            }
+        }
+        self.flush_journal();
+        if !queue.is_empty() {
+            tokio::task::yield_now().await;
+        }
+    }
+
     fn handle(&mut self, ev: Event) {
         match ev {
             Event::ClientJoined(id, tx) => {
@@ -701,28 +827,8 @@ impl State {
                     let _ = w.tx.send(FromScheduler::Shutdown);
                 }
             }
-            Event::FromClient(c, msgs) => {
-                match self.clients.get_mut(&c) {
-                    Some(conn) => conn.last_seen = tokio::time::Instant::now(),
-                    // Already given up on (heartbeat timeout): ignore it.
-                    None => return,
-                }
-                for m in msgs {
-                    self.client_msg(c, m);
-                    self.process();
-                }
-            }
-            Event::FromWorker(w, msgs) => {
-                match self.workers.get_mut(&w) {
-                    Some(conn) => conn.last_seen = tokio::time::Instant::now(),
-                    // Already given up on (heartbeat timeout): ignore it.
-                    None => return,
-                }
-                for m in msgs {
-                    self.worker_msg(w, m);
-                    self.process();
-                }
-            }
+            // Split into items by `arrived`.
+            Event::FromClient(..) | Event::FromWorker(..) => {}
         }
     }
 
@@ -884,7 +990,7 @@ impl State {
                 max_kills: spec.crash_limit,
                 time_request_us: spec.time_request_ms.saturating_mul(1000),
             });
-            self.specs.entry(spec.id).or_insert(spec);
+            self.specs.entry(spec.id).or_insert_with(|| Box::new(spec));
         }
         self.core.handle_submit(cid, tasks);
     }
@@ -1547,7 +1653,7 @@ impl State {
             let specs = &self.specs;
             let records: Vec<journal::Record> = self
                 .jobs
-                .snapshots(|t| specs.get(&t).cloned())
+                .snapshots(|t| specs.get(&t).map(|s| TaskSpec::clone(s)))
                 .into_iter()
                 .map(journal::Record::Snapshot)
                 .collect();

@@ -922,7 +922,7 @@ pub fn start(
         });
         let sh = shared.clone();
         tokio::spawn(async move {
-            let mut beat = tokio::time::interval(net::HEARTBEAT);
+            let mut beat = tokio::time::interval(net::heartbeat_interval());
             let (mut cpu0, mut t0) = (cpu_time_us(), Instant::now());
             loop {
                 beat.tick().await;
