@@ -987,6 +987,20 @@ impl Core {
     /// whole). Every task of the batch is wanted by the client. A task whose id
     /// is already known just gains the client's interest.
     pub fn handle_submit(&mut self, client: ClientId, tasks: Vec<NewTask>) {
+        self.handle_resubmit(client, tasks, &FxHashMap::default());
+    }
+
+    /// A client's tasks submitted again after the scheduler restarted under
+    /// it. Those in `held` had finished before: their results are at the
+    /// given place (a worker that rejoined, or inline) with the given size,
+    /// and they start in memory instead of running again. A held place on
+    /// a worker the core does not know is ignored (the task runs again).
+    pub fn handle_resubmit(
+        &mut self,
+        client: ClientId,
+        tasks: Vec<NewTask>,
+        held: &FxHashMap<TaskId, (Location, u64)>,
+    ) {
         self.stimulus = "submit";
         let mut fresh = Vec::with_capacity(tasks.len());
         // First pass: records, so deps inside the batch resolve in any order.
@@ -1074,6 +1088,19 @@ impl Core {
                 if self.tasks[&id].state == TaskState::Released {
                     self.set_erred(id, id, ErrorKind::Cycle);
                 }
+            }
+        }
+        for &id in &fresh {
+            let Some(&(location, size)) = held.get(&id) else {
+                continue;
+            };
+            let usable = match location {
+                Location::Inline => true,
+                Location::Worker(w) => self.workers.get(&w).is_some_and(|w| !w.retired),
+            };
+            if usable && self.tasks[&id].state == TaskState::Released {
+                self.tasks.get_mut(&id).expect("just inserted").ran = true;
+                self.set_state(id, TaskState::Memory { location, size });
             }
         }
         for id in fresh {

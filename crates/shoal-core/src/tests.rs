@@ -1532,3 +1532,42 @@ fn a_time_request_keeps_a_task_off_workers_that_leave_too_soon() {
     c.handle_submit(C, vec![nt(2, &[])]);
     assert_eq!(computes(&c.take_actions()), vec![(0, 2)]);
 }
+
+#[test]
+fn resubmitted_tasks_held_by_a_rejoined_worker_start_in_memory_and_are_not_run_again() {
+    let mut c = core();
+    c.handle_worker_added(WorkerId(0), 1);
+    // 1 and 2 finished before the restart: 1 on worker 0 (rejoined), 2
+    // inline (the client had its value); 3 was held by a worker that did
+    // not come back (5); 4 was still pending.
+    let held: FxHashMap<TaskId, (Location, u64)> = [
+        (t(1), (Location::Worker(WorkerId(0)), 100)),
+        (t(2), (Location::Inline, 8)),
+        (t(3), (Location::Worker(WorkerId(5)), 100)),
+    ]
+    .into_iter()
+    .collect();
+    let tasks = vec![nt(1, &[]), nt(2, &[]), nt(3, &[]), nt(4, &[1, 2, 3])];
+    c.handle_resubmit(C, tasks, &held);
+    c.check_invariants();
+    let a = c.take_actions();
+    // Only 3 runs; 4 waits for it alone.
+    assert_eq!(computes(&a), vec![(0, 3)]);
+    assert!(matches!(
+        c.state(t(1)),
+        Some(TaskState::Memory {
+            location: Location::Worker(WorkerId(0)),
+            size: 100
+        })
+    ));
+    assert!(matches!(
+        c.state(t(2)),
+        Some(TaskState::Memory {
+            location: Location::Inline,
+            ..
+        })
+    ));
+    assert!(c.handle_task_finished(WorkerId(0), t(3), 8, true, 5).is_some());
+    c.check_invariants();
+    assert_eq!(computes(&c.take_actions()), vec![(0, 4)]);
+}
