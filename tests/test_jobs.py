@@ -18,6 +18,7 @@ import pytest
 from _helpers import free_port, wait_for
 
 import shoal
+from shoal import wait
 
 SHOAL = [sys.executable, "-m", "shoal"]
 GRACE = 1.0  # SHOAL_STOP_GRACE for these clusters
@@ -600,6 +601,91 @@ def test_the_journal_restores_jobs_after_the_scheduler_is_killed(tmp_path):
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait()
         log.close()
+
+
+def _mark(path: str, i: int, size: int):
+    """A side effect to count runs by, then a result: `size` bytes (kept
+    on the worker) or the int itself (small: it travels inline)."""
+    with open(path, "a") as fh:
+        fh.write(f"{i}\n")
+    return bytes(size) if size else i
+
+
+def _slow_mark(path: str, i: int):
+    time.sleep(1.5)
+    return _mark(path, i, 0)
+
+
+def _total(xs):
+    return sum(len(x) if isinstance(x, bytes) else x for x in xs)
+
+
+def test_a_python_graph_survives_the_scheduler_being_killed(tmp_path, monkeypatch):
+    """A client with `SHOAL_RECONNECT` keeps its futures across a SIGKILL
+    of a journaled scheduler: it connects again, resumes its id and
+    resubmits what it holds. Results that rejoined workers still hold, and
+    values the client had inline, are kept (their tasks do not run again);
+    the rest run again; new work on the old futures runs after the
+    restart."""
+    port = str(free_port())
+    sfile = tmp_path / "s.json"
+    journal = tmp_path / "journal"
+    done = tmp_path / "done.txt"
+    env = {**os.environ, "SHOAL_SCHEDULER_FILE": str(sfile), "SHOAL_HEARTBEAT_TIMEOUT": "3"}
+    log = open(tmp_path / "log", "ab")
+
+    def scheduler():
+        return subprocess.Popen(
+            [*SHOAL, "scheduler", "--port", port, "--no-dashboard"]
+            + ["--scheduler-file", str(sfile), "--journal", str(journal)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+    sched = scheduler()
+    wait_for(sfile.exists, 30, "the scheduler file")
+    worker = subprocess.Popen(
+        [*SHOAL, "worker", "--nworkers", "2", "--reconnect"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    monkeypatch.setenv("SHOAL_RECONNECT", "60")
+    monkeypatch.setenv("SHOAL_HEARTBEAT_TIMEOUT", "3")
+    try:
+        with shoal.Client(scheduler_file=str(sfile)) as c:
+            c.wait_for_workers(2, timeout=60)
+            # Odd ones return 100 kB (held by their worker), even ones an
+            # int (inline: the client has the value).
+            first = [
+                c.submit(_mark, str(done), i, 100_000 * (i % 2), pure=False) for i in range(20)
+            ]
+            wait(first)
+            # Running when the scheduler dies.
+            slow = [c.submit(_slow_mark, str(done), 100 + i, pure=False) for i in range(2)]
+            wait_for(lambda: c.query("/api/status?since=0")["counters"]["tasks"] >= 22, 30, "slow")
+            sched.kill()
+            sched.wait()
+            time.sleep(1)
+            sched = scheduler()
+            # New work on the old futures, after the restart.
+            total = c.submit(_total, first)
+            assert total.result(timeout=120) == 10 * 100_000 + sum(range(0, 20, 2))
+            assert c.gather(slow) == [100, 101]
+            assert [f.result() for f in first[:4]] == [0, bytes(100_000), 2, bytes(100_000)]
+        runs = [int(x) for x in done.read_text().split()]
+        assert sorted(i for i in runs if i < 100) == list(range(20)), "each ran once"
+        assert {100, 101} <= set(runs)
+    finally:
+        sched.kill()
+        sched.wait()
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+        log.close()
+    text = (tmp_path / "log").read_text(errors="replace")
+    assert "20 of its" in text or "kept their results" in text, text[-3000:]
 
 
 def test_time_requests_avoid_workers_whose_lifetime_ends_first_and_those_retire(tmp_path):

@@ -1567,7 +1567,9 @@ fn resubmitted_tasks_held_by_a_rejoined_worker_start_in_memory_and_are_not_run_a
             ..
         })
     ));
-    assert!(c.handle_task_finished(WorkerId(0), t(3), 8, true, 5).is_some());
+    assert!(c
+        .handle_task_finished(WorkerId(0), t(3), 8, true, 5)
+        .is_some());
     c.check_invariants();
     assert_eq!(computes(&c.take_actions()), vec![(0, 4)]);
 }

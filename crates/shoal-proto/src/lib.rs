@@ -19,7 +19,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// Bumped on every incompatible change (9: command tasks, jobs, time
 /// limits); peers with another version are refused.
-pub const PROTOCOL_VERSION: u32 = 9;
+pub const PROTOCOL_VERSION: u32 = 10;
 /// First field of every handshake, so a stray peer is recognised at once.
 pub const MAGIC: u32 = 0x5348_4f4c; // "SHOL"
 /// Largest frame accepted (a frame larger than this closes the connection).
@@ -358,7 +358,19 @@ pub enum ToScheduler {
         running: Vec<u64>,
         /// Reports not acknowledged, in the order they were first sent.
         reports: Vec<ToScheduler>,
+        /// Results it still holds, with their sizes: a client that comes
+        /// back resubmits their tasks, which then do not run again.
+        held: Vec<(u64, u64)>,
     },
+    /// Client, first on a connection made again after the scheduler was
+    /// lost: the id it had (its task ids are `id << 40 | n`, and it goes
+    /// on making them so).
+    Resume(u32),
+    /// Client, after `Resume`: the tasks it still holds, in submission
+    /// order, each with its value when the client has it inline. Those
+    /// whose results a rejoined worker (or the value) still has start
+    /// finished; the rest run again.
+    Resubmit(Vec<(TaskSpec, Option<Bytes>)>),
 }
 
 /// When and on which thread a task ran (the worker's clock).

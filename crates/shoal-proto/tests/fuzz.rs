@@ -124,7 +124,13 @@ fn corpus() -> Vec<Vec<u8>> {
                 value: Some(Bytes::from_static(b"v")),
                 timing: Timing::default(),
             }],
+            held: vec![(4, 100)],
         },
+        ToScheduler::Resume(7),
+        ToScheduler::Resubmit(vec![
+            (spec(1), None),
+            (spec(2), Some(Bytes::from_static(b"v"))),
+        ]),
     ];
     let from: Vec<FromScheduler> = vec![
         FromScheduler::Compute {

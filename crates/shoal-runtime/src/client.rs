@@ -9,7 +9,7 @@
 use crate::net::{self, Address};
 use bytes::Bytes;
 use futures::StreamExt;
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, RwLock};
 use rustc_hash::{FxHashMap, FxHashSet};
 use shoal_proto::{ClusterInfo, FromScheduler, Role, TaskError, TaskSpec, ToScheduler};
 use std::io;
@@ -113,6 +113,8 @@ impl Watcher {
 
 struct State {
     status: FxHashMap<u64, Status>,
+    /// With [`Reconnect`]: the specs of tasks not released, to resubmit.
+    kept: Option<FxHashMap<u64, TaskSpec>>,
     watchers: Vec<Weak<Watcher>>,
     closed: Option<String>,
     /// The latest answer to an `Info` request.
@@ -145,16 +147,31 @@ pub enum SubmitError {
     TooLarge(String),
 }
 
+type Stream = futures::stream::SplitStream<net::Conn>;
+
 /// A connected client.
 pub struct ClientShared {
     /// Id assigned by the scheduler (top bits of every task id).
     pub id: u32,
     next: AtomicU64,
-    out: net::Outbox<ToScheduler>,
+    /// Replaced when the client connects again (see [`Reconnect`]); sends
+    /// happen under the read lock, so none is lost in the swap.
+    out: RwLock<net::Outbox<ToScheduler>>,
     state: Mutex<State>,
+    reconnect: Option<Reconnect>,
     cv: Condvar,
     /// The cluster's secret (fetching results from workers proves it too).
     pub secret: net::Secret,
+}
+
+/// How a client reaches its scheduler again after losing it
+/// (`SHOAL_RECONNECT` seconds): its futures wait meanwhile, what it sends
+/// is queued, and on the new connection it resumes its id and resubmits
+/// the tasks it holds (a journaled scheduler and rejoined workers keep
+/// the results they still have).
+struct Reconnect {
+    addr: Address,
+    give_up: std::time::Duration,
 }
 
 /// Connects to the scheduler. Call from outside the runtime.
@@ -166,11 +183,16 @@ pub fn connect(
     rt.block_on(async {
         let (conn, id) = net::handshake(addr, Role::Client, secret).await?;
         let (out, mut stream) = net::split_batched::<ToScheduler>(conn);
+        let reconnect = crate::worker::reconnect_for().map(|give_up| Reconnect {
+            addr: addr.clone(),
+            give_up,
+        });
         let shared = Arc::new(ClientShared {
             id,
             next: AtomicU64::new(((id as u64) << 40) + 1),
-            out,
+            out: RwLock::new(out),
             state: Mutex::new(State {
+                kept: reconnect.as_ref().map(|_| FxHashMap::default()),
                 status: FxHashMap::default(),
                 watchers: Vec::new(),
                 closed: None,
@@ -180,6 +202,7 @@ pub fn connect(
             }),
             cv: Condvar::new(),
             secret: secret.clone(),
+            reconnect,
         });
         let weak = Arc::downgrade(&shared);
         let beat = Arc::downgrade(&shared);
@@ -191,28 +214,35 @@ pub fn connect(
             loop {
                 tick.tick().await;
                 let Some(sh) = beat.upgrade() else { return };
-                if sh.out.send(ToScheduler::Alive).is_err() {
+                if sh.out.read().send(ToScheduler::Alive).is_err() {
                     return;
                 }
             }
         });
         let timeout = net::heartbeat_timeout();
+        let secret = secret.clone();
         tokio::spawn(async move {
             let reason = loop {
                 // The scheduler pings every second: silence means it hung,
                 // died without closing, or the network is cut.
-                let Ok(next) = tokio::time::timeout(timeout, stream.next()).await else {
-                    break format!("the scheduler sent nothing for {timeout:?}");
-                };
-                match next {
-                    None => break "the scheduler closed the connection".to_string(),
-                    Some(frame) => match net::decode_batch::<FromScheduler>(frame) {
+                let lost = match tokio::time::timeout(timeout, stream.next()).await {
+                    Err(_) => format!("the scheduler sent nothing for {timeout:?}"),
+                    Ok(None) => "the scheduler closed the connection".to_string(),
+                    Ok(Some(frame)) => match net::decode_batch::<FromScheduler>(frame) {
                         Ok(msgs) => match weak.upgrade() {
-                            Some(sh) => sh.apply(msgs),
+                            Some(sh) => {
+                                sh.apply(msgs);
+                                continue;
+                            }
                             None => return,
                         },
-                        Err(e) => break format!("bad frame from the scheduler: {e}"),
+                        Err(e) => format!("bad frame from the scheduler: {e}"),
                     },
+                };
+                let Some(sh) = weak.upgrade() else { return };
+                match sh.connect_again(&lost, &secret).await {
+                    Ok(s) => stream = s,
+                    Err(why) => break why,
                 }
             };
             if let Some(sh) = weak.upgrade() {
@@ -228,6 +258,98 @@ pub fn connect(
 }
 
 impl ClientShared {
+    /// After losing the scheduler (`lost` says how): without [`Reconnect`],
+    /// `Err(lost)`; with it, connects again (every second, for up to its
+    /// give-up time) and returns the new connection's read half. Meanwhile
+    /// what is sent waits; on the new connection `Resume`, then `Resubmit`
+    /// (every task not released, inputs first), then what waited.
+    async fn connect_again(&self, lost: &str, secret: &net::Secret) -> Result<Stream, String> {
+        let Some(rc) = &self.reconnect else {
+            return Err(lost.to_string());
+        };
+        tracing::warn!(
+            "lost the scheduler ({lost}); connecting again for up to {:?}",
+            rc.give_up
+        );
+        let (parked, mut waiting) = net::parked();
+        std::mem::replace(&mut *self.out.write(), parked).close();
+        let deadline = Instant::now() + rc.give_up;
+        let conn = loop {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            match net::handshake(&rc.addr, Role::Client, secret).await {
+                Ok((conn, _)) => break conn,
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                    return Err(format!("{lost}; connecting again was refused: {e}"));
+                }
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(format!(
+                        "{lost}, and it could not be reached again within {:?}: {e}",
+                        rc.give_up
+                    ));
+                }
+                Err(_) => {}
+            }
+        };
+        let (out, stream) = net::split_batched::<ToScheduler>(conn);
+        let mut slot = self.out.write();
+        let tasks = self.resubmission();
+        tracing::warn!(
+            "connected to the scheduler again: resubmitting {} tasks",
+            tasks.len()
+        );
+        let _ = out.send(ToScheduler::Resume(self.id));
+        let _ = out.send(ToScheduler::Resubmit(tasks));
+        while let Ok((m, _)) = waiting.try_recv() {
+            let _ = out.send(m);
+        }
+        *slot = out;
+        Ok(stream)
+    }
+
+    /// Every kept task, each after its kept inputs, with its value when it
+    /// came back inline.
+    fn resubmission(&self) -> Vec<(TaskSpec, Option<Bytes>)> {
+        let st = self.state.lock();
+        let Some(kept) = &st.kept else {
+            return Vec::new();
+        };
+        let mut ids: Vec<u64> = kept.keys().copied().collect();
+        ids.sort_unstable();
+        let mut done: FxHashSet<u64> = FxHashSet::default();
+        // Expanded, not emitted yet: a cycle (refused by the scheduler
+        // anyway) must not loop here.
+        let mut open: FxHashSet<u64> = FxHashSet::default();
+        let mut out = Vec::with_capacity(ids.len());
+        // Depth-first with an explicit stack (chains can be long): a task
+        // is emitted once all its kept inputs are.
+        let mut stack: Vec<(u64, bool)> = Vec::new();
+        for id in ids {
+            stack.push((id, false));
+            while let Some((id, expanded)) = stack.pop() {
+                if done.contains(&id) {
+                    continue;
+                }
+                let spec = &kept[&id];
+                if expanded {
+                    done.insert(id);
+                    let value = match st.status.get(&id) {
+                        Some(Status::Memory { value, .. }) => value.clone(),
+                        _ => None,
+                    };
+                    out.push((spec.clone(), value));
+                } else if open.insert(id) {
+                    stack.push((id, true));
+                    for d in &spec.deps {
+                        if kept.contains_key(d) && !done.contains(d) && !open.contains(d) {
+                            stack.push((*d, false));
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
     fn apply(&self, msgs: Vec<FromScheduler>) {
         let mut st = self.state.lock();
         let mut completed = Vec::with_capacity(msgs.len());
@@ -330,6 +452,11 @@ impl ClientShared {
             for s in slice {
                 st.status.entry(s.id).or_insert(Status::Pending);
             }
+            if let Some(kept) = &mut st.kept {
+                for s in slice {
+                    kept.entry(s.id).or_insert_with(|| s.clone());
+                }
+            }
         }
         let mut chunk = Vec::new();
         let mut bytes = 0;
@@ -342,10 +469,8 @@ impl ClientShared {
                 bytes = 0;
                 // A scheduler that reads slower than the client submits
                 // makes the submitter wait, not the queue grow.
-                if !self
-                    .out
-                    .wait_room(SUBMIT_BACKLOG, || self.state.lock().closed.is_some())
-                {
+                let out = self.out.read().clone();
+                if !out.wait_room(SUBMIT_BACKLOG, || self.state.lock().closed.is_some()) {
                     let st = self.state.lock();
                     let why = st
                         .closed
@@ -354,6 +479,7 @@ impl ClientShared {
                     return Err(SubmitError::Lost(why));
                 }
                 self.out
+                    .read()
                     .send(ToScheduler::Submit(std::mem::take(&mut chunk)))
                     .map_err(|_| SubmitError::Lost("the connection is closed".into()))?;
             }
@@ -364,7 +490,7 @@ impl ClientShared {
     /// Whether submissions wait to be written beyond [`SUBMIT_BACKLOG`]
     /// (the next `submit` will wait for room).
     pub fn backlogged(&self) -> bool {
-        self.out.queued_bytes() > SUBMIT_BACKLOG
+        self.out.read().queued_bytes() > SUBMIT_BACKLOG
     }
 
     /// The client drops these tasks.
@@ -374,8 +500,13 @@ impl ClientShared {
             for id in slice {
                 st.status.remove(id);
             }
+            if let Some(kept) = &mut st.kept {
+                for id in slice {
+                    kept.remove(id);
+                }
+            }
         }
-        let _ = self.out.send(ToScheduler::Release(ids));
+        let _ = self.out.read().send(ToScheduler::Release(ids));
     }
 
     /// Sends any message to the scheduler; `Err` with the reason once the
@@ -385,33 +516,34 @@ impl ClientShared {
             return Err(reason);
         }
         self.out
+            .read()
             .send(msg)
             .map_err(|_| "the connection is closed".to_string())
     }
 
     /// Cancels unfinished tasks.
     pub fn cancel(&self, ids: Vec<u64>) {
-        let _ = self.out.send(ToScheduler::Cancel(ids));
+        let _ = self.out.read().send(ToScheduler::Cancel(ids));
     }
 
     /// Cancels these tasks unless a worker has started them.
     pub fn cancel_queued(&self, ids: Vec<u64>) {
-        let _ = self.out.send(ToScheduler::CancelQueued(ids));
+        let _ = self.out.read().send(ToScheduler::CancelQueued(ids));
     }
 
     /// Asks for these tasks to run even if their futures are released.
     pub fn detach(&self, ids: Vec<u64>) {
-        let _ = self.out.send(ToScheduler::Detach(ids));
+        let _ = self.out.read().send(ToScheduler::Detach(ids));
     }
 
     /// Tells the scheduler a worker offering one `resource` is starting.
     pub fn expect(&self, resource: String) {
-        let _ = self.out.send(ToScheduler::Expect(resource));
+        let _ = self.out.read().send(ToScheduler::Expect(resource));
     }
 
     /// Tells the scheduler no worker will offer `resource` again.
     pub fn withdraw(&self, resource: String) {
-        let _ = self.out.send(ToScheduler::Withdraw(resource));
+        let _ = self.out.read().send(ToScheduler::Withdraw(resource));
     }
 
     /// Current status (None: unknown or released).
@@ -444,7 +576,7 @@ impl ClientShared {
         }
         // If its holder died, the scheduler recomputes it and says so; if
         // it moved or the fetch failed otherwise, this asks where it is now.
-        let _ = self.out.send(ToScheduler::Where(vec![id]));
+        let _ = self.out.read().send(ToScheduler::Where(vec![id]));
     }
 
     /// A watcher over `ids` for waiting on many of them: each completion
@@ -492,6 +624,7 @@ impl ClientShared {
         let mut st = self.state.lock();
         st.info = None;
         self.out
+            .read()
             .send(ToScheduler::Info)
             .map_err(|_| "the connection is closed".to_string())?;
         loop {
@@ -554,7 +687,7 @@ impl ClientShared {
 
     /// Gives up one of this client's names.
     pub fn unname(&self, name: String) {
-        let _ = self.out.send(ToScheduler::Unname(name));
+        let _ = self.out.read().send(ToScheduler::Unname(name));
     }
 
     /// Sends a request carrying a fresh id and waits up to `timeout` for the
@@ -568,6 +701,7 @@ impl ClientShared {
         let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut st = self.state.lock();
         self.out
+            .read()
             .send(request(id))
             .map_err(|_| "the connection is closed".to_string())?;
         loop {

@@ -834,9 +834,25 @@ impl Weigh for shoal_proto::ToScheduler {
             T::Query { path, .. } => SMALL + path.len(),
             T::Telemetry(_) => 4096,
             T::SubmitJob { tasks, .. } => tasks.iter().map(|t| SMALL + t.args.len()).sum(),
-            T::Rejoin { running, reports } => {
-                ids_weight(running) + reports.iter().map(|r| r.weight()).sum::<usize>()
+            T::Rejoin {
+                running,
+                reports,
+                held,
+            } => {
+                ids_weight(running)
+                    + 16 * held.len()
+                    + reports.iter().map(|r| r.weight()).sum::<usize>()
             }
+            T::Resubmit(tasks) => tasks
+                .iter()
+                .map(|(t, v)| {
+                    SMALL
+                        + t.func.len()
+                        + t.args.len()
+                        + 8 * t.deps.len()
+                        + v.as_ref().map_or(0, |v| v.len())
+                })
+                .sum(),
             _ => SMALL,
         }
     }
@@ -936,6 +952,14 @@ impl<M> Outbox<M> {
         }
         !self.is_closed()
     }
+}
+
+/// An [`Outbox`] with no connection behind it: what is sent waits in the
+/// returned receiver (a client between two connections to its scheduler).
+pub fn parked<M>() -> (Outbox<M>, mpsc::UnboundedReceiver<(M, usize)>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let room = Arc::new(Room::default());
+    (Outbox { tx, room }, rx)
 }
 
 /// Splits a connection: returns an [`Outbox`] whose messages are written in

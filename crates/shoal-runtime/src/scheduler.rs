@@ -252,6 +252,15 @@ pub async fn start_with_journal(
         .map(|t| (t.id >> 40) as u32 + 1)
         .max()
         .unwrap_or(0);
+    // Ids (and so the task ids a client makes, `id << 40 | n`) start at a
+    // random point below 4,096: two clusters' first clients get different
+    // ones, so a future carried to another cluster does not name a task
+    // there, and task ids stay below 2^53 (exact in the dashboard's
+    // JavaScript) for the first few thousand connections.
+    let mut r = [0u8; 2];
+    let _ = getrandom::fill(&mut r);
+    let first = (1 + u32::from(u16::from_le_bytes(r)) % 4095).max(min_id);
+    let ids = Arc::new(AtomicU32::new(first));
     let listener = Listener::bind(address).await?;
     let address = listener.local_addr()?;
     let (events, rx) = mpsc::unbounded_channel();
@@ -306,6 +315,7 @@ pub async fn start_with_journal(
         address.to_string(),
         url.clone().unwrap_or_default(),
         recovery,
+        ids.clone(),
     ));
     let stop_all = stop.clone();
     tokio::spawn(async move {
@@ -323,13 +333,7 @@ pub async fn start_with_journal(
             let _ = stop_all.send(true);
         }
     });
-    tokio::spawn(accept_loop(
-        listener,
-        events.clone(),
-        stop_rx,
-        secret,
-        min_id,
-    ));
+    tokio::spawn(accept_loop(listener, events.clone(), stop_rx, secret, ids));
     Ok(SchedulerHandle {
         address,
         dashboard: url,
@@ -355,17 +359,8 @@ async fn accept_loop(
     events: mpsc::UnboundedSender<Event>,
     mut stop: watch::Receiver<bool>,
     secret: Secret,
-    min_id: u32,
+    ids: Arc<AtomicU32>,
 ) {
-    // Ids (and so the task ids a client makes, `id << 40 | n`) start at a
-    // random point below 4,096: two clusters' first clients get different
-    // ones, so a future carried to another cluster does not name a task
-    // there, and task ids stay below 2^53 (exact in the dashboard's
-    // JavaScript) for the first few thousand connections.
-    let mut r = [0u8; 2];
-    let _ = getrandom::fill(&mut r);
-    let first = (1 + u32::from(u16::from_le_bytes(r)) % 4095).max(min_id);
-    let ids = Arc::new(AtomicU32::new(first));
     loop {
         tokio::select! {
             _ = stop.changed() => break,
@@ -548,6 +543,15 @@ struct State {
     restored_until: Option<tokio::time::Instant>,
     /// Restored tasks a rejoined worker runs: task -> (worker, job, spec).
     adopted: FxHashMap<u64, (u32, u32, TaskSpec)>,
+    /// Connection ids given out (a resumed client's old one is taken too).
+    ids: Arc<AtomicU32>,
+    /// Results rejoined workers hold, until a resumed client claims them
+    /// or the recovery wait ends: task -> (worker, size).
+    orphans: FxHashMap<u64, (u32, u64)>,
+    /// Resumed clients' messages, held (in order) until the recovery wait
+    /// ends, so that their resubmitted tasks find every rejoined worker's
+    /// results.
+    held_back: Vec<(u32, Vec<ToScheduler>)>,
 }
 
 async fn owner(
@@ -556,8 +560,12 @@ async fn owner(
     address: String,
     dashboard: String,
     recovery: Option<Recovery>,
+    ids: Arc<AtomicU32>,
 ) {
     let mut st = State {
+        ids,
+        orphans: FxHashMap::default(),
+        held_back: Vec::new(),
         address,
         dashboard,
         group_names: Vec::new(),
@@ -595,9 +603,8 @@ async fn owner(
             st.restored
                 .extend(specs.into_iter().map(|t| (t.id, (job, t))));
         }
-        if !st.restored.is_empty() {
-            st.restored_until = Some(tokio::time::Instant::now() + recovery_wait());
-        }
+        // Always: workers and clients that come back are waited for.
+        st.restored_until = Some(tokio::time::Instant::now() + recovery_wait());
     }
     let mut batch = Vec::with_capacity(64);
     // Messages received and not yet handled, in arrival order: worked
@@ -631,7 +638,10 @@ async fn owner(
                 st.monitor.lag_max_us = st.monitor.lag_max_us.max(lag);
                 st.core.handle_tick((now - start).as_micros() as u64);
                 if st.restored_until.is_some_and(|t| now >= t) {
-                    st.release_restored();
+                    // What resumed clients sent meanwhile goes first.
+                    for item in st.release_restored().into_iter().rev() {
+                        queue.push_front(item);
+                    }
                 }
                 st.process();
                 st.flush_journal();
@@ -652,6 +662,8 @@ enum Item {
     Client(u32, ToScheduler),
     Worker(u32, ToScheduler),
     Event(Event),
+    /// The end of a recovery wait, after resumed clients' messages.
+    DropOrphans,
 }
 
 /// Cuts a message carrying many tasks or ids into pieces of [`PIECE`], in
@@ -674,6 +686,7 @@ fn pieces(msg: ToScheduler) -> Vec<ToScheduler> {
         ToScheduler::Cancel(v) if v.len() > PIECE => cut(v, ToScheduler::Cancel),
         ToScheduler::Detach(v) if v.len() > PIECE => cut(v, ToScheduler::Detach),
         ToScheduler::Where(v) if v.len() > PIECE => cut(v, ToScheduler::Where),
+        ToScheduler::Resubmit(v) if v.len() > PIECE => cut(v, ToScheduler::Resubmit),
         m => vec![m],
     }
 }
@@ -716,8 +729,13 @@ impl State {
         while let Some(item) = queue.pop_front() {
             match item {
                 Item::Event(ev) => self.handle(ev),
+                Item::DropOrphans => self.drop_orphans(),
                 Item::Client(c, m) => {
-                    if self.clients.contains_key(&c) {
+                    if let Some((_, held)) = self.held_back.iter_mut().find(|(h, _)| *h == c) {
+                        held.push(m);
+                    } else if matches!(m, ToScheduler::Resume(_)) && self.restored_until.is_some() {
+                        self.held_back.push((c, vec![m]));
+                    } else if self.clients.contains_key(&c) {
                         self.client_msg(c, m);
                         self.process();
                     }
@@ -836,6 +854,23 @@ impl State {
         let cid = ClientId(client);
         match msg {
             ToScheduler::Submit(specs) => self.submit(cid, specs),
+            ToScheduler::Resume(old) => {
+                // Its task ids go on in `old`'s range: no connection may be
+                // given that id now, nor later.
+                let taken = old != client
+                    && (self.clients.contains_key(&old) || self.workers.contains_key(&old));
+                if taken || old == 0 {
+                    tracing::warn!("client {client} asked to resume as {old}, which is taken");
+                    if let Some(c) = self.clients.remove(&client) {
+                        c.tx.close();
+                    }
+                    self.client_gone(client);
+                    return;
+                }
+                self.ids.fetch_max(old + 1, Ordering::Relaxed);
+                tracing::info!("client {client} resumed the session of client {old}");
+            }
+            ToScheduler::Resubmit(tasks) => self.resubmit_held(cid, tasks),
             ToScheduler::SubmitJob {
                 query,
                 name,
@@ -953,6 +988,39 @@ impl State {
 
     /// Tasks a client submitted, into the core under interest `cid`.
     fn submit(&mut self, cid: ClientId, specs: Vec<TaskSpec>) {
+        self.resubmit(cid, specs, &FxHashMap::default());
+    }
+
+    /// A resumed client's tasks: those whose value it sends, or whose
+    /// result a rejoined worker holds, start finished.
+    fn resubmit_held(&mut self, cid: ClientId, tasks: Vec<(TaskSpec, Option<Bytes>)>) {
+        let mut held = FxHashMap::default();
+        let mut specs = Vec::with_capacity(tasks.len());
+        for (spec, value) in tasks {
+            let id = spec.id;
+            if let Some(v) = value {
+                held.insert(TaskId(id), (Location::Inline, v.len() as u64));
+                self.inline.insert(id, v);
+            } else if let Some((w, size)) = self.orphans.remove(&id) {
+                held.insert(TaskId(id), (Location::Worker(WorkerId(w)), size));
+            }
+            specs.push(spec);
+        }
+        let kept = held.len();
+        let n = specs.len();
+        self.resubmit(cid, specs, &held);
+        tracing::info!(
+            "client {} resumed: {kept} of its {n} tasks kept their results",
+            cid.0
+        );
+    }
+
+    fn resubmit(
+        &mut self,
+        cid: ClientId,
+        specs: Vec<TaskSpec>,
+        held: &FxHashMap<TaskId, (Location, u64)>,
+    ) {
         let mut tasks = Vec::with_capacity(specs.len());
         for spec in specs {
             let next = self.groups.len() as u32;
@@ -992,7 +1060,7 @@ impl State {
             });
             self.specs.entry(spec.id).or_insert_with(|| Box::new(spec));
         }
-        self.core.handle_submit(cid, tasks);
+        self.core.handle_resubmit(cid, tasks, held);
     }
 
     /// A job of command tasks: checked whole (nothing is submitted if one
@@ -1131,12 +1199,25 @@ impl State {
                 };
                 self.restored_ended(id, outcome, text);
             }
-            ToScheduler::Rejoin { running, reports } => {
+            ToScheduler::Rejoin {
+                running,
+                reports,
+                held,
+            } => {
                 tracing::info!(
-                    "worker {worker} rejoined: {} tasks running, {} reports sent again",
+                    "worker {worker} rejoined: {} tasks running, {} reports sent again, {} \
+                     results held",
                     running.len(),
-                    reports.len()
+                    reports.len(),
+                    held.len()
                 );
+                if !held.is_empty() {
+                    // Kept for clients that come back (see `held_back`).
+                    self.restored_until
+                        .get_or_insert_with(|| tokio::time::Instant::now() + recovery_wait());
+                    self.orphans
+                        .extend(held.into_iter().map(|(id, size)| (id, (worker, size))));
+                }
                 for r in reports {
                     if matches!(r, ToScheduler::Finished { .. } | ToScheduler::Failed { .. }) {
                         self.worker_msg(worker, r);
@@ -1326,7 +1407,7 @@ impl State {
 
     /// The recovery wait is over: restored tasks no rejoined worker claimed
     /// go to the core to be placed.
-    fn release_restored(&mut self) {
+    fn release_restored(&mut self) -> Vec<Item> {
         self.restored_until = None;
         let mut by_job: std::collections::BTreeMap<u32, Vec<TaskSpec>> = Default::default();
         for (_, (job, spec)) in self.restored.drain() {
@@ -1342,6 +1423,31 @@ impl State {
             "recovery: {n} restored tasks to run again, {} adopted from rejoined workers",
             self.adopted.len()
         );
+        // Resumed clients claim what rejoined workers hold first; what is
+        // left is dropped after.
+        std::mem::take(&mut self.held_back)
+            .into_iter()
+            .flat_map(|(c, msgs)| msgs.into_iter().map(move |m| Item::Client(c, m)))
+            .chain([Item::DropOrphans])
+            .collect()
+    }
+
+    /// Results no resumed client claimed: their holders drop them.
+    fn drop_orphans(&mut self) {
+        let mut unclaimed: FxHashMap<u32, Vec<u64>> = FxHashMap::default();
+        for (id, (w, _)) in self.orphans.drain() {
+            unclaimed.entry(w).or_default().push(id);
+        }
+        for (w, ids) in unclaimed {
+            if let Some(conn) = self.workers.get(&w) {
+                tracing::info!(
+                    "recovery: worker {} drops {} results no client claimed",
+                    conn.name,
+                    ids.len()
+                );
+                let _ = conn.tx.send(FromScheduler::Release(ids));
+            }
+        }
     }
 
     /// A restored job task's outcome arrived (a rejoined worker ran it):

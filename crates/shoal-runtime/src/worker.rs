@@ -1019,9 +1019,10 @@ fn lifetime_end_us() -> u64 {
 }
 
 /// `SHOAL_RECONNECT` (seconds; `shoal worker --reconnect` sets it): a worker
-/// that loses its scheduler keeps its process, its running tasks and its
-/// unacknowledged reports, and joins again for up to that long.
-fn reconnect_for() -> Option<Duration> {
+/// that loses its scheduler keeps its process, its running tasks, its
+/// results and its unacknowledged reports, and joins again for up to that
+/// long; a client keeps its futures and tasks and connects again.
+pub(crate) fn reconnect_for() -> Option<Duration> {
     std::env::var("SHOAL_RECONNECT")
         .ok()
         .and_then(|v| v.parse::<f64>().ok())
@@ -1031,19 +1032,16 @@ fn reconnect_for() -> Option<Duration> {
 
 type Stream = futures::stream::SplitStream<net::Conn>;
 
-/// Joins the scheduler again after losing it: orders not started and
-/// results held are dropped (the scheduler that comes back places its
-/// tasks anew), running tasks run on. The first message on the new
-/// connection is `Rejoin` (what runs, and the reports not acknowledged).
+/// Joins the scheduler again after losing it: orders not started are
+/// dropped (the scheduler that comes back places its tasks anew), running
+/// tasks run on, results held are kept. The first message on the new
+/// connection is `Rejoin` (what runs, the reports not acknowledged, and
+/// the results held: the scheduler releases those no client claims).
 /// Err: gave up (why, exit status).
 async fn rejoin(sh: &Arc<WorkerShared>, rc: &Reconnect) -> Result<Stream, (String, i32)> {
     sh.out().close();
     let aborts = sh.orders.lock().forget_orders();
     aborts.into_iter().for_each(|h| h.abort());
-    let held: Vec<u64> = sh.store.lock().keys().copied().collect();
-    if !held.is_empty() {
-        handle(sh, FromScheduler::Release(held));
-    }
     let deadline = Instant::now() + rc.give_up;
     let (conn, id) = loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -1068,6 +1066,20 @@ async fn rejoin(sh: &Arc<WorkerShared>, rc: &Reconnect) -> Result<Stream, (Strin
     let unsent = sh.unsent.lock();
     sh.id.store(id, Ordering::Relaxed);
     let running = sh.orders.lock().running_tasks();
+    let held: Vec<(u64, u64)> = sh
+        .store
+        .lock()
+        .iter()
+        .map(|(&id, v)| {
+            let size = match v {
+                Stored::Bytes(b) => b.len() as u64,
+                Stored::File { len, .. } => *len,
+                // Held by Python only: the size is not known here.
+                Stored::Held | Stored::Unpicklable(_) => 0,
+            };
+            (id, size)
+        })
+        .collect();
     let reports: Vec<ToScheduler> = {
         let mut log = sh.unacked.lock();
         log.1 = 0;
@@ -1075,12 +1087,17 @@ async fn rejoin(sh: &Arc<WorkerShared>, rc: &Reconnect) -> Result<Stream, (Strin
     };
     eprintln!(
         "shoal worker {}: joined the scheduler again as worker {id}: {} tasks running, {} \
-         reports sent again",
+         reports sent again, {} results held",
         std::process::id(),
         running.len(),
-        reports.len()
+        reports.len(),
+        held.len()
     );
-    let _ = out.send(ToScheduler::Rejoin { running, reports });
+    let _ = out.send(ToScheduler::Rejoin {
+        running,
+        reports,
+        held,
+    });
     *sh.out.write() = out;
     drop(unsent);
     Ok(stream)
