@@ -621,7 +621,7 @@ def _total(xs):
 
 
 def test_a_python_graph_survives_the_scheduler_being_killed(tmp_path, monkeypatch):
-    """A client with `SHOAL_RECONNECT` keeps its futures across a SIGKILL
+    """A client with `reconnect=` keeps its futures across a SIGKILL
     of a journaled scheduler: it connects again, resumes its id and
     resubmits what it holds. Results that rejoined workers still hold, and
     values the client had inline, are kept (their tasks do not run again);
@@ -652,10 +652,9 @@ def test_a_python_graph_survives_the_scheduler_being_killed(tmp_path, monkeypatc
         env=env,
         start_new_session=True,
     )
-    monkeypatch.setenv("SHOAL_RECONNECT", "60")
     monkeypatch.setenv("SHOAL_HEARTBEAT_TIMEOUT", "3")
     try:
-        with shoal.Client(scheduler_file=str(sfile)) as c:
+        with shoal.Client(scheduler_file=str(sfile), reconnect=60) as c:
             c.wait_for_workers(2, timeout=60)
             # Odd ones return 100 kB (held by their worker), even ones an
             # int (inline: the client has the value).

@@ -178,6 +178,12 @@ class Client:
     always asks for the token that ``dashboard_link`` carries).
     Use it as a context manager, or call ``close()``; closing the embedded
     cluster (or this process exiting, or dying) leaves no worker behind.
+    ``reconnect`` (seconds; default ``SHOAL_RECONNECT``, else off): a
+    client that loses its scheduler keeps its futures and connects again
+    for up to that long; against ``shoal scheduler --journal`` with
+    ``--reconnect`` workers, its task graph survives the scheduler's
+    crash (see docs/jobs.md). It keeps a copy of each live task's
+    definition for that.
     """
 
     def __init__(
@@ -194,6 +200,7 @@ class Client:
         token: str | None = None,
         scheduler_file: str | os.PathLike | None = None,
         dashboard_address: str | None = "127.0.0.1:8787",
+        reconnect: float | None = None,
     ):
         if n_workers is not None and n_workers < 1:
             raise ValueError(f"n_workers must be at least 1, not {n_workers}")
@@ -276,7 +283,9 @@ class Client:
             self._nthreads = (n_workers or os.cpu_count() or 1) * threads_per_worker
         self.scheduler_address: str = address
         self._token: str | None = token
-        self._core: ClientCore | None = ClientCore(address, token)
+        if reconnect is not None and not reconnect > 0:
+            raise ValueError(f"reconnect must be a number of seconds above 0, not {reconnect!r}")
+        self._core: ClientCore | None = ClientCore(address, token, reconnect)
         _clients.add(self)
         _context.register_client(self)
         self._undo_default = _dask._set_default(self.get) if set_as_default else None

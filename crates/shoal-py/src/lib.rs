@@ -226,9 +226,26 @@ impl ClientCore {
 
 #[pymethods]
 impl ClientCore {
-    /// Connects to the scheduler at `address`, proving `token`.
+    /// Connects to the scheduler at `address`, proving `token`; with
+    /// `reconnect` (seconds; default `SHOAL_RECONNECT`), connects again
+    /// when the scheduler is lost.
     #[new]
-    fn new(py: Python<'_>, address: &str, token: Option<&str>) -> PyResult<Self> {
+    #[pyo3(signature = (address, token, reconnect=None))]
+    fn new(
+        py: Python<'_>,
+        address: &str,
+        token: Option<&str>,
+        reconnect: Option<f64>,
+    ) -> PyResult<Self> {
+        let reconnect = match reconnect {
+            Some(s) if s.is_finite() && s > 0.0 => Some(std::time::Duration::from_secs_f64(s)),
+            Some(s) => {
+                return Err(PyValueError::new_err(format!(
+                    "reconnect must be a number of seconds above 0, not {s}"
+                )))
+            }
+            None => client::reconnect_from_env(),
+        };
         let addr = Address::parse(address).map_err(PyValueError::new_err)?;
         let token = token.ok_or_else(|| {
             PyValueError::new_err(format!(
@@ -241,7 +258,7 @@ impl ClientCore {
         })?;
         let secret = Secret::from_token(token).map_err(|e| PyValueError::new_err(e.to_string()))?;
         let inner = py
-            .detach(|| client::connect(runtime(), &addr, &secret))
+            .detach(|| client::connect_with(runtime(), &addr, &secret, reconnect))
             .map_err(|e| {
                 PyConnectionError::new_err(format!(
                     "cannot connect to the scheduler at {address}: {e}"

@@ -174,16 +174,33 @@ struct Reconnect {
     give_up: std::time::Duration,
 }
 
-/// Connects to the scheduler. Call from outside the runtime.
+/// Connects to the scheduler (connecting again when it is lost for
+/// `SHOAL_RECONNECT` seconds). Call from outside the runtime.
 pub fn connect(
     rt: &tokio::runtime::Runtime,
     addr: &Address,
     secret: &net::Secret,
 ) -> io::Result<Arc<ClientShared>> {
+    connect_with(rt, addr, secret, reconnect_from_env())
+}
+
+/// `SHOAL_RECONNECT` seconds, if set.
+pub fn reconnect_from_env() -> Option<std::time::Duration> {
+    crate::worker::reconnect_for()
+}
+
+/// Connects to the scheduler; with `reconnect`, connects again for up to
+/// that long when it is lost (see [`ClientShared::connect_again`]).
+pub fn connect_with(
+    rt: &tokio::runtime::Runtime,
+    addr: &Address,
+    secret: &net::Secret,
+    reconnect: Option<std::time::Duration>,
+) -> io::Result<Arc<ClientShared>> {
     rt.block_on(async {
         let (conn, id) = net::handshake(addr, Role::Client, secret).await?;
         let (out, mut stream) = net::split_batched::<ToScheduler>(conn);
-        let reconnect = crate::worker::reconnect_for().map(|give_up| Reconnect {
+        let reconnect = reconnect.map(|give_up| Reconnect {
             addr: addr.clone(),
             give_up,
         });
