@@ -547,7 +547,7 @@ struct State {
     ids: Arc<AtomicU32>,
     /// Results rejoined workers hold, until a resumed client claims them
     /// or the recovery wait ends: task -> (worker, size).
-    orphans: FxHashMap<u64, (u32, u64)>,
+    orphans: FxHashMap<u64, Orphan>,
     /// Resumed clients' messages, held (in order) until the recovery wait
     /// ends, so that their resubmitted tasks find every rejoined worker's
     /// results.
@@ -655,6 +655,15 @@ async fn owner(
             }
         }
     }
+}
+
+/// A result that came back without its task (the scheduler restarted), kept
+/// for a resumed client to claim.
+enum Orphan {
+    /// A rejoined worker holds it: (worker, size).
+    Held(u32, u64),
+    /// Its value came inline with a report.
+    Value(Bytes),
 }
 
 /// One unit of the owner's queue: a peer's message, or any other event.
@@ -998,11 +1007,17 @@ impl State {
         let mut specs = Vec::with_capacity(tasks.len());
         for (spec, value) in tasks {
             let id = spec.id;
+            let value = value.or_else(|| match self.orphans.remove(&id) {
+                Some(Orphan::Value(v)) => Some(v),
+                Some(Orphan::Held(w, size)) => {
+                    held.insert(TaskId(id), (Location::Worker(WorkerId(w)), size));
+                    None
+                }
+                None => None,
+            });
             if let Some(v) = value {
                 held.insert(TaskId(id), (Location::Inline, v.len() as u64));
                 self.inline.insert(id, v);
-            } else if let Some((w, size)) = self.orphans.remove(&id) {
-                held.insert(TaskId(id), (Location::Worker(WorkerId(w)), size));
             }
             specs.push(spec);
         }
@@ -1211,13 +1226,14 @@ impl State {
                     reports.len(),
                     held.len()
                 );
-                if !held.is_empty() {
-                    // Kept for clients that come back (see `held_back`).
-                    self.restored_until
-                        .get_or_insert_with(|| tokio::time::Instant::now() + recovery_wait());
-                    self.orphans
-                        .extend(held.into_iter().map(|(id, size)| (id, (worker, size))));
-                }
+                // Its results (and what it finishes meanwhile) are kept for
+                // clients that come back (see `held_back`).
+                self.restored_until
+                    .get_or_insert_with(|| tokio::time::Instant::now() + recovery_wait());
+                self.orphans.extend(
+                    held.into_iter()
+                        .map(|(id, size)| (id, Orphan::Held(worker, size))),
+                );
                 for r in reports {
                     if matches!(r, ToScheduler::Finished { .. } | ToScheduler::Failed { .. }) {
                         self.worker_msg(worker, r);
@@ -1251,6 +1267,14 @@ impl State {
                     if let Some(spec) = self.specs.get_mut(&id).filter(|s| !s.recompute) {
                         spec.args = Bytes::new();
                     }
+                } else if self.restored_until.is_some() && self.core.state(TaskId(id)).is_none() {
+                    // A task of the lost scheduler's time, finished since:
+                    // its client may come back for it.
+                    let orphan = match value {
+                        Some(v) => Orphan::Value(v),
+                        None => Orphan::Held(worker, size),
+                    };
+                    self.orphans.insert(id, orphan);
                 }
             }
             ToScheduler::Failed {
@@ -1435,8 +1459,10 @@ impl State {
     /// Results no resumed client claimed: their holders drop them.
     fn drop_orphans(&mut self) {
         let mut unclaimed: FxHashMap<u32, Vec<u64>> = FxHashMap::default();
-        for (id, (w, _)) in self.orphans.drain() {
-            unclaimed.entry(w).or_default().push(id);
+        for (id, orphan) in self.orphans.drain() {
+            if let Orphan::Held(w, _) = orphan {
+                unclaimed.entry(w).or_default().push(id);
+            }
         }
         for (w, ids) in unclaimed {
             if let Some(conn) = self.workers.get(&w) {
