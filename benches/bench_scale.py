@@ -1,0 +1,207 @@
+"""Scale (issue 16): big submissions, and what each task costs in memory.
+
+    python benches/bench_scale.py                    # everything, N = 1,000,000
+    python benches/bench_scale.py -n 200000 -w map chains
+    python benches/bench_scale.py --peers            # + Dask distributed, smaller N
+
+Workloads:
+
+* ``map``: ``client.map(inc, range(N), batch_size=1)`` then ``gather`` on
+  the embedded cluster (2 workers): tasks/s end to end, and the scheduler
+  event loop's worst lag over the run (``/api/status`` ``lag_max_us``).
+* ``chains``: N tasks as 1,000 chains of ``inc`` submitted as futures, all
+  held, on a ``shoal scheduler`` + ``shoal worker --nworkers 2`` cluster
+  (separate processes, so each one's memory is its own): tasks/s, and
+  bytes per task in the scheduler, the client and the workers (resident
+  memory after the run with every future held, less before).
+* ``delayed``: a ``dask.delayed`` graph of 1,000 chains of ``inc``, N
+  tasks in all, computed with Shoal's ``get``: tasks/s of the compute
+  phase (``dask.compute`` to results; building the delayed objects is not
+  counted).
+
+``--peers`` runs ``map`` and ``delayed`` on Dask distributed too, with N
+capped at 20,000 (it manages about a thousand tasks a second).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+N_WORKERS = 2
+
+
+def inc(x):
+    return x + 1
+
+
+def rss(pid: int | str = "self") -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def shoal_map(n: int) -> dict:
+    import shoal
+
+    with shoal.Client(n_workers=N_WORKERS) as c:
+        c.submit(inc, 1).result()
+        t = time.perf_counter()
+        fs = c.map(inc, range(n), batch_size=1)
+        out = c.gather(fs)
+        dt = time.perf_counter() - t
+        assert out[-1] == n
+        lag = c.query("/api/status?since=0")["counters"]["lag_max_us"]
+    return {"tasks/s": n / dt, "lag max ms": lag / 1000}
+
+
+def dask_map(n: int) -> dict:
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=N_WORKERS, threads_per_worker=1) as lc, Client(lc) as c:
+        c.submit(inc, 1).result()
+        t = time.perf_counter()
+        out = c.gather(c.map(inc, range(n)))
+        dt = time.perf_counter() - t
+        assert out[-1] == n
+    return {"tasks/s": n / dt}
+
+
+class Cluster:
+    """``shoal scheduler`` and ``shoal worker`` processes on this host."""
+
+    def __enter__(self):
+        self.dir = tempfile.mkdtemp(prefix="shoal-scale-")
+        self.sfile = os.path.join(self.dir, "scheduler.json")
+        cmd = [sys.executable, "-m", "shoal"]
+        log = open(os.path.join(self.dir, "log"), "ab")
+        self.sched = subprocess.Popen(
+            [*cmd, "scheduler", "--port", "0", "--no-dashboard", "--scheduler-file", self.sfile],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        while not os.path.exists(self.sfile):
+            time.sleep(0.05)
+        self.worker = subprocess.Popen(
+            [*cmd, "worker", "--scheduler-file", self.sfile, "--nworkers", str(N_WORKERS)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        return self
+
+    def worker_pids(self, client) -> list[int]:
+        return [w["pid"] for w in client.scheduler_info()["workers"].values()]
+
+    def __exit__(self, *exc):
+        for p in (self.worker, self.sched):
+            p.terminate()
+            p.wait()
+
+
+def shoal_chains(n: int) -> dict:
+    import shoal
+
+    chains = 1000
+    with Cluster() as cl, shoal.Client(scheduler_file=cl.sfile) as c:
+        c.wait_for_workers(N_WORKERS, timeout=60)
+        c.submit(inc, 1).result()
+        workers = cl.worker_pids(c)
+        before = (rss(cl.sched.pid), rss(), sum(rss(p) for p in workers))
+        t = time.perf_counter()
+        heads = c.map(inc, range(chains))
+        held = list(heads)
+        for _ in range(n // chains - 1):
+            heads = c.map(inc, heads)
+            held.extend(heads)
+        out = c.gather(heads)
+        dt = time.perf_counter() - t
+        assert out[0] == n // chains
+        after = (rss(cl.sched.pid), rss(), sum(rss(p) for p in workers))
+        per = [(a - b) / len(held) for a, b in zip(after, before)]
+        del held, heads
+    return {
+        "tasks/s": n / dt,
+        "scheduler B/task": per[0],
+        "client B/task": per[1],
+        "workers B/task": per[2],
+    }
+
+
+def build_delayed(n: int):
+    import dask
+
+    chains = 1000
+    ends = []
+    for i in range(chains):
+        x = dask.delayed(inc)(i)
+        for _ in range(n // chains - 1):
+            x = dask.delayed(inc)(x)
+        ends.append(x)
+    return ends
+
+
+def shoal_delayed(n: int) -> dict:
+    import dask
+
+    import shoal
+
+    ends = build_delayed(n)
+    with shoal.Client(n_workers=N_WORKERS) as c:
+        c.submit(inc, 1).result()
+        t = time.perf_counter()
+        out = dask.compute(*ends, scheduler=c.get)
+        dt = time.perf_counter() - t
+    assert out[0] == n // 1000
+    return {"tasks/s": n / dt}
+
+
+def dask_delayed(n: int) -> dict:
+    import dask
+    from distributed import Client, LocalCluster
+
+    ends = build_delayed(n)
+    with LocalCluster(n_workers=N_WORKERS, threads_per_worker=1) as lc, Client(lc) as c:
+        c.submit(inc, 1).result()
+        t = time.perf_counter()
+        out = dask.compute(*ends, scheduler=c.get)
+        dt = time.perf_counter() - t
+    assert out[0] == n // 1000
+    return {"tasks/s": n / dt}
+
+
+RUNS = {
+    "map": [("shoal", shoal_map), ("distributed", dask_map)],
+    "chains": [("shoal", shoal_chains)],
+    "delayed": [("shoal", shoal_delayed), ("distributed", dask_delayed)],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("-n", type=int, default=1_000_000, help="tasks per workload")
+    ap.add_argument("-w", nargs="*", default=list(RUNS), choices=list(RUNS))
+    ap.add_argument("--peers", action="store_true", help="Dask distributed too (N <= 20,000)")
+    args = ap.parse_args()
+    for w in args.w:
+        shoal_rate = None
+        for name, fn in RUNS[w]:
+            if name != "shoal" and not args.peers:
+                continue
+            n = args.n if name == "shoal" else min(args.n, 20_000)
+            res = fn(n)
+            shown = ", ".join(f"{k} {v:,.0f}" for k, v in res.items())
+            if name == "shoal":
+                shoal_rate = res["tasks/s"]
+            elif shoal_rate:
+                shown += f"  (shoal {shoal_rate / res['tasks/s']:.0f}x)"
+            print(f"{w:8} {name:12} N={n:<9,} {shown}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
