@@ -114,10 +114,10 @@ def shoal_chains(n: int) -> dict:
         workers = cl.worker_pids(c)
         before = (rss(cl.sched.pid), rss(), sum(rss(p) for p in workers))
         t = time.perf_counter()
-        heads = c.map(inc, range(chains))
+        heads = c.map(inc, range(chains), batch_size=1)
         held = list(heads)
         for _ in range(n // chains - 1):
-            heads = c.map(inc, heads)
+            heads = c.map(inc, heads, batch_size=1)
             held.extend(heads)
         out = c.gather(heads)
         dt = time.perf_counter() - t

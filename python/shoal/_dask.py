@@ -79,6 +79,32 @@ def _held_task(client: Client, key: Key) -> int | None:
     return None
 
 
+def _graph_of(expr: Any) -> Any:
+    """The task graph of what ``dask.compute`` hands a scheduler. Where the
+    only low-level optimization is ``dask.delayed``'s (a cull, with delayed
+    fusion off), the raw graphs are merged instead: ``submit_graph`` culls
+    the flat graph itself in one pass, where Dask's layer-by-layer cull
+    takes seconds on a graph of many delayed calls (each one a layer)."""
+    import dask
+    from dask.delayed import optimize as delayed_optimize
+
+    groups = getattr(expr, "operands", None)
+    if (
+        type(expr).__name__ == "_HLGExprSequence"
+        and groups
+        and not dask.config.get("optimization.fuse.delayed")
+        and all(
+            getattr(g, "low_level_optimizer", None) is delayed_optimize and hasattr(g, "hlg")
+            for g in groups
+        )
+    ):
+        from dask.highlevelgraph import HighLevelGraph
+        from dask.utils import ensure_dict
+
+        return ensure_dict(HighLevelGraph.merge(*[g.hlg for g in groups]))
+    return expr.__dask_graph__()
+
+
 def submit_graph(client: Client, dsk: Any, keys: list[Key], retries: int = 0) -> dict[Key, int]:
     """Submits what ``keys`` need of ``dsk``; returns key -> task id for
     ``keys``. The caller owns those ids (must release them); every other task
@@ -88,7 +114,7 @@ def submit_graph(client: Client, dsk: Any, keys: list[Key], retries: int = 0) ->
     from dask.utils import key_split
 
     if not isinstance(dsk, Mapping):
-        dsk = dsk.__dask_graph__()
+        dsk = _graph_of(dsk)
     graph = task_spec.convert_legacy_graph(dsk)
 
     # Cull to what the keys need, and order topologically (iteratively: a
