@@ -15,6 +15,7 @@ Dask is optional: this module imports it only when a graph arrives.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable, Hashable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -110,7 +111,6 @@ def submit_graph(client: Client, dsk: Any, keys: list[Key], retries: int = 0) ->
     ``keys``. The caller owns those ids (must release them); every other task
     is released at once and lives only while its dependents need it."""
     task_spec = _require_dask()
-    from dask.order import order
     from dask.utils import key_split
 
     if not isinstance(dsk, Mapping):
@@ -144,7 +144,17 @@ def submit_graph(client: Client, dsk: Any, keys: list[Key], retries: int = 0) ->
         stack.append((k, True))
         stack.extend((d, False) for d in node.dependencies if d not in needed and d not in ids)
 
-    priorities = order(needed) if len(needed) > 1 else dict.fromkeys(needed, 0)
+    # The core's own order (deepest ready task first, then the oldest) holds
+    # less memory than dask.order's priorities on the array workloads
+    # measured (docs/architecture.md) and costs nothing here; dask.order
+    # took a third of a big graph's submission. SHOAL_DASK_ORDER=dask
+    # brings it back.
+    if len(needed) > 1 and os.environ.get("SHOAL_DASK_ORDER") == "dask":
+        from dask.order import order
+
+        priorities = order(needed)
+    else:
+        priorities = dict.fromkeys(needed, 0)
     core = client._check()
     next_id = core.new_ids(len(topo))
     items: list[tuple[int, str, str | None, bytes, list[int], int]] = []
