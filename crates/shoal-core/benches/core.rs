@@ -4,8 +4,8 @@
 //!     cargo bench -p shoal-core --bench core
 //!
 //! The graph: 500,000 independent leaves reduced pairwise by a binary tree
-//! (about 1,000,000 tasks). A simulated cluster of 64 one-thread workers
-//! finishes every task it is sent, at once.
+//! (about 1,000,000 tasks). A simulated cluster of one-thread workers (64,
+//! or the number given after `--`) finishes every task it is sent, at once.
 
 use shoal_core::{Action, ClientId, Core, NewTask, TaskId, WorkerId};
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -72,6 +72,12 @@ fn graph(leaves: u64) -> Vec<NewTask> {
 }
 
 fn main() {
+    // `cargo bench -p shoal-core --bench core -- WORKERS` (default 64).
+    let workers: u32 = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(64);
+    println!("workers:               {workers}");
     let tasks = graph(500_000);
     let n = tasks.len();
     let root = TaskId(n as u64 - 1);
@@ -86,7 +92,7 @@ fn main() {
     drop(ids);
     let submitted = t0.elapsed();
     let mem = LIVE.load(Ordering::Relaxed) - before;
-    for w in 0..64 {
+    for w in 0..workers {
         core.handle_worker_added(WorkerId(w), 1);
     }
     let mut queue = Vec::new();

@@ -34,7 +34,7 @@
 
 use rustc_hash::{FxHashMap, FxHashSet};
 use std::cmp::Ordering;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::{BTreeSet, BinaryHeap, VecDeque};
 use std::fmt;
 
 pub mod worker;
@@ -301,6 +301,10 @@ struct Task {
 #[derive(Debug)]
 struct Worker {
     nthreads: u32,
+    /// Join order (placement's tie-break).
+    seq: u64,
+    /// Its key in [`Core::by_load`] (`None`: paused, not in it).
+    load_key: Option<u64>,
     assigned: FxHashSet<TaskId>,
     has: FxHashSet<TaskId>,
     queued_est_us: u64,
@@ -449,6 +453,13 @@ pub struct Core {
     workers: FxHashMap<WorkerId, Worker>,
     /// Workers in id order, for deterministic placement.
     worker_order: Vec<WorkerId>,
+    /// Workers that may get work (not paused), by load then join order:
+    /// placement looks at the inputs' holders and the first few of these,
+    /// so it does not grow with the number of workers.
+    by_load: BTreeSet<(u64, u64, WorkerId)>,
+    next_worker_seq: u64,
+    /// Workers retiring now.
+    retiring: usize,
     ready: BinaryHeap<ReadyEntry>,
     /// Ready tasks that need resources (placed first, never pipelined).
     ready_constrained: BinaryHeap<ReadyEntry>,
@@ -487,6 +498,9 @@ impl Core {
             tasks: FxHashMap::default(),
             workers: FxHashMap::default(),
             worker_order: Vec::new(),
+            by_load: BTreeSet::new(),
+            next_worker_seq: 0,
+            retiring: 0,
             ready: BinaryHeap::new(),
             ready_constrained: BinaryHeap::new(),
             offers_seen: Vec::new(),
@@ -596,7 +610,10 @@ impl Core {
         resources: Vec<(u32, f64)>,
     ) {
         self.stimulus = "worker-added";
+        self.next_worker_seq += 1;
         let w = Worker {
+            seq: self.next_worker_seq,
+            load_key: None,
             nthreads: nthreads.max(1),
             assigned: FxHashSet::default(),
             has: FxHashSet::default(),
@@ -620,9 +637,14 @@ impl Core {
         if !w.resources.is_empty() && !self.offers_seen.contains(&w.resources) {
             self.offers_seen.push(w.resources.clone());
         }
-        if self.workers.insert(worker, w).is_none() {
+        if let Some(old) = self.workers.insert(worker, w) {
+            if let Some(k) = old.load_key {
+                self.by_load.remove(&(k, old.seq, worker));
+            }
+        } else {
             self.worker_order.push(worker);
         }
+        self.reindex(worker);
         self.schedule();
     }
 
@@ -747,6 +769,8 @@ impl Core {
             if w.retiring.is_none() && !w.retired {
                 w.retiring = Some(FxHashMap::default());
                 w.paused = true;
+                self.retiring += 1;
+                self.reindex(worker);
                 self.steal();
                 self.schedule();
             }
@@ -882,6 +906,7 @@ impl Core {
     fn finish_retire(&mut self, wid: WorkerId) {
         if let Some(w) = self.workers.get_mut(&wid) {
             if w.retiring.take().is_some() {
+                self.retiring -= 1;
                 w.retired = true;
                 self.actions.push(Action::Retired { worker: wid });
             }
@@ -894,6 +919,7 @@ impl Core {
         self.stimulus = "worker-paused";
         if let Some(w) = self.workers.get_mut(&worker) {
             w.paused = paused || w.retiring.is_some() || w.retired;
+            self.reindex(worker);
             if paused {
                 self.steal();
             }
@@ -907,6 +933,7 @@ impl Core {
         self.stimulus = "worker-threads";
         if let Some(w) = self.workers.get_mut(&worker) {
             w.nthreads = nthreads.max(1);
+            self.reindex(worker);
             self.schedule();
         }
     }
@@ -931,6 +958,12 @@ impl Core {
             return;
         };
         self.worker_order.retain(|&x| x != worker);
+        if let Some(k) = w.load_key {
+            self.by_load.remove(&(k, w.seq, worker));
+        }
+        if w.retiring.is_some() {
+            self.retiring -= 1;
+        }
         let mut assigned: Vec<TaskId> = w.assigned.into_iter().collect();
         assigned.sort();
         let mut held: Vec<TaskId> = w.has.into_iter().collect();
@@ -1571,9 +1604,9 @@ impl Core {
         *counts.slot(to) += 1;
         // Leave `from`.
         match from {
-            TaskState::Processing(w) => {
+            TaskState::Processing(wid) => {
                 let est = t.est_us as u64;
-                if let Some(w) = self.workers.get_mut(&w) {
+                if let Some(w) = self.workers.get_mut(&wid) {
                     w.assigned.remove(&id);
                     w.threads_used -= t.threads;
                     // Still started there (no report came first): it runs
@@ -1588,6 +1621,7 @@ impl Core {
                             u.1 -= amount;
                         }
                     }
+                    reindex(&mut self.by_load, wid, w);
                 }
             }
             TaskState::Memory {
@@ -1793,49 +1827,74 @@ impl Core {
         }
     }
 
+    fn reindex(&mut self, wid: WorkerId) {
+        if let Some(w) = self.workers.get_mut(&wid) {
+            reindex(&mut self.by_load, wid, w);
+        }
+    }
+
     /// Place ready tasks, highest priority first, while some worker can take
     /// the next one. Prefers the worker holding most bytes of the inputs, then
     /// the least loaded.
     fn schedule(&mut self) {
         self.settle_detached();
-        if self.workers.values().any(|w| w.retiring.is_some()) {
+        if self.retiring > 0 {
             self.retire_step();
         }
         self.schedule_constrained();
         while let Some(id) = first_ready(&mut self.ready, &self.tasks) {
             let t = &self.tasks[&id];
             let est = self.est_us(t.group);
-            let mut best: Option<(u64, u64, WorkerId)> = None;
-            for &wid in &self.worker_order {
-                let w = &self.workers[&wid];
-                let (mut local, mut fetches) = (0u64, false);
-                for d in t.deps.iter() {
-                    if let TaskState::Memory {
-                        location: Location::Worker(h),
-                        size,
-                    } = self.tasks[d].state
-                    {
-                        if h == wid {
-                            local += size;
-                        } else {
-                            fetches = true;
-                        }
+            // Bytes of its inputs on each worker holding some.
+            let mut holders: Vec<(WorkerId, u64)> = Vec::new();
+            for d in t.deps.iter() {
+                if let TaskState::Memory {
+                    location: Location::Worker(h),
+                    size,
+                } = self.tasks[d].state
+                {
+                    match holders.iter_mut().find(|(w, _)| *w == h) {
+                        Some(e) => e.1 += size,
+                        None => holders.push((h, size)),
                     }
                 }
-                if !self.can_take(w, est, fetches) {
-                    continue;
-                }
-                // Load as a fraction of threads, scaled to compare integers.
-                let load = (w.assigned.len() as u64 * 1024) / w.nthreads as u64;
+            }
+            // Most input bytes local, then least loaded, then joined first:
+            // among the holders, and the least loaded others that can take it.
+            let mut best: Option<(u64, u64, u64, WorkerId)> = None;
+            let mut consider = |local: u64, load: u64, seq: u64, wid: WorkerId| {
                 let better = match best {
                     None => true,
-                    Some((bl, bload, _)) => local > bl || (local == bl && load < bload),
+                    Some((bl, bload, bseq, _)) => {
+                        local > bl || (local == bl && (load, seq) < (bload, bseq))
+                    }
                 };
                 if better {
-                    best = Some((local, load, wid));
+                    best = Some((local, load, seq, wid));
+                }
+            };
+            for &(wid, local) in &holders {
+                let Some(w) = self.workers.get(&wid) else {
+                    continue;
+                };
+                let fetches = holders.iter().any(|&(h, _)| h != wid);
+                if self.can_take(w, est, fetches) {
+                    consider(local, load_of(w), w.seq, wid);
                 }
             }
-            let Some((_, _, wid)) = best else {
+            let fetches = !holders.is_empty();
+            for &(load, seq, wid) in self
+                .by_load
+                .iter()
+                .filter(|(_, _, wid)| !holders.iter().any(|(h, _)| h == wid))
+                .take(LOAD_SCAN)
+            {
+                if self.can_take(&self.workers[&wid], est, fetches) {
+                    consider(0, load, seq, wid);
+                    break;
+                }
+            }
+            let Some((_, _, _, wid)) = best else {
                 break;
             };
             self.ready.pop();
@@ -1850,6 +1909,7 @@ impl Core {
             w.assigned.insert(id);
             w.threads_used += 1;
             w.queued_est_us += est;
+            reindex(&mut self.by_load, wid, w);
             self.set_state(id, TaskState::Processing(wid));
             self.actions.push(Action::Compute {
                 worker: wid,
@@ -1922,6 +1982,7 @@ impl Core {
             }
             w.assigned.insert(id);
             w.threads_used += threads;
+            reindex(&mut self.by_load, wid, w);
             self.tasks.get_mut(&id).expect("ready").est_us = 0;
             self.set_state(id, TaskState::Processing(wid));
             self.actions.push(Action::Compute {
@@ -1934,6 +1995,20 @@ impl Core {
     /// Checks every invariant of the state; panics with a description of the
     /// first violation. Run after every event in tests.
     pub fn check_invariants(&self) {
+        // The load index holds exactly the workers not paused, at their load.
+        let want: BTreeSet<(u64, u64, WorkerId)> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| !w.paused)
+            .map(|(&id, w)| (load_of(w), w.seq, id))
+            .collect();
+        assert_eq!(self.by_load, want, "load index drifted");
+        let retiring = self
+            .workers
+            .values()
+            .filter(|w| w.retiring.is_some())
+            .count();
+        assert_eq!(self.retiring, retiring, "retiring count drifted");
         // The per-group counters match a recount.
         let mut recount = vec![GroupCounts::default(); self.groups.len()];
         for t in self.tasks.values() {
@@ -2083,6 +2158,29 @@ impl Core {
         }
     }
 }
+
+/// Load as a fraction of threads, scaled to compare integers.
+fn load_of(w: &Worker) -> u64 {
+    (w.assigned.len() as u64 * 1024) / w.nthreads as u64
+}
+
+/// Puts `w` at its place in `by_load` (out of it while paused).
+fn reindex(by_load: &mut BTreeSet<(u64, u64, WorkerId)>, wid: WorkerId, w: &mut Worker) {
+    let key = (!w.paused).then(|| load_of(w));
+    if key != w.load_key {
+        if let Some(k) = w.load_key {
+            by_load.remove(&(k, w.seq, wid));
+        }
+        if let Some(k) = key {
+            by_load.insert((k, w.seq, wid));
+        }
+        w.load_key = key;
+    }
+}
+
+/// Workers looked at in load order for a task, besides its inputs' holders:
+/// the least loaded that can take it is almost always the first.
+const LOAD_SCAN: usize = 8;
 
 /// The id of the heap's first entry still Ready, dropping stale entries
 /// (tasks that left Ready, or were forgotten, after they were pushed).
