@@ -45,6 +45,9 @@ const SLICE: std::time::Duration = std::time::Duration::from_millis(2);
 /// cut into, so that no one message holds the owner for long.
 const PIECE: usize = 4096;
 
+/// Distinct function pickles kept for sharing (the set is emptied when full).
+const FUNC_CACHE: usize = 1024;
+
 /// Frames at least this big are decoded off the I/O thread.
 const BIG_FRAME: usize = 4 << 20;
 
@@ -518,8 +521,11 @@ struct State {
     /// Cluster-wide names (named actors): name -> (owning client, value).
     names: FxHashMap<String, (u32, String)>,
     core: Core,
-    /// Boxed for the same reason as the core's tasks (cheap resizes).
+    /// Boxed for the same reason as the core's tasks (cheap resizes);
+    /// without group name and inputs (see `full_spec`).
     specs: FxHashMap<u64, Box<TaskSpec>>,
+    /// Recent distinct function pickles (see `intern_func`).
+    funcs: FxHashSet<Bytes>,
     inline: FxHashMap<u64, Bytes>,
     errors: FxHashMap<u64, Bytes>,
     groups: FxHashMap<String, u32>,
@@ -581,6 +587,7 @@ async fn owner(
         syncs: FxHashMap::default(),
         next_sync: 0,
         specs: FxHashMap::default(),
+        funcs: FxHashSet::default(),
         inline: FxHashMap::default(),
         errors: FxHashMap::default(),
         groups: FxHashMap::default(),
@@ -1046,6 +1053,13 @@ impl State {
             let mut deps: Vec<TaskId> = spec.deps.iter().map(|&d| TaskId(d)).collect();
             deps.sort_unstable();
             deps.dedup();
+            // Kept once per task, and small: the group name is in
+            // `group_names`, the inputs in the core, and tasks of one
+            // function share its pickle (see `full_spec`).
+            let mut spec = spec;
+            spec.group = String::new();
+            spec.deps = Vec::new();
+            spec.func = self.intern_func(spec.func);
             // "CPU" is not a resource workers offer: it is threads.
             let mut threads = 1;
             let named: Vec<(String, f64)> = spec
@@ -1608,7 +1622,7 @@ impl State {
 
     fn name(&self, id: u64) -> String {
         match self.specs.get(&id) {
-            Some(s) => s.name(),
+            Some(s) => task_name(s.key.as_deref(), self.group_of(id), id),
             None => task_name(None, "task", id),
         }
     }
@@ -1782,10 +1796,9 @@ impl State {
         };
         j.flush();
         if j.wants_compaction() {
-            let specs = &self.specs;
             let records: Vec<journal::Record> = self
                 .jobs
-                .snapshots(|t| specs.get(&t).map(|s| TaskSpec::clone(s)))
+                .snapshots(|t| self.full_spec(t))
                 .into_iter()
                 .map(journal::Record::Snapshot)
                 .collect();
@@ -1820,6 +1833,34 @@ impl State {
         }
     }
 
+    /// One copy of each distinct function pickle among recent submissions.
+    fn intern_func(&mut self, func: Bytes) -> Bytes {
+        if let Some(f) = self.funcs.get(&func) {
+            return f.clone();
+        }
+        if self.funcs.len() >= FUNC_CACHE {
+            self.funcs.clear();
+        }
+        self.funcs.insert(func.clone());
+        func
+    }
+
+    /// The name of a task's group.
+    fn group_of(&self, task: u64) -> &str {
+        self.core
+            .task_group(TaskId(task))
+            .and_then(|g| self.group_names.get(g as usize))
+            .map_or("", String::as_str)
+    }
+
+    /// A task's spec as submitted (group and inputs put back).
+    fn full_spec(&self, task: u64) -> Option<TaskSpec> {
+        let mut spec = TaskSpec::clone(self.specs.get(&task)?);
+        spec.group = self.group_of(task).to_string();
+        spec.deps = self.core.deps(TaskId(task)).iter().map(|d| d.0).collect();
+        Some(spec)
+    }
+
     fn send_compute(&mut self, worker: WorkerId, task: TaskId) {
         let (Some(w), Some(spec)) = (self.workers.get(&worker.0), self.specs.get(&task.0)) else {
             return;
@@ -1839,10 +1880,11 @@ impl State {
                 Some(Dep { id: d.0, source })
             })
             .collect();
+        let group = self.group_of(task.0);
         let _ = w.tx.send(FromScheduler::Compute {
             id: task.0,
-            name: spec.name(),
-            group: spec.group.clone(),
+            name: shoal_proto::task_name(spec.key.as_deref(), group, task.0),
+            group: group.to_string(),
             kind: spec.kind,
             func: spec.func.clone(),
             args: spec.args.clone(),

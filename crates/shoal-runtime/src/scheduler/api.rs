@@ -222,12 +222,12 @@ impl State {
     /// (a graph of 100,000 tasks is drawn as a few groups).
     fn graph(&self) -> Value {
         let mut edges: rustc_hash::FxHashMap<(u32, u32), u64> = Default::default();
-        for (&id, spec) in &self.specs {
+        for &id in self.specs.keys() {
             let Some(g) = self.core.task_group(TaskId(id)) else {
                 continue;
             };
-            for &d in &spec.deps {
-                if let Some(dg) = self.core.task_group(TaskId(d)) {
+            for &d in self.core.deps(TaskId(id)) {
+                if let Some(dg) = self.core.task_group(d) {
                     *edges.entry((dg, g)).or_default() += 1;
                 }
             }
@@ -279,7 +279,7 @@ impl State {
         Ok(json!({
             "id": id,
             "name": self.name(id),
-            "group": spec.map(|s| s.group.clone()),
+            "group": spec.map(|_| self.group_of(id)),
             "state": state.map(state_name),
             "location": location,
             "size": size,
