@@ -14,6 +14,11 @@ Workloads:
   (separate processes, so each one's memory is its own): tasks/s, and
   bytes per task in the scheduler, the client and the workers (resident
   memory after the run with every future held, less before).
+* ``workers``: N tiny tasks on 2, then on 1,000 light workers (``shoal
+  noop-workers``: real connections and heartbeats in one process, each
+  task answered at once): tasks/s of both and their ratio, the workers
+  still live afterwards, any falsely declared lost (heartbeats late), and
+  the event loop's worst lag.
 * ``delayed``: a ``dask.delayed`` graph of 1,000 chains of ``inc``, N
   tasks in all, computed with Shoal's ``get``: tasks/s of the compute
   phase (``dask.compute`` to results; building the delayed objects is not
@@ -123,7 +128,7 @@ def shoal_chains(n: int) -> dict:
         dt = time.perf_counter() - t
         assert out[0] == n // chains
         after = (rss(cl.sched.pid), rss(), sum(rss(p) for p in workers))
-        per = [(a - b) / len(held) for a, b in zip(after, before)]
+        per = [(a - b) / len(held) for a, b in zip(after, before, strict=True)]
         del held, heads
     return {
         "tasks/s": n / dt,
@@ -175,10 +180,66 @@ def dask_delayed(n: int) -> dict:
     return {"tasks/s": n / dt}
 
 
+def light_workers(n: int, count: int) -> dict:
+    """Tiny tasks on ``count`` light workers (``shoal noop-workers``: real
+    connections and heartbeats, each task answered at once)."""
+    import shoal
+
+    d = tempfile.mkdtemp(prefix="shoal-scale-")
+    sfile = os.path.join(d, "scheduler.json")
+    log_path = os.path.join(d, "log")
+    log = open(log_path, "ab")
+    cmd = [sys.executable, "-m", "shoal"]
+    sched = subprocess.Popen(
+        [*cmd, "scheduler", "--port", "0", "--no-dashboard", "--scheduler-file", sfile],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        while not os.path.exists(sfile):
+            time.sleep(0.05)
+        noop = subprocess.Popen(
+            [*cmd, "noop-workers", "--scheduler-file", sfile, "--count", str(count)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        with shoal.Client(scheduler_file=sfile) as c:
+            c.wait_for_workers(count, timeout=120)
+            t = time.perf_counter()
+            out = c.gather(c.map(inc, range(n), batch_size=1))
+            dt = time.perf_counter() - t
+            assert len(out) == n
+            time.sleep(3)  # heartbeats keep coming after the burst
+            live = len(c.scheduler_info()["workers"])
+            lag = c.query("/api/status?since=0")["counters"]["lag_max_us"]
+        noop.terminate()
+        noop.wait()
+    finally:
+        sched.terminate()
+        sched.wait()
+        log.close()
+    lost = open(log_path, errors="replace").read().count("sent nothing")
+    return {"tasks/s": n / dt, "workers live": live, "lost": lost, "lag max ms": lag / 1000}
+
+
+def shoal_workers(n: int) -> dict:
+    two = light_workers(n, 2)
+    many = light_workers(n, 1000)
+    return {
+        "2 workers tasks/s": two["tasks/s"],
+        "1000 workers tasks/s": many["tasks/s"],
+        "ratio": many["tasks/s"] / two["tasks/s"],
+        "1000 live after": many["workers live"],
+        "falsely lost": many["lost"],
+        "lag max ms": many["lag max ms"],
+    }
+
+
 RUNS = {
     "map": [("shoal", shoal_map), ("distributed", dask_map)],
     "chains": [("shoal", shoal_chains)],
     "delayed": [("shoal", shoal_delayed), ("distributed", dask_delayed)],
+    "workers": [("shoal", shoal_workers)],
 }
 
 
@@ -195,9 +256,12 @@ def main() -> None:
                 continue
             n = args.n if name == "shoal" else min(args.n, 20_000)
             res = fn(n)
-            shown = ", ".join(f"{k} {v:,.0f}" for k, v in res.items())
+            shown = ", ".join(
+                f"{k} {v:,.2f}" if isinstance(v, float) and v < 10 else f"{k} {v:,.0f}"
+                for k, v in res.items()
+            )
             if name == "shoal":
-                shoal_rate = res["tasks/s"]
+                shoal_rate = res.get("tasks/s")
             elif shoal_rate:
                 shown += f"  (shoal {shoal_rate / res['tasks/s']:.0f}x)"
             print(f"{w:8} {name:12} N={n:<9,} {shown}", flush=True)

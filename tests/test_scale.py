@@ -3,6 +3,13 @@ long enough for a heartbeat to be missed."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+
+from _helpers import wait_for
+
 import shoal
 
 
@@ -29,3 +36,48 @@ def test_a_million_task_map_keeps_heartbeats_on_time_under_a_one_second_timeout(
         assert len(c.scheduler_info()["workers"]) == 2
     err = capfd.readouterr().err
     assert "sent nothing" not in err, err
+
+
+def test_three_hundred_light_workers_share_the_work_and_none_is_falsely_lost(tmp_path):
+    """`shoal noop-workers`: each light worker is a real connection with the
+    real handshake and heartbeats. With 300 of them, a burst of tiny tasks
+    completes and every worker is still there afterwards (heartbeats on
+    time), and the work was spread over many of them."""
+    sfile = tmp_path / "s.json"
+    log = open(tmp_path / "log", "ab")
+    cmd = [sys.executable, "-m", "shoal"]
+    env = {**os.environ, "SHOAL_HEARTBEAT_TIMEOUT": "2"}
+    sched = subprocess.Popen(
+        [*cmd, "scheduler", "--port", "0", "--no-dashboard", "--scheduler-file", str(sfile)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    noop = None
+    try:
+        wait_for(sfile.exists, 30, "the scheduler file")
+        noop = subprocess.Popen(
+            [*cmd, "noop-workers", "--scheduler-file", str(sfile), "--count", "300"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        with shoal.Client(scheduler_file=str(sfile)) as c:
+            c.wait_for_workers(300, timeout=60)
+            # Light workers answer None whatever the task.
+            assert c.gather(c.map(inc, range(20_000), batch_size=1)) == [None] * 20_000
+            time.sleep(4)  # two heartbeat timeouts after the burst
+            workers = c.scheduler_info()["workers"]
+            assert len(workers) == 300
+            stream = c.query("/api/status?since=0")["stream"]
+            # Rows: [seq, task, group, worker, ...].
+            assert len({r[3] for r in stream}) > 100, "the work was spread"
+    finally:
+        if noop is not None:
+            noop.terminate()
+            noop.wait()
+        sched.terminate()
+        sched.wait()
+        log.close()
+    text = (tmp_path / "log").read_text(errors="replace")
+    assert "sent nothing" not in text, text[-2000:]

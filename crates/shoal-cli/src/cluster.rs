@@ -735,6 +735,30 @@ pub(crate) fn run_status(a: StatusArgs) -> CliResult {
     Ok(())
 }
 
+#[derive(Args, Debug)]
+pub(crate) struct NoopArgs {
+    #[command(flatten)]
+    target: StatusArgs,
+    /// Light workers to run.
+    #[arg(long, default_value_t = 100)]
+    count: usize,
+}
+
+/// `shoal noop-workers`: light workers for scale tests (see
+/// `shoal_runtime::noop`); exits when the scheduler tells them to.
+pub(crate) fn run_noop_workers(a: NoopArgs) -> CliResult {
+    let t = a.target;
+    let (address, secret, _) = join_target(
+        t.address,
+        t.scheduler_file.as_deref(),
+        t.token_file.as_deref(),
+        &t.tls,
+    )?;
+    runtime()
+        .block_on(shoal_runtime::noop::run_many(address, secret, a.count))
+        .map_err(|e| format!("light workers: {e}").into())
+}
+
 /// `shoal top`: the cluster's workers and task groups, refreshed in place.
 pub(crate) fn run_top(a: TopArgs) -> CliResult {
     let t = a.target;

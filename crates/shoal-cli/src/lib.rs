@@ -33,6 +33,10 @@ enum Command {
     Worker(cluster::WorkerArgs),
     /// Print a cluster's workers, their load and memory.
     Status(cluster::StatusArgs),
+    /// Scale tests: run light workers that answer every task with None at
+    /// once (each its own connection and heartbeats), in one process.
+    #[command(hide = true)]
+    NoopWorkers(cluster::NoopArgs),
     /// A live terminal view of the cluster's workers and task groups.
     Top(cluster::TopArgs),
     /// Make a site CA and a certificate for TLS (`--tls-*` options).
@@ -91,6 +95,7 @@ pub fn run(argv: Vec<String>, host: HostInfo) -> i32 {
         Command::Scheduler(a) => cluster::run_scheduler(a),
         Command::Worker(a) => cluster::run_worker(a, &host),
         Command::Status(a) => cluster::run_status(a),
+        Command::NoopWorkers(a) => cluster::run_noop_workers(a),
         Command::Top(a) => cluster::run_top(a),
         Command::Certs(a) => cluster::run_certs(a),
         Command::Submit(a) => jobs::run_submit(a),

@@ -28,6 +28,7 @@ pub mod command;
 pub mod local;
 pub mod logs;
 pub mod net;
+pub mod noop;
 pub mod scheduler;
 pub mod shm;
 #[cfg(target_os = "linux")]
