@@ -756,7 +756,7 @@ pub(crate) fn run_noop_workers(a: NoopArgs) -> CliResult {
     )?;
     runtime()
         .block_on(shoal_runtime::noop::run_many(address, secret, a.count))
-        .map_err(|e| format!("light workers: {e}").into())
+        .map_err(|e| format!("light workers: {e}"))
 }
 
 /// `shoal top`: the cluster's workers and task groups, refreshed in place.
