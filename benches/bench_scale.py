@@ -205,9 +205,11 @@ def light_workers(n: int, count: int) -> dict:
         )
         with shoal.Client(scheduler_file=sfile) as c:
             c.wait_for_workers(count, timeout=120)
+            msgs0 = c.query("/api/status?since=0")["counters"]["messages_in"]
             t = time.perf_counter()
             out = c.gather(c.map(inc, range(n), batch_size=1))
             dt = time.perf_counter() - t
+            msgs = c.query("/api/status?since=0")["counters"]["messages_in"] - msgs0
             assert len(out) == n
             time.sleep(3)  # heartbeats keep coming after the burst
             live = len(c.scheduler_info()["workers"])
@@ -219,7 +221,13 @@ def light_workers(n: int, count: int) -> dict:
         sched.wait()
         log.close()
     lost = open(log_path, errors="replace").read().count("sent nothing")
-    return {"tasks/s": n / dt, "workers live": live, "lost": lost, "lag max ms": lag / 1000}
+    return {
+        "tasks/s": n / dt,
+        "messages in/s": msgs / dt,
+        "workers live": live,
+        "lost": lost,
+        "lag max ms": lag / 1000,
+    }
 
 
 def shoal_workers(n: int) -> dict:
@@ -229,6 +237,7 @@ def shoal_workers(n: int) -> dict:
         "2 workers tasks/s": two["tasks/s"],
         "1000 workers tasks/s": many["tasks/s"],
         "ratio": many["tasks/s"] / two["tasks/s"],
+        "1000 workers messages in/s": many["messages in/s"],
         "1000 live after": many["workers live"],
         "falsely lost": many["lost"],
         "lag max ms": many["lag max ms"],

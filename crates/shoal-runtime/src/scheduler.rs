@@ -720,6 +720,7 @@ impl State {
                     return;
                 };
                 conn.last_seen = now;
+                self.monitor.messages_in += msgs.len() as u64;
                 for m in msgs {
                     queue.extend(pieces(m).into_iter().map(|m| Item::Client(c, m)));
                 }
@@ -729,6 +730,7 @@ impl State {
                     return;
                 };
                 conn.last_seen = now;
+                self.monitor.messages_in += msgs.len() as u64;
                 for m in msgs {
                     queue.extend(pieces(m).into_iter().map(|m| Item::Worker(w, m)));
                 }

@@ -197,7 +197,7 @@ impl State {
         json!({
             "finished": m.finished_total, "erred": m.erred_total,
             "transfer_bytes": m.transfer_bytes, "spill_bytes": m.spill_bytes,
-            "lag_us": m.lag_us, "lag_max_us": m.lag_max_us,
+            "lag_us": m.lag_us, "lag_max_us": m.lag_max_us, "messages_in": m.messages_in,
             "tasks": self.core.n_tasks(), "clients": self.clients.len(),
         })
     }

@@ -12,6 +12,8 @@ use std::collections::VecDeque;
 pub(crate) const STREAM_CAP: usize = 100_000;
 /// Samples of each worker's figures kept (one a heartbeat: an hour).
 const HISTORY_CAP: usize = 3600;
+/// Heartbeat samples kept over all workers (about 9 MiB).
+const HISTORY_BUDGET: usize = 64 * HISTORY_CAP;
 /// Log lines kept per worker.
 const LOG_CAP: usize = 1000;
 /// Workers gone whose history and logs are kept (the oldest go first).
@@ -75,6 +77,8 @@ pub(crate) struct Monitor {
     /// Scheduler event-loop lag: the latest and the largest, microseconds.
     pub(crate) lag_us: u64,
     pub(crate) lag_max_us: u64,
+    /// Messages received from clients and workers, in all.
+    pub(crate) messages_in: u64,
     /// Workers gone, oldest first (their figures are dropped past `GONE_CAP`).
     gone: VecDeque<u32>,
 }
@@ -155,8 +159,11 @@ impl Monitor {
     }
 
     pub(crate) fn heartbeat(&mut self, worker: u32, now_us: u64, m: &WorkerMetrics) {
+        // One budget for all workers: a thousand workers keep a few
+        // minutes each, not an hour (an hour at 64 workers).
+        let cap = (HISTORY_BUDGET / self.history.len().max(1)).clamp(60, HISTORY_CAP);
         let h = self.history.entry(worker).or_default();
-        if h.len() == HISTORY_CAP {
+        while h.len() >= cap {
             h.pop_front();
         }
         h.push_back(Sample {
