@@ -507,7 +507,7 @@ impl ClientCore {
         match self.inner.status(id) {
             None => intern!(py, "released"),
             Some(Status::Pending) => intern!(py, "pending"),
-            Some(Status::Memory { .. }) => intern!(py, "finished"),
+            Some(Status::Memory(_)) => intern!(py, "finished"),
             Some(Status::Erred(_)) => intern!(py, "error"),
         }
     }
@@ -562,17 +562,16 @@ impl ClientCore {
         let none = py.None();
         let t = match self.inner.status(id) {
             None | Some(Status::Pending) => (intern!(py, "pending"), none.clone_ref(py), none),
-            Some(Status::Memory { value: Some(v), .. }) => (
+            Some(Status::Memory(f)) if f.value.is_some() => (
                 intern!(py, "value"),
                 // A bytearray: arrays unpickled from it are writable.
-                PyByteArray::new(py, &v).into_any().unbind(),
+                PyByteArray::new(py, f.value.as_deref().unwrap_or_default())
+                    .into_any()
+                    .unbind(),
                 none,
             ),
-            Some(Status::Memory {
-                value: None,
-                location,
-            }) => {
-                let addr = location.unwrap_or_default();
+            Some(Status::Memory(f)) => {
+                let addr = f.location.unwrap_or_default();
                 let secret = &self.inner.secret;
                 let deadline =
                     timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
@@ -602,7 +601,7 @@ impl ClientCore {
                     }
                 }
             }
-            Some(Status::Erred(e)) => match e {
+            Some(Status::Erred(e)) => match *e {
                 TaskError::Exception { cause, error } => (
                     intern!(py, "raised"),
                     cause.into_pyobject(py)?.into_any().unbind(),

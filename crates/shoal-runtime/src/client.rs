@@ -17,20 +17,26 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
-/// What the client knows of a task.
+/// What the client knows of a task. 16 bytes (the rare payloads boxed):
+/// a client holds one per live future.
 #[derive(Clone, Debug)]
 pub enum Status {
     /// Not finished.
     Pending,
-    /// Finished: inline value, or the data address of the worker holding it.
-    Memory {
-        /// Inline pickled value.
-        value: Option<Bytes>,
-        /// Holder's data address.
-        location: Option<String>,
-    },
+    /// Finished.
+    Memory(Box<Finished>),
     /// Failed.
-    Erred(TaskError),
+    Erred(Box<TaskError>),
+}
+
+/// A finished task: its inline value, or the data address of the worker
+/// holding it.
+#[derive(Clone, Debug)]
+pub struct Finished {
+    /// Inline pickled value.
+    pub value: Option<Bytes>,
+    /// Holder's data address.
+    pub location: Option<String>,
 }
 
 impl Status {
@@ -350,7 +356,7 @@ impl ClientShared {
                 if expanded {
                     done.insert(id);
                     let value = match st.status.get(&id) {
-                        Some(Status::Memory { value, .. }) => value.clone(),
+                        Some(Status::Memory(f)) => f.value.clone(),
                         _ => None,
                     };
                     out.push((spec.clone(), value));
@@ -376,8 +382,8 @@ impl ClientShared {
                     id,
                     value,
                     location,
-                } => (id, Status::Memory { value, location }),
-                FromScheduler::Erred { id, error } => (id, Status::Erred(error)),
+                } => (id, Status::Memory(Box::new(Finished { value, location }))),
+                FromScheduler::Erred { id, error } => (id, Status::Erred(Box::new(error))),
                 FromScheduler::Ping => continue,
                 FromScheduler::Info(info) => {
                     st.info = Some(info);
