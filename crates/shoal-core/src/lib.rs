@@ -33,6 +33,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 use rustc_hash::{FxHashMap, FxHashSet};
+use smallvec::SmallVec;
 use std::cmp::Ordering;
 use std::collections::{BTreeSet, BinaryHeap, VecDeque};
 use std::fmt;
@@ -271,9 +272,10 @@ impl Default for Config {
 #[derive(Debug)]
 struct Task {
     state: TaskState,
-    deps: Box<[TaskId]>,
-    dependents: Vec<TaskId>,
-    wanted_by: Vec<ClientId>,
+    // Inline up to two (chains, trees, one client): no allocation each.
+    deps: SmallVec<[TaskId; 2]>,
+    dependents: SmallVec<[TaskId; 2]>,
+    wanted_by: SmallVec<[ClientId; 2]>,
     /// Deps not in memory (meaningful while Waiting).
     waiting_on: u32,
     /// Dependents in a pending state: while > 0 the result must be kept.
@@ -1060,9 +1062,9 @@ impl Core {
                 nt.id,
                 Box::new(Task {
                     state: TaskState::Released,
-                    deps: nt.deps.into_boxed_slice(),
-                    dependents: Vec::new(),
-                    wanted_by: vec![client],
+                    deps: SmallVec::from_vec(nt.deps),
+                    dependents: SmallVec::new(),
+                    wanted_by: smallvec::smallvec![client],
                     waiting_on: 0,
                     pending_dependents: 0,
                     priority: nt.priority,
@@ -1179,7 +1181,7 @@ impl Core {
             let Some(t) = self.tasks.get_mut(&id) else {
                 continue;
             };
-            t.wanted_by.retain(|&c| c != client);
+            t.wanted_by.retain(|c| *c != client);
             if t.wanted_by.is_empty() {
                 self.maybe_release(id);
                 self.maybe_forget(id);
@@ -1495,7 +1497,7 @@ impl Core {
             if t.state.is_pending() {
                 continue; // running again (its result was lost)
             }
-            t.wanted_by.retain(|&c| c != DETACHED);
+            t.wanted_by.retain(|c| *c != DETACHED);
             if t.wanted_by.is_empty() {
                 self.maybe_release(id);
                 self.maybe_forget(id);
