@@ -425,3 +425,12 @@ def test_no_dashboard_and_bad_dashboard_addresses():
         shoal.Client(n_workers=1, dashboard_address="localhost")
     with pytest.raises(OSError, match="dashboard"):
         shoal.Client(n_workers=1, dashboard_address="192.0.2.1:8787")  # not this host's
+
+
+def test_a_task_detail_names_its_group_and_its_inputs(dash):
+    a = dash.submit(combine, 1, 2)
+    b = dash.submit(combine, a, 10, key="the-sum")
+    assert b.result() == 13
+    detail = dash.query(f"/api/task/{b._id}")
+    assert (detail["name"], detail["group"], detail["state"]) == ("the-sum", "combine", "memory")
+    assert [(i["id"], i["name"]) for i in detail["inputs"]] == [(a._id, a.key)]

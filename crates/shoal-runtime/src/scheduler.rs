@@ -521,9 +521,8 @@ struct State {
     /// Cluster-wide names (named actors): name -> (owning client, value).
     names: FxHashMap<String, (u32, String)>,
     core: Core,
-    /// Boxed for the same reason as the core's tasks (cheap resizes);
-    /// without group name and inputs (see `full_spec`).
-    specs: FxHashMap<u64, Box<TaskSpec>>,
+    /// What the scheduler keeps of each task's spec (see [`Kept`]).
+    specs: FxHashMap<u64, Box<Kept>>,
     /// Recent distinct function pickles (see `intern_func`).
     funcs: FxHashSet<Bytes>,
     inline: FxHashMap<u64, Bytes>,
@@ -662,6 +661,25 @@ async fn owner(
             }
         }
     }
+}
+
+/// What the scheduler keeps of a task's spec, to send it to a worker (and
+/// again, to recompute it): a third the size of [`TaskSpec`]. Its id is the
+/// map's key, its group name is in the group table and its inputs are in
+/// the core (see `State::full_spec`); tasks of one function share its
+/// pickle. Boxed like the core's tasks, so the table resizes cheaply.
+struct Kept {
+    key: Option<Box<str>>,
+    kind: shoal_proto::TaskKind,
+    func: Bytes,
+    args: Bytes,
+    resources: Box<[(String, f64)]>,
+    time_limit_ms: u64,
+    time_request_ms: u64,
+    priority: i32,
+    retries: u32,
+    crash_limit: u8,
+    recompute: bool,
 }
 
 /// A result that came back without its task (the scheduler restarted), kept
@@ -1055,13 +1073,7 @@ impl State {
             let mut deps: Vec<TaskId> = spec.deps.iter().map(|&d| TaskId(d)).collect();
             deps.sort_unstable();
             deps.dedup();
-            // Kept once per task, and small: the group name is in
-            // `group_names`, the inputs in the core, and tasks of one
-            // function share its pickle (see `full_spec`).
-            let mut spec = spec;
-            spec.group = String::new();
-            spec.deps = Vec::new();
-            spec.func = self.intern_func(spec.func);
+
             // "CPU" is not a resource workers offer: it is threads.
             let mut threads = 1;
             let named: Vec<(String, f64)> = spec
@@ -1089,7 +1101,22 @@ impl State {
                 max_kills: spec.crash_limit,
                 time_request_us: spec.time_request_ms.saturating_mul(1000),
             });
-            self.specs.entry(spec.id).or_insert_with(|| Box::new(spec));
+            if !self.specs.contains_key(&spec.id) {
+                let kept = Kept {
+                    key: spec.key.map(String::into_boxed_str),
+                    kind: spec.kind,
+                    func: self.intern_func(spec.func),
+                    args: spec.args,
+                    resources: spec.resources.into_boxed_slice(),
+                    time_limit_ms: spec.time_limit_ms,
+                    time_request_ms: spec.time_request_ms,
+                    priority: spec.priority,
+                    retries: spec.retries,
+                    crash_limit: spec.crash_limit,
+                    recompute: spec.recompute,
+                };
+                self.specs.insert(spec.id, Box::new(kept));
+            }
         }
         self.core.handle_resubmit(cid, tasks, held);
     }
@@ -1594,7 +1621,7 @@ impl State {
         let need = self
             .specs
             .get(&id)
-            .map(|s| s.resources.clone())
+            .map(|s| s.resources.to_vec())
             .unwrap_or_default();
         let fmt = |r: &[(String, f64)]| {
             if r.is_empty() {
@@ -1857,10 +1884,23 @@ impl State {
 
     /// A task's spec as submitted (group and inputs put back).
     fn full_spec(&self, task: u64) -> Option<TaskSpec> {
-        let mut spec = TaskSpec::clone(self.specs.get(&task)?);
-        spec.group = self.group_of(task).to_string();
-        spec.deps = self.core.deps(TaskId(task)).iter().map(|d| d.0).collect();
-        Some(spec)
+        let k = self.specs.get(&task)?;
+        Some(TaskSpec {
+            id: task,
+            group: self.group_of(task).to_string(),
+            key: k.key.as_deref().map(str::to_string),
+            kind: k.kind,
+            func: k.func.clone(),
+            args: k.args.clone(),
+            deps: self.core.deps(TaskId(task)).iter().map(|d| d.0).collect(),
+            priority: k.priority,
+            retries: k.retries,
+            resources: k.resources.to_vec(),
+            recompute: k.recompute,
+            time_limit_ms: k.time_limit_ms,
+            crash_limit: k.crash_limit,
+            time_request_ms: k.time_request_ms,
+        })
     }
 
     fn send_compute(&mut self, worker: WorkerId, task: TaskId) {
@@ -1891,7 +1931,7 @@ impl State {
             func: spec.func.clone(),
             args: spec.args.clone(),
             deps,
-            resources: spec.resources.clone(),
+            resources: spec.resources.to_vec(),
             time_limit_ms: spec.time_limit_ms,
             job: self.jobs.job_of_task(task.0).unwrap_or(0),
         });

@@ -262,20 +262,18 @@ impl State {
             ),
             _ => (None, None),
         };
-        let deps: Vec<Value> = spec
-            .map(|s| {
-                s.deps
-                    .iter()
-                    .map(|&d| {
-                        json!({
-                            "id": d,
-                            "name": self.name(d),
-                            "state": self.core.state(TaskId(d)).map(state_name),
-                        })
-                    })
-                    .collect()
+        let deps: Vec<Value> = self
+            .core
+            .deps(TaskId(id))
+            .iter()
+            .map(|&d| {
+                json!({
+                    "id": d.0,
+                    "name": self.name(d.0),
+                    "state": self.core.state(d).map(state_name),
+                })
             })
-            .unwrap_or_default();
+            .collect();
         Ok(json!({
             "id": id,
             "name": self.name(id),
