@@ -506,13 +506,22 @@ def test_a_crash_limit_fails_a_task_that_kills_its_worker(jobs):
 # ------------------------------------------------------------ the journal
 
 
-def test_the_journal_restores_jobs_after_the_scheduler_is_killed(tmp_path):
+def _step(path: str, i: int, *inputs: int) -> int:
+    time.sleep(0.03)
+    with open(path, "a") as fh:
+        fh.write(f"{i}\n")
+    return i + sum(inputs)
+
+
+def test_the_journal_restores_jobs_after_the_scheduler_is_killed(tmp_path, monkeypatch):
     """SIGKILL the scheduler three times while an array of 2,000 commands
-    runs; started again with its journal (same port, same token), it
-    restores the job. `--reconnect` workers keep running their tasks and
-    rejoin with what they finished meanwhile (and what the lost scheduler
-    had not acknowledged); the restored scheduler adopts those and runs
-    only the rest: every task's side effect happens exactly once."""
+    and a Python graph run; started again with its journal (same port,
+    same token), it restores the job. `--reconnect` workers keep running
+    their tasks and rejoin with what they finished meanwhile (and what the
+    lost scheduler had not acknowledged); the restored scheduler adopts
+    those and runs only the rest; the graph's client (`reconnect=`)
+    resumes and resubmits it: every task's side effect happens exactly
+    once."""
     port = str(free_port())
     sfile = tmp_path / "s.json"
     journal = tmp_path / "journal"
@@ -545,7 +554,18 @@ def test_the_journal_restores_jobs_after_the_scheduler_is_killed(tmp_path):
         start_new_session=True,
     )
     done = tmp_path / "done.txt"
+    steps = tmp_path / "steps.txt"
+    monkeypatch.setenv("SHOAL_HEARTBEAT_TIMEOUT", "3")
+    client = None
     try:
+        client = shoal.Client(scheduler_file=str(sfile), reconnect=120)
+        # 150 leaves, then 150 tasks on pairs of them: a graph that runs
+        # beside the array, through the kills.
+        leaves = [client.submit(_step, str(steps), i, pure=False) for i in range(150)]
+        pairs = [
+            client.submit(_step, str(steps), 1000 + i, leaves[i], leaves[(i + 1) % 150], pure=False)
+            for i in range(150)
+        ]
         out = shoal_cli(
             "submit",
             "--array",
@@ -576,6 +596,10 @@ def test_the_journal_restores_jobs_after_the_scheduler_is_killed(tmp_path):
             time.sleep(0.5)
             sched = scheduler()
         r = shoal_cli("job", "wait", job)
+        want = [1000 + i + i + (i + 1) % 150 for i in range(150)]
+        assert [f.result(timeout=120) for f in pairs] == want
+        graph_runs = [int(x) for x in steps.read_text().split()]
+        assert sorted(graph_runs) == [*range(150), *range(1000, 1150)], "graph: once each"
         with shoal.Client(scheduler_file=str(sfile)) as c:
             info = c.query(f"/api/jobs/{job}")
         assert (info["finished"], info["state"]) == (2000, "finished"), (info, r.stderr)
@@ -596,6 +620,8 @@ def test_the_journal_restores_jobs_after_the_scheduler_is_killed(tmp_path):
         sched = scheduler()
         wait_for(lambda: shoal_cli("job", "list", check=False).returncode == 0, 30, "the restart")
     finally:
+        if client is not None:
+            client.close()
         sched.kill()
         sched.wait()
         os.killpg(worker.pid, signal.SIGKILL)
