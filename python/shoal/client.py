@@ -1035,6 +1035,8 @@ class Client:
         cb = self._cb_thread
         if cb is not None and cb is not threading.current_thread():
             cb.join(2.0)
+        if self._core is not None:
+            self._core.close()  # before its cluster: not reconnecting to it
         self._core = None
         if self._cluster is not None:
             self._cluster.close()

@@ -650,6 +650,12 @@ impl ClientCore {
         }
     }
 
+    /// The client is closing: a lost connection is not made again (with
+    /// `reconnect`); the connection itself closes when this goes.
+    fn close(&self) {
+        self.inner.close();
+    }
+
     /// Why the connection closed, or None while it is open.
     fn closed_reason(&self) -> Option<String> {
         self.inner.closed_reason()

@@ -165,6 +165,8 @@ pub struct ClientShared {
     out: RwLock<net::Outbox<ToScheduler>>,
     state: Mutex<State>,
     reconnect: Option<Reconnect>,
+    /// Closed by its owner: a lost connection is not made again.
+    closing: std::sync::atomic::AtomicBool,
     cv: Condvar,
     /// The cluster's secret (fetching results from workers proves it too).
     pub secret: net::Secret,
@@ -226,6 +228,7 @@ pub fn connect_with(
             cv: Condvar::new(),
             secret: secret.clone(),
             reconnect,
+            closing: Default::default(),
         });
         let weak = Arc::downgrade(&shared);
         let beat = Arc::downgrade(&shared);
@@ -287,7 +290,7 @@ impl ClientShared {
     /// what is sent waits; on the new connection `Resume`, then `Resubmit`
     /// (every task not released, inputs first), then what waited.
     async fn connect_again(&self, lost: &str, secret: &net::Secret) -> Result<Stream, String> {
-        let Some(rc) = &self.reconnect else {
+        let Some(rc) = self.reconnect.as_ref().filter(|_| !self.is_closing()) else {
             return Err(lost.to_string());
         };
         tracing::warn!(
@@ -299,6 +302,9 @@ impl ClientShared {
         let deadline = Instant::now() + rc.give_up;
         let conn = loop {
             tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            if self.is_closing() {
+                return Err(lost.to_string());
+            }
             match net::handshake(&rc.addr, Role::Client, secret).await {
                 Ok((conn, _)) => break conn,
                 Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
@@ -327,6 +333,17 @@ impl ClientShared {
         }
         *slot = out;
         Ok(stream)
+    }
+
+    /// Its owner is done with it: once lost, the connection is not made
+    /// again (it closes when the last handle goes, after what is queued is
+    /// written).
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::Relaxed);
+    }
+
+    fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Relaxed)
     }
 
     /// Every kept task, each after its kept inputs, with its value when it
