@@ -753,8 +753,11 @@ impl State {
                     queue.extend(pieces(m).into_iter().map(|m| Item::Worker(w, m)));
                 }
             }
-            // Joins and leaves keep their place among the messages (a
-            // client's last messages come before its leaving).
+            // Joins at once: a new peer's first messages may arrive before
+            // the queue reaches its join, and would be taken for a stranger's.
+            ev @ (Event::ClientJoined(..) | Event::WorkerJoined { .. }) => self.handle(ev),
+            // Leaves keep their place among the messages (a peer's last
+            // messages come before its leaving).
             ev => queue.push_back(Item::Event(ev)),
         }
     }
@@ -2032,6 +2035,65 @@ mod tests {
         })
         .await;
         assert_eq!(answered, Ok(true));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A client joining while the owner works through another's huge
+    /// submission is served: its first messages are not taken for a
+    /// stranger's because its join waits in the queue behind that work.
+    #[tokio::test]
+    async fn a_client_joining_behind_a_huge_submission_is_served() {
+        let (dir, h, secret, conn) = serving("joinbehind").await;
+        let (tx, _rx) = net::split_batched::<ToScheduler>(conn);
+        let specs: Vec<TaskSpec> = (1..=2_000_000u64)
+            .map(|i| TaskSpec {
+                id: (1 << 40) + i,
+                group: "g".into(),
+                key: None,
+                kind: shoal_proto::TaskKind::Call,
+                func: Bytes::from_static(b"f"),
+                args: Bytes::from_static(b"a"),
+                deps: Vec::new(),
+                priority: 0,
+                retries: 0,
+                resources: Vec::new(),
+                recompute: true,
+                time_limit_ms: 0,
+                crash_limit: 0,
+                time_request_ms: 0,
+            })
+            .collect();
+        // One message: cut into pieces on arrival, they fill the owner's
+        // queue at once; the second client joins while it works.
+        // Small messages, decoded at once, fill the owner's queue faster
+        // than it works through it; the second client joins meanwhile.
+        for chunk in specs.chunks(PIECE) {
+            tx.send(ToScheduler::Submit(chunk.to_vec())).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (conn, _) = net::handshake(&h.address, Role::Client, &secret)
+            .await
+            .unwrap();
+        let (tx2, mut rx2) = net::split_batched::<ToScheduler>(conn);
+        tx2.send(ToScheduler::Query {
+            id: 7,
+            path: "/api/status".into(),
+        })
+        .unwrap();
+        let answered = tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(frame) = rx2.next().await {
+                let msgs = net::decode_batch::<FromScheduler>(frame).unwrap();
+                if msgs
+                    .iter()
+                    .any(|m| matches!(m, FromScheduler::QueryReply { id: 7, .. }))
+                {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert_eq!(answered, Ok(true), "the second client got its answer");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
