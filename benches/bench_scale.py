@@ -19,6 +19,8 @@ Workloads:
   task answered at once): tasks/s of both and their ratio, the workers
   still live afterwards, any falsely declared lost (heartbeats late), and
   the event loop's worst lag.
+* ``tree``: N/2 leaves reduced pairwise to one sum, level by level (a
+  graph of futures where only the root is kept): tasks/s.
 * ``delayed``: a ``dask.delayed`` graph of 1,000 chains of ``inc``, N
   tasks in all, computed with Shoal's ``get``: tasks/s of the compute
   phase (``dask.compute`` to results; building the delayed objects is not
@@ -138,6 +140,32 @@ def shoal_chains(n: int) -> dict:
     }
 
 
+def add(a, b):
+    return a + b
+
+
+def shoal_tree(n: int) -> dict:
+    """N/2 leaves reduced pairwise, level by level, to one sum (about N
+    tasks), on the embedded cluster; only the root's future is kept."""
+    import shoal
+
+    with shoal.Client(n_workers=N_WORKERS) as c:
+        c.submit(inc, 1).result()
+        t = time.perf_counter()
+        level = list(c.map(inc, range(n // 2), batch_size=1))
+        tasks = len(level)
+        while len(level) > 1:
+            if len(level) % 2:
+                level.append(c.submit(inc, -1))
+                tasks += 1
+            level = list(c.map(add, level[0::2], level[1::2], batch_size=1))
+            tasks += len(level)
+        total = level[0].result()
+        dt = time.perf_counter() - t
+        assert total >= n // 2
+    return {"tasks/s": tasks / dt, "tasks": tasks}
+
+
 def build_delayed(n: int):
     import dask
 
@@ -247,6 +275,7 @@ def shoal_workers(n: int) -> dict:
 RUNS = {
     "map": [("shoal", shoal_map), ("distributed", dask_map)],
     "chains": [("shoal", shoal_chains)],
+    "tree": [("shoal", shoal_tree)],
     "delayed": [("shoal", shoal_delayed), ("distributed", dask_delayed)],
     "workers": [("shoal", shoal_workers)],
 }
