@@ -506,6 +506,17 @@ def test_a_crash_limit_fails_a_task_that_kills_its_worker(jobs):
 # ------------------------------------------------------------ the journal
 
 
+def journaled_scheduler(port: str, sfile: Path, journal: Path, env: dict, log) -> subprocess.Popen:
+    """`shoal scheduler --journal` on a fixed port (a restart takes it again)."""
+    return subprocess.Popen(
+        [*SHOAL, "scheduler", "--port", port, "--no-dashboard"]
+        + ["--scheduler-file", str(sfile), "--journal", str(journal)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+
+
 def _step(path: str, i: int, *inputs: int) -> int:
     time.sleep(0.03)
     with open(path, "a") as fh:
@@ -529,13 +540,7 @@ def test_the_journal_restores_jobs_after_the_scheduler_is_killed(tmp_path, monke
     log = open(tmp_path / "log", "ab")
 
     def scheduler():
-        return subprocess.Popen(
-            [*SHOAL, "scheduler", "--port", port, "--no-dashboard"]
-            + ["--scheduler-file", str(sfile), "--journal", str(journal)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+        return journaled_scheduler(port, sfile, journal, env, log)
 
     def shoal_cli(*args, check=True):
         r = subprocess.run(
@@ -662,13 +667,7 @@ def test_a_python_graph_survives_the_scheduler_being_killed(tmp_path, monkeypatc
     log = open(tmp_path / "log", "ab")
 
     def scheduler():
-        return subprocess.Popen(
-            [*SHOAL, "scheduler", "--port", port, "--no-dashboard"]
-            + ["--scheduler-file", str(sfile), "--journal", str(journal)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+        return journaled_scheduler(port, sfile, journal, env, log)
 
     sched = scheduler()
     wait_for(sfile.exists, 30, "the scheduler file")
