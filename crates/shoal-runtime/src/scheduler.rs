@@ -700,28 +700,32 @@ enum Item {
     DropOrphans,
 }
 
-/// Cuts a message carrying many tasks or ids into pieces of [`PIECE`], in
-/// order (each piece is moved once).
-fn pieces(msg: ToScheduler) -> Vec<ToScheduler> {
-    fn cut<T>(mut v: Vec<T>, wrap: fn(Vec<T>) -> ToScheduler) -> Vec<ToScheduler> {
-        let mut out = Vec::with_capacity(v.len() / PIECE + 1);
+/// Queues a peer's message as `item`s: one carrying many tasks or ids is
+/// cut into pieces of [`PIECE`], in order (each element moved once); any
+/// other goes as it is (no allocation on the per-message path).
+fn queue_pieces(queue: &mut VecDeque<Item>, msg: ToScheduler, item: impl Fn(ToScheduler) -> Item) {
+    fn cut<T>(
+        queue: &mut VecDeque<Item>,
+        mut v: Vec<T>,
+        wrap: fn(Vec<T>) -> ToScheduler,
+        item: impl Fn(ToScheduler) -> Item,
+    ) {
+        let mut pieces = Vec::with_capacity(v.len() / PIECE + 1);
         while v.len() > PIECE {
             // From the back: each element moves once.
-            let tail = v.split_off(v.len() - (v.len() - 1) % PIECE - 1);
-            out.push(wrap(tail));
+            pieces.push(v.split_off(v.len() - (v.len() - 1) % PIECE - 1));
         }
-        out.push(wrap(v));
-        out.reverse();
-        out
+        pieces.push(v);
+        queue.extend(pieces.into_iter().rev().map(|p| item(wrap(p))));
     }
     match msg {
-        ToScheduler::Submit(v) if v.len() > PIECE => cut(v, ToScheduler::Submit),
-        ToScheduler::Release(v) if v.len() > PIECE => cut(v, ToScheduler::Release),
-        ToScheduler::Cancel(v) if v.len() > PIECE => cut(v, ToScheduler::Cancel),
-        ToScheduler::Detach(v) if v.len() > PIECE => cut(v, ToScheduler::Detach),
-        ToScheduler::Where(v) if v.len() > PIECE => cut(v, ToScheduler::Where),
-        ToScheduler::Resubmit(v) if v.len() > PIECE => cut(v, ToScheduler::Resubmit),
-        m => vec![m],
+        ToScheduler::Submit(v) if v.len() > PIECE => cut(queue, v, ToScheduler::Submit, item),
+        ToScheduler::Release(v) if v.len() > PIECE => cut(queue, v, ToScheduler::Release, item),
+        ToScheduler::Cancel(v) if v.len() > PIECE => cut(queue, v, ToScheduler::Cancel, item),
+        ToScheduler::Detach(v) if v.len() > PIECE => cut(queue, v, ToScheduler::Detach, item),
+        ToScheduler::Where(v) if v.len() > PIECE => cut(queue, v, ToScheduler::Where, item),
+        ToScheduler::Resubmit(v) if v.len() > PIECE => cut(queue, v, ToScheduler::Resubmit, item),
+        m => queue.push_back(item(m)),
     }
 }
 
@@ -740,7 +744,7 @@ impl State {
                 conn.last_seen = now;
                 self.monitor.messages_in += msgs.len() as u64;
                 for m in msgs {
-                    queue.extend(pieces(m).into_iter().map(|m| Item::Client(c, m)));
+                    queue_pieces(queue, m, |m| Item::Client(c, m));
                 }
             }
             Event::FromWorker(w, msgs) => {
@@ -750,7 +754,7 @@ impl State {
                 conn.last_seen = now;
                 self.monitor.messages_in += msgs.len() as u64;
                 for m in msgs {
-                    queue.extend(pieces(m).into_iter().map(|m| Item::Worker(w, m)));
+                    queue_pieces(queue, m, |m| Item::Worker(w, m));
                 }
             }
             // Joins at once: a new peer's first messages may arrive before
@@ -2036,6 +2040,28 @@ mod tests {
         .await;
         assert_eq!(answered, Ok(true));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn big_messages_are_cut_into_pieces_in_order() {
+        let mut queue = VecDeque::new();
+        let ids: Vec<u64> = (0..10_000).collect();
+        queue_pieces(&mut queue, ToScheduler::Release(ids), |m| {
+            Item::Client(1, m)
+        });
+        queue_pieces(&mut queue, ToScheduler::Cancel(vec![7]), |m| {
+            Item::Client(1, m)
+        });
+        let got: Vec<(usize, u64)> = queue
+            .iter()
+            .map(|i| match i {
+                Item::Client(_, ToScheduler::Release(v) | ToScheduler::Cancel(v)) => {
+                    (v.len(), v[0])
+                }
+                _ => unreachable!(),
+            })
+            .collect();
+        assert_eq!(got, vec![(4096, 0), (4096, 4096), (1808, 8192), (1, 7)]);
     }
 
     /// A client joining while the owner works through another's huge
