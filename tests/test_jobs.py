@@ -517,6 +517,18 @@ def journaled_scheduler(port: str, sfile: Path, journal: Path, env: dict, log) -
     )
 
 
+def reconnecting_workers(env: dict, log) -> subprocess.Popen:
+    """`shoal worker --nworkers 2 --reconnect` in its own session (killed
+    as a group)."""
+    return subprocess.Popen(
+        [*SHOAL, "worker", "--nworkers", "2", "--reconnect"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+
+
 def _step(path: str, i: int, *inputs: int) -> int:
     time.sleep(0.03)
     with open(path, "a") as fh:
@@ -551,13 +563,7 @@ def test_the_journal_restores_jobs_after_the_scheduler_is_killed(tmp_path, monke
 
     sched = scheduler()
     wait_for(sfile.exists, 30, "the scheduler file")
-    worker = subprocess.Popen(
-        [*SHOAL, "worker", "--nworkers", "2", "--reconnect"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
+    worker = reconnecting_workers(env, log)
     done = tmp_path / "done.txt"
     steps = tmp_path / "steps.txt"
     monkeypatch.setenv("SHOAL_HEARTBEAT_TIMEOUT", "3")
@@ -671,13 +677,7 @@ def test_a_python_graph_survives_the_scheduler_being_killed(tmp_path, monkeypatc
 
     sched = scheduler()
     wait_for(sfile.exists, 30, "the scheduler file")
-    worker = subprocess.Popen(
-        [*SHOAL, "worker", "--nworkers", "2", "--reconnect"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
+    worker = reconnecting_workers(env, log)
     monkeypatch.setenv("SHOAL_HEARTBEAT_TIMEOUT", "3")
     try:
         with shoal.Client(scheduler_file=str(sfile), reconnect=60) as c:

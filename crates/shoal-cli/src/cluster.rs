@@ -721,13 +721,21 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "worker".into())
 }
 
+impl StatusArgs {
+    /// The scheduler these options name, and its secret.
+    fn join(self) -> Result<(Address, Secret), String> {
+        let (address, secret, _) = join_target(
+            self.address,
+            self.scheduler_file.as_deref(),
+            self.token_file.as_deref(),
+            &self.tls,
+        )?;
+        Ok((address, secret))
+    }
+}
+
 pub(crate) fn run_status(a: StatusArgs) -> CliResult {
-    let (address, secret, _) = join_target(
-        a.address,
-        a.scheduler_file.as_deref(),
-        a.token_file.as_deref(),
-        &a.tls,
-    )?;
+    let (address, secret) = a.join()?;
     let c = client::connect(runtime(), &address, &secret)
         .map_err(|e| format!("cannot connect to {address}: {e}"))?;
     let info = c.cluster_info(Duration::from_secs(10))?;
@@ -747,13 +755,7 @@ pub(crate) struct NoopArgs {
 /// `shoal noop-workers`: light workers for scale tests (see
 /// `shoal_runtime::noop`); exits when the scheduler tells them to.
 pub(crate) fn run_noop_workers(a: NoopArgs) -> CliResult {
-    let t = a.target;
-    let (address, secret, _) = join_target(
-        t.address,
-        t.scheduler_file.as_deref(),
-        t.token_file.as_deref(),
-        &t.tls,
-    )?;
+    let (address, secret) = a.target.join()?;
     runtime()
         .block_on(shoal_runtime::noop::run_many(address, secret, a.count))
         .map_err(|e| format!("light workers: {e}"))
@@ -761,13 +763,7 @@ pub(crate) fn run_noop_workers(a: NoopArgs) -> CliResult {
 
 /// `shoal top`: the cluster's workers and task groups, refreshed in place.
 pub(crate) fn run_top(a: TopArgs) -> CliResult {
-    let t = a.target;
-    let (address, secret, _) = join_target(
-        t.address,
-        t.scheduler_file.as_deref(),
-        t.token_file.as_deref(),
-        &t.tls,
-    )?;
+    let (address, secret) = a.target.join()?;
     if !(a.interval > 0.0 && a.interval.is_finite()) {
         return Err("--interval must be a positive number of seconds".into());
     }
