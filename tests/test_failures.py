@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+from _helpers import alive
 
 import shoal
 
@@ -38,19 +39,6 @@ def segfault():
     import ctypes
 
     ctypes.string_at(0)
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead too.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def _wait_for(cond, timeout=10.0):
@@ -177,7 +165,7 @@ def test_close_leaves_no_worker_behind():
     assert len(pids) == 2
     c.submit(inc, 1).result(timeout=30)
     c.close()
-    assert _wait_for(lambda: not any(_alive(p) for p in pids))
+    assert _wait_for(lambda: not any(alive(p) for p in pids))
 
 
 SCRIPT = textwrap.dedent(
@@ -204,7 +192,7 @@ def test_client_process_exit_or_death_leaves_no_worker(how):
         if how == "kill":
             p.kill()
         p.wait(timeout=30)
-    assert _wait_for(lambda: not any(_alive(x) for x in pids)), "orphan workers"
+    assert _wait_for(lambda: not any(alive(x) for x in pids)), "orphan workers"
 
 
 def test_garbage_on_the_scheduler_socket_does_not_hurt(client):

@@ -15,23 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
-from _helpers import free_port, wait_for
+from _helpers import alive, free_port, wait_for
 
 import shoal
 from shoal import wait
 
 SHOAL = [sys.executable, "-m", "shoal"]
 GRACE = 1.0  # SHOAL_STOP_GRACE for these clusters
-
-
-def alive(pid: int) -> bool:
-    """The process exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        # ProcessLookupError: the process was reaped between open and read.
-        return False
 
 
 def worker_pids(client) -> list[int]:
