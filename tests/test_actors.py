@@ -233,6 +233,52 @@ def test_num_returns_cancel_shutdown_and_is_initialized(client):
         three.options(num_returns=-1)
 
 
+@shoal.remote
+def blob(i):
+    return bytes([i]) * 200_000  # held on a worker, not inline
+
+
+@shoal.remote
+def make_refs(n):
+    # Ray's nested tasks: return refs made here; this task's client (the
+    # worker's) drops them as soon as the result is pickled.
+    return [blob.remote(i) for i in range(n)]
+
+
+@shoal.remote
+def make_ref_of_refs():
+    return make_refs.remote(2)
+
+
+@shoal.remote
+def total(refs):
+    return sum(len(b) for b in shoal.get(refs))
+
+
+def test_a_task_returns_refs_it_made():
+    with shoal.Client(n_workers=2) as c:
+        outer = make_refs.remote(3)
+        refs = shoal.get(outer, timeout=60)
+        time.sleep(0.5)  # the worker's client has let its futures go by now
+        assert [b[:1] for b in shoal.get(refs, timeout=60)] == [b"\0", b"\1", b"\2"]
+        # The list of refs as a task argument: claimed there.
+        assert shoal.get(total.remote(outer), timeout=60) == 600_000
+        # Refs inside refs.
+        inner = shoal.get(shoal.get(make_ref_of_refs.remote(), timeout=60), timeout=60)
+        assert [len(b) for b in shoal.get(inner, timeout=60)] == [200_000] * 2
+        # The driver drops its refs first: the outer result still holds them.
+        del refs, inner
+        time.sleep(0.3)
+        refs = shoal.get(outer, timeout=60)
+        assert len(shoal.get(refs[2], timeout=60)) == 200_000
+        # Everything dropped: nothing stays on the cluster.
+        del outer, refs
+        deadline = time.time() + 20
+        while c.scheduler_info()["tasks"] and time.time() < deadline:
+            time.sleep(0.1)
+        assert c.scheduler_info()["tasks"] == 0, "held refs outlived their holders"
+
+
 SHUTDOWN = """
 import shoal
 

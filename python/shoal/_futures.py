@@ -107,9 +107,12 @@ class Future:
     def __reduce__(self):
         if _serialize.record_dependency(self._id, self._client, self.key):
             return (_serialize.resolve, (self._id, self._index))
+        if _serialize.record_held(self._client, self._id):
+            # In a task's result: a reference the receiver claims.
+            return (_serialize.adopt, (self._id, self._group, self._user_key, self._index))
         raise TypeError(
             f"a shoal Future ({self.key}) can only be pickled as an argument of a task "
-            "of the same client; call .result() to get its value"
+            "of the same client, or in a task's result; call .result() to get its value"
         )
 
     def __del__(self):

@@ -54,11 +54,31 @@ _OOB_MAGIC = b"SHOALOB2"
 _ALIGN = 64
 
 
-def frame_parts(obj: Any) -> tuple[list[Any], int, bool]:
+def frame_parts(obj: Any, result_of: int | None = None) -> tuple[list[Any], int, bool]:
     """Pickles ``obj`` with its buffers out of band: the parts of the frame
     (to join or write; buffers are not copied), its length, and whether it
     has out-of-band buffers (otherwise it is a plain pickle). Raises
-    ``TypeError`` naming the failure, as ``dumps``."""
+    ``TypeError`` naming the failure, as ``dumps``.
+
+    ``result_of``: ``obj`` is that task's result (on a worker). Futures in
+    it are pickled as references that whoever unpickles them claims
+    (``adopt``), and the scheduler is told that the result holds them
+    (``Client._hold``) before their client here can let them go."""
+    if result_of is None:
+        return _frame_parts(obj)
+    _local.result_of = result_of
+    try:
+        return _frame_parts(obj)
+    finally:
+        _local.result_of = None
+        held = getattr(_local, "held", None)
+        if held:
+            _local.held = None
+            for client, ids in held.items():
+                client._hold(result_of, ids)
+
+
+def _frame_parts(obj: Any) -> tuple[list[Any], int, bool]:
     buffers: list[pickle.PickleBuffer] = []
     try:
         header = pickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffers.append)
@@ -279,6 +299,28 @@ def record_dependency(task_id: int, owner: Any = None, key: Any = None) -> bool:
         )
     deps.append(task_id)
     return True
+
+
+def record_held(client: Any, task_id: int) -> bool:
+    """Called by ``Future.__reduce__``: notes a future of ``client`` found
+    in a task's result being pickled (see ``frame_parts``); False when not
+    pickling a result."""
+    if getattr(_local, "result_of", None) is None or client is None:
+        return False
+    held = getattr(_local, "held", None)
+    if held is None:
+        held = _local.held = {}
+    held.setdefault(client, []).append(task_id)
+    return True
+
+
+def adopt(task_id: int, group: str, key: Any, index: int | None) -> Any:
+    """Unpickles a future that came inside a task's result: a future of
+    this process's client (inside a task, the worker's), which claims the
+    task from the scheduler (Ray's nested object refs)."""
+    from . import _context
+
+    return _context.get_client()._adopt(task_id, group, key, index)
 
 
 class Ref:

@@ -247,7 +247,7 @@ class Store:
             self.check()
             return None, size
         try:
-            parts, length, oob = _serialize.frame_parts(result)
+            parts, length, oob = _serialize.frame_parts(result, tid)
         except Exception as e:  # noqa: BLE001 - any pickling failure
             why = (
                 f"the result of task {name or hex(tid)!r} ({type(result).__name__}) could not be "
@@ -365,7 +365,7 @@ class Store:
             obj = self.objects.get(tid, _MISSING)
         if obj is _MISSING:
             return None
-        parts, length, oob = _serialize.frame_parts(obj)
+        parts, length, oob = _serialize.frame_parts(obj, tid)
         in_place = tid not in self.shared
         path, on_disk, length = self._write_segment(tid, parts, length, oob, in_place)
         with self.lock:
@@ -431,7 +431,7 @@ class Store:
         start_us, t0 = int(time.time() * 1e6), time.perf_counter()
         if obj is not _MISSING:
             # Compressed where it pays (see `compressed_parts`).
-            parts, length, _ = _serialize.frame_parts(obj)
+            parts, length, _ = _serialize.frame_parts(obj, tid)
             z = _serialize.compressed_parts(parts, length)
             if z is not None:
                 parts = z

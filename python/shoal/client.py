@@ -292,6 +292,22 @@ class Client:
 
     # ----------------------------------------------------------- refcounts
 
+    def _adopt(self, task_id: int, group: str, key: Any, index: int | None) -> Future:
+        """A future of a task another client submitted, found in a result
+        (``_serialize.adopt``): this client claims the task."""
+        core = self._check()
+        with self._refs_lock:
+            known = task_id in self._refs
+        f = Future(self, task_id, group, key, index)
+        if not known:
+            core.adopt([task_id])
+        return f
+
+    def _hold(self, by: int, task_ids: list[int]) -> None:
+        """Worker side: the result of task ``by`` holds these futures."""
+        if self._core is not None:
+            self._core.hold(by, task_ids)
+
     def _incref(self, task_id: int, n: int) -> None:
         with self._refs_lock:
             refs = self._refs
@@ -693,6 +709,12 @@ class Client:
             raise ValueError(
                 f"{f.key} can never run: its inputs lead back to {a!r} (the graph has a cycle); "
                 "a task graph must be acyclic"
+            )
+        if kind == "missing" and a == f._id:
+            raise MissingDependencyError(
+                f"{f.key} came as a reference inside another task's result, but the "
+                "scheduler no longer knows it: the result that held it was released or lost "
+                "before this client claimed it"
             )
         if kind == "missing":
             raise MissingDependencyError(

@@ -57,6 +57,11 @@ pub struct ClientId(pub u32);
 /// [`Core::handle_detach`]); never a connected client.
 pub const DETACHED: ClientId = ClientId(u32::MAX);
 
+/// The interest that keeps a task wanted while a live result holds a
+/// reference to it (a task returned futures it made; see
+/// [`Core::handle_hold`]); never a connected client.
+pub const HELD: ClientId = ClientId(u32::MAX - 1);
+
 impl fmt::Debug for TaskId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "t{:x}", self.0)
@@ -477,6 +482,14 @@ pub struct Core {
     /// Detached tasks that finished or failed: their detached interest is
     /// dropped by the next `schedule`.
     detached_done: Vec<TaskId>,
+    /// Results that hold references to other tasks: holder -> the held.
+    holds: FxHashMap<TaskId, SmallVec<[TaskId; 2]>>,
+    /// How many holders' results hold each held task (each one counted
+    /// here is wanted by [`HELD`]).
+    held: FxHashMap<TaskId, u32>,
+    /// Held tasks whose last holder went: their held interest is dropped
+    /// by the next `schedule` (iteratively: references can nest deeply).
+    unheld: Vec<TaskId>,
     /// Tasks to cancel if their worker gives them back (not started) in
     /// answer to the steal [`Core::handle_cancel_queued`] sent.
     cancel_when_given: FxHashSet<TaskId>,
@@ -512,6 +525,9 @@ impl Core {
             log: VecDeque::new(),
             transitions: 0,
             detached_done: Vec::new(),
+            holds: FxHashMap::default(),
+            held: FxHashMap::default(),
+            unheld: Vec::new(),
             cancel_when_given: FxHashSet::default(),
             stimulus: "",
             now_us: 0,
@@ -1267,6 +1283,98 @@ impl Core {
         }
     }
 
+    /// The result of `by` holds references to `tasks` (the task returned
+    /// futures it made, and its worker's client pickled them): they stay
+    /// wanted as long as that result lives, so that whoever gets the
+    /// result can claim them ([`Core::handle_adopt`]) even after the
+    /// client that made them let them go. Sent by that client before it
+    /// can release them, so it arrives first. Ignored for a result that is
+    /// gone or will not come.
+    pub fn handle_hold(&mut self, by: TaskId, tasks: &[TaskId]) {
+        self.stimulus = "hold";
+        match self.tasks.get(&by).map(|t| t.state) {
+            None | Some(TaskState::Released | TaskState::Erred { .. }) => return,
+            Some(_) => {}
+        }
+        for &id in tasks {
+            let Some(t) = self.tasks.get_mut(&id) else {
+                continue;
+            };
+            let list = self.holds.entry(by).or_default();
+            if id == by || list.contains(&id) {
+                continue;
+            }
+            list.push(id);
+            let n = self.held.entry(id).or_insert(0);
+            *n += 1;
+            if *n == 1 {
+                t.wanted_by.push(HELD);
+                if t.state == TaskState::Released {
+                    self.recompute(id);
+                }
+            }
+        }
+        self.schedule();
+    }
+
+    /// The client claims tasks it did not submit, whose futures it found
+    /// in a result ([`Core::handle_hold`]): it is told their state as if
+    /// it had submitted them. Returns those the core does not know (let
+    /// go before the claim); the caller tells the client.
+    pub fn handle_adopt(&mut self, client: ClientId, tasks: &[TaskId]) -> Vec<TaskId> {
+        self.stimulus = "adopt";
+        let mut unknown = Vec::new();
+        for &id in tasks {
+            let Some(t) = self.tasks.get_mut(&id) else {
+                unknown.push(id);
+                continue;
+            };
+            if !t.wanted_by.contains(&client) {
+                t.wanted_by.push(client);
+            }
+            if t.state == TaskState::Released {
+                self.recompute(id);
+            }
+            self.notify_one(client, id);
+        }
+        self.schedule();
+        unknown
+    }
+
+    /// The result of `by` is gone or will not come (it is released or
+    /// erred): what it held is held by one fewer.
+    fn drop_holds(&mut self, by: TaskId) {
+        let Some(list) = self.holds.remove(&by) else {
+            return;
+        };
+        for id in list {
+            if let Some(n) = self.held.get_mut(&id) {
+                *n -= 1;
+                if *n == 0 {
+                    self.held.remove(&id);
+                    self.unheld.push(id);
+                }
+            }
+        }
+    }
+
+    /// Held tasks no result holds any more are no longer wanted for that.
+    fn settle_unheld(&mut self) {
+        while let Some(id) = self.unheld.pop() {
+            if self.held.contains_key(&id) {
+                continue; // held again meanwhile
+            }
+            let Some(t) = self.tasks.get_mut(&id) else {
+                continue;
+            };
+            t.wanted_by.retain(|c| *c != HELD);
+            if t.wanted_by.is_empty() {
+                self.maybe_release(id);
+                self.maybe_forget(id);
+            }
+        }
+    }
+
     /// A client disconnected: everything it wanted is released.
     pub fn handle_client_gone(&mut self, client: ClientId) {
         self.stimulus = "client-gone";
@@ -1510,6 +1618,9 @@ impl Core {
     }
 
     fn notify_one(&mut self, client: ClientId, id: TaskId) {
+        if client == HELD {
+            return;
+        }
         if client == DETACHED {
             if matches!(
                 self.tasks[&id].state,
@@ -1598,6 +1709,10 @@ impl Core {
         self.log_transition(id, Some(from), Some(to));
         if matches!(from, TaskState::Processing(_)) {
             self.cancel_when_given.remove(&id); // it ran or moved meanwhile
+        }
+        if matches!(to, TaskState::Released | TaskState::Erred { .. }) {
+            // Its result is gone (or will not come): it holds nothing.
+            self.drop_holds(id);
         }
         let t = self.tasks.get_mut(&id).expect("known task");
         t.state = to;
@@ -1840,6 +1955,7 @@ impl Core {
     /// the least loaded.
     fn schedule(&mut self) {
         self.settle_detached();
+        self.settle_unheld();
         if self.retiring > 0 {
             self.retire_step();
         }
@@ -2005,6 +2121,12 @@ impl Core {
             .map(|(&id, w)| (load_of(w), w.seq, id))
             .collect();
         assert_eq!(self.by_load, want, "load index drifted");
+        for by in self.holds.keys() {
+            assert!(
+                self.tasks.contains_key(by),
+                "{by:?}: forgotten, still holds"
+            );
+        }
         let retiring = self
             .workers
             .values()
@@ -2062,6 +2184,11 @@ impl Core {
             assert!(
                 !t.wanted_by.is_empty() || !t.dependents.is_empty(),
                 "{id:?} should have been forgotten"
+            );
+            assert!(
+                t.wanted_by.contains(&HELD) == self.held.contains_key(&id)
+                    || self.unheld.contains(&id),
+                "{id:?}: held interest without a holder, or the reverse"
             );
             assert!(
                 !t.wanted_by.contains(&DETACHED)

@@ -626,6 +626,18 @@ fn sim(seed: u64) {
             let (client, id) = wanted.swap_remove(rng.usize(0..wanted.len()));
             c.handle_detach(client, &[id]);
             c.handle_release(client, &[id]);
+        } else if roll < 41 && known.len() >= 2 {
+            // A result holds a task made after its own (a task returned a
+            // future it made); a client claims one from a result.
+            let by = known[rng.usize(0..known.len())];
+            let held: Vec<TaskId> = known.iter().copied().filter(|x| *x > by).take(2).collect();
+            c.handle_hold(by, &held);
+            if let (Some(&id), false) = (held.first(), clients.is_empty()) {
+                let client = clients[rng.usize(0..clients.len())];
+                if c.handle_adopt(client, &[id]).is_empty() && !wanted.contains(&(client, id)) {
+                    wanted.push((client, id));
+                }
+            }
         } else if roll < 42 && !reported.is_empty() {
             // A report arrives again, late (the task may have moved, been
             // cancelled, rerun or forgotten since).
@@ -683,6 +695,18 @@ fn sim(seed: u64) {
         c.handle_client_gone(client);
     }
     c.check_invariants();
+    if c.n_tasks() != 0 {
+        for (id, t) in &c.tasks {
+            eprintln!(
+                "{id:?} {:?} wanted {:?} deps {:?} dependents {:?} holds {:?}",
+                t.state,
+                t.wanted_by,
+                t.deps,
+                t.dependents,
+                c.holds.get(id)
+            );
+        }
+    }
     assert_eq!(c.n_tasks(), 0, "seed {seed}: records leaked");
 }
 
@@ -1572,4 +1596,83 @@ fn resubmitted_tasks_held_by_a_rejoined_worker_start_in_memory_and_are_not_run_a
         .is_some());
     c.check_invariants();
     assert_eq!(computes(&c.take_actions()), vec![(0, 4)]);
+}
+
+/// Ray's nested refs: a task (on worker W, whose client is `W_CLIENT`)
+/// submits an inner task and returns its future. The inner task lives as
+/// long as the outer result holds it, though the client that made it lets
+/// it go; the driver that gets the outer result claims it.
+#[test]
+fn a_task_held_by_a_result_lives_as_long_as_that_result() {
+    const W_CLIENT: ClientId = ClientId(7);
+    let mut c = core();
+    c.handle_worker_added(WorkerId(0), 2);
+    c.handle_submit(C, vec![nt(1, &[])]);
+    assert_eq!(computes(&c.take_actions()), vec![(0, 1)]);
+    // Inside task 1: the worker's client submits task 2 and pickles its
+    // future into the result (hold), then drops the future (release).
+    c.handle_submit(W_CLIENT, vec![nt(2, &[])]);
+    c.handle_hold(t(1), &[t(2), t(2), t(99)]);
+    c.handle_task_finished(WorkerId(0), t(1), 8, false, 10);
+    c.handle_release(W_CLIENT, &[t(2)]);
+    c.check_invariants();
+    assert!(c.state(t(2)).is_some(), "held: not forgotten");
+    c.handle_task_finished(WorkerId(0), t(2), 8, false, 10);
+    c.take_actions();
+    // The driver claims it from the result: told it is in memory.
+    let unknown = c.handle_adopt(C, &[t(2), t(98)]);
+    assert_eq!(unknown, vec![t(98)]);
+    assert!(c.take_actions().contains(&Action::TaskMemory {
+        client: C,
+        task: t(2)
+    }));
+    c.check_invariants();
+    // The driver drops the inner future: still held by the outer result.
+    c.handle_release(C, &[t(2)]);
+    c.check_invariants();
+    assert!(matches!(c.state(t(2)), Some(TaskState::Memory { .. })));
+    // The outer result goes: so does the inner one.
+    c.handle_release(C, &[t(1)]);
+    c.check_invariants();
+    let a = c.take_actions();
+    for id in [1, 2] {
+        assert!(
+            a.contains(&Action::ReleaseData {
+                worker: Some(WorkerId(0)),
+                task: t(id)
+            }),
+            "{a:?}"
+        );
+    }
+    assert_eq!(c.n_tasks(), 0);
+    // A hold by a result that is gone holds nothing.
+    c.handle_submit(W_CLIENT, vec![nt(3, &[])]);
+    c.handle_hold(t(1), &[t(3)]);
+    c.handle_release(W_CLIENT, &[t(3)]);
+    c.check_invariants();
+    assert_eq!(c.n_tasks(), 0);
+}
+
+/// References nest: each result holds the task before it. Letting go of
+/// the last holder releases the whole chain, without recursion.
+#[test]
+fn a_long_chain_of_held_results_is_released_at_once() {
+    const W_CLIENT: ClientId = ClientId(7);
+    let n = 10_000;
+    let mut c = core();
+    c.handle_worker_added(WorkerId(0), 1);
+    for i in 1..=n {
+        c.handle_submit(if i == n { C } else { W_CLIENT }, vec![nt(i, &[])]);
+        c.take_actions();
+        c.handle_task_finished(WorkerId(0), t(i), 8, false, 10);
+        if i > 1 {
+            c.handle_hold(t(i), &[t(i - 1)]);
+            c.handle_release(W_CLIENT, &[t(i - 1)]);
+        }
+    }
+    assert_eq!(c.n_tasks(), n as usize);
+    c.check_invariants();
+    c.handle_release(C, &[t(n)]);
+    c.check_invariants();
+    assert_eq!(c.n_tasks(), 0);
 }

@@ -371,6 +371,21 @@ pub enum ToScheduler {
     /// whose results a rejoined worker (or the value) still has start
     /// finished; the rest run again.
     Resubmit(Vec<(TaskSpec, Option<Bytes>)>),
+    /// Client (a worker's, inside a task): the result of task `by` holds
+    /// futures of these tasks (the task returns futures it made). They stay
+    /// alive as long as that result does, so whoever gets it can claim them
+    /// (`Adopt`). Sent before the client can release them.
+    Hold {
+        /// The task whose result holds the references.
+        by: u64,
+        /// The tasks referred to.
+        tasks: Vec<u64>,
+    },
+    /// Client: claims tasks it did not submit, whose futures it found in a
+    /// result; answered like a submission (`Memory`/`Erred` when they end),
+    /// and with `Erred` (`MissingDependency` naming the task itself) for
+    /// those the scheduler no longer knows.
+    Adopt(Vec<u64>),
 }
 
 /// When and on which thread a task ran (the worker's clock).

@@ -131,6 +131,11 @@ fn corpus() -> Vec<Vec<u8>> {
             (spec(1), None),
             (spec(2), Some(Bytes::from_static(b"v"))),
         ]),
+        ToScheduler::Hold {
+            by: 1,
+            tasks: vec![2, 3],
+        },
+        ToScheduler::Adopt(vec![2]),
     ];
     let from: Vec<FromScheduler> = vec![
         FromScheduler::Compute {

@@ -486,6 +486,16 @@ impl ClientCore {
         self.inner.cancel_queued(ids);
     }
 
+    /// Claims tasks of other clients whose futures came inside a result.
+    fn adopt(&self, ids: Vec<u64>) {
+        self.inner.adopt(ids);
+    }
+
+    /// The result of task `by` holds futures of `tasks` (kept while it lives).
+    fn hold(&self, by: u64, tasks: Vec<u64>) {
+        self.inner.hold(by, tasks);
+    }
+
     /// These tasks run to their end even if their futures are released.
     fn detach(&self, ids: Vec<u64>) {
         self.inner.detach(ids);

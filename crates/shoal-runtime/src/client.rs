@@ -561,6 +561,26 @@ impl ClientShared {
             .map_err(|_| "the connection is closed".to_string())
     }
 
+    /// Claims tasks this client did not submit, whose futures came inside
+    /// a result: each starts pending, and the scheduler tells their state
+    /// as for a submission. Not resubmitted after a reconnect (the client
+    /// has no spec to send): those fail then.
+    pub fn adopt(&self, ids: Vec<u64>) {
+        {
+            let mut st = self.state.lock();
+            for id in &ids {
+                st.status.entry(*id).or_insert(Status::Pending);
+            }
+        }
+        let _ = self.out.read().send(ToScheduler::Adopt(ids));
+    }
+
+    /// The result of task `by` holds futures of `tasks`: the scheduler
+    /// keeps them while it lives. Sent before this client can release them.
+    pub fn hold(&self, by: u64, tasks: Vec<u64>) {
+        let _ = self.out.read().send(ToScheduler::Hold { by, tasks });
+    }
+
     /// Cancels unfinished tasks.
     pub fn cancel(&self, ids: Vec<u64>) {
         let _ = self.out.read().send(ToScheduler::Cancel(ids));

@@ -724,6 +724,7 @@ fn queue_pieces(queue: &mut VecDeque<Item>, msg: ToScheduler, item: impl Fn(ToSc
         ToScheduler::Cancel(v) if v.len() > PIECE => cut(queue, v, ToScheduler::Cancel, item),
         ToScheduler::Detach(v) if v.len() > PIECE => cut(queue, v, ToScheduler::Detach, item),
         ToScheduler::Where(v) if v.len() > PIECE => cut(queue, v, ToScheduler::Where, item),
+        ToScheduler::Adopt(v) if v.len() > PIECE => cut(queue, v, ToScheduler::Adopt, item),
         ToScheduler::Resubmit(v) if v.len() > PIECE => cut(queue, v, ToScheduler::Resubmit, item),
         m => queue.push_back(item(m)),
     }
@@ -979,6 +980,20 @@ impl State {
             ToScheduler::Where(ids) => {
                 let ids: Vec<TaskId> = ids.into_iter().map(TaskId).collect();
                 self.core.handle_where(cid, &ids);
+            }
+            ToScheduler::Hold { by, tasks } => {
+                let tasks: Vec<TaskId> = tasks.into_iter().map(TaskId).collect();
+                self.core.handle_hold(TaskId(by), &tasks);
+            }
+            ToScheduler::Adopt(ids) => {
+                let ids: Vec<TaskId> = ids.into_iter().map(TaskId).collect();
+                let unknown = self.core.handle_adopt(cid, &ids);
+                if let Some(tx) = self.client_tx(client) {
+                    for TaskId(id) in unknown {
+                        let error = TaskError::MissingDependency { dep: id };
+                        let _ = tx.send(FromScheduler::Erred { id, error });
+                    }
+                }
             }
             ToScheduler::Restart => {
                 tracing::warn!("client {client} restarts every worker");
