@@ -1,12 +1,14 @@
 """Ray-style actors: a dedicated process per actor, ordered calls, state,
 handles passed to tasks, death and restarts."""
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
 
 import pytest
+from _helpers import alive, wait_for
 
 import shoal
 
@@ -320,58 +322,104 @@ except ValueError as e:
 """
 
 
-def test_named_actors_are_found_from_other_clients(tmp_path):
+@contextlib.contextmanager
+def standalone(tmp_path):
+    """A `shoal scheduler` and a `shoal worker`; yields the scheduler file."""
     sfile = tmp_path / "s.json"
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     sched = subprocess.Popen(
         [sys.executable, "-m", "shoal", "scheduler", "--port", "0", "--no-dashboard"]
         + ["--scheduler-file", str(sfile)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        **quiet,
     )
     try:
-        deadline = time.time() + 30
-        while not sfile.exists():
-            assert time.time() < deadline
-            time.sleep(0.05)
+        wait_for(sfile.exists, 30, "the scheduler file")
         workers = subprocess.Popen(
-            [sys.executable, "-m", "shoal", "worker", "--scheduler-file", str(sfile)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            [sys.executable, "-m", "shoal", "worker", "--scheduler-file", str(sfile)], **quiet
         )
         try:
-            with shoal.Client(scheduler_file=str(sfile)) as c:
-                counter = Counter.options(name="the-counter").remote(1)
-                assert shoal.get(counter.incr.remote()) == 2
-                with pytest.raises(ValueError, match="already exists"):
-                    Counter.options(name="the-counter").remote(5)
-                out = subprocess.run(
-                    [sys.executable, "-c", NAMED_ELSEWHERE, str(sfile)],
-                    capture_output=True,
-                    text=True,
-                    timeout=120,
-                    env={**os.environ, "PYTHONPATH": os.path.dirname(__file__)},
-                )
-                assert out.stdout.split("\n")[:2] == [
-                    "12",
-                    "ValueError: no actor named 'nobody' in this cluster",
-                ], out.stderr
-                assert shoal.get_actor("the-counter")._actor_id == counter._actor_id
-                shoal.kill(counter)
-                deadline = time.time() + 15
-                while time.time() < deadline:
-                    try:
-                        shoal.get_actor("the-counter")
-                    except ValueError:
-                        break
-                    time.sleep(0.1)
-                else:
-                    raise AssertionError("a killed actor's name stayed")
-                assert c is not None
+            yield str(sfile)
         finally:
             workers.terminate()
             workers.wait(30)
     finally:
         sched.terminate()
         sched.wait(30)
-    with pytest.raises(NotImplementedError, match="detached"):
+
+
+def run_elsewhere(code: str, sfile: str) -> list[str]:
+    """Runs ``code`` in another Python process (argv[1]: the scheduler
+    file); its output lines."""
+    out = subprocess.run(
+        [sys.executable, "-c", code, sfile],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": os.path.dirname(__file__)},
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split("\n")
+
+
+def name_is_gone(name: str) -> bool:
+    try:
+        shoal.get_actor(name)
+    except ValueError:
+        return True
+    return False
+
+
+def test_named_actors_are_found_from_other_clients(tmp_path):
+    with standalone(tmp_path) as sfile, shoal.Client(scheduler_file=sfile):
+        counter = Counter.options(name="the-counter").remote(1)
+        assert shoal.get(counter.incr.remote()) == 2
+        with pytest.raises(ValueError, match="already exists"):
+            Counter.options(name="the-counter").remote(5)
+        assert run_elsewhere(NAMED_ELSEWHERE, sfile)[:2] == [
+            "12",
+            "ValueError: no actor named 'nobody' in this cluster",
+        ]
+        assert shoal.get_actor("the-counter")._actor_id == counter._actor_id
+        shoal.kill(counter)
+        wait_for(lambda: name_is_gone("the-counter"), 15, "a killed actor's name to go")
+
+
+DETACHED_CREATOR = """
+import sys
+import shoal
+from test_actors import Counter
+
+c = shoal.Client(scheduler_file=sys.argv[1])
+keeper = Counter.options(name="keeper", lifetime="detached", max_restarts=1).remote(100)
+print(shoal.get(keeper.incr.remote()))
+print(shoal.get(keeper.pid.remote()))
+"""
+
+
+def test_a_detached_actor_outlives_its_creator_until_killed(tmp_path):
+    with pytest.raises(ValueError, match="must be named"):
         Counter.options(lifetime="detached")
+    with pytest.raises(ValueError, match="lifetime"):
+        Counter.options(name="x", lifetime="forever")
+    with standalone(tmp_path) as sfile, shoal.Client(scheduler_file=sfile):
+        # Its creator's process is gone when this goes on.
+        first, pid = run_elsewhere(DETACHED_CREATOR, sfile)[:2]
+        assert first == "101"
+        keeper = shoal.get_actor("keeper")
+        assert shoal.get(keeper.incr.remote(), timeout=60) == 102  # its state lives on
+        with pytest.raises(ValueError, match="already exists"):
+            Counter.options(name="keeper", lifetime="detached").remote()
+        # Restarted by its own supervisor (max_restarts=1): state rebuilt.
+        crash = keeper.crash.remote()
+        with pytest.raises(shoal.ActorDiedError, match="not run again"):
+            shoal.get(crash, timeout=60)
+        assert not alive(int(pid))
+        assert shoal.get(keeper.incr.remote(), timeout=60) == 101
+        new_pid = shoal.get(keeper.pid.remote(), timeout=60)
+        # Killed from a client that did not make it: not restarted, name gone.
+        shoal.kill(keeper)
+        wait_for(lambda: name_is_gone("keeper"), 30, "a killed detached actor's name to go")
+        wait_for(lambda: not alive(new_pid), 30, "the killed actor's process to exit")
+        # The name is free again.
+        again = Counter.options(name="keeper").remote(7)
+        assert shoal.get(again.incr.remote(), timeout=60) == 8

@@ -91,6 +91,7 @@ class ClientCore:
         recompute: bool = True,
         time_limit_ms: int = 0,
         time_request_ms: int = 0,
+        crash_limit: int = 0,
     ) -> int: ...
     def submit_command(
         self,

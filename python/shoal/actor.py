@@ -15,6 +15,13 @@ constructor runs again: state is lost) up to ``max_restarts`` times, and
 calls waiting meanwhile run on the new instance; after that, outstanding and
 later calls fail with ``ActorDiedError``. The process runs on the client's
 host, connected to the client's scheduler.
+
+A detached actor (``.options(name=..., lifetime="detached")``, as in Ray)
+outlives the process that created it: its supervisor is a process of its
+own (``shoal.actor._main``, in a session of its own) with its own
+client, which holds the actor's name, so the name lives exactly as long as
+the actor. It ends with ``shoal.kill(handle)`` from any client, when its
+restarts are spent, or with the cluster.
 """
 
 from __future__ import annotations
@@ -39,6 +46,14 @@ from .client import Client, Future, default_client, fire_and_forget
 from .errors import ActorDiedError
 
 _ids = itertools.count(1)
+
+# Exit status of an actor's process stopped by `kill`: not restarted.
+KILLED = 93
+
+
+def _die() -> None:
+    """Task body of ``kill`` for an actor supervised elsewhere."""
+    os._exit(KILLED)
 
 
 def _call(actor_id: str, method: str, args: tuple, kwargs: dict) -> Any:
@@ -97,14 +112,18 @@ class ActorHandle:
         if sup is not None and sup.dead is not None:
             raise ActorDiedError(sup.dead)
         # Falling priorities: ready calls run in the order they were made.
-        f = client.submit(
+        # A call its actor's process dies running fails: it is not run
+        # again on the restarted actor (it may be what killed it). A
+        # supervisor here cancels it, saying why; elsewhere (a detached
+        # actor, or one made by another process) the scheduler fails it
+        # (crash_limit=1).
+        f = client._submit(
             _call,
-            self._actor_id,
-            name,
-            args,
-            kwargs,
+            (self._actor_id, name, args, kwargs),
+            {},
             priority=-(1 << 20) - next(self._seq) % (1 << 30),
             resources={f"actor-{self._actor_id}": 1},
+            crash_limit=0 if sup is not None else 1,
         )
         if sup is not None:
             sup.track(f)
@@ -118,6 +137,15 @@ class ActorHandle:
 
     def __repr__(self) -> str:
         return f"<ActorHandle {self._cls_name} {self._actor_id}>"
+
+
+def _child_env(client: Client) -> dict[str, str]:
+    """An actor's process (or supervisor) imports what this one can, and
+    authenticates as this client does."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    if client._token is not None:
+        env["SHOAL_TOKEN"] = client._token
+    return env
 
 
 class _Supervisor:
@@ -143,14 +171,7 @@ class _Supervisor:
         self.proc = self._spawn()
 
     def _spawn(self) -> subprocess.Popen:
-        return subprocess.Popen(
-            self.cmd,
-            env={
-                **os.environ,
-                "PYTHONPATH": os.pathsep.join(sys.path),
-                "SHOAL_TOKEN": self.client._token,
-            },
-        )
+        return subprocess.Popen(self.cmd, env=_child_env(self.client))
 
     def track(self, f: Future) -> None:
         with self.lock:
@@ -174,7 +195,7 @@ class _Supervisor:
         if self.client._closed:
             self.dead = "its client closed"
             return False
-        if self.restarts_left > 0:
+        if self.restarts_left > 0 and code != KILLED:
             self.restarts_left -= 1
             print(
                 f"shoal: actor {self.actor_id} process died (exit {code}); restarting it",
@@ -265,11 +286,45 @@ def _named(name: str) -> str:
     return f"actor:{name}"
 
 
+def _worker_cmd(address: str, cls_name: str, actor_id: str, path: str) -> list[str]:
+    """The actor's process: a one-thread worker offering the actor's
+    resource, which builds the instance from ``path`` and exits with its
+    supervisor (this process)."""
+    return [
+        sys.executable,
+        "-m",
+        "shoal._worker",
+        address,
+        "--nthreads",
+        "1",
+        "--name",
+        f"actor-{cls_name}-{actor_id}",
+        "--resources",
+        f"actor-{actor_id}=1",
+        "--actor",
+        f"{actor_id}={path}",
+        "--parent",
+        str(os.getpid()),
+    ]
+
+
+def _claim_name(client: Client, name: str, info: dict[str, Any]) -> None:
+    answer = json.loads(client._check().name(_named(name), json.dumps(info)))
+    if "error" in answer:
+        raise ValueError(f"an actor named {name!r} already exists in this cluster")
+
+
 def create(
-    cls: type, args: tuple, kwargs: dict, max_restarts: int, name: str | None = None
+    cls: type,
+    args: tuple,
+    kwargs: dict,
+    max_restarts: int,
+    name: str | None = None,
+    detached: bool = False,
 ) -> ActorHandle:
-    """Starts an actor of ``cls`` (named ``name`` in the cluster, if given);
-    returns its handle."""
+    """Starts an actor of ``cls`` (named ``name`` in the cluster, if given;
+    ``detached``: supervised by a process of its own, see the module's
+    doc); returns its handle."""
     client = default_client()
     # Constructor arguments that are futures are resolved here: the process
     # builds the instance before it joins the cluster.
@@ -278,30 +333,18 @@ def create(
     methods = frozenset(n for n in dir(cls) if not n.startswith("_") and callable(getattr(cls, n)))
     marked = {n: getattr(getattr(cls, n), "__shoal_num_returns__", 1) for n in methods}
     returns = {n: k for n, k in marked.items() if k != 1}
-    if name is not None:
-        info = {"id": actor_id, "cls": cls.__name__, "methods": sorted(methods), "returns": returns}
-        answer = json.loads(client._check().name(_named(name), json.dumps(info)))
-        if "error" in answer:
-            raise ValueError(f"an actor named {name!r} already exists in this cluster")
+    info = {"id": actor_id, "cls": cls.__name__, "methods": sorted(methods), "returns": returns}
+    if name is not None and not detached:
+        _claim_name(client, name, info)
     fd, path = tempfile.mkstemp(prefix=f"shoal-actor-{actor_id}-", suffix=".pkl")
     with os.fdopen(fd, "wb") as fh:
         cloudpickle.dump((cls, tuple(args), kwargs), fh)
-    cmd = [
-        sys.executable,
-        "-m",
-        "shoal._worker",
-        client.scheduler_address,
-        "--nthreads",
-        "1",
-        "--name",
-        f"actor-{cls.__name__}-{actor_id}",
-        "--resources",
-        f"actor-{actor_id}=1",
-        "--actor",
-        f"{actor_id}={path}",
-        "--parent",
-        str(os.getpid()),
-    ]
+    handle = ActorHandle(actor_id, cls.__name__, methods, returns)
+    if detached:
+        assert name is not None
+        _start_detached(client, path, name, info, max_restarts)
+        return handle
+    cmd = _worker_cmd(client.scheduler_address, cls.__name__, actor_id, path)
     # Calls made before the process joins wait for it (not "unsatisfiable").
     client._check().expect(f"actor-{actor_id}")
     sup = _Supervisor(client, actor_id, cmd, max_restarts, name)
@@ -312,9 +355,81 @@ def create(
             t.start()
             _watcher.append(t)
     client._on_close.append(sup.stop)
-    handle = ActorHandle(actor_id, cls.__name__, methods, returns)
     weakref.finalize(handle, _forget, actor_id, path)
     return handle
+
+
+def _start_detached(
+    client: Client, path: str, name: str, info: dict[str, Any], max_restarts: int
+) -> None:
+    """Starts a detached actor's supervisor; returns once it holds the name
+    (``ValueError`` if the name is taken)."""
+    spec = {
+        "address": client.scheduler_address,
+        "path": path,
+        "name": name,
+        "info": info,
+        "max_restarts": max_restarts,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import shoal.actor as a; a._main()", json.dumps(spec)],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=_child_env(client),
+        start_new_session=True,  # not stopped with its creator's process group
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    proc.stdout.close()
+    try:
+        answer = json.loads(line)
+    except ValueError:
+        proc.wait()
+        _unlink(path)
+        raise RuntimeError(
+            f"the detached actor's supervisor exited with {proc.returncode} before it started "
+            "(see its output above)"
+        ) from None
+    if "error" in answer:
+        proc.wait()
+        _unlink(path)
+        raise ValueError(answer["error"])
+
+
+def _supervise_detached(spec: dict[str, Any]) -> int:
+    """Main of a detached actor's supervisor (``_main``, given SPEC as JSON):
+    holds the actor's name, keeps its process alive, and ends when the actor
+    is dead for good or the cluster is gone."""
+    info, path = spec["info"], spec["path"]
+    actor_id = info["id"]
+    client = Client(spec["address"], set_as_default=False)
+    try:
+        # Expected before the creator hears "ok" and calls it: the name's
+        # answer comes after the scheduler took the `expect` sent before.
+        client._check().expect(f"actor-{actor_id}")
+        try:
+            _claim_name(client, spec["name"], info)
+        except ValueError as e:
+            client._check().withdraw(f"actor-{actor_id}")
+            print(json.dumps({"error": str(e)}), flush=True)
+            return 1
+        print(json.dumps({"ok": True}), flush=True)
+        # Its creator does not read on, and may be gone: neither this
+        # process nor the actor's keeps the creator's output streams (one
+        # that waits for their end would wait for the actor's).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        cmd = _worker_cmd(spec["address"], info["cls"], actor_id, path)
+        sup = _Supervisor(client, actor_id, cmd, spec["max_restarts"], spec["name"])
+        core = client._check()
+        while sup.poll() and core.closed_reason() is None:
+            time.sleep(0.1)
+        sup.stop()
+        return 0
+    finally:
+        _unlink(path)
+        client.close()
 
 
 def _forget(actor_id: str, path: str) -> None:
@@ -343,9 +458,21 @@ def get_actor(name: str) -> ActorHandle:
 
 
 def kill(handle: ActorHandle) -> None:
-    """Stops an actor's process now; its outstanding calls fail."""
+    """Stops an actor's process now; its outstanding calls fail, and it is
+    not restarted. From any client: an actor supervised elsewhere (detached,
+    or made by another process) is told to exit by a call of its own."""
     with _watch_lock:
         sup = _supervisors.get(handle._actor_id)
     if sup is not None:
         sup.restarts_left = 0
         sup.proc.kill()
+        return
+    client = default_client()
+    f = client._submit(
+        _die, (), {}, priority=1 << 30, resources={f"actor-{handle._actor_id}": 1}, crash_limit=1
+    )
+    fire_and_forget(f)
+
+
+def _main() -> None:
+    sys.exit(_supervise_detached(json.loads(sys.argv[1])))

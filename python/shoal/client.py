@@ -422,9 +422,12 @@ class Client:
         resources: Mapping[str, float] | None = None,
         time_limit: float | str | None = None,
         time_request: float | str | None = None,
+        crash_limit: int = 0,
     ) -> Future:
         """``submit`` with the call's arguments apart from the task's options
-        (``Executor.submit`` passes every keyword to ``fn``)."""
+        (``Executor.submit`` passes every keyword to ``fn``). ``crash_limit``:
+        workers that may die running it before it fails (0: the scheduler's
+        default)."""
         core = self._check()
         needs = _resources.normalize(resources, "submit")
         limit = _commands.limit_ms(time_limit)
@@ -440,7 +443,19 @@ class Client:
             if existing is not None and existing in self._refs:
                 return Future(self, existing, group, key)
         tid = core.submit(
-            group, key, False, func, payload, deps, priority, retries, needs, True, limit, request
+            group,
+            key,
+            False,
+            func,
+            payload,
+            deps,
+            priority,
+            retries,
+            needs,
+            True,
+            limit,
+            request,
+            crash_limit,
         )
         f = Future(self, tid, group, key)
         if key is not None:
@@ -678,7 +693,15 @@ class Client:
         if kind == "raised":
             exc, tb = pickle.loads(b)
             raise _with_traceback(exc, tb, a)
+        if kind == "killed" and f._group == "_call" and f._id not in self._actor_died:
+            raise ActorDiedError(
+                f"the actor's process died while running {f.key}; as in Ray, the call is "
+                "not run again"
+            )
         if kind == "killed":
+            died = self._actor_died.get(f._id)
+            if died is not None:
+                raise ActorDiedError(died)
             raise KilledWorker(
                 f"task {a!r} was running on {b} workers that died, so it failed; "
                 "it probably crashes its worker (segfault, os._exit, memory exhaustion)"

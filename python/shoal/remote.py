@@ -184,10 +184,16 @@ class ActorClass:
         name = options.get("name")
         if name is not None and (not isinstance(name, str) or not name):
             raise ValueError(f"an actor's name must be a non-empty string, not {name!r}")
-        if options.get("lifetime") not in (None, "non_detached"):
-            raise NotImplementedError(
-                "detached actors are not supported yet: an actor lives at most as long as the "
-                "process that created it (its supervisor)"
+        lifetime = options.get("lifetime")
+        if lifetime not in (None, "non_detached", "detached"):
+            raise ValueError(
+                f"an actor's lifetime is 'detached' or 'non_detached' (the default), "
+                f"not {lifetime!r}"
+            )
+        if lifetime == "detached" and name is None:
+            raise ValueError(
+                "a detached actor must be named (.options(name=..., lifetime='detached')): "
+                "its name is the only way to reach it once its creator is gone"
             )
         self._cls = cls
         self._options = options
@@ -197,11 +203,20 @@ class ActorClass:
         from .actor import create
 
         o = self._options
-        return create(self._cls, args, kwargs, o.get("max_restarts", 0), o.get("name"))
+        return create(
+            self._cls,
+            args,
+            kwargs,
+            o.get("max_restarts", 0),
+            o.get("name"),
+            detached=o.get("lifetime") == "detached",
+        )
 
     def options(self, **options: Any) -> ActorClass:
         """A copy with other options (``max_restarts``; ``name``: a name
-        unique in the cluster, for ``shoal.get_actor`` from any client)."""
+        unique in the cluster, for ``shoal.get_actor`` from any client;
+        ``lifetime="detached"``: the named actor outlives its creator, until
+        ``shoal.kill`` or the cluster's end)."""
         return ActorClass(self._cls, {**self._options, **options})
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -274,7 +274,7 @@ impl ClientCore {
     }
 
     /// Submits one task; returns its id.
-    #[pyo3(signature = (group, key, batch, func, args, deps, priority, retries, resources=Vec::new(), recompute=true, time_limit_ms=0, time_request_ms=0))]
+    #[pyo3(signature = (group, key, batch, func, args, deps, priority, retries, resources=Vec::new(), recompute=true, time_limit_ms=0, time_request_ms=0, crash_limit=0))]
     #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
@@ -291,6 +291,7 @@ impl ClientCore {
         recompute: bool,
         time_limit_ms: u64,
         time_request_ms: u64,
+        crash_limit: u8,
     ) -> PyResult<u64> {
         let id = self.inner.new_id();
         let spec = TaskSpec {
@@ -310,7 +311,7 @@ impl ClientCore {
             resources,
             recompute,
             time_limit_ms,
-            crash_limit: 0,
+            crash_limit,
             time_request_ms,
         };
         self.send(py, vec![spec])?;
