@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+from _helpers import wait_for
 
 import shoal
 from shoal import _core
@@ -468,3 +469,29 @@ def fork_and_write() -> tuple:
 def test_a_child_forked_in_a_task_writes_its_own_copy_of_shared_memory_arrays():
     with shoal.Client(n_workers=1) as c:
         assert c.submit(fork_and_write).result() == (0, 3, 1.0, 1.0)
+
+
+def mapped_and_sum(a) -> tuple:
+    return is_mapped(a), float(np.asarray(a).sum())
+
+
+def test_large_arguments_travel_beside_their_task_and_are_mapped():
+    """A large array argument is put on the cluster beside its task (shared
+    memory), not pickled into it: the task maps it. Data NumPy cannot hand
+    out of band (a broadcast view) is put whole; before, an argument over
+    the message limit could not be sent at all."""
+    import dask.array as da
+
+    x = np.arange(1_000_000, dtype=np.float64)  # 8 MB
+    with shoal.Client(n_workers=2) as c:
+        assert c.submit(mapped_and_sum, x).result(timeout=60) == (True, x.sum())
+        assert c.gather(c.map(mapped_and_sum, [x, x])) == [(True, x.sum())] * 2
+        small = c.submit(mapped_and_sum, x[:10]).result(timeout=60)
+        assert small == (False, x[:10].sum()), "small arguments stay in the task"
+        broadcast = np.broadcast_to(1.0, (2**22,))  # 32 MiB pickled, in band
+        assert c.submit(mapped_and_sum, broadcast).result(timeout=60)[1] == 2**22
+        # Dask graphs embed arrays (from_array): the same.
+        y = da.from_array(x, chunks=250_000)
+        assert float((y + 1).sum().compute()) == x.sum() + x.size
+        # Once the tasks are done, the puts go with them.
+        wait_for(lambda: c.scheduler_info()["tasks"] == 0, 20, "the puts to be released")

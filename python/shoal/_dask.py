@@ -188,6 +188,7 @@ def submit_graph(client: Client, dsk: Any, keys: list[Key], retries: int = 0) ->
     next_id = core.new_ids(len(topo))
     items: list[tuple[int, str, str | None, bytes, list[int], int]] = []
     submitted: list[int] = []
+    puts: list[Any] = []  # large arguments put beside their tasks, held until submitted
     for k in topo:
         node = needed[k]
         if isinstance(node, task_spec.Alias) and node.target in ids:
@@ -195,16 +196,18 @@ def submit_graph(client: Client, dsk: Any, keys: list[Key], retries: int = 0) ->
             continue
         call = _plain_call(task_spec, node, ids)
         if call is not None:
-            payload, deps = _serialize.dumps_args(((call, None), None), f"the Dask task {k!r}")
+            args: Any = ((call, None), None)
         else:
-            refs = {d: _serialize.Ref(ids[d]) for d in node.dependencies}
-            payload, deps = _serialize.dumps_args(((node, refs), None), f"the Dask task {k!r}")
+            args = ((node, {d: _serialize.Ref(ids[d]) for d in node.dependencies}), None)
+        payload, deps, p = client._pack_args(args, f"the Dask task {k!r}")
+        puts += p
         tid = ids[k] = next_id
         next_id += 1
         items.append((tid, key_split(k), str(k), payload, deps, -priorities[k]))
         submitted.append(tid)
     if items:
         core.submit_graph(_EXECUTE, items, retries)
+    del puts
     wanted = {ids[k] for k in keys}
     own = set(submitted) - wanted
     if own:

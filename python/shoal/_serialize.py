@@ -31,15 +31,60 @@ _func_cache: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
 _func_cache_strong: dict[Any, bytes] = {}
 
 
-def dumps(obj: Any) -> bytes:
-    """Pickles ``obj``; raises ``TypeError`` naming the failure."""
+def dumps(obj: Any, large: list[pickle.PickleBuffer] | None = None) -> bytes:
+    """Pickles ``obj``; raises ``TypeError`` naming the failure. With
+    ``large``, buffers of at least ``LARGE_BUFFER`` bytes (NumPy arrays'
+    data) are left out of the pickle and appended there, in order: load it
+    with ``pickle.loads(data, buffers=large)``."""
+    callback = None
+    if large is not None:
+
+        def callback(b: pickle.PickleBuffer) -> bool:
+            if b.raw().nbytes < LARGE_BUFFER:
+                return True  # in band
+            large.append(b)
+            return False
+
     try:
-        data = pickle.dumps(obj, protocol=PROTOCOL)
+        data = pickle.dumps(obj, protocol=PROTOCOL, buffer_callback=callback)
         if b"__main__" not in data:
             return data
     except Exception:
         pass
-    return cloudpickle.dumps(obj, protocol=PROTOCOL)
+    if large:
+        large.clear()
+    return cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=callback)
+
+
+# Task arguments: a buffer this large is not pickled into the task (which
+# travels through the scheduler) but put on the cluster beside it, in shared
+# memory on one host, and mapped by the task; arguments that still pickle
+# larger than LARGE_ARGS (data NumPy cannot hand out of band, such as a
+# broadcast array) are put whole. See `Client._pack_args`.
+LARGE_BUFFER = 1 << 20
+LARGE_ARGS = 16 << 20
+
+
+class Packed:
+    """Task arguments whose large buffers were put on the cluster: pickled
+    as the header and the futures of the buffers, which the task's worker
+    resolves to the buffers (mapped) before loading the header."""
+
+    __slots__ = ("header", "buffers")
+
+    def __init__(self, header: bytes | None, buffers: list[Any]):
+        self.header = header  # None: buffers[0] is the whole pickle
+        self.buffers = buffers
+
+    def __reduce__(self):
+        return (unpack, (self.header, self.buffers))
+
+
+def unpack(header: bytes | None, buffers: list[Any]) -> Any:
+    """Worker side: loads packed arguments (see ``Packed``)."""
+    if header is None:
+        return pickle.loads(buffers[0])
+    return pickle.loads(header, buffers=buffers)
 
 
 # Out-of-band framing for large arrays: MAGIC, u32 count, u64 header
@@ -252,14 +297,17 @@ def dumps_function(fn: Any) -> bytes:
     return data
 
 
-def dumps_args(args: Any, what: str, owner: Any = None) -> tuple[bytes, list[int]]:
+def dumps_args(
+    args: Any, what: str, owner: Any = None, large: list[pickle.PickleBuffer] | None = None
+) -> tuple[bytes, list[int]]:
     """Pickles task arguments, collecting the ids of futures among them;
-    futures of a client other than ``owner`` are refused."""
+    futures of a client other than ``owner`` are refused. ``large``: as
+    for ``dumps``."""
     deps: list[int] = []
     _local.deps = deps
     _local.owner = owner
     try:
-        return dumps(args), deps
+        return dumps(args, large), deps
     except ForeignFutureError:
         raise
     except Exception as e:

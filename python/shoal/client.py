@@ -433,9 +433,7 @@ class Client:
         limit = _commands.limit_ms(time_limit)
         request = _commands.limit_ms(time_request, "time_request")
         group, func = _prepare_function(fn, "submit")
-        payload, deps = _serialize.dumps_args(
-            (args, kwargs or None), f"the arguments of {group}", self
-        )
+        payload, deps, puts = self._pack_args((args, kwargs or None), f"the arguments of {group}")
         if pure and key is None:
             key = f"{group}-{hashlib.sha1(func + payload).hexdigest()}"
         if key is not None:
@@ -457,6 +455,7 @@ class Client:
             request,
             crash_limit,
         )
+        del puts  # the task holds them now
         f = Future(self, tid, group, key)
         if key is not None:
             self._name(key, tid)
@@ -550,6 +549,25 @@ class Client:
             return [self._put(v, None) for v in data]
         return self._put(data, None)
 
+    def _pack_args(self, args: Any, what: str) -> tuple[bytes, list[int], list[Future]]:
+        """Pickles task arguments (as ``_serialize.dumps_args``), putting
+        their large buffers on the cluster beside the task instead of in it
+        (see ``_serialize.LARGE_BUFFER``): no task message grows with the
+        data it carries, and on one host the data is written once to shared
+        memory and mapped by the task. Returns the payload, its
+        dependencies, and the puts' futures, to hold until the task is
+        submitted (it depends on them from then on)."""
+        large: list[pickle.PickleBuffer] = []
+        payload, deps = _serialize.dumps_args(args, what, self, large)
+        if not large and len(payload) <= _serialize.LARGE_ARGS:
+            return payload, deps, []
+        header: bytes | None = payload
+        if not large:
+            header, large = None, [pickle.PickleBuffer(payload)]
+        puts = [self._put(b, None) for b in large]
+        packed, more = _serialize.dumps_args(_serialize.Packed(header, puts), what, self)
+        return packed, deps + more, puts
+
     def _put(self, obj: Any, key: Any) -> Future:
         core = self._check()
         if key is not None:
@@ -606,19 +624,22 @@ class Client:
         elif batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
         kw = kwargs or None
+        puts: list[Future] = []  # held until the tasks are submitted
+
+        def pack(args: Any, what: str) -> tuple[bytes, list[int]]:
+            payload, deps, p = self._pack_args(args, what)
+            puts.extend(p)
+            return payload, deps
+
         if batch_size == 1:
             payloads = [
-                _serialize.dumps_args(
-                    (a if star else (a,), kw), f"the arguments of {group} (element {i})", self
-                )
+                pack((a if star else (a,), kw), f"the arguments of {group} (element {i})")
                 for i, a in enumerate(items)
             ]
             ids = core.submit_many(group, False, func, payloads, priority, retries, needs, limit)
             return FutureList(self, ids, group, 0, n)
         payloads = [
-            _serialize.dumps_args(
-                (items[i : i + batch_size], kw, star), f"the arguments of {group} (batch {j})", self
-            )
+            pack((items[i : i + batch_size], kw, star), f"the arguments of {group} (batch {j})")
             for j, i in enumerate(range(0, n, batch_size))
         ]
         ids = core.submit_many(group, True, func, payloads, priority, retries, needs, limit)

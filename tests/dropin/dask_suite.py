@@ -61,8 +61,7 @@ def run(runner: str, modules: list[str]) -> tuple[set[str], str]:
         out = subprocess.run(
             [sys.executable, "-m", "pytest", "-p", "dask_plugin", "--runner", runner]
             + ["--pyargs", *modules, "-q", "-p", "no:cacheprovider", "-W", "ignore"]
-            + ["--rootdir", "/"]  # test ids in the report are absolute paths
-            + ["--timeout", "300", "-rf"]
+            + ["--timeout", "300", "-rfE"]
             + ["-k", " and ".join(f"not {name}" for name in CRASHERS)],
             cwd=tmp,
             env=env,
@@ -70,7 +69,13 @@ def run(runner: str, modules: list[str]) -> tuple[set[str], str]:
             text=True,
         )
     lines = out.stdout.splitlines()
-    failed = {"/" + ln.split()[1].lstrip("/") for ln in lines if ln.startswith("FAILED ")}
+    failed = set()
+    for ln in lines:
+        if ln.startswith(("FAILED ", "ERROR ")):
+            # Reported relative to the run's directory: made absolute, so
+            # that another run (in another directory) can name them.
+            path, sep, rest = ln.split()[1].partition("::")
+            failed.add(os.path.normpath(os.path.join(tmp, path)) + sep + rest)
     summary = next(
         (ln for ln in reversed(lines) if " in " in ln and ("passed" in ln or "failed" in ln)), ""
     )
