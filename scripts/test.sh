@@ -14,5 +14,7 @@ cd tests && python3 -m pytest -q -p no:cacheprovider --rootdir=.. -c ../pyprojec
 cd .. && python3 tests/dropin/concurrent_futures.py
 # joblib's own test_parallel.py with the shoal backend.
 bash tests/dropin/joblib_parallel.sh
+# Ray's documented core patterns with `import shoal as ray`.
+python3 tests/dropin/ray_patterns.py
 # Dask's own delayed and bag tests, Shoal against distributed, in one run.
 python3 tests/dropin/dask_suite.py

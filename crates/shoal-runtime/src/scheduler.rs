@@ -1664,8 +1664,16 @@ impl State {
             })
             .collect();
         offers.sort();
+        // CPU is threads of one worker (a task that runs parallel code of
+        // its own): say how to get such a worker.
+        let hint = if need.iter().any(|(k, _)| k == "CPU") {
+            " (CPU counts threads of one worker process: start workers with that many, \
+             Client(threads_per_worker=N) or `shoal worker --nthreads N`)"
+        } else {
+            ""
+        };
         format!(
-            "it needs {}; the workers have {}",
+            "it needs {}; the workers have {}{hint}",
             fmt(&need),
             offers.join("; ")
         )
