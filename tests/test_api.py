@@ -300,3 +300,31 @@ def test_large_array_results_move_between_workers_and_to_the_client():
         bad = c.submit(lambda: np.array([threading.Lock()] * 20_000, dtype=object))
         with pytest.raises(TypeError, match="could not be pickled"):
             bad.result()
+
+
+def imported(name):
+    import sys
+
+    return name in sys.modules
+
+
+def test_workers_preload_modules_in_the_background(capfd):
+    # colorsys: a module nothing of Shoal's imports. A name that cannot be
+    # imported is reported by the worker, which serves on.
+    with shoal.Client(n_workers=1, preload=["colorsys", "no_such_module_here"]) as c:
+        deadline = time.time() + 30
+        while not c.submit(imported, "colorsys", pure=False).result(timeout=30):
+            assert time.time() < deadline, "colorsys was never preloaded"
+            time.sleep(0.1)
+    deadline = time.time() + 10
+    err = ""
+    while "no_such_module_here" not in err and time.time() < deadline:
+        err += capfd.readouterr().err
+        time.sleep(0.1)
+    assert "--preload no_such_module_here: ModuleNotFoundError" in err
+    with shoal.Client(n_workers=1, preload=None) as c:
+        assert not c.submit(imported, "colorsys").result(timeout=30)
+    with pytest.raises(ValueError, match="module names"):
+        shoal.Client(n_workers=1, preload=["a,b"])
+    with pytest.raises(ValueError, match="shoal worker --preload"):
+        shoal.Client("tcp://127.0.0.1:1", preload=["numpy"])

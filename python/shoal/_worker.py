@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib
 import math
 import os
 import pickle
@@ -135,6 +136,17 @@ def _start_actor(spec: str) -> None:
         except Exception:  # noqa: BLE001
             pass
         actors[actor_id] = ActorFailed(e)
+
+
+def _preload(modules: list[str]) -> None:
+    """Thread: imports modules tasks will need (``--preload``), so that the
+    first task does not pay for them. A module that fails to import is
+    reported and skipped: the task that needs it will raise there."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except BaseException as e:  # noqa: BLE001 - a preload never kills its worker
+            print(f"shoal worker: --preload {name}: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def _exit_with_parent(pid: int) -> None:
@@ -535,6 +547,11 @@ def main(argv: list[str] | None = None) -> None:
         default="",
         help="what tasks may hold, e.g. 'GPU=2,ssd=1' (GPUs are detected if not given)",
     )
+    parser.add_argument(
+        "--preload",
+        default="",
+        help="modules to import in the background right after start, e.g. 'numpy,pandas'",
+    )
     ns = parser.parse_args(argv)
     resources = _resources.parse(ns.resources)
     if ns.parent:
@@ -582,6 +599,11 @@ def main(argv: list[str] | None = None) -> None:
         sampler = executor.sampler = _profile.Sampler(core, executor.running_groups, interval, stop)
         threading.Thread(target=sampler.run, name="shoal-profiler", daemon=True).start()
     _profile.capture_logging()
+    preload = [m for m in ns.preload.split(",") if m.strip()]
+    if preload:
+        loader = threading.Thread(target=_preload, args=(preload,), name="shoal-preload")
+        loader.daemon = True
+        loader.start()
     # Execution threads come and go (secede/rejoin); the process lives until
     # the scheduler says stop.
     for i in range(ns.nthreads):

@@ -159,6 +159,42 @@ def _prepare_function(fn: Any, caller: str) -> tuple[str, bytes]:
         raise TypeError(f"could not pickle the function {group!r}: {e}") from e
 
 
+# Libraries slow to import (hundreds of milliseconds) that tasks of a
+# process which imported them are likely to need: an embedded cluster's
+# workers preload those this process has (see `Client`).
+_HEAVY = (
+    "numpy",
+    "pandas",
+    "pyarrow",
+    "scipy",
+    "sklearn",
+    "xarray",
+    "dask",
+    "dask.array",
+    "dask.dataframe",
+    "dask.bag",
+)
+
+
+def _preloads(named: Iterable[str] | None) -> list[str]:
+    """What an embedded cluster's workers import right after start: the
+    heavy libraries this process has imported, then those ``named``
+    (None: nothing)."""
+    if named is None:
+        return []
+    if isinstance(named, str):
+        named = [named]
+    heavy = set(_HEAVY)
+    # In the order this process imported them: what it used first first.
+    out = [m for m in list(sys.modules) if m in heavy]
+    for m in named:
+        if not isinstance(m, str) or not m or "," in m:
+            raise ValueError(f"preload takes module names, not {m!r}")
+        if m not in out:
+            out.append(m)
+    return out
+
+
 class Client:
     """Connects to a Shoal cluster; with no address, starts one embedded.
 
@@ -184,6 +220,12 @@ class Client:
     ``--reconnect`` workers, its task graph survives the scheduler's
     crash (see docs/jobs.md). It keeps a copy of each live task's
     definition for that.
+    The embedded cluster's workers import, in the background as soon as
+    they start, the heavy libraries this process has already imported
+    (NumPy, pandas, PyArrow, Dask's collections, SciPy, ...) and the
+    modules named in ``preload``, so that the first computation does not
+    wait for them (``preload=None``: nothing; ``shoal worker --preload``
+    for other clusters).
     """
 
     def __init__(
@@ -201,6 +243,7 @@ class Client:
         scheduler_file: str | os.PathLike | None = None,
         dashboard_address: str | None = "127.0.0.1:8787",
         reconnect: float | None = None,
+        preload: Iterable[str] | None = (),
     ):
         if n_workers is not None and n_workers < 1:
             raise ValueError(f"n_workers must be at least 1, not {n_workers}")
@@ -253,6 +296,9 @@ class Client:
             args += ["--memory-limit", str(limit or "none")]
             if local_directory is not None:
                 args += ["--local-directory", os.fspath(local_directory)]
+            modules = _preloads(preload)
+            if modules:
+                args += ["--preload", ",".join(modules)]
             if dashboard_address is not None:
                 dashboard_address = _dashboard_address(dashboard_address)
             from ._profile import interval_from_env
@@ -279,6 +325,11 @@ class Client:
                 raise ValueError(
                     "resources= describes the workers Client() starts; "
                     "give them to `shoal worker --resources` instead"
+                )
+            if preload:
+                raise ValueError(
+                    "preload= names modules for the workers Client() starts; "
+                    "give them to `shoal worker --preload` instead"
                 )
             self._nthreads = (n_workers or os.cpu_count() or 1) * threads_per_worker
         self.scheduler_address: str = address

@@ -167,6 +167,11 @@ pub(crate) struct WorkerArgs {
     /// Where to spill to disk.
     #[arg(long)]
     local_directory: Option<PathBuf>,
+    /// Modules each process imports in the background right after it
+    /// starts, e.g. "numpy,pandas,dask.dataframe" (the first tasks do not
+    /// wait for them).
+    #[arg(long)]
+    preload: Option<String>,
     /// The cluster's token file (default: the scheduler file's, else SHOAL_TOKEN).
     #[arg(long)]
     token_file: Option<PathBuf>,
@@ -641,6 +646,9 @@ pub(crate) fn run_worker(a: WorkerArgs, host: &HostInfo) -> CliResult {
     }
     if let Some(d) = &a.local_directory {
         args.extend(["--local-directory".into(), d.to_string_lossy().into_owned()]);
+    }
+    if let Some(m) = &a.preload {
+        args.extend(["--preload".into(), m.clone()]);
     }
     args.push(address.to_string());
     // The token travels in the environment, never on a command line.
