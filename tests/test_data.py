@@ -495,3 +495,22 @@ def test_large_arguments_travel_beside_their_task_and_are_mapped():
         assert float((y + 1).sum().compute()) == x.sum() + x.size
         # Once the tasks are done, the puts go with them.
         wait_for(lambda: c.scheduler_info()["tasks"] == 0, 20, "the puts to be released")
+
+
+def big_bytes(kind: str):
+    data = bytes(range(256)) * (32 * 1024)  # 8 MiB
+    return {"bytes": data, "bytearray": bytearray(data), "memoryview": memoryview(data)}[kind]
+
+
+def test_large_bytes_results_travel_out_of_band():
+    """bytes, bytearray and memoryview results keep their types and values;
+    their data is written once to shared memory (out of band, not inside a
+    pickle), and a memoryview reaches the client as a view of the mapped
+    file."""
+    want = bytes(range(256)) * (32 * 1024)
+    with shoal.Client(n_workers=1) as c:
+        for kind in ("bytes", "bytearray", "memoryview"):
+            got = c.submit(big_bytes, kind).result(timeout=60)
+            assert type(got).__name__ == kind and bytes(got) == want
+        view = c.submit(big_bytes, "memoryview").result(timeout=60)
+        assert isinstance(view.obj, mmap.mmap), "the memoryview was copied"

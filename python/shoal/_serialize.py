@@ -123,7 +123,35 @@ def frame_parts(obj: Any, result_of: int | None = None) -> tuple[list[Any], int,
                 client._hold(result_of, ids)
 
 
+class _Bytes:
+    """A large ``bytes``/``bytearray``/``memoryview`` result, pickled with
+    its data out of band (pickle keeps these types' data in band)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes | bytearray | memoryview):
+        self.data = data
+
+    def __reduce_ex__(self, protocol: int):
+        kind = type(self.data)
+        return (_rebuild_bytes, (pickle.PickleBuffer(self.data), kind.__name__))
+
+
+def _rebuild_bytes(buffer: Any, kind: str) -> bytes | bytearray | memoryview:
+    """Unpickling a ``_Bytes``: a memoryview stays a view of the received
+    frame (mapped, not copied); bytes and bytearray own their memory."""
+    if kind == "memoryview":
+        return memoryview(buffer)
+    return bytes(buffer) if kind == "bytes" else bytearray(buffer)
+
+
 def _frame_parts(obj: Any) -> tuple[list[Any], int, bool]:
+    t = type(obj)
+    if t is bytes or t is bytearray:
+        if len(obj) >= LARGE_BUFFER:
+            obj = _Bytes(obj)
+    elif t is memoryview and obj.nbytes >= LARGE_BUFFER and obj.c_contiguous:
+        obj = _Bytes(obj)
     buffers: list[pickle.PickleBuffer] = []
     try:
         header = pickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffers.append)
