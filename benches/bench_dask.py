@@ -8,6 +8,14 @@ Workloads (from issue 5):
   mean      da.random.random((40000, 40000), chunks=(2000, 2000)).mean()
   transpose (x + x.T).mean(axis=0).sum(), x 20000² in 1000² chunks
   groupby   dask.dataframe groupby-mean over 16 CSV files of 500,000 rows
+  from_array the webinar's example: a 4000x8000 NumPy array made in this
+            process, da.from_array, an elementwise expression, compute()
+            (the 256 MB result comes back)
+  shuffle   df.shuffle("key") of an 8,000,000-row pandas frame (from_pandas,
+            16 partitions), then each partition's sum of one column
+
+--first-use: the first compute() right after Client() against the second
+(workers import Dask and NumPy on first use unless they preloaded them).
 
 Each workload runs once untimed before its timed repeats (workers import
 pandas and dask on first use). Runners, each with 2 workers of one thread: shoal (client.get), Dask
@@ -61,7 +69,28 @@ def workloads(small: bool, csvs: str) -> dict:
     def groupby():
         return dd.read_csv(csvs).groupby("key").a.mean()
 
-    return {"mean": mean, "transpose": transpose, "groupby": groupby}
+    rows, cols = (1000, 2000) if small else (4000, 8000)
+    x = np.random.default_rng(1).random((rows, cols))
+
+    def from_array():
+        dx = da.from_array(x)
+        return da.sin(dx) ** 2 + da.cos(dx) ** 2 + dx
+
+    n = 500_000 if small else 8_000_000
+    rng = np.random.default_rng(2)
+    frame = pd.DataFrame({"key": rng.integers(0, 10_000, n), "a": rng.random(n)})
+
+    def shuffle():
+        df = dd.from_pandas(frame, npartitions=16).shuffle("key")
+        return df.map_partitions(lambda p: p.a.sum()).sum()
+
+    return {
+        "mean": mean,
+        "transpose": transpose,
+        "groupby": groupby,
+        "from_array": from_array,
+        "shuffle": shuffle,
+    }
 
 
 class Shoal:
@@ -139,7 +168,11 @@ def main() -> None:
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--only", nargs="*", help="runner names to run (e.g. shoal 'dask threads')")
     ap.add_argument("--data", default=os.path.join(tempfile.gettempdir(), "shoal-bench-csv"))
+    ap.add_argument("--first-use", action="store_true", help="only the first-use measurement")
     ns = ap.parse_args()
+    if ns.first_use:
+        first_use(ns.repeats)
+        return
     os.makedirs(ns.data, exist_ok=True)
     wl = workloads(ns.small, make_csvs(ns.data, rows=50_000 if ns.small else 500_000))
     runners = [Shoal, Distributed, Threads]
@@ -181,9 +214,51 @@ def main() -> None:
             print(f"{w:10s} {name:22s} {v:8.3f} s {ratio:7.2f}")
 
 
+def first_use(repeats: int) -> None:
+    """Seconds of the first and the second compute() right after Client()."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, time
+import dask, dask.array as da
+runner = sys.argv[1]
+if runner == "shoal":
+    import shoal
+    c = shoal.Client(n_workers=2, set_as_default=False)
+else:
+    from distributed import Client, LocalCluster
+    c = Client(LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None))
+x = da.random.random((4000, 4000), chunks=(1000, 1000))
+out = []
+for _ in range(2):
+    t = time.perf_counter()
+    dask.compute((x + x.T).mean(), scheduler=c.get)
+    out.append(time.perf_counter() - t)
+print(*out)
+c.close()
+"""
+    for runner in ("shoal", "distributed"):
+        firsts, seconds = [], []
+        for _ in range(repeats):
+            out = subprocess.run(
+                [sys.executable, "-c", code, runner], capture_output=True, text=True, check=True
+            )
+            a, b = map(float, out.stdout.split())
+            firsts.append(a)
+            seconds.append(b)
+        print(
+            f"  {runner:22s} first compute {statistics.median(firsts):.3f} s, "
+            f"second {statistics.median(seconds):.3f} s",
+            flush=True,
+        )
+
+
 def _check(expected, got, what):
     if isinstance(expected, pd.Series):
         pd.testing.assert_series_equal(expected.sort_index(), got.sort_index(), rtol=1e-9)
+    elif isinstance(expected, np.ndarray) and expected.ndim:
+        np.testing.assert_allclose(expected, got, rtol=1e-12)
     else:  # random arrays differ per run; their statistics do not
         assert np.isclose(expected, got, rtol=1e-2), (what, expected, got)
 

@@ -3,7 +3,8 @@
     python benches/bench_data.py                  # every workload, 3 repeats
     python benches/bench_data.py -w transfer -r 5 --only shoal ray
 
-Workloads (from issue 4), 2 worker processes of one thread each:
+Workloads (from issue 4), 2 worker processes of one thread each (Dask's
+threaded scheduler: 2 threads of this process, no copies at all):
   transfer  16 tasks each make a 64 MiB float64 array; 16 tasks each
             consume two of them (i and i+1): GiB consumed per second, over
             the consuming phase (after every array is made: the data
@@ -247,6 +248,86 @@ class Dask:
         return (float(r[0]), float(r[-1]), r.nbytes), made
 
 
+class Threads:
+    """Dask's threaded scheduler (2 threads in this process): no copies and
+    no processes, the bound a multi-process runtime is measured against
+    (its tasks share one GIL, which these NumPy calls mostly release). Not
+    for the spill workload: it has no memory limit to keep."""
+
+    name = "dask-threads"
+
+    def __init__(self, limited: bool):
+        self.limited = limited
+
+    def __enter__(self):
+        import dask
+
+        self.dask = dask
+        return self
+
+    def __exit__(self, *a):
+        pass
+
+    def _run(self, *objs):
+        return self.dask.compute(*objs, scheduler="threads", num_workers=N_WORKERS)
+
+    def transfer(self):
+        from dask import delayed
+
+        xs = self.dask.persist(
+            *[delayed(make)(i) for i in range(16)], scheduler="threads", num_workers=N_WORKERS
+        )
+        made = time.perf_counter()
+        ys = [delayed(consume)(xs[i], xs[(i + 1) % 16]) for i in range(16)]
+        return list(self._run(*ys)), made
+
+    def spill(self, n):
+        raise NotImplementedError("the threaded scheduler has no memory limit")
+
+    def handoff(self):
+        from dask import delayed
+
+        (x,) = self.dask.persist(delayed(make_big)(BIG), scheduler="threads")
+        made = time.perf_counter()
+        (r,) = self._run(x)
+        return (float(r[0]), float(r[-1]), r.nbytes), made
+
+
+def physical_limit() -> tuple[float, float]:
+    """This machine's bound for the transfer workload's making: GiB/s of
+    `np.full` into fresh anonymous memory and into fresh shared memory
+    (tmpfs pages, which Shoal's results live in), 2 threads each making
+    8 arrays as the workload does (NumPy releases the GIL while filling)."""
+    import mmap
+    from concurrent.futures import ThreadPoolExecutor
+
+    def anon(i):
+        return float(np.full(N, float(i))[-1])
+
+    def shm(i):
+        with open(f"/dev/shm/bench-limit-{os.getpid()}-{i}", "w+b") as fh:
+            os.unlink(fh.name)
+            fh.truncate(N * 8)
+            m = mmap.mmap(fh.fileno(), N * 8)
+        a = np.frombuffer(m, dtype=np.float64)
+        a[:] = float(i)
+        v = float(a[-1])
+        del a
+        m.close()
+        return v
+
+    out = []
+    for fn in (anon, shm):
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            with ThreadPoolExecutor(N_WORKERS) as ex:
+                list(ex.map(fn, range(16)))
+            best = min(best, time.perf_counter() - t)
+        out.append(16 * N * 8 / 2**30 / best)
+    return out[0], out[1]
+
+
 class Ray:
     name = "ray"
 
@@ -290,7 +371,7 @@ class Ray:
 
 
 def _available():
-    return available([Shoal], [(Dask, "distributed"), (Ray, "ray")])
+    return available([Shoal], [(Threads, "dask"), (Dask, "distributed"), (Ray, "ray")])
 
 
 def main() -> None:
@@ -309,9 +390,19 @@ def main() -> None:
     gib = 2**30
     expected_transfer = [float(N // 4096 * (i + (i + 1) % 16)) + 2 * N * 8 for i in range(16)]
     rows = []
+    if "transfer" in ns.workloads:
+        anon, shm = physical_limit()
+        print(
+            f"  physical limit of making the transfer's arrays (np.full, {N_WORKERS} threads): "
+            f"{anon:.2f} GiB/s into fresh anonymous memory, {shm:.2f} GiB/s into fresh "
+            "shared memory",
+            flush=True,
+        )
     for w in ns.workloads:
         for cls in _available():
             if ns.only and cls.name not in ns.only:
+                continue
+            if cls is Threads and w == "spill":
                 continue
             with cls(limited=w == "spill") as runner:
                 runs = []

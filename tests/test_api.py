@@ -308,7 +308,18 @@ def imported(name):
     return name in sys.modules
 
 
+def uses_dask_array(_):
+    import dask.array as da
+
+    return int(da.ones(10, chunks=5).sum().compute(scheduler="sync"))
+
+
 def test_workers_preload_modules_in_the_background(capfd):
+    # A task that imports what is being preloaded, at once: tasks wait for
+    # the preload (concurrent imports of NumPy fail half-initialized).
+    for _ in range(3):
+        with shoal.Client(n_workers=2, preload=["numpy", "dask.array"]) as c:
+            assert c.gather(c.map(uses_dask_array, range(4))) == [10] * 4
     # colorsys: a module nothing of Shoal's imports. A name that cannot be
     # imported is reported by the worker, which serves on.
     with shoal.Client(n_workers=1, preload=["colorsys", "no_such_module_here"]) as c:

@@ -599,15 +599,26 @@ def main(argv: list[str] | None = None) -> None:
         sampler = executor.sampler = _profile.Sampler(core, executor.running_groups, interval, stop)
         threading.Thread(target=sampler.run, name="shoal-profiler", daemon=True).start()
     _profile.capture_logging()
-    preload = [m for m in ns.preload.split(",") if m.strip()]
-    if preload:
-        loader = threading.Thread(target=_preload, args=(preload,), name="shoal-preload")
-        loader.daemon = True
-        loader.start()
+
     # Execution threads come and go (secede/rejoin); the process lives until
     # the scheduler says stop.
-    for i in range(ns.nthreads):
-        threading.Thread(target=executor.run, name=f"shoal-exec-{i}", daemon=True).start()
+    def start_executing() -> None:
+        for i in range(ns.nthreads):
+            threading.Thread(target=executor.run, name=f"shoal-exec-{i}", daemon=True).start()
+
+    preload = [m for m in ns.preload.split(",") if m.strip()]
+    if preload:
+        # Tasks start once the preload is done: a task importing a package
+        # while this thread imports it can meet it half-initialized (NumPy:
+        # "partially initialized module"); its first task would wait for
+        # these imports anyway.
+        def load_then_execute() -> None:
+            _preload(preload)
+            start_executing()
+
+        threading.Thread(target=load_then_execute, name="shoal-preload", daemon=True).start()
+    else:
+        start_executing()
     executor.stopped.wait()
     core.kill_commands()  # no program outlives its worker
     store.close()
