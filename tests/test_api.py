@@ -308,18 +308,20 @@ def imported(name):
     return name in sys.modules
 
 
-def uses_dask_array(_):
-    import dask.array as da
-
-    return int(da.ones(10, chunks=5).sum().compute(scheduler="sync"))
+def array_sum(a):
+    return float(a.sum())
 
 
 def test_workers_preload_modules_in_the_background(capfd):
-    # A task that imports what is being preloaded, at once: tasks wait for
-    # the preload (concurrent imports of NumPy fail half-initialized).
-    for _ in range(3):
-        with shoal.Client(n_workers=2, preload=["numpy", "dask.array"]) as c:
-            assert c.gather(c.map(uses_dask_array, range(4))) == [10] * 4
+    import numpy as np
+
+    # Tasks whose arguments import NumPy as they are unpickled, at once:
+    # they wait for the preload (importing NumPy in two threads at once
+    # leaves one with a half-initialized module; this failed about one
+    # cluster in five before).
+    for _ in range(8):
+        with shoal.Client(n_workers=2, threads_per_worker=2, preload=["numpy", "dask.array"]) as c:
+            assert c.gather(c.map(array_sum, [np.ones(10)] * 8, batch_size=1)) == [10.0] * 8
     # colorsys: a module nothing of Shoal's imports. A name that cannot be
     # imported is reported by the worker, which serves on.
     with shoal.Client(n_workers=1, preload=["colorsys", "no_such_module_here"]) as c:
