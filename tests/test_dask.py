@@ -2,6 +2,7 @@
 functions, and collections compared with Dask's synchronous scheduler."""
 
 import operator
+import time
 
 import pytest
 
@@ -190,3 +191,27 @@ def test_a_result_that_cannot_be_pickled_serves_tasks_on_its_worker():
         assert c.submit(count, g).result(timeout=30) == 3
         with pytest.raises(TypeError, match="could not be pickled, so it can be used only by"):
             g.result(timeout=30)
+
+
+def make_lock(delay):
+    import threading
+
+    time.sleep(delay)
+    return threading.Lock()  # cannot be pickled
+
+
+def lock_user(lock, delay):
+    time.sleep(delay)
+    return type(lock).__name__
+
+
+def test_tasks_taking_a_result_that_cannot_be_pickled_run_where_it_is():
+    # The holder is kept busy while the other worker is idle: the consumers
+    # still go to the holder (before, they went where there was room, and
+    # failed there unable to fetch it). dask's test_from_delayed_iterator
+    # failed the same way under load.
+    with shoal.Client(n_workers=2) as c:
+        for _ in range(3):
+            lock = c.submit(make_lock, 0.0, pure=False)
+            users = [c.submit(lock_user, lock, 0.05, pure=False) for _ in range(8)]
+            assert c.gather(users) == ["lock"] * 8

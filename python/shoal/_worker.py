@@ -443,6 +443,8 @@ class _Executor:
                 f"pickled or stored: {e}"
             )
             return (tid, False, _dumps_error(err, name), start_us, duration, 0)
+        if payload is None and tid in self.store.unpicklable:
+            self.core.pin(tid)  # its consumers run here (before the report)
         return (tid, True, payload, start_us, duration, size)
 
     def secede(self) -> None:

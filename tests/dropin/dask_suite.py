@@ -30,14 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 DEFAULT = ["dask.tests.test_delayed", "dask.bag.tests.test_bag"]
 
-DEVIATIONS: dict[str, str] = {
-    "test_from_delayed_iterator": (
-        "passes as a rule, may fail under load: its tasks return generators, which stay "
-        "in their worker's memory, and the scheduler places their consumers on that worker "
-        "by preference (bytes held), not by rule; a consumer placed elsewhere fails saying "
-        "the result could not be pickled"
-    ),
-}
+DEVIATIONS: dict[str, str] = {}
 
 # Tests left out because they crash the test process under any
 # multi-process scheduler (distributed as well), and why.

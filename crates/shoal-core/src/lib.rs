@@ -490,6 +490,10 @@ pub struct Core {
     /// Held tasks whose last holder went: their held interest is dropped
     /// by the next `schedule` (iteratively: references can nest deeply).
     unheld: Vec<TaskId>,
+    /// Results that cannot leave the worker that made them (they cannot be
+    /// pickled: a generator, a lock): their dependents run there. Valid
+    /// while the task is in memory on that worker.
+    pinned: FxHashMap<TaskId, WorkerId>,
     /// Tasks to cancel if their worker gives them back (not started) in
     /// answer to the steal [`Core::handle_cancel_queued`] sent.
     cancel_when_given: FxHashSet<TaskId>,
@@ -528,6 +532,7 @@ impl Core {
             holds: FxHashMap::default(),
             held: FxHashMap::default(),
             unheld: Vec::new(),
+            pinned: FxHashMap::default(),
             cancel_when_given: FxHashSet::default(),
             stimulus: "",
             now_us: 0,
@@ -1317,6 +1322,30 @@ impl Core {
         self.schedule();
     }
 
+    /// The worker running `task` cannot hand its result to anyone (it
+    /// cannot be pickled): tasks that take it are placed on that worker,
+    /// and not stolen from it (distributed keeps such results in worker
+    /// memory the same way). Sent before the task's report.
+    pub fn handle_pinned(&mut self, worker: WorkerId, task: TaskId) {
+        if self.tasks.contains_key(&task) {
+            self.pinned.insert(task, worker);
+        }
+    }
+
+    /// The worker holding a pinned input of `t`, if any.
+    fn pinned_holder(&self, t: &Task) -> Option<WorkerId> {
+        if self.pinned.is_empty() {
+            return None;
+        }
+        t.deps.iter().find_map(|d| match self.tasks[d].state {
+            TaskState::Memory {
+                location: Location::Worker(h),
+                ..
+            } if self.pinned.get(d) == Some(&h) => Some(h),
+            _ => None,
+        })
+    }
+
     /// The client claims tasks it did not submit, whose futures it found
     /// in a result ([`Core::handle_hold`]): it is told their state as if
     /// it had submitted them. Returns those the core does not know (let
@@ -1583,6 +1612,8 @@ impl Core {
                 .into_iter()
                 .skip((w.nthreads as usize).saturating_sub(known))
                 .filter(|id| !w.stealing.contains(id))
+                // One taking an input that cannot leave this worker stays.
+                .filter(|id| self.pinned_holder(&self.tasks[id]) != Some(wid))
                 .collect();
             if ids.is_empty() {
                 continue;
@@ -1713,6 +1744,11 @@ impl Core {
         if matches!(to, TaskState::Released | TaskState::Erred { .. }) {
             // Its result is gone (or will not come): it holds nothing.
             self.drop_holds(id);
+        }
+        if matches!(from, TaskState::Memory { .. })
+            || matches!(to, TaskState::Released | TaskState::Erred { .. })
+        {
+            self.pinned.remove(&id);
         }
         let t = self.tasks.get_mut(&id).expect("known task");
         t.state = to;
@@ -1977,6 +2013,20 @@ impl Core {
                     }
                 }
             }
+            // An input that cannot leave its worker: only there, even if
+            // that worker is busy (it queues there). Not if it is leaving:
+            // then placed as any task, it fails saying why.
+            if let Some(h) = self.pinned_holder(t) {
+                if self
+                    .workers
+                    .get(&h)
+                    .is_some_and(|w| w.retiring.is_none() && !w.retired)
+                {
+                    self.ready.pop();
+                    self.place(id, h, est);
+                    continue;
+                }
+            }
             // Most input bytes local, then least loaded, then joined first:
             // among the holders, and the least loaded others that can take it.
             let mut best: Option<(u64, u64, u64, WorkerId)> = None;
@@ -2016,26 +2066,35 @@ impl Core {
                 break;
             };
             self.ready.pop();
-            let est = est.unwrap_or(0);
-            let t = self.tasks.get_mut(&id).expect("ready");
-            t.est_us = est.min(u32::MAX as u64) as u32;
-            let now = self.now_us;
-            let w = self.workers.get_mut(&wid).expect("chosen");
-            if w.assigned.is_empty() {
-                w.progress_us = now;
-            }
-            w.assigned.insert(id);
-            w.threads_used += 1;
-            w.queued_est_us += est;
-            reindex(&mut self.by_load, wid, w);
-            self.set_state(id, TaskState::Processing(wid));
-            self.actions.push(Action::Compute {
-                worker: wid,
-                task: id,
-            });
+            self.place(id, wid, est);
         }
-        // Tasks that erred just now (unsatisfiable) may be detached ones.
-        self.settle_detached();
+        // Tasks that erred just now (unsatisfiable) may be detached ones,
+        // and letting go of those may let go of what they held.
+        while !self.detached_done.is_empty() || !self.unheld.is_empty() {
+            self.settle_detached();
+            self.settle_unheld();
+        }
+    }
+
+    /// Sends ready task `id` (just taken off the ready queue) to `wid`.
+    fn place(&mut self, id: TaskId, wid: WorkerId, est: Option<u64>) {
+        let est = est.unwrap_or(0);
+        let t = self.tasks.get_mut(&id).expect("ready");
+        t.est_us = est.min(u32::MAX as u64) as u32;
+        let now = self.now_us;
+        let w = self.workers.get_mut(&wid).expect("chosen");
+        if w.assigned.is_empty() {
+            w.progress_us = now;
+        }
+        w.assigned.insert(id);
+        w.threads_used += 1;
+        w.queued_est_us += est;
+        reindex(&mut self.by_load, wid, w);
+        self.set_state(id, TaskState::Processing(wid));
+        self.actions.push(Action::Compute {
+            worker: wid,
+            task: id,
+        });
     }
 
     /// Places ready tasks that need resources, highest priority first, each
@@ -2125,6 +2184,12 @@ impl Core {
             assert!(
                 self.tasks.contains_key(by),
                 "{by:?}: forgotten, still holds"
+            );
+        }
+        for id in self.pinned.keys() {
+            assert!(
+                self.tasks.contains_key(id),
+                "{id:?}: forgotten, still pinned"
             );
         }
         let retiring = self

@@ -672,6 +672,10 @@ fn sim(seed: u64) {
             if rng.u32(0..10) == 0 {
                 c.handle_task_failed(w, id);
             } else {
+                if rng.u32(0..8) == 0 {
+                    // Its result cannot leave the worker (unpicklable).
+                    c.handle_pinned(w, id);
+                }
                 c.handle_task_finished(w, id, rng.u64(1..1000), rng.bool(), rng.u64(1..5000));
             }
         }
@@ -1675,4 +1679,34 @@ fn a_long_chain_of_held_results_is_released_at_once() {
     c.handle_release(C, &[t(n)]);
     c.check_invariants();
     assert_eq!(c.n_tasks(), 0);
+}
+
+/// A result that cannot be pickled stays on its worker: every task taking
+/// it runs there, queued behind others rather than moved, and is not
+/// stolen when that worker stalls.
+#[test]
+fn dependents_of_a_pinned_result_run_on_its_worker() {
+    let mut c = core();
+    c.handle_worker_added(WorkerId(0), 1);
+    c.handle_worker_added(WorkerId(1), 1);
+    c.handle_submit(C, vec![nt(1, &[])]);
+    let w = computes(&c.take_actions())[0].0;
+    c.handle_pinned(WorkerId(w), t(1));
+    c.handle_task_finished(WorkerId(w), t(1), 8, false, 10);
+    c.take_actions();
+    // Four consumers: all go to the holder, though the other worker is idle.
+    c.handle_submit(C, (2..6).map(|i| nt(i, &[1])).collect());
+    c.check_invariants();
+    let placed = computes(&c.take_actions());
+    assert_eq!(placed.len(), 4, "{placed:?}");
+    assert!(placed.iter().all(|&(x, _)| x == w), "{placed:?}");
+    // The holder stalls: nothing is stolen from it.
+    c.handle_worker_paused(WorkerId(w), true);
+    c.check_invariants();
+    assert!(steals(&c.take_actions()).is_empty());
+    // Once the result leaves memory (released), the pin goes with it.
+    c.handle_release(C, &[t(1), t(2), t(3), t(4), t(5)]);
+    c.check_invariants();
+    assert_eq!(c.n_tasks(), 0);
+    c.check_invariants();
 }

@@ -386,6 +386,9 @@ pub enum ToScheduler {
     /// and with `Erred` (`MissingDependency` naming the task itself) for
     /// those the scheduler no longer knows.
     Adopt(Vec<u64>),
+    /// Worker, before the task's report: its result cannot be pickled, so
+    /// it cannot leave this worker; tasks that take it are to run here.
+    Pinned(u64),
 }
 
 /// When and on which thread a task ran (the worker's clock).

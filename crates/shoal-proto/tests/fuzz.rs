@@ -136,6 +136,7 @@ fn corpus() -> Vec<Vec<u8>> {
             tasks: vec![2, 3],
         },
         ToScheduler::Adopt(vec![2]),
+        ToScheduler::Pinned(3),
     ];
     let from: Vec<FromScheduler> = vec![
         FromScheduler::Compute {

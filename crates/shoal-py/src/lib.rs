@@ -1006,6 +1006,11 @@ impl WorkerCore {
         self.inner.retire()
     }
 
+    /// Task `id`'s result cannot be pickled: what takes it runs here.
+    fn pin(&self, id: u64) {
+        self.inner.pin(id)
+    }
+
     /// Runs command task `id` (its `args`: the encoded command) with the GIL
     /// released. Returns `(ending, code, stdout, stderr, stderr_tail,
     /// killed, argv)`: ending is "exited" (code: its status), "signaled" (code:

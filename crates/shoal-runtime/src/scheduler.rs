@@ -1398,6 +1398,7 @@ impl State {
                 tracing::warn!("worker {worker} could not fetch {deps:?}: recomputing them");
                 self.core.handle_missing_data(wid, TaskId(task), &deps);
             }
+            ToScheduler::Pinned(id) => self.core.handle_pinned(wid, TaskId(id)),
             ToScheduler::Paused(p) => {
                 tracing::info!(
                     "worker {worker} {}",

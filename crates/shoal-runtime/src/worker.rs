@@ -580,6 +580,12 @@ impl WorkerShared {
         let _ = self.out().send(ToScheduler::RestartMe);
     }
 
+    /// Task `id`'s result cannot be pickled: the scheduler runs what takes
+    /// it here (sent before the task's report).
+    pub fn pin(&self, id: u64) {
+        let _ = self.out().send(ToScheduler::Pinned(id));
+    }
+
     /// Asks the scheduler to retire this worker gracefully (SIGTERM): its
     /// needed results move to other workers, then it is told to stop.
     pub fn retire(&self) {
