@@ -233,11 +233,13 @@ def light_workers(n: int, count: int) -> dict:
         )
         with shoal.Client(scheduler_file=sfile) as c:
             c.wait_for_workers(count, timeout=120)
-            msgs0 = c.query("/api/status?since=0")["counters"]["messages_in"]
+            c0 = c.query("/api/status?since=0")["counters"]
             t = time.perf_counter()
             out = c.gather(c.map(inc, range(n), batch_size=1))
             dt = time.perf_counter() - t
-            msgs = c.query("/api/status?since=0")["counters"]["messages_in"] - msgs0
+            c1 = c.query("/api/status?since=0")["counters"]
+            msgs = c1["messages_in"] - c0["messages_in"]
+            msgs_out = c1["messages_out"] - c0["messages_out"]
             assert len(out) == n
             time.sleep(3)  # heartbeats keep coming after the burst
             live = len(c.scheduler_info()["workers"])
@@ -252,6 +254,7 @@ def light_workers(n: int, count: int) -> dict:
     return {
         "tasks/s": n / dt,
         "messages in/s": msgs / dt,
+        "messages out/s": msgs_out / dt,
         "workers live": live,
         "lost": lost,
         "lag max ms": lag / 1000,
@@ -266,6 +269,7 @@ def shoal_workers(n: int) -> dict:
         "1000 workers tasks/s": many["tasks/s"],
         "ratio": many["tasks/s"] / two["tasks/s"],
         "1000 workers messages in/s": many["messages in/s"],
+        "1000 workers messages out/s": many["messages out/s"],
         "1000 live after": many["workers live"],
         "falsely lost": many["lost"],
         "lag max ms": many["lag max ms"],

@@ -884,6 +884,8 @@ struct Room {
     freed: std::sync::Condvar,
     /// Cancelled by [`Outbox::close`]: the writer stops at once.
     closed: tokio_util::sync::CancellationToken,
+    /// Messages queued so far (for a service's throughput figures).
+    sent: std::sync::atomic::AtomicU64,
 }
 
 impl Room {
@@ -907,6 +909,9 @@ impl<M: Weigh> Outbox<M> {
         self.room
             .queued
             .fetch_add(w, std::sync::atomic::Ordering::Relaxed);
+        self.room
+            .sent
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.tx.send((m, w)).map_err(|e| {
             self.room.release(w);
             mpsc::error::SendError(e.0 .0)
@@ -915,6 +920,11 @@ impl<M: Weigh> Outbox<M> {
 }
 
 impl<M> Outbox<M> {
+    /// Messages queued through this outbox so far.
+    pub fn sent(&self) -> u64 {
+        self.room.sent.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Bytes queued and not yet written.
     pub fn queued_bytes(&self) -> usize {
         self.room.queued.load(std::sync::atomic::Ordering::Relaxed)

@@ -858,12 +858,15 @@ impl State {
                 self.process();
             }
             Event::ClientLeft(id) => {
-                self.clients.remove(&id);
+                if let Some(c) = self.clients.remove(&id) {
+                    self.monitor.messages_out_gone += c.tx.sent();
+                }
                 self.client_gone(id);
             }
             Event::WorkerLeft(id, reason) => {
                 self.monitor.worker_left(id);
                 if let Some(w) = self.workers.remove(&id) {
+                    self.monitor.messages_out_gone += w.tx.sent();
                     // Expected when the cluster closes or the worker retired.
                     if self.closing || self.retired.remove(&id) {
                         tracing::info!("worker {} left: {reason}", w.name);
@@ -906,6 +909,7 @@ impl State {
                 if taken || old == 0 {
                     tracing::warn!("client {client} asked to resume as {old}, which is taken");
                     if let Some(c) = self.clients.remove(&client) {
+                        self.monitor.messages_out_gone += c.tx.sent();
                         c.tx.close();
                     }
                     self.client_gone(client);
@@ -1210,6 +1214,13 @@ impl State {
         self.process();
     }
 
+    /// Messages sent to peers so far (queued: counted as they are sent).
+    fn messages_out(&self) -> u64 {
+        let live: u64 = self.clients.values().map(|c| c.tx.sent()).sum::<u64>()
+            + self.workers.values().map(|w| w.tx.sent()).sum::<u64>();
+        self.monitor.messages_out_gone + live
+    }
+
     fn client_tx(&self, client: u32) -> Option<&Tx> {
         self.clients.get(&client).map(|c| &c.tx)
     }
@@ -1459,6 +1470,7 @@ impl State {
         for (id, reason) in gone {
             tracing::warn!("client {id} {reason}: letting it go");
             if let Some(c) = self.clients.remove(&id) {
+                self.monitor.messages_out_gone += c.tx.sent();
                 c.tx.close();
             }
             self.client_gone(id);
@@ -1470,6 +1482,7 @@ impl State {
             .collect();
         for (id, reason) in gone {
             if let Some(w) = self.workers.remove(&id) {
+                self.monitor.messages_out_gone += w.tx.sent();
                 // Its connection closes: if it is alive after all, it sees
                 // that and exits.
                 tracing::warn!(

@@ -198,6 +198,7 @@ impl State {
             "finished": m.finished_total, "erred": m.erred_total,
             "transfer_bytes": m.transfer_bytes, "spill_bytes": m.spill_bytes,
             "lag_us": m.lag_us, "lag_max_us": m.lag_max_us, "messages_in": m.messages_in,
+            "messages_out": self.messages_out(),
             "tasks": self.core.n_tasks(), "clients": self.clients.len(),
         })
     }

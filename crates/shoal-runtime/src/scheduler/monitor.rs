@@ -79,6 +79,9 @@ pub(crate) struct Monitor {
     pub(crate) lag_max_us: u64,
     /// Messages received from clients and workers, in all.
     pub(crate) messages_in: u64,
+    /// Messages sent to connections that are gone (live ones count in
+    /// their outboxes).
+    pub(crate) messages_out_gone: u64,
     /// Workers gone, oldest first (their figures are dropped past `GONE_CAP`).
     gone: VecDeque<u32>,
 }
