@@ -55,6 +55,9 @@ def run(runner: str, modules: list[str]) -> tuple[set[str], str]:
             [sys.executable, "-m", "pytest", "-p", "dask_plugin", "--runner", runner]
             + ["--pyargs", *modules, "-q", "-p", "no:cacheprovider", "-W", "ignore"]
             + ["--timeout", "300", "-rfE"]
+            # Test ids under a root that holds every test file; the report
+            # shows them relative to `tmp`, made absolute below.
+            + ["--rootdir", "/"]
             + ["-k", " and ".join(f"not {name}" for name in CRASHERS)],
             cwd=tmp,
             env=env,
