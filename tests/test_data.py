@@ -493,6 +493,13 @@ def test_large_arguments_travel_beside_their_task_and_are_mapped():
         # Dask graphs embed arrays (from_array): the same.
         y = da.from_array(x, chunks=250_000)
         assert float((y + 1).sum().compute()) == x.sum() + x.size
+        # Column chunks are not contiguous (pickle would copy them in band):
+        # each is written once into shared memory and mapped by its task.
+        x2 = np.random.default_rng(0).random((1000, 2000))
+        z = da.from_array(x2, chunks=(1000, 500))
+        assert np.array_equal(z.compute(), x2)
+        where = z.map_blocks(lambda b: np.full((1, 1), is_mapped(b)), chunks=(1, 1))
+        assert where.compute().all(), "a column chunk was copied into its task"
         # Once the tasks are done, the puts go with them.
         wait_for(lambda: c.scheduler_info()["tasks"] == 0, 20, "the puts to be released")
 

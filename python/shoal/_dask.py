@@ -135,11 +135,36 @@ def _plain_call(task_spec: Any, node: Any, ids: dict[Key, int]) -> tuple | None:
     return (node.func, args, kwargs)
 
 
+def _holds_strided(task_spec: Any, obj: Any, depth: int = 0) -> bool:
+    """Whether a graph node holds a large non-contiguous array (the column
+    slices of Dask's ``from_array``, inside fused tasks' subgraphs), which
+    ``Client._pack_args`` then puts on its own. A bounded look: nodes,
+    their arguments, and small containers, a few levels deep."""
+    if depth > 5:
+        return False
+    if _serialize.is_large_strided(obj):
+        return True
+    if isinstance(obj, task_spec.DataNode):
+        return _holds_strided(task_spec, obj.value, depth + 1)
+    if isinstance(obj, task_spec.Task):
+        values: Any = (*obj.args, *obj.kwargs.values()) if obj.kwargs else obj.args
+    elif type(obj) is dict:
+        values = obj.values()
+    elif type(obj) in (list, tuple):
+        values = obj
+    else:
+        return False
+    if len(values) > 64:
+        return False
+    return any(_holds_strided(task_spec, v, depth + 1) for v in values)
+
+
 def submit_graph(client: Client, dsk: Any, keys: list[Key], retries: int = 0) -> dict[Key, int]:
     """Submits what ``keys`` need of ``dsk``; returns key -> task id for
     ``keys``. The caller owns those ids (must release them); every other task
     is released at once and lives only while its dependents need it."""
     task_spec = _require_dask()
+    from dask.sizeof import sizeof
     from dask.utils import key_split
 
     if not isinstance(dsk, Mapping):
@@ -194,12 +219,21 @@ def submit_graph(client: Client, dsk: Any, keys: list[Key], retries: int = 0) ->
         if isinstance(node, task_spec.Alias) and node.target in ids:
             ids[k] = ids[node.target]  # no task: the same result
             continue
+        if type(node) is task_spec.DataNode and sizeof(node.value) >= _serialize.LARGE_BUFFER:
+            # Large data in the graph (`from_array`'s array): put on the
+            # cluster as is, so that its result is the put's file, which
+            # consumers elsewhere on the host map (a task returning it would
+            # hold a view that each export copies).
+            tid = ids[k] = client._put_id(node.value)
+            submitted.append(tid)
+            continue
         call = _plain_call(task_spec, node, ids)
         if call is not None:
             args: Any = ((call, None), None)
         else:
             args = ((node, {d: _serialize.Ref(ids[d]) for d in node.dependencies}), None)
-        payload, deps, p = client._pack_args(args, f"the Dask task {k!r}")
+        strided = _holds_strided(task_spec, node)
+        payload, deps, p = client._pack_args(args, f"the Dask task {k!r}", strided)
         puts += p
         tid = ids[k] = next_id
         next_id += 1

@@ -13,12 +13,14 @@ resolves to the input's value.
 from __future__ import annotations
 
 import contextlib
+import io
 import mmap
 import os
 import pickle
 import struct
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
@@ -31,11 +33,29 @@ _func_cache: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
 _func_cache_strong: dict[Any, bytes] = {}
 
 
-def dumps(obj: Any, large: list[pickle.PickleBuffer] | None = None) -> bytes:
+class _HookPickler(cloudpickle.Pickler):
+    """cloudpickle with a hook that may reduce an object its own way
+    (returns ``NotImplemented`` for the rest)."""
+
+    hook: Any = None
+
+    def reducer_override(self, obj: Any) -> Any:
+        r = self.hook(obj)
+        if r is not NotImplemented:
+            return r
+        return super().reducer_override(obj)
+
+
+def dumps(
+    obj: Any,
+    large: list[pickle.PickleBuffer] | None = None,
+    hook: Callable[[Any], Any] | None = None,
+) -> bytes:
     """Pickles ``obj``; raises ``TypeError`` naming the failure. With
     ``large``, buffers of at least ``LARGE_BUFFER`` bytes (NumPy arrays'
     data) are left out of the pickle and appended there, in order: load it
-    with ``pickle.loads(data, buffers=large)``."""
+    with ``pickle.loads(data, buffers=large)``. ``hook``: called on every
+    object (slow: a Python call each), it may reduce one its own way."""
     callback = None
     if large is not None:
 
@@ -45,6 +65,12 @@ def dumps(obj: Any, large: list[pickle.PickleBuffer] | None = None) -> bytes:
             large.append(b)
             return False
 
+    if hook is not None:
+        out = io.BytesIO()
+        p = _HookPickler(out, protocol=PROTOCOL, buffer_callback=callback)
+        p.hook = hook
+        p.dump(obj)
+        return out.getvalue()
     try:
         data = pickle.dumps(obj, protocol=PROTOCOL, buffer_callback=callback)
         if b"__main__" not in data:
@@ -207,16 +233,86 @@ def dumps_large(obj: Any) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
+class _Strided:
+    """A large array that is not contiguous (a column slice, as Dask's
+    ``from_array`` makes): pickled as a reference to one out-of-band buffer
+    that ``strided_parts`` fills with its data in order."""
+
+    __slots__ = ("array", "marker")
+
+    def __init__(self, array: Any):
+        self.array = array
+        self.marker = bytearray()
+
+    def __reduce_ex__(self, protocol: int):
+        a = self.array
+        return (_rebuild_array, (pickle.PickleBuffer(self.marker), a.dtype, a.shape))
+
+
+def _rebuild_array(buffer: Any, dtype: Any, shape: tuple) -> Any:
+    import numpy as np
+
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+def is_large_strided(obj: Any) -> bool:
+    """A NumPy array of at least ``LARGE_BUFFER`` bytes that is not
+    contiguous (pickle copies its data in band)."""
+    if type(obj).__name__ != "ndarray" or type(obj).__module__ != "numpy":
+        return False
+    return (
+        obj.nbytes >= LARGE_BUFFER
+        and not obj.dtype.hasobject
+        and not (obj.flags.c_contiguous or obj.flags.f_contiguous)
+    )
+
+
+def strided_parts(obj: Any) -> tuple[list[Any], int] | None:
+    """The frame of a large non-contiguous NumPy array whose data part is
+    the array itself, for ``write_file`` to copy in order straight into the
+    file (pickle would first copy it into a pickle of its own). None for
+    anything else."""
+    if not is_large_strided(obj):
+        return None
+    header = pickle.dumps(_Strided(obj), protocol=PROTOCOL, buffer_callback=lambda b: False)
+    head_len = _prefix_len(1) + len(header)
+    first = head_len + (-head_len % _ALIGN)
+    parts = [_prefix(len(header), first, [obj.nbytes]), header, b"\0" * (first - head_len), obj]
+    return parts, first + obj.nbytes
+
+
+def _write_array(fd: int, a: Any) -> None:
+    """Writes an array's data in C order, a few MiB at a time through a
+    small contiguous copy (cache-hot) for a non-contiguous one."""
+    import numpy as np
+
+    if a.flags.c_contiguous:
+        _write_all(fd, memoryview(a).cast("B"))
+        return
+    rows = max(1, (4 << 20) // max(1, a[0].nbytes)) if a.ndim > 1 else 0
+    if not rows:
+        _write_all(fd, memoryview(np.ascontiguousarray(a)).cast("B"))
+        return
+    for i in range(0, a.shape[0], rows):
+        _write_all(fd, memoryview(np.ascontiguousarray(a[i : i + rows])).cast("B"))
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
 def write_file(path: str, parts: list[Any]) -> None:
     """Writes a frame's parts to a new file (one copy of the buffers, done
-    by the kernel with the GIL released)."""
+    by the kernel with the GIL released; see ``strided_parts`` for arrays)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         for part in parts:
-            view = memoryview(part).cast("B")
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+            if type(part).__name__ == "ndarray":
+                _write_array(fd, part)
+                continue
+            _write_all(fd, memoryview(part).cast("B"))
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):
@@ -326,23 +422,28 @@ def dumps_function(fn: Any) -> bytes:
 
 
 def dumps_args(
-    args: Any, what: str, owner: Any = None, large: list[pickle.PickleBuffer] | None = None
+    args: Any,
+    what: str,
+    owner: Any = None,
+    large: list[pickle.PickleBuffer] | None = None,
+    hook: Callable[[Any], Any] | None = None,
 ) -> tuple[bytes, list[int]]:
     """Pickles task arguments, collecting the ids of futures among them;
-    futures of a client other than ``owner`` are refused. ``large``: as
-    for ``dumps``."""
+    futures of a client other than ``owner`` are refused. ``large`` and
+    ``hook``: as for ``dumps``."""
     deps: list[int] = []
+    # Re-entrant: a hook may put data on the cluster, pickling its own task.
+    outer = getattr(_local, "deps", None), getattr(_local, "owner", None)
     _local.deps = deps
     _local.owner = owner
     try:
-        return dumps(args, large), deps
+        return dumps(args, large, hook), deps
     except ForeignFutureError:
         raise
     except Exception as e:
         raise TypeError(f"could not pickle {what}: {describe_unpicklable(args, e)}") from e
     finally:
-        _local.deps = None
-        _local.owner = None
+        _local.deps, _local.owner = outer
 
 
 def describe_unpicklable(args: Any, error: Exception) -> str:

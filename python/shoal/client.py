@@ -600,33 +600,56 @@ class Client:
             return [self._put(v, None) for v in data]
         return self._put(data, None)
 
-    def _pack_args(self, args: Any, what: str) -> tuple[bytes, list[int], list[Future]]:
+    def _pack_args(
+        self, args: Any, what: str, strided: bool = False
+    ) -> tuple[bytes, list[int], list[Future]]:
         """Pickles task arguments (as ``_serialize.dumps_args``), putting
         their large buffers on the cluster beside the task instead of in it
         (see ``_serialize.LARGE_BUFFER``): no task message grows with the
         data it carries, and on one host the data is written once to shared
         memory and mapped by the task. Returns the payload, its
         dependencies, and the puts' futures, to hold until the task is
-        submitted (it depends on them from then on)."""
+        submitted (it depends on them from then on). ``strided``: the
+        arguments hold large non-contiguous arrays (a caller's cheap scan
+        says so), which pickle would copy in band: each is put on its own,
+        written once straight into shared memory (pickling is slower then:
+        a Python hook sees every object)."""
         large: list[pickle.PickleBuffer] = []
-        payload, deps = _serialize.dumps_args(args, what, self, large)
+        hooked: list[Future] = []
+        hook = None
+        if strided:
+
+            def hook(o: Any) -> Any:
+                if not _serialize.is_large_strided(o):
+                    return NotImplemented
+                f = self._put(o, None)
+                hooked.append(f)
+                return f.__reduce__()  # a dependency of the task
+
+        payload, deps = _serialize.dumps_args(args, what, self, large, hook)
         if not large and len(payload) <= _serialize.LARGE_ARGS:
-            return payload, deps, []
+            return payload, deps, hooked
         header: bytes | None = payload
         if not large:
             header, large = None, [pickle.PickleBuffer(payload)]
         puts = [self._put(b, None) for b in large]
         packed, more = _serialize.dumps_args(_serialize.Packed(header, puts), what, self)
-        return packed, deps + more, puts
+        return packed, deps + more, puts + hooked
 
     def _put(self, obj: Any, key: Any) -> Future:
-        core = self._check()
         if key is not None:
             existing = self._keys.get(key)
             if existing is not None and existing in self._refs:
                 return Future(self, existing, "scatter", key)
-        parts, length, _ = _serialize.frame_parts(obj)
+        return Future(self, self._put_id(obj, key), "scatter", key)
+
+    def _put_id(self, obj: Any, key: Any = None) -> int:
+        """Puts ``obj`` on the cluster; returns its task id, whose interest
+        the caller owns (a ``Future`` takes it, or the caller releases it)."""
+        core = self._check()
         same_host = self._cluster is not None or self.scheduler_address.startswith("unix://")
+        strided = _serialize.strided_parts(obj) if same_host else None
+        parts, length = strided or _serialize.frame_parts(obj)[:2]
         if same_host and length > INLINE_LIMIT:
             path = os.path.join(_store.segment_dir(), f"put-{os.urandom(8).hex()}")
             _serialize.write_file(path, parts)
@@ -643,7 +666,7 @@ class Client:
         tid = core.submit("scatter", k, False, func, payload, [], 2**30, 0, [], False)
         if key is not None:
             self._name(key, tid)
-        return Future(self, tid, "scatter", key)
+        return tid
 
     def map(
         self,
