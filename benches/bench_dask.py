@@ -14,8 +14,9 @@ Workloads (from issue 5):
   shuffle   df.shuffle("key") of an 8,000,000-row pandas frame (from_pandas,
             16 partitions), then each partition's sum of one column
 
---first-use: the first compute() right after Client() against the second
-(workers import Dask and NumPy on first use unless they preloaded them).
+--first-use: Client(), then the first compute() (at once, and one second
+later as in a notebook) against the second (workers import Dask and NumPy
+on first use unless they preloaded them).
 
 Each workload runs once untimed before its timed repeats (workers import
 pandas and dask on first use). Runners, each with 2 workers of one thread: shoal (client.get), Dask
@@ -222,15 +223,17 @@ def first_use(repeats: int) -> None:
     code = """
 import sys, time
 import dask, dask.array as da
-runner = sys.argv[1]
+runner, pause = sys.argv[1], float(sys.argv[2])
+t = time.perf_counter()
 if runner == "shoal":
     import shoal
     c = shoal.Client(n_workers=2, set_as_default=False)
 else:
     from distributed import Client, LocalCluster
     c = Client(LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None))
+out = [time.perf_counter() - t]
+time.sleep(pause)  # a notebook: the next cell comes a moment later
 x = da.random.random((4000, 4000), chunks=(1000, 1000))
-out = []
 for _ in range(2):
     t = time.perf_counter()
     dask.compute((x + x.T).mean(), scheduler=c.get)
@@ -238,20 +241,26 @@ for _ in range(2):
 print(*out)
 c.close()
 """
-    for runner in ("shoal", "distributed"):
-        firsts, seconds = [], []
-        for _ in range(repeats):
-            out = subprocess.run(
-                [sys.executable, "-c", code, runner], capture_output=True, text=True, check=True
+    for pause in (0.0, 1.0):
+        for runner in ("shoal", "distributed"):
+            starts, firsts, seconds = [], [], []
+            for _ in range(repeats):
+                out = subprocess.run(
+                    [sys.executable, "-c", code, runner, str(pause)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                s, a, b = map(float, out.stdout.split())
+                starts.append(s)
+                firsts.append(a)
+                seconds.append(b)
+            print(
+                f"  {runner:12s} pause {pause:.0f} s: Client() {statistics.median(starts):.3f} s, "
+                f"first compute {statistics.median(firsts):.3f} s, "
+                f"second {statistics.median(seconds):.3f} s",
+                flush=True,
             )
-            a, b = map(float, out.stdout.split())
-            firsts.append(a)
-            seconds.append(b)
-        print(
-            f"  {runner:22s} first compute {statistics.median(firsts):.3f} s, "
-            f"second {statistics.median(seconds):.3f} s",
-            flush=True,
-        )
 
 
 def _check(expected, got, what):
