@@ -3,6 +3,7 @@ connection, and the cluster then runs a fresh task (issue 13)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import signal
@@ -130,8 +131,11 @@ def _submit_over_a_frame(client):
     assert sum(client.gather(fs)) == 2200 * len(blob)
     del fs
     huge = bytearray(1024**3 + 1)
+    # As an argument it travels beside its task (put on the cluster), not
+    # in a message; inside the task's function it cannot, and is refused.
+    assert client.submit(size_of, huge).result(timeout=120) == len(huge)
     with pytest.raises(ValueError, match="over the limit of .* bytes per message.*scatter"):
-        client.submit(size_of, huge)
+        client.submit(functools.partial(size_of, huge))
     del huge
     assert client.submit(inc, 1).result(timeout=30) == 2
 
