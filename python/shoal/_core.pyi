@@ -236,3 +236,10 @@ def cli_main(
     package_path: str | None = None,
     executable: str | None = None,
 ) -> int: ...
+
+class Frame:
+    """Received bytes lent as a read-only buffer (a task's input from
+    another host): arrays unpickled from it are views of it."""
+
+    def __len__(self) -> int: ...
+    def __buffer__(self, flags: int) -> memoryview: ...

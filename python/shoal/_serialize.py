@@ -373,10 +373,12 @@ def compressed_parts(parts: list[Any], length: int) -> list[Any] | None:
     return out
 
 
-def loads(data: bytes | bytearray | mmap.mmap) -> Any:
+def loads(data: bytes | bytearray | mmap.mmap | memoryview | Any) -> Any:
     """Unpickles what ``dumps`` or ``dumps_large`` made (buffers of the
     latter become views of ``data``: writable for a ``bytearray``, read-only
-    for a read-only ``mmap``), compressed or not."""
+    for a read-only ``mmap`` or a received frame), compressed or not."""
+    if type(data) not in (bytes, bytearray, mmap.mmap):
+        data = memoryview(data)  # a received frame (`_core.Frame`)
     head = data[:8]
     if head == _Z_MAGIC:
         lz4 = _lz4()

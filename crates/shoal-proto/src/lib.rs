@@ -708,6 +708,11 @@ pub enum Payload {
     /// The holder keeps it as an object that cannot be pickled (a
     /// generator): usable only where it was made. Why, for the error.
     Unpicklable(String),
+    /// The pickled bytes, this many, come in a frame of their own after
+    /// the reply (in item order): a large result is written to the socket
+    /// from where it lies and received into its own buffer, never copied
+    /// into or out of an encoded message.
+    Follows(u64),
 }
 
 /// Answer to a [`DataRequest`]; `None` where the worker does not hold it.

@@ -190,6 +190,7 @@ fn corpus() -> Vec<Vec<u8>> {
         encode(&DataReply {
             items: vec![
                 (1, Some(Payload::Bytes(Bytes::from_static(b"abc")))),
+                (4, Some(Payload::Follows(3))),
                 (
                     2,
                     Some(Payload::File {

@@ -931,7 +931,10 @@ impl WorkerCore {
             for (id, v) in t.deps {
                 let v: Py<PyAny> = match v {
                     Input::Local => py.None(),
-                    Input::Bytes(b) => fetched_to_py(py, Fetched::Bytes(b))?,
+                    // A task's input from another host: a read-only view of
+                    // the frame it came in (no copy; inputs are not for
+                    // writing, as mapped ones from this host are not).
+                    Input::Bytes(b) => Bound::new(py, Frame { bytes: b })?.into_any().unbind(),
                     Input::File(f) => fetched_to_py(py, Fetched::File(f))?,
                     // The task fails with it (a str: see `_execute`).
                     Input::Unavailable(why) => why.into_pyobject(py)?.into_any().unbind(),
@@ -1281,6 +1284,53 @@ fn to_done(
     Ok(Done::Ok { id, value, timing })
 }
 
+/// Received bytes lent to Python as a read-only buffer: arrays unpickled
+/// from it are views of the frame, which lives as long as they do.
+#[pyclass(frozen)]
+struct Frame {
+    bytes: Bytes,
+}
+
+#[pymethods]
+impl Frame {
+    /// # Safety
+    /// Fills `view` for the frame's bytes, which are never written and
+    /// live as long as this object (Python keeps it alive while the view
+    /// is held).
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut pyo3::ffi::Py_buffer,
+        flags: std::os::raw::c_int,
+    ) -> PyResult<()> {
+        if flags & pyo3::ffi::PyBUF_WRITABLE != 0 {
+            return Err(pyo3::exceptions::PyBufferError::new_err(
+                "a received frame is read-only",
+            ));
+        }
+        let b = &slf.get().bytes;
+        // SAFETY: the pointer and length are the frame's; readonly=1; the
+        // exporter is `slf`, which the view keeps alive.
+        let rc = unsafe {
+            pyo3::ffi::PyBuffer_FillInfo(
+                view,
+                slf.as_ptr(),
+                b.as_ptr() as *mut std::os::raw::c_void,
+                b.len() as pyo3::ffi::Py_ssize_t,
+                1,
+                flags,
+            )
+        };
+        if rc == -1 {
+            return Err(PyErr::fetch(slf.py()));
+        }
+        Ok(())
+    }
+
+    fn __len__(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
 /// A fetched result for `_serialize.loads`: bytes as a `bytearray` (arrays
 /// unpickled from it out of band are writable views of it), a file on this
 /// host as a copy-on-write `mmap`: arrays are views of the shared pages
@@ -1377,6 +1427,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ClientCore>()?;
     m.add_class::<WatcherPy>()?;
     m.add_class::<WorkerCore>()?;
+    m.add_class::<Frame>()?;
     m.add_function(wrap_pyfunction!(cli_main, m)?)?;
     m.add_function(wrap_pyfunction!(segment_dir, m)?)?;
     m.add_function(wrap_pyfunction!(spill_dir, m)?)?;

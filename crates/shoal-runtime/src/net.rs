@@ -453,6 +453,39 @@ pub async fn send<T: Serialize>(conn: &mut Conn, value: &T) -> io::Result<()> {
     conn.send(Bytes::from(encode(value))).await
 }
 
+/// Sends `data` as one frame written straight to the stream from where it
+/// lies (the codec would copy it into its write buffer first). The frame
+/// is the codec's: a 4-byte big-endian length, then the bytes.
+pub async fn send_raw(conn: &mut Conn, data: &[u8]) -> io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let len = u32::try_from(data.len())
+        .ok()
+        .filter(|&n| n as usize <= conn.codec().max_frame_length())
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} bytes do not fit in one frame", data.len()),
+            )
+        })?;
+    SinkExt::<Bytes>::flush(conn).await?; // what the codec holds goes first
+    let s = conn.get_mut();
+    s.write_all(&len.to_be_bytes()).await?;
+    s.write_all(data).await?;
+    s.flush().await
+}
+
+/// Receives one frame as it came (see [`send_raw`]): its own buffer, not
+/// copied; an error if the peer closed.
+pub async fn recv_raw(conn: &mut Conn) -> io::Result<Bytes> {
+    match conn.next().await {
+        Some(frame) => Ok(frame?.freeze()),
+        None => Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the peer closed the connection mid-reply",
+        )),
+    }
+}
+
 /// Receives one frame; `Ok(None)` when the peer closed. A malformed or
 /// oversized frame is an `InvalidData` error (the caller drops the connection).
 pub async fn recv<T: DeserializeOwned>(conn: &mut Conn) -> io::Result<Option<T>> {

@@ -1496,9 +1496,24 @@ async fn fetch_some(
             "data server closed the connection",
         )
     })?;
-    reply
-        .items
-        .into_iter()
+    let mut out = Vec::with_capacity(reply.items.len());
+    for (id, v) in reply.items {
+        out.push(match v {
+            Some(Payload::Follows(n)) => {
+                // Its own frame, received into its own buffer: no copy.
+                let frame = net::recv_raw(&mut conn).await?;
+                if frame.len() as u64 != n {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("data server sent {} bytes for {id:x}, not {n}", frame.len()),
+                    ));
+                }
+                (id, Some(Payload::Bytes(frame)))
+            }
+            other => (id, other),
+        });
+    }
+    out.into_iter()
         .map(|(id, v)| match v {
             Some(Payload::Bytes(b)) => Ok((id, Some(Fetched::Bytes(b)))),
             // Opened at once: the holder may unlink it once it is released.
@@ -1507,9 +1522,37 @@ async fn fetch_some(
                 Ok((id, Some(Fetched::File(std::fs::File::open(path)?))))
             }
             Some(Payload::Unpicklable(why)) => Ok((id, Some(Fetched::Unpicklable(why)))),
+            Some(Payload::Follows(_)) => unreachable!("replaced by its frame above"),
             None => Ok((id, None)),
         })
         .collect()
+}
+
+/// Payloads at least this large travel in frames of their own
+/// ([`Payload::Follows`]).
+const RAW_PAYLOAD: usize = 64 * 1024;
+
+/// Sends a data reply: large byte payloads after it, each in a raw frame.
+async fn send_reply(
+    conn: &mut net::Conn,
+    mut items: Vec<(u64, Option<Payload>)>,
+) -> io::Result<()> {
+    let mut raw = Vec::new();
+    for (_, p) in items.iter_mut() {
+        if let Some(Payload::Bytes(b)) = p {
+            if b.len() >= RAW_PAYLOAD {
+                let len = b.len() as u64;
+                if let Some(Payload::Bytes(b)) = p.replace(Payload::Follows(len)) {
+                    raw.push(b);
+                }
+            }
+        }
+    }
+    net::send(conn, &DataReply { items }).await?;
+    for b in raw {
+        net::send_raw(conn, &b).await?;
+    }
+    Ok(())
 }
 
 async fn data_server(listener: Listener, sh: Arc<WorkerShared>) {
@@ -1541,11 +1584,12 @@ async fn data_server(listener: Listener, sh: Arc<WorkerShared>) {
                     .map(|(_, p)| match p {
                         Some(Payload::Bytes(b)) => b.len() as u64,
                         Some(Payload::File { len, .. }) => *len,
+                        Some(Payload::Follows(n)) => *n,
                         Some(Payload::Unpicklable(_)) | None => 0,
                     })
                     .sum();
                 sh.bytes_out.fetch_add(bytes, Ordering::Relaxed);
-                if net::send(&mut conn, &DataReply { items }).await.is_err() {
+                if send_reply(&mut conn, items).await.is_err() {
                     return;
                 }
             }
