@@ -703,9 +703,9 @@ impl WorkerShared {
                     for _ in 0..3 {
                         let p = path.clone();
                         if let Ok(Ok(b)) =
-                            tokio::task::spawn_blocking(move || read_prefix(&p, len)).await
+                            tokio::task::spawn_blocking(move || map_prefix(&p, len)).await
                         {
-                            got = Some(Payload::Bytes(b.into()));
+                            got = Some(Payload::Bytes(b));
                             break;
                         }
                         match self.store.lock().get(&id) {
@@ -1419,17 +1419,62 @@ async fn fetch_inputs(
 }
 
 /// The first `len` bytes of the file at `path`.
-fn read_prefix(path: &str, len: u64) -> io::Result<Vec<u8>> {
-    use std::io::Read;
-    let mut out = Vec::with_capacity(len as usize);
-    std::fs::File::open(path)?.take(len).read_to_end(&mut out)?;
-    if (out.len() as u64) < len {
+/// A file's first bytes, mapped read-only.
+struct Mapped {
+    base: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: a read-only mapping, never written through, unmapped once.
+unsafe impl Send for Mapped {}
+unsafe impl Sync for Mapped {}
+
+impl AsRef<[u8]> for Mapped {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `base` maps `len` readable bytes until `drop`.
+        unsafe { std::slice::from_raw_parts(self.base.cast::<u8>(), self.len) }
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: the mapping `mmap` made in `map_prefix`.
+        unsafe { libc::munmap(self.base, self.len) };
+    }
+}
+
+/// The first `len` bytes of a result's file, mapped (sent to another host
+/// from the page cache: no copy into this process's memory). Result files
+/// are only ever unlinked or renamed, never truncated, so the mapping stays
+/// whole while it is sent.
+fn map_prefix(path: &str, len: u64) -> io::Result<Bytes> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path)?;
+    if f.metadata()?.len() < len {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             "result file truncated",
         ));
     }
-    Ok(out)
+    let len = usize::try_from(len).map_err(|_| io::Error::other("result too large"))?;
+    if len == 0 {
+        return Ok(Bytes::new());
+    }
+    // SAFETY: a fresh read-only shared mapping of an open file; checked.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Bytes::from_owner(Mapped { base, len }))
 }
 
 /// A fetched result: bytes, or a file on this host, already open (so the
@@ -1594,5 +1639,29 @@ async fn data_server(listener: Listener, sh: Arc<WorkerShared>) {
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::map_prefix;
+
+    #[test]
+    fn a_result_file_is_sent_from_its_mapping() {
+        let path = std::env::temp_dir().join(format!("shoal-map-test-{}", std::process::id()));
+        let data: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+        std::fs::write(&path, &data).expect("write");
+        let p = path.to_str().expect("utf-8");
+        // A frame may be shorter than its file (a shared-memory block).
+        let b = map_prefix(p, 70_000).expect("mapped");
+        assert_eq!(&b[..], &data[..70_000]);
+        // Unlinked while sent: the mapping stays whole.
+        std::fs::remove_file(&path).expect("unlink");
+        assert_eq!(b.len(), 70_000);
+        assert_eq!(b[69_999], data[69_999]);
+        std::fs::write(&path, &data[..10]).expect("write");
+        assert!(map_prefix(p, 11).is_err(), "a file shorter than the frame");
+        assert!(map_prefix(p, 0).expect("empty").is_empty());
+        let _ = std::fs::remove_file(&path);
     }
 }
