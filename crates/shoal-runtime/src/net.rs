@@ -474,16 +474,53 @@ pub async fn send_raw(conn: &mut Conn, data: &[u8]) -> io::Result<()> {
     s.flush().await
 }
 
-/// Receives one frame as it came (see [`send_raw`]): its own buffer, not
-/// copied; an error if the peer closed.
-pub async fn recv_raw(conn: &mut Conn) -> io::Result<Bytes> {
-    match conn.next().await {
-        Some(frame) => Ok(frame?.freeze()),
-        None => Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "the peer closed the connection mid-reply",
-        )),
+/// Receives one frame of `n` bytes sent by [`send_raw`], read straight
+/// into a buffer of its own, not zeroed first (what the codec had read
+/// ahead goes first). Advising that buffer's pages huge was tried: slower
+/// here (compaction on a busy host).
+pub async fn recv_raw(conn: &mut Conn, n: usize) -> io::Result<Bytes> {
+    use bytes::Buf;
+    use tokio::io::AsyncReadExt;
+    if n > conn.codec().max_frame_length() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a frame of {n} bytes is over the limit"),
+        ));
     }
+    let mut head = [0u8; 4];
+    let mut out: Vec<u8> = Vec::with_capacity(n);
+    {
+        let ahead = conn.read_buffer_mut();
+        let h = ahead.len().min(4);
+        head[..h].copy_from_slice(&ahead[..h]);
+        ahead.advance(h);
+        if h < 4 {
+            conn.get_mut().read_exact(&mut head[h..]).await?;
+        }
+        let len = u32::from_be_bytes(head) as usize;
+        if len != n {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("expected a frame of {n} bytes, got {len}"),
+            ));
+        }
+        let ahead = conn.read_buffer_mut();
+        let k = ahead.len().min(n);
+        out.extend_from_slice(&ahead[..k]);
+        ahead.advance(k);
+    }
+    // Into the vector's spare room (not zeroed first), no further than
+    // this frame: another may follow.
+    let mut rest = conn.get_mut().take((n - out.len()) as u64);
+    while out.len() < n {
+        if rest.read_buf(&mut out).await? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the peer closed the connection mid-frame",
+            ));
+        }
+    }
+    Ok(Bytes::from(out))
 }
 
 /// Receives one frame; `Ok(None)` when the peer closed. A malformed or
@@ -1086,6 +1123,41 @@ pub fn decode_batch<M: DeserializeOwned>(frame: io::Result<bytes::BytesMut>) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn raw_frames_follow_messages_in_order_and_arrive_whole() {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let (mut tx, mut rx) = (framed(Box::new(a)), framed(Box::new(b)));
+        authenticated(&mut tx);
+        authenticated(&mut rx);
+        let big: Vec<u8> = (0..5_000_000u32).map(|i| (i % 251) as u8).collect();
+        let sizes = [0usize, 10, big.len()];
+        let writer = tokio::spawn(async move {
+            send(&mut tx, &7u32).await.unwrap();
+            for n in sizes {
+                send_raw(&mut tx, &big[..n]).await.unwrap();
+            }
+            send(&mut tx, &8u32).await.unwrap();
+            big
+        });
+        assert_eq!(recv::<u32>(&mut rx).await.unwrap(), Some(7));
+        let mut got = Vec::new();
+        for n in sizes {
+            got.push(recv_raw(&mut rx, n).await.unwrap());
+        }
+        assert_eq!(recv::<u32>(&mut rx).await.unwrap(), Some(8));
+        let big = writer.await.unwrap();
+        for (g, n) in got.iter().zip(sizes) {
+            assert_eq!(&g[..], &big[..n]);
+        }
+        // A length other than announced is refused, not misread.
+        let (a, b) = tokio::io::duplex(1024);
+        let (mut tx, mut rx) = (framed(Box::new(a)), framed(Box::new(b)));
+        authenticated(&mut tx);
+        authenticated(&mut rx);
+        send_raw(&mut tx, b"abc").await.unwrap();
+        assert!(recv_raw(&mut rx, 4).await.is_err());
+    }
 
     /// A Unix listener in a fresh directory, and a server task that runs
     /// the handshake on each connection and reports the outcome.

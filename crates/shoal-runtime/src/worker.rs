@@ -1546,13 +1546,9 @@ async fn fetch_some(
         out.push(match v {
             Some(Payload::Follows(n)) => {
                 // Its own frame, received into its own buffer: no copy.
-                let frame = net::recv_raw(&mut conn).await?;
-                if frame.len() as u64 != n {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("data server sent {} bytes for {id:x}, not {n}", frame.len()),
-                    ));
-                }
+                let n = usize::try_from(n)
+                    .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "frame too large"))?;
+                let frame = net::recv_raw(&mut conn, n).await?;
                 (id, Some(Payload::Bytes(frame)))
             }
             other => (id, other),
