@@ -124,7 +124,7 @@ class ClientCore:
     def submit_graph(
         self,
         func: bytes,
-        items: list[tuple[int, str, str | None, bytes, list[int], int]],
+        items: list[tuple[int, str, str | None, bytes, list[int], int, bytes | None]],
         retries: int,
         resources: list[tuple[str, float]] = ...,
     ) -> None: ...

@@ -29,13 +29,9 @@ if TYPE_CHECKING:
 Key = Hashable
 
 
-def _execute(node: Any, inputs: dict[Key, Any] | None) -> Any:
-    """Worker side: runs one graph node on its inputs' values; or, for a
-    plain call (see ``_plain_call``), ``(func, args, kwargs)`` whose input
-    references were resolved as they were unpickled."""
-    if inputs is None:
-        func, args, kwargs = node
-        return func(*args, **kwargs)
+def _execute(node: Any, inputs: dict[Key, Any]) -> Any:
+    """Worker side: runs one graph node on its inputs' values (a plain call,
+    see ``_plain_call``, runs as a task of its own function instead)."""
     return node(inputs)
 
 
@@ -211,7 +207,7 @@ def submit_graph(client: Client, dsk: Any, keys: list[Key], retries: int = 0) ->
         priorities = dict.fromkeys(needed, 0)
     core = client._check()
     next_id = core.new_ids(len(topo))
-    items: list[tuple[int, str, str | None, bytes, list[int], int]] = []
+    items: list[tuple[int, str, str | None, bytes, list[int], int, bytes | None]] = []
     submitted: list[int] = []
     puts: list[Any] = []  # large arguments put beside their tasks, held until submitted
     for k in topo:
@@ -228,8 +224,17 @@ def submit_graph(client: Client, dsk: Any, keys: list[Key], retries: int = 0) ->
             submitted.append(tid)
             continue
         call = _plain_call(task_spec, node, ids)
+        own: bytes | None = None
         if call is not None:
-            args: Any = ((call, None), None)
+            # Run as the task's own function, pickled once per function
+            # (each task carrying it by value cost most of a delayed
+            # graph's submission when it came from __main__).
+            fn, a, kw = call
+            try:
+                own = _serialize.dumps_function(fn)
+            except Exception as e:
+                raise TypeError(f"could not pickle the function of the Dask task {k!r}: {e}") from e
+            args: Any = (a, kw or None)
         else:
             args = ((node, {d: _serialize.Ref(ids[d]) for d in node.dependencies}), None)
         strided = _holds_strided(task_spec, node)
@@ -237,7 +242,7 @@ def submit_graph(client: Client, dsk: Any, keys: list[Key], retries: int = 0) ->
         puts += p
         tid = ids[k] = next_id
         next_id += 1
-        items.append((tid, key_split(k), str(k), payload, deps, -priorities[k]))
+        items.append((tid, key_split(k), str(k), payload, deps, -priorities[k], own))
         submitted.append(tid)
     if items:
         core.submit_graph(_EXECUTE, items, retries)

@@ -436,27 +436,36 @@ impl ClientCore {
     }
 
     /// Submits a task graph of one function in one message; `items` are
-    /// `(id from new_ids, group, key, args, deps, priority)`, each task after
-    /// its inputs.
+    /// `(id from new_ids, group, key, args, deps, priority, own_func)`,
+    /// each task after its inputs; `own_func`: the task's pickled function
+    /// instead of `func` (None: `func`).
     #[pyo3(signature = (func, items, retries, resources=Vec::new()))]
     #[allow(clippy::type_complexity)]
     fn submit_graph(
         &self,
         py: Python<'_>,
         func: &[u8],
-        items: Vec<(u64, String, Option<String>, PyBackedBytes, Vec<u64>, i32)>,
+        items: Vec<(
+            u64,
+            String,
+            Option<String>,
+            PyBackedBytes,
+            Vec<u64>,
+            i32,
+            Option<PyBackedBytes>,
+        )>,
         retries: u32,
         resources: Vec<(String, f64)>,
     ) -> PyResult<()> {
         let func = Bytes::copy_from_slice(func);
         let specs = items
             .into_iter()
-            .map(|(id, group, key, args, deps, priority)| TaskSpec {
+            .map(|(id, group, key, args, deps, priority, own)| TaskSpec {
                 id,
                 group,
                 key,
                 kind: TaskKind::Call,
-                func: func.clone(),
+                func: own.map_or_else(|| func.clone(), |f| Bytes::copy_from_slice(&f)),
                 args: Bytes::copy_from_slice(&args),
                 deps,
                 priority,
