@@ -282,9 +282,9 @@ def test_a_cyclic_graph_sent_over_the_wire_fails_clearly(client):
     core.submit_graph(
         func,
         [
-            (a, "inc", "a", args, [b], 0),
-            (b, "inc", "b", args, [a], 0),
-            (c, "inc", "c", args, [], 0),
+            (a, "inc", "a", args, [b], 0, None),
+            (b, "inc", "b", args, [a], 0, None),
+            (c, "inc", "c", args, [], 0, None),
         ],
         0,
     )
