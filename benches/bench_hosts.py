@@ -158,41 +158,22 @@ def total_all(arrays):
     return float(sum(a.sum() for a in arrays))
 
 
-class Shoal:
-    name = "shoal"
-    tls = False
+class Runner:
+    """A scheduler on host 0 and one worker on each of hosts A and B (that
+    offers resource hA or hB); the workloads, timed from the consumer's
+    submission once its inputs are made."""
 
-    def __init__(self, hosts, tmp: str):
-        import shoal
+    name = ""
 
-        self.procs = []
-        sfile = os.path.join(tmp, f"{self.name}.json")
-        ex0, addr0 = hosts[0]
-        tls = [x for k in ("ca", "cert", "key") for x in (f"--tls-{k}", f"{tmp}/{k}.pem")]
-        tls = tls if self.tls else []
-        cmd = [sys.executable, "-m", "shoal"]
-        self.procs.append(
-            subprocess.Popen(
-                [*ex0, *cmd, "scheduler", "--host", addr0, "--port", "0", "--no-dashboard"]
-                + ["--scheduler-file", sfile, *tls],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
+    def start(self, scheduler: list[str], sfile: str, workers: list[list[str]]) -> None:
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        self.procs = [subprocess.Popen(scheduler, **quiet)]
         while not os.path.exists(sfile):
             time.sleep(0.05)
-        for i, res in ((1, "hA=1"), (2, "hB=1")):
-            ex, _ = hosts[i]
-            self.procs.append(
-                subprocess.Popen(
-                    [*ex, "env", f"SHOAL_HOST_KEY=bench-host-{i}", *cmd, "worker"]
-                    + ["--scheduler-file", sfile, "--resources", res],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            )
-        self.c = shoal.Client(scheduler_file=sfile, set_as_default=False)
-        self.c.wait_for_workers(2, timeout=60)
+        self.procs += [subprocess.Popen(w, **quiet) for w in workers]
+
+    def wait(self, futures) -> None:
+        raise NotImplementedError
 
     def close(self):
         self.c.close()
@@ -200,23 +181,48 @@ class Shoal:
             p.terminate()
             p.wait(30)
 
-    def large(self):
-        import shoal
-
-        x = self.c.submit(make, LARGE, resources={"hA": 1}, pure=False)
-        shoal.wait([x])
+    def _timed(self, inputs, fn):
+        self.wait(inputs if isinstance(inputs, list) else [inputs])
         t = time.perf_counter()
-        v = self.c.submit(total, x, resources={"hB": 1}, pure=False).result()
+        v = self.c.submit(fn, inputs, resources={"hB": 1}, pure=False).result()
         return time.perf_counter() - t, v
+
+    def large(self):
+        return self._timed(self.c.submit(make, LARGE, resources={"hA": 1}, pure=False), total)
 
     def small(self):
+        xs = [self.c.submit(make, SMALL, resources={"hA": 1}, pure=False) for _ in range(N_SMALL)]
+        return self._timed(xs, total_all)
+
+
+class Shoal(Runner):
+    name = "shoal"
+    tls = False
+
+    def __init__(self, hosts, tmp: str):
         import shoal
 
-        xs = [self.c.submit(make, SMALL, resources={"hA": 1}, pure=False) for _ in range(N_SMALL)]
-        shoal.wait(xs)
-        t = time.perf_counter()
-        v = self.c.submit(total_all, xs, resources={"hB": 1}, pure=False).result()
-        return time.perf_counter() - t, v
+        sfile = os.path.join(tmp, f"{self.name}.json")
+        ex0, addr0 = hosts[0]
+        tls = [x for k in ("ca", "cert", "key") for x in (f"--tls-{k}", f"{tmp}/{k}.pem")]
+        cmd = [sys.executable, "-m", "shoal"]
+        self.start(
+            [*ex0, *cmd, "scheduler", "--host", addr0, "--port", "0", "--no-dashboard"]
+            + ["--scheduler-file", sfile, *(tls if self.tls else [])],
+            sfile,
+            [
+                [*hosts[i][0], "env", f"SHOAL_HOST_KEY=bench-host-{i}", *cmd, "worker"]
+                + ["--scheduler-file", sfile, "--resources", res]
+                for i, res in ((1, "hA=1"), (2, "hB=1"))
+            ],
+        )
+        self.c = shoal.Client(scheduler_file=sfile, set_as_default=False)
+        self.c.wait_for_workers(2, timeout=60)
+
+    def wait(self, futures) -> None:
+        import shoal
+
+        shoal.wait(futures)
 
 
 class ShoalTLS(Shoal):
@@ -224,62 +230,32 @@ class ShoalTLS(Shoal):
     tls = True
 
 
-class Dask:
+class Dask(Runner):
     name = "dask.distributed"
 
     def __init__(self, hosts, tmp: str):
         from distributed import Client
 
-        self.procs = []
         sfile = os.path.join(tmp, "dask.json")
         ex0, addr0 = hosts[0]
-        self.procs.append(
-            subprocess.Popen(
-                [*ex0, sys.executable, "-m", "distributed.cli.dask_scheduler"]
-                + ["--host", addr0, "--scheduler-file", sfile, "--dashboard-address", ":0"],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+        self.start(
+            [*ex0, sys.executable, "-m", "distributed.cli.dask_scheduler"]
+            + ["--host", addr0, "--scheduler-file", sfile, "--dashboard-address", ":0"],
+            sfile,
+            [
+                [*hosts[i][0], sys.executable, "-m", "distributed.cli.dask_worker"]
+                + ["--scheduler-file", sfile, "--nworkers", "1", "--nthreads", "1"]
+                + ["--resources", res, "--host", hosts[i][1], "--no-dashboard"]
+                for i, res in ((1, "hA=1"), (2, "hB=1"))
+            ],
         )
-        while not os.path.exists(sfile):
-            time.sleep(0.05)
-        for i, res in ((1, "hA=1"), (2, "hB=1")):
-            ex, addr = hosts[i]
-            self.procs.append(
-                subprocess.Popen(
-                    [*ex, sys.executable, "-m", "distributed.cli.dask_worker"]
-                    + ["--scheduler-file", sfile, "--nworkers", "1", "--nthreads", "1"]
-                    + ["--resources", res, "--host", addr, "--no-dashboard"],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            )
         self.c = Client(scheduler_file=sfile)  # distributed.wait needs a default client
         self.c.wait_for_workers(2, timeout=60)
 
-    def close(self):
-        self.c.close()
-        for p in reversed(self.procs):
-            p.terminate()
-            p.wait(30)
-
-    def large(self):
+    def wait(self, futures) -> None:
         from distributed import wait
 
-        x = self.c.submit(make, LARGE, resources={"hA": 1}, pure=False)
-        wait([x])
-        t = time.perf_counter()
-        v = self.c.submit(total, x, resources={"hB": 1}, pure=False).result()
-        return time.perf_counter() - t, v
-
-    def small(self):
-        from distributed import wait
-
-        xs = [self.c.submit(make, SMALL, resources={"hA": 1}, pure=False) for _ in range(N_SMALL)]
-        wait(xs)
-        t = time.perf_counter()
-        v = self.c.submit(total_all, xs, resources={"hB": 1}, pure=False).result()
-        return time.perf_counter() - t, v
+        wait(futures)
 
 
 def main() -> None:

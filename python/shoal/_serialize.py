@@ -28,7 +28,19 @@ import cloudpickle
 from .errors import ForeignFutureError, RemoteError
 
 PROTOCOL = 5
-_local = threading.local()
+
+
+class _Local(threading.local):
+    # Class defaults: a missing attribute would cost an exception per read
+    # (these are read for every task's arguments and result).
+    deps: list[int] | None = None  # pickling task arguments: their futures
+    owner: Any = None  # the client pickling them
+    inputs: dict[int, Any] | None = None  # worker: values of a task's inputs
+    result_of: int | None = None  # worker: the task whose result is pickled
+    held: dict[Any, list[int]] | None = None  # futures met in that result
+
+
+_local = _Local()
 _func_cache: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
 _func_cache_strong: dict[Any, bytes] = {}
 
@@ -142,7 +154,7 @@ def frame_parts(obj: Any, result_of: int | None = None) -> tuple[list[Any], int,
         return _frame_parts(obj)
     finally:
         _local.result_of = None
-        held = getattr(_local, "held", None)
+        held = _local.held
         if held:
             _local.held = None
             for client, ids in held.items():
@@ -435,7 +447,7 @@ def dumps_args(
     ``hook``: as for ``dumps``."""
     deps: list[int] = []
     # Re-entrant: a hook may put data on the cluster, pickling its own task.
-    outer = getattr(_local, "deps", None), getattr(_local, "owner", None)
+    outer = _local.deps, _local.owner
     _local.deps = deps
     _local.owner = owner
     try:
@@ -467,10 +479,10 @@ def record_dependency(task_id: int, owner: Any = None, key: Any = None) -> bool:
     """Called by ``Future.__reduce__``: notes a dependency if pickling task
     arguments. A future of another client (``owner``) names a task of
     another cluster, or another client's id space: refused."""
-    deps = getattr(_local, "deps", None)
+    deps = _local.deps
     if deps is None:
         return False
-    pickling_for = getattr(_local, "owner", None)
+    pickling_for = _local.owner
     if owner is not None and pickling_for is not None and owner is not pickling_for:
         raise ForeignFutureError(
             f"the future {key} belongs to another client; a task can only take futures of "
@@ -484,9 +496,9 @@ def record_held(client: Any, task_id: int) -> bool:
     """Called by ``Future.__reduce__``: notes a future of ``client`` found
     in a task's result being pickled (see ``frame_parts``); False when not
     pickling a result."""
-    if getattr(_local, "result_of", None) is None or client is None:
+    if _local.result_of is None or client is None:
         return False
-    held = getattr(_local, "held", None)
+    held = _local.held
     if held is None:
         held = _local.held = {}
     held.setdefault(client, []).append(task_id)
@@ -524,7 +536,7 @@ def set_inputs(inputs: dict[int, Any] | None) -> None:
 
 def resolve(task_id: int, index: int | None = None) -> Any:
     """Worker side: the value of an input (an element of a batch if ``index``)."""
-    inputs = getattr(_local, "inputs", None)
+    inputs = _local.inputs
     if inputs is None or task_id not in inputs:
         raise RuntimeError(
             "a shoal Future was unpickled outside of a task; pass futures as task "

@@ -1545,30 +1545,23 @@ async fn fetch_some(
     })?;
     let mut out = Vec::with_capacity(reply.items.len());
     for (id, v) in reply.items {
-        out.push(match v {
+        let got = match v {
+            // Its own frame, received into its own buffer: no copy.
             Some(Payload::Follows(n)) => {
-                // Its own frame, received into its own buffer: no copy.
                 let n = usize::try_from(n)
                     .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "frame too large"))?;
-                let frame = net::recv_raw(&mut conn, n).await?;
-                (id, Some(Payload::Bytes(frame)))
+                Some(Fetched::Bytes(net::recv_raw(&mut conn, n).await?))
             }
-            other => (id, other),
-        });
-    }
-    out.into_iter()
-        .map(|(id, v)| match v {
-            Some(Payload::Bytes(b)) => Ok((id, Some(Fetched::Bytes(b)))),
+            Some(Payload::Bytes(b)) => Some(Fetched::Bytes(b)),
             // Opened at once: the holder may unlink it once it is released.
             // (Gone already: it was spilled meanwhile; the caller asks again.)
-            Some(Payload::File { path, .. }) => {
-                Ok((id, Some(Fetched::File(std::fs::File::open(path)?))))
-            }
-            Some(Payload::Unpicklable(why)) => Ok((id, Some(Fetched::Unpicklable(why)))),
-            Some(Payload::Follows(_)) => unreachable!("replaced by its frame above"),
-            None => Ok((id, None)),
-        })
-        .collect()
+            Some(Payload::File { path, .. }) => Some(Fetched::File(std::fs::File::open(path)?)),
+            Some(Payload::Unpicklable(why)) => Some(Fetched::Unpicklable(why)),
+            None => None,
+        };
+        out.push((id, got));
+    }
+    Ok(out)
 }
 
 /// Payloads at least this large travel in frames of their own
