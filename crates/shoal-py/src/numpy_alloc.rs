@@ -272,15 +272,20 @@ pub fn shm_allocator_stats() -> Option<(usize, usize, usize, usize)> {
     })
 }
 
-/// Drops kept blocks freed more than `age` seconds ago and, if given, sets
-/// how many bytes may be kept; returns the bytes freed.
+/// Drops kept blocks freed more than `age` seconds ago, and the warm
+/// receive buffers idle as long (`shoal_runtime::bufpool`), and, if given,
+/// sets how many bytes of blocks may be kept; returns the bytes freed.
 #[pyfunction]
 #[pyo3(signature = (age, spare_cap=None))]
-pub fn shm_allocator_trim(age: f64, spare_cap: Option<usize>) -> usize {
-    INSTALLED.get().map_or(0, |i| {
-        if let Some(cap) = spare_cap {
-            i.pool.set_spare_cap(cap);
-        }
-        i.pool.trim(Duration::from_secs_f64(age.max(0.0)))
+pub fn shm_allocator_trim(py: Python<'_>, age: f64, spare_cap: Option<usize>) -> usize {
+    let age = Duration::from_secs_f64(age.max(0.0));
+    py.detach(|| {
+        let blocks = INSTALLED.get().map_or(0, |i| {
+            if let Some(cap) = spare_cap {
+                i.pool.set_spare_cap(cap);
+            }
+            i.pool.trim(age)
+        });
+        blocks + shoal_runtime::bufpool::trim(age)
     })
 }

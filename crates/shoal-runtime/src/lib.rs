@@ -12,6 +12,7 @@
 //!   and their cleanup when a process dies.
 //! * [`shm_pool`]: large NumPy allocations in shared memory from the start
 //!   (a result's export then copies nothing).
+//! * [`bufpool`]: warm buffers for frames received from other hosts.
 //! * [`logs`]: this process's recent log lines (for `get_worker_logs`).
 //!
 //! The scheduler also serves the dashboard (HTTP, axum) on the same thread.
@@ -23,6 +24,7 @@
 
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod bufpool;
 pub mod client;
 pub mod command;
 pub mod local;

@@ -119,8 +119,31 @@ impl std::fmt::Display for Address {
 }
 
 /// Any byte stream a connection runs over.
-pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// The socket, when bytes written to it go out as they are (not
+    /// through TLS): then the kernel can send a file's pages itself
+    /// ([`send_file`]).
+    fn plain_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+}
+
+impl Stream for TcpStream {
+    fn plain_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(std::os::fd::AsRawFd::as_raw_fd(self))
+    }
+}
+
+impl Stream for UnixStream {
+    fn plain_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(std::os::fd::AsRawFd::as_raw_fd(self))
+    }
+}
+
+impl Stream for tokio_rustls::server::TlsStream<TcpStream> {}
+impl Stream for tokio_rustls::client::TlsStream<TcpStream> {}
+impl Stream for tokio::io::Empty {}
+impl Stream for tokio::io::DuplexStream {}
 
 /// A length-framed connection.
 pub type Conn = Framed<Box<dyn Stream>, LengthDelimitedCodec>;
@@ -474,10 +497,121 @@ pub async fn send_raw(conn: &mut Conn, data: &[u8]) -> io::Result<()> {
     s.flush().await
 }
 
+/// A peer that takes none of a file being sent for this long is given up.
+const SEND_STALL: Duration = Duration::from_secs(60);
+
+/// Sends the first `len` bytes of `file` as one frame, received like one
+/// from [`send_raw`], without mapping or reading the file into this
+/// process: over a plain socket the kernel sends the file's pages itself
+/// (`sendfile`, no copy through user space); through TLS it is read in
+/// chunks into one reused buffer. The copying runs on the blocking pool,
+/// so a file spilled to disk never stalls the I/O thread.
+pub async fn send_file(conn: &mut Conn, file: &std::fs::File, len: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    use tokio::io::AsyncWriteExt;
+    let n = u32::try_from(len)
+        .ok()
+        .filter(|&n| n as usize <= conn.codec().max_frame_length())
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{len} bytes do not fit in one frame"),
+            )
+        })?;
+    if file.metadata()?.len() < len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the file is shorter than its frame",
+        ));
+    }
+    SinkExt::<Bytes>::flush(conn).await?; // what the codec holds goes first
+    conn.get_mut().write_all(&n.to_be_bytes()).await?;
+    let file = file.try_clone()?;
+    if let Some(fd) = conn.get_ref().plain_fd() {
+        conn.get_mut().flush().await?;
+        // Its own descriptor: it stays valid even if this future is dropped
+        // while the blocking thread still sends.
+        // SAFETY: `fd` is the open socket of `conn`, borrowed for the dup.
+        let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()?;
+        return tokio::task::spawn_blocking(move || sendfile_all(&sock, &file, len))
+            .await
+            .map_err(io::Error::other)?;
+    }
+    let mut buf = vec![0u8; (len as usize).min(4 << 20)];
+    let file = Arc::new(file);
+    let mut off = 0u64;
+    while off < len {
+        let k = (len - off).min(buf.len() as u64) as usize;
+        let f = file.clone();
+        let (r, b) = tokio::task::spawn_blocking(move || {
+            let r = f.read_exact_at(&mut buf[..k], off);
+            (r, buf)
+        })
+        .await
+        .map_err(io::Error::other)?;
+        buf = b;
+        r?;
+        conn.get_mut().write_all(&buf[..k]).await?;
+        off += k as u64;
+    }
+    conn.get_mut().flush().await
+}
+
+/// `sendfile` until `len` bytes of `file` went out on the non-blocking
+/// socket `sock`, waiting for room with `poll`.
+fn sendfile_all(sock: &std::os::fd::OwnedFd, file: &std::fs::File, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut off: libc::off_t = 0;
+    while (off as u64) < len {
+        let want = (len - off as u64).min(1 << 30) as usize;
+        // SAFETY: two open descriptors and a valid offset pointer.
+        let r = unsafe { libc::sendfile(sock.as_raw_fd(), file.as_raw_fd(), &mut off, want) };
+        if r > 0 {
+            continue;
+        }
+        if r == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the file ended before its frame",
+            ));
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock => {
+                let mut p = libc::pollfd {
+                    fd: sock.as_raw_fd(),
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                let ms = SEND_STALL.as_millis() as libc::c_int;
+                // SAFETY: one valid pollfd.
+                match unsafe { libc::poll(&mut p, 1, ms) } {
+                    0 => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("the peer took nothing for {SEND_STALL:?}"),
+                        ))
+                    }
+                    r if r < 0 => {
+                        let e = io::Error::last_os_error();
+                        if e.kind() != io::ErrorKind::Interrupted {
+                            return Err(e);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            _ => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Receives one frame of `n` bytes sent by [`send_raw`], read straight
-/// into a buffer of its own, not zeroed first (what the codec had read
-/// ahead goes first). Advising that buffer's pages huge was tried: slower
-/// here (compaction on a busy host).
+/// into a buffer of its own (what the codec had read ahead goes first):
+/// a large one into warm pages from [`crate::bufpool`]. Advising fresh
+/// pages huge instead was tried: slower here (compaction on a busy host).
 pub async fn recv_raw(conn: &mut Conn, n: usize) -> io::Result<Bytes> {
     use bytes::Buf;
     use tokio::io::AsyncReadExt;
@@ -488,7 +622,6 @@ pub async fn recv_raw(conn: &mut Conn, n: usize) -> io::Result<Bytes> {
         ));
     }
     let mut head = [0u8; 4];
-    let mut out: Vec<u8> = Vec::with_capacity(n);
     {
         let ahead = conn.read_buffer_mut();
         let h = ahead.len().min(4);
@@ -497,30 +630,45 @@ pub async fn recv_raw(conn: &mut Conn, n: usize) -> io::Result<Bytes> {
         if h < 4 {
             conn.get_mut().read_exact(&mut head[h..]).await?;
         }
-        let len = u32::from_be_bytes(head) as usize;
-        if len != n {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("expected a frame of {n} bytes, got {len}"),
-            ));
-        }
-        let ahead = conn.read_buffer_mut();
-        let k = ahead.len().min(n);
-        out.extend_from_slice(&ahead[..k]);
-        ahead.advance(k);
     }
-    // Into the vector's spare room (not zeroed first), no further than
-    // this frame: another may follow.
-    let mut rest = conn.get_mut().take((n - out.len()) as u64);
-    while out.len() < n {
-        if rest.read_buf(&mut out).await? == 0 {
+    let len = u32::from_be_bytes(head) as usize;
+    if len != n {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("expected a frame of {n} bytes, got {len}"),
+        ));
+    }
+    let (mut pooled, mut small) = if n >= crate::bufpool::MIN_POOLED {
+        (Some(crate::bufpool::take(n)?), Vec::new())
+    } else {
+        (None, vec![0u8; n])
+    };
+    let dst: &mut [u8] = match &mut pooled {
+        Some(b) => &mut b.spare()[..n],
+        None => &mut small,
+    };
+    let ahead = conn.read_buffer_mut();
+    let mut got = ahead.len().min(n);
+    dst[..got].copy_from_slice(&ahead[..got]);
+    ahead.advance(got);
+    // No further than this frame: another may follow.
+    while got < n {
+        let k = conn.get_mut().read(&mut dst[got..]).await?;
+        if k == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "the peer closed the connection mid-frame",
             ));
         }
+        got += k;
     }
-    Ok(Bytes::from(out))
+    Ok(match pooled {
+        Some(mut b) => {
+            b.advance(n);
+            b.freeze()
+        }
+        None => Bytes::from(small),
+    })
 }
 
 /// Receives one frame; `Ok(None)` when the peer closed. A malformed or
@@ -1123,6 +1271,53 @@ pub fn decode_batch<M: DeserializeOwned>(frame: io::Result<bytes::BytesMut>) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file's first bytes as a frame: by `sendfile` over a socket, in
+    /// chunks over anything else; a message after it still arrives.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_is_sent_as_a_raw_frame_over_a_socket_and_otherwise() {
+        let data: Vec<u8> = (0..9_000_000u32).map(|i| (i % 253) as u8).collect();
+        let path = std::env::temp_dir().join(format!("shoal-send-file-{}", std::process::id()));
+        std::fs::write(&path, &data).expect("write");
+        let file = std::fs::File::open(&path).expect("open");
+        std::fs::remove_file(&path).expect("unlink"); // open files stay whole
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let (a, b) = tokio::join!(TcpStream::connect(addr), l.accept());
+        let pairs: Vec<(Box<dyn Stream>, Box<dyn Stream>)> = vec![
+            (
+                Box::new(a.expect("connect")),
+                Box::new(b.expect("accept").0),
+            ),
+            {
+                let (a, b) = tokio::io::duplex(64 * 1024);
+                (Box::new(a), Box::new(b))
+            },
+        ];
+        for (i, (a, b)) in pairs.into_iter().enumerate() {
+            assert_eq!(a.plain_fd().is_some(), i == 0);
+            let (mut tx, mut rx) = (framed(a), framed(b));
+            authenticated(&mut tx);
+            authenticated(&mut rx);
+            let f = file.try_clone().expect("dup");
+            let n = 7_000_001;
+            let writer = tokio::spawn(async move {
+                send(&mut tx, &1u32).await.unwrap();
+                send_file(&mut tx, &f, n as u64).await.unwrap();
+                send_file(&mut tx, &f, 10).await.unwrap();
+                send(&mut tx, &2u32).await.unwrap();
+                // Longer than the file: refused before anything is sent.
+                assert!(send_file(&mut tx, &f, 9_000_001).await.is_err());
+                tx
+            });
+            assert_eq!(recv::<u32>(&mut rx).await.unwrap(), Some(1));
+            let got = recv_raw(&mut rx, n).await.unwrap();
+            assert!(got[..] == data[..n], "stream {i}: the file's first bytes");
+            assert_eq!(&recv_raw(&mut rx, 10).await.unwrap()[..], &data[..10]);
+            assert_eq!(recv::<u32>(&mut rx).await.unwrap(), Some(2));
+            drop(writer.await.unwrap());
+        }
+    }
 
     #[tokio::test]
     async fn raw_frames_follow_messages_in_order_and_arrive_whole() {

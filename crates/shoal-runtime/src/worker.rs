@@ -687,25 +687,25 @@ impl WorkerShared {
 
     /// Results for a transfer: held ones are written to files on demand
     /// (bounded wait); a requester on this host gets file paths, another
-    /// the bytes. `None` for results this worker lacks.
-    async fn pickled_results(&self, ids: &[u64], same_host: bool) -> Vec<(u64, Option<Payload>)> {
+    /// the bytes (a file's sent from the file). `None` for results this
+    /// worker lacks.
+    async fn pickled_results(&self, ids: &[u64], same_host: bool) -> Vec<(u64, Option<Reply>)> {
         let stored = self.stored_results(ids).await;
         let mut out = Vec::with_capacity(stored.len());
         for (id, s) in stored {
             let p = match s {
-                Some(Stored::Bytes(b)) => Some(Payload::Bytes(b)),
-                Some(Stored::File { path, len }) if same_host => Some(Payload::File { path, len }),
+                Some(Stored::Bytes(b)) => Some(Reply::Payload(Payload::Bytes(b))),
+                Some(Stored::File { path, len }) if same_host => {
+                    Some(Reply::Payload(Payload::File { path, len }))
+                }
                 Some(Stored::File { mut path, len }) => {
-                    // Another host: send the bytes (read off the I/O thread;
-                    // the frame's `len`: a shared-memory block's file may be
+                    // Another host: opened now, sent from the file (its
+                    // first `len` bytes: a shared-memory block's file may be
                     // longer). A spill may move the file meanwhile: look again.
                     let mut got = None;
                     for _ in 0..3 {
-                        let p = path.clone();
-                        if let Ok(Ok(b)) =
-                            tokio::task::spawn_blocking(move || map_prefix(&p, len)).await
-                        {
-                            got = Some(Payload::Bytes(b));
+                        if let Ok(f) = std::fs::File::open(&path) {
+                            got = Some(Reply::Contents(f, len));
                             break;
                         }
                         match self.store.lock().get(&id) {
@@ -717,7 +717,7 @@ impl WorkerShared {
                     }
                     got
                 }
-                Some(Stored::Unpicklable(why)) => Some(Payload::Unpicklable(why)),
+                Some(Stored::Unpicklable(why)) => Some(Reply::Payload(Payload::Unpicklable(why))),
                 Some(Stored::Held) | None => None,
             };
             out.push((id, p));
@@ -1418,67 +1418,6 @@ async fn fetch_inputs(
         .collect())
 }
 
-/// The first `len` bytes of the file at `path`.
-/// A file's first bytes, mapped read-only.
-struct Mapped {
-    base: *mut libc::c_void,
-    len: usize,
-}
-
-// SAFETY: a read-only mapping, never written through, unmapped once.
-unsafe impl Send for Mapped {}
-unsafe impl Sync for Mapped {}
-
-impl AsRef<[u8]> for Mapped {
-    fn as_ref(&self) -> &[u8] {
-        // SAFETY: `base` maps `len` readable bytes until `drop`.
-        unsafe { std::slice::from_raw_parts(self.base.cast::<u8>(), self.len) }
-    }
-}
-
-impl Drop for Mapped {
-    fn drop(&mut self) {
-        // SAFETY: the mapping `mmap` made in `map_prefix`.
-        unsafe { libc::munmap(self.base, self.len) };
-    }
-}
-
-/// The first `len` bytes of a result's file, mapped (sent to another host
-/// from the page cache: no copy into this process's memory), its page
-/// table filled at once (`MAP_POPULATE`, on the blocking pool) rather than
-/// one fault per page while the socket is written. Result files
-/// are only ever unlinked or renamed, never truncated, so the mapping stays
-/// whole while it is sent.
-fn map_prefix(path: &str, len: u64) -> io::Result<Bytes> {
-    use std::os::fd::AsRawFd;
-    let f = std::fs::File::open(path)?;
-    if f.metadata()?.len() < len {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "result file truncated",
-        ));
-    }
-    let len = usize::try_from(len).map_err(|_| io::Error::other("result too large"))?;
-    if len == 0 {
-        return Ok(Bytes::new());
-    }
-    // SAFETY: a fresh read-only shared mapping of an open file; checked.
-    let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ,
-            libc::MAP_SHARED | libc::MAP_POPULATE,
-            f.as_raw_fd(),
-            0,
-        )
-    };
-    if base == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(Bytes::from_owner(Mapped { base, len }))
-}
-
 /// A fetched result: bytes, or a file on this host, already open (so the
 /// holder may unlink it once it is released).
 pub enum Fetched {
@@ -1568,25 +1507,55 @@ async fn fetch_some(
 /// ([`Payload::Follows`]).
 const RAW_PAYLOAD: usize = 64 * 1024;
 
-/// Sends a data reply: large byte payloads after it, each in a raw frame.
-async fn send_reply(
-    conn: &mut net::Conn,
-    mut items: Vec<(u64, Option<Payload>)>,
-) -> io::Result<()> {
-    let mut raw = Vec::new();
-    for (_, p) in items.iter_mut() {
-        if let Some(Payload::Bytes(b)) = p {
-            if b.len() >= RAW_PAYLOAD {
-                let len = b.len() as u64;
-                if let Some(Payload::Bytes(b)) = p.replace(Payload::Follows(len)) {
-                    raw.push(b);
-                }
-            }
+/// One result in a data reply, as the data server has it.
+enum Reply {
+    /// Sent as it is (large bytes in a frame of their own).
+    Payload(Payload),
+    /// The first bytes of an open file, sent in a frame of their own.
+    Contents(std::fs::File, u64),
+}
+
+impl Reply {
+    fn size(&self) -> u64 {
+        match self {
+            Reply::Payload(Payload::Bytes(b)) => b.len() as u64,
+            Reply::Payload(Payload::File { len, .. }) | Reply::Contents(_, len) => *len,
+            Reply::Payload(Payload::Follows(n)) => *n,
+            Reply::Payload(Payload::Unpicklable(_)) => 0,
         }
     }
+}
+
+/// Sends a data reply: large byte payloads and file contents after it,
+/// each in a raw frame.
+async fn send_reply(conn: &mut net::Conn, items: Vec<(u64, Option<Reply>)>) -> io::Result<()> {
+    let mut raw = Vec::new();
+    let items = items
+        .into_iter()
+        .map(|(id, r)| {
+            let p = match r {
+                Some(Reply::Payload(Payload::Bytes(b))) if b.len() >= RAW_PAYLOAD => {
+                    let n = b.len() as u64;
+                    raw.push(Reply::Payload(Payload::Bytes(b)));
+                    Some(Payload::Follows(n))
+                }
+                Some(Reply::Contents(f, len)) => {
+                    raw.push(Reply::Contents(f, len));
+                    Some(Payload::Follows(len))
+                }
+                Some(Reply::Payload(p)) => Some(p),
+                None => None,
+            };
+            (id, p)
+        })
+        .collect();
     net::send(conn, &DataReply { items }).await?;
-    for b in raw {
-        net::send_raw(conn, &b).await?;
+    for r in raw {
+        match r {
+            Reply::Payload(Payload::Bytes(b)) => net::send_raw(conn, &b).await?,
+            Reply::Contents(f, len) => net::send_file(conn, &f, len).await?,
+            Reply::Payload(_) => unreachable!("only bytes and contents are raw"),
+        }
     }
     Ok(())
 }
@@ -1617,12 +1586,8 @@ async fn data_server(listener: Listener, sh: Arc<WorkerShared>) {
                 let items = sh.pickled_results(&req.ids, same_host).await;
                 let bytes: u64 = items
                     .iter()
-                    .map(|(_, p)| match p {
-                        Some(Payload::Bytes(b)) => b.len() as u64,
-                        Some(Payload::File { len, .. }) => *len,
-                        Some(Payload::Follows(n)) => *n,
-                        Some(Payload::Unpicklable(_)) | None => 0,
-                    })
+                    .filter_map(|(_, r)| r.as_ref())
+                    .map(Reply::size)
                     .sum();
                 sh.bytes_out.fetch_add(bytes, Ordering::Relaxed);
                 if send_reply(&mut conn, items).await.is_err() {
@@ -1630,29 +1595,5 @@ async fn data_server(listener: Listener, sh: Arc<WorkerShared>) {
                 }
             }
         });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::map_prefix;
-
-    #[test]
-    fn a_result_file_is_sent_from_its_mapping() {
-        let path = std::env::temp_dir().join(format!("shoal-map-test-{}", std::process::id()));
-        let data: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
-        std::fs::write(&path, &data).expect("write");
-        let p = path.to_str().expect("utf-8");
-        // A frame may be shorter than its file (a shared-memory block).
-        let b = map_prefix(p, 70_000).expect("mapped");
-        assert_eq!(&b[..], &data[..70_000]);
-        // Unlinked while sent: the mapping stays whole.
-        std::fs::remove_file(&path).expect("unlink");
-        assert_eq!(b.len(), 70_000);
-        assert_eq!(b[69_999], data[69_999]);
-        std::fs::write(&path, &data[..10]).expect("write");
-        assert!(map_prefix(p, 11).is_err(), "a file shorter than the frame");
-        assert!(map_prefix(p, 0).expect("empty").is_empty());
-        let _ = std::fs::remove_file(&path);
     }
 }
