@@ -468,10 +468,12 @@ class _Executor:
 
     def export_held(self) -> None:
         """Thread: writes held results to shared memory when a peer or client
-        fetches them (waiting in Rust with the GIL released)."""
+        fetches them (waiting in Rust with the GIL released); each batch is
+        answered at once, so a fetch of thousands wakes its transfer once."""
         core, store = self.core, self.store
         replaced: list[Any] = []  # objects swapped for views: dropped after answering
         while True:
+            done: list[tuple[int, tuple[str, int] | None]] = []
             for tid in core.pickle_requests(1.0):
                 why = store.unpicklable.get(tid)
                 if why is not None:
@@ -482,8 +484,10 @@ class _Executor:
                     f = store.export(tid, replaced)
                 except Exception:  # noqa: BLE001 - the fetcher gets "not available"
                     traceback.print_exc()
-                core.put_stored(tid, f)
-                replaced.clear()
+                done.append((tid, f))
+            if done:
+                core.put_stored_many(done)
+            replaced.clear()
 
 
 # Libraries whose array-likes are known to pickle whenever their data does.

@@ -1001,6 +1001,15 @@ impl WorkerCore {
             .put_stored(id, file.map(|(path, len)| Stored::File { path, len }))
     }
 
+    /// `put_stored` for a batch: waiting transfers are woken once.
+    fn put_stored_many(&self, items: Vec<(u64, Option<(String, u64)>)>) {
+        let items = items
+            .into_iter()
+            .map(|(id, f)| (id, f.map(|(path, len)| Stored::File { path, len })))
+            .collect();
+        self.inner.put_stored_many(items)
+    }
+
     /// A held result cannot be pickled (`why`): fetches of it, by peers
     /// and clients, fail with that reason.
     fn put_unpicklable(&self, id: u64, why: String) {

@@ -272,9 +272,10 @@ pub fn shm_allocator_stats() -> Option<(usize, usize, usize, usize)> {
     })
 }
 
-/// Drops kept blocks freed more than `age` seconds ago, and the warm
-/// receive buffers idle as long (`shoal_runtime::bufpool`), and, if given,
-/// sets how many bytes of blocks may be kept; returns the bytes freed.
+/// Drops kept blocks freed more than `age` seconds ago and, if given, sets
+/// how many bytes may be kept; returns the bytes freed. An age of zero
+/// (memory pressure) also lets go of every warm receive buffer
+/// (`shoal_runtime::bufpool`, which otherwise decays on its own).
 #[pyfunction]
 #[pyo3(signature = (age, spare_cap=None))]
 pub fn shm_allocator_trim(py: Python<'_>, age: f64, spare_cap: Option<usize>) -> usize {
@@ -286,6 +287,11 @@ pub fn shm_allocator_trim(py: Python<'_>, age: f64, spare_cap: Option<usize>) ->
             }
             i.pool.trim(age)
         });
-        blocks + shoal_runtime::bufpool::trim(age)
+        let buffers = if age.is_zero() {
+            shoal_runtime::bufpool::trim(age)
+        } else {
+            0
+        };
+        blocks + buffers
     })
 }

@@ -19,8 +19,9 @@ use std::time::{Duration, Instant};
 /// keep small buffers warm).
 pub const MIN_POOLED: usize = 64 * 1024;
 
-/// Retained buffers not taken again within this are unmapped.
-pub const DECAY: Duration = Duration::from_secs(3);
+/// Retained buffers not taken again within this are unmapped (jemalloc's
+/// default dirty-page decay).
+pub const DECAY: Duration = Duration::from_secs(10);
 
 /// A buffer's mapping; unmapped on drop.
 struct Region {
@@ -337,10 +338,16 @@ mod tests {
         }
         trim(DECAY);
         assert_eq!(held(c), 0);
-        // The janitor lets go of what no one takes again.
+        // The janitor (it looks every DECAY / 2) lets go of what no one
+        // takes again.
         drop(take(n).expect("mapped").freeze());
         assert_eq!(held(c), 1);
-        std::thread::sleep(DECAY * 2);
+        for (r, at) in POOL.lock().free.iter_mut() {
+            if r.cap == c {
+                *at -= DECAY;
+            }
+        }
+        std::thread::sleep(DECAY / 2 + Duration::from_secs(1));
         assert_eq!(held(c), 0);
         assert!(retained() <= retain_limit());
     }

@@ -500,61 +500,156 @@ pub async fn send_raw(conn: &mut Conn, data: &[u8]) -> io::Result<()> {
 /// A peer that takes none of a file being sent for this long is given up.
 const SEND_STALL: Duration = Duration::from_secs(60);
 
-/// Sends the first `len` bytes of `file` as one frame, received like one
-/// from [`send_raw`], without mapping or reading the file into this
-/// process: over a plain socket the kernel sends the file's pages itself
-/// (`sendfile`, no copy through user space); through TLS it is read in
-/// chunks into one reused buffer. The copying runs on the blocking pool,
-/// so a file spilled to disk never stalls the I/O thread.
-pub async fn send_file(conn: &mut Conn, file: &std::fs::File, len: u64) -> io::Result<()> {
+/// One raw frame's bytes (see [`send_raw_parts`]).
+pub enum RawPart {
+    /// Bytes in memory.
+    Bytes(Bytes),
+    /// The first bytes of an open file.
+    File(std::fs::File, u64),
+}
+
+impl RawPart {
+    fn len(&self) -> u64 {
+        match self {
+            RawPart::Bytes(b) => b.len() as u64,
+            RawPart::File(_, n) => *n,
+        }
+    }
+}
+
+/// Sends each part as one frame, received like those of [`send_raw`],
+/// files without mapping or reading them into this process: over a plain
+/// socket all parts go out from the blocking pool in one go (headers and
+/// bytes by `send`, files' pages by the kernel itself with `sendfile`,
+/// no copy through user space), so neither many small parts nor a file
+/// spilled to disk stall the I/O thread; through TLS, files are read in
+/// chunks into one reused buffer.
+pub async fn send_raw_parts(conn: &mut Conn, parts: Vec<RawPart>) -> io::Result<()> {
     use std::os::unix::fs::FileExt;
     use tokio::io::AsyncWriteExt;
-    let n = u32::try_from(len)
-        .ok()
-        .filter(|&n| n as usize <= conn.codec().max_frame_length())
-        .ok_or_else(|| {
-            io::Error::new(
+    for p in &parts {
+        let n = p.len();
+        if n > conn.codec().max_frame_length() as u64 {
+            return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("{len} bytes do not fit in one frame"),
-            )
-        })?;
-    if file.metadata()?.len() < len {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "the file is shorter than its frame",
-        ));
+                format!("{n} bytes do not fit in one frame"),
+            ));
+        }
+        if let RawPart::File(f, n) = p {
+            if f.metadata()?.len() < *n {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "a file is shorter than its frame",
+                ));
+            }
+        }
+    }
+    if parts.is_empty() {
+        return Ok(());
     }
     SinkExt::<Bytes>::flush(conn).await?; // what the codec holds goes first
-    conn.get_mut().write_all(&n.to_be_bytes()).await?;
-    let file = file.try_clone()?;
     if let Some(fd) = conn.get_ref().plain_fd() {
         conn.get_mut().flush().await?;
         // Its own descriptor: it stays valid even if this future is dropped
         // while the blocking thread still sends.
         // SAFETY: `fd` is the open socket of `conn`, borrowed for the dup.
         let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()?;
-        return tokio::task::spawn_blocking(move || sendfile_all(&sock, &file, len))
-            .await
-            .map_err(io::Error::other)?;
-    }
-    let mut buf = vec![0u8; (len as usize).min(4 << 20)];
-    let file = Arc::new(file);
-    let mut off = 0u64;
-    while off < len {
-        let k = (len - off).min(buf.len() as u64) as usize;
-        let f = file.clone();
-        let (r, b) = tokio::task::spawn_blocking(move || {
-            let r = f.read_exact_at(&mut buf[..k], off);
-            (r, buf)
+        return tokio::task::spawn_blocking(move || {
+            for p in parts {
+                let head = (p.len() as u32).to_be_bytes();
+                send_all(&sock, &head, libc::MSG_MORE)?;
+                match p {
+                    RawPart::Bytes(b) => send_all(&sock, &b, 0)?,
+                    RawPart::File(f, n) => sendfile_all(&sock, &f, n)?,
+                }
+            }
+            Ok(())
         })
         .await
         .map_err(io::Error::other)?;
-        buf = b;
-        r?;
-        conn.get_mut().write_all(&buf[..k]).await?;
-        off += k as u64;
+    }
+    let mut buf = Vec::new();
+    for p in parts {
+        let head = (p.len() as u32).to_be_bytes();
+        conn.get_mut().write_all(&head).await?;
+        match p {
+            RawPart::Bytes(b) => conn.get_mut().write_all(&b).await?,
+            RawPart::File(f, len) => {
+                let f = Arc::new(f);
+                buf.resize((len as usize).min(4 << 20), 0);
+                let mut off = 0u64;
+                while off < len {
+                    let k = (len - off).min(buf.len() as u64) as usize;
+                    let f = f.clone();
+                    let (r, b) = tokio::task::spawn_blocking(move || {
+                        let r = f.read_exact_at(&mut buf[..k], off);
+                        (r, buf)
+                    })
+                    .await
+                    .map_err(io::Error::other)?;
+                    buf = b;
+                    r?;
+                    conn.get_mut().write_all(&buf[..k]).await?;
+                    off += k as u64;
+                }
+            }
+        }
     }
     conn.get_mut().flush().await
+}
+
+/// Waits (at most [`SEND_STALL`]) until the non-blocking socket `sock`
+/// has room.
+fn wait_writable(sock: &std::os::fd::OwnedFd) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd {
+        fd: sock.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    let ms = SEND_STALL.as_millis() as libc::c_int;
+    // SAFETY: one valid pollfd.
+    match unsafe { libc::poll(&mut p, 1, ms) } {
+        0 => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the peer took nothing for {SEND_STALL:?}"),
+        )),
+        r if r < 0 => {
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => Ok(()),
+                _ => Err(e),
+            }
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `send` all of `data` on the non-blocking socket `sock`.
+fn send_all(sock: &std::os::fd::OwnedFd, mut data: &[u8], flags: libc::c_int) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    while !data.is_empty() {
+        // SAFETY: an open socket and a valid buffer.
+        let r = unsafe {
+            libc::send(
+                sock.as_raw_fd(),
+                data.as_ptr().cast(),
+                data.len(),
+                flags | libc::MSG_NOSIGNAL,
+            )
+        };
+        if r >= 0 {
+            data = &data[r as usize..];
+            continue;
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => {}
+            io::ErrorKind::WouldBlock => wait_writable(sock)?,
+            _ => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// `sendfile` until `len` bytes of `file` went out on the non-blocking
@@ -577,31 +672,8 @@ fn sendfile_all(sock: &std::os::fd::OwnedFd, file: &std::fs::File, len: u64) -> 
         }
         let e = io::Error::last_os_error();
         match e.kind() {
-            io::ErrorKind::Interrupted => continue,
-            io::ErrorKind::WouldBlock => {
-                let mut p = libc::pollfd {
-                    fd: sock.as_raw_fd(),
-                    events: libc::POLLOUT,
-                    revents: 0,
-                };
-                let ms = SEND_STALL.as_millis() as libc::c_int;
-                // SAFETY: one valid pollfd.
-                match unsafe { libc::poll(&mut p, 1, ms) } {
-                    0 => {
-                        return Err(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            format!("the peer took nothing for {SEND_STALL:?}"),
-                        ))
-                    }
-                    r if r < 0 => {
-                        let e = io::Error::last_os_error();
-                        if e.kind() != io::ErrorKind::Interrupted {
-                            return Err(e);
-                        }
-                    }
-                    _ => {}
-                }
-            }
+            io::ErrorKind::Interrupted => {}
+            io::ErrorKind::WouldBlock => wait_writable(sock)?,
             _ => return Err(e),
         }
     }
@@ -1281,6 +1353,7 @@ mod tests {
         std::fs::write(&path, &data).expect("write");
         let file = std::fs::File::open(&path).expect("open");
         std::fs::remove_file(&path).expect("unlink"); // open files stay whole
+
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = l.local_addr().expect("addr");
         let (a, b) = tokio::join!(TcpStream::connect(addr), l.accept());
@@ -1301,18 +1374,25 @@ mod tests {
             authenticated(&mut rx);
             let f = file.try_clone().expect("dup");
             let n = 7_000_001;
+            let (g, h) = (f.try_clone().expect("dup"), f.try_clone().expect("dup"));
             let writer = tokio::spawn(async move {
                 send(&mut tx, &1u32).await.unwrap();
-                send_file(&mut tx, &f, n as u64).await.unwrap();
-                send_file(&mut tx, &f, 10).await.unwrap();
+                let parts = vec![
+                    RawPart::File(f, n as u64),
+                    RawPart::Bytes(Bytes::from_static(b"between")),
+                    RawPart::File(g, 10),
+                ];
+                send_raw_parts(&mut tx, parts).await.unwrap();
                 send(&mut tx, &2u32).await.unwrap();
                 // Longer than the file: refused before anything is sent.
-                assert!(send_file(&mut tx, &f, 9_000_001).await.is_err());
+                let f = RawPart::File(h, 9_000_001);
+                assert!(send_raw_parts(&mut tx, vec![f]).await.is_err());
                 tx
             });
             assert_eq!(recv::<u32>(&mut rx).await.unwrap(), Some(1));
             let got = recv_raw(&mut rx, n).await.unwrap();
             assert!(got[..] == data[..n], "stream {i}: the file's first bytes");
+            assert_eq!(&recv_raw(&mut rx, 7).await.unwrap()[..], b"between");
             assert_eq!(&recv_raw(&mut rx, 10).await.unwrap()[..], &data[..10]);
             assert_eq!(recv::<u32>(&mut rx).await.unwrap(), Some(2));
             drop(writer.await.unwrap());

@@ -485,14 +485,22 @@ impl WorkerShared {
     /// (`None`: it could not, or the result was released): waiting
     /// transfers go on. Ignored for results this worker no longer keeps.
     pub fn put_stored(&self, id: u64, value: Option<Stored>) {
+        self.put_stored_many(vec![(id, value)]);
+    }
+
+    /// [`Self::put_stored`] for a batch, waking waiting transfers once
+    /// (the pickling thread answers thousands of requests at a time).
+    pub fn put_stored_many(&self, items: Vec<(u64, Option<Stored>)>) {
         {
             let mut store = self.store.lock();
-            match value {
-                Some(v) if store.contains_key(&id) => {
-                    store.insert(id, v);
-                }
-                _ => {
-                    store.remove(&id);
+            for (id, value) in items {
+                match value {
+                    Some(v) if store.contains_key(&id) => {
+                        store.insert(id, v);
+                    }
+                    _ => {
+                        store.remove(&id);
+                    }
                 }
             }
         }
@@ -725,41 +733,59 @@ impl WorkerShared {
         out
     }
 
+    /// What the store has of `ids`; held ones are queued for the pickling
+    /// thread once, and waited for (each wake-up looks only at those still
+    /// held: a request for thousands stays linear).
     async fn stored_results(&self, ids: &[u64]) -> Vec<(u64, Option<Stored>)> {
         let deadline = tokio::time::Instant::now() + PICKLE_WAIT;
+        let mut waiting = Vec::new();
+        let mut out: Vec<(u64, Option<Stored>)> = {
+            let store = self.store.lock();
+            ids.iter()
+                .enumerate()
+                .map(|(i, id)| match store.get(id) {
+                    Some(Stored::Held) => {
+                        waiting.push(i);
+                        (*id, None)
+                    }
+                    other => (*id, other.cloned()),
+                })
+                .collect()
+        };
+        if waiting.is_empty() {
+            return out;
+        }
+        {
+            let mut q = self.to_pickle.lock();
+            for &i in &waiting {
+                let id = out[i].0;
+                if q.1.insert(id) {
+                    q.0.push_back(id);
+                }
+            }
+        }
+        self.to_pickle_cv.notify_one();
         loop {
             // Register for the wake-up before looking, so none is missed.
             let notified = self.pickled.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let mut waiting = Vec::new();
-            let items: Vec<(u64, Option<Stored>)> = {
-                let store = self.store.lock();
-                ids.iter()
-                    .map(|id| match store.get(id) {
-                        Some(Stored::Held) => {
-                            waiting.push(*id);
-                            (*id, None)
-                        }
-                        other => (*id, other.cloned()),
-                    })
-                    .collect()
-            };
-            if waiting.is_empty() {
-                return items;
-            }
             {
-                let mut q = self.to_pickle.lock();
-                for id in waiting {
-                    if q.1.insert(id) {
-                        q.0.push_back(id);
+                let store = self.store.lock();
+                waiting.retain(|&i| match store.get(&out[i].0) {
+                    Some(Stored::Held) => true,
+                    other => {
+                        out[i].1 = other.cloned();
+                        false
                     }
-                }
+                });
             }
-            self.to_pickle_cv.notify_one();
+            if waiting.is_empty() {
+                return out;
+            }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                tracing::warn!("results {ids:?} were not pickled within {PICKLE_WAIT:?}");
-                return items;
+                tracing::warn!("results {ids:x?} were not pickled within {PICKLE_WAIT:?}");
+                return out;
             }
         }
     }
@@ -1536,11 +1562,11 @@ async fn send_reply(conn: &mut net::Conn, items: Vec<(u64, Option<Reply>)>) -> i
             let p = match r {
                 Some(Reply::Payload(Payload::Bytes(b))) if b.len() >= RAW_PAYLOAD => {
                     let n = b.len() as u64;
-                    raw.push(Reply::Payload(Payload::Bytes(b)));
+                    raw.push(net::RawPart::Bytes(b));
                     Some(Payload::Follows(n))
                 }
                 Some(Reply::Contents(f, len)) => {
-                    raw.push(Reply::Contents(f, len));
+                    raw.push(net::RawPart::File(f, len));
                     Some(Payload::Follows(len))
                 }
                 Some(Reply::Payload(p)) => Some(p),
@@ -1550,14 +1576,7 @@ async fn send_reply(conn: &mut net::Conn, items: Vec<(u64, Option<Reply>)>) -> i
         })
         .collect();
     net::send(conn, &DataReply { items }).await?;
-    for r in raw {
-        match r {
-            Reply::Payload(Payload::Bytes(b)) => net::send_raw(conn, &b).await?,
-            Reply::Contents(f, len) => net::send_file(conn, &f, len).await?,
-            Reply::Payload(_) => unreachable!("only bytes and contents are raw"),
-        }
-    }
-    Ok(())
+    net::send_raw_parts(conn, raw).await
 }
 
 async fn data_server(listener: Listener, sh: Arc<WorkerShared>) {
