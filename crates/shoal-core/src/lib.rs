@@ -288,21 +288,48 @@ struct Task {
     priority: i32,
     depth: u32,
     group: u32,
-    retries_left: u32,
     /// Duration estimate charged to the worker while processing.
     est_us: u32,
     kills: u8,
+    /// Times a worker could not fetch its inputs from their holder.
+    fetch_fails: u8,
+    /// Cannot run again (see [`NewTask::recompute`]): set once it has run.
+    once: bool,
+    ran: bool,
+    /// What few tasks ask for (boxed only then: a million plain tasks
+    /// keep 32 bytes less each).
+    rare: Option<Box<TaskRare>>,
+}
+
+/// The parts of a task most leave at their defaults.
+#[derive(Debug, Default, PartialEq)]
+struct TaskRare {
+    retries_left: u32,
     /// Its own crash limit (0: the config's).
     max_kills: u8,
     /// See [`NewTask::time_request_us`].
     time_request_us: u64,
-    /// Times a worker could not fetch its inputs from their holder.
-    fetch_fails: u8,
+    /// Threads beyond one.
     threads: u32,
     resources: Box<[(u32, f64)]>,
-    /// Cannot run again (see [`NewTask::recompute`]): set once it has run.
-    once: bool,
-    ran: bool,
+}
+
+impl Task {
+    fn threads(&self) -> u32 {
+        self.rare.as_ref().map_or(1, |r| r.threads.max(1))
+    }
+
+    fn resources(&self) -> &[(u32, f64)] {
+        self.rare.as_ref().map_or(&[], |r| &r.resources)
+    }
+
+    fn time_request_us(&self) -> u64 {
+        self.rare.as_ref().map_or(0, |r| r.time_request_us)
+    }
+
+    fn max_kills(&self) -> u8 {
+        self.rare.as_ref().map_or(0, |r| r.max_kills)
+    }
 }
 
 #[derive(Debug)]
@@ -705,7 +732,7 @@ impl Core {
             // Ready since they were pushed): look them up, never index.
             .filter(|id| {
                 self.tasks.get(id).is_some_and(|t| {
-                    t.state == TaskState::Ready && t.resources.iter().any(|&(r, _)| r == resource)
+                    t.state == TaskState::Ready && t.resources().iter().any(|&(r, _)| r == resource)
                 })
             })
             .collect();
@@ -1006,7 +1033,7 @@ impl Core {
             if t.once {
                 self.set_erred(id, id, ErrorKind::DataLost);
             } else if t.kills
-                >= match t.max_kills {
+                >= match t.max_kills() {
                     0 => self.config.max_kills,
                     own => own,
                 }
@@ -1091,16 +1118,21 @@ impl Core {
                     priority: nt.priority,
                     depth: 0,
                     group: nt.group,
-                    retries_left: nt.retries,
                     est_us: 0,
                     kills: 0,
-                    max_kills: nt.max_kills,
-                    time_request_us: nt.time_request_us,
                     fetch_fails: 0,
-                    threads: nt.threads.max(1),
-                    resources: nt.resources.into_boxed_slice(),
                     once: !nt.recompute,
                     ran: false,
+                    rare: {
+                        let rare = TaskRare {
+                            retries_left: nt.retries,
+                            max_kills: nt.max_kills,
+                            time_request_us: nt.time_request_us,
+                            threads: if nt.threads > 1 { nt.threads } else { 0 },
+                            resources: nt.resources.into_boxed_slice(),
+                        };
+                        (rare != TaskRare::default()).then(|| Box::new(rare))
+                    },
                 }),
             );
             fresh.push(nt.id);
@@ -1464,8 +1496,8 @@ impl Core {
         }
         self.progress(worker);
         let t = self.tasks.get_mut(&task).expect("processing");
-        let erred = if t.retries_left > 0 {
-            t.retries_left -= 1;
+        let erred = if let Some(r) = t.rare.as_mut().filter(|r| r.retries_left > 0) {
+            r.retries_left -= 1;
             self.set_state(task, TaskState::Ready);
             false
         } else {
@@ -1525,7 +1557,7 @@ impl Core {
         self.stimulus = "tasks-started";
         for &id in tasks {
             let mine = self.is_processing_on(id, worker);
-            let threads = self.tasks.get(&id).map_or(1, |t| t.threads);
+            let threads = self.tasks.get(&id).map_or(1, |t| t.threads());
             let Some(w) = self.workers.get_mut(&worker) else {
                 return;
             };
@@ -1761,15 +1793,15 @@ impl Core {
                 let est = t.est_us as u64;
                 if let Some(w) = self.workers.get_mut(&wid) {
                     w.assigned.remove(&id);
-                    w.threads_used -= t.threads;
+                    w.threads_used -= t.threads();
                     // Still started there (no report came first): it runs
                     // on, holding its threads, though no longer wanted.
-                    if w.running.remove(&id) && w.zombies.insert(id, t.threads).is_none() {
-                        w.zombie_threads += t.threads;
+                    if w.running.remove(&id) && w.zombies.insert(id, t.threads()).is_none() {
+                        w.zombie_threads += t.threads();
                     }
                     w.stealing.remove(&id);
                     w.queued_est_us = w.queued_est_us.saturating_sub(est);
-                    for &(r, amount) in t.resources.iter() {
+                    for &(r, amount) in t.resources().iter() {
                         if let Some(u) = w.resources_used.iter_mut().find(|u| u.0 == r) {
                             u.1 -= amount;
                         }
@@ -1795,7 +1827,7 @@ impl Core {
                     depth: t.depth,
                     id,
                 };
-                if t.resources.is_empty() && t.threads == 1 && t.time_request_us == 0 {
+                if t.resources().is_empty() && t.threads() == 1 && t.time_request_us() == 0 {
                     self.ready.push(entry)
                 } else {
                     self.ready_constrained.push(entry)
@@ -2105,7 +2137,7 @@ impl Core {
     fn schedule_constrained(&mut self) {
         while let Some(id) = first_ready(&mut self.ready_constrained, &self.tasks) {
             let t = &self.tasks[&id];
-            let need = &t.resources;
+            let need = t.resources();
             let amount_in =
                 |list: &[(u32, f64)], r: u32| list.iter().find(|x| x.0 == r).map_or(0.0, |x| x.1);
             let covers =
@@ -2116,10 +2148,10 @@ impl Core {
                     amount_in(&w.resources, r) - amount_in(&w.resources_used, r) >= a - 1e-9
                 })
             };
-            let threads = t.threads;
+            let threads = t.threads();
             // A worker that leaves before the task's time request is up
             // is no place for it (it waits for one that lives longer).
-            let until = (t.time_request_us > 0).then(|| self.now_us + t.time_request_us);
+            let until = (t.time_request_us() > 0).then(|| self.now_us + t.time_request_us());
             let lives = |w: &Worker| match (until, w.expires_us) {
                 (Some(u), Some(e)) => e >= u,
                 _ => true,
@@ -2147,7 +2179,7 @@ impl Core {
                 break;
             };
             self.ready_constrained.pop();
-            let need = self.tasks[&id].resources.clone();
+            let need: Box<[(u32, f64)]> = self.tasks[&id].resources().into();
             let w = self.workers.get_mut(&wid).expect("chosen");
             for (r, amount) in need.iter() {
                 if let Some(u) = w.resources_used.iter_mut().find(|u| u.0 == *r) {
@@ -2316,7 +2348,7 @@ impl Core {
                     TaskState::Memory { location: Location::Worker(h), .. } if h == *wid
                 ));
             }
-            let threads: u32 = w.assigned.iter().map(|id| self.tasks[id].threads).sum();
+            let threads: u32 = w.assigned.iter().map(|id| self.tasks[id].threads()).sum();
             assert_eq!(threads, w.threads_used, "{wid:?} thread count");
             for id in &w.running {
                 assert!(w.assigned.contains(id), "{id:?} running but not assigned");
@@ -2327,7 +2359,7 @@ impl Core {
                 let held: f64 = w
                     .assigned
                     .iter()
-                    .flat_map(|id| self.tasks[id].resources.iter())
+                    .flat_map(|id| self.tasks[id].resources().iter())
                     .filter(|x| x.0 == r)
                     .map(|x| x.1)
                     .sum();

@@ -1710,3 +1710,14 @@ fn dependents_of_a_pinned_result_run_on_its_worker() {
     assert_eq!(c.n_tasks(), 0);
     c.check_invariants();
 }
+
+/// A task's record is what a million-task graph costs the scheduler: keep
+/// it within a 144-byte allocation (with the allocator's 8-byte header).
+#[test]
+fn a_task_record_fits_in_136_bytes() {
+    assert!(
+        std::mem::size_of::<Task>() <= 136,
+        "{}",
+        std::mem::size_of::<Task>()
+    );
+}

@@ -45,9 +45,6 @@ const SLICE: std::time::Duration = std::time::Duration::from_millis(2);
 /// cut into, so that no one message holds the owner for long.
 const PIECE: usize = 4096;
 
-/// Distinct function pickles kept for sharing (the set is emptied when full).
-const FUNC_CACHE: usize = 1024;
-
 /// Frames at least this big are decoded off the I/O thread.
 const BIG_FRAME: usize = 4 << 20;
 
@@ -523,9 +520,11 @@ struct State {
     core: Core,
     /// What the scheduler keeps of each task's spec (see [`Kept`]).
     specs: FxHashMap<u64, Box<Kept>>,
-    /// Recent distinct function pickles (see `intern_func`).
-    funcs: FxHashSet<Bytes>,
-    inline: FxHashMap<u64, Bytes>,
+    /// Function pickles, each kept once for all its tasks.
+    funcs: Funcs,
+    /// Small results kept here (a boxed slice: 16 bytes a slot, not 32;
+    /// copied into a message when sent, they are small).
+    inline: FxHashMap<u64, Box<[u8]>>,
     errors: FxHashMap<u64, Bytes>,
     groups: FxHashMap<String, u32>,
     /// Resource names as the core's ids.
@@ -586,7 +585,7 @@ async fn owner(
         syncs: FxHashMap::default(),
         next_sync: 0,
         specs: FxHashMap::default(),
-        funcs: FxHashSet::default(),
+        funcs: Funcs::default(),
         inline: FxHashMap::default(),
         errors: FxHashMap::default(),
         groups: FxHashMap::default(),
@@ -664,22 +663,81 @@ async fn owner(
 }
 
 /// What the scheduler keeps of a task's spec, to send it to a worker (and
-/// again, to recompute it): a third the size of [`TaskSpec`]. Its id is the
-/// map's key, its group name is in the group table and its inputs are in
-/// the core (see `State::full_spec`); tasks of one function share its
-/// pickle. Boxed like the core's tasks, so the table resizes cheaply.
+/// again, to recompute it): 80 bytes on the heap besides its arguments.
+/// Its id is the map's key, its group name is in the group table, its
+/// inputs are in the core (see `State::full_spec`) and its function's
+/// pickle is shared with every task of that function ([`Funcs`]); what few
+/// tasks have is boxed apart ([`Rare`]). Boxed like the core's tasks, so
+/// the table resizes cheaply.
 struct Kept {
-    key: Option<Box<str>>,
-    kind: shoal_proto::TaskKind,
-    func: Bytes,
     args: Bytes,
+    key: Option<Box<str>>,
+    func: u32,
+    priority: i32,
+    kind: shoal_proto::TaskKind,
+    crash_limit: u8,
+    recompute: bool,
+    rare: Option<Box<Rare>>,
+}
+
+/// The parts of a spec most tasks leave at their defaults.
+#[derive(Default, PartialEq)]
+struct Rare {
     resources: Box<[(String, f64)]>,
     time_limit_ms: u64,
     time_request_ms: u64,
-    priority: i32,
     retries: u32,
-    crash_limit: u8,
-    recompute: bool,
+}
+
+impl Kept {
+    fn rare(&self) -> &Rare {
+        static NONE: std::sync::LazyLock<Rare> = std::sync::LazyLock::new(Rare::default);
+        self.rare.as_deref().unwrap_or(&NONE)
+    }
+}
+
+/// Function pickles by id, each kept once with the number of kept specs
+/// that use it (dropped with the last).
+#[derive(Default)]
+struct Funcs {
+    ids: FxHashMap<Bytes, u32>,
+    table: Vec<(Bytes, u32)>,
+    free: Vec<u32>,
+}
+
+impl Funcs {
+    fn intern(&mut self, func: Bytes) -> u32 {
+        if let Some(&id) = self.ids.get(&func) {
+            self.table[id as usize].1 += 1;
+            return id;
+        }
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.table[id as usize] = (func.clone(), 1);
+                id
+            }
+            None => {
+                self.table.push((func.clone(), 1));
+                (self.table.len() - 1) as u32
+            }
+        };
+        self.ids.insert(func, id);
+        id
+    }
+
+    fn get(&self, id: u32) -> &Bytes {
+        &self.table[id as usize].0
+    }
+
+    fn release(&mut self, id: u32) {
+        let (func, uses) = &mut self.table[id as usize];
+        *uses -= 1;
+        if *uses == 0 {
+            let func = std::mem::take(func);
+            self.ids.remove(&func);
+            self.free.push(id);
+        }
+    }
 }
 
 /// A result that came back without its task (the scheduler restarted), kept
@@ -1070,7 +1128,7 @@ impl State {
             });
             if let Some(v) = value {
                 held.insert(TaskId(id), (Location::Inline, v.len() as u64));
-                self.inline.insert(id, v);
+                self.inline.insert(id, Box::from(&v[..]));
             }
             specs.push(spec);
         }
@@ -1128,18 +1186,21 @@ impl State {
                 time_request_us: spec.time_request_ms.saturating_mul(1000),
             });
             if !self.specs.contains_key(&spec.id) {
-                let kept = Kept {
-                    key: spec.key.map(String::into_boxed_str),
-                    kind: spec.kind,
-                    func: self.intern_func(spec.func),
-                    args: spec.args,
+                let rare = Rare {
                     resources: spec.resources.into_boxed_slice(),
                     time_limit_ms: spec.time_limit_ms,
                     time_request_ms: spec.time_request_ms,
-                    priority: spec.priority,
                     retries: spec.retries,
+                };
+                let kept = Kept {
+                    args: spec.args,
+                    key: spec.key.map(String::into_boxed_str),
+                    func: self.funcs.intern(spec.func),
+                    priority: spec.priority,
+                    kind: spec.kind,
                     crash_limit: spec.crash_limit,
                     recompute: spec.recompute,
+                    rare: (rare != Rare::default()).then(|| Box::new(rare)),
                 };
                 self.specs.insert(spec.id, Box::new(kept));
             }
@@ -1337,7 +1398,7 @@ impl State {
                 ) {
                     self.monitor.task(id, group, worker, timing, true, size);
                     if let Some(v) = value {
-                        self.inline.insert(id, v);
+                        self.inline.insert(id, Box::from(&v[..]));
                     }
                     // Scattered data never runs again: drop its bytes here.
                     if let Some(spec) = self.specs.get_mut(&id).filter(|s| !s.recompute) {
@@ -1657,7 +1718,7 @@ impl State {
         let need = self
             .specs
             .get(&id)
-            .map(|s| s.resources.to_vec())
+            .map(|s| s.rare().resources.to_vec())
             .unwrap_or_default();
         let fmt = |r: &[(String, f64)]| {
             if r.is_empty() {
@@ -1756,7 +1817,9 @@ impl State {
                     }
                 }
                 Action::Forget { task } => {
-                    self.specs.remove(&task.0);
+                    if let Some(k) = self.specs.remove(&task.0) {
+                        self.funcs.release(k.func);
+                    }
                     self.monitor.error_text.remove(&task.0);
                     self.inline.remove(&task.0);
                     self.errors.remove(&task.0);
@@ -1783,7 +1846,10 @@ impl State {
                         continue;
                     };
                     let (value, location) = match self.core.location(task) {
-                        Some(Location::Inline) => (self.inline.get(&task.0).cloned(), None),
+                        Some(Location::Inline) => (
+                            self.inline.get(&task.0).map(|v| Bytes::copy_from_slice(v)),
+                            None,
+                        ),
                         Some(Location::Worker(w)) => {
                             (None, self.workers.get(&w.0).map(|w| w.data_addr.clone()))
                         }
@@ -1907,17 +1973,6 @@ impl State {
     }
 
     /// One copy of each distinct function pickle among recent submissions.
-    fn intern_func(&mut self, func: Bytes) -> Bytes {
-        if let Some(f) = self.funcs.get(&func) {
-            return f.clone();
-        }
-        if self.funcs.len() >= FUNC_CACHE {
-            self.funcs.clear();
-        }
-        self.funcs.insert(func.clone());
-        func
-    }
-
     /// The name of a task's group.
     fn group_of(&self, task: u64) -> &str {
         self.core
@@ -1934,16 +1989,16 @@ impl State {
             group: self.group_of(task).to_string(),
             key: k.key.as_deref().map(str::to_string),
             kind: k.kind,
-            func: k.func.clone(),
+            func: self.funcs.get(k.func).clone(),
             args: k.args.clone(),
             deps: self.core.deps(TaskId(task)).iter().map(|d| d.0).collect(),
             priority: k.priority,
-            retries: k.retries,
-            resources: k.resources.to_vec(),
+            retries: k.rare().retries,
+            resources: k.rare().resources.to_vec(),
             recompute: k.recompute,
-            time_limit_ms: k.time_limit_ms,
+            time_limit_ms: k.rare().time_limit_ms,
             crash_limit: k.crash_limit,
-            time_request_ms: k.time_request_ms,
+            time_request_ms: k.rare().time_request_ms,
         })
     }
 
@@ -1957,7 +2012,9 @@ impl State {
             .iter()
             .filter_map(|d| {
                 let source = match self.core.location(*d)? {
-                    Location::Inline => DepSource::Inline(self.inline.get(&d.0)?.clone()),
+                    Location::Inline => {
+                        DepSource::Inline(Bytes::copy_from_slice(self.inline.get(&d.0)?))
+                    }
                     Location::Worker(h) => DepSource::Worker {
                         id: h.0,
                         addr: self.workers.get(&h.0)?.data_addr.clone(),
@@ -1972,11 +2029,11 @@ impl State {
             name: shoal_proto::task_name(spec.key.as_deref(), group, task.0),
             group: group.to_string(),
             kind: spec.kind,
-            func: spec.func.clone(),
+            func: self.funcs.get(spec.func).clone(),
             args: spec.args.clone(),
             deps,
-            resources: spec.resources.to_vec(),
-            time_limit_ms: spec.time_limit_ms,
+            resources: spec.rare().resources.to_vec(),
+            time_limit_ms: spec.rare().time_limit_ms,
             job: self.jobs.job_of_task(task.0).unwrap_or(0),
         });
     }
@@ -2000,6 +2057,29 @@ impl EntryRef for FxHashMap<String, u32> {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn a_function_pickle_is_kept_once_while_a_spec_uses_it() {
+        let mut f = Funcs::default();
+        let (a, b) = (Bytes::from_static(b"inc"), Bytes::from_static(b"add"));
+        let ia = f.intern(a.clone());
+        assert_eq!(
+            f.intern(Bytes::copy_from_slice(b"inc")),
+            ia,
+            "one id per pickle"
+        );
+        let ib = f.intern(b.clone());
+        assert_ne!(ia, ib);
+        assert_eq!(f.get(ia), &a);
+        f.release(ia);
+        assert_eq!(f.get(ia), &a, "one spec still uses it");
+        f.release(ia);
+        assert_eq!(f.ids.len(), 1, "dropped with its last spec");
+        let ic = f.intern(Bytes::from_static(b"mul"));
+        assert_eq!(ic, ia, "its slot is reused");
+        assert_eq!(f.get(ib), &b);
+        assert_eq!(f.table.len(), 2);
+    }
 
     /// A scheduler on a Unix socket in a fresh directory, and a client
     /// connected to it.
