@@ -401,11 +401,14 @@ class _Executor:
                     if type(b) is str:
                         raise TypeError(b)
                     inputs[d] = _serialize.loads(b) if b is not None else self.store.get(d)
-                _serialize.set_inputs(inputs)
-                try:
-                    payload = pickle.loads(args)
-                finally:
-                    _serialize.set_inputs(None)
+                if not args:  # its one input is its one argument (Client._pack_args)
+                    payload = ((inputs[deps[0][0]],), None)
+                else:
+                    _serialize.set_inputs(inputs)
+                    try:
+                        payload = pickle.loads(args)
+                    finally:
+                        _serialize.set_inputs(None)
             else:
                 payload = pickle.loads(args)
             if not task_local.numpy and self.store.numpy_allocator:
