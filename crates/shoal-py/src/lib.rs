@@ -527,7 +527,7 @@ impl ClientCore {
         match self.inner.status(id) {
             None => intern!(py, "released"),
             Some(Status::Pending) => intern!(py, "pending"),
-            Some(Status::Memory(_)) => intern!(py, "finished"),
+            Some(Status::Value(_) | Status::At(_)) => intern!(py, "finished"),
             Some(Status::Erred(_)) => intern!(py, "error"),
         }
     }
@@ -582,16 +582,14 @@ impl ClientCore {
         let none = py.None();
         let t = match self.inner.status(id) {
             None | Some(Status::Pending) => (intern!(py, "pending"), none.clone_ref(py), none),
-            Some(Status::Memory(f)) if f.value.is_some() => (
+            Some(Status::Value(v)) => (
                 intern!(py, "value"),
                 // A bytearray: arrays unpickled from it are writable.
-                PyByteArray::new(py, f.value.as_deref().unwrap_or_default())
-                    .into_any()
-                    .unbind(),
+                PyByteArray::new(py, &v).into_any().unbind(),
                 none,
             ),
-            Some(Status::Memory(f)) => {
-                let addr = f.location.unwrap_or_default();
+            Some(Status::At(addr)) => {
+                let addr = addr.to_string();
                 let secret = &self.inner.secret;
                 let deadline =
                     timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));

@@ -17,26 +17,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
-/// What the client knows of a task. 16 bytes (the rare payloads boxed):
-/// a client holds one per live future.
+/// What the client knows of a task: 24 bytes (an error boxed), one per
+/// live future, so a million held futures stay small.
 #[derive(Clone, Debug)]
 pub enum Status {
     /// Not finished.
     Pending,
-    /// Finished.
-    Memory(Box<Finished>),
+    /// Finished; its pickled value came inline.
+    Value(Box<[u8]>),
+    /// Finished; held by the worker at this data address (one string per
+    /// worker, shared by all its results).
+    At(Arc<str>),
     /// Failed.
     Erred(Box<TaskError>),
-}
-
-/// A finished task: its inline value, or the data address of the worker
-/// holding it.
-#[derive(Clone, Debug)]
-pub struct Finished {
-    /// Inline pickled value.
-    pub value: Option<Bytes>,
-    /// Holder's data address.
-    pub location: Option<String>,
 }
 
 impl Status {
@@ -129,6 +122,19 @@ struct State {
     replies: FxHashMap<u64, String>,
     /// Failed fetches in a row, by task (reset by a success).
     fetch_failures: FxHashMap<u64, u32>,
+    /// Workers' data addresses, each kept once (see [`Status::At`]).
+    addresses: rustc_hash::FxHashSet<Arc<str>>,
+}
+
+impl State {
+    fn address(&mut self, addr: String) -> Arc<str> {
+        if let Some(a) = self.addresses.get(addr.as_str()) {
+            return a.clone();
+        }
+        let a: Arc<str> = Arc::from(addr);
+        self.addresses.insert(a.clone());
+        a
+    }
 }
 
 /// Fetches of one result that may fail in a row before the client gives
@@ -224,6 +230,7 @@ pub fn connect_with(
                 info: None,
                 replies: FxHashMap::default(),
                 fetch_failures: FxHashMap::default(),
+                addresses: Default::default(),
             }),
             cv: Condvar::new(),
             secret: secret.clone(),
@@ -373,7 +380,7 @@ impl ClientShared {
                 if expanded {
                     done.insert(id);
                     let value = match st.status.get(&id) {
-                        Some(Status::Memory(f)) => f.value.clone(),
+                        Some(Status::Value(v)) => Some(Bytes::copy_from_slice(v)),
                         _ => None,
                     };
                     out.push((spec.clone(), value));
@@ -399,7 +406,10 @@ impl ClientShared {
                     id,
                     value,
                     location,
-                } => (id, Status::Memory(Box::new(Finished { value, location }))),
+                } => match value {
+                    Some(v) => (id, Status::Value(Box::from(&v[..]))),
+                    None => (id, Status::At(st.address(location.unwrap_or_default()))),
+                },
                 FromScheduler::Erred { id, error } => (id, Status::Erred(Box::new(error))),
                 FromScheduler::Ping => continue,
                 FromScheduler::Info(info) => {

@@ -522,9 +522,6 @@ struct State {
     specs: FxHashMap<u64, Box<Kept>>,
     /// Function pickles, each kept once for all its tasks.
     funcs: Funcs,
-    /// Small results kept here (a boxed slice: 16 bytes a slot, not 32;
-    /// copied into a message when sent, they are small).
-    inline: FxHashMap<u64, Box<[u8]>>,
     errors: FxHashMap<u64, Bytes>,
     groups: FxHashMap<String, u32>,
     /// Resource names as the core's ids.
@@ -586,7 +583,6 @@ async fn owner(
         next_sync: 0,
         specs: FxHashMap::default(),
         funcs: Funcs::default(),
-        inline: FxHashMap::default(),
         errors: FxHashMap::default(),
         groups: FxHashMap::default(),
         resource_ids: FxHashMap::default(),
@@ -663,7 +659,8 @@ async fn owner(
 }
 
 /// What the scheduler keeps of a task's spec, to send it to a worker (and
-/// again, to recompute it): 80 bytes on the heap besides its arguments.
+/// again, to recompute it), and its small result: 96 bytes on the heap
+/// besides its arguments and result.
 /// Its id is the map's key, its group name is in the group table, its
 /// inputs are in the core (see `State::full_spec`) and its function's
 /// pickle is shared with every task of that function ([`Funcs`]); what few
@@ -671,6 +668,9 @@ async fn owner(
 /// the table resizes cheaply.
 struct Kept {
     args: Bytes,
+    /// Its small result, kept here once it finished (copied into each
+    /// message that carries it: it is small).
+    value: Option<Box<[u8]>>,
     key: Option<Box<str>>,
     func: u32,
     priority: i32,
@@ -1115,6 +1115,7 @@ impl State {
     /// result a rejoined worker holds, start finished.
     fn resubmit_held(&mut self, cid: ClientId, tasks: Vec<(TaskSpec, Option<Bytes>)>) {
         let mut held = FxHashMap::default();
+        let mut values = Vec::new();
         let mut specs = Vec::with_capacity(tasks.len());
         for (spec, value) in tasks {
             let id = spec.id;
@@ -1128,13 +1129,16 @@ impl State {
             });
             if let Some(v) = value {
                 held.insert(TaskId(id), (Location::Inline, v.len() as u64));
-                self.inline.insert(id, Box::from(&v[..]));
+                values.push((id, v));
             }
             specs.push(spec);
         }
         let kept = held.len();
         let n = specs.len();
         self.resubmit(cid, specs, &held);
+        for (id, v) in values {
+            self.set_value(id, &v);
+        }
         tracing::info!(
             "client {} resumed: {kept} of its {n} tasks kept their results",
             cid.0
@@ -1194,6 +1198,7 @@ impl State {
                 };
                 let kept = Kept {
                     args: spec.args,
+                    value: None,
                     key: spec.key.map(String::into_boxed_str),
                     func: self.funcs.intern(spec.func),
                     priority: spec.priority,
@@ -1398,7 +1403,7 @@ impl State {
                 ) {
                     self.monitor.task(id, group, worker, timing, true, size);
                     if let Some(v) = value {
-                        self.inline.insert(id, Box::from(&v[..]));
+                        self.set_value(id, &v);
                     }
                     // Scattered data never runs again: drop its bytes here.
                     if let Some(spec) = self.specs.get_mut(&id).filter(|s| !s.recompute) {
@@ -1809,7 +1814,9 @@ impl State {
                     }
                 }
                 Action::ReleaseData { worker, task } => {
-                    self.inline.remove(&task.0);
+                    if let Some(k) = self.specs.get_mut(&task.0) {
+                        k.value = None;
+                    }
                     // Sent in order with Computes (a recomputed task may go to
                     // the same worker); the writer batches them anyway.
                     if let Some(w) = worker.and_then(|w| self.workers.get(&w.0)) {
@@ -1821,7 +1828,6 @@ impl State {
                         self.funcs.release(k.func);
                     }
                     self.monitor.error_text.remove(&task.0);
-                    self.inline.remove(&task.0);
                     self.errors.remove(&task.0);
                 }
                 Action::TaskMemory { client, task } if jobs::job_of(client).is_some() => {
@@ -1846,10 +1852,9 @@ impl State {
                         continue;
                     };
                     let (value, location) = match self.core.location(task) {
-                        Some(Location::Inline) => (
-                            self.inline.get(&task.0).map(|v| Bytes::copy_from_slice(v)),
-                            None,
-                        ),
+                        Some(Location::Inline) => {
+                            (self.value(task.0).map(Bytes::copy_from_slice), None)
+                        }
                         Some(Location::Worker(w)) => {
                             (None, self.workers.get(&w.0).map(|w| w.data_addr.clone()))
                         }
@@ -1973,6 +1978,18 @@ impl State {
     }
 
     /// One copy of each distinct function pickle among recent submissions.
+    /// Keeps a task's small result (with its spec: one record per task).
+    fn set_value(&mut self, id: u64, v: &[u8]) {
+        if let Some(k) = self.specs.get_mut(&id) {
+            k.value = Some(Box::from(v));
+        }
+    }
+
+    /// A task's small result, if the scheduler keeps it.
+    fn value(&self, id: u64) -> Option<&[u8]> {
+        self.specs.get(&id)?.value.as_deref()
+    }
+
     /// The name of a task's group.
     fn group_of(&self, task: u64) -> &str {
         self.core
@@ -2012,9 +2029,7 @@ impl State {
             .iter()
             .filter_map(|d| {
                 let source = match self.core.location(*d)? {
-                    Location::Inline => {
-                        DepSource::Inline(Bytes::copy_from_slice(self.inline.get(&d.0)?))
-                    }
+                    Location::Inline => DepSource::Inline(Bytes::copy_from_slice(self.value(d.0)?)),
                     Location::Worker(h) => DepSource::Worker {
                         id: h.0,
                         addr: self.workers.get(&h.0)?.data_addr.clone(),
@@ -2057,6 +2072,13 @@ impl EntryRef for FxHashMap<String, u32> {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// What a million-task graph costs the scheduler besides the core.
+    #[test]
+    fn a_kept_spec_fits_in_88_bytes() {
+        assert!(size_of::<Kept>() <= 88, "{}", size_of::<Kept>());
+        assert!(size_of::<Rare>() <= 48, "{}", size_of::<Rare>());
+    }
 
     #[test]
     fn a_function_pickle_is_kept_once_while_a_spec_uses_it() {
