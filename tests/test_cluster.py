@@ -5,6 +5,7 @@ permits them (root with `ip netns`), else distinct loopback addresses."""
 
 from __future__ import annotations
 
+import glob
 import http.client
 import json
 import os
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 from _helpers import wait_for
 
@@ -63,6 +65,7 @@ def cluster(
     n_workers: int = 2,
     hosts: list[list[str]] | None = None,
     tls: list[str] | None = None,
+    worker_args: list[list[str]] | None = None,
     **env,
 ) -> Iterator:
     """A scheduler and `n_workers` `shoal worker` commands, each of one
@@ -91,7 +94,8 @@ def cluster(
             wenv = {**env, "SHOAL_HOST_KEY": f"host-{i}"}
             procs.append(
                 Proc(
-                    [*SHOAL, "worker", "--scheduler-file", str(sfile), "--name", f"w{i}-{{pid}}"],
+                    [*SHOAL, "worker", "--scheduler-file", str(sfile), "--name", f"w{i}-{{pid}}"]
+                    + (worker_args[i] if worker_args else []),
                     hosts[i + 1],
                     wenv,
                     log,
@@ -333,6 +337,42 @@ def certs(tmp_path_factory) -> list[str]:
         *("--tls-cert", str(d / "cert.pem")),
         *("--tls-key", str(d / "key.pem")),
     ]
+
+
+def make_floats(n):
+    return np.arange(n, dtype=np.float64)
+
+
+def make_list(n):
+    return [str(i) for i in range(n)]
+
+
+def total_of(a, words):
+    return float(a.sum()) + len(words)
+
+
+def test_results_go_to_another_host_from_memory_without_a_shared_memory_file(tmp_path):
+    """A held result under the shared-memory block size (an array of
+    256 KiB, a list), fetched by a task on another host and by a client on
+    yet another: framed in memory and sent, with no file written for it
+    (a peer there could not map one anyway)."""
+    args = [["--resources", "hA=1"], ["--resources", "hB=1"]]
+    with cluster(tmp_path, 2, worker_args=args) as (sfile, _):
+        with shoal.Client(scheduler_file=sfile) as c:
+            wait_for(lambda: n_workers(c) == 2, 60, "two workers")
+            pid_a = next(
+                w["pid"] for w in c.scheduler_info()["workers"].values() if w["name"][:2] == "w0"
+            )
+            segments = f"/dev/shm/shoal-{os.getuid()}-{pid_a}/*"
+            a = c.submit(make_floats, 32768, resources={"hA": 1})
+            words = c.submit(make_list, 20_000, resources={"hA": 1})
+            shoal.wait([a, words])
+            before = set(glob.glob(segments))
+            got = c.submit(total_of, a, words, resources={"hB": 1}).result(timeout=60)
+            assert got == float(np.arange(32768).sum()) + 20_000
+            assert np.array_equal(a.result(timeout=60), np.arange(32768, dtype=np.float64))
+            assert words.result(timeout=60)[-1] == "19999"
+            assert set(glob.glob(segments)) == before, "a file was written for a peer"
 
 
 @pytest.mark.parametrize("use_tls", [False, True], ids=["tcp", "tls"])

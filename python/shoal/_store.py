@@ -377,6 +377,23 @@ class Store:
                 self.objects[tid] = _serialize.load_file(path)
         return path, length
 
+    def frame(self, tid: int) -> list[Any] | None:
+        """A held result's frame for a transfer to another host: its parts,
+        buffers not copied (the Rust side joins them into one buffer and
+        sends it from memory: no shared-memory file is made for a peer that
+        cannot map it). None if it is no longer held as an object here, or
+        if its one buffer lies in a shared-memory block: that one is
+        published in place instead (``export``), and the kernel sends the
+        block's pages with no copy at all."""
+        with self.lock:
+            obj = self.objects.get(tid, _MISSING)
+        if obj is _MISSING:
+            return None
+        parts, _, oob = _serialize.frame_parts(obj, tid)
+        if oob and self.numpy_allocator and _core.shm_locate(parts[-1]) is not None:
+            return None
+        return [p if type(p) is bytes else memoryview(p).cast("B") for p in parts]
+
     def release(self, ids: list[int]) -> None:
         with self.lock:
             for tid in ids:

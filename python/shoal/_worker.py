@@ -471,13 +471,15 @@ class _Executor:
 
     def export_held(self) -> None:
         """Thread: writes held results to shared memory when a peer or client
-        fetches them (waiting in Rust with the GIL released); each batch is
+        on this host fetches them, and frames them in memory for one on
+        another host (waiting in Rust with the GIL released); each batch is
         answered at once, so a fetch of thousands wakes its transfer once."""
         core, store = self.core, self.store
         replaced: list[Any] = []  # objects swapped for views: dropped after answering
         while True:
+            files, frames = core.pickle_requests(1.0)
             done: list[tuple[int, tuple[str, int] | None]] = []
-            for tid in core.pickle_requests(1.0):
+            for tid in files:
                 why = store.unpicklable.get(tid)
                 if why is not None:
                     core.put_unpicklable(tid, why)
@@ -490,6 +492,26 @@ class _Executor:
                 done.append((tid, f))
             if done:
                 core.put_stored_many(done)
+            replaced.clear()
+            framed: list[tuple[int, list[Any] | None]] = []
+            published: list[tuple[int, tuple[str, int] | None]] = []
+            for tid in frames:
+                why = store.unpicklable.get(tid)
+                if why is not None:
+                    core.put_unpicklable(tid, why)
+                    continue
+                parts = None
+                try:
+                    parts = store.frame(tid)
+                    if parts is None and tid in store.objects:  # in a block: in place
+                        published.append((tid, store.export(tid, replaced)))
+                except Exception:  # noqa: BLE001 - the fetcher gets "not available"
+                    traceback.print_exc()
+                framed.append((tid, parts))
+            if published:  # first: a transfer given no frame looks at the store
+                core.put_stored_many(published)
+            if framed:
+                core.put_frames(framed)
             replaced.clear()
 
 

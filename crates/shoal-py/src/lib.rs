@@ -984,11 +984,45 @@ impl WorkerCore {
         self.inner.reclaim_thread()
     }
 
-    /// Ids of held results that transfers wait for (empty after `timeout`).
-    fn pickle_requests(&self, py: Python<'_>, timeout: f64) -> Vec<u64> {
+    /// Ids of held results that transfers wait for: `(to write to files,
+    /// to frame for another host)`; both empty after `timeout`.
+    fn pickle_requests(&self, py: Python<'_>, timeout: f64) -> (Vec<u64>, Vec<u64>) {
         let timeout = Duration::from_secs_f64(timeout.max(0.0));
         let inner = &self.inner;
         py.detach(move || inner.pickle_requests(timeout))
+    }
+
+    /// Frames of held results for transfers to another host, as their
+    /// parts (bytes-like, one byte per item; joined here into one buffer,
+    /// warm from the receive-buffer pool when large), or None when one
+    /// could not be framed. The results stay held.
+    fn put_frames(&self, items: Vec<(u64, Option<Vec<Bound<'_, PyAny>>>)>) -> PyResult<()> {
+        let mut framed = Vec::with_capacity(items.len());
+        for (id, parts) in items {
+            let Some(parts) = parts else {
+                framed.push((id, None));
+                continue;
+            };
+            let bufs = parts
+                .iter()
+                .map(pyo3::buffer::PyBuffer::<u8>::get)
+                .collect::<PyResult<Vec<_>>>()?;
+            let n: usize = bufs.iter().map(|b| b.len_bytes()).sum();
+            let mut out = shoal_runtime::bufpool::FrameWriter::new(n)?;
+            for b in &bufs {
+                if !b.is_c_contiguous() {
+                    return Err(PyValueError::new_err("a frame part is not contiguous"));
+                }
+                // SAFETY: a contiguous buffer of `len_bytes` readable bytes,
+                // held (and the GIL with it) while it is copied.
+                let src =
+                    unsafe { std::slice::from_raw_parts(b.buf_ptr().cast::<u8>(), b.len_bytes()) };
+                out.push(src);
+            }
+            framed.push((id, Some(out.finish())));
+        }
+        self.inner.put_frames(framed);
+        Ok(())
     }
 
     /// Where a held result now is: `(path, length)` of the file with its

@@ -160,7 +160,10 @@ pub struct WorkerShared {
     /// The cluster's secret: peers prove it to fetch, and so do we.
     secret: Secret,
     /// Held results a transfer waits for, for the Python pickling thread.
-    to_pickle: Mutex<(VecDeque<u64>, FxHashSet<u64>)>,
+    to_pickle: Mutex<PickleRequests>,
+    /// Frames of held results the pickling thread made for transfers to
+    /// other hosts, until their transfer takes them (`None`: it could not).
+    framed: Mutex<FxHashMap<u64, Option<Bytes>>>,
     to_pickle_cv: Condvar,
     /// Wakes transfers waiting for a result to be pickled.
     pickled: tokio::sync::Notify,
@@ -467,18 +470,43 @@ impl WorkerShared {
         let _ = self.out().send(ToScheduler::Threads(n));
     }
 
-    /// For the Python pickling thread: held results that transfers wait for
-    /// (waits up to `timeout`; empty on timeout).
-    pub fn pickle_requests(&self, timeout: Duration) -> Vec<u64> {
+    /// For the Python pickling thread: held results that transfers wait
+    /// for, to write to files (for this host) and to frame in memory (for
+    /// another: [`Self::put_frames`]); waits up to `timeout` (empty then).
+    pub fn pickle_requests(&self, timeout: Duration) -> (Vec<u64>, Vec<u64>) {
         let deadline = Instant::now() + timeout;
         let mut q = self.to_pickle.lock();
-        while q.0.is_empty() {
+        if !q.busy.is_empty() {
+            // The last batch is done: transfers that found no frame of
+            // theirs in it may ask again now.
+            q.busy.clear();
+            self.pickled.notify_waiters();
+        }
+        while q.files.is_empty() && q.frames.is_empty() {
             if self.to_pickle_cv.wait_until(&mut q, deadline).timed_out() {
-                return Vec::new();
+                return (Vec::new(), Vec::new());
             }
         }
-        q.1.clear();
-        q.0.drain(..).collect()
+        let q = &mut *q;
+        std::mem::swap(&mut q.busy, &mut q.queued);
+        q.queued.clear();
+        (q.files.drain(..).collect(), q.frames.drain(..).collect())
+    }
+
+    /// The pickling thread framed held results for a transfer to another
+    /// host (`None`: it could not): the transfers waiting for them go on.
+    /// The results stay held (as the Python objects).
+    pub fn put_frames(&self, items: Vec<(u64, Option<Bytes>)>) {
+        {
+            let store = self.store.lock();
+            let mut framed = self.framed.lock();
+            for (id, frame) in items {
+                if store.contains_key(&id) {
+                    framed.insert(id, frame);
+                }
+            }
+        }
+        self.pickled.notify_waiters();
     }
 
     /// The Python side wrote a held result to a file, or spilled one
@@ -698,7 +726,7 @@ impl WorkerShared {
     /// the bytes (a file's sent from the file). `None` for results this
     /// worker lacks.
     async fn pickled_results(&self, ids: &[u64], same_host: bool) -> Vec<(u64, Option<Reply>)> {
-        let stored = self.stored_results(ids).await;
+        let stored = self.stored_results(ids, !same_host).await;
         let mut out = Vec::with_capacity(stored.len());
         for (id, s) in stored {
             let p = match s {
@@ -735,8 +763,10 @@ impl WorkerShared {
 
     /// What the store has of `ids`; held ones are queued for the pickling
     /// thread once, and waited for (each wake-up looks only at those still
-    /// held: a request for thousands stays linear).
-    async fn stored_results(&self, ids: &[u64]) -> Vec<(u64, Option<Stored>)> {
+    /// held: a request for thousands stays linear). `frames`: the requester
+    /// is on another host, so held ones are framed in memory (taken here as
+    /// bytes, sent from memory) rather than written to files first.
+    async fn stored_results(&self, ids: &[u64], frames: bool) -> Vec<(u64, Option<Stored>)> {
         let deadline = tokio::time::Instant::now() + PICKLE_WAIT;
         let mut waiting = Vec::new();
         let mut out: Vec<(u64, Option<Stored>)> = {
@@ -759,8 +789,12 @@ impl WorkerShared {
             let mut q = self.to_pickle.lock();
             for &i in &waiting {
                 let id = out[i].0;
-                if q.1.insert(id) {
-                    q.0.push_back(id);
+                if q.queued.insert((id, frames)) {
+                    if frames {
+                        q.frames.push_back(id);
+                    } else {
+                        q.files.push_back(id);
+                    }
                 }
             }
         }
@@ -772,16 +806,55 @@ impl WorkerShared {
             notified.as_mut().enable();
             {
                 let store = self.store.lock();
-                waiting.retain(|&i| match store.get(&out[i].0) {
-                    Some(Stored::Held) => true,
-                    other => {
-                        out[i].1 = other.cloned();
-                        false
+                let mut framed = self.framed.lock();
+                waiting.retain(|&i| {
+                    let id = out[i].0;
+                    if frames {
+                        match framed.remove(&id) {
+                            Some(Some(b)) => {
+                                out[i].1 = Some(Stored::Bytes(b));
+                                return false;
+                            }
+                            // It could not be framed: whatever the store
+                            // says now (exported meanwhile, or gone).
+                            Some(None) => {
+                                out[i].1 = match store.get(&id) {
+                                    Some(Stored::Held) | None => None,
+                                    other => other.cloned(),
+                                };
+                                return false;
+                            }
+                            None => {}
+                        }
+                    }
+                    match store.get(&id) {
+                        Some(Stored::Held) => true,
+                        other => {
+                            out[i].1 = other.cloned();
+                            false
+                        }
                     }
                 });
             }
             if waiting.is_empty() {
                 return out;
+            }
+            if frames {
+                // A frame another transfer of the same result took first:
+                // ask again (neither queued nor in the batch being made).
+                let mut q = self.to_pickle.lock();
+                let mut again = false;
+                for &i in &waiting {
+                    let key = (out[i].0, true);
+                    if !q.busy.contains(&key) && q.queued.insert(key) {
+                        q.frames.push_back(key.0);
+                        again = true;
+                    }
+                }
+                drop(q);
+                if again {
+                    self.to_pickle_cv.notify_one();
+                }
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 tracing::warn!("results {ids:x?} were not pickled within {PICKLE_WAIT:?}");
@@ -901,7 +974,8 @@ pub fn start(
             store: Mutex::new(FxHashMap::default()),
             fetch_slots: tokio::sync::Semaphore::new(FETCH_SLOTS),
             secret,
-            to_pickle: Mutex::new((VecDeque::new(), FxHashSet::default())),
+            to_pickle: Mutex::new(PickleRequests::default()),
+            framed: Mutex::new(FxHashMap::default()),
             to_pickle_cv: Condvar::new(),
             pickled: tokio::sync::Notify::new(),
             out: parking_lot::RwLock::new(out),
@@ -1243,7 +1317,9 @@ fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
             {
                 let mut store = sh.store.lock();
                 let mut copied = sh.copied.lock();
+                let mut framed = sh.framed.lock();
                 for id in &ids {
+                    framed.remove(id); // a frame no transfer took
                     let gone = store.remove(id);
                     // Copies made here for a retiring peer are ours to delete
                     // (the Python side may not have seen them).
@@ -1342,6 +1418,19 @@ async fn replicate(sh: &WorkerShared, id: u64, from: &str) -> io::Result<()> {
     sh.store.lock().insert(id, Stored::File { path, len });
     sh.copied.lock().insert(id);
     Ok(())
+}
+
+/// Held results transfers wait for, queued for the pickling thread.
+#[derive(Default)]
+struct PickleRequests {
+    /// To write to files (a transfer on this host).
+    files: VecDeque<u64>,
+    /// To frame in memory (a transfer to another host).
+    frames: VecDeque<u64>,
+    /// What is queued, each way (asked twice, pickled once).
+    queued: FxHashSet<(u64, bool)>,
+    /// The batch the pickling thread works on (until it asks again).
+    busy: FxHashSet<(u64, bool)>,
 }
 
 /// Why a task's inputs could not be had.
