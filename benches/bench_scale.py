@@ -18,13 +18,16 @@ Workloads:
   noop-workers``: real connections and heartbeats in one process, each
   task answered at once): tasks/s of both and their ratio, the workers
   still live afterwards, any falsely declared lost (heartbeats late), and
-  the event loop's worst lag.
+  the event loop's worst lag; then 1,000 workers with 4 clients (processes)
+  submitting at once: messages in and out per second.
 * ``tree``: N/2 leaves reduced pairwise to one sum, level by level (a
-  graph of futures where only the root is kept): tasks/s.
+  graph of futures where only the root is kept), on a scheduler and
+  workers of their own: tasks/s, and the scheduler's and the client's peak
+  memory per task (resident high-water mark over the run, less before).
 * ``delayed``: a ``dask.delayed`` graph of 1,000 chains of ``inc``, N
   tasks in all, computed with Shoal's ``get``: tasks/s of the compute
   phase (``dask.compute`` to results; building the delayed objects is not
-  counted).
+  counted), and peak memory per task as for ``tree``.
 
 ``--peers`` runs ``map`` and ``delayed`` on Dask distributed too, with N
 capped at 20,000 (it manages about a thousand tasks a second).
@@ -46,12 +49,31 @@ def inc(x):
     return x + 1
 
 
-def rss(pid: int | str = "self") -> int:
+def rss(pid: int | str = "self", field: str = "VmRSS") -> int:
     with open(f"/proc/{pid}/status") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+class Peaks:
+    """Peak resident memory of processes over a run, less their resident
+    memory before it (the kernel's high-water mark, reset at the start:
+    ``clear_refs`` 5), per task."""
+
+    def __init__(self, **pids: int | str):
+        self.pids = pids
+        self.before = {k: rss(p) for k, p in pids.items()}
+        for p in pids.values():
+            with open(f"/proc/{p}/clear_refs", "w") as fh:
+                fh.write("5")
+
+    def per_task(self, tasks: int) -> dict:
+        return {
+            f"{k} peak B/task": (rss(p, "VmHWM") - self.before[k]) / tasks
+            for k, p in self.pids.items()
+        }
 
 
 def shoal_map(n: int) -> dict:
@@ -146,11 +168,14 @@ def add(a, b):
 
 def shoal_tree(n: int) -> dict:
     """N/2 leaves reduced pairwise, level by level, to one sum (about N
-    tasks), on the embedded cluster; only the root's future is kept."""
+    tasks), on a scheduler and workers of their own; only the root's future
+    is kept at the end."""
     import shoal
 
-    with shoal.Client(n_workers=N_WORKERS) as c:
+    with Cluster() as cl, shoal.Client(scheduler_file=cl.sfile) as c:
+        c.wait_for_workers(N_WORKERS, timeout=60)
         c.submit(inc, 1).result()
+        peaks = Peaks(scheduler=cl.sched.pid, client="self")
         t = time.perf_counter()
         level = list(c.map(inc, range(n // 2), batch_size=1))
         tasks = len(level)
@@ -163,7 +188,8 @@ def shoal_tree(n: int) -> dict:
         total = level[0].result()
         dt = time.perf_counter() - t
         assert total >= n // 2
-    return {"tasks/s": tasks / dt, "tasks": tasks}
+        mem = peaks.per_task(tasks)
+    return {"tasks/s": tasks / dt, "tasks": tasks, **mem}
 
 
 def build_delayed(n: int):
@@ -185,13 +211,16 @@ def shoal_delayed(n: int) -> dict:
     import shoal
 
     ends = build_delayed(n)
-    with shoal.Client(n_workers=N_WORKERS) as c:
+    with Cluster() as cl, shoal.Client(scheduler_file=cl.sfile) as c:
+        c.wait_for_workers(N_WORKERS, timeout=60)
         c.submit(inc, 1).result()
+        peaks = Peaks(scheduler=cl.sched.pid, client="self")
         t = time.perf_counter()
         out = dask.compute(*ends, scheduler=c.get)
         dt = time.perf_counter() - t
+        mem = peaks.per_task(n)
     assert out[0] == n // 1000
-    return {"tasks/s": n / dt}
+    return {"tasks/s": n / dt, **mem}
 
 
 def dask_delayed(n: int) -> dict:
@@ -208,9 +237,21 @@ def dask_delayed(n: int) -> dict:
     return {"tasks/s": n / dt}
 
 
-def light_workers(n: int, count: int) -> dict:
+def _map_in_process(sfile: str, n: int) -> None:
+    """One more client (``light_workers``' ``clients``), in a process of
+    its own: N tiny tasks."""
+    import shoal
+
+    with shoal.Client(scheduler_file=sfile) as c:
+        assert len(c.gather(c.map(inc, range(n), batch_size=1))) == n
+
+
+def light_workers(n: int, count: int, clients: int = 1) -> dict:
     """Tiny tasks on ``count`` light workers (``shoal noop-workers``: real
-    connections and heartbeats, each task answered at once)."""
+    connections and heartbeats, each task answered at once), submitted by
+    ``clients`` clients at once (each its own process), N in all."""
+    import multiprocessing
+
     import shoal
 
     d = tempfile.mkdtemp(prefix="shoal-scale-")
@@ -234,13 +275,23 @@ def light_workers(n: int, count: int) -> dict:
         with shoal.Client(scheduler_file=sfile) as c:
             c.wait_for_workers(count, timeout=120)
             c0 = c.query("/api/status?since=0")["counters"]
+            each = n // clients
+            ctx = multiprocessing.get_context("spawn")
+            others = [
+                ctx.Process(target=_map_in_process, args=(sfile, each)) for _ in range(clients - 1)
+            ]
             t = time.perf_counter()
-            out = c.gather(c.map(inc, range(n), batch_size=1))
+            for p in others:
+                p.start()
+            out = c.gather(c.map(inc, range(n - each * (clients - 1)), batch_size=1))
+            for p in others:
+                p.join()
+                assert p.exitcode == 0, "a client failed"
             dt = time.perf_counter() - t
             c1 = c.query("/api/status?since=0")["counters"]
             msgs = c1["messages_in"] - c0["messages_in"]
             msgs_out = c1["messages_out"] - c0["messages_out"]
-            assert len(out) == n
+            assert len(out) == n - each * (clients - 1)
             time.sleep(3)  # heartbeats keep coming after the burst
             live = len(c.scheduler_info()["workers"])
             lag = c.query("/api/status?since=0")["counters"]["lag_max_us"]
@@ -264,6 +315,7 @@ def light_workers(n: int, count: int) -> dict:
 def shoal_workers(n: int) -> dict:
     two = light_workers(n, 2)
     many = light_workers(n, 1000)
+    several = light_workers(n, 1000, clients=4)
     return {
         "2 workers tasks/s": two["tasks/s"],
         "1000 workers tasks/s": many["tasks/s"],
@@ -273,6 +325,11 @@ def shoal_workers(n: int) -> dict:
         "1000 live after": many["workers live"],
         "falsely lost": many["lost"],
         "lag max ms": many["lag max ms"],
+        "4 clients tasks/s": several["tasks/s"],
+        "4 clients messages in/s": several["messages in/s"],
+        "4 clients messages out/s": several["messages out/s"],
+        "4 clients falsely lost": several["lost"],
+        "4 clients lag max ms": several["lag max ms"],
     }
 
 
