@@ -275,7 +275,7 @@ impl Default for Config {
 }
 
 #[derive(Debug)]
-struct Task {
+struct Task<S> {
     state: TaskState,
     // Inline up to two (chains, trees, one client): no allocation each.
     deps: SmallVec<[TaskId; 2]>,
@@ -299,6 +299,9 @@ struct Task {
     /// What few tasks ask for (boxed only then: a million plain tasks
     /// keep 32 bytes less each).
     rare: Option<Box<TaskRare>>,
+    /// What the service keeps of the task (its spec), in the same record:
+    /// one allocation and one table slot per task, not two.
+    spec: S,
 }
 
 /// The parts of a task most leave at their defaults.
@@ -314,7 +317,7 @@ struct TaskRare {
     resources: Box<[(u32, f64)]>,
 }
 
-impl Task {
+impl<S> Task<S> {
     fn threads(&self) -> u32 {
         self.rare.as_ref().map_or(1, |r| r.threads.max(1))
     }
@@ -479,11 +482,11 @@ pub struct Transition {
 }
 
 /// The scheduler state machine.
-pub struct Core {
+pub struct Core<S = ()> {
     config: Config,
     /// Boxed: growing the table past a million tasks moves 16-byte slots,
     /// not whole tasks (a resize is one step the event loop waits for).
-    tasks: FxHashMap<TaskId, Box<Task>>,
+    tasks: FxHashMap<TaskId, Box<Task<S>>>,
     workers: FxHashMap<WorkerId, Worker>,
     /// Workers in id order, for deterministic placement.
     worker_order: Vec<WorkerId>,
@@ -539,6 +542,14 @@ impl Default for Core {
 impl Core {
     /// A core with no workers and no tasks.
     pub fn new(config: Config) -> Self {
+        Core::with_specs(config)
+    }
+}
+
+impl<S> Core<S> {
+    /// A core whose tasks each keep a spec of type `S` for the service
+    /// ([`Core::handle_submit_specs`], [`Core::spec`]).
+    pub fn with_specs(config: Config) -> Self {
         Core {
             config,
             tasks: FxHashMap::default(),
@@ -1069,8 +1080,44 @@ impl Core {
     /// A client submitted tasks (in dependency order or not: a batch is taken
     /// whole). Every task of the batch is wanted by the client. A task whose id
     /// is already known just gains the client's interest.
-    pub fn handle_submit(&mut self, client: ClientId, tasks: Vec<NewTask>) {
+    pub fn handle_submit(&mut self, client: ClientId, tasks: Vec<NewTask>)
+    where
+        S: Default,
+    {
+        let tasks = tasks.into_iter().map(|t| (t, S::default())).collect();
         self.handle_resubmit(client, tasks, &FxHashMap::default());
+    }
+
+    /// [`Core::handle_submit`] with each task's spec (dropped if the task
+    /// is known already).
+    pub fn handle_submit_specs(&mut self, client: ClientId, tasks: Vec<(NewTask, S)>) {
+        self.handle_resubmit(client, tasks, &FxHashMap::default());
+    }
+
+    /// Bytes of one task's record (with its spec), for tests that keep a
+    /// million-task graph small.
+    pub fn record_size() -> usize {
+        std::mem::size_of::<Task<S>>()
+    }
+
+    /// A task's priority (as submitted).
+    pub fn priority(&self, task: TaskId) -> Option<i32> {
+        self.tasks.get(&task).map(|t| t.priority)
+    }
+
+    /// Every task the core knows, in no order.
+    pub fn task_ids(&self) -> impl Iterator<Item = TaskId> + '_ {
+        self.tasks.keys().copied()
+    }
+
+    /// The spec a task was submitted with.
+    pub fn spec(&self, id: TaskId) -> Option<&S> {
+        self.tasks.get(&id).map(|t| &t.spec)
+    }
+
+    /// The spec a task was submitted with, to change.
+    pub fn spec_mut(&mut self, id: TaskId) -> Option<&mut S> {
+        self.tasks.get_mut(&id).map(|t| &mut t.spec)
     }
 
     /// A client's tasks submitted again after the scheduler restarted under
@@ -1081,13 +1128,13 @@ impl Core {
     pub fn handle_resubmit(
         &mut self,
         client: ClientId,
-        tasks: Vec<NewTask>,
+        tasks: Vec<(NewTask, S)>,
         held: &FxHashMap<TaskId, (Location, u64)>,
     ) {
         self.stimulus = "submit";
         let mut fresh = Vec::with_capacity(tasks.len());
         // First pass: records, so deps inside the batch resolve in any order.
-        for nt in tasks {
+        for (nt, spec) in tasks {
             if let Some(t) = self.tasks.get_mut(&nt.id) {
                 if !t.wanted_by.contains(&client) {
                     t.wanted_by.push(client);
@@ -1133,6 +1180,7 @@ impl Core {
                         };
                         (rare != TaskRare::default()).then(|| Box::new(rare))
                     },
+                    spec,
                 }),
             );
             fresh.push(nt.id);
@@ -1365,7 +1413,7 @@ impl Core {
     }
 
     /// The worker holding a pinned input of `t`, if any.
-    fn pinned_holder(&self, t: &Task) -> Option<WorkerId> {
+    fn pinned_holder(&self, t: &Task<S>) -> Option<WorkerId> {
         if self.pinned.is_empty() {
             return None;
         }
@@ -1752,6 +1800,11 @@ impl Core {
         }
         if self.log.len() == self.config.log_capacity {
             self.log.pop_front();
+        } else if self.log.len() == self.log.capacity() {
+            // Doubling, but never past the bound (a deque would round
+            // 100,000 up to 131,072 slots: 2.5 MB for nothing).
+            let want = (2 * self.log.len()).clamp(64, self.config.log_capacity);
+            self.log.reserve_exact(want - self.log.len());
         }
         self.log.push_back(Transition {
             task,
@@ -2410,9 +2463,9 @@ const LOAD_SCAN: usize = 8;
 
 /// The id of the heap's first entry still Ready, dropping stale entries
 /// (tasks that left Ready, or were forgotten, after they were pushed).
-fn first_ready(
+fn first_ready<S>(
     heap: &mut BinaryHeap<ReadyEntry>,
-    tasks: &FxHashMap<TaskId, Box<Task>>,
+    tasks: &FxHashMap<TaskId, Box<Task<S>>>,
 ) -> Option<TaskId> {
     while let Some(top) = heap.peek() {
         if tasks

@@ -1576,7 +1576,7 @@ fn resubmitted_tasks_held_by_a_rejoined_worker_start_in_memory_and_are_not_run_a
     .into_iter()
     .collect();
     let tasks = vec![nt(1, &[]), nt(2, &[]), nt(3, &[]), nt(4, &[1, 2, 3])];
-    c.handle_resubmit(C, tasks, &held);
+    c.handle_resubmit(C, tasks.into_iter().map(|t| (t, ())).collect(), &held);
     c.check_invariants();
     let a = c.take_actions();
     // Only 3 runs; 4 waits for it alone.
@@ -1716,8 +1716,8 @@ fn dependents_of_a_pinned_result_run_on_its_worker() {
 #[test]
 fn a_task_record_fits_in_136_bytes() {
     assert!(
-        std::mem::size_of::<Task>() <= 136,
+        std::mem::size_of::<Task<()>>() <= 136,
         "{}",
-        std::mem::size_of::<Task>()
+        std::mem::size_of::<Task<()>>()
     );
 }

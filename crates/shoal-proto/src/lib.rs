@@ -200,10 +200,43 @@ pub fn task_name(key: Option<&str>, group: &str, id: u64) -> String {
     }
 }
 
+/// Empties the `func` of each task whose function is the previous one's
+/// (the sender's side of [`ToScheduler::Submit`]'s rule).
+pub fn share_funcs(specs: &mut [TaskSpec]) {
+    let mut last: Option<Bytes> = None;
+    for s in specs {
+        let same = last.as_ref().is_some_and(|l| {
+            l.len() == s.func.len() && (l.as_ptr() == s.func.as_ptr() || *l == s.func)
+        });
+        if same {
+            s.func = Bytes::new();
+        } else {
+            last = Some(s.func.clone());
+        }
+    }
+}
+
+/// Gives each task with an empty `func` the previous one's (the
+/// receiver's side of [`ToScheduler::Submit`]'s rule; shared, not copied).
+/// One with no previous task keeps its empty function (it fails when it
+/// runs, saying its function cannot be unpickled).
+pub fn fill_funcs(specs: &mut [TaskSpec]) {
+    let mut last = Bytes::new();
+    for s in specs {
+        if s.func.is_empty() {
+            s.func = last.clone();
+        } else {
+            last = s.func.clone();
+        }
+    }
+}
+
 /// Messages to the scheduler (from clients and workers).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub enum ToScheduler {
-    /// Client: new tasks.
+    /// Client: new tasks. A task's `func` may be empty: the function is
+    /// the previous task's in the same message (a `map` sends its pickle
+    /// once, not once per task; see [`fill_funcs`]).
     Submit(Vec<TaskSpec>),
     /// Client: futures dropped.
     Release(Vec<u64>),
@@ -781,6 +814,46 @@ impl Hello {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_submit_sends_each_function_once_in_a_row_and_gets_it_back() {
+        let spec = |id: u64, func: &Bytes| TaskSpec {
+            id,
+            group: "g".into(),
+            key: None,
+            kind: TaskKind::Call,
+            func: func.clone(),
+            args: Bytes::new(),
+            deps: vec![],
+            priority: 0,
+            retries: 0,
+            resources: vec![],
+            recompute: true,
+            time_limit_ms: 0,
+            crash_limit: 0,
+            time_request_ms: 0,
+        };
+        let (f, g) = (Bytes::from_static(b"inc"), Bytes::from(b"add".to_vec()));
+        let g2 = Bytes::from(b"add".to_vec()); // equal, not the same buffer
+        let orig = vec![
+            spec(1, &f),
+            spec(2, &f),
+            spec(3, &g),
+            spec(4, &g2),
+            spec(5, &f),
+        ];
+        let mut sent = orig.clone();
+        share_funcs(&mut sent);
+        let funcs: Vec<&[u8]> = sent.iter().map(|s| &s.func[..]).collect();
+        assert_eq!(funcs, [&b"inc"[..], b"", b"add", b"", b"inc"]);
+        let mut got: Vec<TaskSpec> = decode(&encode(&sent)).unwrap();
+        fill_funcs(&mut got);
+        assert_eq!(got, orig);
+        // A first task with no function keeps none (it fails when run).
+        let mut lone = vec![spec(6, &Bytes::new())];
+        fill_funcs(&mut lone);
+        assert!(lone[0].func.is_empty());
+    }
 
     #[test]
     fn batches_round_trip() {

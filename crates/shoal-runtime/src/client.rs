@@ -517,6 +517,7 @@ impl ClientShared {
             let full = specs.peek().is_some_and(|n| bytes + size(n) > SUBMIT_CHUNK);
             if full || specs.peek().is_none() {
                 bytes = 0;
+                shoal_proto::share_funcs(&mut chunk);
                 // A scheduler that reads slower than the client submits
                 // makes the submitter wait, not the queue grow.
                 let out = self.out.read().clone();

@@ -517,9 +517,8 @@ struct State {
     peer_backlog: usize,
     /// Cluster-wide names (named actors): name -> (owning client, value).
     names: FxHashMap<String, (u32, String)>,
-    core: Core,
-    /// What the scheduler keeps of each task's spec (see [`Kept`]).
-    specs: FxHashMap<u64, Box<Kept>>,
+    /// The core, each task's [`Kept`] spec in its record.
+    core: Core<Kept>,
     /// Function pickles, each kept once for all its tasks.
     funcs: Funcs,
     errors: FxHashMap<u64, Bytes>,
@@ -574,14 +573,13 @@ async fn owner(
         heartbeat_timeout: net::heartbeat_timeout(),
         peer_backlog: PEER_BACKLOG,
         names: FxHashMap::default(),
-        core: Core::new(shoal_core::Config {
+        core: Core::with_specs(shoal_core::Config {
             log_capacity: STORY_LOG,
             ..Default::default()
         }),
         started_us: crate::worker::now_us(),
         syncs: FxHashMap::default(),
         next_sync: 0,
-        specs: FxHashMap::default(),
         funcs: Funcs::default(),
         errors: FxHashMap::default(),
         groups: FxHashMap::default(),
@@ -659,21 +657,22 @@ async fn owner(
 }
 
 /// What the scheduler keeps of a task's spec, to send it to a worker (and
-/// again, to recompute it), and its small result: 96 bytes on the heap
-/// besides its arguments and result.
-/// Its id is the map's key, its group name is in the group table, its
-/// inputs are in the core (see `State::full_spec`) and its function's
-/// pickle is shared with every task of that function ([`Funcs`]); what few
-/// tasks have is boxed apart ([`Rare`]). Boxed like the core's tasks, so
-/// the table resizes cheaply.
-struct Kept {
-    args: Bytes,
-    /// Its small result, kept here once it finished (copied into each
-    /// message that carries it: it is small).
-    value: Option<Box<[u8]>>,
+/// again, to recompute it), and its small result, in the core's record of
+/// the task (`Core<Kept>`: one allocation and one table slot per task).
+/// Its id, priority and inputs are the core's (see `State::full_spec`),
+/// its group name is in the group table, its function's pickle is shared
+/// with every task of that function ([`Funcs`]), and what few tasks have
+/// is boxed apart ([`Rare`]).
+pub(crate) struct Kept {
+    /// (A boxed slice, copied into each message: 16 bytes, not a `Bytes`'s
+    /// 32 and the shared header its first clone allocates.)
+    args: Box<[u8]>,
+    /// Its small result, kept here once it finished (empty until then; a
+    /// pickle is never empty), in place up to 16 bytes (a number, a short
+    /// string: no allocation), copied into each message that carries it.
+    value: smallvec::SmallVec<[u8; 16]>,
     key: Option<Box<str>>,
-    func: u32,
-    priority: i32,
+    func: Arc<Bytes>,
     kind: shoal_proto::TaskKind,
     crash_limit: u8,
     recompute: bool,
@@ -696,47 +695,27 @@ impl Kept {
     }
 }
 
-/// Function pickles by id, each kept once with the number of kept specs
-/// that use it (dropped with the last).
+/// Function pickles, each kept once and shared by the specs of its tasks;
+/// one no spec uses any more is dropped by the next sweep (the table is
+/// swept whenever it has doubled since the last one).
 #[derive(Default)]
 struct Funcs {
-    ids: FxHashMap<Bytes, u32>,
-    table: Vec<(Bytes, u32)>,
-    free: Vec<u32>,
+    table: FxHashMap<Bytes, Arc<Bytes>>,
+    swept_at: usize,
 }
 
 impl Funcs {
-    fn intern(&mut self, func: Bytes) -> u32 {
-        if let Some(&id) = self.ids.get(&func) {
-            self.table[id as usize].1 += 1;
-            return id;
+    fn intern(&mut self, func: Bytes) -> Arc<Bytes> {
+        if let Some(f) = self.table.get(&func) {
+            return f.clone();
         }
-        let id = match self.free.pop() {
-            Some(id) => {
-                self.table[id as usize] = (func.clone(), 1);
-                id
-            }
-            None => {
-                self.table.push((func.clone(), 1));
-                (self.table.len() - 1) as u32
-            }
-        };
-        self.ids.insert(func, id);
-        id
-    }
-
-    fn get(&self, id: u32) -> &Bytes {
-        &self.table[id as usize].0
-    }
-
-    fn release(&mut self, id: u32) {
-        let (func, uses) = &mut self.table[id as usize];
-        *uses -= 1;
-        if *uses == 0 {
-            let func = std::mem::take(func);
-            self.ids.remove(&func);
-            self.free.push(id);
+        if self.table.len() >= (2 * self.swept_at).max(64) {
+            self.table.retain(|_, f| Arc::strong_count(f) > 1);
+            self.swept_at = self.table.len();
         }
+        let f = Arc::new(func.clone());
+        self.table.insert(func, f.clone());
+        f
     }
 }
 
@@ -777,7 +756,15 @@ fn queue_pieces(queue: &mut VecDeque<Item>, msg: ToScheduler, item: impl Fn(ToSc
         queue.extend(pieces.into_iter().rev().map(|p| item(wrap(p))));
     }
     match msg {
-        ToScheduler::Submit(v) if v.len() > PIECE => cut(queue, v, ToScheduler::Submit, item),
+        ToScheduler::Submit(mut v) => {
+            // Before cutting: a piece's first task may share its function.
+            shoal_proto::fill_funcs(&mut v);
+            if v.len() > PIECE {
+                cut(queue, v, ToScheduler::Submit, item)
+            } else {
+                queue.push_back(item(ToScheduler::Submit(v)))
+            }
+        }
         ToScheduler::Release(v) if v.len() > PIECE => cut(queue, v, ToScheduler::Release, item),
         ToScheduler::Cancel(v) if v.len() > PIECE => cut(queue, v, ToScheduler::Cancel, item),
         ToScheduler::Detach(v) if v.len() > PIECE => cut(queue, v, ToScheduler::Detach, item),
@@ -1177,7 +1164,7 @@ impl State {
                 .cloned()
                 .collect();
             let resources = self.resource_ids(&named);
-            tasks.push(NewTask {
+            let nt = NewTask {
                 id: TaskId(spec.id),
                 deps,
                 priority: spec.priority,
@@ -1188,27 +1175,25 @@ impl State {
                 recompute: spec.recompute,
                 max_kills: spec.crash_limit,
                 time_request_us: spec.time_request_ms.saturating_mul(1000),
-            });
-            if !self.specs.contains_key(&spec.id) {
-                let rare = Rare {
-                    resources: spec.resources.into_boxed_slice(),
-                    time_limit_ms: spec.time_limit_ms,
-                    time_request_ms: spec.time_request_ms,
-                    retries: spec.retries,
-                };
-                let kept = Kept {
-                    args: spec.args,
-                    value: None,
-                    key: spec.key.map(String::into_boxed_str),
-                    func: self.funcs.intern(spec.func),
-                    priority: spec.priority,
-                    kind: spec.kind,
-                    crash_limit: spec.crash_limit,
-                    recompute: spec.recompute,
-                    rare: (rare != Rare::default()).then(|| Box::new(rare)),
-                };
-                self.specs.insert(spec.id, Box::new(kept));
-            }
+            };
+            // (Dropped by the core if it knows the task already.)
+            let rare = Rare {
+                resources: spec.resources.into_boxed_slice(),
+                time_limit_ms: spec.time_limit_ms,
+                time_request_ms: spec.time_request_ms,
+                retries: spec.retries,
+            };
+            let kept = Kept {
+                args: Box::from(&spec.args[..]),
+                value: smallvec::SmallVec::new(),
+                key: spec.key.map(String::into_boxed_str),
+                func: self.funcs.intern(spec.func),
+                kind: spec.kind,
+                crash_limit: spec.crash_limit,
+                recompute: spec.recompute,
+                rare: (rare != Rare::default()).then(|| Box::new(rare)),
+            };
+            tasks.push((nt, kept));
         }
         self.core.handle_resubmit(cid, tasks, held);
     }
@@ -1239,7 +1224,7 @@ impl State {
             if !seen.insert(cmd.task) {
                 return Err(format!("task id {} appears twice in the job", cmd.task));
             }
-            if self.specs.contains_key(&t.id) {
+            if self.core.state(TaskId(t.id)).is_some() {
                 return Err(format!("task {:x} is already known", t.id));
             }
             ids.push((cmd.task, t.id));
@@ -1406,8 +1391,8 @@ impl State {
                         self.set_value(id, &v);
                     }
                     // Scattered data never runs again: drop its bytes here.
-                    if let Some(spec) = self.specs.get_mut(&id).filter(|s| !s.recompute) {
-                        spec.args = Bytes::new();
+                    if let Some(spec) = self.core.spec_mut(TaskId(id)).filter(|s| !s.recompute) {
+                        spec.args = Box::default();
                     }
                 } else if self.restored_until.is_some() && self.core.state(TaskId(id)).is_none() {
                     // A task of the lost scheduler's time, finished since:
@@ -1721,8 +1706,8 @@ impl State {
     /// Why a task's resources cannot be had, in words.
     fn unsatisfiable(&self, id: u64) -> String {
         let need = self
-            .specs
-            .get(&id)
+            .core
+            .spec(TaskId(id))
             .map(|s| s.rare().resources.to_vec())
             .unwrap_or_default();
         let fmt = |r: &[(String, f64)]| {
@@ -1760,7 +1745,7 @@ impl State {
     }
 
     fn name(&self, id: u64) -> String {
-        match self.specs.get(&id) {
+        match self.core.spec(TaskId(id)) {
             Some(s) => task_name(s.key.as_deref(), self.group_of(id), id),
             None => task_name(None, "task", id),
         }
@@ -1814,8 +1799,8 @@ impl State {
                     }
                 }
                 Action::ReleaseData { worker, task } => {
-                    if let Some(k) = self.specs.get_mut(&task.0) {
-                        k.value = None;
+                    if let Some(k) = self.core.spec_mut(task) {
+                        k.value = smallvec::SmallVec::new();
                     }
                     // Sent in order with Computes (a recomputed task may go to
                     // the same worker); the writer batches them anyway.
@@ -1824,9 +1809,6 @@ impl State {
                     }
                 }
                 Action::Forget { task } => {
-                    if let Some(k) = self.specs.remove(&task.0) {
-                        self.funcs.release(k.func);
-                    }
                     self.monitor.error_text.remove(&task.0);
                     self.errors.remove(&task.0);
                 }
@@ -1980,14 +1962,14 @@ impl State {
     /// One copy of each distinct function pickle among recent submissions.
     /// Keeps a task's small result (with its spec: one record per task).
     fn set_value(&mut self, id: u64, v: &[u8]) {
-        if let Some(k) = self.specs.get_mut(&id) {
-            k.value = Some(Box::from(v));
+        if let Some(k) = self.core.spec_mut(TaskId(id)) {
+            k.value = smallvec::SmallVec::from_slice(v);
         }
     }
 
     /// A task's small result, if the scheduler keeps it.
     fn value(&self, id: u64) -> Option<&[u8]> {
-        self.specs.get(&id)?.value.as_deref()
+        Some(&self.core.spec(TaskId(id))?.value[..]).filter(|v| !v.is_empty())
     }
 
     /// The name of a task's group.
@@ -2000,16 +1982,16 @@ impl State {
 
     /// A task's spec as submitted (group and inputs put back).
     fn full_spec(&self, task: u64) -> Option<TaskSpec> {
-        let k = self.specs.get(&task)?;
+        let k = self.core.spec(TaskId(task))?;
         Some(TaskSpec {
             id: task,
             group: self.group_of(task).to_string(),
             key: k.key.as_deref().map(str::to_string),
             kind: k.kind,
-            func: self.funcs.get(k.func).clone(),
-            args: k.args.clone(),
+            func: (*k.func).clone(),
+            args: Bytes::copy_from_slice(&k.args),
             deps: self.core.deps(TaskId(task)).iter().map(|d| d.0).collect(),
-            priority: k.priority,
+            priority: self.core.priority(TaskId(task)).unwrap_or(0),
             retries: k.rare().retries,
             resources: k.rare().resources.to_vec(),
             recompute: k.recompute,
@@ -2020,7 +2002,7 @@ impl State {
     }
 
     fn send_compute(&mut self, worker: WorkerId, task: TaskId) {
-        let (Some(w), Some(spec)) = (self.workers.get(&worker.0), self.specs.get(&task.0)) else {
+        let (Some(w), Some(spec)) = (self.workers.get(&worker.0), self.core.spec(task)) else {
             return;
         };
         let deps = self
@@ -2044,8 +2026,8 @@ impl State {
             name: shoal_proto::task_name(spec.key.as_deref(), group, task.0),
             group: group.to_string(),
             kind: spec.kind,
-            func: self.funcs.get(spec.func).clone(),
-            args: spec.args.clone(),
+            func: (*spec.func).clone(),
+            args: Bytes::copy_from_slice(&spec.args),
             deps,
             resources: spec.rare().resources.to_vec(),
             time_limit_ms: spec.rare().time_limit_ms,
@@ -2075,32 +2057,27 @@ mod tests {
 
     /// What a million-task graph costs the scheduler besides the core.
     #[test]
-    fn a_kept_spec_fits_in_88_bytes() {
-        assert!(size_of::<Kept>() <= 88, "{}", size_of::<Kept>());
+    fn a_task_record_with_its_spec_fits_in_216_bytes() {
+        // A 224-byte allocation with the allocator's header.
+        let n = Core::<Kept>::record_size();
+        assert!(n <= 216, "{n}");
         assert!(size_of::<Rare>() <= 48, "{}", size_of::<Rare>());
     }
 
     #[test]
     fn a_function_pickle_is_kept_once_while_a_spec_uses_it() {
         let mut f = Funcs::default();
-        let (a, b) = (Bytes::from_static(b"inc"), Bytes::from_static(b"add"));
-        let ia = f.intern(a.clone());
-        assert_eq!(
-            f.intern(Bytes::copy_from_slice(b"inc")),
-            ia,
-            "one id per pickle"
-        );
-        let ib = f.intern(b.clone());
-        assert_ne!(ia, ib);
-        assert_eq!(f.get(ia), &a);
-        f.release(ia);
-        assert_eq!(f.get(ia), &a, "one spec still uses it");
-        f.release(ia);
-        assert_eq!(f.ids.len(), 1, "dropped with its last spec");
-        let ic = f.intern(Bytes::from_static(b"mul"));
-        assert_eq!(ic, ia, "its slot is reused");
-        assert_eq!(f.get(ib), &b);
-        assert_eq!(f.table.len(), 2);
+        let a = f.intern(Bytes::from_static(b"inc"));
+        let again = f.intern(Bytes::copy_from_slice(b"inc"));
+        assert!(Arc::ptr_eq(&a, &again), "one copy per pickle");
+        drop(again);
+        // Many distinct functions, each let go at once: swept as the table
+        // grows, while one still used stays.
+        for i in 0..1000u32 {
+            drop(f.intern(Bytes::from(i.to_le_bytes().to_vec())));
+        }
+        assert!(f.table.len() < 200, "{} kept", f.table.len());
+        assert!(Arc::ptr_eq(&f.intern(Bytes::from_static(b"inc")), &a));
     }
 
     /// A scheduler on a Unix socket in a fresh directory, and a client

@@ -223,11 +223,11 @@ impl State {
     /// (a graph of 100,000 tasks is drawn as a few groups).
     fn graph(&self) -> Value {
         let mut edges: rustc_hash::FxHashMap<(u32, u32), u64> = Default::default();
-        for &id in self.specs.keys() {
-            let Some(g) = self.core.task_group(TaskId(id)) else {
+        for id in self.core.task_ids() {
+            let Some(g) = self.core.task_group(id) else {
                 continue;
             };
-            for &d in self.core.deps(TaskId(id)) {
+            for &d in self.core.deps(id) {
                 if let Some(dg) = self.core.task_group(d) {
                     *edges.entry((dg, g)).or_default() += 1;
                 }
@@ -247,7 +247,7 @@ impl State {
     }
 
     fn task_detail(&self, id: u64) -> Result<Value, (u16, String)> {
-        let spec = self.specs.get(&id);
+        let spec = self.core.spec(TaskId(id));
         let run = self.monitor.stream.iter().rev().find(|r| r.task == id);
         if spec.is_none() && run.is_none() {
             return Err((404, format!("task {id} is not known (any more)")));

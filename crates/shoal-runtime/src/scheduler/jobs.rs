@@ -297,7 +297,7 @@ impl Jobs {
             .collect()
     }
 
-    fn summary(&self, id: u32, job: &Job, core: &Core) -> Value {
+    fn summary<S>(&self, id: u32, job: &Job, core: &Core<S>) -> Value {
         // Running: sent to a worker (started or queued there).
         let running = job
             .tasks
@@ -317,7 +317,7 @@ impl Jobs {
     }
 
     /// `/api/jobs`: every job, oldest first.
-    pub(super) fn list_json(&self, core: &Core) -> Value {
+    pub(super) fn list_json<S>(&self, core: &Core<S>) -> Value {
         Value::Array(
             self.jobs
                 .iter()
@@ -327,7 +327,7 @@ impl Jobs {
     }
 
     /// `/api/jobs/N`: one job, with the first errors.
-    pub(super) fn info_json(&self, id: u32, core: &Core) -> Option<Value> {
+    pub(super) fn info_json<S>(&self, id: u32, core: &Core<S>) -> Option<Value> {
         let job = self.jobs.get(&id)?;
         let mut v = self.summary(id, job, core);
         v["max_fails"] = job.max_fails.into();

@@ -92,6 +92,10 @@ impl Monitor {
         self.next_seq += 1;
         if self.stream.len() == STREAM_CAP {
             self.stream.pop_front();
+        } else if self.stream.len() == self.stream.capacity() {
+            // Doubling, but never past the bound (see `Core`'s log).
+            let want = (2 * self.stream.len()).clamp(64, STREAM_CAP);
+            self.stream.reserve_exact(want - self.stream.len());
         }
         self.stream.push_back(r);
     }
@@ -232,6 +236,11 @@ mod tests {
             m.task(i, 0, 1, timing(i), true, 8);
         }
         assert_eq!(m.stream.len(), STREAM_CAP);
+        assert!(
+            m.stream.capacity() < STREAM_CAP * 11 / 10,
+            "{}",
+            m.stream.capacity()
+        );
         assert_eq!(m.finished_total, STREAM_CAP as u64 + 10);
         // Asking from before the oldest kept entry gives all that is kept.
         assert_eq!(m.since(0).count(), STREAM_CAP);
