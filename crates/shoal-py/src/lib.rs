@@ -527,7 +527,9 @@ impl ClientCore {
         match self.inner.status(id) {
             None => intern!(py, "released"),
             Some(Status::Pending) => intern!(py, "pending"),
-            Some(Status::Value(_) | Status::At(_)) => intern!(py, "finished"),
+            Some(Status::Small { .. } | Status::Value(_) | Status::At(_)) => {
+                intern!(py, "finished")
+            }
             Some(Status::Erred(_)) => intern!(py, "error"),
         }
     }
@@ -582,10 +584,12 @@ impl ClientCore {
         let none = py.None();
         let t = match self.inner.status(id) {
             None | Some(Status::Pending) => (intern!(py, "pending"), none.clone_ref(py), none),
-            Some(Status::Value(v)) => (
+            Some(s @ (Status::Small { .. } | Status::Value(_))) => (
                 intern!(py, "value"),
                 // A bytearray: arrays unpickled from it are writable.
-                PyByteArray::new(py, &v).into_any().unbind(),
+                PyByteArray::new(py, s.value().unwrap_or_default())
+                    .into_any()
+                    .unbind(),
                 none,
             ),
             Some(Status::At(addr)) => {

@@ -23,7 +23,15 @@ use std::time::Instant;
 pub enum Status {
     /// Not finished.
     Pending,
-    /// Finished; its pickled value came inline.
+    /// Finished; its pickled value came inline: up to 22 bytes in place (a
+    /// number, a short string: no allocation)...
+    Small {
+        /// Bytes used.
+        len: u8,
+        /// The value, then zeros.
+        bytes: [u8; 22],
+    },
+    /// ... longer ones boxed.
     Value(Box<[u8]>),
     /// Finished; held by the worker at this data address (one string per
     /// worker, shared by all its results).
@@ -33,6 +41,27 @@ pub enum Status {
 }
 
 impl Status {
+    /// Finished with a value that came inline.
+    pub fn finished_with(v: &[u8]) -> Status {
+        match u8::try_from(v.len()) {
+            Ok(len) if v.len() <= 22 => {
+                let mut bytes = [0; 22];
+                bytes[..v.len()].copy_from_slice(v);
+                Status::Small { len, bytes }
+            }
+            _ => Status::Value(Box::from(v)),
+        }
+    }
+
+    /// The inline value, if it finished with one.
+    pub fn value(&self) -> Option<&[u8]> {
+        match self {
+            Status::Small { len, bytes } => Some(&bytes[..*len as usize]),
+            Status::Value(v) => Some(v),
+            _ => None,
+        }
+    }
+
     /// Finished, successfully or not.
     pub fn is_done(&self) -> bool {
         !matches!(self, Status::Pending)
@@ -380,8 +409,8 @@ impl ClientShared {
                 if expanded {
                     done.insert(id);
                     let value = match st.status.get(&id) {
-                        Some(Status::Value(v)) => Some(Bytes::copy_from_slice(v)),
-                        _ => None,
+                        Some(s) => s.value().map(Bytes::copy_from_slice),
+                        None => None,
                     };
                     out.push((spec.clone(), value));
                 } else if open.insert(id) {
@@ -407,7 +436,7 @@ impl ClientShared {
                     value,
                     location,
                 } => match value {
-                    Some(v) => (id, Status::Value(Box::from(&v[..]))),
+                    Some(v) => (id, Status::finished_with(&v)),
                     None => (id, Status::At(st.address(location.unwrap_or_default()))),
                 },
                 FromScheduler::Erred { id, error } => (id, Status::Erred(Box::new(error))),
@@ -846,4 +875,22 @@ pub fn start_fetch(
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "empty reply"))
     });
     PendingFetch { rt, task }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Status;
+
+    /// A client holds one per live future: a million of them stay small.
+    #[test]
+    fn a_status_is_24_bytes_and_small_values_need_no_allocation() {
+        assert_eq!(std::mem::size_of::<Status>(), 24);
+        let v: Vec<u8> = (0..40).collect();
+        for n in [0, 1, 22, 23, 40] {
+            let s = Status::finished_with(&v[..n]);
+            assert_eq!(s.value(), Some(&v[..n]));
+            assert_eq!(matches!(s, Status::Small { .. }), n <= 22, "{n}");
+        }
+        assert_eq!(Status::Pending.value(), None);
+    }
 }
