@@ -251,7 +251,7 @@ class Client:
             raise ValueError(f"threads_per_worker must be at least 1, not {threads_per_worker}")
         self._cluster: Cluster | None = None
         self._undo_default: Callable[[], None] | None = None
-        self._refs: dict[int, int] = {}
+        self._refs = _core.RefCounts(0)  # live futures per task (see _incref)
         self._refs_lock = threading.Lock()
         self._dropped: collections.deque[int] = collections.deque()  # see _decref
         self._keys: dict[Any, int] = {}  # user and Dask keys of live tasks
@@ -337,6 +337,8 @@ class Client:
         if reconnect is not None and not reconnect > 0:
             raise ValueError(f"reconnect must be a number of seconds above 0, not {reconnect!r}")
         self._core: ClientCore | None = ClientCore(address, token, reconnect)
+        # Keyed by this client's id: its own tasks' counts are 4 bytes each.
+        self._refs = _core.RefCounts(self._core.id)
         _clients.add(self)
         _context.register_client(self)
         self._undo_default = _dask._set_default(self.get) if set_as_default else None
@@ -361,16 +363,14 @@ class Client:
 
     def _incref(self, task_id: int, n: int) -> None:
         with self._refs_lock:
-            refs = self._refs
-            refs[task_id] = refs.get(task_id, 0) + n
+            self._refs.incref(task_id, n)
         if self._dropped:
             self._drain_dropped()
 
     def _incref_many(self, task_ids: Iterable[int]) -> None:
+        ids = task_ids if isinstance(task_ids, list) else list(task_ids)
         with self._refs_lock:
-            refs = self._refs
-            for tid in task_ids:
-                refs[tid] = refs.get(tid, 0) + 1
+            self._refs.incref_many(ids)
         if self._dropped:
             self._drain_dropped()
 
@@ -393,11 +393,8 @@ class Client:
                 refs, dropped = self._refs, self._dropped
                 while dropped:
                     task_id = dropped.popleft()
-                    n = refs.get(task_id, 0) - 1
-                    if n > 0:
-                        refs[task_id] = n
+                    if not refs.decref(task_id):
                         continue
-                    refs.pop(task_id, None)
                     if self._key_of:
                         key = self._key_of.pop(task_id, None)
                         if key is not None and self._keys.get(key) == task_id:
@@ -1149,7 +1146,7 @@ class Client:
                 break
             time.sleep(0.05)  # still joining
         with self._lock:
-            live = list(self._refs)
+            live = self._refs.ids()
         for tid in live:
             self._cancelled.add(tid)
         core.cancel(live)

@@ -13,6 +13,7 @@
 //! * [`shm_pool`]: large NumPy allocations in shared memory from the start
 //!   (a result's export then copies nothing).
 //! * [`bufpool`]: warm buffers for frames received from other hosts.
+//! * [`refcounts`]: a client's live futures per task, compactly.
 //! * [`logs`]: this process's recent log lines (for `get_worker_logs`).
 //!
 //! The scheduler also serves the dashboard (HTTP, axum) on the same thread.
@@ -31,6 +32,7 @@ pub mod local;
 pub mod logs;
 pub mod net;
 pub mod noop;
+pub mod refcounts;
 pub mod scheduler;
 pub mod shm;
 #[cfg(target_os = "linux")]
