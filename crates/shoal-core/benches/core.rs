@@ -78,10 +78,11 @@ fn main() {
         .find_map(|a| a.parse().ok())
         .unwrap_or(64);
     println!("workers:               {workers}");
+    // Counted from before the graph is built: submitting consumes it.
+    let before = LIVE.load(Ordering::Relaxed);
     let tasks = graph(500_000);
     let n = tasks.len();
     let root = TaskId(n as u64 - 1);
-    let before = LIVE.load(Ordering::Relaxed);
     let mut core = Core::default();
     let t0 = Instant::now();
     core.handle_submit(ClientId(1), tasks);
@@ -91,7 +92,7 @@ fn main() {
     core.handle_release(ClientId(1), &ids);
     drop(ids);
     let submitted = t0.elapsed();
-    let mem = LIVE.load(Ordering::Relaxed) - before;
+    let mem = LIVE.load(Ordering::Relaxed).saturating_sub(before);
     for w in 0..workers {
         core.handle_worker_added(WorkerId(w), 1);
     }
