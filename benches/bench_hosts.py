@@ -13,6 +13,14 @@ them); the client is in the root namespace. Workloads:
           once the array is made, to its result).
   small   2,000 tasks on host A each make a 256 KiB array; one task on
           host B takes all of them: GiB/s, and transfers per second.
+  shuffle all to all: 16 pieces of 2 MiB from each of 16 producers, the
+          producers alternating between hosts A and B, and 16 consumers,
+          alternating too, each taking its piece of every producer (half
+          of it from the other host): GiB/s of what crosses between hosts.
+
+With each runner: the worker hosts' peak memory over its whole run (the
+resident high-water marks of every process on hosts A and B, summed, less
+what they held before; the kernel's mark is reset at the start).
 
 The limit: a plain TCP socket (and a TLS one, with the same certificates)
 sending 2 GiB from host A to host B, in 4 MiB writes. Figures are medians.
@@ -150,6 +158,17 @@ def make(n_bytes):
     return np.full(n_bytes // 8, 1.0)
 
 
+def piece(n_bytes, i, j):
+    return np.full(n_bytes // 8, float(i * 100 + j))
+
+
+def take_pieces(pieces):
+    return float(sum(p[0] for p in pieces))
+
+
+N_SHUFFLE, SHUFFLE_PIECE = 16, 2 * 2**20
+
+
 def total(a):
     return float(a.sum())
 
@@ -193,6 +212,32 @@ class Runner:
     def small(self):
         xs = [self.c.submit(make, SMALL, resources={"hA": 1}, pure=False) for _ in range(N_SMALL)]
         return self._timed(xs, total_all)
+
+    def shuffle(self):
+        """Seconds of the all-to-all exchange, and whether it was right."""
+        host = ["hA", "hB"]
+        pieces = [
+            [
+                self.c.submit(piece, SHUFFLE_PIECE, i, j, resources={host[i % 2]: 1}, pure=False)
+                for j in range(N_SHUFFLE)
+            ]
+            for i in range(N_SHUFFLE)
+        ]
+        self.wait([p for row in pieces for p in row])
+        t = time.perf_counter()
+        outs = [
+            self.c.submit(
+                take_pieces,
+                [pieces[i][j] for i in range(N_SHUFFLE)],
+                resources={host[j % 2]: 1},
+                pure=False,
+            )
+            for j in range(N_SHUFFLE)
+        ]
+        got = [o.result() for o in outs]
+        dt = time.perf_counter() - t
+        want = [float(sum(i * 100 + j for i in range(N_SHUFFLE))) for j in range(N_SHUFFLE)]
+        return dt, got == want
 
 
 class Shoal(Runner):
@@ -258,6 +303,26 @@ class Dask(Runner):
         wait(futures)
 
 
+def host_pids(hosts) -> list[int]:
+    """Processes on the worker hosts (A and B)."""
+    out = []
+    for ns in NS[1:]:
+        pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+        out += [int(p) for p in pids.stdout.split()]
+    return out
+
+
+def _status(pid: int, field: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-r", "--repeats", type=int, default=3)
@@ -283,17 +348,28 @@ def main() -> None:
                 continue
             r = cls(hs, tmp)
             try:
+                pids = host_pids(hs)
+                base = sum(_status(p, "VmRSS") for p in pids)
+                for p in pids:
+                    with open(f"/proc/{p}/clear_refs", "w") as fh:
+                        fh.write("5")  # resets the peak
                 large = [r.large() for _ in range(ns.repeats)]
                 small = [r.small() for _ in range(ns.repeats)]
+                shuffle = [r.shuffle() for _ in range(ns.repeats)]
+                peak = sum(_status(p, "VmHWM") for p in host_pids(hs)) - base
             finally:
                 r.close()
             assert all(v == LARGE // 8 for _, v in large), "wrong large result"
             assert all(v == N_SMALL * SMALL // 8 for _, v in small), "wrong small result"
+            assert all(ok for _, ok in shuffle), "wrong shuffle result"
             tl = statistics.median(t for t, _ in large)
             ts = statistics.median(t for t, _ in small)
+            tx = statistics.median(t for t, _ in shuffle)
+            crossing = N_SHUFFLE * N_SHUFFLE * SHUFFLE_PIECE / 2
             print(
                 f"  {cls.name:18s} large {LARGE / gib / tl:6.2f} GiB/s   small "
-                f"{N_SMALL * SMALL / gib / ts:6.2f} GiB/s ({N_SMALL / ts:7.0f} transfers/s)",
+                f"{N_SMALL * SMALL / gib / ts:6.2f} GiB/s ({N_SMALL / ts:7.0f} transfers/s)   "
+                f"shuffle {crossing / gib / tx:6.2f} GiB/s   peak {peak / 2**20:6.0f} MiB",
                 flush=True,
             )
     print(f"medians of {ns.repeats} repeats")

@@ -224,6 +224,9 @@ class _Executor:
                     self._ended(t[0], ident)
                     error = _dumps_error(e, t[1], None, t[8])
                     done.append((t[0], False, error, int(time.time() * 1e6), 0, 0))
+            # Not held while waiting for the next task: its inputs (a frame
+            # received from another host, say) are freed now, not then.
+            r = tasks = t = None
 
     def execute(
         self, ident, tid, name, group, kind, func, args, deps, resources=None, limit=None, job=0

@@ -997,9 +997,11 @@ impl WorkerCore {
     }
 
     /// Frames of held results for transfers to another host, as their
-    /// parts (bytes-like, one byte per item; joined here into one buffer,
-    /// warm from the receive-buffer pool when large), or None when one
-    /// could not be framed. The results stay held.
+    /// parts (`bytes` or byte memoryviews), or None when one could not be
+    /// framed. The results stay held. A large part is not copied: it is
+    /// sent from where it lies, its object kept alive until sent (and let
+    /// go without the GIL: pyo3 defers that reference to the next holder
+    /// of the GIL); the small ones (the pickle's header) are copied.
     fn put_frames(&self, items: Vec<(u64, Option<Vec<Bound<'_, PyAny>>>)>) -> PyResult<()> {
         let mut framed = Vec::with_capacity(items.len());
         for (id, parts) in items {
@@ -1007,23 +1009,28 @@ impl WorkerCore {
                 framed.push((id, None));
                 continue;
             };
-            let bufs = parts
-                .iter()
-                .map(pyo3::buffer::PyBuffer::<u8>::get)
-                .collect::<PyResult<Vec<_>>>()?;
-            let n: usize = bufs.iter().map(|b| b.len_bytes()).sum();
-            let mut out = shoal_runtime::bufpool::FrameWriter::new(n)?;
-            for b in &bufs {
-                if !b.is_c_contiguous() {
+            let mut out = Vec::with_capacity(parts.len());
+            for part in parts {
+                let buf = pyo3::buffer::PyBuffer::<u8>::get(&part)?;
+                if !buf.is_c_contiguous() {
                     return Err(PyValueError::new_err("a frame part is not contiguous"));
                 }
-                // SAFETY: a contiguous buffer of `len_bytes` readable bytes,
-                // held (and the GIL with it) while it is copied.
-                let src =
-                    unsafe { std::slice::from_raw_parts(b.buf_ptr().cast::<u8>(), b.len_bytes()) };
-                out.push(src);
+                let (ptr, len) = (buf.buf_ptr().cast::<u8>().cast_const(), buf.len_bytes());
+                if len < 64 * 1024 {
+                    // SAFETY: a contiguous buffer of `len` readable bytes,
+                    // held (with the GIL) while it is copied.
+                    out.push(Bytes::copy_from_slice(unsafe {
+                        std::slice::from_raw_parts(ptr, len)
+                    }));
+                } else {
+                    out.push(Bytes::from_owner(HeldPart {
+                        _obj: part.unbind(),
+                        ptr,
+                        len,
+                    }));
+                }
             }
-            framed.push((id, Some(out.finish())));
+            framed.push((id, Some(out)));
         }
         self.inner.put_frames(framed);
         Ok(())
@@ -1336,6 +1343,27 @@ fn to_done(
     }
     let value = Bytes::copy_from_slice(p.cast::<PyBytes>()?.as_bytes());
     Ok(Done::Ok { id, value, timing })
+}
+
+/// A large part of a held result's frame, sent from where it lies: a
+/// `bytes` or a memoryview (which keeps its exporter's buffer in place
+/// while it lives), kept alive by this reference.
+struct HeldPart {
+    _obj: Py<PyAny>,
+    ptr: *const u8,
+    len: usize,
+}
+
+// SAFETY: the bytes are only read; the object (a `Py`, itself Send and
+// Sync) keeps them where they are for as long as this lives.
+unsafe impl Send for HeldPart {}
+unsafe impl Sync for HeldPart {}
+
+impl AsRef<[u8]> for HeldPart {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `len` readable bytes at `ptr`, kept alive by `_obj`.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
 }
 
 /// A client's count of live futures per task (`Client._refs`): 4 bytes a

@@ -1,5 +1,4 @@
-//! Warm buffers for frames received from other hosts (and for frames of
-//! held results made to send to them).
+//! Warm buffers for frames received from other hosts.
 //!
 //! A large frame read into fresh memory pays a page fault and a zeroed page
 //! for every 4 KiB before the kernel can copy into it: on this kind of host
@@ -20,9 +19,10 @@ use std::time::{Duration, Instant};
 /// keep small buffers warm).
 pub const MIN_POOLED: usize = 64 * 1024;
 
-/// Retained buffers not taken again within this are unmapped (jemalloc's
-/// default dirty-page decay).
-pub const DECAY: Duration = Duration::from_secs(10);
+/// Retained buffers not taken again within this are unmapped (shorter
+/// than jemalloc's 10 s default: retained pages count in a worker's peak
+/// memory, and transfers come in bursts).
+pub const DECAY: Duration = Duration::from_secs(3);
 
 /// A buffer's mapping; unmapped on drop.
 struct Region {
@@ -223,46 +223,6 @@ impl Drop for Buf {
     fn drop(&mut self) {
         if let Some(r) = self.region.take() {
             give_back(r);
-        }
-    }
-}
-
-/// Builds a frame of a known length from parts: in a pooled buffer when
-/// large (see [`take`]), else in an ordinary one.
-pub enum FrameWriter {
-    /// A pooled buffer.
-    Pooled(Buf, usize),
-    /// A small one.
-    Small(Vec<u8>),
-}
-
-impl FrameWriter {
-    /// A writer for `n` bytes.
-    pub fn new(n: usize) -> std::io::Result<FrameWriter> {
-        Ok(if n >= MIN_POOLED {
-            FrameWriter::Pooled(take(n)?, n)
-        } else {
-            FrameWriter::Small(Vec::with_capacity(n))
-        })
-    }
-
-    /// Appends `part` (within the length given).
-    pub fn push(&mut self, part: &[u8]) {
-        match self {
-            FrameWriter::Pooled(b, n) => {
-                assert!(b.len() + part.len() <= *n, "a frame longer than announced");
-                b.spare()[..part.len()].copy_from_slice(part);
-                b.advance(part.len());
-            }
-            FrameWriter::Small(v) => v.extend_from_slice(part),
-        }
-    }
-
-    /// The frame.
-    pub fn finish(self) -> Bytes {
-        match self {
-            FrameWriter::Pooled(b, _) => b.freeze(),
-            FrameWriter::Small(v) => Bytes::from(v),
         }
     }
 }

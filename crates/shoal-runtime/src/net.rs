@@ -506,6 +506,8 @@ pub enum RawPart {
     Bytes(Bytes),
     /// The first bytes of an open file.
     File(std::fs::File, u64),
+    /// Pieces sent one after another as one frame.
+    Gather(Vec<Bytes>),
 }
 
 impl RawPart {
@@ -513,6 +515,7 @@ impl RawPart {
         match self {
             RawPart::Bytes(b) => b.len() as u64,
             RawPart::File(_, n) => *n,
+            RawPart::Gather(parts) => parts.iter().map(|p| p.len() as u64).sum(),
         }
     }
 }
@@ -561,6 +564,12 @@ pub async fn send_raw_parts(conn: &mut Conn, parts: Vec<RawPart>) -> io::Result<
                 match p {
                     RawPart::Bytes(b) => send_all(&sock, &b, 0)?,
                     RawPart::File(f, n) => sendfile_all(&sock, &f, n)?,
+                    RawPart::Gather(parts) => {
+                        let last = parts.len().saturating_sub(1);
+                        for (i, b) in parts.iter().enumerate() {
+                            send_all(&sock, b, if i < last { libc::MSG_MORE } else { 0 })?;
+                        }
+                    }
                 }
             }
             Ok(())
@@ -574,6 +583,11 @@ pub async fn send_raw_parts(conn: &mut Conn, parts: Vec<RawPart>) -> io::Result<
         conn.get_mut().write_all(&head).await?;
         match p {
             RawPart::Bytes(b) => conn.get_mut().write_all(&b).await?,
+            RawPart::Gather(parts) => {
+                for b in parts {
+                    conn.get_mut().write_all(&b).await?;
+                }
+            }
             RawPart::File(f, len) => {
                 let f = Arc::new(f);
                 buf.resize((len as usize).min(4 << 20), 0);
@@ -1380,6 +1394,7 @@ mod tests {
                 let parts = vec![
                     RawPart::File(f, n as u64),
                     RawPart::Bytes(Bytes::from_static(b"between")),
+                    RawPart::Gather(vec![Bytes::from_static(b"ab"), Bytes::from_static(b"cde")]),
                     RawPart::File(g, 10),
                 ];
                 send_raw_parts(&mut tx, parts).await.unwrap();
@@ -1393,6 +1408,7 @@ mod tests {
             let got = recv_raw(&mut rx, n).await.unwrap();
             assert!(got[..] == data[..n], "stream {i}: the file's first bytes");
             assert_eq!(&recv_raw(&mut rx, 7).await.unwrap()[..], b"between");
+            assert_eq!(&recv_raw(&mut rx, 5).await.unwrap()[..], b"abcde");
             assert_eq!(&recv_raw(&mut rx, 10).await.unwrap()[..], &data[..10]);
             assert_eq!(recv::<u32>(&mut rx).await.unwrap(), Some(2));
             drop(writer.await.unwrap());

@@ -163,7 +163,7 @@ pub struct WorkerShared {
     to_pickle: Mutex<PickleRequests>,
     /// Frames of held results the pickling thread made for transfers to
     /// other hosts, until their transfer takes them (`None`: it could not).
-    framed: Mutex<FxHashMap<u64, Option<Bytes>>>,
+    framed: Mutex<FxHashMap<u64, Option<Vec<Bytes>>>>,
     to_pickle_cv: Condvar,
     /// Wakes transfers waiting for a result to be pickled.
     pickled: tokio::sync::Notify,
@@ -494,9 +494,10 @@ impl WorkerShared {
     }
 
     /// The pickling thread framed held results for a transfer to another
-    /// host (`None`: it could not): the transfers waiting for them go on.
-    /// The results stay held (as the Python objects).
-    pub fn put_frames(&self, items: Vec<(u64, Option<Bytes>)>) {
+    /// host, as the parts of each frame (`None`: it could not): the
+    /// transfers waiting for them go on. The results stay held (as the
+    /// Python objects).
+    pub fn put_frames(&self, items: Vec<(u64, Option<Vec<Bytes>>)>) {
         {
             let store = self.store.lock();
             let mut framed = self.framed.lock();
@@ -729,12 +730,16 @@ impl WorkerShared {
         let stored = self.stored_results(ids, !same_host).await;
         let mut out = Vec::with_capacity(stored.len());
         for (id, s) in stored {
-            let p = match s {
-                Some(Stored::Bytes(b)) => Some(Reply::Payload(Payload::Bytes(b))),
-                Some(Stored::File { path, len }) if same_host => {
+            let p = match s.map(|f| match f {
+                Found::Stored(s) => Ok(s),
+                Found::Framed(parts) => Err(parts),
+            }) {
+                Some(Err(parts)) => Some(Reply::frame(parts)),
+                Some(Ok(Stored::Bytes(b))) => Some(Reply::Payload(Payload::Bytes(b))),
+                Some(Ok(Stored::File { path, len })) if same_host => {
                     Some(Reply::Payload(Payload::File { path, len }))
                 }
-                Some(Stored::File { mut path, len }) => {
+                Some(Ok(Stored::File { mut path, len })) => {
                     // Another host: opened now, sent from the file (its
                     // first `len` bytes: a shared-memory block's file may be
                     // longer). A spill may move the file meanwhile: look again.
@@ -753,8 +758,10 @@ impl WorkerShared {
                     }
                     got
                 }
-                Some(Stored::Unpicklable(why)) => Some(Reply::Payload(Payload::Unpicklable(why))),
-                Some(Stored::Held) | None => None,
+                Some(Ok(Stored::Unpicklable(why))) => {
+                    Some(Reply::Payload(Payload::Unpicklable(why)))
+                }
+                Some(Ok(Stored::Held)) | None => None,
             };
             out.push((id, p));
         }
@@ -766,10 +773,10 @@ impl WorkerShared {
     /// held: a request for thousands stays linear). `frames`: the requester
     /// is on another host, so held ones are framed in memory (taken here as
     /// bytes, sent from memory) rather than written to files first.
-    async fn stored_results(&self, ids: &[u64], frames: bool) -> Vec<(u64, Option<Stored>)> {
+    async fn stored_results(&self, ids: &[u64], frames: bool) -> Vec<(u64, Option<Found>)> {
         let deadline = tokio::time::Instant::now() + PICKLE_WAIT;
         let mut waiting = Vec::new();
-        let mut out: Vec<(u64, Option<Stored>)> = {
+        let mut out: Vec<(u64, Option<Found>)> = {
             let store = self.store.lock();
             ids.iter()
                 .enumerate()
@@ -778,7 +785,7 @@ impl WorkerShared {
                         waiting.push(i);
                         (*id, None)
                     }
-                    other => (*id, other.cloned()),
+                    other => (*id, other.cloned().map(Found::Stored)),
                 })
                 .collect()
         };
@@ -811,8 +818,8 @@ impl WorkerShared {
                     let id = out[i].0;
                     if frames {
                         match framed.remove(&id) {
-                            Some(Some(b)) => {
-                                out[i].1 = Some(Stored::Bytes(b));
+                            Some(Some(parts)) => {
+                                out[i].1 = Some(Found::Framed(parts));
                                 return false;
                             }
                             // It could not be framed: whatever the store
@@ -820,7 +827,7 @@ impl WorkerShared {
                             Some(None) => {
                                 out[i].1 = match store.get(&id) {
                                     Some(Stored::Held) | None => None,
-                                    other => other.cloned(),
+                                    other => other.cloned().map(Found::Stored),
                                 };
                                 return false;
                             }
@@ -830,7 +837,7 @@ impl WorkerShared {
                     match store.get(&id) {
                         Some(Stored::Held) => true,
                         other => {
-                            out[i].1 = other.cloned();
+                            out[i].1 = other.cloned().map(Found::Stored);
                             false
                         }
                     }
@@ -1622,19 +1629,45 @@ async fn fetch_some(
 /// ([`Payload::Follows`]).
 const RAW_PAYLOAD: usize = 64 * 1024;
 
+/// What the store had of a result a transfer asked for.
+enum Found {
+    /// What the store keeps.
+    Stored(Stored),
+    /// A held result framed for this transfer: the frame's parts.
+    Framed(Vec<Bytes>),
+}
+
 /// One result in a data reply, as the data server has it.
 enum Reply {
     /// Sent as it is (large bytes in a frame of their own).
     Payload(Payload),
     /// The first bytes of an open file, sent in a frame of their own.
     Contents(std::fs::File, u64),
+    /// A frame's parts (buffers of a held result, not copied), sent as one
+    /// frame of their own.
+    Parts(Vec<Bytes>, u64),
 }
 
 impl Reply {
+    /// A framed result: small ones joined (sent inside the reply).
+    fn frame(parts: Vec<Bytes>) -> Reply {
+        let n: usize = parts.iter().map(Bytes::len).sum();
+        if n >= RAW_PAYLOAD {
+            return Reply::Parts(parts, n as u64);
+        }
+        let mut b = Vec::with_capacity(n);
+        for p in &parts {
+            b.extend_from_slice(p);
+        }
+        Reply::Payload(Payload::Bytes(Bytes::from(b)))
+    }
+
     fn size(&self) -> u64 {
         match self {
             Reply::Payload(Payload::Bytes(b)) => b.len() as u64,
-            Reply::Payload(Payload::File { len, .. }) | Reply::Contents(_, len) => *len,
+            Reply::Payload(Payload::File { len, .. })
+            | Reply::Contents(_, len)
+            | Reply::Parts(_, len) => *len,
             Reply::Payload(Payload::Follows(n)) => *n,
             Reply::Payload(Payload::Unpicklable(_)) => 0,
         }
@@ -1656,6 +1689,10 @@ async fn send_reply(conn: &mut net::Conn, items: Vec<(u64, Option<Reply>)>) -> i
                 }
                 Some(Reply::Contents(f, len)) => {
                     raw.push(net::RawPart::File(f, len));
+                    Some(Payload::Follows(len))
+                }
+                Some(Reply::Parts(parts, len)) => {
+                    raw.push(net::RawPart::Gather(parts));
                     Some(Payload::Follows(len))
                 }
                 Some(Reply::Payload(p)) => Some(p),
