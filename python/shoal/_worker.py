@@ -516,6 +516,9 @@ class _Executor:
             if framed:
                 core.put_frames(framed)
             replaced.clear()
+            # Not held while waiting for more requests: the frames' buffers
+            # keep their results alive (released ones too) until sent.
+            framed = parts = published = done = None  # type: ignore[assignment]
 
 
 # Libraries whose array-likes are known to pickle whenever their data does.

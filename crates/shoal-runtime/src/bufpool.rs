@@ -113,7 +113,7 @@ pub fn take(n: usize) -> std::io::Result<Buf> {
     let cap = class(n);
     let (reused, gone) = {
         let mut p = POOL.lock();
-        let gone = expire(&mut p, DECAY);
+        let mut gone = expire(&mut p, DECAY);
         // The most recently let go: its pages are the likeliest in cache.
         let i = p.free.iter().rposition(|(r, _)| r.cap == cap);
         let reused = i.map(|i| {
@@ -121,6 +121,18 @@ pub fn take(n: usize) -> std::io::Result<Buf> {
             p.retained -= r.cap;
             r
         });
+        if reused.is_none() {
+            // Transfers of another size now: as much retained memory of
+            // other classes goes (oldest first) as this one maps, so that
+            // retaining never adds to a host's peak.
+            let mut freed = 0;
+            while freed < cap && !p.free.is_empty() {
+                let (r, at) = p.free.remove(0);
+                p.retained -= r.cap;
+                freed += r.cap;
+                gone.push((r, at));
+            }
+        }
         (reused, gone)
     };
     drop(gone); // unmapped outside the lock
@@ -277,6 +289,11 @@ fn give_back(r: Region) {
     drop(gone);
 }
 
+/// Tests that let go of large frames take this, so that the pool's own
+/// tests see only their own regions come and go.
+#[cfg(test)]
+pub(crate) static TEST_LOCK: Mutex<()> = Mutex::new(());
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,7 +326,21 @@ mod tests {
     }
 
     #[test]
+    fn another_size_lets_go_of_as_much_retained_memory_as_it_maps() {
+        let _only = TEST_LOCK.lock();
+        let (a, b) = (3 << 20, 5 << 20);
+        drop(take(a).expect("mapped").freeze());
+        assert_eq!(held(class(a)), 1);
+        let f = take(b).expect("mapped").freeze();
+        assert_eq!(held(class(a)), 0, "retaining never adds to the peak");
+        drop(f);
+        assert_eq!(held(class(b)), 1);
+        trim(Duration::ZERO);
+    }
+
+    #[test]
     fn let_go_buffers_are_reused_then_decay() {
+        let _only = TEST_LOCK.lock();
         let n = 300_000;
         let c = class(n);
         let mut b = take(n).expect("mapped");

@@ -1361,7 +1361,10 @@ mod tests {
     /// A file's first bytes as a frame: by `sendfile` over a socket, in
     /// chunks over anything else; a message after it still arrives.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    // The pool's lock only orders tests sharing the process-wide pool.
+    #[allow(clippy::await_holding_lock)]
     async fn a_file_is_sent_as_a_raw_frame_over_a_socket_and_otherwise() {
+        let _pool = crate::bufpool::TEST_LOCK.lock();
         let data: Vec<u8> = (0..9_000_000u32).map(|i| (i % 253) as u8).collect();
         let path = std::env::temp_dir().join(format!("shoal-send-file-{}", std::process::id()));
         std::fs::write(&path, &data).expect("write");
@@ -1416,7 +1419,9 @@ mod tests {
     }
 
     #[tokio::test]
+    #[allow(clippy::await_holding_lock)] // (as above)
     async fn raw_frames_follow_messages_in_order_and_arrive_whole() {
+        let _pool = crate::bufpool::TEST_LOCK.lock();
         let (a, b) = tokio::io::duplex(64 * 1024);
         let (mut tx, mut rx) = (framed(Box::new(a)), framed(Box::new(b)));
         authenticated(&mut tx);
