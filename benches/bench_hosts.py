@@ -39,6 +39,7 @@ import time
 from contextlib import contextmanager
 
 import numpy as np
+from bench_scale import rss  # this directory: benches share their helpers
 
 NS = ["shoal-bh0", "shoal-bh1", "shoal-bh2"]
 BRIDGE = "shoalbhbr"
@@ -312,17 +313,6 @@ def host_pids(hosts) -> list[int]:
     return out
 
 
-def _status(pid: int, field: str) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-r", "--repeats", type=int, default=3)
@@ -349,14 +339,14 @@ def main() -> None:
             r = cls(hs, tmp)
             try:
                 pids = host_pids(hs)
-                base = sum(_status(p, "VmRSS") for p in pids)
+                base = sum(rss(p) for p in pids)
                 for p in pids:
                     with open(f"/proc/{p}/clear_refs", "w") as fh:
                         fh.write("5")  # resets the peak
                 large = [r.large() for _ in range(ns.repeats)]
                 small = [r.small() for _ in range(ns.repeats)]
                 shuffle = [r.shuffle() for _ in range(ns.repeats)]
-                peak = sum(_status(p, "VmHWM") for p in host_pids(hs)) - base
+                peak = sum(rss(p, "VmHWM") for p in host_pids(hs)) - base
             finally:
                 r.close()
             assert all(v == LARGE // 8 for _, v in large), "wrong large result"

@@ -50,10 +50,15 @@ def inc(x):
 
 
 def rss(pid: int | str = "self", field: str = "VmRSS") -> int:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
+    """A process's resident memory (or another ``/proc`` status field);
+    0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return 0
 
 

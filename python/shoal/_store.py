@@ -379,12 +379,11 @@ class Store:
 
     def frame(self, tid: int) -> list[Any] | None:
         """A held result's frame for a transfer to another host: its parts,
-        buffers not copied (the Rust side joins them into one buffer and
-        sends it from memory: no shared-memory file is made for a peer that
-        cannot map it). None if it is no longer held as an object here, or
-        if its one buffer lies in a shared-memory block: that one is
-        published in place instead (``export``), and the kernel sends the
-        block's pages with no copy at all."""
+        buffers not copied (sent from where they lie: no shared-memory file
+        is made for a peer that cannot map it). None if it is no longer held
+        as an object here, or if its one buffer lies in a shared-memory
+        block: that one is published in place instead (``export``), and the
+        kernel sends the block's pages with no copy at all."""
         with self.lock:
             obj = self.objects.get(tid, _MISSING)
         if obj is _MISSING:

@@ -479,46 +479,43 @@ class _Executor:
         answered at once, so a fetch of thousands wakes its transfer once."""
         core, store = self.core, self.store
         replaced: list[Any] = []  # objects swapped for views: dropped after answering
+
+        def unpicklable(tid: int) -> bool:
+            why = store.unpicklable.get(tid)
+            if why is not None:
+                core.put_unpicklable(tid, why)
+            return why is not None
+
+        def exported(tid: int) -> tuple[str, int] | None:
+            try:
+                return store.export(tid, replaced)
+            except Exception:  # noqa: BLE001 - the fetcher gets "not available"
+                traceback.print_exc()
+                return None
+
         while True:
             files, frames = core.pickle_requests(1.0)
-            done: list[tuple[int, tuple[str, int] | None]] = []
-            for tid in files:
-                why = store.unpicklable.get(tid)
-                if why is not None:
-                    core.put_unpicklable(tid, why)
-                    continue
-                f = None
-                try:
-                    f = store.export(tid, replaced)
-                except Exception:  # noqa: BLE001 - the fetcher gets "not available"
-                    traceback.print_exc()
-                done.append((tid, f))
-            if done:
-                core.put_stored_many(done)
-            replaced.clear()
+            done = [(tid, exported(tid)) for tid in files if not unpicklable(tid)]
             framed: list[tuple[int, list[Any] | None]] = []
-            published: list[tuple[int, tuple[str, int] | None]] = []
             for tid in frames:
-                why = store.unpicklable.get(tid)
-                if why is not None:
-                    core.put_unpicklable(tid, why)
+                if unpicklable(tid):
                     continue
-                parts = None
                 try:
                     parts = store.frame(tid)
-                    if parts is None and tid in store.objects:  # in a block: in place
-                        published.append((tid, store.export(tid, replaced)))
+                    if parts is None:  # in a shared-memory block (or gone)
+                        done.append((tid, exported(tid)))
                 except Exception:  # noqa: BLE001 - the fetcher gets "not available"
                     traceback.print_exc()
+                    parts = None
                 framed.append((tid, parts))
-            if published:  # first: a transfer given no frame looks at the store
-                core.put_stored_many(published)
+            if done:  # first: a transfer given no frame looks at the store
+                core.put_stored_many(done)
             if framed:
                 core.put_frames(framed)
             replaced.clear()
             # Not held while waiting for more requests: the frames' buffers
             # keep their results alive (released ones too) until sent.
-            framed = parts = published = done = None  # type: ignore[assignment]
+            done = framed = parts = None  # type: ignore[assignment]
 
 
 # Libraries whose array-likes are known to pickle whenever their data does.

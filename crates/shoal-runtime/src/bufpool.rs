@@ -210,16 +210,6 @@ impl Buf {
         self.len += k;
     }
 
-    /// Bytes filled.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether nothing was filled.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// The filled bytes as a frame: its region comes back to the pool when
     /// the last view of it is dropped.
     pub fn freeze(mut self) -> Bytes {

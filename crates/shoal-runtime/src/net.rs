@@ -639,6 +639,16 @@ fn wait_writable(sock: &std::os::fd::OwnedFd) -> io::Result<()> {
     }
 }
 
+/// After a failed call on the non-blocking socket `sock`: `Ok` to try
+/// again (interrupted, or room made), else the error.
+fn retry_after(sock: &std::os::fd::OwnedFd, e: io::Error) -> io::Result<()> {
+    match e.kind() {
+        io::ErrorKind::Interrupted => Ok(()),
+        io::ErrorKind::WouldBlock => wait_writable(sock),
+        _ => Err(e),
+    }
+}
+
 /// `send` all of `data` on the non-blocking socket `sock`.
 fn send_all(sock: &std::os::fd::OwnedFd, mut data: &[u8], flags: libc::c_int) -> io::Result<()> {
     use std::os::fd::AsRawFd;
@@ -656,12 +666,7 @@ fn send_all(sock: &std::os::fd::OwnedFd, mut data: &[u8], flags: libc::c_int) ->
             data = &data[r as usize..];
             continue;
         }
-        let e = io::Error::last_os_error();
-        match e.kind() {
-            io::ErrorKind::Interrupted => {}
-            io::ErrorKind::WouldBlock => wait_writable(sock)?,
-            _ => return Err(e),
-        }
+        retry_after(sock, io::Error::last_os_error())?;
     }
     Ok(())
 }
@@ -684,12 +689,7 @@ fn sendfile_all(sock: &std::os::fd::OwnedFd, file: &std::fs::File, len: u64) -> 
                 "the file ended before its frame",
             ));
         }
-        let e = io::Error::last_os_error();
-        match e.kind() {
-            io::ErrorKind::Interrupted => {}
-            io::ErrorKind::WouldBlock => wait_writable(sock)?,
-            _ => return Err(e),
-        }
+        retry_after(sock, io::Error::last_os_error())?;
     }
     Ok(())
 }

@@ -19,36 +19,24 @@ pub struct RefCounts {
 }
 
 impl RefCounts {
-    fn slot(&mut self, id: u64, create: bool) -> Option<&mut u32> {
-        if id >> 40 != self.own {
-            return if create {
-                Some(self.other.entry(id).or_insert(0))
-            } else {
-                self.other.get_mut(&id)
-            };
-        }
-        let page = if create {
-            self.pages
-                .entry(id / PAGE)
-                .or_insert_with(|| (vec![0; PAGE as usize].into_boxed_slice(), 0))
-        } else {
-            self.pages.get_mut(&(id / PAGE))?
-        };
-        Some(&mut page.0[(id % PAGE) as usize])
-    }
-
+    /// `n` more futures of `id` (one table lookup: this runs per future).
     fn add(&mut self, id: u64, n: u32) {
-        let c = self.slot(id, true).expect("created");
-        let was = *c;
-        *c = was.saturating_add(n);
-        if was == 0 {
+        let (c, page_live) = if id >> 40 == self.own {
+            let (counts, live) = self
+                .pages
+                .entry(id / PAGE)
+                .or_insert_with(|| (vec![0; PAGE as usize].into_boxed_slice(), 0));
+            (&mut counts[(id % PAGE) as usize], Some(live))
+        } else {
+            (self.other.entry(id).or_insert(0), None)
+        };
+        if *c == 0 {
             self.live += 1;
-            if id >> 40 == self.own {
-                if let Some(p) = self.pages.get_mut(&(id / PAGE)) {
-                    p.1 += 1;
-                }
+            if let Some(l) = page_live {
+                *l += 1;
             }
         }
+        *c = c.saturating_add(n);
     }
 }
 
@@ -78,25 +66,34 @@ impl RefCounts {
     /// One future of task `id` fewer; True when it was the last (the task
     /// is to be released). An unknown id is ignored (False).
     pub fn decref(&mut self, id: u64) -> bool {
-        let Some(c) = self.slot(id, false) else {
-            return false;
-        };
-        if *c == 0 {
-            return false;
-        }
-        *c -= 1;
-        if *c > 0 {
-            return false;
-        }
-        self.live -= 1;
         if id >> 40 != self.own {
+            let Some(c) = self.other.get_mut(&id) else {
+                return false;
+            };
+            *c -= 1; // entries are removed at zero: never found at zero
+            if *c > 0 {
+                return false;
+            }
             self.other.remove(&id);
-        } else if let Some(p) = self.pages.get_mut(&(id / PAGE)) {
-            p.1 -= 1;
-            if p.1 == 0 {
-                self.pages.remove(&(id / PAGE));
+        } else {
+            let page = id / PAGE;
+            let Some((counts, live)) = self.pages.get_mut(&page) else {
+                return false;
+            };
+            let c = &mut counts[(id % PAGE) as usize];
+            if *c == 0 {
+                return false;
+            }
+            *c -= 1;
+            if *c > 0 {
+                return false;
+            }
+            *live -= 1;
+            if *live == 0 {
+                self.pages.remove(&page);
             }
         }
+        self.live -= 1;
         true
     }
 

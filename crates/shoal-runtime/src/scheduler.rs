@@ -702,19 +702,31 @@ impl Kept {
 struct Funcs {
     table: FxHashMap<Bytes, Arc<Bytes>>,
     swept_at: usize,
+    /// The last one interned: the tasks of a batch share one buffer (see
+    /// `shoal_proto::fill_funcs`), found by address without hashing it.
+    last: Option<Arc<Bytes>>,
 }
 
 impl Funcs {
     fn intern(&mut self, func: Bytes) -> Arc<Bytes> {
-        if let Some(f) = self.table.get(&func) {
-            return f.clone();
+        if let Some(l) = &self.last {
+            if l.as_ptr() == func.as_ptr() && l.len() == func.len() {
+                return l.clone();
+            }
         }
-        if self.table.len() >= (2 * self.swept_at).max(64) {
-            self.table.retain(|_, f| Arc::strong_count(f) > 1);
-            self.swept_at = self.table.len();
-        }
-        let f = Arc::new(func.clone());
-        self.table.insert(func, f.clone());
+        let f = match self.table.get(&func) {
+            Some(f) => f.clone(),
+            None => {
+                if self.table.len() >= (2 * self.swept_at).max(64) {
+                    self.table.retain(|_, f| Arc::strong_count(f) > 1);
+                    self.swept_at = self.table.len();
+                }
+                let f = Arc::new(func.clone());
+                self.table.insert(func, f.clone());
+                f
+            }
+        };
+        self.last = Some(f.clone());
         f
     }
 }
@@ -1184,7 +1196,8 @@ impl State {
                 retries: spec.retries,
             };
             let kept = Kept {
-                args: Box::from(&spec.args[..]),
+                // (No copy when the decoded buffer is its own.)
+                args: Vec::from(spec.args).into_boxed_slice(),
                 value: smallvec::SmallVec::new(),
                 key: spec.key.map(String::into_boxed_str),
                 func: self.funcs.intern(spec.func),
