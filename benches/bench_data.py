@@ -293,21 +293,29 @@ class Threads:
         return (float(r[0]), float(r[-1]), r.nbytes), made
 
 
-def physical_limit() -> tuple[float, float]:
+def physical_limit() -> tuple[float, float, float]:
     """This machine's bound for the transfer workload's making: GiB/s of
-    `np.full` into fresh anonymous memory and into fresh shared memory
-    (tmpfs pages, which Shoal's results live in), 2 threads each making
-    8 arrays as the workload does (NumPy releases the GIL while filling)."""
+    `np.full` into fresh anonymous memory, into fresh shared memory of 4 KiB
+    tmpfs pages (what /dev/shm gives on most kernels), and into fresh shared
+    memory whose pages were first made huge as Shoal makes them
+    (`_core.shm_reserve`: MADV_COLLAPSE), 2 threads each
+    making 8 arrays as the workload does (NumPy releases the GIL while
+    filling)."""
     import mmap
     from concurrent.futures import ThreadPoolExecutor
 
     def anon(i):
         return float(np.full(N, float(i))[-1])
 
-    def shm(i):
+    def shm(i, huge=False):
         with open(f"/dev/shm/bench-limit-{os.getpid()}-{i}", "w+b") as fh:
             os.unlink(fh.name)
-            fh.truncate(N * 8)
+            if huge:
+                from shoal import _core
+
+                _core.shm_reserve(fh.fileno(), N * 8)
+            else:
+                fh.truncate(N * 8)
             m = mmap.mmap(fh.fileno(), N * 8)
         a = np.frombuffer(m, dtype=np.float64)
         a[:] = float(i)
@@ -316,8 +324,11 @@ def physical_limit() -> tuple[float, float]:
         m.close()
         return v
 
+    def huge(i):
+        return shm(i, huge=True)
+
     out = []
-    for fn in (anon, shm):
+    for fn in (anon, shm, huge):
         best = float("inf")
         for _ in range(3):
             t = time.perf_counter()
@@ -325,7 +336,7 @@ def physical_limit() -> tuple[float, float]:
                 list(ex.map(fn, range(16)))
             best = min(best, time.perf_counter() - t)
         out.append(16 * N * 8 / 2**30 / best)
-    return out[0], out[1]
+    return out[0], out[1], out[2]
 
 
 class Ray:
@@ -391,11 +402,12 @@ def main() -> None:
     expected_transfer = [float(N // 4096 * (i + (i + 1) % 16)) + 2 * N * 8 for i in range(16)]
     rows = []
     if "transfer" in ns.workloads:
-        anon, shm = physical_limit()
+        anon, shm, huge = physical_limit()
         print(
             f"  physical limit of making the transfer's arrays (np.full, {N_WORKERS} threads): "
             f"{anon:.2f} GiB/s into fresh anonymous memory, {shm:.2f} GiB/s into fresh "
-            "shared memory",
+            f"shared memory of 4 KiB pages, {huge:.2f} GiB/s into fresh shared memory "
+            "made huge as Shoal makes it",
             flush=True,
         )
     for w in ns.workloads:

@@ -25,6 +25,7 @@ from typing import Any
 
 import cloudpickle
 
+from . import _core
 from .errors import ForeignFutureError, RemoteError
 
 PROTOCOL = 5
@@ -318,8 +319,15 @@ def _write_all(fd: int, view: memoryview) -> None:
 def write_file(path: str, parts: list[Any]) -> None:
     """Writes a frame's parts to a new file (one copy of the buffers, done
     by the kernel with the GIL released; see ``strided_parts`` for arrays)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)  # RDWR: see shm_reserve
     try:
+        length = sum(
+            p.nbytes if type(p).__name__ == "ndarray" else memoryview(p).nbytes for p in parts
+        )
+        if length >= 1 << 20:
+            # Pages reserved first (huge on tmpfs where the kernel can: five
+            # times faster to fill), and a full tmpfs fails here, not midway.
+            _core.shm_reserve(fd, length)
         for part in parts:
             if type(part).__name__ == "ndarray":
                 _write_array(fd, part)

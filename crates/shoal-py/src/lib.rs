@@ -1572,6 +1572,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(numpy_alloc::shm_locate, m)?)?;
     m.add_function(wrap_pyfunction!(numpy_alloc::shm_allocator_forked, m)?)?;
     m.add_function(wrap_pyfunction!(numpy_alloc::shm_publish, m)?)?;
+    m.add_function(wrap_pyfunction!(numpy_alloc::shm_reserve, m)?)?;
     m.add_function(wrap_pyfunction!(numpy_alloc::shm_allocator_stats, m)?)?;
     m.add_function(wrap_pyfunction!(numpy_alloc::shm_allocator_trim, m)?)?;
     Ok(())

@@ -262,6 +262,15 @@ pub fn shm_publish(key: usize, path: PathBuf, head: &[u8]) -> bool {
         .is_some_and(|i| i.pool.publish(key, &path, head).is_ok())
 }
 
+/// Sizes the new file `fd` to `length` bytes and, on tmpfs, reserves its
+/// pages (huge where the kernel can) before it is written: see
+/// `shoal_runtime::hugeshm::reserve`. OSError (ENOSPC) if it cannot hold it.
+#[pyfunction]
+pub fn shm_reserve(py: Python<'_>, fd: i32, length: usize) -> PyResult<()> {
+    py.detach(|| shoal_runtime::hugeshm::reserve(fd, length))
+        .map_err(PyErr::from)
+}
+
 /// `(live, spare, allocations, reused)` bytes and counts of the pool, or
 /// None if it is not installed.
 #[pyfunction]

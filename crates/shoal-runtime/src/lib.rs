@@ -10,6 +10,8 @@
 //! * [`local`]: starts and supervises the worker processes of an embedded cluster.
 //! * [`shm`]: the directories of shared-memory segments and spilled data,
 //!   and their cleanup when a process dies.
+//! * [`hugeshm`]: huge pages for shared-memory files where tmpfs gives
+//!   4 KiB pages (`MADV_COLLAPSE`).
 //! * [`shm_pool`]: large NumPy allocations in shared memory from the start
 //!   (a result's export then copies nothing).
 //! * [`bufpool`]: warm buffers for frames received from other hosts.
@@ -28,6 +30,7 @@
 pub mod bufpool;
 pub mod client;
 pub mod command;
+pub mod hugeshm;
 pub mod local;
 pub mod logs;
 pub mod net;

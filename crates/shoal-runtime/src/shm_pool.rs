@@ -4,7 +4,9 @@
 //! large allocations from here. Each is a block: an unnamed file in this
 //! process's segment directory (`O_TMPFILE` on tmpfs), its pages reserved
 //! with `fallocate` (so a full `/dev/shm` is an allocation failure, never a
-//! `SIGBUS`) and mapped shared. The first page of a block is left free and
+//! `SIGBUS`) and mapped shared, its whole 2 MiB extents in huge pages where
+//! the kernel can make them ([`crate::hugeshm`]: five times faster to fill
+//! than tmpfs's usual 4 KiB pages). The first page of a block is left free and
 //! the array's data starts on the second, so that when a peer asks for a
 //! result whose one buffer lives in a block, the worker writes the frame's
 //! header into that first page and gives the file a name ([`ShmPool::publish`]):
@@ -233,29 +235,28 @@ impl ShmPool {
                 return Err(io::Error::last_os_error());
             }
             let fd = OwnedFd::from_raw_fd(raw);
-            let rc = libc::fallocate(fd.as_raw_fd(), 0, 0, len as libc::off_t);
-            if rc != 0 {
+            if libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) != 0 {
                 return Err(io::Error::last_os_error());
             }
-            let base = libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            );
-            if base == libc::MAP_FAILED {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(Block {
-                base: base.cast(),
+            let prot = libc::PROT_READ | libc::PROT_WRITE;
+            let base = crate::hugeshm::map_aligned(fd.as_raw_fd(), len, prot)?;
+            // Dropped (unmapped) if reserving fails below.
+            let block = Block {
+                base,
                 len,
                 fd,
                 used: 0,
                 published: false,
                 freed_at: Instant::now(),
-            })
+            };
+            if crate::hugeshm::worth(len) {
+                crate::hugeshm::collapse(block.fd.as_raw_fd(), base, len);
+            }
+            let rc = libc::fallocate(block.fd.as_raw_fd(), 0, 0, len as libc::off_t);
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(block)
         }
     }
 
@@ -502,6 +503,21 @@ mod tests {
                 ..Default::default()
             }
         );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_new_block_is_made_of_huge_pages_where_the_kernel_can() {
+        let (p, dir) = pool("huge");
+        let a = p.alloc(16 * MIB, false).unwrap();
+        // SAFETY: a has 16 MiB.
+        unsafe { std::ptr::write_bytes(a, 3, 16 * MIB) };
+        let huge = crate::hugeshm::huge_mapped(a, 16 * MIB);
+        assert!(p.free(a));
+        // The block is a 4 KiB header and 16 MiB: 8 whole 2 MiB extents.
+        if crate::hugeshm::extent() == Some(2 * MIB) {
+            assert!(crate::hugeshm::refused() || huge >= 8 * 2 * MIB, "{huge}");
+        }
         std::fs::remove_dir_all(dir).unwrap();
     }
 
