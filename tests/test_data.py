@@ -50,15 +50,19 @@ def make(n_bytes: int, seed: int, delay: float = 0.0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 2**63, n_bytes // 8, dtype=np.int64)
 
 
+# What a mapped file is lent as: the 2 MiB-aligned `_core.Mapped`, or mmap.
+MAPPED = (mmap.mmap, _core.Mapped)
+
+
 def is_mapped(x: np.ndarray) -> bool:
     """Whether an array's memory is a mapped file (another process's result),
     not memory of this process's own."""
     base = x
-    while base is not None and not isinstance(base, memoryview | mmap.mmap):
+    while base is not None and not isinstance(base, (memoryview, *MAPPED)):
         base = getattr(base, "base", None)
     if isinstance(base, memoryview):
         base = base.obj
-    return isinstance(base, mmap.mmap)
+    return isinstance(base, MAPPED)
 
 
 def where_and_how(a: np.ndarray, b: np.ndarray) -> tuple:
@@ -520,4 +524,4 @@ def test_large_bytes_results_travel_out_of_band():
             got = c.submit(big_bytes, kind).result(timeout=60)
             assert type(got).__name__ == kind and bytes(got) == want
         view = c.submit(big_bytes, "memoryview").result(timeout=60)
-        assert isinstance(view.obj, mmap.mmap), "the memoryview was copied"
+        assert isinstance(view.obj, MAPPED), "the memoryview was copied"

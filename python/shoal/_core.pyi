@@ -1,6 +1,5 @@
 """Type stubs for the private extension module ``shoal._core`` (Rust, PyO3)."""
 
-import mmap
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -28,7 +27,7 @@ _Order = tuple[
     int,
     bytes,
     bytes,
-    list[tuple[int, bytearray | mmap.mmap | str | None]],
+    list[tuple[int, bytearray | Mapped | Frame | str | None]],
     list[tuple[str, float]] | None,
     float | None,
     int,
@@ -245,6 +244,14 @@ def shm_allocator_forked() -> None: ...
 def shm_locate(buffer: Any) -> tuple[int, int] | None: ...
 def shm_publish(key: int, path: str, head: bytes) -> bool: ...
 def shm_reserve(fd: int, length: int) -> None: ...
+
+class Mapped:
+    """A file mapped 2 MiB-aligned: copy-on-write or read-only (a buffer)."""
+
+    def __len__(self) -> int: ...
+    def __buffer__(self, flags: int) -> memoryview: ...
+
+def map_file(fd: int, writable: bool) -> Mapped: ...
 def shm_allocator_stats() -> tuple[int, int, int, int] | None: ...
 def shm_allocator_trim(age: float, spare_cap: int | None = None) -> int: ...
 def cli_main(

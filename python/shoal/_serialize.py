@@ -345,7 +345,7 @@ def load_file(path: str) -> Any:
     """Unpickles a file ``write_file`` made, mapping it: out-of-band buffers
     (arrays) become read-only views of the file's pages, not copies."""
     with open(path, "rb") as fh:
-        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        mm = _core.map_file(fh.fileno(), False)
     return loads(mm)
 
 
@@ -395,10 +395,11 @@ def compressed_parts(parts: list[Any], length: int) -> list[Any] | None:
 
 def loads(data: bytes | bytearray | mmap.mmap | memoryview | Any) -> Any:
     """Unpickles what ``dumps`` or ``dumps_large`` made (buffers of the
-    latter become views of ``data``: writable for a ``bytearray``, read-only
-    for a read-only ``mmap`` or a received frame), compressed or not."""
+    latter become views of ``data``: writable for a ``bytearray`` or a
+    copy-on-write ``_core.Mapped``, read-only for a read-only one or a
+    received frame), compressed or not."""
     if type(data) not in (bytes, bytearray, mmap.mmap):
-        data = memoryview(data)  # a received frame (`_core.Frame`)
+        data = memoryview(data)  # `_core.Frame`, `_core.Mapped`
     head = data[:8]
     if head == _Z_MAGIC:
         lz4 = _lz4()

@@ -398,7 +398,7 @@ class _Executor:
             if deps:
                 inputs = {}
                 for d, b in deps:
-                    # b: bytearray, or a read-only mmap of a peer's file on
+                    # b: bytearray, a copy-on-write mapping of a peer's file on
                     # this host; None for a result of this worker; a str:
                     # why its holder could not send it.
                     if type(b) is str:

@@ -1460,27 +1460,108 @@ impl Frame {
     }
 }
 
+/// A file on this host mapped for `_serialize.loads`: copy-on-write
+/// (`writable`: arrays unpickled from it are views of the shared pages,
+/// writable as NumPy users expect, and a page written is copied for this
+/// process alone, never changing the file others map) or read-only. Mapped
+/// 2 MiB-aligned, so that a file of huge pages is mapped by huge entries
+/// (see `shoal_runtime::hugeshm::map_aligned`); unmapped when the last
+/// view of it goes.
+#[pyclass(frozen)]
+struct Mapped {
+    base: usize,
+    len: usize,
+    writable: bool,
+}
+
+impl Mapped {
+    fn new(fd: i32, writable: bool) -> std::io::Result<Mapped> {
+        // SAFETY: fstat fills the zeroed struct for the caller's fd.
+        let len = unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            if libc::fstat(fd, &mut st) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            usize::try_from(st.st_size).unwrap_or(0)
+        };
+        let (prot, flags) = if writable {
+            (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE)
+        } else {
+            (libc::PROT_READ, libc::MAP_SHARED)
+        };
+        let base = shoal_runtime::hugeshm::map_aligned(fd, len, prot, flags)?;
+        Ok(Mapped {
+            base: base as usize,
+            len,
+            writable,
+        })
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: the mapping this object made; no view of it is left
+        // (each holds a reference to this object).
+        unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };
+    }
+}
+
+#[pymethods]
+impl Mapped {
+    /// # Safety
+    /// Fills `view` for the mapping, which lives as long as this object
+    /// (Python keeps it alive while the view is held).
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut pyo3::ffi::Py_buffer,
+        flags: std::os::raw::c_int,
+    ) -> PyResult<()> {
+        let m = slf.get();
+        if flags & pyo3::ffi::PyBUF_WRITABLE != 0 && !m.writable {
+            return Err(pyo3::exceptions::PyBufferError::new_err(
+                "a read-only mapping",
+            ));
+        }
+        // SAFETY: the mapping's pointer and length; the exporter is `slf`,
+        // which the view keeps alive.
+        let rc = unsafe {
+            pyo3::ffi::PyBuffer_FillInfo(
+                view,
+                slf.as_ptr(),
+                m.base as *mut std::os::raw::c_void,
+                m.len as pyo3::ffi::Py_ssize_t,
+                i32::from(!m.writable),
+                flags,
+            )
+        };
+        if rc == -1 {
+            return Err(PyErr::fetch(slf.py()));
+        }
+        Ok(())
+    }
+
+    fn __len__(&self) -> usize {
+        self.len
+    }
+}
+
+/// Maps the file `fd` (it may be closed afterwards): copy-on-write if
+/// `writable`, else read-only. See `Mapped`.
+#[pyfunction]
+fn map_file(fd: i32, writable: bool) -> PyResult<Mapped> {
+    Ok(Mapped::new(fd, writable)?)
+}
+
 /// A fetched result for `_serialize.loads`: bytes as a `bytearray` (arrays
 /// unpickled from it out of band are writable views of it), a file on this
-/// host as a copy-on-write `mmap`: arrays are views of the shared pages
-/// (nothing is copied to read them), writable as NumPy users expect, and a
-/// page written is copied for this process alone, never changing the file
-/// others map. A result its holder cannot pickle is a
-/// `TypeError` saying why.
+/// host as a copy-on-write [`Mapped`]. A result its holder cannot pickle is
+/// a `TypeError` saying why.
 fn fetched_to_py(py: Python<'_>, v: Fetched) -> PyResult<Py<PyAny>> {
     use std::os::fd::AsRawFd;
-    static MMAP: pyo3::sync::PyOnceLock<Py<PyModule>> = pyo3::sync::PyOnceLock::new();
     match v {
         Fetched::Bytes(b) => Ok(PyByteArray::new(py, &b).into_any().unbind()),
-        Fetched::File(f) => {
-            let m = MMAP.get_or_try_init(py, || py.import("mmap").map(Bound::unbind))?;
-            let m = m.bind(py);
-            let kw = pyo3::types::PyDict::new(py);
-            kw.set_item("access", m.getattr("ACCESS_COPY")?)?;
-            // mmap duplicates the descriptor; ours closes when `f` drops.
-            let mm = m.getattr("mmap")?.call((f.as_raw_fd(), 0), Some(&kw))?;
-            Ok(mm.unbind())
-        }
+        // The mapping outlives the descriptor, which closes when `f` drops.
+        Fetched::File(f) => Ok(Py::new(py, Mapped::new(f.as_raw_fd(), true)?)?.into_any()),
         Fetched::Unpicklable(why) => Err(PyTypeError::new_err(why)),
     }
 }
@@ -1573,6 +1654,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(numpy_alloc::shm_allocator_forked, m)?)?;
     m.add_function(wrap_pyfunction!(numpy_alloc::shm_publish, m)?)?;
     m.add_function(wrap_pyfunction!(numpy_alloc::shm_reserve, m)?)?;
+    m.add_function(wrap_pyfunction!(map_file, m)?)?;
+    m.add_class::<Mapped>()?;
     m.add_function(wrap_pyfunction!(numpy_alloc::shm_allocator_stats, m)?)?;
     m.add_function(wrap_pyfunction!(numpy_alloc::shm_allocator_trim, m)?)?;
     Ok(())

@@ -57,11 +57,24 @@ pub fn worth(len: usize) -> bool {
     extent().is_some_and(|e| len >= e) && !REFUSED.load(Ordering::Relaxed)
 }
 
-/// Maps `len` bytes of file `fd` from offset 0, shared, at an address
-/// aligned to the huge page size (so each whole extent of the file can be a
-/// huge page in this mapping; `mmap` alone aligns only to 4 KiB).
-pub fn map_aligned(fd: RawFd, len: usize, prot: libc::c_int) -> io::Result<*mut u8> {
-    let align = extent().unwrap_or(4096);
+/// Maps `len` bytes of file `fd` from offset 0 (`flags`: `MAP_SHARED` or
+/// `MAP_PRIVATE`) at an address aligned to the huge page size when the
+/// file holds a whole one, so that its huge pages are mapped whole: `mmap`
+/// alone aligns to 4 KiB, and mapping a 64 MiB file of huge pages through
+/// 4 KiB entries cost 0.5 ms a time against 30 µs.
+pub fn map_aligned(
+    fd: RawFd,
+    len: usize,
+    prot: libc::c_int,
+    flags: libc::c_int,
+) -> io::Result<*mut u8> {
+    if len == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "cannot map an empty file",
+        ));
+    }
+    let align = extent().filter(|&e| len >= e).unwrap_or(4096);
     let span = len
         .checked_add(align)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "mapping too large"))?;
@@ -86,7 +99,7 @@ pub fn map_aligned(fd: RawFd, len: usize, prot: libc::c_int) -> io::Result<*mut 
             base as *mut libc::c_void,
             len,
             prot,
-            libc::MAP_SHARED | libc::MAP_FIXED,
+            flags | libc::MAP_FIXED,
             fd,
             0,
         );
@@ -161,7 +174,12 @@ pub fn reserve(fd: RawFd, len: usize) -> io::Result<()> {
         return Ok(());
     }
     if worth(len) {
-        if let Ok(base) = map_aligned(fd, len, libc::PROT_READ | libc::PROT_WRITE) {
+        if let Ok(base) = map_aligned(
+            fd,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+        ) {
             collapse(fd, base, len);
             // SAFETY: the mapping made just above, used by nothing else.
             unsafe { libc::munmap(base.cast(), len) };
@@ -229,7 +247,8 @@ mod tests {
         let f = tmpfile();
         let len = 4 * e + 4096; // four whole extents and a page
         reserve(f.as_raw_fd(), len).unwrap();
-        let base = map_aligned(f.as_raw_fd(), len, libc::PROT_READ | libc::PROT_WRITE).unwrap();
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        let base = map_aligned(f.as_raw_fd(), len, rw, libc::MAP_SHARED).unwrap();
         assert_eq!(base as usize % e, 0);
         // SAFETY: the mapping is `len` bytes of a file of that size.
         unsafe { std::ptr::write_bytes(base, 7, len) };

@@ -239,7 +239,7 @@ impl ShmPool {
                 return Err(io::Error::last_os_error());
             }
             let prot = libc::PROT_READ | libc::PROT_WRITE;
-            let base = crate::hugeshm::map_aligned(fd.as_raw_fd(), len, prot)?;
+            let base = crate::hugeshm::map_aligned(fd.as_raw_fd(), len, prot, libc::MAP_SHARED)?;
             // Dropped (unmapped) if reserving fails below.
             let block = Block {
                 base,
