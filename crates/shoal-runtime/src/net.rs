@@ -142,6 +142,112 @@ impl Stream for UnixStream {
 
 impl Stream for tokio_rustls::server::TlsStream<TcpStream> {}
 impl Stream for tokio_rustls::client::TlsStream<TcpStream> {}
+impl Stream for tokio_rustls::server::TlsStream<ReadAhead> {}
+impl Stream for tokio_rustls::client::TlsStream<ReadAhead> {}
+
+/// A TLS connection's socket, read in large pieces while data streams in.
+/// rustls asks for a few KiB at a time, one system call per 4 KiB of a bulk
+/// transfer; once a read fills what was asked (more is waiting), this
+/// reads up to [`ReadAhead::CHUNK`] per call into a buffer of its own,
+/// which it lets go once a read finds less than a quarter of it: a
+/// connection carrying only messages holds none (the scheduler has one per
+/// worker and client).
+pub struct ReadAhead {
+    inner: TcpStream,
+    buf: Vec<u8>,
+    pos: usize,
+    end: usize,
+    slowed: bool,
+}
+
+impl ReadAhead {
+    const CHUNK: usize = 256 << 10;
+
+    fn new(inner: TcpStream) -> ReadAhead {
+        ReadAhead {
+            inner,
+            buf: Vec::new(),
+            pos: 0,
+            end: 0,
+            slowed: false,
+        }
+    }
+}
+
+impl AsyncRead for ReadAhead {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        out: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        use std::task::Poll;
+        let me = self.get_mut();
+        if me.pos == me.end && me.buf.is_empty() {
+            // Not streaming: straight into the caller's buffer.
+            let before = out.filled().len();
+            let r = std::pin::Pin::new(&mut me.inner).poll_read(cx, out);
+            // A read of at least a page that filled all it was given.
+            let bulk = out.filled().len() - before >= 4096 && out.remaining() == 0;
+            if matches!(r, Poll::Ready(Ok(()))) && bulk {
+                me.buf = vec![0; ReadAhead::CHUNK];
+            }
+            return r;
+        }
+        if me.pos == me.end {
+            let mut rb = tokio::io::ReadBuf::new(&mut me.buf);
+            std::task::ready!(std::pin::Pin::new(&mut me.inner).poll_read(cx, &mut rb))?;
+            (me.pos, me.end) = (0, rb.filled().len());
+            // The stream has slowed (or ended): the buffer goes once drained.
+            me.slowed = me.end < ReadAhead::CHUNK / 4;
+        }
+        let k = (me.end - me.pos).min(out.remaining());
+        out.put_slice(&me.buf[me.pos..me.pos + k]);
+        me.pos += k;
+        if me.pos == me.end {
+            (me.pos, me.end) = (0, 0);
+            if me.slowed {
+                me.buf = Vec::new();
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for ReadAhead {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
 impl Stream for tokio::io::Empty {}
 impl Stream for tokio::io::DuplexStream {}
 
@@ -159,7 +265,7 @@ pub const PREAUTH_MAX_FRAME: usize = 8 * 1024;
 /// connections holds a bounded amount of memory.
 pub const MAX_PENDING_HANDSHAKES: usize = 256;
 
-fn framed(s: Box<dyn Stream>) -> Conn {
+pub(crate) fn framed(s: Box<dyn Stream>) -> Conn {
     let codec = LengthDelimitedCodec::builder()
         .max_frame_length(PREAUTH_MAX_FRAME)
         .new_codec();
@@ -207,7 +313,10 @@ impl Incoming {
         let run = async {
             let established = match tls {
                 None => Ok(framed(stream)),
-                Some((acceptor, tcp)) => acceptor.accept(tcp).await.map(|s| framed(Box::new(s))),
+                Some((acceptor, tcp)) => acceptor
+                    .accept(ReadAhead::new(tcp))
+                    .await
+                    .map(|s| framed(Box::new(s))),
             };
             let mut conn = match established {
                 Ok(c) => c,
@@ -465,7 +574,7 @@ pub async fn connect(addr: &Address) -> io::Result<(Conn, Option<std::net::IpAdd
             s.set_nodelay(true)?;
             let ip = s.local_addr()?.ip();
             let name = rustls_pki_types::ServerName::try_from(TLS_NAME).expect("a valid name");
-            let s = connector.connect(name, s).await?;
+            let s = connector.connect(name, ReadAhead::new(s)).await?;
             Ok((framed(Box::new(s)), Some(ip)))
         }
     }
@@ -528,7 +637,6 @@ impl RawPart {
 /// spilled to disk stall the I/O thread; through TLS, files are read in
 /// chunks into one reused buffer.
 pub async fn send_raw_parts(conn: &mut Conn, parts: Vec<RawPart>) -> io::Result<()> {
-    use std::os::unix::fs::FileExt;
     use tokio::io::AsyncWriteExt;
     for p in &parts {
         let n = p.len();
@@ -577,7 +685,6 @@ pub async fn send_raw_parts(conn: &mut Conn, parts: Vec<RawPart>) -> io::Result<
         .await
         .map_err(io::Error::other)?;
     }
-    let mut buf = Vec::new();
     for p in parts {
         let head = (p.len() as u32).to_be_bytes();
         conn.get_mut().write_all(&head).await?;
@@ -589,27 +696,57 @@ pub async fn send_raw_parts(conn: &mut Conn, parts: Vec<RawPart>) -> io::Result<
                 }
             }
             RawPart::File(f, len) => {
-                let f = Arc::new(f);
-                buf.resize((len as usize).min(4 << 20), 0);
-                let mut off = 0u64;
-                while off < len {
-                    let k = (len - off).min(buf.len() as u64) as usize;
-                    let f = f.clone();
-                    let (r, b) = tokio::task::spawn_blocking(move || {
-                        let r = f.read_exact_at(&mut buf[..k], off);
-                        (r, buf)
-                    })
-                    .await
-                    .map_err(io::Error::other)?;
-                    buf = b;
-                    r?;
-                    conn.get_mut().write_all(&buf[..k]).await?;
-                    off += k as u64;
-                }
+                // Encrypted straight from the file's pages (no copy into a
+                // buffer first); mapped aligned so that huge pages map whole.
+                let map = FileMap::new(&f, len as usize)?;
+                conn.get_mut().write_all(map.bytes()).await?;
             }
         }
     }
     conn.get_mut().flush().await
+}
+
+/// A read-only mapping of a file's first bytes, unmapped on drop.
+struct FileMap {
+    base: *mut u8,
+    len: usize,
+}
+
+// SAFETY: a read-only mapping owned by this value; nothing writes it here.
+unsafe impl Send for FileMap {}
+
+impl FileMap {
+    fn new(f: &std::fs::File, len: usize) -> io::Result<FileMap> {
+        use std::os::fd::AsRawFd;
+        if len == 0 {
+            return Ok(FileMap {
+                base: std::ptr::null_mut(),
+                len: 0,
+            });
+        }
+        let base =
+            crate::hugeshm::map_aligned(f.as_raw_fd(), len, libc::PROT_READ, libc::MAP_SHARED)?;
+        Ok(FileMap { base, len })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: `len` mapped readable bytes, alive as long as `self`; the
+        // file is at least that long (checked by the caller) and result
+        // files are never shortened, only unlinked.
+        unsafe { std::slice::from_raw_parts(self.base, self.len) }
+    }
+}
+
+impl Drop for FileMap {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: the mapping this value made.
+            unsafe { libc::munmap(self.base.cast(), self.len) };
+        }
+    }
 }
 
 /// Waits (at most [`SEND_STALL`]) until the non-blocking socket `sock`
@@ -1357,6 +1494,43 @@ pub fn decode_batch<M: DeserializeOwned>(frame: io::Result<bytes::BytesMut>) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stream read a few KiB at a time arrives whole through a read-ahead
+    /// buffer, which exists only while data streams and goes once the
+    /// stream slows.
+    #[tokio::test]
+    async fn read_ahead_streams_in_large_reads_and_lets_its_buffer_go() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let (a, b) = tokio::join!(TcpStream::connect(addr), l.accept());
+        let (mut tx, mut rx) = (a.expect("connect"), ReadAhead::new(b.expect("accept").0));
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            tx.write_all(&sent).await.expect("write");
+            tx
+        });
+        let mut got = Vec::new();
+        let mut piece = [0u8; 4096];
+        let mut buffered = false;
+        while got.len() < data.len() {
+            let n = rx.read(&mut piece).await.expect("read");
+            assert!(n > 0);
+            got.extend_from_slice(&piece[..n]);
+            buffered |= !rx.buf.is_empty();
+        }
+        assert!(got == data, "the stream arrived changed");
+        assert!(buffered, "a bulk stream was never read ahead");
+        let mut tx = writer.await.expect("writer");
+        tx.write_all(b"ping").await.expect("write");
+        let mut four = [0u8; 4];
+        rx.read_exact(&mut four).await.expect("read");
+        assert_eq!(&four, b"ping");
+        assert!(rx.buf.is_empty(), "a slowed stream kept its buffer");
+        drop(tx);
+        assert_eq!(rx.read(&mut piece).await.expect("eof"), 0);
+    }
 
     /// A file's first bytes as a frame: by `sendfile` over a socket, in
     /// chunks over anything else; a message after it still arrives.
