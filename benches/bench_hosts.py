@@ -313,6 +313,23 @@ def host_pids(hosts) -> list[int]:
     return out
 
 
+def reset_peaks(pids: list[int]) -> None:
+    for p in pids:
+        with open(f"/proc/{p}/clear_refs", "w") as fh:
+            fh.write("5")  # resets the resident high-water mark
+
+
+def take_peaks(hosts, highest: dict[int, int]) -> int:
+    """The worker hosts' summed peak since the last call (resetting it);
+    ``highest`` keeps each process's peak over all calls."""
+    pids = host_pids(hosts)
+    peaks = {p: rss(p, "VmHWM") for p in pids}
+    for p, v in peaks.items():
+        highest[p] = max(highest.get(p, 0), v)
+    reset_peaks(pids)
+    return sum(peaks.values())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-r", "--repeats", type=int, default=3)
@@ -340,13 +357,18 @@ def main() -> None:
             try:
                 pids = host_pids(hs)
                 base = sum(rss(p) for p in pids)
-                for p in pids:
-                    with open(f"/proc/{p}/clear_refs", "w") as fh:
-                        fh.write("5")  # resets the peak
+                reset_peaks(pids)
+                # Each process's peak over the whole run; and each phase's
+                # peak (summed over processes) on its own.
+                highest: dict[int, int] = {}
+                phases = []
                 large = [r.large() for _ in range(ns.repeats)]
+                phases.append(take_peaks(hs, highest) - base)
                 small = [r.small() for _ in range(ns.repeats)]
+                phases.append(take_peaks(hs, highest) - base)
                 shuffle = [r.shuffle() for _ in range(ns.repeats)]
-                peak = sum(rss(p, "VmHWM") for p in host_pids(hs)) - base
+                phases.append(take_peaks(hs, highest) - base)
+                peak = sum(highest.values()) - base
             finally:
                 r.close()
             assert all(v == LARGE // 8 for _, v in large), "wrong large result"
@@ -359,7 +381,8 @@ def main() -> None:
             print(
                 f"  {cls.name:18s} large {LARGE / gib / tl:6.2f} GiB/s   small "
                 f"{N_SMALL * SMALL / gib / ts:6.2f} GiB/s ({N_SMALL / ts:7.0f} transfers/s)   "
-                f"shuffle {crossing / gib / tx:6.2f} GiB/s   peak {peak / 2**20:6.0f} MiB",
+                f"shuffle {crossing / gib / tx:6.2f} GiB/s   peak {peak / 2**20:6.0f} MiB "
+                f"(phases: {' '.join(f'{x / 2**20:.0f}' for x in phases)})",
                 flush=True,
             )
     print(f"medians of {ns.repeats} repeats")

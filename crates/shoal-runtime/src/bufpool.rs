@@ -24,6 +24,10 @@ pub const MIN_POOLED: usize = 64 * 1024;
 /// memory, and transfers come in bursts).
 pub const DECAY: Duration = Duration::from_secs(3);
 
+/// Retained regions idle this long when a frame of another size comes are
+/// a burst that has ended: they go (see [`take`]).
+pub const BURST_OVER: Duration = Duration::from_millis(100);
+
 /// A buffer's mapping; unmapped on drop.
 struct Region {
     base: *mut u8,
@@ -122,9 +126,19 @@ pub fn take(n: usize) -> std::io::Result<Buf> {
             r
         });
         if reused.is_none() {
-            // Transfers of another size now: as much retained memory of
-            // other classes goes (oldest first) as this one maps, so that
-            // retaining never adds to a host's peak.
+            // Transfers of another size now. A burst of other sizes that
+            // has ended (none taken for BURST_OVER) is let go whole: its
+            // regions would only add to this burst's peak (2,000 frames of
+            // 256 KiB left 500 MiB under the shuffle that followed).
+            let now = Instant::now();
+            let (ended, kept) = std::mem::take(&mut p.free)
+                .into_iter()
+                .partition::<Vec<_>, _>(|(_, at)| now.duration_since(*at) >= BURST_OVER);
+            p.free = kept;
+            p.retained -= ended.iter().map(|(r, _)| r.cap).sum::<usize>();
+            gone.extend(ended);
+            // And as much of the rest (oldest first) as this one maps, so
+            // that retaining never adds to a host's peak.
             let mut freed = 0;
             while freed < cap && !p.free.is_empty() {
                 let (r, at) = p.free.remove(0);
@@ -144,6 +158,26 @@ pub fn take(n: usize) -> std::io::Result<Buf> {
         region: Some(region),
         len: 0,
     })
+}
+
+/// Lets go of retained buffers (oldest first) worth at least `n` bytes:
+/// for a process about to map `n` bytes of other memory (a new
+/// shared-memory block for a result), so that what is retained for the
+/// next transfers never adds to its peak.
+pub fn make_room(n: usize) {
+    let gone = {
+        let mut p = POOL.lock();
+        let mut gone = Vec::new();
+        let mut freed = 0;
+        while freed < n && !p.free.is_empty() {
+            let (r, _) = p.free.remove(0);
+            p.retained -= r.cap;
+            freed += r.cap;
+            gone.push(r);
+        }
+        gone
+    };
+    drop(gone); // unmapped outside the lock
 }
 
 /// Takes out the retained regions idle for `age` or longer (for the
@@ -325,6 +359,41 @@ mod tests {
         assert_eq!(held(class(a)), 0, "retaining never adds to the peak");
         drop(f);
         assert_eq!(held(class(b)), 1);
+        trim(Duration::ZERO);
+    }
+
+    #[test]
+    fn a_burst_that_has_ended_goes_whole_when_another_size_comes() {
+        let _only = TEST_LOCK.lock();
+        let (a, b) = (300 << 10, 7 << 20);
+        let frames: Vec<_> = (0..64).map(|_| take(a).expect("mapped").freeze()).collect();
+        drop(frames);
+        assert_eq!(held(class(a)), 64);
+        // Still within the burst: only as much as the new one maps goes.
+        let f = take(b).expect("mapped").freeze();
+        let left = held(class(a));
+        assert!((30..64).contains(&left), "{left}");
+        drop(f);
+        for (r, at) in POOL.lock().free.iter_mut() {
+            if r.cap == class(a) {
+                *at -= BURST_OVER;
+            }
+        }
+        let g = take(b + (1 << 20)).expect("mapped").freeze();
+        assert_eq!(held(class(a)), 0, "an ended burst was kept");
+        drop(g);
+        trim(Duration::ZERO);
+    }
+
+    #[test]
+    fn other_memory_made_lets_go_of_as_much_retained() {
+        let _only = TEST_LOCK.lock();
+        let a = 300 << 10;
+        let frames: Vec<_> = (0..16).map(|_| take(a).expect("mapped").freeze()).collect();
+        drop(frames);
+        assert_eq!(held(class(a)), 16);
+        make_room(4 * class(a) - 1);
+        assert_eq!(held(class(a)), 12);
         trim(Duration::ZERO);
     }
 

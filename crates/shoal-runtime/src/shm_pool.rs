@@ -210,6 +210,8 @@ impl ShmPool {
             return Some(data);
         }
         drop(inner);
+        // New memory: buffers retained for transfers make room first.
+        crate::bufpool::make_room(want);
         // A new block: fresh tmpfs pages read as zeros.
         let mut b = self.create(want).ok()?;
         b.used = size;
