@@ -167,14 +167,19 @@ pub fn take(n: usize) -> std::io::Result<Buf> {
     })
 }
 
-/// Lets go of retained buffers (oldest first) worth at least `n` bytes:
-/// for a process about to map `n` bytes of other memory (a new
-/// shared-memory block for a result), so that what is retained for the
-/// next transfers never adds to its peak.
+/// Lets go of retained buffers idle for [`BURST_OVER`] and of others
+/// (oldest first) worth at least `n` bytes: for a process about to map `n`
+/// bytes of other memory (a new shared-memory block for a result), so
+/// that what is retained for the next transfers never adds to its peak.
 pub fn make_room(n: usize) {
     let gone = {
         let mut p = POOL.lock();
-        let mut gone = Vec::new();
+        // A burst that has ended goes whole (as in `take`), then as much as
+        // `n` of the rest.
+        let mut gone: Vec<Region> = expire(&mut p, BURST_OVER)
+            .into_iter()
+            .map(|(r, _)| r)
+            .collect();
         let mut freed = 0;
         while freed < n && !p.free.is_empty() {
             let (r, _) = p.free.remove(0);
