@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import mmap
 import os
 import signal
 import tempfile
@@ -50,15 +49,15 @@ def make(n_bytes: int, seed: int, delay: float = 0.0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 2**63, n_bytes // 8, dtype=np.int64)
 
 
-# What a mapped file is lent as: the 2 MiB-aligned `_core.Mapped`, or mmap.
-MAPPED = (mmap.mmap, _core.Mapped)
+# What a mapped file is lent as (2 MiB-aligned).
+MAPPED = _core.Mapped
 
 
 def is_mapped(x: np.ndarray) -> bool:
     """Whether an array's memory is a mapped file (another process's result),
     not memory of this process's own."""
     base = x
-    while base is not None and not isinstance(base, (memoryview, *MAPPED)):
+    while base is not None and not isinstance(base, memoryview | MAPPED):
         base = getattr(base, "base", None)
     if isinstance(base, memoryview):
         base = base.obj

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import mmap
 import os
 import pickle
 import struct
@@ -393,12 +392,12 @@ def compressed_parts(parts: list[Any], length: int) -> list[Any] | None:
     return out
 
 
-def loads(data: bytes | bytearray | mmap.mmap | memoryview | Any) -> Any:
+def loads(data: bytes | bytearray | memoryview | Any) -> Any:
     """Unpickles what ``dumps`` or ``dumps_large`` made (buffers of the
     latter become views of ``data``: writable for a ``bytearray`` or a
     copy-on-write ``_core.Mapped``, read-only for a read-only one or a
     received frame), compressed or not."""
-    if type(data) not in (bytes, bytearray, mmap.mmap):
+    if type(data) not in (bytes, bytearray):
         data = memoryview(data)  # `_core.Frame`, `_core.Mapped`
     head = data[:8]
     if head == _Z_MAGIC:

@@ -1420,6 +1420,42 @@ struct Frame {
     bytes: Bytes,
 }
 
+/// Fills `view` for `len` bytes at `ptr` lent by `owner`: read-only unless
+/// `writable` (a request to write a read-only one is a `BufferError`
+/// saying `what` is read-only).
+///
+/// # Safety
+/// `ptr..ptr + len` must stay valid (and, if `writable`, writable) as long
+/// as `owner` lives; the view keeps `owner` alive.
+unsafe fn lend_buffer(
+    owner: &Bound<'_, PyAny>,
+    view: *mut pyo3::ffi::Py_buffer,
+    flags: std::os::raw::c_int,
+    (ptr, len, writable): (*const u8, usize, bool),
+    what: &str,
+) -> PyResult<()> {
+    if flags & pyo3::ffi::PyBUF_WRITABLE != 0 && !writable {
+        return Err(pyo3::exceptions::PyBufferError::new_err(format!(
+            "{what} is read-only"
+        )));
+    }
+    // SAFETY: the caller's contract; the exporter is `owner`.
+    let rc = unsafe {
+        pyo3::ffi::PyBuffer_FillInfo(
+            view,
+            owner.as_ptr(),
+            ptr as *mut std::os::raw::c_void,
+            len as pyo3::ffi::Py_ssize_t,
+            i32::from(!writable),
+            flags,
+        )
+    };
+    if rc == -1 {
+        return Err(PyErr::fetch(owner.py()));
+    }
+    Ok(())
+}
+
 #[pymethods]
 impl Frame {
     /// # Safety
@@ -1431,28 +1467,10 @@ impl Frame {
         view: *mut pyo3::ffi::Py_buffer,
         flags: std::os::raw::c_int,
     ) -> PyResult<()> {
-        if flags & pyo3::ffi::PyBUF_WRITABLE != 0 {
-            return Err(pyo3::exceptions::PyBufferError::new_err(
-                "a received frame is read-only",
-            ));
-        }
         let b = &slf.get().bytes;
-        // SAFETY: the pointer and length are the frame's; readonly=1; the
-        // exporter is `slf`, which the view keeps alive.
-        let rc = unsafe {
-            pyo3::ffi::PyBuffer_FillInfo(
-                view,
-                slf.as_ptr(),
-                b.as_ptr() as *mut std::os::raw::c_void,
-                b.len() as pyo3::ffi::Py_ssize_t,
-                1,
-                flags,
-            )
-        };
-        if rc == -1 {
-            return Err(PyErr::fetch(slf.py()));
-        }
-        Ok(())
+        let lent = (b.as_ptr(), b.len(), false);
+        // SAFETY: the frame's bytes live as long as `slf`.
+        unsafe { lend_buffer(slf.as_any(), view, flags, lent, "a received frame") }
     }
 
     fn __len__(&self) -> usize {
@@ -1469,8 +1487,7 @@ impl Frame {
 /// view of it goes.
 #[pyclass(frozen)]
 struct Mapped {
-    base: usize,
-    len: usize,
+    map: shoal_runtime::hugeshm::Mapping,
     writable: bool,
 }
 
@@ -1489,20 +1506,8 @@ impl Mapped {
         } else {
             (libc::PROT_READ, libc::MAP_SHARED)
         };
-        let base = shoal_runtime::hugeshm::map_aligned(fd, len, prot, flags)?;
-        Ok(Mapped {
-            base: base as usize,
-            len,
-            writable,
-        })
-    }
-}
-
-impl Drop for Mapped {
-    fn drop(&mut self) {
-        // SAFETY: the mapping this object made; no view of it is left
-        // (each holds a reference to this object).
-        unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };
+        let map = shoal_runtime::hugeshm::map_aligned(fd, len, prot, flags)?;
+        Ok(Mapped { map, writable })
     }
 }
 
@@ -1517,31 +1522,14 @@ impl Mapped {
         flags: std::os::raw::c_int,
     ) -> PyResult<()> {
         let m = slf.get();
-        if flags & pyo3::ffi::PyBUF_WRITABLE != 0 && !m.writable {
-            return Err(pyo3::exceptions::PyBufferError::new_err(
-                "a read-only mapping",
-            ));
-        }
-        // SAFETY: the mapping's pointer and length; the exporter is `slf`,
-        // which the view keeps alive.
-        let rc = unsafe {
-            pyo3::ffi::PyBuffer_FillInfo(
-                view,
-                slf.as_ptr(),
-                m.base as *mut std::os::raw::c_void,
-                m.len as pyo3::ffi::Py_ssize_t,
-                i32::from(!m.writable),
-                flags,
-            )
-        };
-        if rc == -1 {
-            return Err(PyErr::fetch(slf.py()));
-        }
-        Ok(())
+        let lent = (m.map.as_ptr().cast_const(), m.map.len(), m.writable);
+        // SAFETY: the mapping lives as long as `slf`; a writable one is
+        // private (copy-on-write).
+        unsafe { lend_buffer(slf.as_any(), view, flags, lent, "this mapping") }
     }
 
     fn __len__(&self) -> usize {
-        self.len
+        self.map.len()
     }
 }
 

@@ -133,26 +133,8 @@ pub fn take(n: usize) -> std::io::Result<Buf> {
             r
         });
         if reused.is_none() {
-            // Transfers of another size now. A burst of other sizes that
-            // has ended (none taken for BURST_OVER) is let go whole: its
-            // regions would only add to this burst's peak (2,000 frames of
-            // 256 KiB left 500 MiB under the shuffle that followed).
-            let now = Instant::now();
-            let (ended, kept) = std::mem::take(&mut p.free)
-                .into_iter()
-                .partition::<Vec<_>, _>(|(_, at)| now.duration_since(*at) >= BURST_OVER);
-            p.free = kept;
-            p.retained -= ended.iter().map(|(r, _)| r.cap).sum::<usize>();
-            gone.extend(ended);
-            // And as much of the rest (oldest first) as this one maps, so
-            // that retaining never adds to a host's peak.
-            let mut freed = 0;
-            while freed < cap && !p.free.is_empty() {
-                let (r, at) = p.free.remove(0);
-                p.retained -= r.cap;
-                freed += r.cap;
-                gone.push((r, at));
-            }
+            // Transfers of another size now: room for this one.
+            gone.extend(room_for(&mut p, cap));
         }
         (reused, gone)
     };
@@ -167,29 +149,30 @@ pub fn take(n: usize) -> std::io::Result<Buf> {
     })
 }
 
-/// Lets go of retained buffers idle for [`BURST_OVER`] and of others
-/// (oldest first) worth at least `n` bytes: for a process about to map `n`
-/// bytes of other memory (a new shared-memory block for a result), so
-/// that what is retained for the next transfers never adds to its peak.
+/// Lets go of retained buffers to make room for `n` bytes of other memory
+/// this process is about to map (a new shared-memory block for a result):
+/// see `room_for`.
 pub fn make_room(n: usize) {
-    let gone = {
-        let mut p = POOL.lock();
-        // A burst that has ended goes whole (as in `take`), then as much as
-        // `n` of the rest.
-        let mut gone: Vec<Region> = expire(&mut p, BURST_OVER)
-            .into_iter()
-            .map(|(r, _)| r)
-            .collect();
-        let mut freed = 0;
-        while freed < n && !p.free.is_empty() {
-            let (r, _) = p.free.remove(0);
-            p.retained -= r.cap;
-            freed += r.cap;
-            gone.push(r);
-        }
-        gone
-    };
+    let gone = room_for(&mut POOL.lock(), n);
     drop(gone); // unmapped outside the lock
+}
+
+/// Takes out (for the caller to unmap once the lock is let go) what must
+/// go before `n` bytes of other memory are mapped: a burst that has ended
+/// (regions idle for [`BURST_OVER`]) whole, since it would only add to the
+/// next one's peak (2,000 frames of 256 KiB left 500 MiB under the shuffle
+/// that followed), then at least `n` bytes more, oldest first, so that
+/// retaining never adds to the host's peak.
+fn room_for(p: &mut Pool, n: usize) -> Vec<(Region, Instant)> {
+    let mut gone = expire(p, BURST_OVER);
+    let (mut k, mut freed) = (0, 0);
+    while freed < n && k < p.free.len() {
+        freed += p.free[k].0.cap;
+        k += 1;
+    }
+    p.retained -= freed;
+    gone.extend(p.free.drain(..k));
+    gone
 }
 
 /// Takes out the retained regions idle for `age` or longer (for the

@@ -57,22 +57,79 @@ pub fn worth(len: usize) -> bool {
     extent().is_some_and(|e| len >= e) && !REFUSED.load(Ordering::Relaxed)
 }
 
+/// A mapping of a file's first bytes, unmapped on drop (see
+/// [`map_aligned`]).
+pub struct Mapping {
+    base: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by this value alone; what its users write
+// through it is theirs to order, as with any buffer.
+unsafe impl Send for Mapping {}
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// The first byte (dangling, never read, for an empty mapping).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.base.as_ptr()
+    }
+
+    /// Mapped bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is mapped (an empty file).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The mapped bytes.
+    ///
+    /// # Safety
+    /// The file must stay at least `len` bytes long while they are read (a
+    /// page past its end is `SIGBUS`), and nobody may write them meanwhile
+    /// through another mapping of this process.
+    pub unsafe fn bytes(&self) -> &[u8] {
+        // SAFETY: `len` mapped bytes, alive as long as `self` (the
+        // caller's contract covers the file).
+        unsafe { std::slice::from_raw_parts(self.base.as_ptr(), self.len) }
+    }
+
+    /// Gives up ownership: the caller unmaps `len` bytes at the pointer.
+    pub fn into_raw(self) -> *mut u8 {
+        let p = self.base.as_ptr();
+        std::mem::forget(self);
+        p
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: the mapping `map_aligned` made, unmapped once.
+            unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+        }
+    }
+}
+
 /// Maps `len` bytes of file `fd` from offset 0 (`flags`: `MAP_SHARED` or
 /// `MAP_PRIVATE`) at an address aligned to the huge page size when the
 /// file holds a whole one, so that its huge pages are mapped whole: `mmap`
 /// alone aligns to 4 KiB, and mapping a 64 MiB file of huge pages through
-/// 4 KiB entries cost 0.5 ms a time against 30 µs.
+/// 4 KiB entries cost 0.5 ms a time against 30 µs. Zero bytes map nothing.
 pub fn map_aligned(
     fd: RawFd,
     len: usize,
     prot: libc::c_int,
     flags: libc::c_int,
-) -> io::Result<*mut u8> {
+) -> io::Result<Mapping> {
     if len == 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "cannot map an empty file",
-        ));
+        return Ok(Mapping {
+            base: std::ptr::NonNull::dangling(),
+            len: 0,
+        });
     }
     let align = extent().filter(|&e| len >= e).unwrap_or(4096);
     let span = len
@@ -115,39 +172,38 @@ pub fn map_aligned(
         if start + span > end {
             libc::munmap(end as *mut libc::c_void, start + span - end);
         }
-        Ok(base as *mut u8)
+        Ok(Mapping {
+            base: std::ptr::NonNull::new_unchecked(base as *mut u8),
+            len,
+        })
     }
 }
 
 /// Gives the whole huge-page extents of the tmpfs file `fd`, mapped in full
-/// at `base` (from [`map_aligned`]) for `len` bytes, huge pages where the
-/// kernel can. Returns the bytes now in huge pages' extents (0 where none).
-pub fn collapse(fd: RawFd, base: *mut u8, len: usize) -> usize {
-    let Some(e) = extent() else { return 0 };
-    if REFUSED.load(Ordering::Relaxed) || base as usize % e != 0 {
-        return 0;
+/// by `map` (from [`map_aligned`]), huge pages where the kernel can.
+pub fn collapse(fd: RawFd, map: &Mapping) {
+    let Some(e) = extent() else { return };
+    if REFUSED.load(Ordering::Relaxed) || map.as_ptr() as usize % e != 0 {
+        return;
     }
-    let span = len / e * e;
+    let span = map.len() / e * e;
     if span == 0 {
-        return 0;
+        return;
     }
     // One page in each extent first: the kernel refuses to collapse a range
     // with no page at all. `fallocate`, so that a full tmpfs says ENOSPC.
     for off in (0..span).step_by(e) {
         // SAFETY: a plain system call on the caller's file.
         if unsafe { libc::fallocate(fd, 0, off as libc::off_t, 4096) } != 0 {
-            return 0;
+            return;
         }
     }
     // SAFETY: the range lies in the caller's mapping of the file.
-    let rc = unsafe { libc::madvise(base.cast(), span, libc::MADV_COLLAPSE) };
-    if rc == 0 {
-        return span;
-    }
-    if io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+    let rc = unsafe { libc::madvise(map.as_ptr().cast(), span, libc::MADV_COLLAPSE) };
+    // EAGAIN/ENOMEM: no huge page free now; small pages, as before.
+    if rc != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
         REFUSED.store(true, Ordering::Relaxed);
     }
-    0 // EAGAIN/ENOMEM: no huge page free now; small pages, as before
 }
 
 /// Whether `fd` is a file on tmpfs (whose pages are memory).
@@ -174,15 +230,9 @@ pub fn reserve(fd: RawFd, len: usize) -> io::Result<()> {
         return Ok(());
     }
     if worth(len) {
-        if let Ok(base) = map_aligned(
-            fd,
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-        ) {
-            collapse(fd, base, len);
-            // SAFETY: the mapping made just above, used by nothing else.
-            unsafe { libc::munmap(base.cast(), len) };
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        if let Ok(map) = map_aligned(fd, len, rw, libc::MAP_SHARED) {
+            collapse(fd, &map);
         }
     }
     // SAFETY: as above.
@@ -248,14 +298,15 @@ mod tests {
         let len = 4 * e + 4096; // four whole extents and a page
         reserve(f.as_raw_fd(), len).unwrap();
         let rw = libc::PROT_READ | libc::PROT_WRITE;
-        let base = map_aligned(f.as_raw_fd(), len, rw, libc::MAP_SHARED).unwrap();
+        let map = map_aligned(f.as_raw_fd(), len, rw, libc::MAP_SHARED).unwrap();
+        let base = map.as_ptr();
         assert_eq!(base as usize % e, 0);
         // SAFETY: the mapping is `len` bytes of a file of that size.
         unsafe { std::ptr::write_bytes(base, 7, len) };
         let huge = huge_mapped(base, len);
         // SAFETY: as above.
         let last = unsafe { *base.add(len - 1) };
-        unsafe { libc::munmap(base.cast(), len) };
+        drop(map);
         assert_eq!(last, 7);
         // A kernel that refuses says so (EINVAL); one that accepts must
         // have built them (they may be mapped by small page entries, so at

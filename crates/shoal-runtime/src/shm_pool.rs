@@ -241,19 +241,19 @@ impl ShmPool {
                 return Err(io::Error::last_os_error());
             }
             let prot = libc::PROT_READ | libc::PROT_WRITE;
-            let base = crate::hugeshm::map_aligned(fd.as_raw_fd(), len, prot, libc::MAP_SHARED)?;
-            // Dropped (unmapped) if reserving fails below.
+            let map = crate::hugeshm::map_aligned(fd.as_raw_fd(), len, prot, libc::MAP_SHARED)?;
+            if crate::hugeshm::worth(len) {
+                crate::hugeshm::collapse(fd.as_raw_fd(), &map);
+            }
+            // The block unmaps it from now on (also if reserving fails below).
             let block = Block {
-                base,
+                base: map.into_raw(),
                 len,
                 fd,
                 used: 0,
                 published: false,
                 freed_at: Instant::now(),
             };
-            if crate::hugeshm::worth(len) {
-                crate::hugeshm::collapse(block.fd.as_raw_fd(), base, len);
-            }
             let rc = libc::fallocate(block.fd.as_raw_fd(), 0, 0, len as libc::off_t);
             if rc != 0 {
                 return Err(io::Error::last_os_error());
