@@ -22,6 +22,7 @@ from .client import (
     secede,
     wait,
 )
+from .deploy import LocalCluster
 from .diagnostics import performance_report, progress
 from .errors import (
     ActorDiedError,
@@ -48,6 +49,7 @@ __all__ = [
     "Future",
     "FutureList",
     "Executor",
+    "LocalCluster",
     "SLURMCluster",
     "PBSCluster",
     "ForeignFutureError",

@@ -20,6 +20,9 @@ class _TaskLocal(threading.local):
     in_task = False  # a task runs in this thread
     seceded = False  # it lent its thread (secede)
     numpy = False  # NumPy's memory handler is set in this thread
+    # The executor this execution thread belongs to (workers running in a
+    # client's own process have one each; see `current_executor`).
+    executor: Any = None
 
 
 task_local = _TaskLocal()
@@ -31,8 +34,18 @@ actors: dict[str, Any] = {}
 # worker processes.
 executor: Any = None
 
+# `shoal.Client` (set when the client module loads): what a worker or a
+# cluster opens a client with, without importing the client module.
+client_class: Any = None
+
 # Clients of this process, oldest first (weak: a client nobody holds goes).
 recent_clients: list[weakref.ref[Any]] = []
+
+
+def current_executor() -> Any:
+    """The executor running tasks in this thread (a worker in this client's
+    process), else this worker process's, else None."""
+    return task_local.executor or executor
 
 
 def register_client(client: Any) -> None:
@@ -45,8 +58,9 @@ def get_client() -> Any:
     tasks; waiting on them lends the task's thread, so recursion cannot
     deadlock). Elsewhere: the most recently created client of this process
     that is still open. Raises ``ValueError`` if there is none."""
-    if executor is not None:
-        return executor.get_client()
+    ex = task_local.executor or executor
+    if ex is not None:
+        return ex.get_client()
     for ref in reversed(recent_clients):
         c = ref()
         if c is not None and not c._closed:

@@ -58,6 +58,12 @@ class Future:
     # the scheduler (see ``_dask``).
     __dask_future__ = True
 
+    def __dask_tokenize__(self) -> tuple:
+        """Dask's deterministic token (as distributed's futures have): a
+        persisted collection's graph holds futures, and every later
+        expression on it (a groupby, ``.loc``, a sort) tokenizes them."""
+        return ("shoal.Future", self.key, self._id)
+
     @property
     def key(self) -> Any:
         """The task's key: given (a string, or a Dask key for Dask results),

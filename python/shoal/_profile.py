@@ -83,6 +83,7 @@ class Sampler:
         # not handled yet: (group, function, tick).
         self.handled = 0
         self.ended: tuple[str, Any, int] | None = None
+        self.stopped = threading.Event()  # a worker in a client's process closed
 
     def task_ended(self, group: str, func: Any, started: int) -> None:
         """A task of ``group`` running ``func`` ended (``started``: the tick
@@ -139,7 +140,7 @@ class Sampler:
         epoch = self.core.sync_epoch()
         self.core.set_sampler(True)
         core = self.core
-        while True:
+        while not self.stopped.is_set():
             core.sampler_sleep(self.interval)
             try:
                 if not self.sample() and self.ended is not None:

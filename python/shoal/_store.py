@@ -153,8 +153,19 @@ def sole_reference(result: Any) -> bool:
 class Store:
     """Large results of one worker process, and its memory manager."""
 
-    def __init__(self, core: Any, memory_limit: int | None, local_directory: str | None):
+    def __init__(
+        self,
+        core: Any,
+        memory_limit: int | None,
+        local_directory: str | None,
+        in_process: bool = False,
+    ):
         self.core = core
+        # In a client's own process (LocalCluster(processes=False)): past
+        # the limit it pauses and warns instead of ending the process.
+        self.in_process = in_process
+        self.closed = threading.Event()
+        self._warned = False
         self.limit = memory_limit
         self.local_directory = local_directory
         self.lock = threading.RLock()
@@ -221,8 +232,12 @@ class Store:
             return False
 
     def close(self) -> None:
-        """Removes this process's segments and spilled data."""
-        for d in (_dirs.get(os.getpid()), self._spill_dir):
+        """Removes this process's segments and spilled data (in a client's
+        process only the spilled data: the segments are the process's,
+        removed when it exits)."""
+        self.closed.set()
+        dirs = (self._spill_dir,) if self.in_process else (_dirs.get(os.getpid()), self._spill_dir)
+        for d in dirs:
             if d:
                 shutil.rmtree(d, ignore_errors=True)
 
@@ -517,6 +532,17 @@ class Store:
         return proc
 
     def _terminate(self, proc: int) -> None:
+        if self.in_process:
+            # No nanny to start a fresh process: stay paused, say so once.
+            if not self._warned:
+                self._warned = True
+                sys.stderr.write(
+                    f"shoal: this process's memory {proc / 2**30:.2f} GiB is above "
+                    f"{TERMINATE:.0%} of its workers' limit ({self.limit / 2**30:.2f} GiB); "
+                    "workers in the client's process cannot be restarted "
+                    "(LocalCluster(processes=True) can)\n"
+                )
+            return
         sys.stderr.write(
             f"shoal worker {os.getpid()}: process memory {proc / 2**30:.2f} GiB is above "
             f"{TERMINATE:.0%} of its limit ({self.limit / 2**30:.2f} GiB); restarting it "
@@ -531,8 +557,7 @@ class Store:
         """Thread: applies the memory fractions every 50 ms (with a limit;
         otherwise only measures, twice a second)."""
         interval = 0.05 if self.limit else 0.5
-        while True:
-            time.sleep(interval)
+        while not self.closed.wait(interval):
             try:
                 self.check()
             except Exception:  # noqa: BLE001 - the monitor must keep running

@@ -202,6 +202,7 @@ class _Executor:
             self.lanes.add(lane)
         done: list[tuple[int, bool, Any, int, int, int]] = []
         ident = threading.get_ident()
+        task_local.executor = self
         while True:
             r = core.next_batch(done, 1, 1.0, lane)
             if r == "shutdown":
@@ -453,6 +454,14 @@ class _Executor:
             self.core.pin(tid)  # its consumers run here (before the report)
         return (tid, True, payload, start_us, duration, size)
 
+    def finish(self) -> None:
+        """After ``stopped``: no program outlives its worker, and its
+        segments and spilled data go."""
+        self.core.kill_commands()
+        self.store.close()
+        if self.sampler is not None:
+            self.sampler.stopped.set()
+
     def secede(self) -> None:
         """The calling task waits on other tasks: lend its thread (another
         execution thread starts, and the scheduler counts one more)."""
@@ -467,9 +476,9 @@ class _Executor:
     def get_client(self) -> Any:
         with self.lock:
             if self.client is None or self.client._closed:
-                from .client import Client
-
-                self.client = Client(self.address, token=self.token, set_as_default=False)
+                self.client = _context.client_class(
+                    self.address, token=self.token, set_as_default=False
+                )
             return self.client
 
     def export_held(self) -> None:
@@ -493,7 +502,7 @@ class _Executor:
                 traceback.print_exc()
                 return None
 
-        while True:
+        while not self.stopped.is_set():
             files, frames = core.pickle_requests(1.0)
             done = [(tid, exported(tid)) for tid in files if not unpicklable(tid)]
             framed: list[tuple[int, list[Any] | None]] = []
@@ -592,19 +601,11 @@ def main(argv: list[str] | None = None) -> None:
         threading.Thread(target=_exit_with_parent, args=(ns.parent,), daemon=True).start()
     if ns.actor:
         _start_actor(ns.actor)
-    gpus = _resources.detect_gpus()
-    if "GPU" not in resources and gpus:
-        resources["GPU"] = float(len(gpus))
-    elif "GPU" in resources and not gpus:  # declared, not detected: trust it
-        gpus = [str(i) for i in range(math.ceil(resources["GPU"]))]
     # Ctrl-C in the terminal reaches the whole process group: the client
     # handles it; a worker must not die of it. A handler, not SIG_IGN: an
     # ignored signal stays ignored in the programs command tasks run.
     signal.signal(signal.SIGINT, _ignore)
     signal.signal(signal.SIGTERM, _on_sigterm)
-    share = min(1.0, ns.nthreads / (os.cpu_count() or 1))
-    limit = _store.parse_memory(ns.memory_limit, share)
-    _core.sweep(ns.local_directory)  # leftovers of crashed processes
     token = os.environ.get("SHOAL_TOKEN")
     if ns.token_file:
         with open(ns.token_file) as fh:
@@ -613,12 +614,60 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("the cluster's token is needed: --token-file FILE or SHOAL_TOKEN")
     name = ns.name.replace("{pid}", str(os.getpid()))
     try:
-        core = WorkerCore(ns.address, ns.nthreads, name, token, sorted(resources.items()))
+        executor = start(
+            ns.address,
+            token,
+            nthreads=ns.nthreads,
+            name=name,
+            resources=resources,
+            memory_limit=ns.memory_limit,
+            local_directory=ns.local_directory,
+            preload=[m for m in ns.preload.split(",") if m.strip()],
+        )
     except PermissionError as e:  # wrong token: another try cannot help
         print(f"shoal worker: {e}", file=sys.stderr, flush=True)
         os._exit(_core.EXIT_REFUSED)
-    store = _store.Store(core, limit, ns.local_directory)
-    executor = _context.executor = _Executor(core, ns.address, token, ns.nthreads, gpus, store)
+    executor.stopped.wait()
+    executor.finish()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Told to stop: skip interpreter finalization, which can abort in C++
+    # extension threads still running (pyarrow's) and has nothing to save.
+    # EXIT_STOPPED, not 0: a task calling os._exit(0) must read as a crash.
+    os._exit(_core.EXIT_STOPPED)
+
+
+def start(
+    address: str,
+    token: str,
+    *,
+    nthreads: int = 1,
+    name: str,
+    resources: dict[str, float] | None = None,
+    memory_limit: str | int | float | None = "auto",
+    local_directory: str | None = None,
+    preload: list[str] | None = None,
+    in_process: bool = False,
+) -> _Executor:
+    """Joins the scheduler at ``address`` and starts running tasks on
+    ``nthreads`` threads; returns the executor (``stopped`` is set when the
+    scheduler says stop, then call ``finish``). ``in_process``: a worker
+    in a client's own process (``LocalCluster(processes=False)``), which
+    never ends the process and leaves its logging alone."""
+    resources = dict(resources or {})
+    gpus = _resources.detect_gpus()
+    if "GPU" not in resources and gpus:
+        resources["GPU"] = float(len(gpus))
+    elif "GPU" in resources and not gpus:  # declared, not detected: trust it
+        gpus = [str(i) for i in range(math.ceil(resources["GPU"]))]
+    share = min(1.0, nthreads / (os.cpu_count() or 1))
+    limit = _store.parse_memory(memory_limit, share)
+    _core.sweep(local_directory)  # leftovers of crashed processes
+    core = WorkerCore(address, nthreads, name, token, sorted(resources.items()), in_process)
+    store = _store.Store(core, limit, local_directory, in_process)
+    executor = _Executor(core, address, token, nthreads, gpus, store)
+    if not in_process:
+        _context.executor = executor  # the process's (signals, get_client)
     threading.Thread(target=executor.export_held, name="shoal-pickler", daemon=True).start()
     threading.Thread(target=store.monitor, name="shoal-memory", daemon=True).start()
     threading.Thread(target=executor.watchdog, name="shoal-watchdog", daemon=True).start()
@@ -632,15 +681,15 @@ def main(argv: list[str] | None = None) -> None:
         stop = _Executor._execute.__code__  # frames from here up are Shoal's
         sampler = executor.sampler = _profile.Sampler(core, executor.running_groups, interval, stop)
         threading.Thread(target=sampler.run, name="shoal-profiler", daemon=True).start()
-    _profile.capture_logging()
+    if not in_process:
+        _profile.capture_logging()
 
-    # Execution threads come and go (secede/rejoin); the process lives until
+    # Execution threads come and go (secede/rejoin); the worker lives until
     # the scheduler says stop.
     def start_executing() -> None:
-        for i in range(ns.nthreads):
+        for i in range(nthreads):
             threading.Thread(target=executor.run, name=f"shoal-exec-{i}", daemon=True).start()
 
-    preload = [m for m in ns.preload.split(",") if m.strip()]
     if preload:
         # Tasks start once the preload is done: a task importing a package
         # while this thread imports it can meet it half-initialized (NumPy:
@@ -653,15 +702,7 @@ def main(argv: list[str] | None = None) -> None:
         threading.Thread(target=load_then_execute, name="shoal-preload", daemon=True).start()
     else:
         start_executing()
-    executor.stopped.wait()
-    core.kill_commands()  # no program outlives its worker
-    store.close()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Told to stop: skip interpreter finalization, which can abort in C++
-    # extension threads still running (pyarrow's) and has nothing to save.
-    # EXIT_STOPPED, not 0: a task calling os._exit(0) must read as a crash.
-    os._exit(_core.EXIT_STOPPED)
+    return executor
 
 
 if __name__ == "__main__":

@@ -41,7 +41,6 @@ import hashlib
 import json
 import os
 import pickle
-import sys
 import threading
 import time
 import urllib.parse
@@ -50,9 +49,10 @@ from collections import namedtuple
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from . import _commands, _context, _core, _dask, _resources, _serialize, _store, diagnostics
-from ._core import INLINE_LIMIT, ClientCore, Cluster
+from . import _commands, _context, _core, _dask, _resources, _serialize, _store, deploy, diagnostics
+from ._core import INLINE_LIMIT, ClientCore
 from ._futures import Future, FutureList
+from .deploy import ClusterBase, LocalCluster
 from .errors import (
     ActorDiedError,
     DataLostError,
@@ -87,7 +87,7 @@ def secede() -> None:
     """Inside a task: stop counting against the worker's threads (another
     task may start) until ``rejoin()``. Waiting on futures inside a task does
     this by itself."""
-    ex, local = _context.executor, _context.task_local
+    ex, local = _context.current_executor(), _context.task_local
     if ex is None or not local.in_task:
         raise RuntimeError("secede() can only be called inside a task")
     if not local.seceded:
@@ -97,7 +97,7 @@ def secede() -> None:
 
 def rejoin() -> None:
     """Inside a task, after ``secede()``: count against the worker's threads again."""
-    ex, local = _context.executor, _context.task_local
+    ex, local = _context.current_executor(), _context.task_local
     if ex is not None and local.seceded:
         local.seceded = False
         ex.rejoin()
@@ -112,7 +112,7 @@ class _LendThread:
 
     def __enter__(self) -> None:
         local = _context.task_local
-        self.lent = _context.executor is not None and local.in_task and not local.seceded
+        self.lent = local.in_task and not local.seceded and _context.current_executor() is not None
         if self.lent:
             secede()
 
@@ -159,42 +159,6 @@ def _prepare_function(fn: Any, caller: str) -> tuple[str, bytes]:
         raise TypeError(f"could not pickle the function {group!r}: {e}") from e
 
 
-# Libraries slow to import (hundreds of milliseconds) that tasks of a
-# process which imported them are likely to need: an embedded cluster's
-# workers preload those this process has (see `Client`).
-_HEAVY = (
-    "numpy",
-    "pandas",
-    "pyarrow",
-    "scipy",
-    "sklearn",
-    "xarray",
-    "dask",
-    "dask.array",
-    "dask.dataframe",
-    "dask.bag",
-)
-
-
-def _preloads(named: Iterable[str] | None) -> list[str]:
-    """What an embedded cluster's workers import right after start: the
-    heavy libraries this process has imported, then those ``named``
-    (None: nothing)."""
-    if named is None:
-        return []
-    if isinstance(named, str):
-        named = [named]
-    heavy = set(_HEAVY)
-    # In the order this process imported them: what it used first first.
-    out = [m for m in list(sys.modules) if m in heavy]
-    for m in named:
-        if not isinstance(m, str) or not m or "," in m:
-            raise ValueError(f"preload takes module names, not {m!r}")
-        if m not in out:
-            out.append(m)
-    return out
-
-
 class Client:
     """Connects to a Shoal cluster; with no address, starts one embedded.
 
@@ -230,10 +194,11 @@ class Client:
 
     def __init__(
         self,
-        address: str | Any | None = None,
+        address: str | ClusterBase | None = None,
         *,
         n_workers: int | None = None,
-        threads_per_worker: int = 1,
+        threads_per_worker: int | None = None,
+        processes: bool = True,
         timeout: float = 30.0,
         set_as_default: bool = True,
         resources: Mapping[str, float] | None = None,
@@ -244,12 +209,14 @@ class Client:
         dashboard_address: str | None = "127.0.0.1:8787",
         reconnect: float | None = None,
         preload: Iterable[str] | None = (),
+        **cluster_kwargs: Any,
     ):
         if n_workers is not None and n_workers < 1:
             raise ValueError(f"n_workers must be at least 1, not {n_workers}")
-        if threads_per_worker < 1:
+        if threads_per_worker is not None and threads_per_worker < 1:
             raise ValueError(f"threads_per_worker must be at least 1, not {threads_per_worker}")
-        self._cluster: Cluster | None = None
+        self._cluster: LocalCluster | None = None  # the one this client started
+        self.cluster: ClusterBase | None = None
         self._undo_default: Callable[[], None] | None = None
         self._refs = _core.RefCounts(0)  # live futures per task (see _incref)
         self._refs_lock = threading.Lock()
@@ -266,58 +233,51 @@ class Client:
         self._cb_thread: threading.Thread | None = None
         self._closed = False
         self._put_files: list[str] = []  # scattered data not yet taken over
-        if address is not None and not isinstance(address, str):
-            # Client(cluster), as in Dask: a SLURMCluster, PBSCluster, ...
-            scheduler_file = getattr(address, "scheduler_file", None)
-            if scheduler_file is None:
-                raise TypeError(
-                    f"Client() takes an address, or a cluster with a scheduler_file, "
-                    f"not {address!r}"
-                )
-            address = None
+        if isinstance(address, ClusterBase):
+            # Client(cluster), as in Dask: a LocalCluster, SLURMCluster, ...
+            self.cluster = address
+            address, cluster_token = address._connection()
+            token = token or cluster_token
+        elif address is not None and not isinstance(address, str):
+            raise TypeError(f"Client() takes an address or a cluster, not {address!r}")
         if address is None and scheduler_file is None:
             # Set by `shoal.mpi.initialize()` and `shoal run` (as Dask's
             # DASK_SCHEDULER_ADDRESS): Client() joins that cluster.
             address = os.environ.get("SHOAL_SCHEDULER_ADDRESS") or None
         if address is None and scheduler_file is None:
-            n = n_workers or os.cpu_count() or 1
-            env = [("PYTHONPATH", os.pathsep.join(p for p in sys.path if p))]
-            args = ["-m", "shoal._worker", "--nthreads", str(threads_per_worker)]
-            offered = _resources.normalize(resources, "Client")
-            if any(name == "CPU" for name, _ in offered):
-                raise ValueError(
-                    "resources: CPU is a worker's threads; set threads_per_worker instead"
-                )
-            if offered:
-                args += ["--resources", ",".join(f"{k}={v!r}" for k, v in offered)]
-            # Each worker's share of the host's memory (validated here, so a
-            # bad value fails in the caller, not in n worker processes).
-            limit = _store.parse_memory(memory_limit, 1 / n)
-            args += ["--memory-limit", str(limit or "none")]
-            if local_directory is not None:
-                args += ["--local-directory", os.fspath(local_directory)]
-            modules = _preloads(preload)
-            if modules:
-                args += ["--preload", ",".join(modules)]
-            if dashboard_address is not None:
-                dashboard_address = _dashboard_address(dashboard_address)
-            from ._profile import interval_from_env
-
-            interval_from_env()  # a bad SHOAL_PROFILE_INTERVAL fails here, clearly
-            self._cluster = Cluster(n, sys.executable, args, env, dashboard_address)
-            address = self._cluster.address
-            token = self._cluster.token
-            _tokens[address] = token  # other clients of this process may join
-            self._nthreads = n * threads_per_worker
+            if processes and n_workers is None and threads_per_worker is None:
+                # Shoal's own default: a single-threaded process per core
+                # (Python code holds the GIL; Dask gives bigger hosts fewer
+                # processes with more threads).
+                n_workers, threads_per_worker = os.cpu_count() or 1, 1
+            self._cluster = LocalCluster(
+                n_workers,
+                threads_per_worker,
+                processes,
+                memory_limit=memory_limit,
+                dashboard_address=dashboard_address,
+                resources=resources,
+                local_directory=local_directory,
+                preload=preload,
+                **cluster_kwargs,
+            )
+            self.cluster = self._cluster
+            address, token = self._cluster._connection()
+            self._nthreads = self._cluster._worker_count() * self._cluster._threads_per_worker
         else:
+            if cluster_kwargs:
+                raise TypeError(
+                    f"Client() got unexpected keyword arguments {sorted(cluster_kwargs)} "
+                    "(they describe a cluster Client() would start; it connects to one here)"
+                )
             if scheduler_file is not None:
-                address, token = _read_scheduler_file(scheduler_file, address, token)
+                address, token = deploy.read_scheduler_file(scheduler_file, address, token)
             if address is None:
                 raise ValueError("no scheduler address: give an address or a scheduler_file")
             # (No token at all: ClientCore says what to do.)
             token = (
                 token
-                or _tokens.get(address)
+                or deploy.tokens.get(address)
                 or os.environ.get("SHOAL_TOKEN")
                 or _registered_token(address)
             )
@@ -331,7 +291,7 @@ class Client:
                     "preload= names modules for the workers Client() starts; "
                     "give them to `shoal worker --preload` instead"
                 )
-            self._nthreads = (n_workers or os.cpu_count() or 1) * threads_per_worker
+            self._nthreads = (n_workers or os.cpu_count() or 1) * (threads_per_worker or 1)
         self.scheduler_address: str = address
         self._token: str | None = token
         if reconnect is not None and not reconnect > 0:
@@ -1030,12 +990,9 @@ class Client:
     def dashboard_link(self) -> str | None:
         """The dashboard's URL with its access token (None: no dashboard)."""
         if self._cluster is not None:
-            url = self._cluster.dashboard
-        else:
-            url = self._check().cluster_info(10.0)["dashboard"] or None
-        if url is None or self._token is None:
-            return None
-        return f"{url}?token={_core.dashboard_token(self._token)}"
+            return self._cluster.dashboard_link
+        url = self._check().cluster_info(10.0)["dashboard"] or None
+        return deploy.dashboard_link(url, self._token)
 
     def query(self, path: str, timeout: float = 10.0) -> Any:
         """The scheduler's answer to a dashboard API path (``/api/status``,
@@ -1138,6 +1095,11 @@ class Client:
         client's futures, as distributed does. Waits until as many workers
         as before are back."""
         core = self._check()
+        if isinstance(self.cluster, LocalCluster) and not self.cluster.processes:
+            raise RuntimeError(
+                "restart() needs worker processes: workers running as threads of this "
+                "process cannot be restarted (use LocalCluster(processes=True))"
+            )
         deadline = time.monotonic() + timeout
         expected = len(self.worker_pids)  # embedded: the processes started
         while True:
@@ -1162,7 +1124,8 @@ class Client:
     @property
     def worker_pids(self) -> list[int]:
         """Process ids of the embedded cluster's workers (empty when remote)."""
-        return list(self._cluster.worker_pids()) if self._cluster is not None else []
+        cluster = self.cluster
+        return cluster.worker_pids if isinstance(cluster, LocalCluster) else []
 
     def close(self) -> None:
         """Disconnects; an embedded cluster's workers exit. Idempotent."""
@@ -1242,17 +1205,6 @@ class Client:
 _SKIP = object()
 
 
-_tokens: dict[str, str] = {}  # tokens of the clusters this process started
-
-
-def _dashboard_address(addr: str) -> str:
-    """``":8787"`` (Dask's spelling) means loopback here; ``HOST:PORT`` as given."""
-    host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"dashboard_address must be HOST:PORT or :PORT, not {addr!r}")
-    return f"{host or '127.0.0.1'}:{port}"
-
-
 def _registered_token(address: str) -> str | None:
     """The token of the cluster at ``address`` as `shoal scheduler` noted it
     for this user (``~/.shoal/clusters/``): a bare ``Client("HOST:PORT")``
@@ -1293,36 +1245,6 @@ def _registered_token(address: str) -> str | None:
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return None
-
-
-def _read_scheduler_file(
-    path: str | os.PathLike, address: str | None, token: str | None
-) -> tuple[str, str | None]:
-    """The address and token a ``shoal scheduler --scheduler-file`` wrote."""
-    import json
-
-    try:
-        with open(path) as fh:
-            info = json.load(fh)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read the scheduler file {os.fspath(path)!r}: {e}") from e
-    if address is not None and address != info.get("address"):
-        raise ValueError(
-            f"address {address!r} and scheduler file ({info.get('address')!r}) disagree; "
-            "give one of them"
-        )
-    tls = info.get("tls")
-    if tls:  # the scheduler's certificates, which this site shares
-        from ._core import configure_tls
-
-        configure_tls(tls["ca"], tls["cert"], tls["key"])
-    if token is None and info.get("token_file"):
-        try:
-            with open(info["token_file"]) as fh:
-                token = fh.read().strip()
-        except OSError as e:
-            raise ValueError(f"cannot read the cluster's token file: {e}") from e
-    return info["address"], token
 
 
 def _with_traceback(exc: BaseException, tb: str, name: str) -> BaseException:
@@ -1549,3 +1471,6 @@ def _close_all() -> None:
             c.close()
         except Exception:  # noqa: BLE001
             pass
+
+
+_context.client_class = Client

@@ -36,6 +36,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from .deploy import ClusterBase, read_scheduler_file
+
 __all__ = ["SLURMCluster", "PBSCluster", "JobQueueCluster"]
 
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -51,7 +53,7 @@ def _bytes(memory: str | int | float) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
-class JobQueueCluster:
+class JobQueueCluster(ClusterBase):
     """What Slurm and PBS clusters share; see the module docs. Subclasses
     say how a job is written, submitted, cancelled and looked up."""
 
@@ -85,6 +87,7 @@ class JobQueueCluster:
                 "with no more processes than cores"
             )
         self.cores, self.processes = cores, processes
+        self._threads_per_worker = max(1, cores // processes)
         self.memory = None if memory is None else _bytes(memory)
         self.walltime, self.queue, self.account = walltime, queue, account
         self.job_name = job_name
@@ -99,8 +102,6 @@ class JobQueueCluster:
         self._jobs: dict[str, float] = {}  # job id -> when submitted
         self._submitted = 0
         self._lock = threading.Lock()
-        self._adapt: threading.Thread | None = None
-        self._adapt_stop = threading.Event()
         self._scheduler: subprocess.Popen | None = None
         self._log: Any = None
         home = os.path.expanduser("~")
@@ -228,56 +229,58 @@ class JobQueueCluster:
                 for j in newest:
                     self._jobs.pop(j, None)
 
-    def adapt(self, minimum_jobs: int = 0, maximum_jobs: int = 10, interval: float = 2.0) -> None:
-        """Keeps between ``minimum_jobs`` and ``maximum_jobs`` jobs: enough for
-        the tasks waiting (one thread each), at least the minimum; jobs that
-        end (walltime) are replaced. Scaling down waits
-        ``wait_before_scale_down`` seconds of less demand."""
+    def adapt(
+        self,
+        minimum: int | None = None,
+        maximum: int | None = None,
+        interval: float = 2.0,
+        *,
+        minimum_jobs: int | None = None,
+        maximum_jobs: int | None = None,
+    ) -> None:
+        """Keeps between ``minimum_jobs`` and ``maximum_jobs`` jobs (or enough
+        for ``minimum`` to ``maximum`` worker processes, as dask-jobqueue
+        takes them; default 0 to 10 jobs): enough for the tasks waiting (one
+        thread each), at least the minimum; jobs that end (walltime) are
+        replaced. Scaling down waits ``wait_before_scale_down`` seconds of
+        less demand."""
+        if minimum_jobs is None:
+            minimum_jobs = 0 if minimum is None else math.ceil(minimum / self.processes)
+        if maximum_jobs is None:
+            maximum_jobs = 10 if maximum is None else math.ceil(maximum / self.processes)
         if not 0 <= minimum_jobs <= maximum_jobs:
             raise ValueError("need 0 <= minimum_jobs <= maximum_jobs")
-        self.stop_adapting()
-        self._adapt_stop.clear()
-        self._adapt = threading.Thread(
-            target=self._adapt_loop,
-            args=(minimum_jobs, maximum_jobs, interval),
+        self._stop_adapting()
+        stop = threading.Event()
+        thread = threading.Thread(
+            target=self._adapt_jobs,
+            args=(stop, minimum_jobs, maximum_jobs, interval),
             name="shoal-adapt",
             daemon=True,
         )
-        self._adapt.start()
+        self._adapting = (stop, thread)
+        thread.start()
 
     def stop_adapting(self) -> None:
-        if self._adapt is not None:
-            self._adapt_stop.set()
-            self._adapt.join()
-            self._adapt = None
+        self._stop_adapting()
 
-    def _demand(self, client: Any) -> int:
-        """Jobs the waiting, ready and running tasks would keep busy."""
-        try:
-            groups = client.query("/api/status")["groups"]
-        except Exception:  # noqa: BLE001 - no answer: no change
-            return -1
-        keys = ("waiting", "ready", "processing")
-        tasks = sum(sum(g.get(k, 0) for k in keys) for g in groups)
-        return math.ceil(tasks / self.cores)
+    def _connection(self) -> tuple[str, str | None]:
+        return read_scheduler_file(self.scheduler_file, None, None)
 
-    def _adapt_loop(self, lo: int, hi: int, interval: float) -> None:
-        from .client import Client
+    def _scale_workers(self, n: int) -> None:
+        self.scale(jobs=math.ceil(n / self.processes))
 
-        client = Client(scheduler_file=self.scheduler_file, set_as_default=False)
-        try:
-            self._adapt_steps(client, lo, hi, interval)
-        finally:
-            client.close()
+    def _worker_count(self) -> int:
+        return len(self.jobs) * self.processes
 
-    def _adapt_steps(self, client: Any, lo: int, hi: int, interval: float) -> None:
+    def _adapt_jobs(self, stop: threading.Event, lo: int, hi: int, interval: float) -> None:
         low_since: float | None = None
-        while not self._adapt_stop.wait(interval):
+        while not stop.wait(interval):
             try:
-                demand = self._demand(client)
-                if demand < 0:
+                tasks = self._waiting_tasks()
+                if tasks < 0:
                     continue
-                target = max(lo, min(hi, demand))
+                target = max(lo, min(hi, math.ceil(tasks / self.cores)))
                 have = len(self.jobs)
                 if target > have:
                     low_since = None
@@ -310,7 +313,11 @@ class JobQueueCluster:
         ``log_directory``)."""
         import shutil
 
-        self.stop_adapting()
+        if self._closed:
+            return
+        self._closed = True
+        self._stop_adapting()
+        self._close_core()
         with self._lock:
             ids = list(self._jobs)
             self._jobs.clear()

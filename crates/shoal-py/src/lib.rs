@@ -156,6 +156,22 @@ impl Cluster {
         .map_err(|e| PyOSError::new_err(format!("cannot start the local cluster: {e}")))
     }
 
+    /// Keeps `n` worker processes: starts more, or asks the newest to
+    /// retire (see `LocalCluster::scale`); returns those asked.
+    fn scale(&self, n: usize) -> Vec<u32> {
+        self.workers.as_ref().map_or_else(Vec::new, |w| w.scale(n))
+    }
+
+    /// How many worker processes it keeps.
+    fn target(&self) -> usize {
+        self.workers.as_ref().map_or(0, LocalCluster::target)
+    }
+
+    /// Why it stopped starting workers, if it did.
+    fn failure(&self) -> Option<String> {
+        self.workers.as_ref().and_then(LocalCluster::failure)
+    }
+
     /// Process ids of the live workers.
     fn worker_pids(&self) -> Vec<u32> {
         self.workers
@@ -866,7 +882,7 @@ struct WorkerCore {
 impl WorkerCore {
     /// Connects to the scheduler and starts the data server.
     #[new]
-    #[pyo3(signature = (address, nthreads, name, token, resources=Vec::new()))]
+    #[pyo3(signature = (address, nthreads, name, token, resources=Vec::new(), in_process=false))]
     fn new(
         py: Python<'_>,
         address: &str,
@@ -874,11 +890,22 @@ impl WorkerCore {
         name: &str,
         token: &str,
         resources: Vec<(String, f64)>,
+        in_process: bool,
     ) -> PyResult<Self> {
         let addr = Address::parse(address).map_err(PyValueError::new_err)?;
         let secret = Secret::from_token(token).map_err(|e| PyValueError::new_err(e.to_string()))?;
         let inner = py
-            .detach(|| worker::start(runtime(), &addr, nthreads, name, resources, secret))
+            .detach(|| {
+                worker::start(
+                    runtime(),
+                    &addr,
+                    nthreads,
+                    name,
+                    resources,
+                    secret,
+                    in_process,
+                )
+            })
             .map_err(|e| {
                 let msg = format!("worker cannot join the scheduler at {address}: {e}");
                 match e.kind() {

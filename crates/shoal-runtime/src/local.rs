@@ -57,7 +57,8 @@ pub const EXIT_SCHEDULER_SILENT: i32 = 78;
 const MAX_RESPAWNS: usize = 20;
 const RESPAWN_WINDOW: Duration = Duration::from_secs(30);
 
-/// Supervises `n` worker processes.
+/// Supervises worker processes: keeps [`target`](LocalCluster::scale) of
+/// them running, replacing those that crash.
 pub struct LocalCluster {
     stop: Arc<AtomicBool>,
     /// Set: dead workers are no longer replaced (the cluster is stopping
@@ -65,7 +66,16 @@ pub struct LocalCluster {
     no_respawn: Arc<AtomicBool>,
     pids: Arc<Mutex<Vec<u32>>>,
     failure: Arc<Mutex<Option<String>>>,
+    /// How many workers to keep, and the processes asked to retire (never
+    /// replaced, not counted against the target).
+    wanted: Arc<Mutex<Wanted>>,
     supervisor: Option<JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct Wanted {
+    target: usize,
+    retiring: Vec<u32>,
 }
 
 fn spawn(cmd: &WorkerCommand) -> std::io::Result<Child> {
@@ -97,9 +107,18 @@ impl LocalCluster {
         let pids = Arc::new(Mutex::new(Vec::new()));
         let failure = Arc::new(Mutex::new(None));
         let no_respawn = Arc::new(AtomicBool::new(false));
+        let wanted = Arc::new(Mutex::new(Wanted {
+            target: n,
+            retiring: Vec::new(),
+        }));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (stop2, pids2, failure2) = (stop.clone(), pids.clone(), failure.clone());
-        let no_respawn2 = no_respawn.clone();
+        let shared = Supervised {
+            stop: stop.clone(),
+            no_respawn: no_respawn.clone(),
+            pids: pids.clone(),
+            failure: failure.clone(),
+            wanted: wanted.clone(),
+        };
         let supervisor = std::thread::Builder::new()
             .name("shoal-supervisor".into())
             .spawn(move || {
@@ -115,13 +134,9 @@ impl LocalCluster {
                         }
                     }
                 }
-                *pids2.lock() = children.iter().map(Child::id).collect();
+                *shared.pids.lock() = children.iter().map(Child::id).collect();
                 let _ = ready_tx.send(Ok(()));
-                let flags = Flags {
-                    stop: stop2,
-                    no_respawn: no_respawn2,
-                };
-                supervise(cmd, children, flags, pids2, failure2);
+                supervise(cmd, children, shared);
             })?;
         ready_rx
             .recv()
@@ -131,8 +146,38 @@ impl LocalCluster {
             no_respawn,
             pids,
             failure,
+            wanted,
             supervisor: Some(supervisor),
         })
+    }
+
+    /// Keeps `n` workers: starts more (within a few tens of milliseconds),
+    /// or asks the newest to retire (SIGTERM: each hands the results still
+    /// needed to the others, then exits; one still starting exits at once).
+    /// Returns the process ids asked to retire.
+    pub fn scale(&self, n: usize) -> Vec<u32> {
+        let mut w = self.wanted.lock();
+        w.target = n;
+        let live: Vec<u32> = self
+            .pids()
+            .into_iter()
+            .filter(|p| !w.retiring.contains(p))
+            .collect();
+        let extra = live.len().saturating_sub(n);
+        // The newest first: they hold the least.
+        let chosen: Vec<u32> = live.iter().rev().take(extra).copied().collect();
+        for &pid in &chosen {
+            w.retiring.push(pid);
+            // SAFETY: kill(2) of our own child process.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        }
+        chosen
+    }
+
+    /// How many workers it keeps (what [`scale`](Self::scale) set, less
+    /// those the scheduler stopped).
+    pub fn target(&self) -> usize {
+        self.wanted.lock().target
     }
 
     /// Sends SIGTERM to every worker process (each retires: hands the
@@ -175,94 +220,112 @@ impl LocalCluster {
     }
 }
 
-struct Flags {
+/// What the supervisor thread shares with its [`LocalCluster`].
+struct Supervised {
     stop: Arc<AtomicBool>,
     no_respawn: Arc<AtomicBool>,
-}
-
-fn supervise(
-    cmd: WorkerCommand,
-    mut children: Vec<Child>,
-    flags: Flags,
     pids: Arc<Mutex<Vec<u32>>>,
     failure: Arc<Mutex<Option<String>>>,
-) {
-    let stop = flags.stop;
+    wanted: Arc<Mutex<Wanted>>,
+}
+
+impl Supervised {
+    /// Stops replacing workers, saying why once.
+    fn give_up(&self, why: String) {
+        self.no_respawn.store(true, Ordering::SeqCst);
+        let mut f = self.failure.lock();
+        if f.is_none() {
+            eprintln!("shoal: {why}");
+            *f = Some(why);
+        }
+    }
+}
+
+fn supervise(cmd: WorkerCommand, mut children: Vec<Child>, sh: Supervised) {
+    let stop = &sh.stop;
     let mut respawns: Vec<Instant> = Vec::new();
     while !stop.load(Ordering::SeqCst) {
         let mut changed = false;
         let mut i = 0;
         while i < children.len() {
-            match children[i].try_wait() {
-                Ok(Some(status)) => {
-                    let pid = children[i].id();
-                    // Already reaped by try_wait. Its shared-memory segments
-                    // and spilled data die with it.
-                    let _ = children.swap_remove(i).wait();
-                    crate::shm::remove_process(pid);
-                    changed = true;
-                    if stop.load(Ordering::SeqCst)
-                        || flags.no_respawn.load(Ordering::SeqCst)
-                        || status.code() == Some(EXIT_STOPPED)
-                    {
-                        continue;
+            let Ok(Some(status)) = children[i].try_wait() else {
+                i += 1;
+                continue;
+            };
+            let pid = children[i].id();
+            // Already reaped by try_wait. Its shared-memory segments and
+            // spilled data die with it.
+            let _ = children.swap_remove(i).wait();
+            crate::shm::remove_process(pid);
+            changed = true;
+            {
+                let mut w = sh.wanted.lock();
+                if let Some(at) = w.retiring.iter().position(|&p| p == pid) {
+                    w.retiring.swap_remove(at); // scaled down: already off the target
+                    continue;
+                }
+                if status.code() == Some(EXIT_STOPPED) {
+                    // The scheduler stopped it (retire_workers): not replaced.
+                    w.target = w.target.saturating_sub(1);
+                    continue;
+                }
+            }
+            if stop.load(Ordering::SeqCst) || sh.no_respawn.load(Ordering::SeqCst) {
+                continue;
+            }
+            if status.code() == Some(EXIT_REFUSED) {
+                sh.give_up(format!(
+                    "worker process {pid} was refused by the scheduler (see its message \
+                     above); not starting more"
+                ));
+                continue;
+            }
+            if status.code() == Some(EXIT_SCHEDULER_SILENT)
+                && cmd.scheduler_elsewhere
+                && !cmd.reconnect
+            {
+                sh.give_up(format!(
+                    "the scheduler stopped answering worker process {pid}; not starting \
+                     more (with --reconnect, workers wait for it to come back)"
+                ));
+                continue;
+            }
+            respawns.retain(|t| t.elapsed() < RESPAWN_WINDOW);
+            if respawns.len() >= MAX_RESPAWNS && cmd.reconnect {
+                // Waiting for the scheduler to come back: slowly.
+                std::thread::sleep(Duration::from_secs(1));
+            } else if respawns.len() >= MAX_RESPAWNS {
+                sh.give_up(format!(
+                    "{MAX_RESPAWNS} worker processes died within {}s; not starting more. \
+                     Check that workers can start (run `python -m shoal._worker --help`).",
+                    RESPAWN_WINDOW.as_secs()
+                ));
+                continue;
+            }
+            eprintln!("shoal: worker process {pid} died ({status}); starting a replacement");
+            respawns.push(Instant::now());
+        }
+        // Up to the target: replacements for crashed workers, and scale-ups.
+        if !stop.load(Ordering::SeqCst) && !sh.no_respawn.load(Ordering::SeqCst) {
+            let mut w = sh.wanted.lock();
+            // (A pid chosen to retire as it was being reaped is no child.)
+            w.retiring.retain(|p| children.iter().any(|c| c.id() == *p));
+            let live = children.len() - w.retiring.len();
+            for _ in live..w.target {
+                match spawn(&cmd) {
+                    Ok(c) => {
+                        children.push(c);
+                        changed = true;
                     }
-                    if status.code() == Some(EXIT_REFUSED) {
-                        let mut f = failure.lock();
-                        if f.is_none() {
-                            *f = Some(format!(
-                                "worker process {pid} was refused by the scheduler (see its \
-                                 message above); not starting more"
-                            ));
-                            eprintln!("shoal: {}", f.as_deref().unwrap_or_default());
-                        }
-                        continue;
-                    }
-                    if status.code() == Some(EXIT_SCHEDULER_SILENT)
-                        && cmd.scheduler_elsewhere
-                        && !cmd.reconnect
-                    {
-                        let mut f = failure.lock();
-                        if f.is_none() {
-                            *f = Some(format!(
-                                "the scheduler stopped answering worker process {pid}; not \
-                                 starting more (with --reconnect, workers wait for it to come back)"
-                            ));
-                            eprintln!("shoal: {}", f.as_deref().unwrap_or_default());
-                        }
-                        continue;
-                    }
-                    respawns.retain(|t| t.elapsed() < RESPAWN_WINDOW);
-                    if respawns.len() >= MAX_RESPAWNS && cmd.reconnect {
-                        // Waiting for the scheduler to come back: slowly.
-                        std::thread::sleep(Duration::from_secs(1));
-                    } else if respawns.len() >= MAX_RESPAWNS {
-                        let mut f = failure.lock();
-                        if f.is_none() {
-                            *f = Some(format!(
-                                "{MAX_RESPAWNS} worker processes died within {}s; not starting \
-                                 more. Check that workers can start (run `python -m \
-                                 shoal._worker --help`).",
-                                RESPAWN_WINDOW.as_secs()
-                            ));
-                            eprintln!("shoal: {}", f.as_deref().unwrap_or_default());
-                        }
-                        continue;
-                    }
-                    eprintln!(
-                        "shoal: worker process {pid} died ({status}); starting a replacement"
-                    );
-                    respawns.push(Instant::now());
-                    match spawn(&cmd) {
-                        Ok(c) => children.push(c),
-                        Err(e) => eprintln!("shoal: cannot start a worker process: {e}"),
+                    Err(e) => {
+                        sh.give_up(format!("cannot start a worker process: {e}"));
+                        break;
                     }
                 }
-                _ => i += 1,
             }
         }
         if changed {
-            *pids.lock() = children.iter().map(Child::id).collect();
+            *sh.pids.lock() = children.iter().map(Child::id).collect();
         }
         std::thread::sleep(Duration::from_millis(20));
     }

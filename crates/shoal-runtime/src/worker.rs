@@ -204,6 +204,10 @@ pub struct WorkerShared {
     /// Between SIGTERM (or a Python task's interrupt) and SIGKILL (or a
     /// restart of this process): `SHOAL_STOP_GRACE` seconds, default 5.
     pub stop_grace: Duration,
+    /// Runs in a client's own process (`LocalCluster(processes=False)`):
+    /// it never ends the process; losing the scheduler stops its execution
+    /// threads instead, and a restart cannot be had.
+    pub in_process: bool,
 }
 
 /// `SHOAL_STOP_GRACE` (seconds, default 5): how long a stopped task has
@@ -928,13 +932,17 @@ pub fn start(
     name: &str,
     resources: Vec<(String, f64)>,
     secret: Secret,
+    in_process: bool,
 ) -> io::Result<Arc<WorkerShared>> {
+    // Data servers of several workers in one process need names of their own.
+    static SERVERS: AtomicU32 = AtomicU32::new(0);
+    let server = SERVERS.fetch_add(1, Ordering::Relaxed);
     rt.block_on(async {
         // Data server on the same kind of transport as the scheduler.
         let data_addr = match scheduler {
             Address::Unix(p) => {
                 let dir = p.parent().unwrap_or_else(|| std::path::Path::new("/tmp"));
-                Address::Unix(dir.join(format!("w-{}-{}.sock", std::process::id(), nthreads)))
+                Address::Unix(dir.join(format!("w-{}-{server}.sock", std::process::id())))
             }
             Address::Tcp(_) | Address::Tls(_) => {
                 // Listen where we reach the scheduler from (a plain TCP
@@ -1002,6 +1010,7 @@ pub fn start(
             stops_asked: AtomicBool::new(false),
             stops_cv: Condvar::new(),
             stop_grace: stop_grace(),
+            in_process,
         });
         tokio::spawn(data_server(listener, shared.clone()));
         if lifetime_end_us > 0 {
@@ -1098,10 +1107,17 @@ pub fn start(
                     Err(gave_up) => break gave_up,
                 }
             };
+            sh.kill_commands();
+            if sh.in_process {
+                // The client's own process goes on: stop this worker's threads.
+                tracing::warn!("in-process worker: {why}; stopping");
+                sh.orders.lock().shutdown();
+                sh.cv.notify_all();
+                return;
+            }
             // The scheduler is gone without asking us to stop: for an embedded
             // cluster this means the client process died. Leave no orphan.
             eprintln!("shoal worker {}: {why}; exiting", std::process::id());
-            sh.kill_commands();
             // SAFETY: _exit ends the process at once without running handlers;
             // nothing here needs flushing (results are useless without a scheduler).
             unsafe { libc::_exit(status) };
@@ -1372,6 +1388,12 @@ fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
                 };
                 let _ = sh.out().send(ToScheduler::Replicated { id, ok });
             });
+        }
+        FromScheduler::Restart if sh.in_process => {
+            eprintln!(
+                "shoal: a worker in this process cannot be restarted (a task stuck in C \
+                 code, or restart()): use worker processes (LocalCluster(processes=True))"
+            );
         }
         FromScheduler::Restart => {
             eprintln!(
