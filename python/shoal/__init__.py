@@ -16,11 +16,64 @@ from .client import (
     Future,
     FutureList,
     as_completed,
+    default_client,
     fire_and_forget,
     get_client,
     rejoin,
     secede,
     wait,
+)
+
+# distributed's names: print and warn as Dask's; the others raise an error
+# naming Shoal's way (shoal.compat.UNSUPPORTED).
+from .compat import (
+    Event as Event,
+)
+from .compat import (
+    Lock as Lock,
+)
+from .compat import (
+    MultiLock as MultiLock,
+)
+from .compat import (
+    Nanny as Nanny,
+)
+from .compat import (
+    Pub as Pub,
+)
+from .compat import (
+    Queue as Queue,
+)
+from .compat import (
+    Scheduler as Scheduler,
+)
+from .compat import (
+    Security as Security,
+)
+from .compat import (
+    Semaphore as Semaphore,
+)
+from .compat import (
+    SpecCluster as SpecCluster,
+)
+from .compat import (
+    Sub as Sub,
+)
+from .compat import (
+    Variable as Variable,
+)
+from .compat import (
+    Worker as Worker,
+)
+from .compat import futures_of, get_worker, worker_client
+from .compat import (
+    get_task_stream as get_task_stream,
+)
+from .compat import (
+    print as print,
+)
+from .compat import (
+    warn as warn,
 )
 from .deploy import LocalCluster
 from .diagnostics import performance_report, progress
@@ -50,6 +103,10 @@ __all__ = [
     "FutureList",
     "Executor",
     "LocalCluster",
+    "get_worker",
+    "worker_client",
+    "futures_of",
+    "default_client",
     "SLURMCluster",
     "PBSCluster",
     "ForeignFutureError",

@@ -169,6 +169,8 @@ class _Executor:
     ):
         self.core = core
         self.store = store
+        self.name = ""
+        self.nthreads = nthreads
         self.gpu_users = dict.fromkeys(gpus, 0)  # device -> tasks using it
         self.address = address
         self.token = token
@@ -666,6 +668,7 @@ def start(
     core = WorkerCore(address, nthreads, name, token, sorted(resources.items()), in_process)
     store = _store.Store(core, limit, local_directory, in_process)
     executor = _Executor(core, address, token, nthreads, gpus, store)
+    executor.name = name  # get_worker()
     if not in_process:
         _context.executor = executor  # the process's (signals, get_client)
     threading.Thread(target=executor.export_held, name="shoal-pickler", daemon=True).start()

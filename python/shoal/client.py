@@ -1121,6 +1121,39 @@ class Client:
                 raise TimeoutError(f"the workers did not come back within {timeout} s")
             time.sleep(0.05)
 
+    def nthreads(self) -> dict[str, int]:
+        """Execution threads per worker, by address (as Dask's)."""
+        return {a: w["nthreads"] for a, w in self.scheduler_info()["workers"].items()}
+
+    ncores = nthreads
+
+    @property
+    def status(self) -> str:
+        """``"running"`` or ``"closed"``."""
+        return "closed" if self._closed else "running"
+
+    @property
+    def id(self) -> str:
+        """This client's id on its scheduler."""
+        return f"Client-{self._check().id:x}"
+
+    asynchronous = False  # Shoal's client is synchronous
+
+    def shutdown(self) -> None:
+        """Closes this client and its cluster (workers and scheduler) when
+        it has one (``Client()``, ``Client(cluster)``); a scheduler started
+        elsewhere is left running (stop ``shoal scheduler`` there)."""
+        cluster = self.cluster
+        self.close()
+        if cluster is not None:
+            cluster.close()
+
+    def __getattr__(self, name: str) -> Any:
+        why = _DISTRIBUTED_ONLY.get(name)
+        if why is None:
+            raise AttributeError(f"'Client' object has no attribute {name!r}")
+        raise AttributeError(f"Client.{name} is not provided by Shoal: {why}")
+
     @property
     def worker_pids(self) -> list[int]:
         """Process ids of the embedded cluster's workers (empty when remote)."""
@@ -1203,6 +1236,44 @@ class Client:
 
 
 _SKIP = object()
+
+# distributed.Client's methods that Shoal does another way (an attribute
+# error names it; docs/coming-from-dask.md has the table).
+_DISTRIBUTED_ONLY = {
+    "run": "submit tasks; for set-up on every worker, preload= (Client, LocalCluster, "
+    "`shoal worker --preload`)",
+    "run_on_scheduler": "the scheduler is Rust code; ask it with client.query('/api/status')",
+    "upload_file": "put the module where the workers import from (PYTHONPATH; an "
+    "embedded cluster's workers inherit this process's sys.path)",
+    "register_plugin": "preload= imports a module on every worker as it starts",
+    "register_worker_plugin": "preload= imports a module on every worker as it starts",
+    "register_scheduler_plugin": "the scheduler is Rust code and takes no plugins",
+    "who_has": "data moves on demand; client.story(future) shows where a task ran",
+    "has_what": "client.scheduler_info()['workers'] gives each worker's held results",
+    "processing": "client.scheduler_info()['workers'] gives each worker's processing count",
+    "rebalance": "data moves on demand; scatter(..., broadcast=True) shares one copy per host",
+    "replicate": "data moves on demand; scatter(..., broadcast=True) shares one copy per host",
+    "publish_dataset": "hold the futures (or use a named actor) and pass them on",
+    "get_dataset": "hold the futures (or use a named actor) and pass them on",
+    "list_datasets": "hold the futures (or use a named actor) and pass them on",
+    "unpublish_dataset": "hold the futures (or use a named actor) and pass them on",
+    "datasets": "hold the futures (or use a named actor) and pass them on",
+    "get_task_stream": "client.trace('trace.json') writes it; the dashboard shows it live",
+    "call_stack": "client.profile() or the dashboard's flame graph",
+    "forward_logging": "client.get_worker_logs(), or the dashboard's log panel",
+    "get_scheduler_logs": "the scheduler logs to its stderr (SHOAL_LOG=info)",
+    "get_events": "client.story(*futures) and client.get_worker_logs()",
+    "log_event": "logging in the task: client.get_worker_logs() collects it",
+    "set_metadata": "keep it in a named actor",
+    "get_metadata": "keep it in a named actor",
+    "write_scheduler_file": "`shoal scheduler --scheduler-file FILE`",
+    "dump_cluster_state": "client.story(*futures), client.scheduler_info(), client.trace(path)",
+    "benchmark_hardware": "python benches/bench_data.py measures this host",
+    "get_versions": "shoal.__version__ and `shoal info`",
+    "get_executor": "shoal.Executor(client)",
+    "amm": "data moves on demand; retire_workers() hands a worker's data over",
+    "loop": "Shoal's client is synchronous; it has no event loop",
+}
 
 
 def _registered_token(address: str) -> str | None:
