@@ -109,6 +109,19 @@ class Future:
             return e
         return None
 
+    def traceback(self, timeout: float | None = None) -> Any:
+        """The traceback of the task's exception (None if it succeeded); the
+        worker's own traceback text is a note on the exception."""
+        e = self.exception(timeout)
+        return None if e is None else e.__traceback__
+
+    def retry(self) -> None:
+        """Not provided: say how often a task may run again when it is
+        submitted (``submit(..., retries=n)``), or submit it again."""
+        raise NotImplementedError(
+            "Future.retry() is not provided by Shoal: submit with retries=n, or submit again"
+        )
+
     def cancel(self) -> bool:
         """Cancels the task if it has not finished; the future then raises
         ``FutureCancelledError``."""

@@ -124,7 +124,7 @@ UNSUPPORTED: dict[str, str] = {
     "Lock": f"{_ACTOR}: its methods run one at a time, in order",
     "MultiLock": f"{_ACTOR}: its methods run one at a time, in order",
     "Semaphore": "resources: Client(resources={'db': 2}) and submit(..., "
-    "resources={'db': 1}) run at most two such tasks at once",
+    f"resources={{'db': 1}}) run at most two such tasks at once per worker; or {_ACTOR}",
     "Pub": f"{_ACTOR} holding the messages",
     "Sub": f"{_ACTOR} holding the messages",
     "Nanny": "workers are supervised by LocalCluster or `shoal worker`",
