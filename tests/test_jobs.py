@@ -97,7 +97,8 @@ def test_bad_command_arguments_are_clear_errors(client):
         client.submit_command([])
     with pytest.raises(TypeError, match="stdout must be"):
         client.submit_command(["true"], stdout=3)
-    for bad in ("ten", "-1", 0, "1h30", float("nan")):
+    extremes = ("99999999999999999999d", 1e400, 2**64, 10**400, "", "ß", float("-inf"))
+    for bad in ("ten", "-1", 0, "1h30", float("nan"), *extremes):
         with pytest.raises(ValueError, match="time_limit"):
             client.submit_command(["true"], time_limit=bad)
     with pytest.raises(TypeError, match="time_limit"):
@@ -456,6 +457,9 @@ def test_bad_job_requests_are_clear_errors_and_the_cluster_goes_on(jobs):
         (["submit", "--array", "x", "--", "true"], "not an id or a range"),
         (["submit", "--each-line", "nope.txt", "--", "true"], "cannot read --each-line"),
         (["submit", "--time-limit", "soon", "--", "true"], "not a duration"),
+        # Once a panic (Duration overflow) that killed the command.
+        (["submit", "--time-limit", "99999999999999999999d", "--", "true"], "longest duration"),
+        (["submit", "--time-limit", "1e400", "--", "true"], "not a duration"),
         (["submit", "--env", "NOEQUALS", "--", "true"], "NAME=VALUE"),
         (["submit", "true"], "PROGRAM"),
         (["job", "info", "999"], "no job 999"),

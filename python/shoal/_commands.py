@@ -9,43 +9,36 @@ into a result or an error.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 from typing import Any
 
+from . import _core
 from .errors import CommandError, TaskTimeoutError
-
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?")
 
 
 def parse_duration(value: Any, what: str = "time_limit") -> float | None:
     """Seconds from a number of seconds or a string such as ``"90s"``,
-    ``"10m"``, ``"1h30m"``, ``"2.5"`` (seconds); None stays None."""
+    ``"10m"``, ``"1h30m"``, ``"2.5"`` (seconds; the CLI's parser,
+    ``_core.parse_duration``); None stays None. At most 100 years."""
     if value is None:
         return None
     if isinstance(value, bool):
         raise TypeError(f"{what} must be seconds or a duration such as '10m', not {value!r}")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str):
-        text = value.strip().lower()
-        pos, seconds = 0, 0.0
-        for m in _PART.finditer(text):
-            # A bare number only alone: "1h30" could mean 30 s or 30 min.
-            if m.start() != pos or (m.group(2) is None and (pos or m.end() != len(text))):
-                break
-            seconds += float(m.group(1)) * _UNITS[m.group(2) or "s"]
-            pos = m.end()
-        if pos != len(text) or not text:
-            raise ValueError(
-                f"{what} {value!r} is not a duration: use seconds (90) or units "
-                "ms, s, m, h, d ('90s', '10m', '1h30m')"
-            )
-    else:
+    if isinstance(value, str):
+        try:
+            return _core.parse_duration(value)
+        except ValueError as e:
+            raise ValueError(f"{what}: {e}") from None
+    if not isinstance(value, int | float):
         raise TypeError(f"{what} must be seconds or a duration such as '10m', not {value!r}")
-    if not seconds > 0 or seconds != seconds or seconds == float("inf"):
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int past a float's range
+        seconds = float("inf")
+    if not seconds > 0 or seconds == float("inf"):
         raise ValueError(f"{what} must be a positive, finite duration, not {value!r}")
+    if seconds > _core.MAX_DURATION:
+        raise ValueError(f"{what} {value!r} is longer than the longest duration taken (100 years)")
     return seconds
 
 

@@ -271,3 +271,9 @@ class Frame:
 
     def __len__(self) -> int: ...
     def __buffer__(self, flags: int) -> memoryview: ...
+
+MAX_DURATION: float
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as ``"90"``, ``"2.5"``, ``"10m"``,
+    ``"1h30m"`` (the CLI's parser); ``ValueError`` says what is wrong."""

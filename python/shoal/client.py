@@ -162,10 +162,16 @@ def _prepare_function(fn: Any, caller: str) -> tuple[str, bytes]:
 class Client:
     """Connects to a Shoal cluster; with no address, starts one embedded.
 
-    ``Client()`` starts a scheduler inside this process and ``n_workers``
+    ``Client()`` starts a ``LocalCluster`` (``client.cluster``, closed
+    with the client): a scheduler inside this process and ``n_workers``
     worker processes (default: one per core) with ``threads_per_worker``
-    execution threads each; ``memory_limit`` (per worker, default its share
-    of the host) and ``local_directory`` (where they spill) apply to them.
+    execution threads each (default 1); ``memory_limit`` (per worker,
+    default its share of the host) and ``local_directory`` (where they
+    spill) apply to them. ``processes=False`` runs the workers as threads
+    of this process instead (default: one worker, a thread per core; see
+    ``LocalCluster``); other keywords go to ``LocalCluster``.
+    ``Client(cluster)`` connects to a cluster you made (``LocalCluster``,
+    ``SLURMCluster``, ...), which closing the client leaves running.
     ``Client("tcp://host:port", token=...)`` or
     ``Client(scheduler_file="scheduler.json")`` connects to a running
     scheduler (``shoal scheduler``); the token proves this client belongs
@@ -245,11 +251,13 @@ class Client:
             # DASK_SCHEDULER_ADDRESS): Client() joins that cluster.
             address = os.environ.get("SHOAL_SCHEDULER_ADDRESS") or None
         if address is None and scheduler_file is None:
-            if processes and n_workers is None and threads_per_worker is None:
-                # Shoal's own default: a single-threaded process per core
-                # (Python code holds the GIL; Dask gives bigger hosts fewer
-                # processes with more threads).
-                n_workers, threads_per_worker = os.cpu_count() or 1, 1
+            if processes:
+                # Shoal's own default: single-threaded processes, one per
+                # core unless told (Python code holds the GIL; Dask gives
+                # bigger hosts, or fewer workers, more threads each).
+                threads_per_worker = threads_per_worker or 1
+                if n_workers is None:
+                    n_workers = max(1, (os.cpu_count() or 1) // threads_per_worker)
             self._cluster = LocalCluster(
                 n_workers,
                 threads_per_worker,

@@ -194,11 +194,11 @@ pub(crate) struct WorkerArgs {
     /// than what is left (`--time-request`) is placed here. Under Slurm
     /// the default is the job's end time less 2 minutes
     /// ($SLURM_JOB_END_TIME, or what `squeue` says is left).
-    #[arg(long, value_parser = crate::jobs::parse_duration)]
+    #[arg(long, value_parser = shoal_runtime::duration::parse)]
     lifetime: Option<Duration>,
     /// Each process retires up to this much earlier than --lifetime, at
     /// random, so that they do not all leave at once.
-    #[arg(long, value_parser = crate::jobs::parse_duration)]
+    #[arg(long, value_parser = shoal_runtime::duration::parse)]
     lifetime_stagger: Option<Duration>,
     /// Serve results on (and advertise) this network interface's address,
     /// e.g. `ib0` (default: the one the scheduler is reached through).

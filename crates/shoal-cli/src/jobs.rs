@@ -83,12 +83,12 @@ pub(crate) struct SubmitArgs {
     /// Stop a task running longer than this ("90s", "10m", "1h30m"):
     /// SIGTERM to its process group, SIGKILL after the workers' grace
     /// period ($SHOAL_STOP_GRACE, 5 s); it fails with a timeout.
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = shoal_runtime::duration::parse)]
     time_limit: Option<Duration>,
     /// How long a task expects to run: it is placed only on a worker whose
     /// lifetime (`shoal worker --lifetime`, a Slurm job's end) has at least
     /// that long left. A hint, not a limit.
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = shoal_runtime::duration::parse)]
     time_request: Option<Duration>,
     /// A task array: ids "1-1000", "0-100:5", "1-3,7" (`SHOAL_TASK_ID`).
     /// With --each-line or --from-json: which entries to run.
@@ -154,47 +154,6 @@ pub(crate) struct TaskIdsArgs {
 }
 
 const ASK: Duration = Duration::from_secs(60);
-
-/// "90", "90s", "500ms", "10m", "1h30m", "2d": a duration.
-pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || {
-        format!("{s:?} is not a duration: use seconds (90) or units ms, s, m, h, d (10m, 1h30m)")
-    };
-    let text = s.trim();
-    if text.is_empty() {
-        return Err(bad());
-    }
-    let mut total = 0.0;
-    let mut rest = text;
-    while !rest.is_empty() {
-        let n = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        let value: f64 = rest[..n].parse().map_err(|_| bad())?;
-        rest = &rest[n..];
-        let u = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let unit = match &rest[..u] {
-            "ms" => 0.001,
-            "" | "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            "d" => 86400.0,
-            _ => return Err(bad()),
-        };
-        // A bare number only alone: "1h30" could mean 30 s or 30 min.
-        if rest[..u].is_empty() && total > 0.0 {
-            return Err(bad());
-        }
-        total += value * unit;
-        rest = &rest[u..];
-    }
-    if !(total > 0.0 && total.is_finite()) {
-        return Err(format!("{s:?}: a time limit must be positive"));
-    }
-    Ok(Duration::from_secs_f64(total))
-}
 
 /// "1-3,7,0-100:5": the ids, in order, without repeats.
 pub(crate) fn parse_array(s: &str) -> Result<Vec<u64>, String> {
@@ -576,18 +535,6 @@ fn info_text(v: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
-        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
-        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("2.5s").unwrap(), Duration::from_millis(2500));
-        for bad in ["", "ten", "10x", "0", "-5", "5 m", "1h30"] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn arrays_parse() {

@@ -1288,6 +1288,15 @@ fn dashboard_token(token: &str) -> PyResult<String> {
     Ok(secret.dashboard_token())
 }
 
+/// Seconds in a duration a person typed (`"90"`, `"2.5"`, `"10m"`,
+/// `"1h30m"`): the CLI's parser, so both take the same spellings.
+#[pyfunction]
+fn parse_duration(text: &str) -> PyResult<f64> {
+    shoal_runtime::duration::parse(text)
+        .map(|d| d.as_secs_f64())
+        .map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
 /// One of the dashboard's embedded files: `index.html`, `app.js`, `app.css`
 /// (a performance report inlines them).
 #[pyfunction]
@@ -1661,6 +1670,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sweep, m)?)?;
     m.add_function(wrap_pyfunction!(configure_tls, m)?)?;
     m.add_function(wrap_pyfunction!(dashboard_token, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_duration, m)?)?;
+    m.add("MAX_DURATION", shoal_runtime::duration::MAX.as_secs_f64())?;
     m.add_function(wrap_pyfunction!(dashboard_asset, m)?)?;
     m.add_function(wrap_pyfunction!(log_line, m)?)?;
     m.add_function(wrap_pyfunction!(numpy_alloc::shm_allocator_install, m)?)?;

@@ -30,6 +30,7 @@
 pub mod bufpool;
 pub mod client;
 pub mod command;
+pub mod duration;
 pub mod hugeshm;
 pub mod local;
 pub mod logs;

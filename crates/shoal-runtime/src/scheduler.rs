@@ -185,7 +185,7 @@ fn recover(path: &std::path::Path) -> io::Result<Recovery> {
                 at_us,
             } => {
                 let job = jobs.job_of_task(task);
-                let cancel = jobs.ended(task, journal::outcome_of(outcome), error, at_us);
+                let cancel = jobs.ended(task, jobs::outcome_of(outcome), error, at_us);
                 // Past max_fails the rest was cancelled (maybe not journaled
                 // before the crash): cancelled here too.
                 for t in &cancel {
@@ -1919,7 +1919,7 @@ impl State {
             if self.jobs.job_of_task(task.0).is_some() {
                 j.append(&journal::Record::Ended {
                     task: task.0,
-                    outcome: journal::outcome_code(outcome),
+                    outcome: jobs::outcome_code(outcome),
                     error: error.clone(),
                     at_us: now,
                 });

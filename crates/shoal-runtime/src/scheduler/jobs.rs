@@ -38,7 +38,7 @@ pub(super) struct JobSnapshot {
     /// Job task ids and scheduler task ids, in submission order.
     pub(super) ids: Vec<u64>,
     pub(super) tasks: Vec<u64>,
-    /// Per task, as `journal::outcome_code` (3: pending).
+    /// Per task, as `outcome_code` (3: pending).
     pub(super) outcomes: Vec<u8>,
     pub(super) errors: Vec<(u64, String)>,
     /// The pending tasks' specs.
@@ -52,6 +52,24 @@ pub(super) enum Outcome {
     Finished,
     Failed,
     Cancelled,
+}
+
+/// A task's ending as the journal writes it (never pending there).
+pub(super) fn outcome_code(o: Outcome) -> u8 {
+    match o {
+        Outcome::Finished => 0,
+        Outcome::Failed => 1,
+        Outcome::Cancelled | Outcome::Pending => 2,
+    }
+}
+
+/// What [`outcome_code`] wrote.
+pub(super) fn outcome_of(code: u8) -> Outcome {
+    match code {
+        0 => Outcome::Finished,
+        1 => Outcome::Failed,
+        _ => Outcome::Cancelled,
+    }
 }
 
 impl Outcome {
@@ -166,7 +184,7 @@ impl Jobs {
                     .iter()
                     .map(|&o| match o {
                         Outcome::Pending => 3,
-                        o => super::journal::outcome_code(o),
+                        o => outcome_code(o),
                     })
                     .collect(),
                 errors: j.errors.clone(),
@@ -193,7 +211,7 @@ impl Jobs {
             .iter()
             .map(|&c| match c {
                 3 => Outcome::Pending,
-                c => super::journal::outcome_of(c),
+                c => outcome_of(c),
             })
             .collect();
         let count = |o: Outcome| outcome.iter().filter(|&&x| x == o).count();

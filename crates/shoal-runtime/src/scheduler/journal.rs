@@ -16,7 +16,7 @@
 //! What is journaled: jobs (`shoal submit`) with their tasks, and how each
 //! task ended. Not journaled: tasks of Python clients, results, workers.
 
-use super::jobs::{JobSnapshot, Outcome};
+use super::jobs::JobSnapshot;
 use serde::{Deserialize, Serialize};
 use shoal_proto::TaskSpec;
 use std::fs::{File, OpenOptions};
@@ -53,22 +53,6 @@ pub(super) enum Record {
     },
     /// A job as a whole (what compaction writes).
     Snapshot(JobSnapshot),
-}
-
-pub(super) fn outcome_code(o: Outcome) -> u8 {
-    match o {
-        Outcome::Finished => 0,
-        Outcome::Failed => 1,
-        Outcome::Cancelled | Outcome::Pending => 2,
-    }
-}
-
-pub(super) fn outcome_of(code: u8) -> Outcome {
-    match code {
-        0 => Outcome::Finished,
-        1 => Outcome::Failed,
-        _ => Outcome::Cancelled,
-    }
 }
 
 /// An open journal, appending.
