@@ -119,7 +119,15 @@ mod tests {
             parse("18446744073709551616"),
             Err(DurationError::TooLong(_))
         ));
-        for secs in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -1.0, 0.0, 1e300, 1e30] {
+        for secs in [
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            -1.0,
+            0.0,
+            1e300,
+            1e30,
+        ] {
             assert!(from_secs(secs).is_err(), "{secs}");
         }
         assert_eq!(from_secs(1.5).unwrap(), Duration::from_millis(1500));
