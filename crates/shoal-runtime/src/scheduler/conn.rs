@@ -1,0 +1,120 @@
+//! Connections: accepted, authenticated, and read into the owner's queue.
+
+use super::*;
+
+pub(crate) async fn accept_loop(
+    listener: Listener,
+    events: mpsc::UnboundedSender<Event>,
+    mut stop: watch::Receiver<bool>,
+    secret: Secret,
+    ids: Arc<AtomicU32>,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            (conn, peer) = listener.accept() => {
+                let (events, ids, stop, secret) = (events.clone(), ids.clone(), stop.clone(), secret.clone());
+                tokio::spawn(async move { serve_conn(conn, peer, events, ids, stop, &secret).await });
+            }
+        }
+    }
+}
+
+pub(crate) async fn serve_conn(
+    incoming: net::Incoming,
+    peer: String,
+    events: mpsc::UnboundedSender<Event>,
+    ids: Arc<AtomicU32>,
+    mut stop: watch::Receiver<bool>,
+    secret: &Secret,
+) {
+    // Nothing but the handshake is read before the peer proves it has the
+    // cluster's secret.
+    let Ok((mut conn, hello)) = incoming.authenticate(secret, &peer).await else {
+        return;
+    };
+    let id = ids.fetch_add(1, Ordering::Relaxed);
+    if net::send(&mut conn, &Welcome::Accepted { id })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let (tx, mut stream) = net::split_batched::<FromScheduler>(conn);
+    let is_worker = match hello.role {
+        Role::Client => {
+            let _ = events.send(Event::ClientJoined(id, tx));
+            false
+        }
+        Role::Worker {
+            nthreads,
+            data_addr,
+            name,
+            pid,
+            resources,
+            lifetime_end_us,
+        } => {
+            tracing::info!("worker {name} (pid {pid}) joined with {nthreads} threads");
+            let _ = events.send(Event::WorkerJoined {
+                id,
+                pid,
+                nthreads,
+                data_addr,
+                name,
+                resources,
+                lifetime_end_us,
+                tx,
+            });
+            true
+        }
+        Role::Data => return,
+    };
+    let reason = loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            frame = stream.next() => match frame {
+                None => break "connection closed".to_string(),
+                Some(frame) => match decode(frame).await {
+                    Ok(msgs) => {
+                        let ev = if is_worker { Event::FromWorker(id, msgs) } else { Event::FromClient(id, msgs) };
+                        if events.send(ev).is_err() { return; }
+                    }
+                    // TLS peers that exit without close_notify: a plain close.
+                    Err(e) if matches!(e.kind(), io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset) => break "connection closed".to_string(),
+                    Err(e) => break format!("bad frame: {e}"),
+                },
+            }
+        }
+    };
+    let _ = events.send(if is_worker {
+        Event::WorkerLeft(id, reason)
+    } else {
+        Event::ClientLeft(id)
+    });
+}
+
+/// Decodes a peer's frame; a big one on a blocking thread, so that decoding
+/// it does not hold the I/O thread (the reader waits: order is kept).
+pub(crate) async fn decode(frame: io::Result<bytes::BytesMut>) -> io::Result<Vec<ToScheduler>> {
+    match frame {
+        Ok(f) if f.len() >= BIG_FRAME => {
+            tokio::task::spawn_blocking(move || net::decode_batch::<ToScheduler>(Ok(f)))
+                .await
+                .unwrap_or_else(|e| Err(io::Error::other(e)))
+        }
+        f => net::decode_batch::<ToScheduler>(f),
+    }
+}
+
+/// Whether a peer's queue has been over `limit` for two beats.
+pub(crate) fn fell_behind(tx: &Tx, behind: &mut bool, limit: usize) -> bool {
+    let over = tx.queued_bytes() > limit;
+    let twice = over && *behind;
+    *behind = over;
+    twice
+}
+
+/// Bytes the scheduler may queue for one peer. A peer over it at two
+/// beats running reads slower than the cluster talks to it (or not at
+/// all): it is let go, so the scheduler's memory stays bounded.
+pub(crate) const PEER_BACKLOG: usize = 1 << 30;

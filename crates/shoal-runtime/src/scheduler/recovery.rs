@@ -1,0 +1,182 @@
+//! After a crash: the journal read back, tasks restored and adopted, orphans
+//! of jobs that ended, results held back until their owners return.
+
+use super::*;
+
+impl State {
+    /// The recovery wait is over: restored tasks no rejoined worker claimed
+    /// go to the core to be placed.
+    pub(crate) fn release_restored(&mut self) -> Vec<Item> {
+        self.restored_until = None;
+        let mut by_job: std::collections::BTreeMap<u32, Vec<TaskSpec>> = Default::default();
+        for (_, (job, spec)) in self.restored.drain() {
+            by_job.entry(job).or_default().push(spec);
+        }
+        let mut n = 0;
+        for (job, mut specs) in by_job {
+            specs.sort_by_key(|t| t.id);
+            n += specs.len();
+            self.submit(jobs::job_client(job), specs);
+        }
+        tracing::info!(
+            "recovery: {n} restored tasks to run again, {} adopted from rejoined workers",
+            self.adopted.len()
+        );
+        // Resumed clients claim what rejoined workers hold first; what is
+        // left is dropped after.
+        std::mem::take(&mut self.held_back)
+            .into_iter()
+            .flat_map(|(c, msgs)| msgs.into_iter().map(move |m| Item::Client(c, m)))
+            .chain([Item::DropOrphans])
+            .collect()
+    }
+
+    /// Results no resumed client claimed: their holders drop them.
+    pub(crate) fn drop_orphans(&mut self) {
+        let mut unclaimed: FxHashMap<u32, Vec<u64>> = FxHashMap::default();
+        for (id, orphan) in self.orphans.drain() {
+            if let Orphan::Held(w, _) = orphan {
+                unclaimed.entry(w).or_default().push(id);
+            }
+        }
+        for (w, ids) in unclaimed {
+            if let Some(conn) = self.workers.get(&w) {
+                tracing::info!(
+                    "recovery: worker {} drops {} results no client claimed",
+                    conn.name,
+                    ids.len()
+                );
+                let _ = conn.tx.send(FromScheduler::Release(ids));
+            }
+        }
+    }
+
+    /// A restored job task's outcome arrived (a rejoined worker ran it):
+    /// recorded without the core, which never had it. False if `id` is not
+    /// such a task.
+    pub(crate) fn restored_ended(
+        &mut self,
+        id: u64,
+        outcome: jobs::Outcome,
+        error: Option<String>,
+    ) -> bool {
+        let known = self.restored.remove(&id).is_some() || self.adopted.remove(&id).is_some();
+        if known {
+            self.job_task_ended(TaskId(id), outcome, error);
+        }
+        known
+    }
+
+    /// A worker left: restored tasks it ran are to run again.
+    pub(crate) fn adopted_lost(&mut self, worker: u32) {
+        let lost: Vec<u64> = self
+            .adopted
+            .iter()
+            .filter(|(_, a)| a.0 == worker)
+            .map(|(&t, _)| t)
+            .collect();
+        let mut by_job: std::collections::BTreeMap<u32, Vec<TaskSpec>> = Default::default();
+        for t in lost {
+            if let Some((_, job, spec)) = self.adopted.remove(&t) {
+                if self.restored_until.is_some() {
+                    self.restored.insert(t, (job, spec));
+                } else {
+                    by_job.entry(job).or_default().push(spec);
+                }
+            }
+        }
+        for (job, specs) in by_job {
+            self.submit(jobs::job_client(job), specs);
+        }
+    }
+}
+
+/// How long a scheduler restored from its journal holds the unfinished
+/// tasks back, for workers that rejoin to claim what they still run or
+/// finished (`SHOAL_RECOVERY_WAIT` seconds, default 3: `--reconnect`
+/// workers try once a second).
+pub(crate) fn recovery_wait() -> std::time::Duration {
+    std::env::var("SHOAL_RECOVERY_WAIT")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|v| v.is_finite() && *v >= 0.0)
+        .map_or(
+            std::time::Duration::from_secs(3),
+            std::time::Duration::from_secs_f64,
+        )
+}
+
+/// Reads the journal, rebuilds the jobs, and compacts the file.
+pub(crate) fn recover(path: &std::path::Path) -> io::Result<Recovery> {
+    let (mut journal, records) = journal::Journal::open(path)?;
+    let mut jobs = jobs::Jobs::default();
+    let mut pending: std::collections::BTreeMap<u32, FxHashMap<u64, TaskSpec>> = Default::default();
+    let n = records.len();
+    for r in records {
+        match r {
+            journal::Record::Job {
+                id,
+                name,
+                max_fails,
+                submitted_us,
+                ids,
+                tasks,
+            } => {
+                jobs.add_with_id(id, name, max_fails, &ids, submitted_us);
+                pending.insert(id, tasks.into_iter().map(|t| (t.id, t)).collect());
+            }
+            journal::Record::Ended {
+                task,
+                outcome,
+                error,
+                at_us,
+            } => {
+                let job = jobs.job_of_task(task);
+                let cancel = jobs.ended(task, jobs::outcome_of(outcome), error, at_us);
+                // Past max_fails the rest was cancelled (maybe not journaled
+                // before the crash): cancelled here too.
+                for t in &cancel {
+                    jobs.ended(t.0, jobs::Outcome::Cancelled, None, at_us);
+                }
+                if let Some(specs) = job.and_then(|j| pending.get_mut(&j)) {
+                    specs.remove(&task);
+                    for t in &cancel {
+                        specs.remove(&t.0);
+                    }
+                }
+            }
+            journal::Record::Snapshot(snap) => {
+                let id = snap.id;
+                let specs = jobs.restore(snap);
+                pending.insert(id, specs.into_iter().map(|t| (t.id, t)).collect());
+            }
+        }
+    }
+    let pending: Vec<(u32, Vec<TaskSpec>)> = pending
+        .into_iter()
+        .map(|(j, specs)| {
+            let mut v: Vec<TaskSpec> = specs.into_values().collect();
+            v.sort_by_key(|t| t.id);
+            (j, v)
+        })
+        .filter(|(_, v)| !v.is_empty())
+        .collect();
+    let by_id: FxHashMap<u64, &TaskSpec> = pending
+        .iter()
+        .flat_map(|(_, v)| v.iter().map(|t| (t.id, t)))
+        .collect();
+    let snaps = jobs.snapshots(|t| by_id.get(&t).map(|s| (*s).clone()));
+    let records: Vec<journal::Record> = snaps.into_iter().map(journal::Record::Snapshot).collect();
+    journal.rewrite(&records)?;
+    let left: usize = pending.iter().map(|(_, v)| v.len()).sum();
+    tracing::info!(
+        "journal {}: {n} records read; {} jobs, {left} tasks to run again",
+        path.display(),
+        records.len()
+    );
+    Ok(Recovery {
+        journal,
+        jobs,
+        pending,
+    })
+}

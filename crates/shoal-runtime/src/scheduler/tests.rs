@@ -1,0 +1,341 @@
+use super::*;
+use std::time::Duration;
+
+/// What a million-task graph costs the scheduler besides the core.
+#[test]
+fn a_task_record_with_its_spec_fits_in_216_bytes() {
+    // A 224-byte allocation with the allocator's header.
+    let n = Core::<Kept>::record_size();
+    assert!(n <= 216, "{n}");
+    assert!(size_of::<Rare>() <= 48, "{}", size_of::<Rare>());
+}
+
+#[test]
+fn a_function_pickle_is_kept_once_while_a_spec_uses_it() {
+    let mut f = Funcs::default();
+    let a = f.intern(Bytes::from_static(b"inc"));
+    let again = f.intern(Bytes::copy_from_slice(b"inc"));
+    assert!(Arc::ptr_eq(&a, &again), "one copy per pickle");
+    drop(again);
+    // Many distinct functions, each let go at once: swept as the table
+    // grows, while one still used stays.
+    for i in 0..1000u32 {
+        drop(f.intern(Bytes::from(i.to_le_bytes().to_vec())));
+    }
+    assert!(f.table.len() < 200, "{} kept", f.table.len());
+    assert!(Arc::ptr_eq(&f.intern(Bytes::from_static(b"inc")), &a));
+}
+
+/// A scheduler on a Unix socket in a fresh directory, and a client
+/// connected to it.
+async fn serving(name: &str) -> (std::path::PathBuf, SchedulerHandle, Secret, net::Conn) {
+    let dir = std::env::temp_dir().join(format!("shoal-{name}-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret = Secret::random();
+    let h = start(&Address::Unix(dir.join("s.sock")), secret.clone(), None)
+        .await
+        .unwrap();
+    let (conn, _) = net::handshake(&h.address, Role::Client, &secret)
+        .await
+        .unwrap();
+    (dir, h, secret, conn)
+}
+
+/// A client that stops reading (but still beats) is let go once more
+/// than the backlog limit waits for it: its connection closes, what was
+/// queued is freed, and the scheduler serves others.
+#[tokio::test]
+async fn a_client_that_does_not_read_is_let_go_when_its_backlog_is_over_the_limit() {
+    let (dir, h, secret, conn) = serving("backlog").await;
+    h.events.send(Event::PeerBacklog(256 << 10)).unwrap();
+    let (tx, mut rx) = net::split_batched::<ToScheduler>(conn);
+    for i in 0..20_000 {
+        let path = "/api/status".to_string();
+        tx.send(ToScheduler::Query { id: i, path }).unwrap();
+    }
+    // Alive all along: only the backlog can get it dropped.
+    let beating = tx.clone();
+    let beat = tokio::spawn(async move {
+        while beating.send(ToScheduler::Alive).is_ok() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut answers = 0;
+        loop {
+            match rx.next().await {
+                None | Some(Err(_)) => break answers,
+                Some(Ok(frame)) => {
+                    answers += net::decode_batch::<FromScheduler>(Ok(frame)).unwrap().len()
+                }
+            }
+        }
+    })
+    .await
+    .expect("the scheduler closed the connection");
+    assert!(
+        ended < 20_000,
+        "all {ended} answers came: it was never behind"
+    );
+    beat.abort();
+    // Others are served.
+    let (conn, _) = net::handshake(&h.address, Role::Client, &secret)
+        .await
+        .unwrap();
+    let (tx, mut rx) = net::split_batched::<ToScheduler>(conn);
+    let path = "/api/status".to_string();
+    tx.send(ToScheduler::Query { id: 1, path }).unwrap();
+    let answered = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(frame) = rx.next().await {
+            let msgs = net::decode_batch::<FromScheduler>(frame).unwrap();
+            if msgs
+                .iter()
+                .any(|m| matches!(m, FromScheduler::QueryReply { .. }))
+            {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(answered, Ok(true));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn big_messages_are_cut_into_pieces_in_order() {
+    let mut queue = VecDeque::new();
+    let ids: Vec<u64> = (0..10_000).collect();
+    queue_pieces(&mut queue, ToScheduler::Release(ids), |m| {
+        Item::Client(1, m)
+    });
+    queue_pieces(&mut queue, ToScheduler::Cancel(vec![7]), |m| {
+        Item::Client(1, m)
+    });
+    let got: Vec<(usize, u64)> = queue
+        .iter()
+        .map(|i| match i {
+            Item::Client(_, ToScheduler::Release(v) | ToScheduler::Cancel(v)) => (v.len(), v[0]),
+            _ => unreachable!(),
+        })
+        .collect();
+    assert_eq!(got, vec![(4096, 0), (4096, 4096), (1808, 8192), (1, 7)]);
+}
+
+/// A client joining while the owner works through another's huge
+/// submission is served: its first messages are not taken for a
+/// stranger's because its join waits in the queue behind that work.
+#[tokio::test]
+async fn a_client_joining_behind_a_huge_submission_is_served() {
+    let (dir, h, secret, conn) = serving("joinbehind").await;
+    let (tx, _rx) = net::split_batched::<ToScheduler>(conn);
+    let specs: Vec<TaskSpec> = (1..=2_000_000u64)
+        .map(|i| TaskSpec {
+            id: (1 << 40) + i,
+            group: "g".into(),
+            key: None,
+            kind: shoal_proto::TaskKind::Call,
+            func: Bytes::from_static(b"f"),
+            args: Bytes::from_static(b"a"),
+            deps: Vec::new(),
+            priority: 0,
+            retries: 0,
+            resources: Vec::new(),
+            recompute: true,
+            time_limit_ms: 0,
+            crash_limit: 0,
+            time_request_ms: 0,
+        })
+        .collect();
+    // One message: cut into pieces on arrival, they fill the owner's
+    // queue at once; the second client joins while it works.
+    // Small messages, decoded at once, fill the owner's queue faster
+    // than it works through it; the second client joins meanwhile.
+    for chunk in specs.chunks(PIECE) {
+        tx.send(ToScheduler::Submit(chunk.to_vec())).unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (conn, _) = net::handshake(&h.address, Role::Client, &secret)
+        .await
+        .unwrap();
+    let (tx2, mut rx2) = net::split_batched::<ToScheduler>(conn);
+    tx2.send(ToScheduler::Query {
+        id: 7,
+        path: "/api/status".into(),
+    })
+    .unwrap();
+    let answered = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(frame) = rx2.next().await {
+            let msgs = net::decode_batch::<FromScheduler>(frame).unwrap();
+            if msgs
+                .iter()
+                .any(|m| matches!(m, FromScheduler::QueryReply { id: 7, .. }))
+            {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(answered, Ok(true), "the second client got its answer");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_panic_in_the_owner_stops_the_whole_scheduler_loudly() {
+    let (dir, h, secret, conn) = serving("crash").await;
+    let (_tx, mut from_scheduler) = net::split_batched::<ToScheduler>(conn);
+    h.events.send(Event::Panic).unwrap();
+    let why = tokio::time::timeout(Duration::from_secs(5), h.crashed())
+        .await
+        .expect("the crash is reported");
+    assert!(why.contains("injected by a test"), "{why}");
+    // Connected peers see their connection close (no silent zombie) ...
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match from_scheduler.next().await {
+                None | Some(Err(_)) => break,
+                Some(Ok(_)) => {} // a ping sent before the crash
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a client connection outlived the crash");
+    // ... and nobody can connect to a scheduler that serves nothing.
+    assert!(net::handshake(&h.address, Role::Client, &secret)
+        .await
+        .is_err());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A random dashboard query path: a real route, or not, with parameter
+/// strings made of escapes, multi-byte characters, huge numbers.
+fn random_path(rng: &mut fastrand::Rng) -> String {
+    const ROUTES: [&str; 8] = [
+        "/api/status",
+        "/api/graph",
+        "/api/profile",
+        "/api/logs",
+        "/api/report",
+        "/metrics",
+        "/api/task/",
+        "/api/nope",
+    ];
+    const PIECES: [&str; 16] = [
+        "since=",
+        "merge=",
+        "group=",
+        "since_us=",
+        "%",
+        "%a",
+        "%ff",
+        "\u{e9}",
+        "\u{1f41f}",
+        "&",
+        "=",
+        "+",
+        "18446744073709551616",
+        "-1",
+        "0x10",
+        "\0",
+    ];
+    let mut p = ROUTES[rng.usize(..ROUTES.len())].to_string();
+    if p.ends_with('/') && rng.bool() {
+        p.push_str(&rng.u64(..).to_string());
+    }
+    if rng.bool() {
+        p.push('?');
+    }
+    for _ in 0..rng.usize(0..8) {
+        if rng.u8(0..4) == 0 {
+            p.push(rng.char(..));
+        } else {
+            p.push_str(PIECES[rng.usize(..PIECES.len())]);
+        }
+    }
+    p
+}
+
+/// Hostile input from authenticated peers: random dashboard queries
+/// (each answered, maybe with an error), then malformed, truncated and
+/// oversized frames on other connections (each closes only its own
+/// connection). The scheduler keeps serving the first client all along.
+/// `SHOAL_FUZZ_SECS` bounds the query part (default 2 s).
+#[tokio::test]
+async fn hostile_queries_and_frames_after_the_handshake_leave_the_scheduler_serving() {
+    use futures::SinkExt;
+    let secs: f64 = std::env::var("SHOAL_FUZZ_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2.0);
+    let (dir, h, secret, conn) = serving("hostile").await;
+    let (tx, mut rx) = net::split_batched::<ToScheduler>(conn);
+    let mut rng = fastrand::Rng::with_seed(7);
+    // The next `n` query answers, skipping pings.
+    async fn answers(
+        rx: &mut (impl futures::Stream<Item = io::Result<bytes::BytesMut>> + Unpin),
+        n: usize,
+    ) -> Vec<String> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            let frame = tokio::time::timeout(Duration::from_secs(10), rx.next())
+                .await
+                .expect("the scheduler answers")
+                .expect("the connection stays open");
+            for m in net::decode_batch::<FromScheduler>(frame).unwrap() {
+                if let FromScheduler::QueryReply { json, .. } = m {
+                    got.push(json);
+                }
+            }
+        }
+        got
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs_f64(secs);
+    let (mut tried, mut errors) = (0usize, 0usize);
+    while std::time::Instant::now() < deadline {
+        for i in 0..64 {
+            let path = random_path(&mut rng);
+            tx.send(ToScheduler::Query { id: i, path }).unwrap();
+        }
+        for json in answers(&mut rx, 64).await {
+            let v: serde_json::Value = serde_json::from_str(&json).expect("JSON answers");
+            errors += v.get("error").is_some() as usize;
+        }
+        tried += 64;
+    }
+    assert!(errors > 0 && errors < tried, "{errors} of {tried}");
+    // Frames no decoder accepts, each on its own authenticated connection.
+    let mut bad: Vec<Vec<u8>> = vec![
+        vec![],
+        vec![0xff; 16],
+        vec![
+            0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
+        ],
+        shoal_proto::encode(&vec![ToScheduler::Release(vec![1, 2, 3])])[..3].to_vec(),
+    ];
+    bad.extend((0..12).map(|_| (0..rng.usize(1..200)).map(|_| rng.u8(..)).collect()));
+    for (i, body) in bad.into_iter().enumerate() {
+        let (mut conn, _) = net::handshake(&h.address, Role::Client, &secret)
+            .await
+            .unwrap();
+        let _ = conn.send(bytes::Bytes::from(body)).await;
+        if i % 2 == 0 {
+            // Truncated: a length prefix promising more than comes.
+            let raw = conn.get_mut();
+            let _ = tokio::io::AsyncWriteExt::write_all(raw, &[0, 0, 1, 0, 1, 2]).await;
+        }
+        drop(conn);
+    }
+    // Still serving: the first client's queries are answered.
+    tx.send(ToScheduler::Query {
+        id: 1,
+        path: "/api/status".into(),
+    })
+    .unwrap();
+    let json = answers(&mut rx, 1).await.pop().unwrap();
+    assert!(json.contains("\"workers\""), "{json}");
+    println!("hostile: {tried} random queries ({errors} refused), 16 bad frames");
+    let _ = std::fs::remove_dir_all(&dir);
+}

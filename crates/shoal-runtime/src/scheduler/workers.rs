@@ -1,0 +1,278 @@
+//! Messages from workers, heartbeats (and the silent dropped), and the
+//! task orders sent to them.
+
+use super::*;
+
+impl State {
+    pub(crate) fn worker_msg(&mut self, worker: u32, msg: ToScheduler) {
+        let wid = WorkerId(worker);
+        if matches!(
+            msg,
+            ToScheduler::Finished { .. } | ToScheduler::Failed { .. }
+        ) {
+            if let Some(w) = self.workers.get_mut(&worker) {
+                w.reports += 1; // acknowledged at the next heartbeat
+            }
+        }
+        match msg {
+            ToScheduler::Finished { id, .. } | ToScheduler::Failed { id, .. }
+                if self.restored.contains_key(&id) || self.adopted.contains_key(&id) =>
+            {
+                let (outcome, text) = match msg {
+                    ToScheduler::Failed { text, .. } => (jobs::Outcome::Failed, Some(text)),
+                    _ => (jobs::Outcome::Finished, None),
+                };
+                self.restored_ended(id, outcome, text);
+            }
+            ToScheduler::Rejoin {
+                running,
+                reports,
+                held,
+            } => {
+                tracing::info!(
+                    "worker {worker} rejoined: {} tasks running, {} reports sent again, {} \
+                     results held",
+                    running.len(),
+                    reports.len(),
+                    held.len()
+                );
+                // Its results (and what it finishes meanwhile) are kept for
+                // clients that come back (see `held_back`).
+                self.restored_until
+                    .get_or_insert_with(|| tokio::time::Instant::now() + recovery_wait());
+                self.orphans.extend(
+                    held.into_iter()
+                        .map(|(id, size)| (id, Orphan::Held(worker, size))),
+                );
+                for r in reports {
+                    if matches!(r, ToScheduler::Finished { .. } | ToScheduler::Failed { .. }) {
+                        self.worker_msg(worker, r);
+                    }
+                }
+                for id in running {
+                    if let Some((job, spec)) = self.restored.remove(&id) {
+                        self.adopted.insert(id, (worker, job, spec));
+                    }
+                }
+            }
+            ToScheduler::Finished {
+                id,
+                size,
+                value,
+                timing,
+            } => {
+                let inline = value.is_some();
+                if let Some(group) = self.core.handle_task_finished(
+                    wid,
+                    TaskId(id),
+                    size,
+                    inline,
+                    timing.duration_us,
+                ) {
+                    self.monitor.task(id, group, worker, timing, true, size);
+                    if let Some(v) = value {
+                        self.set_value(id, &v);
+                    }
+                    // Scattered data never runs again: drop its bytes here.
+                    if let Some(spec) = self.core.spec_mut(TaskId(id)).filter(|s| !s.recompute) {
+                        spec.args = Box::default();
+                    }
+                } else if self.restored_until.is_some() && self.core.state(TaskId(id)).is_none() {
+                    // A task of the lost scheduler's time, finished since:
+                    // its client may come back for it.
+                    let orphan = match value {
+                        Some(v) => Orphan::Value(v),
+                        None => Orphan::Held(worker, size),
+                    };
+                    self.orphans.insert(id, orphan);
+                }
+            }
+            ToScheduler::Failed {
+                id,
+                error,
+                text,
+                timing,
+            } => {
+                let group = self.core.task_group(TaskId(id)).unwrap_or(u32::MAX);
+                if let Some(erred) = self.core.handle_task_failed(wid, TaskId(id)) {
+                    self.monitor.task(id, group, worker, timing, false, 0);
+                    if erred {
+                        self.errors.insert(id, error);
+                        self.monitor.error_text.insert(id, text);
+                    }
+                }
+            }
+            ToScheduler::Telemetry(t) => {
+                for a in &t.activity {
+                    let group = self.core.task_group(TaskId(a.task)).unwrap_or(u32::MAX);
+                    self.monitor.activity(worker, a, group);
+                }
+                self.monitor.profile(t.profile);
+                if !t.logs.is_empty() {
+                    self.monitor.logs(worker, t.logs);
+                }
+            }
+            ToScheduler::Threads(n) => self.core.handle_worker_threads(wid, n),
+            ToScheduler::RestartMe => {
+                if let Some(w) = self.workers.get(&worker) {
+                    tracing::warn!(
+                        "worker {} restarts: a task it was told to stop does not stop",
+                        w.name
+                    );
+                    let _ = w.tx.send(FromScheduler::Restart);
+                }
+                self.core.handle_worker_restarting(wid);
+            }
+            ToScheduler::RetireMe => {
+                if let Some(w) = self.workers.get(&worker) {
+                    tracing::info!("worker {} retires (SIGTERM)", w.name);
+                }
+                self.core.handle_retire(wid);
+            }
+            ToScheduler::Replicated { id, ok } => {
+                self.core.handle_replicated(wid, TaskId(id), ok);
+            }
+            ToScheduler::Heartbeat(m) => {
+                self.monitor.heartbeat(worker, crate::worker::now_us(), &m);
+                if let Some(w) = self.workers.get_mut(&worker) {
+                    w.metrics = m;
+                }
+            }
+            ToScheduler::Missing { task, deps } => {
+                let deps: Vec<TaskId> = deps.into_iter().map(TaskId).collect();
+                tracing::warn!("worker {worker} could not fetch {deps:?}: recomputing them");
+                self.core.handle_missing_data(wid, TaskId(task), &deps);
+            }
+            ToScheduler::Pinned(id) => self.core.handle_pinned(wid, TaskId(id)),
+            ToScheduler::Paused(p) => {
+                tracing::info!(
+                    "worker {worker} {}",
+                    if p { "paused (memory high)" } else { "resumed" }
+                );
+                self.core.handle_worker_paused(wid, p)
+            }
+            ToScheduler::Stolen(ids) => {
+                for id in ids {
+                    self.core.handle_steal_reply(wid, TaskId(id), true);
+                }
+            }
+            ToScheduler::Synced(sid) => self.synced(sid, worker),
+            ToScheduler::Started(ids) => {
+                let ids: Vec<TaskId> = ids.into_iter().map(TaskId).collect();
+                self.core.handle_tasks_started(wid, &ids);
+            }
+            ToScheduler::FetchFailed { task, deps } => {
+                let deps: Vec<TaskId> = deps.into_iter().map(TaskId).collect();
+                tracing::warn!("worker {worker} could not reach the holder of {deps:?}");
+                self.core.handle_fetch_failed(wid, TaskId(task), &deps);
+            }
+            other => tracing::warn!("worker {worker} sent a client message: {other:?}"),
+        }
+    }
+
+    /// Every second: pings clients and workers, and lets go of those not
+    /// heard from for the heartbeat timeout (dead, hung or cut off) or with
+    /// over [`PEER_BACKLOG`] queued for them two beats running. A lost
+    /// worker's tasks run elsewhere, its results are recomputed.
+    pub(crate) fn heartbeat(&mut self, now: tokio::time::Instant) {
+        for c in self.clients.values() {
+            let _ = c.tx.send(FromScheduler::Ping);
+        }
+        let (timeout, limit) = (self.heartbeat_timeout, self.peer_backlog);
+        // Why a peer is let go: silent (frozen, dead, cut off), or reading
+        // slower than the cluster talks to it, so that what is queued for
+        // it would grow without bound.
+        let why = |last_seen: tokio::time::Instant, tx: &Tx, behind: &mut bool| {
+            if now.saturating_duration_since(last_seen) > timeout {
+                Some(format!("sent nothing for {timeout:?}"))
+            } else if fell_behind(tx, behind, limit) {
+                Some(format!(
+                    "reads too slowly (over {limit} bytes queued for it for a second)"
+                ))
+            } else {
+                None
+            }
+        };
+        // A client let go: its connection closes at once (what was queued
+        // for it is dropped), and what it wanted is released (detached work
+        // runs on).
+        let gone: Vec<(u32, String)> = self
+            .clients
+            .iter_mut()
+            .filter_map(|(&id, c)| Some((id, why(c.last_seen, &c.tx, &mut c.behind)?)))
+            .collect();
+        for (id, reason) in gone {
+            tracing::warn!("client {id} {reason}: letting it go");
+            if let Some(c) = self.clients.remove(&id) {
+                self.monitor.messages_out_gone += c.tx.sent();
+                c.tx.close();
+            }
+            self.client_gone(id);
+        }
+        let gone: Vec<(u32, String)> = self
+            .workers
+            .iter_mut()
+            .filter_map(|(&id, w)| Some((id, why(w.last_seen, &w.tx, &mut w.behind)?)))
+            .collect();
+        for (id, reason) in gone {
+            if let Some(w) = self.workers.remove(&id) {
+                self.monitor.messages_out_gone += w.tx.sent();
+                // Its connection closes: if it is alive after all, it sees
+                // that and exits.
+                tracing::warn!(
+                    "worker {} (pid {}) {reason}: taking it as lost",
+                    w.name,
+                    w.pid
+                );
+                w.tx.close();
+            }
+            self.synced_all(id);
+            self.adopted_lost(id);
+            self.core.handle_worker_lost(WorkerId(id));
+            self.process();
+        }
+        for w in self.workers.values_mut() {
+            let _ = w.tx.send(FromScheduler::Ping);
+            // What they reported is recorded (the journal was written
+            // before this beat): they need not keep it for a rejoin.
+            if w.reports > w.acked {
+                w.acked = w.reports;
+                let _ = w.tx.send(FromScheduler::Ack(w.reports));
+            }
+        }
+    }
+
+    pub(crate) fn send_compute(&mut self, worker: WorkerId, task: TaskId) {
+        let (Some(w), Some(spec)) = (self.workers.get(&worker.0), self.core.spec(task)) else {
+            return;
+        };
+        let deps = self
+            .core
+            .deps(task)
+            .iter()
+            .filter_map(|d| {
+                let source = match self.core.location(*d)? {
+                    Location::Inline => DepSource::Inline(Bytes::copy_from_slice(self.value(d.0)?)),
+                    Location::Worker(h) => DepSource::Worker {
+                        id: h.0,
+                        addr: self.workers.get(&h.0)?.data_addr.clone(),
+                    },
+                };
+                Some(Dep { id: d.0, source })
+            })
+            .collect();
+        let group = self.group_of(task.0);
+        let _ = w.tx.send(FromScheduler::Compute {
+            id: task.0,
+            name: shoal_proto::task_name(spec.key.as_deref(), group, task.0),
+            group: group.to_string(),
+            kind: spec.kind,
+            func: (*spec.func).clone(),
+            args: Bytes::copy_from_slice(&spec.args),
+            deps,
+            resources: spec.rare().resources.to_vec(),
+            time_limit_ms: spec.rare().time_limit_ms,
+            job: self.jobs.job_of_task(task.0).unwrap_or(0),
+        });
+    }
+}
