@@ -827,7 +827,7 @@ impl ClientShared {
 /// dropping it aborts the fetch.
 pub struct PendingFetch {
     rt: &'static tokio::runtime::Runtime,
-    task: tokio::task::JoinHandle<io::Result<crate::worker::Fetched>>,
+    task: tokio::task::JoinHandle<io::Result<crate::transfer::Fetched>>,
 }
 
 impl PendingFetch {
@@ -837,7 +837,7 @@ impl PendingFetch {
     pub fn wait(
         &mut self,
         wait: std::time::Duration,
-    ) -> Option<io::Result<crate::worker::Fetched>> {
+    ) -> Option<io::Result<crate::transfer::Fetched>> {
         let task = &mut self.task;
         // The timer is made inside the runtime (it needs its clock).
         match self
@@ -867,7 +867,7 @@ pub fn start_fetch(
 ) -> PendingFetch {
     let (addr, secret) = (addr.to_string(), secret.clone());
     let task = rt.spawn(async move {
-        let items = crate::worker::fetch(&addr, vec![id], &secret).await?;
+        let items = crate::transfer::fetch(&addr, vec![id], &secret).await?;
         items
             .into_iter()
             .next()

@@ -29,6 +29,7 @@
 
 pub mod bufpool;
 pub mod client;
+pub mod clock;
 pub mod command;
 pub mod duration;
 pub mod hugeshm;
@@ -41,6 +42,7 @@ pub mod scheduler;
 pub mod shm;
 #[cfg(target_os = "linux")]
 pub mod shm_pool;
+pub mod transfer;
 pub mod worker;
 
 use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};

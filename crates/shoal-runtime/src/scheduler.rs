@@ -379,7 +379,7 @@ async fn owner(
             log_capacity: STORY_LOG,
             ..Default::default()
         }),
-        started_us: crate::worker::now_us(),
+        started_us: crate::clock::now_us(),
         syncs: FxHashMap::default(),
         next_sync: 0,
         funcs: Funcs::default(),

@@ -145,7 +145,7 @@ impl State {
     }
 
     fn now_us(&self) -> u64 {
-        crate::worker::now_us()
+        crate::clock::now_us()
     }
 
     fn groups_json(&self) -> Vec<Value> {

@@ -296,7 +296,7 @@ impl State {
         for t in &mut tasks {
             t.group.clone_from(&group);
         }
-        let now = crate::worker::now_us();
+        let now = crate::clock::now_us();
         if let Some(j) = &mut self.journal {
             j.append(&journal::Record::Job {
                 id: self.jobs.next_id(),

@@ -212,7 +212,7 @@ impl State {
         outcome: jobs::Outcome,
         error: Option<String>,
     ) -> Vec<TaskId> {
-        let now = crate::worker::now_us();
+        let now = crate::clock::now_us();
         if let Some(j) = &mut self.journal {
             if self.jobs.job_of_task(task.0).is_some() {
                 j.append(&journal::Record::Ended {

@@ -133,7 +133,7 @@ impl State {
                 self.core.handle_replicated(wid, TaskId(id), ok);
             }
             ToScheduler::Heartbeat(m) => {
-                self.monitor.heartbeat(worker, crate::worker::now_us(), &m);
+                self.monitor.heartbeat(worker, crate::clock::now_us(), &m);
                 if let Some(w) = self.workers.get_mut(&worker) {
                     w.metrics = m;
                 }
