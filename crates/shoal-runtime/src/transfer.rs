@@ -3,7 +3,6 @@
 //! connections.
 
 use crate::net::{self, Address, Secret};
-use crate::worker::Input;
 use bytes::Bytes;
 use shoal_proto::{DataReply, DataRequest, Payload, Role};
 use std::io;
@@ -26,14 +25,6 @@ impl Fetched {
             Fetched::Bytes(b) => b.len() as u64,
             Fetched::File(f) => f.metadata().map_or(0, |m| m.len()),
             Fetched::Unpicklable(_) => 0,
-        }
-    }
-
-    pub(crate) fn into_input(self) -> Input {
-        match self {
-            Fetched::Bytes(b) => Input::Bytes(b),
-            Fetched::File(f) => Input::File(f),
-            Fetched::Unpicklable(why) => Input::Unavailable(why),
         }
     }
 }

@@ -322,7 +322,7 @@ pub(crate) async fn fetch_inputs(
                     fetched.extend(
                         items
                             .into_iter()
-                            .filter_map(|(id, v)| v.map(|v| (id, v.into_input()))),
+                            .filter_map(|(id, v)| v.map(|v| (id, input_of(v)))),
                     );
                     ok = true;
                     break;
@@ -347,4 +347,13 @@ pub(crate) async fn fetch_inputs(
             }
         })
         .collect())
+}
+
+/// A fetched input as its task takes it.
+fn input_of(f: Fetched) -> Input {
+    match f {
+        Fetched::Bytes(b) => Input::Bytes(b),
+        Fetched::File(f) => Input::File(f),
+        Fetched::Unpicklable(why) => Input::Unavailable(why),
+    }
 }
