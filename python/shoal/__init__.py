@@ -8,21 +8,17 @@
 
 from . import _imports
 from ._core import __version__
-from .actor import ActorHandle, get_actor, kill
-from .client import (
+from ._waiting import (
     ALL_COMPLETED,
     FIRST_COMPLETED,
-    Client,
-    Future,
-    FutureList,
     as_completed,
-    default_client,
     fire_and_forget,
-    get_client,
     rejoin,
     secede,
     wait,
 )
+from .actor import ActorHandle, get_actor, kill
+from .client import Client, Future, FutureList, default_client, get_client
 
 # distributed's names: print and warn as Dask's; the others raise an error
 # naming Shoal's way (shoal.compat.UNSUPPORTED).

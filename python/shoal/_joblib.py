@@ -14,7 +14,8 @@ from typing import Any
 
 from joblib._parallel_backends import AutoBatchingMixin, ParallelBackendBase
 
-from .client import Client, Future, _LendThread, default_client
+from ._waiting import _LendThread
+from .client import Client, Future, default_client
 
 
 class ShoalBackend(AutoBatchingMixin, ParallelBackendBase):

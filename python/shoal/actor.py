@@ -42,7 +42,8 @@ import cloudpickle
 
 from . import _context, _core
 from ._futures import returns
-from .client import Client, Future, default_client, fire_and_forget
+from ._waiting import fire_and_forget
+from .client import Client, Future, default_client
 from .errors import ActorDiedError
 
 _ids = itertools.count(1)

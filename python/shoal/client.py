@@ -42,26 +42,24 @@ import json
 import os
 import pickle
 import threading
-import time
-import urllib.parse
 import weakref
-from collections import namedtuple
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from . import _commands, _context, _core, _dask, _resources, _serialize, _store, deploy, diagnostics
+from . import _commands, _context, _core, _dask, _resources, _serialize, _store, deploy
+from ._client_info import ClusterQueries
 from ._core import INLINE_LIMIT, ClientCore
 from ._futures import Future, FutureList
+from ._results import Results
+from ._waiting import (
+    ALL_COMPLETED,
+    FIRST_COMPLETED,
+    as_completed,
+    wait,
+)
 from .deploy import ClusterBase, LocalCluster
 from .errors import (
-    ActorDiedError,
-    DataLostError,
-    ForeignFutureError,
-    FutureCancelledError,
-    KilledWorker,
-    MissingDependencyError,
     SchedulerLostError,
-    UnsatisfiableError,
 )
 
 __all__ = [
@@ -74,51 +72,10 @@ __all__ = [
     "ALL_COMPLETED",
 ]
 
-FIRST_COMPLETED = "FIRST_COMPLETED"
-ALL_COMPLETED = "ALL_COMPLETED"
-DoneAndNotDoneFutures = namedtuple("DoneAndNotDoneFutures", ["done", "not_done"])
 
 _clients: weakref.WeakSet[Client] = weakref.WeakSet()
 
 get_client = _context.get_client
-
-
-def secede() -> None:
-    """Inside a task: stop counting against the worker's threads (another
-    task may start) until ``rejoin()``. Waiting on futures inside a task does
-    this by itself."""
-    ex, local = _context.current_executor(), _context.task_local
-    if ex is None or not local.in_task:
-        raise RuntimeError("secede() can only be called inside a task")
-    if not local.seceded:
-        local.seceded = True
-        ex.secede()
-
-
-def rejoin() -> None:
-    """Inside a task, after ``secede()``: count against the worker's threads again."""
-    ex, local = _context.current_executor(), _context.task_local
-    if ex is not None and local.seceded:
-        local.seceded = False
-        ex.rejoin()
-
-
-class _LendThread:
-    """Around a blocking wait: inside a task that has not seceded, lend the
-    task's thread for the wait (a task waiting on tasks must not hold the
-    slot they need)."""
-
-    __slots__ = ("lent",)
-
-    def __enter__(self) -> None:
-        local = _context.task_local
-        self.lent = local.in_task and not local.seceded and _context.current_executor() is not None
-        if self.lent:
-            secede()
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.lent:
-            rejoin()
 
 
 _started: list[Client] = []  # the client default_client() had to start
@@ -159,7 +116,7 @@ def _prepare_function(fn: Any, caller: str) -> tuple[str, bytes]:
         raise TypeError(f"could not pickle the function {group!r}: {e}") from e
 
 
-class Client:
+class Client(ClusterQueries, Results):
     """Connects to a Shoal cluster; with no address, starts one embedded.
 
     ``Client()`` starts a ``LocalCluster`` (``client.cluster``, closed
@@ -700,8 +657,6 @@ class Client:
 
     # ----------------------------------------------------------- Dask
 
-    asynchronous = False  # Dask asks before using a client as scheduler
-
     def get(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
         """Dask's scheduler interface: computes ``keys`` of the Dask graph
         ``dsk`` on the cluster (``dask.compute(x, scheduler=client.get)``;
@@ -721,198 +676,7 @@ class Client:
 
     # ----------------------------------------------------------- results
 
-    def _outcome(self, task_id: int, key: str, timeout: float | None) -> tuple[str, Any, Any]:
-        core = self._check()
-        if timeout is not None and not timeout >= 0:
-            raise ValueError(f"timeout must be a number of seconds >= 0, not {timeout!r}")
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            if task_id in self._cancelled:
-                died = self._actor_died.get(task_id)
-                if died is not None:
-                    raise ActorDiedError(died)
-                raise FutureCancelledError(f"{key} was cancelled")
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if core.status(task_id) == "pending":
-                with _LendThread():
-                    got = core.wait([task_id], 1, left)
-            else:
-                got = 1
-            if got < 1:
-                raise TimeoutError(f"{key} did not finish within {timeout} seconds")
-            # A large result is fetched from its worker: within what is left
-            # of the timeout, and Ctrl-C stops it.
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            kind, a, b = core.outcome(task_id, left)
-            if kind != "pending":
-                return kind, a, b
-            if core.status(task_id) == "released":
-                raise RuntimeError(f"{key} was released; its result is gone")
-            # Its holder died before we fetched it: recomputing; wait again.
-
-    def _value(self, f: Future, kind: str, a: Any, b: Any) -> Any:
-        if kind == "value":
-            if f._index is None:
-                return _serialize.loads(a)
-            batch = self._batch_cache.get(f._id)
-            if batch is None:
-                batch = _serialize.loads(a)
-                self._batch_cache[f._id] = batch
-            if isinstance(batch, list):
-                return batch[f._index]
-            err = batch.errors.get(f._index)
-            if err is not None:
-                raise _with_traceback(err[0], err[1], f.key)
-            return batch.values[f._index]
-        if kind == "raised":
-            exc, tb = pickle.loads(b)
-            raise _with_traceback(exc, tb, a)
-        if kind == "killed" and f._group == "_call" and f._id not in self._actor_died:
-            raise ActorDiedError(
-                f"the actor's process died while running {f.key}; as in Ray, the call is "
-                "not run again"
-            )
-        if kind == "killed":
-            died = self._actor_died.get(f._id)
-            if died is not None:
-                raise ActorDiedError(died)
-            raise KilledWorker(
-                f"task {a!r} was running on {b} workers that died, so it failed; "
-                "it probably crashes its worker (segfault, os._exit, memory exhaustion)"
-            )
-        if kind == "cancelled":
-            died = self._actor_died.get(f._id)
-            if died is not None:
-                raise ActorDiedError(died)
-            why = "" if a == f.key else f" (its input {a!r} was cancelled)"
-            raise FutureCancelledError(f"{f.key} was cancelled{why}")
-        if kind == "unsatisfiable":
-            raise UnsatisfiableError(f"no worker can run {a}: {b}")
-        if kind == "lost":
-            what = (
-                f"{f.key} was" if a == f.key else f"{f.key} cannot be computed: its input {a!r} was"
-            )
-            raise DataLostError(
-                f"{what} data put on the cluster (scatter/put) and lost with the worker that "
-                "held it; such data cannot be recomputed: scatter it again"
-            )
-        if kind == "unreachable":
-            raise ConnectionError(
-                f"could not fetch the result of {f.key} from the worker at {a} ({b}); it "
-                "still holds it, but this client cannot reach it: clients must reach the "
-                "workers' data addresses (see scheduler_info()) as well as the scheduler"
-            )
-        if kind == "cycle":
-            raise ValueError(
-                f"{f.key} can never run: its inputs lead back to {a!r} (the graph has a cycle); "
-                "a task graph must be acyclic"
-            )
-        if kind == "missing" and a == f._id:
-            raise MissingDependencyError(
-                f"{f.key} came as a reference inside another task's result, but the "
-                "scheduler no longer knows it: the result that held it was released or lost "
-                "before this client claimed it"
-            )
-        if kind == "missing":
-            raise MissingDependencyError(
-                f"{f.key} takes a future the scheduler does not know (task id {a:x}): "
-                "it was released or belongs to another cluster; keep input futures alive"
-            )
-        raise AssertionError(f"unknown outcome {kind!r}")
-
-    def _own(self, futures: Iterable[Future | FutureList]) -> None:
-        """Refuses futures of other clients: their ids name tasks of another
-        client (or cluster), and would read as whatever this one has there."""
-        for f in futures:
-            owner = f._client
-            if owner is not self and owner is not None:
-                raise ForeignFutureError(
-                    f"{f!r} belongs to another client ({owner!r}); gather it there, or "
-                    "call its .result()"
-                )
-
-    def _result(self, f: Future, timeout: float | None) -> Any:
-        if f._index is not None and f._id in self._batch_cache:
-            return self._value(f, "value", None, None)
-        kind, a, b = self._outcome(f._id, f.key, timeout)
-        return self._value(f, kind, a, b)
-
-    def gather(self, futures: Any, errors: str = "raise") -> Any:
-        """Values of (nested lists, tuples, dicts of) futures, same shape.
-        ``errors="skip"`` leaves out failed ones (lists only)."""
-        if errors not in ("raise", "skip"):
-            raise ValueError(f"errors must be 'raise' or 'skip', not {errors!r}")
-        if isinstance(futures, Future):
-            self._own([futures])
-            return self._result(futures, None)
-        if isinstance(futures, FutureList):
-            self._own([futures])
-            return self._gather_list(futures, errors == "skip")
-        flat: list[Future] = []
-        _collect(futures, flat)
-        self._own(flat)
-        core = self._check()
-        ids = list(dict.fromkeys(f._id for f in flat))
-        if core.wait(ids, len(ids), 0) < len(ids):
-            with _LendThread():
-                core.wait(ids, len(ids), None)
-        outcomes: dict[int, tuple[int, Any, Any]] = {}
-        values: list[Any] = []
-        cache = self._batch_cache
-        for f in flat:
-            tid = f._id
-            try:
-                if f._index is not None and tid in cache:
-                    batch = cache[tid]
-                    if type(batch) is list:
-                        values.append(batch[f._index])
-                        continue
-                o = outcomes.get(tid)
-                if o is None:
-                    o = outcomes[tid] = self._outcome(tid, f.key, None)
-                values.append(self._value(f, *o))
-            except Exception:
-                if errors == "raise":
-                    raise
-                values.append(_SKIP)
-        if type(futures) is list and len(values) == len(futures):
-            if errors == "skip":
-                return [v for v in values if v is not _SKIP]
-            return values
-        return _rebuild(futures, iter(values))
-
-    def _gather_list(self, fl: FutureList, skip: bool) -> list[Any]:
-        """``gather`` of a whole ``map``: one outcome per task, no element futures."""
-        core = self._check()
-        ids = fl._ids
-        if core.wait(ids, len(ids), 0) < len(ids):
-            with _LendThread():
-                core.wait(ids, len(ids), None)
-        out: list[Any] = []
-        size = fl._batch
-        for j, tid in enumerate(ids):
-            batch = self._batch_cache.get(tid) if size else None
-            if batch is None:
-                kind, a, b = self._outcome(tid, f"{fl._group}-{tid:x}", None)
-                if kind != "value":
-                    if skip:
-                        continue
-                    # Raise as the first element of the failed task would.
-                    self._value(fl[j * size if size else j], kind, a, b)
-                batch = _serialize.loads(a)
-                if not size:
-                    out.append(batch)
-                    continue
-            if type(batch) is list:
-                out += batch
-                continue
-            for k, value in enumerate(batch.values):
-                err = batch.errors.get(k)
-                if err is None:
-                    out.append(value)
-                elif not skip:
-                    raise _with_traceback(err[0], err[1], fl[j * size + k].key)
-        return out
+    # Its holder died before we fetched it: recomputing; wait again.
 
     def cancel(self, futures: Iterable[Future]) -> None:
         """Cancels unfinished tasks; their futures raise ``FutureCancelledError``."""
@@ -968,206 +732,6 @@ class Client:
 
     # ----------------------------------------------------------- lifecycle
 
-    def scheduler_info(self, timeout: float = 10.0) -> dict[str, Any]:
-        """What the cluster looks like now: ``{"address", "clients", "tasks",
-        "workers": {address: {"name", "pid", "nthreads", "resources",
-        "processing", "held", "memory", "managed", "spilled", "memory_limit",
-        "paused", "last_seen", "lifetime_end"}}}`` (bytes and seconds;
-        ``lifetime_end``: Unix time it retires at, or None; memory figures are
-        from each worker's last heartbeat, at most a second old)."""
-        info = self._check().cluster_info(timeout)
-        info["workers"] = {w.pop("address"): w for w in info["workers"]}
-        return info
-
-    def wait_for_workers(self, n_workers: int = 1, timeout: float | None = None) -> None:
-        """Blocks until at least ``n_workers`` workers have joined (as Dask's
-        ``Client.wait_for_workers``). Raises ``TimeoutError`` after
-        ``timeout`` seconds (None: wait for ever)."""
-        if n_workers < 0:
-            raise ValueError(f"n_workers must be 0 or more, not {n_workers}")
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while (have := len(self.scheduler_info()["workers"])) < n_workers:
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(
-                    f"only {have} of {n_workers} workers joined within {timeout} s: "
-                    "are the worker processes started, with this cluster's address and token?"
-                )
-            time.sleep(0.05)
-
-    @property
-    def dashboard_link(self) -> str | None:
-        """The dashboard's URL with its access token (None: no dashboard)."""
-        if self._cluster is not None:
-            return self._cluster.dashboard_link
-        url = self._check().cluster_info(10.0)["dashboard"] or None
-        return deploy.dashboard_link(url, self._token)
-
-    def query(self, path: str, timeout: float = 10.0) -> Any:
-        """The scheduler's answer to a dashboard API path (``/api/status``,
-        ``/api/profile?group=inc``, ``/metrics``, ...), decoded from JSON.
-        Unknown paths raise ``ValueError``."""
-        answer = json.loads(self._check().query(path, timeout))
-        if isinstance(answer, dict) and set(answer) == {"error"}:
-            raise ValueError(answer["error"])
-        return answer
-
-    def _sync(self) -> None:
-        """Makes every worker send what it has to report (profile samples,
-        log lines, transfers) before this returns: tens of milliseconds."""
-        self.query("/api/sync")
-
-    def story(self, *futures: Future) -> list[dict[str, Any]]:
-        """The scheduler's recent transitions of these tasks, oldest first:
-        ``{"task", "from", "to", "worker", "stimulus", "time_us"}`` each,
-        where ``stimulus`` names the event that caused it (``submit``,
-        ``task-finished``, ``worker-lost``, ``cancel``, ...). The scheduler
-        keeps its last 100,000 transitions."""
-        out: list[dict[str, Any]] = []
-        for f in futures:
-            if not isinstance(f, Future):
-                raise TypeError(f"story() takes futures, not {type(f).__name__}")
-            self._own([f])
-            for step in self.query(f"/api/task/{f._id}")["story"]:
-                out.append({"task": f.key, **step})
-        out.sort(key=lambda s: s["time_us"])
-        return out
-
-    def profile(self, group: str | None = None) -> dict[str, int]:
-        """The profiler's samples since the cluster started, as folded
-        stacks (``"f (file:line);g (file:line)"`` -> count): all task groups
-        together, or only ``group``. Workers sample the stacks of running
-        tasks every ``SHOAL_PROFILE_INTERVAL`` (default 20 ms; 0: off).
-        Workers hand over their latest samples first."""
-        self._sync()
-        q = "/api/profile" + (f"?group={urllib.parse.quote(group)}" if group else "")
-        return dict(self.query(q)["stacks"])
-
-    def get_worker_logs(self, n: int | None = None) -> dict[str, list[str]]:
-        """Recent log lines of each worker (its ``logging`` records and
-        Shoal's own, filtered by ``SHOAL_LOG``), by worker name; the last
-        ``n`` of each if given. Workers hand over their latest lines first."""
-        self._sync()
-        out: dict[str, list[str]] = {}
-        for w in self.query("/api/logs")["workers"]:
-            lines = w["lines"]
-            out[w["name"] or str(w["id"])] = lines[-n:] if n else lines
-        return out
-
-    def trace(self, filename: str | os.PathLike) -> str:
-        """Writes the task stream (tasks, transfers, spills the scheduler
-        still remembers: the last 100,000) as a Chrome trace / Perfetto JSON
-        file; open it in ``chrome://tracing`` or ui.perfetto.dev. Returns the
-        path."""
-        return diagnostics.write_trace(self.query("/api/report?since_us=0&merge=0"), filename)
-
-    def retire_workers(
-        self,
-        workers: Iterable[str] | None = None,
-        n: int | None = None,
-        timeout: float = 60.0,
-    ) -> list[str]:
-        """Removes workers gracefully: they get no new work, the results
-        they hold that are still needed move to other workers, then they
-        stop (an embedded cluster does not replace them). ``workers``:
-        addresses, names or pids (``scheduler_info()``); or ``n``: that many.
-        Returns the addresses retired, once they are gone; ``TimeoutError``
-        after ``timeout`` seconds."""
-        info = self.scheduler_info()["workers"]
-        if workers is None:
-            if n is None:
-                raise ValueError("give the workers to retire, or n=")
-            chosen = sorted(info, key=lambda a: info[a]["id"])[-n:] if n > 0 else []
-        else:
-            wanted = {str(w) for w in workers}
-
-            def ids(a: str) -> set[str]:
-                return {a, info[a]["name"], str(info[a]["pid"])}
-
-            chosen = [a for a in info if ids(a) & wanted]
-            unknown = wanted - set().union(*(ids(a) for a in chosen))
-            if unknown:
-                raise ValueError(f"no such workers: {sorted(unknown)}; see scheduler_info()")
-        if not chosen:
-            return []
-        self._check().retire(chosen)
-        deadline = time.monotonic() + timeout
-        while set(chosen) & set(self.scheduler_info()["workers"]):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"workers {chosen} did not retire within {timeout} s")
-            time.sleep(0.05)
-        return chosen
-
-    def restart(self, timeout: float = 60.0) -> None:
-        """Restarts every worker process (their nannies: the embedded
-        cluster, ``shoal worker``, start fresh ones) and cancels this
-        client's futures, as distributed does. Waits until as many workers
-        as before are back."""
-        core = self._check()
-        if isinstance(self.cluster, LocalCluster) and not self.cluster.processes:
-            raise RuntimeError(
-                "restart() needs worker processes: workers running as threads of this "
-                "process cannot be restarted (use LocalCluster(processes=True))"
-            )
-        deadline = time.monotonic() + timeout
-        expected = len(self.worker_pids)  # embedded: the processes started
-        while True:
-            before = {w["pid"] for w in self.scheduler_info()["workers"].values()}
-            if len(before) >= expected or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)  # still joining
-        with self._lock:
-            live = self._refs.ids()
-        for tid in live:
-            self._cancelled.add(tid)
-        core.cancel(live)
-        core.restart()
-        while True:
-            now = {w["pid"] for w in self.scheduler_info()["workers"].values()}
-            if len(now) >= len(before) and not (now & before):
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the workers did not come back within {timeout} s")
-            time.sleep(0.05)
-
-    def nthreads(self) -> dict[str, int]:
-        """Execution threads per worker, by address (as Dask's)."""
-        return {a: w["nthreads"] for a, w in self.scheduler_info()["workers"].items()}
-
-    ncores = nthreads
-
-    @property
-    def status(self) -> str:
-        """``"running"`` or ``"closed"``."""
-        return "closed" if self._closed else "running"
-
-    @property
-    def id(self) -> str:
-        """This client's id on its scheduler."""
-        return f"Client-{self._check().id:x}"
-
-    asynchronous = False  # Shoal's client is synchronous
-
-    def shutdown(self) -> None:
-        """Closes this client and its cluster (workers and scheduler) when
-        it has one (``Client()``, ``Client(cluster)``); a scheduler started
-        elsewhere is left running (stop ``shoal scheduler`` there)."""
-        cluster = self.cluster
-        self.close()
-        if cluster is not None:
-            cluster.close()
-
-    def __getattr__(self, name: str) -> Any:
-        why = _DISTRIBUTED_ONLY.get(name)
-        if why is None:
-            raise AttributeError(f"'Client' object has no attribute {name!r}")
-        raise AttributeError(f"Client.{name} is not provided by Shoal: {why}")
-
-    @property
-    def worker_pids(self) -> list[int]:
-        """Process ids of the embedded cluster's workers (empty when remote)."""
-        cluster = self.cluster
-        return cluster.worker_pids if isinstance(cluster, LocalCluster) else []
-
     def close(self) -> None:
         """Disconnects; an embedded cluster's workers exit. Idempotent."""
         if self._closed:
@@ -1210,79 +774,6 @@ class Client:
         except Exception:  # noqa: BLE001
             pass
 
-    def _repr_html_(self) -> str:
-        """Jupyter: the scheduler, its workers and a dashboard link."""
-        import html as _html
-
-        kind = "embedded" if self._cluster is not None else "remote"
-        rows = [("scheduler", f"{kind}: {self.scheduler_address}")]
-        if self._closed:
-            rows.append(("state", "closed"))
-        else:
-            info = self.scheduler_info()
-            workers = info["workers"].values()
-            threads = sum(w["nthreads"] for w in workers)
-            memory = sum(w["memory_limit"] for w in workers)
-            rows.append(("workers", f"{len(workers)} ({threads} threads)"))
-            if memory:
-                rows.append(("memory limit", f"{memory / 2**30:.1f} GiB in all"))
-            link = self.dashboard_link
-            if link:
-                esc = _html.escape(link, quote=True)
-                rows.append(("dashboard", f'<a href="{esc}" target="_blank">{esc}</a>'))
-        cells = "".join(
-            f"<tr><th style='text-align:left'>{k}</th><td style='text-align:left'>"
-            f"{v if k == 'dashboard' else _html.escape(v)}</td></tr>"
-            for k, v in rows
-        )
-        return f"<div><strong>shoal.Client</strong><table>{cells}</table></div>"
-
-    def __repr__(self) -> str:
-        kind = "embedded" if self._cluster is not None else "remote"
-        state = "closed" if self._closed else self.scheduler_address
-        return f"<shoal.Client {kind}: {state}>"
-
-
-_SKIP = object()
-
-# distributed.Client's methods that Shoal does another way (an attribute
-# error names it; docs/coming-from-dask.md has the table).
-_DISTRIBUTED_ONLY = {
-    "run": "submit tasks; for set-up on every worker, preload= (Client, LocalCluster, "
-    "`shoal worker --preload`)",
-    "run_on_scheduler": "the scheduler is Rust code; ask it with client.query('/api/status')",
-    "upload_file": "put the module where the workers import from (PYTHONPATH; an "
-    "embedded cluster's workers inherit this process's sys.path)",
-    "register_plugin": "preload= imports a module on every worker as it starts",
-    "register_worker_plugin": "preload= imports a module on every worker as it starts",
-    "register_scheduler_plugin": "the scheduler is Rust code and takes no plugins",
-    "who_has": "data moves on demand; client.story(future) shows where a task ran",
-    "has_what": "client.scheduler_info()['workers'] gives each worker's held results",
-    "processing": "client.scheduler_info()['workers'] gives each worker's processing count",
-    "rebalance": "data moves on demand; scatter(..., broadcast=True) shares one copy per host",
-    "replicate": "data moves on demand; scatter(..., broadcast=True) shares one copy per host",
-    "publish_dataset": "hold the futures (or use a named actor) and pass them on",
-    "get_dataset": "hold the futures (or use a named actor) and pass them on",
-    "list_datasets": "hold the futures (or use a named actor) and pass them on",
-    "unpublish_dataset": "hold the futures (or use a named actor) and pass them on",
-    "datasets": "hold the futures (or use a named actor) and pass them on",
-    "get_task_stream": "client.trace('trace.json') writes it; the dashboard shows it live",
-    "call_stack": "client.profile() or the dashboard's flame graph",
-    "forward_logging": "client.get_worker_logs(), or the dashboard's log panel",
-    "get_scheduler_logs": "the scheduler logs to its stderr (SHOAL_LOG=info)",
-    "get_events": "client.story(*futures) and client.get_worker_logs()",
-    "log_event": "logging in the task: client.get_worker_logs() collects it",
-    "set_metadata": "keep it in a named actor",
-    "get_metadata": "keep it in a named actor",
-    "write_scheduler_file": "`shoal scheduler --scheduler-file FILE`",
-    "dump_cluster_state": "client.story(*futures), client.scheduler_info(), client.trace(path)",
-    "benchmark_hardware": "python benches/bench_data.py measures this host",
-    "get_versions": "shoal.__version__ and `shoal info`",
-    "get_executor": "shoal.Executor(client)",
-    "amm": "data moves on demand; retire_workers() hands a worker's data over",
-    "loop": "Shoal's client is synchronous; it has no event loop",
-}
-
 
 def _registered_token(address: str) -> str | None:
     """The token of the cluster at ``address`` as `shoal scheduler` noted it
@@ -1324,198 +815,6 @@ def _registered_token(address: str) -> str | None:
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return None
-
-
-def _with_traceback(exc: BaseException, tb: str, name: str) -> BaseException:
-    # No traceback (a command task's error says it all): no note.
-    if tb and not getattr(exc, "_shoal_noted", False):
-        try:
-            exc.add_note(f"\nTraceback of task {name!r} on its worker:\n{tb.rstrip()}")
-            exc._shoal_noted = True  # type: ignore[attr-defined]
-        except Exception:  # noqa: BLE001 - exceptions with __slots__
-            pass
-    return exc
-
-
-def _collect(obj: Any, out: list[Future]) -> None:
-    if isinstance(obj, Future):
-        out.append(obj)
-    elif isinstance(obj, list | tuple | set | frozenset | FutureList):
-        for x in obj:
-            _collect(x, out)
-    elif isinstance(obj, dict):
-        for x in obj.values():
-            _collect(x, out)
-
-
-def _rebuild(obj: Any, values: Iterator[Any]) -> Any:
-    """Rebuilds ``obj`` with its futures replaced by ``values`` (in ``_collect`` order)."""
-    if isinstance(obj, Future):
-        return next(values)
-    if isinstance(obj, list | FutureList):
-        return [v for v in (_rebuild(x, values) for x in obj) if v is not _SKIP]
-    if isinstance(obj, tuple | set | frozenset):
-        return type(obj)(_rebuild(x, values) for x in obj)
-    if isinstance(obj, dict):
-        return {k: _rebuild(v, values) for k, v in obj.items()}
-    return obj
-
-
-def _by_client(futures: Iterable[Future]) -> dict[Client, list[Future]]:
-    out: dict[Client, list[Future]] = {}
-    for f in futures:
-        if not isinstance(f, Future):
-            raise TypeError(f"expected shoal Futures, got {type(f).__name__}")
-        out.setdefault(f._client, []).append(f)
-    return out
-
-
-def fire_and_forget(obj: Any) -> None:
-    """Runs these tasks to their end even if every future of them is
-    released (Dask's ``fire_and_forget``): ``obj`` is a future, a ``map``'s
-    futures, or lists, tuples, sets and dicts of them. Their results are
-    dropped once they finish, unless a future still holds them. Ray-style
-    ``.remote()`` calls always run this way."""
-    ids: dict[Client, set[int]] = {}
-    stack = [obj]
-    while stack:
-        o = stack.pop()
-        if isinstance(o, Future):
-            ids.setdefault(o._client, set()).add(o._id)
-        elif isinstance(o, FutureList):
-            ids.setdefault(o._client, set()).update(o._ids)
-        elif isinstance(o, dict):
-            stack.extend(o.values())
-        elif isinstance(o, (list, tuple, set, frozenset)):
-            stack.extend(o)
-        else:
-            raise TypeError(f"fire_and_forget takes futures, not {type(o).__name__}")
-    for client, group in ids.items():
-        client._check().detach(sorted(group))
-
-
-def wait(
-    fs: Iterable[Future] | Future,
-    timeout: float | None = None,
-    return_when: str = ALL_COMPLETED,
-    *,
-    num_returns: int | None = None,
-) -> Any:
-    """Waits for futures; returns ``(done, not_done)`` sets. ``TimeoutError``
-    if ``ALL_COMPLETED`` is not reached within ``timeout`` seconds.
-
-    With ``num_returns`` it is Ray's ``wait``: it returns ``(ready,
-    not_ready)`` lists in input order once ``num_returns`` futures are done
-    or ``timeout`` has passed, and never raises ``TimeoutError``."""
-    futures = [fs] if isinstance(fs, Future) else list(fs)
-    if num_returns is not None:
-        return _wait_ray(futures, num_returns, timeout)
-    if return_when not in (ALL_COMPLETED, FIRST_COMPLETED):
-        raise ValueError(f"return_when must be ALL_COMPLETED or FIRST_COMPLETED, not {return_when}")
-    for client, group in _by_client(futures).items():
-        ids = list({f._id for f in group})
-        need = len(ids) if return_when == ALL_COMPLETED else 1
-        with _LendThread():
-            got = client._check().wait(ids, need, timeout)
-        if got < need and return_when == ALL_COMPLETED:
-            raise TimeoutError(f"{len(ids) - got} of {len(ids)} tasks unfinished after {timeout}s")
-        if return_when == FIRST_COMPLETED and got >= 1:
-            break
-    done = {f for f in futures if f.done()}
-    return DoneAndNotDoneFutures(done, set(futures) - done)
-
-
-def _wait_ray(
-    futures: list[Future], num_returns: int, timeout: float | None
-) -> tuple[list[Future], list[Future]]:
-    if not 1 <= num_returns <= len(futures):
-        raise ValueError(
-            f"num_returns must be between 1 and the number of futures ({len(futures)}), "
-            f"not {num_returns}"
-        )
-    if len(set(futures)) != len(futures):
-        raise ValueError("wait() got the same future twice")
-    deadline = None if timeout is None else time.monotonic() + timeout
-    groups = _by_client(futures)
-    while True:
-        ready = [f for f in futures if f.done()]
-        if len(ready) >= num_returns:
-            break
-        left = None if deadline is None else deadline - time.monotonic()
-        if left is not None and left <= 0:
-            break
-        if len(groups) == 1:
-            ((client, group),) = groups.items()
-            ids = list({f._id for f in group})
-            done_ids = {f._id for f in ready}
-            client._check().wait(ids, len(done_ids) + 1, left)
-        else:
-            time.sleep(0.005 if left is None else min(0.005, left))
-    ready = ready[:num_returns]
-    taken = set(ready)
-    return ready, [f for f in futures if f not in taken]
-
-
-class as_completed:  # noqa: N801 - named like distributed.as_completed
-    """Iterates over futures as they finish (``with_results=True`` yields
-    ``(future, result)`` pairs). More futures can be ``add``-ed while iterating."""
-
-    def __init__(
-        self,
-        futures: Iterable[Future] = (),
-        with_results: bool = False,
-        raise_errors: bool = True,
-        timeout: float | None = None,
-    ):
-        self._with_results = with_results
-        self._raise_errors = raise_errors
-        self._timeout = timeout
-        self._pending: dict[int, list[Future]] = {}
-        self._ready: list[Future] = []
-        self._watchers: dict[Client, Any] = {}
-        for f in futures:
-            self.add(f)
-
-    def add(self, future: Future) -> None:
-        client = future._client
-        w = self._watchers.get(client)
-        if w is None:
-            w = self._watchers[client] = client._check().watcher()
-        first = future._id not in self._pending
-        self._pending.setdefault(future._id, []).append(future)
-        if first:
-            w.add([future._id])
-
-    def count(self) -> int:
-        return sum(len(v) for v in self._pending.values()) + len(self._ready)
-
-    def is_empty(self) -> bool:
-        return self.count() == 0
-
-    def __iter__(self) -> Iterator:
-        return self
-
-    def __next__(self) -> Any:
-        while not self._ready:
-            if not self._pending:
-                raise StopIteration
-            progressed = False
-            for w in list(self._watchers.values()):
-                per = 0.05 if len(self._watchers) > 1 else self._timeout
-                for tid in w.next(per):
-                    self._ready.extend(self._pending.pop(tid, []))
-                    progressed = True
-            if not progressed and self._timeout is not None and len(self._watchers) == 1:
-                raise TimeoutError(f"no future finished within {self._timeout} seconds")
-        f = self._ready.pop(0)
-        if not self._with_results:
-            return f
-        try:
-            return f, f.result()
-        except Exception as e:
-            if self._raise_errors:
-                raise
-            return f, e
 
 
 _inherited: list[Any] = []  # a forked child's copies of its parent's handles

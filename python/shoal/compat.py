@@ -50,7 +50,7 @@ def worker_client(timeout: float | None = None, separate_thread: bool = True) ->
     """Inside a task: a client of the cluster running it, with the task's
     thread lent to the worker while the block runs (so that tasks it
     submits and waits for can run), as in Dask."""
-    from .client import rejoin, secede  # the client module imports this one: at call time
+    from ._waiting import rejoin, secede
 
     local = _context.task_local
     if _context.current_executor() is None or not local.in_task:

@@ -21,7 +21,8 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from .client import Client, Future, FutureList, _group_name, wait
+from ._waiting import wait
+from .client import Client, Future, FutureList, _group_name
 from .errors import FutureCancelledError
 
 _LOG = logging.getLogger("concurrent.futures")

@@ -13,7 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ._futures import returns as _returns
-from .client import Client, Future, default_client, fire_and_forget, get_client, wait
+from ._waiting import fire_and_forget, wait
+from .client import Client, Future, default_client, get_client
 
 _OPTIONS = {
     "num_cpus",
