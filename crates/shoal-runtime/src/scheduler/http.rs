@@ -11,11 +11,15 @@
 use super::api::{param, Reply};
 use super::Event;
 use axum::body::Body;
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Response, StatusCode, Uri};
+use axum::middleware::{self, Next};
 use axum::response::sse::{self, KeepAlive, Sse};
 use axum::response::IntoResponse;
+use axum::routing::get;
 use std::convert::Infallible;
 use std::time::Duration;
+use subtle::ConstantTimeEq;
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// The single-page app, embedded in the binary.
@@ -54,10 +58,28 @@ pub(super) async fn serve(
         token,
         cookie,
     };
-    let router = axum::Router::new().fallback(move |uri: Uri, headers: HeaderMap| {
-        let app = app.clone();
-        async move { handle(app, uri, headers).await }
-    });
+    let router = axum::Router::new()
+        .route(
+            "/",
+            get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }),
+        )
+        .route(
+            "/index.html",
+            get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }),
+        )
+        .route(
+            "/app.js",
+            get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }),
+        )
+        .route(
+            "/app.css",
+            get(|| async { asset("text/css; charset=utf-8", APP_CSS) }),
+        )
+        .route("/api/events", get(live))
+        // The JSON API and /metrics: answered by the owner task (api.rs).
+        .fallback(query)
+        .layer(middleware::from_fn_with_state(app.clone(), require_token))
+        .with_state(app);
     let shutdown = async move {
         let _ = stop.wait_for(|s| *s).await;
     };
@@ -144,11 +166,7 @@ impl axum::serve::Listener for TlsListener {
 
 /// Compares without an early exit (the token is a secret).
 fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
+    a.as_bytes().ct_eq(b.as_bytes()).into()
 }
 
 fn given_token(uri: &Uri, headers: &HeaderMap, cookie: &str) -> (Option<String>, bool) {
@@ -182,8 +200,10 @@ fn text(status: StatusCode, body: String) -> Response<Body> {
         .into_response()
 }
 
-async fn handle(app: App, uri: Uri, headers: HeaderMap) -> Response<Body> {
-    let (token, in_query) = given_token(&uri, &headers, &app.cookie);
+/// Every request carries the token: in the query (then kept in a cookie
+/// for the page's own requests), as a bearer token, or in that cookie.
+async fn require_token(State(app): State<App>, req: Request, next: Next) -> Response<Body> {
+    let (token, in_query) = given_token(req.uri(), req.headers(), &app.cookie);
     if !token.is_some_and(|t| same(&t, &app.token)) {
         return text(
             StatusCode::UNAUTHORIZED,
@@ -193,31 +213,9 @@ async fn handle(app: App, uri: Uri, headers: HeaderMap) -> Response<Body> {
                 .into(),
         );
     }
-    let path = uri.path();
-    let mut resp = match path {
-        "/" | "/index.html" => asset("text/html; charset=utf-8", INDEX_HTML),
-        "/app.js" => asset("text/javascript; charset=utf-8", APP_JS),
-        "/app.css" => asset("text/css; charset=utf-8", APP_CSS),
-        "/api/events" => live(app.clone(), &uri),
-        _ => {
-            let pq = uri.path_and_query().map_or(path, |p| p.as_str());
-            match ask(&app.events, pq.to_string()).await {
-                Some((Ok((ctype, body)), _)) => {
-                    ([(header::CONTENT_TYPE, ctype)], body).into_response()
-                }
-                Some((Err((code, msg)), _)) => text(
-                    StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST),
-                    msg + "\n",
-                ),
-                None => text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the scheduler is stopping\n".into(),
-                ),
-            }
-        }
-    };
+    let mut resp = next.run(req).await;
     if in_query {
-        // Keep the token for the page's own requests (not readable by scripts).
+        // Not readable by scripts.
         if let Ok(v) = HeaderValue::from_str(&format!(
             "{}={}; HttpOnly; SameSite=Strict; Path=/",
             app.cookie, app.token
@@ -226,6 +224,22 @@ async fn handle(app: App, uri: Uri, headers: HeaderMap) -> Response<Body> {
         }
     }
     resp
+}
+
+/// A path of the JSON API or `/metrics`, answered by the owner task.
+async fn query(State(app): State<App>, uri: Uri) -> Response<Body> {
+    let pq = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+    match ask(&app.events, pq.to_string()).await {
+        Some((Ok((ctype, body)), _)) => ([(header::CONTENT_TYPE, ctype)], body).into_response(),
+        Some((Err((code, msg)), _)) => text(
+            StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST),
+            msg + "\n",
+        ),
+        None => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the scheduler is stopping\n".into(),
+        ),
+    }
 }
 
 fn asset(ctype: &'static str, body: &'static str) -> Response<Body> {
@@ -248,7 +262,7 @@ async fn ask(events: &mpsc::UnboundedSender<Event>, path: String) -> Option<(Rep
 
 /// Server-sent events: `/api/status` every second, each with the task
 /// stream entries since the previous one.
-fn live(app: App, uri: &Uri) -> Response<Body> {
+async fn live(State(app): State<App>, uri: Uri) -> Response<Body> {
     let mut since: u64 = param(uri.query().unwrap_or(""), "since")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
