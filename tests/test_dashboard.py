@@ -166,19 +166,19 @@ def test_client_html_repr_links_the_dashboard(dash):
     assert f'href="{dash.dashboard_link}"' in page
 
 
-def test_metrics_parse_as_prometheus_text(dash):
-    from prometheus_client.parser import text_string_to_metric_families
+def test_metrics_parse_as_openmetrics_text(dash):
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
     dash.gather(dash.map(load, range(20)))
     url = dash.dashboard_link.split("?")[0] + "metrics"
     token = dash.dashboard_link.split("token=")[1]
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(req) as r:
-        assert r.headers["Content-Type"].startswith("text/plain")
+        assert r.headers["Content-Type"].startswith("application/openmetrics-text")
         families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
     states = {s.labels["state"]: s.value for s in families["shoal_tasks"].samples}
     assert set(states) == {"waiting", "ready", "processing", "memory", "erred", "released"}
-    # prometheus_client names counters without their _total suffix.
+    # Counter families are named without their samples' _total suffix.
     assert families["shoal_tasks_finished"].samples[0].value >= 20
     assert families["shoal_tasks_finished"].type == "counter"
     assert len(families["shoal_worker_memory_bytes"].samples) == 2

@@ -6,7 +6,6 @@ use super::monitor::Record;
 use super::State;
 use serde_json::{json, Map, Value};
 use shoal_core::{TaskId, TaskState, WorkerId};
-use std::fmt::Write;
 
 /// Largest number of task stream entries one answer carries (the newest).
 const STREAM_ANSWER_CAP: usize = 20_000;
@@ -110,7 +109,10 @@ impl State {
             "/api/profile" => ok(self.profile_json(param(query, "group"))),
             "/api/logs" => ok(self.logs_json()),
             "/api/report" => ok(self.report(num(query, "since_us")?, merge_gap(query)?)),
-            "/metrics" => Ok(("text/plain; version=0.0.4", self.metrics())),
+            "/metrics" => Ok((
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                self.metrics(),
+            )),
             "/api/jobs" => ok(self.jobs.list_json(&self.core)),
             p if p.starts_with("/api/jobs/") => {
                 let rest = &p["/api/jobs/".len()..];
@@ -389,144 +391,151 @@ impl State {
         })
     }
 
-    /// Prometheus text exposition format (version 0.0.4).
+    /// Prometheus metrics in the OpenMetrics text format, encoded by
+    /// `prometheus-client` from a registry made for this scrape.
     fn metrics(&self) -> String {
-        let mut out = String::new();
-        let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>| {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            for (labels, v) in samples {
-                let _ = writeln!(out, "{name}{labels} {v}");
-            }
-        };
-        let esc = |s: &str| {
-            s.replace('\\', "\\\\")
-                .replace('"', "\\\"")
-                .replace('\n', "\\n")
-        };
+        use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
+        use prometheus_client::registry::Registry;
+        use std::sync::atomic::AtomicU64;
+        type G = Gauge<f64, AtomicU64>;
+        type C = Counter<f64, AtomicU64>;
+        type Labels = Vec<(&'static str, String)>;
+
+        let mut reg = Registry::default();
         let mut by_state = [("", 0u64); 6];
         for (_, c) in self.core.group_counts() {
             for (total, (name, n)) in by_state.iter_mut().zip(c.by_state()) {
                 *total = (name, total.1 + n);
             }
         }
-        family(
-            "shoal_tasks",
-            "gauge",
-            "Tasks the scheduler knows, by state.",
-            by_state
-                .iter()
-                .map(|(s, n)| (format!("{{state=\"{s}\"}}"), *n as f64))
-                .collect(),
-        );
+        let tasks = Family::<Labels, G>::default();
+        for (state, n) in by_state {
+            tasks
+                .get_or_create(&vec![("state", state.to_string())])
+                .set(n as f64);
+        }
+        reg.register("shoal_tasks", "Tasks the scheduler knows, by state", tasks);
         let m = &self.monitor;
-        let scalars: [(&str, &str, &str, f64); 7] = [
+        let counters = [
             (
-                "shoal_tasks_finished_total",
-                "counter",
-                "Task runs that finished.",
+                "shoal_tasks_finished",
+                "Task runs that finished",
                 m.finished_total as f64,
             ),
             (
-                "shoal_tasks_erred_total",
-                "counter",
-                "Task runs that raised.",
+                "shoal_tasks_erred",
+                "Task runs that raised",
                 m.erred_total as f64,
             ),
             (
-                "shoal_transfer_bytes_total",
-                "counter",
-                "Bytes workers fetched from each other.",
+                "shoal_transfer_bytes",
+                "Bytes workers fetched from each other",
                 m.transfer_bytes as f64,
             ),
             (
-                "shoal_spill_bytes_total",
-                "counter",
-                "Bytes workers spilled to disk.",
+                "shoal_spill_bytes",
+                "Bytes workers spilled to disk",
                 m.spill_bytes as f64,
             ),
+        ];
+        for (name, help, v) in counters {
+            let c = C::default();
+            c.inc_by(v);
+            reg.register(name, help, c);
+        }
+        let gauges = [
             (
                 "shoal_scheduler_event_loop_lag_seconds",
-                "gauge",
-                "How late the scheduler's last 50 ms tick ran.",
+                "How late the scheduler's last tick ran",
                 m.lag_us as f64 / 1e6,
             ),
             (
                 "shoal_clients",
-                "gauge",
-                "Connected clients.",
+                "Connected clients",
                 self.clients.len() as f64,
             ),
             (
                 "shoal_workers",
-                "gauge",
-                "Connected workers.",
+                "Connected workers",
                 self.workers.len() as f64,
             ),
         ];
-        for (name, kind, help, v) in scalars {
-            family(name, kind, help, vec![(String::new(), v)]);
+        for (name, help, v) in gauges {
+            let g = G::default();
+            g.set(v);
+            reg.register(name, help, g);
         }
         type PerWorker = fn(&shoal_proto::WorkerInfo) -> f64;
-        let per_worker: [(&str, &str, &str, PerWorker); 8] = [
+        let info = self.info();
+        let per_worker: [(&str, &str, bool, PerWorker); 8] = [
             (
                 "shoal_worker_memory_bytes",
-                "gauge",
-                "Worker process memory.",
+                "Worker process memory",
+                false,
                 |w| w.metrics.memory as f64,
             ),
             (
                 "shoal_worker_managed_bytes",
-                "gauge",
-                "Bytes of results a worker holds in memory.",
+                "Bytes of results a worker holds in memory",
+                false,
                 |w| w.metrics.managed as f64,
             ),
             (
                 "shoal_worker_spilled_bytes",
-                "gauge",
-                "Bytes of results a worker holds on disk.",
+                "Bytes of results a worker holds on disk",
+                false,
                 |w| w.metrics.spilled as f64,
             ),
             (
                 "shoal_worker_memory_limit_bytes",
-                "gauge",
-                "A worker's memory limit (0: none).",
+                "A worker's memory limit (0: none)",
+                false,
                 |w| w.metrics.limit as f64,
             ),
             (
                 "shoal_worker_cpu_percent",
-                "gauge",
-                "CPU use over the last second, percent of one core.",
+                "CPU use over the last second, percent of one core",
+                false,
                 |w| w.metrics.cpu as f64,
             ),
             (
                 "shoal_worker_processing_tasks",
-                "gauge",
-                "Tasks assigned to a worker.",
+                "Tasks assigned to a worker",
+                false,
                 |w| w.processing as f64,
             ),
             (
-                "shoal_worker_received_bytes_total",
-                "counter",
-                "Bytes a worker fetched from peers.",
+                "shoal_worker_received_bytes",
+                "Bytes a worker fetched from peers",
+                true,
                 |w| w.metrics.bytes_in as f64,
             ),
             (
-                "shoal_worker_sent_bytes_total",
-                "counter",
-                "Bytes a worker's data server sent.",
+                "shoal_worker_sent_bytes",
+                "Bytes a worker's data server sent",
+                true,
                 |w| w.metrics.bytes_out as f64,
             ),
         ];
-        let info = self.info();
-        for (name, kind, help, get) in per_worker {
-            let samples = info
-                .workers
-                .iter()
-                .map(|w| (format!("{{worker=\"{}\"}}", esc(&w.name)), get(w)))
-                .collect();
-            family(name, kind, help, samples);
+        for (name, help, counter, get) in per_worker {
+            let labels = |w: &shoal_proto::WorkerInfo| vec![("worker", w.name.clone())];
+            if counter {
+                let family = Family::<Labels, C>::default();
+                for w in &info.workers {
+                    family.get_or_create(&labels(w)).inc_by(get(w));
+                }
+                reg.register(name, help, family);
+            } else {
+                let family = Family::<Labels, G>::default();
+                for w in &info.workers {
+                    family.get_or_create(&labels(w)).set(get(w));
+                }
+                reg.register(name, help, family);
+            }
         }
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &reg);
         out
     }
 }
