@@ -641,6 +641,18 @@ impl<S> Core<S> {
             .map(|w| (w.assigned.len(), w.has.len()))
     }
 
+    /// Nothing to do until an event comes: no task ready or running, no
+    /// worker retiring. The service's clock may then tick slowly (the
+    /// core's tick only matters to running work: stealing from stalled
+    /// workers).
+    pub fn is_quiet(&self) -> bool {
+        self.retiring == 0
+            && self
+                .groups
+                .iter()
+                .all(|g| g.counts.ready == 0 && g.counts.processing == 0)
+    }
+
     /// Number of workers.
     pub fn n_workers(&self) -> usize {
         self.workers.len()

@@ -65,6 +65,24 @@ fn independent_tasks_fill_one_slot_per_thread_until_durations_are_known() {
 }
 
 #[test]
+fn quiet_only_with_nothing_ready_or_running() {
+    let mut c = core();
+    assert!(c.is_quiet());
+    c.handle_submit(C, vec![nt(1, &[]), nt(2, &[1])]);
+    assert!(!c.is_quiet(), "a ready task with no worker yet");
+    c.handle_worker_added(WorkerId(0), 1);
+    c.take_actions();
+    assert!(!c.is_quiet(), "a task running");
+    c.handle_task_finished(WorkerId(0), t(1), 8, true, 5);
+    c.take_actions();
+    assert!(!c.is_quiet(), "its dependent running");
+    c.handle_task_finished(WorkerId(0), t(2), 8, true, 5);
+    c.take_actions();
+    assert!(c.is_quiet());
+    c.check_invariants();
+}
+
+#[test]
 fn long_tasks_are_not_queued_behind_each_other() {
     let mut c = core();
     c.handle_worker_added(WorkerId(0), 1);

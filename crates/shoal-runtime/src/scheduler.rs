@@ -414,11 +414,13 @@ async fn owner(
     // milliseconds at once.
     let mut queue = VecDeque::new();
     // The core has no clock: time reaches it as ticks (stall detection).
+    // Every TICK while there is work; when all is quiet, only for the
+    // heartbeat (once a second): an idle scheduler sleeps. Any message
+    // brings the next tick within TICK.
     let start = tokio::time::Instant::now();
-    let mut tick = tokio::time::interval(TICK);
+    let mut next_tick = start + TICK;
     let mut next_ping = start;
     let beat = net::heartbeat_interval();
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.changed() => break,
@@ -428,11 +430,13 @@ async fn owner(
                     st.arrived(ev, &mut queue);
                 }
                 st.work(&mut queue).await;
+                next_tick = next_tick.min(tokio::time::Instant::now() + TICK);
             }
             _ = std::future::ready(()), if !queue.is_empty() => {
                 st.work(&mut queue).await;
             }
-            now = tick.tick() => {
+            _ = tokio::time::sleep_until(next_tick) => {
+                let now = next_tick;
                 // How late this tick runs: the event loop's lag.
                 let lag = tokio::time::Instant::now().saturating_duration_since(now).as_micros() as u64;
                 st.monitor.lag_us = lag;
@@ -453,6 +457,8 @@ async fn owner(
                         j.sync();
                     }
                 }
+                let after = tokio::time::Instant::now().max(now) + TICK;
+                next_tick = if st.quiet() { after.max(next_ping) } else { after };
             }
         }
     }

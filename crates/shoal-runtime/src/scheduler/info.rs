@@ -62,4 +62,12 @@ impl State {
             groups,
         }
     }
+
+    /// Nothing needs the next tick soon: no work in the core, no restored
+    /// state waiting for its owners, nothing of the journal unwritten.
+    pub(crate) fn quiet(&self) -> bool {
+        self.core.is_quiet()
+            && self.restored_until.is_none()
+            && self.journal.as_ref().is_none_or(|j| !j.pending())
+    }
 }
