@@ -1,6 +1,7 @@
 """The client API on a real embedded cluster (processes, sockets)."""
 
 import operator
+import os
 import pickle
 import threading
 import time
@@ -255,6 +256,29 @@ def test_cli_version_and_info(capfd):
         [sys.executable, "-m", "shoal", "info"], capture_output=True, text=True, check=True
     ).stdout
     assert "protocol version" in out and "python: 3." in out
+
+
+def test_every_setting_is_documented_and_shown_with_its_effective_value():
+    import pathlib
+    import subprocess
+    import sys
+
+    from shoal import _core
+
+    docs = (pathlib.Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    env = {**os.environ, "SHOAL_STOP_GRACE": "7", "SHOAL_TOKEN": "secret-token"}
+    out = subprocess.run(
+        [sys.executable, "-m", "shoal", "info"], capture_output=True, text=True, check=True, env=env
+    ).stdout
+    for name, _value, default, meaning, origin in _core.settings():
+        assert f"`{name}`" in docs and meaning in docs, name
+        if origin == "user":
+            assert name in out, name
+    assert "*SHOAL_STOP_GRACE" in out and " 7" in out
+    assert "secret-token" not in out  # a token is never printed
+    assert _core.setting("SHOAL_STOP_GRACE") == os.environ.get("SHOAL_STOP_GRACE", "5")
+    with pytest.raises(KeyError, match="not one of Shoal's settings"):
+        _core.setting("SHOAL_NOTHING")
 
 
 def test_tasks_queued_behind_a_slow_one_move_to_an_idle_worker():

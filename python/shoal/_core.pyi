@@ -277,3 +277,11 @@ MAX_DURATION: float
 def parse_duration(text: str) -> float:
     """Seconds in a duration such as ``"90"``, ``"2.5"``, ``"10m"``,
     ``"1h30m"`` (the CLI's parser); ``ValueError`` says what is wrong."""
+
+def setting(name: str) -> str:
+    """The value of the ``SHOAL_*`` variable ``name``, or its default ("" for
+    none); ``KeyError`` for a name that is not one of Shoal's settings."""
+
+def settings() -> list[tuple[str, str, str, str, str]]:
+    """Every ``SHOAL_*`` variable: ``(name, effective value, default,
+    meaning, origin)``; origin is ``user``, ``shoal`` or ``tests``."""

@@ -15,12 +15,11 @@ Dask is optional: this module imports it only when a graph arrives.
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from collections.abc import Callable, Hashable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from . import _imports, _serialize
+from . import _core, _imports, _serialize
 from ._futures import Future
 
 if TYPE_CHECKING:
@@ -199,7 +198,7 @@ def submit_graph(client: Client, dsk: Any, keys: list[Key], retries: int = 0) ->
     # measured (docs/architecture.md) and costs nothing here; dask.order
     # took a third of a big graph's submission. SHOAL_DASK_ORDER=dask
     # brings it back.
-    if len(needed) > 1 and os.environ.get("SHOAL_DASK_ORDER") == "dask":
+    if len(needed) > 1 and _core.setting("SHOAL_DASK_ORDER") == "dask":
         from dask.order import order
 
         priorities = order(needed)

@@ -20,7 +20,6 @@ counts that one (its function as the stack: its frames are gone by then).
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
 import time
@@ -57,7 +56,7 @@ def parse_interval(text: str) -> float:
 
 
 def interval_from_env() -> float:
-    return parse_interval(os.environ.get("SHOAL_PROFILE_INTERVAL", str(DEFAULT_INTERVAL)))
+    return parse_interval(_core.setting("SHOAL_PROFILE_INTERVAL"))
 
 
 def _frame_name(code: Any) -> str:

@@ -373,7 +373,7 @@ def compressed_parts(parts: list[Any], length: int) -> list[Any] | None:
     Then only data whose three 16 KiB samples shrink eightfold is
     compressed: LZ4 does that at several GB/s, but merely halves others at
     about 0.5 GB/s. zlib, the standard library's, is too slow to pay."""
-    if os.environ.get("SHOAL_SPILL_COMPRESSION", "none").lower() != "lz4" or length < 1 << 20:
+    if _core.setting("SHOAL_SPILL_COMPRESSION").lower() != "lz4" or length < 1 << 20:
         return None
     lz4 = _lz4()
     if lz4 is None:

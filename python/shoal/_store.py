@@ -189,7 +189,7 @@ class Store:
         segment_dir()  # now: its first call empties a stale one
         self._checking = threading.Lock()
         self._alloc_lock = threading.Lock()
-        self.numpy_allocator = os.environ.get("SHOAL_SHM_ALLOC", "1").lower() not in (
+        self.numpy_allocator = _core.setting("SHOAL_SHM_ALLOC").lower() not in (
             "0",
             "off",
             "no",

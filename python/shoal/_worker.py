@@ -608,7 +608,7 @@ def main(argv: list[str] | None = None) -> None:
     # ignored signal stays ignored in the programs command tasks run.
     signal.signal(signal.SIGINT, _ignore)
     signal.signal(signal.SIGTERM, _on_sigterm)
-    token = os.environ.get("SHOAL_TOKEN")
+    token = _core.setting("SHOAL_TOKEN")
     if ns.token_file:
         with open(ns.token_file) as fh:
             token = fh.read().strip()

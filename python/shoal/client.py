@@ -206,7 +206,7 @@ class Client(ClusterQueries, Results):
         if address is None and scheduler_file is None:
             # Set by `shoal.mpi.initialize()` and `shoal run` (as Dask's
             # DASK_SCHEDULER_ADDRESS): Client() joins that cluster.
-            address = os.environ.get("SHOAL_SCHEDULER_ADDRESS") or None
+            address = _core.setting("SHOAL_SCHEDULER_ADDRESS") or None
         if address is None and scheduler_file is None:
             if processes:
                 # Shoal's own default: single-threaded processes, one per
@@ -243,7 +243,7 @@ class Client(ClusterQueries, Results):
             token = (
                 token
                 or deploy.tokens.get(address)
-                or os.environ.get("SHOAL_TOKEN")
+                or _core.setting("SHOAL_TOKEN")
                 or _registered_token(address)
             )
             if resources:

@@ -310,7 +310,7 @@ pub(crate) fn join_target(
     tls: &TlsArgs,
 ) -> Result<(Address, Secret, Option<TlsFiles>), String> {
     // With neither an address nor a file: $SHOAL_SCHEDULER_FILE.
-    let env_file = std::env::var_os("SHOAL_SCHEDULER_FILE").map(PathBuf::from);
+    let env_file = shoal_runtime::settings::raw("SHOAL_SCHEDULER_FILE").map(PathBuf::from);
     let scheduler_file = match (&address, scheduler_file) {
         (None, None) => env_file.as_deref(),
         (_, f) => f,
@@ -332,9 +332,9 @@ pub(crate) fn join_target(
         .or_else(|| file.and_then(|f| f.token_file.map(PathBuf::from)));
     let secret = match token_file {
         Some(p) => read_token(&p)?,
-        None => match std::env::var("SHOAL_TOKEN") {
-            Ok(t) => Secret::from_token(&t).map_err(|e| e.to_string())?,
-            Err(_) => {
+        None => match shoal_runtime::settings::raw("SHOAL_TOKEN") {
+            Some(t) => Secret::from_token(&t).map_err(|e| e.to_string())?,
+            None => {
                 return Err(
                     "the cluster's token is needed: --token-file, --scheduler-file \
                             (whose token file is used), or SHOAL_TOKEN"
@@ -454,9 +454,9 @@ pub(crate) fn run_scheduler(mut a: SchedulerArgs) -> CliResult {
         }
         None => PathBuf::from(format!("shoal-{}.token", a.port)),
     };
-    let (secret, token_file) = match (&a.token_file, std::env::var("SHOAL_TOKEN")) {
+    let (secret, token_file) = match (&a.token_file, shoal_runtime::settings::raw("SHOAL_TOKEN")) {
         (Some(p), _) if p.exists() => (read_token(p)?, Some(p.clone())),
-        (None, Ok(t)) => (Secret::from_token(&t).map_err(|e| e.to_string())?, None),
+        (None, Some(t)) => (Secret::from_token(&t).map_err(|e| e.to_string())?, None),
         (None, _) if default_token_file().exists() => {
             // A restart with the same --scheduler-file keeps the cluster's
             // token, so `--reconnect` workers (and clients) can rejoin.

@@ -153,6 +153,19 @@ pub fn info(host: &HostInfo) -> String {
     if let Some(p) = &host.package_path {
         s.push_str(&format!("package: {p}\n"));
     }
+    // Every setting's effective value (docs/configuration.md says what each does).
+    s.push_str("settings (SHOAL_*; * = from the environment):\n");
+    for (var, value, from_env) in shoal_runtime::settings::effective() {
+        let shown = if var.name == "SHOAL_TOKEN" && from_env {
+            "(set)".to_string()
+        } else if value.is_empty() {
+            "-".to_string()
+        } else {
+            value
+        };
+        let mark = if from_env { "*" } else { " " };
+        s.push_str(&format!("  {mark}{:<26} {shown}\n", var.name));
+    }
     s
 }
 
@@ -169,6 +182,7 @@ mod tests {
         assert!(s.starts_with(&format!("shoal {}", env!("CARGO_PKG_VERSION"))));
         assert!(s.contains("cpus available: "));
         assert!(s.contains("python: 3.11.7"));
+        assert!(s.contains("SHOAL_HEARTBEAT_TIMEOUT"));
     }
 
     #[test]

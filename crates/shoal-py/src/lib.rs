@@ -93,6 +93,41 @@ fn parse_duration(text: &str) -> PyResult<f64> {
         .map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
+/// The value of the `SHOAL_*` variable `name`, or its default ("" for
+/// none); `KeyError` for a name not in `shoal_runtime::settings::VARS`.
+#[pyfunction]
+fn setting(name: &str) -> PyResult<String> {
+    if shoal_runtime::settings::var(name).is_none() {
+        return Err(pyo3::exceptions::PyKeyError::new_err(format!(
+            "{name} is not one of Shoal's settings"
+        )));
+    }
+    Ok(shoal_runtime::settings::value(name))
+}
+
+/// Every `SHOAL_*` variable: `(name, effective value, default, meaning,
+/// origin)`, origin being `user`, `shoal` or `tests`.
+#[pyfunction]
+fn settings() -> Vec<(
+    &'static str,
+    String,
+    &'static str,
+    &'static str,
+    &'static str,
+)> {
+    use shoal_runtime::settings::{value, Origin, VARS};
+    VARS.iter()
+        .map(|v| {
+            let origin = match v.origin {
+                Origin::User => "user",
+                Origin::Shoal => "shoal",
+                Origin::Tests => "tests",
+            };
+            (v.name, value(v.name), v.default, v.meaning, origin)
+        })
+        .collect()
+}
+
 /// One of the dashboard's embedded files: `index.html`, `app.js`, `app.css`
 /// (a performance report inlines them).
 #[pyfunction]
@@ -217,6 +252,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(configure_tls, m)?)?;
     m.add_function(wrap_pyfunction!(dashboard_token, m)?)?;
     m.add_function(wrap_pyfunction!(parse_duration, m)?)?;
+    m.add_function(wrap_pyfunction!(setting, m)?)?;
+    m.add_function(wrap_pyfunction!(settings, m)?)?;
     m.add("MAX_DURATION", shoal_runtime::duration::MAX.as_secs_f64())?;
     m.add_function(wrap_pyfunction!(dashboard_asset, m)?)?;
     m.add_function(wrap_pyfunction!(log_line, m)?)?;

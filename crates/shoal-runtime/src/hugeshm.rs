@@ -33,13 +33,7 @@ static REFUSED: AtomicBool = AtomicBool::new(false);
 pub fn extent() -> Option<usize> {
     static EXTENT: OnceLock<Option<usize>> = OnceLock::new();
     *EXTENT.get_or_init(|| {
-        let off = std::env::var("SHOAL_SHM_HUGE").is_ok_and(|v| {
-            matches!(
-                v.to_ascii_lowercase().as_str(),
-                "0" | "off" | "no" | "false"
-            )
-        });
-        if off {
+        if crate::settings::is_off("SHOAL_SHM_HUGE") {
             return None;
         }
         std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size")

@@ -39,6 +39,7 @@ pub mod net;
 pub mod noop;
 pub mod refcounts;
 pub mod scheduler;
+pub mod settings;
 pub mod shm;
 #[cfg(target_os = "linux")]
 pub mod shm_pool;
@@ -68,14 +69,15 @@ pub fn init_logging_with(default: &str) {
         tracing_subscriber::Registry,
     >;
     static RELOAD: std::sync::OnceLock<Handle> = std::sync::OnceLock::new();
-    let from_env = tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG");
+    let from_env =
+        settings::raw("SHOAL_LOG").and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok());
     if let Some(h) = RELOAD.get() {
-        if from_env.is_err() {
+        if from_env.is_none() {
             let _ = h.reload(tracing_subscriber::EnvFilter::new(default));
         }
         return;
     }
-    let filter = from_env.unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let filter = from_env.unwrap_or_else(|| tracing_subscriber::EnvFilter::new(default));
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     let _ = RELOAD.set(handle);
     let fmt = tracing_subscriber::fmt::layer()

@@ -41,12 +41,9 @@ pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// How long a peer may stay silent before it is taken as lost:
 /// `SHOAL_HEARTBEAT_TIMEOUT` seconds, default 5, at least 0.5.
 pub fn heartbeat_timeout() -> Duration {
-    let secs = std::env::var("SHOAL_HEARTBEAT_TIMEOUT")
-        .ok()
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s > 0.0)
-        .unwrap_or(5.0);
-    Duration::from_secs_f64(secs.max(0.5))
+    crate::settings::seconds("SHOAL_HEARTBEAT_TIMEOUT", f64::MIN_POSITIVE)
+        .unwrap_or(Duration::from_secs(5))
+        .max(Duration::from_millis(500))
 }
 
 /// The heartbeat period: [`HEARTBEAT`], or a quarter of the timeout when

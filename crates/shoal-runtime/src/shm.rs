@@ -26,7 +26,7 @@ const SOCKETS: &str = "shoal-sock-";
 pub fn host_key() -> &'static str {
     static KEY: OnceLock<String> = OnceLock::new();
     KEY.get_or_init(|| {
-        if let Ok(k) = std::env::var("SHOAL_HOST_KEY") {
+        if let Some(k) = crate::settings::raw("SHOAL_HOST_KEY") {
             return k;
         }
         let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
@@ -47,7 +47,7 @@ pub fn host_key() -> &'static str {
 /// The base directory of shared-memory segments: `SHOAL_SHM_DIR`, else
 /// `/dev/shm` where it exists, else the temporary directory.
 pub fn base_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("SHOAL_SHM_DIR") {
+    if let Some(d) = crate::settings::raw("SHOAL_SHM_DIR") {
         return PathBuf::from(d);
     }
     let shm = Path::new("/dev/shm");

@@ -224,11 +224,7 @@ pub struct WorkerShared {
 /// `SHOAL_STOP_GRACE` (seconds, default 5): how long a stopped task has
 /// before it is killed (a command) or its process restarted (Python).
 fn stop_grace() -> Duration {
-    std::env::var("SHOAL_STOP_GRACE")
-        .ok()
-        .and_then(|v| v.parse::<f64>().ok())
-        .filter(|v| v.is_finite() && *v >= 0.0)
-        .map_or(Duration::from_secs(5), Duration::from_secs_f64)
+    crate::settings::seconds("SHOAL_STOP_GRACE", 0.0).unwrap_or(Duration::from_secs(5))
 }
 
 /// CPU time this process used, in microseconds (user + system).
@@ -350,9 +346,9 @@ pub fn start(
                 drop(conn);
                 let ip = ip.expect("tcp has an ip");
                 // `--interface ib0`: that network's address instead.
-                let ip = match std::env::var("SHOAL_INTERFACE") {
-                    Ok(name) if !name.is_empty() => net::interface_ip(&name)?,
-                    _ => ip,
+                let ip = match crate::settings::raw("SHOAL_INTERFACE") {
+                    Some(name) => net::interface_ip(&name)?,
+                    None => ip,
                 };
                 scheduler.with_host_port(std::net::SocketAddr::new(ip, 0).to_string())
             }
@@ -526,12 +522,7 @@ pub fn start(
 /// of `SHOAL_LIFETIME_STAGGER` seconds, so that a job's workers do not all
 /// leave at once. 0: no end.
 fn lifetime_end_us() -> u64 {
-    let secs = |k: &str| {
-        std::env::var(k)
-            .ok()
-            .and_then(|v| v.parse::<f64>().ok())
-            .filter(|v| v.is_finite() && *v >= 0.0)
-    };
+    let secs = |k: &str| crate::settings::seconds(k, 0.0).map(|d| d.as_secs_f64());
     let Some(end) = secs("SHOAL_LIFETIME_END") else {
         return 0;
     };
@@ -547,11 +538,7 @@ fn lifetime_end_us() -> u64 {
 /// results and its unacknowledged reports, and joins again for up to that
 /// long; a client keeps its futures and tasks and connects again.
 pub(crate) fn reconnect_for() -> Option<Duration> {
-    std::env::var("SHOAL_RECONNECT")
-        .ok()
-        .and_then(|v| v.parse::<f64>().ok())
-        .filter(|v| v.is_finite() && *v > 0.0)
-        .map(Duration::from_secs_f64)
+    crate::settings::seconds("SHOAL_RECONNECT", f64::MIN_POSITIVE)
 }
 
 type Stream = futures::stream::SplitStream<net::Conn>;

@@ -111,7 +111,7 @@ pub(crate) fn tls() -> io::Result<&'static TlsConfig> {
     if let Some(t) = TLS.get() {
         return Ok(t);
     }
-    let var = |n: &str| std::env::var_os(n).map(PathBuf::from);
+    let var = |n: &str| crate::settings::raw(n).map(PathBuf::from);
     match (
         var("SHOAL_TLS_CA"),
         var("SHOAL_TLS_CERT"),

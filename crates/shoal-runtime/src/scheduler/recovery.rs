@@ -96,14 +96,8 @@ impl State {
 /// finished (`SHOAL_RECOVERY_WAIT` seconds, default 3: `--reconnect`
 /// workers try once a second).
 pub(crate) fn recovery_wait() -> std::time::Duration {
-    std::env::var("SHOAL_RECOVERY_WAIT")
-        .ok()
-        .and_then(|v| v.parse::<f64>().ok())
-        .filter(|v| v.is_finite() && *v >= 0.0)
-        .map_or(
-            std::time::Duration::from_secs(3),
-            std::time::Duration::from_secs_f64,
-        )
+    crate::settings::seconds("SHOAL_RECOVERY_WAIT", 0.0)
+        .unwrap_or(std::time::Duration::from_secs(3))
 }
 
 /// Reads the journal, rebuilds the jobs, and compacts the file.

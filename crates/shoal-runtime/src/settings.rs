@@ -1,0 +1,195 @@
+//! Every `SHOAL_*` environment variable in one table: its default and what
+//! it means. Rust and Python read them through here ([`raw`],
+//! `_core.setting`), so a variable cannot be read without being listed;
+//! `shoal info` prints the effective values and `docs/configuration.md`
+//! has the table.
+
+use std::time::Duration;
+
+/// Who sets a variable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// The user (or a launcher) sets it to change Shoal's behaviour.
+    User,
+    /// Shoal sets it for the processes it starts (workers, command tasks).
+    Shoal,
+    /// Only the project's own tests read it.
+    Tests,
+}
+
+/// One variable.
+#[derive(Clone, Copy, Debug)]
+pub struct Var {
+    /// Its name.
+    pub name: &'static str,
+    /// The value that applies when it is unset ("" for none).
+    pub default: &'static str,
+    /// What it does.
+    pub meaning: &'static str,
+    /// Who sets it.
+    pub origin: Origin,
+}
+
+const fn user(name: &'static str, default: &'static str, meaning: &'static str) -> Var {
+    Var {
+        name,
+        default,
+        meaning,
+        origin: Origin::User,
+    }
+}
+
+const fn shoal(name: &'static str, meaning: &'static str) -> Var {
+    Var {
+        name,
+        default: "",
+        meaning,
+        origin: Origin::Shoal,
+    }
+}
+
+/// Every variable, by origin, then by name.
+pub const VARS: &[Var] = &[
+    user("SHOAL_DASK_ORDER", "", "`dask`: Dask graphs are prioritised by dask.order instead of the core's own order"),
+    user("SHOAL_HEARTBEAT_TIMEOUT", "5", "seconds a peer may stay silent before it is taken as lost (at least 0.5)"),
+    user("SHOAL_HOST_KEY", "", "names this host for the data plane (processes with the same key share memory); default: hostname and boot id"),
+    user("SHOAL_INTERFACE", "", "network interface whose address a worker's data server listens on (`shoal worker --interface`)"),
+    user("SHOAL_LIFETIME_END", "", "Unix time at which a worker retires (set by `shoal worker --lifetime` and from a batch job's end)"),
+    user("SHOAL_LIFETIME_STAGGER", "0", "seconds over which a job's workers spread their retirement"),
+    user("SHOAL_LOG", "warn", "log filter of Shoal's own messages (tracing's syntax: `info`, `shoal_runtime=debug`)"),
+    user("SHOAL_PROFILE_INTERVAL", "0.02", "seconds between the profiler's samples of running tasks; 0 turns it off"),
+    user("SHOAL_RECONNECT", "", "seconds a client or worker that lost its scheduler keeps trying to join it again (off when unset)"),
+    user("SHOAL_RECOVERY_WAIT", "3", "seconds a restarted scheduler holds restored tasks for their workers and clients to return"),
+    user("SHOAL_SCHEDULER_ADDRESS", "", "Client() with no address joins this scheduler instead of starting a cluster (set by shoal.mpi and `shoal run`)"),
+    user("SHOAL_SCHEDULER_FILE", "", "the scheduler file `shoal worker`, `shoal status` and `shoal submit` use when none is given"),
+    user("SHOAL_SHM_ALLOC", "1", "0: NumPy arrays made in tasks stay in private memory instead of shared memory"),
+    user("SHOAL_SHM_DIR", "/dev/shm", "directory of shared-memory segments (a tmpfs; `huge=within_size` is faster)"),
+    user("SHOAL_SHM_HUGE", "1", "0: shared memory is not collapsed into huge pages"),
+    user("SHOAL_SPILL_COMPRESSION", "none", "`lz4`: results spilled to disk are compressed"),
+    user("SHOAL_STOP_GRACE", "5", "seconds a stopped task has before it is killed (a command) or its worker restarted (Python)"),
+    user("SHOAL_TLS_CA", "", "the site CA's certificate (PEM), with SHOAL_TLS_CERT and SHOAL_TLS_KEY: connect over TLS"),
+    user("SHOAL_TLS_CERT", "", "this process's certificate (PEM), issued by the site CA"),
+    user("SHOAL_TLS_KEY", "", "this process's private key (PEM)"),
+    user("SHOAL_TOKEN", "", "the cluster's token, when no token file is given"),
+    shoal("SHOAL_CPUS", "in a command task: the CPUs it holds"),
+    shoal("SHOAL_ENTRY", "in a command task of a `--each-line` or `--from-json` job: its entry"),
+    shoal("SHOAL_JOB_ID", "in a command task: its job's id"),
+    shoal("SHOAL_TASK_ID", "in a command task: its id in its job (the array index)"),
+    Var { name: "SHOAL_FUZZ_SECS", default: "", meaning: "seconds each fuzz test runs", origin: Origin::Tests },
+    Var { name: "SHOAL_FUZZ_SEED", default: "", meaning: "the fuzz tests' seed", origin: Origin::Tests },
+    Var { name: "SHOAL_SIM_SEEDS", default: "", meaning: "how many seeds the core's simulation test runs", origin: Origin::Tests },
+];
+
+/// The entry of `name`; None for a variable not in the table.
+pub fn var(name: &str) -> Option<&'static Var> {
+    VARS.iter().find(|v| v.name == name)
+}
+
+/// The value of `name` when it is set and not empty. A variable missing
+/// from [`VARS`] is a bug (debug builds panic; release builds read it).
+pub fn raw(name: &str) -> Option<String> {
+    debug_assert!(
+        var(name).is_some(),
+        "{name} is not in shoal_runtime::settings::VARS"
+    );
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// The value of `name`, or its default.
+pub fn value(name: &str) -> String {
+    raw(name).unwrap_or_else(|| var(name).map_or("", |v| v.default).to_string())
+}
+
+/// `name` as seconds (a number, at least `min`); its default where it is
+/// unset or not such a number.
+pub fn seconds(name: &str, min: f64) -> Option<Duration> {
+    let parse = |s: &str| {
+        s.trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|v| v.is_finite() && *v >= min && *v <= crate::duration::MAX.as_secs_f64())
+    };
+    raw(name)
+        .as_deref()
+        .and_then(parse)
+        .or_else(|| var(name).and_then(|v| parse(v.default)))
+        .map(Duration::from_secs_f64)
+}
+
+/// `name` is set to one of the words that turn a feature off.
+pub fn is_off(name: &str) -> bool {
+    raw(name).is_some_and(|v| {
+        matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "0" | "off" | "no" | "false"
+        )
+    })
+}
+
+/// Every user setting with its effective value and whether it came from
+/// the environment (`shoal info`).
+pub fn effective() -> Vec<(&'static Var, String, bool)> {
+    VARS.iter()
+        .filter(|v| v.origin == Origin::User)
+        .map(|v| match raw(v.name) {
+            Some(x) => (v, x, true),
+            None => (v, v.default.to_string(), false),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_has_each_name_once_and_every_read_is_listed() {
+        let mut names: Vec<_> = VARS.iter().map(|v| v.name).collect();
+        names.sort_unstable();
+        let n = names.len();
+        names.dedup();
+        assert_eq!(n, names.len(), "a variable is listed twice");
+        // Every `SHOAL_*` name in the sources is in the table.
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+        let mut stack = vec![
+            std::path::PathBuf::from(root).join("crates"),
+            std::path::PathBuf::from(root).join("python"),
+        ];
+        let mut missing = std::collections::BTreeSet::new();
+        while let Some(dir) = stack.pop() {
+            for e in std::fs::read_dir(&dir).unwrap().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    if !p.ends_with("target") {
+                        stack.push(p);
+                    }
+                    continue;
+                }
+                if !matches!(p.extension().and_then(|x| x.to_str()), Some("rs" | "py")) {
+                    continue;
+                }
+                let text = std::fs::read_to_string(&p).unwrap_or_default();
+                for (i, _) in text.match_indices("SHOAL_") {
+                    let name: String = text[i..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+                        .collect();
+                    // `SHOAL_TLS_*` and the like name a family; a prefix is not a variable.
+                    if !name.ends_with('_') && var(&name).is_none() && name != "SHOAL_REPORT" {
+                        missing.insert(format!("{name} ({})", p.display()));
+                    }
+                }
+            }
+        }
+        assert!(missing.is_empty(), "not in settings::VARS: {missing:?}");
+    }
+
+    #[test]
+    fn seconds_fall_back_to_the_default() {
+        assert_eq!(
+            seconds("SHOAL_STOP_GRACE", 0.0),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(seconds("SHOAL_RECONNECT", 0.0), None);
+    }
+}
