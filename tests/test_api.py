@@ -270,7 +270,7 @@ def test_every_setting_is_documented_and_shown_with_its_effective_value():
     out = subprocess.run(
         [sys.executable, "-m", "shoal", "info"], capture_output=True, text=True, check=True, env=env
     ).stdout
-    for name, _value, default, meaning, origin in _core.settings():
+    for name, _value, _default, meaning, origin in _core.settings():
         assert f"`{name}`" in docs and meaning in docs, name
         if origin == "user":
             assert name in out, name
