@@ -4,9 +4,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh
 bash scripts/setup-dev.sh
+# Installed before the lint: stubtest checks _core.pyi against the built module.
+python3 -m pip install -q --disable-pip-version-check .
 bash scripts/lint.sh
 cargo test --workspace --locked
-python3 -m pip install -q --disable-pip-version-check .
 # Run from a directory without the source tree so the installed package is tested.
 cd tests && python3 -m pytest -q -p no:cacheprovider --rootdir=.. -c ../pyproject.toml .
 # The peers' own suites against Shoal (tests/dropin): CPython's
