@@ -1,9 +1,7 @@
 """Type stubs for the private extension module ``shoal._core`` (Rust, PyO3)."""
 
 from collections.abc import Iterator
-from typing import Any, Literal, final
-
-from typing_extensions import Self
+from typing import Any, Literal, Self, final
 
 __version__: str
 PROTOCOL_VERSION: int
