@@ -19,6 +19,7 @@ mod address;
 mod auth;
 mod frames;
 mod listen;
+mod memory;
 mod outbox;
 mod raw;
 mod stream;

@@ -335,6 +335,7 @@ pub fn start(
                 let dir = p.parent().unwrap_or_else(|| std::path::Path::new("/tmp"));
                 Address::Unix(dir.join(format!("w-{}-{server}.sock", std::process::id())))
             }
+            Address::Memory(name) => Address::Memory(format!("{name}-worker-{server}")),
             Address::Tcp(_) | Address::Tls(_) => {
                 // Listen where we reach the scheduler from (a plain TCP
                 // connection is enough to learn that address).
@@ -685,3 +686,6 @@ impl Reply {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,4 +1,4 @@
-//! Addresses: `unix://`, `tcp://`, `tls://`, and a network interface's IP.
+//! Addresses: `unix://`, `tcp://`, `tls://`, `mem://`, and a network interface's IP.
 
 use super::*;
 
@@ -11,12 +11,20 @@ pub enum Address {
     Tcp(String),
     /// `tls://host:port`: TCP with mutual TLS (see [`configure_tls`]).
     Tls(String),
+    /// `mem://name`: a pipe inside this process (tests; see `net::memory`).
+    Memory(String),
 }
 
 impl Address {
     /// Parses `unix://PATH`, `tcp://HOST:PORT` or `tls://HOST:PORT` (a bare
     /// `HOST:PORT` means TCP).
     pub fn parse(s: &str) -> Result<Address, String> {
+        if let Some(name) = s.strip_prefix("mem://") {
+            if name.is_empty() {
+                return Err(format!("address {s:?} has no name"));
+            }
+            return Ok(Address::Memory(name.to_string()));
+        }
         if let Some(p) = s.strip_prefix("unix://") {
             if p.is_empty() {
                 return Err(format!("address {s:?} has no socket path"));
@@ -101,6 +109,7 @@ impl std::fmt::Display for Address {
             Address::Unix(p) => write!(f, "unix://{}", p.display()),
             Address::Tcp(hp) => write!(f, "tcp://{hp}"),
             Address::Tls(hp) => write!(f, "tls://{hp}"),
+            Address::Memory(name) => write!(f, "mem://{name}"),
         }
     }
 }

@@ -42,6 +42,11 @@ pub(crate) enum Kind {
     Tcp(TcpListener),
     /// TCP, each connection wrapped in TLS.
     Tls(TcpListener, tokio_rustls::TlsAcceptor),
+    /// In this process (`mem://`).
+    Memory(
+        tokio::sync::Mutex<mpsc::UnboundedReceiver<tokio::io::DuplexStream>>,
+        String,
+    ),
 }
 
 /// An accepted connection that has yet to prove the cluster's token:
@@ -106,6 +111,9 @@ impl Listener {
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls()?.server.clone());
                 Kind::Tls(TcpListener::bind(hp.as_str()).await?, acceptor)
             }
+            Address::Memory(name) => {
+                Kind::Memory(tokio::sync::Mutex::new(memory::bind(name)?), name.clone())
+            }
         };
         Ok(Listener {
             kind,
@@ -119,6 +127,7 @@ impl Listener {
             Kind::Unix(_, p) => Ok(Address::Unix(p.clone())),
             Kind::Tcp(l) => Ok(Address::Tcp(l.local_addr()?.to_string())),
             Kind::Tls(l, _) => Ok(Address::Tls(l.local_addr()?.to_string())),
+            Kind::Memory(_, name) => Ok(Address::Memory(name.clone())),
         }
     }
 
@@ -169,6 +178,11 @@ impl Listener {
                     peer.to_string(),
                 ))
             }
+            Kind::Memory(backlog, name) => match backlog.lock().await.recv().await {
+                Some(s) => Ok((Box::new(s), None, format!("mem://{name}"))),
+                // Unreachable while the listener holds the name; never spin.
+                None => std::future::pending().await,
+            },
         }
     }
 }
@@ -177,8 +191,12 @@ pub(crate) type TlsPending = (tokio_rustls::TlsAcceptor, TcpStream);
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Kind::Unix(_, p) = &self.kind {
-            let _ = std::fs::remove_file(p);
+        match &self.kind {
+            Kind::Unix(_, p) => {
+                let _ = std::fs::remove_file(p);
+            }
+            Kind::Memory(_, name) => memory::unbind(name),
+            _ => {}
         }
     }
 }
@@ -202,5 +220,6 @@ pub async fn connect(addr: &Address) -> io::Result<(Conn, Option<std::net::IpAdd
             let s = connector.connect(name, ReadAhead::new(s)).await?;
             Ok((framed(Box::new(s)), Some(ip)))
         }
+        Address::Memory(name) => Ok((framed(Box::new(memory::connect(name)?)), None)),
     }
 }

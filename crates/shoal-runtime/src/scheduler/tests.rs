@@ -26,16 +26,20 @@ fn a_function_pickle_is_kept_once_while_a_spec_uses_it() {
     assert!(Arc::ptr_eq(&f.intern(Bytes::from_static(b"inc")), &a));
 }
 
-/// A scheduler on a Unix socket in a fresh directory, and a client
-/// connected to it.
+/// A scheduler on the in-memory transport (no socket), and a client
+/// connected to it; the directory is for the test's own files.
 async fn serving(name: &str) -> (std::path::PathBuf, SchedulerHandle, Secret, net::Conn) {
     let dir = std::env::temp_dir().join(format!("shoal-{name}-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let secret = Secret::random();
-    let h = start(&Address::Unix(dir.join("s.sock")), secret.clone(), None)
-        .await
-        .unwrap();
+    let h = start(
+        &Address::Memory(format!("{name}-sched")),
+        secret.clone(),
+        None,
+    )
+    .await
+    .unwrap();
     let (conn, _) = net::handshake(&h.address, Role::Client, &secret)
         .await
         .unwrap();
@@ -338,4 +342,229 @@ async fn hostile_queries_and_frames_after_the_handshake_leave_the_scheduler_serv
     assert!(json.contains("\"workers\""), "{json}");
     println!("hostile: {tried} random queries ({errors} refused), 16 bad frames");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---- The scheduler's glue through the in-memory transport: peers speak
+// the protocol as real clients and workers do, with no socket.
+
+/// A peer of the scheduler speaking the protocol by hand.
+struct Peer {
+    id: u32,
+    tx: net::Outbox<ToScheduler>,
+    rx: futures::stream::SplitStream<net::Conn>,
+    seen: VecDeque<FromScheduler>,
+}
+
+impl Peer {
+    async fn join(addr: &Address, role: Role, secret: &Secret) -> Peer {
+        let (conn, id) = net::handshake(addr, role, secret).await.unwrap();
+        let (tx, rx) = net::split_batched::<ToScheduler>(conn);
+        Peer {
+            id,
+            tx,
+            rx,
+            seen: VecDeque::new(),
+        }
+    }
+
+    fn send(&self, m: ToScheduler) {
+        self.tx.send(m).unwrap();
+    }
+
+    /// The next message that `want` picks (others are skipped), or None
+    /// after `secs`.
+    async fn next(
+        &mut self,
+        secs: f64,
+        want: impl Fn(&FromScheduler) -> bool,
+    ) -> Option<FromScheduler> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(secs);
+        loop {
+            while let Some(m) = self.seen.pop_front() {
+                if want(&m) {
+                    return Some(m);
+                }
+            }
+            let frame = tokio::time::timeout_at(deadline, self.rx.next())
+                .await
+                .ok()??;
+            self.seen
+                .extend(net::decode_batch::<FromScheduler>(frame).ok()?);
+        }
+    }
+
+    /// Task ids of the next `n` `Compute` orders.
+    async fn computes(&mut self, n: usize) -> Vec<u64> {
+        let mut ids = Vec::new();
+        while ids.len() < n {
+            match self
+                .next(10.0, |m| matches!(m, FromScheduler::Compute { .. }))
+                .await
+            {
+                Some(FromScheduler::Compute { id, .. }) => ids.push(id),
+                _ => panic!("only {} of {n} tasks were sent", ids.len()),
+            }
+        }
+        ids
+    }
+
+    fn finished(&self, id: u64) {
+        self.send(ToScheduler::Finished {
+            id,
+            size: 1,
+            value: Some(Bytes::from_static(b"1")),
+            timing: shoal_proto::Timing::default(),
+        });
+    }
+}
+
+fn worker_role(name: &str, nthreads: u32) -> Role {
+    Role::Worker {
+        nthreads,
+        data_addr: format!("mem://{name}-data"),
+        name: name.to_string(),
+        pid: std::process::id(),
+        resources: Vec::new(),
+        lifetime_end_us: 0,
+    }
+}
+
+fn task(client: u32, n: u64) -> TaskSpec {
+    TaskSpec {
+        id: (u64::from(client) << 40) | n,
+        group: "inc".into(),
+        key: None,
+        kind: shoal_proto::TaskKind::Call,
+        func: Bytes::from_static(b"f"),
+        args: Bytes::from_static(b"a"),
+        deps: Vec::new(),
+        priority: 0,
+        retries: 0,
+        resources: Vec::new(),
+        recompute: true,
+        time_limit_ms: 0,
+        crash_limit: 0,
+        time_request_ms: 0,
+    }
+}
+
+async fn cluster(name: &str) -> (SchedulerHandle, Secret, Peer) {
+    let secret = Secret::random();
+    let h = start(
+        &Address::Memory(format!("{name}-sched")),
+        secret.clone(),
+        None,
+    )
+    .await
+    .unwrap();
+    let client = Peer::join(&h.address, Role::Client, &secret).await;
+    (h, secret, client)
+}
+
+fn memory_of(m: &FromScheduler) -> Option<u64> {
+    match m {
+        FromScheduler::Memory { id, .. } => Some(*id),
+        _ => None,
+    }
+}
+
+/// A worker whose connection is lost in the middle of a batch (one task
+/// started, others queued): every task runs again on another worker, and
+/// the client hears of each exactly once.
+#[tokio::test]
+async fn a_worker_lost_mid_batch_has_its_tasks_run_elsewhere() {
+    let (h, secret, mut client) = cluster("midbatch").await;
+    let mut a = Peer::join(&h.address, worker_role("a", 1), &secret).await;
+    let cid = client.id;
+    client.send(ToScheduler::Submit((1..=4).map(|n| task(cid, n)).collect()));
+    let first = a.computes(1).await;
+    a.send(ToScheduler::Started(first.clone()));
+    a.finished(first[0]);
+    let more = a.computes(1).await; // the next one, started, then the line drops
+    a.send(ToScheduler::Started(more.clone()));
+    drop(a);
+    let mut b = Peer::join(&h.address, worker_role("b", 4), &secret).await;
+    let mut rest = b.computes(3).await;
+    rest.sort_unstable();
+    let mut want: Vec<u64> = (1..=4)
+        .map(|n| task(cid, n).id)
+        .filter(|&t| t != first[0])
+        .collect();
+    want.sort_unstable();
+    assert_eq!(rest, want, "the unfinished tasks go to the other worker");
+    for &t in &rest {
+        b.finished(t);
+    }
+    let mut heard = Vec::new();
+    while let Some(m) = client.next(1.0, |m| memory_of(m).is_some()).await {
+        heard.push(memory_of(&m).unwrap());
+    }
+    heard.sort_unstable();
+    let mut all: Vec<u64> = (1..=4).map(|n| task(cid, n).id).collect();
+    all.sort_unstable();
+    assert_eq!(heard, all, "each result once");
+    h.stop();
+}
+
+/// A report sent twice, a report for a task the worker was never given,
+/// and a report arriving after the task was placed elsewhere change
+/// nothing: the client hears of each task once, and the scheduler serves on.
+#[tokio::test]
+async fn duplicate_and_late_reports_are_ignored() {
+    let (h, secret, mut client) = cluster("dupes").await;
+    let mut a = Peer::join(&h.address, worker_role("a", 1), &secret).await;
+    let cid = client.id;
+    client.send(ToScheduler::Submit(vec![task(cid, 1)]));
+    let t = a.computes(1).await[0];
+    a.send(ToScheduler::Started(vec![t]));
+    a.finished(t);
+    a.finished(t); // duplicate
+    a.finished(task(cid, 77).id); // never submitted
+    a.send(ToScheduler::Started(vec![task(cid, 78).id]));
+    let mut heard = 0;
+    while client
+        .next(1.0, |m| memory_of(m) == Some(t))
+        .await
+        .is_some()
+    {
+        heard += 1;
+    }
+    assert_eq!(heard, 1);
+    // Still serving: a new task runs.
+    client.send(ToScheduler::Submit(vec![task(cid, 2)]));
+    let t2 = a.computes(1).await[0];
+    a.finished(t2);
+    assert!(client
+        .next(5.0, |m| memory_of(m) == Some(t2))
+        .await
+        .is_some());
+    h.stop();
+}
+
+/// A worker that reconnects (a new connection, as after a network cut)
+/// is a new worker: the tasks of the old one run there, and a late report
+/// on the old connection's behalf is not taken as theirs twice.
+#[tokio::test]
+async fn a_worker_that_reconnects_gets_the_lost_work_again() {
+    let (h, secret, mut client) = cluster("reconnect").await;
+    let mut a = Peer::join(&h.address, worker_role("w", 2), &secret).await;
+    let cid = client.id;
+    client.send(ToScheduler::Submit(vec![task(cid, 1), task(cid, 2)]));
+    let mut ids = a.computes(2).await;
+    ids.sort_unstable();
+    drop(a);
+    let mut again = Peer::join(&h.address, worker_role("w", 2), &secret).await;
+    let mut resent = again.computes(2).await;
+    resent.sort_unstable();
+    assert_eq!(resent, ids);
+    for &t in &resent {
+        again.finished(t);
+    }
+    for &t in &ids {
+        assert!(client
+            .next(5.0, |m| memory_of(m) == Some(t))
+            .await
+            .is_some());
+    }
+    h.stop();
 }

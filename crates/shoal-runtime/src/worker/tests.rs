@@ -1,0 +1,117 @@
+//! The worker's glue through the in-memory transport, against a scripted
+//! scheduler: orders reach the execution side, reports reach the
+//! scheduler, and a worker in a client's process whose scheduler goes
+//! away stops its threads instead of ending the process.
+
+use super::*;
+use crate::net::{Conn, Listener};
+use futures::stream::SplitStream;
+
+fn compute(id: u64) -> FromScheduler {
+    FromScheduler::Compute {
+        id,
+        name: format!("inc-{id:x}"),
+        group: "inc".into(),
+        kind: TaskKind::Call,
+        func: Bytes::from_static(b"f"),
+        args: Bytes::from_static(b"a"),
+        deps: Vec::new(),
+        resources: Vec::new(),
+        time_limit_ms: 0,
+        job: 0,
+    }
+}
+
+/// Messages from the worker until `want` picks one (or 10 s pass).
+async fn until(
+    rx: &mut SplitStream<Conn>,
+    want: impl Fn(&ToScheduler) -> bool,
+) -> Vec<ToScheduler> {
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let frame = tokio::time::timeout_at(deadline, rx.next())
+            .await
+            .expect("the worker said it in time")
+            .expect("the worker is connected");
+        for m in net::decode_batch::<ToScheduler>(frame).unwrap() {
+            let done = want(&m);
+            seen.push(m);
+            if done {
+                return seen;
+            }
+        }
+    }
+}
+
+#[test]
+fn orders_run_reports_arrive_and_a_lost_scheduler_stops_an_in_process_worker() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let addr = Address::Memory(format!("worker-glue-{}", std::process::id()));
+    let secret = Secret::random();
+    let listener = rt.block_on(Listener::bind(&addr)).unwrap();
+    let theirs = secret.clone();
+    let scheduler = rt.spawn(async move {
+        let (incoming, peer) = listener.accept().await;
+        let (mut conn, hello) = incoming.authenticate(&theirs, &peer).await.unwrap();
+        net::send(&mut conn, &Welcome::Accepted { id: 7 })
+            .await
+            .unwrap();
+        let (tx, rx) = net::split_batched::<FromScheduler>(conn);
+        (listener, tx, rx, hello)
+    });
+    let sh = start(&rt, &addr, 2, "glue", Vec::new(), secret, true).unwrap();
+    let (listener, tx, mut rx, hello) = rt.block_on(scheduler).unwrap();
+    assert!(matches!(hello.role, Role::Worker { nthreads: 2, .. }));
+    assert_eq!(sh.id(), 7);
+
+    tx.send(compute(1)).unwrap();
+    tx.send(compute(2)).unwrap();
+    let mut ran = Vec::new();
+    while ran.len() < 2 {
+        match sh.wait_next(1, Duration::from_secs(10)) {
+            Batch::Work(tasks, _) => ran.extend(tasks.iter().map(|t| t.id)),
+            _ => panic!("no work came"),
+        }
+    }
+    ran.sort_unstable();
+    assert_eq!(ran, [1, 2], "each order once, in its own take");
+    for id in ran {
+        sh.report(vec![Done::Ok {
+            id,
+            value: Bytes::from_static(b"v"),
+            timing: Timing::default(),
+        }]);
+    }
+    sh.flush();
+    let seen = rt.block_on(until(&mut rx, |m| {
+        matches!(m, ToScheduler::Finished { id: 2, .. })
+    }));
+    let started: Vec<u64> = seen
+        .iter()
+        .flat_map(|m| match m {
+            ToScheduler::Started(ids) => ids.clone(),
+            _ => Vec::new(),
+        })
+        .collect();
+    assert!(started.contains(&1) && started.contains(&2), "{seen:?}");
+    let finished = seen
+        .iter()
+        .filter(|m| matches!(m, ToScheduler::Finished { .. }))
+        .count();
+    assert_eq!(finished, 2, "{seen:?}");
+
+    // The scheduler goes away: the execution side is told to stop (a
+    // worker process would exit; this one lives in the test's process).
+    drop((tx, rx, listener));
+    let stopped =
+        (0..100).any(|_| matches!(sh.wait_next(1, Duration::from_millis(100)), Batch::Shutdown));
+    assert!(
+        stopped,
+        "an in-process worker stops when its scheduler is gone"
+    );
+}
