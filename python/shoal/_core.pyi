@@ -292,3 +292,25 @@ def setting(name: str) -> str:
 def settings() -> list[tuple[str, str, str, str, str]]:
     """Every ``SHOAL_*`` variable: ``(name, effective value, default,
     meaning, origin)``; origin is ``user``, ``shoal`` or ``tests``."""
+
+@final
+class MemoryDecision:
+    """What a worker does at one measurement of its memory."""
+
+    trim: bool
+    spill: bool
+    pause: bool
+    past_restart: bool
+    restart: bool
+
+@final
+class MemoryPolicy:
+    """A worker's memory rules (``shoal_core::memory``): spill, pause and
+    restart at fractions of its limit."""
+
+    TARGET: float
+    SPILL: float
+    PAUSE: float
+    TERMINATE: float
+    def __new__(cls, limit: int, can_restart: bool) -> Self: ...
+    def decide(self, process: int, managed: int) -> MemoryDecision: ...

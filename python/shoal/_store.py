@@ -43,10 +43,9 @@ from typing import Any
 from . import _core, _serialize
 from ._core import INLINE_LIMIT
 
-TARGET = 0.6  # managed results above this fraction: spill
-SPILL = 0.7  # process memory above this fraction: spill
-PAUSE = 0.8  # process memory above this fraction: take no work
-TERMINATE = 0.95  # process memory above this fraction: restart the worker
+# The memory rules (spill, pause and restart at fractions of the limit)
+# are shoal-core's (`shoal_core::memory`): this store measures and acts.
+TERMINATE = _core.MemoryPolicy.TERMINATE
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 
@@ -164,6 +163,7 @@ class Store:
         # In a client's own process (LocalCluster(processes=False)): past
         # the limit it pauses and warns instead of ending the process.
         self.in_process = in_process
+        self.policy = _core.MemoryPolicy(memory_limit or 0, not in_process)
         self.closed = threading.Event()
         self._warned = False
         self.limit = memory_limit
@@ -502,7 +502,7 @@ class Store:
             return
         try:
             _core.shm_allocator_trim(5.0)  # blocks not reused within 5 s
-            proc = self._check(self.limit) if self.limit else self.process_memory()
+            proc = self._check() if self.limit else self.process_memory()
             self.core.set_metrics(
                 proc,
                 self.managed_bytes,
@@ -514,25 +514,29 @@ class Store:
         finally:
             self._checking.release()
 
-    def _check(self, limit: int) -> int:
+    def _check(self) -> int:
+        decide = self.policy.decide
         proc = self.process_memory()
+        d = decide(proc, self.managed_bytes)
         # Freed shared-memory blocks kept for reuse go first.
-        if proc > SPILL * limit and _core.shm_allocator_trim(0.0):
+        if d.trim and _core.shm_allocator_trim(0.0):
             proc = self.process_memory()
-        if proc > TERMINATE * limit:
-            self._terminate(proc)
-        while (proc > SPILL * limit or self.managed_bytes > TARGET * limit) and self.spill_one():
-            if proc > SPILL * limit:  # the spilled array's block is not kept
+            d = decide(proc, self.managed_bytes)
+        if d.past_restart:
+            self._terminate(proc, d.restart)
+        while d.spill and self.spill_one():
+            if d.trim:  # the spilled array's block is not kept
                 _core.shm_allocator_trim(0.0)
             proc = self.process_memory()
-        paused = proc > PAUSE * limit
+            d = decide(proc, self.managed_bytes)
+        paused = d.pause
         if paused != self.paused:
             self.paused = paused
             self.core.set_paused(paused)
         return proc
 
-    def _terminate(self, proc: int) -> None:
-        if self.in_process:
+    def _terminate(self, proc: int, restart: bool) -> None:
+        if not restart:
             # No nanny to start a fresh process: stay paused, say so once.
             if not self._warned:
                 self._warned = True

@@ -42,6 +42,7 @@ use std::fmt;
 mod clients;
 mod invariants;
 mod lifecycle;
+pub mod memory;
 mod placement;
 mod reports;
 pub mod worker;

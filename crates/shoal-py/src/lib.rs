@@ -18,12 +18,14 @@ use std::time::{Duration, Instant};
 mod buffers;
 mod client_core;
 mod cluster;
+mod memory_policy;
 mod refcounts;
 mod worker_core;
 
 use buffers::*;
 use client_core::*;
 use cluster::*;
+use memory_policy::*;
 use refcounts::*;
 use worker_core::*;
 
@@ -242,6 +244,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ClientCore>()?;
     m.add_class::<WatcherPy>()?;
     m.add_class::<RefCounts>()?;
+    m.add_class::<MemoryPolicy>()?;
+    m.add_class::<MemoryDecision>()?;
     m.add_class::<WorkerCore>()?;
     m.add_class::<Frame>()?;
     m.add_function(wrap_pyfunction!(cli_main, m)?)?;
