@@ -260,30 +260,8 @@ class ClusterQueries:
 
     def _repr_html_(self) -> str:
         """Jupyter: the scheduler, its workers and a dashboard link."""
-        import html as _html
-
         kind = "embedded" if self._cluster is not None else "remote"
-        rows = [("scheduler", f"{kind}: {self.scheduler_address}")]
-        if self._closed:
-            rows.append(("state", "closed"))
-        else:
-            info = self.scheduler_info()
-            workers = info["workers"].values()
-            threads = sum(w["nthreads"] for w in workers)
-            memory = sum(w["memory_limit"] for w in workers)
-            rows.append(("workers", f"{len(workers)} ({threads} threads)"))
-            if memory:
-                rows.append(("memory limit", f"{memory / 2**30:.1f} GiB in all"))
-            link = self.dashboard_link
-            if link:
-                esc = _html.escape(link, quote=True)
-                rows.append(("dashboard", f'<a href="{esc}" target="_blank">{esc}</a>'))
-        cells = "".join(
-            f"<tr><th style='text-align:left'>{k}</th><td style='text-align:left'>"
-            f"{v if k == 'dashboard' else _html.escape(v)}</td></tr>"
-            for k, v in rows
-        )
-        return f"<div><strong>shoal.Client</strong><table>{cells}</table></div>"
+        return deploy.html_summary("shoal.Client", f"{kind}: {self.scheduler_address}", self)
 
     def __repr__(self) -> str:
         kind = "embedded" if self._cluster is not None else "remote"

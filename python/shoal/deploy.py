@@ -279,36 +279,42 @@ class ClusterBase:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _rows(self) -> list[tuple[str, str]]:
-        rows = [("scheduler", self.scheduler_address)]
-        if self._closed:
-            return rows + [("state", "closed")]
-        try:
-            workers = list(self.scheduler_info()["workers"].values())
-        except Exception as e:  # noqa: BLE001 - a repr must not raise
-            return rows + [("state", f"unreachable ({e})")]
-        threads = sum(w["nthreads"] for w in workers)
-        memory = sum(w["memory_limit"] for w in workers)
-        rows.append(("workers", f"{len(workers)} ({threads} threads)"))
-        if memory:
-            rows.append(("memory limit", f"{memory / 2**30:.1f} GiB in all"))
-        link = self.dashboard_link
-        if link:
-            rows.append(("dashboard", link))
-        return rows
-
     def _repr_html_(self) -> str:
         """Jupyter: the scheduler, its workers and a dashboard link."""
-        cells = []
-        for k, v in self._rows():
-            esc = html.escape(v, quote=True)
-            if k == "dashboard":
-                esc = f'<a href="{esc}" target="_blank">{esc}</a>'
-            cells.append(
-                f"<tr><th style='text-align:left'>{k}</th><td style='text-align:left'>"
-                f"{esc}</td></tr>"
-            )
-        return f"<div><strong>{type(self).__name__}</strong><table>{''.join(cells)}</table></div>"
+        return html_summary(type(self).__name__, self.scheduler_address, self)
+
+
+def html_summary(title: str, scheduler: str, source: Any) -> str:
+    """The HTML table Jupyter shows for a cluster or a client: the
+    scheduler, its workers and threads, their memory, the dashboard link.
+    ``source`` has ``_closed``, ``scheduler_info()`` and ``dashboard_link``."""
+    rows = [("scheduler", scheduler)]
+    if source._closed:
+        rows.append(("state", "closed"))
+    else:
+        try:
+            workers = list(source.scheduler_info()["workers"].values())
+            link = source.dashboard_link
+        except Exception as e:  # noqa: BLE001 - a repr must not raise
+            workers, link = None, None
+            rows.append(("state", f"unreachable ({e})"))
+        if workers is not None:
+            threads = sum(w["nthreads"] for w in workers)
+            memory = sum(w["memory_limit"] for w in workers)
+            rows.append(("workers", f"{len(workers)} ({threads} threads)"))
+            if memory:
+                rows.append(("memory limit", f"{memory / 2**30:.1f} GiB in all"))
+        if link:
+            rows.append(("dashboard", link))
+    cells = []
+    for k, v in rows:
+        esc = html.escape(v, quote=True)
+        if k == "dashboard":
+            esc = f'<a href="{esc}" target="_blank">{esc}</a>'
+        cells.append(
+            f"<tr><th style='text-align:left'>{k}</th><td style='text-align:left'>{esc}</td></tr>"
+        )
+    return f"<div><strong>{title}</strong><table>{''.join(cells)}</table></div>"
 
 
 def default_shape(

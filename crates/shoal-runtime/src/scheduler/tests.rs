@@ -135,24 +135,7 @@ fn big_messages_are_cut_into_pieces_in_order() {
 async fn a_client_joining_behind_a_huge_submission_is_served() {
     let (dir, h, secret, conn) = serving("joinbehind").await;
     let (tx, _rx) = net::split_batched::<ToScheduler>(conn);
-    let specs: Vec<TaskSpec> = (1..=2_000_000u64)
-        .map(|i| TaskSpec {
-            id: (1 << 40) + i,
-            group: "g".into(),
-            key: None,
-            kind: shoal_proto::TaskKind::Call,
-            func: Bytes::from_static(b"f"),
-            args: Bytes::from_static(b"a"),
-            deps: Vec::new(),
-            priority: 0,
-            retries: 0,
-            resources: Vec::new(),
-            recompute: true,
-            time_limit_ms: 0,
-            crash_limit: 0,
-            time_request_ms: 0,
-        })
-        .collect();
+    let specs: Vec<TaskSpec> = (1..=2_000_000u64).map(|i| task(1, i)).collect();
     // One message: cut into pieces on arrival, they fill the owner's
     // queue at once; the second client joins while it works.
     // Small messages, decoded at once, fill the owner's queue faster
