@@ -20,6 +20,7 @@ class _TaskLocal(threading.local):
     in_task = False  # a task runs in this thread
     seceded = False  # it lent its thread (secede)
     numpy = False  # NumPy's memory handler is set in this thread
+    lane = 0  # the execution thread's lane (its slot for its supervisor)
     # The executor this execution thread belongs to (workers running in a
     # client's own process have one each; see `current_executor`).
     executor: Any = None

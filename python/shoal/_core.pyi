@@ -16,9 +16,11 @@ EXIT_SCHEDULER_SILENT: int
 _Done = tuple[int, bool, bytes | str | tuple[bytes, str] | None, int, int, int]
 
 # A task for an execution thread: (id, name, group, kind (0 call, 1 batch,
+# 3 a batch run again after its worker died, saying which element runs,
 # 2 command), pickled function, pickled arguments (a command: the encoded
 # command), inputs [(id, bytes, a mapped file, or None: held here)],
-# resources or None, time limit in seconds or None, job id or 0). A tuple
+# resources or None, time limit in seconds or None, job id or 0, what earlier
+# runs of a careful batch did or None). A tuple
 # for the reason given above.
 _Order = tuple[
     int,
@@ -31,6 +33,7 @@ _Order = tuple[
     list[tuple[str, float]] | None,
     float | None,
     int,
+    list[bytes] | None,
 ]
 
 # What ClientCore.outcome's first element names (an interned string).
@@ -192,6 +195,8 @@ class WorkerCore:
     ) -> tuple[list[_Order], list[int]] | Literal["shutdown", "retire"]: ...
     def pickle_requests(self, timeout: float) -> tuple[list[int], list[int]]: ...
     def put_frames(self, items: list[tuple[int, list[Any] | None]]) -> None: ...
+    def slot_item(self, lane: int, item: int) -> None: ...
+    def batch_progress(self, id: int, start: int, count: int, values: bytes) -> None: ...
     def lend_thread(self) -> None: ...
     def reclaim_thread(self) -> None: ...
     def put_stored(self, id: int, file: tuple[str, int] | None) -> None: ...

@@ -108,6 +108,52 @@ def _run_batch(fn: Any, payload: Any) -> Any:
     return values
 
 
+# A careful batch sends what it has done this often (seconds), when small.
+_PROGRESS_EVERY = 0.05
+_PROGRESS_MAX = 256 * 1024
+
+
+def _run_careful_batch(core: Any, tid: int, fn: Any, payload: Any, resume: Any) -> Any:
+    """Runs a ``map`` batch again after a worker died running it. Before
+    each element it says which one runs (in the page its supervisor reads
+    if this process dies too: only a death at the same element again counts
+    against the batch), and every ``_PROGRESS_EVERY`` seconds it sends what
+    it has done (while small), so a run after another death starts after it
+    instead of from the start. ``resume``: what earlier runs sent."""
+    arglist, kwargs, star = payload
+    kwargs = kwargs or {}
+    values: list[Any] = []
+    errors: dict[int, tuple[BaseException, str]] = {}
+    for part in resume or ():
+        done = _serialize.loads(part)
+        errors.update((len(values) + i, e) for i, e in done.errors.items())
+        values.extend(done.values)
+    append, lane, mark = values.append, task_local.lane, core.slot_item
+    saving, saved = True, len(values)
+    next_save = perf_counter() + _PROGRESS_EVERY
+    for i in range(len(values), len(arglist)):
+        mark(lane, i)
+        a = arglist[i]
+        try:
+            append(fn(*a, **kwargs) if star else fn(a, **kwargs))
+        except Exception as e:
+            errors[i] = (e, traceback.format_exc())
+            append(None)
+        if saving and perf_counter() >= next_save:
+            errs = {k - saved: v for k, v in errors.items() if k >= saved}
+            try:
+                blob = _serialize.dumps(_serialize.BatchResult(values[saved:], errs))
+            except Exception:  # noqa: BLE001 - progress is only saved when it can be
+                blob = None
+            if blob is None or len(blob) > _PROGRESS_MAX:
+                saving = False  # too big to travel with each later run
+            else:
+                core.batch_progress(tid, saved, len(values) - saved, blob)
+                saved = len(values)
+                next_save = perf_counter() + _PROGRESS_EVERY
+    return _serialize.BatchResult(values, errors) if errors else values
+
+
 task_local = _context.task_local
 actors = _context.actors
 
@@ -205,6 +251,7 @@ class _Executor:
         done: list[tuple[int, bool, Any, int, int, int]] = []
         ident = threading.get_ident()
         task_local.executor = self
+        task_local.lane = lane
         while True:
             r = core.next_batch(done, 1, 1.0, lane)
             if r == "shutdown":
@@ -232,14 +279,27 @@ class _Executor:
             r = tasks = t = None
 
     def execute(
-        self, ident, tid, name, group, kind, func, args, deps, resources=None, limit=None, job=0
+        self,
+        ident,
+        tid,
+        name,
+        group,
+        kind,
+        func,
+        args,
+        deps,
+        resources=None,
+        limit=None,
+        job=0,
+        resume=None,
     ):
         if kind == 2:
             run, task = self._command, (tid, name, args, resources, limit, job)
         elif not resources:  # the common case, straight on
-            return self._execute(ident, tid, name, group, kind == 1, func, args, deps, limit)
+            return self._execute(ident, tid, name, group, kind, func, args, deps, limit, resume)
         else:
-            run, task = self._execute, (ident, tid, name, group, kind == 1, func, args, deps, limit)
+            run = self._execute
+            task = (ident, tid, name, group, kind, func, args, deps, limit, resume)
         if resources:
             gpus = sum(v for k, v in resources if k == "GPU")
             if gpus and self.gpu_users:
@@ -372,7 +432,9 @@ class _Executor:
                 for d in devices:
                     self.gpu_users[d] -= 1
 
-    def _execute(self, ident, tid, name, group, is_batch, func, args, deps, limit=None):
+    def _execute(
+        self, ident, tid, name, group, is_batch, func, args, deps, limit=None, resume=None
+    ):
         # Registered for the watchdog (cancel, time limit): the thread
         # registers, then looks for a stop asked before it ran.
         running = self.running
@@ -423,7 +485,9 @@ class _Executor:
                 if "numpy" in sys.modules:
                     task_local.numpy = True
                     self.store.use_numpy_allocator()
-            if is_batch:
+            if is_batch == 3:  # run again after its worker died
+                result = _run_careful_batch(self.core, tid, fn, payload, resume)
+            elif is_batch:
                 result = _run_batch(fn, payload)
             else:
                 pos, kw = payload
@@ -666,6 +730,11 @@ def start(
     limit = _store.parse_memory(memory_limit, share)
     _core.sweep(local_directory)  # leftovers of crashed processes
     core = WorkerCore(address, nthreads, name, token, sorted(resources.items()), in_process)
+    if not in_process:
+        # Read (the page of task slots is mapped, its descriptor closed):
+        # not for the processes its tasks start.
+        os.environ.pop("SHOAL_SLOT_FD", None)
+        os.environ.pop("SHOAL_SUPERVISOR", None)
     store = _store.Store(core, limit, local_directory, in_process)
     executor = _Executor(core, address, token, nthreads, gpus, store)
     executor.name = name  # get_worker()

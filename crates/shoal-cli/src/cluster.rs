@@ -3,7 +3,7 @@
 
 use crate::HostInfo;
 use clap::Args;
-use shoal_runtime::local::{LocalCluster, WorkerCommand};
+use shoal_runtime::local::{LocalCluster, Obituaries, WorkerCommand};
 use shoal_runtime::net::{configure_tls, Address, Secret};
 use shoal_runtime::{client, runtime, scheduler};
 use std::path::{Path, PathBuf};
@@ -687,6 +687,10 @@ pub(crate) fn run_worker(a: WorkerArgs, host: &HostInfo) -> CliResult {
         env,
         reconnect: a.reconnect,
         scheduler_elsewhere: true,
+        obituaries: Some(Obituaries {
+            scheduler: address.clone(),
+            secret: secret.clone(),
+        }),
     };
     let mut workers = LocalCluster::start(cmd, a.nworkers)
         .map_err(|e| format!("cannot start worker processes: {e}"))?;

@@ -78,6 +78,7 @@ impl<S> Core<S> {
                             time_request_us: nt.time_request_us,
                             threads: if nt.threads > 1 { nt.threads } else { 0 },
                             resources: nt.resources.into_boxed_slice(),
+                            kill_item: None,
                         };
                         (rare != TaskRare::default()).then(|| Box::new(rare))
                     },

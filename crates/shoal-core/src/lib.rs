@@ -325,6 +325,9 @@ struct TaskRare {
     /// Threads beyond one.
     threads: u32,
     resources: Box<[(u32, f64)]>,
+    /// A batch's element that was running when its worker last died: its
+    /// kills count only while they happen at the same element.
+    kill_item: Option<u32>,
 }
 
 impl<S> Task<S> {

@@ -562,6 +562,15 @@ fn sim(seed: u64) {
         if roll < 6 && !workers.is_empty() {
             // A worker dies: its orders, steals and copies to it with it.
             let w = any_worker(&mut rng);
+            // What its threads ran, as its supervisor would read it.
+            let take = rng.usize(0..3);
+            let item = rng.bool().then(|| rng.u32(0..3));
+            let ran: Vec<(TaskId, Option<u32>)> = running
+                .iter()
+                .filter(|&&(x, _, _)| x == w)
+                .map(|&(_, id, _)| (id, item))
+                .take(take)
+                .collect();
             running.retain(|&(x, _, _)| x != w);
             asked.retain(|&(x, _)| x != w);
             copying.retain(|&(_, to)| to != w);
@@ -569,10 +578,21 @@ fn sim(seed: u64) {
                 actor = None;
             }
             // Or restarts on purpose (a task it could not stop).
-            if rng.bool() {
-                c.handle_worker_lost(w);
-            } else {
-                c.handle_worker_restarting(w);
+            match rng.u32(0..4) {
+                0 => c.handle_worker_lost(w),
+                1 => c.handle_worker_restarting(w),
+                2 => c.handle_worker_died(w, &ran),
+                _ => {
+                    // Its supervisor's word comes a moment after the
+                    // connection closed, or never.
+                    c.handle_worker_dying(w);
+                    c.check_invariants();
+                    if rng.bool() {
+                        c.handle_worker_died(w, &ran);
+                    } else {
+                        c.handle_worker_lost(w);
+                    }
+                }
             }
         } else if roll < 12 || workers.is_empty() {
             let gpus = vec![(GPU, rng.u32(0..3) as f64)];
@@ -1738,4 +1758,104 @@ fn a_task_record_fits_in_136_bytes() {
         "{}",
         std::mem::size_of::<Task<()>>()
     );
+}
+
+fn killed(c: &Core, id: u64) -> bool {
+    matches!(
+        c.state(t(id)),
+        Some(TaskState::Erred {
+            kind: ErrorKind::KilledWorker(_),
+            ..
+        })
+    )
+}
+
+#[test]
+fn a_worker_that_dies_between_tasks_blames_none_of_them() {
+    let mut c = Core::new(Config {
+        max_kills: 1,
+        log_capacity: 1000,
+        ..Config::default()
+    });
+    c.handle_worker_added(WorkerId(0), 2);
+    c.handle_submit(C, vec![nt(1, &[]), nt(2, &[]), nt(3, &[])]);
+    c.take_actions();
+    // No start report came (the old rule would blame all three), but its
+    // supervisor saw no task running: it died starting up or between tasks.
+    c.handle_worker_dying(WorkerId(0));
+    c.check_invariants();
+    c.handle_worker_died(WorkerId(0), &[]);
+    c.check_invariants();
+    for id in 1..=3 {
+        assert_eq!(c.state(t(id)), Some(TaskState::Ready), "task {id}");
+    }
+    let story: Vec<_> = c.story(t(1)).iter().map(|s| s.stimulus).collect();
+    assert!(story.contains(&"worker-died"), "{story:?}");
+}
+
+#[test]
+fn a_worker_that_dies_inside_a_task_blames_that_task_alone() {
+    let mut c = Core::new(Config {
+        max_kills: 1,
+        log_capacity: 1000,
+        ..Config::default()
+    });
+    c.handle_worker_added(WorkerId(0), 2);
+    c.handle_submit(C, vec![nt(1, &[]), nt(2, &[]), nt(3, &[])]);
+    c.take_actions();
+    // Both reported started; the supervisor says only 2 was running (1
+    // had ended, its report lost with the process).
+    c.handle_tasks_started(WorkerId(0), &[t(1), t(2)]);
+    c.handle_worker_died(WorkerId(0), &[(t(2), None), (t(99), None)]);
+    c.check_invariants();
+    assert!(killed(&c, 2));
+    assert!(!killed(&c, 1) && !killed(&c, 3));
+    // Without a start report too: `os._exit` before anything was sent.
+    c.handle_worker_added(WorkerId(1), 2);
+    c.take_actions();
+    c.handle_worker_died(WorkerId(1), &[(t(3), None)]);
+    assert!(killed(&c, 3));
+    assert!(!killed(&c, 1));
+    c.check_invariants();
+}
+
+#[test]
+fn a_dying_worker_gets_no_work_while_its_supervisor_is_heard() {
+    let mut c = core();
+    c.handle_worker_added(WorkerId(0), 1);
+    c.handle_worker_dying(WorkerId(0));
+    c.handle_submit(C, vec![nt(1, &[])]);
+    assert_eq!(computes(&c.take_actions()), vec![]);
+    c.handle_worker_added(WorkerId(1), 1);
+    assert_eq!(computes(&c.take_actions()), vec![(1, 1)]);
+    // No word from the supervisor: the old rule, as for any lost worker.
+    c.handle_worker_lost(WorkerId(0));
+    c.check_invariants();
+    assert_eq!(c.state(t(1)), Some(TaskState::Processing(WorkerId(1))));
+}
+
+#[test]
+fn a_batch_fails_only_when_its_worker_dies_at_the_same_element() {
+    let mut c = core(); // max_kills 3
+    c.handle_submit(C, vec![nt(1, &[])]);
+    let mut w = 0;
+    let mut die_at = |c: &mut Core, item: u32| {
+        c.handle_worker_added(WorkerId(w), 1);
+        assert_eq!(computes(&c.take_actions()), vec![(w, 1)]);
+        c.handle_worker_died(WorkerId(w), &[(t(1), Some(item))]);
+        c.check_invariants();
+        w += 1;
+    };
+    // Killed from outside at whatever element it had reached: never blamed
+    // three times over.
+    for item in [5, 9, 9, 40, 41, 300] {
+        die_at(&mut c, item);
+        assert!(!killed(&c, 1), "at element {item}");
+    }
+    // An element that kills its worker: three times at it, and it fails.
+    die_at(&mut c, 77);
+    die_at(&mut c, 77);
+    assert!(!killed(&c, 1));
+    die_at(&mut c, 77);
+    assert!(killed(&c, 1));
 }

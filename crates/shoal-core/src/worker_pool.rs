@@ -349,7 +349,30 @@ impl<S> Core<S> {
     /// again elsewhere; results only it held and still needed are recomputed.
     pub fn handle_worker_lost(&mut self, worker: WorkerId) {
         self.stimulus = "worker-lost";
-        self.remove_worker(worker, true);
+        self.remove_worker(worker, Blame::Unknown);
+    }
+
+    /// A worker process died and its supervisor says which tasks its
+    /// threads were running (from a slot the worker writes before each task
+    /// and clears after): only those are suspects. Empty: it died between
+    /// tasks (or still starting up) and no task is to blame. With a task,
+    /// the element of a batch (`map`) that was running, when known: a batch
+    /// fails only when its worker died at the same element each time, so
+    /// a batch that merely ran long while workers were killed is not blamed.
+    pub fn handle_worker_died(&mut self, worker: WorkerId, running: &[(TaskId, Option<u32>)]) {
+        self.stimulus = "worker-died";
+        self.remove_worker(worker, Blame::Exactly(running));
+    }
+
+    /// A worker's connection closed and its supervisor will say what it was
+    /// running ([`Core::handle_worker_died`]), or the caller gives up
+    /// waiting ([`Core::handle_worker_lost`]). Meanwhile it gets no work.
+    pub fn handle_worker_dying(&mut self, worker: WorkerId) {
+        self.stimulus = "worker-dying";
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.paused = true;
+            self.reindex(worker);
+        }
     }
 
     /// A worker restarts on purpose (a task it was told to stop did not
@@ -357,10 +380,10 @@ impl<S> Core<S> {
     /// are not suspects (no kill is counted against them).
     pub fn handle_worker_restarting(&mut self, worker: WorkerId) {
         self.stimulus = "worker-restarting";
-        self.remove_worker(worker, false);
+        self.remove_worker(worker, Blame::None);
     }
 
-    pub(crate) fn remove_worker(&mut self, worker: WorkerId, blame: bool) {
+    pub(crate) fn remove_worker(&mut self, worker: WorkerId, blame: Blame<'_>) {
         let Some(w) = self.workers.remove(&worker) else {
             return;
         };
@@ -375,17 +398,35 @@ impl<S> Core<S> {
         assigned.sort();
         let mut held: Vec<TaskId> = w.has.into_iter().collect();
         held.sort();
-        // Only what ran there may have killed it. With no start report
-        // (it died at once, before the report left), every assigned task
-        // is a suspect: a task that kills its worker instantly still ends
-        // as KilledWorker.
+        // Only what ran there may have killed it. Unless its supervisor
+        // said exactly what ran, that is what it reported started; with no
+        // start report (it died at once, before the report left), every
+        // assigned task is a suspect: a task that kills its worker
+        // instantly still ends as KilledWorker.
         let unknown = w.running.is_empty();
         for id in assigned {
             let Some(t) = self.tasks.get_mut(&id) else {
                 continue;
             };
-            if blame && (unknown || w.running.contains(&id)) {
-                t.kills = t.kills.saturating_add(1);
+            let suspect = match blame {
+                Blame::None => None,
+                Blame::Exactly(ran) => ran.iter().find(|r| r.0 == id).map(|r| r.1),
+                Blame::Unknown => (unknown || w.running.contains(&id)).then_some(None),
+            };
+            match suspect {
+                None => {}
+                Some(None) => t.kills = t.kills.saturating_add(1),
+                Some(Some(item)) => {
+                    let rare = t.rare.get_or_insert_with(Default::default);
+                    if rare.kill_item == Some(item) {
+                        t.kills = t.kills.saturating_add(1);
+                    } else {
+                        // Another element than last time: progress, not
+                        // the same crash again.
+                        rare.kill_item = Some(item);
+                        t.kills = 1;
+                    }
+                }
             }
             if t.once {
                 self.set_erred(id, id, ErrorKind::DataLost);
@@ -422,4 +463,16 @@ impl<S> Core<S> {
         }
         self.schedule();
     }
+}
+
+/// Which of a leaving worker's tasks may have killed it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Blame<'a> {
+    /// None: it left on purpose.
+    None,
+    /// Not known: those it reported started (all, if none was reported).
+    Unknown,
+    /// These, and only these, were running when it died (with the
+    /// element of a batch, when known).
+    Exactly(&'a [(TaskId, Option<u32>)]),
 }

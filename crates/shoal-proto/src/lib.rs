@@ -19,7 +19,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// Bumped on every incompatible change (9: command tasks, jobs, time
 /// limits); peers with another version are refused.
-pub const PROTOCOL_VERSION: u32 = 10;
+pub const PROTOCOL_VERSION: u32 = 11;
 /// First field of every handshake, so a stray peer is recognised at once.
 pub const MAGIC: u32 = 0x5348_4f4c; // "SHOL"
 /// Largest frame accepted (a frame larger than this closes the connection).
@@ -69,9 +69,25 @@ pub enum Role {
         /// When it will retire (microseconds since the Unix epoch; 0: no
         /// limit), e.g. before its batch job's walltime.
         lifetime_end_us: u64,
+        /// The supervisor that started it (random, nonzero), which reports
+        /// its death with [`Role::Obituary`]; 0: none will.
+        supervisor: u64,
     },
     /// A peer fetching results from a worker's data server.
     Data,
+    /// A supervisor saying that one of its worker processes died, and which
+    /// tasks its threads were running then (read from memory it shares with
+    /// the worker): only those are to blame. Nothing follows the handshake.
+    Obituary {
+        /// The supervisor's [`Role::Worker::supervisor`].
+        supervisor: u64,
+        /// The dead worker's process id.
+        pid: u32,
+        /// Tasks it was running, each with the element of a batch that
+        /// was running (when the worker was asked to say: see
+        /// [`FromScheduler::Compute::careful`]).
+        running: Vec<(u64, Option<u32>)>,
+    },
 }
 
 /// Answer to a [`Hello`].
@@ -422,6 +438,21 @@ pub enum ToScheduler {
     /// Worker, before the task's report: its result cannot be pickled, so
     /// it cannot leave this worker; tasks that take it are to run here.
     Pinned(u64),
+    /// Worker: elements `from..` of a careful batch (see
+    /// [`FromScheduler::Compute::careful`]) are done; `values` is their
+    /// pickled outcome. The scheduler keeps it, and a later run of the
+    /// batch (its worker died) resumes after them
+    /// ([`FromScheduler::Compute::resume`]).
+    Progress {
+        /// The batch task.
+        id: u64,
+        /// Its first element in `values`.
+        from: u32,
+        /// How many elements `values` has.
+        count: u32,
+        /// Pickled outcomes of the elements.
+        values: Bytes,
+    },
 }
 
 /// When and on which thread a task ran (the worker's clock).
@@ -672,6 +703,14 @@ pub enum FromScheduler {
         time_limit_ms: u64,
         /// The job it belongs to (`SHOAL_JOB_ID`; 0: none).
         job: u32,
+        /// A batch that was running on a worker that died: say which of its
+        /// elements runs (so a death is held against it only when it comes
+        /// at the same element again), and report progress as it goes
+        /// ([`ToScheduler::Progress`]).
+        careful: bool,
+        /// What earlier runs of a careful batch reported done, in order:
+        /// this run starts after it.
+        resume: Vec<Bytes>,
     },
     /// To a worker: drop the task if not started.
     Cancel(u64),

@@ -74,6 +74,7 @@ fn corpus() -> Vec<Vec<u8>> {
         pid: 42,
         resources: vec![("GPU".into(), 2.0)],
         lifetime_end_us: 1_800_000_000_000_000,
+        supervisor: 7,
     };
     let to: Vec<ToScheduler> = vec![
         ToScheduler::Submit((0..5).map(spec).collect()),
@@ -162,6 +163,8 @@ fn corpus() -> Vec<Vec<u8>> {
             resources: vec![],
             time_limit_ms: 5000,
             job: 2,
+            careful: true,
+            resume: vec![Bytes::from_static(b"p")],
         },
         FromScheduler::Stop(7),
         FromScheduler::Ack(12),
@@ -177,6 +180,14 @@ fn corpus() -> Vec<Vec<u8>> {
         encode(&to),
         encode(&from),
         encode(&Hello::new(role, [7; 32])),
+        encode(&Hello::new(
+            Role::Obituary {
+                supervisor: 7,
+                pid: 42,
+                running: vec![(1, None), (2, Some(3))],
+            },
+            [7; 32],
+        )),
         encode(&Hello::new(Role::Client, [0; 32])),
         encode(&Proof { mac: [1; 32] }),
         encode(&Welcome::Challenge {

@@ -2,7 +2,7 @@
 
 use super::*;
 use pyo3::exceptions::PyOSError;
-use shoal_runtime::local::{LocalCluster, WorkerCommand};
+use shoal_runtime::local::{LocalCluster, Obituaries, WorkerCommand};
 use shoal_runtime::net::{Address, Secret};
 use shoal_runtime::runtime;
 use shoal_runtime::scheduler::{self, SchedulerHandle};
@@ -48,7 +48,11 @@ impl Cluster {
             let secret = Secret::random();
             let token = secret.token();
             let sched = runtime()
-                .block_on(scheduler::start(&addr, secret, dashboard.as_deref()))
+                .block_on(scheduler::start(
+                    &addr,
+                    secret.clone(),
+                    dashboard.as_deref(),
+                ))
                 .inspect_err(|_| {
                     let _ = std::fs::remove_dir_all(&dir);
                 })?;
@@ -64,6 +68,10 @@ impl Cluster {
                 env,
                 reconnect: false,
                 scheduler_elsewhere: false,
+                obituaries: Some(Obituaries {
+                    scheduler: sched.address.clone(),
+                    secret: secret.clone(),
+                }),
             };
             let workers = LocalCluster::start(cmd, n_workers)?;
             // A crashed scheduler closed every connection: stop replacing

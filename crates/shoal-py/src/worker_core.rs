@@ -76,7 +76,8 @@ impl WorkerCore {
     /// kept as the Python object; for a failure `(pickled error, text)`) and returns
     /// the next `(tasks, released_ids)`; or `"shutdown"` (the scheduler
     /// asked the worker to stop) or `"retire"` (a lent thread was taken
-    /// back: this thread ends). Tasks are `(id, name, group, is_batch, func, args, deps, resources)` with deps
+    /// back: this thread ends). Tasks are `(id, name, group, kind, func, args, deps, resources)` (kind: 0 a call, 1 a
+    /// batch, 2 a command, 3 a batch that says which element runs) with deps
     /// `[(id, bytes or None)]`. Returns empty lists after `timeout` seconds.
     fn next_batch<'py>(
         &self,
@@ -91,6 +92,10 @@ impl WorkerCore {
             .map(|d| to_done(d, lane))
             .collect::<PyResult<_>>()?;
         let inner = &self.inner;
+        // This thread runs nothing now: a death from here on is no task's.
+        if let Some(s) = &inner.slots {
+            s.clear(lane);
+        }
         inner.report(done);
         if inner.backlogged() {
             py.detach(|| inner.wait_room());
@@ -109,6 +114,15 @@ impl WorkerCore {
             Batch::Retire => return Ok(intern!(py, "retire").clone().into_any()),
             Batch::Work(t, r) => (t, r),
         };
+        // Before the task is handed over: if the process dies from here
+        // until the next call, its supervisor blames this task (and only it).
+        if let Some(s) = &inner.slots {
+            match tasks.as_slice() {
+                [] => {}
+                [t] => s.set(lane, t.id),
+                _ => s.set_unknown(lane),
+            }
+        }
         let list = PyList::empty(py);
         for t in tasks {
             let deps = PyList::empty(py);
@@ -128,11 +142,14 @@ impl WorkerCore {
             let resources = (!t.resources.is_empty()).then_some(t.resources);
             let kind: u8 = match t.kind {
                 TaskKind::Call => 0,
+                TaskKind::Batch if t.careful => 3,
                 TaskKind::Batch => 1,
                 TaskKind::Command => 2,
             };
             // Seconds (None: no limit).
             let limit = (t.time_limit_ms > 0).then(|| t.time_limit_ms as f64 / 1000.0);
+            let resume: Option<Vec<Bound<'py, PyBytes>>> = (!t.resume.is_empty())
+                .then(|| t.resume.iter().map(|b| PyBytes::new(py, b)).collect());
             list.append((
                 t.id,
                 t.name,
@@ -144,9 +161,25 @@ impl WorkerCore {
                 resources,
                 limit,
                 t.job,
+                resume,
             ))?;
         }
         Ok((list, released).into_pyobject(py)?.into_any())
+    }
+
+    /// Execution thread `lane`'s batch runs its element `item` from now
+    /// (only for a batch run again after its worker died: see
+    /// `shoal_runtime::slots`).
+    fn slot_item(&self, lane: u32, item: u32) {
+        if let Some(s) = &self.inner.slots {
+            s.set_item(lane, item);
+        }
+    }
+
+    /// Elements `start..start + count` of careful batch `id` are done
+    /// (`values`: their pickled outcomes), for a later run to resume after.
+    fn batch_progress(&self, id: u64, start: u32, count: u32, values: Vec<u8>) {
+        self.inner.progress(id, start, count, values.into());
     }
 
     /// A task lends its thread while it waits on other tasks: start one

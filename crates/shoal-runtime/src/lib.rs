@@ -43,6 +43,7 @@ pub mod settings;
 pub mod shm;
 #[cfg(target_os = "linux")]
 pub mod shm_pool;
+pub mod slots;
 pub mod transfer;
 pub mod worker;
 

@@ -6,7 +6,10 @@
 //! client process dying), and a worker also exits by itself as soon as its
 //! scheduler connection closes.
 
+use crate::net::{Address, Secret};
+use crate::slots::SlotFile;
 use parking_lot::Mutex;
+use shoal_proto::Role;
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -32,6 +35,37 @@ pub struct WorkerCommand {
     /// in the supervisor's own process, which was frozen if it fell silent:
     /// replacements find it awake.
     pub scheduler_elsewhere: bool,
+    /// Where to report a worker's death with the tasks it was running
+    /// ([`crate::slots`]); None: its connection closing is all the
+    /// scheduler learns.
+    pub obituaries: Option<Obituaries>,
+}
+
+/// The scheduler a supervisor reports deaths to.
+#[derive(Clone)]
+pub struct Obituaries {
+    /// Its address.
+    pub scheduler: Address,
+    /// The cluster's secret.
+    pub secret: Secret,
+}
+
+impl std::fmt::Debug for Obituaries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Obituaries({})", self.scheduler)
+    }
+}
+
+/// A worker process and the page where it says what it runs.
+struct Kid {
+    child: Child,
+    slots: Option<SlotFile>,
+}
+
+impl Kid {
+    fn id(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 /// Exit status of a worker process that the scheduler told to stop: the
@@ -53,7 +87,10 @@ pub const EXIT_REFUSED: i32 = 77;
 pub const EXIT_SCHEDULER_SILENT: i32 = 78;
 
 /// Replacements allowed within [`RESPAWN_WINDOW`] before giving up: a worker
-/// that cannot even start must not be restarted forever.
+/// that cannot even start must not be restarted forever. Only workers that
+/// died before joining their scheduler count, where the supervisor can tell
+/// ([`SlotFile::joined`]): workers killed from outside, however often, are
+/// replaced.
 const MAX_RESPAWNS: usize = 20;
 const RESPAWN_WINDOW: Duration = Duration::from_secs(30);
 
@@ -78,26 +115,74 @@ struct Wanted {
     retiring: Vec<u32>,
 }
 
-fn spawn(cmd: &WorkerCommand) -> std::io::Result<Child> {
+fn spawn(cmd: &WorkerCommand, supervisor: u64) -> std::io::Result<Kid> {
     let mut c = Command::new(&cmd.program);
     c.args(&cmd.args).envs(cmd.env.iter().cloned());
+    // Without a page (no memfd here), deaths are judged as before: by what
+    // the worker reported started.
+    let slots = match cmd.obituaries {
+        Some(_) => SlotFile::create()
+            .inspect_err(|e| tracing::warn!("no task slots for a worker: {e}"))
+            .ok(),
+        None => None,
+    };
+    if let Some(s) = &slots {
+        c.env("SHOAL_SLOT_FD", s.raw_fd().to_string())
+            .env("SHOAL_SUPERVISOR", supervisor.to_string());
+    }
+    let slot_fd = slots.as_ref().map(SlotFile::raw_fd);
     #[cfg(target_os = "linux")]
     {
         use std::os::unix::process::CommandExt;
         let parent = std::process::id() as libc::pid_t;
-        // SAFETY: runs in the forked child before exec; prctl, getppid and
-        // _exit are async-signal-safe and touch no memory of the parent.
+        // SAFETY: runs in the forked child before exec; prctl, getppid,
+        // fcntl and _exit are async-signal-safe and touch no memory of the
+        // parent.
         unsafe {
             c.pre_exec(move || {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
                 if libc::getppid() != parent {
                     libc::_exit(0);
                 }
+                if let Some(fd) = slot_fd {
+                    crate::slots::inherit(fd)?;
+                }
                 Ok(())
             });
         }
     }
-    c.spawn()
+    let child = c.spawn()?;
+    Ok(Kid { child, slots })
+}
+
+/// Tells the scheduler that worker process `pid` died running `running`.
+/// Best effort, within a few seconds: without it the scheduler judges by
+/// what the worker reported started.
+fn report_death(to: &Obituaries, supervisor: u64, pid: u32, running: Vec<(u64, Option<u32>)>) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return tracing::warn!("cannot report worker {pid}'s death: {e}"),
+    };
+    let role = Role::Obituary {
+        supervisor,
+        pid,
+        running,
+    };
+    let sent = rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(3),
+            crate::net::handshake(&to.scheduler, role, &to.secret),
+        )
+        .await
+    });
+    match sent {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::info!("cannot report worker {pid}'s death: {e}"),
+        Err(_) => tracing::info!("cannot report worker {pid}'s death: timed out"),
+    }
 }
 
 impl LocalCluster {
@@ -113,6 +198,8 @@ impl LocalCluster {
         }));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let shared = Supervised {
+            // Nonzero: 0 says "no supervisor reports".
+            id: u64::from_le_bytes(crate::net::nonce()[..8].try_into().expect("8 bytes")) | 1,
             stop: stop.clone(),
             no_respawn: no_respawn.clone(),
             pids: pids.clone(),
@@ -126,7 +213,7 @@ impl LocalCluster {
                 crate::shm::sweep(None);
                 let mut children = Vec::new();
                 for _ in 0..n {
-                    match spawn(&cmd) {
+                    match spawn(&cmd, shared.id) {
                         Ok(c) => children.push(c),
                         Err(e) => {
                             let _ = ready_tx.send(Err(e));
@@ -134,7 +221,7 @@ impl LocalCluster {
                         }
                     }
                 }
-                *shared.pids.lock() = children.iter().map(Child::id).collect();
+                *shared.pids.lock() = children.iter().map(Kid::id).collect();
                 let _ = ready_tx.send(Ok(()));
                 supervise(cmd, children, shared);
             })?;
@@ -222,6 +309,8 @@ impl LocalCluster {
 
 /// What the supervisor thread shares with its [`LocalCluster`].
 struct Supervised {
+    /// Its id in its workers' [`Role::Worker::supervisor`].
+    id: u64,
     stop: Arc<AtomicBool>,
     no_respawn: Arc<AtomicBool>,
     pids: Arc<Mutex<Vec<u32>>>,
@@ -241,22 +330,38 @@ impl Supervised {
     }
 }
 
-fn supervise(cmd: WorkerCommand, mut children: Vec<Child>, sh: Supervised) {
+fn supervise(cmd: WorkerCommand, mut children: Vec<Kid>, sh: Supervised) {
     let stop = &sh.stop;
     let mut respawns: Vec<Instant> = Vec::new();
     while !stop.load(Ordering::SeqCst) {
         let mut changed = false;
         let mut i = 0;
         while i < children.len() {
-            let Ok(Some(status)) = children[i].try_wait() else {
+            let Ok(Some(status)) = children[i].child.try_wait() else {
                 i += 1;
                 continue;
             };
             let pid = children[i].id();
             // Already reaped by try_wait. Its shared-memory segments and
             // spilled data die with it.
-            let _ = children.swap_remove(i).wait();
+            let mut kid = children.swap_remove(i);
+            let _ = kid.child.wait();
             crate::shm::remove_process(pid);
+            // One that had joined its scheduler could start: its death is
+            // no sign that workers cannot (however often they are killed).
+            let joined = kid.slots.as_ref().is_some_and(SlotFile::joined);
+            // What its threads ran, for the scheduler to blame (not for a
+            // worker it stopped: that one is gone from its books already).
+            if let (Some(to), Some(slots)) = (&cmd.obituaries, kid.slots.take()) {
+                if status.code() != Some(EXIT_STOPPED) {
+                    if let Some(running) = slots.running() {
+                        let (to, id) = (to.clone(), sh.id);
+                        let _ = std::thread::Builder::new()
+                            .name("shoal-obituary".into())
+                            .spawn(move || report_death(&to, id, pid, running));
+                    }
+                }
+            }
             changed = true;
             {
                 let mut w = sh.wanted.lock();
@@ -303,7 +408,9 @@ fn supervise(cmd: WorkerCommand, mut children: Vec<Child>, sh: Supervised) {
                 continue;
             }
             eprintln!("shoal: worker process {pid} died ({status}); starting a replacement");
-            respawns.push(Instant::now());
+            if !joined {
+                respawns.push(Instant::now());
+            }
         }
         // Up to the target: replacements for crashed workers, and scale-ups.
         if !stop.load(Ordering::SeqCst) && !sh.no_respawn.load(Ordering::SeqCst) {
@@ -312,7 +419,7 @@ fn supervise(cmd: WorkerCommand, mut children: Vec<Child>, sh: Supervised) {
             w.retiring.retain(|p| children.iter().any(|c| c.id() == *p));
             let live = children.len() - w.retiring.len();
             for _ in live..w.target {
-                match spawn(&cmd) {
+                match spawn(&cmd, sh.id) {
                     Ok(c) => {
                         children.push(c);
                         changed = true;
@@ -325,14 +432,14 @@ fn supervise(cmd: WorkerCommand, mut children: Vec<Child>, sh: Supervised) {
             }
         }
         if changed {
-            *sh.pids.lock() = children.iter().map(Child::id).collect();
+            *sh.pids.lock() = children.iter().map(Kid::id).collect();
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     // Closing: workers were asked to shut down; give them a moment, then kill.
     let deadline = Instant::now() + Duration::from_secs(3);
-    let reap = |c: &mut Child| {
-        let done = matches!(c.try_wait(), Ok(Some(_)));
+    let reap = |c: &mut Kid| {
+        let done = matches!(c.child.try_wait(), Ok(Some(_)));
         if done {
             crate::shm::remove_process(c.id());
         }
@@ -346,8 +453,8 @@ fn supervise(cmd: WorkerCommand, mut children: Vec<Child>, sh: Supervised) {
         std::thread::sleep(Duration::from_millis(10));
     }
     for c in &mut children {
-        let _ = c.kill();
-        let _ = c.wait();
+        let _ = c.child.kill();
+        let _ = c.child.wait();
         crate::shm::remove_process(c.id());
     }
 }

@@ -26,6 +26,7 @@ pub async fn run(addr: Address, secret: Secret, name: String) -> io::Result<()> 
         pid: std::process::id(),
         resources: Vec::new(),
         lifetime_end_us: 0,
+        supervisor: 0,
     };
     let (conn, _) = net::handshake(&addr, role, &secret).await?;
     let (out, mut stream) = net::split_batched::<ToScheduler>(conn);

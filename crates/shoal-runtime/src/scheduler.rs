@@ -24,7 +24,9 @@ use crate::net::{self, Address, Listener, Secret};
 use bytes::Bytes;
 use futures::StreamExt;
 use rustc_hash::{FxHashMap, FxHashSet};
-use shoal_core::{Action, ClientId, Core, ErrorKind, Location, NewTask, TaskId, WorkerId};
+use shoal_core::{
+    Action, ClientId, Core, ErrorKind, Location, NewTask, TaskId, TaskState, WorkerId,
+};
 use shoal_proto::{
     task_name, ClusterInfo, Dep, DepSource, FromScheduler, Role, TaskError, TaskSpec, ToScheduler,
     Welcome, WorkerInfo, WorkerMetrics,
@@ -67,7 +69,14 @@ enum Event {
         name: String,
         resources: Vec<(String, f64)>,
         lifetime_end_us: u64,
+        supervisor: u64,
         tx: Tx,
+    },
+    /// A supervisor says its worker process `pid` died running `running`.
+    Obituary {
+        supervisor: u64,
+        pid: u32,
+        running: Vec<(u64, Option<u32>)>,
     },
     FromClient(u32, Vec<ToScheduler>),
     FromWorker(u32, Vec<ToScheduler>),
@@ -291,7 +300,35 @@ struct WorkerConn {
     acked: u64,
     /// When it retires (Unix microseconds; 0: no limit).
     lifetime_end_us: u64,
+    /// The supervisor that reports its death (0: none).
+    supervisor: u64,
 }
+
+/// A worker whose connection closed, whose supervisor's word on what it
+/// was running is awaited (until `until`; then it is judged without).
+struct Dying {
+    supervisor: u64,
+    pid: u32,
+    until: tokio::time::Instant,
+}
+
+/// A careful batch's progress: its elements `..next` are done, pickled in
+/// `parts` (`bytes` in all).
+#[derive(Default)]
+struct Partial {
+    next: u32,
+    bytes: usize,
+    parts: Vec<Bytes>,
+}
+
+/// The most progress kept for one batch: it travels with each of the
+/// batch's later runs, through the scheduler (small outcomes only).
+const PARTIAL_LIMIT: usize = 1 << 20;
+
+/// How long the scheduler waits for a supervisor's [`Event::Obituary`]
+/// after a worker's connection closed. The supervisor sees the death within
+/// tens of milliseconds; this only bounds the wait when it is gone too.
+const OBITUARY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A connected client.
 struct ClientConn {
@@ -334,6 +371,13 @@ struct State {
     closing: bool,
     /// Workers told to stop after retiring (their leaving is no news).
     retired: rustc_hash::FxHashSet<u32>,
+    /// Workers whose connection closed, waiting for their supervisor's word.
+    dying: FxHashMap<u32, Dying>,
+    /// Batches that were running on a worker that died: run again saying
+    /// which element runs. Dropped when the task ends or is forgotten.
+    careful: FxHashSet<u64>,
+    /// What careful batches reported done (`Progress`), for their next run.
+    partials: FxHashMap<u64, Partial>,
     /// Jobs of command tasks (`shoal submit`).
     jobs: jobs::Jobs,
     /// `--journal`: jobs and their tasks' ends are written to it.
@@ -391,6 +435,9 @@ async fn owner(
         actions: Vec::new(),
         closing: false,
         retired: Default::default(),
+        dying: Default::default(),
+        careful: Default::default(),
+        partials: Default::default(),
         jobs: Default::default(),
         journal: None,
         restored: FxHashMap::default(),
@@ -442,6 +489,7 @@ async fn owner(
                 st.monitor.lag_us = lag;
                 st.monitor.lag_max_us = st.monitor.lag_max_us.max(lag);
                 st.core.handle_tick((now - start).as_micros() as u64);
+                st.obituaries_overdue(now);
                 if st.restored_until.is_some_and(|t| now >= t) {
                     // What resumed clients sent meanwhile goes first.
                     for item in st.release_restored().into_iter().rev() {
@@ -687,6 +735,7 @@ impl State {
                 name,
                 resources,
                 lifetime_end_us,
+                supervisor,
                 tx,
             } => {
                 if self.closing {
@@ -711,6 +760,7 @@ impl State {
                         reports: 0,
                         acked: 0,
                         lifetime_end_us,
+                        supervisor,
                     },
                 );
                 self.core
@@ -735,15 +785,31 @@ impl State {
                     // Expected when the cluster closes or the worker retired.
                     if self.closing || self.retired.remove(&id) {
                         tracing::info!("worker {} left: {reason}", w.name);
+                    } else if w.supervisor != 0 {
+                        // Its supervisor will say what it was running.
+                        tracing::info!("worker {} left: {reason}", w.name);
+                        self.dying.insert(
+                            id,
+                            Dying {
+                                supervisor: w.supervisor,
+                                pid: w.pid,
+                                until: tokio::time::Instant::now() + OBITUARY_WAIT,
+                            },
+                        );
+                        self.core.handle_worker_dying(WorkerId(id));
+                        self.process();
+                        return;
                     } else {
                         tracing::warn!("worker {} left: {reason}", w.name);
                     }
                 }
-                self.synced_all(id);
-                self.adopted_lost(id);
-                self.core.handle_worker_lost(WorkerId(id));
-                self.process();
+                self.worker_gone(id, None);
             }
+            Event::Obituary {
+                supervisor,
+                pid,
+                running,
+            } => self.obituary(supervisor, pid, running),
             Event::Query(path, reply) => {
                 let _ = reply.send((self.query(&path), self.monitor.next_seq()));
             }

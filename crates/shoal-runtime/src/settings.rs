@@ -74,6 +74,8 @@ pub const VARS: &[Var] = &[
     shoal("SHOAL_CPUS", "in a command task: the CPUs it holds"),
     shoal("SHOAL_ENTRY", "in a command task of a `--each-line` or `--from-json` job: its entry"),
     shoal("SHOAL_JOB_ID", "in a command task: its job's id"),
+    shoal("SHOAL_SLOT_FD", "in a worker process: the descriptor of the page where it writes which task each thread runs, for its supervisor"),
+    shoal("SHOAL_SUPERVISOR", "in a worker process: the id of the supervisor that reports its death"),
     shoal("SHOAL_TASK_ID", "in a command task: its id in its job (the array index)"),
     Var { name: "SHOAL_FUZZ_SECS", default: "", meaning: "seconds each fuzz test runs", origin: Origin::Tests },
     Var { name: "SHOAL_FUZZ_SEED", default: "", meaning: "the fuzz tests' seed", origin: Origin::Tests },

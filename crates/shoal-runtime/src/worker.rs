@@ -10,6 +10,7 @@
 
 use crate::clock::now_us;
 use crate::net::{self, Address, Listener, Secret};
+use crate::slots::TaskSlots;
 use crate::transfer::{fetch, fetch_some, Fetched};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -71,6 +72,10 @@ pub struct ExecTask {
     pub time_limit_ms: u64,
     /// Its job (0: none).
     pub job: u32,
+    /// A batch to say which element runs (see `FromScheduler::Compute`).
+    pub careful: bool,
+    /// What earlier runs of it did (see `FromScheduler::Compute`).
+    pub resume: Vec<Bytes>,
 }
 
 /// What a worker needs to join its scheduler again.
@@ -219,6 +224,9 @@ pub struct WorkerShared {
     /// it never ends the process; losing the scheduler stops its execution
     /// threads instead, and a restart cannot be had.
     pub in_process: bool,
+    /// Where it says which task each execution thread runs, for its
+    /// supervisor to read if it dies ([`crate::slots`]); None without one.
+    pub slots: Option<TaskSlots>,
 }
 
 /// `SHOAL_STOP_GRACE` (seconds, default 5): how long a stopped task has
@@ -357,6 +365,15 @@ pub fn start(
         let listener = Listener::bind(&data_addr).await?;
         let data_addr = listener.local_addr()?;
         let lifetime_end_us = lifetime_end_us();
+        // A worker in a client's own process has no supervisor of its own
+        // (the variables, if set, were meant for the process's parent).
+        let slots = (!in_process).then(TaskSlots::from_env).flatten();
+        let supervisor = match &slots {
+            Some(_) => crate::settings::raw("SHOAL_SUPERVISOR")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+            None => 0,
+        };
         let role = Role::Worker {
             nthreads,
             data_addr: data_addr.to_string(),
@@ -364,8 +381,12 @@ pub fn start(
             pid: std::process::id(),
             resources,
             lifetime_end_us,
+            supervisor,
         };
         let (conn, id) = net::handshake(scheduler, role.clone(), &secret).await?;
+        if let Some(s) = &slots {
+            s.set_joined();
+        }
         let (out, mut stream) = net::split_batched::<ToScheduler>(conn);
         let reconnect = reconnect_for().map(|give_up| Reconnect {
             scheduler: scheduler.clone(),
@@ -403,6 +424,7 @@ pub fn start(
             stops_cv: Condvar::new(),
             stop_grace: stop_grace(),
             in_process,
+            slots,
         });
         tokio::spawn(data_server(listener, shared.clone()));
         if lifetime_end_us > 0 {

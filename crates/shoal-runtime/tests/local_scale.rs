@@ -12,6 +12,7 @@ fn sleeper() -> WorkerCommand {
         env: Vec::new(),
         reconnect: false,
         scheduler_elsewhere: false,
+        obituaries: None,
     }
 }
 

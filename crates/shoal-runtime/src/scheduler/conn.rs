@@ -53,6 +53,7 @@ pub(crate) async fn serve_conn(
             pid,
             resources,
             lifetime_end_us,
+            supervisor,
         } => {
             tracing::info!("worker {name} (pid {pid}) joined with {nthreads} threads");
             let _ = events.send(Event::WorkerJoined {
@@ -63,9 +64,22 @@ pub(crate) async fn serve_conn(
                 name,
                 resources,
                 lifetime_end_us,
+                supervisor,
                 tx,
             });
             true
+        }
+        Role::Obituary {
+            supervisor,
+            pid,
+            running,
+        } => {
+            let _ = events.send(Event::Obituary {
+                supervisor,
+                pid,
+                running,
+            });
+            return;
         }
         Role::Data => return,
     };

@@ -122,6 +122,10 @@ impl State {
                 Action::Forget { task } => {
                     self.monitor.error_text.remove(&task.0);
                     self.errors.remove(&task.0);
+                    if !self.careful.is_empty() {
+                        self.careful.remove(&task.0);
+                        self.partials.remove(&task.0);
+                    }
                 }
                 Action::TaskMemory { client, task } if jobs::job_of(client).is_some() => {
                     let cancel = self.job_task_ended(task, jobs::Outcome::Finished, None);

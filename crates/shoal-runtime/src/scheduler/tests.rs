@@ -418,6 +418,7 @@ fn worker_role(name: &str, nthreads: u32) -> Role {
         pid: std::process::id(),
         resources: Vec::new(),
         lifetime_end_us: 0,
+        supervisor: 0,
     }
 }
 

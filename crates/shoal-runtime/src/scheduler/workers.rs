@@ -13,6 +13,12 @@ impl State {
             if let Some(w) = self.workers.get_mut(&worker) {
                 w.reports += 1; // acknowledged at the next heartbeat
             }
+            if !self.partials.is_empty() {
+                // A careful batch ended: what it did is in its report now.
+                if let ToScheduler::Finished { id, .. } | ToScheduler::Failed { id, .. } = &msg {
+                    self.partials.remove(id);
+                }
+            }
         }
         match msg {
             ToScheduler::Finished { id, .. } | ToScheduler::Failed { id, .. }
@@ -144,6 +150,25 @@ impl State {
                 self.core.handle_missing_data(wid, TaskId(task), &deps);
             }
             ToScheduler::Pinned(id) => self.core.handle_pinned(wid, TaskId(id)),
+            ToScheduler::Progress {
+                id,
+                from,
+                count,
+                values,
+            } => {
+                // Only from the run the core counts on, in order, while
+                // small: anything else is dropped (the next run just does
+                // more over again).
+                let current = self.core.state(TaskId(id)) == Some(TaskState::Processing(wid));
+                if current && self.careful.contains(&id) {
+                    let p = self.partials.entry(id).or_default();
+                    if p.next == from && p.bytes + values.len() <= PARTIAL_LIMIT {
+                        p.next = from.saturating_add(count);
+                        p.bytes += values.len();
+                        p.parts.push(values);
+                    }
+                }
+            }
             ToScheduler::Paused(p) => {
                 tracing::info!(
                     "worker {worker} {}",
@@ -273,6 +298,99 @@ impl State {
             resources: spec.rare().resources.to_vec(),
             time_limit_ms: spec.rare().time_limit_ms,
             job: self.jobs.job_of_task(task.0).unwrap_or(0),
+            careful: !self.careful.is_empty() && self.careful.contains(&task.0),
+            resume: self
+                .partials
+                .get(&task.0)
+                .map_or_else(Vec::new, |p| p.parts.clone()),
         });
+    }
+}
+
+/// Worker deaths, judged by what their supervisors say they were running.
+impl State {
+    /// Worker `id` is gone: its tasks run again elsewhere. `running`: what
+    /// its supervisor says its threads ran when it died (only those are to
+    /// blame); None: not known (judged by what it reported started).
+    pub(crate) fn worker_gone(&mut self, id: u32, running: Option<&[(u64, Option<u32>)]>) {
+        self.dying.remove(&id);
+        self.synced_all(id);
+        self.adopted_lost(id);
+        match running {
+            Some(ran) => {
+                // A batch's first death on record is not held against it:
+                // it may just have run long while workers were killed. It
+                // runs again saying which element runs, and only deaths at
+                // the same element count (see `Core::handle_worker_died`).
+                let mut blamed = Vec::with_capacity(ran.len());
+                for &(task, item) in ran {
+                    let batch = self
+                        .core
+                        .spec(TaskId(task))
+                        .is_some_and(|s| s.kind == shoal_proto::TaskKind::Batch);
+                    if batch && item.is_none() {
+                        self.careful.insert(task);
+                    } else {
+                        blamed.push((TaskId(task), item));
+                    }
+                }
+                self.core.handle_worker_died(WorkerId(id), &blamed);
+            }
+            None => self.core.handle_worker_lost(WorkerId(id)),
+        }
+        self.process();
+    }
+
+    /// A supervisor's word that its worker process `pid` died running
+    /// `running`: before or after the worker's connection closed.
+    pub(crate) fn obituary(&mut self, supervisor: u64, pid: u32, running: Vec<(u64, Option<u32>)>) {
+        let dying = self
+            .dying
+            .iter()
+            .find(|(_, d)| d.supervisor == supervisor && d.pid == pid)
+            .map(|(&id, _)| id);
+        let live = || {
+            self.workers
+                .iter()
+                .find(|(_, w)| w.supervisor == supervisor && w.pid == pid)
+                .map(|(&id, _)| id)
+        };
+        let Some(id) = dying.or_else(live) else {
+            // Never joined (died starting up), or already judged.
+            tracing::debug!("worker process {pid} died; not one of this scheduler's");
+            return;
+        };
+        if let Some(w) = self.workers.remove(&id) {
+            // The word came first; its connection's end comes after.
+            self.monitor.worker_left(id);
+            self.monitor.messages_out_gone += w.tx.sent();
+            w.tx.close();
+        }
+        let name = self
+            .monitor
+            .worker_names
+            .get(&id)
+            .cloned()
+            .unwrap_or_default();
+        match running.as_slice() {
+            [] => tracing::warn!("worker {name} (pid {pid}) died between tasks"),
+            ran => tracing::warn!("worker {name} (pid {pid}) died running tasks {ran:?}"),
+        }
+        self.worker_gone(id, Some(&running));
+    }
+
+    /// Workers whose supervisors said nothing in time (gone with them, or
+    /// cut off): judged by what they reported started.
+    pub(crate) fn obituaries_overdue(&mut self, now: tokio::time::Instant) {
+        let late: Vec<u32> = self
+            .dying
+            .iter()
+            .filter(|(_, d)| now >= d.until)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in late {
+            tracing::warn!("worker {id} left and its supervisor said nothing of it");
+            self.worker_gone(id, None);
+        }
     }
 }

@@ -56,6 +56,8 @@ pub(crate) fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
             resources,
             time_limit_ms,
             job,
+            careful,
+            resume,
         } => {
             let remote: Vec<&Dep> = deps
                 .iter()
@@ -72,6 +74,8 @@ pub(crate) fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
                 resources,
                 time_limit_ms,
                 job,
+                careful,
+                resume,
             };
             if remote.is_empty() {
                 t.deps = deps

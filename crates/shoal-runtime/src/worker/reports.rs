@@ -183,6 +183,17 @@ impl WorkerShared {
         let _ = self.out().send(ToScheduler::Pinned(id));
     }
 
+    /// Elements `from..from + count` of careful batch `id` are done
+    /// (`values`, pickled).
+    pub fn progress(&self, id: u64, from: u32, count: u32, values: Bytes) {
+        let _ = self.out().send(ToScheduler::Progress {
+            id,
+            from,
+            count,
+            values,
+        });
+    }
+
     /// Asks the scheduler to retire this worker gracefully (SIGTERM): its
     /// needed results move to other workers, then it is told to stop.
     pub fn retire(&self) {

@@ -19,6 +19,8 @@ fn compute(id: u64) -> FromScheduler {
         resources: Vec::new(),
         time_limit_ms: 0,
         job: 0,
+        careful: false,
+        resume: Vec::new(),
     }
 }
 
