@@ -271,6 +271,29 @@ def test_futures_of_another_cluster_are_refused():
         assert a.gather([fa]) == [2]
 
 
+def test_a_cyclic_dask_graph_fails_at_once_with_dasks_message(client):
+    # Before: KeyError: 'a' (the cycle was culled into a half order).
+    msg = "Cycle detected between the following keys:\n  -> a\n  -> b\n  -> a"
+    with pytest.raises(RuntimeError) as e:
+        client.get({"a": (inc, "b"), "b": (inc, "a")}, "a")
+    assert str(e.value) == msg
+    # A cycle behind a good key, reached through a diamond.
+    dsk = {
+        "top": (sum, ["l", "r"]),
+        "l": (inc, "x"),
+        "r": (inc, "x"),
+        "x": (inc, "y"),
+        "y": (inc, "z"),
+        "z": (inc, "x"),
+    }
+    with pytest.raises(RuntimeError, match="Cycle detected.*\n  -> x\n  -> y\n  -> z\n  -> x"):
+        client.get(dsk, "top")
+    with pytest.raises(RuntimeError, match="Cycle detected"):
+        client.get({"a": (inc, "a")}, ["a"])
+    # Diamonds are no cycles, and the client goes on.
+    assert client.get({**dsk, "z": 1}, "top") == 8
+
+
 def test_a_cyclic_graph_sent_over_the_wire_fails_clearly(client):
     from shoal import _serialize
 

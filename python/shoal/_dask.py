@@ -175,11 +175,22 @@ def submit_graph(client: Client, dsk: Any, keys: list[Key], retries: int = 0) ->
         if k not in graph and _held_task(client, k) is None:
             raise KeyError(k)
     stack: list[tuple[Key, bool]] = [(k, False) for k in reversed(keys)]
+    # The keys being expanded, root first: the entry popped next is a
+    # dependency of the last, so meeting one of them again is a cycle.
+    path: list[Key] = []
+    on_path: set[Key] = set()
     while stack:
         k, expanded = stack.pop()
         if expanded:
             topo.append(k)
+            on_path.discard(path.pop())
             continue
+        if k in on_path:
+            cycle = [*path[path.index(k) :], k]
+            raise RuntimeError(
+                "Cycle detected between the following keys:\n  -> "
+                + "\n  -> ".join(str(x) for x in cycle)
+            )
         if k in needed or k in ids:
             continue
         node = graph.get(k)
@@ -191,7 +202,9 @@ def submit_graph(client: Client, dsk: Any, keys: list[Key], retries: int = 0) ->
             continue
         needed[k] = node
         stack.append((k, True))
-        stack.extend((d, False) for d in node.dependencies if d not in needed and d not in ids)
+        path.append(k)
+        on_path.add(k)
+        stack.extend((d, False) for d in node.dependencies if d not in ids)
 
     # The core's own order (deepest ready task first, then the oldest) holds
     # less memory than dask.order's priorities on the array workloads

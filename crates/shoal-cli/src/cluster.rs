@@ -681,6 +681,9 @@ pub(crate) fn run_worker(a: WorkerArgs, host: &HostInfo) -> CliResult {
         }
         env.push(("PYTHONPATH".into(), path));
     }
+    // The supervisor's own messages name it by its own process id, not by
+    // the template its workers fill in with theirs.
+    let name = name.replace("{pid}", &std::process::id().to_string());
     let cmd = WorkerCommand {
         program,
         args,
