@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import math
 import os
 import re
 import shutil
@@ -73,7 +74,12 @@ def parse_memory(text: str | int | float | None, share: float = 1.0) -> int | No
         if m.group(3):
             scale = 1024 ** ("kmgt".index(m.group(2)) + 1)
         value = float(m.group(1)) * scale
-    if value <= 0:
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(
+            f"memory limit {text!r} must be a size of 0 (no limit) or more, a fraction "
+            "such as 0.5, 'auto' or 'none'"
+        )
+    if value == 0:
         return None
     if value <= 1:
         return int(host_memory() * value)

@@ -39,6 +39,7 @@ import collections
 import contextlib
 import hashlib
 import json
+import math
 import os
 import pickle
 import threading
@@ -57,7 +58,7 @@ from ._waiting import (
     as_completed,
     wait,
 )
-from .deploy import ClusterBase, LocalCluster
+from .deploy import ClusterBase, LocalCluster, check_count
 from .errors import (
     SchedulerLostError,
 )
@@ -174,10 +175,16 @@ class Client(ClusterQueries, Results):
         preload: Iterable[str] | None = (),
         **cluster_kwargs: Any,
     ):
-        if n_workers is not None and n_workers < 1:
-            raise ValueError(f"n_workers must be at least 1, not {n_workers}")
-        if threads_per_worker is not None and threads_per_worker < 1:
-            raise ValueError(f"threads_per_worker must be at least 1, not {threads_per_worker}")
+        if n_workers is not None:
+            check_count("n_workers", n_workers, 1)
+        if threads_per_worker is not None:
+            check_count("threads_per_worker", threads_per_worker, 1)
+        if isinstance(timeout, str):
+            _core.parse_duration(timeout)  # raises ValueError saying why
+        elif isinstance(timeout, bool) or not (
+            isinstance(timeout, int | float) and math.isfinite(timeout) and timeout >= 0
+        ):
+            raise ValueError(f"timeout must be a number of seconds, 0 or more, not {timeout!r}")
         self._cluster: LocalCluster | None = None  # the one this client started
         self.cluster: ClusterBase | None = None
         self._undo_default: Callable[[], None] | None = None

@@ -27,6 +27,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import numbers
 import os
 import sys
 import threading
@@ -317,6 +318,19 @@ def html_summary(title: str, scheduler: str, source: Any) -> str:
     return f"<div><strong>{title}</strong><table>{''.join(cells)}</table></div>"
 
 
+MAX_COUNT = 4096  # workers or threads: more is a typo, and would exhaust the host first
+
+
+def check_count(name: str, value: Any, low: int) -> int:
+    """``value`` as a count of workers or threads: a whole number from
+    ``low`` to ``MAX_COUNT``; else a ``ValueError`` saying so."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be a whole number, not {value!r}")
+    if not low <= value <= MAX_COUNT:
+        raise ValueError(f"{name} must be from {low} to {MAX_COUNT}, not {value!r}")
+    return int(value)
+
+
 def default_shape(
     n_workers: int | None, threads_per_worker: int | None, processes: bool
 ) -> tuple[int, int]:
@@ -396,10 +410,10 @@ class LocalCluster(ClusterBase):
                 raise ValueError(f"LocalCluster({k}=...) is not supported: {_DASK_ONLY[k]}")
             if k not in _DASK_ONLY and k not in _IGNORED:
                 raise TypeError(f"LocalCluster() got an unexpected keyword argument {k!r}")
-        if n_workers is not None and n_workers < 0:
-            raise ValueError(f"n_workers must be 0 or more, not {n_workers}")
-        if threads_per_worker is not None and threads_per_worker < 1:
-            raise ValueError(f"threads_per_worker must be at least 1, not {threads_per_worker}")
+        if n_workers is not None:
+            n_workers = check_count("n_workers", n_workers, 0)
+        if threads_per_worker is not None:
+            threads_per_worker = check_count("threads_per_worker", threads_per_worker, 1)
         n, threads = default_shape(n_workers, threads_per_worker, processes)
         self.processes = bool(processes)
         self._threads_per_worker = threads
@@ -509,8 +523,9 @@ class LocalCluster(ClusterBase):
         ``adapt``."""
         if memory is not None or cores is not None:
             raise ValueError("LocalCluster.scale takes a number of workers: scale(n)")
-        if n is None or not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise ValueError(f"scale(n) takes a number of workers (0 or more), not {n!r}")
+        if n is None:
+            raise ValueError("scale(n) takes a number of workers (0 or more), not None")
+        n = check_count("scale(n)", n, 0)
         self._stop_adapting()
         self._scale_workers(n)
 

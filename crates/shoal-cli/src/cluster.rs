@@ -5,7 +5,7 @@ use crate::HostInfo;
 use clap::Args;
 use shoal_runtime::local::{LocalCluster, Obituaries, WorkerCommand};
 use shoal_runtime::net::{configure_tls, Address, Secret};
-use shoal_runtime::{client, runtime, scheduler};
+use shoal_runtime::{runtime, scheduler};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -104,8 +104,8 @@ pub(crate) struct SchedulerArgs {
     #[arg(long)]
     token_file: Option<PathBuf>,
     /// Seconds of silence after which a worker is taken as lost (default 5).
-    #[arg(long)]
-    heartbeat_timeout: Option<f64>,
+    #[arg(long, value_parser = shoal_runtime::duration::parse)]
+    heartbeat_timeout: Option<Duration>,
     /// Where to serve the dashboard (HOST:PORT; another port if taken).
     /// It always asks for the token; a non-loopback HOST exposes it. With
     /// --tls-* it speaks HTTPS with the cluster's certificate.
@@ -129,30 +129,18 @@ pub(crate) struct SchedulerArgs {
 }
 
 #[derive(Args, Debug)]
-pub(crate) struct TopArgs {
-    #[command(flatten)]
-    target: StatusArgs,
-    /// Seconds between refreshes.
-    #[arg(long, default_value_t = 1.0)]
-    interval: f64,
-    /// Refresh this many times, then exit (default: until Ctrl-C).
-    #[arg(long)]
-    iterations: Option<u64>,
-}
-
-#[derive(Args, Debug)]
 pub(crate) struct WorkerArgs {
     /// The scheduler's address (tcp://HOST:PORT); or give --scheduler-file.
     address: Option<String>,
     /// The file `shoal scheduler --scheduler-file` wrote.
     #[arg(long)]
     scheduler_file: Option<PathBuf>,
-    /// Worker processes to run.
-    #[arg(long, default_value_t = 1)]
+    /// Worker processes to run (1 to 4096).
+    #[arg(long, default_value_t = 1, value_parser = count::<4096>)]
     nworkers: usize,
-    /// Execution threads per process.
-    #[arg(long, default_value_t = 1)]
-    nthreads: u32,
+    /// Execution threads per process (1 to 4096).
+    #[arg(long, default_value_t = 1, value_parser = count::<4096>)]
+    nthreads: usize,
     /// Memory limit per process: bytes, "4GB", a fraction of the host's
     /// memory, "auto" (the host's memory split among the processes), "none".
     #[arg(long, default_value = "auto")]
@@ -176,8 +164,8 @@ pub(crate) struct WorkerArgs {
     #[arg(long)]
     token_file: Option<PathBuf>,
     /// Seconds of silence from the scheduler after which workers exit.
-    #[arg(long)]
-    heartbeat_timeout: Option<f64>,
+    #[arg(long, value_parser = shoal_runtime::duration::parse)]
+    heartbeat_timeout: Option<Duration>,
     /// When the scheduler is lost, join it again when it is back at the
     /// same address instead of giving up: each process keeps running its
     /// tasks and tries once a second for 10 minutes (a scheduler started
@@ -187,8 +175,8 @@ pub(crate) struct WorkerArgs {
     reconnect: bool,
     /// Seconds workers get on SIGTERM to hand their data over before
     /// they are killed.
-    #[arg(long, default_value_t = 30.0)]
-    grace: f64,
+    #[arg(long, default_value = "30", value_parser = shoal_runtime::duration::parse_or_zero)]
+    grace: Duration,
     /// Retire gracefully after this long ("55m", "2h", seconds): results
     /// move to other workers, running tasks finish, no new task longer
     /// than what is left (`--time-request`) is placed here. Under Slurm
@@ -346,18 +334,28 @@ pub(crate) fn join_target(
     Ok((address, secret, tls))
 }
 
-fn set_heartbeat_timeout(secs: Option<f64>) -> CliResult {
-    if let Some(s) = secs {
-        if !(s.is_finite() && s > 0.0) {
+fn set_heartbeat_timeout(timeout: Option<Duration>) -> CliResult {
+    if let Some(d) = timeout {
+        if d < Duration::from_millis(500) {
             return Err(format!(
-                "--heartbeat-timeout must be a positive number of seconds, not {s}"
+                "--heartbeat-timeout must be at least 0.5 seconds, not {}",
+                d.as_secs_f64()
             ));
         }
         // SAFETY: called before any thread (runtime, workers) is started;
         // worker processes inherit it.
-        unsafe { std::env::set_var("SHOAL_HEARTBEAT_TIMEOUT", s.to_string()) };
+        unsafe { std::env::set_var("SHOAL_HEARTBEAT_TIMEOUT", d.as_secs_f64().to_string()) };
     }
     Ok(())
+}
+
+/// A count from the command line: 1 to `MAX` (more processes or threads
+/// than that is a typo, not a plan, and would exhaust the host first).
+pub(crate) fn count<const MAX: usize>(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX).contains(&n) => Ok(n),
+        _ => Err(format!("{text:?} is not a whole number from 1 to {MAX}")),
+    }
 }
 
 /// Writes `text` to a new file only this user can read.
@@ -718,7 +716,7 @@ pub(crate) fn run_worker(a: WorkerArgs, host: &HostInfo) -> CliResult {
     // to other workers, and is stopped by the scheduler (a second signal,
     // or the grace period running out, kills them).
     workers.terminate();
-    let deadline = std::time::Instant::now() + Duration::from_secs_f64(a.grace);
+    let deadline = std::time::Instant::now() + a.grace;
     while !workers.pids().is_empty() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -738,7 +736,7 @@ fn hostname() -> String {
 
 impl StatusArgs {
     /// The scheduler these options name, and its secret.
-    fn join(self) -> Result<(Address, Secret), String> {
+    pub(crate) fn join(self) -> Result<(Address, Secret), String> {
         let (address, secret, _) = join_target(
             self.address,
             self.scheduler_file.as_deref(),
@@ -747,15 +745,6 @@ impl StatusArgs {
         )?;
         Ok((address, secret))
     }
-}
-
-pub(crate) fn run_status(a: StatusArgs) -> CliResult {
-    let (address, secret) = a.join()?;
-    let c = client::connect(runtime(), &address, &secret)
-        .map_err(|e| format!("cannot connect to {address}: {e}"))?;
-    let info = c.cluster_info(Duration::from_secs(10))?;
-    print!("{}", status_table(&info));
-    Ok(())
 }
 
 #[derive(Args, Debug)]
@@ -774,177 +763,6 @@ pub(crate) fn run_noop_workers(a: NoopArgs) -> CliResult {
     runtime()
         .block_on(shoal_runtime::noop::run_many(address, secret, a.count))
         .map_err(|e| format!("light workers: {e}"))
-}
-
-/// `shoal top`: the cluster's workers and task groups, refreshed in place.
-pub(crate) fn run_top(a: TopArgs) -> CliResult {
-    let (address, secret) = a.target.join()?;
-    if !(a.interval > 0.0 && a.interval.is_finite()) {
-        return Err("--interval must be a positive number of seconds".into());
-    }
-    let c = client::connect(runtime(), &address, &secret)
-        .map_err(|e| format!("cannot connect to {address}: {e}"))?;
-    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let mut prev: Option<(std::time::Instant, u64)> = None;
-    let mut n = 0u64;
-    loop {
-        let info = c.cluster_info(Duration::from_secs(10))?;
-        let now = std::time::Instant::now();
-        let finished: u64 = info.groups.iter().map(|g| g.finished).sum();
-        let rate = prev.map(|(t, f)| finished.saturating_sub(f) as f64 / (now - t).as_secs_f64());
-        prev = Some((now, finished));
-        let mut screen = String::new();
-        if tty {
-            screen.push_str("\x1b[H\x1b[2J"); // home, clear
-        }
-        screen.push_str(&top_screen(&info, rate));
-        print!("{screen}");
-        use std::io::Write;
-        let _ = std::io::stdout().flush();
-        n += 1;
-        if a.iterations.is_some_and(|max| n >= max) {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_secs_f64(a.interval));
-    }
-}
-
-/// One screen of `shoal top`.
-pub(crate) fn top_screen(info: &shoal_proto::ClusterInfo, rate: Option<f64>) -> String {
-    let mut s = format!(
-        "shoal top - {}  workers {}  clients {}  tasks {}  {}\n",
-        info.address,
-        info.workers.len(),
-        info.clients,
-        info.tasks,
-        match rate {
-            Some(r) => format!("{r:.0} tasks/s"),
-            None => "- tasks/s".into(),
-        }
-    );
-    if !info.dashboard.is_empty() {
-        s.push_str(&format!("dashboard {}\n", info.dashboard));
-    }
-    s.push_str(&format!(
-        "\n{:<24} {:>6} {:>6} {:>10} {:>10} {:>10} {:>7}\n",
-        "WORKER", "CPU%", "TASKS", "MEMORY", "MANAGED", "SPILLED", "LIMIT%"
-    ));
-    for w in &info.workers {
-        let m = &w.metrics;
-        let pct = if m.limit > 0 {
-            format!("{:.0}", m.memory as f64 * 100.0 / m.limit as f64)
-        } else {
-            "-".into()
-        };
-        s.push_str(&format!(
-            "{:<24} {:>6.0} {:>6} {:>10} {:>10} {:>10} {:>7}{}\n",
-            w.name,
-            m.cpu,
-            w.processing,
-            gib(m.memory),
-            gib(m.managed),
-            gib(m.spilled),
-            pct,
-            if m.paused { " paused" } else { "" }
-        ));
-    }
-    s.push_str(&format!(
-        "\n{:<28} {:>9} {:>9} {:>9} {:>7} {:>10} {:>10}  {}\n",
-        "TASK GROUP", "WAITING", "RUNNING", "MEMORY", "ERRED", "DONE", "MEAN", "PROGRESS"
-    ));
-    for g in info
-        .groups
-        .iter()
-        .filter(|g| g.waiting + g.processing + g.memory + g.erred > 0)
-    {
-        let done = g.finished.min(g.submitted);
-        let frac = if g.submitted > 0 {
-            done as f64 / g.submitted as f64
-        } else {
-            0.0
-        };
-        let bar_len = (frac * 20.0).round() as usize;
-        let mean = if g.finished > 0 {
-            format!("{:.2}ms", g.total_us as f64 / g.finished as f64 / 1000.0)
-        } else {
-            "-".into()
-        };
-        s.push_str(&format!(
-            "{:<28} {:>9} {:>9} {:>9} {:>7} {:>10} {:>10}  [{}{}]\n",
-            truncate(&g.name, 28),
-            g.waiting,
-            g.processing,
-            g.memory,
-            g.erred,
-            format!("{done}/{}", g.submitted),
-            mean,
-            "#".repeat(bar_len),
-            " ".repeat(20 - bar_len)
-        ));
-    }
-    s
-}
-
-fn truncate(s: &str, n: usize) -> String {
-    if s.chars().count() <= n {
-        s.to_string()
-    } else {
-        let mut t: String = s.chars().take(n - 1).collect();
-        t.push('~');
-        t
-    }
-}
-
-fn gib(b: u64) -> String {
-    format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
-}
-
-/// The text of `shoal status`.
-pub(crate) fn status_table(info: &shoal_proto::ClusterInfo) -> String {
-    let mut s = format!(
-        "scheduler {}: {} worker(s), {} client(s), {} task(s) known\n",
-        info.address,
-        info.workers.len(),
-        info.clients,
-        info.tasks
-    );
-    s.push_str(&format!(
-        "{:<4} {:<22} {:<22} {:>8} {:>7} {:>10} {:>6} {:>10} {:>10} {:>10} {:>6}\n",
-        "id",
-        "name",
-        "address",
-        "pid",
-        "threads",
-        "processing",
-        "held",
-        "memory",
-        "limit",
-        "spilled",
-        "seen"
-    ));
-    for w in &info.workers {
-        let limit = if w.metrics.limit == 0 {
-            "none".to_string()
-        } else {
-            gib(w.metrics.limit)
-        };
-        s.push_str(&format!(
-            "{:<4} {:<22} {:<22} {:>8} {:>7} {:>10} {:>6} {:>10} {:>10} {:>10} {:>5.1}s{}\n",
-            w.id,
-            w.name,
-            w.address,
-            w.pid,
-            w.nthreads,
-            w.processing,
-            w.held,
-            gib(w.metrics.memory),
-            limit,
-            gib(w.metrics.spilled),
-            w.last_seen_ms as f64 / 1000.0,
-            if w.metrics.paused { " paused" } else { "" }
-        ));
-    }
-    s
 }
 
 /// `shoal certs DIR`: a self-signed CA for a site and one certificate it

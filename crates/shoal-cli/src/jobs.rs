@@ -51,9 +51,9 @@ pub(crate) struct SubmitArgs {
     /// The job's name (default: the program's).
     #[arg(long)]
     name: Option<String>,
-    /// Threads each task holds (`SHOAL_CPUS`).
-    #[arg(long, default_value_t = 1)]
-    cpus: u32,
+    /// Threads each task holds (`SHOAL_CPUS`; 1 to 4096).
+    #[arg(long, default_value_t = 1, value_parser = crate::cluster::count::<4096>)]
+    cpus: usize,
     /// A resource each task holds, NAME=AMOUNT (repeat for more).
     #[arg(long = "resource", value_name = "NAME=N")]
     resources: Vec<String>,
@@ -280,9 +280,6 @@ fn build(a: &SubmitArgs, c: &ClientShared) -> Result<(String, Vec<TaskSpec>), St
             .filter(|n: &f64| *n > 0.0 && n.is_finite())
             .ok_or_else(|| format!("--resource {r:?}: the amount must be a positive number"))?;
         resources.push((k, n));
-    }
-    if a.cpus == 0 {
-        return Err("--cpus must be at least 1".into());
     }
     if a.cpus > 1 {
         resources.push(("CPU".to_string(), a.cpus as f64));

@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 
 mod cluster;
 mod jobs;
+mod status;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -38,7 +39,7 @@ enum Command {
     #[command(hide = true)]
     NoopWorkers(cluster::NoopArgs),
     /// A live terminal view of the cluster's workers and task groups.
-    Top(cluster::TopArgs),
+    Top(status::TopArgs),
     /// Make a site CA and a certificate for TLS (`--tls-*` options).
     Certs(cluster::CertsArgs),
     /// Run a program (or an array of them) on the cluster as a job:
@@ -94,9 +95,9 @@ pub fn run(argv: Vec<String>, host: HostInfo) -> i32 {
         }
         Command::Scheduler(a) => cluster::run_scheduler(a),
         Command::Worker(a) => cluster::run_worker(a, &host),
-        Command::Status(a) => cluster::run_status(a),
+        Command::Status(a) => status::run_status(a),
         Command::NoopWorkers(a) => cluster::run_noop_workers(a),
-        Command::Top(a) => cluster::run_top(a),
+        Command::Top(a) => status::run_top(a),
         Command::Certs(a) => cluster::run_certs(a),
         Command::Submit(a) => jobs::run_submit(a),
         Command::Job(c) => jobs::run_job(c),

@@ -60,7 +60,7 @@ impl ClientCore {
         reconnect: Option<f64>,
     ) -> PyResult<Self> {
         let reconnect = match reconnect {
-            Some(s) if s.is_finite() && s > 0.0 => Some(std::time::Duration::from_secs_f64(s)),
+            Some(s) if s.is_finite() && s > 0.0 => Some(shoal_runtime::duration::wait(s)),
             Some(s) => {
                 return Err(PyValueError::new_err(format!(
                     "reconnect must be a number of seconds above 0, not {s}"
@@ -417,8 +417,7 @@ impl ClientCore {
             Some(Status::At(addr)) => {
                 let addr = addr.to_string();
                 let secret = &self.inner.secret;
-                let deadline =
-                    timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
+                let deadline = timeout.map(|t| Instant::now() + shoal_runtime::duration::wait(t));
                 match fetch_interruptibly(py, &addr, id, secret, deadline)? {
                     Ok(v) => {
                         self.inner.fetch_ok(id);
@@ -519,7 +518,7 @@ impl ClientCore {
     /// What the cluster looks like, as a dict (see `Client.scheduler_info`).
     fn cluster_info<'py>(&self, py: Python<'py>, timeout: f64) -> PyResult<Bound<'py, PyDict>> {
         let inner = &self.inner;
-        let t = Duration::from_secs_f64(timeout.max(0.0));
+        let t = shoal_runtime::duration::wait(timeout);
         let info = py.detach(|| inner.cluster_info(t)).map_err(lost)?;
         let d = PyDict::new(py);
         d.set_item("address", info.address)?;
@@ -580,7 +579,7 @@ impl ClientCore {
     /// answered by the scheduler: its JSON text.
     fn query(&self, py: Python<'_>, path: &str, timeout: f64) -> PyResult<String> {
         let inner = &self.inner;
-        let t = Duration::from_secs_f64(timeout.max(0.0));
+        let t = shoal_runtime::duration::wait(timeout);
         py.detach(|| inner.query(path, t)).map_err(lost)
     }
 
@@ -596,7 +595,7 @@ impl ClientCore {
         timeout: f64,
     ) -> PyResult<String> {
         let inner = &self.inner;
-        let t = Duration::from_secs_f64(timeout.max(0.0));
+        let t = shoal_runtime::duration::wait(timeout);
         py.detach(|| inner.name(name, value, t)).map_err(lost)
     }
 

@@ -48,7 +48,7 @@ fn deadline(timeout: Option<f64>) -> PyResult<Option<Instant>> {
     match timeout {
         None => Ok(None),
         Some(t) if t.is_finite() && t >= 0.0 => {
-            Ok(Some(Instant::now() + Duration::from_secs_f64(t)))
+            Ok(Some(Instant::now() + shoal_runtime::duration::wait(t)))
         }
         Some(t) => Err(PyValueError::new_err(format!(
             "timeout must be a non-negative number of seconds, not {t}"

@@ -14,7 +14,6 @@ use shoal_runtime::shm_pool::{Realloc, ShmPool};
 use std::ffi::c_void;
 use std::path::PathBuf;
 use std::sync::OnceLock;
-use std::time::Duration;
 
 type MallocFn = unsafe extern "C" fn(*mut c_void, usize) -> *mut c_void;
 type CallocFn = unsafe extern "C" fn(*mut c_void, usize, usize) -> *mut c_void;
@@ -288,7 +287,7 @@ pub fn shm_allocator_stats() -> Option<(usize, usize, usize, usize)> {
 #[pyfunction]
 #[pyo3(signature = (age, spare_cap=None))]
 pub fn shm_allocator_trim(py: Python<'_>, age: f64, spare_cap: Option<usize>) -> usize {
-    let age = Duration::from_secs_f64(age.max(0.0));
+    let age = shoal_runtime::duration::wait(age);
     py.detach(|| {
         let blocks = INSTALLED.get().map_or(0, |i| {
             if let Some(cap) = spare_cap {

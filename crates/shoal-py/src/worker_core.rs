@@ -14,7 +14,6 @@ use shoal_runtime::transfer::Fetched;
 use shoal_runtime::worker::{self, Batch, Done, Input, Stored, WorkerShared};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 /// The Rust half of a worker process (see `shoal._worker`).
 #[pyclass(module = "shoal._core", frozen)]
@@ -105,7 +104,7 @@ impl WorkerCore {
         let batch = match inner.try_next(max) {
             Some(b) => b,
             None => {
-                let timeout = Duration::from_secs_f64(timeout.max(0.0));
+                let timeout = shoal_runtime::duration::wait(timeout);
                 py.detach(move || inner.wait_next(max, timeout))
             }
         };
@@ -197,7 +196,7 @@ impl WorkerCore {
     /// Ids of held results that transfers wait for: `(to write to files,
     /// to frame for another host)`; both empty after `timeout`.
     fn pickle_requests(&self, py: Python<'_>, timeout: f64) -> (Vec<u64>, Vec<u64>) {
-        let timeout = Duration::from_secs_f64(timeout.max(0.0));
+        let timeout = shoal_runtime::duration::wait(timeout);
         let inner = &self.inner;
         py.detach(move || inner.pickle_requests(timeout))
     }
@@ -302,7 +301,7 @@ impl WorkerCore {
             .map_err(|e| PyValueError::new_err(format!("not a command task: {e}")))?;
         let limit = time_limit
             .filter(|t| t.is_finite() && *t > 0.0)
-            .map(Duration::from_secs_f64);
+            .map(shoal_runtime::duration::wait);
         let inner = &self.inner;
         let out = py
             .detach(|| inner.run_command(id, &spec, job, cpus, &extra_env, limit))
@@ -336,7 +335,7 @@ impl WorkerCore {
     /// Running tasks the scheduler asked to stop (cancelled); waits up to
     /// `timeout` seconds with the GIL released (empty on timeout).
     fn stop_requests(&self, py: Python<'_>, timeout: f64) -> Vec<u64> {
-        let timeout = Duration::from_secs_f64(timeout.max(0.0));
+        let timeout = shoal_runtime::duration::wait(timeout);
         let inner = &self.inner;
         py.detach(move || inner.stop_requests(timeout))
     }
@@ -448,7 +447,7 @@ impl WorkerCore {
     /// count, so short tasks are not missing from profiles.
     fn sampler_sleep(&self, py: Python<'_>, secs: f64) {
         py.detach(|| {
-            std::thread::sleep(Duration::from_secs_f64(secs.max(0.0)));
+            std::thread::sleep(shoal_runtime::duration::wait(secs));
             // Before the GIL is asked for again.
             self.ticks.fetch_add(1, Ordering::SeqCst);
         });

@@ -45,6 +45,25 @@ pub fn parse(text: &str) -> Result<Duration, DurationError> {
     check(d, text)
 }
 
+/// A wait of `secs` seconds asked by a caller (a timeout): none for NaN or
+/// less than zero, at most [`MAX`] (a longer one is as good as for ever).
+/// Never panics, unlike `Duration::from_secs_f64`.
+pub fn wait(secs: f64) -> Duration {
+    if secs.is_nan() || secs <= 0.0 {
+        Duration::ZERO
+    } else {
+        Duration::try_from_secs_f64(secs).map_or(MAX, |d| d.min(MAX))
+    }
+}
+
+/// As [`parse`], and "0" (or "0s") too: a grace period may be none.
+pub fn parse_or_zero(text: &str) -> Result<Duration, DurationError> {
+    match parse(text) {
+        Err(DurationError::NotPositive(_)) => Ok(Duration::ZERO),
+        other => other,
+    }
+}
+
 /// A number of seconds from elsewhere (Python, a setting), checked as
 /// [`parse`] checks a text.
 pub fn from_secs(secs: f64) -> Result<Duration, DurationError> {
@@ -88,6 +107,18 @@ mod tests {
         assert_eq!(parse(" 500ms ").unwrap(), Duration::from_millis(500));
         assert_eq!(parse("2.5s").unwrap(), Duration::from_millis(2500));
         assert_eq!(parse("2d").unwrap(), Duration::from_secs(172_800));
+    }
+
+    #[test]
+    fn waits_are_clamped_not_refused() {
+        assert_eq!(wait(f64::NAN), Duration::ZERO);
+        assert_eq!(wait(-1.0), Duration::ZERO);
+        assert_eq!(wait(f64::NEG_INFINITY), Duration::ZERO);
+        assert_eq!(wait(1.5), Duration::from_millis(1500));
+        assert_eq!(wait(1e300), MAX);
+        assert_eq!(wait(f64::INFINITY), MAX);
+        assert_eq!(parse_or_zero("0").unwrap(), Duration::ZERO);
+        assert!(parse_or_zero("-1").is_err());
     }
 
     #[test]
