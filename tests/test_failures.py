@@ -170,14 +170,30 @@ def test_close_leaves_no_worker_behind():
 
 SCRIPT = textwrap.dedent(
     """
-    import sys, time, shoal
+    import os, sys, time, shoal
     c = shoal.Client(n_workers=2)
-    c.submit(pow, 2, 2).result(timeout=30)
-    print(" ".join(map(str, c.worker_pids)), flush=True)
+    # Results held in shared memory on both workers, and one in the client.
+    held = c.map(bytearray, [4 << 20] * 4, batch_size=1)
+    shoal.wait(held)
+    local = c.gather(held[:1])
+    print(" ".join(map(str, [os.getpid(), *c.worker_pids])), flush=True)
     if sys.argv[1] == "hang":
         time.sleep(600)
     """
 )
+
+
+def _left_behind(pids):
+    """Shoal's segment, spill and socket directories of these processes."""
+    import tempfile
+
+    wanted = {str(p) for p in pids}
+    found = []
+    for base in ("/dev/shm", tempfile.gettempdir()):
+        for name in os.listdir(base):
+            if name.startswith("shoal-") and wanted & set(name.split("-")):
+                found.append(os.path.join(base, name))
+    return found
 
 
 @pytest.mark.parametrize("how", ["exit", "kill"])
@@ -187,12 +203,16 @@ def test_client_process_exit_or_death_leaves_no_worker(how):
         stdout=subprocess.PIPE,
         text=True,
     ) as p:
-        pids = [int(x) for x in p.stdout.readline().split()]
+        client, *pids = [int(x) for x in p.stdout.readline().split()]
         assert len(pids) == 2
+        assert _left_behind([client, *pids]), "the test sees no directory at all"
         if how == "kill":
             p.kill()
         p.wait(timeout=30)
     assert _wait_for(lambda: not any(alive(x) for x in pids)), "orphan workers"
+    # Nothing left in tmpfs or the temporary directory: before, a SIGKILLed
+    # client's directories and its workers' stayed until a later Client().
+    assert _wait_for(lambda: not _left_behind([client, *pids])), _left_behind([client, *pids])
 
 
 def test_garbage_on_the_scheduler_socket_does_not_hurt(client):

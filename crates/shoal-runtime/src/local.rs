@@ -1,10 +1,12 @@
 //! Worker processes of an embedded cluster: started, watched, replaced when
 //! they die, and stopped with the cluster.
 //!
-//! No orphans: each child gets `PR_SET_PDEATHSIG` (SIGKILL when the thread
-//! that started it, the supervisor thread, goes away, which includes the
-//! client process dying), and a worker also exits by itself as soon as its
-//! scheduler connection closes.
+//! No orphans, nothing left behind: each child gets `PR_SET_PDEATHSIG`
+//! (SIGTERM when the thread that started it, the supervisor thread, goes
+//! away, which includes the client process dying: the worker retires), a
+//! worker exits by itself as soon as its scheduler connection closes
+//! (removing its files in tmpfs, and those of the dead processes before
+//! it), and one whose parent is gone ends within 30 s whatever it runs.
 
 use crate::net::{Address, Secret};
 use crate::slots::SlotFile;
@@ -140,7 +142,7 @@ fn spawn(cmd: &WorkerCommand, supervisor: u64) -> std::io::Result<Kid> {
         // parent.
         unsafe {
             c.pre_exec(move || {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
                 if libc::getppid() != parent {
                     libc::_exit(0);
                 }

@@ -427,6 +427,10 @@ pub fn start(
             slots,
         });
         tokio::spawn(data_server(listener, shared.clone()));
+        if shared.slots.is_some() {
+            // Started by a supervisor (not by hand, not by an MPI launcher).
+            watch_parent();
+        }
         if lifetime_end_us > 0 {
             // Retire gracefully (hand results over, finish what runs) at the
             // end of its lifetime: before a batch job's walltime kills it.
@@ -532,9 +536,7 @@ pub fn start(
             // The scheduler is gone without asking us to stop: for an embedded
             // cluster this means the client process died. Leave no orphan.
             eprintln!("shoal worker {}: {why}; exiting", std::process::id());
-            // SAFETY: _exit ends the process at once without running handlers;
-            // nothing here needs flushing (results are useless without a scheduler).
-            unsafe { libc::_exit(status) };
+            exit_leaving_nothing(status);
         });
         Ok(shared)
     })
@@ -711,3 +713,44 @@ impl Reply {
 
 #[cfg(test)]
 mod tests;
+
+/// Ends this worker process at once, removing first what it leaves in tmpfs
+/// and the temporary directory: its own shared-memory segments and spill
+/// files, and those of processes that died before it (the SIGKILLed client
+/// whose cluster this was, workers killed with it), which no one else may
+/// ever sweep. Files in tmpfs hold memory.
+pub fn exit_leaving_nothing(status: i32) -> ! {
+    crate::shm::remove_process(std::process::id());
+    crate::shm::sweep(None);
+    // SAFETY: _exit ends the process at once without running handlers;
+    // nothing here needs flushing (results are useless without a scheduler).
+    unsafe { libc::_exit(status) }
+}
+
+/// How long a worker whose parent (its supervisor) died may go on: SIGTERM
+/// (its parent-death signal) asked it to retire, which hands its data over
+/// first; one that does not manage within this time ends anyway.
+const ORPHAN_GRACE: Duration = Duration::from_secs(30);
+
+/// A thread that ends this process (leaving nothing behind) once its
+/// parent has been gone for [`ORPHAN_GRACE`]: no worker outlives its
+/// supervisor for long, even one stuck in C code that cannot take SIGTERM.
+fn watch_parent() {
+    // SAFETY: getppid has no preconditions.
+    let parent = unsafe { libc::getppid() };
+    let _ = std::thread::Builder::new()
+        .name("shoal-parent".into())
+        .spawn(move || {
+            // SAFETY: as above.
+            while unsafe { libc::getppid() } == parent {
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            std::thread::sleep(ORPHAN_GRACE);
+            eprintln!(
+                "shoal worker {}: its supervisor died {}s ago; exiting",
+                std::process::id(),
+                ORPHAN_GRACE.as_secs()
+            );
+            exit_leaving_nothing(1);
+        });
+}
