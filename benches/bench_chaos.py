@@ -79,14 +79,14 @@ class Faults:
             self.thread.join()
 
 
-def workload_map(client, n: int, submit_tree) -> bool:
+def workload_map(client, n: int, submit_tree, timeout: float) -> bool:
     fs = client.map(slow_inc, range(n))
     while len(fs) > 1:
         fs = [
             submit_tree(add, fs[i], fs[i + 1]) if i + 1 < len(fs) else fs[i]
             for i in range(0, len(fs), 2)
         ]
-    return fs[0].result(timeout=600) == sum(range(1, n + 1))
+    return fs[0].result(timeout=timeout) == sum(range(1, n + 1))
 
 
 def workload_array(client, n: int) -> bool:
@@ -99,7 +99,7 @@ def workload_array(client, n: int) -> bool:
     return total == 2.0 * (side * 10) ** 2
 
 
-def run_one(runtime: str, workload: str, fault: str, n: int, seed: int) -> dict:
+def run_one(runtime: str, workload: str, fault: str, n: int, seed: int, timeout: float) -> dict:
     if runtime == "shoal":
         import shoal
 
@@ -125,11 +125,13 @@ def run_one(runtime: str, workload: str, fault: str, n: int, seed: int) -> dict:
             t0 = time.perf_counter()
             try:
                 if workload == "map":
-                    ok = workload_map(client, n, client.submit)
+                    ok = workload_map(client, n, client.submit, timeout)
                 else:
                     ok = workload_array(client, n)
             except killed_error:
                 killed = 1
+            except TimeoutError:
+                ok = False  # did not finish within the timeout
             elapsed = time.perf_counter() - t0
         return {"ok": ok, "killed": killed, "faults": faults.dealt, "time": elapsed}
     finally:
@@ -145,6 +147,7 @@ def main() -> None:
     ap.add_argument("--faults", default="kill,stop")
     ap.add_argument("--workloads", default="map,array")
     ap.add_argument("--runtimes", default="shoal,dask")
+    ap.add_argument("--timeout", type=float, default=300, help="seconds a map run may take")
     a = ap.parse_args()
     faults = ["none", *a.faults.split(",")]
     head = ("runtime", "workload", "fault", "right", "Killed", "faults", "time s", "lost s")
@@ -153,7 +156,10 @@ def main() -> None:
         for runtime in a.runtimes.split(","):
             base = None
             for fault in faults:
-                rows = [run_one(runtime, workload, fault, a.n, seed) for seed in range(a.repeats)]
+                rows = [
+                    run_one(runtime, workload, fault, a.n, seed, a.timeout)
+                    for seed in range(a.repeats)
+                ]
                 t = statistics.median(r["time"] for r in rows)
                 if fault == "none":
                     base = t
