@@ -579,6 +579,20 @@ def test_fetching_from_a_frozen_holder_obeys_timeout_and_ctrl_c():
             os.kill(holder, signal.SIGCONT)
 
 
+def test_ctrl_c_during_future_exception_is_not_the_task_s_exception(client):
+    # Before: exception() caught BaseException, so a Ctrl-C while it waited
+    # came back as the task's exception instead of stopping the caller.
+    import threading
+
+    f = client.submit(time.sleep, 30)
+    timer = threading.Timer(0.3, signal.pthread_kill, (threading.get_ident(), signal.SIGINT))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        f.exception()
+    timer.join()
+    f.cancel()
+
+
 def slow_double(x):
     time.sleep(0.05)
     return 2 * x

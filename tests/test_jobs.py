@@ -219,13 +219,14 @@ def test_cancelling_a_running_command_stops_its_process_group(client, tmp_path):
 class Cluster:
     """`shoal scheduler` + one `shoal worker` of two processes."""
 
-    def __init__(self, tmp_path: Path):
+    def __init__(self, tmp_path: Path, env: dict[str, str] | None = None):
         self.dir = tmp_path
         self.sfile = tmp_path / "scheduler.json"
         self.env = {
             **os.environ,
             "SHOAL_SCHEDULER_FILE": str(self.sfile),
             "SHOAL_STOP_GRACE": str(GRACE),
+            **(env or {}),
         }
         self.log = open(tmp_path / "cluster.log", "ab")
         self.procs = [
@@ -764,3 +765,45 @@ def test_time_requests_avoid_workers_whose_lifetime_ends_first_and_those_retire(
             p.terminate()
             p.wait()
         log.close()
+
+
+def test_a_million_task_array_is_taken_in_without_stopping_the_scheduler(tmp_path):
+    # Before: the scheduler took a job in one go, its loop stopped for about
+    # 2 s a million tasks (at 5 M its worker gave up on it). Here peers give
+    # up after 1 s of silence, and a client's tasks run meanwhile.
+    c = Cluster(tmp_path, {"SHOAL_HEARTBEAT_TIMEOUT": "1"})
+    try:
+        with shoal.Client(scheduler_file=str(c.sfile)) as probe:
+            latencies = []
+            done = False
+
+            def ping():
+                while not done:
+                    t = time.perf_counter()
+                    probe.submit(abs, -1).result(timeout=60)
+                    latencies.append(time.perf_counter() - t)
+                    time.sleep(0.01)
+
+            import threading
+
+            th = threading.Thread(target=ping)
+            th.start()
+            try:
+                job = c.submit(
+                    "--array", "1-1000000", "--stdout", "none", "--stderr", "none", "--", "true"
+                )
+                time.sleep(2)
+            finally:
+                done = True
+                th.join()
+            assert max(latencies) < 1.0, max(latencies)
+            assert len(probe.scheduler_info()["workers"]) == 2, "a worker was dropped"
+            assert c.info(job)["tasks"] == 1_000_000
+            # Cancelled while much of it waits: every task ends, once.
+            c.shoal("job", "cancel", str(job))
+            info = wait_for(
+                lambda: (i := c.info(job))["state"] == "cancelled" and i, 60, "the cancel"
+            )
+            assert info["finished"] + info["failed"] + info["cancelled"] == 1_000_000
+    finally:
+        c.close()

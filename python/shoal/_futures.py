@@ -103,7 +103,9 @@ class Future:
         """The exception the task raised, or None if it succeeded."""
         try:
             self._client._result(self, timeout)
-        except TimeoutError:
+        except (TimeoutError, KeyboardInterrupt, SystemExit):
+            # Not the task's: a task's KeyboardInterrupt or SystemExit comes
+            # back as TaskAbortedError, so these are this process's own.
             raise
         except BaseException as e:  # noqa: BLE001
             return e

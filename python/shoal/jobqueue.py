@@ -53,6 +53,11 @@ def _bytes(memory: str | int | float) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
+# A job gone this soon after its submission did no useful work: several in a
+# row make adapt back off instead of submitting the same again and again.
+QUICK_END = 60.0
+
+
 class JobQueueCluster(ClusterBase):
     """What Slurm and PBS clusters share; see the module docs. Subclasses
     say how a job is written, submitted, cancelled and looked up."""
@@ -101,6 +106,10 @@ class JobQueueCluster(ClusterBase):
         self.wait_before_scale_down = wait_before_scale_down
         self._jobs: dict[str, float] = {}  # job id -> when submitted
         self._submitted = 0
+        # Jobs in a row that ended soon after their submission, and until
+        # when adapt submits none (see `_forget_ended`).
+        self._quick_ends = 0
+        self._backoff_until = 0.0
         self._lock = threading.Lock()
         self._scheduler: subprocess.Popen | None = None
         self._log: Any = None
@@ -201,11 +210,27 @@ class JobQueueCluster(ClusterBase):
         if not ids:
             return
         alive = self._alive(ids)
+        now = time.time()
+        lived: list[float] = []
         with self._lock:
             for j in ids:
                 # A job just submitted may not be listed yet.
-                if j not in alive and time.time() - self._jobs.get(j, 0) > 10:
-                    self._jobs.pop(j, None)
+                if j not in alive and now - self._jobs.get(j, now) > 10:
+                    lived.append(now - self._jobs.pop(j))
+        for t in lived:
+            self._quick_ends = self._quick_ends + 1 if t < QUICK_END else 0
+        if lived and self._quick_ends >= 2:
+            # Submitting again would end the same way: back off, and say why.
+            wait = min(300.0, 10.0 * 2 ** (self._quick_ends - 2))
+            self._backoff_until = now + wait
+            print(
+                f"shoal adapt: {self._quick_ends} jobs in a row ended within "
+                f"{QUICK_END:.0f}s of their submission (a walltime shorter than the workers "
+                "need, or workers that fail at start: see the jobs' output); submitting "
+                f"none for {wait:.0f}s",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def scale(self, n: int | None = None, *, jobs: int | None = None) -> None:
         """Runs ``jobs`` jobs (or enough for ``n`` worker processes):
@@ -282,6 +307,8 @@ class JobQueueCluster(ClusterBase):
                     continue
                 target = max(lo, min(hi, math.ceil(tasks / self.cores)))
                 have = len(self.jobs)
+                if target > have and time.time() < self._backoff_until:
+                    continue  # jobs end as soon as they start (see _forget_ended)
                 if target > have:
                     low_since = None
                     self.scale(jobs=target)

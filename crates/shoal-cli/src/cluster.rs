@@ -180,8 +180,9 @@ pub(crate) struct WorkerArgs {
     /// Retire gracefully after this long ("55m", "2h", seconds): results
     /// move to other workers, running tasks finish, no new task longer
     /// than what is left (`--time-request`) is placed here. Under Slurm
-    /// the default is the job's end time less 2 minutes
-    /// ($SLURM_JOB_END_TIME, or what `squeue` says is left).
+    /// the default is the job's end time less a tenth of its walltime (5 s
+    /// to 2 minutes; $SLURM_JOB_END_TIME, or what `squeue` says is left);
+    /// a worker whose lifetime is already over does not join.
     #[arg(long, value_parser = shoal_runtime::duration::parse)]
     lifetime: Option<Duration>,
     /// Each process retires up to this much earlier than --lifetime, at
@@ -196,19 +197,42 @@ pub(crate) struct WorkerArgs {
     tls: TlsArgs,
 }
 
-/// Time a worker under Slurm keeps to hand its data over before the job's end.
-const SLURM_END_MARGIN: f64 = 120.0;
+/// Time a worker under Slurm keeps to hand its data over before the job's
+/// end: a tenth of the job's walltime, from 5 s to 2 minutes (a fixed two
+/// minutes left nothing of a short job: its workers retired as they joined).
+fn slurm_end_margin(walltime: f64) -> f64 {
+    (walltime * 0.1).clamp(5.0, 120.0)
+}
 
 /// The Unix time (seconds) workers retire at: `--lifetime` from now, else
-/// the Slurm job's end less a margin, else none.
-fn lifetime_end(lifetime: Option<Duration>) -> Option<f64> {
+/// the Slurm job's end less a margin, else none. An error if that time has
+/// come already: a worker that would retire as it joins does not start.
+fn lifetime_end(lifetime: Option<Duration>) -> Result<Option<f64>, String> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64());
-    match lifetime {
-        Some(l) => Some(now + l.as_secs_f64()),
-        None => slurm_job_end(now).map(|end| (end - SLURM_END_MARGIN).max(now)),
+    if let Some(l) = lifetime {
+        return Ok(Some(now + l.as_secs_f64()));
     }
+    let Some(end) = slurm_job_end(now) else {
+        return Ok(None);
+    };
+    // The job's walltime: from its start when Slurm says it (23.02 and
+    // later), else what is left now.
+    let start = std::env::var("SLURM_JOB_START_TIME")
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| *s <= now)
+        .unwrap_or(now);
+    let margin = slurm_end_margin(end - start);
+    let retire = end - margin;
+    if retire <= now + 1.0 {
+        return Err(format!(
+            "the Slurm job ends in {:.0}s, within the {margin:.0}s its workers keep to hand              their data over: not joining (give --lifetime to choose otherwise)",
+            end - now
+        ));
+    }
+    Ok(Some(retire))
 }
 
 /// The end of the Slurm job this runs in (Unix seconds): Slurm 23.02 and
@@ -662,7 +686,7 @@ pub(crate) fn run_worker(a: WorkerArgs, host: &HostInfo) -> CliResult {
         shoal_runtime::net::interface_ip(name).map_err(|e| format!("--interface: {e}"))?;
         env.push(("SHOAL_INTERFACE".into(), name.clone()));
     }
-    if let Some(end) = lifetime_end(a.lifetime) {
+    if let Some(end) = lifetime_end(a.lifetime)? {
         // An absolute time: replacements started later leave with the rest.
         env.push(("SHOAL_LIFETIME_END".into(), format!("{end:.3}")));
         let stagger = a.lifetime_stagger.map_or(0.0, |d| d.as_secs_f64());
@@ -819,6 +843,14 @@ mod address_tests {
         assert_eq!(dashboard_address(":22222"), "0.0.0.0:22222");
         assert_eq!(dashboard_address("8787"), "0.0.0.0:8787");
         assert_eq!(dashboard_address("127.0.0.1:8787"), "127.0.0.1:8787");
+    }
+
+    #[test]
+    fn the_margin_scales_with_the_walltime() {
+        assert_eq!(slurm_end_margin(60.0), 6.0);
+        assert_eq!(slurm_end_margin(10.0), 5.0);
+        assert_eq!(slurm_end_margin(600.0), 60.0);
+        assert_eq!(slurm_end_margin(86_400.0), 120.0);
     }
 
     #[test]

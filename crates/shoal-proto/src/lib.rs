@@ -383,6 +383,10 @@ pub enum ToScheduler {
         max_fails: u32,
         /// The tasks; each [`CommandSpec::task`] is unique within the job.
         tasks: Vec<TaskSpec>,
+        /// More of the job's tasks follow, in further `SubmitJob`s with the
+        /// same `query` (a big job travels in pieces: frames stay small and
+        /// the client's heartbeats get through between them).
+        more: bool,
     },
     /// Client: cancel the unfinished tasks of a job (running ones are
     /// stopped). Answered like a query: `{"cancelled": n}` or `{"error": ...}`.

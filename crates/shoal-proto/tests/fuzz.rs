@@ -110,6 +110,7 @@ fn corpus() -> Vec<Vec<u8>> {
         },
         ToScheduler::Synced(5),
         ToScheduler::SubmitJob {
+            more: false,
             query: 3,
             name: "sim".into(),
             max_fails: 2,

@@ -759,7 +759,8 @@ impl ClientShared {
         self.ask(|id| ToScheduler::Name { id, name, value }, timeout)
     }
 
-    /// Submits a job of command tasks (the scheduler owns them from then
+    /// Submits a job of command tasks, in pieces of [`JOB_PIECE`] tasks
+    /// (the scheduler owns them from then
     /// on); the scheduler's JSON answer: `{"job": N}` or `{"error": ...}`.
     pub fn submit_job(
         &self,
@@ -769,11 +770,30 @@ impl ClientShared {
         timeout: std::time::Duration,
     ) -> Result<String, String> {
         self.ask(
-            |query| ToScheduler::SubmitJob {
-                query,
-                name,
-                max_fails,
-                tasks,
+            |query| {
+                // All but the last piece go now; `ask` sends the last.
+                let mut tasks = tasks.into_iter();
+                let mut piece: Vec<TaskSpec> = tasks.by_ref().take(JOB_PIECE).collect();
+                loop {
+                    let next: Vec<TaskSpec> = tasks.by_ref().take(JOB_PIECE).collect();
+                    if next.is_empty() {
+                        break;
+                    }
+                    let _ = self.out.read().send(ToScheduler::SubmitJob {
+                        query,
+                        name: name.clone(),
+                        max_fails,
+                        tasks: std::mem::replace(&mut piece, next),
+                        more: true,
+                    });
+                }
+                ToScheduler::SubmitJob {
+                    query,
+                    name,
+                    max_fails,
+                    tasks: piece,
+                    more: false,
+                }
             },
             timeout,
         )
@@ -822,6 +842,9 @@ impl ClientShared {
         self.state.lock().closed.clone()
     }
 }
+
+/// Tasks in one piece of a job (a few hundred KiB of commands).
+pub const JOB_PIECE: usize = 4096;
 
 /// A fetch of one result running on the I/O thread (see [`start_fetch`]);
 /// dropping it aborts the fetch.

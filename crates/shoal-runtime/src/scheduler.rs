@@ -9,6 +9,7 @@ mod conn;
 mod dispatch;
 mod http;
 mod info;
+mod intake;
 mod jobs;
 mod journal;
 mod monitor;
@@ -378,6 +379,12 @@ struct State {
     careful: FxHashSet<u64>,
     /// What careful batches reported done (`Progress`), for their next run.
     partials: FxHashMap<u64, Partial>,
+    /// Jobs being taken in a slice at a time (see `intake.rs`).
+    intake: VecDeque<intake::Intake>,
+    /// Cancels of big jobs, a step at a time (see `intake.rs`).
+    cancels: VecDeque<(ClientId, Vec<TaskId>)>,
+    /// Jobs whose pieces are arriving, by (client, query).
+    job_pieces: FxHashMap<(u32, u64), Vec<Vec<TaskSpec>>>,
     /// Jobs of command tasks (`shoal submit`).
     jobs: jobs::Jobs,
     /// `--journal`: jobs and their tasks' ends are written to it.
@@ -438,6 +445,9 @@ async fn owner(
         dying: Default::default(),
         careful: Default::default(),
         partials: Default::default(),
+        intake: VecDeque::new(),
+        job_pieces: Default::default(),
+        cancels: VecDeque::new(),
         jobs: Default::default(),
         journal: None,
         restored: FxHashMap::default(),
@@ -479,7 +489,7 @@ async fn owner(
                 st.work(&mut queue).await;
                 next_tick = next_tick.min(tokio::time::Instant::now() + TICK);
             }
-            _ = std::future::ready(()), if !queue.is_empty() => {
+            _ = std::future::ready(()), if !queue.is_empty() || st.busy() => {
                 st.work(&mut queue).await;
             }
             _ = tokio::time::sleep_until(next_tick) => {
@@ -683,7 +693,16 @@ impl State {
     /// Handles queued items for up to [`SLICE`], then yields the I/O thread.
     async fn work(&mut self, queue: &mut VecDeque<Item>) {
         let begun = std::time::Instant::now();
-        while let Some(item) = queue.pop_front() {
+        // A job being taken in moves on each turn, however busy the queue;
+        // when nothing else waits, it takes the rest of the slice.
+        self.intake_step();
+        loop {
+            let Some(item) = queue.pop_front() else {
+                if begun.elapsed() < SLICE && self.intake_step() {
+                    continue;
+                }
+                break;
+            };
             match item {
                 Item::Event(ev) => self.handle(ev),
                 Item::DropOrphans => self.drop_orphans(),
@@ -709,7 +728,7 @@ impl State {
             }
         }
         self.flush_journal();
-        if !queue.is_empty() {
+        if !queue.is_empty() || self.busy() {
             tokio::task::yield_now().await;
         }
     }

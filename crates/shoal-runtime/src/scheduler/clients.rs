@@ -31,18 +31,25 @@ impl State {
                 name,
                 max_fails,
                 tasks,
+                more,
             } => {
-                let json = match self.submit_job(name, max_fails, tasks) {
-                    Ok(job) => serde_json::json!({ "job": job }),
-                    Err(e) => serde_json::json!({ "error": e }),
-                };
-                self.reply(client, query, json);
+                let mut all = self.job_pieces.remove(&(client, query)).unwrap_or_default();
+                all.push(tasks);
+                if more {
+                    self.job_pieces.insert((client, query), all);
+                } else {
+                    // Answered once checked whole (see `intake_step`).
+                    self.intake.push_back(super::intake::Intake::new(
+                        client, query, name, max_fails, all,
+                    ));
+                }
             }
             ToScheduler::CancelJob { query, job } => {
-                let json = match self.jobs.pending(job) {
+                let json = match self.jobs.cancel_all(job) {
                     Some(ids) => {
-                        self.core.handle_cancel(jobs::job_client(job), &ids);
-                        serde_json::json!({ "cancelled": ids.len() })
+                        let n = ids.len();
+                        self.cancel_in_steps(jobs::job_client(job), ids);
+                        serde_json::json!({ "cancelled": n })
                     }
                     None => serde_json::json!({ "error": format!("no job {job}") }),
                 };
@@ -261,58 +268,6 @@ impl State {
         self.core.handle_resubmit(cid, tasks, held);
     }
 
-    /// A job of command tasks: checked whole (nothing is submitted if one
-    /// task is wrong), then owned by the job's own interest. Its tasks form
-    /// one task group, "job N: name".
-    pub(crate) fn submit_job(
-        &mut self,
-        name: String,
-        max_fails: u32,
-        mut tasks: Vec<TaskSpec>,
-    ) -> Result<u32, String> {
-        if tasks.is_empty() {
-            return Err("a job needs at least one task".into());
-        }
-        let mut ids = Vec::with_capacity(tasks.len());
-        let mut seen = FxHashSet::default();
-        for t in &tasks {
-            if t.kind != shoal_proto::TaskKind::Command {
-                return Err(format!("task {:x} of the job is not a command task", t.id));
-            }
-            let cmd: shoal_proto::CommandSpec = shoal_proto::decode(&t.args)
-                .map_err(|e| format!("task {:x} of the job: {e}", t.id))?;
-            if cmd.argv.is_empty() {
-                return Err(format!("task {} of the job has no program", cmd.task));
-            }
-            if !seen.insert(cmd.task) {
-                return Err(format!("task id {} appears twice in the job", cmd.task));
-            }
-            if self.core.state(TaskId(t.id)).is_some() {
-                return Err(format!("task {:x} is already known", t.id));
-            }
-            ids.push((cmd.task, t.id));
-        }
-        let group = format!("job {}: {name}", self.jobs.next_id());
-        for t in &mut tasks {
-            t.group.clone_from(&group);
-        }
-        let now = crate::clock::now_us();
-        if let Some(j) = &mut self.journal {
-            j.append(&journal::Record::Job {
-                id: self.jobs.next_id(),
-                name: name.clone(),
-                max_fails,
-                submitted_us: now,
-                ids: ids.clone(),
-                tasks: tasks.clone(),
-            });
-        }
-        let job = self.jobs.add(name, max_fails, &ids, now);
-        tracing::info!("job {job}: {} tasks submitted", ids.len());
-        self.submit(jobs::job_client(job), tasks);
-        Ok(job)
-    }
-
     /// Answers a client's request (a query, a job submission) with JSON.
     pub(crate) fn reply(&self, client: u32, id: u64, json: serde_json::Value) {
         if let Some(tx) = self.client_tx(client) {
@@ -324,6 +279,7 @@ impl State {
     /// A client left: what it wanted is released, its names go.
     pub(crate) fn client_gone(&mut self, id: u32) {
         self.names.retain(|_, n| n.0 != id);
+        self.job_pieces.retain(|(c, _), _| *c != id);
         self.core.handle_client_gone(ClientId(id));
         self.process();
     }

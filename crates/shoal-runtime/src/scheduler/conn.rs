@@ -116,9 +116,20 @@ pub(crate) async fn decode(frame: io::Result<bytes::BytesMut>) -> io::Result<Vec
                 .await
                 .unwrap_or_else(|e| Err(io::Error::other(e)))
         }
+        Ok(f) if f.len() >= YIELD_FRAME => {
+            let msgs = net::decode_batch::<ToScheduler>(Ok(f));
+            // A peer sending frame after frame (a job in pieces) finds them
+            // all buffered: without a yield, tokio's budget would let this
+            // reader decode a hundred of them before the loop's next turn.
+            tokio::task::yield_now().await;
+            msgs
+        }
         f => net::decode_batch::<ToScheduler>(f),
     }
 }
+
+/// Frames from this size on are decoded inline, then the reader yields.
+const YIELD_FRAME: usize = 64 << 10;
 
 /// Whether a peer's queue has been over `limit` for two beats.
 pub(crate) fn fell_behind(tx: &Tx, behind: &mut bool, limit: usize) -> bool {

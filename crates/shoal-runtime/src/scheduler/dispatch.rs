@@ -201,7 +201,7 @@ impl State {
         if !job_done.is_empty() {
             for (client, task, cancel) in job_done {
                 if !cancel.is_empty() {
-                    self.core.handle_cancel(client, &cancel);
+                    self.cancel_in_steps(client, cancel);
                 }
                 self.core.handle_release(client, &[task]);
             }

@@ -65,10 +65,16 @@ impl State {
 
     /// Nothing needs the next tick soon: no work in the core, no restored
     /// state waiting for its owners, nothing of the journal unwritten.
+    /// Work of its own waits: jobs being taken in, cancels in steps.
+    pub(crate) fn busy(&self) -> bool {
+        !self.intake.is_empty() || !self.cancels.is_empty()
+    }
+
     pub(crate) fn quiet(&self) -> bool {
         self.core.is_quiet()
             && self.restored_until.is_none()
             && self.dying.is_empty()
+            && !self.busy()
             && self.journal.as_ref().is_none_or(|j| !j.pending())
     }
 }

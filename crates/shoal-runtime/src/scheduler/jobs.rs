@@ -98,6 +98,9 @@ struct Job {
     cancelled: usize,
     /// `(job task id, error text)` of the first failures.
     errors: Vec<(u64, String)>,
+    /// Cancelled whole (by its client, or past `max_fails`): tasks still
+    /// being taken in are not submitted (see `State::intake_step`).
+    halted: bool,
     /// Cancel the rest once this many failed (0: never).
     max_fails: u32,
 }
@@ -139,11 +142,24 @@ impl Jobs {
         tasks: &[(u64, u64)],
         now_us: u64,
     ) -> u32 {
-        self.last += 1;
-        let id = self.last;
+        let id = self.add_untracked(name, max_fails, tasks, now_us);
         for (i, &(_, t)) in tasks.iter().enumerate() {
             self.by_task.insert(t, (id, i as u32));
         }
+        id
+    }
+
+    /// As [`Jobs::add`], but its tasks' ends are not followed until each is
+    /// [`track`](Jobs::track)ed (a big job is taken in a slice at a time).
+    pub(super) fn add_untracked(
+        &mut self,
+        name: String,
+        max_fails: u32,
+        tasks: &[(u64, u64)],
+        now_us: u64,
+    ) -> u32 {
+        self.last += 1;
+        let id = self.last;
         self.jobs.insert(
             id,
             Job {
@@ -159,9 +175,38 @@ impl Jobs {
                 cancelled: 0,
                 errors: Vec::new(),
                 max_fails,
+                halted: false,
             },
         );
         id
+    }
+
+    /// Follows the end of `task`, the `index`th of `job`.
+    pub(super) fn track(&mut self, job: u32, index: u32, task: u64) {
+        self.by_task.insert(task, (job, index));
+    }
+
+    /// Whether `job` was cancelled whole (see [`Job::halted`]).
+    pub(super) fn halted(&self, job: u32) -> bool {
+        self.jobs.get(&job).is_none_or(|j| j.halted)
+    }
+
+    /// The job's tasks `range` were never submitted (it was cancelled
+    /// whole first): they end cancelled.
+    pub(super) fn never_submitted(&mut self, job: u32, range: std::ops::Range<usize>, now_us: u64) {
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
+        for i in range {
+            if j.outcome[i] == Outcome::Pending {
+                j.outcome[i] = Outcome::Cancelled;
+                j.pending -= 1;
+                j.cancelled += 1;
+            }
+        }
+        if j.pending == 0 {
+            j.ended_us = Some(now_us);
+        }
     }
 
     /// Every job as a snapshot; `spec` gives a pending task's spec.
@@ -236,6 +281,7 @@ impl Jobs {
                 outcome,
                 errors: s.errors,
                 max_fails: s.max_fails,
+                halted: false,
             },
         );
         s.pending
@@ -291,16 +337,17 @@ impl Jobs {
             job.ended_us = Some(now_us);
         }
         if outcome == Outcome::Failed && job.max_fails > 0 && job.failed == job.max_fails as usize {
+            job.halted = true;
             return self.pending_tasks(j);
         }
         Vec::new()
     }
 
-    /// A job's tasks not ended yet (None: no such job).
-    pub(super) fn pending(&self, job: u32) -> Option<Vec<TaskId>> {
-        self.jobs
-            .contains_key(&job)
-            .then(|| self.pending_tasks(job))
+    /// A job's tasks not ended yet, to cancel them all (None: no such job).
+    pub(super) fn cancel_all(&mut self, job: u32) -> Option<Vec<TaskId>> {
+        let j = self.jobs.get_mut(&job)?;
+        j.halted = true;
+        Some(self.pending_tasks(job))
     }
 
     fn pending_tasks(&self, job: u32) -> Vec<TaskId> {
