@@ -8,6 +8,7 @@ lag, the probe's worst and median latency and the scheduler's memory.
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -67,9 +68,6 @@ time.sleep(1)
 t0 = time.time()
 p = subprocess.run(
     [
-        "/usr/bin/time",
-        "-f",
-        "CLI maxrss %M KB",
         sys.executable,
         "-m",
         "shoal",
@@ -92,6 +90,9 @@ print(
     p.stdout.strip()[-200:],
     p.stderr.strip()[-300:],
 )
+# The largest of this process's children so far: the submitting client
+# (the scheduler and worker are still running, so not counted yet).
+print(f"client max RSS {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MiB")
 time.sleep(3)
 stop.set()
 th.join()
