@@ -525,7 +525,7 @@ class LocalCluster(ClusterBase):
             raise ValueError("LocalCluster.scale takes a number of workers: scale(n)")
         if n is None:
             raise ValueError("scale(n) takes a number of workers (0 or more), not None")
-        n = check_count("scale(n)", n, 0)
+        n = check_count("scale(n), the number of workers,", n, 0)
         self._stop_adapting()
         self._scale_workers(n)
 
