@@ -487,6 +487,10 @@ pub fn start(
         });
         let sh = shared.clone();
         let timeout = net::heartbeat_timeout();
+        // An embedded cluster's scheduler runs in this process's parent.
+        let scheduler_in_parent = matches!(scheduler, Address::Unix(_));
+        // SAFETY: getppid has no preconditions.
+        let parent = unsafe { libc::getppid() };
         tokio::spawn(async move {
             // The scheduler pings every second; silence means it died without
             // closing, hung, or the network is cut: exit rather than wait
@@ -536,6 +540,15 @@ pub fn start(
             // The scheduler is gone without asking us to stop: for an embedded
             // cluster this means the client process died. Leave no orphan.
             eprintln!("shoal worker {}: {why}; exiting", std::process::id());
+            if scheduler_in_parent {
+                // Its sockets close before it is done dying: wait (briefly)
+                // until it is, so that the sweep takes its directories too.
+                let deadline = Instant::now() + Duration::from_secs(2);
+                // SAFETY: getppid has no preconditions.
+                while unsafe { libc::getppid() } == parent && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
             exit_leaving_nothing(status);
         });
         Ok(shared)

@@ -298,11 +298,15 @@ impl State {
             resources: spec.rare().resources.to_vec(),
             time_limit_ms: spec.rare().time_limit_ms,
             job: self.jobs.job_of_task(task.0).unwrap_or(0),
+            // (Both empty but after worker deaths: no lookup per task.)
             careful: !self.careful.is_empty() && self.careful.contains(&task.0),
-            resume: self
-                .partials
-                .get(&task.0)
-                .map_or_else(Vec::new, |p| p.parts.clone()),
+            resume: if self.partials.is_empty() {
+                Vec::new()
+            } else {
+                self.partials
+                    .get(&task.0)
+                    .map_or_else(Vec::new, |p| p.parts.clone())
+            },
         });
     }
 }
