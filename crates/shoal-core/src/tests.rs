@@ -1770,8 +1770,9 @@ fn killed(c: &Core, id: u64) -> bool {
     )
 }
 
-#[test]
-fn a_worker_that_dies_between_tasks_blames_none_of_them() {
+/// A core whose tasks fail at their first kill, with tasks 1 to 3 sent to
+/// worker 0 (two threads).
+fn three_tasks_on_one_worker_that_may_die_once() -> Core {
     let mut c = Core::new(Config {
         max_kills: 1,
         log_capacity: 1000,
@@ -1780,6 +1781,12 @@ fn a_worker_that_dies_between_tasks_blames_none_of_them() {
     c.handle_worker_added(WorkerId(0), 2);
     c.handle_submit(C, vec![nt(1, &[]), nt(2, &[]), nt(3, &[])]);
     c.take_actions();
+    c
+}
+
+#[test]
+fn a_worker_that_dies_between_tasks_blames_none_of_them() {
+    let mut c = three_tasks_on_one_worker_that_may_die_once();
     // No start report came (the old rule would blame all three), but its
     // supervisor saw no task running: it died starting up or between tasks.
     c.handle_worker_dying(WorkerId(0));
@@ -1795,14 +1802,7 @@ fn a_worker_that_dies_between_tasks_blames_none_of_them() {
 
 #[test]
 fn a_worker_that_dies_inside_a_task_blames_that_task_alone() {
-    let mut c = Core::new(Config {
-        max_kills: 1,
-        log_capacity: 1000,
-        ..Config::default()
-    });
-    c.handle_worker_added(WorkerId(0), 2);
-    c.handle_submit(C, vec![nt(1, &[]), nt(2, &[]), nt(3, &[])]);
-    c.take_actions();
+    let mut c = three_tasks_on_one_worker_that_may_die_once();
     // Both reported started; the supervisor says only 2 was running (1
     // had ended, its report lost with the process).
     c.handle_tasks_started(WorkerId(0), &[t(1), t(2)]);
