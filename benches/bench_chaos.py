@@ -1,31 +1,52 @@
 """Faults during real work: random workers are SIGKILLed (or SIGSTOPped,
 then SIGCONTed) 2 to 5 times a second while a workload runs, on Shoal and
-on Dask distributed side by side. Reports, per runtime, workload and fault:
-whether the result was right, how many faults were dealt, how many tasks
-failed as ``KilledWorker``, and the time against the same run without
-faults.
+on Dask distributed side by side where Dask has the feature. Reports, per
+runtime, workload and fault: whether the result was right, how many faults
+were dealt, how many tasks failed (``KilledWorker``, or ``ActorDiedError``
+for the actor call that was running when its actor died), and the time
+against the same run without faults.
 
     python benches/bench_chaos.py [-n TASKS] [-r REPEATS] [--faults kill,stop]
-        [--workloads map,array] [--runtimes shoal,dask]
+        [--workloads map,tree,array,actors,commands] [--runtimes shoal,dask]
 
-Workloads: ``map`` (``client.map`` of 1 ms tasks, default batching, summed
-by a tree of ``submit(add)``), ``array`` (a Dask array of 1 ms blocks,
-``(x + 1).sum()``). Two worker processes of one thread each.
+Workloads (``-n`` tasks each; two worker processes of one thread):
+
+- ``map``: ``client.map`` of short tasks (default batching) summed by a
+  tree of ``submit(add)``;
+- ``tree``: ``-n`` leaves submitted one by one, summed the same way;
+- ``array``: a Dask array of ``-n`` blocks, ``(x + 1).sum()``;
+- ``actors``: ``-n`` calls on two actors with ``max_restarts``; faults hit
+  the actors' processes too. Right means every call that returned is right
+  and no more calls failed than actor processes were killed (a call
+  running when its actor dies fails, as in Ray). Shoal only: Dask's actors
+  do not restart;
+- ``commands``: ``shoal submit --array 1-N -- true`` on `shoal scheduler
+  --journal` with `shoal worker --nworkers 2 --reconnect`; with the
+  ``kill`` fault the scheduler is also SIGKILLed and started again from its
+  journal twice during the job. Right means the job ends with all ``N``
+  tasks finished. Shoal only: Dask has no command arrays.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import signal
 import statistics
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 
+SHOAL = [sys.executable, "-m", "shoal"]
+TASK_S = 0.0002  # each task's work
+
 
 def slow_inc(x):
-    time.sleep(0.001)
+    time.sleep(TASK_S)
     return x + 1
 
 
@@ -34,8 +55,31 @@ def add(a, b):
 
 
 def slow_block(b):
-    time.sleep(0.001)
+    time.sleep(TASK_S)
     return b + 1
+
+
+class Doubler:
+    """An actor: its state (the factor) is rebuilt when it restarts."""
+
+    def __init__(self):
+        self.factor = 2
+
+    def double(self, x):
+        time.sleep(TASK_S)
+        return self.factor * x
+
+
+def children(pid: int) -> list[int]:
+    """Child processes of ``pid``, whichever of its threads started them."""
+    out = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as fh:
+                out += [int(p) for p in fh.read().split()]
+    except OSError:
+        pass
+    return out
 
 
 class Faults:
@@ -79,33 +123,152 @@ class Faults:
             self.thread.join()
 
 
-def workload_map(client, n: int, submit_tree, timeout: float) -> bool:
-    fs = client.map(slow_inc, range(n))
+def tree_sum(submit, fs):
     while len(fs) > 1:
         fs = [
-            submit_tree(add, fs[i], fs[i + 1]) if i + 1 < len(fs) else fs[i]
+            submit(add, fs[i], fs[i + 1]) if i + 1 < len(fs) else fs[i]
             for i in range(0, len(fs), 2)
         ]
-    return fs[0].result(timeout=timeout) == sum(range(1, n + 1))
+    return fs[0]
 
 
-def workload_array(client, n: int) -> bool:
+def workload_map(client, n: int, timeout: float) -> dict:
+    total = tree_sum(client.submit, client.map(slow_inc, range(n)))
+    return {"ok": total.result(timeout=timeout) == sum(range(1, n + 1))}
+
+
+def workload_tree(client, n: int, timeout: float) -> dict:
+    leaves = [client.submit(slow_inc, i) for i in range(n)]
+    total = tree_sum(client.submit, leaves)
+    return {"ok": total.result(timeout=timeout) == sum(range(1, n + 1))}
+
+
+def workload_array(client, n: int, timeout: float) -> dict:
     import dask
     import dask.array as da
 
     side = int(n**0.5)
     x = da.ones((side * 10, side * 10), chunks=10).map_blocks(slow_block, dtype=float)
     (total,) = dask.compute(x.sum(), scheduler=client.get)
-    return total == 2.0 * (side * 10) ** 2
+    return {"ok": total == 2.0 * (side * 10) ** 2}
+
+
+def workload_actors(client, n: int, timeout: float, actors: list) -> dict:
+    from shoal import ActorDiedError
+
+    calls = [actors[i % len(actors)].double.remote(i) for i in range(n)]
+    failed = wrong = 0
+    for i, f in enumerate(calls):
+        try:
+            wrong += f.result(timeout=timeout) != 2 * i
+        except ActorDiedError:
+            failed += 1
+    return {"ok": wrong == 0, "failed": failed}
+
+
+def job_info(sfile: str, job: str) -> dict:
+    """The job's summary, or {} while the scheduler is restarting."""
+    import shoal
+
+    try:
+        with shoal.Client(scheduler_file=sfile, timeout=5, dashboard_address=None) as c:
+            return c.query(f"/api/jobs/{job}")
+    except Exception:  # noqa: BLE001 - not up yet: asked again
+        return {}
+
+
+def run_commands(fault: str, n: int, seed: int, timeout: float) -> dict:
+    """A command array on a journaled scheduler and reconnecting workers."""
+    d = tempfile.mkdtemp(prefix="chaos-")
+    sfile, journal = os.path.join(d, "s.json"), os.path.join(d, "journal")
+    env = {**os.environ, "SHOAL_SCHEDULER_FILE": sfile}
+    log = open(os.path.join(d, "log"), "ab")
+    port = "0"
+
+    def scheduler():
+        return subprocess.Popen(
+            [*SHOAL, "scheduler", "--port", port, "--no-dashboard"]
+            + ["--scheduler-file", sfile, "--journal", journal],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+    def cli(*args):
+        return subprocess.run(
+            [*SHOAL, *args], capture_output=True, text=True, env=env, timeout=timeout
+        )
+
+    sched = scheduler()
+    while not os.path.exists(sfile):
+        time.sleep(0.05)
+    with open(sfile) as fh:
+        port = json.load(fh)["address"].rsplit(":", 1)[1]  # a restart takes it again
+    worker = subprocess.Popen(
+        [*SHOAL, "worker", "--nworkers", "2", "--reconnect"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    restarts = 0
+    try:
+        cli("submit", "--wait", "--", "true")  # warm: workers up
+        with Faults(lambda: children(worker.pid), fault, seed) as faults:
+            t0 = time.perf_counter()
+            out = cli(
+                "submit", "--array", f"1-{n}", "--stdout", "none", "--stderr", "none", "--", "true"
+            )
+            job = out.stdout.split()[1]
+            if fault == "kill":
+                rng = random.Random(seed)
+                for _ in range(2):
+                    time.sleep(rng.uniform(0.5, 2))
+                    sched.kill()
+                    sched.wait()
+                    sched = scheduler()
+                    restarts += 1
+            info = job_info(sfile, job)
+            while info.get("state") not in ("finished", "failed", "cancelled"):
+                if time.perf_counter() - t0 > timeout:
+                    break
+                time.sleep(0.25)
+                info = job_info(sfile, job)
+            elapsed = time.perf_counter() - t0
+        ok = info.get("state") == "finished" and info.get("finished") == n
+        return {
+            "ok": ok,
+            "killed": n - info.get("finished", 0),
+            "faults": faults.dealt + restarts,
+            "time": elapsed,
+        }
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait()
+        sched.terminate()
+        sched.wait()
 
 
 def run_one(runtime: str, workload: str, fault: str, n: int, seed: int, timeout: float) -> dict:
+    if workload == "commands":
+        return run_commands(fault, n, seed, timeout)
+    actors: list = []
     if runtime == "shoal":
         import shoal
 
         client = shoal.Client(n_workers=2, threads_per_worker=1, dashboard_address=None)
-        pids = lambda: client.worker_pids  # noqa: E731
         killed_error: type = shoal.KilledWorker
+        if workload == "actors":
+            from shoal import actor
+
+            cls = shoal.remote(Doubler).options(max_restarts=10**6)
+            actors = [cls.remote() for _ in range(2)]
+            for a in actors:
+                a.double.remote(0).result()
+
+        def pids():
+            extra = [actor._supervisors[a._actor_id].proc.pid for a in actors]
+            return client.worker_pids + extra
     else:
         from distributed import Client, KilledWorker, LocalCluster
 
@@ -118,22 +281,29 @@ def run_one(runtime: str, workload: str, fault: str, n: int, seed: int, timeout:
             return [p for w in list(cluster.workers.values()) if (p := getattr(w, "pid", None))]
 
         killed_error = KilledWorker
+    run = {
+        "map": workload_map,
+        "tree": workload_tree,
+        "array": workload_array,
+        "actors": lambda c, n, t: workload_actors(c, n, t, actors),
+    }[workload]
     try:
         client.submit(slow_inc, 1).result()  # warm: workers up
-        ok, killed = False, 0
+        got: dict = {"ok": False}
         with Faults(pids, fault, seed) as faults:
             t0 = time.perf_counter()
             try:
-                if workload == "map":
-                    ok = workload_map(client, n, client.submit, timeout)
-                else:
-                    ok = workload_array(client, n)
+                got = run(client, n, timeout)
             except killed_error:
-                killed = 1
+                got = {"ok": False, "failed": 1}
             except TimeoutError:
-                ok = False  # did not finish within the timeout
+                got = {"ok": False}  # did not finish within the timeout
             elapsed = time.perf_counter() - t0
-        return {"ok": ok, "killed": killed, "faults": faults.dealt, "time": elapsed}
+        failed = got.get("failed", 0)
+        # A call that was running when its actor died fails (as in Ray): no
+        # more of those than actor processes killed.
+        ok = got["ok"] and (workload != "actors" or failed <= faults.dealt)
+        return {"ok": ok, "killed": failed, "faults": faults.dealt, "time": elapsed}
     finally:
         client.close()
         if runtime != "shoal":
@@ -142,18 +312,20 @@ def run_one(runtime: str, workload: str, fault: str, n: int, seed: int, timeout:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("-n", type=int, default=8192, help="tasks (elements or blocks) per run")
+    ap.add_argument("-n", type=int, default=100_000, help="tasks (elements, blocks, calls) per run")
     ap.add_argument("-r", "--repeats", type=int, default=3)
     ap.add_argument("--faults", default="kill,stop")
-    ap.add_argument("--workloads", default="map,array")
+    ap.add_argument("--workloads", default="map,tree,array,actors,commands")
     ap.add_argument("--runtimes", default="shoal,dask")
-    ap.add_argument("--timeout", type=float, default=300, help="seconds a map run may take")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds a run may take")
     a = ap.parse_args()
     faults = ["none", *a.faults.split(",")]
-    head = ("runtime", "workload", "fault", "right", "Killed", "faults", "time s", "lost s")
+    head = ("runtime", "workload", "fault", "right", "failed", "faults", "time s", "lost s")
     print("{:8} {:8} {:6} {:>7} {:>7} {:>7} {:>8} {:>7}".format(*head))
     for workload in a.workloads.split(","):
         for runtime in a.runtimes.split(","):
+            if runtime != "shoal" and workload in ("actors", "commands"):
+                continue  # Dask has no restarting actors, no command arrays
             base = None
             for fault in faults:
                 rows = [

@@ -111,9 +111,12 @@ def main() -> None:
     after = [x for x in samples if x[0] >= a.warmup * 60]
     if len(after) >= 2:
         first, last = after[0], after[-1]
-        for name, i in (("RSS", 0), ("open files", 1), ("threads", 2)):
-            g = (last[1][i] - first[1][i]) / max(first[1][i], 1) * 100
-            print(f"scheduler {name} after warm-up: {first[1][i]} -> {last[1][i]} ({g:+.1f} %)")
+        # Workers are killed and replaced, so theirs is the sum over whoever is alive.
+        for who, k in (("scheduler", 1), ("workers", 2)):
+            for name, i in (("RSS", 0), ("open files", 1), ("threads", 2)):
+                a0, a1 = first[k][i], last[k][i]
+                g = (a1 - a0) / max(a0, 1) * 100
+                print(f"{who} {name} after warm-up: {a0} -> {a1} ({g:+.1f} %)")
 
 
 if __name__ == "__main__":

@@ -319,3 +319,17 @@ class MemoryPolicy:
     TERMINATE: float
     def __new__(cls, limit: int, can_restart: bool) -> Self: ...
     def decide(self, process: int, managed: int) -> MemoryDecision: ...
+
+@final
+class UnraisableHook:
+    """``sys.unraisablehook`` wrapped: each report passes on to ``previous``,
+    then a ``KeyboardInterrupt`` a finalizer swallowed in the main thread
+    trips SIGINT again, so the program's next check raises it."""
+
+    @property
+    def previous(self) -> Any: ...
+    def __call__(self, report: Any) -> None: ...
+
+def guard_interrupts() -> None:
+    """Wraps ``sys.unraisablehook`` in an ``UnraisableHook`` unless it
+    already is one (every ``Client`` calls it)."""

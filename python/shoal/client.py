@@ -185,6 +185,8 @@ class Client(ClusterQueries, Results):
             isinstance(timeout, int | float) and math.isfinite(timeout) and timeout >= 0
         ):
             raise ValueError(f"timeout must be a number of seconds, 0 or more, not {timeout!r}")
+        # A Ctrl-C that a finalizer swallows still stops this client's waits.
+        _core.guard_interrupts()
         self._cluster: LocalCluster | None = None  # the one this client started
         self.cluster: ClusterBase | None = None
         self._undo_default: Callable[[], None] | None = None

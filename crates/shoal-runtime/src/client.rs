@@ -849,8 +849,11 @@ pub const JOB_PIECE: usize = 4096;
 /// A fetch of one result running on the I/O thread (see [`start_fetch`]);
 /// dropping it aborts the fetch.
 pub struct PendingFetch {
-    rt: &'static tokio::runtime::Runtime,
-    task: tokio::task::JoinHandle<io::Result<crate::transfer::Fetched>>,
+    task: tokio::task::JoinHandle<()>,
+    /// The outcome, sent once by the task. Waited on with the OS's timed
+    /// wait, not a runtime timer, so a busy I/O thread cannot delay the
+    /// caller's next look at its signals.
+    done: std::sync::mpsc::Receiver<io::Result<crate::transfer::Fetched>>,
 }
 
 impl PendingFetch {
@@ -861,15 +864,13 @@ impl PendingFetch {
         &mut self,
         wait: std::time::Duration,
     ) -> Option<io::Result<crate::transfer::Fetched>> {
-        let task = &mut self.task;
-        // The timer is made inside the runtime (it needs its clock).
-        match self
-            .rt
-            .block_on(async move { tokio::time::timeout(wait, task).await })
-        {
-            Ok(Ok(got)) => Some(got),
-            Ok(Err(e)) => Some(Err(io::Error::other(e))),
-            Err(_) => None,
+        use std::sync::mpsc::RecvTimeoutError;
+        match self.done.recv_timeout(wait) {
+            Ok(got) => Some(got),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => {
+                Some(Err(io::Error::other("the fetch ended without an outcome")))
+            }
         }
     }
 }
@@ -889,15 +890,19 @@ pub fn start_fetch(
     secret: &net::Secret,
 ) -> PendingFetch {
     let (addr, secret) = (addr.to_string(), secret.clone());
+    let (tx, done) = std::sync::mpsc::sync_channel(1);
     let task = rt.spawn(async move {
-        let items = crate::transfer::fetch(&addr, vec![id], &secret).await?;
-        items
-            .into_iter()
-            .next()
-            .map(|(_, v)| v)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "empty reply"))
+        let got = match crate::transfer::fetch(&addr, vec![id], &secret).await {
+            Ok(items) => items
+                .into_iter()
+                .next()
+                .map(|(_, v)| v)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "empty reply")),
+            Err(e) => Err(e),
+        };
+        let _ = tx.send(got); // the waiter may have given up
     });
-    PendingFetch { rt, task }
+    PendingFetch { task, done }
 }
 
 #[cfg(test)]
