@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
-# Runs every check and test: lint, Rust tests, wheel build and install, pytest.
+# Runs every check and test: the wheel (built, checked, installed on each
+# CPython here), lint, Rust tests, pytest, the peers' own suites.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh
 bash scripts/setup-dev.sh
-# Installed before the lint: stubtest checks _core.pyi against the built module.
-python3 -m pip install -q --disable-pip-version-check .
+# The wheel users get (manylinux, abi3) is built, checked by auditwheel and
+# installed before the lint: stubtest checks _core.pyi against it, and every
+# test below runs on it.
+bash scripts/build-wheels.sh
+python3 -m pip install -q --disable-pip-version-check --force-reinstall --no-deps dist/shoal-*.whl
+# The same wheel in fresh environments of each CPython here, with no Rust.
+bash scripts/check-wheel.sh
 bash scripts/lint.sh
 cargo test --workspace --locked
 # Run from a directory without the source tree so the installed package is tested.
