@@ -297,13 +297,21 @@ def run_one(runtime: str, workload: str, fault: str, n: int, seed: int, timeout:
             except killed_error:
                 got = {"ok": False, "failed": 1}
             except TimeoutError:
-                got = {"ok": False}  # did not finish within the timeout
+                got = {"ok": False, "error": "timeout"}
+            except Exception as e:  # noqa: BLE001 - a runtime's own failure is a result
+                got = {"ok": False, "error": type(e).__name__}
             elapsed = time.perf_counter() - t0
         failed = got.get("failed", 0)
         # A call that was running when its actor died fails (as in Ray): no
         # more of those than actor processes killed.
         ok = got["ok"] and (workload != "actors" or failed <= faults.dealt)
-        return {"ok": ok, "killed": failed, "faults": faults.dealt, "time": elapsed}
+        return {
+            "ok": ok,
+            "killed": failed,
+            "faults": faults.dealt,
+            "time": elapsed,
+            "error": got.get("error", ""),
+        }
     finally:
         client.close()
         if runtime != "shoal":
@@ -320,8 +328,18 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=900, help="seconds a run may take")
     a = ap.parse_args()
     faults = ["none", *a.faults.split(",")]
-    head = ("runtime", "workload", "fault", "right", "failed", "faults", "time s", "lost s")
-    print("{:8} {:8} {:6} {:>7} {:>7} {:>7} {:>8} {:>7}".format(*head))
+    head = (
+        "runtime",
+        "workload",
+        "fault",
+        "right",
+        "failed",
+        "faults",
+        "time s",
+        "lost s",
+        "errors",
+    )
+    print("{:8} {:8} {:6} {:>7} {:>7} {:>7} {:>8} {:>7}  {}".format(*head))
     for workload in a.workloads.split(","):
         for runtime in a.runtimes.split(","):
             if runtime != "shoal" and workload in ("actors", "commands"):
@@ -340,7 +358,8 @@ def main() -> None:
                     f"{runtime:8} {workload:8} {fault:6} {right:>3}/{len(rows):<3} "
                     f"{sum(r['killed'] for r in rows):>7} "
                     f"{statistics.median(r['faults'] for r in rows):>7} {t:>8.2f} "
-                    f"{t - (base or t):>7.2f}",
+                    f"{t - (base or t):>7.2f}  "
+                    + ",".join(sorted({r["error"] for r in rows if r.get("error")})),
                     flush=True,
                 )
 

@@ -290,9 +290,14 @@ def parse_duration(text: str) -> float:
     """Seconds in a duration such as ``"90"``, ``"2.5"``, ``"10m"``,
     ``"1h30m"`` (the CLI's parser); ``ValueError`` says what is wrong."""
 
+def check_settings() -> str | None:
+    """The settings file in use (None if there is none); ``ValueError``
+    saying what is wrong with it where it cannot be used."""
+
 def setting(name: str) -> str:
-    """The value of the ``SHOAL_*`` variable ``name``, or its default ("" for
-    none); ``KeyError`` for a name that is not one of Shoal's settings."""
+    """The value of the ``SHOAL_*`` variable ``name`` (from the environment,
+    else the settings file), or its default ("" for none); ``KeyError`` for
+    a name that is not one of Shoal's settings."""
 
 def settings() -> list[tuple[str, str, str, str, str]]:
     """Every ``SHOAL_*`` variable: ``(name, effective value, default,

@@ -163,6 +163,19 @@ class Future:
     def __repr__(self) -> str:
         return f"<Future: {self.status}, key: {self.key}>"
 
+    def _repr_html_(self) -> str:
+        """Jupyter: the task group, its status (coloured) and its key."""
+        import html
+
+        status = self.status
+        colour = {"finished": "green", "error": "red", "cancelled": "gray", "lost": "red"}
+        key = html.escape(str(self.key), quote=True)
+        return (
+            f"<strong>Future: {html.escape(self._group)}</strong> "
+            f"<span style='color: {colour.get(status, 'orange')}'>status: {status}</span>, "
+            f"key: <code>{key}</code>"
+        )
+
     def __await__(self):
         raise TypeError("shoal futures are not awaitable yet; call .result()")
 

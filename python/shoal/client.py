@@ -187,6 +187,7 @@ class Client(ClusterQueries, Results):
             raise ValueError(f"timeout must be a number of seconds, 0 or more, not {timeout!r}")
         # A Ctrl-C that a finalizer swallows still stops this client's waits.
         _core.guard_interrupts()
+        _core.check_settings()  # a bad settings file is an error, not ignored
         self._cluster: LocalCluster | None = None  # the one this client started
         self.cluster: ClusterBase | None = None
         self._undo_default: Callable[[], None] | None = None

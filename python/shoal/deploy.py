@@ -32,6 +32,7 @@ import os
 import sys
 import threading
 import time
+import urllib.parse
 import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -116,10 +117,36 @@ def read_scheduler_file(
 
 
 def dashboard_link(url: str | None, token: str | None) -> str | None:
-    """The dashboard's URL with the access token it asks for."""
+    """The dashboard's URL with the access token it asks for. Where
+    ``SHOAL_DASHBOARD_LINK`` is set (as Dask's ``distributed.dashboard.link``),
+    the URL is that template with ``{scheme}``, ``{host}``, ``{port}`` and
+    any environment variable filled in: behind JupyterHub's proxy,
+    ``{JUPYTERHUB_SERVICE_PREFIX}proxy/{port}/``."""
     if url is None or token is None:
         return None
+    template = _core.setting("SHOAL_DASHBOARD_LINK")
+    if template:
+        url = link_from_template(template, url)
     return f"{url}?token={_core.dashboard_token(token)}"
+
+
+def link_from_template(template: str, url: str) -> str:
+    """``template`` filled from the dashboard's ``url`` and the environment;
+    ``ValueError`` naming a field that is neither."""
+    parts = urllib.parse.urlsplit(url)
+    fields = {
+        **os.environ,
+        "scheme": parts.scheme,
+        "host": parts.hostname or "",
+        "port": str(parts.port or ""),
+    }
+    try:
+        return template.format(**fields)
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(
+            f"SHOAL_DASHBOARD_LINK {template!r} names {e}, which is neither scheme, host, "
+            "port nor a set environment variable"
+        ) from None
 
 
 class ClusterBase:

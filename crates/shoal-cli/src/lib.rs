@@ -88,6 +88,13 @@ pub fn run(argv: Vec<String>, host: HostInfo) -> i32 {
             return e.exit_code();
         }
     };
+    // `shoal info` shows a bad settings file; every other command refuses it.
+    if !matches!(cli.command, Command::Info) {
+        if let Err(e) = shoal_runtime::settings::check() {
+            eprintln!("shoal: {e}");
+            return 2;
+        }
+    }
     let result = match cli.command {
         Command::Info => {
             print!("{}", info(&host));
@@ -155,16 +162,29 @@ pub fn info(host: &HostInfo) -> String {
         s.push_str(&format!("package: {p}\n"));
     }
     // Every setting's effective value (docs/configuration.md says what each does).
-    s.push_str("settings (SHOAL_*; * = from the environment):\n");
-    for (var, value, from_env) in shoal_runtime::settings::effective() {
-        let shown = if var.name == "SHOAL_TOKEN" && from_env {
+    use shoal_runtime::settings::{self, Source};
+    match settings::check() {
+        Ok(Some(p)) => s.push_str(&format!("settings file: {}\n", p.display())),
+        Ok(None) => s.push_str(&format!(
+            "settings file: none ({} does not exist)\n",
+            settings::file_path().map_or("no home directory".into(), |p| p.display().to_string())
+        )),
+        Err(e) => s.push_str(&format!("settings file: NOT USED: {e}\n")),
+    }
+    s.push_str("settings (SHOAL_*; * = from the environment, f = from the file):\n");
+    for (var, value, source) in settings::effective() {
+        let shown = if var.name == "SHOAL_TOKEN" && source != Source::Default {
             "(set)".to_string()
         } else if value.is_empty() {
             "-".to_string()
         } else {
             value
         };
-        let mark = if from_env { "*" } else { " " };
+        let mark = match source {
+            Source::Environment => "*",
+            Source::File => "f",
+            Source::Default => " ",
+        };
         s.push_str(&format!("  {mark}{:<26} {shown}\n", var.name));
     }
     s

@@ -97,8 +97,18 @@ fn parse_duration(text: &str) -> PyResult<f64> {
         .map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
-/// The value of the `SHOAL_*` variable `name`, or its default ("" for
-/// none); `KeyError` for a name not in `shoal_runtime::settings::VARS`.
+/// The settings file in use (None if there is none); `ValueError` saying
+/// what is wrong with it where it cannot be used.
+#[pyfunction]
+fn check_settings() -> PyResult<Option<String>> {
+    shoal_runtime::settings::check()
+        .map(|p| p.map(|p| p.display().to_string()))
+        .map_err(PyValueError::new_err)
+}
+
+/// The value of the `SHOAL_*` variable `name` (from the environment, else
+/// the settings file), or its default ("" for none); `KeyError` for a name
+/// not in `shoal_runtime::settings::VARS`.
 #[pyfunction]
 fn setting(name: &str) -> PyResult<String> {
     if shoal_runtime::settings::var(name).is_none() {
@@ -252,6 +262,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Frame>()?;
     m.add_class::<UnraisableHook>()?;
     m.add_function(wrap_pyfunction!(guard_interrupts, m)?)?;
+    m.add_function(wrap_pyfunction!(check_settings, m)?)?;
     m.add_function(wrap_pyfunction!(cli_main, m)?)?;
     m.add_function(wrap_pyfunction!(segment_dir, m)?)?;
     m.add_function(wrap_pyfunction!(spill_dir, m)?)?;

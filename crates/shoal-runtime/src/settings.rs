@@ -3,7 +3,14 @@
 //! `_core.setting`), so a variable cannot be read without being listed;
 //! `shoal info` prints the effective values and `docs/configuration.md`
 //! has the table.
+//!
+//! A user sets defaults once in a settings file (TOML; see [`file_path`]):
+//! `heartbeat-timeout = 10` sets what `SHOAL_HEARTBEAT_TIMEOUT` sets. The
+//! environment overrides the file, and arguments override both.
 
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 /// Who sets a variable.
@@ -50,6 +57,8 @@ const fn shoal(name: &'static str, meaning: &'static str) -> Var {
 
 /// Every variable, by origin, then by name.
 pub const VARS: &[Var] = &[
+    user("SHOAL_CONFIG", "", "the settings file (TOML); default: $XDG_CONFIG_HOME/shoal/shoal.toml, else ~/.config/shoal/shoal.toml"),
+    user("SHOAL_DASHBOARD_LINK", "", "template of the dashboard link clients show, e.g. `{JUPYTERHUB_SERVICE_PREFIX}proxy/{port}/` (fields: scheme, host, port, environment variables)"),
     user("SHOAL_DASK_ORDER", "", "`dask`: Dask graphs are prioritised by dask.order instead of the core's own order"),
     user("SHOAL_HEARTBEAT_TIMEOUT", "5", "seconds a peer may stay silent before it is taken as lost (at least 0.5)"),
     user("SHOAL_HOST_KEY", "", "names this host for the data plane (processes with the same key share memory); default: hostname and boot id"),
@@ -87,14 +96,134 @@ pub fn var(name: &str) -> Option<&'static Var> {
     VARS.iter().find(|v| v.name == name)
 }
 
-/// The value of `name` when it is set and not empty. A variable missing
-/// from [`VARS`] is a bug (debug builds panic; release builds read it).
+/// The value of `name` when it is set and not empty: from the
+/// environment, else from the settings file. A variable missing from
+/// [`VARS`] is a bug (debug builds panic; release builds read it).
 pub fn raw(name: &str) -> Option<String> {
     debug_assert!(
         var(name).is_some(),
         "{name} is not in shoal_runtime::settings::VARS"
     );
+    from_env(name).or_else(|| from_file(name).map(str::to_string))
+}
+
+fn from_env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// Where a setting's value comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The process's environment (`SHOAL_*`).
+    Environment,
+    /// The settings file.
+    File,
+    /// Neither: the table's default.
+    Default,
+}
+
+/// The settings file: `SHOAL_CONFIG`, else `shoal/shoal.toml` under
+/// `XDG_CONFIG_HOME`, else under `~/.config`. None without a home.
+pub fn file_path() -> Option<PathBuf> {
+    if let Some(p) = from_env("SHOAL_CONFIG") {
+        return Some(PathBuf::from(p));
+    }
+    let base = from_env("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| from_env("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+    Some(base.join("shoal").join("shoal.toml"))
+}
+
+/// The key of `name` in the settings file: `SHOAL_HEARTBEAT_TIMEOUT` is
+/// `heartbeat-timeout`.
+pub fn file_key(name: &str) -> String {
+    name.trim_start_matches("SHOAL_")
+        .to_ascii_lowercase()
+        .replace('_', "-")
+}
+
+/// A settings file's values by variable name.
+type FileValues = HashMap<&'static str, String>;
+
+/// Reads and checks a settings file: every key a user setting, every value
+/// a string, a number or a boolean (`true` is "1", `false` is "0").
+pub fn parse_file(path: &std::path::Path, text: &str) -> Result<FileValues, String> {
+    let shown = path.display();
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| format!("{shown}: not valid TOML: {e}"))?;
+    let mut out = FileValues::new();
+    for (key, value) in table {
+        let name = format!("SHOAL_{}", key.to_ascii_uppercase().replace('-', "_"));
+        let Some(v) = var(&name).filter(|v| v.origin == Origin::User && v.name != "SHOAL_CONFIG")
+        else {
+            let known: Vec<String> = VARS
+                .iter()
+                .filter(|v| v.origin == Origin::User && v.name != "SHOAL_CONFIG")
+                .map(|v| file_key(v.name))
+                .collect();
+            return Err(format!(
+                "{shown}: `{key}` is not a Shoal setting; the settings are: {}",
+                known.join(", ")
+            ));
+        };
+        let text = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(b) => if b { "1" } else { "0" }.to_string(),
+            other => {
+                return Err(format!(
+                    "{shown}: `{key}` must be a string, a number or true/false, not a {}",
+                    other.type_str()
+                ))
+            }
+        };
+        out.insert(v.name, text);
+    }
+    Ok(out)
+}
+
+/// The settings file's values, read once per process: an empty table where
+/// there is no file, the error where it cannot be used.
+fn file_values() -> &'static Result<(Option<PathBuf>, FileValues), String> {
+    static FILE: OnceLock<Result<(Option<PathBuf>, FileValues), String>> = OnceLock::new();
+    FILE.get_or_init(|| {
+        let Some(path) = file_path() else {
+            return Ok((None, FileValues::new()));
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => parse_file(&path, &text).map(|v| (Some(path), v)),
+            // Only a file someone named must exist.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    && from_env("SHOAL_CONFIG").is_none() =>
+            {
+                Ok((None, FileValues::new()))
+            }
+            Err(e) => Err(format!(
+                "cannot read the settings file {}: {e}",
+                path.display()
+            )),
+        }
+    })
+}
+
+fn from_file(name: &str) -> Option<&'static str> {
+    match file_values() {
+        Ok((_, values)) => values.get(name).map(String::as_str),
+        Err(_) => None, // said by `check` where a process starts
+    }
+}
+
+/// The settings file in use (None: there is none), or why it cannot be
+/// used. Entry points (the CLI, `Client()`) call it first, so a bad file is
+/// an error there instead of being ignored.
+pub fn check() -> Result<Option<PathBuf>, String> {
+    file_values()
+        .as_ref()
+        .map(|(p, _)| p.clone())
+        .map_err(Clone::clone)
 }
 
 /// The value of `name`, or its default.
@@ -128,14 +257,19 @@ pub fn is_off(name: &str) -> bool {
     })
 }
 
-/// Every user setting with its effective value and whether it came from
-/// the environment (`shoal info`).
-pub fn effective() -> Vec<(&'static Var, String, bool)> {
+/// Every user setting with its effective value and where it came from
+/// (`shoal info`).
+pub fn effective() -> Vec<(&'static Var, String, Source)> {
     VARS.iter()
         .filter(|v| v.origin == Origin::User)
-        .map(|v| match raw(v.name) {
-            Some(x) => (v, x, true),
-            None => (v, v.default.to_string(), false),
+        .map(|v| {
+            if let Some(x) = from_env(v.name) {
+                (v, x, Source::Environment)
+            } else if let Some(x) = from_file(v.name) {
+                (v, x.to_string(), Source::File)
+            } else {
+                (v, v.default.to_string(), Source::Default)
+            }
         })
         .collect()
 }
@@ -184,6 +318,51 @@ mod tests {
             }
         }
         assert!(missing.is_empty(), "not in settings::VARS: {missing:?}");
+    }
+
+    #[test]
+    fn the_configuration_page_lists_every_variable() {
+        let page = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/configuration.md");
+        let text = std::fs::read_to_string(page).unwrap();
+        let missing: Vec<_> = VARS
+            .iter()
+            .filter(|v| !text.contains(&format!("| `{}` |", v.name)))
+            .map(|v| v.name)
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "not in docs/configuration.md: {missing:?}"
+        );
+    }
+
+    #[test]
+    fn a_settings_file_names_settings_by_key_and_says_what_is_wrong() {
+        let p = std::path::Path::new("/x/shoal.toml");
+        let v = parse_file(
+            p,
+            "heartbeat-timeout = 10\nlog = \"info\"\nshm_huge = false\nprofile-interval = 0.5\n",
+        )
+        .unwrap();
+        assert_eq!(v["SHOAL_HEARTBEAT_TIMEOUT"], "10");
+        assert_eq!(v["SHOAL_LOG"], "info");
+        assert_eq!(v["SHOAL_SHM_HUGE"], "0");
+        assert_eq!(v["SHOAL_PROFILE_INTERVAL"], "0.5");
+        let e = parse_file(p, "heartbeat-timout = 10").unwrap_err();
+        assert!(
+            e.contains("`heartbeat-timout` is not a Shoal setting"),
+            "{e}"
+        );
+        assert!(e.contains("heartbeat-timeout"), "{e}");
+        // Set by Shoal for its children, not by users.
+        assert!(parse_file(p, "task-id = 3").is_err());
+        let e = parse_file(p, "log = [1, 2]").unwrap_err();
+        assert!(
+            e.contains("must be a string, a number or true/false"),
+            "{e}"
+        );
+        let e = parse_file(p, "log = ").unwrap_err();
+        assert!(e.starts_with("/x/shoal.toml: not valid TOML"), "{e}");
+        assert_eq!(file_key("SHOAL_RECOVERY_WAIT"), "recovery-wait");
     }
 
     #[test]
