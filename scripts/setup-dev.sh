@@ -5,7 +5,7 @@ python3 -m pip install -q --disable-pip-version-check \
   "maturin==1.16.0" "ruff==0.17.6" "pytest==9.2.0" "pytest-timeout==2.4.0" "cloudpickle==3.1.2" \
   "dask==2026.8.0" "distributed==2026.8.0" "numpy==2.4.6" "pandas==3.1.1" "pyarrow==26.0.1" "joblib==1.6.0" \
   "scikit-learn==1.9.1" "scipy==1.17.1" "threadpoolctl==3.8.0" "lz4==4.4.5" \
-  "prometheus-client==0.26.0" "ipython==9.18.1" "mpi4py==4.1.2" "mypy==2.4.1"
+  "prometheus-client==0.26.0" "ipython==9.18.1" "ipywidgets==8.1.9" "mpi4py==4.1.2" "mypy==2.4.1"
 # iproute2 (`ip netns`) for the multi-host tests; they fall back to loopback
 # addresses, and say so, where it cannot be had.
 if ! command -v ip >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -261,12 +261,13 @@ def test_progress_bar_in_a_terminal_stream(dash):
         shoal.progress(42)
 
 
-def test_progress_bar_in_jupyter_updates_html_in_place(dash):
+def test_progress_bar_in_jupyter_updates_html_in_place(dash, monkeypatch):
     # A real IPython shell; its display publisher is captured as Jupyter's
-    # front end would receive it.
+    # front end would receive it. Without ipywidgets: HTML, redrawn.
     from IPython.core.interactiveshell import InteractiveShell
     from IPython.utils.capture import capture_output
 
+    monkeypatch.setitem(sys.modules, "ipywidgets", None)  # import fails
     InteractiveShell.instance()
     xs = dash.map(load, range(60), batch_size=1)
     with capture_output() as cap:
@@ -277,6 +278,37 @@ def test_progress_bar_in_jupyter_updates_html_in_place(dash):
     assert len(html) >= 2, "the bar was not updated"
     assert "60/60" in html[-1] and "load" in html[-1]
     assert "60/60" not in html[0]
+
+
+def test_progress_bar_in_jupyter_is_a_live_widget_where_ipywidgets_is_installed(dash, monkeypatch):
+    import ipywidgets
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    from shoal import diagnostics
+
+    made = []
+
+    class Seen(diagnostics._Widgets):
+        def __init__(self, groups):
+            super().__init__(groups)
+            made.append(self)
+
+    monkeypatch.setattr(diagnostics, "_Widgets", Seen)
+    InteractiveShell.instance()
+    xs = dash.map(load, range(60), batch_size=1)
+    bad = dash.submit(explode, 1)
+    with capture_output() as cap:
+        t = shoal.progress(xs, bad, notebook=True, interval=0.05)
+        t.join(60)
+    views = [o.data for o in cap.outputs if "application/vnd.jupyter.widget-view+json" in o.data]
+    assert len(views) == 1, cap.outputs  # shown once, then updated in place
+    (w,) = made
+    assert isinstance(w.box, ipywidgets.VBox)
+    load_bar, explode_bar = w.bars
+    assert (load_bar.value, load_bar.max, load_bar.bar_style) == (60, 60, "success")
+    assert "60/60" in w.labels[0].value
+    assert explode_bar.bar_style == "danger" and "1 erred" in w.labels[1].value
 
 
 def test_shoal_top_shows_workers_and_groups(tmp_path):

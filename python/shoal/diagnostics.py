@@ -18,6 +18,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from . import _context, _core
@@ -154,8 +155,9 @@ def progress(
     Takes futures, ``map`` results, containers of them, or Dask collections
     that hold futures (what ``client.persist`` returns). In a terminal it
     redraws in place and returns when all are done; in Jupyter
-    (``notebook=None`` detects it) it shows HTML that a background thread
-    updates, and returns at once (the thread, to ``join`` if wanted).
+    (``notebook=None`` detects it) it shows ipywidgets progress bars (HTML
+    where ipywidgets is not installed) that a background thread updates,
+    and returns at once (the thread, to ``join`` if wanted).
     Failed and cancelled tasks count as done and are shown as erred.
     """
     if not (interval > 0):
@@ -204,16 +206,49 @@ def _progress_terminal(groups: list[_Group], interval: float, out: Any) -> None:
         time.sleep(interval)
 
 
+class _Widgets:
+    """One ipywidgets bar and label per group, in a box: Jupyter draws
+    them live, with no HTML redrawn per update."""
+
+    def __init__(self, groups: list[_Group]):
+        import ipywidgets  # type: ignore[import-not-found]
+
+        self.bars = [
+            ipywidgets.IntProgress(value=0, min=0, max=max(g.total, 1), description=g.name[:20])
+            for g in groups
+        ]
+        self.labels = [ipywidgets.Label() for _ in groups]
+        rows = [ipywidgets.HBox([b, t]) for b, t in zip(self.bars, self.labels, strict=True)]
+        self.box = ipywidgets.VBox(rows)
+
+    def update(self, groups: list[_Group]) -> None:
+        for g, bar, label in zip(groups, self.bars, self.labels, strict=True):
+            bar.value = g.done
+            bar.bar_style = "danger" if g.erred else ("success" if not g.pending else "")
+            label.value = f"{g.done}/{g.total} ({g.rate():,.0f}/s, ETA {_fmt_time(g.eta())})" + (
+                f", {g.erred} erred" if g.erred else ""
+            )
+
+
 def _progress_notebook(groups: list[_Group], interval: float) -> threading.Thread:
     from IPython.display import HTML, display  # type: ignore[import-not-found]
 
-    handle = display(HTML(_html(groups)), display_id=True)
+    try:
+        widgets: _Widgets | None = _Widgets(groups)
+    except ImportError:  # no ipywidgets: HTML, redrawn
+        widgets = None
+    if widgets is not None:
+        display(widgets.box)
+        show: Callable[[], None] = lambda: widgets.update(groups)  # noqa: E731
+    else:
+        handle = display(HTML(_html(groups)), display_id=True)
+        show = lambda: handle.update(HTML(_html(groups)))  # noqa: E731
 
     def update() -> None:
         while True:
             for g in groups:
                 g.poll()
-            handle.update(HTML(_html(groups)))
+            show()
             if all(not g.pending for g in groups):
                 return
             time.sleep(interval)
