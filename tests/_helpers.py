@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 
@@ -33,3 +34,28 @@ def alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         # ProcessLookupError: the process was reaped between open and read.
         return False
+
+
+class Background:
+    """Calls ``step()`` in a thread every ``every`` seconds while inside a
+    ``with`` block (fault injectors, garbage makers)."""
+
+    def __init__(self, every: float):
+        self.every = every
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.every):
+            self.step()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()

@@ -5,11 +5,10 @@ only a task that really kills its workers ends as ``KilledWorker``."""
 import os
 import random
 import signal
-import threading
 import time
 
 import pytest
-from _helpers import wait_for
+from _helpers import Background, wait_for
 
 import shoal
 
@@ -29,32 +28,22 @@ def die_at(x, bad):
     return x
 
 
-class Killer:
+class Killer(Background):
     """SIGKILLs a random worker process of ``client`` every ``every`` s."""
 
     def __init__(self, client, every):
-        self.client, self.every, self.kills = client, every, 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
+        super().__init__(every)
+        self.client, self.kills = client, 0
+        self.rng = random.Random(1)
 
-    def run(self):
-        rng = random.Random(1)
-        while not self.stop.wait(self.every):
-            pids = self.client.worker_pids
-            if pids:
-                try:
-                    os.kill(rng.choice(pids), signal.SIGKILL)
-                    self.kills += 1
-                except ProcessLookupError:
-                    pass
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
+    def step(self):
+        pids = self.client.worker_pids
+        if pids:
+            try:
+                os.kill(self.rng.choice(pids), signal.SIGKILL)
+                self.kills += 1
+            except ProcessLookupError:
+                pass
 
 
 def test_random_worker_deaths_cost_no_correct_work():

@@ -110,8 +110,7 @@ def test_a_bad_settings_file_is_refused_saying_why(tmp_path, text, says):
 
 def test_the_dashboard_link_follows_a_template_like_dask_s(client, monkeypatch):
     plain = client.dashboard_link
-    if plain is None:
-        pytest.skip("this client's cluster has no dashboard")
+    assert plain is not None, "the embedded cluster serves a dashboard by default"
     parts = urllib.parse.urlsplit(plain)
     port, token = parts.port, plain.split("?token=", 1)[1]
     monkeypatch.setenv("JUPYTERHUB_SERVICE_PREFIX", "/user/ada/")

@@ -17,6 +17,7 @@ import threading
 import time
 
 import pytest
+from _helpers import Background
 
 import shoal
 
@@ -60,30 +61,20 @@ def test_a_ctrl_c_that_a_finalizer_swallows_still_stops_the_next_wait():
         f.cancel()
 
 
-class Litter:
+class Litter(Background):
     """Garbage made in another thread so that collections, and these
     finalizers, run in the main thread at random moments of its waits."""
 
     def __init__(self, client: shoal.Client):
+        super().__init__(0.001)
         self.client = client
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
 
-    def run(self):
-        while not self.stop.wait(0.001):
-            for _ in range(4):
-                f = self.client.submit(inc, 1)
-                cycle = [f]
-                cycle.append(cycle)
-                del f, cycle
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
+    def step(self):
+        for _ in range(4):
+            f = self.client.submit(inc, 1)
+            cycle = [f]
+            cycle.append(cycle)
+            del f, cycle
 
 
 @pytest.mark.timeout(600)

@@ -104,7 +104,15 @@ pub fn raw(name: &str) -> Option<String> {
         var(name).is_some(),
         "{name} is not in shoal_runtime::settings::VARS"
     );
-    from_env(name).or_else(|| from_file(name).map(str::to_string))
+    lookup(name).map(|(v, _)| v)
+}
+
+/// The value of `name` and where it came from: the environment, else the
+/// settings file; None where neither sets it.
+fn lookup(name: &str) -> Option<(String, Source)> {
+    from_env(name)
+        .map(|v| (v, Source::Environment))
+        .or_else(|| from_file(name).map(|v| (v.to_string(), Source::File)))
 }
 
 fn from_env(name: &str) -> Option<String> {
@@ -263,13 +271,9 @@ pub fn effective() -> Vec<(&'static Var, String, Source)> {
     VARS.iter()
         .filter(|v| v.origin == Origin::User)
         .map(|v| {
-            if let Some(x) = from_env(v.name) {
-                (v, x, Source::Environment)
-            } else if let Some(x) = from_file(v.name) {
-                (v, x.to_string(), Source::File)
-            } else {
-                (v, v.default.to_string(), Source::Default)
-            }
+            let (x, source) =
+                lookup(v.name).unwrap_or_else(|| (v.default.to_string(), Source::Default));
+            (v, x, source)
         })
         .collect()
 }
