@@ -3,6 +3,8 @@
 // as JSON for the Python tests to judge. Screenshots go to OUTDIR.
 //
 //   node dashboard.mjs live   URL_WITH_TOKEN OUTDIR
+//     (LOGIN_URL set: opened first, as a user logged in to Jupyter is,
+//     before the dashboard is reached through its proxy)
 //   node dashboard.mjs report FILE.html      OUTDIR
 //   node dashboard.mjs hold   URL_WITH_TOKEN SECONDS   (keeps the page open: benchmarks)
 import { chromium } from "playwright-core";
@@ -28,10 +30,14 @@ try {
 
   if (mode === "live") {
     const base = target.split("?")[0];
-    // Without the token: refused.
-    const anon = await context.request.get(base + "api/status", { headers: { cookie: "" } });
+    // Without the token (or, behind a proxy, without its login): refused.
+    const anon = await context.request.get(base + "api/status", { headers: { cookie: "" }, maxRedirects: 0 });
     result.anonymous_status = anon.status();
-    await page.goto(target);
+    if (process.env.LOGIN_URL) {
+      const login = await page.goto(process.env.LOGIN_URL);
+      result.login_status = login.status();
+    }
+    result.page_status = (await page.goto(target)).status();
     await page.waitForFunction(() => document.getElementById("connection").textContent === "live", null, { timeout: 15000 });
     await page.waitForFunction(() => Number(document.getElementById("task-stream").dataset.tasks || 0) > 0, null, { timeout: 15000 });
     const finished = async () => Number((await page.textContent("#counter-finished")).replace(/[^0-9]/g, ""));
