@@ -130,6 +130,29 @@ def test_done_callbacks(client):
     assert got[-1] == "again"
 
 
+def raise_timeout(message: str) -> None:
+    raise TimeoutError(message)
+
+
+def busy(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+def test_exception_returns_a_tasks_own_timeout_and_raises_the_waits(client):
+    # A task's TimeoutError (TaskTimeoutError is one) is its outcome: returned.
+    f = client.submit(raise_timeout, "the task's own")
+    assert isinstance(f.exception(), TimeoutError) and "the task's own" in str(f.exception())
+    spin = client.submit(busy, 5, time_limit=0.3)
+    assert isinstance(spin.exception(timeout=30), shoal.TaskTimeoutError)
+    # The wait's own timeout is raised, not returned.
+    slow = client.submit(time.sleep, 3)
+    with pytest.raises(TimeoutError):
+        slow.exception(timeout=0.05)
+    assert slow.exception() is None
+
+
 def test_exception_keeps_type_and_remote_traceback(client):
     f = client.submit(operator.truediv, 1, 0)
     with pytest.raises(ZeroDivisionError) as info:

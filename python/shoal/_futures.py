@@ -101,12 +101,12 @@ class Future:
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The exception the task raised, or None if it succeeded."""
+        # The wait itself may raise (its timeout, a Ctrl-C); what the task
+        # raised (a TimeoutError of its own, TaskTimeoutError included) is
+        # returned.
+        outcome = self._client._settle(self, timeout)
         try:
-            self._client._result(self, timeout)
-        except (TimeoutError, KeyboardInterrupt, SystemExit):
-            # Not the task's: a task's KeyboardInterrupt or SystemExit comes
-            # back as TaskAbortedError, so these are this process's own.
-            raise
+            self._client._value(self, *outcome)
         except BaseException as e:  # noqa: BLE001
             return e
         return None

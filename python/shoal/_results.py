@@ -170,11 +170,16 @@ class Results:
                     "call its .result()"
                 )
 
-    def _result(self, f: Future, timeout: float | None) -> Any:
+    def _settle(self, f: Future, timeout: float | None) -> tuple[str, Any, Any]:
+        """``f``'s outcome, waited for up to ``timeout`` seconds: what
+        ``_value`` turns into its value or its exception. Raises only this
+        wait's own ``TimeoutError`` (or a Ctrl-C)."""
         if f._index is not None and f._id in self._batch_cache:
-            return self._value(f, "value", None, None)
-        kind, a, b = self._outcome(f._id, f.key, timeout)
-        return self._value(f, kind, a, b)
+            return "value", None, None
+        return self._outcome(f._id, f.key, timeout)
+
+    def _result(self, f: Future, timeout: float | None) -> Any:
+        return self._value(f, *self._settle(f, timeout))
 
     def gather(self, futures: Any, errors: str = "raise") -> Any:
         """Values of (nested lists, tuples, dicts of) futures, same shape.
