@@ -162,6 +162,39 @@ def test_scheduler_worker_client_status_across_processes(tmp_path):
         assert out.stdout.count(" w0-") + out.stdout.count(" w1-") == 2, out.stdout
 
 
+def test_workers_and_clients_wait_for_a_scheduler_file_not_there_yet(tmp_path):
+    # As a batch script starts them: the workers and the client before the
+    # scheduler has written its file.
+    sfile = tmp_path / "later.json"
+    log = open(tmp_path / "cluster.log", "ab")
+    worker = Proc([*SHOAL, "worker", "--scheduler-file", str(sfile)], log=log)
+    procs = [worker]
+    try:
+        time.sleep(1.5)
+        assert worker.p.poll() is None, "the worker gave up on a scheduler file to come"
+        procs.append(
+            Proc(
+                [*SHOAL, "scheduler", "--port", "0", "--scheduler-file", str(sfile)]
+                + ["--dashboard-address", "127.0.0.1:0"],
+                log=log,
+            )
+        )
+        with shoal.Client(scheduler_file=sfile, timeout=30) as c:
+            wait_for(lambda: n_workers(c) == 1, 30, "the worker that waited")
+            assert c.submit(inc, 1).result() == 2
+        log.flush()
+        assert "waiting for the scheduler file" in (tmp_path / "cluster.log").read_text()
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        log.close()
+    # One that never comes: a clear error, after the client's timeout.
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match="did not appear in 0.5 s"):
+        shoal.Client(scheduler_file=tmp_path / "never.json", timeout=0.5)
+    assert time.monotonic() - t0 < 5
+
+
 def test_wrong_credentials_are_refused_and_the_cluster_goes_on(tmp_path):
     with cluster(tmp_path, 1) as (sfile, _):
         address = json.loads(sfile.read_text())["address"]

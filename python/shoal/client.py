@@ -246,7 +246,7 @@ class Client(ClusterQueries, Results):
                     "(they describe a cluster Client() would start; it connects to one here)"
                 )
             if scheduler_file is not None:
-                address, token = deploy.read_scheduler_file(scheduler_file, address, token)
+                address, token = deploy.read_scheduler_file(scheduler_file, address, token, timeout)
             if address is None:
                 raise ValueError("no scheduler address: give an address or a scheduler_file")
             # (No token at all: ClientCore says what to do.)

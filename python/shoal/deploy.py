@@ -89,14 +89,28 @@ class SchedulerView:
 
 
 def read_scheduler_file(
-    path: str | os.PathLike, address: str | None, token: str | None
+    path: str | os.PathLike, address: str | None, token: str | None, timeout: float = 30.0
 ) -> tuple[str, str | None]:
-    """The address and token a ``shoal scheduler --scheduler-file`` wrote."""
-    try:
-        with open(path) as fh:
-            info = json.load(fh)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read the scheduler file {os.fspath(path)!r}: {e}") from e
+    """The address and token a ``shoal scheduler --scheduler-file`` wrote.
+    A file not there yet is waited for up to ``timeout`` seconds, as Dask
+    does: a batch script starts its scheduler and its clients together."""
+    path = os.path.expanduser(os.fspath(path))
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(path) as fh:
+                info = json.load(fh)
+            break
+        except FileNotFoundError as e:
+            if time.monotonic() >= deadline:
+                raise ValueError(
+                    f"the scheduler file {path!r} did not appear in {timeout:g} s: is "
+                    "`shoal scheduler --scheduler-file` running, and is the path one "
+                    "that both of you see?"
+                ) from e
+            time.sleep(0.1)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read the scheduler file {path!r}: {e}") from e
     if address is not None and address != info.get("address"):
         raise ValueError(
             f"address {address!r} and scheduler file ({info.get('address')!r}) disagree; "

@@ -7,7 +7,7 @@ use shoal_runtime::local::{LocalCluster, Obituaries, WorkerCommand};
 use shoal_runtime::net::{configure_tls, Address, Secret};
 use shoal_runtime::{runtime, scheduler};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub(crate) type CliResult = Result<(), String>;
 
@@ -299,9 +299,44 @@ struct SchedulerFile {
     dashboard: Option<String>,
 }
 
+/// How long a command waits for a scheduler file that is not there yet:
+/// a batch script starts its scheduler and its workers together, as with
+/// Dask's `--scheduler-file`.
+const SCHEDULER_FILE_WAIT: Duration = Duration::from_secs(60);
+
 fn read_scheduler_file(path: &Path) -> Result<SchedulerFile, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read the scheduler file {}: {e}", path.display()))?;
+    let deadline = Instant::now() + SCHEDULER_FILE_WAIT;
+    let mut said = false;
+    let text = loop {
+        match std::fs::read_to_string(path) {
+            Ok(text) => break text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && Instant::now() < deadline => {
+                if !said {
+                    eprintln!(
+                        "shoal: waiting for the scheduler file {} (up to {} s)",
+                        path.display(),
+                        SCHEDULER_FILE_WAIT.as_secs()
+                    );
+                    said = true;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(format!(
+                    "the scheduler file {} did not appear in {} s: is `shoal scheduler \
+                     --scheduler-file` running, and is the path one that both of you see?",
+                    path.display(),
+                    SCHEDULER_FILE_WAIT.as_secs()
+                ));
+            }
+            Err(e) => {
+                return Err(format!(
+                    "cannot read the scheduler file {}: {e}",
+                    path.display()
+                ));
+            }
+        }
+    };
     serde_json::from_str(&text)
         .map_err(|e| format!("{} is not a scheduler file: {e}", path.display()))
 }
