@@ -82,17 +82,18 @@ def blocks(page: str) -> list[Block]:
 # One Python per page: runs each block it is sent in shared globals and
 # answers on fd 3 (the blocks' own output goes to the page's log).
 RUNNER = r"""
-import json, os, sys, traceback
-answers = os.fdopen(int(sys.argv[1]), "w")
-ns = {"__name__": "__main__"}
-for line in sys.stdin:
-    block = json.loads(line)
+import json as _json, os as _os, sys as _sys, traceback as _traceback
+_answers = _os.fdopen(int(_sys.argv[1]), "w")
+# The blocks run in the real __main__, so that what they define can be
+# pickled by reference (multiprocessing's own pools need that).
+for _line in _sys.stdin:
+    _block = _json.loads(_line)
     try:
-        exec(compile(block["code"], block["where"], "exec"), ns)
-        answers.write(json.dumps({"ok": True}) + "\n")
+        exec(compile(_block["code"], _block["where"], "exec"), globals())
+        _answers.write(_json.dumps({"ok": True}) + "\n")
     except BaseException:
-        answers.write(json.dumps({"ok": False, "error": traceback.format_exc()}) + "\n")
-    answers.flush()
+        _answers.write(_json.dumps({"ok": False, "error": _traceback.format_exc()}) + "\n")
+    _answers.flush()
 """
 
 
@@ -114,7 +115,12 @@ class Session:
             # `pip install shoal` finds the wheel scripts/build-wheels.sh made,
             # as it would find it on a package index once published.
             "PIP_FIND_LINKS": " ".join([str(ROOT / "dist"), os.environ.get("PIP_FIND_LINKS", "")]),
+            # Open MPI here: more ranks than this machine's 2 cores, and (in
+            # CI) as root, which the HPC page says how to allow.
+            "OMPI_MCA_rmaps_base_oversubscribe": "1",
         }
+        if os.geteuid() == 0:
+            self.env |= {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
         self.python: subprocess.Popen | None = None
         self.groups: list[int] = []
 
@@ -204,7 +210,7 @@ class Session:
         self.log.close()
 
 
-def tested_files() -> str:
+def files_the_tests_name() -> str:
     return "\n".join(p.read_text() for p in (ROOT / "tests").rglob("*.py"))
 
 
@@ -222,7 +228,7 @@ def test_every_code_block_runs(page, tmp_path):
             if snippet:
                 path = snippet["path"]
                 assert (ROOT / path).is_file(), f"{b.where} includes {path}, which is not there"
-                assert Path(path).name in tested_files(), f"{b.where}: no test runs {path}"
+                assert Path(path).name in files_the_tests_name(), f"{b.where}: no test runs {path}"
                 continue
             if "pip install shoal" in b.code:
                 assert list((ROOT / "dist").glob("shoal-*.whl")), (
