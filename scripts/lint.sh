@@ -4,8 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-ruff check python tests benches examples
-ruff format --check python tests benches examples
+ruff check python tests benches examples scripts
+ruff format --check python tests benches examples scripts
 # The extension module's stub against the built module (installed first:
 # scripts/test.sh installs before it lints).
 (cd "$(mktemp -d)" && python3 -m mypy.stubtest shoal._core \
