@@ -23,7 +23,17 @@ a plain RSS sum would count a segment once per process mapping it), "sys"
 the peak of the host's used memory (MemTotal - MemAvailable, which counts
 shared memory files too) above its level before the workload. Disk bytes
 are the processes' `write_bytes` (bytes dirtied for storage; tmpfs and
-sockets excluded). Figures are medians of the repeats.
+sockets excluded). Figures are medians of the repeats; "first" is each
+runner's first repeat, on its fresh cluster.
+
+Before any runner, the machine's memory is warmed (`--warm GiB`, default
+6): that much is filled and freed, anonymous and as huge shared memory.
+On a virtual machine whose memory the host backs lazily (as here), the
+first touch of guest memory never used since boot costs ten times a
+later one (the host faults it in), and it falls on whichever runner
+first draws that memory: without the warm-up, the runner that goes first
+pays for the others. The warm-up prints the rate it saw: the first-touch
+limit of this machine.
 """
 
 from __future__ import annotations
@@ -293,6 +303,40 @@ class Threads:
         return (float(r[0]), float(r[-1]), r.nbytes), made
 
 
+def warm(gib: float) -> tuple[float, float]:
+    """Fills and frees ``gib`` GiB of anonymous memory (NumPy, huge pages
+    where THP allows) and as much huge shared memory, in 64 MiB pieces on
+    two threads; returns the rates seen (GiB/s)."""
+    import mmap
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = max(1, int(gib * 16))
+
+    # Each piece is held until all are made, so the whole amount is touched.
+    def anon(_):
+        return np.full(N, 1.0)
+
+    def shm(_):
+        from shoal import _core
+
+        with open(f"/dev/shm/bench-warm-{os.getpid()}-{threading.get_ident()}", "w+b") as fh:
+            os.unlink(fh.name)
+            _core.shm_reserve(fh.fileno(), N * 8)
+            m = mmap.mmap(fh.fileno(), N * 8)
+        a = np.frombuffer(m, dtype=np.float64)
+        a[:] = 1.0
+        return a, m
+
+    rates = []
+    for fn in (anon, shm):
+        t = time.perf_counter()
+        with ThreadPoolExecutor(N_WORKERS) as ex:
+            held = list(ex.map(fn, range(n)))
+        rates.append(n * N * 8 / 2**30 / (time.perf_counter() - t))
+        del held
+    return rates[0], rates[1]
+
+
 def physical_limit() -> tuple[float, float, float]:
     """This machine's bound for the transfer workload's making: GiB/s of
     `np.full` into fresh anonymous memory, into fresh shared memory of 4 KiB
@@ -397,8 +441,22 @@ def main() -> None:
         "process's address space for milliseconds, which delays mapping files "
         "(shown as '-')",
     )
+    ap.add_argument(
+        "--warm",
+        type=float,
+        default=6.0,
+        help="GiB of memory to fill and free before any runner (0: none); see above",
+    )
     ns = ap.parse_args()
     gib = 2**30
+    if ns.warm > 0:
+        a, h = warm(ns.warm)
+        print(
+            f"  warm-up: {ns.warm:g} GiB filled and freed, {a:.2f} GiB/s anonymous, "
+            f"{h:.2f} GiB/s huge shared (the first touch of memory unused since boot is "
+            "slower than any later one on a lazily backed virtual machine)",
+            flush=True,
+        )
     expected_transfer = [float(N // 4096 * (i + (i + 1) % 16)) + 2 * N * 8 for i in range(16)]
     rows = []
     if "transfer" in ns.workloads:
@@ -446,7 +504,14 @@ def main() -> None:
                 value, unit, extra = phase * 1e3, "ms", f"with making {whole:6.3f} s"
             else:
                 value, unit, extra = whole, "s", ""
-            rows.append((w, cls.name, value, unit, pss, sysm, wr))
+            first = runs[0]
+            if w == "transfer":
+                first_value = moved / first[1]  # the whole first run, making included
+            elif w == "handoff":
+                first_value = first[0] * 1e3
+            else:
+                first_value = first[1]
+            rows.append((w, cls.name, value, unit, pss, sysm, wr, first_value))
             mem = (
                 "memory not sampled"
                 if ns.no_memory
@@ -456,22 +521,28 @@ def main() -> None:
     print(f"\nmedians of {ns.repeats} repeats; ratio = shoal's advantage (>1: shoal better)")
     print(
         f"{'workload':9s} {'runner':18s} {'value':>8s} {'unit':5s} {'ratio':>6s} "
-        f"{'peak pss':>9s} {'peak sys':>9s} {'disk':>8s}"
+        f"{'peak pss':>9s} {'peak sys':>9s} {'disk':>8s} {'first':>8s} {'ratio':>6s}"
     )
     for w in ns.workloads:
         mine = [r for r in rows if r[0] == w]
         base = next((r[2] for r in mine if r[1] == "shoal"), None)
-        for _, name, value, unit, pss, sysm, wr in mine:
-            if base is None:
-                ratio = float("nan")
+        base_first = next((r[7] for r in mine if r[1] == "shoal"), None)
+        for _, name, value, unit, pss, sysm, wr, first_value in mine:
+            if base is None or base_first is None:
+                ratio = ratio_first = float("nan")
+            elif unit == "GiB/s":
+                ratio, ratio_first = base / value, base_first / first_value
             else:
-                ratio = base / value if unit == "GiB/s" else value / base
+                ratio, ratio_first = value / base, first_value / base_first
             mem = (
                 f"{'-':>9s} {'-':>9s} {'-':>8s}"
                 if ns.no_memory
                 else f"{pss / gib:7.2f}Gi {sysm / gib:7.2f}Gi {wr / gib:6.2f}Gi"
             )
-            print(f"{w:9s} {name:18s} {value:8.3f} {unit:5s} {ratio:6.2f} {mem}")
+            print(
+                f"{w:9s} {name:18s} {value:8.3f} {unit:5s} {ratio:6.2f} {mem} "
+                f"{first_value:8.3f} {ratio_first:6.2f}"
+            )
 
 
 if __name__ == "__main__":
