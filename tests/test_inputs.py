@@ -4,7 +4,9 @@ in a clear error (never a panic, a hang or a dead cluster)."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import subprocess
 import sys
 
@@ -40,17 +42,23 @@ CLI_OPTIONS = [
 
 @pytest.mark.parametrize(("command", "option", "rest"), CLI_OPTIONS)
 def test_cli_numeric_options_refuse_extremes_clearly(command, option, rest, tmp_path):
-    # No scheduler: a value that is (oddly) valid still ends in an error,
-    # "cannot reach the scheduler", which is as clear. What must never
-    # happen is a panic, a traceback or a hang.
+    # No scheduler (a scheduler file naming a port nobody listens on): a
+    # value that is (oddly) valid still ends in an error, "cannot reach the
+    # scheduler", which is as clear. What must never happen is a panic, a
+    # traceback or a hang.
     missing = str(tmp_path / "no-such-scheduler.json")
+    gone = tmp_path / "gone.json"
+    (tmp_path / "gone.json.token").write_text("0" * 64)
+    gone.write_text(
+        json.dumps({"address": "tcp://127.0.0.1:1", "token_file": f"{gone}.token", "pid": 0})
+    )
     for value in EXTREMES:
         args = [sys.executable, "-m", "shoal", command, f"{option}={value}"]
         if command == "scheduler":
             args += ["--port", "0", "--scheduler-file", missing, "--no-dashboard"]
             timeout = 5  # a valid value starts it: that is fine too
         else:
-            args += ["--scheduler-file", missing]
+            args += ["--scheduler-file", str(gone)]
             timeout = 30
         args += rest
         try:
@@ -62,6 +70,24 @@ def test_cli_numeric_options_refuse_extremes_clearly(command, option, rest, tmp_
         assert "panicked" not in p.stderr and "Traceback" not in p.stderr, what
         assert p.returncode != 0, what
         assert p.stderr.strip(), what
+
+
+def test_shoal_worker_says_once_what_is_wrong_before_starting_processes(tmp_path):
+    gone = tmp_path / "gone.json"
+    gone.write_text(json.dumps({"address": "tcp://127.0.0.1:1", "token_file": None, "pid": 0}))
+    env = {**os.environ, "SHOAL_TOKEN": "0" * 64}
+    base = [sys.executable, "-m", "shoal", "worker", "--scheduler-file", str(gone)]
+    cases = [
+        (["--memory-limit", "lots"], "memory limit 'lots' is not understood"),
+        (["--resources", "GPU=x"], "resource 'GPU' needs a number"),
+        ([], "cannot join the scheduler at tcp://127.0.0.1:1"),  # nobody there
+    ]
+    for extra, said in cases:
+        p = subprocess.run(base + extra, capture_output=True, text=True, timeout=60, env=env)
+        assert p.returncode != 0 and said in p.stderr, p.stderr
+        assert "Traceback" not in p.stderr, p.stderr
+        # One process tried (or none): not twenty, each dying of it.
+        assert p.stderr.count(said) <= 1, p.stderr
 
 
 PY_EXTREMES = [-1, math.nan, math.inf, -math.inf, 1e300, 2**64, "", "ünï", None]

@@ -631,7 +631,7 @@ def _on_sigterm(signum: int, frame: Any) -> None:
         ex.core.retire()
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m shoal._worker", description=__doc__)
     parser.add_argument("address", help="scheduler address (unix:///path or tcp://host:port)")
     parser.add_argument("--nthreads", type=int, default=1)
@@ -661,8 +661,31 @@ def main(argv: list[str] | None = None) -> None:
         default="",
         help="modules to import in the background right after start, e.g. 'numpy,pandas'",
     )
+    return parser
+
+
+def _checked(ns: argparse.Namespace) -> tuple[Any, str | None]:
+    """The parsed resources, and what is wrong with the values (None: nothing)."""
+    try:
+        _store.parse_memory(ns.memory_limit)
+        return _resources.parse(ns.resources), None
+    except (ValueError, TypeError) as e:
+        return None, str(e)
+
+
+def check_args(argv: list[str]) -> str | None:
+    """What is wrong with a worker's arguments (None: nothing): `shoal
+    worker` asks before it starts its processes, so that a bad value is one
+    clear error, not a crash of every process it starts."""
+    return _checked(_parser().parse_args(argv))[1]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
     ns = parser.parse_args(argv)
-    resources = _resources.parse(ns.resources)
+    resources, wrong = _checked(ns)
+    if wrong is not None:
+        parser.error(wrong)
     if ns.parent:
         threading.Thread(target=_exit_with_parent, args=(ns.parent,), daemon=True).start()
     if ns.actor:
@@ -693,6 +716,9 @@ def main(argv: list[str] | None = None) -> None:
     except PermissionError as e:  # wrong token: another try cannot help
         print(f"shoal worker: {e}", file=sys.stderr, flush=True)
         os._exit(_core.EXIT_REFUSED)
+    except ConnectionError as e:  # nothing there: said once, the supervisor decides
+        print(f"shoal worker: {e}", file=sys.stderr, flush=True)
+        os._exit(_core.EXIT_SCHEDULER_SILENT)
     executor.stopped.wait()
     executor.finish()
     sys.stdout.flush()

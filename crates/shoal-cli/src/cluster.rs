@@ -708,6 +708,11 @@ pub(crate) fn run_worker(a: WorkerArgs, host: &HostInfo) -> CliResult {
         args.extend(["--preload".into(), m.clone()]);
     }
     args.push(address.to_string());
+    if let Some(check) = host.check_worker_args {
+        // A bad --memory-limit or --resources is one clear error here, not
+        // every process dying of it as it starts.
+        check(&args[2..])?;
+    }
     // The token travels in the environment, never on a command line.
     let mut env = vec![("SHOAL_TOKEN".to_string(), secret.token())];
     env.extend(tls.iter().flat_map(TlsFiles::env));

@@ -68,6 +68,9 @@ enum Command {
     },
 }
 
+/// Checks a worker process's arguments: what is wrong with them, or `Ok`.
+pub type CheckArgs = fn(&[String]) -> Result<(), String>;
+
 /// Facts only the embedding interpreter knows.
 #[derive(Default, Debug, Clone)]
 pub struct HostInfo {
@@ -77,6 +80,10 @@ pub struct HostInfo {
     pub package_path: Option<String>,
     /// The interpreter that runs worker processes (`sys.executable`).
     pub executable: Option<String>,
+    /// Checks a worker process's arguments (`shoal._worker`'s own parsing of
+    /// sizes and resources) before `shoal worker` starts any: what is wrong,
+    /// or `Ok`.
+    pub check_worker_args: Option<CheckArgs>,
 }
 
 /// Runs the command line; returns the exit code.

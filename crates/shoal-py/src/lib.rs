@@ -180,8 +180,24 @@ fn cli_main(
                 python,
                 package_path,
                 executable,
+                check_worker_args: Some(check_worker_args),
             },
         )
+    })
+}
+
+/// `shoal._worker.check_args`: the worker's own parsing of its arguments.
+fn check_worker_args(args: &[String]) -> Result<(), String> {
+    Python::attach(|py| {
+        let wrong = py
+            .import("shoal._worker")
+            .and_then(|m| m.call_method1("check_args", (args.to_vec(),)))
+            .map_err(|e| e.to_string())?;
+        match wrong.extract::<Option<String>>() {
+            Ok(None) => Ok(()),
+            Ok(Some(why)) => Err(why),
+            Err(e) => Err(e.to_string()),
+        }
     })
 }
 

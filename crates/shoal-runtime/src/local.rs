@@ -83,9 +83,10 @@ pub const EXIT_REFUSED: i32 = 77;
 
 /// Exit status of a worker process whose scheduler went silent (hung,
 /// frozen, or cut off by the network; a scheduler that dropped the worker
-/// closes the connection instead). A replacement would wait on the same
-/// silence, so for a scheduler elsewhere none is started unless the
-/// supervisor was told to wait for it to come back (`reconnect`).
+/// closes the connection instead), or could not be reached at all. A
+/// replacement would meet the same silence, so for a scheduler elsewhere
+/// none is started unless the supervisor was told to wait for it to come
+/// back (`reconnect`).
 pub const EXIT_SCHEDULER_SILENT: i32 = 78;
 
 /// Replacements allowed within [`RESPAWN_WINDOW`] before giving up: a worker
@@ -392,8 +393,9 @@ fn supervise(cmd: WorkerCommand, mut children: Vec<Kid>, sh: Supervised) {
                 && !cmd.reconnect
             {
                 sh.give_up(format!(
-                    "the scheduler stopped answering worker process {pid}; not starting \
-                     more (with --reconnect, workers wait for it to come back)"
+                    "worker process {pid} could not reach the scheduler, or it stopped \
+                     answering (see the message above); not starting more (with \
+                     --reconnect, workers wait for it to come back)"
                 ));
                 continue;
             }
