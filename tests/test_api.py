@@ -130,6 +130,18 @@ def test_done_callbacks(client):
     assert got[-1] == "again"
 
 
+def test_map_of_ranges_sends_ranges_and_gets_every_element_right(client):
+    # A range is batched as range slices (a few bytes each, not lists):
+    # steps, negative steps, empty and one-element batches all come out right.
+    for r in (range(5, 1000, 7), range(1000, -3, -9), range(0), range(1)):
+        for batch_size in (None, 1, 13):
+            assert client.gather(client.map(inc, r, batch_size=batch_size)) == [x + 1 for x in r]
+    # A failing element of a range batch fails alone.
+    fs = client.map(lambda x: 1 / (x - 50), range(100), batch_size=30)
+    assert isinstance(fs[50].exception(), ZeroDivisionError)
+    assert fs[51].result() == 1.0 and fs[49].result() == -1.0
+
+
 def raise_timeout(message: str) -> None:
     raise TimeoutError(message)
 

@@ -635,7 +635,12 @@ class Client(ClusterQueries, Results):
         if not iterables:
             raise TypeError("map needs at least one iterable")
         star = len(iterables) > 1
-        items = list(zip(*iterables, strict=False)) if star else list(iterables[0])
+        if star:
+            items: Any = list(zip(*iterables, strict=False))
+        elif isinstance(iterables[0], range):
+            items = iterables[0]  # its slices are ranges: a batch pickles in a few bytes
+        else:
+            items = list(iterables[0])
         n = len(items)
         if n == 0:
             return FutureList(self, [], group, 0, 0)
@@ -658,11 +663,23 @@ class Client(ClusterQueries, Results):
             ]
             ids = core.submit_many(group, False, func, payloads, priority, retries, needs, limit)
             return FutureList(self, ids, group, 0, n)
-        payloads = [
-            pack((items[i : i + batch_size], kw, star), f"the arguments of {group} (batch {j})")
-            for j, i in enumerate(range(0, n, batch_size))
-        ]
-        ids = core.submit_many(group, True, func, payloads, priority, retries, needs, limit)
+        starts = range(0, n, batch_size)
+        # The first batches go out before the rest are packed, so that the
+        # workers start while this thread packs (as Pool.map's feeder does).
+        first = max(1, self._nthreads)
+        ids: list[int] = []
+        for piece in (starts[:first], starts[first:]):
+            payloads = [
+                pack(
+                    (items[i : i + batch_size], kw, star),
+                    f"the arguments of {group} (batch {i // batch_size})",
+                )
+                for i in piece
+            ]
+            if payloads:
+                ids += core.submit_many(
+                    group, True, func, payloads, priority, retries, needs, limit
+                )
         return FutureList(self, ids, group, batch_size, n)
 
     # ----------------------------------------------------------- Dask
