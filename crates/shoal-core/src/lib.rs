@@ -28,7 +28,9 @@
 //!
 //! The worker's own bookkeeping (orders queued, fetching and running; cancels
 //! and steals crossing them on the wire) is the second state machine here:
-//! [`worker::WorkerState`].
+//! [`worker::WorkerState`]. A restarted scheduler's recovery (restored tasks,
+//! rejoined workers' results, resumed clients) is the third:
+//! [`recovery::Recovery`].
 
 #![warn(missing_docs, unreachable_pub)]
 
@@ -44,6 +46,7 @@ mod invariants;
 mod lifecycle;
 pub mod memory;
 mod placement;
+pub mod recovery;
 mod reports;
 pub mod worker;
 mod worker_pool;

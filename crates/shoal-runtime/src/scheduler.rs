@@ -389,22 +389,14 @@ struct State {
     jobs: jobs::Jobs,
     /// `--journal`: jobs and their tasks' ends are written to it.
     journal: Option<journal::Journal>,
-    /// Unfinished job tasks restored from the journal, held out of the core
-    /// until `restored_until`, so that workers that rejoin can claim the
-    /// ones they still run or finished: task -> (job, spec).
-    restored: FxHashMap<u64, (u32, TaskSpec)>,
-    restored_until: Option<tokio::time::Instant>,
-    /// Restored tasks a rejoined worker runs: task -> (worker, job, spec).
-    adopted: FxHashMap<u64, (u32, u32, TaskSpec)>,
+    /// After a restart: restored tasks, rejoined workers' results and
+    /// resumed clients' messages, held for the recovery wait
+    /// ([`shoal_core::recovery`]; its clock is [`State::clock_us`]).
+    recovery: shoal_core::recovery::Recovery<TaskSpec, Bytes, ToScheduler>,
+    /// Where the recovery's clock starts.
+    epoch: tokio::time::Instant,
     /// Connection ids given out (a resumed client's old one is taken too).
     ids: Arc<AtomicU32>,
-    /// Results rejoined workers hold, until a resumed client claims them
-    /// or the recovery wait ends: task -> (worker, size).
-    orphans: FxHashMap<u64, Orphan>,
-    /// Resumed clients' messages, held (in order) until the recovery wait
-    /// ends, so that their resubmitted tasks find every rejoined worker's
-    /// results.
-    held_back: Vec<(u32, Vec<ToScheduler>)>,
 }
 
 async fn owner(
@@ -417,8 +409,8 @@ async fn owner(
 ) {
     let mut st = State {
         ids,
-        orphans: FxHashMap::default(),
-        held_back: Vec::new(),
+        recovery: shoal_core::recovery::Recovery::new(recovery_wait().as_micros() as u64),
+        epoch: tokio::time::Instant::now(),
         address,
         dashboard,
         group_names: Vec::new(),
@@ -450,19 +442,16 @@ async fn owner(
         cancels: VecDeque::new(),
         jobs: Default::default(),
         journal: None,
-        restored: FxHashMap::default(),
-        restored_until: None,
-        adopted: FxHashMap::default(),
     };
     if let Some(r) = recovery {
         st.jobs = r.jobs;
         st.journal = Some(r.journal);
         for (job, specs) in r.pending {
-            st.restored
-                .extend(specs.into_iter().map(|t| (t.id, (job, t))));
+            st.recovery
+                .restore(job, specs.into_iter().map(|t| (t.id, t)));
         }
         // Always: workers and clients that come back are waited for.
-        st.restored_until = Some(tokio::time::Instant::now() + recovery_wait());
+        st.recovery.begin_wait(st.clock_us());
     }
     let mut batch = Vec::with_capacity(64);
     // Messages received and not yet handled, in arrival order: worked
@@ -500,7 +489,7 @@ async fn owner(
                 st.monitor.lag_max_us = st.monitor.lag_max_us.max(lag);
                 st.core.handle_tick((now - start).as_micros() as u64);
                 st.obituaries_overdue(now);
-                if st.restored_until.is_some_and(|t| now >= t) {
+                if st.recovery.due(st.clock_us()) {
                     // What resumed clients sent meanwhile goes first.
                     for item in st.release_restored().into_iter().rev() {
                         queue.push_front(item);
@@ -595,15 +584,6 @@ impl Funcs {
         self.last = Some(f.clone());
         f
     }
-}
-
-/// A result that came back without its task (the scheduler restarted), kept
-/// for a resumed client to claim.
-enum Orphan {
-    /// A rejoined worker holds it: (worker, size).
-    Held(u32, u64),
-    /// Its value came inline with a report.
-    Value(Bytes),
 }
 
 /// One unit of the owner's queue: a peer's message, or any other event.
@@ -707,11 +687,10 @@ impl State {
                 Item::Event(ev) => self.handle(ev),
                 Item::DropOrphans => self.drop_orphans(),
                 Item::Client(c, m) => {
-                    if let Some((_, held)) = self.held_back.iter_mut().find(|(h, _)| *h == c) {
-                        held.push(m);
-                    } else if matches!(m, ToScheduler::Resume(_)) && self.restored_until.is_some() {
-                        self.held_back.push((c, vec![m]));
-                    } else if self.clients.contains_key(&c) {
+                    let resumes = matches!(m, ToScheduler::Resume(_));
+                    // None: held back until the recovery wait ends.
+                    let m = self.recovery.from_client(c, m, resumes);
+                    if let Some(m) = m.filter(|_| self.clients.contains_key(&c)) {
                         self.client_msg(c, m);
                         self.process();
                     }

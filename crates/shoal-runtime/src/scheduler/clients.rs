@@ -2,6 +2,7 @@
 //! reconnect), queries, syncs, releases; what a client is told back.
 
 use super::*;
+use shoal_core::recovery::Orphan;
 
 impl State {
     pub(crate) fn client_msg(&mut self, client: u32, msg: ToScheduler) {
@@ -175,10 +176,10 @@ impl State {
         let mut specs = Vec::with_capacity(tasks.len());
         for (spec, value) in tasks {
             let id = spec.id;
-            let value = value.or_else(|| match self.orphans.remove(&id) {
+            let value = value.or_else(|| match self.recovery.claim(id) {
                 Some(Orphan::Value(v)) => Some(v),
-                Some(Orphan::Held(w, size)) => {
-                    held.insert(TaskId(id), (Location::Worker(WorkerId(w)), size));
+                Some(Orphan::Held { worker, size }) => {
+                    held.insert(TaskId(id), (Location::Worker(WorkerId(worker)), size));
                     None
                 }
                 None => None,

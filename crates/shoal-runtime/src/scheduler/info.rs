@@ -72,7 +72,7 @@ impl State {
 
     pub(crate) fn quiet(&self) -> bool {
         self.core.is_quiet()
-            && self.restored_until.is_none()
+            && !self.recovery.waiting()
             && self.dying.is_empty()
             && !self.busy()
             && self.journal.as_ref().is_none_or(|j| !j.pending())

@@ -4,27 +4,26 @@
 use super::*;
 
 impl State {
+    /// The recovery's clock: microseconds since this scheduler started.
+    pub(crate) fn clock_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
     /// The recovery wait is over: restored tasks no rejoined worker claimed
-    /// go to the core to be placed.
+    /// go to the core to be placed; resumed clients' held messages come
+    /// back to be handled first, then the orphans no one claimed go.
     pub(crate) fn release_restored(&mut self) -> Vec<Item> {
-        self.restored_until = None;
-        let mut by_job: std::collections::BTreeMap<u32, Vec<TaskSpec>> = Default::default();
-        for (_, (job, spec)) in self.restored.drain() {
-            by_job.entry(job).or_default().push(spec);
-        }
+        let out = self.recovery.release();
         let mut n = 0;
-        for (job, mut specs) in by_job {
-            specs.sort_by_key(|t| t.id);
+        for (job, specs) in out.resubmit {
             n += specs.len();
             self.submit(jobs::job_client(job), specs);
         }
         tracing::info!(
             "recovery: {n} restored tasks to run again, {} adopted from rejoined workers",
-            self.adopted.len()
+            out.adopted
         );
-        // Resumed clients claim what rejoined workers hold first; what is
-        // left is dropped after.
-        std::mem::take(&mut self.held_back)
+        out.held
             .into_iter()
             .flat_map(|(c, msgs)| msgs.into_iter().map(move |m| Item::Client(c, m)))
             .chain([Item::DropOrphans])
@@ -33,13 +32,7 @@ impl State {
 
     /// Results no resumed client claimed: their holders drop them.
     pub(crate) fn drop_orphans(&mut self) {
-        let mut unclaimed: FxHashMap<u32, Vec<u64>> = FxHashMap::default();
-        for (id, orphan) in self.orphans.drain() {
-            if let Orphan::Held(w, _) = orphan {
-                unclaimed.entry(w).or_default().push(id);
-            }
-        }
-        for (w, ids) in unclaimed {
+        for (w, ids) in self.recovery.drop_orphans() {
             if let Some(conn) = self.workers.get(&w) {
                 tracing::info!(
                     "recovery: worker {} drops {} results no client claimed",
@@ -52,40 +45,21 @@ impl State {
     }
 
     /// A restored job task's outcome arrived (a rejoined worker ran it):
-    /// recorded without the core, which never had it. False if `id` is not
-    /// such a task.
+    /// recorded without the core, which never had it.
     pub(crate) fn restored_ended(
         &mut self,
         id: u64,
         outcome: jobs::Outcome,
         error: Option<String>,
-    ) -> bool {
-        let known = self.restored.remove(&id).is_some() || self.adopted.remove(&id).is_some();
-        if known {
+    ) {
+        if self.recovery.ended(id).is_some() {
             self.job_task_ended(TaskId(id), outcome, error);
         }
-        known
     }
 
     /// A worker left: restored tasks it ran are to run again.
     pub(crate) fn adopted_lost(&mut self, worker: u32) {
-        let lost: Vec<u64> = self
-            .adopted
-            .iter()
-            .filter(|(_, a)| a.0 == worker)
-            .map(|(&t, _)| t)
-            .collect();
-        let mut by_job: std::collections::BTreeMap<u32, Vec<TaskSpec>> = Default::default();
-        for t in lost {
-            if let Some((_, job, spec)) = self.adopted.remove(&t) {
-                if self.restored_until.is_some() {
-                    self.restored.insert(t, (job, spec));
-                } else {
-                    by_job.entry(job).or_default().push(spec);
-                }
-            }
-        }
-        for (job, specs) in by_job {
+        for (job, specs) in self.recovery.worker_lost(worker) {
             self.submit(jobs::job_client(job), specs);
         }
     }

@@ -22,7 +22,7 @@ impl State {
         }
         match msg {
             ToScheduler::Finished { id, .. } | ToScheduler::Failed { id, .. }
-                if self.restored.contains_key(&id) || self.adopted.contains_key(&id) =>
+                if self.recovery.is_restored(id) =>
             {
                 let (outcome, text) = match msg {
                     ToScheduler::Failed { text, .. } => (jobs::Outcome::Failed, Some(text)),
@@ -43,21 +43,12 @@ impl State {
                     held.len()
                 );
                 // Its results (and what it finishes meanwhile) are kept for
-                // clients that come back (see `held_back`).
-                self.restored_until
-                    .get_or_insert_with(|| tokio::time::Instant::now() + recovery_wait());
-                self.orphans.extend(
-                    held.into_iter()
-                        .map(|(id, size)| (id, Orphan::Held(worker, size))),
-                );
+                // clients that come back; it adopts the restored tasks it runs.
+                let now = self.clock_us();
+                self.recovery.rejoined(now, worker, &running, held);
                 for r in reports {
                     if matches!(r, ToScheduler::Finished { .. } | ToScheduler::Failed { .. }) {
                         self.worker_msg(worker, r);
-                    }
-                }
-                for id in running {
-                    if let Some((job, spec)) = self.restored.remove(&id) {
-                        self.adopted.insert(id, (worker, job, spec));
                     }
                 }
             }
@@ -83,14 +74,10 @@ impl State {
                     if let Some(spec) = self.core.spec_mut(TaskId(id)).filter(|s| !s.recompute) {
                         spec.args = Box::default();
                     }
-                } else if self.restored_until.is_some() && self.core.state(TaskId(id)).is_none() {
+                } else if self.core.state(TaskId(id)).is_none() {
                     // A task of the lost scheduler's time, finished since:
-                    // its client may come back for it.
-                    let orphan = match value {
-                        Some(v) => Orphan::Value(v),
-                        None => Orphan::Held(worker, size),
-                    };
-                    self.orphans.insert(id, orphan);
+                    // its client may come back for it (during a recovery).
+                    self.recovery.finished_unknown(id, worker, size, value);
                 }
             }
             ToScheduler::Failed {
