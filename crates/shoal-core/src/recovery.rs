@@ -401,7 +401,7 @@ mod tests {
             r.restore(1, (0..n).map(|t| (t, t)));
             r.begin_wait(0);
             let mut seen: FxHashMap<u64, &str> = FxHashMap::default();
-            let mut mark = |t: u64, how: &'static str, seen: &mut FxHashMap<u64, &str>| {
+            let mark = |t: u64, how: &'static str, seen: &mut FxHashMap<u64, &str>| {
                 assert!(
                     seen.insert(t, how).is_none(),
                     "seed {seed}: {t} {how} twice"
