@@ -19,6 +19,12 @@
 use rustc_hash::FxHashMap;
 use std::collections::VecDeque;
 
+// The worker's other rules, by concern.
+pub mod fetch;
+pub mod reports;
+pub mod stops;
+pub mod store;
+
 /// Where an order stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {

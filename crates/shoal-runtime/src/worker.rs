@@ -16,6 +16,10 @@ use bytes::Bytes;
 use futures::StreamExt;
 use parking_lot::{Condvar, Mutex};
 use rustc_hash::{FxHashMap, FxHashSet};
+use shoal_core::worker::fetch::{FetchPolicy, Next};
+use shoal_core::worker::reports::ReportLog;
+use shoal_core::worker::stops::{Stop, Stops};
+use shoal_core::worker::store::Results;
 use shoal_core::worker::{FetchReport, Fetched as FetchOutcome, Phase, Take, WorkerState};
 use shoal_proto::{
     Activity, ActivityKind, DataReply, DataRequest, Dep, DepSource, FromScheduler, Payload, Role,
@@ -86,17 +90,8 @@ struct Reconnect {
     give_up: Duration,
 }
 
-/// Tasks the scheduler asked to stop while they run.
-#[derive(Default)]
-struct Stops {
-    /// Running command tasks: their stop flags and process groups.
-    commands: FxHashMap<u64, Arc<(AtomicBool, AtomicU32)>>,
-    /// Asked to stop, not (yet) a registered command: a command that
-    /// registers later stops at once; Python tasks are in `python` too.
-    asked: FxHashSet<u64>,
-    /// For the Python watchdog: running Python tasks to interrupt.
-    python: Vec<u64>,
-}
+/// A running command task's stop: its flag and its process group.
+type CommandStop = Arc<(AtomicBool, AtomicU32)>;
 
 /// Outcome of one task, handed back by an execution thread.
 pub enum Done {
@@ -170,7 +165,7 @@ pub struct WorkerShared {
     orders: Mutex<Orders>,
     cv: Condvar,
     /// Results kept here for transfer.
-    store: Mutex<FxHashMap<u64, Stored>>,
+    store: Mutex<Results<Bytes>>,
     /// Bounds the transfers this worker makes at once.
     fetch_slots: tokio::sync::Semaphore,
     /// The cluster's secret: peers prove it to fetch, and so do we.
@@ -189,7 +184,7 @@ pub struct WorkerShared {
     /// the `Finished`/`Failed` reports it has not acknowledged (with how
     /// many of this connection's reports it has), sent again on rejoining.
     reconnect: Option<Reconnect>,
-    unacked: Mutex<(VecDeque<ToScheduler>, u64)>,
+    unacked: Mutex<ReportLog<ToScheduler>>,
     /// Starts and results not yet sent: sent together once the oldest is
     /// `FLUSH_AFTER` old (by the next report or the flusher task), and
     /// before the execution loop waits.
@@ -198,8 +193,6 @@ pub struct WorkerShared {
     unsent_first: tokio::sync::Notify,
     /// Memory figures from the Python memory manager, sent with heartbeats.
     metrics: Mutex<WorkerMetrics>,
-    /// Results copied here from retiring workers (files this side made).
-    copied: Mutex<FxHashSet<u64>>,
     /// Transfers, spills, profile samples and log lines since the last
     /// heartbeat (sent with it).
     telemetry: Mutex<Telemetry>,
@@ -213,7 +206,7 @@ pub struct WorkerShared {
     /// Bytes fetched from peers / served to them, in all.
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
-    stops: Mutex<Stops>,
+    stops: Mutex<Stops<CommandStop>>,
     /// `stops.asked` is not empty (read without the lock per report).
     stops_asked: AtomicBool,
     stops_cv: Condvar,
@@ -246,32 +239,12 @@ fn cpu_time_us() -> u64 {
     us(ru.ru_utime) + us(ru.ru_stime)
 }
 
-/// Where this worker keeps a large result, for transfers.
-#[derive(Clone, Debug)]
-pub enum Stored {
-    /// Only the Python side has it: it is written to a file when asked for.
-    Held,
-    /// Pickled bytes in memory.
-    Bytes(Bytes),
-    /// A file with the pickle: a shared-memory segment, or spilled to disk.
-    File {
-        /// Absolute path.
-        path: String,
-        /// Its length.
-        len: u64,
-    },
-    /// Kept as an object that cannot be pickled: consumers elsewhere fail
-    /// with this reason.
-    Unpicklable(String),
-}
+/// Where this worker keeps a large result, for transfers (see
+/// [`shoal_core::worker::store`]).
+pub type Stored = shoal_core::worker::store::Stored<Bytes>;
 
 /// Steps of the worker's orders kept for their story (debugging).
 const ORDER_LOG: usize = 0;
-
-/// How long one transfer attempt may take: a holder that accepts and then
-/// never answers must not pin a fetch slot for ever (a holder that dies is
-/// noticed sooner: its task is cancelled here and the fetch aborted).
-const FETCH_DEADLINE: Duration = Duration::from_secs(120);
 
 /// How long a sync waits for the profiler's samples.
 const SYNC_WAIT: Duration = Duration::from_millis(500);
@@ -399,7 +372,7 @@ pub fn start(
             data_addr,
             orders: Mutex::new(WorkerState::new(nthreads, ORDER_LOG)),
             cv: Condvar::new(),
-            store: Mutex::new(FxHashMap::default()),
+            store: Mutex::new(Results::new(INLINE_LIMIT)),
             fetch_slots: tokio::sync::Semaphore::new(FETCH_SLOTS),
             secret,
             to_pickle: Mutex::new(PickleRequests::default()),
@@ -408,11 +381,10 @@ pub fn start(
             pickled: tokio::sync::Notify::new(),
             out: parking_lot::RwLock::new(out),
             reconnect,
-            unacked: Mutex::new((VecDeque::new(), 0)),
+            unacked: Mutex::new(ReportLog::default()),
             unsent: Mutex::new(Unsent::default()),
             unsent_first: tokio::sync::Notify::new(),
             metrics: Mutex::new(WorkerMetrics::default()),
-            copied: Mutex::new(FxHashSet::default()),
             telemetry: Mutex::new(Telemetry::default()),
             syncs: Mutex::new(Vec::new()),
             sync_epoch: AtomicU64::new(0),
@@ -615,25 +587,9 @@ async fn rejoin(sh: &Arc<WorkerShared>, rc: &Reconnect) -> Result<Stream, (Strin
     let unsent = sh.unsent.lock();
     sh.id.store(id, Ordering::Relaxed);
     let running = sh.orders.lock().running_tasks();
-    let held: Vec<(u64, u64)> = sh
-        .store
-        .lock()
-        .iter()
-        .map(|(&id, v)| {
-            let size = match v {
-                Stored::Bytes(b) => b.len() as u64,
-                Stored::File { len, .. } => *len,
-                // Held by Python only: the size is not known here.
-                Stored::Held | Stored::Unpicklable(_) => 0,
-            };
-            (id, size)
-        })
-        .collect();
-    let reports: Vec<ToScheduler> = {
-        let mut log = sh.unacked.lock();
-        log.1 = 0;
-        log.0.iter().cloned().collect()
-    };
+    // Held by Python only: the size is not known here (0).
+    let held = sh.store.lock().held();
+    let reports = sh.unacked.lock().rejoined();
     eprintln!(
         "shoal worker {}: joined the scheduler again as worker {id}: {} tasks running, {} \
          reports sent again, {} results held",

@@ -18,12 +18,10 @@ impl WorkerShared {
         let flag = Arc::new((AtomicBool::new(false), AtomicU32::new(0)));
         {
             let mut st = self.stops.lock();
-            if st.asked.remove(&task) {
-                self.stops_asked
-                    .store(!st.asked.is_empty(), Ordering::Relaxed);
-                flag.0.store(true, Ordering::Release);
+            if st.command_started(task, flag.clone()) {
+                flag.0.store(true, Ordering::Release); // asked before it started
             }
-            st.commands.insert(task, flag.clone());
+            self.stops_asked.store(st.any_asked(), Ordering::Relaxed);
         }
         let out = crate::command::run(&crate::command::Run {
             spec,
@@ -35,27 +33,26 @@ impl WorkerShared {
             stop: &flag.0,
             group: &flag.1,
         });
-        self.stops.lock().commands.remove(&task);
+        self.stops.lock().command_ended(task);
         out
     }
 
     /// A task that runs here is to stop (cancelled).
     pub(crate) fn stop_running(&self, task: u64) {
         let mut st = self.stops.lock();
-        if let Some(flag) = st.commands.get(&task) {
-            flag.0.store(true, Ordering::Release);
-            return;
+        match st.ask(task) {
+            Stop::Command(flag) => flag.0.store(true, Ordering::Release),
+            Stop::Python => {
+                self.stops_asked.store(true, Ordering::Relaxed);
+                self.stops_cv.notify_all();
+            }
         }
-        st.asked.insert(task);
-        self.stops_asked.store(true, Ordering::Relaxed);
-        st.python.push(task);
-        self.stops_cv.notify_all();
     }
 
     /// Kills the process groups of the commands running here: called as
     /// this process exits, so that no program outlives its worker.
     pub fn kill_commands(&self) {
-        for c in self.stops.lock().commands.values() {
+        for c in self.stops.lock().commands() {
             let g = c.1.load(Ordering::Acquire);
             if g != 0 {
                 crate::command::signal_group(g, libc::SIGKILL);
@@ -68,12 +65,12 @@ impl WorkerShared {
     pub fn stop_requests(&self, timeout: Duration) -> Vec<u64> {
         let deadline = Instant::now() + timeout;
         let mut st = self.stops.lock();
-        while st.python.is_empty() {
+        while !st.python_waiting() {
             if self.stops_cv.wait_until(&mut st, deadline).timed_out() {
                 return Vec::new();
             }
         }
-        std::mem::take(&mut st.python)
+        st.python_requests()
     }
 
     /// A task told to stop does not (stuck in C code): report its failure,

@@ -151,19 +151,15 @@ pub(crate) fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
             }
         }
         FromScheduler::Release(ids) => {
-            {
-                let mut store = sh.store.lock();
-                let mut copied = sh.copied.lock();
+            let delete = {
                 let mut framed = sh.framed.lock();
                 for id in &ids {
                     framed.remove(id); // a frame no transfer took
-                    let gone = store.remove(id);
-                    // Copies made here for a retiring peer are ours to delete
-                    // (the Python side may not have seen them).
-                    if let (true, Some(Stored::File { path, .. })) = (copied.remove(id), gone) {
-                        let _ = std::fs::remove_file(path);
-                    }
                 }
+                sh.store.lock().release(&ids)
+            };
+            for path in delete {
+                let _ = std::fs::remove_file(path);
             }
             sh.orders.lock().release(ids);
             sh.cv.notify_one();
@@ -258,18 +254,18 @@ pub(crate) async fn replicate(sh: &WorkerShared, id: u64, from: &str) -> io::Res
     .await
     .map_err(io::Error::other)??;
     let path = path.to_string_lossy().into_owned();
-    sh.store.lock().insert(id, Stored::File { path, len });
-    sh.copied.lock().insert(id);
+    sh.store.lock().replicated(id, path, len);
     Ok(())
 }
 
 /// Fetches the inputs held by other workers, at most `FETCH_SLOTS` at once
-/// per worker, retrying briefly (if the holder died, the scheduler cancels
-/// this task and recomputes the input).
+/// per worker, retrying as [`FetchPolicy`] says (if the holder died, the
+/// scheduler cancels this task and recomputes the input).
 pub(crate) async fn fetch_inputs(
     sh: &WorkerShared,
     deps: Vec<Dep>,
 ) -> Result<Vec<(u64, Input)>, FetchFailure> {
+    let policy = FetchPolicy::default();
     let mut by_addr: FxHashMap<String, Vec<u64>> = FxHashMap::default();
     for d in &deps {
         if let DepSource::Worker { id, addr } = &d.source {
@@ -280,21 +276,20 @@ pub(crate) async fn fetch_inputs(
     }
     let mut fetched: FxHashMap<u64, Input> = FxHashMap::default();
     for (addr, ids) in by_addr {
-        let mut last_err = String::new();
-        let mut ok = false;
-        for attempt in 0..5u64 {
+        let mut attempt = 0;
+        loop {
             let got = {
                 let _slot = sh.fetch_slots.acquire().await;
                 let (start_us, t0) = (now_us(), Instant::now());
                 let got = tokio::time::timeout(
-                    FETCH_DEADLINE,
+                    policy.deadline,
                     fetch_some(&addr, ids.clone(), &sh.secret),
                 )
                 .await
                 .unwrap_or_else(|_| {
                     Err(io::Error::new(
                         io::ErrorKind::TimedOut,
-                        format!("no answer within {FETCH_DEADLINE:?}"),
+                        format!("no answer within {:?}", policy.deadline),
                     ))
                 });
                 if let Ok(items) = &got {
@@ -313,31 +308,36 @@ pub(crate) async fn fetch_inputs(
                 }
                 got
             };
-            match got {
+            let (answer, items, err) = match got {
                 Ok(items) => {
-                    let missing: Vec<u64> = items
+                    let missing = items
                         .iter()
                         .filter(|(_, v)| v.is_none())
                         .map(|(id, _)| *id)
                         .collect();
-                    if !missing.is_empty() {
-                        return Err(FetchFailure::Missing(missing));
-                    }
+                    (Some(missing), items, None)
+                }
+                Err(e) => (None, Vec::new(), Some(e)),
+            };
+            match policy.after(attempt, answer) {
+                Next::Done => {
                     fetched.extend(
                         items
                             .into_iter()
                             .filter_map(|(id, v)| v.map(|v| (id, input_of(v)))),
                     );
-                    ok = true;
                     break;
                 }
-                Err(e) => last_err = e.to_string(),
+                Next::Missing(missing) => return Err(FetchFailure::Missing(missing)),
+                Next::Retry(pause) => tokio::time::sleep(pause).await,
+                Next::Unreachable => {
+                    let err = err.map(|e| e.to_string()).unwrap_or_default();
+                    let why =
+                        format!("could not fetch inputs {ids:x?} from worker at {addr}: {err}");
+                    return Err(FetchFailure::Unreachable(ids, why));
+                }
             }
-            tokio::time::sleep(Duration::from_millis(100 * (attempt + 1))).await;
-        }
-        if !ok {
-            let why = format!("could not fetch inputs {ids:x?} from worker at {addr}: {last_err}");
-            return Err(FetchFailure::Unreachable(ids, why));
+            attempt += 1;
         }
     }
     Ok(deps

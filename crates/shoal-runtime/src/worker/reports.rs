@@ -23,31 +23,22 @@ impl WorkerShared {
         if self.stops_asked.load(Ordering::Relaxed) {
             let mut st = self.stops.lock();
             for d in &done {
-                st.asked.remove(&d.id());
+                st.reported(d.id());
             }
-            self.stops_asked
-                .store(!st.asked.is_empty(), Ordering::Relaxed);
+            self.stops_asked.store(st.any_asked(), Ordering::Relaxed);
         }
         let mut unsent = self.unsent.lock();
         for d in done {
             let msg = match d {
                 Done::Ok { id, value, timing } => {
                     let size = value.len() as u64;
-                    if value.len() <= INLINE_LIMIT {
-                        ToScheduler::Finished {
-                            id,
-                            size,
-                            value: Some(value),
-                            timing,
-                        }
-                    } else {
-                        self.store.lock().insert(id, Stored::Bytes(value));
-                        ToScheduler::Finished {
-                            id,
-                            size,
-                            value: None,
-                            timing,
-                        }
+                    // Small: inline (the scheduler keeps it); else kept here.
+                    let value = self.store.lock().finished_bytes(id, value);
+                    ToScheduler::Finished {
+                        id,
+                        size,
+                        value,
+                        timing,
                     }
                 }
                 Done::File {
@@ -58,7 +49,7 @@ impl WorkerShared {
                 } => {
                     self.store
                         .lock()
-                        .insert(id, Stored::File { path, len: size });
+                        .finished(id, Stored::File { path, len: size });
                     ToScheduler::Finished {
                         id,
                         size,
@@ -67,7 +58,7 @@ impl WorkerShared {
                     }
                 }
                 Done::Held { id, size, timing } => {
-                    self.store.lock().insert(id, Stored::Held);
+                    self.store.lock().finished(id, Stored::Held);
                     ToScheduler::Finished {
                         id,
                         size,
@@ -137,7 +128,7 @@ impl WorkerShared {
             let mut log = self.unacked.lock();
             for m in unsent.reports.drain(..) {
                 if matches!(m, ToScheduler::Finished { .. } | ToScheduler::Failed { .. }) {
-                    log.0.push_back(m.clone());
+                    log.sent(m.clone());
                 }
                 let _ = out.send(m);
             }
@@ -150,11 +141,7 @@ impl WorkerShared {
 
     /// The scheduler recorded the first `n` reports of this connection.
     pub(crate) fn acked(&self, n: u64) {
-        let mut log = self.unacked.lock();
-        let fresh = n.saturating_sub(log.1) as usize;
-        let fresh = fresh.min(log.0.len());
-        log.0.drain(..fresh);
-        log.1 = log.1.max(n);
+        self.unacked.lock().acked(n);
     }
 
     /// A task waits on other tasks and lends its thread: the caller starts

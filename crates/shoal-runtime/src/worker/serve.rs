@@ -37,7 +37,7 @@ impl WorkerShared {
             let store = self.store.lock();
             let mut framed = self.framed.lock();
             for (id, frame) in items {
-                if store.contains_key(&id) {
+                if store.contains(id) {
                     framed.insert(id, frame);
                 }
             }
@@ -58,14 +58,7 @@ impl WorkerShared {
         {
             let mut store = self.store.lock();
             for (id, value) in items {
-                match value {
-                    Some(v) if store.contains_key(&id) => {
-                        store.insert(id, v);
-                    }
-                    _ => {
-                        store.remove(&id);
-                    }
-                }
+                store.update(id, value);
             }
         }
         self.pickled.notify_waiters();
@@ -74,7 +67,7 @@ impl WorkerShared {
     /// The file holding a result, if this worker keeps it as one (for a
     /// result copied here from a retiring worker).
     pub fn stored_file(&self, id: u64) -> Option<(String, u64)> {
-        match self.store.lock().get(&id) {
+        match self.store.lock().get(id) {
             Some(Stored::File { path, len }) => Some((path.clone(), *len)),
             _ => None,
         }
@@ -111,7 +104,7 @@ impl WorkerShared {
                             got = Some(Reply::Contents(f, len));
                             break;
                         }
-                        match self.store.lock().get(&id) {
+                        match self.store.lock().get(id) {
                             Some(Stored::File { path: now, .. }) if *now != path => {
                                 path = now.clone()
                             }
@@ -146,7 +139,7 @@ impl WorkerShared {
             let store = self.store.lock();
             ids.iter()
                 .enumerate()
-                .map(|(i, id)| match store.get(id) {
+                .map(|(i, id)| match store.get(*id) {
                     Some(Stored::Held) => {
                         waiting.push(i);
                         (*id, None)
@@ -191,7 +184,7 @@ impl WorkerShared {
                             // It could not be framed: whatever the store
                             // says now (exported meanwhile, or gone).
                             Some(None) => {
-                                out[i].1 = match store.get(&id) {
+                                out[i].1 = match store.get(id) {
                                     Some(Stored::Held) | None => None,
                                     other => other.cloned().map(Found::Stored),
                                 };
@@ -200,7 +193,7 @@ impl WorkerShared {
                             None => {}
                         }
                     }
-                    match store.get(&id) {
+                    match store.get(id) {
                         Some(Stored::Held) => true,
                         other => {
                             out[i].1 = other.cloned().map(Found::Stored);
