@@ -421,3 +421,15 @@ def test_workers_preload_modules_in_the_background(capfd):
         shoal.Client(n_workers=1, preload=["a,b"])
     with pytest.raises(ValueError, match="shoal worker --preload"):
         shoal.Client("tcp://127.0.0.1:1", preload=["numpy"])
+
+
+def test_a_question_unanswered_in_time_is_a_timeout_not_a_lost_scheduler(client):
+    # Defect: a slow answer raised SchedulerLostError ("lost the connection
+    # to the scheduler: the scheduler did not answer ..."), though the
+    # connection was fine. The client keeps working after it.
+    for ask in (lambda: client.query("/api/status", timeout=0), lambda: client.scheduler_info(0)):
+        with pytest.raises(TimeoutError, match="did not answer within") as e:
+            ask()
+        assert not isinstance(e.value, shoal.SchedulerLostError)
+    assert client.submit(operator.add, 1, 2).result(timeout=30) == 3
+    assert client.query("/api/status")["workers"]

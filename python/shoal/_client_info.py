@@ -64,7 +64,11 @@ class ClusterQueries:
         "processing", "held", "memory", "managed", "spilled", "memory_limit",
         "paused", "last_seen", "lifetime_end"}}}`` (bytes and seconds;
         ``lifetime_end``: Unix time it retires at, or None; memory figures are
-        from each worker's last heartbeat, at most a second old)."""
+        from each worker's last heartbeat, at most a second old).
+
+        Raises ``TimeoutError`` if the scheduler does not answer within
+        ``timeout`` seconds (the connection stays), ``SchedulerLostError`` if
+        the connection is gone."""
         info = self._check().cluster_info(timeout)
         info["workers"] = {w.pop("address"): w for w in info["workers"]}
         return info
@@ -95,7 +99,8 @@ class ClusterQueries:
     def query(self, path: str, timeout: float = 10.0) -> Any:
         """The scheduler's answer to a dashboard API path (``/api/status``,
         ``/api/profile?group=inc``, ``/metrics``, ...), decoded from JSON.
-        Unknown paths raise ``ValueError``."""
+        Unknown paths raise ``ValueError``; no answer within ``timeout``
+        seconds raises ``TimeoutError`` (the connection stays)."""
         answer = json.loads(self._check().query(path, timeout))
         if isinstance(answer, dict) and set(answer) == {"error"}:
             raise ValueError(answer["error"])

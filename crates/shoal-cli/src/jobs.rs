@@ -439,7 +439,7 @@ fn wait(c: &ClientShared, job: u32) -> Result<(), Waiting> {
     loop {
         let reply = c
             .query(&format!("/api/jobs/{job}"), ASK)
-            .map_err(Waiting::Lost)?;
+            .map_err(|e| Waiting::Lost(e.into()))?;
         let v = answer(&reply).map_err(Waiting::Ended)?;
         let line = format!("job {job}: {}", counts(&v));
         let done = v["state"] != "running";

@@ -8,7 +8,7 @@ use pyo3::intern;
 use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{IntoPyDict, PyByteArray, PyBytes, PyDict, PyList, PyString, PyTuple};
 use shoal_proto::{TaskError, TaskKind, TaskSpec, ToScheduler};
-use shoal_runtime::client::{self, ClientShared, Status, SubmitError, Watcher};
+use shoal_runtime::client::{self, ClientShared, AskError, Status, SubmitError, Watcher};
 use shoal_runtime::net::{Address, Secret};
 use shoal_runtime::runtime;
 use shoal_runtime::transfer::Fetched;
@@ -23,6 +23,16 @@ pub(crate) struct ClientCore {
 
 pub(crate) fn lost(reason: String) -> PyErr {
     SchedulerLostError::new_err(format!("lost the connection to the scheduler: {reason}"))
+}
+
+/// A question to the scheduler unanswered: lost (`SchedulerLostError`), or
+/// a scheduler too busy to answer in time (`TimeoutError`, the connection
+/// stays).
+pub(crate) fn ask_err(e: AskError) -> PyErr {
+    match e {
+        AskError::Lost(reason) => lost(reason),
+        e @ AskError::NoAnswer(_) => pyo3::exceptions::PyTimeoutError::new_err(e.to_string()),
+    }
 }
 
 pub(crate) fn submit_err(e: SubmitError) -> PyErr {
@@ -507,19 +517,19 @@ impl ClientCore {
     /// Asks the scheduler to retire these workers (data addresses, names or
     /// pids) gracefully.
     fn retire(&self, workers: Vec<String>) -> PyResult<()> {
-        self.inner.send(ToScheduler::Retire(workers)).map_err(lost)
+        self.inner.send(ToScheduler::Retire(workers)).map_err(ask_err)
     }
 
     /// Asks the scheduler to restart every worker process.
     fn restart(&self) -> PyResult<()> {
-        self.inner.send(ToScheduler::Restart).map_err(lost)
+        self.inner.send(ToScheduler::Restart).map_err(ask_err)
     }
 
     /// What the cluster looks like, as a dict (see `Client.scheduler_info`).
     fn cluster_info<'py>(&self, py: Python<'py>, timeout: f64) -> PyResult<Bound<'py, PyDict>> {
         let inner = &self.inner;
         let t = shoal_runtime::duration::wait(timeout);
-        let info = py.detach(|| inner.cluster_info(t)).map_err(lost)?;
+        let info = py.detach(|| inner.cluster_info(t)).map_err(ask_err)?;
         let d = PyDict::new(py);
         d.set_item("address", info.address)?;
         d.set_item("clients", info.clients)?;
@@ -580,7 +590,7 @@ impl ClientCore {
     fn query(&self, py: Python<'_>, path: &str, timeout: f64) -> PyResult<String> {
         let inner = &self.inner;
         let t = shoal_runtime::duration::wait(timeout);
-        py.detach(|| inner.query(path, t)).map_err(lost)
+        py.detach(|| inner.query(path, t)).map_err(ask_err)
     }
 
     /// Claims the cluster-wide `name` for `value` (JSON text), or looks it
@@ -596,7 +606,7 @@ impl ClientCore {
     ) -> PyResult<String> {
         let inner = &self.inner;
         let t = shoal_runtime::duration::wait(timeout);
-        py.detach(|| inner.name(name, value, t)).map_err(lost)
+        py.detach(|| inner.name(name, value, t)).map_err(ask_err)
     }
 
     /// Gives up one of this client's names.

@@ -180,12 +180,31 @@ pub const SUBMIT_CHUNK: usize = 1 << 20;
 pub const SUBMIT_BACKLOG: usize = 256 << 20;
 
 /// Why tasks could not be submitted.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubmitError {
     /// The connection to the scheduler is gone (the reason).
+    #[error("{0}")]
     Lost(String),
     /// A task is too large to send (what to do instead).
+    #[error("{0}")]
     TooLarge(String),
+}
+
+/// Why a message or a question to the scheduler got no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AskError {
+    /// The connection to the scheduler is gone (the reason).
+    #[error("{0}")]
+    Lost(String),
+    /// The connection is open, but no answer came in time.
+    #[error("the scheduler did not answer within {0:?}")]
+    NoAnswer(std::time::Duration),
+}
+
+impl From<AskError> for String {
+    fn from(e: AskError) -> String {
+        e.to_string()
+    }
 }
 
 type Stream = futures::stream::SplitStream<net::Conn>;
@@ -489,9 +508,9 @@ impl ClientShared {
     }
 
     /// Error if the connection is gone.
-    pub fn check_open(&self) -> Result<(), String> {
+    pub fn check_open(&self) -> Result<(), AskError> {
         match &self.state.lock().closed {
-            Some(r) => Err(r.clone()),
+            Some(r) => Err(AskError::Lost(r.clone())),
             None => Ok(()),
         }
     }
@@ -591,14 +610,11 @@ impl ClientShared {
 
     /// Sends any message to the scheduler; `Err` with the reason once the
     /// connection is closed.
-    pub fn send(&self, msg: ToScheduler) -> Result<(), String> {
+    pub fn send(&self, msg: ToScheduler) -> Result<(), AskError> {
         if let Some(reason) = self.closed_reason() {
-            return Err(reason);
+            return Err(AskError::Lost(reason));
         }
-        self.out
-            .read()
-            .send(msg)
-            .map_err(|_| "the connection is closed".to_string())
+        self.out.read().send(msg).map_err(|_| closed())
     }
 
     /// Claims tasks this client did not submit, whose futures came inside
@@ -719,23 +735,23 @@ impl ClientShared {
 
     /// Asks the scheduler what the cluster looks like; waits up to
     /// `timeout` for the answer. Call with the GIL released.
-    pub fn cluster_info(&self, timeout: std::time::Duration) -> Result<ClusterInfo, String> {
+    pub fn cluster_info(&self, timeout: std::time::Duration) -> Result<ClusterInfo, AskError> {
         let deadline = std::time::Instant::now() + timeout;
         let mut st = self.state.lock();
         st.info = None;
         self.out
             .read()
             .send(ToScheduler::Info)
-            .map_err(|_| "the connection is closed".to_string())?;
+            .map_err(|_| closed())?;
         loop {
             if let Some(info) = st.info.take() {
                 return Ok(info);
             }
             if let Some(reason) = &st.closed {
-                return Err(reason.clone());
+                return Err(AskError::Lost(reason.clone()));
             }
             if self.cv.wait_until(&mut st, deadline).timed_out() {
-                return Err(format!("the scheduler did not answer within {timeout:?}"));
+                return Err(AskError::NoAnswer(timeout));
             }
         }
     }
@@ -743,7 +759,7 @@ impl ClientShared {
     /// Asks the scheduler a dashboard query (`/api/status`, `/api/profile`,
     /// ...) and waits up to `timeout` for its JSON answer. Call with the GIL
     /// released.
-    pub fn query(&self, path: &str, timeout: std::time::Duration) -> Result<String, String> {
+    pub fn query(&self, path: &str, timeout: std::time::Duration) -> Result<String, AskError> {
         let path = path.to_string();
         self.ask(|id| ToScheduler::Query { id, path }, timeout)
     }
@@ -755,7 +771,7 @@ impl ClientShared {
         name: String,
         value: Option<String>,
         timeout: std::time::Duration,
-    ) -> Result<String, String> {
+    ) -> Result<String, AskError> {
         self.ask(|id| ToScheduler::Name { id, name, value }, timeout)
     }
 
@@ -768,7 +784,7 @@ impl ClientShared {
         max_fails: u32,
         tasks: Vec<TaskSpec>,
         timeout: std::time::Duration,
-    ) -> Result<String, String> {
+    ) -> Result<String, AskError> {
         self.ask(
             |query| {
                 // All but the last piece go now; `ask` sends the last.
@@ -801,7 +817,7 @@ impl ClientShared {
 
     /// Cancels a job's unfinished tasks (running ones are stopped); the
     /// scheduler's JSON answer: `{"cancelled": n}` or `{"error": ...}`.
-    pub fn cancel_job(&self, job: u32, timeout: std::time::Duration) -> Result<String, String> {
+    pub fn cancel_job(&self, job: u32, timeout: std::time::Duration) -> Result<String, AskError> {
         self.ask(|query| ToScheduler::CancelJob { query, job }, timeout)
     }
 
@@ -816,31 +832,36 @@ impl ClientShared {
         &self,
         request: impl FnOnce(u64) -> ToScheduler,
         timeout: std::time::Duration,
-    ) -> Result<String, String> {
+    ) -> Result<String, AskError> {
         let deadline = std::time::Instant::now() + timeout;
         let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut st = self.state.lock();
         self.out
             .read()
             .send(request(id))
-            .map_err(|_| "the connection is closed".to_string())?;
+            .map_err(|_| closed())?;
         loop {
             if let Some(json) = st.replies.remove(&id) {
                 return Ok(json);
             }
             if let Some(reason) = &st.closed {
-                return Err(reason.clone());
+                return Err(AskError::Lost(reason.clone()));
             }
             if self.cv.wait_until(&mut st, deadline).timed_out() {
-                return Err(format!("the scheduler did not answer within {timeout:?}"));
+                return Err(AskError::NoAnswer(timeout));
             }
         }
     }
 
     /// Why the scheduler connection closed, or None while it is open.
+    #[must_use]
     pub fn closed_reason(&self) -> Option<String> {
         self.state.lock().closed.clone()
     }
+}
+
+fn closed() -> AskError {
+    AskError::Lost("the connection is closed".to_string())
 }
 
 /// Tasks in one piece of a job (a few hundred KiB of commands).
