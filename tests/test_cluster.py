@@ -142,6 +142,20 @@ def test_scheduler_worker_client_status_across_processes(tmp_path):
             while len(level) > 1:
                 level = [c.submit(add, level[i], level[i + 1]) for i in range(0, len(level), 2)]
             assert level[0].result() == sum(range(1, 65))
+            # `shoal task ID`: the scheduler's transitions and the worker's steps.
+            out = subprocess.run(
+                [*SHOAL, "task", str(level[0]._id), "--scheduler-file", str(sfile)],
+                capture_output=True,
+                text=True,
+            )
+            assert out.returncode == 0, out.stderr
+            assert ": memory, held by " in out.stdout, out.stdout
+            assert "processing -> memory" in out.stdout and "(task-finished)" in out.stdout
+            assert "start -> running (order " in out.stdout, out.stdout
+            out = subprocess.run(
+                [*SHOAL, "task", "1", "--scheduler-file", str(sfile)], capture_output=True, text=True
+            )
+            assert out.returncode != 0 and "task 1: task 1 is not known" in out.stderr, out
             # Large results travel between the "hosts" over TCP.
             import numpy as np
 

@@ -45,6 +45,8 @@ def test_dashboard_pages_render_live_data_in_chromium(dash):
     assert "ValueError" in seen["detail"]
     # Its story: the scheduler's transitions, with what caused them.
     assert "processing \u2192 erred" in seen["detail"] and "task-failed" in seen["detail"]
+    # And its worker's own steps.
+    assert "start \u2192 running" in seen["detail"] and "order " in seen["detail"], seen["detail"]
     assert len(seen["worker_rows"]) == 2
     assert seen["workers_changed"], "the workers table did not change in 2.5 s"
     assert {"load", "combine"} <= set(seen["graph_nodes"])

@@ -383,13 +383,21 @@ def test_a_cancelled_task_still_running_does_not_strand_new_work(tmp_path):
 def test_a_task_story_says_what_moved_it_and_where(client):
     f = client.submit(double, 21)
     assert f.result(timeout=30) == 42
-    story = client.story(f)
+    full = client.story(f)
+    story = [s for s in full if s["at"] == "scheduler"]
     moves = [(s["from"], s["to"], s["stimulus"]) for s in story]
     assert moves[0] == ("released", "ready", "submit"), moves
     assert ("ready", "processing", "submit") in moves, moves
     assert moves[-1] == ("processing", "memory", "task-finished"), moves
     assert any(s["worker"] for s in story if s["to"] == "processing")
-    assert all(s["task"] == f.key for s in story)
+    assert all(s["task"] == f.key for s in full)
+    # The worker's own steps: the order it got, its start and its end.
+    ran_on = {s["worker"] for s in story if s["to"] == "processing"}
+    steps = [s for s in full if s["at"] == "worker"]
+    assert [s["event"] for s in steps] == ["compute", "start", "done"], full
+    assert {s["worker"] for s in steps} == ran_on
+    assert steps[0]["phase"] == "ready" and steps[1]["phase"] == "running"
+    assert steps[0]["time_us"] <= steps[1]["time_us"] <= steps[2]["time_us"]
     with pytest.raises(TypeError, match="futures"):
         client.story("not-a-future")
 

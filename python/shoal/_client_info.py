@@ -112,18 +112,29 @@ class ClusterQueries:
         self.query("/api/sync")
 
     def story(self, *futures: Future) -> list[dict[str, Any]]:
-        """The scheduler's recent transitions of these tasks, oldest first:
-        ``{"task", "from", "to", "worker", "stimulus", "time_us"}`` each,
-        where ``stimulus`` names the event that caused it (``submit``,
-        ``task-finished``, ``worker-lost``, ``cancel``, ...). The scheduler
-        keeps its last 100,000 transitions."""
+        """What happened to these tasks, oldest first, from the scheduler and
+        from the workers they were sent to. The scheduler's transitions are
+        ``{"task", "at": "scheduler", "from", "to", "worker", "stimulus",
+        "time_us"}``, where ``stimulus`` names the event that caused it
+        (``submit``, ``task-finished``, ``worker-lost``, ``cancel``, ...); a
+        worker's steps are ``{"task", "at": "worker", "worker", "event",
+        "phase", "attempt", "time_us"}`` (``fetch``, ``fetched``, ``start``,
+        ``done``, ``cancel``, ``stolen``, ``missing``, ...; ``attempt``
+        numbers the orders it got for the task). The scheduler keeps its
+        last 100,000 transitions, each worker its last 8,192 steps; a worker
+        that does not answer within half a second is left out."""
         out: list[dict[str, Any]] = []
         for f in futures:
             if not isinstance(f, Future):
                 raise TypeError(f"story() takes futures, not {type(f).__name__}")
             self._own([f])
-            for step in self.query(f"/api/task/{f._id}")["story"]:
-                out.append({"task": f.key, **step})
+            detail = self.query(f"/api/task/{f._id}")
+            for step in detail["story"]:
+                out.append({"task": f.key, "at": "scheduler", **step})
+            for worker, steps in detail.get("worker_story", {}).items():
+                for step in steps:
+                    t = step.pop("at_us")
+                    out.append({"task": f.key, "at": "worker", "worker": worker, **step, "time_us": t})
         out.sort(key=lambda s: s["time_us"])
         return out
 

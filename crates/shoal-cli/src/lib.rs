@@ -40,6 +40,9 @@ enum Command {
     NoopWorkers(cluster::NoopArgs),
     /// A live terminal view of the cluster's workers and task groups.
     Top(status::TopArgs),
+    /// What happened to one task: its state, and its story on the scheduler
+    /// and on each worker it was sent to.
+    Task(status::TaskArgs),
     /// Make a site CA and a certificate for TLS (`--tls-*` options).
     Certs(cluster::CertsArgs),
     /// Run a program (or an array of them) on the cluster as a job:
@@ -112,6 +115,7 @@ pub fn run(argv: Vec<String>, host: HostInfo) -> i32 {
         Command::Status(a) => status::run_status(a),
         Command::NoopWorkers(a) => cluster::run_noop_workers(a),
         Command::Top(a) => status::run_top(a),
+        Command::Task(a) => status::run_task(a),
         Command::Certs(a) => cluster::run_certs(a),
         Command::Submit(a) => jobs::run_submit(a),
         Command::Job(c) => jobs::run_job(c),

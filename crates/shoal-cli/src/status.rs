@@ -19,6 +19,78 @@ pub(crate) struct TopArgs {
     iterations: Option<u64>,
 }
 
+#[derive(Args, Debug)]
+pub(crate) struct TaskArgs {
+    /// The task's id (as the dashboard, `shoal job task-ids` and
+    /// `Future.id` show it).
+    id: u64,
+    #[command(flatten)]
+    target: StatusArgs,
+}
+
+/// `shoal task ID`: the task's state, then its story, the scheduler's
+/// transitions and each worker's steps, in time order.
+pub(crate) fn run_task(a: TaskArgs) -> CliResult {
+    let (address, secret) = a.target.join()?;
+    let c = client::connect(runtime(), &address, &secret)
+        .map_err(|e| format!("cannot connect to {address}: {e}"))?;
+    let json = c.query(&format!("/api/task/{}", a.id), Duration::from_secs(10))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&json).map_err(|e| format!("bad answer from the scheduler: {e}"))?;
+    if let Some(e) = v["error"].as_str() {
+        return Err(format!("task {}: {e}", a.id));
+    }
+    print!("{}", task_text(&v));
+    Ok(())
+}
+
+/// One line per step, in time order, times from the first step.
+fn task_text(v: &serde_json::Value) -> String {
+    let s = |x: &serde_json::Value| x.as_str().unwrap_or("-").to_string();
+    let mut out = format!(
+        "task {} ({}): {}, held by {}\n",
+        v["id"],
+        s(&v["name"]),
+        v["state"].as_str().unwrap_or("forgotten"),
+        s(&v["location"])
+    );
+    let mut steps: Vec<(u64, String, String)> = Vec::new();
+    for t in v["story"].as_array().into_iter().flatten() {
+        let on = t["worker"]
+            .as_str()
+            .map(|w| format!(" on {w}"))
+            .unwrap_or_default();
+        let what = format!(
+            "{} -> {}{on} ({})",
+            s(&t["from"]),
+            s(&t["to"]),
+            s(&t["stimulus"])
+        );
+        steps.push((t["time_us"].as_u64().unwrap_or(0), "scheduler".into(), what));
+    }
+    if let Some(workers) = v["worker_story"].as_object() {
+        for (w, list) in workers {
+            for t in list.as_array().into_iter().flatten() {
+                let what = match t["phase"].as_str() {
+                    Some(p) => format!("{} -> {p} (order {})", s(&t["event"]), t["attempt"]),
+                    None => format!("{} (order {})", s(&t["event"]), t["attempt"]),
+                };
+                steps.push((t["at_us"].as_u64().unwrap_or(0), w.clone(), what));
+            }
+        }
+    }
+    steps.sort_by_key(|x| x.0);
+    let t0 = steps.first().map_or(0, |x| x.0);
+    for (t, at, what) in steps {
+        let ms = t.saturating_sub(t0) as f64 / 1000.0;
+        out.push_str(&format!("  +{ms:>9.1} ms  {at:<12} {what}\n"));
+    }
+    for w in v["worker_story_missing"].as_array().into_iter().flatten() {
+        out.push_str(&format!("  (no answer from {})\n", s(w)));
+    }
+    out
+}
+
 pub(crate) fn run_status(a: StatusArgs) -> CliResult {
     let (address, secret) = a.join()?;
     let c = client::connect(runtime(), &address, &secret)

@@ -36,6 +36,17 @@ pub enum Phase {
     Running,
 }
 
+impl Phase {
+    /// Its name in stories.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Fetching => "fetching",
+            Phase::Ready => "ready",
+            Phase::Running => "running",
+        }
+    }
+}
+
 /// One step in a task's life on this worker (see [`WorkerState::story`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Step {
@@ -47,6 +58,8 @@ pub struct Step {
     pub event: &'static str,
     /// Where the order stands after it (None: gone from this worker).
     pub phase: Option<Phase>,
+    /// When, by the clock the worker was given ([`WorkerState::with_clock`]).
+    pub at_us: u64,
 }
 
 /// What [`WorkerState::take`] hands an execution thread.
@@ -112,6 +125,8 @@ pub struct WorkerState<T, H = ()> {
     paused: bool,
     log: VecDeque<Step>,
     log_capacity: usize,
+    /// Stamps the log's steps (the caller's clock; none: 0).
+    clock: fn() -> u64,
 }
 
 impl<T, H> Default for WorkerState<T, H> {
@@ -136,7 +151,15 @@ impl<T, H> WorkerState<T, H> {
             paused: false,
             log: VecDeque::new(),
             log_capacity,
+            clock: || 0,
         }
+    }
+
+    /// Steps of the story are stamped with `clock` (microseconds): the
+    /// machine never reads a clock of its own.
+    pub fn with_clock(mut self, clock: fn() -> u64) -> Self {
+        self.clock = clock;
+        self
     }
 
     fn record(&mut self, task: u64, attempt: u64, event: &'static str, phase: Option<Phase>) {
@@ -151,6 +174,7 @@ impl<T, H> WorkerState<T, H> {
             attempt,
             event,
             phase,
+            at_us: (self.clock)(),
         });
     }
 
@@ -559,6 +583,24 @@ mod tests {
                 "done"
             ]
         );
+    }
+
+    #[test]
+    fn the_story_is_bounded_and_stamped_by_the_given_clock() {
+        static NOW: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let mut s: W = WorkerState::new(1, 4)
+            .with_clock(|| NOW.fetch_add(10, std::sync::atomic::Ordering::Relaxed));
+        s.compute(1, 10);
+        s.compute(2, 20);
+        assert_eq!(work(s.take(2)), vec![10, 20]);
+        s.finished(1);
+        let one: Vec<(&str, u64)> = s.story(1).iter().map(|x| (x.event, x.at_us)).collect();
+        assert_eq!(
+            one,
+            [("start", 20), ("done", 40)],
+            "the oldest step fell out"
+        );
+        assert_eq!(s.story(2)[0].phase.map(Phase::name), Some("ready"));
     }
 
     #[test]

@@ -19,7 +19,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// Bumped on every incompatible change (9: command tasks, jobs, time
 /// limits); peers with another version are refused.
-pub const PROTOCOL_VERSION: u32 = 11;
+pub const PROTOCOL_VERSION: u32 = 12;
 /// First field of every handshake, so a stray peer is recognised at once.
 pub const MAGIC: u32 = 0x5348_4f4c; // "SHOL"
 /// Largest frame accepted (a frame larger than this closes the connection).
@@ -457,6 +457,29 @@ pub enum ToScheduler {
         /// Pickled outcomes of the elements.
         values: Bytes,
     },
+    /// Worker: its recent steps of a task, answering
+    /// [`FromScheduler::Story`] `query`.
+    Story {
+        /// The question's id.
+        query: u64,
+        /// Oldest first.
+        steps: Vec<WorkerStep>,
+    },
+}
+
+/// One step in a task's life on a worker (its order machine's log).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerStep {
+    /// The order it concerns (0: none).
+    pub attempt: u64,
+    /// What happened (`compute`, `fetch`, `fetched`, `start`, `done`,
+    /// `cancel`, `stolen`, `missing`, `unreachable`, ...).
+    pub event: String,
+    /// Where the order stands after it (`fetching`, `ready`, `running`;
+    /// None: gone from the worker).
+    pub phase: Option<String>,
+    /// When (Unix microseconds, the worker's clock).
+    pub at_us: u64,
 }
 
 /// When and on which thread a task ran (the worker's clock).
@@ -756,6 +779,13 @@ pub enum FromScheduler {
     /// this connection are recorded (journaled, where there is a journal):
     /// it need not send them again after a reconnect.
     Ack(u64),
+    /// To a worker: send your recent steps of `task` (`ToScheduler::Story`).
+    Story {
+        /// The question's id.
+        query: u64,
+        /// The task.
+        task: u64,
+    },
 }
 
 /// A data request to a worker's data server.

@@ -8,7 +8,7 @@ use pyo3::intern;
 use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{IntoPyDict, PyByteArray, PyBytes, PyDict, PyList, PyString, PyTuple};
 use shoal_proto::{TaskError, TaskKind, TaskSpec, ToScheduler};
-use shoal_runtime::client::{self, ClientShared, AskError, Status, SubmitError, Watcher};
+use shoal_runtime::client::{self, AskError, ClientShared, Status, SubmitError, Watcher};
 use shoal_runtime::net::{Address, Secret};
 use shoal_runtime::runtime;
 use shoal_runtime::transfer::Fetched;
@@ -517,7 +517,9 @@ impl ClientCore {
     /// Asks the scheduler to retire these workers (data addresses, names or
     /// pids) gracefully.
     fn retire(&self, workers: Vec<String>) -> PyResult<()> {
-        self.inner.send(ToScheduler::Retire(workers)).map_err(ask_err)
+        self.inner
+            .send(ToScheduler::Retire(workers))
+            .map_err(ask_err)
     }
 
     /// Asks the scheduler to restart every worker process.

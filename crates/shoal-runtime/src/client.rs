@@ -836,10 +836,7 @@ impl ClientShared {
         let deadline = std::time::Instant::now() + timeout;
         let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut st = self.state.lock();
-        self.out
-            .read()
-            .send(request(id))
-            .map_err(|_| closed())?;
+        self.out.read().send(request(id)).map_err(|_| closed())?;
         loop {
             if let Some(json) = st.replies.remove(&id) {
                 return Ok(json);

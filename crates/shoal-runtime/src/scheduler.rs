@@ -14,6 +14,7 @@ mod jobs;
 mod journal;
 mod monitor;
 mod recovery;
+mod stories;
 mod workers;
 
 use conn::{accept_loop, fell_behind, PEER_BACKLOG};
@@ -344,6 +345,9 @@ struct State {
     address: String,
     /// Syncs in progress: id -> (client, its query id, workers yet to answer).
     syncs: FxHashMap<u64, (u32, u64, FxHashSet<u32>)>,
+    /// Task details waiting for their workers' steps, by question id
+    /// (numbered with the syncs).
+    stories: FxHashMap<u64, stories::StoryWait>,
     next_sync: u64,
     /// Wall clock when the core's clock (its ticks) started.
     started_us: u64,
@@ -424,6 +428,7 @@ async fn owner(
         }),
         started_us: crate::clock::now_us(),
         syncs: FxHashMap::default(),
+        stories: FxHashMap::default(),
         next_sync: 0,
         funcs: Funcs::default(),
         errors: FxHashMap::default(),
@@ -489,6 +494,7 @@ async fn owner(
                 st.monitor.lag_max_us = st.monitor.lag_max_us.max(lag);
                 st.core.handle_tick((now - start).as_micros() as u64);
                 st.obituaries_overdue(now);
+                st.stories_overdue(now);
                 if st.recovery.due(st.clock_us()) {
                     // What resumed clients sent meanwhile goes first.
                     for item in st.release_restored().into_iter().rev() {
@@ -808,9 +814,7 @@ impl State {
                 pid,
                 running,
             } => self.obituary(supervisor, pid, running),
-            Event::Query(path, reply) => {
-                let _ = reply.send((self.query(&path), self.monitor.next_seq()));
-            }
+            Event::Query(path, reply) => self.ask(&path, stories::Asker::Http(reply)),
             #[cfg(test)]
             Event::Panic => panic!("injected by a test"),
             #[cfg(test)]

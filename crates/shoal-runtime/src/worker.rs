@@ -23,7 +23,7 @@ use shoal_core::worker::store::Results;
 use shoal_core::worker::{FetchReport, Fetched as FetchOutcome, Phase, Take, WorkerState};
 use shoal_proto::{
     Activity, ActivityKind, DataReply, DataRequest, Dep, DepSource, FromScheduler, Payload, Role,
-    TaskKind, Telemetry, Timing, ToScheduler, Welcome, WorkerMetrics, INLINE_LIMIT,
+    TaskKind, Telemetry, Timing, ToScheduler, Welcome, WorkerMetrics, WorkerStep, INLINE_LIMIT,
 };
 use std::collections::VecDeque;
 use std::io;
@@ -243,8 +243,10 @@ fn cpu_time_us() -> u64 {
 /// [`shoal_core::worker::store`]).
 pub type Stored = shoal_core::worker::store::Stored<Bytes>;
 
-/// Steps of the worker's orders kept for their story (debugging).
-const ORDER_LOG: usize = 0;
+/// Steps of the worker's orders kept for their story (the dashboard's task
+/// detail, `Client.story`, `shoal task`): about the last 2,700 tasks' three
+/// steps each, some 400 KiB.
+const ORDER_LOG: usize = 8192;
 
 /// How long a sync waits for the profiler's samples.
 const SYNC_WAIT: Duration = Duration::from_millis(500);
@@ -370,7 +372,7 @@ pub fn start(
             id: AtomicU32::new(id),
             nthreads,
             data_addr,
-            orders: Mutex::new(WorkerState::new(nthreads, ORDER_LOG)),
+            orders: Mutex::new(WorkerState::new(nthreads, ORDER_LOG).with_clock(now_us)),
             cv: Condvar::new(),
             store: Mutex::new(Results::new(INLINE_LIMIT)),
             fetch_slots: tokio::sync::Semaphore::new(FETCH_SLOTS),

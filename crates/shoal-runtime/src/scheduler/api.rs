@@ -248,7 +248,7 @@ impl State {
         json!({ "nodes": groups, "edges": edges })
     }
 
-    fn task_detail(&self, id: u64) -> Result<Value, (u16, String)> {
+    pub(crate) fn task_detail(&self, id: u64) -> Result<Value, (u16, String)> {
         let spec = self.core.spec(TaskId(id));
         let run = self.monitor.stream.iter().rev().find(|r| r.task == id);
         if spec.is_none() && run.is_none() {

@@ -150,14 +150,7 @@ impl State {
             }
             ToScheduler::Query { id, path } if path == SYNC_PATH => self.start_sync(client, id),
             ToScheduler::Query { id, path } => {
-                let json = match self.query(&path) {
-                    Ok(("application/json", body)) => body,
-                    Ok((_, body)) => serde_json::Value::from(body).to_string(),
-                    Err((_, msg)) => serde_json::json!({ "error": msg }).to_string(),
-                };
-                if let Some(tx) = self.client_tx(client) {
-                    let _ = tx.send(FromScheduler::QueryReply { id, json });
-                }
+                self.ask(&path, super::stories::Asker::Client(client, id));
             }
             other => tracing::warn!("client {client} sent a worker message: {other:?}"),
         }

@@ -73,6 +73,7 @@ impl State {
     pub(crate) fn quiet(&self) -> bool {
         self.core.is_quiet()
             && !self.recovery.waiting()
+            && self.stories.is_empty()
             && self.dying.is_empty()
             && !self.busy()
             && self.journal.as_ref().is_none_or(|j| !j.pending())

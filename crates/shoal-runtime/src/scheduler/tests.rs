@@ -561,3 +561,67 @@ async fn a_worker_that_reconnects_gets_the_lost_work_again() {
     }
     h.stop();
 }
+
+fn reply_of(m: &FromScheduler, want: u64) -> Option<serde_json::Value> {
+    match m {
+        FromScheduler::QueryReply { id, json } if *id == want => serde_json::from_str(json).ok(),
+        _ => None,
+    }
+}
+
+/// A task's detail carries the steps of the workers it was sent to, asked
+/// of them when a client looks; a worker that does not answer delays the
+/// detail by at most half a second and is named as missing.
+#[tokio::test]
+async fn a_tasks_detail_has_its_workers_steps_and_names_a_silent_one() {
+    let (h, secret, mut client) = cluster("stories").await;
+    let mut a = Peer::join(&h.address, worker_role("a", 1), &secret).await;
+    let cid = client.id;
+    client.send(ToScheduler::Submit(vec![task(cid, 1)]));
+    let t = a.computes(1).await[0];
+    let path = format!("/api/task/{t}");
+    client.send(ToScheduler::Query {
+        id: 7,
+        path: path.clone(),
+    });
+    let asked = a
+        .next(5.0, |m| matches!(m, FromScheduler::Story { .. }))
+        .await;
+    let Some(FromScheduler::Story { query, task: of }) = asked else {
+        panic!("the worker was not asked: {asked:?}");
+    };
+    assert_eq!(of, t);
+    let step = shoal_proto::WorkerStep {
+        attempt: 1,
+        event: "start".into(),
+        phase: Some("running".into()),
+        at_us: 5,
+    };
+    a.send(ToScheduler::Story {
+        query,
+        steps: vec![step],
+    });
+    let got = client.next(5.0, |m| reply_of(m, 7).is_some()).await;
+    let detail = reply_of(&got.expect("answered"), 7).unwrap();
+    assert_eq!(detail["worker_story"]["a"][0]["event"], "start", "{detail}");
+    assert!(detail["story"].as_array().is_some_and(|s| !s.is_empty()));
+    // A worker that says nothing: answered without it, naming it.
+    let started = std::time::Instant::now();
+    client.send(ToScheduler::Query { id: 8, path });
+    let got = client.next(5.0, |m| reply_of(m, 8).is_some()).await;
+    let detail = reply_of(&got.expect("answered anyway"), 8).unwrap();
+    assert_eq!(
+        detail["worker_story_missing"],
+        serde_json::json!(["a"]),
+        "{detail}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // Unknown tasks and bad ids are errors, answered at once.
+    client.send(ToScheduler::Query {
+        id: 9,
+        path: "/api/task/1".into(),
+    });
+    let got = client.next(5.0, |m| reply_of(m, 9).is_some()).await;
+    assert!(reply_of(&got.unwrap(), 9).unwrap()["error"].is_string());
+    h.stop();
+}

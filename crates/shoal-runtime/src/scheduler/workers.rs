@@ -106,6 +106,7 @@ impl State {
                 }
             }
             ToScheduler::Threads(n) => self.core.handle_worker_threads(wid, n),
+            ToScheduler::Story { query, steps } => self.worker_story(worker, query, steps),
             ToScheduler::RestartMe => {
                 if let Some(w) = self.workers.get(&worker) {
                     tracing::warn!(
@@ -239,6 +240,7 @@ impl State {
                 w.tx.close();
             }
             self.synced_all(id);
+            self.stories_worker_left(id);
             self.adopted_lost(id);
             self.core.handle_worker_lost(WorkerId(id));
             self.process();
@@ -306,6 +308,7 @@ impl State {
     pub(crate) fn worker_gone(&mut self, id: u32, running: Option<&[(u64, Option<u32>)]>) {
         self.dying.remove(&id);
         self.synced_all(id);
+        self.stories_worker_left(id);
         self.adopted_lost(id);
         match running {
             Some(ran) => {

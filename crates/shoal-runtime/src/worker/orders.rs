@@ -171,6 +171,21 @@ pub(crate) fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
         }
         FromScheduler::Ping => {}
         FromScheduler::Ack(n) => sh.acked(n),
+        FromScheduler::Story { query, task } => {
+            let steps = sh
+                .orders
+                .lock()
+                .story(task)
+                .into_iter()
+                .map(|s| WorkerStep {
+                    attempt: s.attempt,
+                    event: s.event.to_string(),
+                    phase: s.phase.map(|p| p.name().to_string()),
+                    at_us: s.at_us,
+                })
+                .collect();
+            let _ = sh.out().send(ToScheduler::Story { query, steps });
+        }
         FromScheduler::Sync(sid) => {
             sh.syncs.lock().push(sid);
             if sh.sampler.load(Ordering::Relaxed) {

@@ -352,6 +352,18 @@
             el("td", {}, `${s.from} \u2192 ${s.to}${s.worker ? " on " + s.worker : ""}`),
             el("td", {}, s.stimulus)))));
       }
+      // Each worker's own steps for it: the orders it got, fetches, start, end.
+      for (const [w, steps] of Object.entries(d.worker_story || {})) {
+        const t0 = steps[0].at_us;
+        body.append(el("h4", {}, `on ${w}`), el("table", { class: "story" },
+          ...steps.map((s) => el("tr", {},
+            el("td", {}, `+${((s.at_us - t0) / 1000).toFixed(1)} ms`),
+            el("td", {}, s.phase ? `${s.event} \u2192 ${s.phase}` : s.event),
+            el("td", {}, s.attempt ? `order ${s.attempt}` : "")))));
+      }
+      if (d.worker_story_missing && d.worker_story_missing.length) {
+        body.append(el("p", {}, `no answer from ${d.worker_story_missing.join(", ")}`));
+      }
     } catch (e) {
       body.append(el("p", {}, "details unavailable: " + e));
     }
