@@ -144,7 +144,7 @@ def test_scheduler_worker_client_status_across_processes(tmp_path):
             assert level[0].result() == sum(range(1, 65))
             # `shoal task ID`: the scheduler's transitions and the worker's steps.
             out = subprocess.run(
-                [*SHOAL, "task", str(level[0]._id), "--scheduler-file", str(sfile)],
+                [*SHOAL, "task", str(level[0].id), "--scheduler-file", str(sfile)],
                 capture_output=True,
                 text=True,
             )

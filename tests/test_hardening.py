@@ -387,7 +387,9 @@ def test_a_task_story_says_what_moved_it_and_where(client):
     story = [s for s in full if s["at"] == "scheduler"]
     moves = [(s["from"], s["to"], s["stimulus"]) for s in story]
     assert moves[0] == ("released", "ready", "submit"), moves
-    assert ("ready", "processing", "submit") in moves, moves
+    # Placed at once, or when the first worker joined (a cluster just started).
+    placed = [m for m in moves if m[:2] == ("ready", "processing")]
+    assert placed and placed[0][2] in ("submit", "worker-added"), moves
     assert moves[-1] == ("processing", "memory", "task-finished"), moves
     assert any(s["worker"] for s in story if s["to"] == "processing")
     assert all(s["task"] == f.key for s in full)

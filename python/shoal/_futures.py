@@ -74,6 +74,13 @@ class Future:
         return base if self._index is None else f"{base}[{self._index}]"
 
     @property
+    def id(self) -> int:
+        """The task's id in its cluster: what the dashboard, ``shoal task
+        ID`` and ``shoal job task-ids`` show (an element of a batch shares
+        its batch's id)."""
+        return self._id
+
+    @property
     def client(self) -> Client:
         return self._client
 
