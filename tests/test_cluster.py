@@ -153,7 +153,9 @@ def test_scheduler_worker_client_status_across_processes(tmp_path):
             assert "processing -> memory" in out.stdout and "(task-finished)" in out.stdout
             assert "start -> running (order " in out.stdout, out.stdout
             out = subprocess.run(
-                [*SHOAL, "task", "1", "--scheduler-file", str(sfile)], capture_output=True, text=True
+                [*SHOAL, "task", "1", "--scheduler-file", str(sfile)],
+                capture_output=True,
+                text=True,
             )
             assert out.returncode != 0 and "task 1: task 1 is not known" in out.stderr, out
             # Large results travel between the "hosts" over TCP.

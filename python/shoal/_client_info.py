@@ -134,7 +134,9 @@ class ClusterQueries:
             for worker, steps in detail.get("worker_story", {}).items():
                 for step in steps:
                     t = step.pop("at_us")
-                    out.append({"task": f.key, "at": "worker", "worker": worker, **step, "time_us": t})
+                    out.append(
+                        {"task": f.key, "at": "worker", "worker": worker, **step, "time_us": t}
+                    )
         out.sort(key=lambda s: s["time_us"])
         return out
 

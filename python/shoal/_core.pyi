@@ -326,6 +326,33 @@ class MemoryPolicy:
     def decide(self, process: int, managed: int) -> MemoryDecision: ...
 
 @final
+class Watchdog:
+    """When a worker interrupts a running Python task, and when it gives up
+    on one (``shoal_core::worker::interrupts``): once per task, not inside
+    an import, a stop before the task starts remembered for a minute, a
+    task still running ``grace`` seconds after its interrupt is stuck (the
+    worker restarts, once). Times are monotonic seconds."""
+
+    def __new__(cls, grace: float) -> Self: ...
+    @property
+    def watching(self) -> bool:
+        """A deadline or an interrupt is under way: tasks that end must
+        call ``ended``."""
+    def limit(self, task: int, now: float, limit: float) -> None: ...
+    def asked_before(self, task: int) -> bool: ...
+    def ended(self, task: int, thread: int) -> bool:
+        """True: an interrupt may be pending on ``thread``; clear it."""
+    def not_raised(self, thread: int, importing: bool) -> None: ...
+    def tick(
+        self, now: float, stops: list[int], running: dict[int, int]
+    ) -> tuple[
+        list[tuple[int, int, Literal["cancelled", "time-up"]]],
+        tuple[int, Literal["cancelled", "time-up"], float, float] | None,
+    ]:
+        """The interrupts to raise, ``(thread, task, why)``, and a stuck
+        task to report, ``(task, why, seconds waited, time limit)``."""
+
+@final
 class UnraisableHook:
     """``sys.unraisablehook`` wrapped: each report passes on to ``previous``,
     then a ``KeyboardInterrupt`` a finalizer swallowed in the main thread

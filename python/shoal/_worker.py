@@ -229,14 +229,12 @@ class _Executor:
         # while it is off: nothing to keep up to date per task).
         self.running_groups: dict[int, str] | None = None
         self.sampler: Any = None  # the profiler (told when tasks end)
-        # Stopping Python tasks (cancel, time limit): see `watchdog`.
+        # Stopping Python tasks (cancel, time limit): the rules are
+        # `_core.Watchdog`'s (shoal_core::worker::interrupts); `watchdog`
+        # carries them out.
         self.running: dict[int, int] = {}  # task -> thread ident
-        self.deadlines: dict[int, float] = {}  # task -> monotonic deadline
-        self.limited: dict[int, tuple[str, float]] = {}  # task -> (name, limit)
-        self.stop_asked: dict[int, float] = {}  # asked before it ran here
-        # thread -> (task, first try, why, sent)
-        self.interrupted: dict[int, tuple[int, float, type, bool]] = {}
-        self.restarting = False
+        self.rules = _core.Watchdog(core.stop_grace)
+        self.limited_names: dict[int, str] = {}  # tasks with a time limit
 
     def run(self) -> None:
         # One task per call: tasks not started stay in the Rust queue, where
@@ -308,82 +306,48 @@ class _Executor:
 
     def _ended(self, tid: int, ident: int) -> None:
         self.running.pop(tid, None)
-        if self.limited:
-            self.limited.pop(tid, None)
-            self.deadlines.pop(tid, None)
-        if self.interrupted:
-            # The watchdog marks before it checks `running`: seen here,
-            # a pending interrupt is cleared under its lock.
-            with self.lock:
-                if self.interrupted.pop(ident, None) is not None:
-                    _set_async_exc(ident, None)
-
-    def _interrupt(self, tid: int, cls: type) -> bool:
-        """Raises ``cls`` in the thread running Python task ``tid``; False
-        if it does not run here (now). A thread inside an import is left
-        alone until it is out (the watchdog tries again): an import cut
-        short leaves its modules half made for every later task."""
+        if self.limited_names:
+            self.limited_names.pop(tid, None)
+        # Under the lock the watchdog raises under, after `running` lost the
+        # task: an interrupt meant for it is either not raised or cleared.
         with self.lock:
-            ident = self.running.get(tid)
-            if ident is None:
-                return False
-            entry = self.interrupted.get(ident)
-            if entry is not None and entry[3]:
-                return True  # sent already: once per task
-            when = time.monotonic() if entry is None else entry[1]
-            self.interrupted[ident] = (tid, when, cls, False)
-            if self.running.get(tid) != ident:
-                del self.interrupted[ident]
-                return False
-            if _importing(ident):
-                return True
-            _set_async_exc(ident, id(cls))
-            self.interrupted[ident] = (tid, when, cls, True)
-            return True
+            if self.rules.ended(tid, ident):
+                _set_async_exc(ident, None)
 
     def watchdog(self) -> None:
         """Thread: stops Python tasks that are cancelled while they run or
         that pass their time limit, by raising an exception in their thread
         (where Python allows it: between bytecodes). A task that does not
         end within the grace period (stuck in C code) fails, and this
-        process asks to be restarted."""
-        core = self.core
-        grace = core.stop_grace
+        process asks to be restarted. When is `_core.Watchdog`'s rule; this
+        loop has the facts (which thread runs what, which is importing)
+        and acts."""
+        core, rules = self.core, self.rules
         while not self.stopped.is_set():
             try:
-                wait = 0.05 if (self.deadlines or self.interrupted) else 0.25
-                for tid in core.stop_requests(wait):
-                    if not self._interrupt(tid, _Cancelled):
-                        # Not started in Python yet: `_execute` finds it here.
-                        # It registers before it looks, so if it registered
-                        # meanwhile and did not find it, `running` shows it.
-                        self.stop_asked[tid] = time.monotonic()
-                        if tid in self.running and self.stop_asked.pop(tid, None) is not None:
-                            self._interrupt(tid, _Cancelled)
-                now = time.monotonic()
-                for tid, deadline in list(self.deadlines.items()):
-                    if now >= deadline and self.deadlines.pop(tid, None) is not None:
-                        self._interrupt(tid, _TimeUp)
-                for ident, (tid, when, cls, sent) in list(self.interrupted.items()):
-                    if now >= when + grace and self.running.get(tid) == ident:
-                        self._stuck(tid, cls, now - when)
-                    elif not sent:
-                        self._interrupt(tid, cls)  # it was importing
-                for tid, when in list(self.stop_asked.items()):
-                    if now - when > 60:
-                        self.stop_asked.pop(tid, None)
+                stops = core.stop_requests(0.05 if rules.watching else 0.25)
+                with self.lock:
+                    raise_, stuck = rules.tick(time.monotonic(), stops, dict(self.running))
+                    for ident, tid, why in raise_:
+                        # An import cut short leaves its modules half made
+                        # for every later task: tried again at the next tick.
+                        importing = _importing(ident)
+                        if importing or self.running.get(tid) != ident:
+                            rules.not_raised(ident, importing)
+                            continue
+                        _set_async_exc(ident, id(_TimeUp if why == "time-up" else _Cancelled))
+                if stuck is not None:
+                    self._stuck(*stuck)
             except Exception:  # noqa: BLE001 - the watchdog must outlive a bug
                 traceback.print_exc()
                 time.sleep(0.5)
 
-    def _stuck(self, tid: int, cls: type, waited: float) -> None:
-        if self.restarting:
-            return
-        self.restarting = True
-        name, limit = self.limited.get(tid, (f"{tid:x}", 0.0))
-        why = f"its time limit of {limit:g}s" if cls is _TimeUp else "it was cancelled"
+    def _stuck(self, tid: int, why: str, waited: float, limit: float) -> None:
+        cls = _TimeUp if why == "time-up" else _Cancelled
+        name = self.limited_names.get(tid, f"{tid:x}")
+        reason = f"its time limit of {limit:g}s" if cls is _TimeUp else "it was cancelled"
         msg = (
-            f"task {name!r} did not stop {waited:.1f}s after {why} (it is stuck outside "
+            f"task {name!r} did not stop {waited:.1f}s after {reason} (it is stuck outside "
             "Python code, e.g. in C): its worker process restarts"
         )
         print(f"shoal worker {os.getpid()}: {msg}", file=sys.stderr, flush=True)
@@ -439,9 +403,10 @@ class _Executor:
         # registers, then looks for a stop asked before it ran.
         running = self.running
         running[tid] = ident
+        rules = self.rules
         if limit is not None:
-            self.limited[tid] = (name, limit)
-            self.deadlines[tid] = time.monotonic() + limit
+            self.limited_names[tid] = name
+            rules.limit(tid, time.monotonic(), limit)
         start_us = int(time.time() * 1e6)
         t0 = perf_counter()
         task_local.in_task = True
@@ -452,7 +417,7 @@ class _Executor:
             ticks = self.core.ticks()
         fn = None
         try:
-            if self.stop_asked and self.stop_asked.pop(tid, None) is not None:
+            if rules.asked_before(tid):
                 raise _Cancelled
             fn = self.funcs.get(func)
             if fn is None:
@@ -493,11 +458,11 @@ class _Executor:
                 pos, kw = payload
                 result = fn(*pos, **kw) if kw else fn(*pos)
             running.pop(tid, None)
-            if self.limited or self.interrupted:
+            if rules.watching:
                 self._ended(tid, ident)
         except BaseException as e:  # noqa: BLE001 - a task must never kill its worker
             running.pop(tid, None)
-            if self.limited or self.interrupted:
+            if rules.watching:
                 self._ended(tid, ident)
             duration = int((perf_counter() - t0) * 1e6)
             return (tid, False, _dumps_error(e, name, None, limit), start_us, duration, 0)

@@ -21,6 +21,7 @@ use std::collections::VecDeque;
 
 // The worker's other rules, by concern.
 pub mod fetch;
+pub mod interrupts;
 pub mod reports;
 pub mod stops;
 pub mod store;

@@ -21,6 +21,7 @@ mod cluster;
 mod interrupts;
 mod memory_policy;
 mod refcounts;
+mod watchdog;
 mod worker_core;
 
 use buffers::*;
@@ -277,6 +278,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<WorkerCore>()?;
     m.add_class::<Frame>()?;
     m.add_class::<UnraisableHook>()?;
+    m.add_class::<watchdog::Watchdog>()?;
     m.add_function(wrap_pyfunction!(guard_interrupts, m)?)?;
     m.add_function(wrap_pyfunction!(check_settings, m)?)?;
     m.add_function(wrap_pyfunction!(cli_main, m)?)?;
