@@ -3,6 +3,8 @@
 from collections.abc import Iterator
 from typing import Any, Literal, Self, final
 
+from typing_extensions import disjoint_base
+
 __version__: str
 PROTOCOL_VERSION: int
 INLINE_LIMIT: int
@@ -36,19 +38,119 @@ _Order = tuple[
     list[bytes] | None,
 ]
 
-# What ClientCore.outcome's first element names (an interned string).
-_OutcomeKind = Literal[
-    "value",
-    "raised",
-    "killed",
-    "cancelled",
-    "missing",
-    "unsatisfiable",
-    "lost",
-    "unreachable",
-    "cycle",
-    "pending",
-]
+@disjoint_base
+class Outcome:
+    """How a task ended, as ``ClientCore.outcome`` tells it: one class per
+    kind, matched by ``_results.py``."""
+    @final
+    class Pending(Outcome):
+        """Not finished, released, or its result moved: wait and ask again."""
+
+        __match_args__ = ()
+        def __new__(cls) -> Self: ...
+
+    @final
+    class Value(Outcome):
+        """Its pickled result: a bytearray, or a mapping of a file on this
+        host (None: the client already has it unpickled)."""
+
+        __match_args__ = ("data",)
+        def __new__(cls, data: object) -> Self: ...
+        @property
+        def data(self) -> object: ...
+
+    @final
+    class Raised(Outcome):
+        """It (or its input ``cause``) raised; ``error`` is the pickled
+        ``(exception, traceback text)``."""
+
+        __match_args__ = (
+            "cause",
+            "error",
+        )
+        def __new__(cls, cause: str, error: bytes) -> Self: ...
+        @property
+        def cause(self) -> str: ...
+        @property
+        def error(self) -> bytes: ...
+
+    @final
+    class Killed(Outcome):
+        """It was running on workers that died, ``kills`` times."""
+
+        __match_args__ = (
+            "cause",
+            "kills",
+        )
+        def __new__(cls, cause: str, kills: int) -> Self: ...
+        @property
+        def cause(self) -> str: ...
+        @property
+        def kills(self) -> int: ...
+
+    @final
+    class Cancelled(Outcome):
+        """It, or its input ``cause``, was cancelled."""
+
+        __match_args__ = ("cause",)
+        def __new__(cls, cause: str) -> Self: ...
+        @property
+        def cause(self) -> str: ...
+
+    @final
+    class Missing(Outcome):
+        """It takes a task the scheduler does not know (``dep``, its id)."""
+
+        __match_args__ = ("dep",)
+        def __new__(cls, dep: int) -> Self: ...
+        @property
+        def dep(self) -> int: ...
+
+    @final
+    class Lost(Outcome):
+        """Scattered data it needs (``cause``) was lost with its worker."""
+
+        __match_args__ = ("cause",)
+        def __new__(cls, cause: str) -> Self: ...
+        @property
+        def cause(self) -> str: ...
+
+    @final
+    class Cycle(Outcome):
+        """Its inputs lead back to ``cause``."""
+
+        __match_args__ = ("cause",)
+        def __new__(cls, cause: str) -> Self: ...
+        @property
+        def cause(self) -> str: ...
+
+    @final
+    class Unsatisfiable(Outcome):
+        """No worker can give it the resources it asks for."""
+
+        __match_args__ = (
+            "cause",
+            "detail",
+        )
+        def __new__(cls, cause: str, detail: str) -> Self: ...
+        @property
+        def cause(self) -> str: ...
+        @property
+        def detail(self) -> str: ...
+
+    @final
+    class Unreachable(Outcome):
+        """Its result is held by a worker this client cannot reach."""
+
+        __match_args__ = (
+            "address",
+            "detail",
+        )
+        def __new__(cls, address: str, detail: str) -> Self: ...
+        @property
+        def address(self) -> str: ...
+        @property
+        def detail(self) -> str: ...
 
 class ShoalError(Exception): ...
 class SchedulerLostError(ShoalError): ...
@@ -163,9 +265,7 @@ class ClientCore:
     def expect(self, resource: str) -> None: ...
     def status(self, id: int) -> Literal["pending", "finished", "error", "released"]: ...
     def wait(self, ids: list[int], count: int, timeout: float | None = None) -> int: ...
-    def outcome(
-        self, id: int, timeout: float | None = None
-    ) -> tuple[_OutcomeKind, object, object]: ...
+    def outcome(self, id: int, timeout: float | None = None) -> Outcome: ...
     def watcher(self) -> Watcher: ...
     def closed_reason(self) -> str | None: ...
     def cluster_info(self, timeout: float) -> dict[str, Any]: ...

@@ -113,7 +113,7 @@ class Future:
         # returned.
         outcome = self._client._settle(self, timeout)
         try:
-            self._client._value(self, *outcome)
+            self._client._value(self, outcome)
         except BaseException as e:  # noqa: BLE001
             return e
         return None

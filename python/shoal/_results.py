@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from . import _serialize
+from ._core import Outcome
 from ._futures import Future, FutureList
 from ._waiting import _LendThread
 from .errors import (
@@ -60,8 +61,12 @@ def _rebuild(obj: Any, values: Iterator[Any]) -> Any:
     return obj
 
 
+# A batch element whose batch this client already unpickled (`_batch_cache`).
+_CACHED = Outcome.Value(None)
+
+
 class Results:
-    def _outcome(self, task_id: int, key: str, timeout: float | None) -> tuple[str, Any, Any]:
+    def _outcome(self, task_id: int, key: str, timeout: float | None) -> Outcome:
         core = self._check()
         if timeout is not None and not timeout >= 0:
             raise ValueError(f"timeout must be a number of seconds >= 0, not {timeout!r}")
@@ -83,14 +88,16 @@ class Results:
             # A large result is fetched from its worker: within what is left
             # of the timeout, and Ctrl-C stops it.
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            kind, a, b = core.outcome(task_id, left)
-            if kind != "pending":
-                return kind, a, b
+            outcome = core.outcome(task_id, left)
+            if type(outcome) is not Outcome.Pending:
+                return outcome
             if core.status(task_id) == "released":
                 raise RuntimeError(f"{key} was released; its result is gone")
 
-    def _value(self, f: Future, kind: str, a: Any, b: Any) -> Any:
-        if kind == "value":
+    def _value(self, f: Future, outcome: Outcome) -> Any:
+        """``f``'s value, or the exception its outcome stands for."""
+        if type(outcome) is Outcome.Value:  # the common case first
+            a = outcome.data
             if f._index is None:
                 return _serialize.loads(a)
             batch = self._batch_cache.get(f._id)
@@ -103,61 +110,62 @@ class Results:
             if err is not None:
                 raise _with_traceback(err[0], err[1], f.key)
             return batch.values[f._index]
-        if kind == "raised":
-            exc, tb = pickle.loads(b)
-            raise _with_traceback(exc, tb, a)
-        if kind == "killed" and f._group == "_call" and f._id not in self._actor_died:
-            raise ActorDiedError(
-                f"the actor's process died while running {f.key}; as in Ray, the call is "
-                "not run again"
-            )
-        if kind == "killed":
-            died = self._actor_died.get(f._id)
-            if died is not None:
+        died = self._actor_died.get(f._id)
+        match outcome:
+            case Outcome.Raised(cause=cause, error=error):
+                exc, tb = pickle.loads(error)
+                raise _with_traceback(exc, tb, cause)
+            case Outcome.Killed() if died is None and f._group == "_call":
+                raise ActorDiedError(
+                    f"the actor's process died while running {f.key}; as in Ray, the call is "
+                    "not run again"
+                )
+            case Outcome.Killed() | Outcome.Cancelled() if died is not None:
                 raise ActorDiedError(died)
-            raise KilledWorker(
-                f"task {a!r} was running on {b} workers that died, so it failed; "
-                "it probably crashes its worker (segfault, os._exit, memory exhaustion)"
-            )
-        if kind == "cancelled":
-            died = self._actor_died.get(f._id)
-            if died is not None:
-                raise ActorDiedError(died)
-            why = "" if a == f.key else f" (its input {a!r} was cancelled)"
-            raise FutureCancelledError(f"{f.key} was cancelled{why}")
-        if kind == "unsatisfiable":
-            raise UnsatisfiableError(f"no worker can run {a}: {b}")
-        if kind == "lost":
-            what = (
-                f"{f.key} was" if a == f.key else f"{f.key} cannot be computed: its input {a!r} was"
-            )
-            raise DataLostError(
-                f"{what} data put on the cluster (scatter/put) and lost with the worker that "
-                "held it; such data cannot be recomputed: scatter it again"
-            )
-        if kind == "unreachable":
-            raise ConnectionError(
-                f"could not fetch the result of {f.key} from the worker at {a} ({b}); it "
-                "still holds it, but this client cannot reach it: clients must reach the "
-                "workers' data addresses (see scheduler_info()) as well as the scheduler"
-            )
-        if kind == "cycle":
-            raise ValueError(
-                f"{f.key} can never run: its inputs lead back to {a!r} (the graph has a cycle); "
-                "a task graph must be acyclic"
-            )
-        if kind == "missing" and a == f._id:
-            raise MissingDependencyError(
-                f"{f.key} came as a reference inside another task's result, but the "
-                "scheduler no longer knows it: the result that held it was released or lost "
-                "before this client claimed it"
-            )
-        if kind == "missing":
-            raise MissingDependencyError(
-                f"{f.key} takes a future the scheduler does not know (task id {a:x}): "
-                "it was released or belongs to another cluster; keep input futures alive"
-            )
-        raise AssertionError(f"unknown outcome {kind!r}")
+            case Outcome.Killed(cause=cause, kills=kills):
+                raise KilledWorker(
+                    f"task {cause!r} was running on {kills} workers that died, so it failed; "
+                    "it probably crashes its worker (segfault, os._exit, memory exhaustion)"
+                )
+            case Outcome.Cancelled(cause=cause):
+                why = "" if cause == f.key else f" (its input {cause!r} was cancelled)"
+                raise FutureCancelledError(f"{f.key} was cancelled{why}")
+            case Outcome.Unsatisfiable(cause=cause, detail=detail):
+                raise UnsatisfiableError(f"no worker can run {cause}: {detail}")
+            case Outcome.Lost(cause=cause):
+                what = (
+                    f"{f.key} was"
+                    if cause == f.key
+                    else f"{f.key} cannot be computed: its input {cause!r} was"
+                )
+                raise DataLostError(
+                    f"{what} data put on the cluster (scatter/put) and lost with the worker "
+                    "that held it; such data cannot be recomputed: scatter it again"
+                )
+            case Outcome.Unreachable(address=address, detail=detail):
+                raise ConnectionError(
+                    f"could not fetch the result of {f.key} from the worker at {address} "
+                    f"({detail}); it still holds it, but this client cannot reach it: clients "
+                    "must reach the workers' data addresses (see scheduler_info()) as well as "
+                    "the scheduler"
+                )
+            case Outcome.Cycle(cause=cause):
+                raise ValueError(
+                    f"{f.key} can never run: its inputs lead back to {cause!r} (the graph has "
+                    "a cycle); a task graph must be acyclic"
+                )
+            case Outcome.Missing(dep=dep) if dep == f._id:
+                raise MissingDependencyError(
+                    f"{f.key} came as a reference inside another task's result, but the "
+                    "scheduler no longer knows it: the result that held it was released or "
+                    "lost before this client claimed it"
+                )
+            case Outcome.Missing(dep=dep):
+                raise MissingDependencyError(
+                    f"{f.key} takes a future the scheduler does not know (task id {dep:x}): "
+                    "it was released or belongs to another cluster; keep input futures alive"
+                )
+        raise AssertionError(f"unknown outcome {outcome!r}")
 
     def _own(self, futures: Iterable[Future | FutureList]) -> None:
         """Refuses futures of other clients: their ids name tasks of another
@@ -170,16 +178,16 @@ class Results:
                     "call its .result()"
                 )
 
-    def _settle(self, f: Future, timeout: float | None) -> tuple[str, Any, Any]:
+    def _settle(self, f: Future, timeout: float | None) -> Outcome:
         """``f``'s outcome, waited for up to ``timeout`` seconds: what
         ``_value`` turns into its value or its exception. Raises only this
         wait's own ``TimeoutError`` (or a Ctrl-C)."""
         if f._index is not None and f._id in self._batch_cache:
-            return "value", None, None
+            return _CACHED
         return self._outcome(f._id, f.key, timeout)
 
     def _result(self, f: Future, timeout: float | None) -> Any:
-        return self._value(f, *self._settle(f, timeout))
+        return self._value(f, self._settle(f, timeout))
 
     def gather(self, futures: Any, errors: str = "raise") -> Any:
         """Values of (nested lists, tuples, dicts of) futures, same shape.
@@ -200,7 +208,7 @@ class Results:
         if core.wait(ids, len(ids), 0) < len(ids):
             with _LendThread():
                 core.wait(ids, len(ids), None)
-        outcomes: dict[int, tuple[int, Any, Any]] = {}
+        outcomes: dict[int, Outcome] = {}
         values: list[Any] = []
         cache = self._batch_cache
         for f in flat:
@@ -214,7 +222,7 @@ class Results:
                 o = outcomes.get(tid)
                 if o is None:
                     o = outcomes[tid] = self._outcome(tid, f.key, None)
-                values.append(self._value(f, *o))
+                values.append(self._value(f, o))
             except Exception:
                 if errors == "raise":
                     raise
@@ -237,13 +245,13 @@ class Results:
         for j, tid in enumerate(ids):
             batch = self._batch_cache.get(tid) if size else None
             if batch is None:
-                kind, a, b = self._outcome(tid, f"{fl._group}-{tid:x}", None)
-                if kind != "value":
+                outcome = self._outcome(tid, f"{fl._group}-{tid:x}", None)
+                if type(outcome) is not Outcome.Value:
                     if skip:
                         continue
                     # Raise as the first element of the failed task would.
-                    self._value(fl[j * size if size else j], kind, a, b)
-                batch = _serialize.loads(a)
+                    self._value(fl[j * size if size else j], outcome)
+                batch = _serialize.loads(outcome.data)
                 if not size:
                     out.append(batch)
                     continue

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use pyo3::exceptions::{PyConnectionError, PyTimeoutError, PyValueError};
 use pyo3::intern;
 use pyo3::pybacked::PyBackedBytes;
-use pyo3::types::{IntoPyDict, PyByteArray, PyBytes, PyDict, PyList, PyString, PyTuple};
+use pyo3::types::{IntoPyDict, PyByteArray, PyBytes, PyDict, PyList, PyString};
 use shoal_proto::{TaskError, TaskKind, TaskSpec, ToScheduler};
 use shoal_runtime::client::{self, AskError, ClientShared, Status, SubmitError, Watcher};
 use shoal_runtime::net::{Address, Secret};
@@ -19,6 +19,67 @@ use std::time::{Duration, Instant};
 #[pyclass(module = "shoal._core", frozen)]
 pub(crate) struct ClientCore {
     inner: Arc<ClientShared>,
+}
+
+/// How a task ended, as `ClientCore.outcome` tells it: one class per kind
+/// (`Outcome.Value`, `Outcome.Raised`, ...), matched by `_results.py`.
+#[pyclass(module = "shoal._core", frozen)]
+pub(crate) enum Outcome {
+    /// Not finished, released, or its result moved: wait and ask again.
+    Pending {},
+    /// Its pickled result: a bytearray, or a mapping of a file on this host.
+    Value {
+        /// The pickle (None: the client already has it unpickled).
+        data: Py<PyAny>,
+    },
+    /// It raised.
+    Raised {
+        /// The task that raised (this one, or an input).
+        cause: String,
+        /// The pickled `(exception, traceback text)`.
+        error: Py<PyBytes>,
+    },
+    /// It was running on workers that died, this many times.
+    Killed {
+        /// The task.
+        cause: String,
+        /// Deaths counted.
+        kills: u8,
+    },
+    /// It, or an input (`cause`), was cancelled.
+    Cancelled {
+        /// The cancelled task.
+        cause: String,
+    },
+    /// It takes a task the scheduler does not know.
+    Missing {
+        /// That task's id.
+        dep: u64,
+    },
+    /// Scattered data it needs was lost with its worker.
+    Lost {
+        /// The lost task.
+        cause: String,
+    },
+    /// Its inputs lead back to itself.
+    Cycle {
+        /// A task on the cycle.
+        cause: String,
+    },
+    /// No worker can give it the resources it asks for.
+    Unsatisfiable {
+        /// The task.
+        cause: String,
+        /// What is missing.
+        detail: String,
+    },
+    /// Its result is held by a worker this client cannot reach.
+    Unreachable {
+        /// The worker's data address.
+        address: String,
+        /// Why the fetch failed.
+        detail: String,
+    },
 }
 
 pub(crate) fn lost(reason: String) -> PyErr {
@@ -395,35 +456,22 @@ impl ClientCore {
         }
     }
 
-    /// The outcome of a finished task as `(kind, a, b)`, kind an interned
-    /// name: `("value", value_bytearray_or_mmap, None)`, `("raised", cause,
-    /// error_bytes)`, `("killed", cause, kills)` (killed workers),
-    /// `("cancelled", cause, None)`, `("missing", dep_id, None)` (unknown
-    /// input), `("unsatisfiable", cause, detail)` (resources), `("lost",
-    /// cause, None)` (scattered data lost), `("unreachable", address,
-    /// error)` (its live holder could not be reached), `("cycle", cause,
-    /// None)`, `("pending", None, None)` (pending or released). A large result is fetched from its worker
-    /// (GIL released): a file on this host is mapped, not copied. The fetch
-    /// gives up with `TimeoutError` after `timeout` seconds, and Ctrl-C
-    /// (any Python signal handler that raises) interrupts it.
+    /// The outcome of task `id` (an [`Outcome`]: `Pending` while it is
+    /// pending, released, or its result moved). A large result is fetched
+    /// from its worker (GIL released): a file on this host is mapped, not
+    /// copied. The fetch gives up with `TimeoutError` after `timeout`
+    /// seconds, and Ctrl-C (any Python signal handler that raises)
+    /// interrupts it.
     #[pyo3(signature = (id, timeout=None))]
-    fn outcome<'py>(
-        &self,
-        py: Python<'py>,
-        id: u64,
-        timeout: Option<f64>,
-    ) -> PyResult<Bound<'py, PyTuple>> {
-        let none = py.None();
-        let t = match self.inner.status(id) {
-            None | Some(Status::Pending) => (intern!(py, "pending"), none.clone_ref(py), none),
-            Some(s @ (Status::Small { .. } | Status::Value(_))) => (
-                intern!(py, "value"),
+    fn outcome(&self, py: Python<'_>, id: u64, timeout: Option<f64>) -> PyResult<Outcome> {
+        Ok(match self.inner.status(id) {
+            None | Some(Status::Pending) => Outcome::Pending {},
+            Some(s @ (Status::Small { .. } | Status::Value(_))) => Outcome::Value {
                 // A bytearray: arrays unpickled from it are writable.
-                PyByteArray::new(py, s.value().unwrap_or_default())
+                data: PyByteArray::new(py, s.value().unwrap_or_default())
                     .into_any()
                     .unbind(),
-                none,
-            ),
+            },
             Some(Status::At(addr)) => {
                 let addr = addr.to_string();
                 let secret = &self.inner.secret;
@@ -431,68 +479,44 @@ impl ClientCore {
                 match fetch_interruptibly(py, &addr, id, secret, deadline)? {
                     Ok(v) => {
                         self.inner.fetch_ok(id);
-                        (intern!(py, "value"), fetched_to_py(py, v)?, none)
+                        Outcome::Value {
+                            data: fetched_to_py(py, v)?,
+                        }
                     }
                     Err(e) => {
                         let n = self.inner.fetch_failed(id);
                         if n >= client::FETCH_ATTEMPTS {
                             // Still held there, yet out of reach: say so.
-                            let detail = e.to_string().into_pyobject(py)?.into_any().unbind();
-                            (
-                                intern!(py, "unreachable"),
-                                addr.into_pyobject(py)?.into_any().unbind(),
-                                detail,
-                            )
+                            Outcome::Unreachable {
+                                address: addr,
+                                detail: e.to_string(),
+                            }
                         } else {
                             // The holder died (the scheduler recomputes it)
                             // or the result moved: wait, and ask where it is.
                             let pause = Duration::from_millis(20 * n as u64);
                             py.detach(|| std::thread::sleep(pause));
                             self.inner.mark_pending(id);
-                            (intern!(py, "pending"), none.clone_ref(py), none)
+                            Outcome::Pending {}
                         }
                     }
                 }
             }
             Some(Status::Erred(e)) => match *e {
-                TaskError::Exception { cause, error } => (
-                    intern!(py, "raised"),
-                    cause.into_pyobject(py)?.into_any().unbind(),
-                    PyBytes::new(py, &error).into_any().unbind(),
-                ),
-                TaskError::KilledWorker { cause, kills } => (
-                    intern!(py, "killed"),
-                    cause.into_pyobject(py)?.into_any().unbind(),
-                    kills.into_pyobject(py)?.into_any().unbind(),
-                ),
-                TaskError::Cancelled { cause } => (
-                    intern!(py, "cancelled"),
-                    cause.into_pyobject(py)?.into_any().unbind(),
-                    none,
-                ),
-                TaskError::MissingDependency { dep } => (
-                    intern!(py, "missing"),
-                    dep.into_pyobject(py)?.into_any().unbind(),
-                    none,
-                ),
-                TaskError::DataLost { cause } => (
-                    intern!(py, "lost"),
-                    cause.into_pyobject(py)?.into_any().unbind(),
-                    none,
-                ),
-                TaskError::Cycle { cause } => (
-                    intern!(py, "cycle"),
-                    cause.into_pyobject(py)?.into_any().unbind(),
-                    none,
-                ),
-                TaskError::Unsatisfiable { cause, detail } => (
-                    intern!(py, "unsatisfiable"),
-                    cause.into_pyobject(py)?.into_any().unbind(),
-                    detail.into_pyobject(py)?.into_any().unbind(),
-                ),
+                TaskError::Exception { cause, error } => Outcome::Raised {
+                    cause,
+                    error: PyBytes::new(py, &error).unbind(),
+                },
+                TaskError::KilledWorker { cause, kills } => Outcome::Killed { cause, kills },
+                TaskError::Cancelled { cause } => Outcome::Cancelled { cause },
+                TaskError::MissingDependency { dep } => Outcome::Missing { dep },
+                TaskError::DataLost { cause } => Outcome::Lost { cause },
+                TaskError::Cycle { cause } => Outcome::Cycle { cause },
+                TaskError::Unsatisfiable { cause, detail } => {
+                    Outcome::Unsatisfiable { cause, detail }
+                }
             },
-        };
-        PyTuple::new(py, [t.0.clone().into_any().unbind(), t.1, t.2])
+        })
     }
 
     /// A new completion watcher.

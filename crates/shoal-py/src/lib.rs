@@ -271,6 +271,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     )?;
     m.add_class::<Cluster>()?;
     m.add_class::<ClientCore>()?;
+    m.add_class::<Outcome>()?;
     m.add_class::<WatcherPy>()?;
     m.add_class::<RefCounts>()?;
     m.add_class::<MemoryPolicy>()?;
