@@ -4,7 +4,7 @@
 //! and the peer's role, answered by a [`Welcome::Challenge`] the peer answers
 //! with a [`Proof`] (mutual challenge-response over the cluster's shared
 //! secret, which never travels), then a [`Welcome`]; after that each frame holds
-//! a *batch* of messages (`Vec<ToScheduler>`, `Vec<FromScheduler>`, ...), so a
+//! a *batch* of messages (`Vec<FromClient>`, `Vec<ToWorker>`, ...), so a
 //! burst of ten thousand task submissions costs one write, not ten thousand.
 //!
 //! Frames are `u32` length-prefixed (the services use tokio-util's codec with
@@ -19,7 +19,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// Bumped on every incompatible change (9: command tasks, jobs, time
 /// limits); peers with another version are refused.
-pub const PROTOCOL_VERSION: u32 = 12;
+pub const PROTOCOL_VERSION: u32 = 13;
 /// First field of every handshake, so a stray peer is recognised at once.
 pub const MAGIC: u32 = 0x5348_4f4c; // "SHOL"
 /// Largest frame accepted (a frame larger than this closes the connection).
@@ -85,7 +85,7 @@ pub enum Role {
         pid: u32,
         /// Tasks it was running, each with the element of a batch that
         /// was running (when the worker was asked to say: see
-        /// [`FromScheduler::Compute::careful`]).
+        /// [`ToWorker::Compute::careful`]).
         running: Vec<(u64, Option<u32>)>,
     },
 }
@@ -217,7 +217,7 @@ pub fn task_name(key: Option<&str>, group: &str, id: u64) -> String {
 }
 
 /// Empties the `func` of each task whose function is the previous one's
-/// (the sender's side of [`ToScheduler::Submit`]'s rule).
+/// (the sender's side of [`FromClient::Submit`]'s rule).
 pub fn share_funcs(specs: &mut [TaskSpec]) {
     let mut last: Option<Bytes> = None;
     for s in specs {
@@ -233,7 +233,7 @@ pub fn share_funcs(specs: &mut [TaskSpec]) {
 }
 
 /// Gives each task with an empty `func` the previous one's (the
-/// receiver's side of [`ToScheduler::Submit`]'s rule; shared, not copied).
+/// receiver's side of [`FromClient::Submit`]'s rule; shared, not copied).
 /// One with no previous task keeps its empty function (it fails when it
 /// runs, saying its function cannot be unpickled).
 pub fn fill_funcs(specs: &mut [TaskSpec]) {
@@ -247,118 +247,49 @@ pub fn fill_funcs(specs: &mut [TaskSpec]) {
     }
 }
 
-/// Messages to the scheduler (from clients and workers).
+/// Messages from a client to the scheduler.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
-pub enum ToScheduler {
-    /// Client: new tasks. A task's `func` may be empty: the function is
+pub enum FromClient {
+    /// New tasks. A task's `func` may be empty: the function is
     /// the previous task's in the same message (a `map` sends its pickle
     /// once, not once per task; see [`fill_funcs`]).
     Submit(Vec<TaskSpec>),
-    /// Client: futures dropped.
+    /// Futures dropped.
     Release(Vec<u64>),
-    /// Client: cancel unfinished tasks.
+    /// Cancel unfinished tasks.
     Cancel(Vec<u64>),
-    /// Client: run these tasks to their end even if it releases them.
+    /// Run these tasks to their end even if it releases them.
     Detach(Vec<u64>),
-    /// Client: alive (every second; a client silent for the heartbeat
+    /// Alive (every second; a client silent for the heartbeat
     /// timeout is taken as gone, like a worker).
     Alive,
-    /// Client: no worker will offer this resource again (an actor is gone).
+    /// No worker will offer this resource again (an actor is gone).
     Withdraw(String),
-    /// Client: a worker offering one of this resource is starting (an actor).
+    /// A worker offering one of this resource is starting (an actor).
     Expect(String),
-    /// Worker: a task finished. `value` is the pickled result if small enough
-    /// to travel inline; otherwise the worker keeps it.
-    Finished {
-        /// Task.
-        id: u64,
-        /// Pickled size in bytes.
-        size: u64,
-        /// Inline result.
-        value: Option<Bytes>,
-        /// When and where it ran.
-        timing: Timing,
-    },
-    /// Worker: a task raised (or its inputs or result could not be moved).
-    Failed {
-        /// Task.
-        id: u64,
-        /// Pickled `(exception, traceback text)`.
-        error: Bytes,
-        /// The exception and traceback as text (for dashboards).
-        text: String,
-        /// When and where it ran.
-        timing: Timing,
-    },
-    /// Worker: these tasks asked back by `Steal` were not started and are dropped.
-    Stolen(Vec<u64>),
-    /// Worker: its execution threads took these tasks (sent before their
-    /// results): only started tasks are suspects when the worker dies.
-    Started(Vec<u64>),
-    /// Worker: everything it had to report up to the `Sync` with this id
-    /// (profile samples, transfers, results) is sent.
-    Synced(u64),
-    /// Worker: the holder of these inputs of `task` could not be reached;
-    /// the task was dropped (the scheduler places it again).
-    FetchFailed {
-        /// The task whose inputs could not be fetched.
-        task: u64,
-        /// The inputs.
-        deps: Vec<u64>,
-    },
-    /// Worker: its number of execution threads is now this (a task waiting
-    /// on other tasks lends its thread).
-    Threads(u32),
-    /// Worker: the holder of these inputs of `task` answered that it does
-    /// not have them; the task was dropped and waits for them to be
-    /// recomputed.
-    Missing {
-        /// The task whose inputs could not be fetched.
-        task: u64,
-        /// The inputs the holder lacks.
-        deps: Vec<u64>,
-    },
-    /// Worker: alive, and how its memory stands (every second; a worker
-    /// silent for the heartbeat timeout is taken as lost).
-    Heartbeat(WorkerMetrics),
-    /// Client: what the cluster looks like (answered by [`FromScheduler::Info`]).
+    /// What the cluster looks like (answered by [`ToClient::Info`]).
     Info,
-    /// Client: retire these workers (data addresses or names) gracefully.
+    /// Retire these workers (data addresses or names) gracefully.
     Retire(Vec<String>),
-    /// Worker: retire me gracefully (it got SIGTERM).
-    RetireMe,
-    /// Client: restart every worker process (their nannies start new ones).
+    /// Restart every worker process (their nannies start new ones).
     Restart,
-    /// Client: say again where these finished tasks are (a fetch failed);
+    /// Say again where these finished tasks are (a fetch failed);
     /// answered with `Memory`/`Erred` for those done, later for the rest.
     Where(Vec<u64>),
-    /// Worker: the copy asked by `Replicate` is done (`ok`) or failed.
-    Replicated {
-        /// The result.
-        id: u64,
-        /// Whether this worker now holds it.
-        ok: bool,
-    },
-    /// Worker: its memory is above the pause fraction (true: give it no
-    /// more work, take back what it has queued) or back below (false).
-    Paused(bool),
-    /// Worker: what happened since the last one (sent with heartbeats when
-    /// there is anything): transfers and spills, profile samples, log lines.
-    Telemetry(Telemetry),
-    /// Client: a dashboard query (the same paths as the HTTP API, e.g.
-    /// `/api/status`); answered by [`FromScheduler::QueryReply`].
+    /// A dashboard query (the same paths as the HTTP API, e.g.
+    /// `/api/status`); answered by [`ToClient::QueryReply`].
     Query {
         /// Chosen by the client, echoed in the reply.
         id: u64,
         /// Path and query string.
         path: String,
     },
-    /// Client: cancel these tasks unless a worker has started them (as
+    /// Cancel these tasks unless a worker has started them (as
     /// reported so far); started ones run to their end.
     CancelQueued(Vec<u64>),
-    /// Client: claims a cluster-wide name for `value` (Some; refused if
+    /// Claims a cluster-wide name for `value` (Some; refused if
     /// the name is held), or looks it up (None). Answered by
-    /// [`FromScheduler::QueryReply`]: `{"ok": true}`, `{"error": ...}` or
+    /// [`ToClient::QueryReply`]: `{"ok": true}`, `{"error": ...}` or
     /// `{"value": ...}`. A client's names go with it.
     Name {
         /// Chosen by the client, echoed in the reply.
@@ -368,11 +299,11 @@ pub enum ToScheduler {
         /// What it names (JSON text), or None to look it up.
         value: Option<String>,
     },
-    /// Client: gives up one of its names.
+    /// Gives up one of its names.
     Unname(String),
-    /// Client: a job of command tasks (`shoal submit`): the scheduler owns
+    /// A job of command tasks (`shoal submit`): the scheduler owns
     /// them (they run on after the client leaves) and keeps each one's
-    /// outcome. Answered by [`FromScheduler::QueryReply`]: `{"job": N}` or
+    /// outcome. Answered by [`ToClient::QueryReply`]: `{"job": N}` or
     /// `{"error": ...}`.
     SubmitJob {
         /// Chosen by the client, echoed in the reply.
@@ -388,7 +319,7 @@ pub enum ToScheduler {
         /// the client's heartbeats get through between them).
         more: bool,
     },
-    /// Client: cancel the unfinished tasks of a job (running ones are
+    /// Cancel the unfinished tasks of a job (running ones are
     /// stopped). Answered like a query: `{"cancelled": n}` or `{"error": ...}`.
     CancelJob {
         /// Chosen by the client, echoed in the reply.
@@ -396,30 +327,11 @@ pub enum ToScheduler {
         /// The job.
         job: u32,
     },
-    /// Worker: a task it was told to stop does not stop (stuck in C code):
-    /// restart me. Its other tasks are not to blame (sent after the stuck
-    /// task's failure; answered with [`FromScheduler::Restart`]).
-    RestartMe,
-    /// Worker, first message on a connection made again after it lost its
-    /// scheduler (`shoal worker --reconnect`): the tasks it still runs, and
-    /// its `Finished`/`Failed` reports the lost scheduler had not
-    /// acknowledged ([`FromScheduler::Ack`]), which count as the first
-    /// reports of this connection. A scheduler restored from its journal
-    /// adopts those tasks instead of running them again.
-    Rejoin {
-        /// Tasks its threads run now.
-        running: Vec<u64>,
-        /// Reports not acknowledged, in the order they were first sent.
-        reports: Vec<ToScheduler>,
-        /// Results it still holds, with their sizes: a client that comes
-        /// back resubmits their tasks, which then do not run again.
-        held: Vec<(u64, u64)>,
-    },
-    /// Client, first on a connection made again after the scheduler was
+    /// First on a connection made again after the scheduler was
     /// lost: the id it had (its task ids are `id << 40 | n`, and it goes
     /// on making them so).
     Resume(u32),
-    /// Client, after `Resume`: the tasks it still holds, in submission
+    /// After `Resume`: the tasks it still holds, in submission
     /// order, each with its value when the client has it inline. Those
     /// whose results a rejoined worker (or the value) still has start
     /// finished; the rest run again.
@@ -434,19 +346,112 @@ pub enum ToScheduler {
         /// The tasks referred to.
         tasks: Vec<u64>,
     },
-    /// Client: claims tasks it did not submit, whose futures it found in a
+    /// Claims tasks it did not submit, whose futures it found in a
     /// result; answered like a submission (`Memory`/`Erred` when they end),
     /// and with `Erred` (`MissingDependency` naming the task itself) for
     /// those the scheduler no longer knows.
     Adopt(Vec<u64>),
-    /// Worker, before the task's report: its result cannot be pickled, so
+}
+
+/// Messages from a worker to the scheduler.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum FromWorker {
+    /// A task finished. `value` is the pickled result if small enough
+    /// to travel inline; otherwise the worker keeps it.
+    Finished {
+        /// Task.
+        id: u64,
+        /// Pickled size in bytes.
+        size: u64,
+        /// Inline result.
+        value: Option<Bytes>,
+        /// When and where it ran.
+        timing: Timing,
+    },
+    /// A task raised (or its inputs or result could not be moved).
+    Failed {
+        /// Task.
+        id: u64,
+        /// Pickled `(exception, traceback text)`.
+        error: Bytes,
+        /// The exception and traceback as text (for dashboards).
+        text: String,
+        /// When and where it ran.
+        timing: Timing,
+    },
+    /// These tasks asked back by `Steal` were not started and are dropped.
+    Stolen(Vec<u64>),
+    /// Its execution threads took these tasks (sent before their
+    /// results): only started tasks are suspects when the worker dies.
+    Started(Vec<u64>),
+    /// Everything it had to report up to the `Sync` with this id
+    /// (profile samples, transfers, results) is sent.
+    Synced(u64),
+    /// The holder of these inputs of `task` could not be reached;
+    /// the task was dropped (the scheduler places it again).
+    FetchFailed {
+        /// The task whose inputs could not be fetched.
+        task: u64,
+        /// The inputs.
+        deps: Vec<u64>,
+    },
+    /// Its number of execution threads is now this (a task waiting
+    /// on other tasks lends its thread).
+    Threads(u32),
+    /// The holder of these inputs of `task` answered that it does
+    /// not have them; the task was dropped and waits for them to be
+    /// recomputed.
+    Missing {
+        /// The task whose inputs could not be fetched.
+        task: u64,
+        /// The inputs the holder lacks.
+        deps: Vec<u64>,
+    },
+    /// Alive, and how its memory stands (every second; a worker
+    /// silent for the heartbeat timeout is taken as lost).
+    Heartbeat(WorkerMetrics),
+    /// Retire me gracefully (it got SIGTERM).
+    RetireMe,
+    /// The copy asked by `Replicate` is done (`ok`) or failed.
+    Replicated {
+        /// The result.
+        id: u64,
+        /// Whether this worker now holds it.
+        ok: bool,
+    },
+    /// Its memory is above the pause fraction (true: give it no
+    /// more work, take back what it has queued) or back below (false).
+    Paused(bool),
+    /// What happened since the last one (sent with heartbeats when
+    /// there is anything): transfers and spills, profile samples, log lines.
+    Telemetry(Telemetry),
+    /// A task it was told to stop does not stop (stuck in C code):
+    /// restart me. Its other tasks are not to blame (sent after the stuck
+    /// task's failure; answered with [`ToWorker::Restart`]).
+    RestartMe,
+    /// First message on a connection made again after it lost its
+    /// scheduler (`shoal worker --reconnect`): the tasks it still runs, and
+    /// its `Finished`/`Failed` reports the lost scheduler had not
+    /// acknowledged ([`ToWorker::Ack`]), which count as the first
+    /// reports of this connection. A scheduler restored from its journal
+    /// adopts those tasks instead of running them again.
+    Rejoin {
+        /// Tasks its threads run now.
+        running: Vec<u64>,
+        /// Reports not acknowledged, in the order they were first sent.
+        reports: Vec<FromWorker>,
+        /// Results it still holds, with their sizes: a client that comes
+        /// back resubmits their tasks, which then do not run again.
+        held: Vec<(u64, u64)>,
+    },
+    /// Before the task's report: its result cannot be pickled, so
     /// it cannot leave this worker; tasks that take it are to run here.
     Pinned(u64),
-    /// Worker: elements `from..` of a careful batch (see
-    /// [`FromScheduler::Compute::careful`]) are done; `values` is their
+    /// Elements `from..` of a careful batch (see
+    /// [`ToWorker::Compute::careful`]) are done; `values` is their
     /// pickled outcome. The scheduler keeps it, and a later run of the
     /// batch (its worker died) resumes after them
-    /// ([`FromScheduler::Compute::resume`]).
+    /// ([`ToWorker::Compute::resume`]).
     Progress {
         /// The batch task.
         id: u64,
@@ -457,8 +462,8 @@ pub enum ToScheduler {
         /// Pickled outcomes of the elements.
         values: Bytes,
     },
-    /// Worker: its recent steps of a task, answering
-    /// [`FromScheduler::Story`] `query`.
+    /// Its recent steps of a task, answering
+    /// [`ToWorker::Story`] `query`.
     Story {
         /// The question's id.
         query: u64,
@@ -578,7 +583,7 @@ pub struct WorkerInfo {
     pub lifetime_end_us: u64,
 }
 
-/// The answer to [`ToScheduler::Info`].
+/// The answer to [`FromClient::Info`].
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct ClusterInfo {
     /// Scheduler address.
@@ -689,10 +694,10 @@ pub enum TaskError {
     },
 }
 
-/// Messages from the scheduler.
+/// Messages from the scheduler to a client.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
-pub enum FromScheduler {
-    /// To a client: result available (inline, or at a worker's data address).
+pub enum ToClient {
+    /// Result available (inline, or at a worker's data address).
     Memory {
         /// Task.
         id: u64,
@@ -701,14 +706,31 @@ pub enum FromScheduler {
         /// Data address of the holder when not inline.
         location: Option<String>,
     },
-    /// To a client: task failed.
+    /// Task failed.
     Erred {
         /// Task.
         id: u64,
         /// Why.
         error: TaskError,
     },
-    /// To a worker: run a task.
+    /// The scheduler is alive (every second; a peer
+    /// that hears nothing for the heartbeat timeout gives up on it).
+    Ping,
+    /// The answer to [`FromClient::Info`].
+    Info(ClusterInfo),
+    /// The answer to [`FromClient::Query`], JSON.
+    QueryReply {
+        /// The query's id.
+        id: u64,
+        /// The answer (or `{"error": ...}`).
+        json: String,
+    },
+}
+
+/// Messages from the scheduler to a worker.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum ToWorker {
+    /// Run a task.
     Compute {
         /// Task.
         id: u64,
@@ -733,36 +755,27 @@ pub enum FromScheduler {
         /// A batch that was running on a worker that died: say which of its
         /// elements runs (so a death is held against it only when it comes
         /// at the same element again), and report progress as it goes
-        /// ([`ToScheduler::Progress`]).
+        /// ([`FromWorker::Progress`]).
         careful: bool,
         /// What earlier runs of a careful batch reported done, in order:
         /// this run starts after it.
         resume: Vec<Bytes>,
     },
-    /// To a worker: drop the task if not started.
+    /// Drop the task if not started.
     Cancel(u64),
-    /// To a worker: drop the task if not started, stop it if it runs
+    /// Drop the task if not started, stop it if it runs
     /// (cancelled: its result is not wanted).
     Stop(u64),
-    /// To a worker: drop these results.
+    /// Drop these results.
     Release(Vec<u64>),
-    /// To a worker: give back these tasks if not started (answer: `Stolen`).
+    /// Give back these tasks if not started (answer: `Stolen`).
     Steal(Vec<u64>),
-    /// To a worker: finish and exit.
+    /// Finish and exit.
     Shutdown,
-    /// To a worker or client: the scheduler is alive (every second; a peer
+    /// The scheduler is alive (every second; a peer
     /// that hears nothing for the heartbeat timeout gives up on it).
     Ping,
-    /// To a client: the answer to [`ToScheduler::Info`].
-    Info(ClusterInfo),
-    /// To a client: the answer to [`ToScheduler::Query`], JSON.
-    QueryReply {
-        /// The query's id.
-        id: u64,
-        /// The answer (or `{"error": ...}`).
-        json: String,
-    },
-    /// To a worker: copy this result from the (retiring) worker at `from`
+    /// Copy this result from the (retiring) worker at `from`
     /// and keep it (answer: `Replicated`).
     Replicate {
         /// The result.
@@ -770,16 +783,16 @@ pub enum FromScheduler {
         /// The holder's data address.
         from: String,
     },
-    /// To a worker: exit so that your nanny starts a fresh process.
+    /// Exit so that your nanny starts a fresh process.
     Restart,
-    /// To a worker: send what you have to report now, profile samples
+    /// Send what you have to report now, profile samples
     /// included, then `Synced` with this id.
     Sync(u64),
-    /// To a worker: the first `n` `Finished`/`Failed` reports it sent on
+    /// The first `n` `Finished`/`Failed` reports it sent on
     /// this connection are recorded (journaled, where there is a journal):
     /// it need not send them again after a reconnect.
     Ack(u64),
-    /// To a worker: send your recent steps of `task` (`ToScheduler::Story`).
+    /// Send your recent steps of `task` (`FromWorker::Story`).
     Story {
         /// The question's id.
         query: u64,
@@ -931,7 +944,7 @@ mod tests {
     #[test]
     fn batches_round_trip() {
         let msgs = vec![
-            ToScheduler::Submit(vec![TaskSpec {
+            FromClient::Submit(vec![TaskSpec {
                 id: 1 << 40 | 7,
                 group: "inc".into(),
                 key: None,
@@ -947,7 +960,12 @@ mod tests {
                 crash_limit: 0,
                 time_request_ms: 0,
             }]),
-            ToScheduler::Finished {
+            FromClient::Release(vec![1, 2]),
+        ];
+        let back: Vec<FromClient> = decode(&encode(&msgs)).unwrap();
+        assert_eq!(back, msgs);
+        let msgs = vec![
+            FromWorker::Finished {
                 id: 9,
                 size: 3,
                 value: Some(Bytes::from_static(b"xyz")),
@@ -957,9 +975,9 @@ mod tests {
                     thread: 3,
                 },
             },
-            ToScheduler::Paused(true),
+            FromWorker::Paused(true),
         ];
-        let back: Vec<ToScheduler> = decode(&encode(&msgs)).unwrap();
+        let back: Vec<FromWorker> = decode(&encode(&msgs)).unwrap();
         assert_eq!(back, msgs);
         let reply = DataReply {
             items: vec![
@@ -982,7 +1000,8 @@ mod tests {
         for body in [&b""[..], b"\xff\xff\xff\xff\xff", b"\x00\x01\x02"] {
             // Either undecodable or decodable but refused by validation.
             assert!(decode::<Hello>(body).map_or(true, |h| h.validate().is_err()));
-            let _ = decode::<Vec<FromScheduler>>(body); // must not panic
+            let _ = decode::<Vec<ToWorker>>(body); // must not panic
+            let _ = decode::<Vec<ToClient>>(body);
         }
         let mut ok = encode(&Hello::new(Role::Client, [7; 32]));
         ok.push(0);

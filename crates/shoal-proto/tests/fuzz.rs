@@ -76,51 +76,63 @@ fn corpus() -> Vec<Vec<u8>> {
         lifetime_end_us: 1_800_000_000_000_000,
         supervisor: 7,
     };
-    let to: Vec<ToScheduler> = vec![
-        ToScheduler::Submit((0..5).map(spec).collect()),
-        ToScheduler::Release(vec![1, 2, u64::MAX]),
-        ToScheduler::Cancel(vec![3]),
-        ToScheduler::Detach(vec![4]),
-        ToScheduler::Finished {
-            id: 9,
-            size: 100,
-            value: Some(Bytes::from_static(b"value")),
-            timing: Timing::default(),
-        },
-        ToScheduler::Failed {
-            id: 9,
-            error: Bytes::from_static(b"err"),
-            text: "ValueError".into(),
-            timing: Timing::default(),
-        },
-        ToScheduler::Started(vec![1, 2]),
-        ToScheduler::FetchFailed {
-            task: 1,
-            deps: vec![2],
-        },
-        ToScheduler::Heartbeat(WorkerMetrics::default()),
-        ToScheduler::Telemetry(Telemetry {
-            activity: vec![],
-            profile: vec![("g".into(), "a;b".into(), 3)],
-            logs: vec!["line".into()],
-        }),
-        ToScheduler::Query {
+    let client: Vec<FromClient> = vec![
+        FromClient::Submit((0..5).map(spec).collect()),
+        FromClient::Release(vec![1, 2, u64::MAX]),
+        FromClient::Cancel(vec![3]),
+        FromClient::Detach(vec![4]),
+        FromClient::Query {
             id: 1,
             path: "/api/status?since=3".into(),
         },
-        ToScheduler::Synced(5),
-        ToScheduler::SubmitJob {
+        FromClient::SubmitJob {
             more: false,
             query: 3,
             name: "sim".into(),
             max_fails: 2,
             tasks: (0..3).map(spec).collect(),
         },
-        ToScheduler::CancelJob { query: 4, job: 1 },
-        ToScheduler::RestartMe,
-        ToScheduler::Rejoin {
+        FromClient::CancelJob { query: 4, job: 1 },
+        FromClient::Resume(7),
+        FromClient::Resubmit(vec![
+            (spec(1), None),
+            (spec(2), Some(Bytes::from_static(b"v"))),
+        ]),
+        FromClient::Hold {
+            by: 1,
+            tasks: vec![2, 3],
+        },
+        FromClient::Adopt(vec![2]),
+    ];
+    let worker: Vec<FromWorker> = vec![
+        FromWorker::Finished {
+            id: 9,
+            size: 100,
+            value: Some(Bytes::from_static(b"value")),
+            timing: Timing::default(),
+        },
+        FromWorker::Failed {
+            id: 9,
+            error: Bytes::from_static(b"err"),
+            text: "ValueError".into(),
+            timing: Timing::default(),
+        },
+        FromWorker::Started(vec![1, 2]),
+        FromWorker::FetchFailed {
+            task: 1,
+            deps: vec![2],
+        },
+        FromWorker::Heartbeat(WorkerMetrics::default()),
+        FromWorker::Telemetry(Telemetry {
+            activity: vec![],
+            profile: vec![("g".into(), "a;b".into(), 3)],
+            logs: vec!["line".into()],
+        }),
+        FromWorker::Synced(5),
+        FromWorker::RestartMe,
+        FromWorker::Rejoin {
             running: vec![1, 2],
-            reports: vec![ToScheduler::Finished {
+            reports: vec![FromWorker::Finished {
                 id: 3,
                 size: 1,
                 value: Some(Bytes::from_static(b"v")),
@@ -128,20 +140,10 @@ fn corpus() -> Vec<Vec<u8>> {
             }],
             held: vec![(4, 100)],
         },
-        ToScheduler::Resume(7),
-        ToScheduler::Resubmit(vec![
-            (spec(1), None),
-            (spec(2), Some(Bytes::from_static(b"v"))),
-        ]),
-        ToScheduler::Hold {
-            by: 1,
-            tasks: vec![2, 3],
-        },
-        ToScheduler::Adopt(vec![2]),
-        ToScheduler::Pinned(3),
+        FromWorker::Pinned(3),
     ];
-    let from: Vec<FromScheduler> = vec![
-        FromScheduler::Compute {
+    let to_worker: Vec<ToWorker> = vec![
+        ToWorker::Compute {
             id: 1,
             name: "inc-1".into(),
             group: "inc".into(),
@@ -167,19 +169,24 @@ fn corpus() -> Vec<Vec<u8>> {
             careful: true,
             resume: vec![Bytes::from_static(b"p")],
         },
-        FromScheduler::Stop(7),
-        FromScheduler::Ack(12),
-        FromScheduler::Erred {
+        ToWorker::Stop(7),
+        ToWorker::Ack(12),
+        ToWorker::Steal(vec![1, 2, 3]),
+        ToWorker::Sync(1),
+        ToWorker::Ping,
+    ];
+    let to_client: Vec<ToClient> = vec![
+        ToClient::Erred {
             id: 1,
             error: TaskError::Cycle { cause: "x".into() },
         },
-        FromScheduler::Steal(vec![1, 2, 3]),
-        FromScheduler::Sync(1),
-        FromScheduler::Ping,
+        ToClient::Ping,
     ];
     let mut out = vec![
-        encode(&to),
-        encode(&from),
+        encode(&client),
+        encode(&worker),
+        encode(&to_worker),
+        encode(&to_client),
         encode(&Hello::new(role, [7; 32])),
         encode(&Hello::new(
             Role::Obituary {
@@ -214,7 +221,10 @@ fn corpus() -> Vec<Vec<u8>> {
             ],
         }),
     ];
-    for m in to {
+    for m in client {
+        out.push(encode(&vec![m]));
+    }
+    for m in worker {
         out.push(encode(&vec![m]));
     }
     out
@@ -223,8 +233,10 @@ fn corpus() -> Vec<Vec<u8>> {
 /// Decodes `body` as every type a peer receives; returns how many decoded.
 fn decode_all(body: &[u8]) -> usize {
     let ok = [
-        decode::<Vec<ToScheduler>>(body).is_ok(),
-        decode::<Vec<FromScheduler>>(body).is_ok(),
+        decode::<Vec<FromClient>>(body).is_ok(),
+        decode::<Vec<FromWorker>>(body).is_ok(),
+        decode::<Vec<ToClient>>(body).is_ok(),
+        decode::<Vec<ToWorker>>(body).is_ok(),
         decode::<Hello>(body).is_ok(),
         decode::<Proof>(body).is_ok(),
         decode::<Welcome>(body).is_ok(),

@@ -7,7 +7,7 @@ use pyo3::exceptions::{PyConnectionError, PyTimeoutError, PyValueError};
 use pyo3::intern;
 use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{IntoPyDict, PyByteArray, PyBytes, PyDict, PyList, PyString};
-use shoal_proto::{TaskError, TaskKind, TaskSpec, ToScheduler};
+use shoal_proto::{FromClient, TaskError, TaskKind, TaskSpec};
 use shoal_runtime::client::{self, AskError, ClientShared, Status, SubmitError, Watcher};
 use shoal_runtime::net::{Address, Secret};
 use shoal_runtime::runtime;
@@ -542,13 +542,13 @@ impl ClientCore {
     /// pids) gracefully.
     fn retire(&self, workers: Vec<String>) -> PyResult<()> {
         self.inner
-            .send(ToScheduler::Retire(workers))
+            .send(FromClient::Retire(workers))
             .map_err(ask_err)
     }
 
     /// Asks the scheduler to restart every worker process.
     fn restart(&self) -> PyResult<()> {
-        self.inner.send(ToScheduler::Restart).map_err(ask_err)
+        self.inner.send(FromClient::Restart).map_err(ask_err)
     }
 
     /// What the cluster looks like, as a dict (see `Client.scheduler_info`).

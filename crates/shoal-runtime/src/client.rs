@@ -11,7 +11,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use parking_lot::{Condvar, Mutex, RwLock};
 use rustc_hash::{FxHashMap, FxHashSet};
-use shoal_proto::{ClusterInfo, FromScheduler, Role, TaskError, TaskSpec, ToScheduler};
+use shoal_proto::{ClusterInfo, FromClient, Role, TaskError, TaskSpec, ToClient};
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -216,7 +216,7 @@ pub struct ClientShared {
     next: AtomicU64,
     /// Replaced when the client connects again (see [`Reconnect`]); sends
     /// happen under the read lock, so none is lost in the swap.
-    out: RwLock<net::Outbox<ToScheduler>>,
+    out: RwLock<net::Outbox<FromClient>>,
     state: Mutex<State>,
     reconnect: Option<Reconnect>,
     /// Closed by its owner: a lost connection is not made again.
@@ -261,7 +261,7 @@ pub fn connect_with(
 ) -> io::Result<Arc<ClientShared>> {
     rt.block_on(async {
         let (conn, id) = net::handshake(addr, Role::Client, secret).await?;
-        let (out, mut stream) = net::split_batched::<ToScheduler>(conn);
+        let (out, mut stream) = net::split_batched::<FromClient>(conn);
         let reconnect = reconnect.map(|give_up| Reconnect {
             addr: addr.clone(),
             give_up,
@@ -295,7 +295,7 @@ pub fn connect_with(
             loop {
                 tick.tick().await;
                 let Some(sh) = beat.upgrade() else { return };
-                if sh.out.read().send(ToScheduler::Alive).is_err() {
+                if sh.out.read().send(FromClient::Alive).is_err() {
                     return;
                 }
             }
@@ -309,7 +309,7 @@ pub fn connect_with(
                 let lost = match tokio::time::timeout(timeout, stream.next()).await {
                     Err(_) => format!("the scheduler sent nothing for {timeout:?}"),
                     Ok(None) => "the scheduler closed the connection".to_string(),
-                    Ok(Some(frame)) => match net::decode_batch::<FromScheduler>(frame) {
+                    Ok(Some(frame)) => match net::decode_batch::<ToClient>(frame) {
                         Ok(msgs) => match weak.upgrade() {
                             Some(sh) => {
                                 sh.apply(msgs);
@@ -374,15 +374,15 @@ impl ClientShared {
                 Err(_) => {}
             }
         };
-        let (out, stream) = net::split_batched::<ToScheduler>(conn);
+        let (out, stream) = net::split_batched::<FromClient>(conn);
         let mut slot = self.out.write();
         let tasks = self.resubmission();
         tracing::warn!(
             "connected to the scheduler again: resubmitting {} tasks",
             tasks.len()
         );
-        let _ = out.send(ToScheduler::Resume(self.id));
-        let _ = out.send(ToScheduler::Resubmit(tasks));
+        let _ = out.send(FromClient::Resume(self.id));
+        let _ = out.send(FromClient::Resubmit(tasks));
         while let Ok((m, _)) = waiting.try_recv() {
             let _ = out.send(m);
         }
@@ -445,12 +445,12 @@ impl ClientShared {
         out
     }
 
-    fn apply(&self, msgs: Vec<FromScheduler>) {
+    fn apply(&self, msgs: Vec<ToClient>) {
         let mut st = self.state.lock();
         let mut completed = Vec::with_capacity(msgs.len());
         for m in msgs {
             let (id, status) = match m {
-                FromScheduler::Memory {
+                ToClient::Memory {
                     id,
                     value,
                     location,
@@ -458,20 +458,16 @@ impl ClientShared {
                     Some(v) => (id, Status::finished_with(&v)),
                     None => (id, Status::At(st.address(location.unwrap_or_default()))),
                 },
-                FromScheduler::Erred { id, error } => (id, Status::Erred(Box::new(error))),
-                FromScheduler::Ping => continue,
-                FromScheduler::Info(info) => {
+                ToClient::Erred { id, error } => (id, Status::Erred(Box::new(error))),
+                ToClient::Ping => continue,
+                ToClient::Info(info) => {
                     st.info = Some(info);
                     self.cv.notify_all();
                     continue;
                 }
-                FromScheduler::QueryReply { id, json } => {
+                ToClient::QueryReply { id, json } => {
                     st.replies.insert(id, json);
                     self.cv.notify_all();
-                    continue;
-                }
-                other => {
-                    tracing::warn!("unexpected message for a client: {other:?}");
                     continue;
                 }
             };
@@ -579,7 +575,7 @@ impl ClientShared {
                 }
                 self.out
                     .read()
-                    .send(ToScheduler::Submit(std::mem::take(&mut chunk)))
+                    .send(FromClient::Submit(std::mem::take(&mut chunk)))
                     .map_err(|_| SubmitError::Lost("the connection is closed".into()))?;
             }
         }
@@ -605,12 +601,12 @@ impl ClientShared {
                 }
             }
         }
-        let _ = self.out.read().send(ToScheduler::Release(ids));
+        let _ = self.out.read().send(FromClient::Release(ids));
     }
 
     /// Sends any message to the scheduler; `Err` with the reason once the
     /// connection is closed.
-    pub fn send(&self, msg: ToScheduler) -> Result<(), AskError> {
+    pub fn send(&self, msg: FromClient) -> Result<(), AskError> {
         if let Some(reason) = self.closed_reason() {
             return Err(AskError::Lost(reason));
         }
@@ -628,38 +624,38 @@ impl ClientShared {
                 st.status.entry(*id).or_insert(Status::Pending);
             }
         }
-        let _ = self.out.read().send(ToScheduler::Adopt(ids));
+        let _ = self.out.read().send(FromClient::Adopt(ids));
     }
 
     /// The result of task `by` holds futures of `tasks`: the scheduler
     /// keeps them while it lives. Sent before this client can release them.
     pub fn hold(&self, by: u64, tasks: Vec<u64>) {
-        let _ = self.out.read().send(ToScheduler::Hold { by, tasks });
+        let _ = self.out.read().send(FromClient::Hold { by, tasks });
     }
 
     /// Cancels unfinished tasks.
     pub fn cancel(&self, ids: Vec<u64>) {
-        let _ = self.out.read().send(ToScheduler::Cancel(ids));
+        let _ = self.out.read().send(FromClient::Cancel(ids));
     }
 
     /// Cancels these tasks unless a worker has started them.
     pub fn cancel_queued(&self, ids: Vec<u64>) {
-        let _ = self.out.read().send(ToScheduler::CancelQueued(ids));
+        let _ = self.out.read().send(FromClient::CancelQueued(ids));
     }
 
     /// Asks for these tasks to run even if their futures are released.
     pub fn detach(&self, ids: Vec<u64>) {
-        let _ = self.out.read().send(ToScheduler::Detach(ids));
+        let _ = self.out.read().send(FromClient::Detach(ids));
     }
 
     /// Tells the scheduler a worker offering one `resource` is starting.
     pub fn expect(&self, resource: String) {
-        let _ = self.out.read().send(ToScheduler::Expect(resource));
+        let _ = self.out.read().send(FromClient::Expect(resource));
     }
 
     /// Tells the scheduler no worker will offer `resource` again.
     pub fn withdraw(&self, resource: String) {
-        let _ = self.out.read().send(ToScheduler::Withdraw(resource));
+        let _ = self.out.read().send(FromClient::Withdraw(resource));
     }
 
     /// Current status (None: unknown or released).
@@ -692,7 +688,7 @@ impl ClientShared {
         }
         // If its holder died, the scheduler recomputes it and says so; if
         // it moved or the fetch failed otherwise, this asks where it is now.
-        let _ = self.out.read().send(ToScheduler::Where(vec![id]));
+        let _ = self.out.read().send(FromClient::Where(vec![id]));
     }
 
     /// A watcher over `ids` for waiting on many of them: each completion
@@ -741,7 +737,7 @@ impl ClientShared {
         st.info = None;
         self.out
             .read()
-            .send(ToScheduler::Info)
+            .send(FromClient::Info)
             .map_err(|_| closed())?;
         loop {
             if let Some(info) = st.info.take() {
@@ -761,18 +757,18 @@ impl ClientShared {
     /// released.
     pub fn query(&self, path: &str, timeout: std::time::Duration) -> Result<String, AskError> {
         let path = path.to_string();
-        self.ask(|id| ToScheduler::Query { id, path }, timeout)
+        self.ask(|id| FromClient::Query { id, path }, timeout)
     }
 
     /// Claims the cluster-wide `name` for `value`, or looks it up (`value`
-    /// None); the scheduler's JSON answer (see [`ToScheduler::Name`]).
+    /// None); the scheduler's JSON answer (see [`FromClient::Name`]).
     pub fn name(
         &self,
         name: String,
         value: Option<String>,
         timeout: std::time::Duration,
     ) -> Result<String, AskError> {
-        self.ask(|id| ToScheduler::Name { id, name, value }, timeout)
+        self.ask(|id| FromClient::Name { id, name, value }, timeout)
     }
 
     /// Submits a job of command tasks, in pieces of [`JOB_PIECE`] tasks
@@ -795,7 +791,7 @@ impl ClientShared {
                     if next.is_empty() {
                         break;
                     }
-                    let _ = self.out.read().send(ToScheduler::SubmitJob {
+                    let _ = self.out.read().send(FromClient::SubmitJob {
                         query,
                         name: name.clone(),
                         max_fails,
@@ -803,7 +799,7 @@ impl ClientShared {
                         more: true,
                     });
                 }
-                ToScheduler::SubmitJob {
+                FromClient::SubmitJob {
                     query,
                     name,
                     max_fails,
@@ -818,19 +814,19 @@ impl ClientShared {
     /// Cancels a job's unfinished tasks (running ones are stopped); the
     /// scheduler's JSON answer: `{"cancelled": n}` or `{"error": ...}`.
     pub fn cancel_job(&self, job: u32, timeout: std::time::Duration) -> Result<String, AskError> {
-        self.ask(|query| ToScheduler::CancelJob { query, job }, timeout)
+        self.ask(|query| FromClient::CancelJob { query, job }, timeout)
     }
 
     /// Gives up one of this client's names.
     pub fn unname(&self, name: String) {
-        let _ = self.out.read().send(ToScheduler::Unname(name));
+        let _ = self.out.read().send(FromClient::Unname(name));
     }
 
     /// Sends a request carrying a fresh id and waits up to `timeout` for the
     /// scheduler's `QueryReply` to it. Call with the GIL released.
     fn ask(
         &self,
-        request: impl FnOnce(u64) -> ToScheduler,
+        request: impl FnOnce(u64) -> FromClient,
         timeout: std::time::Duration,
     ) -> Result<String, AskError> {
         let deadline = std::time::Instant::now() + timeout;

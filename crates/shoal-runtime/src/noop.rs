@@ -8,7 +8,7 @@
 
 use crate::net::{self, Address, Secret};
 use futures::StreamExt;
-use shoal_proto::{FromScheduler, Role, Timing, ToScheduler, WorkerMetrics};
+use shoal_proto::{FromWorker, Role, Timing, ToWorker, WorkerMetrics};
 use std::io;
 
 /// `pickle.dumps(None, protocol=5)`.
@@ -29,34 +29,34 @@ pub async fn run(addr: Address, secret: Secret, name: String) -> io::Result<()> 
         supervisor: 0,
     };
     let (conn, _) = net::handshake(&addr, role, &secret).await?;
-    let (out, mut stream) = net::split_batched::<ToScheduler>(conn);
+    let (out, mut stream) = net::split_batched::<FromWorker>(conn);
     let mut beat = tokio::time::interval(net::heartbeat_interval());
     let value = bytes::Bytes::from_static(NONE_PICKLE);
     loop {
         tokio::select! {
             _ = beat.tick() => {
-                let _ = out.send(ToScheduler::Heartbeat(WorkerMetrics::default()));
+                let _ = out.send(FromWorker::Heartbeat(WorkerMetrics::default()));
             }
             frame = stream.next() => {
                 let Some(frame) = frame else { return Ok(()) };
-                for msg in net::decode_batch::<FromScheduler>(frame)? {
+                for msg in net::decode_batch::<ToWorker>(frame)? {
                     match msg {
-                        FromScheduler::Compute { id, .. } => {
-                            let _ = out.send(ToScheduler::Started(vec![id]));
-                            let _ = out.send(ToScheduler::Finished {
+                        ToWorker::Compute { id, .. } => {
+                            let _ = out.send(FromWorker::Started(vec![id]));
+                            let _ = out.send(FromWorker::Finished {
                                 id,
                                 size: value.len() as u64,
                                 value: Some(value.clone()),
                                 timing: Timing::default(),
                             });
                         }
-                        FromScheduler::Sync(n) => {
-                            let _ = out.send(ToScheduler::Synced(n));
+                        ToWorker::Sync(n) => {
+                            let _ = out.send(FromWorker::Synced(n));
                         }
-                        FromScheduler::Replicate { id, .. } => {
-                            let _ = out.send(ToScheduler::Replicated { id, ok: false });
+                        ToWorker::Replicate { id, .. } => {
+                            let _ = out.send(FromWorker::Replicated { id, ok: false });
                         }
-                        FromScheduler::Shutdown => return Ok(()),
+                        ToWorker::Shutdown => return Ok(()),
                         // Nothing queued to give back, nothing held, no
                         // reports to acknowledge.
                         _ => {}

@@ -30,8 +30,8 @@ use shoal_core::{
     Action, ClientId, Core, ErrorKind, Location, NewTask, TaskId, TaskState, WorkerId,
 };
 use shoal_proto::{
-    task_name, ClusterInfo, Dep, DepSource, FromScheduler, Role, TaskError, TaskSpec, ToScheduler,
-    Welcome, WorkerInfo, WorkerMetrics,
+    task_name, ClusterInfo, Dep, DepSource, FromClient, FromWorker, Role, TaskError, TaskSpec,
+    ToClient, ToWorker, Welcome, WorkerInfo, WorkerMetrics,
 };
 use std::collections::VecDeque;
 use std::io;
@@ -39,7 +39,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
 
-type Tx = net::Outbox<FromScheduler>;
+/// What the scheduler sends a client, and a worker, through.
+type ClientTx = net::Outbox<ToClient>;
+type WorkerTx = net::Outbox<ToWorker>;
 
 /// A client query that makes every worker send its telemetry first.
 pub const SYNC_PATH: &str = "/api/sync";
@@ -62,7 +64,7 @@ const PIECE: usize = 4096;
 const BIG_FRAME: usize = 4 << 20;
 
 enum Event {
-    ClientJoined(u32, Tx),
+    ClientJoined(u32, ClientTx),
     WorkerJoined {
         id: u32,
         pid: u32,
@@ -72,7 +74,7 @@ enum Event {
         resources: Vec<(String, f64)>,
         lifetime_end_us: u64,
         supervisor: u64,
-        tx: Tx,
+        tx: WorkerTx,
     },
     /// A supervisor says its worker process `pid` died running `running`.
     Obituary {
@@ -80,8 +82,8 @@ enum Event {
         pid: u32,
         running: Vec<(u64, Option<u32>)>,
     },
-    FromClient(u32, Vec<ToScheduler>),
-    FromWorker(u32, Vec<ToScheduler>),
+    FromClient(u32, Vec<FromClient>),
+    FromWorker(u32, Vec<FromWorker>),
     ClientLeft(u32),
     WorkerLeft(u32, String),
     ShutdownWorkers,
@@ -285,7 +287,7 @@ fn hostname() -> String {
 }
 
 struct WorkerConn {
-    tx: Tx,
+    tx: WorkerTx,
     /// Its queue was over [`PEER_BACKLOG`] at the last beat.
     behind: bool,
     data_addr: String,
@@ -334,7 +336,7 @@ const OBITUARY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A connected client.
 struct ClientConn {
-    tx: Tx,
+    tx: ClientTx,
     /// When it was last heard from (it beats every second).
     last_seen: tokio::time::Instant,
     /// Its queue was over [`PEER_BACKLOG`] at the last beat.
@@ -396,7 +398,7 @@ struct State {
     /// After a restart: restored tasks, rejoined workers' results and
     /// resumed clients' messages, held for the recovery wait
     /// ([`shoal_core::recovery`]; its clock is [`State::clock_us`]).
-    recovery: shoal_core::recovery::Recovery<TaskSpec, Bytes, ToScheduler>,
+    recovery: shoal_core::recovery::Recovery<TaskSpec, Bytes, FromClient>,
     /// Where the recovery's clock starts.
     epoch: tokio::time::Instant,
     /// Connection ids given out (a resumed client's old one is taken too).
@@ -594,8 +596,8 @@ impl Funcs {
 
 /// One unit of the owner's queue: a peer's message, or any other event.
 enum Item {
-    Client(u32, ToScheduler),
-    Worker(u32, ToScheduler),
+    Client(u32, FromClient),
+    Worker(u32, FromWorker),
     Event(Event),
     /// The end of a recovery wait, after resumed clients' messages.
     DropOrphans,
@@ -604,12 +606,12 @@ enum Item {
 /// Queues a peer's message as `item`s: one carrying many tasks or ids is
 /// cut into pieces of [`PIECE`], in order (each element moved once); any
 /// other goes as it is (no allocation on the per-message path).
-fn queue_pieces(queue: &mut VecDeque<Item>, msg: ToScheduler, item: impl Fn(ToScheduler) -> Item) {
+fn queue_pieces(queue: &mut VecDeque<Item>, msg: FromClient, item: impl Fn(FromClient) -> Item) {
     fn cut<T>(
         queue: &mut VecDeque<Item>,
         mut v: Vec<T>,
-        wrap: fn(Vec<T>) -> ToScheduler,
-        item: impl Fn(ToScheduler) -> Item,
+        wrap: fn(Vec<T>) -> FromClient,
+        item: impl Fn(FromClient) -> Item,
     ) {
         let mut pieces = Vec::with_capacity(v.len() / PIECE + 1);
         while v.len() > PIECE {
@@ -620,21 +622,21 @@ fn queue_pieces(queue: &mut VecDeque<Item>, msg: ToScheduler, item: impl Fn(ToSc
         queue.extend(pieces.into_iter().rev().map(|p| item(wrap(p))));
     }
     match msg {
-        ToScheduler::Submit(mut v) => {
+        FromClient::Submit(mut v) => {
             // Before cutting: a piece's first task may share its function.
             shoal_proto::fill_funcs(&mut v);
             if v.len() > PIECE {
-                cut(queue, v, ToScheduler::Submit, item)
+                cut(queue, v, FromClient::Submit, item)
             } else {
-                queue.push_back(item(ToScheduler::Submit(v)))
+                queue.push_back(item(FromClient::Submit(v)))
             }
         }
-        ToScheduler::Release(v) if v.len() > PIECE => cut(queue, v, ToScheduler::Release, item),
-        ToScheduler::Cancel(v) if v.len() > PIECE => cut(queue, v, ToScheduler::Cancel, item),
-        ToScheduler::Detach(v) if v.len() > PIECE => cut(queue, v, ToScheduler::Detach, item),
-        ToScheduler::Where(v) if v.len() > PIECE => cut(queue, v, ToScheduler::Where, item),
-        ToScheduler::Adopt(v) if v.len() > PIECE => cut(queue, v, ToScheduler::Adopt, item),
-        ToScheduler::Resubmit(v) if v.len() > PIECE => cut(queue, v, ToScheduler::Resubmit, item),
+        FromClient::Release(v) if v.len() > PIECE => cut(queue, v, FromClient::Release, item),
+        FromClient::Cancel(v) if v.len() > PIECE => cut(queue, v, FromClient::Cancel, item),
+        FromClient::Detach(v) if v.len() > PIECE => cut(queue, v, FromClient::Detach, item),
+        FromClient::Where(v) if v.len() > PIECE => cut(queue, v, FromClient::Where, item),
+        FromClient::Adopt(v) if v.len() > PIECE => cut(queue, v, FromClient::Adopt, item),
+        FromClient::Resubmit(v) if v.len() > PIECE => cut(queue, v, FromClient::Resubmit, item),
         m => queue.push_back(item(m)),
     }
 }
@@ -663,9 +665,7 @@ impl State {
                 };
                 conn.last_seen = now;
                 self.monitor.messages_in += msgs.len() as u64;
-                for m in msgs {
-                    queue_pieces(queue, m, |m| Item::Worker(w, m));
-                }
+                queue.extend(msgs.into_iter().map(|m| Item::Worker(w, m)));
             }
             // Joins at once: a new peer's first messages may arrive before
             // the queue reaches its join, and would be taken for a stranger's.
@@ -693,7 +693,7 @@ impl State {
                 Item::Event(ev) => self.handle(ev),
                 Item::DropOrphans => self.drop_orphans(),
                 Item::Client(c, m) => {
-                    let resumes = matches!(m, ToScheduler::Resume(_));
+                    let resumes = matches!(m, FromClient::Resume(_));
                     // None: held back until the recovery wait ends.
                     let m = self.recovery.from_client(c, m, resumes);
                     if let Some(m) = m.filter(|_| self.clients.contains_key(&c)) {
@@ -744,7 +744,7 @@ impl State {
             } => {
                 if self.closing {
                     // Joined after the shutdown request: send it away too.
-                    let _ = tx.send(FromScheduler::Shutdown);
+                    let _ = tx.send(ToWorker::Shutdown);
                     return;
                 }
                 let ids = self.resource_ids(&resources);
@@ -822,7 +822,7 @@ impl State {
             Event::ShutdownWorkers => {
                 self.closing = true;
                 for w in self.workers.values() {
-                    let _ = w.tx.send(FromScheduler::Shutdown);
+                    let _ = w.tx.send(ToWorker::Shutdown);
                 }
             }
             // Split into items by `arrived`.

@@ -22,8 +22,8 @@ use shoal_core::worker::stops::{Stop, Stops};
 use shoal_core::worker::store::Results;
 use shoal_core::worker::{FetchReport, Fetched as FetchOutcome, Phase, Take, WorkerState};
 use shoal_proto::{
-    Activity, ActivityKind, DataReply, DataRequest, Dep, DepSource, FromScheduler, Payload, Role,
-    TaskKind, Telemetry, Timing, ToScheduler, Welcome, WorkerMetrics, WorkerStep, INLINE_LIMIT,
+    Activity, ActivityKind, DataReply, DataRequest, Dep, DepSource, FromWorker, Payload, Role,
+    TaskKind, Telemetry, Timing, ToWorker, Welcome, WorkerMetrics, WorkerStep, INLINE_LIMIT,
 };
 use std::collections::VecDeque;
 use std::io;
@@ -76,9 +76,9 @@ pub struct ExecTask {
     pub time_limit_ms: u64,
     /// Its job (0: none).
     pub job: u32,
-    /// A batch to say which element runs (see `FromScheduler::Compute`).
+    /// A batch to say which element runs (see `ToWorker::Compute`).
     pub careful: bool,
-    /// What earlier runs of it did (see `FromScheduler::Compute`).
+    /// What earlier runs of it did (see `ToWorker::Compute`).
     pub resume: Vec<Bytes>,
 }
 
@@ -149,7 +149,7 @@ pub(crate) struct Unsent {
     /// Tasks execution threads took since the last flush: sent first, so
     /// the scheduler hears of a start before its result.
     started: Vec<u64>,
-    reports: Vec<ToScheduler>,
+    reports: Vec<FromWorker>,
     /// When the oldest entry was buffered.
     since: Option<Instant>,
 }
@@ -179,12 +179,12 @@ pub struct WorkerShared {
     /// Wakes transfers waiting for a result to be pickled.
     pickled: tokio::sync::Notify,
     /// The scheduler connection's sending half (replaced on a reconnect).
-    out: parking_lot::RwLock<net::Outbox<ToScheduler>>,
+    out: parking_lot::RwLock<net::Outbox<FromWorker>>,
     /// `shoal worker --reconnect`: how to reach the scheduler again, and
     /// the `Finished`/`Failed` reports it has not acknowledged (with how
     /// many of this connection's reports it has), sent again on rejoining.
     reconnect: Option<Reconnect>,
-    unacked: Mutex<ReportLog<ToScheduler>>,
+    unacked: Mutex<ReportLog<FromWorker>>,
     /// Starts and results not yet sent: sent together once the oldest is
     /// `FLUSH_AFTER` old (by the next report or the flusher task), and
     /// before the execution loop waits.
@@ -281,7 +281,7 @@ impl WorkerShared {
     }
 
     /// The scheduler connection's sending half.
-    fn out(&self) -> net::Outbox<ToScheduler> {
+    fn out(&self) -> net::Outbox<FromWorker> {
         self.out.read().clone()
     }
 }
@@ -362,7 +362,7 @@ pub fn start(
         if let Some(s) = &slots {
             s.set_joined();
         }
-        let (out, mut stream) = net::split_batched::<ToScheduler>(conn);
+        let (out, mut stream) = net::split_batched::<FromWorker>(conn);
         let reconnect = reconnect_for().map(|give_up| Reconnect {
             scheduler: scheduler.clone(),
             role,
@@ -451,10 +451,10 @@ pub fn start(
                 };
                 (cpu0, t0) = (cpu1, t1);
                 if let Some(t) = sh.take_telemetry() {
-                    let _ = sh.out().send(ToScheduler::Telemetry(t));
+                    let _ = sh.out().send(FromWorker::Telemetry(t));
                 }
                 // A worker that reconnects beats on the next connection.
-                if sh.out().send(ToScheduler::Heartbeat(m)).is_err() && sh.reconnect.is_none() {
+                if sh.out().send(FromWorker::Heartbeat(m)).is_err() && sh.reconnect.is_none() {
                     return;
                 }
             }
@@ -478,7 +478,7 @@ pub fn start(
                     let Some(frame) = next else {
                         break ("lost the scheduler connection".to_string(), 1);
                     };
-                    match net::decode_batch::<FromScheduler>(frame) {
+                    match net::decode_batch::<ToWorker>(frame) {
                         Ok(msgs) => {
                             for m in msgs {
                                 if handle(&sh, m) {
@@ -583,7 +583,7 @@ async fn rejoin(sh: &Arc<WorkerShared>, rc: &Reconnect) -> Result<Stream, (Strin
             Err(_) => {}
         }
     };
-    let (out, stream) = net::split_batched::<ToScheduler>(conn);
+    let (out, stream) = net::split_batched::<FromWorker>(conn);
     // Under the report lock: no report overtakes the Rejoin, so the
     // scheduler's count of reports matches the log's.
     let unsent = sh.unsent.lock();
@@ -600,7 +600,7 @@ async fn rejoin(sh: &Arc<WorkerShared>, rc: &Reconnect) -> Result<Stream, (Strin
         reports.len(),
         held.len()
     );
-    let _ = out.send(ToScheduler::Rejoin {
+    let _ = out.send(FromWorker::Rejoin {
         running,
         reports,
         held,

@@ -121,17 +121,13 @@ pub(crate) fn ids_weight(ids: &[u64]) -> usize {
     SMALL + 8 * ids.len()
 }
 
-impl Weigh for shoal_proto::FromScheduler {
+impl Weigh for shoal_proto::ToClient {
     fn weight(&self) -> usize {
-        use shoal_proto::FromScheduler as F;
+        use shoal_proto::ToClient as C;
         match self {
-            F::Memory { value, .. } => SMALL + value.as_ref().map_or(0, |v| v.len()),
-            F::Compute {
-                func, args, deps, ..
-            } => SMALL + func.len() + args.len() + 48 * deps.len(),
-            F::Release(ids) | F::Steal(ids) => ids_weight(ids),
-            F::QueryReply { json, .. } => SMALL + json.len(),
-            F::Erred {
+            C::Memory { value, .. } => SMALL + value.as_ref().map_or(0, |v| v.len()),
+            C::QueryReply { json, .. } => SMALL + json.len(),
+            C::Erred {
                 error: shoal_proto::TaskError::Exception { error, .. },
                 ..
             } => SMALL + error.len(),
@@ -140,31 +136,31 @@ impl Weigh for shoal_proto::FromScheduler {
     }
 }
 
-impl Weigh for shoal_proto::ToScheduler {
+impl Weigh for shoal_proto::ToWorker {
     fn weight(&self) -> usize {
-        use shoal_proto::ToScheduler as T;
+        use shoal_proto::ToWorker as W;
         match self {
-            T::Submit(specs) => specs
+            W::Compute {
+                func, args, deps, ..
+            } => SMALL + func.len() + args.len() + 48 * deps.len(),
+            W::Release(ids) | W::Steal(ids) => ids_weight(ids),
+            _ => SMALL,
+        }
+    }
+}
+
+impl Weigh for shoal_proto::FromClient {
+    fn weight(&self) -> usize {
+        use shoal_proto::FromClient as C;
+        match self {
+            C::Submit(specs) => specs
                 .iter()
                 .map(|t| SMALL + t.func.len() + t.args.len() + 8 * t.deps.len())
                 .sum(),
-            T::Release(ids) | T::Cancel(ids) | T::Detach(ids) => ids_weight(ids),
-            T::Stolen(ids) | T::Started(ids) | T::Where(ids) => ids_weight(ids),
-            T::Finished { value, .. } => SMALL + value.as_ref().map_or(0, |v| v.len()),
-            T::Failed { error, text, .. } => SMALL + error.len() + text.len(),
-            T::Query { path, .. } => SMALL + path.len(),
-            T::Telemetry(_) => 4096,
-            T::SubmitJob { tasks, .. } => tasks.iter().map(|t| SMALL + t.args.len()).sum(),
-            T::Rejoin {
-                running,
-                reports,
-                held,
-            } => {
-                ids_weight(running)
-                    + 16 * held.len()
-                    + reports.iter().map(|r| r.weight()).sum::<usize>()
-            }
-            T::Resubmit(tasks) => tasks
+            C::Release(ids) | C::Cancel(ids) | C::Detach(ids) | C::Where(ids) => ids_weight(ids),
+            C::Query { path, .. } => SMALL + path.len(),
+            C::SubmitJob { tasks, .. } => tasks.iter().map(|t| SMALL + t.args.len()).sum(),
+            C::Resubmit(tasks) => tasks
                 .iter()
                 .map(|(t, v)| {
                     SMALL
@@ -174,6 +170,28 @@ impl Weigh for shoal_proto::ToScheduler {
                         + v.as_ref().map_or(0, |v| v.len())
                 })
                 .sum(),
+            _ => SMALL,
+        }
+    }
+}
+
+impl Weigh for shoal_proto::FromWorker {
+    fn weight(&self) -> usize {
+        use shoal_proto::FromWorker as W;
+        match self {
+            W::Stolen(ids) | W::Started(ids) => ids_weight(ids),
+            W::Finished { value, .. } => SMALL + value.as_ref().map_or(0, |v| v.len()),
+            W::Failed { error, text, .. } => SMALL + error.len() + text.len(),
+            W::Telemetry(_) => 4096,
+            W::Rejoin {
+                running,
+                reports,
+                held,
+            } => {
+                ids_weight(running)
+                    + 16 * held.len()
+                    + reports.iter().map(|r| r.weight()).sum::<usize>()
+            }
             _ => SMALL,
         }
     }

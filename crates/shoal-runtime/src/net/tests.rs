@@ -351,7 +351,7 @@ fn addresses_parse_and_print() {
 /// as the peer reads; the count returns to zero once all is written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outbox_counts_what_waits_and_producers_wait_for_room() {
-    use shoal_proto::ToScheduler;
+    use shoal_proto::FromWorker;
     let secret = Secret::from_token("t").unwrap();
     let dir = std::env::temp_dir().join(format!("shoal-room-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -367,7 +367,7 @@ async fn an_outbox_counts_what_waits_and_producers_wait_for_room() {
         go.await.unwrap();
         let mut n = 0;
         while let Some(frame) = conn.next().await {
-            n += decode_batch::<ToScheduler>(frame).unwrap().len();
+            n += decode_batch::<FromWorker>(frame).unwrap().len();
             if n == 64 {
                 break;
             }
@@ -375,10 +375,10 @@ async fn an_outbox_counts_what_waits_and_producers_wait_for_room() {
         n
     });
     let (conn, _) = handshake(&addr, Role::Client, &secret).await.unwrap();
-    let (out, _stream) = split_batched::<ToScheduler>(conn);
+    let (out, _stream) = split_batched::<FromWorker>(conn);
     let value = Bytes::from(vec![7u8; 1 << 20]);
     for id in 0..64 {
-        let m = ToScheduler::Finished {
+        let m = FromWorker::Finished {
             id,
             size: 1 << 20,
             value: Some(value.clone()),

@@ -5,11 +5,11 @@ use super::*;
 use shoal_core::recovery::Orphan;
 
 impl State {
-    pub(crate) fn client_msg(&mut self, client: u32, msg: ToScheduler) {
+    pub(crate) fn client_msg(&mut self, client: u32, msg: FromClient) {
         let cid = ClientId(client);
         match msg {
-            ToScheduler::Submit(specs) => self.submit(cid, specs),
-            ToScheduler::Resume(old) => {
+            FromClient::Submit(specs) => self.submit(cid, specs),
+            FromClient::Resume(old) => {
                 // Its task ids go on in `old`'s range: no connection may be
                 // given that id now, nor later.
                 let taken = old != client
@@ -26,8 +26,8 @@ impl State {
                 self.ids.fetch_max(old + 1, Ordering::Relaxed);
                 tracing::info!("client {client} resumed the session of client {old}");
             }
-            ToScheduler::Resubmit(tasks) => self.resubmit_held(cid, tasks),
-            ToScheduler::SubmitJob {
+            FromClient::Resubmit(tasks) => self.resubmit_held(cid, tasks),
+            FromClient::SubmitJob {
                 query,
                 name,
                 max_fails,
@@ -45,7 +45,7 @@ impl State {
                     ));
                 }
             }
-            ToScheduler::CancelJob { query, job } => {
+            FromClient::CancelJob { query, job } => {
                 let json = match self.jobs.cancel_all(job) {
                     Some(ids) => {
                         let n = ids.len();
@@ -56,31 +56,31 @@ impl State {
                 };
                 self.reply(client, query, json);
             }
-            ToScheduler::Release(ids) => {
+            FromClient::Release(ids) => {
                 let ids: Vec<TaskId> = ids.into_iter().map(TaskId).collect();
                 self.core.handle_release(cid, &ids);
             }
-            ToScheduler::Cancel(ids) => {
+            FromClient::Cancel(ids) => {
                 let ids: Vec<TaskId> = ids.into_iter().map(TaskId).collect();
                 self.core.handle_cancel(cid, &ids);
             }
-            ToScheduler::CancelQueued(ids) => {
+            FromClient::CancelQueued(ids) => {
                 let ids: Vec<TaskId> = ids.into_iter().map(TaskId).collect();
                 self.core.handle_cancel_queued(cid, &ids);
             }
-            ToScheduler::Detach(ids) => {
+            FromClient::Detach(ids) => {
                 let ids: Vec<TaskId> = ids.into_iter().map(TaskId).collect();
                 self.core.handle_detach(cid, &ids);
             }
-            ToScheduler::Withdraw(name) => {
+            FromClient::Withdraw(name) => {
                 let r = self.resource_ids(&[(name, 0.0)])[0].0;
                 self.core.handle_resource_withdrawn(r);
             }
-            ToScheduler::Expect(name) => {
+            FromClient::Expect(name) => {
                 let r = self.resource_ids(&[(name, 0.0)])[0].0;
                 self.core.handle_resource_expected(r);
             }
-            ToScheduler::Retire(names) => {
+            FromClient::Retire(names) => {
                 let ids: Vec<u32> = self
                     .workers
                     .iter()
@@ -96,38 +96,38 @@ impl State {
                     self.core.handle_retire(WorkerId(id));
                 }
             }
-            ToScheduler::Where(ids) => {
+            FromClient::Where(ids) => {
                 let ids: Vec<TaskId> = ids.into_iter().map(TaskId).collect();
                 self.core.handle_where(cid, &ids);
             }
-            ToScheduler::Hold { by, tasks } => {
+            FromClient::Hold { by, tasks } => {
                 let tasks: Vec<TaskId> = tasks.into_iter().map(TaskId).collect();
                 self.core.handle_hold(TaskId(by), &tasks);
             }
-            ToScheduler::Adopt(ids) => {
+            FromClient::Adopt(ids) => {
                 let ids: Vec<TaskId> = ids.into_iter().map(TaskId).collect();
                 let unknown = self.core.handle_adopt(cid, &ids);
                 if let Some(tx) = self.client_tx(client) {
                     for TaskId(id) in unknown {
                         let error = TaskError::MissingDependency { dep: id };
-                        let _ = tx.send(FromScheduler::Erred { id, error });
+                        let _ = tx.send(ToClient::Erred { id, error });
                     }
                 }
             }
-            ToScheduler::Restart => {
+            FromClient::Restart => {
                 tracing::warn!("client {client} restarts every worker");
                 for w in self.workers.values() {
-                    let _ = w.tx.send(FromScheduler::Restart);
+                    let _ = w.tx.send(ToWorker::Restart);
                 }
             }
-            ToScheduler::Info => {
+            FromClient::Info => {
                 let info = self.info();
                 if let Some(tx) = self.client_tx(client) {
-                    let _ = tx.send(FromScheduler::Info(info));
+                    let _ = tx.send(ToClient::Info(info));
                 }
             }
-            ToScheduler::Alive => {}
-            ToScheduler::Name { id, name, value } => {
+            FromClient::Alive => {}
+            FromClient::Name { id, name, value } => {
                 let json = match value {
                     None => serde_json::json!({ "value": self.names.get(&name).map(|n| &n.1) }),
                     Some(_) if self.names.contains_key(&name) => {
@@ -140,19 +140,18 @@ impl State {
                 };
                 if let Some(tx) = self.client_tx(client) {
                     let json = json.to_string();
-                    let _ = tx.send(FromScheduler::QueryReply { id, json });
+                    let _ = tx.send(ToClient::QueryReply { id, json });
                 }
             }
-            ToScheduler::Unname(name) => {
+            FromClient::Unname(name) => {
                 if self.names.get(&name).is_some_and(|n| n.0 == client) {
                     self.names.remove(&name);
                 }
             }
-            ToScheduler::Query { id, path } if path == SYNC_PATH => self.start_sync(client, id),
-            ToScheduler::Query { id, path } => {
+            FromClient::Query { id, path } if path == SYNC_PATH => self.start_sync(client, id),
+            FromClient::Query { id, path } => {
                 self.ask(&path, super::stories::Asker::Client(client, id));
             }
-            other => tracing::warn!("client {client} sent a worker message: {other:?}"),
         }
     }
 
@@ -266,7 +265,7 @@ impl State {
     pub(crate) fn reply(&self, client: u32, id: u64, json: serde_json::Value) {
         if let Some(tx) = self.client_tx(client) {
             let json = json.to_string();
-            let _ = tx.send(FromScheduler::QueryReply { id, json });
+            let _ = tx.send(ToClient::QueryReply { id, json });
         }
     }
 
@@ -278,7 +277,7 @@ impl State {
         self.process();
     }
 
-    pub(crate) fn client_tx(&self, client: u32) -> Option<&Tx> {
+    pub(crate) fn client_tx(&self, client: u32) -> Option<&ClientTx> {
         self.clients.get(&client).map(|c| &c.tx)
     }
 
@@ -290,7 +289,7 @@ impl State {
         let sid = self.next_sync;
         let waiting: FxHashSet<u32> = self.workers.keys().copied().collect();
         for w in self.workers.values() {
-            let _ = w.tx.send(FromScheduler::Sync(sid));
+            let _ = w.tx.send(ToWorker::Sync(sid));
         }
         self.syncs.insert(sid, (client, query, waiting));
         self.answer_sync(sid);
@@ -314,7 +313,7 @@ impl State {
             self.syncs.remove(&sid);
             if let Some(tx) = self.client_tx(client) {
                 let json = serde_json::json!({ "synced": true }).to_string();
-                let _ = tx.send(FromScheduler::QueryReply { id, json });
+                let _ = tx.send(ToClient::QueryReply { id, json });
             }
         }
     }

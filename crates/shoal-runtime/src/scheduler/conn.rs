@@ -40,11 +40,17 @@ pub(crate) async fn serve_conn(
     {
         return;
     }
-    let (tx, mut stream) = net::split_batched::<FromScheduler>(conn);
-    let is_worker = match hello.role {
+    match hello.role {
         Role::Client => {
+            let (tx, stream) = net::split_batched::<ToClient>(conn);
             let _ = events.send(Event::ClientJoined(id, tx));
-            false
+            let why = read(stream, &events, &mut stop, |msgs| {
+                Event::FromClient(id, msgs)
+            })
+            .await;
+            if why.is_some() {
+                let _ = events.send(Event::ClientLeft(id));
+            }
         }
         Role::Worker {
             nthreads,
@@ -56,6 +62,7 @@ pub(crate) async fn serve_conn(
             supervisor,
         } => {
             tracing::info!("worker {name} (pid {pid}) joined with {nthreads} threads");
+            let (tx, stream) = net::split_batched::<ToWorker>(conn);
             let _ = events.send(Event::WorkerJoined {
                 id,
                 pid,
@@ -67,7 +74,13 @@ pub(crate) async fn serve_conn(
                 supervisor,
                 tx,
             });
-            true
+            let why = read(stream, &events, &mut stop, |msgs| {
+                Event::FromWorker(id, msgs)
+            })
+            .await;
+            if let Some(reason) = why {
+                let _ = events.send(Event::WorkerLeft(id, reason));
+            }
         }
         Role::Obituary {
             supervisor,
@@ -79,61 +92,68 @@ pub(crate) async fn serve_conn(
                 pid,
                 running,
             });
-            return;
         }
-        Role::Data => return,
-    };
-    let reason = loop {
+        Role::Data => {}
+    }
+}
+
+/// Reads a peer's frames of `T` into the owner's queue until the
+/// connection ends: why it ended (None: the scheduler stops, or the owner
+/// is gone).
+async fn read<T: serde::de::DeserializeOwned + Send + 'static>(
+    mut stream: futures::stream::SplitStream<net::Conn>,
+    events: &mpsc::UnboundedSender<Event>,
+    stop: &mut watch::Receiver<bool>,
+    event: impl Fn(Vec<T>) -> Event,
+) -> Option<String> {
+    loop {
         tokio::select! {
-            _ = stop.changed() => return,
+            _ = stop.changed() => return None,
             frame = stream.next() => match frame {
-                None => break "connection closed".to_string(),
-                Some(frame) => match decode(frame).await {
+                None => return Some("connection closed".to_string()),
+                Some(frame) => match decode::<T>(frame).await {
                     Ok(msgs) => {
-                        let ev = if is_worker { Event::FromWorker(id, msgs) } else { Event::FromClient(id, msgs) };
-                        if events.send(ev).is_err() { return; }
+                        if events.send(event(msgs)).is_err() { return None; }
                     }
                     // TLS peers that exit without close_notify: a plain close.
-                    Err(e) if matches!(e.kind(), io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset) => break "connection closed".to_string(),
-                    Err(e) => break format!("bad frame: {e}"),
+                    Err(e) if matches!(e.kind(), io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset) => return Some("connection closed".to_string()),
+                    Err(e) => return Some(format!("bad frame: {e}")),
                 },
             }
         }
-    };
-    let _ = events.send(if is_worker {
-        Event::WorkerLeft(id, reason)
-    } else {
-        Event::ClientLeft(id)
-    });
+    }
 }
 
 /// Decodes a peer's frame; a big one on a blocking thread, so that decoding
 /// it does not hold the I/O thread (the reader waits: order is kept).
-pub(crate) async fn decode(frame: io::Result<bytes::BytesMut>) -> io::Result<Vec<ToScheduler>> {
+pub(crate) async fn decode<T: serde::de::DeserializeOwned + Send + 'static>(
+    frame: io::Result<bytes::BytesMut>,
+) -> io::Result<Vec<T>> {
     match frame {
         Ok(f) if f.len() >= BIG_FRAME => {
-            tokio::task::spawn_blocking(move || net::decode_batch::<ToScheduler>(Ok(f)))
+            tokio::task::spawn_blocking(move || net::decode_batch::<T>(Ok(f)))
                 .await
                 .unwrap_or_else(|e| Err(io::Error::other(e)))
         }
         Ok(f) if f.len() >= YIELD_FRAME => {
-            let msgs = net::decode_batch::<ToScheduler>(Ok(f));
+            let msgs = net::decode_batch::<T>(Ok(f));
             // A peer sending frame after frame (a job in pieces) finds them
             // all buffered: without a yield, tokio's budget would let this
             // reader decode a hundred of them before the loop's next turn.
             tokio::task::yield_now().await;
             msgs
         }
-        f => net::decode_batch::<ToScheduler>(f),
+        f => net::decode_batch::<T>(f),
     }
 }
 
 /// Frames from this size on are decoded inline, then the reader yields.
 const YIELD_FRAME: usize = 64 << 10;
 
-/// Whether a peer's queue has been over `limit` for two beats.
-pub(crate) fn fell_behind(tx: &Tx, behind: &mut bool, limit: usize) -> bool {
-    let over = tx.queued_bytes() > limit;
+/// Whether a peer's queue (`queued` bytes now) has been over `limit` for
+/// two beats.
+pub(crate) fn fell_behind(queued: usize, behind: &mut bool, limit: usize) -> bool {
+    let over = queued > limit;
     let twice = over && *behind;
     *behind = over;
     twice

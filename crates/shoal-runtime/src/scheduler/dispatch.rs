@@ -80,24 +80,23 @@ impl State {
                 Action::CancelCompute { worker, task, stop } => {
                     if let Some(w) = self.workers.get(&worker.0) {
                         let _ = w.tx.send(if stop {
-                            FromScheduler::Stop(task.0)
+                            ToWorker::Stop(task.0)
                         } else {
-                            FromScheduler::Cancel(task.0)
+                            ToWorker::Cancel(task.0)
                         });
                     }
                 }
                 Action::Steal { worker, tasks } => {
                     if let Some(w) = self.workers.get(&worker.0) {
-                        let _ = w.tx.send(FromScheduler::Steal(
-                            tasks.into_iter().map(|t| t.0).collect(),
-                        ));
+                        let _ =
+                            w.tx.send(ToWorker::Steal(tasks.into_iter().map(|t| t.0).collect()));
                     }
                 }
                 Action::Replicate { task, from, to } => {
                     let from = self.workers.get(&from.0).map(|w| w.data_addr.clone());
                     match (from, self.workers.get(&to.0)) {
                         (Some(from), Some(w)) => {
-                            let _ = w.tx.send(FromScheduler::Replicate { id: task.0, from });
+                            let _ = w.tx.send(ToWorker::Replicate { id: task.0, from });
                         }
                         _ => self.core.handle_replicated(to, task, false),
                     }
@@ -106,7 +105,7 @@ impl State {
                     self.retired.insert(worker.0);
                     if let Some(w) = self.workers.get(&worker.0) {
                         tracing::info!("worker {} handed its data over; stopping it", w.name);
-                        let _ = w.tx.send(FromScheduler::Shutdown);
+                        let _ = w.tx.send(ToWorker::Shutdown);
                     }
                 }
                 Action::ReleaseData { worker, task } => {
@@ -116,7 +115,7 @@ impl State {
                     // Sent in order with Computes (a recomputed task may go to
                     // the same worker); the writer batches them anyway.
                     if let Some(w) = worker.and_then(|w| self.workers.get(&w.0)) {
-                        let _ = w.tx.send(FromScheduler::Release(vec![task.0]));
+                        let _ = w.tx.send(ToWorker::Release(vec![task.0]));
                     }
                 }
                 Action::Forget { task } => {
@@ -157,7 +156,7 @@ impl State {
                         }
                         None => continue,
                     };
-                    let _ = tx.send(FromScheduler::Memory {
+                    let _ = tx.send(ToClient::Memory {
                         id: task.0,
                         value,
                         location,
@@ -193,7 +192,7 @@ impl State {
                         ErrorKind::DataLost => TaskError::DataLost { cause: cause_name },
                         ErrorKind::Cycle => TaskError::Cycle { cause: cause_name },
                     };
-                    let _ = tx.send(FromScheduler::Erred { id: task.0, error });
+                    let _ = tx.send(ToClient::Erred { id: task.0, error });
                 }
             }
         }

@@ -39,7 +39,7 @@ impl State {
                     conn.name,
                     ids.len()
                 );
-                let _ = conn.tx.send(FromScheduler::Release(ids));
+                let _ = conn.tx.send(ToWorker::Release(ids));
             }
         }
     }

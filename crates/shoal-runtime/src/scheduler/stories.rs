@@ -68,9 +68,7 @@ impl State {
         self.next_sync += 1;
         let query = self.next_sync;
         for w in &waiting {
-            let _ = self.workers[w]
-                .tx
-                .send(FromScheduler::Story { query, task });
+            let _ = self.workers[w].tx.send(ToWorker::Story { query, task });
         }
         let deadline = tokio::time::Instant::now() + STORY_WAIT;
         self.stories.insert(
@@ -147,7 +145,7 @@ impl State {
                     Err((_, msg)) => json!({ "error": msg }).to_string(),
                 };
                 if let Some(tx) = self.client_tx(client) {
-                    let _ = tx.send(FromScheduler::QueryReply { id, json });
+                    let _ = tx.send(ToClient::QueryReply { id, json });
                 }
             }
         }

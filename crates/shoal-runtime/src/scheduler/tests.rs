@@ -53,15 +53,15 @@ async fn serving(name: &str) -> (std::path::PathBuf, SchedulerHandle, Secret, ne
 async fn a_client_that_does_not_read_is_let_go_when_its_backlog_is_over_the_limit() {
     let (dir, h, secret, conn) = serving("backlog").await;
     h.events.send(Event::PeerBacklog(256 << 10)).unwrap();
-    let (tx, mut rx) = net::split_batched::<ToScheduler>(conn);
+    let (tx, mut rx) = net::split_batched::<FromClient>(conn);
     for i in 0..20_000 {
         let path = "/api/status".to_string();
-        tx.send(ToScheduler::Query { id: i, path }).unwrap();
+        tx.send(FromClient::Query { id: i, path }).unwrap();
     }
     // Alive all along: only the backlog can get it dropped.
     let beating = tx.clone();
     let beat = tokio::spawn(async move {
-        while beating.send(ToScheduler::Alive).is_ok() {
+        while beating.send(FromClient::Alive).is_ok() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     });
@@ -72,7 +72,7 @@ async fn a_client_that_does_not_read_is_let_go_when_its_backlog_is_over_the_limi
             match rx.next().await {
                 None | Some(Err(_)) => break answers,
                 Some(Ok(frame)) => {
-                    answers += net::decode_batch::<FromScheduler>(Ok(frame)).unwrap().len()
+                    answers += net::decode_batch::<ToClient>(Ok(frame)).unwrap().len()
                 }
             }
         }
@@ -88,15 +88,15 @@ async fn a_client_that_does_not_read_is_let_go_when_its_backlog_is_over_the_limi
     let (conn, _) = net::handshake(&h.address, Role::Client, &secret)
         .await
         .unwrap();
-    let (tx, mut rx) = net::split_batched::<ToScheduler>(conn);
+    let (tx, mut rx) = net::split_batched::<FromClient>(conn);
     let path = "/api/status".to_string();
-    tx.send(ToScheduler::Query { id: 1, path }).unwrap();
+    tx.send(FromClient::Query { id: 1, path }).unwrap();
     let answered = tokio::time::timeout(Duration::from_secs(10), async {
         while let Some(frame) = rx.next().await {
-            let msgs = net::decode_batch::<FromScheduler>(frame).unwrap();
+            let msgs = net::decode_batch::<ToClient>(frame).unwrap();
             if msgs
                 .iter()
-                .any(|m| matches!(m, FromScheduler::QueryReply { .. }))
+                .any(|m| matches!(m, ToClient::QueryReply { .. }))
             {
                 return true;
             }
@@ -112,16 +112,14 @@ async fn a_client_that_does_not_read_is_let_go_when_its_backlog_is_over_the_limi
 fn big_messages_are_cut_into_pieces_in_order() {
     let mut queue = VecDeque::new();
     let ids: Vec<u64> = (0..10_000).collect();
-    queue_pieces(&mut queue, ToScheduler::Release(ids), |m| {
-        Item::Client(1, m)
-    });
-    queue_pieces(&mut queue, ToScheduler::Cancel(vec![7]), |m| {
+    queue_pieces(&mut queue, FromClient::Release(ids), |m| Item::Client(1, m));
+    queue_pieces(&mut queue, FromClient::Cancel(vec![7]), |m| {
         Item::Client(1, m)
     });
     let got: Vec<(usize, u64)> = queue
         .iter()
         .map(|i| match i {
-            Item::Client(_, ToScheduler::Release(v) | ToScheduler::Cancel(v)) => (v.len(), v[0]),
+            Item::Client(_, FromClient::Release(v) | FromClient::Cancel(v)) => (v.len(), v[0]),
             _ => unreachable!(),
         })
         .collect();
@@ -134,21 +132,21 @@ fn big_messages_are_cut_into_pieces_in_order() {
 #[tokio::test]
 async fn a_client_joining_behind_a_huge_submission_is_served() {
     let (dir, h, secret, conn) = serving("joinbehind").await;
-    let (tx, _rx) = net::split_batched::<ToScheduler>(conn);
+    let (tx, _rx) = net::split_batched::<FromClient>(conn);
     let specs: Vec<TaskSpec> = (1..=2_000_000u64).map(|i| task(1, i)).collect();
     // One message: cut into pieces on arrival, they fill the owner's
     // queue at once; the second client joins while it works.
     // Small messages, decoded at once, fill the owner's queue faster
     // than it works through it; the second client joins meanwhile.
     for chunk in specs.chunks(PIECE) {
-        tx.send(ToScheduler::Submit(chunk.to_vec())).unwrap();
+        tx.send(FromClient::Submit(chunk.to_vec())).unwrap();
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (conn, _) = net::handshake(&h.address, Role::Client, &secret)
         .await
         .unwrap();
-    let (tx2, mut rx2) = net::split_batched::<ToScheduler>(conn);
-    tx2.send(ToScheduler::Query {
+    let (tx2, mut rx2) = net::split_batched::<FromClient>(conn);
+    tx2.send(FromClient::Query {
         id: 7,
         path: "/api/status".into(),
     })
@@ -157,16 +155,16 @@ async fn a_client_joining_behind_a_huge_submission_is_served() {
     // go as silent while it waits.
     let beating = tx2.clone();
     let beat = tokio::spawn(async move {
-        while beating.send(ToScheduler::Alive).is_ok() {
+        while beating.send(FromClient::Alive).is_ok() {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     });
     let answered = tokio::time::timeout(Duration::from_secs(20), async {
         while let Some(frame) = rx2.next().await {
-            let msgs = net::decode_batch::<FromScheduler>(frame).unwrap();
+            let msgs = net::decode_batch::<ToClient>(frame).unwrap();
             if msgs
                 .iter()
-                .any(|m| matches!(m, FromScheduler::QueryReply { id: 7, .. }))
+                .any(|m| matches!(m, ToClient::QueryReply { id: 7, .. }))
             {
                 return true;
             }
@@ -182,7 +180,7 @@ async fn a_client_joining_behind_a_huge_submission_is_served() {
 #[tokio::test]
 async fn a_panic_in_the_owner_stops_the_whole_scheduler_loudly() {
     let (dir, h, secret, conn) = serving("crash").await;
-    let (_tx, mut from_scheduler) = net::split_batched::<ToScheduler>(conn);
+    let (_tx, mut from_scheduler) = net::split_batched::<FromClient>(conn);
     h.events.send(Event::Panic).unwrap();
     let why = tokio::time::timeout(Duration::from_secs(5), h.crashed())
         .await
@@ -267,7 +265,7 @@ async fn hostile_queries_and_frames_after_the_handshake_leave_the_scheduler_serv
         .and_then(|s| s.parse().ok())
         .unwrap_or(2.0);
     let (dir, h, secret, conn) = serving("hostile").await;
-    let (tx, mut rx) = net::split_batched::<ToScheduler>(conn);
+    let (tx, mut rx) = net::split_batched::<FromClient>(conn);
     let mut rng = fastrand::Rng::with_seed(7);
     // The next `n` query answers, skipping pings.
     async fn answers(
@@ -280,8 +278,8 @@ async fn hostile_queries_and_frames_after_the_handshake_leave_the_scheduler_serv
                 .await
                 .expect("the scheduler answers")
                 .expect("the connection stays open");
-            for m in net::decode_batch::<FromScheduler>(frame).unwrap() {
-                if let FromScheduler::QueryReply { json, .. } = m {
+            for m in net::decode_batch::<ToClient>(frame).unwrap() {
+                if let ToClient::QueryReply { json, .. } = m {
                     got.push(json);
                 }
             }
@@ -293,7 +291,7 @@ async fn hostile_queries_and_frames_after_the_handshake_leave_the_scheduler_serv
     while std::time::Instant::now() < deadline {
         for i in 0..64 {
             let path = random_path(&mut rng);
-            tx.send(ToScheduler::Query { id: i, path }).unwrap();
+            tx.send(FromClient::Query { id: i, path }).unwrap();
         }
         for json in answers(&mut rx, 64).await {
             let v: serde_json::Value = serde_json::from_str(&json).expect("JSON answers");
@@ -309,7 +307,7 @@ async fn hostile_queries_and_frames_after_the_handshake_leave_the_scheduler_serv
         vec![
             0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
         ],
-        shoal_proto::encode(&vec![ToScheduler::Release(vec![1, 2, 3])])[..3].to_vec(),
+        shoal_proto::encode(&vec![FromClient::Release(vec![1, 2, 3])])[..3].to_vec(),
     ];
     bad.extend((0..12).map(|_| (0..rng.usize(1..200)).map(|_| rng.u8(..)).collect()));
     for (i, body) in bad.into_iter().enumerate() {
@@ -325,7 +323,7 @@ async fn hostile_queries_and_frames_after_the_handshake_leave_the_scheduler_serv
         drop(conn);
     }
     // Still serving: the first client's queries are answered.
-    tx.send(ToScheduler::Query {
+    tx.send(FromClient::Query {
         id: 1,
         path: "/api/status".into(),
     })
@@ -339,18 +337,26 @@ async fn hostile_queries_and_frames_after_the_handshake_leave_the_scheduler_serv
 // ---- The scheduler's glue through the in-memory transport: peers speak
 // the protocol as real clients and workers do, with no socket.
 
-/// A peer of the scheduler speaking the protocol by hand.
-struct Peer {
+/// A peer of the scheduler speaking the protocol by hand: it sends `O`
+/// and receives `I` (a client or a worker).
+struct Peer<O, I> {
     id: u32,
-    tx: net::Outbox<ToScheduler>,
+    tx: net::Outbox<O>,
     rx: futures::stream::SplitStream<net::Conn>,
-    seen: VecDeque<FromScheduler>,
+    seen: VecDeque<I>,
 }
 
-impl Peer {
-    async fn join(addr: &Address, role: Role, secret: &Secret) -> Peer {
+type ClientPeer = Peer<FromClient, ToClient>;
+type WorkerPeer = Peer<FromWorker, ToWorker>;
+
+impl<O, I> Peer<O, I>
+where
+    O: serde::Serialize + net::Weigh + Send + 'static,
+    I: serde::de::DeserializeOwned,
+{
+    async fn join(addr: &Address, role: Role, secret: &Secret) -> Self {
         let (conn, id) = net::handshake(addr, role, secret).await.unwrap();
-        let (tx, rx) = net::split_batched::<ToScheduler>(conn);
+        let (tx, rx) = net::split_batched::<O>(conn);
         Peer {
             id,
             tx,
@@ -359,17 +365,13 @@ impl Peer {
         }
     }
 
-    fn send(&self, m: ToScheduler) {
+    fn send(&self, m: O) {
         self.tx.send(m).unwrap();
     }
 
     /// The next message that `want` picks (others are skipped), or None
     /// after `secs`.
-    async fn next(
-        &mut self,
-        secs: f64,
-        want: impl Fn(&FromScheduler) -> bool,
-    ) -> Option<FromScheduler> {
+    async fn next(&mut self, secs: f64, want: impl Fn(&I) -> bool) -> Option<I> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(secs);
         loop {
             while let Some(m) = self.seen.pop_front() {
@@ -380,20 +382,21 @@ impl Peer {
             let frame = tokio::time::timeout_at(deadline, self.rx.next())
                 .await
                 .ok()??;
-            self.seen
-                .extend(net::decode_batch::<FromScheduler>(frame).ok()?);
+            self.seen.extend(net::decode_batch::<I>(frame).ok()?);
         }
     }
+}
 
+impl WorkerPeer {
     /// Task ids of the next `n` `Compute` orders.
     async fn computes(&mut self, n: usize) -> Vec<u64> {
         let mut ids = Vec::new();
         while ids.len() < n {
             match self
-                .next(10.0, |m| matches!(m, FromScheduler::Compute { .. }))
+                .next(10.0, |m| matches!(m, ToWorker::Compute { .. }))
                 .await
             {
-                Some(FromScheduler::Compute { id, .. }) => ids.push(id),
+                Some(ToWorker::Compute { id, .. }) => ids.push(id),
                 _ => panic!("only {} of {n} tasks were sent", ids.len()),
             }
         }
@@ -401,7 +404,7 @@ impl Peer {
     }
 
     fn finished(&self, id: u64) {
-        self.send(ToScheduler::Finished {
+        self.send(FromWorker::Finished {
             id,
             size: 1,
             value: Some(Bytes::from_static(b"1")),
@@ -441,7 +444,7 @@ fn task(client: u32, n: u64) -> TaskSpec {
     }
 }
 
-async fn cluster(name: &str) -> (SchedulerHandle, Secret, Peer) {
+async fn cluster(name: &str) -> (SchedulerHandle, Secret, ClientPeer) {
     let secret = Secret::random();
     let h = start(
         &Address::Memory(format!("{name}-sched")),
@@ -450,13 +453,13 @@ async fn cluster(name: &str) -> (SchedulerHandle, Secret, Peer) {
     )
     .await
     .unwrap();
-    let client = Peer::join(&h.address, Role::Client, &secret).await;
+    let client = ClientPeer::join(&h.address, Role::Client, &secret).await;
     (h, secret, client)
 }
 
-fn memory_of(m: &FromScheduler) -> Option<u64> {
+fn memory_of(m: &ToClient) -> Option<u64> {
     match m {
-        FromScheduler::Memory { id, .. } => Some(*id),
+        ToClient::Memory { id, .. } => Some(*id),
         _ => None,
     }
 }
@@ -467,16 +470,16 @@ fn memory_of(m: &FromScheduler) -> Option<u64> {
 #[tokio::test]
 async fn a_worker_lost_mid_batch_has_its_tasks_run_elsewhere() {
     let (h, secret, mut client) = cluster("midbatch").await;
-    let mut a = Peer::join(&h.address, worker_role("a", 1), &secret).await;
+    let mut a = WorkerPeer::join(&h.address, worker_role("a", 1), &secret).await;
     let cid = client.id;
-    client.send(ToScheduler::Submit((1..=4).map(|n| task(cid, n)).collect()));
+    client.send(FromClient::Submit((1..=4).map(|n| task(cid, n)).collect()));
     let first = a.computes(1).await;
-    a.send(ToScheduler::Started(first.clone()));
+    a.send(FromWorker::Started(first.clone()));
     a.finished(first[0]);
     let more = a.computes(1).await; // the next one, started, then the line drops
-    a.send(ToScheduler::Started(more.clone()));
+    a.send(FromWorker::Started(more.clone()));
     drop(a);
-    let mut b = Peer::join(&h.address, worker_role("b", 4), &secret).await;
+    let mut b = WorkerPeer::join(&h.address, worker_role("b", 4), &secret).await;
     let mut rest = b.computes(3).await;
     rest.sort_unstable();
     let mut want: Vec<u64> = (1..=4)
@@ -505,15 +508,15 @@ async fn a_worker_lost_mid_batch_has_its_tasks_run_elsewhere() {
 #[tokio::test]
 async fn duplicate_and_late_reports_are_ignored() {
     let (h, secret, mut client) = cluster("dupes").await;
-    let mut a = Peer::join(&h.address, worker_role("a", 1), &secret).await;
+    let mut a = WorkerPeer::join(&h.address, worker_role("a", 1), &secret).await;
     let cid = client.id;
-    client.send(ToScheduler::Submit(vec![task(cid, 1)]));
+    client.send(FromClient::Submit(vec![task(cid, 1)]));
     let t = a.computes(1).await[0];
-    a.send(ToScheduler::Started(vec![t]));
+    a.send(FromWorker::Started(vec![t]));
     a.finished(t);
     a.finished(t); // duplicate
     a.finished(task(cid, 77).id); // never submitted
-    a.send(ToScheduler::Started(vec![task(cid, 78).id]));
+    a.send(FromWorker::Started(vec![task(cid, 78).id]));
     let mut heard = 0;
     while client
         .next(1.0, |m| memory_of(m) == Some(t))
@@ -524,7 +527,7 @@ async fn duplicate_and_late_reports_are_ignored() {
     }
     assert_eq!(heard, 1);
     // Still serving: a new task runs.
-    client.send(ToScheduler::Submit(vec![task(cid, 2)]));
+    client.send(FromClient::Submit(vec![task(cid, 2)]));
     let t2 = a.computes(1).await[0];
     a.finished(t2);
     assert!(client
@@ -540,13 +543,13 @@ async fn duplicate_and_late_reports_are_ignored() {
 #[tokio::test]
 async fn a_worker_that_reconnects_gets_the_lost_work_again() {
     let (h, secret, mut client) = cluster("reconnect").await;
-    let mut a = Peer::join(&h.address, worker_role("w", 2), &secret).await;
+    let mut a = WorkerPeer::join(&h.address, worker_role("w", 2), &secret).await;
     let cid = client.id;
-    client.send(ToScheduler::Submit(vec![task(cid, 1), task(cid, 2)]));
+    client.send(FromClient::Submit(vec![task(cid, 1), task(cid, 2)]));
     let mut ids = a.computes(2).await;
     ids.sort_unstable();
     drop(a);
-    let mut again = Peer::join(&h.address, worker_role("w", 2), &secret).await;
+    let mut again = WorkerPeer::join(&h.address, worker_role("w", 2), &secret).await;
     let mut resent = again.computes(2).await;
     resent.sort_unstable();
     assert_eq!(resent, ids);
@@ -562,9 +565,9 @@ async fn a_worker_that_reconnects_gets_the_lost_work_again() {
     h.stop();
 }
 
-fn reply_of(m: &FromScheduler, want: u64) -> Option<serde_json::Value> {
+fn reply_of(m: &ToClient, want: u64) -> Option<serde_json::Value> {
     match m {
-        FromScheduler::QueryReply { id, json } if *id == want => serde_json::from_str(json).ok(),
+        ToClient::QueryReply { id, json } if *id == want => serde_json::from_str(json).ok(),
         _ => None,
     }
 }
@@ -575,19 +578,17 @@ fn reply_of(m: &FromScheduler, want: u64) -> Option<serde_json::Value> {
 #[tokio::test]
 async fn a_tasks_detail_has_its_workers_steps_and_names_a_silent_one() {
     let (h, secret, mut client) = cluster("stories").await;
-    let mut a = Peer::join(&h.address, worker_role("a", 1), &secret).await;
+    let mut a = WorkerPeer::join(&h.address, worker_role("a", 1), &secret).await;
     let cid = client.id;
-    client.send(ToScheduler::Submit(vec![task(cid, 1)]));
+    client.send(FromClient::Submit(vec![task(cid, 1)]));
     let t = a.computes(1).await[0];
     let path = format!("/api/task/{t}");
-    client.send(ToScheduler::Query {
+    client.send(FromClient::Query {
         id: 7,
         path: path.clone(),
     });
-    let asked = a
-        .next(5.0, |m| matches!(m, FromScheduler::Story { .. }))
-        .await;
-    let Some(FromScheduler::Story { query, task: of }) = asked else {
+    let asked = a.next(5.0, |m| matches!(m, ToWorker::Story { .. })).await;
+    let Some(ToWorker::Story { query, task: of }) = asked else {
         panic!("the worker was not asked: {asked:?}");
     };
     assert_eq!(of, t);
@@ -597,7 +598,7 @@ async fn a_tasks_detail_has_its_workers_steps_and_names_a_silent_one() {
         phase: Some("running".into()),
         at_us: 5,
     };
-    a.send(ToScheduler::Story {
+    a.send(FromWorker::Story {
         query,
         steps: vec![step],
     });
@@ -607,7 +608,7 @@ async fn a_tasks_detail_has_its_workers_steps_and_names_a_silent_one() {
     assert!(detail["story"].as_array().is_some_and(|s| !s.is_empty()));
     // A worker that says nothing: answered without it, naming it.
     let started = std::time::Instant::now();
-    client.send(ToScheduler::Query { id: 8, path });
+    client.send(FromClient::Query { id: 8, path });
     let got = client.next(5.0, |m| reply_of(m, 8).is_some()).await;
     let detail = reply_of(&got.expect("answered anyway"), 8).unwrap();
     assert_eq!(
@@ -617,7 +618,7 @@ async fn a_tasks_detail_has_its_workers_steps_and_names_a_silent_one() {
     );
     assert!(started.elapsed() < Duration::from_secs(3));
     // Unknown tasks and bad ids are errors, answered at once.
-    client.send(ToScheduler::Query {
+    client.send(FromClient::Query {
         id: 9,
         path: "/api/task/1".into(),
     });

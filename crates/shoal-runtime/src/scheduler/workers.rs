@@ -4,33 +4,30 @@
 use super::*;
 
 impl State {
-    pub(crate) fn worker_msg(&mut self, worker: u32, msg: ToScheduler) {
+    pub(crate) fn worker_msg(&mut self, worker: u32, msg: FromWorker) {
         let wid = WorkerId(worker);
-        if matches!(
-            msg,
-            ToScheduler::Finished { .. } | ToScheduler::Failed { .. }
-        ) {
+        if matches!(msg, FromWorker::Finished { .. } | FromWorker::Failed { .. }) {
             if let Some(w) = self.workers.get_mut(&worker) {
                 w.reports += 1; // acknowledged at the next heartbeat
             }
             if !self.partials.is_empty() {
                 // A careful batch ended: what it did is in its report now.
-                if let ToScheduler::Finished { id, .. } | ToScheduler::Failed { id, .. } = &msg {
+                if let FromWorker::Finished { id, .. } | FromWorker::Failed { id, .. } = &msg {
                     self.partials.remove(id);
                 }
             }
         }
         match msg {
-            ToScheduler::Finished { id, .. } | ToScheduler::Failed { id, .. }
+            FromWorker::Finished { id, .. } | FromWorker::Failed { id, .. }
                 if self.recovery.is_restored(id) =>
             {
                 let (outcome, text) = match msg {
-                    ToScheduler::Failed { text, .. } => (jobs::Outcome::Failed, Some(text)),
+                    FromWorker::Failed { text, .. } => (jobs::Outcome::Failed, Some(text)),
                     _ => (jobs::Outcome::Finished, None),
                 };
                 self.restored_ended(id, outcome, text);
             }
-            ToScheduler::Rejoin {
+            FromWorker::Rejoin {
                 running,
                 reports,
                 held,
@@ -47,12 +44,12 @@ impl State {
                 let now = self.clock_us();
                 self.recovery.rejoined(now, worker, &running, held);
                 for r in reports {
-                    if matches!(r, ToScheduler::Finished { .. } | ToScheduler::Failed { .. }) {
+                    if matches!(r, FromWorker::Finished { .. } | FromWorker::Failed { .. }) {
                         self.worker_msg(worker, r);
                     }
                 }
             }
-            ToScheduler::Finished {
+            FromWorker::Finished {
                 id,
                 size,
                 value,
@@ -80,7 +77,7 @@ impl State {
                     self.recovery.finished_unknown(id, worker, size, value);
                 }
             }
-            ToScheduler::Failed {
+            FromWorker::Failed {
                 id,
                 error,
                 text,
@@ -95,7 +92,7 @@ impl State {
                     }
                 }
             }
-            ToScheduler::Telemetry(t) => {
+            FromWorker::Telemetry(t) => {
                 for a in &t.activity {
                     let group = self.core.task_group(TaskId(a.task)).unwrap_or(u32::MAX);
                     self.monitor.activity(worker, a, group);
@@ -105,40 +102,40 @@ impl State {
                     self.monitor.logs(worker, t.logs);
                 }
             }
-            ToScheduler::Threads(n) => self.core.handle_worker_threads(wid, n),
-            ToScheduler::Story { query, steps } => self.worker_story(worker, query, steps),
-            ToScheduler::RestartMe => {
+            FromWorker::Threads(n) => self.core.handle_worker_threads(wid, n),
+            FromWorker::Story { query, steps } => self.worker_story(worker, query, steps),
+            FromWorker::RestartMe => {
                 if let Some(w) = self.workers.get(&worker) {
                     tracing::warn!(
                         "worker {} restarts: a task it was told to stop does not stop",
                         w.name
                     );
-                    let _ = w.tx.send(FromScheduler::Restart);
+                    let _ = w.tx.send(ToWorker::Restart);
                 }
                 self.core.handle_worker_restarting(wid);
             }
-            ToScheduler::RetireMe => {
+            FromWorker::RetireMe => {
                 if let Some(w) = self.workers.get(&worker) {
                     tracing::info!("worker {} retires (SIGTERM)", w.name);
                 }
                 self.core.handle_retire(wid);
             }
-            ToScheduler::Replicated { id, ok } => {
+            FromWorker::Replicated { id, ok } => {
                 self.core.handle_replicated(wid, TaskId(id), ok);
             }
-            ToScheduler::Heartbeat(m) => {
+            FromWorker::Heartbeat(m) => {
                 self.monitor.heartbeat(worker, crate::clock::now_us(), &m);
                 if let Some(w) = self.workers.get_mut(&worker) {
                     w.metrics = m;
                 }
             }
-            ToScheduler::Missing { task, deps } => {
+            FromWorker::Missing { task, deps } => {
                 let deps: Vec<TaskId> = deps.into_iter().map(TaskId).collect();
                 tracing::warn!("worker {worker} could not fetch {deps:?}: recomputing them");
                 self.core.handle_missing_data(wid, TaskId(task), &deps);
             }
-            ToScheduler::Pinned(id) => self.core.handle_pinned(wid, TaskId(id)),
-            ToScheduler::Progress {
+            FromWorker::Pinned(id) => self.core.handle_pinned(wid, TaskId(id)),
+            FromWorker::Progress {
                 id,
                 from,
                 count,
@@ -157,29 +154,28 @@ impl State {
                     }
                 }
             }
-            ToScheduler::Paused(p) => {
+            FromWorker::Paused(p) => {
                 tracing::info!(
                     "worker {worker} {}",
                     if p { "paused (memory high)" } else { "resumed" }
                 );
                 self.core.handle_worker_paused(wid, p)
             }
-            ToScheduler::Stolen(ids) => {
+            FromWorker::Stolen(ids) => {
                 for id in ids {
                     self.core.handle_steal_reply(wid, TaskId(id), true);
                 }
             }
-            ToScheduler::Synced(sid) => self.synced(sid, worker),
-            ToScheduler::Started(ids) => {
+            FromWorker::Synced(sid) => self.synced(sid, worker),
+            FromWorker::Started(ids) => {
                 let ids: Vec<TaskId> = ids.into_iter().map(TaskId).collect();
                 self.core.handle_tasks_started(wid, &ids);
             }
-            ToScheduler::FetchFailed { task, deps } => {
+            FromWorker::FetchFailed { task, deps } => {
                 let deps: Vec<TaskId> = deps.into_iter().map(TaskId).collect();
                 tracing::warn!("worker {worker} could not reach the holder of {deps:?}");
                 self.core.handle_fetch_failed(wid, TaskId(task), &deps);
             }
-            other => tracing::warn!("worker {worker} sent a client message: {other:?}"),
         }
     }
 
@@ -189,16 +185,16 @@ impl State {
     /// worker's tasks run elsewhere, its results are recomputed.
     pub(crate) fn heartbeat(&mut self, now: tokio::time::Instant) {
         for c in self.clients.values() {
-            let _ = c.tx.send(FromScheduler::Ping);
+            let _ = c.tx.send(ToClient::Ping);
         }
         let (timeout, limit) = (self.heartbeat_timeout, self.peer_backlog);
         // Why a peer is let go: silent (frozen, dead, cut off), or reading
         // slower than the cluster talks to it, so that what is queued for
         // it would grow without bound.
-        let why = |last_seen: tokio::time::Instant, tx: &Tx, behind: &mut bool| {
+        let why = |last_seen: tokio::time::Instant, queued: usize, behind: &mut bool| {
             if now.saturating_duration_since(last_seen) > timeout {
                 Some(format!("sent nothing for {timeout:?}"))
-            } else if fell_behind(tx, behind, limit) {
+            } else if fell_behind(queued, behind, limit) {
                 Some(format!(
                     "reads too slowly (over {limit} bytes queued for it for a second)"
                 ))
@@ -212,7 +208,9 @@ impl State {
         let gone: Vec<(u32, String)> = self
             .clients
             .iter_mut()
-            .filter_map(|(&id, c)| Some((id, why(c.last_seen, &c.tx, &mut c.behind)?)))
+            .filter_map(|(&id, c)| {
+                Some((id, why(c.last_seen, c.tx.queued_bytes(), &mut c.behind)?))
+            })
             .collect();
         for (id, reason) in gone {
             tracing::warn!("client {id} {reason}: letting it go");
@@ -225,7 +223,9 @@ impl State {
         let gone: Vec<(u32, String)> = self
             .workers
             .iter_mut()
-            .filter_map(|(&id, w)| Some((id, why(w.last_seen, &w.tx, &mut w.behind)?)))
+            .filter_map(|(&id, w)| {
+                Some((id, why(w.last_seen, w.tx.queued_bytes(), &mut w.behind)?))
+            })
             .collect();
         for (id, reason) in gone {
             if let Some(w) = self.workers.remove(&id) {
@@ -246,12 +246,12 @@ impl State {
             self.process();
         }
         for w in self.workers.values_mut() {
-            let _ = w.tx.send(FromScheduler::Ping);
+            let _ = w.tx.send(ToWorker::Ping);
             // What they reported is recorded (the journal was written
             // before this beat): they need not keep it for a rejoin.
             if w.reports > w.acked {
                 w.acked = w.reports;
-                let _ = w.tx.send(FromScheduler::Ack(w.reports));
+                let _ = w.tx.send(ToWorker::Ack(w.reports));
             }
         }
     }
@@ -276,7 +276,7 @@ impl State {
             })
             .collect();
         let group = self.group_of(task.0);
-        let _ = w.tx.send(FromScheduler::Compute {
+        let _ = w.tx.send(ToWorker::Compute {
             id: task.0,
             name: shoal_proto::task_name(spec.key.as_deref(), group, task.0),
             group: group.to_string(),

@@ -79,6 +79,6 @@ impl WorkerShared {
     pub fn report_stuck(&self, done: Done) {
         self.report(vec![done]);
         self.flush_locked(&mut self.unsent.lock());
-        let _ = self.out().send(ToScheduler::RestartMe);
+        let _ = self.out().send(FromWorker::RestartMe);
     }
 }

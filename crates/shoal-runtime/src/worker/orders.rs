@@ -43,9 +43,9 @@ impl WorkerShared {
 }
 
 /// Applies one scheduler message; true on shutdown.
-pub(crate) fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
+pub(crate) fn handle(sh: &Arc<WorkerShared>, msg: ToWorker) -> bool {
     match msg {
-        FromScheduler::Compute {
+        ToWorker::Compute {
             id,
             name,
             group,
@@ -112,9 +112,9 @@ pub(crate) fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
                                 sh.cv.notify_one();
                                 return;
                             }
-                            FetchReport::Missing(deps) => ToScheduler::Missing { task: id, deps },
+                            FetchReport::Missing(deps) => FromWorker::Missing { task: id, deps },
                             FetchReport::Unreachable(deps) => {
-                                ToScheduler::FetchFailed { task: id, deps }
+                                FromWorker::FetchFailed { task: id, deps }
                             }
                         };
                         sh.flush();
@@ -126,20 +126,20 @@ pub(crate) fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
                 abort(old);
             }
         }
-        FromScheduler::Steal(ids) => {
+        ToWorker::Steal(ids) => {
             // The execution loop takes one task at a time, so every task not
             // started is still here (or fetching its inputs).
             let (given, aborts) = sh.orders.lock().steal(&ids);
             aborts.into_iter().for_each(|h| h.abort());
             if !given.is_empty() {
-                let _ = sh.out().send(ToScheduler::Stolen(given));
+                let _ = sh.out().send(FromWorker::Stolen(given));
             }
         }
-        FromScheduler::Cancel(id) => {
+        ToWorker::Cancel(id) => {
             let old = sh.orders.lock().cancel(id);
             abort(old);
         }
-        FromScheduler::Stop(id) => {
+        ToWorker::Stop(id) => {
             let (old, running) = {
                 let mut orders = sh.orders.lock();
                 let old = orders.cancel(id);
@@ -150,7 +150,7 @@ pub(crate) fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
                 sh.stop_running(id);
             }
         }
-        FromScheduler::Release(ids) => {
+        ToWorker::Release(ids) => {
             let delete = {
                 let mut framed = sh.framed.lock();
                 for id in &ids {
@@ -164,14 +164,14 @@ pub(crate) fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
             sh.orders.lock().release(ids);
             sh.cv.notify_one();
         }
-        FromScheduler::Shutdown => {
+        ToWorker::Shutdown => {
             sh.orders.lock().shutdown();
             sh.cv.notify_all();
             return true;
         }
-        FromScheduler::Ping => {}
-        FromScheduler::Ack(n) => sh.acked(n),
-        FromScheduler::Story { query, task } => {
+        ToWorker::Ping => {}
+        ToWorker::Ack(n) => sh.acked(n),
+        ToWorker::Story { query, task } => {
             let steps = sh
                 .orders
                 .lock()
@@ -184,9 +184,9 @@ pub(crate) fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
                     at_us: s.at_us,
                 })
                 .collect();
-            let _ = sh.out().send(ToScheduler::Story { query, steps });
+            let _ = sh.out().send(FromWorker::Story { query, steps });
         }
-        FromScheduler::Sync(sid) => {
+        ToWorker::Sync(sid) => {
             sh.syncs.lock().push(sid);
             if sh.sampler.load(Ordering::Relaxed) {
                 sh.sync_epoch.fetch_add(1, Ordering::Relaxed);
@@ -201,7 +201,7 @@ pub(crate) fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
                 sh.synced();
             }
         }
-        FromScheduler::Replicate { id, from } => {
+        ToWorker::Replicate { id, from } => {
             let sh = sh.clone();
             tokio::spawn(async move {
                 let ok = match replicate(&sh, id, &from).await {
@@ -211,16 +211,16 @@ pub(crate) fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
                         false
                     }
                 };
-                let _ = sh.out().send(ToScheduler::Replicated { id, ok });
+                let _ = sh.out().send(FromWorker::Replicated { id, ok });
             });
         }
-        FromScheduler::Restart if sh.in_process => {
+        ToWorker::Restart if sh.in_process => {
             eprintln!(
                 "shoal: a worker in this process cannot be restarted (a task stuck in C \
                  code, or restart()): use worker processes (LocalCluster(processes=True))"
             );
         }
-        FromScheduler::Restart => {
+        ToWorker::Restart => {
             eprintln!(
                 "shoal worker {}: restart requested; exiting for a fresh process",
                 std::process::id()
@@ -230,7 +230,6 @@ pub(crate) fn handle(sh: &Arc<WorkerShared>, msg: FromScheduler) -> bool {
             // SAFETY: as on scheduler loss; the nanny starts a new process.
             unsafe { libc::_exit(75) };
         }
-        other => tracing::warn!("unexpected message for a worker: {other:?}"),
     }
     false
 }

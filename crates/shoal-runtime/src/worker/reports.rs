@@ -34,7 +34,7 @@ impl WorkerShared {
                     let size = value.len() as u64;
                     // Small: inline (the scheduler keeps it); else kept here.
                     let value = self.store.lock().finished_bytes(id, value);
-                    ToScheduler::Finished {
+                    FromWorker::Finished {
                         id,
                         size,
                         value,
@@ -50,7 +50,7 @@ impl WorkerShared {
                     self.store
                         .lock()
                         .finished(id, Stored::File { path, len: size });
-                    ToScheduler::Finished {
+                    FromWorker::Finished {
                         id,
                         size,
                         value: None,
@@ -59,7 +59,7 @@ impl WorkerShared {
                 }
                 Done::Held { id, size, timing } => {
                     self.store.lock().finished(id, Stored::Held);
-                    ToScheduler::Finished {
+                    FromWorker::Finished {
                         id,
                         size,
                         value: None,
@@ -71,7 +71,7 @@ impl WorkerShared {
                     error,
                     text,
                     timing,
-                } => ToScheduler::Failed {
+                } => FromWorker::Failed {
                     id,
                     error,
                     text,
@@ -120,14 +120,14 @@ impl WorkerShared {
         if !unsent.started.is_empty() {
             let _ = self
                 .out()
-                .send(ToScheduler::Started(std::mem::take(&mut unsent.started)));
+                .send(FromWorker::Started(std::mem::take(&mut unsent.started)));
         }
         let out = self.out();
         if self.reconnect.is_some() {
             // Kept until acknowledged: sent again if the scheduler is lost.
             let mut log = self.unacked.lock();
             for m in unsent.reports.drain(..) {
-                if matches!(m, ToScheduler::Finished { .. } | ToScheduler::Failed { .. }) {
+                if matches!(m, FromWorker::Finished { .. } | FromWorker::Failed { .. }) {
                     log.sent(m.clone());
                 }
                 let _ = out.send(m);
@@ -161,19 +161,19 @@ impl WorkerShared {
     pub(crate) fn send_threads(&self, n: u32) {
         // Reports buffered before this go first: ordering with results.
         self.flush_locked(&mut self.unsent.lock());
-        let _ = self.out().send(ToScheduler::Threads(n));
+        let _ = self.out().send(FromWorker::Threads(n));
     }
 
     /// Task `id`'s result cannot be pickled: the scheduler runs what takes
     /// it here (sent before the task's report).
     pub fn pin(&self, id: u64) {
-        let _ = self.out().send(ToScheduler::Pinned(id));
+        let _ = self.out().send(FromWorker::Pinned(id));
     }
 
     /// Elements `from..from + count` of careful batch `id` are done
     /// (`values`, pickled).
     pub fn progress(&self, id: u64, from: u32, count: u32, values: Bytes) {
-        let _ = self.out().send(ToScheduler::Progress {
+        let _ = self.out().send(FromWorker::Progress {
             id,
             from,
             count,
@@ -185,7 +185,7 @@ impl WorkerShared {
     /// needed results move to other workers, then it is told to stop.
     pub fn retire(&self) {
         self.flush_locked(&mut self.unsent.lock());
-        let _ = self.out().send(ToScheduler::RetireMe);
+        let _ = self.out().send(FromWorker::RetireMe);
     }
 
     /// The memory manager's latest figures (travel with the next heartbeat;
@@ -242,7 +242,7 @@ impl WorkerShared {
         }
         self.flush();
         if let Some(t) = self.take_telemetry() {
-            let _ = self.out().send(ToScheduler::Telemetry(t));
+            let _ = self.out().send(FromWorker::Telemetry(t));
         }
         // Memory as of now, too (a report's last point).
         let m = {
@@ -251,9 +251,9 @@ impl WorkerShared {
             m.bytes_out = self.bytes_out.load(Ordering::Relaxed);
             m.clone()
         };
-        let _ = self.out().send(ToScheduler::Heartbeat(m));
+        let _ = self.out().send(FromWorker::Heartbeat(m));
         for sid in syncs {
-            let _ = self.out().send(ToScheduler::Synced(sid));
+            let _ = self.out().send(FromWorker::Synced(sid));
         }
     }
 
@@ -268,6 +268,6 @@ impl WorkerShared {
             self.cv.notify_all(); // threads held back may take work again
         }
         self.flush_locked(&mut self.unsent.lock());
-        let _ = self.out().send(ToScheduler::Paused(paused));
+        let _ = self.out().send(FromWorker::Paused(paused));
     }
 }

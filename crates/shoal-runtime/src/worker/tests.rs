@@ -7,8 +7,8 @@ use super::*;
 use crate::net::{Conn, Listener};
 use futures::stream::SplitStream;
 
-fn compute(id: u64) -> FromScheduler {
-    FromScheduler::Compute {
+fn compute(id: u64) -> ToWorker {
+    ToWorker::Compute {
         id,
         name: format!("inc-{id:x}"),
         group: "inc".into(),
@@ -25,10 +25,7 @@ fn compute(id: u64) -> FromScheduler {
 }
 
 /// Messages from the worker until `want` picks one (or 10 s pass).
-async fn until(
-    rx: &mut SplitStream<Conn>,
-    want: impl Fn(&ToScheduler) -> bool,
-) -> Vec<ToScheduler> {
+async fn until(rx: &mut SplitStream<Conn>, want: impl Fn(&FromWorker) -> bool) -> Vec<FromWorker> {
     let mut seen = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -36,7 +33,7 @@ async fn until(
             .await
             .expect("the worker said it in time")
             .expect("the worker is connected");
-        for m in net::decode_batch::<ToScheduler>(frame).unwrap() {
+        for m in net::decode_batch::<FromWorker>(frame).unwrap() {
             let done = want(&m);
             seen.push(m);
             if done {
@@ -63,7 +60,7 @@ fn orders_run_reports_arrive_and_a_lost_scheduler_stops_an_in_process_worker() {
         net::send(&mut conn, &Welcome::Accepted { id: 7 })
             .await
             .unwrap();
-        let (tx, rx) = net::split_batched::<FromScheduler>(conn);
+        let (tx, rx) = net::split_batched::<ToWorker>(conn);
         (listener, tx, rx, hello)
     });
     let sh = start(&rt, &addr, 2, "glue", Vec::new(), secret, true).unwrap();
@@ -91,19 +88,19 @@ fn orders_run_reports_arrive_and_a_lost_scheduler_stops_an_in_process_worker() {
     }
     sh.flush();
     let seen = rt.block_on(until(&mut rx, |m| {
-        matches!(m, ToScheduler::Finished { id: 2, .. })
+        matches!(m, FromWorker::Finished { id: 2, .. })
     }));
     let started: Vec<u64> = seen
         .iter()
         .flat_map(|m| match m {
-            ToScheduler::Started(ids) => ids.clone(),
+            FromWorker::Started(ids) => ids.clone(),
             _ => Vec::new(),
         })
         .collect();
     assert!(started.contains(&1) && started.contains(&2), "{seen:?}");
     let finished = seen
         .iter()
-        .filter(|m| matches!(m, ToScheduler::Finished { .. }))
+        .filter(|m| matches!(m, FromWorker::Finished { .. }))
         .count();
     assert_eq!(finished, 2, "{seen:?}");
 
