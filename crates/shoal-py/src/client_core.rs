@@ -139,7 +139,7 @@ impl ClientCore {
             }
             None => client::reconnect_from_env(),
         };
-        let addr = Address::parse(address).map_err(PyValueError::new_err)?;
+        let addr = Address::parse(address).map_err(|e| PyValueError::new_err(e.to_string()))?;
         let token = token.ok_or_else(|| {
             PyValueError::new_err(format!(
                 "connecting to {address} needs the cluster's token: pass token= or \

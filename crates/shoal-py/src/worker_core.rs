@@ -37,7 +37,7 @@ impl WorkerCore {
         resources: Vec<(String, f64)>,
         in_process: bool,
     ) -> PyResult<Self> {
-        let addr = Address::parse(address).map_err(PyValueError::new_err)?;
+        let addr = Address::parse(address).map_err(|e| PyValueError::new_err(e.to_string()))?;
         let secret = Secret::from_token(token).map_err(|e| PyValueError::new_err(e.to_string()))?;
         let inner = py
             .detach(|| {

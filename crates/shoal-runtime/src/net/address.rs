@@ -15,19 +15,41 @@ pub enum Address {
     Memory(String),
 }
 
+/// Why an address could not be parsed (each names the address given).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddressError {
+    /// `mem://` with no name.
+    #[error("address {0:?} has no name")]
+    NoName(String),
+    /// `unix://` with no path.
+    #[error("address {0:?} has no socket path")]
+    NoPath(String),
+    /// Neither a known scheme nor `HOST:PORT`.
+    #[error(
+        "cannot parse address {0:?}: expected tcp://HOST:PORT, tls://HOST:PORT or unix:///PATH"
+    )]
+    Unknown(String),
+}
+
+impl From<AddressError> for String {
+    fn from(e: AddressError) -> String {
+        e.to_string()
+    }
+}
+
 impl Address {
     /// Parses `unix://PATH`, `tcp://HOST:PORT` or `tls://HOST:PORT` (a bare
     /// `HOST:PORT` means TCP).
-    pub fn parse(s: &str) -> Result<Address, String> {
+    pub fn parse(s: &str) -> Result<Address, AddressError> {
         if let Some(name) = s.strip_prefix("mem://") {
             if name.is_empty() {
-                return Err(format!("address {s:?} has no name"));
+                return Err(AddressError::NoName(s.to_string()));
             }
             return Ok(Address::Memory(name.to_string()));
         }
         if let Some(p) = s.strip_prefix("unix://") {
             if p.is_empty() {
-                return Err(format!("address {s:?} has no socket path"));
+                return Err(AddressError::NoPath(s.to_string()));
             }
             return Ok(Address::Unix(PathBuf::from(p)));
         }
@@ -41,10 +63,7 @@ impl Address {
             } else {
                 Address::Tcp(hp.to_string())
             }),
-            _ => Err(format!(
-                "cannot parse address {s:?}: expected tcp://HOST:PORT, tls://HOST:PORT \
-                 or unix:///PATH"
-            )),
+            _ => Err(AddressError::Unknown(s.to_string())),
         }
     }
 

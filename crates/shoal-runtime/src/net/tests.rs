@@ -338,9 +338,20 @@ fn addresses_parse_and_print() {
         Address::parse("unix:///tmp/s").unwrap(),
         Address::Unix("/tmp/s".into())
     );
+    assert_eq!(
+        Address::parse("unix://"),
+        Err(AddressError::NoPath("unix://".into()))
+    );
+    assert_eq!(
+        Address::parse("mem://"),
+        Err(AddressError::NoName("mem://".into()))
+    );
     for bad in ["", "tcp://host", "unix://", "host:notaport"] {
         assert!(
-            Address::parse(bad).unwrap_err().contains("address"),
+            Address::parse(bad)
+                .unwrap_err()
+                .to_string()
+                .contains("address"),
             "{bad}"
         );
     }
