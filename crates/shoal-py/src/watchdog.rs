@@ -17,6 +17,8 @@ pub(crate) struct Watchdog {
     rules: std::sync::Mutex<Interrupts>,
     /// `Interrupts::watching`, readable without the lock (per task).
     watching: AtomicBool,
+    /// `Interrupts::any_asked`, likewise: every task's start asks.
+    asked: AtomicBool,
 }
 
 fn why_name(w: Why) -> &'static str {
@@ -36,6 +38,7 @@ impl Watchdog {
         let mut rules = self.rules.lock().unwrap_or_else(|e| e.into_inner());
         let r = f(&mut rules);
         self.watching.store(rules.watching(), Ordering::Relaxed);
+        self.asked.store(rules.any_asked(), Ordering::Relaxed);
         r
     }
 }
@@ -47,6 +50,7 @@ impl Watchdog {
         Watchdog {
             rules: std::sync::Mutex::new(Interrupts::new(grace)),
             watching: AtomicBool::new(false),
+            asked: AtomicBool::new(false),
         }
     }
 
@@ -64,7 +68,8 @@ impl Watchdog {
 
     /// Whether a stop for `task` came before it started (it stops now).
     fn asked_before(&self, task: u64) -> bool {
-        self.with(|r| r.asked_before(task))
+        // The common case (no stop waiting) takes no lock.
+        self.asked.load(Ordering::Relaxed) && self.with(|r| r.asked_before(task))
     }
 
     /// `task` ended on `thread`: whether an interrupt may be pending there

@@ -19,7 +19,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use shoal_core::worker::fetch::{FetchPolicy, Next};
 use shoal_core::worker::reports::ReportLog;
 use shoal_core::worker::stops::{Stop, Stops};
-use shoal_core::worker::store::Results;
+use shoal_core::worker::store::{travels_inline, Results};
 use shoal_core::worker::{FetchReport, Fetched as FetchOutcome, Phase, Take, WorkerState};
 use shoal_proto::{
     Activity, ActivityKind, DataReply, DataRequest, Dep, DepSource, FromWorker, Payload, Role,
@@ -374,7 +374,7 @@ pub fn start(
             data_addr,
             orders: Mutex::new(WorkerState::new(nthreads, ORDER_LOG).with_clock(now_us)),
             cv: Condvar::new(),
-            store: Mutex::new(Results::new(INLINE_LIMIT)),
+            store: Mutex::new(Results::default()),
             fetch_slots: tokio::sync::Semaphore::new(FETCH_SLOTS),
             secret,
             to_pickle: Mutex::new(PickleRequests::default()),

@@ -109,7 +109,13 @@ impl Interrupts {
     /// `task` starts (after it registered as running): whether a stop was
     /// asked before it did (then it stops at once, uninterrupted).
     pub fn asked_before(&mut self, task: u64) -> bool {
-        !self.asked.is_empty() && self.asked.remove(&task).is_some()
+        self.asked.remove(&task).is_some()
+    }
+
+    /// Whether any stop waits for its task to start (else
+    /// [`Interrupts::asked_before`] is false for every task).
+    pub fn any_asked(&self) -> bool {
+        !self.asked.is_empty()
     }
 
     /// `task` ended on `thread` (after it unregistered): whether an
@@ -151,6 +157,18 @@ impl Interrupts {
                     self.asked.insert(task, now);
                 }
             }
+        }
+        // A stop that crossed its task's start (the task registered after
+        // the caller looked, and asked before the stop was kept): it runs
+        // now, so it is interrupted.
+        let crossed: Vec<(u64, u64)> = self
+            .asked
+            .keys()
+            .filter_map(|&t| running(t).map(|thread| (t, thread)))
+            .collect();
+        for (task, thread) in crossed {
+            self.asked.remove(&task);
+            self.interrupt(thread, task, Why::Cancelled, now, &mut acts);
         }
         let due: Vec<u64> = self
             .deadlines
@@ -248,6 +266,20 @@ mod tests {
         assert!(!w.asked_before(7), "once");
         w.tick(61.0, &[], |_| None);
         assert!(!w.asked_before(8), "forgotten after a minute");
+    }
+
+    #[test]
+    fn a_stop_that_crossed_its_tasks_start_interrupts_it_at_the_next_tick() {
+        let mut w = Interrupts::new(5.0);
+        // The caller looked before task 6 registered; it then asked before
+        // the stop was kept, so nothing stopped it.
+        assert_eq!(w.tick(0.0, &[6], |_| None), []);
+        assert_eq!(
+            w.tick(0.05, &[], |t| (t == 6).then_some(60)),
+            [raise(60, 6, Why::Cancelled)]
+        );
+        assert!(!w.any_asked());
+        assert_eq!(w.tick(0.1, &[], |t| (t == 6).then_some(60)), [], "once");
     }
 
     #[test]

@@ -37,39 +37,35 @@ impl<B: AsRef<[u8]>> Stored<B> {
     }
 }
 
+/// Whether a result pickled into `len` bytes travels inline with its
+/// report (the scheduler keeps it; `limit` is the protocol's inline limit)
+/// rather than being kept by the worker for peers to fetch. Decided before
+/// the store is locked: most results of tiny tasks never touch it.
+pub fn travels_inline(len: usize, limit: usize) -> bool {
+    len <= limit
+}
+
 /// The worker's results (see the module's documentation).
 pub struct Results<B> {
     kept: FxHashMap<u64, Stored<B>>,
     /// Results copied here from a retiring peer: their files are this
     /// side's to delete (the Python side never saw them).
     copied: FxHashSet<u64>,
-    /// Pickles up to this size travel inline with their report.
-    inline_limit: usize,
 }
 
-impl<B: AsRef<[u8]>> Results<B> {
-    /// No results; pickles up to `inline_limit` bytes travel inline.
-    pub fn new(inline_limit: usize) -> Self {
+impl<B> Default for Results<B> {
+    fn default() -> Self {
         Results {
             kept: FxHashMap::default(),
             copied: FxHashSet::default(),
-            inline_limit,
         }
     }
+}
 
-    /// A task finished with `value` pickled: returns it if it travels
-    /// inline with the report (the scheduler keeps it), else keeps it here
-    /// and returns None (peers fetch it).
-    pub fn finished_bytes(&mut self, id: u64, value: B) -> Option<B> {
-        if value.as_ref().len() <= self.inline_limit {
-            return Some(value);
-        }
-        self.kept.insert(id, Stored::Bytes(value));
-        None
-    }
-
-    /// A task finished with its result in a file, or held as the Python
-    /// object (`Stored::Held`).
+impl<B: AsRef<[u8]>> Results<B> {
+    /// A task finished and its result stays here (see [`travels_inline`]):
+    /// as pickled bytes, in a file, or held as the Python object
+    /// (`Stored::Held`).
     pub fn finished(&mut self, id: u64, stored: Stored<B>) {
         self.kept.insert(id, stored);
     }
@@ -135,15 +131,15 @@ mod tests {
     use super::*;
 
     fn r() -> Results<Vec<u8>> {
-        Results::new(4)
+        Results::default()
     }
 
     #[test]
     fn small_pickles_travel_inline_and_large_ones_stay() {
         let mut s = r();
-        assert_eq!(s.finished_bytes(1, vec![1; 4]), Some(vec![1; 4]));
-        assert!(!s.contains(1), "inline: the scheduler keeps it");
-        assert_eq!(s.finished_bytes(2, vec![2; 5]), None);
+        assert!(travels_inline(4, 4), "inline: the scheduler keeps it");
+        assert!(!travels_inline(5, 4));
+        s.finished(2, Stored::Bytes(vec![2; 5]));
         assert_eq!(s.get(2), Some(&Stored::Bytes(vec![2; 5])));
         assert_eq!(s.held(), vec![(2, 5)]);
     }

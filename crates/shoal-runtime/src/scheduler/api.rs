@@ -318,7 +318,7 @@ impl State {
             .collect()
     }
 
-    fn worker_name(&self, w: WorkerId) -> Option<String> {
+    pub(crate) fn worker_name(&self, w: WorkerId) -> Option<String> {
         self.monitor.worker_names.get(&w.0).cloned()
     }
 

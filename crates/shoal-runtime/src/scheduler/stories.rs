@@ -152,10 +152,7 @@ impl State {
     }
 
     fn worker_label(&self, worker: u32) -> String {
-        self.monitor
-            .worker_names
-            .get(&worker)
-            .cloned()
+        self.worker_name(WorkerId(worker))
             .unwrap_or_else(|| format!("worker {worker}"))
     }
 }

@@ -33,7 +33,12 @@ impl WorkerShared {
                 Done::Ok { id, value, timing } => {
                     let size = value.len() as u64;
                     // Small: inline (the scheduler keeps it); else kept here.
-                    let value = self.store.lock().finished_bytes(id, value);
+                    let value = if travels_inline(value.len(), INLINE_LIMIT) {
+                        Some(value)
+                    } else {
+                        self.store.lock().finished(id, Stored::Bytes(value));
+                        None
+                    };
                     FromWorker::Finished {
                         id,
                         size,
