@@ -269,7 +269,11 @@ impl State {
                     Location::Inline => DepSource::Inline(Bytes::copy_from_slice(self.value(d.0)?)),
                     Location::Worker(h) => DepSource::Worker {
                         id: h.0,
-                        addr: self.workers.get(&h.0)?.data_addr.clone(),
+                        addr: match (self.workers.get(&h.0), self.dying.get(&h.0)) {
+                            (Some(w), _) => w.data_addr.clone(),
+                            (None, Some(d)) => d.data_addr.clone(),
+                            (None, None) => return None,
+                        },
                     },
                 };
                 Some(Dep { id: d.0, source })
