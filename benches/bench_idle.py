@@ -1,8 +1,10 @@
 """What an idle cluster costs: CPU time per second of wall time, of the
 client process (which runs the embedded scheduler) and of its workers,
-while nothing is submitted.
+while nothing is submitted; with ``--busy``, while every worker thread runs
+a long sleeping task and one more waits queued on each worker (the
+scheduler has work in flight but nothing to do).
 
-    python benches/bench_idle.py [-s SECONDS] [-w WORKERS] [-r REPEATS]
+    python benches/bench_idle.py [-s SECONDS] [-w WORKERS] [-r REPEATS] [--busy]
 """
 
 from __future__ import annotations
@@ -45,10 +47,16 @@ def main() -> None:
     ap.add_argument("-s", "--seconds", type=float, default=10.0)
     ap.add_argument("-w", "--workers", type=int, default=2)
     ap.add_argument("-r", "--repeats", type=int, default=3)
+    ap.add_argument("--busy", action="store_true", help="long tasks running and queued")
     ns = ap.parse_args()
     with shoal.Client(n_workers=ns.workers) as client:
         client.wait_for_workers(ns.workers, timeout=60)
         client.submit(int, 1).result()
+        busy = []
+        if ns.busy:
+            span = ns.seconds * ns.repeats + 30
+            threads = sum(client.nthreads().values())
+            busy = [client.submit(time.sleep, span) for _ in range(threads + ns.workers)]
         time.sleep(2.0)  # start-up and the first task's aftermath settle
         pids = client.worker_pids
         own, workers, wakes = [], [], []
@@ -61,7 +69,9 @@ def main() -> None:
             own.append((cpu_seconds(me) - c0) / wall)
             workers.append((sum(map(cpu_seconds, pids)) - w0) / wall / len(pids))
             wakes.append((wakeups(me, "shoal-io") - k0) / wall)
-    print(f"idle, medians of {ns.repeats} x {ns.seconds:g} s:")
+        client.cancel(busy)
+    state = "busy (long tasks running and queued)" if ns.busy else "idle"
+    print(f"{state}, medians of {ns.repeats} x {ns.seconds:g} s:")
     for what, v in (
         ("client process (embedded scheduler)", statistics.median(own)),
         ("each worker process", statistics.median(workers)),

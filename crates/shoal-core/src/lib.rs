@@ -273,6 +273,10 @@ pub struct Config {
     /// estimate): it gets no more queued work, and its queued tasks are
     /// taken back for workers with free threads. Needs [`Core::handle_tick`].
     pub steal_after_us: u64,
+    /// While a stalled or paused worker has queued tasks and another has a
+    /// free thread, taking them back is tried again this often (a steal
+    /// the worker refused, a task that cannot leave yet).
+    pub steal_retry_us: u64,
 }
 
 impl Default for Config {
@@ -283,6 +287,7 @@ impl Default for Config {
             max_queue_per_thread: 512,
             log_capacity: 0,
             steal_after_us: 200_000,
+            steal_retry_us: 50_000,
         }
     }
 }
@@ -545,8 +550,11 @@ pub struct Core<S = ()> {
     cancel_when_given: FxHashSet<TaskId>,
     /// The event being handled, for the transition log.
     stimulus: &'static str,
-    /// Last time given by `handle_tick` (microseconds, any origin).
+    /// Last time given by `set_clock` or `handle_tick` (microseconds, any
+    /// origin).
     now_us: u64,
+    /// When `handle_tick` last ran (for [`Core::poll_timeout`]).
+    ticked_us: u64,
 }
 
 impl Default for Core {
@@ -590,6 +598,7 @@ impl<S> Core<S> {
             cancel_when_given: FxHashSet::default(),
             stimulus: "",
             now_us: 0,
+            ticked_us: 0,
         }
     }
 
@@ -646,18 +655,6 @@ impl<S> Core<S> {
         self.workers
             .get(&worker)
             .map(|w| (w.assigned.len(), w.has.len()))
-    }
-
-    /// Nothing to do until an event comes: no task ready or running, no
-    /// worker retiring. The service's clock may then tick slowly (the
-    /// core's tick only matters to running work: stealing from stalled
-    /// workers).
-    pub fn is_quiet(&self) -> bool {
-        self.retiring == 0
-            && self
-                .groups
-                .iter()
-                .all(|g| g.counts.ready == 0 && g.counts.processing == 0)
     }
 
     /// Number of workers.

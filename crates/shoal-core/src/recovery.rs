@@ -97,6 +97,11 @@ impl<S, V, M> Recovery<S, V, M> {
         self.until_us.is_some()
     }
 
+    /// When the wait ends (the caller's clock), None while none is on.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        self.until_us
+    }
+
     /// The wait is on and over at `now_us`: call [`Recovery::release`].
     pub fn due(&self, now_us: u64) -> bool {
         self.until_us.is_some_and(|t| now_us >= t)

@@ -63,11 +63,13 @@ impl<S> Core<S> {
         Some(erred)
     }
 
-    /// Time passes (microseconds; called a few times a second). Finds
-    /// stalled workers and takes their queued tasks back for idle ones.
+    /// Time passes (microseconds, at or after [`Core::poll_timeout`]).
+    /// Finds stalled workers and takes their queued tasks back for idle
+    /// ones.
     pub fn handle_tick(&mut self, now_us: u64) {
         self.stimulus = "tick";
-        self.now_us = self.now_us.max(now_us);
+        self.set_clock(now_us);
+        self.ticked_us = self.now_us;
         let steal_after = self.config.steal_after_us;
         let mut newly_stalled = false;
         for w in self.workers.values_mut() {
@@ -80,6 +82,43 @@ impl<S> Core<S> {
         if newly_stalled || self.workers.values().any(|w| w.stalled || w.paused) {
             self.steal();
         }
+    }
+
+    /// The time now (microseconds, `handle_tick`'s origin), without the
+    /// tick's checks: the service sets it before each batch of events, so
+    /// that what the core stamps (a worker's last progress, a time
+    /// request's end) is exact however seldom it ticks. Never goes back.
+    pub fn set_clock(&mut self, now_us: u64) {
+        self.now_us = self.now_us.max(now_us);
+    }
+
+    /// When the core next needs [`Core::handle_tick`] (its clock), None
+    /// while no rule waits on time (the service may then sleep until an
+    /// event comes). A worker with tasks queued behind its running ones
+    /// stalls `steal_after_us` after its last progress; while a stalled or
+    /// paused worker has queued tasks and another worker a free thread,
+    /// taking them back is retried every `steal_retry_us`. Costs a pass
+    /// over the workers: call it once per batch of events, not per event.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        let mut next: Option<u64> = None;
+        let mut sooner = |t: u64| next = Some(next.map_or(t, |n| n.min(t)));
+        let mut free = false;
+        let mut to_steal = false;
+        for w in self.workers.values() {
+            let queued = w.busy() > w.nthreads;
+            if queued && !w.stalled {
+                sooner(w.progress_us + self.config.steal_after_us);
+            }
+            if w.stalled || w.paused {
+                to_steal |= queued;
+            } else {
+                free |= w.busy() < w.nthreads;
+            }
+        }
+        if to_steal && free {
+            sooner(self.ticked_us + self.config.steal_retry_us);
+        }
+        next
     }
 
     /// A worker answers a steal request: `ok` means it had not started the

@@ -65,24 +65,6 @@ fn independent_tasks_fill_one_slot_per_thread_until_durations_are_known() {
 }
 
 #[test]
-fn quiet_only_with_nothing_ready_or_running() {
-    let mut c = core();
-    assert!(c.is_quiet());
-    c.handle_submit(C, vec![nt(1, &[]), nt(2, &[1])]);
-    assert!(!c.is_quiet(), "a ready task with no worker yet");
-    c.handle_worker_added(WorkerId(0), 1);
-    c.take_actions();
-    assert!(!c.is_quiet(), "a task running");
-    c.handle_task_finished(WorkerId(0), t(1), 8, true, 5);
-    c.take_actions();
-    assert!(!c.is_quiet(), "its dependent running");
-    c.handle_task_finished(WorkerId(0), t(2), 8, true, 5);
-    c.take_actions();
-    assert!(c.is_quiet());
-    c.check_invariants();
-}
-
-#[test]
 fn long_tasks_are_not_queued_behind_each_other() {
     let mut c = core();
     c.handle_worker_added(WorkerId(0), 1);
@@ -537,7 +519,26 @@ fn sim(seed: u64) {
         let roll = rng.u32(0..100);
         if roll < 10 {
             now += rng.u64(0..300_000);
+            // The core needs no tick before the time it names (the service
+            // sleeps until then): an earlier one stalls no worker, and acts
+            // only where a retry was already asked for (retries are paced,
+            // and one earlier than asked is harmless).
+            let wake = c.poll_timeout();
+            let due = wake.is_some_and(|t| t <= now);
+            let stalled = |c: &Core| c.workers.values().filter(|w| w.stalled).count();
+            let before = (stalled(&c), c.actions.len());
             c.handle_tick(now);
+            if !due {
+                assert_eq!(
+                    stalled(&c),
+                    before.0,
+                    "seed {seed}: a tick not asked for stalled"
+                );
+                assert!(
+                    c.actions.len() == before.1 || wake.is_some(),
+                    "seed {seed}: a tick acted with none asked for"
+                );
+            }
             continue;
         }
         if roll < 20 && !asked.is_empty() {
@@ -783,6 +784,8 @@ fn tasks_queued_behind_a_stalled_task_are_stolen_for_idle_workers() {
         c.handle_task_finished(WorkerId(w), t(id), 8, true, 10);
     }
     c.take_actions();
+    // The core asks to be woken when worker 0 would stall, not before.
+    assert_eq!(c.poll_timeout(), Some(200_000));
     c.handle_tick(100_000);
     assert!(steals(&c.take_actions()).is_empty(), "not stalled yet");
     c.handle_tick(250_000);
@@ -791,6 +794,8 @@ fn tasks_queued_behind_a_stalled_task_are_stolen_for_idle_workers() {
     assert_eq!(s[0].0, 0);
     assert_eq!(s[0].1, on0[1..].to_vec(), "all but the running one");
     c.check_invariants();
+    // Stalled with queued tasks, a free thread elsewhere: retried.
+    assert_eq!(c.poll_timeout(), Some(300_000));
     // No second request for the same tasks while answers are pending.
     c.handle_tick(300_000);
     assert!(steals(&c.take_actions()).is_empty());
@@ -811,6 +816,21 @@ fn tasks_queued_behind_a_stalled_task_are_stolen_for_idle_workers() {
     c.handle_task_finished(WorkerId(0), t(on0[0]), 8, true, 300_000);
     c.check_invariants();
     assert!(!c.workers[&WorkerId(0)].stalled);
+}
+
+#[test]
+fn a_core_with_nothing_queued_needs_no_tick() {
+    let mut c = core();
+    assert_eq!(c.poll_timeout(), None, "no workers");
+    c.handle_worker_added(WorkerId(0), 2);
+    c.handle_submit(C, vec![nt(1, &[]), nt(2, &[])]);
+    c.take_actions();
+    // Both run, nothing queued behind them: however long they take,
+    // nothing can be stolen.
+    assert_eq!(c.poll_timeout(), None, "running, nothing queued");
+    c.handle_task_finished(WorkerId(0), t(1), 8, true, 10);
+    c.handle_task_finished(WorkerId(0), t(2), 8, true, 10);
+    assert_eq!(c.poll_timeout(), None, "all done");
 }
 
 #[test]

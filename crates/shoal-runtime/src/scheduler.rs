@@ -49,8 +49,9 @@ pub const SYNC_PATH: &str = "/api/sync";
 /// Transitions the core keeps for task stories (about 80 bytes each).
 const STORY_LOG: usize = 100_000;
 
-/// How often the core learns the time.
-const TICK: std::time::Duration = std::time::Duration::from_millis(50);
+/// The least time between two ticks: a deadline that a tick failed to
+/// clear (a bug) costs a wake-up a millisecond, not a spinning thread.
+const MIN_TICK_GAP: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// How long the owner works through queued messages before it lets the
 /// rest of the I/O thread run (readers, writers, heartbeats, the dashboard).
@@ -470,13 +471,15 @@ async fn owner(
     // release, or cancel) never holds the I/O thread for more than a few
     // milliseconds at once.
     let mut queue = VecDeque::new();
-    // The core has no clock: time reaches it as ticks (stall detection).
-    // Every TICK while there is work; when all is quiet, only for the
-    // heartbeat (once a second): an idle scheduler sleeps. Any message
-    // brings the next tick within TICK.
-    let start = tokio::time::Instant::now();
-    let mut next_tick = start + TICK;
+    // Time reaches the core as ticks, when it asks for one (its
+    // `poll_timeout`: a worker that would stall, a steal to retry) or when
+    // a deadline of the service's own is due (obituaries, stories, the
+    // recovery wait), and once a heartbeat for the pings and the
+    // journal's fsync. An idle scheduler, or one whose workers are busy
+    // with long tasks, sleeps between events.
+    let start = st.epoch;
     let mut next_ping = start;
+    let mut wake = start;
     let beat = net::heartbeat_interval();
     loop {
         tokio::select! {
@@ -487,18 +490,19 @@ async fn owner(
                     st.arrived(ev, &mut queue);
                 }
                 st.work(&mut queue).await;
-                next_tick = next_tick.min(tokio::time::Instant::now() + TICK);
+                wake = st.next_wake(next_ping);
             }
             _ = std::future::ready(()), if !queue.is_empty() || st.busy() => {
                 st.work(&mut queue).await;
+                wake = st.next_wake(next_ping);
             }
-            _ = tokio::time::sleep_until(next_tick) => {
-                let now = next_tick;
+            _ = tokio::time::sleep_until(wake) => {
+                let now = wake;
                 // How late this tick runs: the event loop's lag.
                 let lag = tokio::time::Instant::now().saturating_duration_since(now).as_micros() as u64;
                 st.monitor.lag_us = lag;
                 st.monitor.lag_max_us = st.monitor.lag_max_us.max(lag);
-                st.core.handle_tick((now - start).as_micros() as u64);
+                st.core.handle_tick(st.clock_us());
                 st.obituaries_overdue(now);
                 st.stories_overdue(now);
                 if st.recovery.due(st.clock_us()) {
@@ -516,8 +520,7 @@ async fn owner(
                         j.sync();
                     }
                 }
-                let after = tokio::time::Instant::now().max(now) + TICK;
-                next_tick = if st.quiet() { after.max(next_ping) } else { after };
+                wake = st.next_wake(next_ping).max(tokio::time::Instant::now() + MIN_TICK_GAP);
             }
         }
     }
@@ -683,6 +686,9 @@ impl State {
     /// Handles queued items for up to [`SLICE`], then yields the I/O thread.
     async fn work(&mut self, queue: &mut VecDeque<Item>) {
         let begun = std::time::Instant::now();
+        // What the core stamps in this batch (a worker's progress) is exact
+        // however long ago it last ticked.
+        self.core.set_clock(self.clock_us());
         // A job being taken in moves on each turn, however busy the queue;
         // when nothing else waits, it takes the rest of the slice.
         self.intake_step();

@@ -63,19 +63,24 @@ impl State {
         }
     }
 
-    /// Nothing needs the next tick soon: no work in the core, no restored
-    /// state waiting for its owners, nothing of the journal unwritten.
     /// Work of its own waits: jobs being taken in, cancels in steps.
     pub(crate) fn busy(&self) -> bool {
         !self.intake.is_empty() || !self.cancels.is_empty()
     }
 
-    pub(crate) fn quiet(&self) -> bool {
-        self.core.is_quiet()
-            && !self.recovery.waiting()
-            && self.stories.is_empty()
-            && self.dying.is_empty()
-            && !self.busy()
-            && self.journal.as_ref().is_none_or(|j| !j.pending())
+    /// When the loop must tick next: the earliest of what the core asks
+    /// for, the recovery wait's end, an overdue obituary or story, and the
+    /// next heartbeat (`ping`). Called once per batch of events.
+    pub(crate) fn next_wake(&self, ping: tokio::time::Instant) -> tokio::time::Instant {
+        let at = |us: u64| self.epoch + std::time::Duration::from_micros(us);
+        let core = [self.core.poll_timeout(), self.recovery.poll_timeout()];
+        let dying = self.dying.values().map(|d| d.until);
+        let stories = self.stories.values().map(|s| s.deadline);
+        core.into_iter()
+            .flatten()
+            .map(at)
+            .chain(dying)
+            .chain(stories)
+            .fold(ping, std::cmp::Ord::min)
     }
 }

@@ -194,11 +194,6 @@ impl Journal {
         }
     }
 
-    /// Something written is not yet flushed or fsynced.
-    pub(super) fn pending(&self) -> bool {
-        self.dirty || !self.buf.is_empty()
-    }
-
     /// fsyncs what was written (called at least once a second while
     /// anything is written).
     pub(super) fn sync(&mut self) {

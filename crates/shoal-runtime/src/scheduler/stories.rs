@@ -24,7 +24,7 @@ pub(crate) struct StoryWait {
     detail: Value,
     /// Workers yet to answer.
     waiting: FxHashSet<u32>,
-    deadline: tokio::time::Instant,
+    pub(super) deadline: tokio::time::Instant,
 }
 
 /// The task of a `/api/task/ID` path (with any query string).
