@@ -883,18 +883,33 @@ impl Hello {
     }
 
     /// Checks magic and version; the error says what to do.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), HelloError> {
         if self.magic != MAGIC {
-            return Err("not a Shoal peer (bad magic)".into());
+            return Err(HelloError::NotShoal);
         }
         if self.version != PROTOCOL_VERSION {
-            return Err(format!(
-                "protocol version {} but this scheduler speaks {}: install the same Shoal version everywhere",
-                self.version, PROTOCOL_VERSION
-            ));
+            return Err(HelloError::Version {
+                theirs: self.version,
+            });
         }
         Ok(())
     }
+}
+
+/// Why a peer's [`Hello`] is refused (its text goes back to the peer).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HelloError {
+    /// The first bytes are not a Shoal hello.
+    #[error("not a Shoal peer (bad magic)")]
+    NotShoal,
+    /// Another release of Shoal.
+    #[error(
+        "protocol version {theirs} but this scheduler speaks {PROTOCOL_VERSION}: install the same Shoal version everywhere"
+    )]
+    Version {
+        /// The peer's protocol version.
+        theirs: u32,
+    },
 }
 
 #[cfg(test)]
@@ -1013,9 +1028,11 @@ mod tests {
         let mut h = Hello::new(Role::Data, [7; 32]);
         assert!(h.validate().is_ok());
         h.version += 1;
-        assert!(h.validate().unwrap_err().contains("same Shoal version"));
+        let e = h.validate().unwrap_err();
+        assert_eq!(e, HelloError::Version { theirs: h.version });
+        assert!(e.to_string().contains("same Shoal version"), "{e}");
         h.magic = 0;
-        assert!(h.validate().is_err());
+        assert_eq!(h.validate(), Err(HelloError::NotShoal));
     }
 
     #[test]

@@ -104,7 +104,7 @@ fn parse_duration(text: &str) -> PyResult<f64> {
 fn check_settings() -> PyResult<Option<String>> {
     shoal_runtime::settings::check()
         .map(|p| p.map(|p| p.display().to_string()))
-        .map_err(PyValueError::new_err)
+        .map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
 /// The value of the `SHOAL_*` variable `name` (from the environment, else

@@ -153,13 +153,57 @@ pub fn file_key(name: &str) -> String {
 /// A settings file's values by variable name.
 type FileValues = HashMap<&'static str, String>;
 
+/// Why a settings file cannot be used; each says which file and what to fix.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// It does not parse.
+    #[error("{path}: not valid TOML: {detail}")]
+    NotToml {
+        /// The file.
+        path: String,
+        /// The parser's account.
+        detail: String,
+    },
+    /// A key that names no user setting.
+    #[error("{path}: `{key}` is not a Shoal setting; the settings are: {known}")]
+    UnknownKey {
+        /// The file.
+        path: String,
+        /// The key as written.
+        key: String,
+        /// Every key the file may set, comma-separated.
+        known: String,
+    },
+    /// A value that is not a string, a number or a boolean.
+    #[error("{path}: `{key}` must be a string, a number or true/false, not a {kind}")]
+    BadValue {
+        /// The file.
+        path: String,
+        /// The key as written.
+        key: String,
+        /// The TOML type given.
+        kind: &'static str,
+    },
+    /// It exists (or was named by `SHOAL_CONFIG`) but cannot be read.
+    #[error("cannot read the settings file {path}: {detail}")]
+    Unreadable {
+        /// The file.
+        path: String,
+        /// The system's account.
+        detail: String,
+    },
+}
+
 /// Reads and checks a settings file: every key a user setting, every value
 /// a string, a number or a boolean (`true` is "1", `false` is "0").
-pub fn parse_file(path: &std::path::Path, text: &str) -> Result<FileValues, String> {
-    let shown = path.display();
+pub fn parse_file(path: &std::path::Path, text: &str) -> Result<FileValues, SettingsError> {
+    let shown = || path.display().to_string();
     let table: toml::Table = text
         .parse()
-        .map_err(|e: toml::de::Error| format!("{shown}: not valid TOML: {e}"))?;
+        .map_err(|e: toml::de::Error| SettingsError::NotToml {
+            path: shown(),
+            detail: e.to_string(),
+        })?;
     let mut out = FileValues::new();
     for (key, value) in table {
         let name = format!("SHOAL_{}", key.to_ascii_uppercase().replace('-', "_"));
@@ -170,10 +214,11 @@ pub fn parse_file(path: &std::path::Path, text: &str) -> Result<FileValues, Stri
                 .filter(|v| v.origin == Origin::User && v.name != "SHOAL_CONFIG")
                 .map(|v| file_key(v.name))
                 .collect();
-            return Err(format!(
-                "{shown}: `{key}` is not a Shoal setting; the settings are: {}",
-                known.join(", ")
-            ));
+            return Err(SettingsError::UnknownKey {
+                path: shown(),
+                key,
+                known: known.join(", "),
+            });
         };
         let text = match value {
             toml::Value::String(s) => s,
@@ -181,10 +226,11 @@ pub fn parse_file(path: &std::path::Path, text: &str) -> Result<FileValues, Stri
             toml::Value::Float(f) => f.to_string(),
             toml::Value::Boolean(b) => if b { "1" } else { "0" }.to_string(),
             other => {
-                return Err(format!(
-                    "{shown}: `{key}` must be a string, a number or true/false, not a {}",
-                    other.type_str()
-                ))
+                return Err(SettingsError::BadValue {
+                    path: shown(),
+                    key,
+                    kind: other.type_str(),
+                })
             }
         };
         out.insert(v.name, text);
@@ -194,8 +240,8 @@ pub fn parse_file(path: &std::path::Path, text: &str) -> Result<FileValues, Stri
 
 /// The settings file's values, read once per process: an empty table where
 /// there is no file, the error where it cannot be used.
-fn file_values() -> &'static Result<(Option<PathBuf>, FileValues), String> {
-    static FILE: OnceLock<Result<(Option<PathBuf>, FileValues), String>> = OnceLock::new();
+fn file_values() -> &'static Result<(Option<PathBuf>, FileValues), SettingsError> {
+    static FILE: OnceLock<Result<(Option<PathBuf>, FileValues), SettingsError>> = OnceLock::new();
     FILE.get_or_init(|| {
         let Some(path) = file_path() else {
             return Ok((None, FileValues::new()));
@@ -209,10 +255,10 @@ fn file_values() -> &'static Result<(Option<PathBuf>, FileValues), String> {
             {
                 Ok((None, FileValues::new()))
             }
-            Err(e) => Err(format!(
-                "cannot read the settings file {}: {e}",
-                path.display()
-            )),
+            Err(e) => Err(SettingsError::Unreadable {
+                path: path.display().to_string(),
+                detail: e.to_string(),
+            }),
         }
     })
 }
@@ -227,7 +273,7 @@ fn from_file(name: &str) -> Option<&'static str> {
 /// The settings file in use (None: there is none), or why it cannot be
 /// used. Entry points (the CLI, `Client()`) call it first, so a bad file is
 /// an error there instead of being ignored.
-pub fn check() -> Result<Option<PathBuf>, String> {
+pub fn check() -> Result<Option<PathBuf>, SettingsError> {
     file_values()
         .as_ref()
         .map(|(p, _)| p.clone())
@@ -351,7 +397,9 @@ mod tests {
         assert_eq!(v["SHOAL_LOG"], "info");
         assert_eq!(v["SHOAL_SHM_HUGE"], "0");
         assert_eq!(v["SHOAL_PROFILE_INTERVAL"], "0.5");
-        let e = parse_file(p, "heartbeat-timout = 10").unwrap_err();
+        let e = parse_file(p, "heartbeat-timout = 10")
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("`heartbeat-timout` is not a Shoal setting"),
             "{e}"
@@ -359,12 +407,12 @@ mod tests {
         assert!(e.contains("heartbeat-timeout"), "{e}");
         // Set by Shoal for its children, not by users.
         assert!(parse_file(p, "task-id = 3").is_err());
-        let e = parse_file(p, "log = [1, 2]").unwrap_err();
+        let e = parse_file(p, "log = [1, 2]").unwrap_err().to_string();
         assert!(
             e.contains("must be a string, a number or true/false"),
             "{e}"
         );
-        let e = parse_file(p, "log = ").unwrap_err();
+        let e = parse_file(p, "log = ").unwrap_err().to_string();
         assert!(e.starts_with("/x/shoal.toml: not valid TOML"), "{e}");
         assert_eq!(file_key("SHOAL_RECOVERY_WAIT"), "recovery-wait");
     }

@@ -153,8 +153,9 @@ pub(crate) async fn accept_handshake(
             return Err(());
         }
     };
-    if let Err(reason) = hello.validate() {
-        tracing::warn!("refusing {peer}: {reason}");
+    if let Err(why) = hello.validate() {
+        tracing::warn!("refusing {peer}: {why}");
+        let reason = why.to_string();
         let _ = send(conn, &Welcome::Rejected { reason }).await;
         return Err(());
     }

@@ -130,7 +130,13 @@ impl State {
                         .jobs
                         .task_ids_json(id, param(query, "filter").as_deref())
                         .map(|v| ("application/json", v.to_string()))
-                        .map_err(|e| (404, e)),
+                        .map_err(|e| {
+                            let status = match e {
+                                super::jobs::TaskIdsError::NoJob(_) => 404,
+                                super::jobs::TaskIdsError::BadFilter(_) => 400,
+                            };
+                            (status, e.to_string())
+                        }),
                     _ => Err((404, format!("no such page: {path}"))),
                 }
             }

@@ -104,6 +104,7 @@ impl State {
                 match self.check_job_task(t, &mut j.seen) {
                     Ok(task) => j.ids.push((task, t.id)),
                     Err(e) => {
+                        let e = e.to_string();
                         self.reply(j.client, j.query, serde_json::json!({ "error": e }));
                         return false;
                     }
@@ -143,20 +144,23 @@ impl State {
     }
 
     /// The task's id in its job, if it may be one of this job's tasks.
-    fn check_job_task(&self, t: &TaskSpec, seen: &mut FxHashSet<u64>) -> Result<u64, String> {
+    fn check_job_task(&self, t: &TaskSpec, seen: &mut FxHashSet<u64>) -> Result<u64, JobTaskError> {
         if t.kind != shoal_proto::TaskKind::Command {
-            return Err(format!("task {:x} of the job is not a command task", t.id));
+            return Err(JobTaskError::NotCommand(t.id));
         }
         let cmd: shoal_proto::CommandSpec =
-            shoal_proto::decode(&t.args).map_err(|e| format!("task {:x} of the job: {e}", t.id))?;
+            shoal_proto::decode(&t.args).map_err(|e| JobTaskError::Undecodable {
+                id: t.id,
+                detail: e.to_string(),
+            })?;
         if cmd.argv.is_empty() {
-            return Err(format!("task {} of the job has no program", cmd.task));
+            return Err(JobTaskError::NoProgram(cmd.task));
         }
         if !seen.insert(cmd.task) {
-            return Err(format!("task id {} appears twice in the job", cmd.task));
+            return Err(JobTaskError::Twice(cmd.task));
         }
         if self.core.state(TaskId(t.id)).is_some() {
-            return Err(format!("task {:x} is already known", t.id));
+            return Err(JobTaskError::Known(t.id));
         }
         Ok(cmd.task)
     }
@@ -188,4 +192,20 @@ impl State {
         self.process();
         !j.pieces.is_empty()
     }
+}
+
+/// Why a job is refused: one of its tasks cannot be one (the answer to the
+/// client that submitted it says which).
+#[derive(Debug, thiserror::Error)]
+enum JobTaskError {
+    #[error("task {0:x} of the job is not a command task")]
+    NotCommand(u64),
+    #[error("task {id:x} of the job: {detail}")]
+    Undecodable { id: u64, detail: String },
+    #[error("task {0} of the job has no program")]
+    NoProgram(u64),
+    #[error("task id {0} appears twice in the job")]
+    Twice(u64),
+    #[error("task {0:x} is already known")]
+    Known(u64),
 }

@@ -407,8 +407,12 @@ impl Jobs {
     /// `/api/jobs/N/tasks?filter=STATE`: the job task ids in that state
     /// (`pending`, `finished`, `failed`, `cancelled`; None: all), as
     /// compact ranges ("1-3,7").
-    pub(super) fn task_ids_json(&self, id: u32, filter: Option<&str>) -> Result<Value, String> {
-        let job = self.jobs.get(&id).ok_or_else(|| format!("no job {id}"))?;
+    pub(super) fn task_ids_json(
+        &self,
+        id: u32,
+        filter: Option<&str>,
+    ) -> Result<Value, TaskIdsError> {
+        let job = self.jobs.get(&id).ok_or(TaskIdsError::NoJob(id))?;
         let want = match filter {
             None | Some("all") => None,
             Some(f) => Some(
@@ -420,9 +424,7 @@ impl Jobs {
                 ]
                 .into_iter()
                 .find(|o| o.name() == f)
-                .ok_or_else(|| {
-                    format!("filter must be pending, finished, failed, cancelled or all, not {f:?}")
-                })?,
+                .ok_or_else(|| TaskIdsError::BadFilter(f.to_string()))?,
             ),
         };
         let mut ids: Vec<u64> = job
@@ -435,6 +437,17 @@ impl Jobs {
         ids.sort_unstable();
         Ok(json!({ "job": id, "count": ids.len(), "ids": ranges(&ids) }))
     }
+}
+
+/// Why `/api/jobs/N/tasks` has no answer.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub(super) enum TaskIdsError {
+    /// No such job (404).
+    #[error("no job {0}")]
+    NoJob(u32),
+    /// A filter that names no outcome (400).
+    #[error("filter must be pending, finished, failed, cancelled or all, not {0:?}")]
+    BadFilter(String),
 }
 
 /// Sorted ids as ranges: `[1,2,3,7]` -> `"1-3,7"`.
@@ -518,8 +531,14 @@ mod tests {
         assert!(jobs.ended(102, Outcome::Finished, None, 8).is_empty());
         let failed = jobs.task_ids_json(j, Some("failed")).unwrap();
         assert_eq!(failed["ids"], "1-2");
-        assert!(jobs.task_ids_json(j, Some("weird")).is_err());
-        assert!(jobs.task_ids_json(j + 1, None).is_err());
+        assert_eq!(
+            jobs.task_ids_json(j, Some("weird")),
+            Err(TaskIdsError::BadFilter("weird".into()))
+        );
+        assert_eq!(
+            jobs.task_ids_json(j + 1, None),
+            Err(TaskIdsError::NoJob(j + 1))
+        );
         jobs.ended(103, Outcome::Cancelled, None, 9);
         let info = jobs.info_json(j, &Core::default()).unwrap();
         assert_eq!(info["state"], "cancelled");
