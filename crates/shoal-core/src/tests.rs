@@ -1855,6 +1855,32 @@ fn a_dying_worker_gets_no_work_while_its_supervisor_is_heard() {
 }
 
 #[test]
+fn a_dying_workers_results_are_computed_again_at_once_not_fetched_from_it() {
+    let mut c = core();
+    c.handle_worker_added(WorkerId(0), 1);
+    c.handle_submit(C, vec![nt(1, &[])]);
+    c.take_actions();
+    c.handle_task_finished(WorkerId(0), t(1), 1 << 20, false, 10);
+    c.handle_worker_added(WorkerId(1), 1);
+    c.take_actions();
+    // Worker 0's connection closes; its supervisor has not spoken yet.
+    c.handle_worker_dying(WorkerId(0));
+    c.check_invariants();
+    // Task 1's result went with it: it runs again on worker 1 now, and
+    // task 2 waits for it instead of being sent to fetch from worker 0.
+    c.handle_submit(C, vec![nt(2, &[1])]);
+    let placed = computes(&c.take_actions());
+    assert_eq!(placed, vec![(1, 1)], "task 1 again, on worker 1; task 2 waits");
+    assert_eq!(c.location(t(1)), None);
+    c.handle_task_finished(WorkerId(1), t(1), 1 << 20, false, 10);
+    assert_eq!(computes(&c.take_actions()), vec![(1, 2)]);
+    // The obituary then blames nothing and changes nothing.
+    c.handle_worker_died(WorkerId(0), &[]);
+    c.check_invariants();
+    assert_eq!(c.state(t(2)), Some(TaskState::Processing(WorkerId(1))));
+}
+
+#[test]
 fn a_batch_fails_only_when_its_worker_dies_at_the_same_element() {
     let mut c = core(); // max_kills 3
     c.handle_submit(C, vec![nt(1, &[])]);

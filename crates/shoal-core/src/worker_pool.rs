@@ -366,13 +366,19 @@ impl<S> Core<S> {
 
     /// A worker's connection closed and its supervisor will say what it was
     /// running ([`Core::handle_worker_died`]), or the caller gives up
-    /// waiting ([`Core::handle_worker_lost`]). Meanwhile it gets no work.
+    /// waiting ([`Core::handle_worker_lost`]). Only the blame waits: it
+    /// gets no work, and its results are gone now (no task is sent to
+    /// fetch from it; those still needed are computed again at once).
     pub fn handle_worker_dying(&mut self, worker: WorkerId) {
         self.stimulus = "worker-dying";
-        if let Some(w) = self.workers.get_mut(&worker) {
-            w.paused = true;
-            self.reindex(worker);
-        }
+        let Some(w) = self.workers.get_mut(&worker) else {
+            return;
+        };
+        w.paused = true;
+        let held = std::mem::take(&mut w.has);
+        self.reindex(worker);
+        self.drop_held(worker, held);
+        self.schedule();
     }
 
     /// A worker restarts on purpose (a task it was told to stop did not
@@ -396,8 +402,6 @@ impl<S> Core<S> {
         }
         let mut assigned: Vec<TaskId> = w.assigned.into_iter().collect();
         assigned.sort();
-        let mut held: Vec<TaskId> = w.has.into_iter().collect();
-        held.sort();
         // Only what ran there may have killed it. Unless its supervisor
         // said exactly what ran, that is what it reported started; with no
         // start report (it died at once, before the report left), every
@@ -442,6 +446,15 @@ impl<S> Core<S> {
                 self.set_state(id, TaskState::Ready);
             }
         }
+        self.drop_held(worker, w.has);
+        self.schedule();
+    }
+
+    /// Results `worker` held are gone with it: those still needed are
+    /// computed again (or fail, if they cannot be), the rest forgotten.
+    fn drop_held(&mut self, worker: WorkerId, held: impl IntoIterator<Item = TaskId>) {
+        let mut held: Vec<TaskId> = held.into_iter().collect();
+        held.sort();
         for id in held {
             let Some(t) = self.tasks.get(&id) else {
                 continue;
@@ -461,7 +474,6 @@ impl<S> Core<S> {
                 self.maybe_forget(id);
             }
         }
-        self.schedule();
     }
 }
 

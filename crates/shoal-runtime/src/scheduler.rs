@@ -315,10 +315,6 @@ struct Dying {
     supervisor: u64,
     pid: u32,
     until: tokio::time::Instant,
-    /// Where its data server was: the core still counts its results until
-    /// the obituary, and a task sent meanwhile must name them (its fetch
-    /// fails and it is placed again) rather than run without them.
-    data_addr: String,
 }
 
 /// A careful batch's progress: its elements `..next` are done, pickled in
@@ -808,7 +804,6 @@ impl State {
                                 supervisor: w.supervisor,
                                 pid: w.pid,
                                 until: tokio::time::Instant::now() + OBITUARY_WAIT,
-                                data_addr: w.data_addr.clone(),
                             },
                         );
                         self.core.handle_worker_dying(WorkerId(id));

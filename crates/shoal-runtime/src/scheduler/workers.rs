@@ -267,12 +267,23 @@ impl State {
             .filter_map(|d| {
                 let source = match self.core.location(*d)? {
                     Location::Inline => DepSource::Inline(Bytes::copy_from_slice(self.value(d.0)?)),
+                    // The core counts no result of a worker that left
+                    // (a dying one's are dropped at once). Were it to, the
+                    // input names no address: its fetch fails and the task
+                    // is placed again, rather than run without it.
                     Location::Worker(h) => DepSource::Worker {
                         id: h.0,
-                        addr: match (self.workers.get(&h.0), self.dying.get(&h.0)) {
-                            (Some(w), _) => w.data_addr.clone(),
-                            (None, Some(d)) => d.data_addr.clone(),
-                            (None, None) => return None,
+                        addr: match self.workers.get(&h.0) {
+                            Some(w) => w.data_addr.clone(),
+                            None => {
+                                tracing::error!(
+                                    "task {:x}: its input {:x} is on worker {}, which left",
+                                    task.0,
+                                    d.0,
+                                    h.0
+                                );
+                                String::new()
+                            }
                         },
                     },
                 };
