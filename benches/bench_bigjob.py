@@ -97,7 +97,7 @@ time.sleep(3)
 stop.set()
 th.join()
 during = [d for d, t in lat if t >= t0 - 0.5]
-st = json.loads(c._check().query("/api/status", 10.0))
+st = json.loads(c._session.check().query("/api/status", 10.0))
 
 
 def find(d, k):

@@ -62,7 +62,7 @@ def test_map_returns_a_lazy_sequence_of_futures(client):
     last = fs[9]
     ids = list(fs._ids)
     del fs, both, done
-    assert set(client._refs) & set(ids) == {ids[-1]}
+    assert set(client._session.refs) & set(ids) == {ids[-1]}
     assert last.result() == 10
 
 
@@ -233,17 +233,17 @@ def test_a_task_whose_one_argument_is_a_future_carries_no_pickle(client):
     """The chain shape travels as an empty payload; pure keys still tell
     different inputs apart, and the input arrives as the argument."""
     a, b = client.submit(inc, 1), client.submit(inc, 10)
-    payload, deps, _ = client._pack_args(((a,), None), "x")
+    payload, deps, _ = client._session.pack_args(((a,), None), "x")
     assert (payload, deps) == (b"", [a._id])
     pa, pb = client.submit(inc, a, pure=True), client.submit(inc, b, pure=True)
     assert pa.key != pb.key
     assert pa.key == client.submit(inc, a, pure=True).key
     assert (pa.result(), pb.result()) == (3, 12)
     # A keyword, or an element of a map batch, still pickles.
-    assert client._pack_args(((a,), {"k": 1}), "x")[0] != b""
+    assert client._session.pack_args(((a,), {"k": 1}), "x")[0] != b""
     batch = client.map(inc, range(4), batch_size=2)
     assert batch[3]._index is not None
-    assert client._pack_args(((batch[3],), None), "x")[0] != b""
+    assert client._session.pack_args(((batch[3],), None), "x")[0] != b""
     assert client.submit(inc, batch[3]).result() == 5
 
 
@@ -251,7 +251,7 @@ def test_released_futures_free_results(client):
     fs = client.map(inc, range(100), batch_size=1)
     ids = {f._id for f in fs}
     del fs
-    assert not ids & set(client._refs)
+    assert not ids & set(client._session.refs)
 
 
 def test_priority_runs_first():

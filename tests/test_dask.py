@@ -90,9 +90,9 @@ def test_exceptions_keep_type_and_attributes(client):
 
 
 def test_intermediates_are_released(client):
-    before = set(client._refs)
+    before = set(client._session.refs)
     client.get({"a": 1, "b": (inc, "a"), "c": (inc, "b")}, "c")
-    assert set(client._refs) == before
+    assert set(client._session.refs) == before
 
 
 def test_collections_match_dask_sync(client):

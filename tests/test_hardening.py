@@ -297,7 +297,7 @@ def test_a_cyclic_dask_graph_fails_at_once_with_dasks_message(client):
 def test_a_cyclic_graph_sent_over_the_wire_fails_clearly(client):
     from shoal import _serialize
 
-    core = client._check()
+    core = client._session.check()
     first = core.new_ids(3)
     func = _serialize.dumps_function(inc)
     args, _ = _serialize.dumps_args(((1,), None), "test")
@@ -869,3 +869,30 @@ def test_wait_for_workers_says_how_many_joined_when_it_times_out(tmp_path):
             c.wait_for_workers(1, timeout=0.3)
         with pytest.raises(ValueError, match="0 or more"):
             c.wait_for_workers(-1)
+
+
+def test_shoals_modules_reach_a_client_only_through_its_session():
+    # Futures, the Dask bridge, actors, the executor, remote functions and
+    # the progress bars work through the client's one internal object,
+    # `client._session` (`_session.py`), never its other private parts.
+    import ast
+    import pathlib
+    import re
+
+    pkg = pathlib.Path(shoal.__file__).parent
+    own = {"client.py", "_client_info.py", "_session.py", "_results.py"}
+    client_like = re.compile(r"client(\(\))?$")
+    found = []
+    for f in sorted(pkg.glob("*.py")):
+        if f.name in own:
+            continue
+        for node in ast.walk(ast.parse(f.read_text())):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+                and node.attr != "_session"
+                and client_like.search(ast.unparse(node.value))
+            ):
+                found.append(f"{f.name}:{node.lineno}: {ast.unparse(node)}")
+    assert not found, found

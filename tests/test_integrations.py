@@ -87,7 +87,7 @@ def test_executor_is_a_concurrent_futures_executor(client):
         assert isinstance(bad.exception(), ValueError)
         with pytest.raises(TimeoutError):
             list(ex.map(slow_inc, [1, 2], [2.0, 2.0], timeout=0.2))
-    assert not client._closed  # a given client stays open
+    assert not client._session.closed  # a given client stays open
     with pytest.raises(RuntimeError):
         ex.submit(inc, 1)
 
@@ -107,7 +107,7 @@ def test_executor_cancel_and_shutdown_cancel_futures():
     ex.shutdown(wait=True, cancel_futures=True)
     assert queued[1].result() == 2
     assert [f.cancelled() for f in queued] == [True, False, True, True]
-    assert client._closed  # an executor's own client closes at shutdown
+    assert client._session.closed  # an executor's own client closes at shutdown
 
 
 def capture(*args, **kwargs):

@@ -69,7 +69,7 @@ class ClusterQueries:
         Raises ``TimeoutError`` if the scheduler does not answer within
         ``timeout`` seconds (the connection stays), ``SchedulerLostError`` if
         the connection is gone."""
-        info = self._check().cluster_info(timeout)
+        info = self._session.check().cluster_info(timeout)
         info["workers"] = {w.pop("address"): w for w in info["workers"]}
         return info
 
@@ -93,15 +93,15 @@ class ClusterQueries:
         """The dashboard's URL with its access token (None: no dashboard)."""
         if self._cluster is not None:
             return self._cluster.dashboard_link
-        url = self._check().cluster_info(10.0)["dashboard"] or None
-        return deploy.dashboard_link(url, self._token)
+        url = self._session.check().cluster_info(10.0)["dashboard"] or None
+        return deploy.dashboard_link(url, self._session.token)
 
     def query(self, path: str, timeout: float = 10.0) -> Any:
         """The scheduler's answer to a dashboard API path (``/api/status``,
         ``/api/profile?group=inc``, ``/metrics``, ...), decoded from JSON.
         Unknown paths raise ``ValueError``; no answer within ``timeout``
         seconds raises ``TimeoutError`` (the connection stays)."""
-        answer = json.loads(self._check().query(path, timeout))
+        answer = json.loads(self._session.check().query(path, timeout))
         if isinstance(answer, dict) and set(answer) == {"error"}:
             raise ValueError(answer["error"])
         return answer
@@ -127,7 +127,7 @@ class ClusterQueries:
         for f in futures:
             if not isinstance(f, Future):
                 raise TypeError(f"story() takes futures, not {type(f).__name__}")
-            self._own([f])
+            self._session.own([f])
             detail = self.query(f"/api/task/{f._id}")
             for step in detail["story"]:
                 out.append({"task": f.key, "at": "scheduler", **step})
@@ -197,7 +197,7 @@ class ClusterQueries:
                 raise ValueError(f"no such workers: {sorted(unknown)}; see scheduler_info()")
         if not chosen:
             return []
-        self._check().retire(chosen)
+        self._session.check().retire(chosen)
         deadline = time.monotonic() + timeout
         while set(chosen) & set(self.scheduler_info()["workers"]):
             if time.monotonic() > deadline:
@@ -210,7 +210,7 @@ class ClusterQueries:
         cluster, ``shoal worker``, start fresh ones) and cancels this
         client's futures, as distributed does. Waits until as many workers
         as before are back."""
-        core = self._check()
+        core = self._session.check()
         if isinstance(self.cluster, LocalCluster) and not self.cluster.processes:
             raise RuntimeError(
                 "restart() needs worker processes: workers running as threads of this "
@@ -223,11 +223,7 @@ class ClusterQueries:
             if len(before) >= expected or time.monotonic() > deadline:
                 break
             time.sleep(0.05)  # still joining
-        with self._lock:
-            live = self._refs.ids()
-        for tid in live:
-            self._cancelled.add(tid)
-        core.cancel(live)
+        self._session.cancel(self._session.live_ids())
         core.restart()
         while True:
             now = {w["pid"] for w in self.scheduler_info()["workers"].values()}
@@ -246,12 +242,12 @@ class ClusterQueries:
     @property
     def status(self) -> str:
         """``"running"`` or ``"closed"``."""
-        return "closed" if self._closed else "running"
+        return "closed" if self._session.closed else "running"
 
     @property
     def id(self) -> str:
         """This client's id on its scheduler."""
-        return f"Client-{self._check().id:x}"
+        return f"Client-{self._session.check().id:x}"
 
     asynchronous = False  # Shoal's client is synchronous
 
@@ -279,9 +275,10 @@ class ClusterQueries:
     def _repr_html_(self) -> str:
         """Jupyter: the scheduler, its workers and a dashboard link."""
         kind = "embedded" if self._cluster is not None else "remote"
-        return deploy.html_summary("shoal.Client", f"{kind}: {self.scheduler_address}", self)
+        where = f"{kind}: {self.scheduler_address}"
+        return deploy.html_summary("shoal.Client", where, self, self._session.closed)
 
     def __repr__(self) -> str:
         kind = "embedded" if self._cluster is not None else "remote"
-        state = "closed" if self._closed else self.scheduler_address
+        state = "closed" if self._session.closed else self.scheduler_address
         return f"<shoal.Client {kind}: {state}>"

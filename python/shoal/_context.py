@@ -64,6 +64,6 @@ def get_client() -> Any:
         return ex.get_client()
     for ref in reversed(recent_clients):
         c = ref()
-        if c is not None and not c._closed:
+        if c is not None and not c._session.closed:
             return c
     raise ValueError("no shoal Client is open; create one with shoal.Client()")

@@ -67,15 +67,16 @@ def _pack(keys: Any, values: dict[Key, Any]) -> Any:
 def _held_task(client: Client, key: Key) -> int | None:
     """The id of a live task of ``client`` known by ``key`` (a persisted
     Dask key, a ``submit(key=...)`` or an automatic ``name-<hex id>``)."""
-    tid = client._keys.get(key)
-    if tid is not None and tid in client._refs:
+    session = client._session
+    tid = session.named(key)
+    if tid is not None:
         return tid
     if isinstance(key, str) and "-" in key:
         try:
             tid = int(key.rsplit("-", 1)[1], 16)
         except ValueError:
             return None
-        if tid in client._refs:
+        if tid in session.refs:
             return tid
     return None
 
@@ -133,7 +134,7 @@ def _plain_call(task_spec: Any, node: Any, ids: dict[Key, int]) -> tuple | None:
 def _holds_strided(task_spec: Any, obj: Any, depth: int = 0) -> bool:
     """Whether a graph node holds a large non-contiguous array (the column
     slices of Dask's ``from_array``, inside fused tasks' subgraphs), which
-    ``Client._pack_args`` then puts on its own. A bounded look: nodes,
+    ``Session.pack_args`` then puts on its own. A bounded look: nodes,
     their arguments, and small containers, a few levels deep."""
     if depth > 5:
         return False
@@ -217,7 +218,8 @@ def submit_graph(client: Client, dsk: Any, keys: list[Key], retries: int = 0) ->
         priorities = order(needed)
     else:
         priorities = dict.fromkeys(needed, 0)
-    core = client._check()
+    session = client._session
+    core = session.check()
     next_id = core.new_ids(len(topo))
     items: list[tuple[int, str, str | None, bytes, list[int], int, bytes | None]] = []
     submitted: list[int] = []
@@ -232,7 +234,7 @@ def submit_graph(client: Client, dsk: Any, keys: list[Key], retries: int = 0) ->
             # cluster as is, so that its result is the put's file, which
             # consumers elsewhere on the host map (a task returning it would
             # hold a view that each export copies).
-            tid = ids[k] = client._put_id(node.value)
+            tid = ids[k] = session.put_id(node.value)
             submitted.append(tid)
             continue
         call = _plain_call(task_spec, node, ids)
@@ -250,7 +252,7 @@ def submit_graph(client: Client, dsk: Any, keys: list[Key], retries: int = 0) ->
         else:
             args = ((node, {d: _serialize.Ref(ids[d]) for d in node.dependencies}), None)
         strided = _holds_strided(task_spec, node)
-        payload, deps, p = client._pack_args(args, f"the Dask task {k!r}", strided)
+        payload, deps, p = session.pack_args(args, f"the Dask task {k!r}", strided)
         puts += p
         tid = ids[k] = next_id
         next_id += 1
@@ -285,7 +287,7 @@ def futures_get(client: Client, dsk: Any, keys: Any, **kwargs: Any) -> list[Futu
     ids = submit_graph(client, dsk, list(dict.fromkeys(flat)))
     out = {k: Future(client, tid, "dask", k) for k, tid in ids.items()}
     for k, tid in ids.items():
-        client._name(k, tid)
+        client._session.name(k, tid)
     return [out[k] for k in flat]
 
 

@@ -1,9 +1,9 @@
 """Futures: a task's eventual result (``Future``) and the results of a
 ``map`` (``FutureList``).
 
-They call back into their client (reference counts, results, callbacks) but
-do not import it, so that modules working on futures (the Dask bridge,
-progress bars) need not import the client either.
+They call back into their client's session (``client._session``: reference
+counts, results, callbacks) but import neither, so that modules working on
+futures (the Dask bridge, progress bars) need not import the client either.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class Future:
         self._client = client
         self._id = task_id
         self._name = group if key is None and index is None else (group, key, index)
-        client._incref(task_id, 1)
+        client._session.incref(task_id, 1)
 
     @property
     def _group(self) -> str:
@@ -87,10 +87,10 @@ class Future:
     @property
     def status(self) -> str:
         """``pending``, ``finished``, ``error``, ``cancelled`` or ``lost``."""
-        c = self._client
-        if self._id in c._cancelled:
+        session = self._client._session
+        if self._id in session.cancelled:
             return "cancelled"
-        s = c._core.status(self._id) if c._core is not None else "released"
+        s = session.status(self._id)
         return "lost" if s == "released" else s
 
     def done(self) -> bool:
@@ -98,22 +98,23 @@ class Future:
         return self.status != "pending"
 
     def cancelled(self) -> bool:
-        return self._id in self._client._cancelled
+        return self._id in self._client._session.cancelled
 
     def result(self, timeout: float | None = None) -> Any:
         """The task's value. Raises the task's exception (same type, remote
         traceback attached as a note), ``TimeoutError`` after ``timeout``
         seconds, ``FutureCancelledError`` if cancelled."""
-        return self._client._result(self, timeout)
+        return self._client._session.result(self, timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The exception the task raised, or None if it succeeded."""
         # The wait itself may raise (its timeout, a Ctrl-C); what the task
         # raised (a TimeoutError of its own, TaskTimeoutError included) is
         # returned.
-        outcome = self._client._settle(self, timeout)
+        session = self._client._session
+        outcome = session.settle(self, timeout)
         try:
-            self._client._value(self, outcome)
+            session.value(self, outcome)
         except BaseException as e:  # noqa: BLE001
             return e
         return None
@@ -141,12 +142,12 @@ class Future:
         """Drops this future's hold on the result now (instead of at garbage collection)."""
         client, self._client = self._client, None
         if client is not None:
-            client._decref(self._id)
+            client._session.decref(self._id)
 
     def add_done_callback(self, fn: Callable[[Future], Any]) -> None:
         """Calls ``fn(self)`` when the task is done (in a client thread; at
         once if it is already done). Exceptions in ``fn`` are printed."""
-        self._client._add_callback(self, fn)
+        self._client._session.add_callback(self, fn)
 
     def __reduce__(self):
         if _serialize.record_dependency(self._id, self._client, self.key):
@@ -163,7 +164,7 @@ class Future:
         client = self._client
         if client is not None:
             try:
-                client._decref(self._id)
+                client._session.decref(self._id)
             except Exception:  # noqa: BLE001 - interpreter shutdown
                 pass
 
@@ -201,7 +202,7 @@ class FutureList(Sequence[Future]):
         self._batch = batch  # elements per task; 0 means one plain task per element
         self._n = n
         self._items: list[Future | None] | None = None
-        client._incref_many(ids)
+        client._session.incref_many(ids)
 
     def __len__(self) -> int:
         return self._n
@@ -250,8 +251,7 @@ class FutureList(Sequence[Future]):
         """Drops this list's hold on the results (elements taken keep theirs)."""
         client, self._client = self._client, None
         if client is not None:
-            client._dropped.extend(self._ids)
-            client._drain_dropped()
+            client._session.decref_many(self._ids)
 
     def __del__(self):
         try:

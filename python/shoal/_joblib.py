@@ -42,7 +42,7 @@ class ShoalBackend(AutoBatchingMixin, ParallelBackendBase):
             raise ValueError("n_jobs == 0 in Parallel has no meaning")
         if n_jobs is not None and n_jobs > 0:
             return n_jobs
-        total = (self.client or self._given or default_client())._nthreads
+        total = (self.client or self._given or default_client())._session.nthreads
         # -1: every worker thread; -2: all but one; ...
         return max(1, total + 1 + n_jobs) if n_jobs is not None and n_jobs < -1 else total
 
@@ -75,7 +75,7 @@ class ShoalBackend(AutoBatchingMixin, ParallelBackendBase):
 
     def abort_everything(self, ensure_ready: bool = True) -> None:
         futures, self._futures = list(self._futures), set()
-        if futures and self.client is not None and not self.client._closed:
+        if futures and self.client is not None and not self.client._session.closed:
             self.client.cancel(futures)
 
     def get_nested_backend(self) -> Any:

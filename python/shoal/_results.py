@@ -1,6 +1,8 @@
 """Results: a task's outcome waited for, fetched, and turned into its value
 or into the exception that says what happened (``Client.gather``,
-``Future.result``). A mixin of ``Client``."""
+``Future.result``). A mixin of the client's ``Session``, which holds the
+connection (``check``) and what is known of its tasks (``cancelled``,
+``actor_died``, ``batch_cache``)."""
 
 from __future__ import annotations
 
@@ -66,14 +68,14 @@ _CACHED = Outcome.Value(None)
 
 
 class Results:
-    def _outcome(self, task_id: int, key: str, timeout: float | None) -> Outcome:
-        core = self._check()
+    def outcome(self, task_id: int, key: str, timeout: float | None) -> Outcome:
+        core = self.check()
         if timeout is not None and not timeout >= 0:
             raise ValueError(f"timeout must be a number of seconds >= 0, not {timeout!r}")
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            if task_id in self._cancelled:
-                died = self._actor_died.get(task_id)
+            if task_id in self.cancelled:
+                died = self.actor_died.get(task_id)
                 if died is not None:
                     raise ActorDiedError(died)
                 raise FutureCancelledError(f"{key} was cancelled")
@@ -94,23 +96,23 @@ class Results:
             if core.status(task_id) == "released":
                 raise RuntimeError(f"{key} was released; its result is gone")
 
-    def _value(self, f: Future, outcome: Outcome) -> Any:
+    def value(self, f: Future, outcome: Outcome) -> Any:
         """``f``'s value, or the exception its outcome stands for."""
         if type(outcome) is Outcome.Value:  # the common case first
             a = outcome.data
             if f._index is None:
                 return _serialize.loads(a)
-            batch = self._batch_cache.get(f._id)
+            batch = self.batch_cache.get(f._id)
             if batch is None:
                 batch = _serialize.loads(a)
-                self._batch_cache[f._id] = batch
+                self.batch_cache[f._id] = batch
             if isinstance(batch, list):
                 return batch[f._index]
             err = batch.errors.get(f._index)
             if err is not None:
                 raise _with_traceback(err[0], err[1], f.key)
             return batch.values[f._index]
-        died = self._actor_died.get(f._id)
+        died = self.actor_died.get(f._id)
         match outcome:
             case Outcome.Raised(cause=cause, error=error):
                 exc, tb = pickle.loads(error)
@@ -167,27 +169,27 @@ class Results:
                 )
         raise AssertionError(f"unknown outcome {outcome!r}")
 
-    def _own(self, futures: Iterable[Future | FutureList]) -> None:
+    def own(self, futures: Iterable[Future | FutureList]) -> None:
         """Refuses futures of other clients: their ids name tasks of another
         client (or cluster), and would read as whatever this one has there."""
         for f in futures:
             owner = f._client
-            if owner is not self and owner is not None:
+            if owner is not None and owner is not self.client:
                 raise ForeignFutureError(
                     f"{f!r} belongs to another client ({owner!r}); gather it there, or "
                     "call its .result()"
                 )
 
-    def _settle(self, f: Future, timeout: float | None) -> Outcome:
+    def settle(self, f: Future, timeout: float | None) -> Outcome:
         """``f``'s outcome, waited for up to ``timeout`` seconds: what
         ``_value`` turns into its value or its exception. Raises only this
         wait's own ``TimeoutError`` (or a Ctrl-C)."""
-        if f._index is not None and f._id in self._batch_cache:
+        if f._index is not None and f._id in self.batch_cache:
             return _CACHED
-        return self._outcome(f._id, f.key, timeout)
+        return self.outcome(f._id, f.key, timeout)
 
-    def _result(self, f: Future, timeout: float | None) -> Any:
-        return self._value(f, self._settle(f, timeout))
+    def result(self, f: Future, timeout: float | None) -> Any:
+        return self.value(f, self.settle(f, timeout))
 
     def gather(self, futures: Any, errors: str = "raise") -> Any:
         """Values of (nested lists, tuples, dicts of) futures, same shape.
@@ -195,22 +197,22 @@ class Results:
         if errors not in ("raise", "skip"):
             raise ValueError(f"errors must be 'raise' or 'skip', not {errors!r}")
         if isinstance(futures, Future):
-            self._own([futures])
-            return self._result(futures, None)
+            self.own([futures])
+            return self.result(futures, None)
         if isinstance(futures, FutureList):
-            self._own([futures])
+            self.own([futures])
             return self._gather_list(futures, errors == "skip")
         flat: list[Future] = []
         _collect(futures, flat)
-        self._own(flat)
-        core = self._check()
+        self.own(flat)
+        core = self.check()
         ids = list(dict.fromkeys(f._id for f in flat))
         if core.wait(ids, len(ids), 0) < len(ids):
             with _LendThread():
                 core.wait(ids, len(ids), None)
         outcomes: dict[int, Outcome] = {}
         values: list[Any] = []
-        cache = self._batch_cache
+        cache = self.batch_cache
         for f in flat:
             tid = f._id
             try:
@@ -221,8 +223,8 @@ class Results:
                         continue
                 o = outcomes.get(tid)
                 if o is None:
-                    o = outcomes[tid] = self._outcome(tid, f.key, None)
-                values.append(self._value(f, o))
+                    o = outcomes[tid] = self.outcome(tid, f.key, None)
+                values.append(self.value(f, o))
             except Exception:
                 if errors == "raise":
                     raise
@@ -235,7 +237,7 @@ class Results:
 
     def _gather_list(self, fl: FutureList, skip: bool) -> list[Any]:
         """``gather`` of a whole ``map``: one outcome per task, no element futures."""
-        core = self._check()
+        core = self.check()
         ids = fl._ids
         if core.wait(ids, len(ids), 0) < len(ids):
             with _LendThread():
@@ -243,14 +245,14 @@ class Results:
         out: list[Any] = []
         size = fl._batch
         for j, tid in enumerate(ids):
-            batch = self._batch_cache.get(tid) if size else None
+            batch = self.batch_cache.get(tid) if size else None
             if batch is None:
-                outcome = self._outcome(tid, f"{fl._group}-{tid:x}", None)
+                outcome = self.outcome(tid, f"{fl._group}-{tid:x}", None)
                 if type(outcome) is not Outcome.Value:
                     if skip:
                         continue
                     # Raise as the first element of the failed task would.
-                    self._value(fl[j * size if size else j], outcome)
+                    self.value(fl[j * size if size else j], outcome)
                 batch = _serialize.loads(outcome.data)
                 if not size:
                     out.append(batch)

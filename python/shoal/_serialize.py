@@ -98,7 +98,7 @@ def dumps(
 # travels through the scheduler) but put on the cluster beside it, in shared
 # memory on one host, and mapped by the task; arguments that still pickle
 # larger than LARGE_ARGS (data NumPy cannot hand out of band, such as a
-# broadcast array) are put whole. See `Client._pack_args`.
+# broadcast array) are put whole. See `Session.pack_args`.
 LARGE_BUFFER = 1 << 20
 LARGE_ARGS = 16 << 20
 
@@ -146,7 +146,7 @@ def frame_parts(obj: Any, result_of: int | None = None) -> tuple[list[Any], int,
     ``result_of``: ``obj`` is that task's result (on a worker). Futures in
     it are pickled as references that whoever unpickles them claims
     (``adopt``), and the scheduler is told that the result holds them
-    (``Client._hold``) before their client here can let them go."""
+    (``Session.hold``) before their client here can let them go."""
     if result_of is None:
         return _frame_parts(obj)
     _local.result_of = result_of
@@ -158,7 +158,7 @@ def frame_parts(obj: Any, result_of: int | None = None) -> tuple[list[Any], int,
         if held:
             _local.held = None
             for client, ids in held.items():
-                client._hold(result_of, ids)
+                client._session.hold(result_of, ids)
 
 
 class _Bytes:
@@ -519,7 +519,7 @@ def adopt(task_id: int, group: str, key: Any, index: int | None) -> Any:
     task from the scheduler (Ray's nested object refs)."""
     from . import _context
 
-    return _context.get_client()._adopt(task_id, group, key, index)
+    return _context.get_client()._session.adopt(task_id, group, key, index)
 
 
 class Ref:

@@ -95,7 +95,7 @@ def fire_and_forget(obj: Any) -> None:
         else:
             raise TypeError(f"fire_and_forget takes futures, not {type(o).__name__}")
     for client, group in ids.items():
-        client._check().detach(sorted(group))
+        client._session.check().detach(sorted(group))
 
 
 def wait(
@@ -120,7 +120,7 @@ def wait(
         ids = list({f._id for f in group})
         need = len(ids) if return_when == ALL_COMPLETED else 1
         with _LendThread():
-            got = client._check().wait(ids, need, timeout)
+            got = client._session.check().wait(ids, need, timeout)
         if got < need and return_when == ALL_COMPLETED:
             raise TimeoutError(f"{len(ids) - got} of {len(ids)} tasks unfinished after {timeout}s")
         if return_when == FIRST_COMPLETED and got >= 1:
@@ -152,7 +152,7 @@ def _wait_ray(
             ((client, group),) = groups.items()
             ids = list({f._id for f in group})
             done_ids = {f._id for f in ready}
-            client._check().wait(ids, len(done_ids) + 1, left)
+            client._session.check().wait(ids, len(done_ids) + 1, left)
         else:
             time.sleep(0.005 if left is None else min(0.005, left))
     ready = ready[:num_returns]
@@ -184,7 +184,7 @@ class as_completed:  # noqa: N801 - named like distributed.as_completed
         client = future._client
         w = self._watchers.get(client)
         if w is None:
-            w = self._watchers[client] = client._check().watcher()
+            w = self._watchers[client] = client._session.check().watcher()
         first = future._id not in self._pending
         self._pending.setdefault(future._id, []).append(future)
         if first:

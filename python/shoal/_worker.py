@@ -434,7 +434,7 @@ class _Executor:
                     if type(b) is str:
                         raise TypeError(b)
                     inputs[d] = _serialize.loads(b) if b is not None else self.store.get(d)
-                if not args:  # its one input is its one argument (Client._pack_args)
+                if not args:  # its one input is its one argument (Session.pack_args)
                     payload = ((inputs[deps[0][0]],), None)
                 else:
                     _serialize.set_inputs(inputs)
@@ -506,7 +506,7 @@ class _Executor:
 
     def get_client(self) -> Any:
         with self.lock:
-            if self.client is None or self.client._closed:
+            if self.client is None or self.client._session.closed:
                 self.client = _context.client_class(
                     self.address, token=self.token, set_as_default=False
                 )

@@ -118,7 +118,7 @@ class ActorHandle:
         # supervisor here cancels it, saying why; elsewhere (a detached
         # actor, or one made by another process) the scheduler fails it
         # (crash_limit=1).
-        f = client._submit(
+        f = client._session.submit(
             _call,
             (self._actor_id, name, args, kwargs),
             {},
@@ -144,8 +144,8 @@ def _child_env(client: Client) -> dict[str, str]:
     """An actor's process (or supervisor) imports what this one can, and
     authenticates as this client does."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    if client._token is not None:
-        env["SHOAL_TOKEN"] = client._token
+    if client._session.token is not None:
+        env["SHOAL_TOKEN"] = client._session.token
     return env
 
 
@@ -193,7 +193,7 @@ class _Supervisor:
         if code is None or self.dead is not None:
             return self.dead is None
         _core.remove_process_dirs(self.proc.pid)  # its shared memory and spill files
-        if self.client._closed:
+        if self.client._session.closed:
             self.dead = "its client closed"
             return False
         if self.restarts_left > 0 and code != KILLED:
@@ -211,7 +211,7 @@ class _Supervisor:
                     (g for r in self.pending if (g := r()) is not None and not g.done()), None
                 )
             if running is not None:
-                self.client._actor_died[running._id] = (
+                self.client._session.actor_died[running._id] = (
                     f"actor {self.actor_id} died (exit {code}) while running this call; "
                     "it was restarted"
                 )
@@ -224,11 +224,11 @@ class _Supervisor:
         with self.lock:
             futures = [g for r in self.pending if (g := r()) is not None and not g.done()]
         for f in futures:
-            self.client._actor_died[f._id] = self.dead
+            self.client._session.actor_died[f._id] = self.dead
         if futures:
             self.client.cancel(futures)
         # Calls made elsewhere (inside tasks) fail too instead of waiting.
-        core = self.client._core
+        core = self.client._session.core
         if core is not None:
             core.withdraw(f"actor-{self.actor_id}")
             if self.name is not None:
@@ -237,7 +237,7 @@ class _Supervisor:
 
     def stop(self) -> None:
         self.dead = self.dead or f"actor {self.actor_id} was stopped"
-        core = self.client._core
+        core = self.client._session.core
         if core is not None:
             core.withdraw(f"actor-{self.actor_id}")
             if self.name is not None:
@@ -310,7 +310,7 @@ def _worker_cmd(address: str, cls_name: str, actor_id: str, path: str) -> list[s
 
 
 def _claim_name(client: Client, name: str, info: dict[str, Any]) -> None:
-    answer = json.loads(client._check().name(_named(name), json.dumps(info)))
+    answer = json.loads(client._session.check().name(_named(name), json.dumps(info)))
     if "error" in answer:
         raise ValueError(f"an actor named {name!r} already exists in this cluster")
 
@@ -347,7 +347,7 @@ def create(
         return handle
     cmd = _worker_cmd(client.scheduler_address, cls.__name__, actor_id, path)
     # Calls made before the process joins wait for it (not "unsatisfiable").
-    client._check().expect(f"actor-{actor_id}")
+    client._session.check().expect(f"actor-{actor_id}")
     sup = _Supervisor(client, actor_id, cmd, max_restarts, name)
     with _watch_lock:
         _supervisors[actor_id] = sup
@@ -355,7 +355,7 @@ def create(
             t = threading.Thread(target=_watch, name="shoal-actors", daemon=True)
             t.start()
             _watcher.append(t)
-    client._on_close.append(sup.stop)
+    client._session.on_close.append(sup.stop)
     weakref.finalize(handle, _forget, actor_id, path)
     return handle
 
@@ -407,11 +407,11 @@ def _supervise_detached(spec: dict[str, Any]) -> int:
     try:
         # Expected before the creator hears "ok" and calls it: the name's
         # answer comes after the scheduler took the `expect` sent before.
-        client._check().expect(f"actor-{actor_id}")
+        client._session.check().expect(f"actor-{actor_id}")
         try:
             _claim_name(client, spec["name"], info)
         except ValueError as e:
-            client._check().withdraw(f"actor-{actor_id}")
+            client._session.check().withdraw(f"actor-{actor_id}")
             print(json.dumps({"error": str(e)}), flush=True)
             return 1
         print(json.dumps({"ok": True}), flush=True)
@@ -423,7 +423,7 @@ def _supervise_detached(spec: dict[str, Any]) -> int:
         os.dup2(devnull, 2)
         cmd = _worker_cmd(spec["address"], info["cls"], actor_id, path)
         sup = _Supervisor(client, actor_id, cmd, spec["max_restarts"], spec["name"])
-        core = client._check()
+        core = client._session.check()
         while sup.poll() and core.closed_reason() is None:
             time.sleep(0.1)
         sup.stop()
@@ -450,7 +450,7 @@ def get_actor(name: str) -> ActorHandle:
     """The handle of the actor created with ``.options(name=name)``, from
     any client of the cluster (Ray's ``get_actor``). Raises ``ValueError``
     if there is none. The actor lives as long as its creator keeps it."""
-    answer = json.loads(default_client()._check().name(_named(name)))
+    answer = json.loads(default_client()._session.check().name(_named(name)))
     info = answer.get("value")
     if info is None:
         raise ValueError(f"no actor named {name!r} in this cluster")
@@ -469,7 +469,7 @@ def kill(handle: ActorHandle) -> None:
         sup.proc.kill()
         return
     client = default_client()
-    f = client._submit(
+    f = client._session.submit(
         _die, (), {}, priority=1 << 30, resources={f"actor-{handle._actor_id}": 1}, crash_limit=1
     )
     fire_and_forget(f)

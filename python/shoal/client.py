@@ -35,23 +35,19 @@ equivalent. Deviations, each for a reason:
 from __future__ import annotations
 
 import atexit
-import collections
-import contextlib
-import hashlib
 import json
 import math
 import os
-import pickle
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from . import _commands, _context, _core, _dask, _resources, _serialize, _store, deploy
+from . import _commands, _context, _core, _dask, _resources, deploy
 from ._client_info import ClusterQueries
-from ._core import INLINE_LIMIT, ClientCore
+from ._core import ClientCore
 from ._futures import Future, FutureList
-from ._results import Results
+from ._session import Session, prepare_function
 from ._waiting import (
     ALL_COMPLETED,
     FIRST_COMPLETED,
@@ -59,9 +55,6 @@ from ._waiting import (
     wait,
 )
 from .deploy import ClusterBase, LocalCluster, check_count
-from .errors import (
-    SchedulerLostError,
-)
 
 __all__ = [
     "Client",
@@ -90,7 +83,7 @@ def default_client() -> Client:
     except ValueError:
         pass
     with _start_lock:
-        if not _started or _started[0]._closed:
+        if not _started or _started[0]._session.closed:
             _started[:] = [Client()]
         return _started[0]
 
@@ -98,26 +91,16 @@ def default_client() -> Client:
 _start_lock = threading.Lock()
 
 
-def _group_name(fn: Any) -> str:
-    name = getattr(fn, "__name__", None)
-    if name is None:
-        inner = getattr(fn, "func", None)  # functools.partial
-        name = getattr(inner, "__name__", None) or type(fn).__name__
-    return "lambda" if name == "<lambda>" else name
+def close_default_client() -> None:
+    """Closes the client ``default_client()`` started, if any (Ray-style
+    ``shutdown()``)."""
+    with _start_lock:
+        started, _started[:] = list(_started), []
+    for c in started:
+        c.close()
 
 
-def _prepare_function(fn: Any, caller: str) -> tuple[str, bytes]:
-    """Group name and (cached) pickle of a task function; clear errors."""
-    if not callable(fn):
-        raise TypeError(f"{caller} needs a callable as first argument, not {type(fn).__name__}")
-    group = _group_name(fn)
-    try:
-        return group, _serialize.dumps_function(fn)
-    except Exception as e:
-        raise TypeError(f"could not pickle the function {group!r}: {e}") from e
-
-
-class Client(ClusterQueries, Results):
+class Client(ClusterQueries):
     """Connects to a Shoal cluster; with no address, starts one embedded.
 
     ``Client()`` starts a ``LocalCluster`` (``client.cluster``, closed
@@ -191,21 +174,6 @@ class Client(ClusterQueries, Results):
         self._cluster: LocalCluster | None = None  # the one this client started
         self.cluster: ClusterBase | None = None
         self._undo_default: Callable[[], None] | None = None
-        self._refs = _core.RefCounts(0)  # live futures per task (see _incref)
-        self._refs_lock = threading.Lock()
-        self._dropped: collections.deque[int] = collections.deque()  # see _decref
-        self._keys: dict[Any, int] = {}  # user and Dask keys of live tasks
-        self._key_of: dict[int, Any] = {}
-        self._batch_cache: dict[int, Any] = {}
-        self._cancelled: set[int] = set()
-        self._actor_died: dict[int, str] = {}  # cancelled because their actor died
-        self._on_close: list[Callable[[], None]] = []
-        self._lock = threading.Lock()
-        self._callbacks: dict[int, list[tuple[Future, Callable]]] = {}
-        self._cb_watcher = None
-        self._cb_thread: threading.Thread | None = None
-        self._closed = False
-        self._put_files: list[str] = []  # scattered data not yet taken over
         if isinstance(address, ClusterBase):
             # Client(cluster), as in Dask: a LocalCluster, SLURMCluster, ...
             self.cluster = address
@@ -238,7 +206,7 @@ class Client(ClusterQueries, Results):
             )
             self.cluster = self._cluster
             address, token = self._cluster._connection()
-            self._nthreads = self._cluster._worker_count() * self._cluster._threads_per_worker
+            nthreads = self._cluster._worker_count() * self._cluster._threads_per_worker
         else:
             if cluster_kwargs:
                 raise TypeError(
@@ -266,96 +234,17 @@ class Client(ClusterQueries, Results):
                     "preload= names modules for the workers Client() starts; "
                     "give them to `shoal worker --preload` instead"
                 )
-            self._nthreads = (n_workers or os.cpu_count() or 1) * (threads_per_worker or 1)
+            nthreads = (n_workers or os.cpu_count() or 1) * (threads_per_worker or 1)
         self.scheduler_address: str = address
-        self._token: str | None = token
         if reconnect is not None and not reconnect > 0:
             raise ValueError(f"reconnect must be a number of seconds above 0, not {reconnect!r}")
-        self._core: ClientCore | None = ClientCore(address, token, reconnect)
-        # Keyed by this client's id: its own tasks' counts are 4 bytes each.
-        self._refs = _core.RefCounts(self._core.id)
+        same_host = self._cluster is not None or address.startswith("unix://")
+        self._session = Session(
+            self, ClientCore(address, token, reconnect), token, nthreads, same_host
+        )
         _clients.add(self)
         _context.register_client(self)
         self._undo_default = _dask._set_default(self.get) if set_as_default else None
-
-    # ----------------------------------------------------------- refcounts
-
-    def _adopt(self, task_id: int, group: str, key: Any, index: int | None) -> Future:
-        """A future of a task another client submitted, found in a result
-        (``_serialize.adopt``): this client claims the task."""
-        core = self._check()
-        with self._refs_lock:
-            known = task_id in self._refs
-        f = Future(self, task_id, group, key, index)
-        if not known:
-            core.adopt([task_id])
-        return f
-
-    def _hold(self, by: int, task_ids: list[int]) -> None:
-        """Worker side: the result of task ``by`` holds these futures."""
-        if self._core is not None:
-            self._core.hold(by, task_ids)
-
-    def _incref(self, task_id: int, n: int) -> None:
-        with self._refs_lock:
-            self._refs.incref(task_id, n)
-        if self._dropped:
-            self._drain_dropped()
-
-    def _incref_many(self, task_ids: Iterable[int]) -> None:
-        ids = task_ids if isinstance(task_ids, list) else list(task_ids)
-        with self._refs_lock:
-            self._refs.incref_many(ids)
-        if self._dropped:
-            self._drain_dropped()
-
-    def _decref(self, task_id: int) -> None:
-        """Drops one hold on a task. Called from ``__del__``, which the
-        garbage collector may run in any thread, even inside a locked
-        section of this one: the drop is queued (an atomic append) and
-        applied by whoever holds the lock next, never lost or raced."""
-        self._dropped.append(task_id)
-        self._drain_dropped()
-
-    def _drain_dropped(self) -> None:
-        # Re-checked after each release: a drop queued while another thread
-        # held the lock is applied by that thread's last pass or by ours.
-        while self._dropped:
-            if not self._refs_lock.acquire(blocking=False):
-                return  # the holder drains after it releases
-            released = []
-            try:
-                refs, dropped = self._refs, self._dropped
-                while dropped:
-                    task_id = dropped.popleft()
-                    if not refs.decref(task_id):
-                        continue
-                    if self._key_of:
-                        key = self._key_of.pop(task_id, None)
-                        if key is not None and self._keys.get(key) == task_id:
-                            del self._keys[key]
-                    self._batch_cache.pop(task_id, None)
-                    self._cancelled.discard(task_id)
-                    self._actor_died.pop(task_id, None)
-                    released.append(task_id)
-            finally:
-                self._refs_lock.release()
-            core = self._core
-            if released and core is not None:
-                core.release(released)
-
-    def _name(self, key: Any, task_id: int) -> None:
-        """Lets ``key`` find the task while it lives (held by a future)."""
-        self._keys[key] = task_id
-        self._key_of[task_id] = key
-
-    # ----------------------------------------------------------- submitting
-
-    def _check(self) -> ClientCore:
-        core = self._core
-        if core is None:
-            raise RuntimeError("this Client is closed; create a new one")
-        return core
 
     def submit(
         self,
@@ -389,60 +278,9 @@ class Client(ClusterQueries, Results):
         lifetime (``shoal worker --lifetime``, a batch job's end) has that
         long left.
         """
-        return self._submit(
+        return self._session.submit(
             fn, args, kwargs, key, priority, retries, pure, resources, time_limit, time_request
         )
-
-    def _submit(
-        self,
-        fn: Callable,
-        args: tuple,
-        kwargs: dict[str, Any],
-        key: str | None = None,
-        priority: int = 0,
-        retries: int = 0,
-        pure: bool = False,
-        resources: Mapping[str, float] | None = None,
-        time_limit: float | str | None = None,
-        time_request: float | str | None = None,
-        crash_limit: int = 0,
-    ) -> Future:
-        """``submit`` with the call's arguments apart from the task's options
-        (``Executor.submit`` passes every keyword to ``fn``). ``crash_limit``:
-        workers that may die running it before it fails (0: the scheduler's
-        default)."""
-        core = self._check()
-        needs = _resources.normalize(resources, "submit")
-        limit = _commands.limit_ms(time_limit)
-        request = _commands.limit_ms(time_request, "time_request")
-        group, func = _prepare_function(fn, "submit")
-        payload, deps, puts = self._pack_args((args, kwargs or None), f"the arguments of {group}")
-        if pure and key is None:
-            key = f"{group}-{hashlib.sha1(func + (payload or repr(deps).encode())).hexdigest()}"
-        if key is not None:
-            existing = self._keys.get(key)
-            if existing is not None and existing in self._refs:
-                return Future(self, existing, group, key)
-        tid = core.submit(
-            group,
-            key,
-            False,
-            func,
-            payload,
-            deps,
-            priority,
-            retries,
-            needs,
-            True,
-            limit,
-            request,
-            crash_limit,
-        )
-        del puts  # the task holds them now
-        f = Future(self, tid, group, key)
-        if key is not None:
-            self._name(key, tid)
-        return f
 
     def submit_command(
         self,
@@ -475,7 +313,7 @@ class Client(ClusterQueries, Results):
         ``Future.cancel()`` stops it the same way. ``resources`` as in
         ``submit`` (``{"CPU": 4}`` holds four threads: ``SHOAL_CPUS=4``).
         """
-        core = self._check()
+        core = self._session.check()
         if isinstance(args, str | bytes | os.PathLike):
             raise TypeError(
                 "submit_command takes a list of arguments, e.g. ['ls', '-l'], not one "
@@ -505,7 +343,7 @@ class Client(ClusterQueries, Results):
         )
         f = Future(self, tid, os.path.basename(argv[0]), key)
         if key is not None:
-            self._name(key, tid)
+            self._session.name(key, tid)
         return f
 
     def scatter(self, data: Any, broadcast: bool = False) -> Any:
@@ -527,92 +365,10 @@ class Client(ClusterQueries, Results):
         """
         del broadcast  # see above: one copy per host serves every worker
         if isinstance(data, dict):
-            return {k: self._put(v, k) for k, v in data.items()}
+            return {k: self._session.put(v, k) for k, v in data.items()}
         if isinstance(data, list | tuple | set | frozenset):
-            return [self._put(v, None) for v in data]
-        return self._put(data, None)
-
-    def _pack_args(
-        self, args: Any, what: str, strided: bool = False
-    ) -> tuple[bytes, list[int], list[Future]]:
-        """Pickles task arguments (as ``_serialize.dumps_args``), putting
-        their large buffers on the cluster beside the task instead of in it
-        (see ``_serialize.LARGE_BUFFER``): no task message grows with the
-        data it carries, and on one host the data is written once to shared
-        memory and mapped by the task. Returns the payload, its
-        dependencies, and the puts' futures, to hold until the task is
-        submitted (it depends on them from then on). ``strided``: the
-        arguments hold large non-contiguous arrays (a caller's cheap scan
-        says so), which pickle would copy in band: each is put on its own,
-        written once straight into shared memory (pickling is slower then:
-        a Python hook sees every object)."""
-        if (
-            type(args) is tuple
-            and len(args) == 2
-            and args[1] is None
-            and type(args[0]) is tuple
-            and len(args[0]) == 1
-            and type(args[0][0]) is Future
-            and args[0][0]._client is self
-            and args[0][0]._index is None
-        ):
-            # One argument, another task's result (a chain, a map over
-            # futures): no pickle at all; the worker passes its one input
-            # (62 bytes less per task to keep, on a million-task graph).
-            return b"", [args[0][0]._id], []
-        large: list[pickle.PickleBuffer] = []
-        hooked: list[Future] = []
-        hook = None
-        if strided:
-
-            def hook(o: Any) -> Any:
-                if not _serialize.is_large_strided(o):
-                    return NotImplemented
-                f = self._put(o, None)
-                hooked.append(f)
-                return f.__reduce__()  # a dependency of the task
-
-        payload, deps = _serialize.dumps_args(args, what, self, large, hook)
-        if not large and len(payload) <= _serialize.LARGE_ARGS:
-            return payload, deps, hooked
-        header: bytes | None = payload
-        if not large:
-            header, large = None, [pickle.PickleBuffer(payload)]
-        puts = [self._put(b, None) for b in large]
-        packed, more = _serialize.dumps_args(_serialize.Packed(header, puts), what, self)
-        return packed, deps + more, puts + hooked
-
-    def _put(self, obj: Any, key: Any) -> Future:
-        if key is not None:
-            existing = self._keys.get(key)
-            if existing is not None and existing in self._refs:
-                return Future(self, existing, "scatter", key)
-        return Future(self, self._put_id(obj, key), "scatter", key)
-
-    def _put_id(self, obj: Any, key: Any = None) -> int:
-        """Puts ``obj`` on the cluster; returns its task id, whose interest
-        the caller owns (a ``Future`` takes it, or the caller releases it)."""
-        core = self._check()
-        same_host = self._cluster is not None or self.scheduler_address.startswith("unix://")
-        strided = _serialize.strided_parts(obj) if same_host else None
-        parts, length = strided or _serialize.frame_parts(obj)[:2]
-        if same_host and length > INLINE_LIMIT:
-            path = os.path.join(_store.segment_dir(), f"put-{os.urandom(8).hex()}")
-            _serialize.write_file(path, parts)
-            if len(self._put_files) >= 1024:  # forget those taken over
-                self._put_files = [p for p in self._put_files if os.path.exists(p)]
-            self._put_files.append(path)
-            arg: tuple = ("file", path, length)
-        else:
-            arg = ("bytes", parts[0] if len(parts) == 1 else b"".join(parts))
-        func = _serialize.dumps_function(_store.put_task)
-        payload, _ = _serialize.dumps_args(((arg,), None), "scattered data", self)
-        k = None if key is None else str(key)
-        # Highest priority: data is cheap to place and others wait on it.
-        tid = core.submit("scatter", k, False, func, payload, [], 2**30, 0, [], False)
-        if key is not None:
-            self._name(key, tid)
-        return tid
+            return [self._session.put(v, None) for v in data]
+        return self._session.put(data, None)
 
     def map(
         self,
@@ -628,8 +384,9 @@ class Client(ClusterQueries, Results):
         """``[submit(fn, *args, **kwargs) for args in zip(*iterables)]``, with
         ``batch_size`` elements per task (see the module notes).
         ``time_limit`` applies to each task (a batch of elements)."""
-        core = self._check()
-        group, func = _prepare_function(fn, "map")
+        session = self._session
+        core = session.check()
+        group, func = prepare_function(fn, "map")
         needs = _resources.normalize(resources, "map")
         limit = _commands.limit_ms(time_limit)
         if not iterables:
@@ -645,14 +402,14 @@ class Client(ClusterQueries, Results):
         if n == 0:
             return FutureList(self, [], group, 0, 0)
         if batch_size is None:
-            batch_size = max(1, min(-(-n // (4 * self._nthreads)), 10_000))
+            batch_size = max(1, min(-(-n // (4 * session.nthreads)), 10_000))
         elif batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
         kw = kwargs or None
         puts: list[Future] = []  # held until the tasks are submitted
 
         def pack(args: Any, what: str) -> tuple[bytes, list[int]]:
-            payload, deps, p = self._pack_args(args, what)
+            payload, deps, p = session.pack_args(args, what)
             puts.extend(p)
             return payload, deps
 
@@ -666,7 +423,7 @@ class Client(ClusterQueries, Results):
         starts = range(0, n, batch_size)
         # The first batches go out before the rest are packed, so that the
         # workers start while this thread packs (as Pool.map's feeder does).
-        first = max(1, self._nthreads)
+        first = max(1, session.nthreads)
         ids: list[int] = []
         for piece in (starts[:first], starts[first:]):
             payloads = [
@@ -703,87 +460,28 @@ class Client(ClusterQueries, Results):
 
     # ----------------------------------------------------------- results
 
-    # Its holder died before we fetched it: recomputing; wait again.
+    def gather(self, futures: Any, errors: str = "raise") -> Any:
+        """Values of (nested lists, tuples, dicts of) futures, same shape.
+        ``errors="skip"`` leaves out failed ones (lists only)."""
+        return self._session.gather(futures, errors)
 
     def cancel(self, futures: Iterable[Future]) -> None:
         """Cancels unfinished tasks; their futures raise ``FutureCancelledError``."""
         futures = [futures] if isinstance(futures, Future) else list(futures)
-        ids = [f._id for f in futures]
-        self._cancelled.update(ids)
-        self._check().cancel(ids)
-
-    def _cancel_queued(self, futures: Iterable[Future] | FutureList) -> None:
-        """Cancels these tasks unless a worker has started them (started ones
-        run to their end): ``concurrent.futures``' cancellation."""
-        if isinstance(futures, FutureList):
-            ids = list(futures._ids)
-        else:
-            ids = [f._id for f in futures]
-        if ids:
-            self._check().cancel_queued(ids)
-
-    # ----------------------------------------------------------- callbacks
-
-    def _add_callback(self, f: Future, fn: Callable[[Future], Any]) -> None:
-        core = self._check()
-        if f.done():
-            fn(f)
-            return
-        with self._lock:
-            if self._cb_watcher is None:
-                self._cb_watcher = core.watcher()
-                self._cb_thread = threading.Thread(
-                    target=self._run_callbacks, name="shoal-callbacks", daemon=True
-                )
-                self._cb_thread.start()
-            self._callbacks.setdefault(f._id, []).append((f, fn))
-            self._cb_watcher.add([f._id])
-
-    def _run_callbacks(self) -> None:
-        watcher = self._cb_watcher
-        while not self._closed:
-            try:
-                ids = watcher.next(0.2)
-            except SchedulerLostError:
-                return
-            for tid in ids:
-                with self._lock:
-                    cbs = self._callbacks.pop(tid, [])
-                for f, fn in cbs:
-                    try:
-                        fn(f)
-                    except Exception:  # noqa: BLE001
-                        import traceback
-
-                        traceback.print_exc()
+        self._session.cancel([f._id for f in futures])
 
     # ----------------------------------------------------------- lifecycle
 
     def close(self) -> None:
         """Disconnects; an embedded cluster's workers exit. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        for fn in self._on_close:
-            try:
-                fn()
-            except Exception:  # noqa: BLE001 - closing goes on
-                pass
+        session = getattr(self, "_session", None)  # None: __init__ failed
+        if session is not None:
+            if session.closed:
+                return
+            session.close()
         if self._undo_default is not None:
             self._undo_default()
             self._undo_default = None
-        for path in self._put_files:  # not taken over by a worker
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-        # The callback thread waits in Rust (0.2 s at a time): let it see
-        # the close and end, rather than be stopped inside that wait by the
-        # interpreter's exit (which aborts the process).
-        cb = self._cb_thread
-        if cb is not None and cb is not threading.current_thread():
-            cb.join(2.0)
-        if self._core is not None:
-            self._core.close()  # before its cluster: not reconnecting to it
-        self._core = None
         if self._cluster is not None:
             self._cluster.close()
             self._cluster = None
@@ -853,11 +551,8 @@ def _after_fork_in_child() -> None:
     closed here; their handles are kept, never dropped (dropping an
     embedded cluster would stop the parent's workers). A new Client works."""
     for c in list(_clients):
-        _inherited.append((c._core, c._cluster, c._cb_watcher))
-        c._core = c._cluster = c._cb_watcher = None
-        c._cb_thread = None
-        c._lock = threading.Lock()  # may have been held by a thread not copied
-        c._closed = True
+        _inherited.append((c._session.forked(), c._cluster))
+        c._cluster = None
         if c._undo_default is not None:
             c._undo_default()
             c._undo_default = None

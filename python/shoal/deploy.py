@@ -323,15 +323,15 @@ class ClusterBase:
 
     def _repr_html_(self) -> str:
         """Jupyter: the scheduler, its workers and a dashboard link."""
-        return html_summary(type(self).__name__, self.scheduler_address, self)
+        return html_summary(type(self).__name__, self.scheduler_address, self, self._closed)
 
 
-def html_summary(title: str, scheduler: str, source: Any) -> str:
+def html_summary(title: str, scheduler: str, source: Any, closed: bool) -> str:
     """The HTML table Jupyter shows for a cluster or a client: the
     scheduler, its workers and threads, their memory, the dashboard link.
-    ``source`` has ``_closed``, ``scheduler_info()`` and ``dashboard_link``."""
+    ``source`` has ``scheduler_info()`` and ``dashboard_link``."""
     rows = [("scheduler", scheduler)]
-    if source._closed:
+    if closed:
         rows.append(("state", "closed"))
     else:
         try:

@@ -79,11 +79,11 @@ class _Group:
     def poll(self) -> None:
         still = []
         for client, tid, n in self.pending:
-            core = client._core
-            s = core.status(tid) if core is not None else "released"
-            if tid in client._cancelled or s != "pending":
+            session = client._session
+            s = session.status(tid)
+            if tid in session.cancelled or s != "pending":
                 self.done += n
-                if s != "finished" or tid in client._cancelled:
+                if s != "finished" or tid in session.cancelled:
                     self.erred += n
             else:
                 still.append((client, tid, n))
@@ -375,7 +375,7 @@ class performance_report:  # noqa: N801 - named like distributed.performance_rep
 
     def __exit__(self, *exc: Any) -> None:
         c = self.client
-        c._sync()  # every worker's last transfers, spills, samples
+        c.query("/api/sync")  # every worker's last transfers, spills, samples
         data = c.query(f"/api/report?since_us={self.start_us}")
         data["profile"] = _profile_diff(c.profile(), self.profile_before)
         data["summary"] = _summary(data)

@@ -21,8 +21,9 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from ._session import group_name
 from ._waiting import wait
-from .client import Client, Future, FutureList, _group_name
+from .client import Client, Future, FutureList
 from .errors import FutureCancelledError
 
 _LOG = logging.getLogger("concurrent.futures")
@@ -47,7 +48,7 @@ class _Initialized:
 
     def __init__(self, fn: Callable[..., Any], init: Callable[..., Any], initargs: tuple, key: str):
         self.fn, self.init, self.initargs, self.key = fn, init, initargs, key
-        self.__name__ = _group_name(fn)  # the task group shown for it
+        self.__name__ = group_name(fn)  # the task group shown for it
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with _init_lock:
@@ -77,7 +78,7 @@ class _ExecutorFuture(cf.Future):
         # it started (then it runs on and its result is dropped here).
         if not super().cancel():
             return False
-        self.executor.client._cancel_queued([self.task])
+        self.executor.client._session.cancel_queued([self.task])
         return True
 
 
@@ -162,7 +163,7 @@ class Executor(cf.Executor):
         # Why the executor is broken (an initializer raised), or False.
         self._broken: str | bool = False
         # Dask reads this when the executor is given as its scheduler.
-        self._max_workers = max_workers or self.client._nthreads
+        self._max_workers = max_workers or self.client._session.nthreads
         _executors.add(self)
 
     def _check_open(self) -> None:
@@ -191,7 +192,7 @@ class Executor(cf.Executor):
         pending."""
         with self._lock:
             self._check_open()
-        task = self.client._submit(self._call(fn), args, kwargs)
+        task = self.client._session.submit(self._call(fn), args, kwargs)
         cff = _ExecutorFuture(self, task)
         with self._lock:
             self._pending.add(cff)
@@ -235,7 +236,7 @@ class Executor(cf.Executor):
         if not first:
             return
         _LOG.critical("Exception in initializer:\n%s", init_traceback.rstrip())
-        self.client._cancel_queued([f.task for f in pending])
+        self.client._session.cancel_queued([f.task for f in pending])
 
     def map(
         self,
@@ -268,13 +269,13 @@ class Executor(cf.Executor):
             finally:
                 # Left early (an error, a timeout, the caller stopped): calls
                 # not started are cancelled, as CPython's map does.
-                if self.client._core is not None:
-                    self.client._cancel_queued(futures)
+                if self.client._session.core is not None:
+                    self.client._session.cancel_queued(futures)
 
         return results()
 
     def _wait_pending(self) -> None:
-        if self.client._closed:
+        if self.client._session.closed:
             return  # its futures have all ended (lost, if not done)
         with self._lock:
             pending = list(self._pending)
@@ -292,10 +293,10 @@ class Executor(cf.Executor):
             self._shutdown = True
             pending = list(self._pending)
             maps = [m for m in self._maps if m._client is not None]
-        if cancel_futures and self.client._core is not None:
-            self.client._cancel_queued([f.task for f in pending])
+        if cancel_futures and self.client._session.core is not None:
+            self.client._session.cancel_queued([f.task for f in pending])
             for m in maps:
-                self.client._cancel_queued(m)
+                self.client._session.cancel_queued(m)
         if wait:
             self._wait_pending()
             if self._owns:

@@ -14,7 +14,7 @@ from typing import Any
 
 from ._futures import returns as _returns
 from ._waiting import fire_and_forget, wait
-from .client import Client, Future, default_client, get_client
+from .client import Client, Future, close_default_client, default_client, get_client
 
 _OPTIONS = {
     "num_cpus",
@@ -58,12 +58,10 @@ def is_initialized() -> bool:
 def shutdown() -> None:
     """Closes what ``init()`` and the first Ray-style call started or
     connected (Ray's ``shutdown``); other clients stay open."""
-    from . import client as _client
-
-    for c in [*_inited, *_client._started]:
+    for c in _inited:
         c.close()
     _inited.clear()
-    _client._started.clear()
+    close_default_client()
 
 
 def cancel(ref: Future, *, force: bool = False, recursive: bool = True) -> None:
@@ -125,7 +123,7 @@ class RemoteFunction:
         if o.get("num_cpus", 1) > 1:
             resources["CPU"] = o["num_cpus"]  # worker threads it occupies
         client = default_client()
-        f = client._submit(
+        f = client._session.submit(
             self._fn,
             args,
             kwargs,
@@ -252,4 +250,4 @@ def put(value: Any) -> Future:
     host it lives in shared memory and tasks map it without copying."""
     if isinstance(value, Future):
         raise TypeError("shoal.put takes a value, not a Future (it is already on the cluster)")
-    return default_client()._put(value, None)
+    return default_client()._session.put(value, None)
