@@ -1870,7 +1870,11 @@ fn a_dying_workers_results_are_computed_again_at_once_not_fetched_from_it() {
     // task 2 waits for it instead of being sent to fetch from worker 0.
     c.handle_submit(C, vec![nt(2, &[1])]);
     let placed = computes(&c.take_actions());
-    assert_eq!(placed, vec![(1, 1)], "task 1 again, on worker 1; task 2 waits");
+    assert_eq!(
+        placed,
+        vec![(1, 1)],
+        "task 1 again, on worker 1; task 2 waits"
+    );
     assert_eq!(c.location(t(1)), None);
     c.handle_task_finished(WorkerId(1), t(1), 1 << 20, false, 10);
     assert_eq!(computes(&c.take_actions()), vec![(1, 2)]);
