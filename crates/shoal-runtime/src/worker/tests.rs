@@ -1,7 +1,9 @@
 //! The worker's glue through the in-memory transport, against a scripted
 //! scheduler: orders reach the execution side, reports reach the
-//! scheduler, and a worker in a client's process whose scheduler goes
-//! away stops its threads instead of ending the process.
+//! scheduler, steals give back what has not started, an input that cannot
+//! be fetched is reported rather than run without, and a worker in a
+//! client's process whose scheduler goes away stops its threads instead of
+//! ending the process.
 
 use super::*;
 use crate::net::{Conn, Listener};
@@ -43,14 +45,25 @@ async fn until(rx: &mut SplitStream<Conn>, want: impl Fn(&FromWorker) -> bool) -
     }
 }
 
-#[test]
-fn orders_run_reports_arrive_and_a_lost_scheduler_stops_an_in_process_worker() {
+/// A scripted scheduler's end of one in-process worker's connection.
+struct Glue {
+    rt: tokio::runtime::Runtime,
+    sh: Arc<WorkerShared>,
+    listener: Listener,
+    tx: net::Outbox<ToWorker>,
+    rx: SplitStream<Conn>,
+    hello: shoal_proto::Hello,
+}
+
+/// Starts a worker with `nthreads` threads against a scheduler that
+/// accepts it as worker 7.
+fn glue(name: &str, nthreads: u32) -> Glue {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let addr = Address::Memory(format!("worker-glue-{}", std::process::id()));
+    let addr = Address::Memory(format!("worker-glue-{name}-{}", std::process::id()));
     let secret = Secret::random();
     let listener = rt.block_on(Listener::bind(&addr)).unwrap();
     let theirs = secret.clone();
@@ -63,8 +76,83 @@ fn orders_run_reports_arrive_and_a_lost_scheduler_stops_an_in_process_worker() {
         let (tx, rx) = net::split_batched::<ToWorker>(conn);
         (listener, tx, rx, hello)
     });
-    let sh = start(&rt, &addr, 2, "glue", Vec::new(), secret, true).unwrap();
-    let (listener, tx, mut rx, hello) = rt.block_on(scheduler).unwrap();
+    let sh = start(&rt, &addr, nthreads, name, Vec::new(), secret, true).unwrap();
+    let (listener, tx, rx, hello) = rt.block_on(scheduler).unwrap();
+    Glue {
+        rt,
+        sh,
+        listener,
+        tx,
+        rx,
+        hello,
+    }
+}
+
+/// The ids of the next work the execution side takes (one at a time).
+fn take(sh: &WorkerShared) -> Vec<u64> {
+    match sh.wait_next(1, Duration::from_secs(10)) {
+        Batch::Work(tasks, _) => tasks.iter().map(|t| t.id).collect(),
+        _ => panic!("no work came"),
+    }
+}
+
+#[test]
+fn a_steal_gives_back_what_has_not_started_and_an_unfetchable_input_is_reported() {
+    let Glue {
+        rt, sh, tx, mut rx, ..
+    } = glue("steal", 1);
+    for id in 1..=3 {
+        tx.send(compute(id)).unwrap();
+    }
+    assert_eq!(take(&sh), [1]);
+    // 1 runs; 2 and 3 wait. A steal of all three gets back only those two.
+    tx.send(ToWorker::Steal(vec![1, 2, 3])).unwrap();
+    let seen = rt.block_on(until(&mut rx, |m| matches!(m, FromWorker::Stolen(_))));
+    let Some(FromWorker::Stolen(mut given)) = seen.last().cloned() else {
+        unreachable!()
+    };
+    given.sort_unstable();
+    assert_eq!(given, [2, 3], "{seen:?}");
+    // A cancel of a task it never had changes nothing; new work still runs.
+    tx.send(ToWorker::Cancel(99)).unwrap();
+    tx.send(compute(4)).unwrap();
+    assert_eq!(take(&sh), [4], "stolen tasks never run here");
+    // An input whose holder left names no address (the scheduler's rule):
+    // after its retries the task is reported, never handed over without it.
+    let mut t = compute(5);
+    if let ToWorker::Compute { deps, .. } = &mut t {
+        deps.push(Dep {
+            id: 40,
+            source: DepSource::Worker {
+                id: 99,
+                addr: String::new(),
+            },
+        });
+    }
+    tx.send(t).unwrap();
+    let seen = rt.block_on(until(&mut rx, |m| {
+        matches!(m, FromWorker::FetchFailed { task: 5, .. })
+    }));
+    assert!(
+        matches!(seen.last(), Some(FromWorker::FetchFailed { deps, .. }) if deps == &[40]),
+        "{seen:?}"
+    );
+    assert!(
+        matches!(sh.wait_next(1, Duration::from_millis(200)), Batch::Work(ref w, _) if w.is_empty()),
+        "the task without its input is not run"
+    );
+}
+
+#[test]
+fn orders_run_reports_arrive_and_a_lost_scheduler_stops_an_in_process_worker() {
+    let Glue {
+        rt,
+        sh,
+        listener,
+        tx,
+        mut rx,
+        hello,
+    } = glue("orders", 2);
     assert!(matches!(hello.role, Role::Worker { nthreads: 2, .. }));
     assert_eq!(sh.id(), 7);
 
