@@ -187,6 +187,45 @@ def test_mpirun_with_initialize_runs_the_client_once_and_every_rank_exits(tmp_pa
     assert shoal_processes() <= before, "nothing is left running"
 
 
+def _running(pid: int) -> bool:
+    """``pid`` exists and is not a zombie (an orphan that no one reaps)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+STARTERS = {
+    "an MPI rank": "from shoal import mpi\n"
+    "proc, _ = mpi._start_scheduler({dir!r}, False, ':0', None, '127.0.0.1')\n"
+    "print(proc.pid, flush=True)",
+    "a job-queue cluster": "import shoal\n"
+    "c = shoal.SLURMCluster(cores=1, dashboard_address=None)\n"
+    "print(c._scheduler.pid, flush=True)",
+}
+
+
+@pytest.mark.parametrize("starter", sorted(STARTERS))
+def test_a_scheduler_a_program_started_ends_when_the_program_is_killed(tmp_path, starter):
+    # As a launcher kills a failed job, or a user a notebook: the process
+    # that started the scheduler dies at once, without stopping it; the
+    # scheduler goes with it instead of running on.
+    code = STARTERS[starter].format(dir=str(tmp_path)) + "\nimport time\ntime.sleep(600)\n"
+    env = {**os.environ, "HOME": str(tmp_path)}  # job-queue clusters keep files there
+    rank = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        pid = int(rank.stdout.readline())
+        assert _running(pid)
+    finally:
+        rank.kill()
+        rank.wait()
+        rank.stdout.close()
+    wait_for(lambda: not _running(pid), 10, "the scheduler to end with its program")
+
+
 def test_initialize_with_too_few_ranks_says_so(tmp_path):
     (tmp_path / "two.py").write_text(SCRIPT.format(workers=1, fail=False))
     r = mpirun(2, sys.executable, "two.py", cwd=tmp_path)

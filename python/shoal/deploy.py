@@ -326,6 +326,14 @@ class ClusterBase:
         return html_summary(type(self).__name__, self.scheduler_address, self, self._closed)
 
 
+def tied_env(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` for a ``shoal scheduler`` or ``shoal worker`` this process
+    starts with ``subprocess``, which then ends when this process does
+    (``SHOAL_PARENT_PID``), as ``LocalCluster``'s workers do: a program that
+    exits or is killed without closing its cluster leaves nothing running."""
+    return {**env, "SHOAL_PARENT_PID": str(os.getpid())}
+
+
 def html_summary(title: str, scheduler: str, source: Any, closed: bool) -> str:
     """The HTML table Jupyter shows for a cluster or a client: the
     scheduler, its workers and threads, their memory, the dashboard link.

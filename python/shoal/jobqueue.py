@@ -36,6 +36,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from . import deploy
 from .deploy import ClusterBase, read_scheduler_file
 
 __all__ = ["SLURMCluster", "PBSCluster", "JobQueueCluster"]
@@ -133,7 +134,10 @@ class JobQueueCluster(ClusterBase):
         else:
             args += ["--dashboard-address", self._dashboard_address]
         self._log = open(os.path.join(self._dir, "scheduler.log"), "ab")
-        self._scheduler = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
+        # Ends with this process, as Dask's in-process scheduler does.
+        self._scheduler = subprocess.Popen(
+            args, stdout=self._log, stderr=subprocess.STDOUT, env=deploy.tied_env(os.environ)
+        )
         deadline = time.monotonic() + 60
         while not os.path.exists(self.scheduler_file):
             if self._scheduler.poll() is not None or time.monotonic() > deadline:

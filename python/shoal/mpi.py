@@ -39,6 +39,8 @@ import sys
 import time
 from typing import Any
 
+from .deploy import tied_env
+
 __all__ = ["initialize"]
 
 SHOAL = [sys.executable, "-m", "shoal"]
@@ -69,7 +71,7 @@ def _start_scheduler(
     args = [*SHOAL, "scheduler", "--port", "0", "--scheduler-file", sfile]
     args += ["--interface", interface] if interface else ["--host", host]
     args += ["--dashboard-address", dashboard_address] if dashboard else ["--no-dashboard"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, env=tied_env(os.environ))
     deadline = time.monotonic() + 60
     while not os.path.exists(sfile):
         if proc.poll() is not None:
@@ -159,7 +161,9 @@ def initialize(
         _client_exit_hook(comm, size)
         return True
     if rank >= 2:
-        env = {**os.environ, "SHOAL_TOKEN": info["token"]}
+        # Ends with this rank: a launcher that kills the job (a rank's
+        # `Abort`, a failed run) leaves no scheduler or worker behind.
+        env = tied_env({**os.environ, "SHOAL_TOKEN": info["token"]})
         # The scheduler file is on rank 0's node: the worker is given the
         # address itself (the token travels in the environment).
         args = _worker_args(nthreads, memory_limit, local_directory, interface)

@@ -91,6 +91,7 @@ pub struct HostInfo {
 
 /// Runs the command line; returns the exit code.
 pub fn run(argv: Vec<String>, host: HostInfo) -> i32 {
+    shoal_runtime::local::tie_to_parent();
     let cli = match Cli::try_parse_from(argv) {
         Ok(c) => c,
         Err(e) => {

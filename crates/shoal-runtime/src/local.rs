@@ -468,3 +468,31 @@ impl Drop for LocalCluster {
         self.close();
     }
 }
+
+/// A process started by one that cannot tie it to itself before exec
+/// (`shoal.mpi`'s ranks, Python's `subprocess`) and says so with
+/// `SHOAL_PARENT_PID`: it ends (SIGTERM) when that parent does, as
+/// [`spawn`]'s children do, rather than outlive a job its launcher
+/// killed. The variable is removed, so that this process's own children
+/// do not take it for theirs. Call it first, while this process has one
+/// thread.
+pub fn tie_to_parent() {
+    let Some(pid) = crate::settings::raw("SHOAL_PARENT_PID") else {
+        return;
+    };
+    // Rust 2021: removing a variable is safe to call; only one thread runs.
+    std::env::remove_var("SHOAL_PARENT_PID");
+    let Ok(parent) = pid.trim().parse::<libc::pid_t>() else {
+        eprintln!("shoal: SHOAL_PARENT_PID is not a process id: {pid:?}; ignored");
+        return;
+    };
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl and getppid change and read only this process's state.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+        // Gone before the tie was made: end now, as the signal would have.
+        if libc::getppid() != parent {
+            std::process::exit(143);
+        }
+    }
+}

@@ -83,6 +83,7 @@ pub const VARS: &[Var] = &[
     shoal("SHOAL_CPUS", "in a command task: the CPUs it holds"),
     shoal("SHOAL_ENTRY", "in a command task of a `--each-line` or `--from-json` job: its entry"),
     shoal("SHOAL_JOB_ID", "in a command task: its job's id"),
+    shoal("SHOAL_PARENT_PID", "in a scheduler or worker that Shoal's Python side started (`shoal.mpi`'s ranks, job-queue clusters' schedulers): the process id of the process that started it; it ends when that process does"),
     shoal("SHOAL_SLOT_FD", "in a worker process: the descriptor of the page where it writes which task each thread runs, for its supervisor"),
     shoal("SHOAL_SUPERVISOR", "in a worker process: the id of the supervisor that reports its death"),
     shoal("SHOAL_TASK_ID", "in a command task: its id in its job (the array index)"),
