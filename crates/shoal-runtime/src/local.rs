@@ -143,8 +143,7 @@ fn spawn(cmd: &WorkerCommand, supervisor: u64) -> std::io::Result<Kid> {
         // parent.
         unsafe {
             c.pre_exec(move || {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                if libc::getppid() != parent {
+                if !die_with(parent) {
                     libc::_exit(0);
                 }
                 if let Some(fd) = slot_fd {
@@ -486,13 +485,26 @@ pub fn tie_to_parent() {
         eprintln!("shoal: SHOAL_PARENT_PID is not a process id: {pid:?}; ignored");
         return;
     };
-    #[cfg(target_os = "linux")]
+    // Gone before the tie was made: end now, as the signal would have.
+    if !die_with(parent) {
+        std::process::exit(143);
+    }
+}
+
+/// This process gets SIGTERM when `parent` ends; false if it already has
+/// (this process was reparented before the tie was made). Only
+/// async-signal-safe calls: [`spawn`]'s children make it between fork and
+/// exec.
+#[cfg(target_os = "linux")]
+fn die_with(parent: libc::pid_t) -> bool {
     // SAFETY: prctl and getppid change and read only this process's state.
     unsafe {
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-        // Gone before the tie was made: end now, as the signal would have.
-        if libc::getppid() != parent {
-            std::process::exit(143);
-        }
+        libc::getppid() == parent
     }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with(_parent: libc::pid_t) -> bool {
+    true
 }
