@@ -417,6 +417,32 @@ def test_freed_shared_memory_blocks_are_reused_and_allocations_behave():
         assert live == 0 and spare > 0, "the task's arrays were freed into the pool"
 
 
+def filled(n_mib: int, value: float) -> np.ndarray:
+    return np.full(n_mib * MiB // 8, value)
+
+
+def pool_stats() -> tuple | None:
+    return _core.shm_allocator_stats()
+
+
+def test_a_fetched_result_s_block_is_reused_once_released_and_never_under_a_reader():
+    with shoal.Client(n_workers=1) as c:
+        # Fetched by the client (published, mapped here), then released: the
+        # client's array still reads the block.
+        kept = c.submit(filled, 8, -1.0).result()
+        assert is_mapped(kept)
+        allocs0, reused0 = c.submit(pool_stats).result()[2:]
+        for v in range(20):
+            r = c.submit(filled, 8, float(v)).result()
+            assert is_mapped(r) and r[0] == r[-1] == v
+        allocs, reused = c.submit(pool_stats).result()[2:]
+        # Blocks the client let go of were taken back and named again...
+        assert reused - reused0 >= 15, (allocs - allocs0, reused - reused0)
+        # ...but never the one it still reads.
+        assert float(kept.min()) == float(kept.max()) == -1.0
+        del kept, r
+
+
 G: list = []
 
 

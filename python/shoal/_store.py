@@ -434,6 +434,8 @@ class Store:
             self.disk_bytes -= length
         else:
             self.shm_bytes -= length
+            if self.numpy_allocator and _core.shm_unpublish(path):
+                return  # a block of the pool's: renamed, reused once unread
         with contextlib.suppress(OSError):
             os.unlink(path)
 

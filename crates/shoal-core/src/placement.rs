@@ -82,7 +82,12 @@ impl<S> Core<S> {
         match est {
             Some(e) => {
                 n < threads * self.config.max_queue_per_thread as u64
-                    && w.queued_est_us + e <= threads * self.config.pipeline_budget_us
+                    && (w.queued_est_us + e <= threads * self.config.pipeline_budget_us
+                        // One more per thread, of a task short enough that
+                        // the round trip to here is a visible share of it:
+                        // the worker starts it the moment the running one
+                        // ends instead of a report and an answer later.
+                        || (n < 2 * threads && e <= self.config.steal_after_us / 4))
             }
             None => false,
         }

@@ -78,15 +78,22 @@ impl Frame {
 /// process alone, never changing the file others map) or read-only. Mapped
 /// 2 MiB-aligned, so that a file of huge pages is mapped by huge entries
 /// (see `shoal_runtime::hugeshm::map_aligned`); unmapped when the last
-/// view of it goes.
+/// view of it goes. It keeps the file open with a shared lock until then,
+/// so that the holder of a shared-memory block does not reuse it under the
+/// mapping (`shoal_runtime::shm_pool`).
 #[pyclass(frozen)]
 pub(crate) struct Mapped {
     map: shoal_runtime::hugeshm::Mapping,
     writable: bool,
+    // Dropped after `map` (fields drop in order): unlocked once unmapped.
+    _held: std::os::fd::OwnedFd,
 }
 
 impl Mapped {
     fn new(fd: i32, writable: bool) -> std::io::Result<Mapped> {
+        // SAFETY: the caller's open descriptor, borrowed for the duplicate.
+        let held = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()?;
+        shoal_runtime::shm_pool::hold_shared(fd)?;
         // SAFETY: fstat fills the zeroed struct for the caller's fd.
         let len = unsafe {
             let mut st: libc::stat = std::mem::zeroed();
@@ -101,7 +108,11 @@ impl Mapped {
             (libc::PROT_READ, libc::MAP_SHARED)
         };
         let map = shoal_runtime::hugeshm::map_aligned(fd, len, prot, flags)?;
-        Ok(Mapped { map, writable })
+        Ok(Mapped {
+            map,
+            writable,
+            _held: held,
+        })
     }
 }
 

@@ -261,6 +261,14 @@ pub fn shm_publish(key: usize, path: PathBuf, head: &[u8]) -> bool {
         .is_some_and(|i| i.pool.publish(key, &path, head).is_ok())
 }
 
+/// The store lets go of the published result file `path`: true if it was
+/// a block of the pool's, which keeps it for reuse (see
+/// `ShmPool::unpublish`); false if the caller should unlink it.
+#[pyfunction]
+pub fn shm_unpublish(path: PathBuf) -> bool {
+    INSTALLED.get().is_some_and(|i| i.pool.unpublish(&path))
+}
+
 /// Sizes the new file `fd` to `length` bytes and, on tmpfs, reserves its
 /// pages (huge where the kernel can) before it is written: see
 /// `shoal_runtime::hugeshm::reserve`. OSError (ENOSPC) if it cannot hold it.

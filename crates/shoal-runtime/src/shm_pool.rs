@@ -16,9 +16,20 @@
 //! [`ShmPool::trim`]) and handed to the next allocation of about its size:
 //! tmpfs pages cost about 4× more to allocate than the anonymous huge pages
 //! NumPy otherwise gets, but a reused block's pages are already there, so a
-//! worker running many similar tasks fills recycled memory. A published
-//! block is never reused: other processes may map it for as long as they
-//! like, so it is only unmapped here and unlinked by the store on release.
+//! worker running many similar tasks fills recycled memory.
+//!
+//! A published block is reused too, once nobody can read it any more:
+//! other processes map it for as long as they like, so each reader holds a
+//! shared `flock` on the file while it maps or reads it ([`open_shared`],
+//! [`hold_shared`]). When the store lets the result go it does not unlink
+//! the name but hands it back ([`ShmPool::unpublish`]): the file is renamed
+//! to a name of the pool's own (no new reader can open it; a file once
+//! unlinked could never be named again), and the pool takes the block back
+//! once an exclusive lock succeeds (no reader is left). It holds that lock
+//! for as long as the block is its own, so a reader that opened the old name
+//! just before the rename cannot lock it afterwards and map the block's next
+//! contents. Without this, every result a peer fetched cost a fresh block
+//! (`fallocate`, collapsing, zeroing: a sixth of a transpose's worker time).
 //! Nothing leaks if the process dies: unnamed files vanish with it, named
 //! ones are in its segment directory, which [`crate::shm::sweep`] removes.
 
@@ -26,16 +37,68 @@ use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// Bytes before a block's data: one page, where a published block's frame
 /// header goes (the data stays page-aligned).
 pub const HEADER: usize = 4096;
+
+/// Published blocks kept for reuse once their readers are done; older ones
+/// are unmapped (a reader holding a result for good, such as a client).
+const MAX_RETIRED: usize = 64;
+
+/// `flock(fd, op | LOCK_NB)`: Ok if taken, an error (`WouldBlock` if
+/// another holds a conflicting lock) if not.
+fn try_lock(fd: RawFd, op: libc::c_int) -> io::Result<()> {
+    loop {
+        // SAFETY: flock on a descriptor the caller owns.
+        if unsafe { libc::flock(fd, op | libc::LOCK_NB) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Marks `fd` (a result's file) as read by this process for as long as
+/// this open file stays open: its holder does not reuse the memory
+/// meanwhile. Fails (`NotFound`) only if the holder has already taken it
+/// back; a file system without locks changes nothing (nothing reuses
+/// files there).
+pub fn hold_shared(fd: RawFd) -> io::Result<()> {
+    match try_lock(fd, libc::LOCK_SH) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            "the result's memory was released by its holder",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Opens a result's file by name to read it, held as in [`hold_shared`]
+/// (until the file is closed). `NotFound` if the name is gone, also if it
+/// went between the open and the lock (the memory may then hold something
+/// else already).
+pub fn open_shared(path: &Path) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::MetadataExt;
+    let f = std::fs::File::open(path)?;
+    hold_shared(f.as_raw_fd())?;
+    let (now, ours) = (std::fs::metadata(path)?, f.metadata()?);
+    if (now.dev(), now.ino()) != (ours.dev(), ours.ino()) {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            "the result's file was replaced while being opened",
+        ));
+    }
+    Ok(f)
+}
 
 struct Block {
     base: *mut u8,
@@ -45,6 +108,15 @@ struct Block {
     /// Bytes the allocation asked for (at most the capacity).
     used: usize,
     published: bool,
+    /// Published by this process (not a forked child's copy): may be taken
+    /// back once its readers are done.
+    reclaimable: bool,
+    /// The public name a published block has, until the store hands it
+    /// back ([`ShmPool::unpublish`]).
+    public: Option<PathBuf>,
+    /// The pool's own name for a block once handed back: renamed to the
+    /// next public name when published again, unlinked when dropped.
+    hidden: Option<PathBuf>,
     freed_at: Instant,
 }
 
@@ -65,6 +137,9 @@ impl Block {
 
 impl Drop for Block {
     fn drop(&mut self) {
+        if let Some(h) = &self.hidden {
+            let _ = std::fs::remove_file(h);
+        }
         // SAFETY: base/len is the mapping this block made; nobody uses it
         // once the block is dropped (freed by its allocation's owner).
         unsafe { libc::munmap(self.base.cast(), self.len) };
@@ -108,10 +183,24 @@ pub struct PoolStats {
 struct Inner {
     live: BTreeMap<usize, Block>, // by data address
     spare: Vec<Block>,
+    /// Published blocks freed here, oldest first: reused once the store
+    /// has handed their names back and no reader holds them.
+    retired: Vec<Block>,
+    /// Public name -> block (its data address, in `live` or `retired`).
+    names: std::collections::HashMap<PathBuf, usize>,
     live_bytes: usize,
     spare_bytes: usize,
     allocs: usize,
     reused: usize,
+}
+
+impl Inner {
+    /// Drops the name index's entry for `b` (being discarded).
+    fn forget(&mut self, b: &Block) {
+        if let Some(p) = &b.public {
+            self.names.remove(p);
+        }
+    }
 }
 
 /// Large allocations in shared memory; see the module documentation.
@@ -121,10 +210,22 @@ pub struct ShmPool {
     max: usize,
     spare_cap: AtomicUsize,
     inner: Mutex<Inner>,
+    /// For the blocks' hidden names.
+    hidden_seq: AtomicU64,
     /// Blocks to unmap, for a thread of their own: unmapping a written GiB
     /// takes about 30 ms, which the freeing thread (holding Python's GIL,
     /// often answering a peer) should not wait for.
     unmapper: Mutex<Option<mpsc::Sender<Block>>>,
+}
+
+/// The kept block for `want` bytes: the smallest at most a quarter larger.
+fn fitting(spare: &[Block], want: usize) -> Option<usize> {
+    spare
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| b.capacity() >= want && b.capacity() - want <= want / 4)
+        .min_by_key(|(_, b)| b.capacity())
+        .map(|(i, _)| i)
 }
 
 fn page_up(n: usize) -> Option<usize> {
@@ -141,6 +242,7 @@ impl ShmPool {
             max,
             spare_cap: AtomicUsize::new(spare_cap),
             inner: Mutex::new(Inner::default()),
+            hidden_seq: AtomicU64::new(0),
             unmapper: Mutex::new(None),
         }
     }
@@ -185,14 +287,16 @@ impl ShmPool {
         let want = page_up(size)?;
         let mut inner = self.inner.lock();
         inner.allocs += 1;
-        // A kept block of about this size (at most a quarter larger).
-        let fit = inner
-            .spare
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| b.capacity() >= want && b.capacity() - want <= want / 4)
-            .min_by_key(|(_, b)| b.capacity())
-            .map(|(i, _)| i);
+        let mut fit = fitting(&inner.spare, want);
+        if fit.is_none() && !inner.retired.is_empty() {
+            let over = self.reclaim(&mut inner);
+            if !over.is_empty() {
+                drop(inner);
+                self.discard(over);
+                inner = self.inner.lock();
+            }
+            fit = fitting(&inner.spare, want);
+        }
         if let Some(i) = fit {
             let mut b = inner.spare.swap_remove(i);
             inner.spare_bytes -= b.len;
@@ -252,8 +356,14 @@ impl ShmPool {
                 fd,
                 used: 0,
                 published: false,
+                reclaimable: false,
+                public: None,
+                hidden: None,
                 freed_at: Instant::now(),
             };
+            // Ours until published (see the module documentation); a file
+            // system without locks only means it is never taken back.
+            let _ = try_lock(block.fd.as_raw_fd(), libc::LOCK_EX);
             let rc = libc::fallocate(block.fd.as_raw_fd(), 0, 0, len as libc::off_t);
             if rc != 0 {
                 return Err(io::Error::last_os_error());
@@ -269,8 +379,21 @@ impl ShmPool {
             return false;
         };
         if b.published {
-            drop(inner);
-            self.discard([b]); // the named file lives on until the store unlinks it
+            // The named file lives on until the store unlinks it; readers
+            // may map it longer.
+            if b.reclaimable {
+                b.freed_at = Instant::now();
+                inner.retired.push(b);
+                if inner.retired.len() > MAX_RETIRED {
+                    let oldest = inner.retired.remove(0);
+                    inner.forget(&oldest);
+                    drop(inner);
+                    self.discard([oldest]);
+                }
+            } else {
+                drop(inner);
+                self.discard([b]);
+            }
             return true;
         }
         inner.live_bytes -= b.len;
@@ -335,43 +458,121 @@ impl ShmPool {
             ));
         }
         let fd = b.fd.as_raw_fd();
-        let proc_path = CString::new(format!("/proc/self/fd/{fd}"))?;
-        let target = CString::new(path.as_os_str().as_bytes())?;
-        // SAFETY: `head` is valid for its length; the C strings are valid.
-        unsafe {
-            let n = libc::pwrite(fd, head.as_ptr().cast(), head.len(), 0);
-            if n != head.len() as isize {
-                return Err(io::Error::last_os_error());
-            }
+        // SAFETY: `head` is valid for its length.
+        let n = unsafe { libc::pwrite(fd, head.as_ptr().cast(), head.len(), 0) };
+        if n != head.len() as isize {
+            return Err(io::Error::last_os_error());
+        }
+        if let Some(hidden) = &b.hidden {
+            // Taken back after an earlier publication: it has a name.
+            std::fs::rename(hidden, path)?;
+            b.hidden = None;
+        } else {
+            let proc_path = CString::new(format!("/proc/self/fd/{fd}"))?;
+            let target = CString::new(path.as_os_str().as_bytes())?;
             // Naming an O_TMPFILE file: through /proc (AT_EMPTY_PATH would
-            // need CAP_DAC_READ_SEARCH).
-            let rc = libc::linkat(
-                libc::AT_FDCWD,
-                proc_path.as_ptr(),
-                libc::AT_FDCWD,
-                target.as_ptr(),
-                libc::AT_SYMLINK_FOLLOW,
-            );
+            // need CAP_DAC_READ_SEARCH). SAFETY: valid C strings.
+            let rc = unsafe {
+                libc::linkat(
+                    libc::AT_FDCWD,
+                    proc_path.as_ptr(),
+                    libc::AT_FDCWD,
+                    target.as_ptr(),
+                    libc::AT_SYMLINK_FOLLOW,
+                )
+            };
             if rc != 0 {
                 return Err(io::Error::last_os_error());
             }
         }
+        // Readers may lock it from now on.
+        // SAFETY: flock on the block's own descriptor.
+        unsafe { libc::flock(fd, libc::LOCK_UN) };
         b.published = true;
+        b.reclaimable = true;
+        b.public = Some(path.to_path_buf());
         let len = b.len;
+        inner.names.insert(path.to_path_buf(), key);
         inner.live_bytes -= len; // now the store's segment, counted there
         Ok(())
     }
 
-    /// Drops kept blocks freed more than `age` ago; returns the bytes freed.
+    /// The store lets go of the published block named `path`: renamed to a
+    /// name of the pool's own instead of unlinked, so that the block can be
+    /// named again when it is reused (see the module documentation). False
+    /// if `path` is not a block of this pool's (the caller unlinks it).
+    pub fn unpublish(&self, path: &Path) -> bool {
+        let mut guard = self.inner.lock();
+        let inner = &mut *guard;
+        let Some(key) = inner.names.remove(path) else {
+            return false;
+        };
+        let found = match inner.live.get_mut(&key) {
+            Some(b) => Some(b),
+            None => inner.retired.iter_mut().find(|b| b.data() == key),
+        };
+        let Some(b) = found.filter(|b| b.public.as_deref() == Some(path)) else {
+            return false;
+        };
+        let seq = self.hidden_seq.fetch_add(1, Ordering::Relaxed);
+        let hidden = self.dir.join(format!(".free-{seq}"));
+        if std::fs::rename(path, &hidden).is_err() {
+            return false; // unlinked by the caller: this block is not reused
+        }
+        b.public = None;
+        b.hidden = Some(hidden);
+        true
+    }
+
+    /// Moves the retired blocks nobody can read any more (unlinked, and no
+    /// reader's lock: see the module documentation) to the spare ones;
+    /// returns those past the spare cap, to discard.
+    fn reclaim(&self, inner: &mut Inner) -> Vec<Block> {
+        let mut over = Vec::new();
+        let mut i = 0;
+        while i < inner.retired.len() {
+            let b = &inner.retired[i];
+            let handed_back = b.public.is_none() && b.hidden.is_some();
+            if !handed_back || try_lock(b.fd.as_raw_fd(), libc::LOCK_EX).is_err() {
+                i += 1;
+                continue;
+            }
+            let mut b = inner.retired.remove(i);
+            b.published = false;
+            b.reclaimable = false;
+            if inner.spare_bytes + b.len <= self.spare_cap.load(Ordering::Relaxed) {
+                inner.spare_bytes += b.len;
+                inner.spare.push(b);
+            } else {
+                over.push(b);
+            }
+        }
+        over
+    }
+
+    /// Drops kept blocks freed more than `age` ago (first taking back the
+    /// published ones nobody reads any more); returns the bytes freed.
     pub fn trim(&self, age: Duration) -> usize {
         let mut inner = self.inner.lock();
+        let mut old = self.reclaim(&mut inner);
         let now = Instant::now();
-        let (old, keep): (Vec<Block>, Vec<Block>) = std::mem::take(&mut inner.spare)
+        let (gone, keep): (Vec<Block>, Vec<Block>) = std::mem::take(&mut inner.spare)
             .into_iter()
             .partition(|b| now.duration_since(b.freed_at) >= age);
-        let freed: usize = old.iter().map(|b| b.len).sum();
         inner.spare = keep;
-        inner.spare_bytes -= freed;
+        inner.spare_bytes -= gone.iter().map(|b| b.len).sum::<usize>();
+        old.extend(gone);
+        let freed = old.iter().map(|b| b.len).sum();
+        // Still read by someone after that long: the memory is the
+        // reader's now (freed when it lets go, not counted here).
+        let (gone, keep): (Vec<Block>, Vec<Block>) = std::mem::take(&mut inner.retired)
+            .into_iter()
+            .partition(|b| now.duration_since(b.freed_at) >= age);
+        inner.retired = keep;
+        for b in &gone {
+            inner.forget(b);
+        }
+        old.extend(gone);
         drop(inner);
         self.discard(old);
         freed
@@ -381,7 +582,7 @@ impl ShmPool {
     /// mapping of its file, so that the child's writes reach neither its
     /// parent's arrays nor a published result (as `fork` promises for
     /// ordinary memory), and stops reusing or publishing them here. Kept
-    /// blocks are dropped. New allocations of the child get new blocks.
+    /// and retired blocks are dropped. New allocations of the child get new blocks.
     ///
     /// # Safety
     /// Call only in the child right after `fork`, before other threads exist
@@ -399,7 +600,12 @@ impl ShmPool {
         // The parent's unmapping thread is not in this child: start anew.
         *self.unmapper.lock() = None;
         let mut inner = self.inner.lock();
+        inner.names.clear();
         for b in inner.live.values_mut() {
+            // The parent's names and the parent's to take back, not ours.
+            b.reclaimable = false;
+            b.public = None;
+            b.hidden = None;
             // SAFETY: replaces this block's own mapping in place, same
             // address and length, with a private mapping of the same file.
             let p = unsafe {
@@ -421,7 +627,11 @@ impl ShmPool {
         }
         inner.live_bytes = 0;
         inner.spare_bytes = 0;
-        let spare = std::mem::take(&mut inner.spare);
+        let mut spare = std::mem::take(&mut inner.spare);
+        spare.append(&mut inner.retired);
+        for b in &mut spare {
+            b.hidden = None; // the parent's file
+        }
         drop(inner);
         self.discard(spare);
     }
@@ -553,7 +763,7 @@ mod tests {
     }
 
     #[test]
-    fn a_published_block_is_a_file_with_its_header_and_is_never_reused() {
+    fn a_published_block_is_a_file_with_its_header_reused_once_handed_back_and_unread() {
         let (p, dir) = pool("publish");
         let a = p.alloc(MIB, false).unwrap();
         // SAFETY: a has 1 MiB.
@@ -565,14 +775,49 @@ mod tests {
         let path = dir.join("r1");
         p.publish(at.key, &path, b"head").unwrap();
         assert!(p.publish(at.key, &dir.join("r2"), b"x").is_err());
+        let reader = open_shared(&path).unwrap();
         let data = std::fs::read(&path).unwrap();
         assert_eq!(&data[..4], b"head");
         assert!(data[HEADER..HEADER + MIB].iter().all(|&x| x == 9));
         assert_eq!(p.stats().live, 0, "counted as the store's segment now");
         assert!(p.free(a));
         assert_eq!(p.stats().spare, 0, "a published block is not kept");
-        // The file outlives the mapping.
+        // The file outlives the mapping; while it has its name, or while a
+        // reader holds it, its memory is not reused.
         assert_eq!(std::fs::read(&path).unwrap().len(), MIB + HEADER);
+        let b = p.alloc(MIB, false).unwrap();
+        assert_ne!(a, b, "still named");
+        let late = std::fs::File::open(&path).unwrap(); // opened, not yet held
+        assert!(!p.unpublish(&dir.join("other")));
+        assert!(p.unpublish(&path), "handed back");
+        assert!(!path.exists());
+        let c = p.alloc(MIB, false).unwrap();
+        assert_ne!(a, c, "still read");
+        drop(reader);
+        assert_eq!(p.trim(Duration::from_secs(60)), 0);
+        assert_eq!(p.stats().spare, MIB + HEADER, "taken back");
+        let d = p.alloc(MIB, false).unwrap();
+        assert_eq!(a, d, "reused");
+        // A reader that opened the name before it went cannot hold the
+        // memory now that it is the pool's again.
+        assert!(hold_shared(late.as_raw_fd()).is_err());
+        assert!(open_shared(&path).is_err());
+        // Published again under a new name: its new header and contents.
+        // SAFETY: d has 1 MiB.
+        unsafe { std::ptr::write_bytes(d, 5, MIB) };
+        let again = dir.join("r3");
+        p.publish(p.locate(d as usize, MIB).unwrap().key, &again, b"next")
+            .unwrap();
+        let data = std::fs::read(&again).unwrap();
+        assert_eq!(&data[..4], b"next");
+        assert!(data[HEADER..HEADER + MIB].iter().all(|&x| x == 5));
+        assert!(p.free(b) && p.free(c) && p.free(d));
+        assert!(p.unpublish(&again));
+        assert!(p.trim(Duration::ZERO) > 0);
+        // Dropped blocks take their hidden names with them.
+        std::thread::sleep(Duration::from_millis(100)); // the unmapping thread
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+        assert!(left.is_empty(), "{left:?}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

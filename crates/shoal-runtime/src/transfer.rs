@@ -89,9 +89,13 @@ async fn request(conn: &mut net::Conn, ids: &[u64]) -> io::Result<Vec<(u64, Opti
                 Some(Fetched::Bytes(net::recv_raw(conn, n).await?))
             }
             Some(Payload::Bytes(b)) => Some(Fetched::Bytes(b)),
-            // Opened at once: the holder may unlink it once it is released.
-            // (Gone already: it was spilled meanwhile; the caller asks again.)
-            Some(Payload::File { path, .. }) => Some(Fetched::File(std::fs::File::open(path)?)),
+            // Opened at once: the holder may unlink it once it is released;
+            // held (a shared lock) so that it does not reuse the memory while
+            // this process reads it. (Gone already: it was spilled meanwhile;
+            // the caller asks again.)
+            Some(Payload::File { path, .. }) => Some(Fetched::File(crate::shm_pool::open_shared(
+                std::path::Path::new(&path),
+            )?)),
             Some(Payload::Unpicklable(why)) => Some(Fetched::Unpicklable(why)),
             None => None,
         };

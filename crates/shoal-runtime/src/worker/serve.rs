@@ -100,7 +100,7 @@ impl WorkerShared {
                     // longer). A spill may move the file meanwhile: look again.
                     let mut got = None;
                     for _ in 0..3 {
-                        if let Ok(f) = std::fs::File::open(&path) {
+                        if let Ok(f) = crate::shm_pool::open_shared(std::path::Path::new(&path)) {
                             got = Some(Reply::Contents(f, len));
                             break;
                         }
