@@ -80,6 +80,23 @@ fn long_tasks_are_not_queued_behind_each_other() {
 }
 
 #[test]
+fn short_tasks_wait_one_deep_behind_running_ones_to_hide_the_round_trip() {
+    let mut c = core();
+    c.handle_worker_added(WorkerId(0), 1);
+    c.handle_worker_added(WorkerId(1), 1);
+    c.handle_submit(C, (1..=8).map(|i| nt(i, &[])).collect());
+    assert_eq!(computes(&c.take_actions()), vec![(0, 1), (1, 2)]);
+    // 10 ms: over the 2 ms pipeline budget, but short enough that the
+    // report and the answer would show; one waits behind each running one.
+    c.handle_task_finished(WorkerId(0), t(1), 8, true, 10_000);
+    assert_eq!(computes(&c.take_actions()), vec![(0, 3), (0, 4), (1, 5)]);
+    // Never two.
+    c.handle_task_finished(WorkerId(0), t(3), 8, true, 10_000);
+    assert_eq!(computes(&c.take_actions()), vec![(0, 6)]);
+    c.check_invariants();
+}
+
+#[test]
 fn dependents_run_where_their_data_is() {
     let mut c = core();
     c.handle_worker_added(WorkerId(0), 1);
