@@ -443,6 +443,42 @@ def test_a_fetched_result_s_block_is_reused_once_released_and_never_under_a_read
         del kept, r
 
 
+def frame(n: int, with_objects: bool):
+    import pandas as pd
+
+    df = pd.DataFrame({"a": np.arange(n), "b": np.ones(n)})
+    if with_objects:
+        df["c"] = [str(i) for i in range(n)]
+        df["c"] = df["c"].astype(object)
+    return df
+
+
+def files_written() -> int:
+    """Runs on a worker: how many results its store has written to files."""
+    from shoal import _context
+
+    return len(_context.executor.store.files)
+
+
+def test_a_large_dataframe_result_waits_to_be_pickled_like_an_array():
+    pd = pytest.importorskip("pandas")
+    with shoal.Client(n_workers=1) as c:
+        f = c.submit(frame, 1_000_000, False)  # 16 MB of numbers
+        # Its consumer here takes the object itself: nothing pickled.
+        total = c.submit(lambda df: float(df.a.sum() + df.b.sum()), f).result()
+        assert total == 1_000_000 * 999_999 / 2 + 1_000_000
+        assert c.submit(files_written, pure=False).result() == 0
+        # Fetched by the client: written once, then, and read back whole.
+        pd.testing.assert_frame_equal(f.result(), frame(1_000_000, False))
+        assert c.submit(files_written, pure=False).result() == 1
+        # A column of Python objects may not pickle: pickled at once, so
+        # that a failure is the task's own error.
+        g = c.submit(frame, 200_000, True)
+        shoal.wait([g])
+        assert c.submit(files_written, pure=False).result() == 2
+        pd.testing.assert_frame_equal(g.result(), frame(200_000, True))
+
+
 G: list = []
 
 

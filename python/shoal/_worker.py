@@ -570,7 +570,7 @@ def _buffer_size(obj: Any) -> int | None:
     pickled at once too: their elements may not pickle."""
     nbytes = getattr(obj, "nbytes", None)
     if type(nbytes) is not int:
-        return None
+        return _frame_size(obj)
     cls = type(obj)
     if cls is not memoryview and cls.__module__.partition(".")[0] not in _DEFERRED:
         return None
@@ -578,6 +578,24 @@ def _buffer_size(obj: Any) -> int | None:
     if dtype is not None and getattr(dtype, "hasobject", True):
         return None
     return nbytes
+
+
+def _frame_size(obj: Any) -> int | None:
+    """A pandas DataFrame's bytes (it has no ``nbytes``), so that it waits
+    to be pickled like an array: its consumers here take the object itself
+    (pickling and mapping back a frame of a few MiB cost more than many of
+    the tasks that pass them on). None if a column or the index holds
+    Python objects, which may not pickle."""
+    cls = type(obj)
+    if cls.__name__ != "DataFrame" or cls.__module__.partition(".")[0] != "pandas":
+        return None
+    try:
+        dtypes = (obj.index.dtype, *obj.dtypes)
+        if any(getattr(dt, "hasobject", False) for dt in dtypes):
+            return None
+        return int(obj.memory_usage(index=True, deep=False).sum())
+    except Exception:  # noqa: BLE001 - an odd frame: pickled at once
+        return None
 
 
 def _ignore(signum: int, frame: Any) -> None:
