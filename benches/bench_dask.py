@@ -13,6 +13,11 @@ Workloads (from issue 5):
             (the 256 MB result comes back)
   shuffle   df.shuffle("key") of an 8,000,000-row pandas frame (from_pandas,
             16 partitions), then each partition's sum of one column
+  q1 q3 q6 q12  analytical queries in the manner of TPC-H's over Parquet
+            tables made here (lineitem 4,000,000 rows in 16 files, orders
+            1,000,000, customer 100,000): q1 filter and group by two keys,
+            q3 two joins, a group-by and the 10 largest, q6 a scan, filter
+            and sum, q12 a join, filter and group-by
 
 --first-use: Client(), then the first compute() (at once, and one second
 later as in a notebook) against the second (workers import Dask and NumPy
@@ -56,7 +61,121 @@ def make_csvs(folder: str, files: int = 16, rows: int = 500_000) -> str:
     return os.path.join(folder, "part-*.csv")
 
 
-def workloads(small: bool, csvs: str) -> dict:
+def make_tables(folder: str, small: bool) -> dict[str, str]:
+    """Parquet tables shaped like TPC-H's lineitem, orders and customer
+    (made once per size)."""
+    n_line = 250_000 if small else 4_000_000
+    n_orders, n_cust = n_line // 4, n_line // 40
+    where = os.path.join(folder, f"tables-{n_line}")
+    paths = {t: os.path.join(where, t) for t in ("lineitem", "orders", "customer")}
+    if os.path.exists(os.path.join(where, "done")):
+        return paths
+    rng = np.random.default_rng(3)
+    day0 = np.datetime64("1992-01-01")
+    days = lambda n: day0 + rng.integers(0, 2500, n).astype("timedelta64[D]")  # noqa: E731
+    lineitem = pd.DataFrame(
+        {
+            "l_orderkey": rng.integers(0, n_orders, n_line),
+            "l_quantity": rng.integers(1, 51, n_line).astype("float64"),
+            "l_extendedprice": rng.random(n_line) * 100_000,
+            "l_discount": rng.integers(0, 11, n_line) / 100,
+            "l_tax": rng.integers(0, 9, n_line) / 100,
+            "l_returnflag": rng.choice(["A", "N", "R"], n_line),
+            "l_linestatus": rng.choice(["F", "O"], n_line),
+            "l_shipdate": days(n_line),
+            "l_shipmode": rng.choice(
+                ["AIR", "FOB", "MAIL", "RAIL", "REG AIR", "SHIP", "TRUCK"], n_line
+            ),
+        }
+    )
+    orders = pd.DataFrame(
+        {
+            "o_orderkey": np.arange(n_orders),
+            "o_custkey": rng.integers(0, n_cust, n_orders),
+            "o_orderdate": days(n_orders),
+            "o_shippriority": rng.integers(0, 2, n_orders),
+            "o_orderpriority": rng.choice(
+                ["1-URGENT", "2-HIGH", "3-MEDIUM", "4-NOT SPECIFIED", "5-LOW"], n_orders
+            ),
+        }
+    )
+    customer = pd.DataFrame(
+        {
+            "c_custkey": np.arange(n_cust),
+            "c_mktsegment": rng.choice(
+                ["AUTOMOBILE", "BUILDING", "FURNITURE", "HOUSEHOLD", "MACHINERY"], n_cust
+            ),
+        }
+    )
+    for name, df, parts in (
+        ("lineitem", lineitem, 16),
+        ("orders", orders, 4),
+        ("customer", customer, 1),
+    ):
+        os.makedirs(paths[name], exist_ok=True)
+        for i, chunk in enumerate(np.array_split(np.arange(len(df)), parts)):
+            df.iloc[chunk].to_parquet(
+                os.path.join(paths[name], f"part-{i:02d}.parquet"), index=False
+            )
+    open(os.path.join(where, "done"), "w").close()
+    return paths
+
+
+def queries(t: dict[str, str]) -> dict:
+    day = lambda s: pd.Timestamp(s)  # noqa: E731
+
+    def q1():
+        li = dd.read_parquet(t["lineitem"])
+        li = li[li.l_shipdate <= day("1998-09-02")]
+        li["disc_price"] = li.l_extendedprice * (1 - li.l_discount)
+        li["charge"] = li.disc_price * (1 + li.l_tax)
+        return li.groupby(["l_returnflag", "l_linestatus"]).agg(
+            {
+                "l_quantity": ["sum", "mean"],
+                "disc_price": "sum",
+                "charge": "sum",
+                "l_discount": ["mean", "count"],
+            }
+        )
+
+    def q3():
+        c = dd.read_parquet(t["customer"])
+        o = dd.read_parquet(t["orders"])
+        li = dd.read_parquet(t["lineitem"])
+        c = c[c.c_mktsegment == "BUILDING"]
+        o = o[o.o_orderdate < day("1995-03-15")]
+        li = li[li.l_shipdate > day("1995-03-15")]
+        j = c.merge(o, left_on="c_custkey", right_on="o_custkey").merge(
+            li, left_on="o_orderkey", right_on="l_orderkey"
+        )
+        j["revenue"] = j.l_extendedprice * (1 - j.l_discount)
+        g = j.groupby(["l_orderkey", "o_orderdate", "o_shippriority"]).revenue.sum()
+        return g.nlargest(10)
+
+    def q6():
+        li = dd.read_parquet(t["lineitem"])
+        sel = (
+            (li.l_shipdate >= day("1994-01-01"))
+            & (li.l_shipdate < day("1995-01-01"))
+            & (li.l_discount >= 0.05)
+            & (li.l_discount <= 0.07)
+            & (li.l_quantity < 24)
+        )
+        li = li[sel]
+        return (li.l_extendedprice * li.l_discount).sum()
+
+    def q12():
+        o = dd.read_parquet(t["orders"])
+        li = dd.read_parquet(t["lineitem"])
+        li = li[li.l_shipmode.isin(["MAIL", "SHIP"]) & (li.l_shipdate >= day("1994-01-01"))]
+        j = o.merge(li, left_on="o_orderkey", right_on="l_orderkey")
+        j["high"] = j.o_orderpriority.isin(["1-URGENT", "2-HIGH"]).astype("int64")
+        return j.groupby("l_shipmode").high.agg(["sum", "count"])
+
+    return {"q1": q1, "q3": q3, "q6": q6, "q12": q12}
+
+
+def workloads(small: bool, csvs: str, tables: dict[str, str] | None = None) -> dict:
     n1, c1 = (10_000, 500) if small else (40_000, 2_000)
     n2, c2 = (5_000, 250) if small else (20_000, 1_000)
 
@@ -91,6 +210,7 @@ def workloads(small: bool, csvs: str) -> dict:
         "groupby": groupby,
         "from_array": from_array,
         "shuffle": shuffle,
+        **(queries(tables) if tables else {}),
     }
 
 
@@ -175,7 +295,11 @@ def main() -> None:
         first_use(ns.repeats)
         return
     os.makedirs(ns.data, exist_ok=True)
-    wl = workloads(ns.small, make_csvs(ns.data, rows=50_000 if ns.small else 500_000))
+    csvs = make_csvs(ns.data, rows=50_000 if ns.small else 500_000)
+    tables = (
+        make_tables(ns.data, ns.small) if any(w.startswith("q") for w in ns.workloads) else None
+    )
+    wl = workloads(ns.small, csvs, tables)
     runners = [Shoal, Distributed, Threads]
     try:
         import ray.util.dask  # noqa: F401
@@ -264,7 +388,9 @@ c.close()
 
 
 def _check(expected, got, what):
-    if isinstance(expected, pd.Series):
+    if isinstance(expected, pd.DataFrame):
+        pd.testing.assert_frame_equal(expected.sort_index(), got.sort_index(), rtol=1e-9)
+    elif isinstance(expected, pd.Series):
         pd.testing.assert_series_equal(expected.sort_index(), got.sort_index(), rtol=1e-9)
     elif isinstance(expected, np.ndarray) and expected.ndim:
         np.testing.assert_allclose(expected, got, rtol=1e-12)

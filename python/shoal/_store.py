@@ -97,6 +97,7 @@ def host_memory() -> int:
 
 
 ALLOC_MIN = 1 << 20  # smaller NumPy allocations stay in ordinary memory
+_PAGE = 4096  # a pool block's first page: where a published frame starts
 
 
 def rss_anon() -> int:
@@ -316,7 +317,7 @@ class Store:
         published = self._publish_in_place(path, parts) if oob and in_place else None
         if published is not None:
             length = published
-        else:
+        elif not self._copy_into_pool(path, parts, length):
             try:
                 _serialize.write_file(path, parts)
             except OSError:  # /dev/shm full (small in containers): use the disk
@@ -330,6 +331,18 @@ class Store:
             else:
                 self.shm_bytes += length
         return path, on_disk, length
+
+    def _copy_into_pool(self, path: str, parts: list[Any], length: int) -> bool:
+        """Copies a frame into a recycled shared-memory block named
+        ``path`` (faster than a new file's fresh pages); False if the pool
+        does not take it (off, too small, a non-contiguous buffer, full)."""
+        if not self.numpy_allocator or length < ALLOC_MIN + _PAGE:
+            return False
+        try:
+            views = [p if type(p) is bytes else memoryview(p).cast("B") for p in parts]
+            return _core.shm_publish_frame(path, views) is not None
+        except (TypeError, ValueError, BufferError, OSError):
+            return False
 
     def _publish_in_place(self, path: str, parts: list[Any]) -> int | None:
         """Names the shared-memory block holding a frame's one buffer

@@ -411,6 +411,9 @@ impl Worker {
 struct GroupStats {
     /// Exponential moving average of durations, None until one finished.
     mean_us: Option<f64>,
+    /// Moving average of what fetching a MiB of one of its results took
+    /// (pickling a frame on its holder included), None until one moved.
+    move_us_per_mib: Option<f64>,
     counts: GroupCounts,
 }
 
@@ -635,6 +638,22 @@ impl<S> Core<S> {
     /// Number of task records.
     pub fn n_tasks(&self) -> usize {
         self.tasks.len()
+    }
+
+    /// A worker fetched `bytes` of `task`'s result in `duration_us`: what
+    /// moving its group's results costs, for placement (a task waits for
+    /// the worker holding its inputs when moving them would take longer).
+    /// Transfers under a MiB say more about latency than about bytes.
+    pub fn handle_transfer(&mut self, task: TaskId, bytes: u64, duration_us: u64) {
+        if bytes < 1 << 20 {
+            return;
+        }
+        let Some(group) = self.tasks.get(&task).map(|t| t.group) else {
+            return;
+        };
+        let g = &mut self.groups[group as usize];
+        let r = duration_us as f64 * (1u64 << 20) as f64 / bytes as f64;
+        g.move_us_per_mib = Some(g.move_us_per_mib.map_or(r, |m| 0.8 * m + 0.2 * r));
     }
 
     /// A task's group.

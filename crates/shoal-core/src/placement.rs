@@ -175,9 +175,12 @@ impl<S> Core<S> {
                     break;
                 }
             }
-            let Some((_, _, _, wid)) = best else {
+            let Some((_, _, _, mut wid)) = best else {
                 break;
             };
+            if let Some(h) = self.worth_waiting_for(id, &holders, wid) {
+                wid = h;
+            }
             self.ready.pop();
             self.place(id, wid, est);
         }
@@ -187,6 +190,49 @@ impl<S> Core<S> {
             self.settle_detached();
             self.settle_unheld();
         }
+    }
+
+    /// The worker holding most of task `id`'s input bytes, if it is not
+    /// `chosen` and moving those bytes would take longer than the work
+    /// queued there (as measured for their groups: a large array in shared
+    /// memory moves in a millisecond, a DataFrame is pickled and copied).
+    /// Moving also costs both workers CPU that waiting does not.
+    fn worth_waiting_for(
+        &self,
+        id: TaskId,
+        holders: &[(WorkerId, u64)],
+        chosen: WorkerId,
+    ) -> Option<WorkerId> {
+        let &(h, _) = holders
+            .iter()
+            .max_by_key(|&&(w, b)| (b, std::cmp::Reverse(w)))?;
+        if h == chosen {
+            return None;
+        }
+        let w = self.workers.get(&h)?;
+        let threads = w.nthreads as u64;
+        if w.paused
+            || w.stalled
+            || w.retiring.is_some()
+            || w.busy() as u64 >= threads * self.config.max_queue_per_thread as u64
+        {
+            return None;
+        }
+        let mut move_us = 0.0;
+        for d in self.tasks[&id].deps.iter() {
+            let dep = &self.tasks[d];
+            if let TaskState::Memory {
+                location: Location::Worker(at),
+                size,
+            } = dep.state
+            {
+                let rate = self.groups[dep.group as usize].move_us_per_mib;
+                if at == h {
+                    move_us += rate.unwrap_or(0.0) * size as f64 / (1u64 << 20) as f64;
+                }
+            }
+        }
+        (move_us > (w.queued_est_us / threads) as f64).then_some(h)
     }
 
     /// Sends ready task `id` (just taken off the ready queue) to `wid`.

@@ -97,6 +97,29 @@ fn short_tasks_wait_one_deep_behind_running_ones_to_hide_the_round_trip() {
 }
 
 #[test]
+fn a_task_waits_for_its_inputs_holder_when_moving_them_costs_more() {
+    // Moving task 1's 64 MiB took `move_us`; its holder has 20 ms queued.
+    let place = |move_us: u64| {
+        let mut c = core();
+        c.handle_worker_added(WorkerId(0), 1);
+        c.handle_submit(C, vec![nt(1, &[])]);
+        c.take_actions();
+        c.handle_task_finished(WorkerId(0), t(1), 64 << 20, false, 10_000);
+        c.handle_submit(C, vec![nt(2, &[]), nt(3, &[])]);
+        assert_eq!(computes(&c.take_actions()), vec![(0, 2), (0, 3)]);
+        c.handle_transfer(t(1), 64 << 20, move_us);
+        c.handle_worker_added(WorkerId(1), 1);
+        c.handle_submit(C, vec![nt(4, &[1])]);
+        c.check_invariants();
+        computes(&c.take_actions())
+    };
+    // 64 ms to move (a DataFrame pickled and copied): wait there.
+    assert_eq!(place(64_000), vec![(0, 4)]);
+    // 1 ms (an array in shared memory): move it to the idle worker.
+    assert_eq!(place(1_000), vec![(1, 4)]);
+}
+
+#[test]
 fn dependents_run_where_their_data_is() {
     let mut c = core();
     c.handle_worker_added(WorkerId(0), 1);

@@ -301,6 +301,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(numpy_alloc::shm_allocator_forked, m)?)?;
     m.add_function(wrap_pyfunction!(numpy_alloc::shm_publish, m)?)?;
     m.add_function(wrap_pyfunction!(numpy_alloc::shm_unpublish, m)?)?;
+    m.add_function(wrap_pyfunction!(numpy_alloc::shm_publish_frame, m)?)?;
     m.add_function(wrap_pyfunction!(numpy_alloc::shm_reserve, m)?)?;
     m.add_function(wrap_pyfunction!(map_file, m)?)?;
     m.add_class::<Mapped>()?;

@@ -261,6 +261,39 @@ pub fn shm_publish(key: usize, path: PathBuf, head: &[u8]) -> bool {
         .is_some_and(|i| i.pool.publish(key, &path, head).is_ok())
 }
 
+/// Copies a frame (its parts, contiguous buffers) into a pool block named
+/// `path` (see `ShmPool::publish_frame`), the GIL released for the copy;
+/// its length, or None if the pool does not take it (the caller writes a
+/// file).
+#[pyfunction]
+pub fn shm_publish_frame(
+    py: Python<'_>,
+    path: PathBuf,
+    parts: Vec<Bound<'_, PyAny>>,
+) -> PyResult<Option<usize>> {
+    let Some(i) = INSTALLED.get() else {
+        return Ok(None);
+    };
+    let mut bufs = Vec::with_capacity(parts.len());
+    for p in &parts {
+        let b = pyo3::buffer::PyBuffer::<u8>::get(p)?;
+        if !b.is_c_contiguous() {
+            return Ok(None);
+        }
+        bufs.push(b);
+    }
+    // SAFETY: each buffer stays valid (and, being exported, unresized) while
+    // its PyBuffer is held, which is until the end of this function.
+    let slices: Vec<&[u8]> = bufs
+        .iter()
+        .map(|b| unsafe { std::slice::from_raw_parts(b.buf_ptr() as *const u8, b.len_bytes()) })
+        .collect();
+    match py.detach(|| i.pool.publish_frame(&path, &slices)) {
+        None => Ok(None),
+        Some(r) => Ok(Some(r?)),
+    }
+}
+
 /// The store lets go of the published result file `path`: true if it was
 /// a block of the pool's, which keeps it for reuse (see
 /// `ShmPool::unpublish`); false if the caller should unlink it.

@@ -497,6 +497,36 @@ impl ShmPool {
         Ok(())
     }
 
+    /// Copies a frame (its `parts` in order) into a block of the pool and
+    /// names it `path`, as [`ShmPool::publish`] does; returns the frame's
+    /// length. A result that cannot be published in place (several
+    /// buffers, as a DataFrame's) is copied once either way; into a
+    /// recycled block its pages are there already, where a new file's are
+    /// allocated and zeroed first (five times slower on this kind of
+    /// machine for a first touch). `None` if the pool does not serve that
+    /// size or has no memory for it (the caller writes a file).
+    pub fn publish_frame(&self, path: &Path, parts: &[&[u8]]) -> Option<io::Result<usize>> {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let capacity = total.checked_sub(HEADER)?;
+        if !self.serves(capacity) {
+            return None;
+        }
+        let data = self.alloc(capacity, false)?;
+        // The frame starts one page before the data: at the block's start.
+        let mut at = data.wrapping_sub(HEADER);
+        for p in parts {
+            // SAFETY: the block maps HEADER + capacity >= total bytes from
+            // `data - HEADER`, and it is this call's until freed below.
+            unsafe {
+                std::ptr::copy_nonoverlapping(p.as_ptr(), at, p.len());
+                at = at.add(p.len());
+            }
+        }
+        let published = self.publish(data as usize, path, &[]);
+        self.free(data); // the store's file now (or, failing, the pool's again)
+        Some(published.map(|()| total))
+    }
+
     /// The store lets go of the published block named `path`: renamed to a
     /// name of the pool's own instead of unlinked, so that the block can be
     /// named again when it is reused (see the module documentation). False

@@ -94,6 +94,10 @@ impl State {
             }
             FromWorker::Telemetry(t) => {
                 for a in &t.activity {
+                    if a.kind == shoal_proto::ActivityKind::Transfer && a.task != 0 {
+                        self.core
+                            .handle_transfer(TaskId(a.task), a.bytes, a.duration_us);
+                    }
                     let group = self.core.task_group(TaskId(a.task)).unwrap_or(u32::MAX);
                     self.monitor.activity(worker, a, group);
                 }
