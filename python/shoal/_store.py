@@ -97,7 +97,6 @@ def host_memory() -> int:
 
 
 ALLOC_MIN = 1 << 20  # smaller NumPy allocations stay in ordinary memory
-_PAGE = 4096  # a pool block's first page: where a published frame starts
 
 
 def rss_anon() -> int:
@@ -336,7 +335,7 @@ class Store:
         """Copies a frame into a recycled shared-memory block named
         ``path`` (faster than a new file's fresh pages); False if the pool
         does not take it (off, too small, a non-contiguous buffer, full)."""
-        if not self.numpy_allocator or length < ALLOC_MIN + _PAGE:
+        if not self.numpy_allocator:
             return False
         try:
             views = [p if type(p) is bytes else memoryview(p).cast("B") for p in parts]

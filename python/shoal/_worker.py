@@ -585,11 +585,16 @@ def _frame_size(obj: Any) -> int | None:
     to be pickled like an array: its consumers here take the object itself
     (pickling and mapping back a frame of a few MiB cost more than many of
     the tasks that pass them on). None if a column or the index holds
-    Python objects, which may not pickle."""
+    Python objects, which may not pickle. A frame too small to matter is
+    told by its shape alone (``memory_usage`` costs half a millisecond, and
+    it is pickled inline at once either way)."""
     cls = type(obj)
     if cls.__name__ != "DataFrame" or cls.__module__.partition(".")[0] != "pandas":
         return None
     try:
+        rows, cols = obj.shape
+        if rows * (cols + 1) * 8 <= _core.INLINE_LIMIT:
+            return None
         dtypes = (obj.index.dtype, *obj.dtypes)
         if any(getattr(dt, "hasobject", False) for dt in dtypes):
             return None

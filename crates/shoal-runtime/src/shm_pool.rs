@@ -107,10 +107,9 @@ struct Block {
     fd: OwnedFd,
     /// Bytes the allocation asked for (at most the capacity).
     used: usize,
+    /// Named for readers (by this process, or a forked child's copy of
+    /// such a block): never written or reused while so.
     published: bool,
-    /// Published by this process (not a forked child's copy): may be taken
-    /// back once its readers are done.
-    reclaimable: bool,
     /// The public name a published block has, until the store hands it
     /// back ([`ShmPool::unpublish`]).
     public: Option<PathBuf>,
@@ -356,7 +355,6 @@ impl ShmPool {
                 fd,
                 used: 0,
                 published: false,
-                reclaimable: false,
                 public: None,
                 hidden: None,
                 freed_at: Instant::now(),
@@ -379,9 +377,10 @@ impl ShmPool {
             return false;
         };
         if b.published {
-            // The named file lives on until the store unlinks it; readers
-            // may map it longer.
-            if b.reclaimable {
+            // The named file lives on until the store hands it back; readers
+            // may map it longer. One with no name of this process's (a
+            // forked child's copy, a failed hand-back) is never taken back.
+            if b.public.is_some() || b.hidden.is_some() {
                 b.freed_at = Instant::now();
                 inner.retired.push(b);
                 if inner.retired.len() > MAX_RETIRED {
@@ -489,7 +488,6 @@ impl ShmPool {
         // SAFETY: flock on the block's own descriptor.
         unsafe { libc::flock(fd, libc::LOCK_UN) };
         b.published = true;
-        b.reclaimable = true;
         b.public = Some(path.to_path_buf());
         let len = b.len;
         inner.names.insert(path.to_path_buf(), key);
@@ -547,7 +545,8 @@ impl ShmPool {
         let seq = self.hidden_seq.fetch_add(1, Ordering::Relaxed);
         let hidden = self.dir.join(format!(".free-{seq}"));
         if std::fs::rename(path, &hidden).is_err() {
-            return false; // unlinked by the caller: this block is not reused
+            b.public = None; // unlinked by the caller: this block is not reused
+            return false;
         }
         b.public = None;
         b.hidden = Some(hidden);
@@ -569,7 +568,6 @@ impl ShmPool {
             }
             let mut b = inner.retired.remove(i);
             b.published = false;
-            b.reclaimable = false;
             if inner.spare_bytes + b.len <= self.spare_cap.load(Ordering::Relaxed) {
                 inner.spare_bytes += b.len;
                 inner.spare.push(b);
@@ -633,7 +631,6 @@ impl ShmPool {
         inner.names.clear();
         for b in inner.live.values_mut() {
             // The parent's names and the parent's to take back, not ours.
-            b.reclaimable = false;
             b.public = None;
             b.hidden = None;
             // SAFETY: replaces this block's own mapping in place, same
