@@ -32,6 +32,22 @@ def block(mib):
     return bytes(mib << 20)
 
 
+def stopped(pid: int) -> bool:
+    """Whether every thread of ``pid`` has stopped. ``kill(SIGSTOP)``
+    returns once the signal is queued: the thread chosen to take it starts
+    the group stop only when it next runs, and until then the others (a
+    data server woken by a request) go on."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                state = f.read().rpartition(")")[2].split()[0]
+        except FileNotFoundError:  # the thread ended
+            continue
+        if state not in ("T", "t"):
+            return False
+    return True
+
+
 class SlowFinalizer:
     """Garbage whose finalizer sleeps: a Ctrl-C then lands inside it."""
 
@@ -96,9 +112,11 @@ def test_thousands_of_ctrl_c_at_random_moments_each_raise_keyboard_interrupt():
                 big = c.submit(block, 4, pure=False)  # fresh: not fetched yet
                 shoal.wait([big])
                 pids = c.worker_pids
-                for p in pids:
-                    os.kill(p, signal.SIGSTOP)
                 try:
+                    for p in pids:
+                        os.kill(p, signal.SIGSTOP)
+                    while not all(stopped(p) for p in pids):
+                        time.sleep(0.0005)
                     return big.result(timeout=8)
                 finally:
                     for p in pids:
