@@ -26,14 +26,23 @@ are the processes' `write_bytes` (bytes dirtied for storage; tmpfs and
 sockets excluded). Figures are medians of the repeats; "first" is each
 runner's first repeat, on its fresh cluster.
 
-Before any runner, the machine's memory is warmed (`--warm GiB`, default
-6): that much is filled and freed, anonymous and as huge shared memory.
-On a virtual machine whose memory the host backs lazily (as here), the
-first touch of guest memory never used since boot costs ten times a
-later one (the host faults it in), and it falls on whichever runner
-first draws that memory: without the warm-up, the runner that goes first
-pays for the others. The warm-up prints the rate it saw: the first-touch
-limit of this machine.
+Memory on this kind of machine. On a virtual machine whose memory the
+host backs lazily and takes back (virtio-balloon free page reporting:
+memory the guest frees in large pieces is handed back to the host about
+2 s later), the first touch of such memory costs several times a later
+one (the host faults it in again), and it falls on whichever process draws
+that memory next, whatever it runs. So the memory state before a first run
+is set, the same for every runner, on a fresh cluster each:
+  first   right after `--warm GiB` (default 2) was filled and freed, the
+          cluster already started: memory as on a machine that does not
+          take it back, and what a run meets shortly after other work;
+  cold    after 5 s idle on a fresh cluster: every page freed before was
+          handed back, and the run pays the host's first touch for all it
+          draws (on bare metal, as "first").
+Both the warm-up and a cold start print the rates they saw; the cold one
+is the floor that no runner can beat here. Without this, a runner that
+follows another drew the pages the other had just freed, and the runner
+that went first paid for both.
 """
 
 from __future__ import annotations
@@ -50,6 +59,9 @@ from _peers import available
 N_WORKERS = 2
 N = 8 * 2**20  # float64 elements: 64 MiB
 LIMIT = 512 * 2**20
+# Seconds idle before a cold run: free page reporting hands memory freed
+# before back to the host within 2 s.
+COLD_IDLE = 5.0
 
 
 def make(i):
@@ -337,14 +349,16 @@ def warm(gib: float) -> tuple[float, float]:
     return rates[0], rates[1]
 
 
-def physical_limit() -> tuple[float, float, float]:
+def physical_limit() -> tuple[float, ...]:
     """This machine's bound for the transfer workload's making: GiB/s of
     `np.full` into fresh anonymous memory, into fresh shared memory of 4 KiB
     tmpfs pages (what /dev/shm gives on most kernels), and into fresh shared
     memory whose pages were first made huge as Shoal makes them
     (`_core.shm_reserve`: MADV_COLLAPSE), 2 threads each
     making 8 arrays as the workload does (NumPy releases the GIL while
-    filling)."""
+    filling); the best of 3 each. Then, each once after idling 5 s, into
+    cold anonymous memory and cold huge shared memory: the bound of a cold
+    first run."""
     import mmap
     from concurrent.futures import ThreadPoolExecutor
 
@@ -371,16 +385,18 @@ def physical_limit() -> tuple[float, float, float]:
     def huge(i):
         return shm(i, huge=True)
 
-    out = []
-    for fn in (anon, shm, huge):
-        best = float("inf")
-        for _ in range(3):
-            t = time.perf_counter()
-            with ThreadPoolExecutor(N_WORKERS) as ex:
-                list(ex.map(fn, range(16)))
-            best = min(best, time.perf_counter() - t)
-        out.append(16 * N * 8 / 2**30 / best)
-    return out[0], out[1], out[2]
+    def rate(fn) -> float:
+        t = time.perf_counter()
+        with ThreadPoolExecutor(N_WORKERS) as ex:
+            list(ex.map(fn, range(16)))
+        return 16 * N * 8 / 2**30 / (time.perf_counter() - t)
+
+    out = [max(rate(fn) for _ in range(3)) for fn in (anon, shm, huge)]
+    # Cold: memory the host took back (see above), drawn after idling.
+    for fn in (anon, huge):
+        time.sleep(COLD_IDLE)
+        out.append(rate(fn))
+    return tuple(out)
 
 
 class Ray:
@@ -425,6 +441,17 @@ class Ray:
         return (float(r[0]), float(r[-1]), r.nbytes), made
 
 
+def first_value(w: str, run: tuple | None) -> float:
+    """A single run's figure for workload ``w`` (NaN: none was made)."""
+    if run is None:
+        return float("nan")
+    if w == "transfer":
+        return 16 * 2 * N * 8 / 2**30 / run[1]  # the whole run, making included
+    if w == "handoff":
+        return run[0] * 1e3
+    return run[1]
+
+
 def _available():
     return available([Shoal], [(Threads, "dask"), (Dask, "distributed"), (Ray, "ray")])
 
@@ -444,8 +471,14 @@ def main() -> None:
     ap.add_argument(
         "--warm",
         type=float,
-        default=6.0,
-        help="GiB of memory to fill and free before any runner (0: none); see above",
+        default=2.0,
+        help="GiB of memory to fill and free before the physical limit and before each "
+        "runner's first repeat (0: none); see above",
+    )
+    ap.add_argument(
+        "--no-cold",
+        action="store_true",
+        help="no cold first run (a fresh cluster, 5 s idle, one run); see above",
     )
     ns = ap.parse_args()
     gib = 2**30
@@ -460,38 +493,49 @@ def main() -> None:
     expected_transfer = [float(N // 4096 * (i + (i + 1) % 16)) + 2 * N * 8 for i in range(16)]
     rows = []
     if "transfer" in ns.workloads:
-        anon, shm, huge = physical_limit()
+        anon, shm, huge, cold_anon, cold_huge = physical_limit()
         print(
             f"  physical limit of making the transfer's arrays (np.full, {N_WORKERS} threads): "
             f"{anon:.2f} GiB/s into fresh anonymous memory, {shm:.2f} GiB/s into fresh "
             f"shared memory of 4 KiB pages, {huge:.2f} GiB/s into fresh shared memory "
-            "made huge as Shoal makes it",
+            f"made huge as Shoal makes it; cold (after {COLD_IDLE:g} s idle): "
+            f"{cold_anon:.2f} GiB/s anonymous, {cold_huge:.2f} GiB/s huge shared",
             flush=True,
         )
+
+    def run_once(runner, w: str, sample: bool) -> tuple[float, float, int, int, int]:
+        with Sampler(sample) as s:
+            t = time.perf_counter()
+            made = t
+            if w == "transfer":
+                got, made = runner.transfer()
+                assert got == expected_transfer, "wrong transfer result"
+            elif w == "handoff":
+                got, made = runner.handoff()
+                assert got == (7.0, 7.0, BIG), "wrong handoff result"
+            else:
+                n = 32
+                got = runner.spill(n)
+                assert got == [float(N // 4096 * i) for i in range(n)], "wrong sums"
+            end = time.perf_counter()
+        return (end - made, end - t, s.peak_pss, s.peak_sys, s.written)
+
     for w in ns.workloads:
         for cls in _available():
             if ns.only and cls.name not in ns.only:
                 continue
             if cls is Threads and w == "spill":
                 continue
-            with cls(limited=w == "spill") as runner:
-                runs = []
-                for _ in range(ns.repeats):
-                    with Sampler(not ns.no_memory) as s:
-                        t = time.perf_counter()
-                        made = t
-                        if w == "transfer":
-                            got, made = runner.transfer()
-                            assert got == expected_transfer, "wrong transfer result"
-                        elif w == "handoff":
-                            got, made = runner.handoff()
-                            assert got == (7.0, 7.0, BIG), "wrong handoff result"
-                        else:
-                            n = 32
-                            got = runner.spill(n)
-                            assert got == [float(N // 4096 * i) for i in range(n)], "wrong sums"
-                        end = time.perf_counter()
-                    runs.append((end - made, end - t, s.peak_pss, s.peak_sys, s.written))
+            limited = w == "spill"
+            with cls(limited=limited) as runner:
+                if ns.warm > 0:
+                    warm(ns.warm)  # the first run's memory state, as for every runner
+                runs = [run_once(runner, w, not ns.no_memory) for _ in range(ns.repeats)]
+            cold = None
+            if not ns.no_cold:
+                with cls(limited=limited) as runner:
+                    time.sleep(COLD_IDLE)
+                    cold = run_once(runner, w, False)
             phase = statistics.median(r[0] for r in runs)
             whole = statistics.median(r[1] for r in runs)
             pss = statistics.median(r[2] for r in runs)
@@ -504,14 +548,9 @@ def main() -> None:
                 value, unit, extra = phase * 1e3, "ms", f"with making {whole:6.3f} s"
             else:
                 value, unit, extra = whole, "s", ""
-            first = runs[0]
-            if w == "transfer":
-                first_value = moved / first[1]  # the whole first run, making included
-            elif w == "handoff":
-                first_value = first[0] * 1e3
-            else:
-                first_value = first[1]
-            rows.append((w, cls.name, value, unit, pss, sysm, wr, first_value))
+
+            firsts = (first_value(w, runs[0]), first_value(w, cold))
+            rows.append((w, cls.name, value, unit, pss, sysm, wr, firsts))
             mem = (
                 "memory not sampled"
                 if ns.no_memory
@@ -521,27 +560,31 @@ def main() -> None:
     print(f"\nmedians of {ns.repeats} repeats; ratio = shoal's advantage (>1: shoal better)")
     print(
         f"{'workload':9s} {'runner':18s} {'value':>8s} {'unit':5s} {'ratio':>6s} "
-        f"{'peak pss':>9s} {'peak sys':>9s} {'disk':>8s} {'first':>8s} {'ratio':>6s}"
+        f"{'peak pss':>9s} {'peak sys':>9s} {'disk':>8s} {'first':>8s} {'ratio':>6s} "
+        f"{'cold':>8s} {'ratio':>6s}"
     )
+
+    def advantage(mine: float, theirs: float, unit: str) -> float:
+        return mine / theirs if unit == "GiB/s" else theirs / mine
+
     for w in ns.workloads:
         mine = [r for r in rows if r[0] == w]
-        base = next((r[2] for r in mine if r[1] == "shoal"), None)
-        base_first = next((r[7] for r in mine if r[1] == "shoal"), None)
-        for _, name, value, unit, pss, sysm, wr, first_value in mine:
-            if base is None or base_first is None:
-                ratio = ratio_first = float("nan")
-            elif unit == "GiB/s":
-                ratio, ratio_first = base / value, base_first / first_value
-            else:
-                ratio, ratio_first = value / base, first_value / base_first
+        base = next((r for r in mine if r[1] == "shoal"), None)
+        for _, name, value, unit, pss, sysm, wr, firsts in mine:
+            ratios = [float("nan")] * 3
+            if base is not None:
+                ratios = [
+                    advantage(b, v, unit)
+                    for b, v in zip((base[2], *base[7]), (value, *firsts), strict=True)
+                ]
             mem = (
                 f"{'-':>9s} {'-':>9s} {'-':>8s}"
                 if ns.no_memory
                 else f"{pss / gib:7.2f}Gi {sysm / gib:7.2f}Gi {wr / gib:6.2f}Gi"
             )
             print(
-                f"{w:9s} {name:18s} {value:8.3f} {unit:5s} {ratio:6.2f} {mem} "
-                f"{first_value:8.3f} {ratio_first:6.2f}"
+                f"{w:9s} {name:18s} {value:8.3f} {unit:5s} {ratios[0]:6.2f} {mem} "
+                f"{firsts[0]:8.3f} {ratios[1]:6.2f} {firsts[1]:8.3f} {ratios[2]:6.2f}"
             )
 
 
