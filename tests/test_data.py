@@ -479,6 +479,26 @@ def test_a_large_dataframe_result_waits_to_be_pickled_like_an_array():
         pd.testing.assert_frame_equal(g.result(), frame(200_000, True))
 
 
+def test_a_frame_is_sized_as_pandas_sizes_it_and_one_holding_objects_not_at_all():
+    pd = pytest.importorskip("pandas")
+    from shoal._worker import _frame_size
+
+    n = 100_000
+    frames = [
+        pd.DataFrame({"a": np.arange(n), "b": np.ones(n)}),  # one block per dtype
+        pd.DataFrame({"t": pd.date_range("2020", periods=n, tz="UTC")}),  # extension
+        pd.DataFrame({"c": pd.Categorical(["x", "y"] * (n // 2))}),
+        pd.DataFrame({"a": np.arange(n)}, index=np.arange(n) * 2),
+        pd.DataFrame({"a": np.arange(n), "b": np.ones(n)})[["b"]],  # a view's block
+    ]
+    for df in frames:
+        assert _frame_size(df) == int(df.memory_usage(index=True, deep=False).sum())
+    objects = pd.Series([object()] * n, dtype=object)
+    assert _frame_size(pd.DataFrame({"a": np.arange(n), "o": objects})) is None
+    assert _frame_size(pd.DataFrame({"a": np.arange(n)}, index=pd.Index(objects))) is None
+    assert _frame_size(pd.DataFrame({"a": np.arange(10)})) is None  # pickled inline
+
+
 G: list = []
 
 

@@ -586,8 +586,7 @@ def _frame_size(obj: Any) -> int | None:
     (pickling and mapping back a frame of a few MiB cost more than many of
     the tasks that pass them on). None if a column or the index holds
     Python objects, which may not pickle. A frame too small to matter is
-    told by its shape alone (``memory_usage`` costs half a millisecond, and
-    it is pickled inline at once either way)."""
+    told by its shape alone (it is pickled inline at once either way)."""
     cls = type(obj)
     if cls.__name__ != "DataFrame" or cls.__module__.partition(".")[0] != "pandas":
         return None
@@ -595,8 +594,25 @@ def _frame_size(obj: Any) -> int | None:
         rows, cols = obj.shape
         if rows * (cols + 1) * 8 <= _core.INLINE_LIMIT:
             return None
-        dtypes = (obj.index.dtype, *obj.dtypes)
-        if any(getattr(dt, "hasobject", False) for dt in dtypes):
+        index = obj.index
+        if getattr(index.dtype, "hasobject", False):
+            return None
+        # Its column blocks, as `memory_usage(deep=False)` adds them up, in
+        # 2-30 us against 1.2 ms (which builds a Series, as `dtypes` does).
+        size = index.nbytes
+        for block in obj._mgr.blocks:
+            if getattr(block.dtype, "hasobject", False):
+                return None
+            size += block.values.nbytes
+        return int(size)
+    except Exception:  # noqa: BLE001 - an odd frame (or other pandas internals)
+        return _frame_size_slowly(obj)
+
+
+def _frame_size_slowly(obj: Any) -> int | None:
+    """``_frame_size`` by pandas' public API only."""
+    try:
+        if any(getattr(dt, "hasobject", False) for dt in (obj.index.dtype, *obj.dtypes)):
             return None
         return int(obj.memory_usage(index=True, deep=False).sum())
     except Exception:  # noqa: BLE001 - an odd frame: pickled at once
