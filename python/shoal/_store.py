@@ -195,6 +195,11 @@ class Store:
         self._io = threading.Lock()  # one export or spill at a time
         segment_dir()  # now: its first call empties a stale one
         self._checking = threading.Lock()
+        # Bytes stored since the last check, and how many call for one at
+        # once (the monitor thread checks every 50 ms anyway): a check reads
+        # /proc and costs about 100 us, more than many small tasks.
+        self._unchecked = 0
+        self._check_every = (memory_limit or 4 << 30) // 64
         self._alloc_lock = threading.Lock()
         self.numpy_allocator = _core.setting("SHOAL_SHM_ALLOC").lower() not in (
             "0",
@@ -271,7 +276,7 @@ class Store:
                 if not sole:
                     self.shared.add(tid)
                 self._account(tid, size)
-            self.check()
+            self._stored(size)
             return None, size
         try:
             parts, length, oob = _serialize.frame_parts(result, tid)
@@ -296,7 +301,7 @@ class Store:
             # beside the object (unpickling it would cost a full load).
             self.objects[tid] = _serialize.load_file(path) if oob else result
             self._account(tid, length)
-        self.check()
+        self._stored(length)
         return path, length
 
     def _adopt(self, tid: int, a: Adopted) -> tuple[Any, int]:
@@ -307,7 +312,7 @@ class Store:
             self.shm_bytes += a.length
             self.objects[tid] = _serialize.load_file(path)
             self._account(tid, a.length)
-        self.check()
+        self._stored(a.length)
         return path, a.length
 
     def _write_segment(
@@ -363,6 +368,14 @@ class Store:
         if head is None or not _core.shm_publish(key, path, head[0]):
             return None
         return offset + head[1].nbytes
+
+    def _stored(self, size: int) -> None:
+        """A result of ``size`` bytes was stored: the memory fractions are
+        applied at once if what was stored since they last were is a
+        sizable part of the limit (1/64: 8 MiB of 512 MiB)."""
+        self._unchecked += size
+        if self._unchecked >= self._check_every:
+            self.check()
 
     def _account(self, tid: int, size: int) -> None:
         old = self.managed.pop(tid, 0)
@@ -521,11 +534,12 @@ class Store:
         return True
 
     def check(self) -> None:
-        """Applies the memory fractions once (after a large result, and
-        every few tens of milliseconds from the monitor thread), and hands
-        the figures to the heartbeat."""
+        """Applies the memory fractions once (after results adding up to a
+        sizable part of the limit, see ``_stored``, and every 50 ms from
+        the monitor thread), and hands the figures to the heartbeat."""
         if not self._checking.acquire(blocking=False):
             return
+        self._unchecked = 0
         try:
             _core.shm_allocator_trim(5.0)  # blocks not reused within 5 s
             proc = self._check() if self.limit else self.process_memory()
