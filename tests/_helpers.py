@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -34,6 +35,22 @@ def alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         # ProcessLookupError: the process was reaped between open and read.
         return False
+
+
+def stopped(pid: int) -> bool:
+    """Whether every thread of ``pid`` has stopped. ``kill(SIGSTOP)``
+    returns once the signal is queued: the thread chosen to take it starts
+    the group stop only when it next runs, and until then the others (a
+    data server woken by a request) go on."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                state = f.read().rpartition(")")[2].split()[0]
+        except FileNotFoundError:  # the thread ended
+            continue
+        if state not in ("T", "t"):
+            return False
+    return True
 
 
 class Background:

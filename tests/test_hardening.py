@@ -15,6 +15,7 @@ import time
 import urllib.parse
 
 import pytest
+from _helpers import stopped
 
 import shoal
 from shoal import wait
@@ -567,12 +568,9 @@ def test_fetching_from_a_frozen_holder_obeys_timeout_and_ctrl_c():
         holder = c.worker_pids[0]
         os.kill(holder, signal.SIGSTOP)
         try:
-            # Stopped for sure (state T) before the client asks it.
+            # Stopped for sure (every thread) before the client asks it.
             deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                with open(f"/proc/{holder}/stat") as fh:
-                    if fh.read().rsplit(")", 1)[1].split()[0] == "T":
-                        break
+            while time.monotonic() < deadline and not stopped(holder):
                 time.sleep(0.01)
             t0 = time.monotonic()
             with pytest.raises(TimeoutError):

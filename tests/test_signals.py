@@ -17,7 +17,7 @@ import threading
 import time
 
 import pytest
-from _helpers import Background
+from _helpers import Background, stopped
 
 import shoal
 
@@ -30,22 +30,6 @@ def inc(x):
 
 def block(mib):
     return bytes(mib << 20)
-
-
-def stopped(pid: int) -> bool:
-    """Whether every thread of ``pid`` has stopped. ``kill(SIGSTOP)``
-    returns once the signal is queued: the thread chosen to take it starts
-    the group stop only when it next runs, and until then the others (a
-    data server woken by a request) go on."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                state = f.read().rpartition(")")[2].split()[0]
-        except FileNotFoundError:  # the thread ended
-            continue
-        if state not in ("T", "t"):
-            return False
-    return True
 
 
 class SlowFinalizer:
