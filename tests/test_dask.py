@@ -132,6 +132,58 @@ def test_dataframe_matches_dask_sync(client):
     )
 
 
+def _tasks_run(client, run):
+    """``run()``'s value and how many tasks the cluster ran for it."""
+    from shoal.diagnostics import _summary
+
+    client.query("/api/sync")
+    start = int(time.time() * 1e6)
+    value = run()
+    client.query("/api/sync")
+    return value, sum(r["tasks"] for r in _summary(client.query(f"/api/report?since_us={start}")))
+
+
+def test_a_partition_s_pipeline_runs_as_one_task(client, monkeypatch):
+    pd = pytest.importorskip("pandas")
+    dd = pytest.importorskip("dask.dataframe")
+    pdf = pd.DataFrame({"k": np.arange(4000) % 7, "v": np.arange(4000.0)})
+    df = dd.from_pandas(pdf, npartitions=8)
+    sel = df[(df.v > 100) & (df.k < 5)]
+    q = (sel.v * sel.k).sum()
+    psel = pdf[(pdf.v > 100) & (pdf.k < 5)]
+    want = (psel.v * psel.k).sum()
+
+    def run():
+        return dask.compute(q, scheduler=client.get)[0]
+
+    got, fused = _tasks_run(client, run)
+    assert got == want
+    monkeypatch.setenv("SHOAL_DASK_FUSE", "0")
+    got, apart = _tasks_run(client, run)
+    assert got == want
+    # Fused: each partition (its data, filter, product and partial sum) is
+    # one task, then the sum of the 8; apart, every operation is one.
+    assert fused <= 10 < 40 < apart
+
+
+def test_fusion_keeps_what_was_asked_for_and_the_inputs_of_a_reduction_apart(client):
+    # Each y_i is one task with its x_i; total, which gathers them all,
+    # stays a task of its own even where the index matches (y_0's).
+    dsk = {("x", i): i for i in range(4)}
+    dsk.update({("y", i): (inc, ("x", i)) for i in range(4)})
+    dsk[("total", 0)] = (sum, [("y", i) for i in range(4)])
+    got, tasks = _tasks_run(client, lambda: client.get(dsk, ("total", 0)))
+    assert (got, tasks) == (10, 5)
+    # A key asked for is a result even inside a partition's pipeline.
+    dsk2 = {("a", 0): 1, ("b", 0): (inc, ("a", 0)), ("c", 0): (inc, ("b", 0))}
+    assert client.get(dsk2, [("b", 0), ("c", 0)]) == (2, 3)
+    # Keys without an index (delayed's) are not fused.
+    _, tasks = _tasks_run(
+        client, lambda: client.get({"a": 1, "b": (inc, "a"), "c": (inc, "b")}, "c")
+    )
+    assert tasks == 3
+
+
 def test_compute_and_persist_give_futures(client):
     x = da.arange(100, chunks=10)
     f = client.compute(x.sum())

@@ -155,6 +155,107 @@ def _holds_strided(task_spec: Any, obj: Any, depth: int = 0) -> bool:
     return any(_holds_strided(task_spec, v, depth + 1) for v in values)
 
 
+def _index(key: Key) -> tuple | None:
+    """The partition or block index of a collection's key (``("name", 3)``
+    -> ``(3,)``); None for other keys (``delayed``'s strings)."""
+    return key[1:] if type(key) is tuple and len(key) > 1 else None
+
+
+def _run_fused(nodes: tuple, drops: tuple, inputs: tuple, *values: Any) -> Any:
+    """Worker side: a partition's pipeline fused into one task (see
+    ``_fuse_partitions``). ``nodes`` in topological order, the output last;
+    after node i, the values ``drops[i]`` names are needed no more."""
+    cache = dict(zip(inputs, values, strict=True))
+    for node, drop in zip(nodes, drops, strict=True):
+        cache[node.key] = node(cache)
+        for k in drop:
+            del cache[k]
+    return cache[nodes[-1].key]
+
+
+def _fuse_partitions(
+    task_spec: Any,
+    needed: dict[Key, Any],
+    topo: list[Key],
+    keep: set[Key],
+    small: Callable[[Any], bool],
+) -> tuple[list[Key], dict[Key, list[Key]]]:
+    """Groups each partition's pipeline to run as one task: the new
+    topological order, and each group's output key -> its keys in
+    topological order (groups of one left out).
+
+    Dask's dataframe graphs leave every operation on a partition a task of
+    its own (q6's filter is 19 per partition, most taking microseconds);
+    as tasks each pays a scheduling round trip and, where placement
+    separates them, a transfer. A node joins the group of its dependents
+    when all of them are in one group, every key involved has its index
+    (same partition or block), and none of those dependents gathers keys of
+    another index (a tree reduction or a shuffle), whose inputs must stay
+    tasks that run in parallel. What ``keep`` names stays a task's result;
+    data joins its consumers only where ``small`` says it is.
+    """
+    dependents: dict[Key, list[Key]] = {k: [] for k in needed}
+    for k, node in needed.items():
+        for d in node.dependencies:
+            if d in dependents:
+                dependents[d].append(k)
+
+    def fusable(k: Key) -> bool:
+        node = needed[k]
+        if type(node) is task_spec.DataNode:  # a large one is put on its own
+            return small(node.value)
+        return type(node) is task_spec.Task and not getattr(node, "block_fusion", False)
+
+    def gathers(k: Key) -> bool:
+        i = _index(k)
+        return any(_index(d) != i for d in needed[k].dependencies)
+
+    group: dict[Key, Key] = {}  # key -> the key of its group's output
+    for k in reversed(topo):
+        group[k] = k
+        i = _index(k)
+        outs = dependents[k]
+        if k in keep or i is None or not outs or not fusable(k):
+            continue
+        roots = {group[d] for d in outs}
+        if len(roots) != 1:
+            continue
+        (root,) = roots
+        if (
+            _index(root) == i
+            and type(needed[root]) is task_spec.Task
+            and fusable(root)
+            and not any(gathers(d) for d in outs)
+        ):
+            group[k] = root
+    groups: dict[Key, list[Key]] = {}
+    for k in topo:
+        if group[k] != k:
+            groups.setdefault(group[k], []).append(k)
+    for root, inner in groups.items():
+        inner.append(root)
+    return [k for k in topo if group[k] == k], groups
+
+
+def _fused_call(needed: dict[Key, Any], inner: list[Key], ids: dict[Key, int]) -> tuple:
+    """``(func, args, kwargs)`` of a fused group (``_run_fused``): its
+    inputs are the results of the keys outside the group it depends on."""
+    inside = set(inner)
+    inputs: list[Key] = []
+    last: dict[Key, int] = {}  # a value's last reader's position
+    for i, k in enumerate(inner):
+        for d in needed[k].dependencies:
+            if d not in inside and d not in last:
+                inputs.append(d)
+            last[d] = i
+    drops: list[list[Key]] = [[] for _ in inner]
+    for d, i in last.items():
+        drops[i].append(d)
+    nodes = tuple(needed[k] for k in inner)
+    refs = (_serialize.Ref(ids[d]) for d in inputs)
+    return (_run_fused, (nodes, tuple(map(tuple, drops)), tuple(inputs), *refs), {})
+
+
 def submit_graph(client: Client, dsk: Any, keys: list[Key], retries: int = 0) -> dict[Key, int]:
     """Submits what ``keys`` need of ``dsk``; returns key -> task id for
     ``keys``. The caller owns those ids (must release them); every other task
@@ -207,6 +308,12 @@ def submit_graph(client: Client, dsk: Any, keys: list[Key], retries: int = 0) ->
         on_path.add(k)
         stack.extend((d, False) for d in node.dependencies if d not in ids)
 
+    groups: dict[Key, list[Key]] = {}
+    if _core.setting("SHOAL_DASK_FUSE") != "0":
+        topo, groups = _fuse_partitions(
+            task_spec, needed, topo, set(keys), lambda v: sizeof(v) < _serialize.LARGE_BUFFER
+        )
+
     # The core's own order (deepest ready task first, then the oldest) holds
     # less memory than dask.order's priorities on the array workloads
     # measured (docs/architecture.md) and costs nothing here; dask.order
@@ -237,7 +344,8 @@ def submit_graph(client: Client, dsk: Any, keys: list[Key], retries: int = 0) ->
             tid = ids[k] = session.put_id(node.value)
             submitted.append(tid)
             continue
-        call = _plain_call(task_spec, node, ids)
+        inner = groups.get(k)
+        call = _fused_call(needed, inner, ids) if inner else _plain_call(task_spec, node, ids)
         own: bytes | None = None
         if call is not None:
             # Run as the task's own function, pickled once per function
@@ -251,7 +359,7 @@ def submit_graph(client: Client, dsk: Any, keys: list[Key], retries: int = 0) ->
             args: Any = (a, kw or None)
         else:
             args = ((node, {d: _serialize.Ref(ids[d]) for d in node.dependencies}), None)
-        strided = _holds_strided(task_spec, node)
+        strided = any(_holds_strided(task_spec, needed[m]) for m in inner or (k,))
         payload, deps, p = session.pack_args(args, f"the Dask task {k!r}", strided)
         puts += p
         tid = ids[k] = next_id

@@ -59,6 +59,7 @@ const fn shoal(name: &'static str, meaning: &'static str) -> Var {
 pub const VARS: &[Var] = &[
     user("SHOAL_CONFIG", "", "the settings file (TOML); default: $XDG_CONFIG_HOME/shoal/shoal.toml, else ~/.config/shoal/shoal.toml"),
     user("SHOAL_DASHBOARD_LINK", "", "template of the dashboard link clients show, e.g. `{JUPYTERHUB_SERVICE_PREFIX}proxy/{port}/` (fields: scheme, host, port, environment variables)"),
+    user("SHOAL_DASK_FUSE", "1", "0: each task of a Dask graph stays a Shoal task (by default a partition's pipeline of operations runs as one)"),
     user("SHOAL_DASK_ORDER", "", "`dask`: Dask graphs are prioritised by dask.order instead of the core's own order"),
     user("SHOAL_HEARTBEAT_TIMEOUT", "5", "seconds a peer may stay silent before it is taken as lost (at least 0.5)"),
     user("SHOAL_HOST_KEY", "", "names this host for the data plane (processes with the same key share memory); default: hostname and boot id"),
