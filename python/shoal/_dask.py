@@ -189,9 +189,9 @@ def _fuse_partitions(
     as tasks each pays a scheduling round trip and, where placement
     separates them, a transfer. A node joins the group of its dependents
     when all of them are in one group, every key involved has its index
-    (same partition or block), and none of those dependents gathers keys of
-    another index (a tree reduction or a shuffle), whose inputs must stay
-    tasks that run in parallel. What ``keep`` names stays a task's result;
+    (same partition or block), and none of those dependents gathers parts
+    of other indices (a tree reduction, a shuffle's collection), whose
+    inputs must stay tasks that run in parallel. What ``keep`` names stays a task's result;
     data joins its consumers only where ``small`` says it is.
     """
     dependents: dict[Key, list[Key]] = {k: [] for k in needed}
@@ -207,8 +207,13 @@ def _fuse_partitions(
         return type(node) is task_spec.Task and not getattr(node, "block_fusion", False)
 
     def gathers(k: Key) -> bool:
+        # An input of another index that only k reads is a part k gathers
+        # (a reduction's); one that many read is broadcast (a small table
+        # joined to every partition, a shuffle's store).
         i = _index(k)
-        return any(_index(d) != i for d in needed[k].dependencies)
+        return any(
+            _index(d) != i and len(dependents.get(d, ())) == 1 for d in needed[k].dependencies
+        )
 
     group: dict[Key, Key] = {}  # key -> the key of its group's output
     for k in reversed(topo):
