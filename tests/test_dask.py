@@ -177,6 +177,11 @@ def test_fusion_keeps_what_was_asked_for_and_the_inputs_of_a_reduction_apart(cli
     # A key asked for is a result even inside a partition's pipeline.
     dsk2 = {("a", 0): 1, ("b", 0): (inc, ("a", 0)), ("c", 0): (inc, ("b", 0))}
     assert client.get(dsk2, [("b", 0), ("c", 0)]) == (2, 3)
+    # An error inside a fused pipeline is the task's, type and all.
+    bad = {("a", 0): "1", ("b", 0): (int, ("a", 0)), ("c", 0): (inc, ("b", 0))}
+    bad[("d", 0)] = (operator.truediv, ("c", 0), 0)
+    with pytest.raises(ZeroDivisionError):
+        client.get(bad, ("d", 0))
     # Keys without an index (delayed's) are not fused.
     _, tasks = _tasks_run(
         client, lambda: client.get({"a": 1, "b": (inc, "a"), "c": (inc, "b")}, "c")

@@ -314,7 +314,8 @@ def submit_graph(client: Client, dsk: Any, keys: list[Key], retries: int = 0) ->
         stack.extend((d, False) for d in node.dependencies if d not in ids)
 
     groups: dict[Key, list[Key]] = {}
-    if _core.setting("SHOAL_DASK_FUSE") != "0":
+    # Only collections' keys (tuples) fuse: a delayed graph skips the pass.
+    if _core.setting("SHOAL_DASK_FUSE") != "0" and any(type(k) is tuple for k in topo):
         topo, groups = _fuse_partitions(
             task_spec, needed, topo, set(keys), lambda v: sizeof(v) < _serialize.LARGE_BUFFER
         )
