@@ -163,7 +163,7 @@ def test_a_partition_s_pipeline_runs_as_one_task(client, monkeypatch):
     assert got == want
     # Fused: each partition (its data, filter, product and partial sum) is
     # one task, then the sum of the 8; apart, every operation is one.
-    assert fused <= 10 < 40 < apart
+    assert fused <= 10 and apart > 40
 
 
 def test_fusion_keeps_what_was_asked_for_and_the_inputs_of_a_reduction_apart(client):

@@ -191,8 +191,9 @@ def _fuse_partitions(
     when all of them are in one group, every key involved has its index
     (same partition or block), and none of those dependents gathers parts
     of other indices (a tree reduction, a shuffle's collection), whose
-    inputs must stay tasks that run in parallel. What ``keep`` names stays a task's result;
-    data joins its consumers only where ``small`` says it is.
+    inputs must stay tasks that run in parallel. What ``keep`` names stays
+    a task's result; data joins its consumers only where ``small`` says it
+    is.
     """
     dependents: dict[Key, list[Key]] = {k: [] for k in needed}
     for k, node in needed.items():
@@ -206,10 +207,12 @@ def _fuse_partitions(
             return small(node.value)
         return type(node) is task_spec.Task and not getattr(node, "block_fusion", False)
 
+    @functools.cache
     def gathers(k: Key) -> bool:
         # An input of another index that only k reads is a part k gathers
         # (a reduction's); one that many read is broadcast (a small table
-        # joined to every partition, a shuffle's store).
+        # joined to every partition, a shuffle's store). Cached: each of a
+        # wide node's inputs asks about it.
         i = _index(k)
         return any(
             _index(d) != i and len(dependents.get(d, ())) == 1 for d in needed[k].dependencies
@@ -228,7 +231,7 @@ def _fuse_partitions(
         (root,) = roots
         if (
             _index(root) == i
-            and type(needed[root]) is task_spec.Task
+            and type(needed[root]) is task_spec.Task  # data is no group's output
             and fusable(root)
             and not any(gathers(d) for d in outs)
         ):
