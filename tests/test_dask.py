@@ -95,6 +95,28 @@ def test_intermediates_are_released(client):
     assert set(client._session.refs) == before
 
 
+def _total(xs, lock):
+    return sum(xs)
+
+
+def test_a_graph_that_cannot_be_sent_whole_leaves_nothing_behind(client):
+    # The 300 x's go out in the first batches (topological order: the bad
+    # node, which depends on them all, comes last); its lock cannot be
+    # pickled, so the submission fails and what was sent is let go.
+    import threading
+
+    dsk = {("x", i): (inc, i) for i in range(300)}
+    dsk[("bad", 0)] = (_total, [("x", i) for i in range(300)], threading.Lock())
+    with pytest.raises(TypeError, match=r"could not pickle the Dask task \('bad', 0\)"):
+        client.get(dsk, ("bad", 0))
+    deadline = time.monotonic() + 10
+    while client.scheduler_info()["tasks"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert client.scheduler_info()["tasks"] == 0
+    dsk[("good", 0)] = (sum, [("x", i) for i in range(300)])
+    assert client.get(dsk, ("good", 0)) == sum(range(1, 301))
+
+
 def test_collections_match_dask_sync(client):
     x = da.random.random((400, 300), chunks=(100, 75))
     exprs = [x.mean(), (x + x.T[:300, :300].sum()).std(), x.dot(x.T)[:5, :5], x.argmax(axis=0)]
