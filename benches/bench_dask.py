@@ -24,7 +24,12 @@ later as in a notebook) against the second (workers import Dask and NumPy
 on first use unless they preloaded them).
 
 Each workload runs once untimed before its timed repeats (workers import
-pandas and dask on first use). Runners, each with 2 workers of one thread: shoal (client.get), Dask
+pandas and dask on first use). --interleave: all runners are started at
+once and take turns, one repeat each in a rotating order, so that a shared
+machine's slow minutes fall on all of them alike (runners measured one
+after the other were minutes apart; a 0.85 there was 1.26 interleaved).
+
+Runners, each with 2 workers of one thread: shoal (client.get), Dask
 distributed (LocalCluster, processes), Dask's threaded scheduler, Ray's Dask
 scheduler (ray.util.dask) when Ray is installed. Figures are seconds, medians.
 """
@@ -32,6 +37,7 @@ scheduler (ray.util.dask) when Ray is installed. Figures are seconds, medians.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import tempfile
@@ -290,6 +296,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="runner names to run (e.g. shoal 'dask threads')")
     ap.add_argument("--data", default=os.path.join(tempfile.gettempdir(), "shoal-bench-csv"))
     ap.add_argument("--first-use", action="store_true", help="only the first-use measurement")
+    ap.add_argument("--interleave", action="store_true", help="runners take turns, one repeat each")
     ns = ap.parse_args()
     if ns.first_use:
         first_use(ns.repeats)
@@ -309,9 +316,42 @@ def main() -> None:
         print("(ray not installed: skipped)")
     results: dict[str, dict[str, float]] = {w: {} for w in ns.workloads}
     reference: dict[str, object] = {}
-    for cls in runners:
-        if ns.only and cls.name not in ns.only:
-            continue
+
+    def record(name: str, w: str, times: list[float], value: object) -> None:
+        if w in reference:
+            _check(reference[w], value, f"{name} {w}")
+        else:
+            reference[w] = value
+        results[w][name] = statistics.median(times)
+        print(f"  {name:22s} {w:10s} {statistics.median(times):8.3f} s", flush=True)
+
+    def timed(r, w: str) -> tuple[float, object]:
+        t = time.perf_counter()
+        value = r.run(wl[w]())
+        return time.perf_counter() - t, value
+
+    active = [cls for cls in runners if not ns.only or cls.name in ns.only]
+    if ns.interleave:
+        with contextlib.ExitStack() as stack:
+            started = []
+            for cls in active:
+                try:
+                    started.append(stack.enter_context(cls()))
+                except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported
+                    print(f"  {cls.name}: failed: {type(e).__name__}: {e}")
+            for w in ns.workloads:
+                for r in started:
+                    r.run(wl[w]())  # untimed: first use (see above)
+                times: dict[str, list[float]] = {r.name: [] for r in started}
+                values: dict[str, object] = {}
+                for i in range(ns.repeats):
+                    k = i % len(started)
+                    for r in started[k:] + started[:k]:
+                        dt, values[r.name] = timed(r, w)
+                        times[r.name].append(dt)
+                for r in started:
+                    record(r.name, w, times[r.name], values[r.name])
+    for cls in active if not ns.interleave else []:
         try:
             with cls() as r:
                 for w in ns.workloads:
@@ -320,15 +360,9 @@ def main() -> None:
                     r.run(wl[w]())
                     times = []
                     for _ in range(ns.repeats):
-                        t = time.perf_counter()
-                        value = r.run(wl[w]())
-                        times.append(time.perf_counter() - t)
-                    if w in reference:
-                        _check(reference[w], value, f"{cls.name} {w}")
-                    else:
-                        reference[w] = value
-                    results[w][cls.name] = statistics.median(times)
-                    print(f"  {cls.name:22s} {w:10s} {statistics.median(times):8.3f} s", flush=True)
+                        dt, value = timed(r, w)
+                        times.append(dt)
+                    record(cls.name, w, times, value)
         except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
             print(f"  {cls.name}: failed: {type(e).__name__}: {e}")
     print(f"\nmedians of {ns.repeats} repeats; ratio = runner's time / shoal's (>1: shoal faster)")
