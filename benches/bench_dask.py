@@ -29,6 +29,13 @@ once and take turns, one repeat each in a rotating order, so that a shared
 machine's slow minutes fall on all of them alike (runners measured one
 after the other were minutes apart; a 0.85 there was 1.26 interleaved).
 
+Shuffles (q3, q12, shuffle): without a distributed client Dask picks its
+disk shuffle for every runner here. In other processes its store is a bare
+file that each task appends to under a file lock (threads share one
+buffered in memory), so processes pay more for it; a Shoal client set as
+Dask's default picks the "tasks" shuffle instead. --shuffle tasks (or disk)
+runs every runner with the one method.
+
 Runners, each with 2 workers of one thread: shoal (client.get), Dask
 distributed (LocalCluster, processes), Dask's threaded scheduler, Ray's Dask
 scheduler (ray.util.dask) when Ray is installed. Figures are seconds, medians.
@@ -301,6 +308,8 @@ def main() -> None:
     if ns.first_use:
         first_use(ns.repeats)
         return
+    if ns.shuffle:
+        dask.config.set({"dataframe.shuffle.method": ns.shuffle})
     os.makedirs(ns.data, exist_ok=True)
     csvs = make_csvs(ns.data, rows=50_000 if ns.small else 500_000)
     tables = (
