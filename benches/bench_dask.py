@@ -304,6 +304,11 @@ def main() -> None:
     ap.add_argument("--data", default=os.path.join(tempfile.gettempdir(), "shoal-bench-csv"))
     ap.add_argument("--first-use", action="store_true", help="only the first-use measurement")
     ap.add_argument("--interleave", action="store_true", help="runners take turns, one repeat each")
+    ap.add_argument(
+        "--shuffle",
+        choices=["disk", "tasks"],
+        help="one shuffle method for every runner (default: Dask's choice, disk here)",
+    )
     ns = ap.parse_args()
     if ns.first_use:
         first_use(ns.repeats)
