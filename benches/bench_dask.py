@@ -353,7 +353,7 @@ def main() -> None:
                     started.append(stack.enter_context(cls()))
                 except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported
                     print(f"  {cls.name}: failed: {type(e).__name__}: {e}")
-            for w in ns.workloads:
+            for w in ns.workloads if started else []:
                 for r in started:
                     r.run(wl[w]())  # untimed: first use (see above)
                 times: dict[str, list[float]] = {r.name: [] for r in started}

@@ -105,14 +105,16 @@ def test_a_graph_that_cannot_be_sent_whole_leaves_nothing_behind(client):
     # pickled, so the submission fails and what was sent is let go.
     import threading
 
+    # What earlier tests here hold (it may only shrink meanwhile).
+    before = client.scheduler_info()["tasks"]
     dsk = {("x", i): (inc, i) for i in range(300)}
     dsk[("bad", 0)] = (_total, [("x", i) for i in range(300)], threading.Lock())
     with pytest.raises(TypeError, match=r"could not pickle the Dask task \('bad', 0\)"):
         client.get(dsk, ("bad", 0))
     deadline = time.monotonic() + 10
-    while client.scheduler_info()["tasks"] and time.monotonic() < deadline:
+    while client.scheduler_info()["tasks"] > before and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert client.scheduler_info()["tasks"] == 0
+    assert client.scheduler_info()["tasks"] <= before
     dsk[("good", 0)] = (sum, [("x", i) for i in range(300)])
     assert client.get(dsk, ("good", 0)) == sum(range(1, 301))
 

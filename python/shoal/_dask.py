@@ -347,6 +347,11 @@ def submit_graph(client: Client, dsk: Any, keys: list[Key], retries: int = 0) ->
     # Dask's threads start while their scheduler still walks the graph
     # (packing a 1,000-task array graph took 50 ms before any task ran).
     send_at = _FIRST_BATCH
+
+    def send() -> None:
+        core.submit_graph(_EXECUTE, items, retries)
+        sent.extend(item[0] for item in items)
+
     try:
         for k in topo:
             node = needed[k]
@@ -385,13 +390,11 @@ def submit_graph(client: Client, dsk: Any, keys: list[Key], retries: int = 0) ->
             next_id += 1
             items.append((tid, key_split(k), str(k), payload, deps, -priorities[k], own))
             if len(items) >= send_at:
-                core.submit_graph(_EXECUTE, items, retries)
-                sent += (item[0] for item in items)
+                send()
                 items, puts = [], []
                 send_at *= 4
         if items:
-            core.submit_graph(_EXECUTE, items, retries)
-            sent += (item[0] for item in items)
+            send()
     except BaseException:
         # What the cluster already has of a graph that cannot be submitted
         # whole (an argument that does not pickle, Ctrl-C) is let go.
@@ -400,9 +403,9 @@ def submit_graph(client: Client, dsk: Any, keys: list[Key], retries: int = 0) ->
         raise
     del puts
     wanted = {ids[k] for k in keys}
-    own = set(sent) - wanted
-    if own:
-        core.release(sorted(own))
+    intermediate = set(sent) - wanted
+    if intermediate:
+        core.release(sorted(intermediate))
     return {k: ids[k] for k in keys}
 
 
