@@ -18,11 +18,23 @@
 //! kernel, no huge page free), the file keeps small pages, as before.
 //! Pages are allocated by `fallocate`, never by a write through a mapping,
 //! so a full tmpfs is an error, not a `SIGBUS`.
+//!
+//! A huge page is cheap only while the memory under it is warm. On a
+//! virtual machine that hands free memory back to its host (free page
+//! reporting returns whole 2 MiB blocks, the ones huge pages are made of),
+//! a huge page that was not just freed costs the host's faults: 4.5 ms per
+//! 2 MiB on our VM against 0.1 ms warm, while small pages come from lists
+//! the host leaves alone (0.5 ms per 2 MiB). A pool block is reused and
+//! keeps its huge pages, so it pays that once; a one-shot file (a put, a
+//! result written whole) would pay it on every write. [`reserve`] times
+//! its collapses and gives one-shot files small pages for a while after a
+//! slow one (see [`Warmth`]).
 
 use std::io;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 /// Set once the kernel refused `MADV_COLLAPSE` outright (too old, or huge
 /// shared memory denied): not asked again.
@@ -176,28 +188,96 @@ pub fn map_aligned(
 /// Gives the whole huge-page extents of the tmpfs file `fd`, mapped in full
 /// by `map` (from [`map_aligned`]), huge pages where the kernel can.
 pub fn collapse(fd: RawFd, map: &Mapping) {
+    collapse_extents(fd, map, None);
+}
+
+/// [`collapse`], one extent at a time; with `warmth`, stops at the first
+/// extent that came from cold memory and leaves the rest small.
+fn collapse_extents(fd: RawFd, map: &Mapping, warmth: Option<&Warmth>) {
     let Some(e) = extent() else { return };
     if REFUSED.load(Ordering::Relaxed) || map.as_ptr() as usize % e != 0 {
         return;
     }
-    let span = map.len() / e * e;
-    if span == 0 {
-        return;
-    }
-    // One page in each extent first: the kernel refuses to collapse a range
-    // with no page at all. `fallocate`, so that a full tmpfs says ENOSPC.
-    for off in (0..span).step_by(e) {
+    for off in (0..map.len() / e * e).step_by(e) {
+        // One page first: the kernel refuses to collapse an extent with no
+        // page at all. `fallocate`, so that a full tmpfs says ENOSPC.
         // SAFETY: a plain system call on the caller's file.
         if unsafe { libc::fallocate(fd, 0, off as libc::off_t, 4096) } != 0 {
             return;
         }
+        let started = Instant::now();
+        // SAFETY: the extent lies in the caller's mapping of the file.
+        let rc = unsafe { libc::madvise(map.as_ptr().add(off).cast(), e, libc::MADV_COLLAPSE) };
+        if rc != 0 {
+            // EAGAIN/ENOMEM: no huge page free now; small pages, as before.
+            if io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+                REFUSED.store(true, Ordering::Relaxed);
+            }
+            return;
+        }
+        if warmth.is_some_and(|w| w.slow(started.elapsed())) {
+            return;
+        }
     }
-    // SAFETY: the range lies in the caller's mapping of the file.
-    let rc = unsafe { libc::madvise(map.as_ptr().cast(), span, libc::MADV_COLLAPSE) };
-    // EAGAIN/ENOMEM: no huge page free now; small pages, as before.
-    if rc != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
-        REFUSED.store(true, Ordering::Relaxed);
+}
+
+/// Whether huge pages are warm enough to be worth a one-shot file: cold
+/// (for `backoff`) once an extent took longer than `slow` to collapse,
+/// then one extent tries again.
+pub struct Warmth {
+    slow: Duration,
+    backoff: Duration,
+    /// Since [`epoch`], in microseconds; 0: warm.
+    cold_until_us: AtomicU64,
+}
+
+impl Warmth {
+    /// Slow: more than twice what small pages cost for an extent (0.5 ms
+    /// per 2 MiB here), under half what a cold huge page costs (4.5 ms).
+    /// A retry every 250 ms wastes at most 4 ms each (1.6 % of a process
+    /// that writes nothing else) while it stays cold, and finds memory
+    /// freed meanwhile (warm again, 0.1 ms) soon.
+    pub const fn new() -> Self {
+        Self::with(Duration::from_millis(1), Duration::from_millis(250))
     }
+
+    const fn with(slow: Duration, backoff: Duration) -> Self {
+        Self {
+            slow,
+            backoff,
+            cold_until_us: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether one-shot files get small pages now.
+    pub fn is_cold(&self) -> bool {
+        let until = self.cold_until_us.load(Ordering::Relaxed);
+        until != 0 && (epoch().elapsed().as_micros() as u64) < until
+    }
+
+    /// Records an extent's collapse time; true if it was slow (cold now).
+    fn slow(&self, took: Duration) -> bool {
+        if took <= self.slow {
+            return false;
+        }
+        let until = (epoch().elapsed() + self.backoff).as_micros() as u64;
+        self.cold_until_us.store(until.max(1), Ordering::Relaxed);
+        true
+    }
+}
+
+impl Default for Warmth {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// This process's huge page warmth, for its one-shot files.
+static WARMTH: Warmth = Warmth::new();
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
 }
 
 /// Whether `fd` is a file on tmpfs (whose pages are memory).
@@ -210,10 +290,15 @@ fn on_tmpfs(fd: RawFd) -> bool {
 }
 
 /// Sizes the new file `fd` to `len` bytes and reserves its pages, huge
-/// where it pays and the kernel can, before it is written with `write`:
-/// writes then copy into pages that are already there. A file not on tmpfs
-/// is only sized. Fails (ENOSPC) if tmpfs cannot hold it.
+/// where it pays and the kernel can (warm: see [`Warmth`]), before it is
+/// written with `write`: writes then copy into pages that are already
+/// there. A file not on tmpfs is only sized. Fails (ENOSPC) if tmpfs
+/// cannot hold it.
 pub fn reserve(fd: RawFd, len: usize) -> io::Result<()> {
+    reserve_with(fd, len, &WARMTH)
+}
+
+fn reserve_with(fd: RawFd, len: usize, warmth: &Warmth) -> io::Result<()> {
     let off = libc::off_t::try_from(len)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file too large"))?;
     // SAFETY: plain system calls on the caller's file.
@@ -223,10 +308,10 @@ pub fn reserve(fd: RawFd, len: usize) -> io::Result<()> {
     if len == 0 || !on_tmpfs(fd) {
         return Ok(());
     }
-    if worth(len) {
+    if worth(len) && !warmth.is_cold() {
         let rw = libc::PROT_READ | libc::PROT_WRITE;
         if let Ok(map) = map_aligned(fd, len, rw, libc::MAP_SHARED) {
-            collapse(fd, &map);
+            collapse_extents(fd, &map, Some(warmth));
         }
     }
     // SAFETY: as above.
@@ -290,7 +375,8 @@ mod tests {
         };
         let f = tmpfile();
         let len = 4 * e + 4096; // four whole extents and a page
-        reserve(f.as_raw_fd(), len).unwrap();
+        let never_cold = Warmth::with(Duration::MAX, Duration::ZERO);
+        reserve_with(f.as_raw_fd(), len, &never_cold).unwrap();
         let rw = libc::PROT_READ | libc::PROT_WRITE;
         let map = map_aligned(f.as_raw_fd(), len, rw, libc::MAP_SHARED).unwrap();
         let base = map.as_ptr();
@@ -307,6 +393,52 @@ mod tests {
         // least the page cache must hold them: checked through a new
         // aligned mapping's faults above).
         assert!(refused() || huge >= e, "huge pages mapped: {huge}");
+    }
+
+    /// Huge bytes mapped once a new file of `len` is reserved under
+    /// `warmth` (None: sized and allocated, never collapsed) and written.
+    fn huge_after_reserve(len: usize, warmth: Option<&Warmth>) -> usize {
+        let f = tmpfile();
+        match warmth {
+            Some(w) => reserve_with(f.as_raw_fd(), len, w).unwrap(),
+            None => {
+                // SAFETY: plain system calls on our own file.
+                unsafe {
+                    assert_eq!(libc::ftruncate(f.as_raw_fd(), len as libc::off_t), 0);
+                    assert_eq!(libc::fallocate(f.as_raw_fd(), 0, 0, len as libc::off_t), 0);
+                }
+            }
+        }
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        let map = map_aligned(f.as_raw_fd(), len, rw, libc::MAP_SHARED).unwrap();
+        // SAFETY: the mapping is `len` bytes of a file of that size.
+        unsafe { std::ptr::write_bytes(map.as_ptr(), 1, len) };
+        huge_mapped(map.as_ptr(), len)
+    }
+
+    #[test]
+    fn one_shot_files_keep_small_pages_while_huge_pages_come_cold() {
+        let Some(e) = extent() else { return };
+        let len = 4 * e;
+        let plain = huge_after_reserve(len, None);
+        let never_cold = Warmth::with(Duration::MAX, Duration::ZERO);
+        if refused() || huge_after_reserve(len, Some(&never_cold)) <= plain {
+            return; // collapsing gains nothing on this kernel: nothing to choose
+        }
+        assert!(!never_cold.is_cold());
+        // Every collapse counts as slow: the first extent is made huge, it
+        // finds memory cold, and the other three stay as a plain file's.
+        let always_slow = Warmth::with(Duration::ZERO, Duration::from_millis(300));
+        let first = huge_after_reserve(len, Some(&always_slow));
+        assert!(always_slow.is_cold());
+        assert!(first <= plain + e, "{first} huge bytes, {plain} plain");
+        // While cold, nothing is collapsed at all.
+        assert_eq!(huge_after_reserve(len, Some(&always_slow)), plain);
+        // After the back-off, one extent tries again (and finds it cold).
+        std::thread::sleep(Duration::from_millis(350));
+        assert!(!always_slow.is_cold());
+        let again = huge_after_reserve(len, Some(&always_slow));
+        assert!(always_slow.is_cold() && again <= plain + e, "{again}");
     }
 
     #[test]
