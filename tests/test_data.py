@@ -4,6 +4,7 @@ memory limits, spilling, and cleanup after crashes. Real processes, real
 
 from __future__ import annotations
 
+import collections
 import glob
 import hashlib
 import os
@@ -119,6 +120,67 @@ def test_a_100_mib_object_passed_between_workers_many_times():
         # Released: the segments are gone (the one held by nothing).
         held = sum(dir_bytes(seg_dir(p)) for p in pids)
         assert held < 8 * MiB, f"{held / MiB:.0f} MiB of segments left after release"
+
+
+class LoadCounted:
+    """A value whose every unpickling appends the loading process's pid to
+    a file."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (_load_counted, (self.path,))
+
+
+def _load_counted(path: str) -> LoadCounted:
+    with open(path, "a") as fh:
+        fh.write(f"{os.getpid()}\n")
+    return LoadCounted(path)
+
+
+def read_slowly(v: LoadCounted, i: int) -> tuple[int, str]:
+    time.sleep(0.05)
+    return os.getpid(), v.path
+
+
+def test_an_input_from_a_peer_is_unpickled_once_for_the_tasks_there_that_read_it(tmp_path):
+    path = str(tmp_path / "loads")
+    with shoal.Client(n_workers=2) as c:
+        x = c.submit(LoadCounted, path)
+        shoal.wait([x])
+        runs = c.gather([c.submit(read_slowly, x, i) for i in range(24)])
+        assert {p for _, p in runs} == {path}
+        with open(path) as fh:
+            loads = [int(line) for line in fh]
+        ran = collections.Counter(pid for pid, _ in runs)
+        per = collections.Counter(loads)
+        # Each worker unpickled it once (a small result reaches readers as
+        # bytes, its holder's too), however many of its readers it ran.
+        assert set(per.values()) == {1}, f"unpickled {per} for readers {ran}"
+        assert any(ran[pid] >= 2 for pid in per), f"too few readers ran to tell: {ran}"
+
+
+def test_fetched_inputs_are_kept_least_recently_used_within_a_budget():
+    import pickle
+
+    from shoal._worker import _Fetched
+
+    kept = _Fetched(3000)
+    frames = {i: pickle.dumps(bytearray(1000), protocol=5) for i in range(4)}
+    a = kept.load(0, frames[0])
+    assert kept.load(0, frames[0]) is a  # kept: the same object
+    b = kept.load(1, frames[1])
+    kept.load(0, frames[0])  # 0 used last: 1 is the oldest now
+    kept.load(2, frames[2])  # over 3000 bytes: 1 goes
+    assert kept.load(0, frames[0]) is a
+    assert kept.load(1, frames[1]) is not b
+    assert kept.held <= 3000
+    big = pickle.dumps(bytearray(5000), protocol=5)
+    assert kept.load(9, big) is not kept.load(9, big)  # over the budget: never kept
+    kept.clear()
+    assert kept.held == 0 and kept.load(0, frames[0]) is not a
+    assert _Fetched.budget(1 << 30) == 128 << 20 and _Fetched.budget(None) == 256 << 20
 
 
 def test_a_worker_killed_while_holding_segments_leaves_none_behind():

@@ -8,6 +8,7 @@ runs them, and hands back the pickled results with the next pull.
 from __future__ import annotations
 
 import argparse
+import collections
 import ctypes
 import importlib
 import math
@@ -235,6 +236,7 @@ class _Executor:
         self.running: dict[int, int] = {}  # task -> thread ident
         self.rules = _core.Watchdog(core.stop_grace)
         self.limited_names: dict[int, str] = {}  # tasks with a time limit
+        self.fetched = _Fetched(_Fetched.budget(store.limit))
 
     def run(self) -> None:
         # One task per call: tasks not started stay in the Rust queue, where
@@ -260,6 +262,8 @@ class _Executor:
                     self.lanes.discard(lane)
                 return
             tasks, released = r
+            if not tasks and not released:  # idle a second: fetched inputs go
+                self.fetched.clear()
             if released:
                 store.release(released)
             done = []
@@ -433,7 +437,7 @@ class _Executor:
                     # why its holder could not send it.
                     if type(b) is str:
                         raise TypeError(b)
-                    inputs[d] = _serialize.loads(b) if b is not None else self.store.get(d)
+                    inputs[d] = self.store.get(d) if b is None else self.fetched.load(d, b)
                 if not args:  # its one input is its one argument (Session.pack_args)
                     payload = ((inputs[deps[0][0]],), None)
                 else:
@@ -556,6 +560,55 @@ class _Executor:
             # Not held while waiting for more requests: the frames' buffers
             # keep their results alive (released ones too) until sent.
             done = framed = parts = None  # type: ignore[assignment]
+
+
+class _Fetched:
+    """Inputs fetched from peers, unpickled, kept for the next tasks here
+    that read them too, least recently used first out. A shuffle's split
+    tasks each read one piece of a peer's 16-partition dict: unpickling the
+    whole dict again for each (16 DataFrames, their indexes) took a third
+    of its workers' time. Shared as a peer's own process would share its
+    result between its tasks, and as Dask's threads and workers do. Bounded
+    in bytes (a peer's released file stays mapped while kept), and let go
+    when the worker is idle."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.held = 0
+        self.entries: collections.OrderedDict[int, tuple[Any, int]] = collections.OrderedDict()
+        self.lock = threading.Lock()  # a worker's task threads share it
+
+    @staticmethod
+    def budget(memory_limit: int | None) -> int:
+        """An eighth of the memory limit, at most 256 MiB."""
+        cap = 256 << 20
+        return min(cap, memory_limit // 8) if memory_limit else cap
+
+    def load(self, tid: int, data: Any) -> Any:
+        """``tid``'s value from ``data`` (its frame, mapped or received),
+        unpickled once while kept."""
+        entries = self.entries
+        with self.lock:
+            hit = entries.get(tid)
+            if hit is not None:
+                entries.move_to_end(tid)
+                return hit[0]
+        value = _serialize.loads(data)
+        size = memoryview(data).nbytes
+        if size <= self.budget:
+            with self.lock:
+                if tid not in entries:  # another thread's load may have won
+                    entries[tid] = (value, size)
+                    self.held += size
+                while self.held > self.budget:
+                    _, (_, n) = entries.popitem(last=False)
+                    self.held -= n
+        return value
+
+    def clear(self) -> None:
+        with self.lock:
+            self.entries.clear()
+            self.held = 0
 
 
 # Libraries whose array-likes are known to pickle whenever their data does.
