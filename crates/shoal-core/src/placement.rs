@@ -218,8 +218,10 @@ impl<S> Core<S> {
         {
             return None;
         }
-        let mut move_us = 0.0;
-        for d in self.tasks[&id].deps.iter() {
+        let task = &self.tasks[&id];
+        let wait_us = w.queued_est_us / threads;
+        let (mut move_us, mut held) = (0.0, 0);
+        for d in task.deps.iter() {
             let dep = &self.tasks[d];
             if let TaskState::Memory {
                 location: Location::Worker(at),
@@ -229,10 +231,22 @@ impl<S> Core<S> {
                 let rate = self.groups[dep.group as usize].move_us_per_mib;
                 if at == h {
                     move_us += rate.unwrap_or(0.0) * size as f64 / (1u64 << 20) as f64;
+                    held += size;
                 }
             }
         }
-        (move_us > (w.queued_est_us / threads) as f64).then_some(h)
+        // A task far shorter than the moving it needs (a shuffle's split
+        // takes 10 us to pick one piece of a 12 MiB dict of DataFrames that
+        // another worker would fetch and unpickle whole, 3 ms) runs where
+        // its inputs are if it starts there soon: the transfer time learned
+        // above is the fetch alone, not the CPU both workers spend on it.
+        let tiny = self
+            .est_us(task.group)
+            .is_some_and(|e| e <= TINY_TASK_US && held >= TINY_TASK_INPUT);
+        if tiny && wait_us <= self.config.steal_after_us / 4 {
+            return Some(h);
+        }
+        (move_us > wait_us as f64).then_some(h)
     }
 
     /// Sends ready task `id` (just taken off the ready queue) to `wid`.
@@ -328,6 +342,11 @@ impl<S> Core<S> {
         }
     }
 }
+
+/// A task this short (mean of its group, µs) whose inputs on one worker
+/// reach [`TINY_TASK_INPUT`] bytes waits there rather than move them.
+const TINY_TASK_US: u64 = 1_000;
+const TINY_TASK_INPUT: u64 = 1 << 20;
 
 /// Load as a fraction of threads, scaled to compare integers.
 pub(crate) fn load_of(w: &Worker) -> u64 {

@@ -120,6 +120,45 @@ fn a_task_waits_for_its_inputs_holder_when_moving_them_costs_more() {
 }
 
 #[test]
+fn a_tiny_task_runs_where_its_large_input_is_rather_than_move_it() {
+    // Worker 0 holds task 1's 12 MiB, runs a 17 ms task and has one more
+    // waiting (no room for another); worker 1 is idle. Moving 12 MiB was
+    // measured fast (a mapped file), but a task of 10 us gains nothing from
+    // running elsewhere.
+    let place = |est_us: u64| {
+        let mut c = core();
+        c.handle_worker_added(WorkerId(0), 1);
+        c.handle_submit(C, vec![nt(1, &[])]);
+        c.take_actions();
+        c.handle_task_finished(WorkerId(0), t(1), 12 << 20, false, 17_000);
+        c.handle_transfer(t(1), 12 << 20, 100);
+        // Learn the readers' duration (group 1), then keep worker 0 busy.
+        let reader = |id: u64| NewTask {
+            group: 1,
+            ..nt(id, &[])
+        };
+        c.handle_submit(C, vec![reader(2)]);
+        c.take_actions();
+        c.handle_task_finished(WorkerId(0), t(2), 8, true, est_us);
+        c.handle_submit(C, vec![nt(3, &[]), nt(5, &[])]);
+        assert_eq!(computes(&c.take_actions()), vec![(0, 3), (0, 5)]);
+        c.handle_worker_added(WorkerId(1), 1);
+        c.handle_submit(
+            C,
+            vec![NewTask {
+                group: 1,
+                ..nt(4, &[1])
+            }],
+        );
+        c.check_invariants();
+        computes(&c.take_actions())
+    };
+    assert_eq!(place(10), vec![(0, 4)]);
+    // A 20 ms reader runs on the idle worker (moving is cheap).
+    assert_eq!(place(20_000), vec![(1, 4)]);
+}
+
+#[test]
 fn dependents_run_where_their_data_is() {
     let mut c = core();
     c.handle_worker_added(WorkerId(0), 1);
