@@ -123,20 +123,21 @@ def test_a_100_mib_object_passed_between_workers_many_times():
 
 
 class LoadCounted:
-    """A value whose every unpickling appends the loading process's pid to
-    a file."""
+    """A value (of a few KiB: small ones are not kept) whose every
+    unpickling appends the loading process's pid to a file."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, pad: bytes = bytes(4096)):
         self.path = path
+        self.pad = pad
 
     def __reduce__(self):
-        return (_load_counted, (self.path,))
+        return (_load_counted, (self.path, self.pad))
 
 
-def _load_counted(path: str) -> LoadCounted:
+def _load_counted(path: str, pad: bytes) -> LoadCounted:
     with open(path, "a") as fh:
         fh.write(f"{os.getpid()}\n")
-    return LoadCounted(path)
+    return LoadCounted(path, pad)
 
 
 def read_slowly(v: LoadCounted, i: int) -> tuple[int, str]:
@@ -166,16 +167,19 @@ def test_fetched_inputs_are_kept_least_recently_used_within_a_budget():
 
     from shoal._worker import _Fetched
 
-    kept = _Fetched(3000)
-    frames = {i: pickle.dumps(bytearray(1000), protocol=5) for i in range(4)}
+    kept = _Fetched(3600)
+    frames = {i: pickle.dumps(bytearray(1100), protocol=5) for i in range(4)}
     a = kept.load(0, frames[0])
     assert kept.load(0, frames[0]) is a  # kept: the same object
     b = kept.load(1, frames[1])
     kept.load(0, frames[0])  # 0 used last: 1 is the oldest now
-    kept.load(2, frames[2])  # over 3000 bytes: 1 goes
+    kept.load(2, frames[2])
+    kept.load(3, frames[3])  # over 3600 bytes: 1 goes
     assert kept.load(0, frames[0]) is a
     assert kept.load(1, frames[1]) is not b
-    assert kept.held <= 3000
+    assert kept.held <= 3600
+    small = pickle.dumps(7)
+    assert kept.load(8, small) == 7 and 8 not in kept.entries  # cheaper to unpickle again
     big = pickle.dumps(bytearray(5000), protocol=5)
     assert kept.load(9, big) is not kept.load(9, big)  # over the budget: never kept
     kept.clear()

@@ -586,7 +586,12 @@ class _Fetched:
 
     def load(self, tid: int, data: Any) -> Any:
         """``tid``'s value from ``data`` (its frame, mapped or received),
-        unpickled once while kept."""
+        unpickled once while kept. A small one (an int, a short string:
+        most of a tree of futures' inputs) is unpickled each time, faster
+        than keeping it."""
+        size = memoryview(data).nbytes
+        if size < 1024:
+            return _serialize.loads(data)
         entries = self.entries
         with self.lock:
             hit = entries.get(tid)
@@ -594,7 +599,6 @@ class _Fetched:
                 entries.move_to_end(tid)
                 return hit[0]
         value = _serialize.loads(data)
-        size = memoryview(data).nbytes
         if size <= self.budget:
             with self.lock:
                 if tid not in entries:  # another thread's load may have won
