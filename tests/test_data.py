@@ -123,21 +123,21 @@ def test_a_100_mib_object_passed_between_workers_many_times():
 
 
 class LoadCounted:
-    """A value (of a few KiB: small ones are not kept) whose every
-    unpickling appends the loading process's pid to a file."""
+    """A value whose every unpickling appends the loading process's pid to
+    a file, and takes a millisecond (only slow ones are kept)."""
 
-    def __init__(self, path: str, pad: bytes = bytes(4096)):
+    def __init__(self, path: str):
         self.path = path
-        self.pad = pad
 
     def __reduce__(self):
-        return (_load_counted, (self.path, self.pad))
+        return (_load_counted, (self.path,))
 
 
-def _load_counted(path: str, pad: bytes) -> LoadCounted:
+def _load_counted(path: str) -> LoadCounted:
     with open(path, "a") as fh:
         fh.write(f"{os.getpid()}\n")
-    return LoadCounted(path, pad)
+    time.sleep(0.001)
+    return LoadCounted(path)
 
 
 def read_slowly(v: LoadCounted, i: int) -> tuple[int, str]:
@@ -162,13 +162,15 @@ def test_an_input_from_a_peer_is_unpickled_once_for_the_tasks_there_that_read_it
         assert any(ran[pid] >= 2 for pid in per), f"too few readers ran to tell: {ran}"
 
 
-def test_fetched_inputs_are_kept_least_recently_used_within_a_budget():
+def test_fetched_inputs_are_kept_least_recently_used_within_a_budget(tmp_path):
     import pickle
 
     from shoal._worker import _Fetched
 
+    path = str(tmp_path / "loads")
     kept = _Fetched(3600)
-    frames = {i: pickle.dumps(bytearray(1100), protocol=5) for i in range(4)}
+    # Slow to unpickle (a millisecond each), about 1.1 KB each.
+    frames = {i: pickle.dumps((LoadCounted(path), bytes(1000)), protocol=5) for i in range(4)}
     a = kept.load(0, frames[0])
     assert kept.load(0, frames[0]) is a  # kept: the same object
     b = kept.load(1, frames[1])
@@ -178,13 +180,14 @@ def test_fetched_inputs_are_kept_least_recently_used_within_a_budget():
     assert kept.load(0, frames[0]) is a
     assert kept.load(1, frames[1]) is not b
     assert kept.held <= 3600
-    small = pickle.dumps(7)
-    assert kept.load(8, small) == 7 and 8 not in kept.entries  # cheaper to unpickle again
-    big = pickle.dumps(bytearray(5000), protocol=5)
+    # Fast to unpickle (an array maps in microseconds): not kept.
+    quick = pickle.dumps(bytearray(2000), protocol=5)
+    assert kept.load(8, quick) is not kept.load(8, quick) and 8 not in kept.entries
+    big = pickle.dumps((LoadCounted(path), bytes(5000)), protocol=5)
     assert kept.load(9, big) is not kept.load(9, big)  # over the budget: never kept
     kept.clear()
     assert kept.held == 0 and kept.load(0, frames[0]) is not a
-    assert _Fetched.budget(1 << 30) == 128 << 20 and _Fetched.budget(None) == 256 << 20
+    assert _Fetched.budget(1 << 30) == 32 << 20 and _Fetched.budget(None) == 64 << 20
 
 
 def test_a_worker_killed_while_holding_segments_leaves_none_behind():

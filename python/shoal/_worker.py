@@ -563,14 +563,18 @@ class _Executor:
 
 
 class _Fetched:
-    """Inputs fetched from peers, unpickled, kept for the next tasks here
-    that read them too, least recently used first out. A shuffle's split
-    tasks each read one piece of a peer's 16-partition dict: unpickling the
-    whole dict again for each (16 DataFrames, their indexes) took a third
-    of its workers' time. Shared as a peer's own process would share its
-    result between its tasks, and as Dask's threads and workers do. Bounded
-    in bytes (a peer's released file stays mapped while kept), and let go
-    when the worker is idle."""
+    """Inputs fetched from peers whose unpickling was slow (200 us or more:
+    DataFrames and containers of them, not arrays, which map in
+    microseconds), kept for the next tasks here that read them too, least
+    recently used first out. A shuffle's split tasks each read one piece of
+    a peer's 16-partition dict: unpickling the whole dict again for each
+    (16 DataFrames, their indexes) took a third of its workers' time.
+    Shared as a peer's own process would share its result between its
+    tasks, and as Dask's threads and workers do. Bounded in bytes (a peer's
+    released file stays mapped while kept), and let go when the worker is
+    idle."""
+
+    SLOW_S = 200e-6
 
     def __init__(self, budget: int):
         self.budget = budget
@@ -580,25 +584,24 @@ class _Fetched:
 
     @staticmethod
     def budget(memory_limit: int | None) -> int:
-        """An eighth of the memory limit, at most 256 MiB."""
-        cap = 256 << 20
-        return min(cap, memory_limit // 8) if memory_limit else cap
+        """A 32nd of the memory limit, at most 64 MiB."""
+        cap = 64 << 20
+        return min(cap, memory_limit // 32) if memory_limit else cap
 
     def load(self, tid: int, data: Any) -> Any:
         """``tid``'s value from ``data`` (its frame, mapped or received),
-        unpickled once while kept. A small one (an int, a short string:
-        most of a tree of futures' inputs) is unpickled each time, faster
-        than keeping it."""
-        size = memoryview(data).nbytes
-        if size < 1024:
-            return _serialize.loads(data)
+        unpickled once while kept."""
         entries = self.entries
         with self.lock:
             hit = entries.get(tid)
             if hit is not None:
                 entries.move_to_end(tid)
                 return hit[0]
+        t0 = perf_counter()
         value = _serialize.loads(data)
+        if perf_counter() - t0 < self.SLOW_S:
+            return value  # cheaper to unpickle again than to keep
+        size = memoryview(data).nbytes
         if size <= self.budget:
             with self.lock:
                 if tid not in entries:  # another thread's load may have won
