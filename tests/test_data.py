@@ -188,7 +188,7 @@ def test_fetched_inputs_are_kept_least_recently_used_within_a_budget(tmp_path):
     assert kept.load(9, big) is not kept.load(9, big)  # over the budget: never kept
     kept.clear()
     assert kept.held == 0 and kept.load(0, frames[0]) is not a
-    assert _Fetched.budget(1 << 30) == 32 << 20 and _Fetched.budget(None) == 64 << 20
+    assert _Fetched.budget_for(1 << 30) == 32 << 20 and _Fetched.budget_for(None) == 64 << 20
 
 
 def test_a_worker_killed_while_holding_segments_leaves_none_behind():

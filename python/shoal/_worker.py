@@ -236,7 +236,7 @@ class _Executor:
         self.running: dict[int, int] = {}  # task -> thread ident
         self.rules = _core.Watchdog(core.stop_grace)
         self.limited_names: dict[int, str] = {}  # tasks with a time limit
-        self.fetched = _Fetched(_Fetched.budget(store.limit))
+        self.fetched = _Fetched(_Fetched.budget_for(store.limit))
 
     def run(self) -> None:
         # One task per call: tasks not started stay in the Rust queue, where
@@ -583,7 +583,7 @@ class _Fetched:
         self.lock = threading.Lock()  # a worker's task threads share it
 
     @staticmethod
-    def budget(memory_limit: int | None) -> int:
+    def budget_for(memory_limit: int | None) -> int:
         """A 32nd of the memory limit, at most 64 MiB."""
         cap = 64 << 20
         return min(cap, memory_limit // 32) if memory_limit else cap

@@ -240,9 +240,8 @@ impl<S> Core<S> {
         // another worker would fetch and unpickle whole, 3 ms) runs where
         // its inputs are if it starts there soon: the transfer time learned
         // above is the fetch alone, not the CPU both workers spend on it.
-        let tiny = self
-            .est_us(task.group)
-            .is_some_and(|e| e <= TINY_TASK_US && held >= TINY_TASK_INPUT);
+        let tiny =
+            held >= TINY_TASK_INPUT && self.est_us(task.group).is_some_and(|e| e <= TINY_TASK_US);
         if tiny && wait_us <= self.config.steal_after_us / 4 {
             return Some(h);
         }

@@ -133,23 +133,17 @@ fn a_tiny_task_runs_where_its_large_input_is_rather_than_move_it() {
         c.handle_task_finished(WorkerId(0), t(1), 12 << 20, false, 17_000);
         c.handle_transfer(t(1), 12 << 20, 100);
         // Learn the readers' duration (group 1), then keep worker 0 busy.
-        let reader = |id: u64| NewTask {
+        let reader = |id: u64, deps: &[u64]| NewTask {
             group: 1,
-            ..nt(id, &[])
+            ..nt(id, deps)
         };
-        c.handle_submit(C, vec![reader(2)]);
+        c.handle_submit(C, vec![reader(2, &[])]);
         c.take_actions();
         c.handle_task_finished(WorkerId(0), t(2), 8, true, est_us);
         c.handle_submit(C, vec![nt(3, &[]), nt(5, &[])]);
         assert_eq!(computes(&c.take_actions()), vec![(0, 3), (0, 5)]);
         c.handle_worker_added(WorkerId(1), 1);
-        c.handle_submit(
-            C,
-            vec![NewTask {
-                group: 1,
-                ..nt(4, &[1])
-            }],
-        );
+        c.handle_submit(C, vec![reader(4, &[1])]);
         c.check_invariants();
         computes(&c.take_actions())
     };

@@ -224,10 +224,10 @@ fn collapse_extents(fd: RawFd, map: &Mapping, warmth: Option<&Warmth>) {
 /// Whether huge pages are warm enough to be worth a one-shot file: cold
 /// (for `backoff`) once an extent took longer than `slow` to collapse,
 /// then one extent tries again.
-pub struct Warmth {
+struct Warmth {
     slow: Duration,
     backoff: Duration,
-    /// Since [`epoch`], in microseconds; 0: warm.
+    /// Since [`epoch`], in microseconds (0 at first: warm).
     cold_until_us: AtomicU64,
 }
 
@@ -237,7 +237,7 @@ impl Warmth {
     /// A retry every 250 ms wastes at most 4 ms each (1.6 % of a process
     /// that writes nothing else) while it stays cold, and finds memory
     /// freed meanwhile (warm again, 0.1 ms) soon.
-    pub const fn new() -> Self {
+    const fn new() -> Self {
         Self::with(Duration::from_millis(1), Duration::from_millis(250))
     }
 
@@ -250,9 +250,8 @@ impl Warmth {
     }
 
     /// Whether one-shot files get small pages now.
-    pub fn is_cold(&self) -> bool {
-        let until = self.cold_until_us.load(Ordering::Relaxed);
-        until != 0 && (epoch().elapsed().as_micros() as u64) < until
+    fn is_cold(&self) -> bool {
+        (epoch().elapsed().as_micros() as u64) < self.cold_until_us.load(Ordering::Relaxed)
     }
 
     /// Records an extent's collapse time; true if it was slow (cold now).
@@ -261,14 +260,8 @@ impl Warmth {
             return false;
         }
         let until = (epoch().elapsed() + self.backoff).as_micros() as u64;
-        self.cold_until_us.store(until.max(1), Ordering::Relaxed);
+        self.cold_until_us.store(until, Ordering::Relaxed);
         true
-    }
-}
-
-impl Default for Warmth {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
