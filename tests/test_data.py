@@ -162,6 +162,50 @@ def test_an_input_from_a_peer_is_unpickled_once_for_the_tasks_there_that_read_it
         assert any(ran[pid] >= 2 for pid in per), f"too few readers ran to tell: {ran}"
 
 
+def groups(path: str) -> dict[str, object]:
+    """A result pickled as soon as it is made (a dict, as a shuffle's
+    groups), large enough for a shared-memory file."""
+    return {"data": np.arange(100_000, dtype=np.float64), "v": LoadCounted(path)}
+
+
+def read_group(g: dict[str, object], i: int) -> tuple[int, float]:
+    return os.getpid(), float(g["data"][i])
+
+
+def drop_copies() -> int:
+    from shoal import _context
+
+    return _context.executor.store.drop_copies()
+
+
+def test_a_container_result_is_read_where_it_was_made_without_being_unpickled_again(tmp_path):
+    path = str(tmp_path / "loads")
+
+    def loads() -> list[int]:
+        with open(path) as fh:
+            return [int(line) for line in fh]
+
+    with shoal.Client(n_workers=1) as c:
+        (worker,) = c.worker_pids
+        g = c.submit(groups, path)
+        assert c.gather([c.submit(read_group, g, i) for i in range(8)]) == [
+            (worker, float(i)) for i in range(8)
+        ]
+        # Its file was written when it was made; the tasks here took the
+        # object itself (mapping the file back unpickled all of it).
+        assert not os.path.exists(path), f"unpickled by {loads()}"
+        assert c.gather(g)["data"][99_999] == 99_999.0  # the client maps the file
+        assert loads() == [os.getpid()]
+        # Memory short: the object kept beside the file goes first; a reader
+        # here then maps the file (once: that view is kept).
+        assert c.submit(drop_copies).result() >= 1
+        assert c.gather([c.submit(read_group, g, i) for i in (5, 6)]) == [
+            (worker, 5.0),
+            (worker, 6.0),
+        ]
+        assert loads() == [os.getpid(), worker]
+
+
 def test_fetched_inputs_are_kept_least_recently_used_within_a_budget(tmp_path):
     import pickle
 

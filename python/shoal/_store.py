@@ -6,9 +6,12 @@ of three forms, all reachable by id:
 * a live Python object (``objects``): array-like results stay so until a
   peer or client asks for them (most are consumed where they were made);
 * a file in this process's shared-memory directory (``/dev/shm``): peers and
-  clients on this host map it, read-only, without copying; the live object,
-  when it had out-of-band buffers, is swapped for a view of that file so the
-  data is in memory once;
+  clients on this host map it, read-only, without copying. An object
+  exported for a peer is let go (the data is then in memory once); a task
+  here that reads it later maps the file, and that view is kept. A result
+  pickled when it was made (a dict of DataFrames: a shuffle's groups) keeps
+  its object beside the file for the tasks here that read it (``copies``),
+  until memory runs short;
 * a file in the spill directory, once the memory manager needed the room.
 
 Large NumPy arrays made in a worker's task threads are in shared memory from
@@ -181,6 +184,9 @@ class Store:
         # Held results something else also holds: copied when exported,
         # never published in place (their producer may write them later).
         self.shared: set[int] = set()
+        # Held results whose object is kept beside its shared-memory file
+        # (not a view of it): the first to go when memory runs short.
+        self.copies: set[int] = set()
         # Held results that cannot be pickled (a generator): usable by tasks
         # here only; fetches from elsewhere fail with the reason. Never
         # spilled (they cannot be written), so not in `managed`.
@@ -296,10 +302,11 @@ class Store:
         # A container's arrays may be held elsewhere too: copied.
         path, _, length = self._write_segment(tid, parts, length, oob, in_place=False)
         with self.lock:
-            # With out-of-band buffers, a view of the segment replaces the
-            # object: the data is in memory once. A plain pickle is kept
-            # beside the object (unpickling it would cost a full load).
-            self.objects[tid] = _serialize.load_file(path) if oob else result
+            # The object stays for the tasks here that read it (mapping it
+            # back would unpickle every DataFrame in it again: a tenth of a
+            # shuffle's worker time), the file for peers.
+            self.objects[tid] = result
+            self.copies.add(tid)
             self._account(tid, length)
         self._stored(length)
         return path, length
@@ -397,8 +404,15 @@ class Store:
             if found is None:
                 raise RuntimeError(f"this worker lost the result of task {tid:x}")
             f = (found[0], found[1], False)
-        # Spilled: map the file (read-only views; the page cache holds it).
-        return _serialize.load_file(f[0])
+        # Exported or spilled: map the file (read-only views). A view of
+        # shared memory is kept for the next reader (it holds no second
+        # copy); one of a spill file is not (the point was to free memory).
+        obj = _serialize.load_file(f[0])
+        if not f[2]:
+            with self.lock:
+                if self.files.get(tid) == f and tid not in self.objects:
+                    self.objects[tid] = obj
+        return obj
 
     def export(self, tid: int, replaced: list[Any]) -> tuple[str, int] | None:
         """A peer or client asks for a held result: writes it to shared
@@ -425,8 +439,11 @@ class Store:
                 self._drop_file(tid)
                 return None
             if oob and not on_disk:
-                replaced.append(self.objects[tid])
-                self.objects[tid] = _serialize.load_file(path)
+                # The data is in the file now: the object goes. Mapping it
+                # back waits for a task here that reads it (``get``); most
+                # exported results are read only where they were sent.
+                replaced.append(self.objects.pop(tid))
+                self.copies.discard(tid)
         return path, length
 
     def frame(self, tid: int) -> list[Any] | None:
@@ -450,6 +467,7 @@ class Store:
             for tid in ids:
                 self.objects.pop(tid, None)
                 self.shared.discard(tid)
+                self.copies.discard(tid)
                 self.unpicklable.pop(tid, None)
                 size = self.managed.pop(tid, None)
                 if size is not None:
@@ -476,6 +494,14 @@ class Store:
         pool = _core.shm_allocator_stats()
         return rss_anon() + self.shm_bytes + (pool[0] + pool[1] if pool else 0)
 
+    def drop_copies(self) -> int:
+        """Lets go of the objects kept beside their shared-memory files
+        (readers here map the files instead); returns how many."""
+        with self.lock:
+            dropped = [self.objects.pop(tid, None) for tid in self.copies]
+            self.copies.clear()
+        return len(dropped)
+
     def spill_one(self) -> bool:
         """Moves the least recently used in-memory result to disk; False if
         there is none."""
@@ -496,6 +522,7 @@ class Store:
                 if self.managed.pop(tid, None) is not None:
                     self.managed_bytes -= size
                 self.objects.pop(tid, None)
+                self.copies.discard(tid)
             return True
         path = os.path.join(self.spill_dir(), f"{tid:x}")
         start_us, t0 = int(time.time() * 1e6), time.perf_counter()
@@ -523,6 +550,7 @@ class Store:
             self._drop_file(tid)
             self.files[tid] = (path, length, True)
             self.objects.pop(tid, None)
+            self.copies.discard(tid)
             self.managed_bytes -= self.managed.pop(tid)
             self.disk_bytes += length
             self.spilled_total += length
@@ -558,8 +586,9 @@ class Store:
         decide = self.policy.decide
         proc = self.process_memory()
         d = decide(proc, self.managed_bytes)
-        # Freed shared-memory blocks kept for reuse go first.
-        if d.trim and _core.shm_allocator_trim(0.0):
+        # Freed shared-memory blocks kept for reuse go first, then objects
+        # kept beside their files.
+        if d.trim and (_core.shm_allocator_trim(0.0) + self.drop_copies()):
             proc = self.process_memory()
             d = decide(proc, self.managed_bytes)
         if d.past_restart:
