@@ -235,6 +235,50 @@ def test_fetched_inputs_are_kept_least_recently_used_within_a_budget(tmp_path):
     assert _Fetched.budget_for(1 << 30) == 32 << 20 and _Fetched.budget_for(None) == 64 << 20
 
 
+def whole(a: np.ndarray) -> int:
+    return int(a.sum())
+
+
+def head_view(a: np.ndarray) -> np.ndarray:
+    return a[: 1 << 17]  # a view (1 MiB): the worker keeps mapping the put's file
+
+
+def test_a_puts_file_goes_back_to_its_client_for_the_next_put_but_never_while_mapped():
+    from shoal import _puts, _store
+
+    home = _puts.returned_dir(_store.segment_dir())
+
+    def returned() -> list[str]:
+        return os.listdir(home) if os.path.isdir(home) else []
+
+    with shoal.Client(n_workers=1) as c:
+        x = c.scatter(np.full(MiB, 1, dtype=np.int64))
+        assert c.submit(whole, x).result() == MiB
+        del x
+        wait_for(lambda: len(returned()) == 1, 10, "the put's file handed back")
+        (name,) = returned()
+        inode = os.stat(os.path.join(home, name)).st_ino
+        # The next put of its size is written into it, and reads back right.
+        y = c.scatter(np.full(MiB, 2, dtype=np.int64))
+        assert returned() == []
+        assert c.submit(whole, y).result() == 2 * MiB
+        (pid,) = c.worker_pids
+        held = [os.stat(e.path).st_ino for e in os.scandir(seg_dir(pid))]
+        assert inode in held, "the new put was not written into the handed-back file"
+        # A result on the worker that is a view of the put keeps it mapped:
+        # handed back, it is not written again while that view lives.
+        view = c.submit(head_view, y)
+        shoal.wait([view])
+        del y
+        wait_for(lambda: len(returned()) == 1, 10, "the second put's file handed back")
+        z = c.scatter(np.full(MiB, 3, dtype=np.int64))
+        assert len(returned()) == 1, "a mapped file was taken for a new put"
+        assert (c.gather(view) == 2).all() and c.submit(whole, z).result() == 3 * MiB
+        # Released for good, and not claimed: unlinked after a few seconds.
+        del view, z
+        wait_for(lambda: returned() == [], _puts.RETURNED_FOR + 10, "unclaimed files unlinked")
+
+
 def test_a_worker_killed_while_holding_segments_leaves_none_behind():
     with shoal.Client(n_workers=2) as c:
         xs = [c.submit(make, 64 * MiB, i, 0.2) for i in range(4)]

@@ -327,17 +327,22 @@ def write_file(path: str, parts: list[Any]) -> None:
             # Pages reserved first (huge on tmpfs where the kernel can: five
             # times faster to fill), and a full tmpfs fails here, not midway.
             _core.shm_reserve(fd, length)
-        for part in parts:
-            if type(part).__name__ == "ndarray":
-                _write_array(fd, part)
-                continue
-            _write_all(fd, memoryview(part).cast("B"))
+        write_parts(fd, parts)
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(path)
         raise
     os.close(fd)
+
+
+def write_parts(fd: int, parts: list[Any]) -> None:
+    """Writes a frame's parts at ``fd``'s offset, in order."""
+    for part in parts:
+        if type(part).__name__ == "ndarray":
+            _write_array(fd, part)
+            continue
+        _write_all(fd, memoryview(part).cast("B"))
 
 
 def load_file(path: str) -> Any:

@@ -22,7 +22,7 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from . import _commands, _core, _resources, _serialize, _store
+from . import _commands, _core, _puts, _resources, _serialize, _store
 from ._core import INLINE_LIMIT, ClientCore
 from ._futures import Future, FutureList
 from ._results import Results
@@ -314,8 +314,7 @@ class Session(Results):
         strided = _serialize.strided_parts(obj) if same_host else None
         parts, length = strided or _serialize.frame_parts(obj)[:2]
         if same_host and length > INLINE_LIMIT:
-            path = os.path.join(_store.segment_dir(), f"put-{os.urandom(8).hex()}")
-            _serialize.write_file(path, parts)
+            path = _puts.write(_store.segment_dir(), parts, length)
             if len(self._put_files) >= 1024:  # forget those taken over
                 self._put_files = [p for p in self._put_files if os.path.exists(p)]
             self._put_files.append(path)

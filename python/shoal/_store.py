@@ -44,7 +44,7 @@ import traceback
 from collections import OrderedDict
 from typing import Any
 
-from . import _core, _serialize
+from . import _core, _puts, _serialize
 from ._core import INLINE_LIMIT
 
 # The memory rules (spill, pause and restart at fractions of the limit)
@@ -187,6 +187,9 @@ class Store:
         # Held results whose object is kept beside its shared-memory file
         # (not a view of it): the first to go when memory runs short.
         self.copies: set[int] = set()
+        # Held put files, and where each goes back to once let go (`_puts`).
+        self.homes: dict[int, str] = {}
+        self.returns = _puts.Returns(min((memory_limit or 4 << 30) // 8, SPARE_MAX))
         # Held results that cannot be pickled (a generator): usable by tasks
         # here only; fetches from elsewhere fail with the reason. Never
         # spilled (they cannot be written), so not in `managed`.
@@ -259,6 +262,7 @@ class Store:
         process only the spilled data: the segments are the process's,
         removed when it exits)."""
         self.closed.set()
+        self.returns.trim(everything=True)
         dirs = (self._spill_dir,) if self.in_process else (_dirs.get(os.getpid()), self._spill_dir)
         for d in dirs:
             if d:
@@ -316,6 +320,7 @@ class Store:
         os.rename(a.path, path)  # same file system: no copy
         with self.lock:
             self.files[tid] = (path, a.length, False)
+            self.homes[tid] = _puts.returned_dir(os.path.dirname(a.path))
             self.shm_bytes += a.length
             self.objects[tid] = _serialize.load_file(path)
             self._account(tid, a.length)
@@ -476,6 +481,7 @@ class Store:
 
     def _drop_file(self, tid: int) -> None:
         f = self.files.pop(tid, None)
+        home = self.homes.pop(tid, None)
         if f is None:
             return
         path, length, on_disk = f
@@ -483,6 +489,8 @@ class Store:
             self.disk_bytes -= length
         else:
             self.shm_bytes -= length
+            if home is not None and self.returns.give_back(path, length, home):
+                return  # a put's file: its client writes the next put into it
             if self.numpy_allocator and _core.shm_unpublish(path):
                 return  # a block of the pool's: renamed, reused once unread
         with contextlib.suppress(OSError):
@@ -570,6 +578,7 @@ class Store:
         self._unchecked = 0
         try:
             _core.shm_allocator_trim(5.0)  # blocks not reused within 5 s
+            self.returns.trim()  # put files no put took back within 5 s
             proc = self._check() if self.limit else self.process_memory()
             self.core.set_metrics(
                 proc,
