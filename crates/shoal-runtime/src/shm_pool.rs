@@ -51,9 +51,10 @@ pub const HEADER: usize = 4096;
 /// The smallest frame [`ShmPool::publish_frame`] copies into a block: below
 /// the arrays the pool serves, as a kept block beats a new file well below
 /// them (an 800 KB frame, a shuffle's piece: 0.44 ms to write a new file
-/// and unlink it, 0.05 ms to copy into a kept block). Smaller frames travel
-/// inline ([`shoal_proto::INLINE_LIMIT`]).
-pub const FRAME_MIN: usize = 64 * 1024;
+/// and unlink it, 0.05 ms to copy into a kept block). Not smaller: each
+/// kept block holds a descriptor, and at 256 KiB a worker's 256 MiB of kept
+/// blocks are at most 1,024 of them; smaller frames get files of their own.
+pub const FRAME_MIN: usize = 256 * 1024;
 
 /// Published blocks kept for reuse once their readers are done; older ones
 /// are unmapped (a reader holding a result for good, such as a client).
@@ -864,7 +865,7 @@ mod tests {
     #[test]
     fn frames_smaller_than_the_pools_arrays_are_copied_into_reused_blocks() {
         let (p, dir) = pool("frames");
-        let body = vec![3u8; 200_000];
+        let body = vec![3u8; 400_000];
         assert!(
             p.alloc(body.len(), false).is_none(),
             "below the arrays' minimum"
