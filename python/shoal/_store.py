@@ -18,8 +18,7 @@ Large NumPy arrays made in a worker's task threads are in shared memory from
 the start (``shoal_runtime::shm_pool``, through a NumPy memory handler): a
 result whose one buffer lies in such a block is exported by writing its
 frame header into the block's first page and naming the file, not by
-copying it; a plain array so, at once, when its task ends (read-only here
-from then on). ``SHOAL_SHM_ALLOC=0`` turns that off (arrays then live in
+copying it. ``SHOAL_SHM_ALLOC=0`` turns that off (arrays then live in
 ordinary memory and are copied into shared memory when first exported).
 
 The memory manager thread follows Dask's fractions of the worker's memory
