@@ -233,32 +233,6 @@ def test_fetched_inputs_are_kept_least_recently_used_within_a_budget(tmp_path):
     assert _Fetched.budget_for(1 << 30) == 32 << 20 and _Fetched.budget_for(None) == 64 << 20
 
 
-def try_writing(a: np.ndarray) -> str:
-    try:
-        a[0] = 0
-    except ValueError as e:
-        return str(e)
-    return "written"
-
-
-def test_an_array_made_in_shared_memory_is_published_when_made_and_read_only_here():
-    with shoal.Client(n_workers=1) as c:
-        (pid,) = c.worker_pids
-        arrays = [c.submit(make, 8 * MiB, 1), c.submit(make, 8 * MiB, 2)]
-        shoal.wait(arrays)
-        # Named in the worker's segment directory before anyone asked for
-        # it: a peer's fetch needs nothing of the worker's Python side.
-        assert len(os.listdir(seg_dir(pid))) >= 2
-        # Tasks here get the array itself, read-only (as inputs mapped from
-        # a file are): peers read these very pages.
-        assert "read-only" in c.submit(try_writing, arrays[0]).result()
-        got = c.gather(arrays)
-        assert all((g == make(8 * MiB, s)).all() for g, s in zip(got, (1, 2), strict=True))
-        # A datetime64 array (no buffer export) is kept the old way.
-        stamps = c.submit(lambda: np.arange(2**20).astype("datetime64[ns]"))
-        assert c.gather(stamps)[-1] == np.datetime64(2**20 - 1, "ns")
-
-
 def whole(a: np.ndarray) -> int:
     return int(a.sum())
 

@@ -281,10 +281,6 @@ class Store:
             return self._adopt(tid, result)
         if size is not None and size > INLINE_LIMIT:
             sole = sole_reference(result)
-            if sole and self.numpy_allocator and type(result).__name__ == "ndarray":
-                published = self._publish_now(tid, result)
-                if published is not None:
-                    return published
             with self.lock:
                 self.objects[tid] = result
                 if not sole:
@@ -315,32 +311,6 @@ class Store:
             # shuffle's worker time), the file for peers.
             self.objects[tid] = result
             self.copies.add(tid)
-            self._account(tid, length)
-        self._stored(length)
-        return path, length
-
-    def _publish_now(self, tid: int, result: Any) -> tuple[str, int] | None:
-        """Names the shared-memory block that holds a finished array's
-        data at once (a header written, no copy), so that a peer's fetch is
-        answered without this process's pickling thread (and its wait for
-        the GIL: a transpose's workers ran 6 % faster). The array stays for
-        the tasks here, read-only, as every input mapped from a file is.
-        None if its data does not lie in a block."""
-        try:
-            if _core.shm_locate(memoryview(result).cast("B")) is None:
-                return None
-        except (TypeError, ValueError, BufferError):  # not contiguous; datetime64
-            return None
-        parts, _, oob = _serialize.frame_parts(result, tid)
-        path = os.path.join(self.seg_dir(), f"{tid:x}")
-        length = self._publish_in_place(path, parts) if oob else None
-        if length is None:
-            return None
-        result.flags.writeable = False  # peers read these very pages
-        with self.lock:
-            self.files[tid] = (path, length, False)
-            self.shm_bytes += length
-            self.objects[tid] = result
             self._account(tid, length)
         self._stored(length)
         return path, length
