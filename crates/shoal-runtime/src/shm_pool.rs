@@ -870,10 +870,10 @@ mod tests {
             p.alloc(body.len(), false).is_none(),
             "below the arrays' minimum"
         );
-        let tiny = [0u8; HEADER + FRAME_MIN - 1];
+        let small = vec![0u8; HEADER + FRAME_MIN - 1];
         assert!(
-            p.publish_frame(&dir.join("t"), &[&tiny]).is_none(),
-            "travels inline"
+            p.publish_frame(&dir.join("t"), &[&small]).is_none(),
+            "below FRAME_MIN: a file of its own"
         );
         let head = [1u8; HEADER];
         let (one, two) = (dir.join("f1"), dir.join("f2"));
