@@ -277,6 +277,10 @@ pub struct Config {
     /// free thread, taking them back is tried again this often (a steal
     /// the worker refused, a task that cannot leave yet).
     pub steal_retry_us: u64,
+    /// A task with no inputs on workers (a root) is placed beside the other
+    /// inputs of its consumers, when they have few: a transpose's chunk
+    /// beside its partner, a join's two partitions together.
+    pub place_partners: bool,
 }
 
 impl Default for Config {
@@ -288,6 +292,7 @@ impl Default for Config {
             log_capacity: 0,
             steal_after_us: 200_000,
             steal_retry_us: 50_000,
+            place_partners: true,
         }
     }
 }

@@ -109,6 +109,7 @@ impl<S> Core<S> {
             self.retire_step();
         }
         self.schedule_constrained();
+        let mut deferred: Vec<ReadyEntry> = Vec::new();
         while let Some(id) = first_ready(&mut self.ready, &self.tasks) {
             let t = &self.tasks[&id];
             let est = self.est_us(t.group);
@@ -163,6 +164,29 @@ impl<S> Core<S> {
                     consider(local, load_of(w), w.seq, wid);
                 }
             }
+            // A task with no inputs on workers (a root) goes where the
+            // other inputs of its consumers are: a transpose's chunk beside
+            // its partner, a join's two partitions together, instead of one
+            // moved to the other. If that worker cannot queue it now, the
+            // tasks behind it go first, and it waits for a thread there
+            // (unless a worker would idle: see below).
+            if holders.is_empty() && self.config.place_partners {
+                let partner = self.siblings_holder(t);
+                if let Some((h, w)) = partner.and_then(|h| Some((h, self.workers.get(&h)?))) {
+                    // Queued there only while no other worker has a thread
+                    // free (that one takes the next task, or this one).
+                    let free_here = !w.paused && w.busy() < w.nthreads;
+                    if free_here || (!self.any_free_thread() && self.can_take(w, est, false)) {
+                        self.ready.pop();
+                        self.place(id, h, est);
+                        continue;
+                    }
+                    if !(w.paused || w.stalled) {
+                        deferred.push(self.ready.pop().expect("peeked"));
+                        continue;
+                    }
+                }
+            }
             let fetches = !holders.is_empty();
             for &(load, seq, wid) in self
                 .by_load
@@ -184,12 +208,76 @@ impl<S> Core<S> {
             self.ready.pop();
             self.place(id, wid, est);
         }
+        // Those waiting for their partners' workers: a worker with a free
+        // thread takes them rather than idle, the rest wait in the queue.
+        for e in deferred {
+            match self.free_thread() {
+                Some(wid) => {
+                    let est = self.est_us(self.tasks[&e.id].group);
+                    self.place(e.id, wid, est);
+                }
+                None => self.ready.push(e),
+            }
+        }
         // Tasks that erred just now (unsatisfiable) may be detached ones,
         // and letting go of those may let go of what they held.
         while !self.detached_done.is_empty() || !self.unheld.is_empty() {
             self.settle_detached();
             self.settle_unheld();
         }
+    }
+
+    /// The least loaded worker with a thread free, if one has.
+    fn free_thread(&self) -> Option<WorkerId> {
+        self.by_load.iter().map(|&(_, _, wid)| wid).find(|wid| {
+            let w = &self.workers[wid];
+            !w.stalled && w.busy() < w.nthreads
+        })
+    }
+
+    fn any_free_thread(&self) -> bool {
+        self.free_thread().is_some()
+    }
+
+    /// The worker that holds or runs most of the other inputs of task
+    /// `t`'s consumers, looking only at consumers with few inputs (an
+    /// all-to-all exchange has no place that suits all of them).
+    fn siblings_holder(&self, t: &Task<S>) -> Option<WorkerId> {
+        if t.dependents.len() > SIBLING_FAN {
+            return None;
+        }
+        let mut best: Option<(u32, WorkerId)> = None;
+        let mut counts: SmallVec<[(WorkerId, u32); 4]> = SmallVec::new();
+        for c in t.dependents.iter() {
+            let Some(c) = self.tasks.get(c) else { continue };
+            if c.deps.len() > SIBLING_FAN {
+                continue;
+            }
+            for d in c.deps.iter() {
+                let at = match self.tasks.get(d).map(|d| &d.state) {
+                    Some(TaskState::Processing(w)) => *w,
+                    Some(TaskState::Memory {
+                        location: Location::Worker(w),
+                        ..
+                    }) => *w,
+                    _ => continue,
+                };
+                let n = match counts.iter_mut().find(|(w, _)| *w == at) {
+                    Some(e) => {
+                        e.1 += 1;
+                        e.1
+                    }
+                    None => {
+                        counts.push((at, 1));
+                        1
+                    }
+                };
+                if best.is_none_or(|(b, _)| n > b) {
+                    best = Some((n, at));
+                }
+            }
+        }
+        best.map(|(_, w)| w)
     }
 
     /// The worker holding most of task `id`'s input bytes, if it is not
@@ -346,6 +434,10 @@ impl<S> Core<S> {
 /// reach [`TINY_TASK_INPUT`] bytes waits there rather than move them.
 const TINY_TASK_US: u64 = 1_000;
 const TINY_TASK_INPUT: u64 = 1 << 20;
+
+/// Consumers looked at for a root's placement, and inputs of each: more
+/// is an exchange, where no one worker suits.
+const SIBLING_FAN: usize = 4;
 
 /// Load as a fraction of threads, scaled to compare integers.
 pub(crate) fn load_of(w: &Worker) -> u64 {

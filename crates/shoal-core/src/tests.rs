@@ -1272,7 +1272,9 @@ fn an_input_its_holder_lacks_is_recomputed_and_the_task_runs_again() {
     let mut c = core();
     c.handle_worker_added(WorkerId(0), 1);
     c.handle_worker_added(WorkerId(1), 1);
-    c.handle_submit(C, vec![nt(1, &[]), nt(2, &[]), nt(3, &[1, 2])]);
+    // The consumer comes later: its inputs are not placed together.
+    c.handle_submit(C, vec![nt(1, &[]), nt(2, &[])]);
+    c.handle_submit(C, vec![nt(3, &[1, 2])]);
     assert_eq!(computes(&c.take_actions()), vec![(0, 1), (1, 2)]);
     c.handle_task_finished(WorkerId(0), t(1), 1 << 20, false, 10);
     c.handle_task_finished(WorkerId(1), t(2), 2 << 20, false, 10);
@@ -1286,8 +1288,9 @@ fn an_input_its_holder_lacks_is_recomputed_and_the_task_runs_again() {
         task: t(1)
     }));
     assert_eq!(c.state(t(3)), Some(TaskState::Waiting));
-    assert_eq!(computes(&a), vec![(0, 1)]);
-    c.handle_task_finished(WorkerId(0), t(1), 1 << 20, false, 10);
+    // Made again beside the consumer's other input.
+    assert_eq!(computes(&a), vec![(1, 1)]);
+    c.handle_task_finished(WorkerId(1), t(1), 1 << 20, false, 10);
     assert_eq!(computes(&c.take_actions()), vec![(1, 3)]);
     // A stale report (the input is not where it was said to be) only puts
     // the task back.
@@ -1461,7 +1464,9 @@ fn inputs_that_cannot_be_fetched_place_the_task_again_then_are_recomputed() {
     let mut c = core();
     c.handle_worker_added(WorkerId(0), 1);
     c.handle_worker_added(WorkerId(1), 1);
-    c.handle_submit(C, vec![nt(1, &[]), nt(2, &[]), nt(3, &[1, 2])]);
+    // The consumer comes later: its inputs are not placed together.
+    c.handle_submit(C, vec![nt(1, &[]), nt(2, &[])]);
+    c.handle_submit(C, vec![nt(3, &[1, 2])]);
     assert_eq!(computes(&c.take_actions()), vec![(0, 1), (1, 2)]);
     c.handle_task_finished(WorkerId(0), t(1), 10, false, 10);
     c.handle_task_finished(WorkerId(1), t(2), 1000, false, 10);
@@ -1481,7 +1486,8 @@ fn inputs_that_cannot_be_fetched_place_the_task_again_then_are_recomputed() {
         worker: Some(WorkerId(0)),
         task: t(1)
     }));
-    assert_eq!(computes(&a), vec![(0, 1)]);
+    // Made again beside the consumer's other input.
+    assert_eq!(computes(&a), vec![(1, 1)]);
 }
 
 #[test]
@@ -1981,4 +1987,74 @@ fn a_batch_fails_only_when_its_worker_dies_at_the_same_element() {
     assert!(!killed(&c, 1));
     die_at(&mut c, 77);
     assert!(killed(&c, 1));
+}
+
+#[test]
+fn a_root_goes_beside_the_other_inputs_of_its_consumers() {
+    // A transpose's pairs: 7 reads roots 1 and 2, 8 reads 3 and 4, 9 reads
+    // 5 and 6; one thread per worker.
+    let pairs = || {
+        let mut c = core();
+        c.handle_worker_added(WorkerId(0), 1);
+        c.handle_worker_added(WorkerId(1), 1);
+        let mut tasks: Vec<NewTask> = (1..=6).map(|i| nt(i, &[])).collect();
+        tasks.extend([nt(7, &[1, 2]), nt(8, &[3, 4]), nt(9, &[5, 6])]);
+        c.handle_submit(C, tasks);
+        // A partner waits for a thread on its partner's worker, while the
+        // next pair goes to the other worker.
+        assert_eq!(computes(&c.take_actions()), vec![(0, 1), (1, 3)]);
+        // Once durations are known, one short task waits behind each running
+        // one: each partner goes behind its own.
+        c.handle_task_finished(WorkerId(0), t(1), 8 << 20, false, 10_000);
+        assert_eq!(computes(&c.take_actions()), vec![(0, 2), (1, 4), (0, 5)]);
+        // Worker 1 has a thread's worth queued, worker 0 two: 6 waits for
+        // worker 0 rather than be moved to from there later.
+        c.handle_task_finished(WorkerId(1), t(3), 8 << 20, false, 10_000);
+        let a = computes(&c.take_actions());
+        assert!(!a.iter().any(|&(_, task)| task == 6), "{a:?}");
+        c.check_invariants();
+        c
+    };
+    let mut c = pairs();
+    // The consumer of 1 and 2 goes first there (deeper), then 6.
+    c.handle_task_finished(WorkerId(0), t(2), 8 << 20, false, 10_000);
+    assert_eq!(computes(&c.take_actions()), vec![(0, 7)]);
+    c.handle_task_finished(WorkerId(0), t(5), 8 << 20, false, 10_000);
+    let a = computes(&c.take_actions());
+    assert!(a.contains(&(0, 6)), "{a:?}");
+    c.check_invariants();
+    // Rather than let a worker idle, it goes there.
+    let mut c = pairs();
+    c.handle_task_finished(WorkerId(1), t(4), 8 << 20, false, 10_000);
+    assert_eq!(computes(&c.take_actions()), vec![(1, 8)]);
+    c.handle_task_finished(WorkerId(1), t(8), 8, false, 10_000);
+    let a = computes(&c.take_actions());
+    assert!(a.contains(&(1, 6)), "{a:?}");
+    c.check_invariants();
+}
+
+#[test]
+fn partners_run_side_by_side_while_a_worker_would_idle() {
+    let mut c = core();
+    c.handle_worker_added(WorkerId(0), 1);
+    c.handle_worker_added(WorkerId(1), 1);
+    // The two halves of a sum: waiting for one worker would halve the speed.
+    c.handle_submit(C, vec![nt(1, &[]), nt(2, &[]), nt(3, &[1, 2])]);
+    assert_eq!(computes(&c.take_actions()), vec![(0, 1), (1, 2)]);
+    c.check_invariants();
+    // With a thread free beside its partner, it runs there.
+    let two_threads = |place_partners: bool| {
+        let mut c = Core::new(Config {
+            place_partners,
+            ..Config::default()
+        });
+        c.handle_worker_added(WorkerId(0), 2);
+        c.handle_worker_added(WorkerId(1), 2);
+        c.handle_submit(C, vec![nt(1, &[]), nt(2, &[]), nt(3, &[1, 2])]);
+        c.check_invariants();
+        computes(&c.take_actions())
+    };
+    assert_eq!(two_threads(true), vec![(0, 1), (0, 2)]);
+    // Turned off: by load alone.
+    assert_eq!(two_threads(false), vec![(0, 1), (1, 2)]);
 }

@@ -427,6 +427,7 @@ async fn owner(
         names: FxHashMap::default(),
         core: Core::with_specs(shoal_core::Config {
             log_capacity: STORY_LOG,
+            place_partners: !crate::settings::is_off("SHOAL_PLACE_PARTNERS"),
             ..Default::default()
         }),
         started_us: crate::clock::now_us(),
