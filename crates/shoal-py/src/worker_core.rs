@@ -95,13 +95,16 @@ impl WorkerCore {
         if let Some(s) = &inner.slots {
             s.clear(lane);
         }
-        inner.report(done);
-        if inner.backlogged() {
-            py.detach(|| inner.wait_room());
-        }
         // Work already queued is taken with the GIL held (no lock is held
         // while waiting, so this cannot block); only waiting releases it.
-        let batch = match inner.try_next(max) {
+        let taken = if inner.backlogged() {
+            inner.report(done);
+            py.detach(|| inner.wait_room());
+            inner.try_next(max)
+        } else {
+            inner.report_and_take(done, max)
+        };
+        let batch = match taken {
             Some(b) => b,
             None => {
                 let timeout = shoal_runtime::duration::wait(timeout);

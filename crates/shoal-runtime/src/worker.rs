@@ -191,6 +191,11 @@ pub struct WorkerShared {
     unsent: Mutex<Unsent>,
     /// Wakes the flusher when the first report is buffered.
     unsent_first: tokio::sync::Notify,
+    /// The last task an execution thread reported ran `FLUSH_AFTER` or
+    /// longer: reports and starts go as soon as the thread takes its next
+    /// task (one wake of the I/O thread), instead of waking the flusher to
+    /// wait `FLUSH_AFTER` (two), as nothing would travel together anyway.
+    eager: AtomicBool,
     /// Memory figures from the Python memory manager, sent with heartbeats.
     metrics: Mutex<WorkerMetrics>,
     /// Transfers, spills, profile samples and log lines since the last
@@ -295,6 +300,15 @@ impl Done {
             | Done::Err { id, .. } => *id,
         }
     }
+
+    fn timing(&self) -> &Timing {
+        match self {
+            Done::Ok { timing, .. }
+            | Done::File { timing, .. }
+            | Done::Held { timing, .. }
+            | Done::Err { timing, .. } => timing,
+        }
+    }
 }
 
 /// Connects to the scheduler at `scheduler`, starts the data server and the
@@ -386,6 +400,7 @@ pub fn start(
             unacked: Mutex::new(ReportLog::default()),
             unsent: Mutex::new(Unsent::default()),
             unsent_first: tokio::sync::Notify::new(),
+            eager: AtomicBool::new(false),
             metrics: Mutex::new(WorkerMetrics::default()),
             telemetry: Mutex::new(Telemetry::default()),
             syncs: Mutex::new(Vec::new()),

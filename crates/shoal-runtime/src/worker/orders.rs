@@ -4,8 +4,9 @@
 use super::*;
 
 impl WorkerShared {
-    /// Takes ready work; the tasks taken are reported started (buffered).
-    pub(crate) fn take(&self, orders: &mut Orders, max: usize) -> Option<Batch> {
+    /// Takes ready work; the tasks taken are reported started (buffered;
+    /// `quiet`: the caller flushes, the flusher is not woken).
+    pub(crate) fn take(&self, orders: &mut Orders, max: usize, quiet: bool) -> Option<Batch> {
         match orders.take(max)? {
             Take::Shutdown => Some(Batch::Shutdown),
             Take::Retire => Some(Batch::Retire),
@@ -13,7 +14,7 @@ impl WorkerShared {
                 if !tasks.is_empty() {
                     let mut unsent = self.unsent.lock();
                     unsent.started.extend(tasks.iter().map(|t| t.id));
-                    self.buffered(&mut unsent);
+                    self.buffered(&mut unsent, quiet);
                 }
                 Some(Batch::Work(tasks, released))
             }
@@ -23,7 +24,7 @@ impl WorkerShared {
     /// Takes ready work without blocking. Callable with the GIL held: the
     /// orders lock is never held while waiting for anything else.
     pub fn try_next(&self, max: usize) -> Option<Batch> {
-        self.take(&mut self.orders.lock(), max)
+        self.take(&mut self.orders.lock(), max, false)
     }
 
     /// Sends buffered reports, then waits up to `timeout` for work.
@@ -31,8 +32,13 @@ impl WorkerShared {
         self.flush_locked(&mut self.unsent.lock());
         let deadline = Instant::now() + timeout;
         let mut orders = self.orders.lock();
+        let eager = self.eager.load(Ordering::Relaxed);
         loop {
-            if let Some(b) = self.take(&mut orders, max) {
+            if let Some(b) = self.take(&mut orders, max, eager) {
+                if eager {
+                    drop(orders);
+                    self.flush();
+                }
                 return b;
             }
             if self.cv.wait_until(&mut orders, deadline).timed_out() {

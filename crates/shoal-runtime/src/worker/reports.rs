@@ -9,6 +9,30 @@ impl WorkerShared {
     /// entry is `FLUSH_AFTER` old (one frame for many tiny tasks), here or
     /// from the flusher task.
     pub fn report(&self, done: Vec<Done>) {
+        self.report_as(done, false);
+    }
+
+    /// Reports `done` and takes the next work, as an execution thread does
+    /// between tasks. After a task of `FLUSH_AFTER` or more, what is
+    /// buffered goes at once if work was taken (else the wait that follows
+    /// sends it): see `WorkerShared::eager`.
+    pub fn report_and_take(&self, done: Vec<Done>, max: usize) -> Option<Batch> {
+        if let Some(last) = done.last() {
+            let long = last.timing().duration_us >= FLUSH_AFTER.as_micros() as u64;
+            self.eager.store(long, Ordering::Relaxed);
+        }
+        let eager = self.eager.load(Ordering::Relaxed);
+        self.report_as(done, eager);
+        let taken = self.take(&mut self.orders.lock(), max, eager);
+        if eager && taken.is_some() {
+            self.flush();
+        }
+        taken
+    }
+
+    /// `quiet`: the caller sends what is buffered itself, soon (the
+    /// flusher is not woken).
+    fn report_as(&self, done: Vec<Done>, quiet: bool) {
         if done.is_empty() {
             return;
         }
@@ -85,18 +109,20 @@ impl WorkerShared {
             };
             unsent.reports.push(msg);
         }
-        if self.buffered(&mut unsent).elapsed() >= FLUSH_AFTER {
+        if self.buffered(&mut unsent, quiet).elapsed() >= FLUSH_AFTER {
             self.flush_locked(&mut unsent);
         }
     }
 
     /// When the oldest unsent entry was buffered (now, for the first one:
     /// the flusher then sends it within `FLUSH_AFTER`).
-    pub(crate) fn buffered(&self, unsent: &mut Unsent) -> Instant {
+    pub(crate) fn buffered(&self, unsent: &mut Unsent, quiet: bool) -> Instant {
         match unsent.since {
             Some(t) => t,
             None => {
-                self.unsent_first.notify_one();
+                if !quiet {
+                    self.unsent_first.notify_one();
+                }
                 *unsent.since.insert(Instant::now())
             }
         }

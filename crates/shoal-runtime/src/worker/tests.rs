@@ -202,3 +202,50 @@ fn orders_run_reports_arrive_and_a_lost_scheduler_stops_an_in_process_worker() {
         "an in-process worker stops when its scheduler is gone"
     );
 }
+
+#[test]
+fn after_a_task_of_flush_after_or_more_its_report_goes_when_the_next_is_taken() {
+    let Glue {
+        rt, sh, tx, mut rx, ..
+    } = glue("eager", 1);
+    for id in 1..=3 {
+        tx.send(compute(id)).unwrap();
+    }
+    assert_eq!(take(&sh), [1]);
+    std::thread::sleep(Duration::from_millis(300)); // 2 and 3 arrive
+    let done = |id, duration_us| {
+        vec![Done::Ok {
+            id,
+            value: Bytes::from_static(b"v"),
+            timing: Timing {
+                duration_us,
+                ..Timing::default()
+            },
+        }]
+    };
+    let next = |b: Option<Batch>| match b {
+        Some(Batch::Work(tasks, _)) => tasks.iter().map(|t| t.id).collect::<Vec<_>>(),
+        _ => panic!("queued work was not taken"),
+    };
+    // A short task: its report waits for others to travel with (the
+    // flusher sends it within FLUSH_AFTER).
+    let t = Instant::now();
+    assert_eq!(next(sh.report_and_take(done(1, 100), 1)), [2]);
+    let buffered = sh.unsent.lock().since.is_some();
+    assert!(buffered || t.elapsed() >= FLUSH_AFTER, "buffered");
+    // A long one: nothing would travel with it; it goes at once, with the
+    // next task's start.
+    assert_eq!(next(sh.report_and_take(done(2, 5_000), 1)), [3]);
+    assert!(sh.unsent.lock().since.is_none(), "sent");
+    let seen = rt.block_on(until(&mut rx, |m| {
+        matches!(m, FromWorker::Finished { id: 2, .. })
+    }));
+    let started: Vec<u64> = seen
+        .iter()
+        .flat_map(|m| match m {
+            FromWorker::Started(ids) => ids.clone(),
+            _ => Vec::new(),
+        })
+        .collect();
+    assert_eq!(started, [1, 2, 3], "{seen:?}");
+}
