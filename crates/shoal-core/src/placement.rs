@@ -167,21 +167,22 @@ impl<S> Core<S> {
             // A task with no inputs on workers (a root) goes where the
             // other inputs of its consumers are: a transpose's chunk beside
             // its partner, a join's two partitions together, instead of one
-            // moved to the other. If that worker cannot queue it now, the
-            // tasks behind it go first, and it waits for a thread there
-            // (unless a worker would idle: see below).
+            // moved to the other. There if that worker has a thread free, or
+            // can queue it while no worker has one. Else, if it takes a
+            // millisecond or more, the tasks behind it go first and it waits
+            // for a thread there, unless a worker would idle: that one takes
+            // it (the two halves of a sum run side by side).
             if holders.is_empty() && self.config.place_partners {
                 let partner = self.siblings_holder(t);
                 if let Some((h, w)) = partner.and_then(|h| Some((h, self.workers.get(&h)?))) {
-                    // Queued there only while no other worker has a thread
-                    // free (that one takes the next task, or this one).
                     let free_here = !w.paused && w.busy() < w.nthreads;
-                    if free_here || (!self.any_free_thread() && self.can_take(w, est, false)) {
+                    if free_here || (self.can_take(w, est, false) && self.free_thread().is_none()) {
                         self.ready.pop();
                         self.place(id, h, est);
                         continue;
                     }
-                    if !(w.paused || w.stalled) {
+                    let worth = est.is_some_and(|e| e >= TINY_TASK_US);
+                    if worth && !(w.paused || w.stalled) && deferred.len() < MAX_DEFERRED {
                         deferred.push(self.ready.pop().expect("peeked"));
                         continue;
                     }
@@ -227,16 +228,17 @@ impl<S> Core<S> {
         }
     }
 
-    /// The least loaded worker with a thread free, if one has.
+    /// One of the least loaded workers (the first `LOAD_SCAN` of
+    /// `by_load`: one with a thread free is among them) with a thread free.
     fn free_thread(&self) -> Option<WorkerId> {
-        self.by_load.iter().map(|&(_, _, wid)| wid).find(|wid| {
-            let w = &self.workers[wid];
-            !w.stalled && w.busy() < w.nthreads
-        })
-    }
-
-    fn any_free_thread(&self) -> bool {
-        self.free_thread().is_some()
+        self.by_load
+            .iter()
+            .take(LOAD_SCAN)
+            .map(|&(_, _, wid)| wid)
+            .find(|wid| {
+                let w = &self.workers[wid];
+                !w.stalled && w.busy() < w.nthreads
+            })
     }
 
     /// The worker that holds or runs most of the other inputs of task
@@ -438,6 +440,10 @@ const TINY_TASK_INPUT: u64 = 1 << 20;
 /// Consumers looked at for a root's placement, and inputs of each: more
 /// is an exchange, where no one worker suits.
 const SIBLING_FAN: usize = 4;
+
+/// Roots one placement pass lets wait for their partners' workers (each
+/// pass looks at them again; the rest are placed as any task).
+const MAX_DEFERRED: usize = 16;
 
 /// Load as a fraction of threads, scaled to compare integers.
 pub(crate) fn load_of(w: &Worker) -> u64 {

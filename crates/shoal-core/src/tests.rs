@@ -1991,45 +1991,28 @@ fn a_batch_fails_only_when_its_worker_dies_at_the_same_element() {
 
 #[test]
 fn a_root_goes_beside_the_other_inputs_of_its_consumers() {
+    let mut c = core();
+    c.handle_worker_added(WorkerId(0), 1);
+    c.handle_worker_added(WorkerId(1), 1);
     // A transpose's pairs: 7 reads roots 1 and 2, 8 reads 3 and 4, 9 reads
-    // 5 and 6; one thread per worker.
-    let pairs = || {
-        let mut c = core();
-        c.handle_worker_added(WorkerId(0), 1);
-        c.handle_worker_added(WorkerId(1), 1);
-        let mut tasks: Vec<NewTask> = (1..=6).map(|i| nt(i, &[])).collect();
-        tasks.extend([nt(7, &[1, 2]), nt(8, &[3, 4]), nt(9, &[5, 6])]);
-        c.handle_submit(C, tasks);
-        // A partner waits for a thread on its partner's worker, while the
-        // next pair goes to the other worker.
-        assert_eq!(computes(&c.take_actions()), vec![(0, 1), (1, 3)]);
-        // Once durations are known, one short task waits behind each running
-        // one: each partner goes behind its own.
-        c.handle_task_finished(WorkerId(0), t(1), 8 << 20, false, 10_000);
-        assert_eq!(computes(&c.take_actions()), vec![(0, 2), (1, 4), (0, 5)]);
-        // Worker 1 has a thread's worth queued, worker 0 two: 6 waits for
-        // worker 0 rather than be moved to from there later.
-        c.handle_task_finished(WorkerId(1), t(3), 8 << 20, false, 10_000);
-        let a = computes(&c.take_actions());
-        assert!(!a.iter().any(|&(_, task)| task == 6), "{a:?}");
-        c.check_invariants();
-        c
-    };
-    let mut c = pairs();
-    // The consumer of 1 and 2 goes first there (deeper), then 6.
-    c.handle_task_finished(WorkerId(0), t(2), 8 << 20, false, 10_000);
-    assert_eq!(computes(&c.take_actions()), vec![(0, 7)]);
-    c.handle_task_finished(WorkerId(0), t(5), 8 << 20, false, 10_000);
+    // 5 and 6; one thread per worker. At first each worker takes one.
+    let mut tasks: Vec<NewTask> = (1..=6).map(|i| nt(i, &[])).collect();
+    tasks.extend([nt(7, &[1, 2]), nt(8, &[3, 4]), nt(9, &[5, 6])]);
+    c.handle_submit(C, tasks);
+    assert_eq!(computes(&c.take_actions()), vec![(0, 1), (1, 2)]);
+    // Durations known (10 ms: one may wait behind each running task).
+    // Worker 1 frees its thread and takes 3; 4 waits behind it there, not
+    // on worker 0 (as load alone would have it, the first joined), where
+    // 3 would have to be moved to (or 4 from).
+    c.handle_task_finished(WorkerId(1), t(2), 8 << 20, false, 10_000);
     let a = computes(&c.take_actions());
-    assert!(a.contains(&(0, 6)), "{a:?}");
-    c.check_invariants();
-    // Rather than let a worker idle, it goes there.
-    let mut c = pairs();
+    assert_eq!(&a[..2], [(1, 3), (1, 4)], "{a:?}");
+    c.handle_task_finished(WorkerId(0), t(1), 8 << 20, false, 10_000);
+    c.handle_task_finished(WorkerId(1), t(3), 8 << 20, false, 10_000);
     c.handle_task_finished(WorkerId(1), t(4), 8 << 20, false, 10_000);
-    assert_eq!(computes(&c.take_actions()), vec![(1, 8)]);
-    c.handle_task_finished(WorkerId(1), t(8), 8, false, 10_000);
     let a = computes(&c.take_actions());
-    assert!(a.contains(&(1, 6)), "{a:?}");
+    // 8's inputs are both on worker 1: it runs there.
+    assert!(a.contains(&(1, 8)), "{a:?}");
     c.check_invariants();
 }
 
@@ -2057,4 +2040,48 @@ fn partners_run_side_by_side_while_a_worker_would_idle() {
     assert_eq!(two_threads(true), vec![(0, 1), (0, 2)]);
     // Turned off: by load alone.
     assert_eq!(two_threads(false), vec![(0, 1), (1, 2)]);
+}
+
+#[test]
+fn a_root_waits_for_a_thread_beside_its_partner_unless_a_worker_would_idle() {
+    // A transpose's pairs (7 reads roots 1 and 2, 8 reads 3 and 4, 9 reads
+    // 5 and 6) of 10 ms tasks; one thread per worker.
+    let pairs = || {
+        let mut c = core();
+        c.handle_worker_added(WorkerId(0), 1);
+        c.handle_worker_added(WorkerId(1), 1);
+        c.handle_submit(C, vec![nt(100, &[])]);
+        c.take_actions();
+        c.handle_task_finished(WorkerId(0), t(100), 8, false, 10_000);
+        let mut tasks: Vec<NewTask> = (1..=6).map(|i| nt(i, &[])).collect();
+        tasks.extend([nt(7, &[1, 2]), nt(8, &[3, 4]), nt(9, &[5, 6])]);
+        c.handle_submit(C, tasks);
+        // 2 waits for worker 0 while worker 1 takes 3 and 4; 6 waits too.
+        assert_eq!(
+            computes(&c.take_actions()),
+            vec![(0, 1), (1, 3), (1, 4), (0, 5)]
+        );
+        c.handle_task_finished(WorkerId(0), t(1), 8 << 20, false, 10_000);
+        assert_eq!(computes(&c.take_actions()), vec![(0, 2)]);
+        // Worker 1 has a thread's worth queued, worker 0 two: 6 waits for
+        // worker 0 rather than be moved to from there later.
+        c.handle_task_finished(WorkerId(1), t(3), 8 << 20, false, 10_000);
+        let a = computes(&c.take_actions());
+        assert!(!a.iter().any(|&(_, task)| task == 6), "{a:?}");
+        c.check_invariants();
+        c
+    };
+    let mut c = pairs();
+    c.handle_task_finished(WorkerId(0), t(5), 8 << 20, false, 10_000);
+    let a = computes(&c.take_actions());
+    assert!(a.contains(&(0, 6)), "{a:?}");
+    c.check_invariants();
+    // Rather than let a worker idle, it goes there.
+    let mut c = pairs();
+    c.handle_task_finished(WorkerId(1), t(4), 8 << 20, false, 10_000);
+    assert_eq!(computes(&c.take_actions()), vec![(1, 8)]);
+    c.handle_task_finished(WorkerId(1), t(8), 8, false, 10_000);
+    let a = computes(&c.take_actions());
+    assert!(a.contains(&(1, 6)), "{a:?}");
+    c.check_invariants();
 }
