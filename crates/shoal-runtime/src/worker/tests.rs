@@ -45,6 +45,16 @@ async fn until(rx: &mut SplitStream<Conn>, want: impl Fn(&FromWorker) -> bool) -
     }
 }
 
+/// The ids the worker reported started, in order.
+fn started(seen: &[FromWorker]) -> Vec<u64> {
+    seen.iter()
+        .flat_map(|m| match m {
+            FromWorker::Started(ids) => ids.clone(),
+            _ => Vec::new(),
+        })
+        .collect()
+}
+
 /// A scripted scheduler's end of one in-process worker's connection.
 struct Glue {
     rt: tokio::runtime::Runtime,
@@ -178,13 +188,7 @@ fn orders_run_reports_arrive_and_a_lost_scheduler_stops_an_in_process_worker() {
     let seen = rt.block_on(until(&mut rx, |m| {
         matches!(m, FromWorker::Finished { id: 2, .. })
     }));
-    let started: Vec<u64> = seen
-        .iter()
-        .flat_map(|m| match m {
-            FromWorker::Started(ids) => ids.clone(),
-            _ => Vec::new(),
-        })
-        .collect();
+    let started = started(&seen);
     assert!(started.contains(&1) && started.contains(&2), "{seen:?}");
     let finished = seen
         .iter()
@@ -240,12 +244,6 @@ fn after_a_task_of_flush_after_or_more_its_report_goes_when_the_next_is_taken() 
     let seen = rt.block_on(until(&mut rx, |m| {
         matches!(m, FromWorker::Finished { id: 2, .. })
     }));
-    let started: Vec<u64> = seen
-        .iter()
-        .flat_map(|m| match m {
-            FromWorker::Started(ids) => ids.clone(),
-            _ => Vec::new(),
-        })
-        .collect();
+    let started = started(&seen);
     assert_eq!(started, [1, 2, 3], "{seen:?}");
 }
