@@ -655,6 +655,52 @@ def test_a_frame_is_sized_as_pandas_sizes_it_and_one_holding_objects_not_at_all(
     assert _frame_size(pd.DataFrame({"a": np.arange(10)})) is None  # pickled inline
 
 
+def frame_groups(n: int, with_objects: bool) -> dict:
+    """A Dask shuffle's group task's result: a frame's pieces by partition."""
+    df = frame(n, with_objects)
+    return {i: df.iloc[i::4] for i in range(4)}
+
+
+def test_a_dict_of_frames_waits_to_be_pickled_as_its_frames_do():
+    pd = pytest.importorskip("pandas")
+    with shoal.Client(n_workers=1) as c:
+        g = c.submit(frame_groups, 1_000_000, False)
+        # Its consumers here take their piece from the object: nothing pickled.
+        rows = [c.submit(lambda d, i: len(d[i]), g, i) for i in range(4)]
+        assert [r.result() for r in rows] == [250_000] * 4
+        assert c.submit(files_written, pure=False).result() == 0
+        # Fetched by the client: written once, then, and read back whole.
+        got = g.result()
+        assert sorted(got) == [0, 1, 2, 3]
+        for i, piece in frame_groups(1_000_000, False).items():
+            pd.testing.assert_frame_equal(got[i], piece)
+        assert c.submit(files_written, pure=False).result() == 1
+        # A piece of Python objects may not pickle: pickled at once.
+        h = c.submit(frame_groups, 200_000, True)
+        shoal.wait([h])
+        assert c.submit(files_written, pure=False).result() == 2
+        pd.testing.assert_frame_equal(h.result()[3], frame_groups(200_000, True)[3])
+
+
+def test_a_container_is_sized_by_its_array_likes_and_anything_else_not_at_all():
+    pd = pytest.importorskip("pandas")
+    from shoal._worker import _buffer_size
+
+    a = np.ones(100_000)
+    df = pd.DataFrame({"a": np.arange(10_000)})  # each piece small, together not
+    assert _buffer_size({0: a, 1: a[:10]}) == a.nbytes + 80
+    assert _buffer_size((a, a)) == 2 * a.nbytes
+    assert _buffer_size([df] * 10) == 10 * int(df.memory_usage(index=True).sum())
+    assert _buffer_size({"x": a, "y": pd.Series(np.ones(10))}) == a.nbytes + 80
+    assert _buffer_size((a[:10], a[:10])) is None  # small: pickled inline
+    assert _buffer_size((a, object())) is None  # may not pickle
+    assert _buffer_size((a, np.array([object()] * 10))) is None
+    assert _buffer_size({(0, 1): a}) is None  # a key of anything else
+    assert _buffer_size(((a,), a)) is None  # one level only
+    assert _buffer_size([a] * 1000) is None  # too many items to add up
+    assert _buffer_size(()) is None
+
+
 G: list = []
 
 

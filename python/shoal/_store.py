@@ -159,6 +159,9 @@ def sole_reference(result: Any) -> bool:
     return True
 
 
+_CONTAINERS = (dict, tuple, list)
+
+
 class Store:
     """Large results of one worker process, and its memory manager."""
 
@@ -280,7 +283,9 @@ class Store:
         if type(result) is Adopted:
             return self._adopt(tid, result)
         if size is not None and size > INLINE_LIMIT:
-            sole = sole_reference(result)
+            # A container's items may be held elsewhere too (and written
+            # there later): never published in place.
+            sole = type(result) not in _CONTAINERS and sole_reference(result)
             with self.lock:
                 self.objects[tid] = result
                 if not sole:

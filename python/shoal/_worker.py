@@ -630,6 +630,9 @@ def _buffer_size(obj: Any) -> int | None:
     pickled at once too: their elements may not pickle."""
     nbytes = getattr(obj, "nbytes", None)
     if type(nbytes) is not int:
+        cls = type(obj)
+        if cls is dict or cls is tuple or cls is list:
+            return _container_size(obj)
         return _frame_size(obj)
     cls = type(obj)
     if cls is not memoryview and cls.__module__.partition(".")[0] not in _DEFERRED:
@@ -640,7 +643,39 @@ def _buffer_size(obj: Any) -> int | None:
     return nbytes
 
 
-def _frame_size(obj: Any) -> int | None:
+# Items of a container whose sizes are added up; a larger one is pickled at once.
+_CONTAINER_MAX = 256
+
+
+def _container_size(obj: dict | tuple | list) -> int | None:
+    """The bytes of a dict, tuple or list of array-likes (the groups of a
+    Dask shuffle: a frame's pieces keyed by output partition), so that it
+    waits to be pickled as they do: its consumers here pick their pieces
+    from the object (pickling and copying the whole of it at once cost a
+    tenth of a shuffle's group tasks). None if it is small, large in items,
+    keyed by anything but ints and strings, or holds anything else (which
+    may not pickle)."""
+    if not 0 < len(obj) <= _CONTAINER_MAX:
+        return None
+    if type(obj) is dict:
+        if any(type(k) is not int and type(k) is not str for k in obj):
+            return None
+        items: Any = obj.values()
+    else:
+        items = obj
+    total = 0
+    for v in items:
+        cls = type(v)
+        if cls is dict or cls is tuple or cls is list:  # one level only
+            return None
+        size = _frame_size(v, small=True) if cls.__name__ == "DataFrame" else _buffer_size(v)
+        if size is None:
+            return None
+        total += size
+    return total if total > _core.INLINE_LIMIT else None
+
+
+def _frame_size(obj: Any, small: bool = False) -> int | None:
     """A pandas DataFrame's bytes (it has no ``nbytes``), so that it waits
     to be pickled like an array: its consumers here take the object itself
     (pickling and mapping back a frame of a few MiB cost more than many of
@@ -652,7 +687,7 @@ def _frame_size(obj: Any) -> int | None:
         return None
     try:
         rows, cols = obj.shape
-        if rows * (cols + 1) * 8 <= _core.INLINE_LIMIT:
+        if not small and rows * (cols + 1) * 8 <= _core.INLINE_LIMIT:
             return None
         index = obj.index
         if getattr(index.dtype, "hasobject", False):
