@@ -463,6 +463,29 @@ def constant(i: int) -> np.ndarray:
     return np.full(4 * MiB, float(i))  # 32 MiB that compress a thousandfold
 
 
+def make_pair(seed: int) -> dict:
+    return {"a": make(16 * MiB, seed), "b": make(16 * MiB, seed + 1000)}
+
+
+def pair_digests(d: dict) -> tuple[str, str]:
+    return digest_of(d["a"]), digest_of(d["b"])
+
+
+def test_dicts_of_arrays_kept_as_objects_spill_and_read_back_bit_identical():
+    limit = 256 * MiB
+    with shoal.Client(n_workers=1, memory_limit=limit) as c:
+        xs = [c.submit(make_pair, i) for i in range(16)]  # 512 MiB: twice the limit
+        shoal.wait(xs)
+        (pid,) = c.worker_pids
+        assert dir_bytes(spill_dir(pid)) >= 16 * 32 * MiB - limit
+        assert rss_anon(pid) < limit, "the worker is above its memory limit"
+        want = [
+            (digest_of(make(16 * MiB, i)), digest_of(make(16 * MiB, i + 1000))) for i in range(16)
+        ]
+        assert c.gather([c.submit(pair_digests, x) for x in xs]) == want
+        assert pair_digests(xs[3].result()) == want[3]
+
+
 def test_spilled_data_that_compresses_well_is_compressed_and_reads_back(monkeypatch):
     pytest.importorskip("lz4")
     monkeypatch.setenv("SHOAL_SPILL_COMPRESSION", "lz4")  # workers inherit it
