@@ -383,8 +383,10 @@ impl ClientShared {
         );
         let _ = out.send(FromClient::Resume(self.id));
         let _ = out.send(FromClient::Resubmit(tasks));
-        while let Ok((m, _)) = waiting.try_recv() {
-            let _ = out.send(m);
+        while let Ok((q, _)) = waiting.try_recv() {
+            for m in q {
+                let _ = out.send(m);
+            }
         }
         *slot = out;
         Ok(stream)

@@ -9,8 +9,30 @@ use super::*;
 /// ([`Outbox::wait_room`], backpressure), and a service can let go of a peer
 /// that stopped reading ([`Outbox::queued_bytes`]).
 pub struct Outbox<M> {
-    tx: mpsc::UnboundedSender<(M, usize)>,
+    tx: mpsc::UnboundedSender<(Queued<M>, usize)>,
     room: Arc<Room>,
+}
+
+/// What one send queues: one message, or several that must reach the
+/// writer together ([`Outbox::send_all`]).
+pub enum Queued<M> {
+    /// One message.
+    One(M),
+    /// Messages written in one go, in order.
+    Many(Vec<M>),
+}
+
+impl<M> IntoIterator for Queued<M> {
+    type Item = M;
+    type IntoIter = std::iter::Chain<std::option::IntoIter<M>, std::vec::IntoIter<M>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        // (An empty Vec allocates nothing.)
+        match self {
+            Queued::One(m) => Some(m).into_iter().chain(Vec::new()),
+            Queued::Many(v) => None.into_iter().chain(v),
+        }
+    }
 }
 
 impl<M> Clone for Outbox<M> {
@@ -31,19 +53,25 @@ pub(crate) struct Room {
     closed: tokio_util::sync::CancellationToken,
     /// Messages queued so far (for a service's throughput figures).
     sent: std::sync::atomic::AtomicU64,
+    /// Threads in [`Outbox::wait_room`]: a write wakes them only if any
+    /// (a condvar's notify is a system call even with nobody waiting).
+    waiters: std::sync::atomic::AtomicUsize,
 }
 
 impl Room {
     fn release(&self, bytes: usize) {
-        use std::sync::atomic::Ordering::Relaxed;
+        use std::sync::atomic::Ordering::SeqCst;
         // Saturating: a send that fails after the writer zeroed the count.
         let _ = self
             .queued
-            .fetch_update(Relaxed, Relaxed, |q| Some(q.saturating_sub(bytes)));
-        // Taking the lock orders this with a waiter between its check and
-        // its wait (no lost wake-up).
-        drop(self.lock.lock());
-        self.freed.notify_all();
+            .fetch_update(SeqCst, SeqCst, |q| Some(q.saturating_sub(bytes)));
+        // A waiter counts itself before it reads `queued` (both SeqCst): it
+        // sees the new count or is seen here. Taking the lock orders this
+        // with a waiter between its check and its wait (no lost wake-up).
+        if self.waiters.load(SeqCst) > 0 {
+            drop(self.lock.lock());
+            self.freed.notify_all();
+        }
     }
 }
 
@@ -51,15 +79,37 @@ impl<M: Weigh> Outbox<M> {
     /// Queues a message; an error only when the connection is gone.
     pub fn send(&self, m: M) -> Result<(), mpsc::error::SendError<M>> {
         let w = m.weight();
+        self.queue(Queued::One(m), w, 1).map_err(|q| match q {
+            Queued::One(m) => mpsc::error::SendError(m),
+            Queued::Many(_) => unreachable!("queued one"),
+        })
+    }
+
+    /// Queues messages that the writer takes together, in one frame where
+    /// they fit: sent one by one from a thread outside the I/O runtime, the
+    /// writer woke at the first and wrote it alone (a task's report and the
+    /// next one's start cost the scheduler two wakes, not one). False when
+    /// the connection is gone.
+    pub fn send_all(&self, ms: Vec<M>) -> bool {
+        match ms.len() {
+            0 => true,
+            n => {
+                let w = ms.iter().map(Weigh::weight).sum();
+                self.queue(Queued::Many(ms), w, n as u64).is_ok()
+            }
+        }
+    }
+
+    fn queue(&self, q: Queued<M>, w: usize, n: u64) -> Result<(), Queued<M>> {
         self.room
             .queued
-            .fetch_add(w, std::sync::atomic::Ordering::Relaxed);
+            .fetch_add(w, std::sync::atomic::Ordering::SeqCst);
         self.room
             .sent
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.tx.send((m, w)).map_err(|e| {
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        self.tx.send((q, w)).map_err(|e| {
             self.room.release(w);
-            mpsc::error::SendError(e.0 .0)
+            e.0 .0
         })
     }
 }
@@ -91,8 +141,11 @@ impl<M> Outbox<M> {
     /// (backpressure). False if the connection closed or `give_up` (asked
     /// every 100 ms) says to stop waiting.
     pub fn wait_room(&self, limit: usize, give_up: impl Fn() -> bool) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
         let mut guard = self.room.lock.lock().unwrap_or_else(|e| e.into_inner());
-        while self.queued_bytes() > limit {
+        self.room.waiters.fetch_add(1, SeqCst);
+        let _counted = Uncount(&self.room.waiters);
+        while self.room.queued.load(SeqCst) > limit {
             if self.is_closed() || give_up() {
                 return false;
             }
@@ -109,9 +162,18 @@ impl<M> Outbox<M> {
     }
 }
 
+/// Takes a waiter off the count when its wait ends, however it ends.
+struct Uncount<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Uncount<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// An [`Outbox`] with no connection behind it: what is sent waits in the
 /// returned receiver (a client between two connections to its scheduler).
-pub fn parked<M>() -> (Outbox<M>, mpsc::UnboundedReceiver<(M, usize)>) {
+pub fn parked<M>() -> (Outbox<M>, mpsc::UnboundedReceiver<(Queued<M>, usize)>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let room = Arc::new(Room::default());
     (Outbox { tx, room }, rx)
@@ -124,7 +186,7 @@ pub fn split_batched<M: Serialize + Send + 'static>(
     conn: Conn,
 ) -> (Outbox<M>, futures::stream::SplitStream<Conn>) {
     let (mut sink, stream) = conn.split();
-    let (tx, mut rx) = mpsc::unbounded_channel::<(M, usize)>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Queued<M>, usize)>();
     let room = Arc::new(Room::default());
     let counted = room.clone();
     tokio::spawn(async move {
@@ -145,11 +207,11 @@ pub fn split_batched<M: Serialize + Send + 'static>(
             }
             let bytes: usize = batch.iter().map(|(_, w)| w).sum();
             let mut enc = FrameEncoder::new(FRAME_TARGET, MAX_FRAME);
-            let mut msgs = batch.drain(..);
+            let mut msgs = batch.drain(..).flat_map(|(q, _)| q);
             loop {
                 let next = msgs.next();
                 let body = match &next {
-                    Some((m, _)) => match enc.push(m) {
+                    Some(m) => match enc.push(m) {
                         Some(body) => body,
                         None => continue,
                     },

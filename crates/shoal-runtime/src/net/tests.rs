@@ -414,3 +414,69 @@ async fn an_outbox_counts_what_waits_and_producers_wait_for_room() {
     assert_eq!(out.queued_bytes(), 0);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Messages queued together from a thread outside the runtime (a task's
+/// report and the next one's start) are written together: the writer
+/// never wakes to the first alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_sent_together_travel_in_one_frame() {
+    use shoal_proto::FromWorker;
+    const ROUNDS: u64 = 200;
+    let secret = Secret::from_token("t").unwrap();
+    let dir = std::env::temp_dir().join(format!("shoal-together-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let addr = Address::Unix(dir.join("s.sock"));
+    let listener = Listener::bind(&addr).await.unwrap();
+    let server_secret = secret.clone();
+    let read = tokio::spawn(async move {
+        let (incoming, peer) = listener.accept().await;
+        let (mut conn, _) = incoming.authenticate(&server_secret, &peer).await.unwrap();
+        send(&mut conn, &Welcome::Accepted { id: 1 }).await.unwrap();
+        let mut frames = Vec::new();
+        let mut n = 0;
+        while let Some(frame) = conn.next().await {
+            let msgs = decode_batch::<FromWorker>(frame).unwrap();
+            n += msgs.len() as u64;
+            frames.push(msgs);
+            if n == 2 * ROUNDS {
+                break;
+            }
+        }
+        frames
+    });
+    let (conn, _) = handshake(&addr, Role::Client, &secret).await.unwrap();
+    let (out, _stream) = split_batched::<FromWorker>(conn);
+    let sender = std::thread::spawn(move || {
+        for id in 0..ROUNDS {
+            let done = FromWorker::Finished {
+                id,
+                size: 8,
+                value: Some(Bytes::from_static(b"12345678")),
+                timing: Default::default(),
+            };
+            assert!(out.send_all(vec![FromWorker::Started(vec![id + 1]), done]));
+            // Time for the writer to drain, as between two tasks.
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        assert!(out.send_all(Vec::new()), "nothing to send is no failure");
+        out
+    });
+    let frames = read.await.unwrap();
+    let out = tokio::task::spawn_blocking(move || sender.join().unwrap())
+        .await
+        .unwrap();
+    for msgs in &frames {
+        assert_eq!(msgs.len() % 2, 0, "a pair was split: {msgs:?}");
+        for pair in msgs.chunks(2) {
+            match pair {
+                [FromWorker::Started(s), FromWorker::Finished { id, .. }] => {
+                    assert_eq!(s, &vec![id + 1])
+                }
+                other => panic!("out of order: {other:?}"),
+            }
+        }
+    }
+    assert_eq!(out.sent(), 2 * ROUNDS);
+    let _ = std::fs::remove_dir_all(&dir);
+}

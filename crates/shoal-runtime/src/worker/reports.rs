@@ -148,26 +148,23 @@ impl WorkerShared {
 
     pub(crate) fn flush_locked(&self, unsent: &mut Unsent) {
         unsent.since = None;
+        // All in one send: the writer takes them together (one frame, one
+        // wake of the scheduler), not the first alone.
+        let mut batch = Vec::with_capacity(unsent.reports.len() + 1);
         if !unsent.started.is_empty() {
-            let _ = self
-                .out()
-                .send(FromWorker::Started(std::mem::take(&mut unsent.started)));
+            batch.push(FromWorker::Started(std::mem::take(&mut unsent.started)));
         }
-        let out = self.out();
         if self.reconnect.is_some() {
             // Kept until acknowledged: sent again if the scheduler is lost.
             let mut log = self.unacked.lock();
-            for m in unsent.reports.drain(..) {
+            for m in &unsent.reports {
                 if matches!(m, FromWorker::Finished { .. } | FromWorker::Failed { .. }) {
                     log.sent(m.clone());
                 }
-                let _ = out.send(m);
             }
-            return;
         }
-        for m in unsent.reports.drain(..) {
-            let _ = out.send(m);
-        }
+        batch.append(&mut unsent.reports);
+        let _ = self.out().send_all(batch);
     }
 
     /// The scheduler recorded the first `n` reports of this connection.
