@@ -23,8 +23,9 @@ Workloads (from issue 5):
 later as in a notebook) against the second (workers import Dask and NumPy
 on first use unless they preloaded them).
 
-Each workload runs once untimed before its timed repeats (workers import
-pandas and dask on first use). --interleave: all runners are started at
+Each workload's first run on its cluster is reported apart ("first"; the
+first workload's on a fresh cluster), not among its repeats (workers
+import pandas and dask on first use). --interleave: all runners are started at
 once and take turns, one repeat each in a rotating order, so that a shared
 machine's slow minutes fall on all of them alike (runners measured one
 after the other were minutes apart; a 0.85 there was 1.26 interleaved).
@@ -234,6 +235,9 @@ class Shoal:
         import shoal
 
         self.c = shoal.Client(n_workers=N_WORKERS, set_as_default=False)
+        # Started, as LocalCluster returns them (their start-up and first
+        # compute together: --first-use).
+        self.c.wait_for_workers(N_WORKERS, timeout=60)
         return self
 
     def run(self, coll):
@@ -329,15 +333,20 @@ def main() -> None:
     except ImportError:
         print("(ray not installed: skipped)")
     results: dict[str, dict[str, float]] = {w: {} for w in ns.workloads}
+    firsts: dict[str, dict[str, float]] = {w: {} for w in ns.workloads}
     reference: dict[str, object] = {}
 
-    def record(name: str, w: str, times: list[float], value: object) -> None:
+    def record(name: str, w: str, first: float, times: list[float], value: object) -> None:
         if w in reference:
             _check(reference[w], value, f"{name} {w}")
         else:
             reference[w] = value
         results[w][name] = statistics.median(times)
-        print(f"  {name:22s} {w:10s} {statistics.median(times):8.3f} s", flush=True)
+        firsts[w][name] = first
+        print(
+            f"  {name:22s} {w:10s} {statistics.median(times):8.3f} s (first {first:.3f} s)",
+            flush=True,
+        )
 
     def timed(r, w: str) -> tuple[float, object]:
         t = time.perf_counter()
@@ -354,8 +363,8 @@ def main() -> None:
                 except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported
                     print(f"  {cls.name}: failed: {type(e).__name__}: {e}")
             for w in ns.workloads if started else []:
-                for r in started:
-                    r.run(wl[w]())  # untimed: first use (see above)
+                # The first run apart: first use (see above).
+                first = {r.name: timed(r, w)[0] for r in started}
                 times: dict[str, list[float]] = {r.name: [] for r in started}
                 values: dict[str, object] = {}
                 for i in range(ns.repeats):
@@ -364,27 +373,37 @@ def main() -> None:
                         dt, values[r.name] = timed(r, w)
                         times[r.name].append(dt)
                 for r in started:
-                    record(r.name, w, times[r.name], values[r.name])
+                    record(r.name, w, first[r.name], times[r.name], values[r.name])
     for cls in active if not ns.interleave else []:
         try:
             with cls() as r:
                 for w in ns.workloads:
-                    # One untimed run first: workers import pandas/dask on
+                    # The first run apart: workers import pandas/dask on
                     # first use (seconds), which no repeat should measure.
-                    r.run(wl[w]())
+                    first, _ = timed(r, w)
                     times = []
                     for _ in range(ns.repeats):
                         dt, value = timed(r, w)
                         times.append(dt)
-                    record(cls.name, w, times, value)
+                    record(cls.name, w, first, times, value)
         except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
             print(f"  {cls.name}: failed: {type(e).__name__}: {e}")
-    print(f"\nmedians of {ns.repeats} repeats; ratio = runner's time / shoal's (>1: shoal faster)")
+    print(
+        f"\nmedians of {ns.repeats} repeats, and the first run of each workload on its "
+        "cluster (the first workload's on a fresh one); ratio = runner's time / shoal's "
+        "(>1: shoal faster)"
+    )
+    print(
+        f"{'workload':10s} {'runner':22s} {'median':>8s} {'ratio':>7s} {'first':>8s} {'ratio':>7s}"
+    )
     for w, per in results.items():
         base = per.get("shoal")
+        first_base = firsts[w].get("shoal")
         for name, v in per.items():
             ratio = v / base if base else float("nan")
-            print(f"{w:10s} {name:22s} {v:8.3f} s {ratio:7.2f}")
+            f = firsts[w][name]
+            f_ratio = f / first_base if first_base else float("nan")
+            print(f"{w:10s} {name:22s} {v:8.3f} {ratio:7.2f} {f:8.3f} {f_ratio:7.2f}")
 
 
 def first_use(repeats: int) -> None:
