@@ -624,7 +624,8 @@ _DEFERRED = frozenset({"numpy", "pandas", "pyarrow"})
 
 def _buffer_size(obj: Any) -> int | None:
     """Size of an array-like result that can wait to be pickled (NumPy,
-    pandas, Arrow, memoryview: ``nbytes``); None for anything else, which
+    pandas, Arrow, memoryview: ``nbytes``; a DataFrame; a dict, tuple or
+    list of these: ``_container_size``); None for anything else, which
     is pickled at once so that a failure is the task's error (any class
     with an ``nbytes`` may hold what does not pickle). Object arrays are
     pickled at once too: their elements may not pickle."""
@@ -681,7 +682,8 @@ def _frame_size(obj: Any, small: bool = False) -> int | None:
     (pickling and mapping back a frame of a few MiB cost more than many of
     the tasks that pass them on). None if a column or the index holds
     Python objects, which may not pickle. A frame too small to matter is
-    told by its shape alone (it is pickled inline at once either way)."""
+    told by its shape alone (it is pickled inline at once either way),
+    unless ``small`` (an item of a container, which may be large in all)."""
     cls = type(obj)
     if cls.__name__ != "DataFrame" or cls.__module__.partition(".")[0] != "pandas":
         return None
