@@ -658,14 +658,16 @@ def _container_size(obj: dict | tuple | list) -> int | None:
     may not pickle)."""
     if not 0 < len(obj) <= _CONTAINER_MAX:
         return None
-    if type(obj) is dict:
-        if any(type(k) is not int and type(k) is not str for k in obj):
-            return None
-        items: Any = obj.values()
-    else:
-        items = obj
+    keyed = type(obj) is dict
     total = 0
-    for v in items:
+    # Item by item, so that the first that does not qualify ends it.
+    for k in obj:
+        if keyed:
+            if type(k) is not int and type(k) is not str:
+                return None
+            v = obj[k]
+        else:
+            v = k
         cls = type(v)
         if cls is dict or cls is tuple or cls is list:  # one level only
             return None

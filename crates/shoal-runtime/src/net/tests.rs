@@ -357,24 +357,36 @@ fn addresses_parse_and_print() {
     }
 }
 
+/// Both ends of an authenticated Unix-socket connection, the client
+/// welcomed: (the socket's directory, to remove; the server's end; the
+/// client's end).
+async fn connected(name: &str) -> (std::path::PathBuf, Conn, Conn) {
+    let secret = Secret::from_token("t").unwrap();
+    let dir = std::env::temp_dir().join(format!("shoal-{name}-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let addr = Address::Unix(dir.join("s.sock"));
+    let listener = Listener::bind(&addr).await.unwrap();
+    let server_secret = secret.clone();
+    let accepted = tokio::spawn(async move {
+        let (incoming, peer) = listener.accept().await;
+        let (mut conn, _) = incoming.authenticate(&server_secret, &peer).await.unwrap();
+        send(&mut conn, &Welcome::Accepted { id: 1 }).await.unwrap();
+        conn
+    });
+    let (client, _) = handshake(&addr, Role::Client, &secret).await.unwrap();
+    (dir, accepted.await.unwrap(), client)
+}
+
 /// Backpressure: messages for a peer that does not read are counted;
 /// a producer waiting for room gives up when told, and gets it as soon
 /// as the peer reads; the count returns to zero once all is written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outbox_counts_what_waits_and_producers_wait_for_room() {
     use shoal_proto::FromWorker;
-    let secret = Secret::from_token("t").unwrap();
-    let dir = std::env::temp_dir().join(format!("shoal-room-test-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let addr = Address::Unix(dir.join("s.sock"));
-    let listener = Listener::bind(&addr).await.unwrap();
+    let (dir, mut conn, client) = connected("room").await;
     let (start_reading, go) = tokio::sync::oneshot::channel::<()>();
-    let server_secret = secret.clone();
     let read = tokio::spawn(async move {
-        let (incoming, peer) = listener.accept().await;
-        let (mut conn, _) = incoming.authenticate(&server_secret, &peer).await.unwrap();
-        send(&mut conn, &Welcome::Accepted { id: 1 }).await.unwrap();
         go.await.unwrap();
         let mut n = 0;
         while let Some(frame) = conn.next().await {
@@ -385,8 +397,7 @@ async fn an_outbox_counts_what_waits_and_producers_wait_for_room() {
         }
         n
     });
-    let (conn, _) = handshake(&addr, Role::Client, &secret).await.unwrap();
-    let (out, _stream) = split_batched::<FromWorker>(conn);
+    let (out, _stream) = split_batched::<FromWorker>(client);
     let value = Bytes::from(vec![7u8; 1 << 20]);
     for id in 0..64 {
         let m = FromWorker::Finished {
@@ -422,17 +433,8 @@ async fn an_outbox_counts_what_waits_and_producers_wait_for_room() {
 async fn messages_sent_together_travel_in_one_frame() {
     use shoal_proto::FromWorker;
     const ROUNDS: u64 = 200;
-    let secret = Secret::from_token("t").unwrap();
-    let dir = std::env::temp_dir().join(format!("shoal-together-test-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let addr = Address::Unix(dir.join("s.sock"));
-    let listener = Listener::bind(&addr).await.unwrap();
-    let server_secret = secret.clone();
+    let (dir, mut conn, client) = connected("together").await;
     let read = tokio::spawn(async move {
-        let (incoming, peer) = listener.accept().await;
-        let (mut conn, _) = incoming.authenticate(&server_secret, &peer).await.unwrap();
-        send(&mut conn, &Welcome::Accepted { id: 1 }).await.unwrap();
         let mut frames = Vec::new();
         let mut n = 0;
         while let Some(frame) = conn.next().await {
@@ -445,8 +447,7 @@ async fn messages_sent_together_travel_in_one_frame() {
         }
         frames
     });
-    let (conn, _) = handshake(&addr, Role::Client, &secret).await.unwrap();
-    let (out, _stream) = split_batched::<FromWorker>(conn);
+    let (out, _stream) = split_batched::<FromWorker>(client);
     let sender = std::thread::spawn(move || {
         for id in 0..ROUNDS {
             let done = FromWorker::Finished {
