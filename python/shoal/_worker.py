@@ -652,8 +652,8 @@ def _container_size(obj: dict | tuple | list) -> int | None:
     """The bytes of a dict, tuple or list of array-likes (the groups of a
     Dask shuffle: a frame's pieces keyed by output partition), so that it
     waits to be pickled as they do: its consumers here pick their pieces
-    from the object (pickling and copying the whole of it at once cost a
-    tenth of a shuffle's group tasks). None if it is small, large in items,
+    from the object (pickling and copying the whole of it at once made the
+    tasks shuffle's run 10 % slower). None if it is small, large in items,
     keyed by anything but ints and strings, or holds anything else (which
     may not pickle)."""
     if not 0 < len(obj) <= _CONTAINER_MAX:
