@@ -25,7 +25,16 @@ on first use unless they preloaded them).
 
 Each workload's first run on its cluster is reported apart ("first"; the
 first workload's on a fresh cluster), not among its repeats (workers
-import pandas and dask on first use). --interleave: all runners are started at
+import pandas and dask on first use). Before each runner's first run,
+--warm GiB (default 2) are filled and freed, so that every runner meets
+the same memory: on a virtual machine that hands freed memory back to its
+host (see bench_data.py) a runner that follows another draws the pages the
+other just freed, warm, and the one that went first fills cold ones
+(4.5 ms per 2 MiB huge page against 0.1 ms warm). A fresh cluster's first
+run follows its start at once, its memory prepared before the start: it
+still pays the workers' start-up (their preload: --first-use).
+--cold-first: each first run after 5 s idle instead, all memory cold, as
+a user meets it after a pause on such a machine. --interleave: all runners are started at
 once and take turns, one repeat each in a rotating order, so that a shared
 machine's slow minutes fall on all of them alike (runners measured one
 after the other were minutes apart; a 0.85 there was 1.26 interleaved).
@@ -56,8 +65,12 @@ import dask.array as da
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
+from _peers import warm
 
 N_WORKERS = 2
+# Seconds idle before a cold first run: free page reporting hands memory
+# freed before back to the host within 2 s.
+COLD_IDLE = 5.0
 
 
 def make_csvs(folder: str, files: int = 16, rows: int = 500_000) -> str:
@@ -309,6 +322,17 @@ def main() -> None:
     ap.add_argument("--first-use", action="store_true", help="only the first-use measurement")
     ap.add_argument("--interleave", action="store_true", help="runners take turns, one repeat each")
     ap.add_argument(
+        "--warm",
+        type=float,
+        default=2.0,
+        help="GiB filled and freed before each runner's first run of a workload (default 2)",
+    )
+    ap.add_argument(
+        "--cold-first",
+        action="store_true",
+        help=f"first runs after {COLD_IDLE:g} s idle instead (memory the host took back)",
+    )
+    ap.add_argument(
         "--shuffle",
         choices=["disk", "tasks"],
         help="one shuffle method for every runner (default: Dask's choice, disk here)",
@@ -353,8 +377,23 @@ def main() -> None:
         value = r.run(wl[w]())
         return time.perf_counter() - t, value
 
+    def prepare_memory() -> None:
+        # Each runner's first run meets the same memory (see above).
+        if ns.cold_first:
+            time.sleep(COLD_IDLE)
+        else:
+            warm(ns.warm, N_WORKERS)
+
+    def timed_first(r, w: str, prepared: bool = False) -> float:
+        # A fresh cluster's first run follows its start at once (prepared
+        # before it), so that its start-up is not hidden in the warm-up.
+        if not prepared:
+            prepare_memory()
+        return timed(r, w)[0]
+
     active = [cls for cls in runners if not ns.only or cls.name in ns.only]
     if ns.interleave:
+        prepare_memory()
         with contextlib.ExitStack() as stack:
             started = []
             for cls in active:
@@ -364,7 +403,10 @@ def main() -> None:
                     print(f"  {cls.name}: failed: {type(e).__name__}: {e}")
             for w in ns.workloads if started else []:
                 # The first run apart: first use (see above).
-                first = {r.name: timed(r, w)[0] for r in started}
+                first = {
+                    r.name: timed_first(r, w, prepared=r is started[0] and w == ns.workloads[0])
+                    for r in started
+                }
                 times: dict[str, list[float]] = {r.name: [] for r in started}
                 values: dict[str, object] = {}
                 for i in range(ns.repeats):
@@ -376,11 +418,12 @@ def main() -> None:
                     record(r.name, w, first[r.name], times[r.name], values[r.name])
     for cls in active if not ns.interleave else []:
         try:
+            prepare_memory()
             with cls() as r:
                 for w in ns.workloads:
                     # The first run apart: workers import pandas/dask on
                     # first use (seconds), which no repeat should measure.
-                    first, _ = timed(r, w)
+                    first = timed_first(r, w, prepared=w == ns.workloads[0])
                     times = []
                     for _ in range(ns.repeats):
                         dt, value = timed(r, w)

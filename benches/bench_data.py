@@ -56,7 +56,7 @@ import threading
 import time
 
 import numpy as np
-from _peers import available
+from _peers import available, warm
 
 N_WORKERS = 2
 N = 8 * 2**20  # float64 elements: 64 MiB
@@ -337,40 +337,6 @@ class Threads:
         made = held()
         (r,) = self._run(x)
         return (float(r[0]), float(r[-1]), r.nbytes), made
-
-
-def warm(gib: float) -> tuple[float, float]:
-    """Fills and frees ``gib`` GiB of anonymous memory (NumPy, huge pages
-    where THP allows) and as much huge shared memory, in 64 MiB pieces on
-    two threads; returns the rates seen (GiB/s)."""
-    import mmap
-    from concurrent.futures import ThreadPoolExecutor
-
-    n = max(1, int(gib * 16))
-
-    # Each piece is held until all are made, so the whole amount is touched.
-    def anon(_):
-        return np.full(N, 1.0)
-
-    def shm(_):
-        from shoal import _core
-
-        with open(f"/dev/shm/bench-warm-{os.getpid()}-{threading.get_ident()}", "w+b") as fh:
-            os.unlink(fh.name)
-            _core.shm_reserve(fh.fileno(), N * 8)
-            m = mmap.mmap(fh.fileno(), N * 8)
-        a = np.frombuffer(m, dtype=np.float64)
-        a[:] = 1.0
-        return a, m
-
-    rates = []
-    for fn in (anon, shm):
-        t = time.perf_counter()
-        with ThreadPoolExecutor(N_WORKERS) as ex:
-            held = list(ex.map(fn, range(n)))
-        rates.append(n * N * 8 / 2**30 / (time.perf_counter() - t))
-        del held
-    return rates[0], rates[1]
 
 
 def physical_limit() -> tuple[float, ...]:
