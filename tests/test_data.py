@@ -10,6 +10,7 @@ import hashlib
 import os
 import signal
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -678,28 +679,38 @@ def test_a_frame_is_sized_as_pandas_sizes_it_and_one_holding_objects_not_at_all(
     assert _frame_size(pd.DataFrame({"a": np.arange(10)})) is None  # pickled inline
 
 
-def frame_groups(n: int, with_objects: bool) -> dict:
+def frame_groups(n: int, with_objects: bool, kind: type = dict) -> dict:
     """A Dask shuffle's group task's result: a frame's pieces by partition."""
     df = frame(n, with_objects)
-    return {i: df.iloc[i::4] for i in range(4)}
+    return kind({i: df.iloc[i::4] for i in range(4)})
 
 
-def test_a_dict_of_frames_waits_to_be_pickled_as_its_frames_do():
+def shuffle_group_result() -> type:
+    """The dict subclass Dask's tasks shuffle returns its groups in."""
+    pytest.importorskip("dask.dataframe")
+    from dask.dataframe.backends import ShuffleGroupResult
+
+    return ShuffleGroupResult
+
+
+@pytest.mark.parametrize("kind", ["dict", "dask"])
+def test_a_dict_of_frames_waits_to_be_pickled_as_its_frames_do(kind):
     pd = pytest.importorskip("pandas")
+    cls = dict if kind == "dict" else shuffle_group_result()
     with shoal.Client(n_workers=1) as c:
-        g = c.submit(frame_groups, 1_000_000, False)
+        g = c.submit(frame_groups, 1_000_000, False, cls)
         # Its consumers here take their piece from the object: nothing pickled.
         rows = [c.submit(lambda d, i: len(d[i]), g, i) for i in range(4)]
         assert [r.result() for r in rows] == [250_000] * 4
         assert c.submit(files_written, pure=False).result() == 0
         # Fetched by the client: written once, then, and read back whole.
         got = g.result()
-        assert sorted(got) == [0, 1, 2, 3]
+        assert type(got) is cls and sorted(got) == [0, 1, 2, 3]
         for i, piece in frame_groups(1_000_000, False).items():
             pd.testing.assert_frame_equal(got[i], piece)
         assert c.submit(files_written, pure=False).result() == 1
         # A piece of Python objects may not pickle: pickled at once.
-        h = c.submit(frame_groups, 200_000, True)
+        h = c.submit(frame_groups, 200_000, True, cls)
         shoal.wait([h])
         assert c.submit(files_written, pure=False).result() == 2
         pd.testing.assert_frame_equal(h.result()[3], frame_groups(200_000, True)[3])
@@ -722,6 +733,20 @@ def test_a_container_is_sized_by_its_array_likes_and_anything_else_not_at_all():
     assert _buffer_size(((a,), a)) is None  # one level only
     assert _buffer_size([a] * 1000) is None  # too many items to add up
     assert _buffer_size(()) is None
+    # Dask's shuffle groups (a dict subclass with nothing else to pickle).
+    groups = shuffle_group_result()({0: a, 1: df})
+    assert _buffer_size(groups) == a.nbytes + int(df.memory_usage(index=True).sum())
+    groups.tag = "state of its own"  # may not pickle as the items do
+    assert _buffer_size(groups) is None
+    assert _buffer_size(Tagged({0: a})) is None  # a subclass of anyone else's
+
+
+class Tagged(dict):
+    """A dict with more than its items to pickle."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.lock = threading.Lock()
 
 
 G: list = []

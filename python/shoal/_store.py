@@ -285,7 +285,7 @@ class Store:
         if size is not None and size > INLINE_LIMIT:
             # A container's items may be held elsewhere too (and written
             # there later): never published in place.
-            sole = type(result) not in _CONTAINERS and sole_reference(result)
+            sole = not isinstance(result, _CONTAINERS) and sole_reference(result)
             with self.lock:
                 self.objects[tid] = result
                 if not sole:

