@@ -632,7 +632,12 @@ def _buffer_size(obj: Any) -> int | None:
     nbytes = getattr(obj, "nbytes", None)
     if type(nbytes) is not int:
         cls = type(obj)
-        if cls is dict or cls is tuple or cls is list or _plain_dict(obj):
+        if (
+            cls is dict
+            or cls is tuple
+            or cls is list
+            or (isinstance(obj, dict) and _plain_dict(obj))
+        ):
             return _container_size(obj)
         return _frame_size(obj)
     cls = type(obj)
@@ -666,12 +671,12 @@ def _plain_dict(obj: Any) -> bool:
 def _container_size(obj: dict | tuple | list) -> int | None:
     """The bytes of a dict (or a ``_plain_dict``), tuple or list of
     array-likes (the groups of a Dask shuffle: a frame's pieces keyed by
-    output partition, in a ``ShuffleGroupResult``), so that it
-    waits to be pickled as they do: its consumers here pick their pieces
-    from the object (pickled and copied whole when made, the tasks
-    shuffle's ``get`` took 0.403 s, not 0.339). None if it is small, large in items,
-    keyed by anything but ints and strings, or holds anything else (which
-    may not pickle)."""
+    output partition, in a ``ShuffleGroupResult``), so that it waits to be
+    pickled as they do: its consumers here pick their pieces from the
+    object (pickled and copied whole when made, the tasks shuffle's ``get``
+    took 0.403 s, not 0.339). None if it is small, large in items, keyed
+    by anything but ints and strings, or holds anything else (which may
+    not pickle)."""
     if not 0 < len(obj) <= _CONTAINER_MAX:
         return None
     keyed = isinstance(obj, dict)
