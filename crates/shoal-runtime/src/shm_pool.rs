@@ -13,8 +13,8 @@
 //! the export copies nothing.
 //!
 //! A block that was never published is kept when freed (up to a cap, see
-//! [`ShmPool::trim`]; the oldest kept go first when a new block must be
-//! made) and handed to the next allocation of about its size:
+//! [`ShmPool::trim`]; the least recently freed go first when it is
+//! reached) and handed to the next allocation of about its size:
 //! tmpfs pages cost about 4× more to allocate than the anonymous huge pages
 //! NumPy otherwise gets, but a reused block's pages are already there, so a
 //! worker running many similar tasks fills recycled memory.
@@ -226,8 +226,18 @@ pub struct ShmPool {
     unmapper: Mutex<Option<mpsc::Sender<Block>>>,
 }
 
-/// Takes out the kept blocks, oldest first, that must go before a new
-/// block of `want` bytes is made: at least `want` bytes of them, or all.
+/// A new block this large takes the pages of kept blocks rather than new
+/// memory. On a virtual machine that hands free memory back to its host,
+/// memory not just freed fills at 4.5 ms per 2 MiB huge page against 0.1
+/// ms (bench_data.py prints both rates): from_array's 256 MB result, made
+/// while the worker kept its 128 MB blocks, took 570-700 ms to make, 40 ms
+/// once they made room. Smaller blocks keep what is kept: a workload of arrays of
+/// many sizes reuses them within a run (making room for every block that
+/// fitted none made a Parquet query's run 17 % slower).
+const ROOM_MIN: usize = 16 << 20;
+
+/// Takes out the kept blocks, oldest first, that make room for a new
+/// block of `want` bytes: at least `want` bytes of them, or all.
 fn room_for(inner: &mut Inner, want: usize) -> Vec<Block> {
     inner.spare.sort_by_key(|b| b.freed_at);
     let (mut k, mut freed) = (0, 0);
@@ -237,6 +247,31 @@ fn room_for(inner: &mut Inner, want: usize) -> Vec<Block> {
     }
     inner.spare_bytes -= freed;
     inner.spare.drain(..k).collect()
+}
+
+/// Keeps the freed block `b` for reuse within `cap` bytes of kept blocks:
+/// the least recently freed make room for it, so that a workload's blocks
+/// replace the last one's, which would otherwise hold the cap until
+/// trimmed (a transpose's 8 MB blocks left from_array's 128 MB ones
+/// unkept, each run making them anew: its runs after a transpose took
+/// 1.11 s, now 0.73). Returns the blocks that go.
+fn keep(inner: &mut Inner, b: Block, cap: usize) -> Vec<Block> {
+    if b.len > cap {
+        return vec![b];
+    }
+    let mut gone = Vec::new();
+    if inner.spare_bytes + b.len > cap {
+        inner.spare.sort_by_key(|s| s.freed_at);
+        let mut k = 0;
+        while inner.spare_bytes + b.len > cap && k < inner.spare.len() {
+            inner.spare_bytes -= inner.spare[k].len;
+            k += 1;
+        }
+        gone.extend(inner.spare.drain(..k));
+    }
+    inner.spare_bytes += b.len;
+    inner.spare.push(b);
+    gone
 }
 
 /// The kept block for `want` bytes: the smallest at most a quarter larger.
@@ -339,16 +374,17 @@ impl ShmPool {
             }
             return Some(data);
         }
-        // New memory: kept blocks of other sizes make room first, oldest
-        // first, unmapped here, before the new block is filled, so that it
-        // takes the pages they give back: on a virtual machine that hands
-        // free memory back to its host, pages that stay free for 2 s fill
-        // 10x slower when drawn again (bench_data.py prints both rates).
-        // Kept and new together would also add to the peak.
-        let gone = room_for(&mut inner, want);
+        // A large new block: kept blocks make room first, oldest first,
+        // unmapped here so that it takes the pages they give back (see
+        // `ROOM_MIN`).
+        let gone = if want >= ROOM_MIN {
+            room_for(&mut inner, want)
+        } else {
+            Vec::new()
+        };
         drop(inner);
         drop(gone);
-        // Buffers retained for transfers, likewise.
+        // New memory: buffers retained for transfers make room first.
         crate::bufpool::make_room(want);
         // A new block: fresh tmpfs pages read as zeros.
         let mut b = self.create(want).ok()?;
@@ -431,13 +467,11 @@ impl ShmPool {
             return true;
         }
         inner.live_bytes -= b.len;
-        if inner.spare_bytes + b.len <= self.spare_cap.load(Ordering::Relaxed) {
-            b.freed_at = Instant::now();
-            inner.spare_bytes += b.len;
-            inner.spare.push(b);
-        } else {
-            drop(inner);
-            self.discard([b]);
+        b.freed_at = Instant::now();
+        let gone = keep(&mut inner, b, self.spare_cap.load(Ordering::Relaxed));
+        drop(inner);
+        if !gone.is_empty() {
+            self.discard(gone);
         }
         true
     }
@@ -604,12 +638,7 @@ impl ShmPool {
             }
             let mut b = inner.retired.remove(i);
             b.published = false;
-            if inner.spare_bytes + b.len <= self.spare_cap.load(Ordering::Relaxed) {
-                inner.spare_bytes += b.len;
-                inner.spare.push(b);
-            } else {
-                over.push(b);
-            }
+            over.extend(keep(inner, b, self.spare_cap.load(Ordering::Relaxed)));
         }
         over
     }
@@ -783,24 +812,30 @@ mod tests {
     }
 
     #[test]
-    fn kept_blocks_of_other_sizes_make_room_for_a_new_one_oldest_first() {
+    fn the_least_recently_freed_kept_blocks_make_room_for_a_newly_freed_one() {
         let (p, dir) = pool("room");
-        let blocks: Vec<_> = [MIB, 2 * MIB, 4 * MIB]
+        let blocks: Vec<_> = [2 * MIB, 4 * MIB, 6 * MIB, 5 * MIB]
             .iter()
             .map(|&n| p.alloc(n, false).unwrap())
             .collect();
-        for &b in &blocks {
+        for &b in &blocks[..3] {
             assert!(p.free(b));
         }
-        let kept = MIB + 2 * MIB + 4 * MIB + 3 * HEADER;
-        assert_eq!(p.stats().spare, kept);
-        // 2.5 MiB fits none of them: the two oldest (1 and 2 MiB) go first.
-        let e = p.alloc(2 * MIB + MIB / 2, false).unwrap();
+        assert_eq!(p.stats().spare, 12 * MIB + 3 * HEADER);
+        // 5 MiB more would pass the cap (16 MiB): the oldest kept (2 MiB)
+        // goes for it, not the newcomer.
+        assert!(p.free(blocks[3]));
+        assert_eq!(p.stats().spare, 15 * MIB + 3 * HEADER);
+        assert_eq!(p.alloc(4 * MIB, false), Some(blocks[1]));
+        // A large new block (16 MiB) fits none of them: they make room,
+        // oldest first (the 6 MiB one, then the 5 MiB one), whatever is left.
+        let big = p.alloc(ROOM_MIN, false).unwrap();
+        assert_eq!(p.stats().spare, 0);
+        // A small one does not: 3 MiB fits neither 4 MiB (a third larger).
+        assert!(p.free(blocks[1]));
+        let small = p.alloc(3 * MIB, false).unwrap();
         assert_eq!(p.stats().spare, 4 * MIB + HEADER);
-        // The 4 MiB one is still there for its size.
-        assert_eq!(p.alloc(4 * MIB, false), Some(blocks[2]));
-        assert_eq!(p.stats().reused, 1);
-        assert!(p.free(e) && p.free(blocks[2]));
+        assert!(p.free(big) && p.free(small));
         std::fs::remove_dir_all(dir).unwrap();
     }
 
