@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+from _helpers import wait_for
 
 import shoal
 
@@ -92,17 +93,28 @@ def test_executor_is_a_concurrent_futures_executor(client):
         ex.submit(inc, 1)
 
 
-def test_executor_cancel_and_shutdown_cancel_futures():
+def started_then_inc(flag: str, x: int, delay: float) -> int:
+    """slow_inc that says it has started (a file) before it sleeps."""
+    open(flag, "w").close()
+    time.sleep(delay)
+    return x + 1
+
+
+def test_executor_cancel_and_shutdown_cancel_futures(tmp_path):
     ex = shoal.Executor(n_workers=1)
     client = ex.client
     block = ex.submit(slow_inc, 0, 1.0)
-    queued = [ex.submit(slow_inc, i, 1.0) for i in range(3)]
+    flags = [str(tmp_path / f"started-{i}") for i in range(3)]
+    queued = [ex.submit(started_then_inc, flags[i], i, 1.0) for i in range(3)]
     assert queued[0].cancel() and queued[0].cancelled()
     with pytest.raises(cf.CancelledError):
         queued[0].result()
     assert block.result() == 1
-    # The worker took queued[1] when block ended: it runs on, as in CPython;
-    # the calls not started are cancelled.
+    # queued[1] starts once block ends (waited for: the client may hear
+    # of block's end before the scheduler hears that queued[1] started, and
+    # a call not yet started is cancelled, as in CPython); started, it runs
+    # on, and the calls not started are cancelled.
+    wait_for(lambda: os.path.exists(flags[1]), 30, "queued[1] to start")
     queued.append(ex.submit(slow_inc, 5, 1.0))
     ex.shutdown(wait=True, cancel_futures=True)
     assert queued[1].result() == 2
