@@ -657,15 +657,12 @@ _CONTAINER_MAX = 256
 _DICT_PACKAGES = frozenset({"dask"})
 
 
-def _plain_dict(obj: Any) -> bool:
-    """Whether ``obj`` is a dict subclass of a package in ``_DICT_PACKAGES``
-    with no state of its own (nothing beside its items to pickle)."""
-    cls = type(obj)
-    return (
-        isinstance(obj, dict)
-        and cls.__module__.partition(".")[0] in _DICT_PACKAGES
-        and not getattr(obj, "__dict__", None)
-    )
+def _plain_dict(obj: dict) -> bool:
+    """Whether the dict subclass ``obj`` comes from a package in
+    ``_DICT_PACKAGES`` and has no state of its own (nothing beside its
+    items to pickle)."""
+    package = type(obj).__module__.partition(".")[0]
+    return package in _DICT_PACKAGES and not getattr(obj, "__dict__", None)
 
 
 def _container_size(obj: dict | tuple | list) -> int | None:
@@ -679,16 +676,11 @@ def _container_size(obj: dict | tuple | list) -> int | None:
     not pickle)."""
     if not 0 < len(obj) <= _CONTAINER_MAX:
         return None
-    keyed = isinstance(obj, dict)
     total = 0
     # Item by item, so that the first that does not qualify ends it.
-    for k in obj:
-        if keyed:
-            if type(k) is not int and type(k) is not str:
-                return None
-            v = obj[k]
-        else:
-            v = k
+    for k, v in obj.items() if isinstance(obj, dict) else enumerate(obj):
+        if type(k) is not int and type(k) is not str:
+            return None
         cls = type(v)
         if isinstance(v, (dict, tuple, list)):  # one level only
             return None

@@ -236,8 +236,8 @@ pub struct ShmPool {
 /// fitted none made a Parquet query's run 17 % slower).
 const ROOM_MIN: usize = 16 << 20;
 
-/// Takes out the kept blocks, oldest first, that make room for a new
-/// block of `want` bytes: at least `want` bytes of them, or all.
+/// Takes out the kept blocks, oldest first, that make room for `want`
+/// bytes: at least `want` bytes of them, or all.
 fn room_for(inner: &mut Inner, want: usize) -> Vec<Block> {
     inner.spare.sort_by_key(|b| b.freed_at);
     let (mut k, mut freed) = (0, 0);
@@ -259,16 +259,12 @@ fn keep(inner: &mut Inner, b: Block, cap: usize) -> Vec<Block> {
     if b.len > cap {
         return vec![b];
     }
-    let mut gone = Vec::new();
-    if inner.spare_bytes + b.len > cap {
-        inner.spare.sort_by_key(|s| s.freed_at);
-        let mut k = 0;
-        while inner.spare_bytes + b.len > cap && k < inner.spare.len() {
-            inner.spare_bytes -= inner.spare[k].len;
-            k += 1;
-        }
-        gone.extend(inner.spare.drain(..k));
-    }
+    let over = (inner.spare_bytes + b.len).saturating_sub(cap);
+    let gone = if over > 0 {
+        room_for(inner, over)
+    } else {
+        Vec::new()
+    };
     inner.spare_bytes += b.len;
     inner.spare.push(b);
     gone
