@@ -597,6 +597,33 @@ def test_freed_shared_memory_blocks_are_reused_and_allocations_behave():
         assert live == 0 and spare > 0, "the task's arrays were freed into the pool"
 
 
+_pinned: list = []
+
+
+def churn_heap(n_mib: int) -> tuple[int, int]:
+    """Fills the C heap with 64 KiB blocks (under glibc's mapping threshold)
+    and frees all but every 16th: the kept ones hold each heap's free space
+    between them, which glibc's own trimming (of a heap's top, or a whole
+    heap) cannot return. The process's pid and private memory after."""
+    blocks = [b"\x01" * (64 * 1024) for _ in range(n_mib * 16)]  # written, not calloc'd
+    _pinned.extend(blocks[::16])
+    del blocks
+    return os.getpid(), rss_anon()
+
+
+@pytest.mark.parametrize("trim", ["1", "0"])
+def test_a_worker_idle_a_second_returns_the_heap_memory_its_tasks_freed(monkeypatch, trim):
+    monkeypatch.setenv("SHOAL_MALLOC_TRIM", trim)
+    with shoal.Client(n_workers=1) as c:
+        pid, freed = c.submit(churn_heap, 256, pure=False).result()
+        time.sleep(2.5)  # idle: past the executor's 1 s wait for work
+        now = rss_anon(pid)
+    if trim == "1":
+        assert freed - now > 128 * MiB, (freed, now)
+    else:  # switched off: glibc keeps what it may
+        assert freed - now < 64 * MiB, (freed, now)
+
+
 def filled(n_mib: int, value: float) -> np.ndarray:
     return np.full(n_mib * MiB // 8, value)
 

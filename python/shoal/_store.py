@@ -176,6 +176,7 @@ class Store:
         # In a client's own process (LocalCluster(processes=False)): past
         # the limit it pauses and warns instead of ending the process.
         self.in_process = in_process
+        self._heap_trimmed = 0.0  # time.monotonic() of the last trim under pressure
         self.policy = _core.MemoryPolicy(memory_limit or 0, not in_process)
         self.closed = threading.Event()
         self._warned = False
@@ -601,10 +602,12 @@ class Store:
         proc = self.process_memory()
         d = decide(proc, self.managed_bytes)
         # Freed shared-memory blocks kept for reuse go first, then objects
-        # kept beside their files.
-        if d.trim and (_core.shm_allocator_trim(0.0) + self.drop_copies()):
-            proc = self.process_memory()
-            d = decide(proc, self.managed_bytes)
+        # kept beside their files, and the C heap's free memory.
+        if d.trim:
+            freed = _core.shm_allocator_trim(0.0) + self.drop_copies()
+            if self._trim_heap() or freed:
+                proc = self.process_memory()
+                d = decide(proc, self.managed_bytes)
         if d.past_restart:
             self._terminate(proc, d.restart)
         while d.spill and self.spill_one():
@@ -617,6 +620,16 @@ class Store:
             self.paused = paused
             self.core.set_paused(paused)
         return proc
+
+    def _trim_heap(self) -> bool:
+        # A worker process's only (a client's process is its user's), and
+        # at most every second: with nothing to return it still walks the
+        # heap.
+        now = time.monotonic()
+        if self.in_process or now - self._heap_trimmed < 1.0:
+            return False
+        self._heap_trimmed = now
+        return _core.malloc_trim()
 
     def _terminate(self, proc: int, restart: bool) -> None:
         if not restart:

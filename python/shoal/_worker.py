@@ -237,6 +237,8 @@ class _Executor:
         self.rules = _core.Watchdog(core.stop_grace)
         self.limited_names: dict[int, str] = {}  # tasks with a time limit
         self.fetched = _Fetched(_Fetched.budget_for(store.limit))
+        # Tasks ran since the C heap was last trimmed (a worker process's).
+        self.heap_dirty = False
 
     def run(self) -> None:
         # One task per call: tasks not started stay in the Rust queue, where
@@ -264,6 +266,11 @@ class _Executor:
             tasks, released = r
             if not tasks and not released:  # idle a second: fetched inputs go
                 self.fetched.clear()
+                if self.heap_dirty:  # and, once, the heap memory tasks freed
+                    self.heap_dirty = False
+                    _core.malloc_trim()
+            elif tasks and not store.in_process:
+                self.heap_dirty = True
             if released:
                 store.release(released)
             done = []

@@ -244,6 +244,13 @@ fn sweep(local: Option<PathBuf>) -> usize {
     shm::sweep(local.as_deref())
 }
 
+/// Returns the free memory of this process's C heaps to the system
+/// (`shoal_runtime::malloc`); whether any was returned.
+#[pyfunction]
+fn malloc_trim(py: Python<'_>) -> bool {
+    py.detach(shoal_runtime::malloc::trim)
+}
+
 /// Uses these PEM files for `tls://` connections of this process (the
 /// site's CA, this process's certificate and key). Once per process.
 #[pyfunction]
@@ -287,6 +294,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(spill_dir, m)?)?;
     m.add_function(wrap_pyfunction!(remove_process_dirs, m)?)?;
     m.add_function(wrap_pyfunction!(sweep, m)?)?;
+    m.add_function(wrap_pyfunction!(malloc_trim, m)?)?;
     m.add_function(wrap_pyfunction!(configure_tls, m)?)?;
     m.add_function(wrap_pyfunction!(dashboard_token, m)?)?;
     m.add_function(wrap_pyfunction!(parse_duration, m)?)?;

@@ -35,6 +35,7 @@ pub mod duration;
 pub mod hugeshm;
 pub mod local;
 pub mod logs;
+pub mod malloc;
 pub mod net;
 pub mod noop;
 pub mod refcounts;

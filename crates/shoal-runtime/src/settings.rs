@@ -67,6 +67,7 @@ pub const VARS: &[Var] = &[
     user("SHOAL_LIFETIME_END", "", "Unix time at which a worker retires (set by `shoal worker --lifetime` and from a batch job's end)"),
     user("SHOAL_LIFETIME_STAGGER", "0", "seconds over which a job's workers spread their retirement"),
     user("SHOAL_LOG", "warn", "log filter of Shoal's own messages (tracing's syntax: `info`, `shoal_runtime=debug`)"),
+    user("SHOAL_MALLOC_TRIM", "1", "0: a worker keeps the C heap memory its tasks freed (by default it returns it to the system once idle for a second, and under memory pressure)"),
     user("SHOAL_PLACE_PARTNERS", "1", "0: a task with no inputs on workers goes to the least loaded worker (by default beside the other inputs of its consumers: a transpose's chunk beside its partner)"),
     user("SHOAL_PROFILE_INTERVAL", "0.02", "seconds between the profiler's samples of running tasks; 0 turns it off"),
     user("SHOAL_RECONNECT", "", "seconds a client or worker that lost its scheduler keeps trying to join it again (off when unset)"),
