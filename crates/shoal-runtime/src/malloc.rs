@@ -6,8 +6,9 @@
 //! top. A worker runs one task's short-lived allocations after another
 //! (pandas' masks and indexers, CSV parsing buffers, copies made while
 //! unpickling), and across the Dask benchmark's workloads its private
-//! memory grew from 89 to about 230 MiB, most of it free: memory a threaded
-//! run holds once, in one process, and each worker holds on its own.
+//! memory grew from 89 to 208-222 MiB, and to 146-160 MiB when trimmed
+//! between runs: free memory a threaded run holds once, in one process,
+//! and each worker holds on its own.
 //!
 //! Dask's nanny fixes glibc's trim threshold at 64 KiB for its workers
 //! (`MALLOC_TRIM_THRESHOLD_`). That fixes the mapping threshold too, and
