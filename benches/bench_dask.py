@@ -46,6 +46,16 @@ buffered in memory), so processes pay more for it; a Shoal client set as
 Dask's default picks the "tasks" shuffle instead. --shuffle tasks (or disk)
 runs every runner with the one method.
 
+Memory (unless --no-memory), once every time is measured: each runner
+runs each workload in a process of its own (--memory-of), twice, and its
+memory is sampled over the second run (_peers.Sampler, as in
+bench_data.py: that process and all below it, every 20 ms). "pss" is the
+peak of their summed proportional set size: the process's own data and
+imports included, as a user's program has them; the ratio is the
+runner's over Shoal's (>1: Shoal holds less). Runners that take turns in
+one process cannot be told apart this way: that process holds what each
+of them left behind (Dask's threads' freed heap, Shoal's client's).
+
 Runners, each with 2 workers of one thread: shoal (client.get), Dask
 distributed (LocalCluster, processes), Dask's threaded scheduler, Ray's Dask
 scheduler (ray.util.dask) when Ray is installed. Figures are seconds, medians.
@@ -59,6 +69,8 @@ import glob
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -67,7 +79,7 @@ import dask.array as da
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
-from _peers import warm
+from _peers import Sampler, warm
 
 N_WORKERS = 2
 # Seconds idle before a cold first run: free page reporting hands memory
@@ -204,7 +216,11 @@ def queries(t: dict[str, str]) -> dict:
     return {"q1": q1, "q3": q3, "q6": q6, "q12": q12}
 
 
-def workloads(small: bool, csvs: str, tables: dict[str, str] | None = None) -> dict:
+def workloads(
+    small: bool, csvs: str, tables: dict[str, str] | None = None, names: list[str] | None = None
+) -> dict:
+    """The workloads; the inputs made in this process only for those in
+    ``names`` (None: all), so that a process measuring one holds no other's."""
     n1, c1 = (10_000, 500) if small else (40_000, 2_000)
     n2, c2 = (5_000, 250) if small else (20_000, 1_000)
 
@@ -219,15 +235,17 @@ def workloads(small: bool, csvs: str, tables: dict[str, str] | None = None) -> d
         return dd.read_csv(csvs).groupby("key").a.mean()
 
     rows, cols = (1000, 2000) if small else (4000, 8000)
-    x = np.random.default_rng(1).random((rows, cols))
+    if names is None or "from_array" in names:
+        x = np.random.default_rng(1).random((rows, cols))
 
     def from_array():
         dx = da.from_array(x)
         return da.sin(dx) ** 2 + da.cos(dx) ** 2 + dx
 
     n = 500_000 if small else 8_000_000
-    rng = np.random.default_rng(2)
-    frame = pd.DataFrame({"key": rng.integers(0, 10_000, n), "a": rng.random(n)})
+    if names is None or "shuffle" in names:
+        rng = np.random.default_rng(2)
+        frame = pd.DataFrame({"key": rng.integers(0, 10_000, n), "a": rng.random(n)})
 
     def shuffle():
         df = dd.from_pandas(frame, npartitions=16).shuffle("key")
@@ -334,6 +352,8 @@ def main() -> None:
         action="store_true",
         help=f"first runs after {COLD_IDLE:g} s idle instead (memory the host took back)",
     )
+    ap.add_argument("--no-memory", action="store_true", help="no memory measurement")
+    ap.add_argument("--memory-of", help=argparse.SUPPRESS)  # a runner's memory, in this process
     ap.add_argument(
         "--shuffle",
         choices=["disk", "tasks"],
@@ -350,7 +370,7 @@ def main() -> None:
     tables = (
         make_tables(ns.data, ns.small) if any(w.startswith("q") for w in ns.workloads) else None
     )
-    wl = workloads(ns.small, csvs, tables)
+    wl = workloads(ns.small, csvs, tables, ns.workloads)
     runners = [Shoal, Distributed, Threads]
     try:
         import ray.util.dask  # noqa: F401
@@ -358,8 +378,12 @@ def main() -> None:
         runners.append(RayDask)
     except ImportError:
         print("(ray not installed: skipped)")
+    if ns.memory_of:
+        memory_of(next(c for c in runners if c.name == ns.memory_of), wl[ns.workloads[0]])
+        return
     results: dict[str, dict[str, float]] = {w: {} for w in ns.workloads}
     firsts: dict[str, dict[str, float]] = {w: {} for w in ns.workloads}
+    peaks: dict[str, dict[str, int]] = {w: {} for w in ns.workloads}
     reference: dict[str, object] = {}
 
     def record(name: str, w: str, first: float, times: list[float], value: object) -> None:
@@ -445,13 +469,21 @@ def main() -> None:
                     drop_partds()
         except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
             print(f"  {cls.name}: failed: {type(e).__name__}: {e}")
+    for w in ns.workloads if not ns.no_memory else []:
+        for cls in active:
+            peak = measure_memory(cls.name, w, ns)
+            drop_partds()
+            if peak is not None:
+                peaks[w][cls.name] = peak
+                print(f"  {cls.name:22s} {w:10s} peak pss {peak / 2**30:6.2f} GiB", flush=True)
     print(
         f"\nmedians of {ns.repeats} repeats, and the first run of each workload on its "
         "cluster (the first workload's on a fresh one); ratio = runner's time / shoal's "
-        "(>1: shoal faster)"
+        "(>1: shoal faster); pss = peak memory of a run, GiB (ratio >1: shoal holds less)"
     )
     print(
         f"{'workload':10s} {'runner':22s} {'median':>8s} {'ratio':>7s} {'first':>8s} {'ratio':>7s}"
+        f" {'pss':>7s} {'ratio':>7s}"
     )
     for w, per in results.items():
         base = per.get("shoal")
@@ -460,13 +492,42 @@ def main() -> None:
             ratio = v / base if base else float("nan")
             f = firsts[w][name]
             f_ratio = f / first_base if first_base else float("nan")
-            print(f"{w:10s} {name:22s} {v:8.3f} {ratio:7.2f} {f:8.3f} {f_ratio:7.2f}")
+            pss, pss_base = peaks[w].get(name), peaks[w].get("shoal")
+            mem = (
+                f" {pss / 2**30:7.2f} {pss / pss_base if pss_base else float('nan'):7.2f}"
+                if pss
+                else ""
+            )
+            print(f"{w:10s} {name:22s} {v:8.3f} {ratio:7.2f} {f:8.3f} {f_ratio:7.2f}{mem}")
+
+
+def memory_of(cls, workload) -> None:
+    """In a process of its own (``--memory-of``): runs ``workload`` twice on
+    a runner of ``cls`` and prints the peak memory of the second run (see
+    above)."""
+    with cls() as r:
+        r.run(workload())  # first use: imports, a cluster's start-up
+        with Sampler() as s:
+            r.run(workload())
+    print(f"PEAK {s.peak_pss}", flush=True)
+
+
+def measure_memory(name: str, w: str, ns: argparse.Namespace) -> int | None:
+    """The peak memory of runner ``name`` running workload ``w`` (bytes), from
+    a process of its own; None if it could not be measured (said why)."""
+    cmd = [sys.executable, __file__, "--memory-of", name, "-w", w, "--data", ns.data]
+    cmd += ["--small"] if ns.small else []
+    cmd += ["--shuffle", ns.shuffle] if ns.shuffle else []
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    for line in p.stdout.splitlines():
+        if line.startswith("PEAK "):
+            return int(line.split()[1])
+    print(f"  {name} {w}: memory not measured (exit {p.returncode}): {p.stderr.strip()[-400:]}")
+    return None
 
 
 def first_use(repeats: int) -> None:
     """Seconds of the first and the second compute() right after Client()."""
-    import subprocess
-    import sys
 
     code = """
 import sys, time

@@ -52,11 +52,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import threading
 import time
 
 import numpy as np
-from _peers import available, warm
+from _peers import Sampler, available, warm
 
 N_WORKERS = 2
 N = 8 * 2**20  # float64 elements: 64 MiB
@@ -91,98 +90,6 @@ BIG = 2**30
 # ------------------------------------------------------------ measuring
 
 
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(name))
-    out, stack = [], [root]
-    while stack:
-        p = stack.pop()
-        out.append(p)
-        stack += children.get(p, [])
-    return out
-
-
-def _read_field(path: str, field: bytes) -> int:
-    try:
-        with open(path, "rb") as fh:
-            for line in fh:
-                if line.startswith(field):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
-def _sys_used() -> int:
-    total_kb = _read_field("/proc/meminfo", b"MemTotal:")
-    avail_kb = _read_field("/proc/meminfo", b"MemAvailable:")
-    return (total_kb - avail_kb) * 1024
-
-
-class Sampler:
-    """Samples the process tree's memory and disk writes in a thread (or
-    not at all if not ``enabled``), and once more when a runner holds all
-    it made (``held``): a transfer's consuming phase lasts about 15 ms, less
-    than the sampling interval, so the interval alone missed part of the
-    peak of the runner that frees soonest (Dask's threads read 0.81 GiB of
-    PSS while holding the 1 GiB it had made)."""
-
-    current: Sampler | None = None
-
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
-        self.stop = threading.Event()
-        self.peak_pss = 0
-        self.paused = 0.0  # seconds the runner waited for `held`'s sample
-        self.sys_base = _sys_used()
-        self.peak_sys = 0
-        self.writes: dict[int, int] = {}
-        self.writes_base: dict[int, int] = {}
-        for p in _descendants(os.getpid()):
-            self.writes_base[p] = _read_field(f"/proc/{p}/io", b"write_bytes:")
-
-    def _sample(self) -> None:
-        pss = 0
-        for p in _descendants(os.getpid()):
-            pss += _read_field(f"/proc/{p}/smaps_rollup", b"Pss:") * 1024
-            w = _read_field(f"/proc/{p}/io", b"write_bytes:")
-            self.writes[p] = max(self.writes.get(p, 0), w)
-        self.peak_pss = max(self.peak_pss, pss)
-        self.peak_sys = max(self.peak_sys, _sys_used() - self.sys_base)
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            self._sample()
-            time.sleep(0.02)
-
-    def __enter__(self):
-        if self.enabled:
-            Sampler.current = self
-            self.thread = threading.Thread(target=self.run, daemon=True)
-            self.thread.start()
-        return self
-
-    def __exit__(self, *a):
-        if self.enabled:
-            Sampler.current = None
-            self._sample()
-            self.stop.set()
-            self.thread.join()
-
-    @property
-    def written(self) -> int:
-        return sum(w - self.writes_base.get(p, 0) for p, w in self.writes.items())
-
-
 def held() -> float:
     """A runner holds everything it made (and nothing is consumed yet):
     memory is sampled now; returns the time the consuming starts from (the
@@ -190,7 +97,7 @@ def held() -> float:
     s = Sampler.current
     if s is not None:
         t = time.perf_counter()
-        s._sample()
+        s.sample()
         s.paused += time.perf_counter() - t
     return time.perf_counter()
 
