@@ -392,6 +392,37 @@ def array_sum(a):
     return float(a.sum())
 
 
+def imported_each(names):
+    import sys
+
+    return [n in sys.modules for n in names]
+
+
+def test_a_one_thread_worker_imports_the_client_s_libraries_when_no_task_waits(monkeypatch):
+    # Two stand-ins for heavy libraries this process imported (at once
+    # here), each 2 s to import in the workers.
+    import _slow_import_a  # noqa: F401
+    import _slow_import_b  # noqa: F401
+
+    from shoal import deploy
+
+    slow = ["_slow_import_a", "_slow_import_b"]
+    monkeypatch.setattr(deploy, "_HEAVY", (*deploy._HEAVY, *slow))
+    monkeypatch.setenv("SHOAL_TEST_SLOW_IMPORT", "2")
+    with shoal.Client(n_workers=1, preload=["colorsys"]) as c:
+        t = time.perf_counter()
+        # A named preload comes before any task; the client's libraries
+        # after this task, which waits for one import at most, not both.
+        first = c.submit(imported_each, ["colorsys", *slow], pure=False).result(timeout=60)
+        took = time.perf_counter() - t
+        assert first[0] and not all(first[1:]), first
+        assert took < 3.5, f"the first task waited {took:.1f} s"
+        deadline = time.time() + 30
+        while not all(c.submit(imported_each, slow, pure=False).result(timeout=30)):
+            assert time.time() < deadline, "the client's libraries were never imported"
+            time.sleep(0.2)
+
+
 def test_workers_preload_modules_in_the_background(capfd):
     import numpy as np
 

@@ -239,6 +239,9 @@ class _Executor:
         self.fetched = _Fetched(_Fetched.budget_for(store.limit))
         # Tasks ran since the C heap was last trimmed (a worker process's).
         self.heap_dirty = False
+        # Modules later tasks will likely need (the heavy libraries the
+        # client imported), imported by lane 0 while no task waits.
+        self.idle_imports: list[str] = []
 
     def run(self) -> None:
         # One task per call: tasks not started stay in the Rust queue, where
@@ -255,7 +258,10 @@ class _Executor:
         task_local.executor = self
         task_local.lane = lane
         while True:
-            r = core.next_batch(done, 1, 1.0, lane)
+            # One module at a time, while no task waits and none runs (one
+            # thread imports at a time: see start()).
+            importing = lane == 0 and bool(self.idle_imports) and not self.running
+            r = core.next_batch(done, 1, 0.0 if importing else 1.0, lane)
             if r == "shutdown":
                 self.stopped.set()
                 return
@@ -264,6 +270,10 @@ class _Executor:
                     self.lanes.discard(lane)
                 return
             tasks, released = r
+            if importing and not tasks and not released:
+                _preload([self.idle_imports.pop(0)])
+                done = []
+                continue
             if not tasks and not released:  # idle a second: fetched inputs go
                 self.fetched.clear()
                 if self.heap_dirty:  # and, once, the heap memory tasks freed
@@ -782,7 +792,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--preload",
         default="",
-        help="modules to import in the background right after start, e.g. 'numpy,pandas'",
+        help="modules to import right after start, before any task, e.g. 'numpy,pandas'",
+    )
+    parser.add_argument(
+        "--idle-imports",
+        default="",
+        help="modules to import while no task waits (tasks first), e.g. 'pandas'",
     )
     return parser
 
@@ -835,6 +850,7 @@ def main(argv: list[str] | None = None) -> None:
             memory_limit=ns.memory_limit,
             local_directory=ns.local_directory,
             preload=[m for m in ns.preload.split(",") if m.strip()],
+            idle_imports=[m for m in ns.idle_imports.split(",") if m.strip()],
         )
     except PermissionError as e:  # wrong token: another try cannot help
         print(f"shoal worker: {e}", file=sys.stderr, flush=True)
@@ -862,6 +878,7 @@ def start(
     memory_limit: str | int | float | None = "auto",
     local_directory: str | None = None,
     preload: list[str] | None = None,
+    idle_imports: list[str] | None = None,
     in_process: bool = False,
 ) -> _Executor:
     """Joins the scheduler at ``address`` and starts running tasks on
@@ -911,11 +928,21 @@ def start(
         for i in range(nthreads):
             threading.Thread(target=executor.run, name=f"shoal-exec-{i}", daemon=True).start()
 
+    # Modules to import while no task waits: a task's own imports (as it
+    # is unpickled) go first, and the rest wait for idle time (a fresh
+    # cluster's first tasks need NumPy and Dask's arrays, 0.5 s to import
+    # here, not the client's pandas too, 1.0 s). Only a worker of one
+    # execution thread: two threads importing at once can meet a package
+    # half-initialized, so with more they go before any task.
+    if nthreads == 1:
+        executor.idle_imports = list(idle_imports or [])
+    else:
+        preload = [*(preload or []), *(idle_imports or [])]
     if preload:
         # Tasks start once the preload is done: a task importing a package
         # while this thread imports it can meet it half-initialized (NumPy:
         # "partially initialized module"); its first task would wait for
-        # these imports anyway.
+        # these imports anyway. A user's preload may set up what tasks need.
         def load_then_execute() -> None:
             _preload(preload)
             start_executing()

@@ -131,12 +131,14 @@ class Client(ClusterQueries):
     ``--reconnect`` workers, its task graph survives the scheduler's
     crash (see docs/jobs.md). It keeps a copy of each live task's
     definition for that.
-    The embedded cluster's workers import, in the background as soon as
-    they start, the heavy libraries this process has already imported
-    (NumPy, pandas, PyArrow, Dask's collections, SciPy, ...) and the
-    modules named in ``preload``, so that the first computation does not
-    wait for them (``preload=None``: nothing; ``shoal worker --preload``
-    for other clusters).
+    The embedded cluster's workers import the modules named in
+    ``preload`` as soon as they start, before any task, and the heavy
+    libraries this process has already imported (NumPy, pandas, PyArrow,
+    Dask's collections, SciPy, ...) whenever no task waits (a worker of
+    one thread; with more, before any task too), so that a computation
+    started later does not wait for them and the first one waits only for
+    what its own tasks import (``preload=None``: nothing; ``shoal worker
+    --preload`` and ``--idle-imports`` for other clusters).
     """
 
     def __init__(

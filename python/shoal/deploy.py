@@ -439,7 +439,8 @@ class LocalCluster(ClusterBase):
     none). ``resources``: what each worker offers tasks (``{"GPU": 1}``).
     ``dashboard_address``: where the dashboard serves (``":8787"``:
     loopback; None: no dashboard). ``preload``: modules workers import
-    first (the heavy libraries this process imported are always added).
+    first, before any task (the heavy libraries this process imported
+    are added, imported while no task waits; ``None``: neither).
     """
 
     def __init__(
@@ -485,9 +486,11 @@ class LocalCluster(ClusterBase):
         args += ["--memory-limit", str(self._memory_limit or "none")]
         if self._local_directory is not None:
             args += ["--local-directory", self._local_directory]
-        self._preload = _preloads(preload)
+        self._preload, idle = _preloads(preload)
         if self._preload:
             args += ["--preload", ",".join(self._preload)]
+        if idle:
+            args += ["--idle-imports", ",".join(idle)]
         env = [("PYTHONPATH", os.pathsep.join(p for p in sys.path if p))]
         self._inproc: list[Any] = []  # processes=False: the executors
         self._inproc_lock = threading.Lock()
@@ -684,20 +687,21 @@ _HEAVY = (
 )
 
 
-def _preloads(named: Iterable[str] | None) -> list[str]:
-    """What a local cluster's workers import right after start: the heavy
-    libraries this process has imported, then those ``named`` (None:
-    nothing)."""
+def _preloads(named: Iterable[str] | None) -> tuple[list[str], list[str]]:
+    """What a local cluster's workers import: the modules ``named``, right
+    after start and before any task (a preload may set up what tasks
+    need), and the heavy libraries this process has imported, while no task
+    waits (None: nothing at all)."""
     if named is None:
-        return []
+        return [], []
     if isinstance(named, str):
         named = [named]
-    heavy = set(_HEAVY)
-    # In the order this process imported them: what it used first first.
-    out = [m for m in list(sys.modules) if m in heavy]
+    out: list[str] = []
     for m in named:
         if not isinstance(m, str) or not m or "," in m:
             raise ValueError(f"preload takes module names, not {m!r}")
         if m not in out:
             out.append(m)
-    return out
+    heavy = set(_HEAVY) - set(out)
+    # In the order this process imported them: what it used first first.
+    return out, [m for m in list(sys.modules) if m in heavy]
