@@ -483,7 +483,7 @@ def main() -> None:
     )
     print(
         f"{'workload':10s} {'runner':22s} {'median':>8s} {'ratio':>7s} {'first':>8s} {'ratio':>7s}"
-        f" {'pss':>7s} {'ratio':>7s}"
+        + (f" {'pss':>7s} {'ratio':>7s}" if any(peaks.values()) else "")
     )
     for w, per in results.items():
         base = per.get("shoal")
