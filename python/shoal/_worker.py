@@ -237,8 +237,6 @@ class _Executor:
         self.rules = _core.Watchdog(core.stop_grace)
         self.limited_names: dict[int, str] = {}  # tasks with a time limit
         self.fetched = _Fetched(_Fetched.budget_for(store.limit))
-        # Tasks ran since the C heap was last trimmed (a worker process's).
-        self.heap_dirty = False
         # Modules later tasks will likely need (the heavy libraries the
         # client imported), imported by lane 0 while no task waits.
         self.idle_imports: list[str] = []
@@ -257,10 +255,12 @@ class _Executor:
         ident = threading.get_ident()
         task_local.executor = self
         task_local.lane = lane
+        trims = not store.in_process  # a worker process's heap, not a client's
+        ran = False  # tasks ran since this thread last trimmed the heap
         while True:
             # One module at a time, while no task waits and none runs (one
             # thread imports at a time: see start()).
-            importing = lane == 0 and bool(self.idle_imports) and not self.running
+            importing = self.idle_imports and lane == 0 and not self.running
             r = core.next_batch(done, 1, 0.0 if importing else 1.0, lane)
             if r == "shutdown":
                 self.stopped.set()
@@ -270,17 +270,17 @@ class _Executor:
                     self.lanes.discard(lane)
                 return
             tasks, released = r
-            if importing and not tasks and not released:
-                _preload([self.idle_imports.pop(0)])
-                done = []
-                continue
-            if not tasks and not released:  # idle a second: fetched inputs go
-                self.fetched.clear()
-                if self.heap_dirty:  # and, once, the heap memory tasks freed
-                    self.heap_dirty = False
+            if not tasks and not released:
+                if importing:
+                    _preload([self.idle_imports.pop(0)])
+                    done = []
+                    continue
+                self.fetched.clear()  # idle a second: fetched inputs go
+                if ran:  # and, once, the heap memory tasks freed
+                    ran = False
                     _core.malloc_trim()
-            elif tasks and not store.in_process:
-                self.heap_dirty = True
+            elif tasks:
+                ran = trims
             if released:
                 store.release(released)
             done = []
