@@ -155,9 +155,9 @@ pub(crate) struct WorkerArgs {
     /// Where to spill to disk.
     #[arg(long)]
     local_directory: Option<PathBuf>,
-    /// Modules each process imports in the background right after it
-    /// starts, e.g. "numpy,pandas,dask.dataframe" (the first tasks do not
-    /// wait for them).
+    /// Modules each process imports right after it starts, before any
+    /// task, e.g. "numpy,pandas,dask.dataframe" (a task arriving sooner
+    /// waits for them; it would import them itself otherwise).
     #[arg(long)]
     preload: Option<String>,
     /// The cluster's token file (default: the scheduler file's, else SHOAL_TOKEN).
