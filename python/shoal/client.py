@@ -100,6 +100,24 @@ def close_default_client() -> None:
         c.close()
 
 
+def _dask_placement(what: str, workers: Any, actor: bool) -> None:
+    """Refuses Dask's placement keywords that Shoal has no equivalent of,
+    saying what to do instead (a Dask user's ``workers=`` must not reach the
+    function as one of its own keywords)."""
+    if workers is not None:
+        raise ValueError(
+            f"{what}(workers=...) is not supported: Shoal places tasks itself. To "
+            "keep tasks to some workers, give those workers a resource "
+            "(LocalCluster(resources=...), shoal worker --resources) and ask for "
+            "it with resources="
+        )
+    if actor:
+        raise ValueError(
+            f"{what}(actor=True) is not supported: make the class an actor with "
+            "@shoal.remote and start it with Class.remote(...)"
+        )
+
+
 class Client(ClusterQueries):
     """Connects to a Shoal cluster; with no address, starts one embedded.
 
@@ -260,6 +278,11 @@ class Client(ClusterQueries):
         resources: Mapping[str, float] | None = None,
         time_limit: float | str | None = None,
         time_request: float | str | None = None,
+        workers: Any = None,
+        allow_other_workers: bool = False,
+        fifo_timeout: Any = None,
+        actor: bool = False,
+        actors: bool = False,
         **kwargs: Any,
     ) -> Future:
         """Runs ``fn(*args, **kwargs)`` on the cluster; returns its Future.
@@ -278,8 +301,11 @@ class Client(ClusterQueries):
         after ``SHOAL_STOP_GRACE`` seconds, default 5). ``time_request``: how
         long it expects to run (a hint): it goes only to a worker whose
         lifetime (``shoal worker --lifetime``, a batch job's end) has that
-        long left.
+        long left. Dask's ``fifo_timeout`` and ``allow_other_workers`` are
+        accepted and change nothing; its ``workers`` and ``actor`` are
+        refused (``_dask_placement``), never passed on to ``fn``.
         """
+        _dask_placement("submit", workers, actor or actors)
         return self._session.submit(
             fn, args, kwargs, key, priority, retries, pure, resources, time_limit, time_request
         )
@@ -381,11 +407,27 @@ class Client(ClusterQueries):
         retries: int = 0,
         resources: Mapping[str, float] | None = None,
         time_limit: float | str | None = None,
+        key: Any = None,
+        pure: bool = True,
+        workers: Any = None,
+        allow_other_workers: bool = False,
+        fifo_timeout: Any = None,
+        actor: bool = False,
+        actors: bool = False,
         **kwargs: Any,
     ) -> FutureList:
         """``[submit(fn, *args, **kwargs) for args in zip(*iterables)]``, with
         ``batch_size`` elements per task (see the module notes).
-        ``time_limit`` applies to each task (a batch of elements)."""
+        ``time_limit`` applies to each task (a batch of elements). Dask's
+        ``pure``, ``fifo_timeout`` and ``allow_other_workers`` are accepted
+        and change nothing (each element runs once per call); its ``key``,
+        ``workers`` and ``actor`` are refused, never passed on to ``fn``."""
+        if key is not None:
+            raise ValueError(
+                "map(key=...) is not supported: map names its tasks after the "
+                "function; for tasks of your own names, submit(fn, ..., key=name)"
+            )
+        _dask_placement("map", workers, actor or actors)
         session = self._session
         core = session.check()
         group, func = prepare_function(fn, "map")
