@@ -271,6 +271,7 @@ class Shoal:
         # Started, as LocalCluster returns them (their start-up and first
         # compute together: --first-use).
         self.c.wait_for_workers(N_WORKERS, timeout=60)
+        print(f"  (shoal's workers: {self.c.cluster.worker_start})", flush=True)
         return self
 
     def run(self, coll):

@@ -82,6 +82,30 @@ def test_map_several_iterables_and_kwargs(client):
     assert client.gather(fs) == [10, 11, 12]
 
 
+def keywords_of(x, **kw):
+    return sorted(kw)
+
+
+def test_dask_s_scheduling_keywords_are_taken_never_passed_to_the_function(client):
+    # Dask's submit and map take these; they used to reach the function.
+    dask_kw = {"fifo_timeout": "100 ms", "allow_other_workers": False}
+    assert client.submit(keywords_of, 1, pure=False, **dask_kw).result(timeout=30) == []
+    fs = client.map(keywords_of, [1, 2], pure=False, **dask_kw)
+    assert client.gather(fs) == [[], []]
+    assert client.submit(keywords_of, 1, own=2).result(timeout=30) == ["own"]
+    for call in (
+        lambda: client.submit(keywords_of, 1, workers=["w1"]),
+        lambda: client.map(keywords_of, [1], workers="w1"),
+    ):
+        with pytest.raises(ValueError, match=r"workers=\.\.\.\) is not supported.*resources="):
+            call()
+    with pytest.raises(ValueError, match=r"map\(key=\.\.\.\) is not supported"):
+        client.map(keywords_of, [1], key="mine")
+    with pytest.raises(ValueError, match="@shoal.remote"):
+        client.submit(keywords_of, 1, actor=True)
+    assert client.submit(keywords_of, 2).result(timeout=30) == []
+
+
 def test_nested_futures_and_gather_shapes(client):
     a = client.submit(inc, 1)
     b = client.submit(inc, 2)
@@ -409,6 +433,8 @@ def test_a_one_thread_worker_imports_the_client_s_libraries_when_no_task_waits(m
     slow = ["_slow_import_a", "_slow_import_b"]
     monkeypatch.setattr(deploy, "_HEAVY", (*deploy._HEAVY, *slow))
     monkeypatch.setenv("SHOAL_TEST_SLOW_IMPORT", "2")
+    # Started anew: forked workers have every library the client has.
+    monkeypatch.setenv("SHOAL_WORKER_START", "spawn")
     with shoal.Client(n_workers=1, preload=["colorsys"]) as c:
         t = time.perf_counter()
         # A named preload comes before any task; the client's libraries

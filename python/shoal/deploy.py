@@ -38,7 +38,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from . import _commands, _context, _core, _resources, _store
+from . import _commands, _context, _core, _resources, _store, _zygote
 
 __all__ = ["ClusterBase", "LocalCluster", "WorkerInfo"]
 
@@ -494,8 +494,13 @@ class LocalCluster(ClusterBase):
         env = [("PYTHONPATH", os.pathsep.join(p for p in sys.path if p))]
         self._inproc: list[Any] = []  # processes=False: the executors
         self._inproc_lock = threading.Lock()
+        # Forked before the scheduler's threads exist (see _zygote).
+        why = _zygote.why_not() if processes else "processes=False"
+        zygote = _zygote.start() if why is None else None
+        #: How worker processes start: "fork", or "spawn (why not fork)".
+        self.worker_start = "fork" if why is None else f"spawn ({why})"
         self._cluster: Any = _core.Cluster(
-            n if processes else 0, sys.executable, args, env, dashboard
+            n if processes else 0, sys.executable, args, env, dashboard, zygote
         )
         self.scheduler_address = self._cluster.address
         self._token: str = self._cluster.token

@@ -756,6 +756,7 @@ pub(crate) fn run_worker(a: WorkerArgs, host: &HostInfo) -> CliResult {
             scheduler: address.clone(),
             secret: secret.clone(),
         }),
+        zygote: None,
     };
     let mut workers = LocalCluster::start(cmd, a.nworkers)
         .map_err(|e| format!("cannot start worker processes: {e}"))?;

@@ -7,7 +7,9 @@ use shoal_runtime::net::{Address, Secret};
 use shoal_runtime::runtime;
 use shoal_runtime::scheduler::{self, SchedulerHandle};
 use shoal_runtime::shm;
+use shoal_runtime::zygote::Zygote;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// An embedded cluster: a scheduler on this process's I/O thread, listening
 /// on a Unix socket in a private directory, and supervised worker processes.
@@ -29,9 +31,11 @@ pub(crate) struct Cluster {
 #[pymethods]
 impl Cluster {
     /// Starts the scheduler and `n_workers` processes running
-    /// `program args... ADDRESS`.
+    /// `program args... ADDRESS`; or, with `zygote` (its socket's
+    /// descriptor, which this takes over, and its process id: see
+    /// `shoal._zygote`), forked from it with `args[2:]... ADDRESS`.
     #[new]
-    #[pyo3(signature = (n_workers, program, args, env, dashboard=None))]
+    #[pyo3(signature = (n_workers, program, args, env, dashboard=None, zygote=None))]
     fn new(
         py: Python<'_>,
         n_workers: usize,
@@ -39,7 +43,12 @@ impl Cluster {
         args: Vec<String>,
         env: Vec<(String, String)>,
         dashboard: Option<String>,
+        zygote: Option<(i32, u32)>,
     ) -> PyResult<Self> {
+        // Owned first: closed (the zygote ends) whatever fails below.
+        // SAFETY: the caller hands its descriptor over (`_zygote.start`
+        // detaches it from its socket object).
+        let zygote = zygote.map(|(fd, pid)| Arc::new(unsafe { Zygote::from_raw(fd, pid) }));
         py.detach(|| {
             let dir = shm::socket_dir()?;
             let addr = Address::Unix(dir.join("scheduler.sock"));
@@ -72,6 +81,7 @@ impl Cluster {
                     scheduler: sched.address.clone(),
                     secret: secret.clone(),
                 }),
+                zygote,
             };
             let workers = LocalCluster::start(cmd, n_workers)?;
             // A crashed scheduler closed every connection: stop replacing

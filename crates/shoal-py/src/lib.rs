@@ -251,6 +251,13 @@ fn malloc_trim(py: Python<'_>) -> bool {
     py.detach(shoal_runtime::malloc::trim)
 }
 
+/// Whether this process (or one it was forked from) has started Shoal's
+/// I/O runtime: its workers can then not be forked from it (`_zygote`).
+#[pyfunction]
+fn runtime_started() -> bool {
+    shoal_runtime::runtime_started()
+}
+
 /// Uses these PEM files for `tls://` connections of this process (the
 /// site's CA, this process's certificate and key). Once per process.
 #[pyfunction]
@@ -295,6 +302,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(remove_process_dirs, m)?)?;
     m.add_function(wrap_pyfunction!(sweep, m)?)?;
     m.add_function(wrap_pyfunction!(malloc_trim, m)?)?;
+    m.add_function(wrap_pyfunction!(runtime_started, m)?)?;
     m.add_function(wrap_pyfunction!(configure_tls, m)?)?;
     m.add_function(wrap_pyfunction!(dashboard_token, m)?)?;
     m.add_function(wrap_pyfunction!(parse_duration, m)?)?;

@@ -47,6 +47,7 @@ pub mod shm_pool;
 pub mod slots;
 pub mod transfer;
 pub mod worker;
+pub mod zygote;
 
 use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 
@@ -94,6 +95,16 @@ pub fn init_logging_with(default: &str) {
 }
 use std::sync::Mutex;
 
+/// The process that made the last [`runtime`] (0: none yet).
+static RUNTIME_PID: AtomicU32 = AtomicU32::new(0);
+
+/// Whether this process, or one it was forked from, has made a
+/// [`runtime`]: tokio's process-wide state (its signal pipe) is then
+/// inherited, and a forked child's own runtime shares or lacks it.
+pub fn runtime_started() -> bool {
+    RUNTIME_PID.load(Ordering::Acquire) != 0
+}
+
 /// The process-wide I/O runtime: one thread is plenty for the control plane
 /// and leaves the cores to the tasks.
 ///
@@ -102,16 +113,15 @@ use std::sync::Mutex;
 /// fresh one. The parent's copy is leaked in the child (dropping it would
 /// wait for threads that do not exist there).
 pub fn runtime() -> &'static tokio::runtime::Runtime {
-    static PID: AtomicU32 = AtomicU32::new(0);
     static RT: AtomicPtr<tokio::runtime::Runtime> = AtomicPtr::new(std::ptr::null_mut());
     static MAKING: Mutex<()> = Mutex::new(());
     let pid = std::process::id();
-    if PID.load(Ordering::Acquire) == pid {
+    if RUNTIME_PID.load(Ordering::Acquire) == pid {
         // SAFETY: RT was published before PID (release order) and is never freed.
         return unsafe { &*RT.load(Ordering::Acquire) };
     }
     let _guard = MAKING.lock().unwrap_or_else(|e| e.into_inner());
-    if PID.load(Ordering::Acquire) != pid {
+    if RUNTIME_PID.load(Ordering::Acquire) != pid {
         raise_fd_limit();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -120,7 +130,7 @@ pub fn runtime() -> &'static tokio::runtime::Runtime {
             .build()
             .expect("cannot start the tokio runtime");
         RT.store(Box::into_raw(Box::new(rt)), Ordering::Release);
-        PID.store(pid, Ordering::Release);
+        RUNTIME_PID.store(pid, Ordering::Release);
     }
     // SAFETY: as above.
     unsafe { &*RT.load(Ordering::Acquire) }

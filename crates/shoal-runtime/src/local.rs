@@ -10,9 +10,11 @@
 
 use crate::net::{Address, Secret};
 use crate::slots::SlotFile;
+use crate::zygote::Zygote;
 use parking_lot::Mutex;
 use shoal_proto::Role;
-use std::process::{Child, Command};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Child, Command, ExitStatus};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -41,6 +43,9 @@ pub struct WorkerCommand {
     /// ([`crate::slots`]); None: its connection closing is all the
     /// scheduler learns.
     pub obituaries: Option<Obituaries>,
+    /// Fork workers from this zygote ([`crate::zygote`]) instead of
+    /// starting `program`: `args` are then the worker module's options.
+    pub zygote: Option<Arc<Zygote>>,
 }
 
 /// The scheduler a supervisor reports deaths to.
@@ -60,13 +65,53 @@ impl std::fmt::Debug for Obituaries {
 
 /// A worker process and the page where it says what it runs.
 struct Kid {
-    child: Child,
+    child: Proc,
     slots: Option<SlotFile>,
+}
+
+/// Started by this process, or forked by a zygote (which reaps it).
+enum Proc {
+    Own(Child),
+    Forked(u32, Arc<Zygote>),
 }
 
 impl Kid {
     fn id(&self) -> u32 {
-        self.child.id()
+        match &self.child {
+            Proc::Own(c) => c.id(),
+            Proc::Forked(pid, _) => *pid,
+        }
+    }
+
+    /// How it ended, once it has (reaped).
+    fn try_wait(&mut self) -> Option<ExitStatus> {
+        match &mut self.child {
+            Proc::Own(c) => c.try_wait().ok().flatten(),
+            Proc::Forked(pid, z) => match z.try_wait(*pid) {
+                Ok(s) => s,
+                // The zygote is gone, and its workers with it (PDEATHSIG).
+                Err(_) => Some(ExitStatus::from_raw(libc::SIGKILL)),
+            },
+        }
+    }
+
+    /// Kills it and waits for its end (a forked one: up to 2 s).
+    fn kill(&mut self) {
+        match &mut self.child {
+            Proc::Own(c) => {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            Proc::Forked(pid, _) => {
+                // SAFETY: kill(2) of a worker the zygote has not reported
+                // ended, so not yet reaped: the pid is still that worker's.
+                unsafe { libc::kill(*pid as libc::pid_t, libc::SIGKILL) };
+                let deadline = Instant::now() + Duration::from_secs(2);
+                while self.try_wait().is_none() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
     }
 }
 
@@ -134,6 +179,18 @@ fn spawn(cmd: &WorkerCommand, supervisor: u64) -> std::io::Result<Kid> {
             .env("SHOAL_SUPERVISOR", supervisor.to_string());
     }
     let slot_fd = slots.as_ref().map(SlotFile::raw_fd);
+    if let Some(z) = &cmd.zygote {
+        let mut env = cmd.env.clone();
+        if slots.is_some() {
+            // SHOAL_SLOT_FD: the zygote sets the number the page gets there.
+            env.push(("SHOAL_SUPERVISOR".into(), supervisor.to_string()));
+        }
+        let pid = z.fork(&cmd.args, &env, slot_fd)?;
+        return Ok(Kid {
+            child: Proc::Forked(pid, z.clone()),
+            slots,
+        });
+    }
     #[cfg(target_os = "linux")]
     {
         use std::os::unix::process::CommandExt;
@@ -154,7 +211,10 @@ fn spawn(cmd: &WorkerCommand, supervisor: u64) -> std::io::Result<Kid> {
         }
     }
     let child = c.spawn()?;
-    Ok(Kid { child, slots })
+    Ok(Kid {
+        child: Proc::Own(child),
+        slots,
+    })
 }
 
 /// Tells the scheduler that worker process `pid` died running `running`.
@@ -339,7 +399,7 @@ fn supervise(cmd: WorkerCommand, mut children: Vec<Kid>, sh: Supervised) {
         let mut changed = false;
         let mut i = 0;
         while i < children.len() {
-            let Ok(Some(status)) = children[i].child.try_wait() else {
+            let Some(status) = children[i].try_wait() else {
                 i += 1;
                 continue;
             };
@@ -347,7 +407,6 @@ fn supervise(cmd: WorkerCommand, mut children: Vec<Kid>, sh: Supervised) {
             // Already reaped by try_wait. Its shared-memory segments and
             // spilled data die with it.
             let mut kid = children.swap_remove(i);
-            let _ = kid.child.wait();
             crate::shm::remove_process(pid);
             // One that had joined its scheduler could start: its death is
             // no sign that workers cannot (however often they are killed).
@@ -442,7 +501,7 @@ fn supervise(cmd: WorkerCommand, mut children: Vec<Kid>, sh: Supervised) {
     // Closing: workers were asked to shut down; give them a moment, then kill.
     let deadline = Instant::now() + Duration::from_secs(3);
     let reap = |c: &mut Kid| {
-        let done = matches!(c.child.try_wait(), Ok(Some(_)));
+        let done = c.try_wait().is_some();
         if done {
             crate::shm::remove_process(c.id());
         }
@@ -456,8 +515,7 @@ fn supervise(cmd: WorkerCommand, mut children: Vec<Kid>, sh: Supervised) {
         std::thread::sleep(Duration::from_millis(10));
     }
     for c in &mut children {
-        let _ = c.child.kill();
-        let _ = c.child.wait();
+        c.kill();
         crate::shm::remove_process(c.id());
     }
 }

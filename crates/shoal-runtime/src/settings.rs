@@ -83,6 +83,7 @@ pub const VARS: &[Var] = &[
     user("SHOAL_TLS_CERT", "", "this process's certificate (PEM), issued by the site CA"),
     user("SHOAL_TLS_KEY", "", "this process's private key (PEM)"),
     user("SHOAL_TOKEN", "", "the cluster's token, when no token file is given"),
+    user("SHOAL_WORKER_START", "auto", "how a local cluster starts its worker processes: `fork` (from a copy of the client made before its scheduler starts: no imports, the libraries' memory shared), `spawn` (anew), `auto` (fork for the first cluster or client of a process in which no other thread runs, no GPU library is loaded and under 1 GiB is held)"),
     shoal("SHOAL_CPUS", "in a command task: the CPUs it holds"),
     shoal("SHOAL_ENTRY", "in a command task of a `--each-line` or `--from-json` job: its entry"),
     shoal("SHOAL_JOB_ID", "in a command task: its job's id"),

@@ -13,6 +13,7 @@ fn sleeper() -> WorkerCommand {
         reconnect: false,
         scheduler_elsewhere: false,
         obituaries: None,
+        zygote: None,
     }
 }
 
