@@ -441,6 +441,9 @@ class LocalCluster(ClusterBase):
     loopback; None: no dashboard). ``preload``: modules workers import
     first, before any task (the heavy libraries this process imported
     are added, imported while no task waits; ``None``: neither).
+    Worker processes are forked from a copy of this process where that is
+    safe, else started anew (``SHOAL_WORKER_START``; ``worker_start`` says
+    which, and why).
     """
 
     def __init__(
