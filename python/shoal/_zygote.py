@@ -80,8 +80,9 @@ def why_not() -> str | None:
         gpu.append("torch.cuda")
     if gpu:
         return f"{', '.join(gpu)} imported (a GPU context does not survive a fork)"
-    if _rss() > RSS_MAX:
-        return f"this process holds {_rss() / 2**30:.1f} GiB (a fork would keep it alive)"
+    held = _rss()
+    if held > RSS_MAX:
+        return f"this process holds {held / 2**30:.1f} GiB (a fork would keep it alive)"
     return None
 
 
@@ -221,7 +222,8 @@ def _stop(children: set[int]) -> None:
             return
         if pid == 0:
             time.sleep(0.01)
-        children.discard(pid)
+        else:
+            children.discard(pid)
     for pid in children:
         _signal(pid, signal.SIGKILL)
 

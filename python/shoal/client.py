@@ -305,7 +305,8 @@ class Client(ClusterQueries):
         accepted and change nothing; its ``workers`` and ``actor`` are
         refused (``_dask_placement``), never passed on to ``fn``.
         """
-        _dask_placement("submit", workers, actor or actors)
+        if workers is not None or actor or actors:  # (per task: no call otherwise)
+            _dask_placement("submit", workers, actor or actors)
         return self._session.submit(
             fn, args, kwargs, key, priority, retries, pure, resources, time_limit, time_request
         )

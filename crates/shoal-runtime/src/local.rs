@@ -164,8 +164,6 @@ struct Wanted {
 }
 
 fn spawn(cmd: &WorkerCommand, supervisor: u64) -> std::io::Result<Kid> {
-    let mut c = Command::new(&cmd.program);
-    c.args(&cmd.args).envs(cmd.env.iter().cloned());
     // Without a page (no memfd here), deaths are judged as before: by what
     // the worker reported started.
     let slots = match cmd.obituaries {
@@ -174,22 +172,23 @@ fn spawn(cmd: &WorkerCommand, supervisor: u64) -> std::io::Result<Kid> {
             .ok(),
         None => None,
     };
-    if let Some(s) = &slots {
-        c.env("SHOAL_SLOT_FD", s.raw_fd().to_string())
-            .env("SHOAL_SUPERVISOR", supervisor.to_string());
-    }
     let slot_fd = slots.as_ref().map(SlotFile::raw_fd);
+    let mut env = cmd.env.clone();
+    if slots.is_some() {
+        env.push(("SHOAL_SUPERVISOR".into(), supervisor.to_string()));
+    }
     if let Some(z) = &cmd.zygote {
-        let mut env = cmd.env.clone();
-        if slots.is_some() {
-            // SHOAL_SLOT_FD: the zygote sets the number the page gets there.
-            env.push(("SHOAL_SUPERVISOR".into(), supervisor.to_string()));
-        }
+        // SHOAL_SLOT_FD: the zygote sets the number the page gets there.
         let pid = z.fork(&cmd.args, &env, slot_fd)?;
         return Ok(Kid {
             child: Proc::Forked(pid, z.clone()),
             slots,
         });
+    }
+    let mut c = Command::new(&cmd.program);
+    c.args(&cmd.args).envs(env);
+    if let Some(fd) = slot_fd {
+        c.env("SHOAL_SLOT_FD", fd.to_string());
     }
     #[cfg(target_os = "linux")]
     {
